@@ -1,0 +1,9 @@
+//! quire: a server for real-time collaborative text editing.
+//!
+//! Data flows one way: socket → frame → session → document → sequencer → WAL → ack and
+//! broadcast. [`wal`] knows nothing of sockets or protocol.
+
+pub mod op;
+mod sync;
+pub mod text;
+pub mod wal;

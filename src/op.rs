@@ -1,0 +1,67 @@
+//! The data of an edit, shared by every layer: patches in Unicode code points and the
+//! identity of an op. Depends on nothing.
+
+use std::fmt;
+
+/// One splice of a text document, in Unicode code points (not bytes, not UTF-16 units):
+/// at `pos`, delete `del` code points, then insert `ins` there. This is the patch format
+/// of the editing traces (`[pos, del, ins]`, JavaScript `Array.splice` semantics).
+///
+/// `u32` because positions travel on disk and on the wire; a document is bounded far
+/// below 4 Gi code points (see `MAX_DOC_CHARS`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Patch {
+    pub pos: u32,
+    pub del: u32,
+    pub ins: String,
+}
+
+impl Patch {
+    pub fn new(pos: u32, del: u32, ins: impl Into<String>) -> Self {
+        Patch {
+            pos,
+            del,
+            ins: ins.into(),
+        }
+    }
+}
+
+/// Upper bound on a document's length in code points. Keeps every position in `u32`
+/// with room to spare and bounds the memory one document can take.
+pub const MAX_DOC_CHARS: u32 = 1 << 28;
+
+/// Upper bound on a document id in bytes (UTF-8). Ids appear in snapshot file names
+/// (hex encoded), so this keeps those names below the 255-byte limit of common filesystems.
+pub const MAX_DOC_ID_BYTES: usize = 100;
+
+/// The stable identity of an op, chosen by the client: its id and a per-client counter.
+/// A retried op carries the same `OpId`, which is how the server recognises it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpId {
+    pub client_id: u64,
+    pub local_seq: u64,
+}
+
+impl fmt::Display for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}:{}", self.client_id, self.local_seq)
+    }
+}
+
+/// Checks a document id: non-empty UTF-8 (guaranteed by `&str`) of at most
+/// `MAX_DOC_ID_BYTES` bytes with no control characters.
+pub fn validate_doc_id(doc_id: &str) -> Result<(), String> {
+    if doc_id.is_empty() {
+        return Err("document id is empty".into());
+    }
+    if doc_id.len() > MAX_DOC_ID_BYTES {
+        return Err(format!(
+            "document id is {} bytes; the limit is {MAX_DOC_ID_BYTES}",
+            doc_id.len()
+        ));
+    }
+    if doc_id.chars().any(char::is_control) {
+        return Err("document id contains a control character".into());
+    }
+    Ok(())
+}

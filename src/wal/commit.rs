@@ -1,0 +1,322 @@
+//! The group-commit handoff between appenders and the one writer.
+//!
+//! Appenders call [`CommitQueue::enqueue`]: under one mutex the record gets the next
+//! LSN and joins the pending batch, so LSN order is queue order. The writer thread
+//! takes everything pending with [`CommitQueue::next_batch`], writes it with one
+//! `write` and one `fdatasync`, then publishes the new durable LSN with
+//! [`CommitQueue::complete`]; each appender waits for the durable LSN to reach its own.
+//! An fsync error is fatal: [`CommitQueue::fail`] fails every pending and later append
+//! and the durable LSN never moves again. This module does no I/O, which is what lets
+//! `loom` check it (see the `loom_tests` module, run by `.ci/run`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::record::{framed_len, Lsn, RecordType};
+use crate::sync::{lock, Condvar, Mutex};
+
+/// What the writer must know about a record besides its bytes: the op it carries, for
+/// the (document, seq) index. `None` for records that index nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexKey {
+    pub doc_id: Arc<str>,
+    pub seq: u64,
+}
+
+#[derive(Debug)]
+pub struct Entry {
+    pub lsn: Lsn,
+    pub record_type: RecordType,
+    pub payload: Vec<u8>,
+    pub key: Option<IndexKey>,
+}
+
+/// The durable LSN, and whether the log has failed. Published after every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Durability {
+    /// Every record with an LSN at or below this is durable.
+    pub durable_lsn: Lsn,
+    /// The log has failed: records above `durable_lsn` will never be durable.
+    pub failed: bool,
+}
+
+impl Durability {
+    /// `Some(true)` once `lsn` is durable, `Some(false)` once it never will be.
+    pub fn outcome(&self, lsn: Lsn) -> Option<bool> {
+        if self.durable_lsn >= lsn {
+            Some(true)
+        } else if self.failed {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+/// How waiters learn of a new [`Durability`]. Production uses a tokio `watch`; the loom
+/// model uses a condition variable.
+pub trait DurableNotify: Send + Sync {
+    fn publish(&self, durability: Durability);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnqueueError {
+    /// The log failed earlier (an fsync or write error); it accepts nothing more.
+    Failed(Arc<str>),
+    /// The log is shutting down.
+    Closed,
+}
+
+struct State {
+    next_lsn: Lsn,
+    pending: VecDeque<Entry>,
+    pending_bytes: usize,
+    durability: Durability,
+    failure: Option<Arc<str>>,
+    closed: bool,
+}
+
+pub struct CommitQueue<N> {
+    state: Mutex<State>,
+    writer_wake: Condvar,
+    notify: N,
+}
+
+impl<N: DurableNotify> CommitQueue<N> {
+    /// `next_lsn` is the LSN the next record gets; everything below it is durable.
+    pub fn new(next_lsn: Lsn, notify: N) -> Self {
+        assert!(next_lsn >= 1);
+        CommitQueue {
+            state: Mutex::new(State {
+                next_lsn,
+                pending: VecDeque::new(),
+                pending_bytes: 0,
+                durability: Durability {
+                    durable_lsn: next_lsn - 1,
+                    failed: false,
+                },
+                failure: None,
+                closed: false,
+            }),
+            writer_wake: Condvar::new(),
+            notify,
+        }
+    }
+
+    /// Queues a record and returns its LSN. Callers that need LSN order to match some
+    /// order of their own (a document's seq) call this under their own lock.
+    pub fn enqueue(
+        &self,
+        record_type: RecordType,
+        payload: Vec<u8>,
+        key: Option<IndexKey>,
+    ) -> Result<Lsn, EnqueueError> {
+        let mut state = lock(&self.state);
+        if let Some(failure) = &state.failure {
+            return Err(EnqueueError::Failed(failure.clone()));
+        }
+        if state.closed {
+            return Err(EnqueueError::Closed);
+        }
+        let lsn = state.next_lsn;
+        state.next_lsn += 1;
+        state.pending_bytes += framed_len(payload.len());
+        let was_empty = state.pending.is_empty();
+        state.pending.push_back(Entry {
+            lsn,
+            record_type,
+            payload,
+            key,
+        });
+        drop(state);
+        if was_empty {
+            self.writer_wake.notify_one();
+        }
+        Ok(lsn)
+    }
+
+    /// Writer: waits for pending records and moves up to `max_bytes` of them (at least
+    /// one) into `batch`, in LSN order. Returns `false` when the queue is closed and
+    /// drained, or failed: the writer then exits.
+    pub fn next_batch(&self, batch: &mut Vec<Entry>, max_bytes: usize) -> bool {
+        assert!(batch.is_empty());
+        let mut state = lock(&self.state);
+        loop {
+            if state.failure.is_some() {
+                return false;
+            }
+            if !state.pending.is_empty() {
+                break;
+            }
+            if state.closed {
+                return false;
+            }
+            state = self
+                .writer_wake
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        let mut bytes = 0;
+        while let Some(entry) = state.pending.front() {
+            let len = framed_len(entry.payload.len());
+            if !batch.is_empty() && bytes + len > max_bytes {
+                break;
+            }
+            bytes += len;
+            batch.push(state.pending.pop_front().expect("front exists"));
+        }
+        state.pending_bytes -= bytes;
+        true
+    }
+
+    /// Writer: every record up to `lsn` is durable.
+    pub fn complete(&self, lsn: Lsn) {
+        let durability = {
+            let mut state = lock(&self.state);
+            assert!(lsn > state.durability.durable_lsn, "durable LSN only rises");
+            assert!(
+                lsn < state.next_lsn,
+                "cannot complete an LSN never handed out"
+            );
+            assert!(!state.durability.failed, "no completion after a failure");
+            state.durability.durable_lsn = lsn;
+            state.durability
+        };
+        self.notify.publish(durability);
+    }
+
+    /// Writer: the log failed. Pending and future appends fail; the durable LSN stays.
+    pub fn fail(&self, reason: &str) {
+        let durability = {
+            let mut state = lock(&self.state);
+            state.failure = Some(Arc::from(reason));
+            state.durability.failed = true;
+            state.pending.clear();
+            state.pending_bytes = 0;
+            state.durability
+        };
+        self.notify.publish(durability);
+        self.writer_wake.notify_all();
+    }
+
+    /// No more appends; the writer finishes what is pending, then stops.
+    pub fn close(&self) {
+        lock(&self.state).closed = true;
+        self.writer_wake.notify_all();
+    }
+
+    pub fn durability(&self) -> Durability {
+        lock(&self.state).durability
+    }
+
+    /// The reason the log failed, if it did.
+    pub fn failure(&self) -> Option<Arc<str>> {
+        lock(&self.state).failure.clone()
+    }
+
+    /// Records and bytes waiting for the writer (a gauge for metrics).
+    pub fn pending(&self) -> (usize, usize) {
+        let state = lock(&self.state);
+        (state.pending.len(), state.pending_bytes)
+    }
+
+    /// The LSN the next record will get.
+    pub fn next_lsn(&self) -> Lsn {
+        lock(&self.state).next_lsn
+    }
+}
+
+#[cfg(all(test, quire_loom))]
+mod loom_tests {
+    //! Model of the handoff: appender threads enqueue and wait; a writer thread takes
+    //! batches, "writes" them to a shared disk vector, and completes or fails. Checked in
+    //! every interleaving loom explores: an appender told "durable" finds its record on
+    //! the disk; after a failure nothing more is completed; nobody waits forever.
+    use super::*;
+    use loom::sync::Arc as LoomArc;
+    use loom::thread;
+
+    struct CondNotify {
+        seen: Mutex<Durability>,
+        changed: Condvar,
+    }
+
+    impl DurableNotify for LoomArc<CondNotify> {
+        fn publish(&self, durability: Durability) {
+            *lock(&self.seen) = durability;
+            self.changed.notify_all();
+        }
+    }
+
+    fn wait(notify: &CondNotify, lsn: Lsn) -> bool {
+        let mut seen = lock(&notify.seen);
+        loop {
+            if let Some(ok) = seen.outcome(lsn) {
+                return ok;
+            }
+            seen = notify.changed.wait(seen).unwrap();
+        }
+    }
+
+    fn model(fail_first_batch: bool) {
+        loom::model(move || {
+            let notify = LoomArc::new(CondNotify {
+                seen: Mutex::new(Durability::default()),
+                changed: Condvar::new(),
+            });
+            let queue = LoomArc::new(CommitQueue::new(1, notify.clone()));
+            let disk = LoomArc::new(Mutex::new(Vec::<Lsn>::new()));
+
+            let writer = {
+                let (queue, disk) = (queue.clone(), disk.clone());
+                thread::spawn(move || {
+                    let mut batch = Vec::new();
+                    while queue.next_batch(&mut batch, 1 << 20) {
+                        let last = batch.last().unwrap().lsn;
+                        if fail_first_batch {
+                            queue.fail("simulated EIO");
+                            return;
+                        }
+                        lock(&disk).extend(batch.drain(..).map(|e| e.lsn));
+                        queue.complete(last);
+                    }
+                })
+            };
+            let appenders: Vec<_> = (0..2)
+                .map(|i| {
+                    let (queue, notify, disk) = (queue.clone(), notify.clone(), disk.clone());
+                    thread::spawn(move || match queue.enqueue(RecordType::Op, vec![i], None) {
+                        Ok(lsn) => {
+                            let durable = wait(&notify, lsn);
+                            if durable {
+                                assert!(lock(&disk).contains(&lsn), "acked but not on disk");
+                            }
+                            assert!(!(durable && fail_first_batch));
+                        }
+                        Err(EnqueueError::Failed(_)) => assert!(fail_first_batch),
+                        Err(EnqueueError::Closed) => panic!("not closed"),
+                    })
+                })
+                .collect();
+            for a in appenders {
+                a.join().unwrap();
+            }
+            queue.close();
+            writer.join().unwrap();
+            let disk = lock(&disk);
+            let mut sorted = disk.clone();
+            sorted.sort();
+            assert_eq!(*disk, sorted, "written in LSN order");
+        });
+    }
+
+    #[test]
+    fn loom_every_acked_append_is_on_disk() {
+        model(false);
+    }
+
+    #[test]
+    fn loom_after_a_sync_failure_nothing_is_acked_and_nobody_hangs() {
+        model(true);
+    }
+}

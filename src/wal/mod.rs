@@ -1,0 +1,521 @@
+//! The write-ahead log: segmented, checksummed, group-committed.
+//!
+//! Knows records, segments and files; nothing of sockets, sessions or OT. The bytes on
+//! disk are specified in `wal-format.md`. Module map:
+//! - [`record`]: record framing and the op record payload.
+//! - [`segment`]: segment header, naming, preallocation, the record scan.
+//! - [`commit`]: the group-commit handoff between appenders and the writer (loom-checked).
+//! - `writer`: the writer and segment-preparer threads.
+//! - [`index`]: (document, seq) → location, and what each segment holds.
+//! - [`recovery`]: startup validation, torn-tail cut, corruption refusal.
+//! - [`snapshot`]: per-document snapshot files.
+//! - [`vfs`]: the file layer, real and simulated (fault injection).
+
+pub mod commit;
+pub mod index;
+pub mod record;
+pub mod recovery;
+pub mod segment;
+pub mod snapshot;
+pub mod stats;
+pub mod vfs;
+mod writer;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+use commit::{CommitQueue, Durability, DurableNotify, EnqueueError, IndexKey};
+use index::{Index, Location};
+use record::{decode_frame, Lsn, OpRecord, RecordType, MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN};
+use recovery::{RecoveryOptions, RecoveryReport};
+use segment::{segment_path, SegmentId, SEGMENT_HEADER_LEN, SEGMENT_SIZE_MIN};
+use stats::WalStats;
+use vfs::{Region, Vfs, VfsFile};
+use writer::{Active, Preparer, Writer};
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// Size of every segment file, preallocated. Default 64 MiB.
+    pub segment_size: u64,
+    /// Write zeros over the preallocated segment (see `segment::prepare_segment`).
+    pub zero_fill: bool,
+    /// Upper bound on the bytes of one group-commit write. Default 4 MiB.
+    pub max_batch_bytes: usize,
+    pub recovery: RecoveryOptions,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            segment_size: 64 << 20,
+            zero_fill: true,
+            max_batch_bytes: 4 << 20,
+            recovery: RecoveryOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum WalError {
+    Io {
+        context: String,
+        error: std::io::Error,
+    },
+    /// The log failed earlier and accepts nothing more (the reason names the cause).
+    Failed(Arc<str>),
+    Closed,
+    /// Another process holds the directory.
+    Locked(String),
+    /// Recovery refused to start.
+    Corrupt(String),
+    /// A record larger than a segment can hold.
+    RecordTooLarge {
+        len: usize,
+        max: usize,
+    },
+}
+
+impl fmt::Display for WalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WalError::Io { context, error } => write!(f, "{context}: {error}"),
+            WalError::Failed(reason) => write!(f, "{reason}"),
+            WalError::Closed => write!(f, "the write-ahead log is closed"),
+            WalError::Locked(m) | WalError::Corrupt(m) => f.write_str(m),
+            WalError::RecordTooLarge { len, max } => {
+                write!(f, "record of {len} bytes exceeds the limit of {max}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for WalError {}
+
+impl From<EnqueueError> for WalError {
+    fn from(e: EnqueueError) -> Self {
+        match e {
+            EnqueueError::Failed(reason) => WalError::Failed(reason),
+            EnqueueError::Closed => WalError::Closed,
+        }
+    }
+}
+
+fn io_context(context: impl fmt::Display) -> impl FnOnce(std::io::Error) -> WalError {
+    move |error| WalError::Io {
+        context: context.to_string(),
+        error,
+    }
+}
+
+/// Publishes durability to async waiters through a tokio `watch`: one wake-up per
+/// batch for however many appenders wait on it.
+pub struct WatchNotify(watch::Sender<Durability>);
+
+impl DurableNotify for WatchNotify {
+    fn publish(&self, durability: Durability) {
+        self.0.send_replace(durability);
+    }
+}
+
+/// The open log. Shared by reference (`Arc<Wal>`); every method takes `&self`.
+pub struct Wal {
+    vfs: Arc<dyn Vfs>,
+    dir: PathBuf,
+    queue: Arc<CommitQueue<WatchNotify>>,
+    durable: watch::Receiver<Durability>,
+    index: Arc<RwLock<Index>>,
+    active_id: Arc<AtomicU64>,
+    /// Memory maps of sealed segments, opened on first read.
+    maps: Mutex<HashMap<SegmentId, Arc<Region>>>,
+    stats: Arc<WalStats>,
+    preparer: Arc<Preparer>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    max_payload: usize,
+    _lock: Box<dyn Any + Send + Sync>,
+}
+
+impl fmt::Debug for Wal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Wal").field("dir", &self.dir).finish()
+    }
+}
+
+impl Wal {
+    /// Opens (creating if needed) the log in `dir`: locks it, recovers it, and calls
+    /// `visit` with every op record found, in LSN order, before any new append.
+    pub fn open(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        config: WalConfig,
+        mut visit: impl FnMut(&OpRecord, Location),
+    ) -> Result<(Wal, RecoveryReport), WalError> {
+        assert!(config.segment_size >= SEGMENT_SIZE_MIN);
+        vfs.create_dir_all(dir)
+            .map_err(io_context(format_args!("creating {}", dir.display())))?;
+        let lock = vfs.lock_dir(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => WalError::Locked(format!(
+                "{} is in use by another quire process (it holds the lock); stop it first",
+                dir.display()
+            )),
+            _ => WalError::Io {
+                context: format!("locking {}", dir.display()),
+                error: e,
+            },
+        })?;
+
+        let mut index = Index::default();
+        let mut current_segment = None;
+        let mut payload_error: Option<String> = None;
+        let report = recovery::recover(
+            &*vfs,
+            dir,
+            config.recovery,
+            false,
+            |segment_id, offset, raw| {
+                if current_segment != Some(segment_id) {
+                    index.add_segment(segment_id, raw.lsn);
+                    current_segment = Some(segment_id);
+                }
+                let location = Location {
+                    segment_id,
+                    offset,
+                    lsn: raw.lsn,
+                };
+                match raw.record_type {
+                    RecordType::Op => match OpRecord::decode(raw.payload) {
+                        Ok(op) => {
+                            let doc: Arc<str> = Arc::from(op.doc_id.as_str());
+                            index.insert(location, Some((&doc, op.server_seq)));
+                            visit(&op, location);
+                        }
+                        Err(e) if payload_error.is_none() => {
+                            payload_error = Some(format!(
+                                "{} offset {offset} (LSN {}): {e}",
+                                segment_path(dir, segment_id).display(),
+                                raw.lsn
+                            ));
+                        }
+                        Err(_) => {}
+                    },
+                }
+            },
+        )
+        .map_err(|e| match e {
+            recovery::RecoveryError::Corrupt(c) => WalError::Corrupt(c.to_string()),
+            recovery::RecoveryError::Io { path, error } => WalError::Io {
+                context: format!("recovering {}", path.display()),
+                error,
+            },
+        })?;
+        if let Some(e) = payload_error {
+            return Err(WalError::Corrupt(format!("undecodable op record in {e}")));
+        }
+        for pair in report.segments.windows(2) {
+            index.seal(pair[0].header.segment_id, pair[1].header.created_ms);
+        }
+
+        let next_segment_id = report
+            .segments
+            .last()
+            .map(|s| s.header.segment_id + 1)
+            .or_else(|| report.tail_cut.as_ref().map(|c| c.segment_id))
+            .or_else(|| report.spares_removed.first().copied())
+            .unwrap_or(1);
+        let active = match report.segments.last() {
+            Some(last) => {
+                let path = segment_path(dir, last.header.segment_id);
+                let file: Box<dyn VfsFile> = vfs
+                    .open(&path)
+                    .map_err(io_context(format_args!("opening {}", path.display())))?;
+                Some(Active {
+                    id: last.header.segment_id,
+                    file,
+                    offset: last.end_offset,
+                })
+            }
+            None => None,
+        };
+        let active_id = Arc::new(AtomicU64::new(active.as_ref().map_or(0, |a| a.id)));
+        let (tx, durable) = watch::channel(Durability {
+            durable_lsn: report.next_lsn - 1,
+            failed: false,
+        });
+        let queue = Arc::new(CommitQueue::new(report.next_lsn, WatchNotify(tx)));
+        let index = Arc::new(RwLock::new(index));
+        let stats = Arc::new(WalStats::default());
+        let preparer = Arc::new(Preparer::new(
+            vfs.clone(),
+            dir.to_path_buf(),
+            config.segment_size,
+            config.zero_fill,
+            next_segment_id,
+        ));
+        let writer = Writer {
+            wal_dir: dir.to_path_buf(),
+            segment_size: config.segment_size,
+            max_batch_bytes: config.max_batch_bytes,
+            queue: queue.clone(),
+            index: index.clone(),
+            active_id: active_id.clone(),
+            stats: stats.clone(),
+            preparer: preparer.clone(),
+            active,
+        };
+        let spawn_err = io_context("starting the WAL threads");
+        let prep = preparer.clone();
+        let prep_thread = std::thread::Builder::new()
+            .name("quire-wal-prepare".into())
+            .spawn(move || prep.run())
+            .map_err(spawn_err)?;
+        let writer_thread = std::thread::Builder::new()
+            .name("quire-wal-writer".into())
+            .spawn(move || writer.run())
+            .map_err(io_context("starting the WAL writer thread"))?;
+        let max_payload = MAX_RECORD_PAYLOAD
+            .min(config.segment_size as usize - SEGMENT_HEADER_LEN - RECORD_HEADER_LEN - 8);
+        Ok((
+            Wal {
+                vfs,
+                dir: dir.to_path_buf(),
+                queue,
+                durable,
+                index,
+                active_id,
+                maps: Mutex::new(HashMap::new()),
+                stats,
+                preparer,
+                threads: Mutex::new(vec![writer_thread, prep_thread]),
+                max_payload,
+                _lock: lock,
+            },
+            report,
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Queues an op record and returns its LSN; it is durable once
+    /// [`Wal::wait_durable`] says so. Ops of one document must be appended in seq order
+    /// (the caller serialises per document).
+    pub fn append_op(&self, op: &OpRecord) -> Result<Lsn, WalError> {
+        let mut payload = Vec::with_capacity(op.encoded_len());
+        op.encode(&mut payload);
+        if payload.len() > self.max_payload {
+            return Err(WalError::RecordTooLarge {
+                len: payload.len(),
+                max: self.max_payload,
+            });
+        }
+        let key = IndexKey {
+            doc_id: Arc::from(op.doc_id.as_str()),
+            seq: op.server_seq,
+        };
+        Ok(self.queue.enqueue(RecordType::Op, payload, Some(key))?)
+    }
+
+    /// Resolves once `lsn` is durable, or with the log's failure.
+    pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), WalError> {
+        let mut rx = self.durable.clone();
+        let outcome = rx
+            .wait_for(|d| d.outcome(lsn).is_some())
+            .await
+            .map_err(|_| WalError::Closed)?
+            .outcome(lsn);
+        match outcome {
+            Some(true) => Ok(()),
+            _ => Err(WalError::Failed(
+                self.queue
+                    .failure()
+                    .unwrap_or_else(|| Arc::from("the write-ahead log failed")),
+            )),
+        }
+    }
+
+    /// Appends and waits for durability.
+    pub async fn append_op_durable(&self, op: &OpRecord) -> Result<Lsn, WalError> {
+        let lsn = self.append_op(op)?;
+        self.wait_durable(lsn).await?;
+        Ok(lsn)
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.queue.durability()
+    }
+
+    pub fn failure(&self) -> Option<Arc<str>> {
+        self.queue.failure()
+    }
+
+    pub fn stats(&self) -> &WalStats {
+        &self.stats
+    }
+
+    /// Records and bytes waiting for the writer.
+    pub fn queue_depth(&self) -> (usize, usize) {
+        self.queue.pending()
+    }
+
+    /// Read access to the index (segment metadata for the truncation policy).
+    pub fn with_index<R>(&self, f: impl FnOnce(&Index) -> R) -> R {
+        f(&self.index.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn active_segment(&self) -> SegmentId {
+        self.active_id.load(Ordering::Acquire)
+    }
+
+    /// Up to `limit` durable ops of `doc_id` with seq > `after_seq`, in seq order.
+    pub fn read_ops_after(
+        &self,
+        doc_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<OpRecord>, WalError> {
+        let locations = self.with_index(|index| index.ops_after(doc_id, after_seq, limit));
+        locations
+            .into_iter()
+            .map(|(_, location)| self.read_op(location))
+            .collect()
+    }
+
+    fn read_op(&self, location: Location) -> Result<OpRecord, WalError> {
+        let path = segment_path(&self.dir, location.segment_id);
+        let corrupt = |what: String| {
+            WalError::Corrupt(format!(
+                "{} at offset {} (LSN {}): {what}",
+                path.display(),
+                location.offset,
+                location.lsn
+            ))
+        };
+        let decode = |bytes: &[u8]| -> Result<OpRecord, WalError> {
+            let raw = decode_frame(bytes).map_err(|e| corrupt(e.to_string()))?;
+            if raw.lsn != location.lsn {
+                return Err(corrupt(format!("found LSN {}", raw.lsn)));
+            }
+            OpRecord::decode(raw.payload).map_err(|e| corrupt(e.to_string()))
+        };
+        if location.segment_id >= self.active_segment() {
+            // The active segment is still being written: read it with pread.
+            let file = self
+                .vfs
+                .open(&path)
+                .map_err(io_context(format_args!("reading {}", path.display())))?;
+            let mut head = [0u8; RECORD_HEADER_LEN];
+            file.read_exact_at(&mut head, location.offset)
+                .map_err(io_context(format_args!("reading {}", path.display())))?;
+            let len = u32::from_le_bytes(head[0..4].try_into().unwrap()) as usize;
+            if len > MAX_RECORD_PAYLOAD {
+                return Err(corrupt(format!("length {len}")));
+            }
+            let mut bytes = vec![0u8; RECORD_HEADER_LEN + len];
+            file.read_exact_at(&mut bytes, location.offset)
+                .map_err(io_context(format_args!("reading {}", path.display())))?;
+            return decode(&bytes);
+        }
+        let region = self.map_sealed(location.segment_id)?;
+        let bytes = region
+            .get(location.offset as usize..)
+            .ok_or_else(|| corrupt("offset past the end of the segment".into()))?;
+        decode(bytes)
+    }
+
+    fn map_sealed(&self, id: SegmentId) -> Result<Arc<Region>, WalError> {
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(region) = maps.get(&id) {
+            return Ok(region.clone());
+        }
+        let path = segment_path(&self.dir, id);
+        let region = Arc::new(
+            self.vfs
+                .map(&path)
+                .map_err(io_context(format_args!("mapping {}", path.display())))?,
+        );
+        maps.insert(id, region.clone());
+        Ok(region)
+    }
+
+    /// Deletes every segment below `segment_id`, oldest first, then syncs the directory.
+    /// The caller has checked that snapshots cover them. The newest sealed segment and
+    /// the active one are never deleted: recovery needs a segment with a durable header
+    /// to know where the log continues.
+    pub fn remove_segments_before(&self, segment_id: SegmentId) -> Result<usize, WalError> {
+        let limit = self.active_segment().saturating_sub(1);
+        assert!(
+            segment_id <= limit,
+            "segment {segment_id} is not removable (active {})",
+            self.active_segment()
+        );
+        let doomed: Vec<SegmentId> = self.with_index(|index| {
+            index
+                .segments()
+                .range(..segment_id)
+                .map(|(&id, _)| id)
+                .collect()
+        });
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove_segments_before(segment_id);
+        {
+            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.retain(|&id, _| id >= segment_id);
+        }
+        for &id in &doomed {
+            let path = segment_path(&self.dir, id);
+            self.vfs
+                .remove(&path)
+                .map_err(io_context(format_args!("removing {}", path.display())))?;
+        }
+        self.vfs
+            .sync_dir(&self.dir)
+            .map_err(io_context(format_args!("syncing {}", self.dir.display())))?;
+        tracing::info!(
+            segments = doomed.len(),
+            below = segment_id,
+            "truncated the write-ahead log"
+        );
+        Ok(doomed.len())
+    }
+
+    /// Stops accepting appends, lets the writer finish what is queued, and joins the
+    /// threads. Idempotent.
+    pub fn close(&self) {
+        self.queue.close();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        // The writer drains the queue and exits first; then the preparer is told to stop
+        // (it may be zero-filling a spare) and joined.
+        let mut threads = threads.into_iter();
+        if let Some(writer) = threads.next() {
+            let _ = writer.join();
+        }
+        self.preparer.stop();
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

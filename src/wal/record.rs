@@ -1,0 +1,374 @@
+//! Record framing and the op record payload, byte for byte as `wal-format.md` specifies.
+//!
+//! A record on disk:
+//!
+//! ```text
+//! 0   u32 LE  payload_len
+//! 4   u32 LE  crc32c of bytes [0..4) ++ [8..24+payload_len)
+//! 8   u64 LE  lsn
+//! 16  u8      record type
+//! 17  [u8;3]  reserved, zero
+//! 20  u32 LE  batch_index: position of this record in the write that carried it
+//! 24  payload (payload_len bytes)
+//!     zero padding to the next multiple of 8
+//! ```
+//!
+//! Records start at 8-byte aligned offsets so that the length field (and the whole
+//! 8-byte head) never straddles a sector: a torn write cannot produce a plausible length
+//! from two different writes. Encoding is explicit with `bytes`, never a serde format,
+//! because this layout is a promise to every reader of old logs.
+
+use bytes::{Buf, BufMut};
+
+use crate::op::{validate_doc_id, Patch, MAX_DOC_CHARS};
+
+pub const RECORD_HEADER_LEN: usize = 24;
+pub const RECORD_ALIGN: usize = 8;
+/// A record's payload is at most 16 MiB. An op is bounded well below this by the
+/// protocol's frame limit; the bound here keeps a corrupt length from sending a reader
+/// across the whole segment.
+pub const MAX_RECORD_PAYLOAD: usize = 16 << 20;
+
+pub type Lsn = u64;
+
+/// The kind of a record. A record whose type this build does not know is refused, not
+/// skipped: it was written by a newer quire and skipping it would lose data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordType {
+    Op = 1,
+}
+
+impl RecordType {
+    pub fn from_u8(byte: u8) -> Option<RecordType> {
+        match byte {
+            1 => Some(RecordType::Op),
+            _ => None,
+        }
+    }
+}
+
+/// Why bytes are not a valid record. Plain enum: recovery scans every byte of the log
+/// and classifies failures on the hot path, so no allocation here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// Fewer bytes than the header, or than the header's length claims.
+    Truncated,
+    /// `payload_len` is zero or above `MAX_RECORD_PAYLOAD`.
+    BadLength(u32),
+    /// The checksum does not match.
+    BadChecksum { stored: u32, computed: u32 },
+    /// The reserved bytes are not zero.
+    BadReserved,
+    /// A valid checksum over a record type this build does not know.
+    UnknownType(u8),
+    /// A valid record, but not the LSN that belongs at this place in the log.
+    OutOfSequence { expected: u64, found: u64 },
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Truncated => write!(f, "record is truncated"),
+            FrameError::BadLength(n) => write!(f, "record length {n} is out of range"),
+            FrameError::BadChecksum { stored, computed } => write!(
+                f,
+                "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            ),
+            FrameError::BadReserved => write!(f, "reserved header bytes are not zero"),
+            FrameError::OutOfSequence { expected, found } => {
+                write!(f, "record has LSN {found} where LSN {expected} belongs")
+            }
+            FrameError::UnknownType(t) => write!(
+                f,
+                "record type {t} is unknown to this version of quire (written by a newer version?)"
+            ),
+        }
+    }
+}
+
+/// A record as found in a segment: borrowed from the segment's bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RawRecord<'a> {
+    pub lsn: Lsn,
+    /// Position in its group-commit write (0 = first). `lsn - batch_index` is the first
+    /// LSN of that write: recovery uses it to tell a torn write (records of the same
+    /// unsynced write) from corruption (a bad record followed by a later, synced write).
+    pub batch_index: u32,
+    pub record_type: RecordType,
+    pub payload: &'a [u8],
+    /// Length on disk including header and padding.
+    pub framed_len: usize,
+}
+
+/// The length a record with this payload takes on disk, padding included.
+pub fn framed_len(payload_len: usize) -> usize {
+    (RECORD_HEADER_LEN + payload_len).next_multiple_of(RECORD_ALIGN)
+}
+
+fn checksum(header: &[u8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&header[0..4]);
+    let crc = crc32c::crc32c_append(crc, &header[8..RECORD_HEADER_LEN]);
+    crc32c::crc32c_append(crc, payload)
+}
+
+/// Appends one framed record to `out`.
+pub fn encode_frame(
+    out: &mut Vec<u8>,
+    lsn: Lsn,
+    batch_index: u32,
+    record_type: RecordType,
+    payload: &[u8],
+) {
+    assert!(!payload.is_empty() && payload.len() <= MAX_RECORD_PAYLOAD);
+    let start = out.len();
+    assert_eq!(start % RECORD_ALIGN, 0, "records start 8-byte aligned");
+    let mut header = [0u8; RECORD_HEADER_LEN];
+    header[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[8..16].copy_from_slice(&lsn.to_le_bytes());
+    header[16] = record_type as u8;
+    header[20..24].copy_from_slice(&batch_index.to_le_bytes());
+    let crc = checksum(&header, payload);
+    header[4..8].copy_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    out.resize(start + framed_len(payload.len()), 0);
+}
+
+/// Decodes the record at the start of `bytes`. Checks, in order: length in range,
+/// enough bytes, checksum, reserved bytes, type.
+pub fn decode_frame(bytes: &[u8]) -> Result<RawRecord<'_>, FrameError> {
+    if bytes.len() < RECORD_HEADER_LEN {
+        return Err(FrameError::Truncated);
+    }
+    let payload_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+    if payload_len == 0 || payload_len as usize > MAX_RECORD_PAYLOAD {
+        return Err(FrameError::BadLength(payload_len));
+    }
+    let end = RECORD_HEADER_LEN + payload_len as usize;
+    if bytes.len() < end {
+        return Err(FrameError::Truncated);
+    }
+    let header = &bytes[..RECORD_HEADER_LEN];
+    let payload = &bytes[RECORD_HEADER_LEN..end];
+    let stored = u32::from_le_bytes(header[4..8].try_into().unwrap());
+    let computed = checksum(header, payload);
+    if stored != computed {
+        return Err(FrameError::BadChecksum { stored, computed });
+    }
+    if header[17..20].iter().any(|&b| b != 0) {
+        return Err(FrameError::BadReserved);
+    }
+    let record_type = RecordType::from_u8(header[16]).ok_or(FrameError::UnknownType(header[16]))?;
+    let lsn = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let batch_index = u32::from_le_bytes(header[20..24].try_into().unwrap());
+    Ok(RawRecord {
+        lsn,
+        batch_index,
+        record_type,
+        payload,
+        framed_len: framed_len(payload_len as usize),
+    })
+}
+
+/// An accepted edit as the log stores it: already transformed to apply on top of
+/// version `server_seq - 1` of `doc_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpRecord {
+    pub doc_id: String,
+    pub client_id: u64,
+    pub local_seq: u64,
+    /// The document version this op produced (the first op of a document has seq 1).
+    pub server_seq: u64,
+    /// The version the client made the op against (before transformation).
+    pub base_version: u64,
+    /// Milliseconds since the Unix epoch when the server accepted the op.
+    pub timestamp_ms: u64,
+    pub patches: Vec<Patch>,
+}
+
+/// Why an op payload could not be decoded. The frame's checksum was valid, so this
+/// means a writer bug or a foreign file, never a torn write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadError(pub String);
+
+impl std::fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid op payload: {}", self.0)
+    }
+}
+
+impl OpRecord {
+    /// The payload layout (all integers little-endian):
+    /// `server_seq u64, base_version u64, client_id u64, local_seq u64, timestamp_ms u64,
+    /// doc_id_len u16, doc_id, patch_count u32, then per patch: pos u32, del u32,
+    /// ins_len u32 (bytes), ins (UTF-8)`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        out.put_u64_le(self.server_seq);
+        out.put_u64_le(self.base_version);
+        out.put_u64_le(self.client_id);
+        out.put_u64_le(self.local_seq);
+        out.put_u64_le(self.timestamp_ms);
+        out.put_u16_le(self.doc_id.len() as u16);
+        out.put_slice(self.doc_id.as_bytes());
+        out.put_u32_le(self.patches.len() as u32);
+        for patch in &self.patches {
+            out.put_u32_le(patch.pos);
+            out.put_u32_le(patch.del);
+            out.put_u32_le(patch.ins.len() as u32);
+            out.put_slice(patch.ins.as_bytes());
+        }
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        5 * 8
+            + 2
+            + self.doc_id.len()
+            + 4
+            + self.patches.iter().map(|p| 12 + p.ins.len()).sum::<usize>()
+    }
+
+    pub fn decode(mut buf: &[u8]) -> Result<OpRecord, PayloadError> {
+        let b = &mut buf;
+        let server_seq = take_u64(b)?;
+        let base_version = take_u64(b)?;
+        let client_id = take_u64(b)?;
+        let local_seq = take_u64(b)?;
+        let timestamp_ms = take_u64(b)?;
+        let doc_len = take_u16(b)? as usize;
+        let doc_id = take_str(b, doc_len)?;
+        validate_doc_id(&doc_id).map_err(PayloadError)?;
+        let count = take_u32(b)? as usize;
+        // Each patch takes at least 12 bytes: bound the allocation by what is there.
+        if count > b.remaining() / 12 {
+            return Err(PayloadError(format!(
+                "patch count {count} exceeds the payload"
+            )));
+        }
+        let mut patches = Vec::with_capacity(count);
+        for _ in 0..count {
+            let pos = take_u32(b)?;
+            let del = take_u32(b)?;
+            let ins_len = take_u32(b)? as usize;
+            let ins = take_str(b, ins_len)?;
+            if pos > MAX_DOC_CHARS || del > MAX_DOC_CHARS {
+                return Err(PayloadError("patch position out of range".into()));
+            }
+            patches.push(Patch { pos, del, ins });
+        }
+        if b.has_remaining() {
+            return Err(PayloadError(format!("{} trailing bytes", b.remaining())));
+        }
+        if server_seq == 0 {
+            return Err(PayloadError("server_seq is 0".into()));
+        }
+        Ok(OpRecord {
+            doc_id,
+            client_id,
+            local_seq,
+            server_seq,
+            base_version,
+            timestamp_ms,
+            patches,
+        })
+    }
+}
+
+fn short() -> PayloadError {
+    PayloadError("payload ends early".into())
+}
+
+fn take_u16(b: &mut &[u8]) -> Result<u16, PayloadError> {
+    b.try_get_u16_le().map_err(|_| short())
+}
+
+fn take_u32(b: &mut &[u8]) -> Result<u32, PayloadError> {
+    b.try_get_u32_le().map_err(|_| short())
+}
+
+fn take_u64(b: &mut &[u8]) -> Result<u64, PayloadError> {
+    b.try_get_u64_le().map_err(|_| short())
+}
+
+fn take_str(b: &mut &[u8], len: usize) -> Result<String, PayloadError> {
+    if b.remaining() < len {
+        return Err(short());
+    }
+    let s = std::str::from_utf8(&b[..len])
+        .map_err(|e| PayloadError(format!("invalid UTF-8: {e}")))?
+        .to_owned();
+    b.advance(len);
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> OpRecord {
+        OpRecord {
+            doc_id: "notes/1".into(),
+            client_id: 7,
+            local_seq: 3,
+            server_seq: 12,
+            base_version: 10,
+            timestamp_ms: 1_700_000_000_000,
+            patches: vec![Patch::new(4, 1, "h\u{1F600}"), Patch::new(0, 0, "x")],
+        }
+    }
+
+    #[test]
+    fn op_record_round_trips_through_a_frame() {
+        let op = sample();
+        let mut payload = Vec::new();
+        op.encode(&mut payload);
+        assert_eq!(payload.len(), op.encoded_len());
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 99, 0, RecordType::Op, &payload);
+        assert_eq!(frame.len() % RECORD_ALIGN, 0);
+        let raw = decode_frame(&frame).unwrap();
+        assert_eq!(raw.lsn, 99);
+        assert_eq!(raw.framed_len, frame.len());
+        assert_eq!(OpRecord::decode(raw.payload).unwrap(), op);
+    }
+
+    #[test]
+    fn every_single_bit_flip_in_a_frame_is_detected() {
+        let mut payload = Vec::new();
+        sample().encode(&mut payload);
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 5, 0, RecordType::Op, &payload);
+        let data_len = RECORD_HEADER_LEN + payload.len();
+        for bit in 0..data_len * 8 {
+            let mut bad = frame.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode_frame(&bad).is_err(),
+                "flip of bit {bit} not detected"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_record_type_with_valid_checksum_is_refused() {
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 1, 0, RecordType::Op, b"abc");
+        frame[16] = 9;
+        let crc = checksum(&frame[..RECORD_HEADER_LEN], &frame[24..27]);
+        frame[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode_frame(&frame).unwrap_err(),
+            FrameError::UnknownType(9)
+        );
+    }
+
+    #[test]
+    fn truncated_payload_is_an_error_not_a_panic() {
+        let mut payload = Vec::new();
+        sample().encode(&mut payload);
+        for cut in 0..payload.len() {
+            assert!(OpRecord::decode(&payload[..cut]).is_err());
+        }
+    }
+}

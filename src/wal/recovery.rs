@@ -1,0 +1,431 @@
+//! Startup recovery of the log: validate every record in every segment, cut a torn
+//! tail, refuse corruption in the middle of the log.
+//!
+//! The distinction (protocol-aware recovery, FAST'18): after a crash, only the last
+//! write can be incomplete, and nothing in it was acknowledged (acks follow the
+//! `fdatasync` that completes the write). So a bad record is a *torn tail* when every
+//! valid record after it belongs to that same unsynced write; each record names its
+//! write by `lsn - batch_index`. A valid record from a *later* write means the bad one
+//! was synced once and went bad since: *corruption*, which may hide acknowledged data.
+//! Recovery refuses to start on it (unless the operator asks for a repair), naming the
+//! segment and offset. A torn tail is cut: its bytes are zeroed and synced, and any
+//! later segment files (spares, or a segment whose first write never completed) are
+//! removed, so that the next crash cannot resurrect them.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::record::{FrameError, Lsn, RawRecord};
+use super::segment::{
+    find_valid_record_after, parse_segment_file_name, scan_records, segment_path, ScanStop,
+    SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
+};
+use super::vfs::{Region, Vfs};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecoveryOptions {
+    /// Cut the log at the first bad record even when valid records follow it. Loses
+    /// whatever follows; only for an operator who has no backup to restore.
+    pub repair: bool,
+}
+
+/// A segment that survived recovery.
+#[derive(Debug, Clone)]
+pub struct RecoveredSegment {
+    pub header: SegmentHeader,
+    /// Offset just past the last valid record.
+    pub end_offset: u64,
+    pub records: u64,
+    pub last_lsn: Option<Lsn>,
+}
+
+/// What was cut from the tail.
+#[derive(Debug, Clone)]
+pub struct TailCut {
+    pub segment_id: SegmentId,
+    pub offset: u64,
+    pub reason: String,
+    /// Bytes zeroed in that segment.
+    pub bytes_zeroed: u64,
+    /// Whole segment files removed after it.
+    pub segments_removed: Vec<SegmentId>,
+    /// Whether valid records of later writes were discarded (only with `repair`).
+    pub discarded_later_records: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub segments: Vec<RecoveredSegment>,
+    pub records: u64,
+    pub bytes_scanned: u64,
+    /// The LSN the next record gets.
+    pub next_lsn: Lsn,
+    /// Trailing unused (all-zero) segment files that were removed.
+    pub spares_removed: Vec<SegmentId>,
+    pub tail_cut: Option<TailCut>,
+    pub elapsed: Duration,
+}
+
+/// Recovery refused to go on.
+#[derive(Debug, Clone)]
+pub struct Corruption {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub reason: String,
+}
+
+impl fmt::Display for Corruption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "write-ahead log corrupted in {} at byte offset {}: {}. \
+             The records after this point may include acknowledged edits, so quire will not \
+             start. Inspect with `wal-inspect verify <data-dir>`; restore the data directory \
+             from a backup, or, accepting the loss of everything after this point, start with \
+             `--repair-wal`.",
+            self.path.display(),
+            self.offset,
+            self.reason
+        )
+    }
+}
+
+#[derive(Debug)]
+pub enum RecoveryError {
+    Corrupt(Corruption),
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+impl fmt::Display for RecoveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecoveryError::Corrupt(c) => c.fmt(f),
+            RecoveryError::Io { path, error } => write!(f, "{}: {error}", path.display()),
+        }
+    }
+}
+
+fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> RecoveryError {
+    RecoveryError::Corrupt(Corruption {
+        path: path.to_path_buf(),
+        offset,
+        reason: reason.into(),
+    })
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RecoveryError + '_ {
+    move |error| RecoveryError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+/// The segment ids in `wal_dir`, sorted. Other files are reported and left alone.
+pub fn list_segments(vfs: &dyn Vfs, wal_dir: &Path) -> Result<Vec<SegmentId>, RecoveryError> {
+    let mut ids = Vec::new();
+    for name in vfs.list(wal_dir).map_err(io_err(wal_dir))? {
+        match parse_segment_file_name(&name) {
+            Some(id) => ids.push(id),
+            None => {
+                tracing::warn!(file = %name, dir = %wal_dir.display(), "ignoring a file that is not a WAL segment")
+            }
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Where the valid log ends.
+struct Break {
+    /// Index into the segment list.
+    position: usize,
+    offset: u64,
+    reason: String,
+}
+
+/// Scans the log in `wal_dir`, calling `visit(segment_id, offset, record)` for every
+/// valid record in LSN order, then cuts a torn tail. Read-only when `dry_run` (for
+/// `wal-inspect verify`): the report then says what would be cut.
+pub fn recover(
+    vfs: &dyn Vfs,
+    wal_dir: &Path,
+    options: RecoveryOptions,
+    dry_run: bool,
+    mut visit: impl FnMut(SegmentId, u64, RawRecord<'_>),
+) -> Result<RecoveryReport, RecoveryError> {
+    let started = Instant::now();
+    let ids = list_segments(vfs, wal_dir)?;
+    for pair in ids.windows(2) {
+        if pair[1] != pair[0] + 1 {
+            return Err(corrupt(
+                &segment_path(wal_dir, pair[0] + 1),
+                0,
+                format!(
+                    "segment file missing: segments {} and {} are not consecutive",
+                    pair[0], pair[1]
+                ),
+            ));
+        }
+    }
+    let mut report = RecoveryReport::default();
+    let mut last_lsn: Option<Lsn> = None;
+    // The LSN the first record of the unfinished write would have: known from the last
+    // record, or from the first segment's header, or 1 for a log that never had one.
+    let mut expected_next: Option<Lsn> = if ids.first().is_none_or(|&id| id == 1) {
+        Some(1)
+    } else {
+        None
+    };
+    let mut regions: Vec<Region> = Vec::with_capacity(ids.len());
+    let mut found_break: Option<Break> = None;
+
+    for (position, &id) in ids.iter().enumerate() {
+        let path = segment_path(wal_dir, id);
+        let region = vfs.map(&path).map_err(io_err(&path))?;
+        report.bytes_scanned += region.len() as u64;
+        let header = match SegmentHeader::decode(&region) {
+            Ok(Some(header)) => header,
+            Ok(None) => {
+                regions.push(region);
+                found_break = Some(Break {
+                    position,
+                    offset: 0,
+                    reason: "segment header never written".into(),
+                });
+                break;
+            }
+            Err(error) => return Err(corrupt(&path, 0, error.to_string())),
+        };
+        if header.segment_id != id {
+            return Err(corrupt(
+                &path,
+                0,
+                format!(
+                    "header names segment {} but the file is {id}",
+                    header.segment_id
+                ),
+            ));
+        }
+        if let Some(last) = last_lsn {
+            if header.first_lsn != last + 1 {
+                return Err(corrupt(
+                    &path,
+                    0,
+                    format!(
+                        "segment starts at LSN {} but the previous one ended at {last}: records are missing",
+                        header.first_lsn
+                    ),
+                ));
+            }
+        } else if position > 0 {
+            return Err(corrupt(&path, 0, "an earlier segment holds no records"));
+        }
+        expected_next = Some(header.first_lsn);
+        let mut records = 0u64;
+        let mut segment_last = None;
+        let stop = scan_records(&region, header.first_lsn, |offset, record| {
+            records += 1;
+            segment_last = Some(record.lsn);
+            visit(id, offset as u64, record);
+        });
+        report.records += records;
+        if let Some(l) = segment_last {
+            last_lsn = Some(l);
+            expected_next = Some(l + 1);
+        }
+        report.segments.push(RecoveredSegment {
+            header,
+            end_offset: stop.offset() as u64,
+            records,
+            last_lsn: segment_last,
+        });
+        regions.push(region);
+        match stop {
+            ScanStop::Zeros { offset } if offset == SEGMENT_HEADER_LEN && records == 0 => {
+                // A header and nothing else: its first write was torn after the header.
+                // Nothing in it was acknowledged; the whole file goes.
+                found_break = Some(Break {
+                    position,
+                    offset: 0,
+                    reason: "segment has a header but no records".into(),
+                });
+                break;
+            }
+            ScanStop::Zeros { .. } => {}
+            ScanStop::Invalid { offset, error } => {
+                found_break = Some(Break {
+                    position,
+                    offset: offset as u64,
+                    reason: describe(error),
+                });
+                break;
+            }
+        }
+    }
+
+    if let Some(brk) = found_break {
+        // Map the segments after the break too: they are checked for later writes.
+        for &id in &ids[regions.len()..] {
+            let path = segment_path(wal_dir, id);
+            let region = vfs.map(&path).map_err(io_err(&path))?;
+            report.bytes_scanned += region.len() as u64;
+            regions.push(region);
+        }
+        cut_tail(
+            vfs,
+            wal_dir,
+            &ids,
+            &regions,
+            brk,
+            expected_next,
+            options,
+            dry_run,
+            &mut report,
+        )?;
+    }
+    report.next_lsn = last_lsn.map_or(expected_next.unwrap_or(1), |l| l + 1);
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+fn describe(error: FrameError) -> String {
+    format!("invalid record ({error})")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cut_tail(
+    vfs: &dyn Vfs,
+    wal_dir: &Path,
+    ids: &[SegmentId],
+    regions: &[Region],
+    brk: Break,
+    expected_next: Option<Lsn>,
+    options: RecoveryOptions,
+    dry_run: bool,
+    report: &mut RecoveryReport,
+) -> Result<(), RecoveryError> {
+    // Find any valid record after the break that is not part of the unfinished write.
+    let mut later_write: Option<(SegmentId, u64, Lsn)> = None;
+    let mut anything_nonzero = false;
+    'scan: for (position, region) in regions.iter().enumerate().skip(brk.position) {
+        let id = ids[position];
+        let start = if position == brk.position {
+            brk.offset as usize
+        } else {
+            if SegmentHeader::decode(region).ok() != Some(None) {
+                later_write = Some((id, 0, 0));
+                break 'scan;
+            }
+            0
+        };
+        let search_from = start.max(SEGMENT_HEADER_LEN);
+        if region
+            .get(start..)
+            .is_some_and(|rest| rest.iter().any(|&b| b != 0))
+        {
+            anything_nonzero = true;
+        }
+        let mut from = search_from;
+        while let Some((offset, record)) = find_valid_record_after(region, from) {
+            let write_start = record.lsn.saturating_sub(u64::from(record.batch_index));
+            let same_write =
+                expected_next.is_some_and(|next| record.lsn >= next && write_start <= next);
+            if !same_write {
+                later_write = Some((id, offset as u64, record.lsn));
+                break 'scan;
+            }
+            from = offset + record.framed_len;
+        }
+    }
+
+    let break_id = ids[brk.position];
+    let break_path = segment_path(wal_dir, break_id);
+    if let Some((id, offset, lsn)) = later_write {
+        let detail = format!(
+            "{} (a valid record of a later write follows: LSN {lsn} in {} at offset {offset})",
+            brk.reason,
+            segment_path(wal_dir, id).display()
+        );
+        if !options.repair {
+            return Err(corrupt(&break_path, brk.offset, detail));
+        }
+        tracing::error!(
+            segment = %break_path.display(),
+            offset = brk.offset,
+            "repairing the WAL as asked: discarding everything after the first bad record: {detail}"
+        );
+    }
+
+    // Whole files to remove: the break segment itself when nothing valid is in it, and
+    // every segment after it.
+    let remove_break_segment = brk.offset == 0;
+    let first_removed = if remove_break_segment {
+        brk.position
+    } else {
+        brk.position + 1
+    };
+    let removed: Vec<SegmentId> = ids[first_removed..].to_vec();
+    let mut bytes_zeroed = 0u64;
+    if !remove_break_segment {
+        let region = &regions[brk.position];
+        let last_nonzero = region.iter().rposition(|&b| b != 0);
+        if let Some(last) = last_nonzero.filter(|&l| l as u64 >= brk.offset) {
+            bytes_zeroed = last as u64 + 1 - brk.offset;
+        }
+    }
+    if !anything_nonzero && later_write.is_none() {
+        // A clean end: only unused, all-zero spares follow.
+        report.spares_removed = removed.clone();
+    } else {
+        report.tail_cut = Some(TailCut {
+            segment_id: break_id,
+            offset: brk.offset,
+            reason: brk.reason,
+            bytes_zeroed,
+            segments_removed: removed.clone(),
+            discarded_later_records: later_write.is_some(),
+        });
+    }
+    if dry_run {
+        return Ok(());
+    }
+    if bytes_zeroed > 0 {
+        let file = vfs.open(&break_path).map_err(io_err(&break_path))?;
+        let zeros = vec![0u8; bytes_zeroed.min(1 << 20) as usize];
+        let mut offset = brk.offset;
+        let end = brk.offset + bytes_zeroed;
+        while offset < end {
+            let n = (end - offset).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], offset)
+                .map_err(io_err(&break_path))?;
+            offset += n as u64;
+        }
+        file.sync_data().map_err(io_err(&break_path))?;
+    }
+    if remove_break_segment {
+        report.segments.retain(|s| s.header.segment_id != break_id);
+    }
+    // Remove from the newest down, so that a crash in between leaves a consecutive run.
+    for &id in removed.iter().rev() {
+        let path = segment_path(wal_dir, id);
+        vfs.remove(&path).map_err(io_err(&path))?;
+    }
+    if !removed.is_empty() {
+        vfs.sync_dir(wal_dir).map_err(io_err(wal_dir))?;
+    }
+    if let Some(cut) = &report.tail_cut {
+        tracing::warn!(
+            segment = %break_path.display(),
+            offset = cut.offset,
+            bytes_zeroed = cut.bytes_zeroed,
+            segments_removed = cut.segments_removed.len(),
+            "cut the torn tail of the write-ahead log: {}",
+            cut.reason
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The file layer under the log. Everything the WAL does to the disk goes through
+//! [`Vfs`], so tests can swap in [`sim::SimFs`], a disk model that keeps written bytes
+//! apart from durable ones and can crash, tear writes, flip bits and fail fsync.
+//!
+//! Trait objects, not generics: every call here is a syscall or an fsync, so dynamic
+//! dispatch costs nothing measurable and keeps the WAL's types simple.
+
+use std::any::Any;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Deref;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+pub mod sim;
+
+/// What a file system offers the WAL.
+pub trait Vfs: Send + Sync + fmt::Debug {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Names (not paths) of the regular files in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Creates a new file (fails if it exists), open for reading and writing.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn VfsFile>>;
+    /// Opens an existing file for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Box<dyn VfsFile>>;
+    /// The whole file, read-only: memory-mapped on a real disk.
+    fn map(&self, path: &Path) -> io::Result<Region>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Makes creations, renames and removals in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive lock on `dir`, held while the returned guard lives. A second
+    /// holder (another process) gets `WouldBlock`.
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn Any + Send + Sync>>;
+}
+
+/// An open file. Positional I/O only: the WAL always knows where it writes.
+pub trait VfsFile: Send + Sync {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// `fdatasync`: the data written so far is durable when this returns `Ok`.
+    fn sync_data(&self) -> io::Result<()>;
+    /// `fsync`: data and metadata (size) durable.
+    fn sync_all(&self) -> io::Result<()>;
+    /// Reserves `len` bytes with `fallocate`, extending the file. `Ok(false)` means the
+    /// file system does not support it (EOPNOTSUPP); the caller falls back to zeros.
+    fn allocate(&self, len: u64) -> io::Result<bool>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+}
+
+/// Bytes of a whole file: a read-only memory map, or a copy from a simulated disk.
+pub enum Region {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Deref for Region {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Region::Mapped(map) => map,
+            Region::Owned(bytes) => bytes,
+        }
+    }
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsFs;
+
+struct OsFile(File);
+
+impl Vfs for OsFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                if let Ok(name) = entry.file_name().into_string() {
+                    names.push(name);
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn create(&self, path: &Path) -> io::Result<Box<dyn VfsFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Box::new(OsFile(file)))
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Box<dyn VfsFile>> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Box::new(OsFile(file)))
+    }
+
+    fn map(&self, path: &Path) -> io::Result<Region> {
+        let file = File::open(path)?;
+        if file.metadata()?.len() == 0 {
+            return Ok(Region::Owned(Vec::new()));
+        }
+        // SAFETY: the map is read-only. quire never truncates or rewrites the bytes of
+        // a mapped region while it is mapped: sealed segments are immutable until they
+        // are deleted (which unlinks, leaving the mapping valid), and snapshot files are
+        // replaced by rename, never modified in place. The data directory is locked
+        // against other quire processes; another program changing files under us is
+        // outside what any storage engine can defend against.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(Region::Mapped(map))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn Any + Send + Sync>> {
+        use nix::fcntl::{Flock, FlockArg};
+        let file = File::open(dir)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Box::new(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "data directory {} is locked by another quire process",
+                    dir.display()
+                ),
+            )),
+            Err((_, errno)) => Err(io::Error::from(errno)),
+        }
+    }
+}
+
+impl VfsFile for OsFile {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.0.sync_all()
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<bool> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        match fallocate(&self.0, FallocateFlags::empty(), 0, len as i64) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(false),
+            Err(errno) => Err(io::Error::from(errno)),
+        }
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+}

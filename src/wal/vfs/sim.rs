@@ -1,0 +1,393 @@
+//! A simulated disk for tests: the model of the disk is part of the test suite.
+//!
+//! Every file keeps two versions: what was written (what reads see) and what is
+//! durable (what a completed `sync_data` covered). Directory entries are likewise only
+//! durable after `sync_dir`. [`SimFs::crash`] returns the disk as a machine would find
+//! it after power loss: durable bytes, plus (optionally) some of the unsynced writes
+//! with the last one torn at 512-byte granularity. Faults: fsync failing with EIO after
+//! a countdown, and bit flips anywhere.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{Region, Vfs, VfsFile};
+
+pub const SECTOR: usize = 512;
+
+#[derive(Debug, Clone)]
+enum Pending {
+    Write { offset: u64, data: Vec<u8> },
+    SetLen(u64),
+}
+
+#[derive(Debug, Default)]
+struct Inode {
+    data: Vec<u8>,
+    durable: Vec<u8>,
+    pending: Vec<Pending>,
+}
+
+fn apply(target: &mut Vec<u8>, op: &Pending) {
+    match op {
+        Pending::Write { offset, data } => {
+            let end = *offset as usize + data.len();
+            if target.len() < end {
+                target.resize(end, 0);
+            }
+            target[*offset as usize..end].copy_from_slice(data);
+        }
+        Pending::SetLen(len) => target.resize(*len as usize, 0),
+    }
+}
+
+type InodeRef = Arc<Mutex<Inode>>;
+
+#[derive(Debug, Default)]
+struct State {
+    names: BTreeMap<PathBuf, InodeRef>,
+    durable_names: BTreeMap<PathBuf, InodeRef>,
+    dirs: HashSet<PathBuf>,
+    locked: HashSet<PathBuf>,
+    /// `Some(n)`: n more syncs succeed, then every sync fails with EIO.
+    syncs_before_failure: Option<u64>,
+    syncs: u64,
+}
+
+/// How a crash treats writes that were not yet synced.
+#[derive(Debug, Clone, Copy)]
+pub enum CrashMode {
+    /// Every unsynced write is lost.
+    LoseUnsynced,
+    /// Per file, a prefix of the unsynced writes survives (its length chosen by `seed`)
+    /// and the last surviving write is torn: a random subset of its 512-byte sectors
+    /// reaches the disk.
+    TearUnsynced { seed: u64 },
+}
+
+/// The simulated disk. Cloning gives another handle to the same disk.
+#[derive(Debug, Clone, Default)]
+pub struct SimFs {
+    state: Arc<Mutex<State>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn not_found(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{}: not found", path.display()),
+    )
+}
+
+/// A small deterministic generator (splitmix64) so that crash shapes are reproducible
+/// from a seed without a dependency.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+}
+
+impl SimFs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// After `n` more successful syncs (file or directory), every sync fails with EIO
+    /// and makes nothing durable.
+    pub fn fail_syncs_after(&self, n: u64) {
+        lock(&self.state).syncs_before_failure = Some(n);
+    }
+
+    /// How many syncs succeeded so far.
+    pub fn sync_count(&self) -> u64 {
+        lock(&self.state).syncs
+    }
+
+    /// The disk as found after a power loss at this moment.
+    pub fn crash(&self, mode: CrashMode) -> SimFs {
+        let state = lock(&self.state);
+        let mut rng = SplitMix(match mode {
+            CrashMode::LoseUnsynced => 0,
+            CrashMode::TearUnsynced { seed } => seed,
+        });
+        let mut names = BTreeMap::new();
+        for (path, inode) in &state.durable_names {
+            let inode = lock(inode);
+            let mut data = inode.durable.clone();
+            if let CrashMode::TearUnsynced { .. } = mode {
+                let keep = rng.below(inode.pending.len() as u64 + 1) as usize;
+                for (i, op) in inode.pending[..keep].iter().enumerate() {
+                    let last = i + 1 == keep;
+                    match op {
+                        Pending::Write {
+                            offset,
+                            data: bytes,
+                        } if last => {
+                            for (s, chunk) in bytes.chunks(SECTOR).enumerate() {
+                                if rng.below(2) == 1 {
+                                    let op = Pending::Write {
+                                        offset: offset + (s * SECTOR) as u64,
+                                        data: chunk.to_vec(),
+                                    };
+                                    apply(&mut data, &op);
+                                }
+                            }
+                        }
+                        _ => apply(&mut data, op),
+                    }
+                }
+            }
+            let fresh = Inode {
+                durable: data.clone(),
+                data,
+                pending: Vec::new(),
+            };
+            names.insert(path.clone(), Arc::new(Mutex::new(fresh)));
+        }
+        SimFs {
+            state: Arc::new(Mutex::new(State {
+                durable_names: names.clone(),
+                names,
+                dirs: state.dirs.clone(),
+                ..State::default()
+            })),
+        }
+    }
+
+    /// Flips one bit of a file, in what reads see and in what is durable.
+    pub fn flip_bit(&self, path: &Path, byte: usize, bit: u8) -> io::Result<()> {
+        let state = lock(&self.state);
+        let inode = state.names.get(path).ok_or_else(|| not_found(path))?;
+        let mut inode = lock(inode);
+        if byte >= inode.data.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "offset past end",
+            ));
+        }
+        inode.data[byte] ^= 1 << bit;
+        if byte < inode.durable.len() {
+            inode.durable[byte] ^= 1 << bit;
+        }
+        Ok(())
+    }
+
+    /// Paths of all files, current namespace.
+    pub fn files(&self) -> Vec<PathBuf> {
+        lock(&self.state).names.keys().cloned().collect()
+    }
+
+    pub fn file_len(&self, path: &Path) -> Option<usize> {
+        lock(&self.state)
+            .names
+            .get(path)
+            .map(|i| lock(i).data.len())
+    }
+
+    fn take_sync(&self) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        match state.syncs_before_failure {
+            Some(0) => Err(io::Error::other("simulated EIO from fsync")),
+            Some(ref mut n) => {
+                *n -= 1;
+                state.syncs += 1;
+                Ok(())
+            }
+            None => {
+                state.syncs += 1;
+                Ok(())
+            }
+        }
+    }
+
+    fn inode(&self, path: &Path) -> io::Result<InodeRef> {
+        lock(&self.state)
+            .names
+            .get(path)
+            .cloned()
+            .ok_or_else(|| not_found(path))
+    }
+}
+
+struct SimFile {
+    fs: SimFs,
+    inode: InodeRef,
+}
+
+impl Vfs for SimFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        for ancestor in dir.ancestors() {
+            state.dirs.insert(ancestor.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let state = lock(&self.state);
+        if !state.dirs.contains(dir) {
+            return Err(not_found(dir));
+        }
+        Ok(state
+            .names
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect())
+    }
+
+    fn create(&self, path: &Path) -> io::Result<Box<dyn VfsFile>> {
+        let mut state = lock(&self.state);
+        if state.names.contains_key(path) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
+        }
+        let inode = InodeRef::default();
+        state.names.insert(path.to_path_buf(), inode.clone());
+        Ok(Box::new(SimFile {
+            fs: self.clone(),
+            inode,
+        }))
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Box<dyn VfsFile>> {
+        Ok(Box::new(SimFile {
+            fs: self.clone(),
+            inode: self.inode(path)?,
+        }))
+    }
+
+    fn map(&self, path: &Path) -> io::Result<Region> {
+        let inode = self.inode(path)?;
+        let data = lock(&inode).data.clone();
+        Ok(Region::Owned(data))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        let inode = state.names.remove(from).ok_or_else(|| not_found(from))?;
+        state.names.insert(to.to_path_buf(), inode);
+        Ok(())
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        lock(&self.state)
+            .names
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| not_found(path))
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.take_sync()?;
+        let mut state = lock(&self.state);
+        let State {
+            names,
+            durable_names,
+            ..
+        } = &mut *state;
+        durable_names.retain(|p, _| p.parent() != Some(dir));
+        for (p, inode) in names.iter() {
+            if p.parent() == Some(dir) {
+                durable_names.insert(p.clone(), inode.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn Any + Send + Sync>> {
+        struct Guard(SimFs, PathBuf);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                lock(&self.0.state).locked.remove(&self.1);
+            }
+        }
+        if !lock(&self.state).locked.insert(dir.to_path_buf()) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "directory is locked",
+            ));
+        }
+        Ok(Box::new(Guard(self.clone(), dir.to_path_buf())))
+    }
+}
+
+impl VfsFile for SimFile {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut inode = lock(&self.inode);
+        let op = Pending::Write {
+            offset,
+            data: buf.to_vec(),
+        };
+        apply(&mut inode.data, &op);
+        inode.pending.push(op);
+        Ok(())
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let inode = lock(&self.inode);
+        let start = offset as usize;
+        let end = start + buf.len();
+        if end > inode.data.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end",
+            ));
+        }
+        buf.copy_from_slice(&inode.data[start..end]);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.fs.take_sync()?;
+        let mut inode = lock(&self.inode);
+        let pending = std::mem::take(&mut inode.pending);
+        for op in &pending {
+            apply(&mut inode.durable, op);
+        }
+        Ok(())
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<bool> {
+        let mut inode = lock(&self.inode);
+        if (inode.data.len() as u64) < len {
+            let op = Pending::SetLen(len);
+            apply(&mut inode.data, &op);
+            inode.pending.push(op);
+        }
+        Ok(true)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut inode = lock(&self.inode);
+        let op = Pending::SetLen(len);
+        apply(&mut inode.data, &op);
+        inode.pending.push(op);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(lock(&self.inode).data.len() as u64)
+    }
+}

@@ -1,0 +1,285 @@
+//! The one writer thread, and the preparer thread that keeps the next segment ready.
+//!
+//! The writer loops: take every pending record ([`CommitQueue::next_batch`]), frame
+//! them into one buffer, one `pwrite`, one `fdatasync`, update the index, publish the
+//! durable LSN. When a record does not fit in the active segment, the part written so
+//! far is synced (sealing the segment) and the writer continues in the spare the
+//! preparer made, writing that segment's header together with its first records.
+//! Any write or sync error ends the log: it is logged with its cause, every pending and
+//! later append fails, and nothing is retried (after a failed fsync the kernel may have
+//! dropped the dirty pages; retrying would report durability that does not exist).
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Instant;
+
+use super::commit::{CommitQueue, Entry};
+use super::index::{Index, Location};
+use super::record::{encode_frame, framed_len};
+use super::segment::{
+    prepare_segment, segment_file_name, SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
+};
+use super::stats::WalStats;
+use super::vfs::{Vfs, VfsFile};
+use super::WatchNotify;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The segment receiving records.
+pub(crate) struct Active {
+    pub id: SegmentId,
+    pub file: Box<dyn VfsFile>,
+    /// Where the next byte goes. 0 means the header is not written yet.
+    pub offset: u64,
+}
+
+pub(crate) struct Writer {
+    pub wal_dir: PathBuf,
+    pub segment_size: u64,
+    pub max_batch_bytes: usize,
+    pub queue: Arc<CommitQueue<WatchNotify>>,
+    pub index: Arc<RwLock<Index>>,
+    pub active_id: Arc<std::sync::atomic::AtomicU64>,
+    pub stats: Arc<WalStats>,
+    pub preparer: Arc<Preparer>,
+    /// `None` until the first record of a fresh log: then the first spare is activated.
+    pub active: Option<Active>,
+}
+
+impl Writer {
+    pub fn run(mut self) {
+        let mut batch = Vec::new();
+        let mut buf = Vec::with_capacity(self.max_batch_bytes + SEGMENT_HEADER_LEN);
+        let mut locations = Vec::new();
+        while self.queue.next_batch(&mut batch, self.max_batch_bytes) {
+            let started = Instant::now();
+            let last_lsn = batch.last().expect("batch is never empty").lsn;
+            match self.write_batch(&batch, &mut buf, &mut locations) {
+                Ok(sync_ns) => {
+                    {
+                        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+                        for (entry, location) in batch.iter().zip(&locations) {
+                            let key = entry.key.as_ref().map(|k| (&k.doc_id, k.seq));
+                            index.insert(*location, key);
+                        }
+                    }
+                    self.stats
+                        .record_batch(batch.len(), sync_ns, started.elapsed());
+                    self.queue.complete(last_lsn);
+                }
+                Err(error) => {
+                    let reason = format!(
+                        "write-ahead log failed at LSN {}..={last_lsn} in {}: {error}; \
+                         no further appends are accepted (restart to recover)",
+                        batch[0].lsn,
+                        self.wal_dir.display()
+                    );
+                    tracing::error!("{reason}");
+                    self.queue.fail(&reason);
+                    break;
+                }
+            }
+            batch.clear();
+            locations.clear();
+        }
+        self.preparer.stop();
+    }
+
+    /// Writes and syncs one batch; returns the nanoseconds spent in `fdatasync`.
+    fn write_batch(
+        &mut self,
+        batch: &[Entry],
+        buf: &mut Vec<u8>,
+        locations: &mut Vec<Location>,
+    ) -> io::Result<u64> {
+        buf.clear();
+        let mut sync_ns = 0;
+        for (batch_index, entry) in batch.iter().enumerate() {
+            let need = framed_len(entry.payload.len()) as u64;
+            let fits = self.active.as_ref().is_some_and(|a| {
+                let start = a.offset.max(SEGMENT_HEADER_LEN as u64);
+                start + buf.len() as u64 + need <= self.segment_size
+            });
+            if !fits {
+                sync_ns += self.flush(buf)?;
+                self.roll(entry.lsn)?;
+            }
+            let active = self.active.as_ref().expect("an active segment");
+            if active.offset == 0 && buf.is_empty() {
+                let header = SegmentHeader {
+                    segment_id: active.id,
+                    first_lsn: entry.lsn,
+                    created_ms: super::now_ms(),
+                };
+                buf.extend_from_slice(&header.encode());
+            }
+            locations.push(Location {
+                segment_id: active.id,
+                offset: active.offset + buf.len() as u64,
+                lsn: entry.lsn,
+            });
+            let batch_index = u32::try_from(batch_index).expect("batch bounded by max_batch_bytes");
+            encode_frame(
+                buf,
+                entry.lsn,
+                batch_index,
+                entry.record_type,
+                &entry.payload,
+            );
+        }
+        sync_ns += self.flush(buf)?;
+        Ok(sync_ns)
+    }
+
+    /// Writes `buf` at the active segment's end and syncs it.
+    fn flush(&mut self, buf: &mut Vec<u8>) -> io::Result<u64> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let active = self.active.as_mut().expect("flush needs an active segment");
+        assert!(active.offset + buf.len() as u64 <= self.segment_size);
+        active.file.write_all_at(buf, active.offset)?;
+        let t = Instant::now();
+        active.file.sync_data()?;
+        let sync_ns = t.elapsed().as_nanos() as u64;
+        active.offset += buf.len() as u64;
+        buf.clear();
+        Ok(sync_ns)
+    }
+
+    /// Seals the active segment (already synced by `flush`) and activates the next.
+    fn roll(&mut self, first_lsn: u64) -> io::Result<()> {
+        let next_id = self
+            .active
+            .as_ref()
+            .map_or(self.preparer.first_id(), |a| a.id + 1);
+        let file = self.preparer.take(next_id)?;
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .add_segment(next_id, first_lsn);
+        self.active = Some(Active {
+            id: next_id,
+            file,
+            offset: 0,
+        });
+        self.active_id
+            .store(next_id, std::sync::atomic::Ordering::Release);
+        tracing::debug!(segment = %segment_file_name(next_id), first_lsn, "segment activated");
+        Ok(())
+    }
+}
+
+/// Keeps one spare segment prepared ahead of the writer, so that rolling over costs a
+/// pointer swap, not 64 MiB of zeros.
+pub(crate) struct Preparer {
+    state: Mutex<PrepState>,
+    changed: Condvar,
+    vfs: Arc<dyn Vfs>,
+    wal_dir: PathBuf,
+    segment_size: u64,
+    zero_fill: bool,
+    first_id: SegmentId,
+}
+
+struct PrepState {
+    next_id: SegmentId,
+    ready: Option<(SegmentId, Box<dyn VfsFile>)>,
+    error: Option<String>,
+    stop: bool,
+}
+
+impl Preparer {
+    pub fn new(
+        vfs: Arc<dyn Vfs>,
+        wal_dir: PathBuf,
+        segment_size: u64,
+        zero_fill: bool,
+        first_id: SegmentId,
+    ) -> Self {
+        Preparer {
+            state: Mutex::new(PrepState {
+                next_id: first_id,
+                ready: None,
+                error: None,
+                stop: false,
+            }),
+            changed: Condvar::new(),
+            vfs,
+            wal_dir,
+            segment_size,
+            zero_fill,
+            first_id,
+        }
+    }
+
+    pub fn first_id(&self) -> SegmentId {
+        self.first_id
+    }
+
+    pub fn run(&self) {
+        loop {
+            let id = {
+                let mut state = lock(&self.state);
+                while (state.ready.is_some() || state.error.is_some()) && !state.stop {
+                    state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+                if state.stop {
+                    return;
+                }
+                state.next_id
+            };
+            let result = prepare_segment(
+                &*self.vfs,
+                &self.wal_dir,
+                id,
+                self.segment_size,
+                self.zero_fill,
+            );
+            let mut state = lock(&self.state);
+            match result {
+                Ok(file) => {
+                    state.ready = Some((id, file));
+                    state.next_id = id + 1;
+                }
+                Err(error) => {
+                    tracing::error!(segment = id, %error, "could not prepare the next WAL segment");
+                    state.error = Some(format!(
+                        "preparing segment {}: {error}",
+                        segment_file_name(id)
+                    ));
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// The prepared segment `id`, waiting for it if needed.
+    pub fn take(&self, id: SegmentId) -> io::Result<Box<dyn VfsFile>> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(error) = &state.error {
+                return Err(io::Error::other(error.clone()));
+            }
+            if state.ready.is_some() {
+                break;
+            }
+            if state.stop {
+                return Err(io::Error::other("segment preparer stopped"));
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        let (ready_id, file) = state.ready.take().expect("checked above");
+        assert_eq!(ready_id, id, "segments are activated in id order");
+        self.changed.notify_all();
+        Ok(file)
+    }
+
+    pub fn stop(&self) {
+        lock(&self.state).stop = true;
+        self.changed.notify_all();
+    }
+}
