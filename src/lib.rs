@@ -4,6 +4,7 @@
 //! broadcast. [`wal`] knows nothing of sockets or protocol.
 
 pub mod op;
+pub mod sequencer;
 mod sync;
 pub mod text;
 pub mod wal;

@@ -1,0 +1,450 @@
+//! The sequencer on the local write-ahead log: per-document state machines (text,
+//! version, dedupe table) whose ops are persisted in one [`Wal`] with group commit,
+//! snapshotted by policy, and recovered at startup from snapshots plus the log.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::maintenance::{self, Request};
+use super::{DocView, SubmitError, SubmitOp, Submitted, Sequencer, Ticket};
+use crate::op::validate_doc_id;
+use crate::text::Text;
+use crate::wal::record::{Lsn, OpRecord};
+use crate::wal::snapshot::{load_snapshots, DedupeEntry, LoadedSnapshots};
+use crate::wal::stats::Summary;
+use crate::wal::vfs::{OsFs, Vfs};
+use crate::wal::{now_ms, Wal, WalConfig, WalError};
+
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub wal: WalConfig,
+    /// Snapshot a document after this many ops since its last snapshot.
+    pub snapshot_every_ops: u64,
+    /// ...or this long after its last snapshot, if it changed.
+    pub snapshot_every: Duration,
+    /// Sealed segments younger than this are kept even when snapshots cover them, so
+    /// that reconnecting clients can still be sent the ops they missed.
+    pub retention: Duration,
+    /// How often the maintenance thread looks at snapshots and truncation.
+    pub maintenance_interval: Duration,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            wal: WalConfig::default(),
+            snapshot_every_ops: 10_000,
+            snapshot_every: Duration::from_secs(60),
+            retention: Duration::from_secs(300),
+            maintenance_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One document's authoritative state.
+#[derive(Debug)]
+pub(crate) struct DocState {
+    pub text: Text,
+    pub version: u64,
+    /// client id → (last local seq applied, the seq it got).
+    pub dedupe: HashMap<u64, (u64, u64)>,
+    /// LSN of the newest op (0: nothing appended since startup; all durable).
+    pub last_lsn: Lsn,
+    /// `last_included_seq` of the newest durable snapshot (0: none).
+    pub snapshot_seq: u64,
+    pub last_snapshot_ms: u64,
+    pub snapshot_queued: bool,
+}
+
+impl DocState {
+    fn empty() -> Self {
+        DocState {
+            text: Text::new(),
+            version: 0,
+            dedupe: HashMap::new(),
+            last_lsn: 0,
+            snapshot_seq: 0,
+            last_snapshot_ms: now_ms(),
+            snapshot_queued: false,
+        }
+    }
+
+    pub fn dedupe_entries(&self) -> Vec<DedupeEntry> {
+        let mut entries: Vec<DedupeEntry> = self
+            .dedupe
+            .iter()
+            .map(|(&client_id, &(last_local_seq, seq))| DedupeEntry {
+                client_id,
+                last_local_seq,
+                seq,
+            })
+            .collect();
+        entries.sort_unstable_by_key(|e| e.client_id);
+        entries
+    }
+}
+
+pub(crate) type DocRef = Arc<Mutex<DocState>>;
+
+pub(crate) fn lock_doc(doc: &DocRef) -> MutexGuard<'_, DocState> {
+    doc.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What startup recovery did, for the log and for `wal-inspect`.
+#[derive(Debug, Clone)]
+pub struct StartupReport {
+    pub documents: usize,
+    pub snapshots_loaded: usize,
+    pub snapshots_invalid: usize,
+    pub records_scanned: u64,
+    pub ops_replayed: u64,
+    pub bytes_scanned: u64,
+    pub segments: usize,
+    pub tail_cut: Option<String>,
+    pub elapsed: Duration,
+}
+
+pub(crate) struct Shared {
+    pub vfs: Arc<dyn Vfs>,
+    pub snapshot_dir: PathBuf,
+    pub wal: Wal,
+    pub docs: RwLock<HashMap<Arc<str>, DocRef>>,
+    pub config: LocalConfig,
+    pub snapshot_us: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+pub struct LocalSequencer {
+    shared: Arc<Shared>,
+    requests: mpsc::Sender<Request>,
+    maintenance: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+pub enum OpenError {
+    Wal(WalError),
+    Snapshots(std::io::Error),
+    /// The snapshots and the log do not fit together.
+    Inconsistent(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Wal(e) => write!(f, "{e}"),
+            OpenError::Snapshots(e) => write!(f, "reading snapshots: {e}"),
+            OpenError::Inconsistent(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+impl LocalSequencer {
+    /// Opens the data directory on the real file system.
+    pub fn open(data_dir: &Path, config: LocalConfig) -> Result<(Self, StartupReport), OpenError> {
+        Self::open_with(Arc::new(OsFs), data_dir, config)
+    }
+
+    /// Opens with any file layer (tests pass a simulated disk).
+    pub fn open_with(
+        vfs: Arc<dyn Vfs>,
+        data_dir: &Path,
+        config: LocalConfig,
+    ) -> Result<(Self, StartupReport), OpenError> {
+        let started = Instant::now();
+        let snapshot_dir = data_dir.join("snapshots");
+        vfs.create_dir_all(&snapshot_dir).map_err(OpenError::Snapshots)?;
+        let LoadedSnapshots {
+            by_doc, invalid, ..
+        } = load_snapshots(&*vfs, &snapshot_dir).map_err(OpenError::Snapshots)?;
+        let snapshots_loaded = by_doc.len();
+        let mut docs: HashMap<Arc<str>, DocState> = by_doc
+            .into_values()
+            .map(|snapshot| {
+                let state = DocState {
+                    text: Text::from_str(&snapshot.text),
+                    version: snapshot.last_included_seq,
+                    dedupe: snapshot
+                        .dedupe
+                        .iter()
+                        .map(|e| (e.client_id, (e.last_local_seq, e.seq)))
+                        .collect(),
+                    last_lsn: 0,
+                    snapshot_seq: snapshot.last_included_seq,
+                    last_snapshot_ms: snapshot.created_ms,
+                    snapshot_queued: false,
+                };
+                (Arc::from(snapshot.doc_id.as_str()), state)
+            })
+            .collect();
+
+        let mut replayed = 0u64;
+        let mut inconsistency: Option<String> = None;
+        let (wal, report) = Wal::open(vfs.clone(), &data_dir.join("wal"), config.wal.clone(), |op, location| {
+            if inconsistency.is_some() {
+                return;
+            }
+            let state = docs
+                .entry(Arc::from(op.doc_id.as_str()))
+                .or_insert_with(DocState::empty);
+            if op.server_seq <= state.version {
+                return; // covered by the snapshot
+            }
+            if op.server_seq != state.version + 1 {
+                inconsistency = Some(format!(
+                    "document {:?}: the log continues at seq {} (LSN {}) but its state is at version {}; \
+                     ops {}..{} are in neither a valid snapshot nor the log. Restore the data \
+                     directory from a backup.",
+                    op.doc_id,
+                    op.server_seq,
+                    location.lsn,
+                    state.version,
+                    state.version + 1,
+                    op.server_seq - 1
+                ));
+                return;
+            }
+            if let Err(e) = state.text.apply(&op.patches) {
+                inconsistency = Some(format!(
+                    "document {:?}: op at seq {} (LSN {}) does not apply: {e}",
+                    op.doc_id, op.server_seq, location.lsn
+                ));
+                return;
+            }
+            state.version = op.server_seq;
+            state.dedupe.insert(op.client_id, (op.local_seq, op.server_seq));
+            replayed += 1;
+        })
+        .map_err(OpenError::Wal)?;
+        if let Some(message) = inconsistency {
+            return Err(OpenError::Inconsistent(message));
+        }
+        let startup = StartupReport {
+            documents: docs.len(),
+            snapshots_loaded,
+            snapshots_invalid: invalid.len(),
+            records_scanned: report.records,
+            ops_replayed: replayed,
+            bytes_scanned: report.bytes_scanned,
+            segments: report.segments.len(),
+            tail_cut: report.tail_cut.as_ref().map(|c| {
+                format!(
+                    "segment {} at offset {}: {} ({} bytes zeroed, {} segment files removed)",
+                    c.segment_id,
+                    c.offset,
+                    c.reason,
+                    c.bytes_zeroed,
+                    c.segments_removed.len()
+                )
+            }),
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(
+            documents = startup.documents,
+            snapshots = startup.snapshots_loaded,
+            invalid_snapshots = startup.snapshots_invalid,
+            segments = startup.segments,
+            records = startup.records_scanned,
+            replayed = startup.ops_replayed,
+            mib_scanned = startup.bytes_scanned as f64 / (1 << 20) as f64,
+            tail_cut = startup.tail_cut.as_deref().unwrap_or("none"),
+            elapsed_ms = startup.elapsed.as_millis() as u64,
+            "recovered"
+        );
+        let docs = docs
+            .into_iter()
+            .map(|(id, state)| (id, Arc::new(Mutex::new(state))))
+            .collect();
+        let shared = Arc::new(Shared {
+            vfs,
+            snapshot_dir,
+            wal,
+            docs: RwLock::new(docs),
+            config,
+            snapshot_us: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
+            ),
+        });
+        let (requests, rx) = mpsc::channel();
+        let thread_shared = shared.clone();
+        let maintenance = std::thread::Builder::new()
+            .name("quire-maintenance".into())
+            .spawn(move || maintenance::run(thread_shared, rx))
+            .map_err(|e| {
+                OpenError::Wal(WalError::Io {
+                    context: "starting the maintenance thread".into(),
+                    error: e,
+                })
+            })?;
+        Ok((
+            LocalSequencer {
+                shared,
+                requests,
+                maintenance: Mutex::new(Some(maintenance)),
+            },
+            startup,
+        ))
+    }
+
+    pub fn wal(&self) -> &Wal {
+        &self.shared.wal
+    }
+
+    fn doc(&self, doc_id: &str) -> Option<DocRef> {
+        self.shared
+            .docs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(doc_id)
+            .cloned()
+    }
+
+    fn doc_or_create(&self, doc_id: &str) -> DocRef {
+        if let Some(doc) = self.doc(doc_id) {
+            return doc;
+        }
+        let mut docs = self.shared.docs.write().unwrap_or_else(|p| p.into_inner());
+        docs.entry(Arc::from(doc_id))
+            .or_insert_with(|| Arc::new(Mutex::new(DocState::empty())))
+            .clone()
+    }
+
+    /// Document ids known to the store.
+    pub fn doc_ids(&self) -> Vec<Arc<str>> {
+        let docs = self.shared.docs.read().unwrap_or_else(|p| p.into_inner());
+        docs.keys().cloned().collect()
+    }
+
+    /// Writes a snapshot of `doc_id` now (after its latest op is durable).
+    pub fn snapshot_now(&self, doc_id: &str) -> std::io::Result<bool> {
+        maintenance::snapshot_doc(&self.shared, doc_id)
+    }
+
+    /// Runs one pass of the snapshot and truncation policy now.
+    pub fn maintain_now(&self) -> std::io::Result<usize> {
+        maintenance::tick(&self.shared)
+    }
+
+    /// Snapshot write latency (microseconds).
+    pub fn snapshot_us(&self) -> Summary {
+        let h = self.shared.snapshot_us.lock().unwrap_or_else(|p| p.into_inner());
+        Summary {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
+    }
+
+    /// Stops the maintenance thread and closes the log (queued appends finish first).
+    pub fn close(&self) {
+        let _ = self.requests.send(Request::Stop);
+        if let Some(thread) = self
+            .maintenance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = thread.join();
+        }
+        self.shared.wal.close();
+    }
+}
+
+impl Drop for LocalSequencer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Sequencer for LocalSequencer {
+    fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
+        validate_doc_id(doc_id).map_err(SubmitError::InvalidDocId)?;
+        let doc = self.doc_or_create(doc_id);
+        let mut state = lock_doc(&doc);
+        let client = op.op_id.client_id;
+        if let Some(&(last_local, seq)) = state.dedupe.get(&client) {
+            if op.op_id.local_seq <= last_local {
+                return Ok(Submitted::Duplicate {
+                    seq: (op.op_id.local_seq == last_local).then_some(seq),
+                    ticket: Ticket(state.last_lsn),
+                });
+            }
+        }
+        if op.expected_version != state.version {
+            return Err(SubmitError::VersionMismatch {
+                expected: op.expected_version,
+                actual: state.version,
+            });
+        }
+        state.text.check(&op.patches).map_err(SubmitError::Invalid)?;
+        let seq = state.version + 1;
+        let record = OpRecord {
+            doc_id: doc_id.to_owned(),
+            client_id: client,
+            local_seq: op.op_id.local_seq,
+            server_seq: seq,
+            base_version: op.base_version,
+            timestamp_ms: now_ms(),
+            patches: op.patches,
+        };
+        // Append first: if the log refuses, the state is untouched.
+        let lsn = self.shared.wal.append_op(&record).map_err(|e| match e {
+            WalError::RecordTooLarge { .. } => SubmitError::TooLarge(e.to_string()),
+            other => SubmitError::Storage(Arc::from(other.to_string())),
+        })?;
+        state
+            .text
+            .apply(&record.patches)
+            .expect("patches were checked under the same lock");
+        state.version = seq;
+        state.dedupe.insert(client, (op.op_id.local_seq, seq));
+        state.last_lsn = lsn;
+        if seq - state.snapshot_seq >= self.shared.config.snapshot_every_ops && !state.snapshot_queued {
+            state.snapshot_queued = true;
+            let _ = self.requests.send(Request::Snapshot(Arc::from(doc_id)));
+        }
+        Ok(Submitted::Applied {
+            seq,
+            ticket: Ticket(lsn),
+        })
+    }
+
+    async fn wait_durable(&self, ticket: Ticket) -> Result<(), Arc<str>> {
+        self.shared
+            .wal
+            .wait_durable(ticket.0)
+            .await
+            .map_err(|e| Arc::from(e.to_string()))
+    }
+
+    async fn read(&self, doc_id: &str) -> Option<DocView> {
+        let doc = self.doc(doc_id)?;
+        let (text, version, lsn) = {
+            let state = lock_doc(&doc);
+            (state.text.to_string(), state.version, state.last_lsn)
+        };
+        // Everything in `text` is durable once its newest op is.
+        self.shared.wal.wait_durable(lsn).await.ok()?;
+        Some(DocView { text, version })
+    }
+
+    fn ops_after(&self, doc_id: &str, after_seq: u64, limit: usize) -> Option<Vec<OpRecord>> {
+        let first = self.shared.wal.with_index(|i| i.first_retained_seq(doc_id));
+        let version = self.doc(doc_id).map_or(0, |d| lock_doc(&d).version);
+        if after_seq >= version {
+            return Some(Vec::new());
+        }
+        match first {
+            Some(first) if first <= after_seq + 1 => {
+                self.shared.wal.read_ops_after(doc_id, after_seq, limit).ok()
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The snapshot and truncation policy, run by one background thread.
+//!
+//! Snapshots: a document is snapshotted after `snapshot_every_ops` ops (requested by the
+//! submit path) or `snapshot_every` after its last snapshot if it changed (found by the
+//! periodic tick). Truncation: on every tick, the oldest sealed segments are deleted
+//! while each is older than `retention` and every document with ops in it has a
+//! snapshot at or past its highest seq there. A document that holds back the oldest
+//! segment that way is snapshotted at once, so a rarely edited document cannot pin old
+//! segments forever and disk use stays bounded.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::local::{lock_doc, Shared};
+use crate::wal::now_ms;
+use crate::wal::snapshot::{write_snapshot, Snapshot};
+
+pub(crate) enum Request {
+    Snapshot(Arc<str>),
+    Stop,
+}
+
+pub(crate) fn run(shared: Arc<Shared>, requests: Receiver<Request>) {
+    let mut last_tick = Instant::now();
+    loop {
+        match requests.recv_timeout(shared.config.maintenance_interval) {
+            Ok(Request::Snapshot(doc_id)) => {
+                if let Err(e) = snapshot_doc(&shared, &doc_id) {
+                    report(&e, &doc_id);
+                }
+            }
+            Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if last_tick.elapsed() >= shared.config.maintenance_interval {
+            last_tick = Instant::now();
+            if let Err(e) = tick(&shared) {
+                report(&e, "(truncation)");
+            }
+        }
+    }
+}
+
+fn report(error: &std::io::Error, what: &str) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    // A failing disk fails every tick; say it loudly once, then at debug level.
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::error!(%error, what, "snapshot or truncation failed; the log keeps growing until this is fixed");
+    } else {
+        tracing::debug!(%error, what, "snapshot or truncation failed again");
+    }
+}
+
+/// Snapshots `doc_id` if it changed since its last snapshot. Returns whether it wrote one.
+pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<bool> {
+    let Some(doc) = shared
+        .docs
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(doc_id)
+        .cloned()
+    else {
+        return Ok(false);
+    };
+    let (snapshot, lsn) = {
+        let mut state = lock_doc(&doc);
+        state.snapshot_queued = false;
+        if state.version == state.snapshot_seq {
+            return Ok(false);
+        }
+        let snapshot = Snapshot {
+            doc_id: doc_id.to_owned(),
+            last_included_seq: state.version,
+            created_ms: now_ms(),
+            text: state.text.to_string(),
+            dedupe: state.dedupe_entries(),
+        };
+        (snapshot, state.last_lsn)
+    };
+    // Only durable ops go into a snapshot. The wait is at most one group commit, and
+    // this runs off the request path, so polling is simpler than a second wake-up
+    // channel on the writer's hot path.
+    loop {
+        match shared.wal.durability().outcome(lsn) {
+            Some(true) => break,
+            Some(false) => {
+                let reason = shared.wal.failure().unwrap_or_else(|| Arc::from("log failed"));
+                return Err(std::io::Error::other(reason.to_string()));
+            }
+            None => std::thread::sleep(std::time::Duration::from_micros(200)),
+        }
+    }
+    let started = Instant::now();
+    write_snapshot(&*shared.vfs, &shared.snapshot_dir, &snapshot)?;
+    let micros = started.elapsed().as_micros() as u64;
+    let _ = shared
+        .snapshot_us
+        .lock()
+        .map(|mut h| h.record(micros.clamp(1, 600_000_000)));
+    let mut state = lock_doc(&doc);
+    state.snapshot_seq = state.snapshot_seq.max(snapshot.last_included_seq);
+    state.last_snapshot_ms = snapshot.created_ms;
+    Ok(true)
+}
+
+/// One pass: time-based snapshots, then truncation. Returns segments removed.
+pub(crate) fn tick(shared: &Shared) -> std::io::Result<usize> {
+    let now = now_ms();
+    let every_ms = shared.config.snapshot_every.as_millis() as u64;
+    let due: Vec<Arc<str>> = shared
+        .docs
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(_, doc)| {
+            let state = lock_doc(doc);
+            state.version > state.snapshot_seq && now.saturating_sub(state.last_snapshot_ms) >= every_ms
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    for doc_id in due {
+        snapshot_doc(shared, &doc_id)?;
+    }
+    truncate(shared, now)
+}
+
+fn snapshot_seq(shared: &Shared, doc_id: &str) -> u64 {
+    shared
+        .docs
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(doc_id)
+        .map_or(0, |doc| lock_doc(doc).snapshot_seq)
+}
+
+fn truncate(shared: &Shared, now: u64) -> std::io::Result<usize> {
+    let retention_ms = shared.config.retention.as_millis() as u64;
+    // The newest sealed segment is always kept (see `Wal::remove_segments_before`).
+    let limit = shared.wal.active_segment().saturating_sub(1);
+    let candidates: Vec<(u64, Option<u64>, Vec<(Arc<str>, u64)>)> = shared.wal.with_index(|index| {
+        index
+            .segments()
+            .range(..limit)
+            .map(|(&id, meta)| {
+                let docs = meta
+                    .max_seq_by_doc
+                    .iter()
+                    .map(|(d, &s)| (d.clone(), s))
+                    .collect();
+                (id, meta.sealed_ms, docs)
+            })
+            .collect()
+    });
+    let mut cut = None;
+    let mut pinning = Vec::new();
+    for (id, sealed_ms, docs) in candidates {
+        let Some(sealed_ms) = sealed_ms else { break };
+        if now.saturating_sub(sealed_ms) < retention_ms {
+            break;
+        }
+        pinning = docs
+            .into_iter()
+            .filter(|(doc_id, max_seq)| snapshot_seq(shared, doc_id) < *max_seq)
+            .map(|(doc_id, _)| doc_id)
+            .collect();
+        if !pinning.is_empty() {
+            break;
+        }
+        cut = Some(id + 1);
+    }
+    let removed = match cut {
+        Some(below) => shared
+            .wal
+            .remove_segments_before(below)
+            .map_err(std::io::Error::other)?,
+        None => 0,
+    };
+    for doc_id in pinning {
+        snapshot_doc(shared, &doc_id)?;
+    }
+    Ok(removed)
+}

@@ -1,0 +1,119 @@
+//! End-to-end behaviour of the log on the real file system and on the simulated disk.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use quire::op::Patch;
+use quire::wal::record::OpRecord;
+use quire::wal::vfs::sim::{CrashMode, SimFs};
+use quire::wal::vfs::{OsFs, Vfs};
+use quire::wal::{Wal, WalConfig, WalError};
+
+fn op(doc: &str, seq: u64, text: &str) -> OpRecord {
+    OpRecord {
+        doc_id: doc.into(),
+        client_id: 1,
+        local_seq: seq,
+        server_seq: seq,
+        base_version: seq - 1,
+        timestamp_ms: 0,
+        patches: vec![Patch::new(0, 0, text)],
+    }
+}
+
+fn small() -> WalConfig {
+    WalConfig {
+        segment_size: 64 * 1024,
+        ..WalConfig::default()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().build().unwrap()
+}
+
+fn reopen(vfs: Arc<dyn Vfs>, dir: &Path) -> (Wal, Vec<OpRecord>) {
+    let mut seen = Vec::new();
+    let (wal, _) = Wal::open(vfs, dir, small(), |op, _| seen.push(op.clone())).unwrap();
+    (wal, seen)
+}
+
+#[test]
+fn acked_records_survive_reopen_across_many_segments_on_a_real_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("wal");
+    let rt = runtime();
+    let mut expected = Vec::new();
+    {
+        let (wal, seen) = reopen(Arc::new(OsFs), &dir);
+        assert!(seen.is_empty());
+        for i in 1..=600u64 {
+            let record = op("doc", i, &"x".repeat((i % 300) as usize + 1));
+            rt.block_on(wal.append_op_durable(&record)).unwrap();
+            expected.push(record);
+        }
+        // 600 records of up to ~400 bytes do not fit in one 64 KiB segment.
+        assert!(wal.active_segment() > 2);
+        assert_eq!(wal.read_ops_after("doc", 590, 100).unwrap(), expected[590..]);
+        assert_eq!(wal.read_ops_after("doc", 0, 3).unwrap(), expected[..3]);
+    }
+    let (wal, seen) = reopen(Arc::new(OsFs), &dir);
+    assert_eq!(seen, expected);
+    // Appending continues after the recovered end.
+    let next = op("doc", 601, "y");
+    rt.block_on(wal.append_op_durable(&next)).unwrap();
+    drop(wal);
+    let (_, seen) = reopen(Arc::new(OsFs), &dir);
+    assert_eq!(seen.len(), 601);
+    assert_eq!(seen.last(), Some(&next));
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_wal, _) = reopen(Arc::new(OsFs), tmp.path());
+    let err = Wal::open(Arc::new(OsFs), tmp.path(), small(), |_, _| {}).unwrap_err();
+    assert!(matches!(err, WalError::Locked(_)), "{err}");
+    assert!(err.to_string().contains("another quire process"));
+}
+
+#[test]
+fn an_fsync_error_fails_this_and_every_later_append_and_acks_nothing() {
+    let fs = SimFs::new();
+    let dir = Path::new("/data/wal");
+    let rt = runtime();
+    let (wal, _) = reopen(Arc::new(fs.clone()), dir);
+    rt.block_on(wal.append_op_durable(&op("d", 1, "a"))).unwrap();
+    fs.fail_syncs_after(0);
+    let err = rt.block_on(wal.append_op_durable(&op("d", 2, "b"))).unwrap_err();
+    assert!(matches!(err, WalError::Failed(_)), "{err}");
+    assert!(err.to_string().contains("simulated EIO"), "{err}");
+    let err = wal.append_op(&op("d", 3, "c")).unwrap_err();
+    assert!(matches!(err, WalError::Failed(_)));
+    assert_eq!(wal.durability().durable_lsn, 1);
+    assert!(wal.durability().failed);
+    drop(wal);
+    let (_, seen) = reopen(Arc::new(fs.crash(CrashMode::LoseUnsynced)), dir);
+    assert_eq!(seen, vec![op("d", 1, "a")]);
+}
+
+#[test]
+fn truncation_removes_old_segments_and_recovery_starts_after_them() {
+    let fs = SimFs::new();
+    let dir = Path::new("/data/wal");
+    let rt = runtime();
+    let (wal, _) = reopen(Arc::new(fs.clone()), dir);
+    for i in 1..=800u64 {
+        rt.block_on(wal.append_op_durable(&op("d", i, &"z".repeat(200)))).unwrap();
+    }
+    let active = wal.active_segment();
+    assert!(active >= 3);
+    let removed = wal.remove_segments_before(active - 1).unwrap();
+    assert_eq!(removed as u64, active - 2);
+    let first_kept = wal.with_index(|i| i.first_retained_seq("d")).unwrap();
+    assert!(first_kept > 1);
+    drop(wal);
+    let (_, seen) = reopen(Arc::new(fs.crash(CrashMode::LoseUnsynced)), dir);
+    assert_eq!(seen.first().unwrap().server_seq, first_kept);
+    assert_eq!(seen.last().unwrap().server_seq, 800);
+}
