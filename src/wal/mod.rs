@@ -423,7 +423,7 @@ impl Wal {
             if len > MAX_RECORD_PAYLOAD {
                 return Err(corrupt(format!("length {len}")));
             }
-            let mut bytes = vec![0u8; RECORD_HEADER_LEN + len];
+            let mut bytes = vec![0u8; record::framed_len(len)];
             file.read_exact_at(&mut bytes, location.offset)
                 .map_err(io_context(format_args!("reading {}", path.display())))?;
             return decode(&bytes);

@@ -7,11 +7,14 @@
 //! 4   u32 LE  crc32c of bytes [0..4) ++ [8..24+payload_len)
 //! 8   u64 LE  lsn
 //! 16  u8      record type
-//! 17  [u8;3]  reserved, zero
+//! 17  [u8;3]  header check: low 24 bits (LE) of crc32c of bytes [0..4) ++ [8..17) ++ [20..24)
 //! 20  u32 LE  batch_index: position of this record in the write that carried it
 //! 24  payload (payload_len bytes)
-//!     zero padding to the next multiple of 8
+//!     zero padding to the next multiple of 8 (checked: must be zero)
 //! ```
+//!
+//! The header check lets recovery trust a record's length even when its payload is
+//! damaged, which is what it needs to tell a torn write from a flipped bit.
 //!
 //! Records start at 8-byte aligned offsets so that the length field (and the whole
 //! 8-byte head) never straddles a sector: a torn write cannot produce a plausible length
@@ -58,8 +61,10 @@ pub enum FrameError {
     BadLength(u32),
     /// The checksum does not match.
     BadChecksum { stored: u32, computed: u32 },
-    /// The reserved bytes are not zero.
-    BadReserved,
+    /// The header check does not match: the header itself is damaged.
+    BadHeader,
+    /// The padding after the payload is not zero.
+    BadPadding,
     /// A valid checksum over a record type this build does not know.
     UnknownType(u8),
     /// A valid record, but not the LSN that belongs at this place in the log.
@@ -75,7 +80,8 @@ impl std::fmt::Display for FrameError {
                 f,
                 "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
             ),
-            FrameError::BadReserved => write!(f, "reserved header bytes are not zero"),
+            FrameError::BadHeader => write!(f, "record header check mismatch"),
+            FrameError::BadPadding => write!(f, "record padding is not zero"),
             FrameError::OutOfSequence { expected, found } => {
                 write!(f, "record has LSN {found} where LSN {expected} belongs")
             }
@@ -106,6 +112,25 @@ pub fn framed_len(payload_len: usize) -> usize {
     (RECORD_HEADER_LEN + payload_len).next_multiple_of(RECORD_ALIGN)
 }
 
+fn header_check(header: &[u8]) -> [u8; 3] {
+    let crc = crc32c::crc32c(&header[0..4]);
+    let crc = crc32c::crc32c_append(crc, &header[8..17]);
+    let crc = crc32c::crc32c_append(crc, &header[20..24]);
+    let b = crc.to_le_bytes();
+    [b[0], b[1], b[2]]
+}
+
+/// The payload length a record header claims, if the header check holds (the header is
+/// as written, whatever became of the payload).
+pub fn intact_header_len(bytes: &[u8]) -> Option<u32> {
+    let header = bytes.get(..RECORD_HEADER_LEN)?;
+    if header[17..20] != header_check(header) {
+        return None;
+    }
+    let len = u32::from_le_bytes(header[0..4].try_into().unwrap());
+    (len != 0 && len as usize <= MAX_RECORD_PAYLOAD).then_some(len)
+}
+
 fn checksum(header: &[u8], payload: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&header[0..4]);
     let crc = crc32c::crc32c_append(crc, &header[8..RECORD_HEADER_LEN]);
@@ -128,6 +153,8 @@ pub fn encode_frame(
     header[8..16].copy_from_slice(&lsn.to_le_bytes());
     header[16] = record_type as u8;
     header[20..24].copy_from_slice(&batch_index.to_le_bytes());
+    let check = header_check(&header);
+    header[17..20].copy_from_slice(&check);
     let crc = checksum(&header, payload);
     header[4..8].copy_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&header);
@@ -136,7 +163,7 @@ pub fn encode_frame(
 }
 
 /// Decodes the record at the start of `bytes`. Checks, in order: length in range,
-/// enough bytes, checksum, reserved bytes, type.
+/// header check, enough bytes, checksum, padding, type.
 pub fn decode_frame(bytes: &[u8]) -> Result<RawRecord<'_>, FrameError> {
     if bytes.len() < RECORD_HEADER_LEN {
         return Err(FrameError::Truncated);
@@ -145,8 +172,12 @@ pub fn decode_frame(bytes: &[u8]) -> Result<RawRecord<'_>, FrameError> {
     if payload_len == 0 || payload_len as usize > MAX_RECORD_PAYLOAD {
         return Err(FrameError::BadLength(payload_len));
     }
+    if intact_header_len(bytes).is_none() {
+        return Err(FrameError::BadHeader);
+    }
     let end = RECORD_HEADER_LEN + payload_len as usize;
-    if bytes.len() < end {
+    let padded_end = framed_len(payload_len as usize);
+    if bytes.len() < padded_end {
         return Err(FrameError::Truncated);
     }
     let header = &bytes[..RECORD_HEADER_LEN];
@@ -156,8 +187,8 @@ pub fn decode_frame(bytes: &[u8]) -> Result<RawRecord<'_>, FrameError> {
     if stored != computed {
         return Err(FrameError::BadChecksum { stored, computed });
     }
-    if header[17..20].iter().any(|&b| b != 0) {
-        return Err(FrameError::BadReserved);
+    if bytes[end..padded_end].iter().any(|&b| b != 0) {
+        return Err(FrameError::BadPadding);
     }
     let record_type = RecordType::from_u8(header[16]).ok_or(FrameError::UnknownType(header[16]))?;
     let lsn = u64::from_le_bytes(header[8..16].try_into().unwrap());
@@ -339,8 +370,7 @@ mod tests {
         sample().encode(&mut payload);
         let mut frame = Vec::new();
         encode_frame(&mut frame, 5, 0, RecordType::Op, &payload);
-        let data_len = RECORD_HEADER_LEN + payload.len();
-        for bit in 0..data_len * 8 {
+        for bit in 0..frame.len() * 8 {
             let mut bad = frame.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(
@@ -355,6 +385,8 @@ mod tests {
         let mut frame = Vec::new();
         encode_frame(&mut frame, 1, 0, RecordType::Op, b"abc");
         frame[16] = 9;
+        let check = header_check(&frame[..RECORD_HEADER_LEN]);
+        frame[17..20].copy_from_slice(&check);
         let crc = checksum(&frame[..RECORD_HEADER_LEN], &frame[24..27]);
         frame[4..8].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(

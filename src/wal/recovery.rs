@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::record::{FrameError, Lsn, RawRecord};
+use super::record::{intact_header_len, FrameError, Lsn, RawRecord, RECORD_HEADER_LEN};
 use super::segment::{
     find_valid_record_after, parse_segment_file_name, scan_records, segment_path, ScanStop,
     SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
@@ -139,12 +139,50 @@ pub fn list_segments(vfs: &dyn Vfs, wal_dir: &Path) -> Result<Vec<SegmentId>, Re
     Ok(ids)
 }
 
+/// The unit in which a disk persists a write: a torn write leaves whole sectors
+/// unwritten. 512 bytes is the smallest sector of any disk quire runs on; a disk with
+/// 4 KiB sectors tears at coarser boundaries, which are also 512-byte boundaries.
+pub const SECTOR_SIZE: usize = 512;
+
 /// Where the valid log ends.
 struct Break {
     /// Index into the segment list.
     position: usize,
     offset: u64,
     reason: String,
+    /// The bytes show a sector that never reached the disk (see [`shows_missing_sector`]).
+    missing_sector: bool,
+}
+
+/// Whether the damaged record at `offset` shows a sector that never reached the disk.
+/// Segments are preallocated with zeros and never reused, so an unwritten sector reads
+/// as zeros: a torn record has its header all zero, or, from some sector boundary
+/// inside its extent, a whole piece of zeros. A flipped bit leaves no such piece, so a
+/// damaged record without one is corruption, not a torn write. (A record whose own
+/// content is zero from a sector boundary to its end would be taken for torn: an op
+/// inserting hundreds of NUL characters. Documented in `wal-format.md`.)
+pub fn shows_missing_sector(bytes: &[u8], offset: usize) -> bool {
+    let Some(rest) = bytes.get(offset..) else {
+        return false;
+    };
+    let header_end = (offset + RECORD_HEADER_LEN).min(bytes.len());
+    if bytes[offset..header_end].iter().all(|&b| b == 0) {
+        return true;
+    }
+    // The extent the record claims, if its header is intact; else only the header.
+    let extent_end = match intact_header_len(rest) {
+        Some(len) => (offset + RECORD_HEADER_LEN + len as usize).min(bytes.len()),
+        None => header_end,
+    };
+    let mut boundary = (offset / SECTOR_SIZE + 1) * SECTOR_SIZE;
+    while boundary < extent_end {
+        let piece_end = (boundary + SECTOR_SIZE).min(extent_end);
+        if bytes[boundary..piece_end].iter().all(|&b| b == 0) {
+            return true;
+        }
+        boundary += SECTOR_SIZE;
+    }
+    false
 }
 
 /// Scans the log in `wal_dir`, calling `visit(segment_id, offset, record)` for every
@@ -195,6 +233,7 @@ pub fn recover(
                     position,
                     offset: 0,
                     reason: "segment header never written".into(),
+                    missing_sector: true,
                 });
                 break;
             }
@@ -252,15 +291,18 @@ pub fn recover(
                     position,
                     offset: 0,
                     reason: "segment has a header but no records".into(),
+                    missing_sector: true,
                 });
                 break;
             }
             ScanStop::Zeros { .. } => {}
             ScanStop::Invalid { offset, error } => {
+                let missing_sector = shows_missing_sector(&regions[position], offset);
                 found_break = Some(Break {
                     position,
                     offset: offset as u64,
                     reason: describe(error),
+                    missing_sector,
                 });
                 break;
             }
@@ -344,12 +386,21 @@ fn cut_tail(
 
     let break_id = ids[brk.position];
     let break_path = segment_path(wal_dir, break_id);
-    if let Some((id, offset, lsn)) = later_write {
-        let detail = format!(
+    let not_torn = if let Some((id, offset, lsn)) = later_write {
+        Some(format!(
             "{} (a valid record of a later write follows: LSN {lsn} in {} at offset {offset})",
             brk.reason,
             segment_path(wal_dir, id).display()
-        );
+        ))
+    } else if !brk.missing_sector {
+        Some(format!(
+            "{} (every sector of the record is present, so this is damage, not a torn write)",
+            brk.reason
+        ))
+    } else {
+        None
+    };
+    if let Some(detail) = not_torn {
         if !options.repair {
             return Err(corrupt(&break_path, brk.offset, detail));
         }
@@ -387,7 +438,7 @@ fn cut_tail(
             reason: brk.reason,
             bytes_zeroed,
             segments_removed: removed.clone(),
-            discarded_later_records: later_write.is_some(),
+            discarded_later_records: later_write.is_some() || !brk.missing_sector,
         });
     }
     if dry_run {

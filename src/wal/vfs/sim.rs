@@ -62,8 +62,8 @@ pub enum CrashMode {
     /// Every unsynced write is lost.
     LoseUnsynced,
     /// Per file, a prefix of the unsynced writes survives (its length chosen by `seed`)
-    /// and the last surviving write is torn: a random subset of its 512-byte sectors
-    /// reaches the disk.
+    /// and the last surviving write is torn: a random subset of the 512-byte sectors it
+    /// touches reaches the disk.
     TearUnsynced { seed: u64 },
 }
 
