@@ -29,7 +29,9 @@ fn small() -> WalConfig {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
 }
 
 fn reopen(vfs: Arc<dyn Vfs>, dir: &Path) -> (Wal, Vec<OpRecord>) {
@@ -54,7 +56,10 @@ fn acked_records_survive_reopen_across_many_segments_on_a_real_disk() {
         }
         // 600 records of up to ~400 bytes do not fit in one 64 KiB segment.
         assert!(wal.active_segment() > 2);
-        assert_eq!(wal.read_ops_after("doc", 590, 100).unwrap(), expected[590..]);
+        assert_eq!(
+            wal.read_ops_after("doc", 590, 100).unwrap(),
+            expected[590..]
+        );
         assert_eq!(wal.read_ops_after("doc", 0, 3).unwrap(), expected[..3]);
     }
     let (wal, seen) = reopen(Arc::new(OsFs), &dir);
@@ -83,9 +88,12 @@ fn an_fsync_error_fails_this_and_every_later_append_and_acks_nothing() {
     let dir = Path::new("/data/wal");
     let rt = runtime();
     let (wal, _) = reopen(Arc::new(fs.clone()), dir);
-    rt.block_on(wal.append_op_durable(&op("d", 1, "a"))).unwrap();
+    rt.block_on(wal.append_op_durable(&op("d", 1, "a")))
+        .unwrap();
     fs.fail_syncs_after(0);
-    let err = rt.block_on(wal.append_op_durable(&op("d", 2, "b"))).unwrap_err();
+    let err = rt
+        .block_on(wal.append_op_durable(&op("d", 2, "b")))
+        .unwrap_err();
     assert!(matches!(err, WalError::Failed(_)), "{err}");
     assert!(err.to_string().contains("simulated EIO"), "{err}");
     let err = wal.append_op(&op("d", 3, "c")).unwrap_err();
@@ -104,7 +112,8 @@ fn truncation_removes_old_segments_and_recovery_starts_after_them() {
     let rt = runtime();
     let (wal, _) = reopen(Arc::new(fs.clone()), dir);
     for i in 1..=800u64 {
-        rt.block_on(wal.append_op_durable(&op("d", i, &"z".repeat(200)))).unwrap();
+        rt.block_on(wal.append_op_durable(&op("d", i, &"z".repeat(200))))
+            .unwrap();
     }
     let active = wal.active_segment();
     assert!(active >= 3);

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::maintenance::{self, Request};
-use super::{DocView, SubmitError, SubmitOp, Submitted, Sequencer, Ticket};
+use super::{DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
 use crate::op::validate_doc_id;
 use crate::text::Text;
 use crate::wal::record::{Lsn, OpRecord};
@@ -156,7 +156,8 @@ impl LocalSequencer {
     ) -> Result<(Self, StartupReport), OpenError> {
         let started = Instant::now();
         let snapshot_dir = data_dir.join("snapshots");
-        vfs.create_dir_all(&snapshot_dir).map_err(OpenError::Snapshots)?;
+        vfs.create_dir_all(&snapshot_dir)
+            .map_err(OpenError::Snapshots)?;
         let LoadedSnapshots {
             by_doc, invalid, ..
         } = load_snapshots(&*vfs, &snapshot_dir).map_err(OpenError::Snapshots)?;
@@ -330,7 +331,11 @@ impl LocalSequencer {
 
     /// Snapshot write latency (microseconds).
     pub fn snapshot_us(&self) -> Summary {
-        let h = self.shared.snapshot_us.lock().unwrap_or_else(|p| p.into_inner());
+        let h = self
+            .shared
+            .snapshot_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         Summary {
             count: h.len(),
             p50: h.value_at_quantile(0.5),
@@ -382,7 +387,10 @@ impl Sequencer for LocalSequencer {
                 actual: state.version,
             });
         }
-        state.text.check(&op.patches).map_err(SubmitError::Invalid)?;
+        state
+            .text
+            .check(&op.patches)
+            .map_err(SubmitError::Invalid)?;
         let seq = state.version + 1;
         let record = OpRecord {
             doc_id: doc_id.to_owned(),
@@ -405,7 +413,9 @@ impl Sequencer for LocalSequencer {
         state.version = seq;
         state.dedupe.insert(client, (op.op_id.local_seq, seq));
         state.last_lsn = lsn;
-        if seq - state.snapshot_seq >= self.shared.config.snapshot_every_ops && !state.snapshot_queued {
+        if seq - state.snapshot_seq >= self.shared.config.snapshot_every_ops
+            && !state.snapshot_queued
+        {
             state.snapshot_queued = true;
             let _ = self.requests.send(Request::Snapshot(Arc::from(doc_id)));
         }
@@ -441,9 +451,11 @@ impl Sequencer for LocalSequencer {
             return Some(Vec::new());
         }
         match first {
-            Some(first) if first <= after_seq + 1 => {
-                self.shared.wal.read_ops_after(doc_id, after_seq, limit).ok()
-            }
+            Some(first) if first <= after_seq + 1 => self
+                .shared
+                .wal
+                .read_ops_after(doc_id, after_seq, limit)
+                .ok(),
             _ => None,
         }
     }

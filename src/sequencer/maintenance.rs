@@ -86,7 +86,10 @@ pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<boo
         match shared.wal.durability().outcome(lsn) {
             Some(true) => break,
             Some(false) => {
-                let reason = shared.wal.failure().unwrap_or_else(|| Arc::from("log failed"));
+                let reason = shared
+                    .wal
+                    .failure()
+                    .unwrap_or_else(|| Arc::from("log failed"));
                 return Err(std::io::Error::other(reason.to_string()));
             }
             None => std::thread::sleep(std::time::Duration::from_micros(200)),
@@ -116,7 +119,8 @@ pub(crate) fn tick(shared: &Shared) -> std::io::Result<usize> {
         .iter()
         .filter(|(_, doc)| {
             let state = lock_doc(doc);
-            state.version > state.snapshot_seq && now.saturating_sub(state.last_snapshot_ms) >= every_ms
+            state.version > state.snapshot_seq
+                && now.saturating_sub(state.last_snapshot_ms) >= every_ms
         })
         .map(|(id, _)| id.clone())
         .collect();
@@ -139,20 +143,21 @@ fn truncate(shared: &Shared, now: u64) -> std::io::Result<usize> {
     let retention_ms = shared.config.retention.as_millis() as u64;
     // The newest sealed segment is always kept (see `Wal::remove_segments_before`).
     let limit = shared.wal.active_segment().saturating_sub(1);
-    let candidates: Vec<(u64, Option<u64>, Vec<(Arc<str>, u64)>)> = shared.wal.with_index(|index| {
-        index
-            .segments()
-            .range(..limit)
-            .map(|(&id, meta)| {
-                let docs = meta
-                    .max_seq_by_doc
-                    .iter()
-                    .map(|(d, &s)| (d.clone(), s))
-                    .collect();
-                (id, meta.sealed_ms, docs)
-            })
-            .collect()
-    });
+    let candidates: Vec<(u64, Option<u64>, Vec<(Arc<str>, u64)>)> =
+        shared.wal.with_index(|index| {
+            index
+                .segments()
+                .range(..limit)
+                .map(|(&id, meta)| {
+                    let docs = meta
+                        .max_seq_by_doc
+                        .iter()
+                        .map(|(d, &s)| (d.clone(), s))
+                        .collect();
+                    (id, meta.sealed_ms, docs)
+                })
+                .collect()
+        });
     let mut cut = None;
     let mut pinning = Vec::new();
     for (id, sealed_ms, docs) in candidates {

@@ -49,7 +49,10 @@ pub enum Submitted {
 pub enum SubmitError {
     /// The patches do not apply to the document (a bad position or length).
     Invalid(ApplyError),
-    VersionMismatch { expected: u64, actual: u64 },
+    VersionMismatch {
+        expected: u64,
+        actual: u64,
+    },
     /// The storage failed; nothing more will be acknowledged.
     Storage(Arc<str>),
     /// The op does not fit in a log record.

@@ -156,8 +156,8 @@ struct Break {
 
 /// Whether the damaged record at `offset` shows a sector that never reached the disk.
 /// Segments are preallocated with zeros and never reused, so an unwritten sector reads
-/// as zeros: a torn record has its header all zero, or, from some sector boundary
-/// inside its extent, a whole piece of zeros. A flipped bit leaves no such piece, so a
+/// as zeros: a torn record has, between its start or a sector boundary and the next
+/// boundary (or its end), a whole piece of zeros. A flipped bit leaves no such piece, so a
 /// damaged record without one is corruption, not a torn write. (A record whose own
 /// content is zero from a sector boundary to its end would be taken for torn: an op
 /// inserting hundreds of NUL characters. Documented in `wal-format.md`.)
@@ -174,7 +174,16 @@ pub fn shows_missing_sector(bytes: &[u8], offset: usize) -> bool {
         Some(len) => (offset + RECORD_HEADER_LEN + len as usize).min(bytes.len()),
         None => header_end,
     };
-    let mut boundary = (offset / SECTOR_SIZE + 1) * SECTOR_SIZE;
+    // The piece before the first sector boundary starts with the length field, never
+    // zero in a written record; each later piece is checked whole.
+    let first_boundary = (offset / SECTOR_SIZE + 1) * SECTOR_SIZE;
+    if bytes[offset..first_boundary.min(extent_end)]
+        .iter()
+        .all(|&b| b == 0)
+    {
+        return true;
+    }
+    let mut boundary = first_boundary;
     while boundary < extent_end {
         let piece_end = (boundary + SECTOR_SIZE).min(extent_end);
         if bytes[boundary..piece_end].iter().all(|&b| b == 0) {

@@ -141,14 +141,21 @@ impl SimFs {
                             offset,
                             data: bytes,
                         } if last => {
-                            for (s, chunk) in bytes.chunks(SECTOR).enumerate() {
+                            // Tear at absolute sector boundaries, as a disk does: each
+                            // sector the write touches reaches the disk whole or not at all.
+                            let start = *offset as usize;
+                            let end = start + bytes.len();
+                            let mut piece = start;
+                            while piece < end {
+                                let piece_end = ((piece / SECTOR + 1) * SECTOR).min(end);
                                 if rng.below(2) == 1 {
                                     let op = Pending::Write {
-                                        offset: offset + (s * SECTOR) as u64,
-                                        data: chunk.to_vec(),
+                                        offset: piece as u64,
+                                        data: bytes[piece - start..piece_end - start].to_vec(),
                                     };
                                     apply(&mut data, &op);
                                 }
+                                piece = piece_end;
                             }
                         }
                         _ => apply(&mut data, op),
