@@ -228,7 +228,7 @@ fn run(actions: Vec<Action>) -> TestResult {
 fn any_mix_of_appends_snapshots_truncation_and_restarts_gives_back_exactly_what_was_acked() {
     QuickCheck::new()
         .tests(60)
-        .set_rng(Gen::new(200))
+        .rng(Gen::new(200))
         .quickcheck(run as fn(Vec<Action>) -> TestResult);
 }
 
