@@ -259,7 +259,11 @@ mod loom_tests {
     }
 
     fn model(fail_first_batch: bool) {
-        loom::model(move || {
+        // A preemption bound keeps the search finite in CI time; loom's documentation
+        // finds that most concurrency bugs need only two or three preemptions.
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(move || {
             let notify = LoomArc::new(CondNotify {
                 seen: Mutex::new(Durability::default()),
                 changed: Condvar::new(),
