@@ -1,1 +1,125 @@
-fn main() {}
+//! The `quire` binary: a thin command line over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use quire::sequencer::local::{LocalConfig, LocalSequencer};
+use quire::wal::recovery::RecoveryOptions;
+use quire::wal::WalConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "quire",
+    version,
+    about = "A server for real-time collaborative text editing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open (or create) the data directory, recover it, and serve until SIGTERM or ctrl-c.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The data directory (created if missing).
+    #[arg(long, default_value = "./quire-data")]
+    data_dir: PathBuf,
+    /// Size of each WAL segment file, in MiB.
+    #[arg(long, default_value_t = 64)]
+    segment_mib: u64,
+    /// Snapshot a document after this many ops.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every_ops: u64,
+    /// ...or this many seconds after its last snapshot, if it changed.
+    #[arg(long, default_value_t = 60)]
+    snapshot_every_secs: u64,
+    /// Keep sealed segments this many seconds for reconnecting clients.
+    #[arg(long, default_value_t = 300)]
+    retention_secs: u64,
+    /// Cut the log at the first corrupt record even though valid records follow it
+    /// (they are lost). Only when there is no backup to restore.
+    #[arg(long)]
+    repair_wal: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = LocalConfig {
+        wal: WalConfig {
+            segment_size: args.segment_mib.max(1) << 20,
+            recovery: RecoveryOptions {
+                repair: args.repair_wal,
+            },
+            ..WalConfig::default()
+        },
+        snapshot_every_ops: args.snapshot_every_ops.max(1),
+        snapshot_every: Duration::from_secs(args.snapshot_every_secs),
+        retention: Duration::from_secs(args.retention_secs),
+        ..LocalConfig::default()
+    };
+    let (store, report) = match LocalSequencer::open(&args.data_dir, config) {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::error!("cannot open {}: {e}", args.data_dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        data_dir = %args.data_dir.display(),
+        documents = report.documents,
+        "storage engine ready"
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(shutdown_signal());
+    tracing::info!("shutting down: finishing queued commits");
+    store.close();
+    match store.wal().failure() {
+        Some(reason) => {
+            tracing::error!("the write-ahead log had failed: {reason}");
+            ExitCode::FAILURE
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM ({e}); ctrl-c only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,172 @@
+//! `wal-inspect` as an operator runs it: on a real data directory, a corrupted one, a
+//! torn one, a missing one and a foreign one.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use quire::op::{OpId, Patch};
+use quire::sequencer::local::{LocalConfig, LocalSequencer};
+use quire::sequencer::{Sequencer, SubmitOp, Submitted};
+use quire::wal::WalConfig;
+
+fn inspect(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wal-inspect"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// A data directory with 200 ops on two documents and a snapshot of one.
+fn make(dir: &Path) {
+    let config = LocalConfig {
+        wal: WalConfig {
+            segment_size: 64 * 1024,
+            ..WalConfig::default()
+        },
+        maintenance_interval: Duration::from_secs(3600),
+        ..LocalConfig::default()
+    };
+    let (store, _) = LocalSequencer::open(dir, config).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for i in 0..200u64 {
+        let doc = if i % 2 == 0 { "even" } else { "odd" };
+        let version = i / 2;
+        let op = SubmitOp {
+            op_id: OpId {
+                client_id: 1 + i % 2,
+                local_seq: version + 1,
+            },
+            base_version: version,
+            expected_version: version,
+            patches: vec![Patch::new(version as u32, 0, format!("{}", i % 10))],
+        };
+        let Submitted::Applied { ticket, .. } = store.submit(doc, op).unwrap() else {
+            panic!()
+        };
+        rt.block_on(store.wait_durable(ticket)).unwrap();
+        if i == 100 {
+            store.snapshot_now("even").unwrap();
+        }
+    }
+}
+
+#[test]
+fn verify_passes_a_clean_log_and_summary_and_doc_read_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    make(tmp.path());
+    let dir = tmp.path().to_str().unwrap();
+    let out = inspect(&["verify", dir]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("checked 200 records"));
+    let summary = text(&inspect(&["summary", dir]).stdout);
+    assert!(
+        summary.contains("\"even\": log seq 1..100 (100 ops); snapshot at seq 51"),
+        "{summary}"
+    );
+    let doc = inspect(&["doc", dir, "even", "--at", "3"]);
+    assert_eq!(text(&doc.stdout), "024");
+    let latest = text(&inspect(&["doc", dir, "odd"]).stdout);
+    assert_eq!(latest.len(), 100);
+    let dump = text(&inspect(&["dump", dir, "--json"]).stdout);
+    assert_eq!(dump.lines().count(), 200);
+    assert!(dump.lines().next().unwrap().starts_with("{\"lsn\":1,"));
+}
+
+#[test]
+fn verify_names_the_byte_range_of_a_flipped_byte_and_exits_nonzero() {
+    let tmp = tempfile::tempdir().unwrap();
+    make(tmp.path());
+    let segment = tmp.path().join("wal").join("00000000000000000001.wal");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let flipped = 64 + 24 * 40 + 7; // inside some record of the first segment
+    bytes[flipped] ^= 0x10;
+    std::fs::write(&segment, &bytes).unwrap();
+    let out = inspect(&["verify", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stdout = text(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("CORRUPT"))
+        .expect(&stdout);
+    assert!(line.contains("00000000000000000001.wal"), "{line}");
+    let range = line
+        .split("bytes ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap();
+    let (a, b) = range.split_once("..").unwrap();
+    let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+    assert!(a <= flipped && flipped < b, "{flipped} not in {a}..{b}");
+    // And the server refuses to start on it, naming the same place.
+    let err = LocalSequencer::open(tmp.path(), LocalConfig::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains(&format!("offset {a}")), "{err}");
+}
+
+#[test]
+fn verify_reports_a_torn_tail_with_its_own_exit_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    make(tmp.path());
+    // Garbage after the last record of the newest segment, as a torn write leaves it.
+    let wal = tmp.path().join("wal");
+    let mut segments: Vec<_> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    let out = inspect(&["summary", tmp.path().to_str().unwrap()]);
+    let summary = text(&out.stdout);
+    let last = summary
+        .lines()
+        .filter(|l| l.contains(".wal") && l.contains("bytes used"))
+        .next_back()
+        .unwrap();
+    let used: usize = last
+        .split("records  ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let path = last.split_whitespace().next().unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    for b in &mut bytes[used + 600..used + 700] {
+        *b = 0xAB;
+    }
+    std::fs::write(path, &bytes).unwrap();
+    let out = inspect(&["verify", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("TORN"));
+}
+
+#[test]
+fn missing_and_foreign_directories_get_clear_errors() {
+    let out = inspect(&["verify", "/nonexistent/quire"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = inspect(&["summary", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not a quire data directory"));
+}
