@@ -56,12 +56,6 @@ impl Text {
         }
     }
 
-    pub fn from_str(s: &str) -> Self {
-        Text {
-            rope: JumpRope::from(s),
-        }
-    }
-
     pub fn len_chars(&self) -> u32 {
         self.rope.len_chars() as u32
     }
@@ -102,6 +96,14 @@ impl Text {
     }
 }
 
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Text {
+            rope: JumpRope::from(s),
+        }
+    }
+}
+
 impl std::fmt::Display for Text {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for chunk in self.rope.substrings() {
@@ -117,7 +119,7 @@ mod tests {
 
     #[test]
     fn positions_count_code_points_including_astral_ones() {
-        let mut t = Text::from_str("a\u{1F600}b");
+        let mut t = Text::from("a\u{1F600}b");
         t.apply(&[Patch::new(2, 1, "\u{10348}x")]).unwrap();
         assert_eq!(t.to_string(), "a\u{1F600}\u{10348}x");
         assert_eq!(t.len_chars(), 4);
@@ -125,7 +127,7 @@ mod tests {
 
     #[test]
     fn out_of_range_patch_changes_nothing() {
-        let mut t = Text::from_str("abc");
+        let mut t = Text::from("abc");
         let err = t
             .apply(&[Patch::new(0, 1, ""), Patch::new(2, 2, "")])
             .unwrap_err();

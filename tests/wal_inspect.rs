@@ -133,8 +133,7 @@ fn verify_reports_a_torn_tail_with_its_own_exit_code() {
     let summary = text(&out.stdout);
     let last = summary
         .lines()
-        .filter(|l| l.contains(".wal") && l.contains("bytes used"))
-        .next_back()
+        .rfind(|l| l.contains(".wal") && l.contains("bytes used"))
         .unwrap();
     let used: usize = last
         .split("records  ")

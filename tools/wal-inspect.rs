@@ -166,7 +166,9 @@ fn summary(dir: &Path) -> Result<(), Failure> {
             cut.segment_id, cut.offset, cut.reason
         );
     }
-    let mut all: BTreeMap<&str, (Option<(u64, u64, u64)>, Option<u64>)> = BTreeMap::new();
+    // Per document: (first seq, last seq, ops) in the log, and the snapshot's seq.
+    type LogRange = Option<(u64, u64, u64)>;
+    let mut all: BTreeMap<&str, (LogRange, Option<u64>)> = BTreeMap::new();
     for (doc, range) in &docs {
         all.entry(doc).or_default().0 = Some(*range);
     }
@@ -274,8 +276,7 @@ fn verify(dir: &Path) -> Result<(), Failure> {
         |segment, offset, raw| {
             if let Err(e) = OpRecord::decode(raw.payload) {
                 op_error.get_or_insert(
-                    format!("{}", bad_range(&segment_path(&wal, segment), offset))
-                        + &format!(": {e}"),
+                    bad_range(&segment_path(&wal, segment), offset).to_string() + &format!(": {e}"),
                 );
             }
         },
@@ -357,7 +358,7 @@ fn doc(dir: &Path, id: &str, at: Option<u64>) -> Result<(), Failure> {
             }
         }
     }
-    snapshots.sort_by(|a, b| b.last_included_seq.cmp(&a.last_included_seq));
+    snapshots.sort_by_key(|s| std::cmp::Reverse(s.last_included_seq));
     let mut ops: Vec<OpRecord> = Vec::new();
     let mut op_error = None;
     read_log(dir, |segment, offset, _, _, payload| {
@@ -385,7 +386,7 @@ fn doc(dir: &Path, id: &str, at: Option<u64>) -> Result<(), Failure> {
     }
     let base = snapshots.iter().find(|s| s.last_included_seq <= at);
     let (mut text, mut version) = match base {
-        Some(s) => (Text::from_str(&s.text), s.last_included_seq),
+        Some(s) => (Text::from(s.text.as_str()), s.last_included_seq),
         None => (Text::new(), 0),
     };
     let start = version;

@@ -166,7 +166,7 @@ impl LocalSequencer {
             .into_values()
             .map(|snapshot| {
                 let state = DocState {
-                    text: Text::from_str(&snapshot.text),
+                    text: Text::from(snapshot.text.as_str()),
                     version: snapshot.last_included_seq,
                     dedupe: snapshot
                         .dedupe

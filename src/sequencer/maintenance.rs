@@ -139,25 +139,27 @@ fn snapshot_seq(shared: &Shared, doc_id: &str) -> u64 {
         .map_or(0, |doc| lock_doc(doc).snapshot_seq)
 }
 
+/// A sealed segment: its id, when it was sealed, and each document's highest seq in it.
+type SegmentDocs = (u64, Option<u64>, Vec<(Arc<str>, u64)>);
+
 fn truncate(shared: &Shared, now: u64) -> std::io::Result<usize> {
     let retention_ms = shared.config.retention.as_millis() as u64;
     // The newest sealed segment is always kept (see `Wal::remove_segments_before`).
     let limit = shared.wal.active_segment().saturating_sub(1);
-    let candidates: Vec<(u64, Option<u64>, Vec<(Arc<str>, u64)>)> =
-        shared.wal.with_index(|index| {
-            index
-                .segments()
-                .range(..limit)
-                .map(|(&id, meta)| {
-                    let docs = meta
-                        .max_seq_by_doc
-                        .iter()
-                        .map(|(d, &s)| (d.clone(), s))
-                        .collect();
-                    (id, meta.sealed_ms, docs)
-                })
-                .collect()
-        });
+    let candidates: Vec<SegmentDocs> = shared.wal.with_index(|index| {
+        index
+            .segments()
+            .range(..limit)
+            .map(|(&id, meta)| {
+                let docs = meta
+                    .max_seq_by_doc
+                    .iter()
+                    .map(|(d, &s)| (d.clone(), s))
+                    .collect();
+                (id, meta.sealed_ms, docs)
+            })
+            .collect()
+    });
     let mut cut = None;
     let mut pinning = Vec::new();
     for (id, sealed_ms, docs) in candidates {

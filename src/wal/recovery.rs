@@ -420,9 +420,10 @@ fn cut_tail(
         );
     }
 
-    // Whole files to remove: the break segment itself when nothing valid is in it, and
-    // every segment after it.
-    let remove_break_segment = brk.offset == 0;
+    // Whole files to remove: the break segment itself when no record would be left in
+    // it (a segment must never be left with a header and nothing after it), and every
+    // segment after it.
+    let remove_break_segment = brk.offset as usize <= SEGMENT_HEADER_LEN;
     let first_removed = if remove_break_segment {
         brk.position
     } else {

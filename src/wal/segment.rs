@@ -71,9 +71,15 @@ impl SegmentHeader {
         b
     }
 
-    /// `Ok(None)` for an all-zero header: a prepared segment never activated.
+    /// `Ok(None)` for an all-zero header: a prepared segment never activated. A file
+    /// shorter than a header that is all zeros (or empty) is one too: the preparer was
+    /// creating it when the machine stopped, and a directory sync by someone else had
+    /// already made its name durable.
     pub fn decode(bytes: &[u8]) -> Result<Option<SegmentHeader>, HeaderError> {
         if bytes.len() < SEGMENT_HEADER_LEN {
+            if bytes.iter().all(|&b| b == 0) {
+                return Ok(None);
+            }
             return Err(HeaderError::Truncated);
         }
         let b = &bytes[..SEGMENT_HEADER_LEN];
@@ -154,7 +160,7 @@ pub fn prepare_segment(
     }
     file.sync_all()?;
     vfs.sync_dir(wal_dir)?;
-    assert_eq!(file.len()?, size);
+    assert_eq!(file.file_len()?, size);
     Ok(file)
 }
 
@@ -239,6 +245,12 @@ mod tests {
         };
         assert_eq!(SegmentHeader::decode(&h.encode()).unwrap(), Some(h));
         assert_eq!(SegmentHeader::decode(&[0u8; 64]).unwrap(), None);
+        assert_eq!(SegmentHeader::decode(&[]).unwrap(), None);
+        assert_eq!(SegmentHeader::decode(&[0u8; 10]).unwrap(), None);
+        assert_eq!(
+            SegmentHeader::decode(&[1u8; 10]).unwrap_err(),
+            HeaderError::Truncated
+        );
         let mut bad = h.encode();
         bad[8] = 2;
         assert_eq!(

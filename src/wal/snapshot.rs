@@ -192,7 +192,7 @@ pub fn write_snapshot(vfs: &dyn Vfs, dir: &Path, snapshot: &Snapshot) -> std::io
         .filter(|n| n.starts_with(&prefix))
         .filter_map(|n| parse_snapshot_file_name(&n).map(|(_, seq)| (seq, n)))
         .collect();
-    older.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    older.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
     for (_, old) in older.iter().skip(SNAPSHOTS_KEPT) {
         vfs.remove(&dir.join(old))?;
     }
@@ -227,7 +227,7 @@ pub fn load_snapshots(vfs: &dyn Vfs, dir: &Path) -> std::io::Result<LoadedSnapsh
         }
     }
     for (doc, mut files) in by_doc {
-        files.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        files.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
         for (seq, name) in files {
             let path = dir.join(&name);
             let region = vfs.map(&path)?;

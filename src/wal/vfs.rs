@@ -47,7 +47,7 @@ pub trait VfsFile: Send + Sync {
     /// file system does not support it (EOPNOTSUPP); the caller falls back to zeros.
     fn allocate(&self, len: u64) -> io::Result<bool>;
     fn set_len(&self, len: u64) -> io::Result<()>;
-    fn len(&self) -> io::Result<u64>;
+    fn file_len(&self) -> io::Result<u64>;
 }
 
 /// Bytes of a whole file: a read-only memory map, or a copy from a simulated disk.
@@ -179,7 +179,7 @@ impl VfsFile for OsFile {
         self.0.set_len(len)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 }

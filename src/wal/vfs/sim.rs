@@ -394,7 +394,7 @@ impl VfsFile for SimFile {
         Ok(())
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         Ok(lock(&self.inode).data.len() as u64)
     }
 }

@@ -1,0 +1,24 @@
+//! Arbitrary bytes into every decoder of on-disk data: record frames, op payloads,
+//! segment headers, snapshots. None may panic; a frame that decodes must re-encode to
+//! the same bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use quire::wal::record::{decode_frame, encode_frame, OpRecord};
+use quire::wal::segment::SegmentHeader;
+use quire::wal::snapshot::Snapshot;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(raw) = decode_frame(data) {
+        let mut again = Vec::new();
+        encode_frame(&mut again, raw.lsn, raw.batch_index, raw.record_type, raw.payload);
+        assert_eq!(&again[..], &data[..raw.framed_len]);
+    }
+    if let Ok(op) = OpRecord::decode(data) {
+        let mut again = Vec::new();
+        op.encode(&mut again);
+        assert_eq!(again, data);
+    }
+    let _ = SegmentHeader::decode(data);
+    let _ = Snapshot::decode(data);
+});
