@@ -3,7 +3,9 @@
 //! Data flows one way: socket → frame → session → document → sequencer → WAL → ack and
 //! broadcast. [`wal`] knows nothing of sockets or protocol.
 
+pub mod client;
 pub mod op;
+pub mod ot;
 pub mod sequencer;
 mod sync;
 pub mod text;

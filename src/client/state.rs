@@ -1,0 +1,145 @@
+//! One document on the client, as an OT state machine with no I/O (the Jupiter /
+//! ShareDB client model): local edits apply at once; at most one op is in flight to
+//! the server; edits made meanwhile are composed into one buffered op; a remote op is
+//! rebased over the in-flight and buffered ops before it is applied locally, and they
+//! over it. The server sequences the in-flight op after every remote op the client
+//! received before its ack, so both sides transform the same pairs with the same
+//! tie-break (see `ot`).
+
+use crate::op::Patch;
+use crate::ot::{apply_patches, Side, TextOp};
+
+/// An op to send: its local sequence number (with the client id, its op id), the
+/// server version it was made against, and its patches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub local_seq: u64,
+    pub base_version: u64,
+    pub patches: Vec<Patch>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientDoc {
+    text: String,
+    /// The last server seq this client has applied.
+    version: u64,
+    in_flight: Option<(Outgoing, TextOp)>,
+    buffer: Option<TextOp>,
+    next_local_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// A local edit does not apply to the local text.
+    OutOfRange,
+    /// An ack for something not in flight, or a remote op out of order.
+    Protocol(String),
+}
+
+impl ClientDoc {
+    /// A document as the server sent it: `text` at `version`. `next_local_seq` continues
+    /// the client's op numbering (it must never reuse an op id).
+    pub fn new(text: String, version: u64, next_local_seq: u64) -> Self {
+        ClientDoc {
+            text,
+            version,
+            in_flight: None,
+            buffer: None,
+            next_local_seq: next_local_seq.max(1),
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn in_flight(&self) -> Option<&Outgoing> {
+        self.in_flight.as_ref().map(|(o, _)| o)
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.in_flight.is_some() || self.buffer.is_some()
+    }
+
+    /// Applies a local edit at once and queues it for the server.
+    pub fn local_edit(&mut self, patches: &[Patch]) -> Result<(), ClientError> {
+        let text = apply_patches(&self.text, patches).ok_or(ClientError::OutOfRange)?;
+        self.text = text;
+        let op = TextOp::from_patches(patches);
+        if op.is_noop() {
+            return Ok(());
+        }
+        self.buffer = Some(match self.buffer.take() {
+            Some(buffered) => buffered.compose(&op),
+            None => op,
+        });
+        Ok(())
+    }
+
+    /// The next op to send, if none is in flight.
+    pub fn take_to_send(&mut self) -> Option<Outgoing> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let op = self.buffer.take()?;
+        let outgoing = Outgoing {
+            local_seq: self.next_local_seq,
+            base_version: self.version,
+            patches: op.to_patches(),
+        };
+        self.next_local_seq += 1;
+        self.in_flight = Some((outgoing.clone(), op));
+        Some(outgoing)
+    }
+
+    /// The server acknowledged the in-flight op with `local_seq` as `seq`.
+    pub fn on_ack(&mut self, local_seq: u64, seq: u64) -> Result<(), ClientError> {
+        match &self.in_flight {
+            Some((out, _)) if out.local_seq == local_seq => {}
+            _ => {
+                return Err(ClientError::Protocol(format!(
+                    "ack for op {local_seq}, which is not in flight"
+                )))
+            }
+        }
+        if seq != self.version + 1 {
+            return Err(ClientError::Protocol(format!(
+                "ack at seq {seq} but the client is at version {}",
+                self.version
+            )));
+        }
+        self.in_flight = None;
+        self.version = seq;
+        Ok(())
+    }
+
+    /// A remote op sequenced as `seq`. Returns the patches applied to the local text.
+    pub fn on_remote(&mut self, seq: u64, patches: &[Patch]) -> Result<Vec<Patch>, ClientError> {
+        if seq != self.version + 1 {
+            return Err(ClientError::Protocol(format!(
+                "remote op at seq {seq} but the client is at version {}",
+                self.version
+            )));
+        }
+        let mut remote = TextOp::from_patches(patches);
+        if let Some((_, in_flight)) = &mut self.in_flight {
+            let rebased = remote.transform(in_flight, Side::Left);
+            *in_flight = in_flight.transform(&remote, Side::Right);
+            remote = rebased;
+        }
+        if let Some(buffer) = &mut self.buffer {
+            let rebased = remote.transform(buffer, Side::Left);
+            *buffer = buffer.transform(&remote, Side::Right);
+            remote = rebased;
+        }
+        self.text = remote.apply(&self.text).ok_or_else(|| {
+            ClientError::Protocol(format!("remote op at seq {seq} does not apply"))
+        })?;
+        self.version = seq;
+        Ok(remote.to_patches())
+    }
+}

@@ -1,0 +1,418 @@
+//! Operational transformation on text. Depends on nothing but the patch type.
+//!
+//! An op on the wire and in the log is a list of patches `[pos, del, ins]` applied one
+//! after another. To transform and compose, an op is first put in component form: a
+//! walk over the document, left to right, of `Retain(n)`, `Delete(n)` and
+//! `Insert(text)`, in Unicode code points, with an implicit `Retain` to the end (so an
+//! op does not need to know the document's length). Components are kept canonical: no
+//! empty component, no two adjacent of the same kind, an insert before an adjacent
+//! delete, no trailing retain; so equal edits have equal forms.
+//!
+//! **Tie-break.** When two concurrent ops insert at the same position, the op that the
+//! server sequenced first ends up on the left. `a.transform(b, Side::Right)` rebases `a`
+//! over `b` with `b`'s insert staying left of `a`'s; `Side::Left` puts `a`'s first. The
+//! server rebases a late op over ops it already sequenced with `Side::Right`; a client
+//! rebases its pending op over an incoming server op with `Side::Right` and the server
+//! op over its pending op with `Side::Left`. Both sides then agree (TP1 in the
+//! client/server model, checked by `tests/ot_convergence.rs`).
+
+use crate::op::Patch;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Component {
+    Retain(u32),
+    Delete(u32),
+    Insert(String),
+}
+
+/// Which op's insert goes first when both insert at the same position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Left,
+    Right,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TextOp {
+    components: Vec<Component>,
+}
+
+fn chars(s: &str) -> u32 {
+    s.chars().count() as u32
+}
+
+/// Splits `s` after `n` code points.
+fn split_chars(s: &str, n: u32) -> (&str, &str) {
+    match s.char_indices().nth(n as usize) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    }
+}
+
+/// A cursor over an op's components that can take part of one.
+struct Cursor<'a> {
+    components: &'a [Component],
+    index: usize,
+    /// Code points of the current component already taken.
+    taken: u32,
+}
+
+#[derive(Debug)]
+enum Piece<'a> {
+    Retain(u32),
+    Delete(u32),
+    Insert(&'a str),
+}
+
+impl<'a> Cursor<'a> {
+    fn new(op: &'a TextOp) -> Self {
+        Cursor {
+            components: &op.components,
+            index: 0,
+            taken: 0,
+        }
+    }
+
+    fn peek(&self) -> Option<&'a Component> {
+        self.components.get(self.index)
+    }
+
+    /// Length left in the current component.
+    fn remaining(&self) -> u32 {
+        match self.peek() {
+            Some(Component::Retain(n) | Component::Delete(n)) => n - self.taken,
+            Some(Component::Insert(s)) => chars(s) - self.taken,
+            None => u32::MAX,
+        }
+    }
+
+    /// Takes up to `n` code points of the current component (the implicit trailing
+    /// retain when the op is exhausted).
+    fn take(&mut self, n: u32) -> Piece<'a> {
+        let Some(component) = self.peek() else {
+            return Piece::Retain(n);
+        };
+        let left = self.remaining();
+        let n = n.min(left);
+        let piece = match component {
+            Component::Retain(_) => Piece::Retain(n),
+            Component::Delete(_) => Piece::Delete(n),
+            Component::Insert(s) => {
+                let (_, rest) = split_chars(s, self.taken);
+                Piece::Insert(split_chars(rest, n).0)
+            }
+        };
+        if n == left {
+            self.index += 1;
+            self.taken = 0;
+        } else {
+            self.taken += n;
+        }
+        piece
+    }
+
+    fn take_all(&mut self) -> Piece<'a> {
+        self.take(u32::MAX)
+    }
+
+    fn done(&self) -> bool {
+        self.index >= self.components.len()
+    }
+}
+
+impl TextOp {
+    pub fn new() -> Self {
+        TextOp::default()
+    }
+
+    pub fn components(&self) -> &[Component] {
+        &self.components
+    }
+
+    pub fn is_noop(&self) -> bool {
+        self.components.is_empty()
+    }
+
+    pub fn retain(&mut self, n: u32) -> &mut Self {
+        if n == 0 {
+            return self;
+        }
+        match self.components.last_mut() {
+            Some(Component::Retain(m)) => *m += n,
+            _ => self.components.push(Component::Retain(n)),
+        }
+        self
+    }
+
+    pub fn delete(&mut self, n: u32) -> &mut Self {
+        if n == 0 {
+            return self;
+        }
+        match self.components.last_mut() {
+            Some(Component::Delete(m)) => *m += n,
+            _ => self.components.push(Component::Delete(n)),
+        }
+        self
+    }
+
+    pub fn insert(&mut self, s: &str) -> &mut Self {
+        if s.is_empty() {
+            return self;
+        }
+        let len = self.components.len();
+        match self.components.last_mut() {
+            Some(Component::Insert(t)) => t.push_str(s),
+            // Canonical order: an insert goes before an adjacent delete.
+            Some(Component::Delete(_)) => match len.checked_sub(2).map(|i| &mut self.components[i])
+            {
+                Some(Component::Insert(t)) => t.push_str(s),
+                _ => self
+                    .components
+                    .insert(len - 1, Component::Insert(s.to_owned())),
+            },
+            _ => self.components.push(Component::Insert(s.to_owned())),
+        }
+        self
+    }
+
+    fn push_piece(&mut self, piece: Piece<'_>) {
+        match piece {
+            Piece::Retain(n) => self.retain(n),
+            Piece::Delete(n) => self.delete(n),
+            Piece::Insert(s) => self.insert(s),
+        };
+    }
+
+    /// Drops the trailing retain (it is implicit).
+    fn finish(mut self) -> Self {
+        if let Some(Component::Retain(_)) = self.components.last() {
+            self.components.pop();
+        }
+        self
+    }
+
+    /// One patch as an op.
+    pub fn from_patch(patch: &Patch) -> TextOp {
+        let mut op = TextOp::new();
+        op.retain(patch.pos).delete(patch.del).insert(&patch.ins);
+        op.finish()
+    }
+
+    /// Patches applied one after another, as one op.
+    pub fn from_patches(patches: &[Patch]) -> TextOp {
+        let mut iter = patches.iter();
+        let Some(first) = iter.next() else {
+            return TextOp::new();
+        };
+        iter.fold(TextOp::from_patch(first), |op, p| {
+            op.compose(&TextOp::from_patch(p))
+        })
+    }
+
+    /// The op as patches applied one after another, left to right (each position is in
+    /// the text as the earlier patches left it). An adjacent delete and insert become
+    /// one patch.
+    pub fn to_patches(&self) -> Vec<Patch> {
+        let mut patches: Vec<Patch> = Vec::new();
+        let mut pos = 0u32;
+        for component in &self.components {
+            match component {
+                Component::Retain(n) => pos += n,
+                Component::Insert(s) => {
+                    patches.push(Patch::new(pos, 0, s.clone()));
+                    pos += chars(s);
+                }
+                Component::Delete(n) => match patches.last_mut() {
+                    // The insert just before this delete: one splice.
+                    Some(last) if last.del == 0 && last.pos + chars(&last.ins) == pos => {
+                        last.del = *n;
+                        // The splice deletes first, then inserts: same result.
+                    }
+                    _ => patches.push(Patch::new(pos, *n, "")),
+                },
+            }
+        }
+        patches
+    }
+
+    /// The shortest text this op applies to (its retains and deletes).
+    pub fn min_base_len(&self) -> u64 {
+        self.components
+            .iter()
+            .map(|c| match c {
+                Component::Retain(n) | Component::Delete(n) => u64::from(*n),
+                Component::Insert(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Code points this op adds (inserts minus deletes).
+    pub fn len_delta(&self) -> i64 {
+        self.components
+            .iter()
+            .map(|c| match c {
+                Component::Retain(_) => 0,
+                Component::Delete(n) => -i64::from(*n),
+                Component::Insert(s) => i64::from(chars(s)),
+            })
+            .sum()
+    }
+
+    /// `self` then `next`, as one op.
+    pub fn compose(&self, next: &TextOp) -> TextOp {
+        let mut out = TextOp::new();
+        let mut a = Cursor::new(self);
+        let mut b = Cursor::new(next);
+        loop {
+            if let Some(Component::Insert(_)) = b.peek() {
+                out.push_piece(b.take_all());
+                continue;
+            }
+            if let Some(Component::Delete(_)) = a.peek() {
+                out.push_piece(a.take_all());
+                continue;
+            }
+            if a.done() {
+                // `next` runs over the implicit tail of `self` unchanged.
+                while !b.done() {
+                    out.push_piece(b.take_all());
+                }
+                break;
+            }
+            if b.done() {
+                while !a.done() {
+                    out.push_piece(a.take_all());
+                }
+                break;
+            }
+            let n = a.remaining().min(b.remaining());
+            match (a.take(n), b.take(n)) {
+                (Piece::Retain(n), Piece::Retain(_)) => out.retain(n),
+                (Piece::Retain(n), Piece::Delete(_)) => out.delete(n),
+                (Piece::Insert(s), Piece::Retain(_)) => out.insert(s),
+                (Piece::Insert(_), Piece::Delete(_)) => &mut out,
+                (x, y) => unreachable!("compose: {x:?} with {y:?}"),
+            };
+        }
+        out.finish()
+    }
+
+    /// `self` rebased to apply after `over` (both made on the same text). See the
+    /// module documentation for `side`.
+    pub fn transform(&self, over: &TextOp, side: Side) -> TextOp {
+        let mut out = TextOp::new();
+        let mut a = Cursor::new(self);
+        let mut b = Cursor::new(over);
+        loop {
+            let a_inserts = matches!(a.peek(), Some(Component::Insert(_)));
+            let b_inserts = matches!(b.peek(), Some(Component::Insert(_)));
+            if a_inserts && (side == Side::Left || !b_inserts) {
+                out.push_piece(a.take_all());
+                continue;
+            }
+            if b_inserts {
+                let n = b.remaining();
+                b.take_all();
+                out.retain(n);
+                continue;
+            }
+            if a.done() {
+                break;
+            }
+            if b.done() {
+                while !a.done() {
+                    out.push_piece(a.take_all());
+                }
+                break;
+            }
+            let n = a.remaining().min(b.remaining());
+            match (a.take(n), b.take(n)) {
+                (Piece::Retain(n), Piece::Retain(_)) => out.retain(n),
+                (Piece::Delete(n), Piece::Retain(_)) => out.delete(n),
+                // The region is gone from the text `over` made.
+                (Piece::Retain(_) | Piece::Delete(_), Piece::Delete(_)) => &mut out,
+                (x, y) => unreachable!("transform: {x:?} over {y:?}"),
+            };
+        }
+        out.finish()
+    }
+
+    /// Applies the op to `text` (for tests and tools; the server applies patches to
+    /// its rope). `None` if the op reaches past the end.
+    pub fn apply(&self, text: &str) -> Option<String> {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        for component in &self.components {
+            match component {
+                Component::Retain(n) => {
+                    let (head, tail) = split_checked(rest, *n)?;
+                    out.push_str(head);
+                    rest = tail;
+                }
+                Component::Delete(n) => rest = split_checked(rest, *n)?.1,
+                Component::Insert(s) => out.push_str(s),
+            }
+        }
+        out.push_str(rest);
+        Some(out)
+    }
+}
+
+fn split_checked(s: &str, n: u32) -> Option<(&str, &str)> {
+    if n == 0 {
+        return Some(("", s));
+    }
+    s.char_indices()
+        .nth(n as usize - 1)
+        .map(|(i, c)| s.split_at(i + c.len_utf8()))
+}
+
+/// Applies patches one after another to a `String` (for tests and tools).
+pub fn apply_patches(text: &str, patches: &[Patch]) -> Option<String> {
+    let mut chars: Vec<char> = text.chars().collect();
+    for p in patches {
+        let (pos, del) = (p.pos as usize, p.del as usize);
+        if pos + del > chars.len() {
+            return None;
+        }
+        chars.splice(pos..pos + del, p.ins.chars());
+    }
+    Some(chars.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patches_round_trip_through_components() {
+        let patches = vec![Patch::new(2, 1, "\u{1F600}x"), Patch::new(0, 0, "a")];
+        let op = TextOp::from_patches(&patches);
+        let text = "hello";
+        assert_eq!(op.apply(text), apply_patches(text, &patches));
+        assert_eq!(apply_patches(text, &op.to_patches()), op.apply(text));
+    }
+
+    #[test]
+    fn concurrent_inserts_at_one_position_put_the_first_sequenced_on_the_left() {
+        let first = TextOp::from_patch(&Patch::new(1, 0, "F"));
+        let late = TextOp::from_patch(&Patch::new(1, 0, "L"));
+        let late_rebased = late.transform(&first, Side::Right);
+        let after = first.apply("ab").and_then(|t| late_rebased.apply(&t));
+        assert_eq!(after.as_deref(), Some("aFLb"));
+        let first_rebased = first.transform(&late, Side::Left);
+        let other = late.apply("ab").and_then(|t| first_rebased.apply(&t));
+        assert_eq!(other, after);
+    }
+
+    #[test]
+    fn compose_equals_applying_in_turn() {
+        let a = TextOp::from_patches(&[Patch::new(1, 2, "XY")]);
+        let b = TextOp::from_patches(&[Patch::new(0, 3, "\u{10348}")]);
+        let text = "abcdef";
+        assert_eq!(
+            a.compose(&b).apply(text),
+            a.apply(text).and_then(|t| b.apply(&t))
+        );
+    }
+}
