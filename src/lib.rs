@@ -6,6 +6,7 @@
 pub mod client;
 pub mod op;
 pub mod ot;
+pub mod protocol;
 pub mod sequencer;
 mod sync;
 pub mod text;
