@@ -8,6 +8,8 @@ pub mod op;
 pub mod ot;
 pub mod protocol;
 pub mod sequencer;
+pub mod server;
 mod sync;
 pub mod text;
+pub mod trace;
 pub mod wal;

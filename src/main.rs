@@ -31,6 +31,15 @@ struct ServeArgs {
     /// The data directory (created if missing).
     #[arg(long, default_value = "./quire-data")]
     data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    listen: std::net::SocketAddr,
+    /// Largest frame accepted from a client, in bytes.
+    #[arg(long, default_value_t = quire::protocol::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// Access token clients must present (default: none).
+    #[arg(long, default_value = "", env = "QUIRE_TOKEN")]
+    token: String,
     /// Size of each WAL segment file, in MiB.
     #[arg(long, default_value_t = 64)]
     segment_mib: u64,
@@ -96,7 +105,23 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(shutdown_signal());
+    let store = std::sync::Arc::new(store);
+    let server_config = quire::server::ServerConfig {
+        max_frame: args.max_frame,
+        token: args.token,
+        ..Default::default()
+    };
+    let served = runtime.block_on(async {
+        let listener = quire::server::bind(args.listen).await?;
+        tracing::info!(listen = %listener.local_addr()?, "serving");
+        let server = quire::server::Server::new(store.clone(), server_config);
+        server.serve(listener, shutdown_signal()).await;
+        Ok::<(), std::io::Error>(())
+    });
+    if let Err(e) = served {
+        tracing::error!("cannot listen on {}: {e}", args.listen);
+        return ExitCode::FAILURE;
+    }
     tracing::info!("shutting down: finishing queued commits");
     store.close();
     match store.wal().failure() {

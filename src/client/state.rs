@@ -119,6 +119,10 @@ impl ClientDoc {
 
     /// A remote op sequenced as `seq`. Returns the patches applied to the local text.
     pub fn on_remote(&mut self, seq: u64, patches: &[Patch]) -> Result<Vec<Patch>, ClientError> {
+        if seq <= self.version {
+            // Already in the snapshot this client opened with (a broadcast can overlap it).
+            return Ok(Vec::new());
+        }
         if seq != self.version + 1 {
             return Err(ClientError::Protocol(format!(
                 "remote op at seq {seq} but the client is at version {}",

@@ -1,0 +1,311 @@
+//! A client connection over TCP, and a document kept in sync over it.
+
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::state::ClientDoc;
+use crate::op::Patch;
+use crate::protocol::frame::FrameCodec;
+use crate::protocol::message::{Envelope, Message};
+use crate::protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+
+#[derive(Debug)]
+pub enum ClientError {
+    Io(std::io::Error),
+    /// The server sent something this client cannot use.
+    Protocol(String),
+    /// The server refused (Error or Reject).
+    Refused(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Io(e) => write!(f, "{e}"),
+            ClientError::Protocol(m) | ClientError::Refused(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
+
+pub struct Connection {
+    stream: TcpStream,
+    codec: FrameCodec,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    next_request: u32,
+    pub client_id: u64,
+}
+
+impl Connection {
+    /// Connects and completes the handshake.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: u64,
+        token: &str,
+    ) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut conn = Connection {
+            stream,
+            codec: FrameCodec::new(DEFAULT_MAX_FRAME),
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::new(),
+            next_request: 1,
+            client_id,
+        };
+        conn.send(Message::Hello {
+            version: PROTOCOL_VERSION,
+            client_id,
+            token: token.into(),
+        })
+        .await?;
+        match conn.recv().await?.message {
+            Message::Welcome { .. } => Ok(conn),
+            Message::Error { code, message } => {
+                Err(ClientError::Refused(format!("{code:?}: {message}")))
+            }
+            other => Err(ClientError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Queues a message (sent on the next `flush`); returns its request id.
+    pub fn queue(&mut self, message: Message) -> Result<u32, ClientError> {
+        let request_id = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1).max(1);
+        self.codec
+            .encode(
+                &Envelope {
+                    request_id,
+                    message,
+                },
+                &mut self.write_buf,
+            )
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(request_id)
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        if !self.write_buf.is_empty() {
+            self.stream.write_all(&self.write_buf).await?;
+            self.write_buf.clear();
+        }
+        Ok(())
+    }
+
+    pub async fn send(&mut self, message: Message) -> Result<u32, ClientError> {
+        let id = self.queue(message)?;
+        self.flush().await?;
+        Ok(id)
+    }
+
+    /// Sends raw bytes (tests of bad input use it).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    pub async fn recv(&mut self) -> Result<Envelope, ClientError> {
+        loop {
+            if let Some(env) = self
+                .codec
+                .decode(&mut self.read_buf)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            {
+                return Ok(env);
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+}
+
+/// A document kept in sync with the server over one connection: local edits apply at
+/// once and are sent with at most one op in flight (later edits are composed); remote
+/// ops are rebased over the pending ones.
+pub struct SyncedDoc {
+    pub conn: Connection,
+    pub name: String,
+    pub doc: ClientDoc,
+    /// Ops sent (one per round trip, composed).
+    pub ops_sent: u64,
+}
+
+impl SyncedDoc {
+    /// Opens `name` from scratch (snapshot, then the ops after it).
+    pub async fn open(
+        mut conn: Connection,
+        name: &str,
+        next_local_seq: u64,
+    ) -> Result<Self, ClientError> {
+        conn.send(Message::Open {
+            doc: name.into(),
+            known_version: 0,
+        })
+        .await?;
+        let (text, version) = loop {
+            match conn.recv().await?.message {
+                Message::Snapshot { version, text, .. } => break (text, version),
+                Message::Error { code, message } => {
+                    return Err(ClientError::Refused(format!("{code:?}: {message}")))
+                }
+                _ => {}
+            }
+        };
+        let mut synced = SyncedDoc {
+            conn,
+            name: name.into(),
+            doc: ClientDoc::new(text, version, next_local_seq),
+            ops_sent: 0,
+        };
+        // The Ops that follow the snapshot.
+        loop {
+            let env = synced.conn.recv().await?;
+            let is_ops = matches!(env.message, Message::Ops { .. });
+            synced.apply(env)?;
+            if is_ops {
+                break;
+            }
+        }
+        Ok(synced)
+    }
+
+    /// Reopens after a reconnect at the version this client has, resending its pending
+    /// op with the same op id (the server recognises a duplicate).
+    pub async fn resume(&mut self, mut conn: Connection) -> Result<(), ClientError> {
+        conn.send(Message::Open {
+            doc: self.name.clone(),
+            known_version: self.doc.version(),
+        })
+        .await?;
+        self.conn = conn;
+        loop {
+            let env = self.conn.recv().await?;
+            if let Message::Snapshot { .. } = env.message {
+                return Err(ClientError::Protocol(
+                    "the server no longer has the ops this client missed; reload".into(),
+                ));
+            }
+            let is_ops = matches!(env.message, Message::Ops { .. });
+            self.apply(env)?;
+            if is_ops {
+                break;
+            }
+        }
+        if let Some(out) = self.doc.in_flight().cloned() {
+            self.conn.queue(Message::Submit {
+                doc: self.name.clone(),
+                local_seq: out.local_seq,
+                base_version: out.base_version,
+                patches: out.patches,
+            })?;
+        }
+        self.flush_ops().await
+    }
+
+    /// Applies a local edit and sends it if nothing is in flight.
+    pub async fn edit(&mut self, patches: &[Patch]) -> Result<(), ClientError> {
+        self.doc
+            .local_edit(patches)
+            .map_err(|e| ClientError::Protocol(format!("{e:?}")))?;
+        self.flush_ops().await
+    }
+
+    async fn flush_ops(&mut self) -> Result<(), ClientError> {
+        if let Some(out) = self.doc.take_to_send() {
+            self.ops_sent += 1;
+            self.conn.queue(Message::Submit {
+                doc: self.name.clone(),
+                local_seq: out.local_seq,
+                base_version: out.base_version,
+                patches: out.patches,
+            })?;
+        }
+        self.conn.flush().await
+    }
+
+    fn sequenced(
+        &mut self,
+        seq: u64,
+        client_id: u64,
+        local_seq: u64,
+        patches: &[Patch],
+    ) -> Result<(), ClientError> {
+        let mine = client_id == self.conn.client_id
+            && self
+                .doc
+                .in_flight()
+                .is_some_and(|o| o.local_seq == local_seq);
+        let result = if mine {
+            self.doc.on_ack(local_seq, seq)
+        } else {
+            self.doc.on_remote(seq, patches).map(|_| ())
+        };
+        result.map_err(|e| ClientError::Protocol(format!("{e:?}")))
+    }
+
+    /// Applies one message from the server.
+    pub fn apply(&mut self, env: Envelope) -> Result<(), ClientError> {
+        match env.message {
+            // An ack for an op no longer in flight is a duplicate's (after a resend).
+            Message::Ack { local_seq, seq, .. }
+                if self
+                    .doc
+                    .in_flight()
+                    .is_some_and(|o| o.local_seq == local_seq) =>
+            {
+                self.doc
+                    .on_ack(local_seq, seq)
+                    .map_err(|e| ClientError::Protocol(format!("{e:?}")))?;
+            }
+            Message::Remote { op, .. } => {
+                self.sequenced(op.seq, op.client_id, op.local_seq, &op.patches)?
+            }
+            Message::Ops { ops, .. } => {
+                for op in ops {
+                    self.sequenced(op.seq, op.client_id, op.local_seq, &op.patches)?;
+                }
+            }
+            Message::Reject { code, message, .. } => {
+                return Err(ClientError::Refused(format!(
+                    "op rejected ({code:?}): {message}"
+                )))
+            }
+            Message::Error { code, message } => {
+                return Err(ClientError::Refused(format!("{code:?}: {message}")))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Receives and applies one message, then sends what became sendable.
+    pub async fn pump(&mut self) -> Result<(), ClientError> {
+        let env = self.conn.recv().await?;
+        self.apply(env)?;
+        self.flush_ops().await
+    }
+
+    /// Waits until every local edit is acknowledged.
+    pub async fn settle(&mut self) -> Result<(), ClientError> {
+        self.flush_ops().await?;
+        while self.doc.has_pending() {
+            self.pump().await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,503 @@
+//! The server over real TCP: traces through clients, convergence of concurrent clients,
+//! a restart in the middle of a run, and bad input from one client while another works.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quire::client::connection::{Connection, SyncedDoc};
+use quire::op::Patch;
+use quire::protocol::message::{Envelope, ErrorCode, Message};
+use quire::sequencer::local::{LocalConfig, LocalSequencer};
+use quire::server::{Server, ServerConfig};
+use quire::trace::{load, sha256_hex, traces_dir};
+use quire::wal::vfs::sim::SplitMix;
+use quire::wal::WalConfig;
+use tokio::sync::oneshot;
+
+struct Running {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    store: Arc<LocalSequencer>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+        self.store.close();
+    }
+}
+
+fn store_config() -> LocalConfig {
+    LocalConfig {
+        wal: WalConfig {
+            segment_size: 4 << 20,
+            ..WalConfig::default()
+        },
+        ..LocalConfig::default()
+    }
+}
+
+async fn start(dir: &Path, token: &str) -> Running {
+    let (store, _) = LocalSequencer::open(dir, store_config()).unwrap();
+    let store = Arc::new(store);
+    let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::new(
+        store.clone(),
+        ServerConfig {
+            token: token.into(),
+            ..ServerConfig::default()
+        },
+    );
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(server.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        stop: Some(tx),
+        task,
+        store,
+    }
+}
+
+async fn open(addr: SocketAddr, client: u64, doc: &str) -> SyncedDoc {
+    let conn = Connection::connect(addr, client, "").await.unwrap();
+    SyncedDoc::open(conn, doc, 1).await.unwrap()
+}
+
+/// Prefix checks published in the traces README (patches, sha256 of the text).
+const AUTOMERGE_PREFIXES: [(usize, &str); 4] = [
+    (
+        1_000,
+        "21955e0a6ec8c50c95aff940189242f90de1e4803a314cc62da9ad966689822d",
+    ),
+    (
+        3_000,
+        "abd36341546a1fbeaabb3db64390d0730585e64356b7973a1294d6f203699cb7",
+    ),
+    (
+        10_000,
+        "37d73212ba84af57a71919fca982b1a83f10a7750f4b05222f6b109c71ab9d9d",
+    ),
+    (
+        20_000,
+        "9d4114b210b2cca71082e7f6f5ce65a195a95e82b63756cb2f227a667fe37270",
+    ),
+];
+
+fn automerge_patches() -> Option<Vec<Patch>> {
+    let Some(dir) = traces_dir() else {
+        println!("skipped: automerge-paper trace not found (set QUIRE_TRACES)");
+        return None;
+    };
+    let trace = load(&dir.join("automerge-paper.json.gz")).unwrap();
+    Some(
+        trace
+            .txns
+            .into_iter()
+            .flat_map(|t| t.patches)
+            .take(20_000)
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_automerge_paper_prefix_through_one_composing_client_matches_the_published_hashes() {
+    let Some(patches) = automerge_patches() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut client = open(server.addr, 1, "paper").await;
+    let mut checks = AUTOMERGE_PREFIXES.iter().peekable();
+    for (i, patch) in patches.iter().enumerate() {
+        client.edit(std::slice::from_ref(patch)).await.unwrap();
+        if i % 64 == 63 {
+            client.settle().await.unwrap();
+        }
+        if let Some((n, sha)) = checks.peek() {
+            if i + 1 == *n {
+                client.settle().await.unwrap();
+                assert_eq!(
+                    sha256_hex(client.doc.text()),
+                    *sha,
+                    "local text after {n} patches"
+                );
+                // Read back from the server by a fresh client.
+                let reader = open(server.addr, 99, "paper").await;
+                assert_eq!(
+                    sha256_hex(reader.doc.text()),
+                    *sha,
+                    "server text after {n} patches"
+                );
+                checks.next();
+            }
+        }
+    }
+    assert!(checks.next().is_none());
+    // Composing: far fewer ops than patches.
+    assert!(
+        client.ops_sent < patches.len() as u64 / 2,
+        "{} ops for {} patches",
+        client.ops_sent,
+        patches.len()
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_server_restart_mid_run_loses_no_acked_op_and_the_run_still_converges() {
+    let Some(patches) = automerge_patches() else {
+        return;
+    };
+    let patches = &patches[..10_000];
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut client = open(server.addr, 7, "paper").await;
+    for (i, patch) in patches[..5_000].iter().enumerate() {
+        client.edit(std::slice::from_ref(patch)).await.unwrap();
+        if i % 32 == 31 {
+            client.pump().await.unwrap();
+        }
+    }
+    // Stop the server with an op possibly in flight; keep editing offline.
+    let acked_version = client.doc.version();
+    server.stop().await;
+    for patch in &patches[5_000..6_000] {
+        client.doc.local_edit(std::slice::from_ref(patch)).unwrap();
+    }
+    let server = start(tmp.path(), "").await;
+    let conn = Connection::connect(server.addr, 7, "").await.unwrap();
+    client.resume(conn).await.unwrap();
+    assert!(
+        client.doc.version() >= acked_version,
+        "acked ops survived the restart"
+    );
+    for (i, patch) in patches[6_000..].iter().enumerate() {
+        client.edit(std::slice::from_ref(patch)).await.unwrap();
+        if i % 32 == 31 {
+            client.pump().await.unwrap();
+        }
+    }
+    client.settle().await.unwrap();
+    let expected = AUTOMERGE_PREFIXES[2];
+    assert_eq!(sha256_hex(client.doc.text()), expected.1);
+    let reader = open(server.addr, 8, "paper").await;
+    assert_eq!(sha256_hex(reader.doc.text()), expected.1);
+    server.stop().await;
+}
+
+const ALPHABET: [char; 5] = ['a', 'b', '\u{1F600}', '\u{10348}', ' '];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_on_one_document_converge_over_tcp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut clients = Vec::new();
+    for c in 0..4u64 {
+        clients.push(open(server.addr, 100 + c, "shared").await);
+    }
+    let mut rng = SplitMix(11);
+    for _ in 0..400 {
+        let c = rng.below(clients.len() as u64) as usize;
+        let len = clients[c].doc.text().chars().count() as u64;
+        let pos = rng.below(len + 1);
+        let del = rng.below((len - pos).min(3) + 1);
+        let ins: String = (0..rng.below(4))
+            .map(|_| ALPHABET[rng.below(5) as usize])
+            .collect();
+        clients[c]
+            .edit(&[Patch::new(pos as u32, del as u32, ins)])
+            .await
+            .unwrap();
+        // Sometimes read what has arrived, so clients edit on stale versions.
+        if rng.below(3) == 0 {
+            let d = rng.below(clients.len() as u64) as usize;
+            let _ = tokio::time::timeout(Duration::from_millis(1), clients[d].pump()).await;
+        }
+    }
+    for client in &mut clients {
+        client.settle().await.unwrap();
+    }
+    // Everyone reads until at the server's version.
+    let reader = open(server.addr, 999, "shared").await;
+    let version = reader.doc.version();
+    for client in &mut clients {
+        while client.doc.version() < version {
+            client.pump().await.unwrap();
+        }
+        assert_eq!(client.doc.text(), reader.doc.text());
+    }
+    server.stop().await;
+}
+
+/// A bystander keeps editing and syncing while another client misbehaves.
+async fn bystander_works(addr: SocketAddr, doc: &mut SyncedDoc) {
+    let _ = addr;
+    let len = doc.doc.text().chars().count() as u32;
+    doc.edit(&[Patch::new(len, 0, "ok")]).await.unwrap();
+    doc.settle().await.unwrap();
+    assert!(doc.doc.text().ends_with("ok"));
+}
+
+async fn expect_error(conn: &mut Connection, code: ErrorCode) {
+    loop {
+        match conn.recv().await {
+            Ok(Envelope {
+                message: Message::Error { code: got, message },
+                ..
+            }) => {
+                assert_eq!(got, code, "{message}");
+                assert!(!message.is_empty());
+                return;
+            }
+            Ok(Envelope {
+                message:
+                    Message::Reject {
+                        code: got, message, ..
+                    },
+                ..
+            }) => {
+                assert_eq!(got, code, "{message}");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("connection ended before the error {code:?}: {e}"),
+        }
+    }
+}
+
+async fn expect_closed(conn: &mut Connection) {
+    loop {
+        if conn.recv().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_other_clients_are_unaffected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "secret").await;
+    let good = Connection::connect(server.addr, 1, "secret").await.unwrap();
+    let mut bystander = SyncedDoc::open(good, "doc", 1).await.unwrap();
+    bystander.edit(&[Patch::new(0, 0, "hello")]).await.unwrap();
+    bystander.settle().await.unwrap();
+    let before = bystander.doc.text().to_owned();
+
+    // Wrong token: refused at the handshake.
+    let err = Connection::connect(server.addr, 2, "nope")
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("WrongToken"), "{err}");
+    bystander_works(server.addr, &mut bystander).await;
+
+    let frame = |body: &[u8]| {
+        let mut f = (body.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    };
+    // Oversize frame: refused from the length field alone, connection closed.
+    let mut bad = Connection::connect(server.addr, 3, "secret").await.unwrap();
+    bad.send_raw(&(64u32 << 20).to_le_bytes()).await.unwrap();
+    expect_error(&mut bad, ErrorCode::FrameTooLarge).await;
+    expect_closed(&mut bad).await;
+    bystander_works(server.addr, &mut bystander).await;
+
+    // Unknown message type.
+    let mut bad = Connection::connect(server.addr, 3, "secret").await.unwrap();
+    bad.send_raw(&frame(&[0x5A, 1, 0, 0, 0])).await.unwrap();
+    expect_error(&mut bad, ErrorCode::UnknownType).await;
+    expect_closed(&mut bad).await;
+
+    // Malformed: a Ping with a short body.
+    let mut bad = Connection::connect(server.addr, 3, "secret").await.unwrap();
+    bad.send_raw(&frame(&[0x15, 1, 0, 0, 0, 9, 9]))
+        .await
+        .unwrap();
+    expect_error(&mut bad, ErrorCode::Malformed).await;
+    expect_closed(&mut bad).await;
+
+    // Invalid UTF-8 in a document id.
+    let mut bad = Connection::connect(server.addr, 3, "secret").await.unwrap();
+    bad.send_raw(&frame(&[0x14, 1, 0, 0, 0, 2, 0, 0xC3, 0x28]))
+        .await
+        .unwrap();
+    expect_error(&mut bad, ErrorCode::BadUtf8).await;
+    expect_closed(&mut bad).await;
+    bystander_works(server.addr, &mut bystander).await;
+
+    // Requests that are refused but leave the connection usable.
+    let mut bad = Connection::connect(server.addr, 4, "secret").await.unwrap();
+    bad.send(Message::Submit {
+        doc: "doc".into(),
+        local_seq: 1,
+        base_version: 0,
+        patches: vec![Patch::new(0, 0, "x")],
+    })
+    .await
+    .unwrap();
+    expect_error(&mut bad, ErrorCode::UnknownDocument).await;
+    bad.send(Message::Open {
+        doc: "doc".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    bad.send(Message::Submit {
+        doc: "doc".into(),
+        local_seq: 1,
+        base_version: 0,
+        patches: vec![Patch::new(9999, 0, "x")],
+    })
+    .await
+    .unwrap();
+    expect_error(&mut bad, ErrorCode::OutOfRange).await;
+    bad.send(Message::Submit {
+        doc: "doc".into(),
+        local_seq: 2,
+        base_version: 0,
+        patches: vec![Patch::new(0, 99, "")],
+    })
+    .await
+    .unwrap();
+    expect_error(&mut bad, ErrorCode::OutOfRange).await;
+    bad.send(Message::Submit {
+        doc: "doc".into(),
+        local_seq: 3,
+        base_version: 1_000,
+        patches: vec![Patch::new(0, 0, "x")],
+    })
+    .await
+    .unwrap();
+    expect_error(&mut bad, ErrorCode::FutureVersion).await;
+    bad.send(Message::Open {
+        doc: "a\u{7}b".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    expect_error(&mut bad, ErrorCode::InvalidDocId).await;
+    bad.send(Message::Ping { nonce: 5 }).await.unwrap();
+    loop {
+        if let Message::Pong { nonce } = bad.recv().await.unwrap().message {
+            assert_eq!(
+                nonce, 5,
+                "the connection still works after refused requests"
+            );
+            break;
+        }
+    }
+    // Nothing the bad clients sent changed the document.
+    bystander.settle().await.unwrap();
+    let conn = Connection::connect(server.addr, 50, "secret")
+        .await
+        .unwrap();
+    let reader = SyncedDoc::open(conn, "doc", 1).await.unwrap();
+    assert_eq!(reader.doc.text(), bystander.doc.text());
+    assert!(reader.doc.text().starts_with(&before));
+    assert!(!reader.doc.text().contains('x'));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_op_is_acked_with_its_original_seq_and_applied_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut conn = Connection::connect(server.addr, 5, "").await.unwrap();
+    conn.send(Message::Open {
+        doc: "d".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    let submit = Message::Submit {
+        doc: "d".into(),
+        local_seq: 1,
+        base_version: 0,
+        patches: vec![Patch::new(0, 0, "once")],
+    };
+    conn.send(submit.clone()).await.unwrap();
+    conn.send(submit).await.unwrap();
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        if let Message::Ack { seq, .. } = conn.recv().await.unwrap().message {
+            acks.push(seq);
+        }
+    }
+    assert_eq!(acks, vec![1, 1]);
+    let reader = open(server.addr, 6, "d").await;
+    assert_eq!((reader.doc.text(), reader.doc.version()), ("once", 1));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_broadcast_and_gone_when_the_client_disconnects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut watcher = Connection::connect(server.addr, 1, "").await.unwrap();
+    watcher
+        .send(Message::Open {
+            doc: "p".into(),
+            known_version: 0,
+        })
+        .await
+        .unwrap();
+    let mut cursor = Connection::connect(server.addr, 2, "").await.unwrap();
+    cursor
+        .send(Message::Open {
+            doc: "p".into(),
+            known_version: 0,
+        })
+        .await
+        .unwrap();
+    let sel = quire::protocol::message::Selection { anchor: 0, head: 0 };
+    cursor
+        .send(Message::Presence {
+            doc: "p".into(),
+            selections: vec![sel],
+        })
+        .await
+        .unwrap();
+    loop {
+        if let Message::PresenceState {
+            client_id,
+            selections,
+            ..
+        } = watcher.recv().await.unwrap().message
+        {
+            assert_eq!((client_id, selections), (2, vec![sel]));
+            break;
+        }
+    }
+    drop(cursor);
+    loop {
+        if let Message::PresenceState {
+            client_id,
+            selections,
+            ..
+        } = watcher.recv().await.unwrap().message
+        {
+            assert_eq!(
+                (client_id, selections.len()),
+                (2, 0),
+                "presence gone on disconnect"
+            );
+            break;
+        }
+    }
+    assert_eq!(
+        server.store.wal().durability().durable_lsn,
+        0,
+        "presence never reaches the log"
+    );
+    server.stop().await;
+}
