@@ -8,13 +8,17 @@
 //! empty component, no two adjacent of the same kind, an insert before an adjacent
 //! delete, no trailing retain; so equal edits have equal forms.
 //!
-//! **Tie-break.** When two concurrent ops insert at the same position, the op that the
-//! server sequenced first ends up on the left. `a.transform(b, Side::Right)` rebases `a`
-//! over `b` with `b`'s insert staying left of `a`'s; `Side::Left` puts `a`'s first. The
-//! server rebases a late op over ops it already sequenced with `Side::Right`; a client
-//! rebases its pending op over an incoming server op with `Side::Right` and the server
-//! op over its pending op with `Side::Left`. Both sides then agree (TP1 in the
-//! client/server model, checked by `tests/ot_convergence.rs`).
+//! **Tie-break.** When two concurrent ops insert at the same position, the op the server
+//! sequenced *later* ends up on the left (ShareDB's convention: a submitted op is
+//! transformed over committed ones as `left`). `a.transform(b, Side::Left)` rebases `a`
+//! over `b` with `a`'s insert first; `Side::Right` puts `b`'s first. The server rebases a
+//! late op over ops it already sequenced with `Side::Left`; a client rebases its pending
+//! op over an incoming server op with `Side::Left` and the server op over its pending op
+//! with `Side::Right`. Both sides then agree (TP1 in the client/server model, checked by
+//! `tests/ot_convergence.rs`). Chosen by measurement: with the opposite convention the
+//! friendsforever trace converges, but not to its published text (ties arise where one
+//! user inserts next to text the other concurrently deleted); with this one it matches
+//! (`tests/server.rs`).
 
 use crate::op::Patch;
 
@@ -394,13 +398,13 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_inserts_at_one_position_put_the_first_sequenced_on_the_left() {
+    fn concurrent_inserts_at_one_position_put_the_later_sequenced_on_the_left() {
         let first = TextOp::from_patch(&Patch::new(1, 0, "F"));
         let late = TextOp::from_patch(&Patch::new(1, 0, "L"));
-        let late_rebased = late.transform(&first, Side::Right);
+        let late_rebased = late.transform(&first, Side::Left);
         let after = first.apply("ab").and_then(|t| late_rebased.apply(&t));
-        assert_eq!(after.as_deref(), Some("aFLb"));
-        let first_rebased = first.transform(&late, Side::Left);
+        assert_eq!(after.as_deref(), Some("aLFb"));
+        let first_rebased = first.transform(&late, Side::Right);
         let other = late.apply("ab").and_then(|t| first_rebased.apply(&t));
         assert_eq!(other, after);
     }

@@ -81,3 +81,196 @@ pub fn sha256_hex(text: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// What a replay did.
+#[derive(Debug, Clone)]
+pub struct ReplayReport {
+    /// Ops the server sequenced.
+    pub ops: u64,
+    /// Txns whose parent version could not be matched exactly by the emulated client
+    /// (it had already seen more of another agent's ops than the txn's parents hold).
+    pub unreachable: u64,
+    /// The document's text as the server holds it at the end.
+    pub text: String,
+}
+
+/// For each txn and each agent x: how many of x's txns are in the txn's parent version.
+/// An agent's txns are totally ordered, so that set is a prefix of x's txns.
+pub fn parent_prefixes(trace: &Trace) -> Vec<Vec<u32>> {
+    let n = trace.num_agents.max(1);
+    let mut with_self: Vec<Vec<u32>> = Vec::with_capacity(trace.txns.len());
+    let mut parents_only = Vec::with_capacity(trace.txns.len());
+    let mut count = vec![0u32; n];
+    for txn in &trace.txns {
+        let mut known = vec![0u32; n];
+        for &p in &txn.parents {
+            for (k, v) in known.iter_mut().zip(&with_self[p]) {
+                *k = (*k).max(*v);
+            }
+        }
+        parents_only.push(known.clone());
+        count[txn.agent] += 1;
+        known[txn.agent] = count[txn.agent];
+        with_self.push(known);
+    }
+    parents_only
+}
+
+/// Replays a concurrent trace through a running server: one client per agent, each
+/// seeing exactly the parent version the trace gives each of its txns (the
+/// client/server shape described in the traces README). Ops reach the server in file
+/// order, one in flight per client, each txn its own op.
+pub async fn replay_concurrent(
+    addr: std::net::SocketAddr,
+    token: &str,
+    trace: &Trace,
+    doc: &str,
+    client_id_base: u64,
+) -> Result<ReplayReport, crate::client::connection::ClientError> {
+    use crate::client::connection::{ClientError, Connection};
+    use crate::client::state::ClientDoc;
+    use crate::protocol::message::Message;
+
+    struct Agent {
+        conn: Connection,
+        doc: ClientDoc,
+        /// Remote ops received, per agent.
+        received: Vec<u64>,
+    }
+    let n = trace.num_agents.max(1);
+    let prefixes = parent_prefixes(trace);
+    let mut own_txns: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, t) in trace.txns.iter().enumerate() {
+        own_txns[t.agent].push(i);
+    }
+    let mut agents = Vec::with_capacity(n);
+    for a in 0..n {
+        let mut conn = Connection::connect(addr, client_id_base + a as u64, token).await?;
+        conn.send(Message::Open {
+            doc: doc.into(),
+            known_version: 0,
+        })
+        .await?;
+        let (text, version) = loop {
+            if let Message::Snapshot { text, version, .. } = conn.recv().await?.message {
+                break (text, version);
+            }
+        };
+        loop {
+            if let Message::Ops { ops, .. } = conn.recv().await?.message {
+                if !ops.is_empty() {
+                    return Err(ClientError::Protocol(
+                        "replay needs a fresh document".into(),
+                    ));
+                }
+                break;
+            }
+        }
+        agents.push(Agent {
+            conn,
+            doc: ClientDoc::new(text, version, 1).without_composing(),
+            received: vec![0; n],
+        });
+    }
+
+    async fn pump(agent: &mut Agent, base: u64) -> Result<(), ClientError> {
+        let env = agent.conn.recv().await?;
+        let protocol = |e| ClientError::Protocol(format!("{e:?}"));
+        match env.message {
+            Message::Ack { local_seq, seq, .. } => {
+                agent.doc.on_ack(local_seq, seq).map_err(protocol)?
+            }
+            Message::Remote { op, .. } => {
+                agent.doc.on_remote(op.seq, &op.patches).map_err(protocol)?;
+                agent.received[(op.client_id - base) as usize] += 1;
+            }
+            Message::Reject { message, .. } | Message::Error { message, .. } => {
+                return Err(ClientError::Refused(message))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // Ops are sent lazily: an agent's op goes to the server only when another agent's
+    // next txn needs it. A client then only ever receives ops some txn of its own needs
+    // (parent versions grow along each agent's own chain of txns), which is what lets
+    // every txn see exactly its parent version with one op in flight per client.
+    let mut sent = vec![0u64; n];
+    let mut unreachable = 0u64;
+    async fn send_upto(
+        agent: &mut Agent,
+        sent: &mut u64,
+        count: u64,
+        doc: &str,
+        base: u64,
+    ) -> Result<(), ClientError> {
+        while *sent < count {
+            while agent.doc.in_flight().is_some() {
+                pump(agent, base).await?;
+            }
+            let out = agent
+                .doc
+                .take_to_send()
+                .ok_or_else(|| ClientError::Protocol("txn to send was not made".into()))?;
+            agent
+                .conn
+                .send(Message::Submit {
+                    doc: doc.into(),
+                    local_seq: out.local_seq,
+                    base_version: out.base_version,
+                    patches: out.patches,
+                })
+                .await?;
+            *sent += 1;
+        }
+        Ok(())
+    }
+
+    for (i, txn) in trace.txns.iter().enumerate() {
+        let a = txn.agent;
+        for x in (0..n).filter(|&x| x != a) {
+            let need = u64::from(prefixes[i][x]);
+            send_upto(&mut agents[x], &mut sent[x], need, doc, client_id_base).await?;
+            while agents[a].received[x] < need {
+                pump(&mut agents[a], client_id_base).await?;
+            }
+            if agents[a].received[x] > need {
+                unreachable += 1;
+            }
+        }
+        agents[a]
+            .doc
+            .local_edit(&txn.patches)
+            .map_err(|e| ClientError::Protocol(format!("txn {i} (agent {a}, parents {:?}, prefixes {:?}, received {:?}, unreachable so far {unreachable}) does not apply: {e:?}", txn.parents, prefixes[i], agents[a].received)))?;
+    }
+    for (x, agent) in agents.iter_mut().enumerate() {
+        send_upto(
+            agent,
+            &mut sent[x],
+            own_txns[x].len() as u64,
+            doc,
+            client_id_base,
+        )
+        .await?;
+    }
+    let total = trace.txns.len() as u64;
+    for agent in agents.iter_mut() {
+        while agent.doc.has_pending() || agent.doc.version() < total {
+            pump(agent, client_id_base).await?;
+        }
+    }
+    let text = agents[0].doc.text().to_owned();
+    for agent in &agents {
+        if agent.doc.text() != text {
+            return Err(ClientError::Protocol(
+                "the emulated clients diverged".into(),
+            ));
+        }
+    }
+    Ok(ReplayReport {
+        ops: total,
+        unreachable,
+        text,
+    })
+}

@@ -74,7 +74,7 @@ fn run(script: Script) -> TestResult {
         |server: &mut Server, down: &mut Vec<VecDeque<Down>>, from: usize, out: Outgoing| {
             let mut op = TextOp::from_patches(&out.patches);
             for over in &server.history[out.base_version as usize..] {
-                op = op.transform(over, Side::Right);
+                op = op.transform(over, Side::Left);
             }
             let patches = op.to_patches();
             server.text = apply_patches(&server.text, &patches).expect("rebased op applies");

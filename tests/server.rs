@@ -501,3 +501,31 @@ async fn presence_is_broadcast_and_gone_when_the_client_disconnects() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_friendsforever_with_two_emulated_clients_ends_with_the_published_sha256() {
+    let Some(dir) = traces_dir() else {
+        println!("skipped: friendsforever trace not found (set QUIRE_TRACES)");
+        return;
+    };
+    let trace = load(&dir.join("friendsforever.json.gz")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let report = quire::trace::replay_concurrent(server.addr, "", &trace, "friends", 500)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.unreachable, 0,
+        "every txn saw exactly its parent version"
+    );
+    assert_eq!(report.ops, 26_078);
+    assert_eq!(report.text.chars().count(), 21_362);
+    assert_eq!(
+        sha256_hex(&report.text),
+        "4720ec330c91e288c00b71cab318f7a1cdde689dfc401f269c353acfd6cb03f6"
+    );
+    // And the server's own copy, read back by another client.
+    let reader = open(server.addr, 9, "friends").await;
+    assert_eq!(reader.doc.text(), report.text);
+    server.stop().await;
+}

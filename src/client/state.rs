@@ -4,7 +4,9 @@
 //! rebased over the in-flight and buffered ops before it is applied locally, and they
 //! over it. The server sequences the in-flight op after every remote op the client
 //! received before its ack, so both sides transform the same pairs with the same
-//! tie-break (see `ot`).
+//! tie-break (see `ot`: the later-sequenced op's insert goes left).
+
+use std::collections::VecDeque;
 
 use crate::op::Patch;
 use crate::ot::{apply_patches, Side, TextOp};
@@ -24,8 +26,10 @@ pub struct ClientDoc {
     /// The last server seq this client has applied.
     version: u64,
     in_flight: Option<(Outgoing, TextOp)>,
-    buffer: Option<TextOp>,
+    /// Local edits not yet sent: one composed op, or (without composing) one op per edit.
+    buffer: VecDeque<TextOp>,
     next_local_seq: u64,
+    compose: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,9 +48,17 @@ impl ClientDoc {
             text,
             version,
             in_flight: None,
-            buffer: None,
+            buffer: VecDeque::new(),
             next_local_seq: next_local_seq.max(1),
+            compose: true,
         }
+    }
+
+    /// Keeps every local edit as its own op instead of composing the edits made while
+    /// an op is in flight (a trace replay needs each edit to reach the server alone).
+    pub fn without_composing(mut self) -> Self {
+        self.compose = false;
+        self
     }
 
     pub fn text(&self) -> &str {
@@ -62,7 +74,7 @@ impl ClientDoc {
     }
 
     pub fn has_pending(&self) -> bool {
-        self.in_flight.is_some() || self.buffer.is_some()
+        self.in_flight.is_some() || !self.buffer.is_empty()
     }
 
     /// Applies a local edit at once and queues it for the server.
@@ -73,10 +85,10 @@ impl ClientDoc {
         if op.is_noop() {
             return Ok(());
         }
-        self.buffer = Some(match self.buffer.take() {
-            Some(buffered) => buffered.compose(&op),
-            None => op,
-        });
+        match self.buffer.back_mut() {
+            Some(buffered) if self.compose => *buffered = buffered.compose(&op),
+            _ => self.buffer.push_back(op),
+        }
         Ok(())
     }
 
@@ -85,7 +97,7 @@ impl ClientDoc {
         if self.in_flight.is_some() {
             return None;
         }
-        let op = self.buffer.take()?;
+        let op = self.buffer.pop_front()?;
         let outgoing = Outgoing {
             local_seq: self.next_local_seq,
             base_version: self.version,
@@ -131,13 +143,13 @@ impl ClientDoc {
         }
         let mut remote = TextOp::from_patches(patches);
         if let Some((_, in_flight)) = &mut self.in_flight {
-            let rebased = remote.transform(in_flight, Side::Left);
-            *in_flight = in_flight.transform(&remote, Side::Right);
+            let rebased = remote.transform(in_flight, Side::Right);
+            *in_flight = in_flight.transform(&remote, Side::Left);
             remote = rebased;
         }
-        if let Some(buffer) = &mut self.buffer {
-            let rebased = remote.transform(buffer, Side::Left);
-            *buffer = buffer.transform(&remote, Side::Right);
+        for buffered in self.buffer.iter_mut() {
+            let rebased = remote.transform(buffered, Side::Right);
+            *buffered = buffered.transform(&remote, Side::Left);
             remote = rebased;
         }
         self.text = remote.apply(&self.text).ok_or_else(|| {

@@ -195,11 +195,11 @@ impl Document {
                     );
                 };
                 for m in missed.iter().filter(|m| m.server_seq <= state.version) {
-                    op = op.transform(&TextOp::from_patches(&m.patches), Side::Right);
+                    op = op.transform(&TextOp::from_patches(&m.patches), Side::Left);
                 }
             } else {
                 for (_, over) in state.history.iter().filter(|(s, _)| *s > base_version) {
-                    op = op.transform(over, Side::Right);
+                    op = op.transform(over, Side::Left);
                 }
             }
         }
