@@ -74,9 +74,9 @@ pub fn load(path: &Path) -> Result<Trace, String> {
     })
 }
 
-pub fn sha256_hex(text: &str) -> String {
+pub fn sha256_hex(text: impl AsRef<str>) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(text.as_bytes())
+    sha2::Sha256::digest(text.as_ref().as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()

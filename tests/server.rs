@@ -435,7 +435,10 @@ async fn a_resent_op_is_acked_with_its_original_seq_and_applied_once() {
     }
     assert_eq!(acks, vec![1, 1]);
     let reader = open(server.addr, 6, "d").await;
-    assert_eq!((reader.doc.text(), reader.doc.version()), ("once", 1));
+    assert_eq!(
+        (reader.doc.text().as_str(), reader.doc.version()),
+        ("once", 1)
+    );
     server.stop().await;
 }
 

@@ -118,6 +118,26 @@ impl Connection {
         Ok(())
     }
 
+    /// A message already received, without waiting (no timer: a zero timeout would
+    /// wait for the timer wheel's next millisecond tick).
+    pub fn try_recv(&mut self) -> Result<Option<Envelope>, ClientError> {
+        loop {
+            if let Some(env) = self
+                .codec
+                .decode(&mut self.read_buf)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            {
+                return Ok(Some(env));
+            }
+            match self.stream.try_read_buf(&mut self.read_buf) {
+                Ok(0) => return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     pub async fn recv(&mut self) -> Result<Envelope, ClientError> {
         loop {
             if let Some(env) = self
@@ -297,6 +317,15 @@ impl SyncedDoc {
     pub async fn pump(&mut self) -> Result<(), ClientError> {
         let env = self.conn.recv().await?;
         self.apply(env)?;
+        self.flush_ops().await
+    }
+
+    /// Applies whatever the server already sent, without waiting, then sends what became
+    /// sendable.
+    pub async fn poll(&mut self) -> Result<(), ClientError> {
+        while let Some(env) = self.conn.try_recv()? {
+            self.apply(env)?;
+        }
         self.flush_ops().await
     }
 

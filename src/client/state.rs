@@ -9,7 +9,8 @@
 use std::collections::VecDeque;
 
 use crate::op::Patch;
-use crate::ot::{apply_patches, Side, TextOp};
+use crate::ot::{Side, TextOp};
+use crate::text::Text;
 
 /// An op to send: its local sequence number (with the client id, its op id), the
 /// server version it was made against, and its patches.
@@ -22,7 +23,8 @@ pub struct Outgoing {
 
 #[derive(Clone, Debug)]
 pub struct ClientDoc {
-    text: String,
+    /// A rope: local edits and remote ops cost O(log n), not a copy of the document.
+    text: Text,
     /// The last server seq this client has applied.
     version: u64,
     in_flight: Option<(Outgoing, TextOp)>,
@@ -45,7 +47,7 @@ impl ClientDoc {
     /// the client's op numbering (it must never reuse an op id).
     pub fn new(text: String, version: u64, next_local_seq: u64) -> Self {
         ClientDoc {
-            text,
+            text: Text::from(text.as_str()),
             version,
             in_flight: None,
             buffer: VecDeque::new(),
@@ -61,8 +63,13 @@ impl ClientDoc {
         self
     }
 
-    pub fn text(&self) -> &str {
-        &self.text
+    /// The local text (materialized: O(n)).
+    pub fn text(&self) -> String {
+        self.text.to_string()
+    }
+
+    pub fn len_chars(&self) -> u32 {
+        self.text.len_chars()
     }
 
     pub fn version(&self) -> u64 {
@@ -79,8 +86,9 @@ impl ClientDoc {
 
     /// Applies a local edit at once and queues it for the server.
     pub fn local_edit(&mut self, patches: &[Patch]) -> Result<(), ClientError> {
-        let text = apply_patches(&self.text, patches).ok_or(ClientError::OutOfRange)?;
-        self.text = text;
+        self.text
+            .apply(patches)
+            .map_err(|_| ClientError::OutOfRange)?;
         let op = TextOp::from_patches(patches);
         if op.is_noop() {
             return Ok(());
@@ -152,10 +160,11 @@ impl ClientDoc {
             *buffered = buffered.transform(&remote, Side::Left);
             remote = rebased;
         }
-        self.text = remote.apply(&self.text).ok_or_else(|| {
-            ClientError::Protocol(format!("remote op at seq {seq} does not apply"))
+        let patches = remote.to_patches();
+        self.text.apply(&patches).map_err(|e| {
+            ClientError::Protocol(format!("remote op at seq {seq} does not apply: {e}"))
         })?;
         self.version = seq;
-        Ok(remote.to_patches())
+        Ok(patches)
     }
 }

@@ -1,0 +1,220 @@
+//! quire-trace: drive a running quire server with an editing trace and measure it.
+//!
+//! ```text
+//! quire-trace --addr 127.0.0.1:7420 --trace FILE [--mode concurrent|sequential|shared|each]
+//!             [--clients N] [--compose] [--patches N] [--doc NAME]
+//! ```
+//! - `concurrent`: a concurrent trace, one emulated client per agent, each txn made on
+//!   exactly its parent version (unreachable txns are counted, never altered).
+//! - `sequential`: every patch of the trace through one client.
+//! - `shared`: patches dealt round-robin over N clients on one document (positions
+//!   clamped to each client's copy, as the ShareDB peer benchmark does).
+//! - `each`: the same, each client on its own document.
+//!
+//! Without `--compose` a client keeps one op in flight and sends each patch as its own
+//! op after the previous ack (the ShareDB peer's shape); with it, patches made while an
+//! op is in flight are composed into the next op. Prints ops/s, ack latency
+//! p50/p99/p99.9, and the final length and sha256 of every document, read back from
+//! the server by a fresh client.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use quire::client::connection::{Connection, SyncedDoc};
+use quire::op::Patch;
+use quire::trace::{load, replay_concurrent, sha256_hex};
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Mode {
+    Concurrent,
+    Sequential,
+    Shared,
+    Each,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "quire-trace",
+    about = "Replay an editing trace against a quire server"
+)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    addr: SocketAddr,
+    #[arg(long)]
+    trace: PathBuf,
+    #[arg(long, value_enum, default_value = "sequential")]
+    mode: Mode,
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    #[arg(long)]
+    compose: bool,
+    /// Use only the first N patches.
+    #[arg(long)]
+    patches: Option<usize>,
+    /// Document name (prefix, in `each` mode).
+    #[arg(long, default_value = "trace")]
+    doc: String,
+    #[arg(long, default_value = "", env = "QUIRE_TOKEN")]
+    token: String,
+    /// First client id used (ids must be unique per run on a server).
+    #[arg(long, default_value_t = 1_000_000)]
+    client_base: u64,
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
+}
+
+/// One client replaying its share of patches; returns its ack latencies (µs).
+async fn drive(
+    mut doc: SyncedDoc,
+    patches: Vec<Patch>,
+    compose: bool,
+) -> Result<(Histogram<u64>, u64), String> {
+    let mut hist = new_hist();
+    let e = |e: quire::client::connection::ClientError| e.to_string();
+    for patch in patches {
+        let len = doc.doc.len_chars();
+        let pos = patch.pos.min(len);
+        let del = patch.del.min(len - pos);
+        let clamped = Patch::new(pos, del, patch.ins);
+        if compose {
+            doc.edit(&[clamped]).await.map_err(e)?;
+            doc.poll().await.map_err(e)?;
+        } else {
+            let t = Instant::now();
+            doc.edit(&[clamped]).await.map_err(e)?;
+            doc.settle().await.map_err(e)?;
+            hist.record((t.elapsed().as_micros() as u64).max(1)).ok();
+        }
+    }
+    let t = Instant::now();
+    doc.settle().await.map_err(e)?;
+    if compose {
+        hist.record((t.elapsed().as_micros() as u64).max(1)).ok();
+    }
+    Ok((hist, doc.ops_sent))
+}
+
+async fn read_back(
+    addr: SocketAddr,
+    token: &str,
+    client: u64,
+    doc: &str,
+) -> Result<String, String> {
+    let conn = Connection::connect(addr, client, token)
+        .await
+        .map_err(|e| e.to_string())?;
+    let synced = SyncedDoc::open(conn, doc, 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(synced.doc.text().to_owned())
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let trace = load(&args.trace)?;
+    let started = Instant::now();
+    let mut docs: Vec<String> = Vec::new();
+    let (ops, hist, note) = if args.mode == Mode::Concurrent {
+        let report = replay_concurrent(args.addr, &args.token, &trace, &args.doc, args.client_base)
+            .await
+            .map_err(|e| e.to_string())?;
+        docs.push(args.doc.clone());
+        (
+            report.ops,
+            new_hist(),
+            format!("unreachable txns: {}", report.unreachable),
+        )
+    } else {
+        let mut patches: Vec<Patch> = trace.txns.into_iter().flat_map(|t| t.patches).collect();
+        if let Some(n) = args.patches {
+            patches.truncate(n);
+        }
+        let clients = if args.mode == Mode::Sequential {
+            1
+        } else {
+            args.clients.max(1)
+        };
+        let mut shares: Vec<Vec<Patch>> = vec![Vec::new(); clients];
+        for (i, p) in patches.into_iter().enumerate() {
+            shares[i % clients].push(p);
+        }
+        let mut tasks = Vec::new();
+        for (c, share) in shares.into_iter().enumerate() {
+            let name = if args.mode == Mode::Each {
+                format!("{}-{c}", args.doc)
+            } else {
+                args.doc.clone()
+            };
+            if !docs.contains(&name) {
+                docs.push(name.clone());
+            }
+            let conn = Connection::connect(args.addr, args.client_base + c as u64, &args.token)
+                .await
+                .map_err(|e| e.to_string())?;
+            let doc = SyncedDoc::open(conn, &name, 1)
+                .await
+                .map_err(|e| e.to_string())?;
+            tasks.push(tokio::spawn(drive(doc, share, args.compose)));
+        }
+        let mut hist = new_hist();
+        let mut ops = 0;
+        for t in tasks {
+            let (h, sent) = t.await.map_err(|e| e.to_string())??;
+            hist.add(h).ok();
+            ops += sent;
+        }
+        (ops, hist, String::new())
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "mode {} clients {} compose {}: {ops} ops in {elapsed:.3} s = {:.0} ops/s; ack latency p50 {} us p99 {} us p99.9 {} us (n={}) {note}",
+        match args.mode {
+            Mode::Concurrent => "concurrent",
+            Mode::Sequential => "sequential",
+            Mode::Shared => "shared",
+            Mode::Each => "each",
+        },
+        args.clients,
+        args.compose,
+        ops as f64 / elapsed,
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.len()
+    );
+    for (i, doc) in docs.iter().enumerate().take(64) {
+        let text = read_back(
+            args.addr,
+            &args.token,
+            args.client_base + 900_000 + i as u64,
+            doc,
+        )
+        .await?;
+        println!(
+            "doc {doc}: {} chars sha256 {}",
+            text.chars().count(),
+            sha256_hex(&text)
+        );
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quire-trace: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
