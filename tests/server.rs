@@ -532,3 +532,34 @@ async fn trace_friendsforever_with_two_emulated_clients_ends_with_the_published_
     assert_eq!(reader.doc.text(), report.text);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_opening_while_others_edit_catch_up_without_a_gap() {
+    // Broadcasts can reach a new subscriber before its snapshot; none may be lost.
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let addr = server.addr;
+    let editor = tokio::spawn(async move {
+        let mut writer = open(addr, 1, "busy").await;
+        for i in 0..3000u32 {
+            writer.edit(&[Patch::new(i, 0, "w")]).await.unwrap();
+            // One op in flight, each edit its own op: many seqs while readers open.
+            writer.settle().await.unwrap();
+        }
+        writer.doc.version()
+    });
+    let mut readers = Vec::new();
+    for r in 0..12u64 {
+        readers.push(open(addr, 10 + r, "busy").await);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let final_version = editor.await.unwrap();
+    for reader in &mut readers {
+        while reader.doc.version() < final_version {
+            reader.pump().await.unwrap();
+        }
+        assert_eq!(final_version, 3000);
+        assert_eq!(reader.doc.text(), "w".repeat(3000));
+    }
+    server.stop().await;
+}

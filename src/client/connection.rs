@@ -177,12 +177,17 @@ impl SyncedDoc {
             known_version: 0,
         })
         .await?;
+        // Broadcasts can overtake the snapshot (the server subscribes this connection
+        // before it reads the snapshot): keep them, and apply those newer than it.
+        let mut early = Vec::new();
         let (text, version) = loop {
-            match conn.recv().await?.message {
+            let env = conn.recv().await?;
+            match env.message {
                 Message::Snapshot { version, text, .. } => break (text, version),
                 Message::Error { code, message } => {
                     return Err(ClientError::Refused(format!("{code:?}: {message}")))
                 }
+                Message::Remote { .. } => early.push(env),
                 _ => {}
             }
         };
@@ -192,6 +197,9 @@ impl SyncedDoc {
             doc: ClientDoc::new(text, version, next_local_seq),
             ops_sent: 0,
         };
+        for env in early {
+            synced.apply(env)?;
+        }
         // The Ops that follow the snapshot.
         loop {
             let env = synced.conn.recv().await?;

@@ -198,7 +198,12 @@ impl Document {
                     op = op.transform(&TextOp::from_patches(&m.patches), Side::Left);
                 }
             } else {
-                for (_, over) in state.history.iter().filter(|(s, _)| *s > base_version) {
+                // The window holds consecutive seqs ending at `version`: the ops after
+                // `base_version` are its last `version - base_version` entries.
+                let missed = (state.version - base_version) as usize;
+                let start = state.history.len() - missed;
+                for (seq, over) in state.history.range(start..) {
+                    debug_assert!(*seq > base_version);
                     op = op.transform(over, Side::Left);
                 }
             }
