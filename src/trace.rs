@@ -213,15 +213,7 @@ pub async fn replay_concurrent(
                 .doc
                 .take_to_send()
                 .ok_or_else(|| ClientError::Protocol("txn to send was not made".into()))?;
-            agent
-                .conn
-                .send(Message::Submit {
-                    doc: doc.into(),
-                    local_seq: out.local_seq,
-                    base_version: out.base_version,
-                    patches: out.patches,
-                })
-                .await?;
+            agent.conn.send(out.into_submit(doc)).await?;
             *sent += 1;
         }
         Ok(())

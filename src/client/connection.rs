@@ -154,6 +154,18 @@ impl Connection {
     }
 }
 
+impl super::state::Outgoing {
+    /// The `Submit` message carrying this op.
+    pub fn into_submit(self, doc: &str) -> Message {
+        Message::Submit {
+            doc: doc.to_owned(),
+            local_seq: self.local_seq,
+            base_version: self.base_version,
+            patches: self.patches,
+        }
+    }
+}
+
 /// A document kept in sync with the server over one connection: local edits apply at
 /// once and are sent with at most one op in flight (later edits are composed); remote
 /// ops are rebased over the pending ones.
@@ -235,12 +247,7 @@ impl SyncedDoc {
             }
         }
         if let Some(out) = self.doc.in_flight().cloned() {
-            self.conn.queue(Message::Submit {
-                doc: self.name.clone(),
-                local_seq: out.local_seq,
-                base_version: out.base_version,
-                patches: out.patches,
-            })?;
+            self.conn.queue(out.into_submit(&self.name))?;
         }
         self.flush_ops().await
     }
@@ -256,12 +263,7 @@ impl SyncedDoc {
     async fn flush_ops(&mut self) -> Result<(), ClientError> {
         if let Some(out) = self.doc.take_to_send() {
             self.ops_sent += 1;
-            self.conn.queue(Message::Submit {
-                doc: self.name.clone(),
-                local_seq: out.local_seq,
-                base_version: out.base_version,
-                patches: out.patches,
-            })?;
+            self.conn.queue(out.into_submit(&self.name))?;
         }
         self.conn.flush().await
     }
