@@ -62,7 +62,36 @@ struct State {
     /// Highest seq delivered to subscribers.
     delivered: u64,
     subscribers: HashMap<SessionId, Outbox>,
+    /// Messages for sessions that subscribed but have not been sent their snapshot yet:
+    /// released by [`Document::activate`], so that no broadcast overtakes the snapshot.
+    held: HashMap<SessionId, Vec<Arc<Envelope>>>,
     presence: HashMap<u64, Vec<Selection>>,
+}
+
+/// Sends to one subscriber, or holds the message while its snapshot is not out yet.
+fn deliver(
+    held: &mut HashMap<SessionId, Vec<Arc<Envelope>>>,
+    outbox: &Outbox,
+    env: &Arc<Envelope>,
+) {
+    match held.get_mut(&outbox.session) {
+        Some(queue) if queue.len() < outbox.tx.max_capacity() => queue.push(env.clone()),
+        Some(_) => outbox.kick.notify_one(),
+        None => {
+            outbox.send(env.clone());
+        }
+    }
+}
+
+impl State {
+    fn deliver_all(&mut self, except: Option<SessionId>, env: &Arc<Envelope>) {
+        let State {
+            subscribers, held, ..
+        } = self;
+        for outbox in subscribers.values().filter(|o| Some(o.session) != except) {
+            deliver(held, outbox, env);
+        }
+    }
 }
 
 pub struct Document {
@@ -103,6 +132,7 @@ impl Document {
                 pending: BTreeMap::new(),
                 delivered: version,
                 subscribers: HashMap::new(),
+                held: HashMap::new(),
                 presence: HashMap::new(),
             }),
         }
@@ -112,19 +142,42 @@ impl Document {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn subscribe(&self, outbox: Outbox) -> Vec<(u64, Vec<Selection>)> {
+    /// Subscribes a session. Broadcasts for it are held until [`Document::activate`].
+    pub fn subscribe(&self, outbox: Outbox) {
         let mut state = self.lock();
+        state.held.insert(outbox.session, Vec::new());
         state.subscribers.insert(outbox.session, outbox);
-        state
-            .presence
-            .iter()
-            .map(|(c, s)| (*c, s.clone()))
-            .collect()
+    }
+
+    /// The session's snapshot or catch-up is queued: release what was held for it, in
+    /// order, then send it the current presence of the others.
+    pub fn activate(&self, session: SessionId) {
+        let mut state = self.lock();
+        let held = state.held.remove(&session).unwrap_or_default();
+        let Some(outbox) = state.subscribers.get(&session).cloned() else {
+            return;
+        };
+        for env in held {
+            outbox.send(env);
+        }
+        for (client_id, selections) in &state.presence {
+            if *client_id != outbox.client_id {
+                outbox.send(Arc::new(Envelope {
+                    request_id: 0,
+                    message: Message::PresenceState {
+                        doc: self.id.to_string(),
+                        client_id: *client_id,
+                        selections: selections.clone(),
+                    },
+                }));
+            }
+        }
     }
 
     /// Removes a session; tells the others its presence is gone.
     pub fn unsubscribe(&self, session: SessionId, client_id: u64) {
         let mut state = self.lock();
+        state.held.remove(&session);
         if state.subscribers.remove(&session).is_some()
             && state.presence.remove(&client_id).is_some()
         {
@@ -136,9 +189,7 @@ impl Document {
                     selections: Vec::new(),
                 },
             });
-            for outbox in state.subscribers.values() {
-                outbox.send(env.clone());
-            }
+            state.deliver_all(None, &env);
         }
     }
 
@@ -158,9 +209,7 @@ impl Document {
                 selections,
             },
         });
-        for outbox in state.subscribers.values().filter(|o| o.session != session) {
-            outbox.send(env.clone());
-        }
+        state.deliver_all(Some(session), &env);
     }
 
     /// Transforms the op over what it missed and sequences it.
@@ -287,12 +336,16 @@ impl Document {
                 request_id: 0,
                 message: Message::Remote { doc, op: p.op },
             });
-            for outbox in state.subscribers.values() {
-                if outbox.session == p.submitter {
-                    outbox.send(ack.clone());
+            let State {
+                subscribers, held, ..
+            } = &mut *state;
+            for outbox in subscribers.values() {
+                let env = if outbox.session == p.submitter {
+                    &ack
                 } else {
-                    outbox.send(remote.clone());
-                }
+                    &remote
+                };
+                deliver(held, outbox, env);
             }
         }
     }

@@ -203,7 +203,7 @@ async fn handle<S: Sequencer>(
                 return outbox.send(err);
             }
             let document = server.document(&doc).await;
-            let others = document.subscribe(outbox.clone());
+            document.subscribe(outbox.clone());
             opened.insert(document.id.clone(), document.clone());
             let catch_up = (known_version > 0)
                 .then(|| server.sequencer.ops_after(&doc, known_version, usize::MAX))
@@ -239,16 +239,7 @@ async fn handle<S: Sequencer>(
                     ));
                 }
             }
-            for (client_id, selections) in others {
-                outbox.send(reply(
-                    0,
-                    Message::PresenceState {
-                        doc: doc.clone(),
-                        client_id,
-                        selections,
-                    },
-                ));
-            }
+            document.activate(outbox.session);
             true
         }
         Message::Submit {
