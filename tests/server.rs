@@ -42,19 +42,24 @@ fn store_config() -> LocalConfig {
 }
 
 async fn start(dir: &Path, token: &str) -> Running {
+    start_with(
+        dir,
+        ServerConfig {
+            token: token.into(),
+            ..ServerConfig::default()
+        },
+    )
+    .await
+}
+
+async fn start_with(dir: &Path, config: ServerConfig) -> Running {
     let (store, _) = LocalSequencer::open(dir, store_config()).unwrap();
     let store = Arc::new(store);
     let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = Server::new(
-        store.clone(),
-        ServerConfig {
-            token: token.into(),
-            ..ServerConfig::default()
-        },
-    );
+    let server = Server::new(store.clone(), config);
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(server.serve(listener, async move {
         let _ = rx.await;
@@ -561,5 +566,53 @@ async fn clients_opening_while_others_edit_catch_up_without_a_gap() {
         assert_eq!(final_version, 3000);
         assert_eq!(reader.doc.text(), "w".repeat(3000));
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_is_disconnected_and_the_writer_is_unaffected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        outbox_capacity: 64,
+        ..ServerConfig::default()
+    };
+    let server = start_with(tmp.path(), config).await;
+    let mut slow = Connection::connect(server.addr, 1, "").await.unwrap();
+    slow.send(Message::Open {
+        doc: "big".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    let mut writer = open(server.addr, 2, "big").await;
+    // ~12 MB of broadcasts: more than the socket buffers hold, so the slow reader's
+    // bounded queue fills and the server drops it instead of growing without bound.
+    let chunk = "z".repeat(4096);
+    for _ in 0..3000 {
+        writer
+            .edit(&[Patch::new(0, 0, chunk.clone())])
+            .await
+            .unwrap();
+        writer.settle().await.unwrap();
+    }
+    assert_eq!(
+        writer.doc.version(),
+        3000,
+        "the writer kept working throughout"
+    );
+    // The slow connection ends (after whatever was already in flight to it).
+    // (The bound is a guard against a hang, not a performance threshold.)
+    let mut got = 0u64;
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        while slow.recv().await.is_ok() {
+            got += 1;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the slow connection was never closed");
+    assert!(
+        got < 3000,
+        "the slow reader was cut off ({got} messages reached it)"
+    );
     server.stop().await;
 }
