@@ -187,6 +187,13 @@ impl TextOp {
         };
     }
 
+    /// Copies what is left of `cursor`'s op.
+    fn push_rest(&mut self, cursor: &mut Cursor<'_>) {
+        while !cursor.done() {
+            self.push_piece(cursor.take_all());
+        }
+    }
+
     /// Drops the trailing retain (it is implicit).
     fn finish(mut self) -> Self {
         if let Some(Component::Retain(_)) = self.components.last() {
@@ -278,15 +285,11 @@ impl TextOp {
             }
             if a.done() {
                 // `next` runs over the implicit tail of `self` unchanged.
-                while !b.done() {
-                    out.push_piece(b.take_all());
-                }
+                out.push_rest(&mut b);
                 break;
             }
             if b.done() {
-                while !a.done() {
-                    out.push_piece(a.take_all());
-                }
+                out.push_rest(&mut a);
                 break;
             }
             let n = a.remaining().min(b.remaining());
@@ -324,9 +327,7 @@ impl TextOp {
                 break;
             }
             if b.done() {
-                while !a.done() {
-                    out.push_piece(a.take_all());
-                }
+                out.push_rest(&mut a);
                 break;
             }
             let n = a.remaining().min(b.remaining());

@@ -616,3 +616,57 @@ async fn a_subscriber_that_never_reads_is_disconnected_and_the_writer_is_unaffec
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_fsync_fails_the_client_is_refused_and_nothing_more_is_acked() {
+    use quire::wal::vfs::sim::SimFs;
+    let fs = SimFs::new();
+    let (store, _) =
+        LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), store_config())
+            .unwrap();
+    let store = Arc::new(store);
+    let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::new(store.clone(), ServerConfig::default());
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(server.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    let mut client = open(addr, 1, "d").await;
+    client.edit(&[Patch::new(0, 0, "kept")]).await.unwrap();
+    client.settle().await.unwrap();
+    fs.fail_syncs_after(0);
+    let mut conn = Connection::connect(addr, 2, "").await.unwrap();
+    conn.send(Message::Open {
+        doc: "d".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    for local_seq in 1..=2 {
+        conn.send(Message::Submit {
+            doc: "d".into(),
+            local_seq,
+            base_version: 1,
+            patches: vec![Patch::new(0, 0, "lost")],
+        })
+        .await
+        .unwrap();
+        // (A guard against a hang when no reply comes, not a performance threshold.)
+        let told = tokio::time::timeout(
+            Duration::from_secs(60),
+            expect_error(&mut conn, ErrorCode::StorageFailed),
+        )
+        .await;
+        assert!(
+            told.is_ok(),
+            "the client was never told that storage failed"
+        );
+    }
+    let _ = tx.send(());
+    task.await.unwrap();
+    store.close();
+    assert_eq!(client.doc.text(), "kept");
+}

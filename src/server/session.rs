@@ -273,11 +273,23 @@ async fn handle<S: Sequencer>(
             match outcome {
                 SubmitOutcome::Applied { seq, ticket } => {
                     let server = server.clone();
+                    let outbox = outbox.clone();
                     tokio::spawn(async move {
-                        // Acks and broadcasts leave only once the op is durable; a failed
-                        // log acknowledges nothing more.
-                        if server.sequencer.wait_durable(ticket).await.is_ok() {
-                            document.mark_durable(seq);
+                        // Acks and broadcasts leave only once the op is durable. A failed
+                        // log acknowledges nothing more, and the client is told so.
+                        match server.sequencer.wait_durable(ticket).await {
+                            Ok(()) => document.mark_durable(seq),
+                            Err(reason) => {
+                                outbox.send(reply(
+                                    rid,
+                                    Message::Reject {
+                                        doc,
+                                        local_seq,
+                                        code: ErrorCode::StorageFailed,
+                                        message: reason.to_string(),
+                                    },
+                                ));
+                            }
                         }
                     });
                 }
