@@ -2,6 +2,7 @@
 //! → document → sequencer → WAL → ack and broadcast.
 
 pub mod document;
+pub mod durability;
 pub mod session;
 
 use std::collections::HashMap;
@@ -45,6 +46,7 @@ pub struct Server<S> {
     pub config: ServerConfig,
     documents: Mutex<HashMap<Arc<str>, Arc<Document>>>,
     next_session: AtomicU64,
+    durable: Arc<durability::DurabilityQueue>,
     shutdown: broadcast::Sender<()>,
 }
 
@@ -64,6 +66,7 @@ impl<S: Sequencer> Server<S> {
             config,
             documents: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
+            durable: Arc::default(),
             shutdown: broadcast::channel(1).0,
         })
     }
@@ -93,6 +96,7 @@ impl<S: Sequencer> Server<S> {
         stop: impl std::future::Future<Output = ()>,
     ) {
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
+        let deliverer = tokio::spawn(self.durable.clone().run(self.sequencer.clone()));
         let mut sessions = tokio::task::JoinSet::new();
         tokio::pin!(stop);
         let mut backoff = Duration::from_millis(5);
@@ -127,6 +131,7 @@ impl<S: Sequencer> Server<S> {
         }
         let _ = self.shutdown.send(());
         while sessions.join_next().await.is_some() {}
+        deliverer.abort();
     }
 }
 

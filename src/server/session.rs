@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::document::{Document, Outbox, Submission, SubmitOutcome};
+use super::durability::Action;
 use super::Server;
 use crate::op::validate_doc_id;
 use crate::protocol::frame::{FrameCodec, FrameError};
@@ -271,44 +272,27 @@ async fn handle<S: Sequencer>(
                 },
             );
             match outcome {
-                SubmitOutcome::Applied { seq, ticket } => {
-                    let server = server.clone();
-                    let outbox = outbox.clone();
-                    tokio::spawn(async move {
-                        // Acks and broadcasts leave only once the op is durable. A failed
-                        // log acknowledges nothing more, and the client is told so.
-                        match server.sequencer.wait_durable(ticket).await {
-                            Ok(()) => document.mark_durable(seq),
-                            Err(reason) => {
-                                outbox.send(reply(
-                                    rid,
-                                    Message::Reject {
-                                        doc,
-                                        local_seq,
-                                        code: ErrorCode::StorageFailed,
-                                        message: reason.to_string(),
-                                    },
-                                ));
-                            }
-                        }
-                    });
-                }
-                SubmitOutcome::Duplicate { seq, ticket } => {
-                    let server = server.clone();
-                    let outbox = outbox.clone();
-                    tokio::spawn(async move {
-                        if server.sequencer.wait_durable(ticket).await.is_ok() {
-                            outbox.send(reply(
-                                rid,
-                                Message::Ack {
-                                    doc,
-                                    local_seq,
-                                    seq: seq.unwrap_or(0),
-                                },
-                            ));
-                        }
-                    });
-                }
+                // Acks and broadcasts leave only once the op is durable.
+                SubmitOutcome::Applied { seq, ticket } => server.durable.push(
+                    ticket,
+                    Action::Deliver {
+                        document,
+                        seq,
+                        outbox: outbox.clone(),
+                        request_id: rid,
+                        local_seq,
+                    },
+                ),
+                SubmitOutcome::Duplicate { seq, ticket } => server.durable.push(
+                    ticket,
+                    Action::AckDuplicate {
+                        doc: document.id.clone(),
+                        outbox: outbox.clone(),
+                        request_id: rid,
+                        local_seq,
+                        seq: seq.unwrap_or(0),
+                    },
+                ),
                 SubmitOutcome::Rejected(code, message) => {
                     outbox.send(reply(
                         rid,

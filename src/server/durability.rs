@@ -1,0 +1,127 @@
+//! What happens once a sequenced op is durable: one task per server waits on the
+//! sequencer's tickets in submission order and delivers the acks and broadcasts.
+//!
+//! One waiter for everything instead of one task per op: a group commit of N ops wakes
+//! one task, not N, and nothing is spawned per op. Tickets are waited on in the order
+//! they were queued; the local sequencer's tickets are LSNs, which that order follows
+//! up to races between documents, so a ticket found durable is almost always followed
+//! by others already durable (their wait returns at once).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use super::document::{Document, Outbox};
+use crate::protocol::message::{Envelope, ErrorCode, Message};
+use crate::sequencer::{Sequencer, Ticket};
+
+/// What to do once a ticket is durable (or the log failed).
+pub enum Action {
+    /// A new op: deliver its ack and broadcast in seq order, or tell the submitter
+    /// that the log failed.
+    Deliver {
+        document: Arc<Document>,
+        seq: u64,
+        outbox: Outbox,
+        request_id: u32,
+        local_seq: u64,
+    },
+    /// A retried op: the original ack again, once the original is durable.
+    AckDuplicate {
+        doc: Arc<str>,
+        outbox: Outbox,
+        request_id: u32,
+        local_seq: u64,
+        seq: u64,
+    },
+}
+
+#[derive(Default)]
+pub struct DurabilityQueue {
+    waiting: Mutex<VecDeque<(Ticket, Action)>>,
+    added: Notify,
+}
+
+impl DurabilityQueue {
+    pub fn push(&self, ticket: Ticket, action: Action) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.push_back((ticket, action));
+        if waiting.len() == 1 {
+            // A permit is stored if the task is not waiting yet: no lost wake-up.
+            self.added.notify_one();
+        }
+    }
+
+    fn front(&self) -> Option<Ticket> {
+        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.front().map(|(t, _)| *t)
+    }
+
+    fn pop(&self) -> Option<Action> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.pop_front().map(|(_, a)| a)
+    }
+
+    /// Delivers until the queue is dropped by the server (runs as a task for the
+    /// server's lifetime). Entries hold their session's outbox, so a session's writer
+    /// finishes only after its pending acks went out.
+    pub async fn run<S: Sequencer>(self: Arc<Self>, sequencer: Arc<S>) {
+        loop {
+            let Some(ticket) = self.front() else {
+                self.added.notified().await;
+                continue;
+            };
+            let outcome = sequencer.wait_durable(ticket).await;
+            let Some(action) = self.pop() else { continue };
+            act(action, outcome);
+        }
+    }
+}
+
+fn act(action: Action, outcome: Result<(), Arc<str>>) {
+    match (action, outcome) {
+        (Action::Deliver { document, seq, .. }, Ok(())) => document.mark_durable(seq),
+        (
+            Action::Deliver {
+                document,
+                outbox,
+                request_id,
+                local_seq,
+                ..
+            },
+            Err(reason),
+        ) => {
+            // A failed log acknowledges nothing more, and the client is told so.
+            outbox.send(Arc::new(Envelope {
+                request_id,
+                message: Message::Reject {
+                    doc: document.id.to_string(),
+                    local_seq,
+                    code: ErrorCode::StorageFailed,
+                    message: reason.to_string(),
+                },
+            }));
+        }
+        (
+            Action::AckDuplicate {
+                doc,
+                outbox,
+                request_id,
+                local_seq,
+                seq,
+            },
+            Ok(()),
+        ) => {
+            outbox.send(Arc::new(Envelope {
+                request_id,
+                message: Message::Ack {
+                    doc: doc.to_string(),
+                    local_seq,
+                    seq,
+                },
+            }));
+        }
+        (Action::AckDuplicate { .. }, Err(_)) => {}
+    }
+}
