@@ -6,76 +6,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{open, start, start_with, store_config};
 use quire::client::connection::{Connection, SyncedDoc};
 use quire::op::Patch;
 use quire::protocol::message::{Envelope, ErrorCode, Message};
-use quire::sequencer::local::{LocalConfig, LocalSequencer};
+use quire::sequencer::local::LocalSequencer;
 use quire::server::{Server, ServerConfig};
 use quire::trace::{load, sha256_hex, traces_dir};
 use quire::wal::vfs::sim::SplitMix;
-use quire::wal::WalConfig;
 use tokio::sync::oneshot;
-
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    store: Arc<LocalSequencer>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap();
-        self.store.close();
-    }
-}
-
-fn store_config() -> LocalConfig {
-    LocalConfig {
-        wal: WalConfig {
-            segment_size: 4 << 20,
-            ..WalConfig::default()
-        },
-        ..LocalConfig::default()
-    }
-}
-
-async fn start(dir: &Path, token: &str) -> Running {
-    start_with(
-        dir,
-        ServerConfig {
-            token: token.into(),
-            ..ServerConfig::default()
-        },
-    )
-    .await
-}
-
-async fn start_with(dir: &Path, config: ServerConfig) -> Running {
-    let (store, _) = LocalSequencer::open(dir, store_config()).unwrap();
-    let store = Arc::new(store);
-    let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::new(store.clone(), config);
-    let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(server.serve(listener, async move {
-        let _ = rx.await;
-    }));
-    Running {
-        addr,
-        stop: Some(tx),
-        task,
-        store,
-    }
-}
-
-async fn open(addr: SocketAddr, client: u64, doc: &str) -> SyncedDoc {
-    let conn = Connection::connect(addr, client, "").await.unwrap();
-    SyncedDoc::open(conn, doc, 1).await.unwrap()
-}
 
 /// Prefix checks published in the traces README (patches, sha256 of the text).
 const AUTOMERGE_PREFIXES: [(usize, &str); 4] = [
@@ -121,11 +62,42 @@ async fn trace_automerge_paper_prefix_through_one_composing_client_matches_the_p
     let tmp = tempfile::tempdir().unwrap();
     let server = start(tmp.path(), "").await;
     let mut client = open(server.addr, 1, "paper").await;
+    replay_checking_prefixes(&mut client, server.addr, &patches).await;
+    // Composing: far fewer ops than patches.
+    assert!(
+        client.ops_sent < patches.len() as u64 / 2,
+        "{} ops for {} patches",
+        client.ops_sent,
+        patches.len()
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_automerge_paper_prefix_through_one_pipelining_client_matches_the_published_hashes() {
+    let Some(patches) = automerge_patches() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut client = open(server.addr, 1, "paper").await;
+    client.doc = client.doc.clone().without_composing().pipelined(8);
+    replay_checking_prefixes(&mut client, server.addr, &patches).await;
+    // One op per patch (the trace has no empty patch).
+    assert_eq!(client.ops_sent, patches.len() as u64);
+    server.stop().await;
+}
+
+/// Edits `patches` through `client`, checking the published hashes of the prefixes
+/// locally and read back from the server.
+async fn replay_checking_prefixes(client: &mut SyncedDoc, addr: SocketAddr, patches: &[Patch]) {
     let mut checks = AUTOMERGE_PREFIXES.iter().peekable();
     for (i, patch) in patches.iter().enumerate() {
         client.edit(std::slice::from_ref(patch)).await.unwrap();
         if i % 64 == 63 {
             client.settle().await.unwrap();
+        } else {
+            client.poll().await.unwrap();
         }
         if let Some((n, sha)) = checks.peek() {
             if i + 1 == *n {
@@ -136,7 +108,7 @@ async fn trace_automerge_paper_prefix_through_one_composing_client_matches_the_p
                     "local text after {n} patches"
                 );
                 // Read back from the server by a fresh client.
-                let reader = open(server.addr, 99, "paper").await;
+                let reader = open(addr, 99, "paper").await;
                 assert_eq!(
                     sha256_hex(reader.doc.text()),
                     *sha,
@@ -147,14 +119,6 @@ async fn trace_automerge_paper_prefix_through_one_composing_client_matches_the_p
         }
     }
     assert!(checks.next().is_none());
-    // Composing: far fewer ops than patches.
-    assert!(
-        client.ops_sent < patches.len() as u64 / 2,
-        "{} ops for {} patches",
-        client.ops_sent,
-        patches.len()
-    );
-    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
