@@ -56,6 +56,10 @@ struct ServeArgs {
     /// (they are lost). Only when there is no backup to restore.
     #[arg(long)]
     repair_wal: bool,
+    /// Broadcast a client's cursor at most once per this many milliseconds (updates in
+    /// between are coalesced into the latest).
+    #[arg(long, default_value_t = 50)]
+    presence_interval_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -109,6 +113,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let server_config = quire::server::ServerConfig {
         max_frame: args.max_frame,
         token: args.token,
+        presence_interval: Duration::from_millis(args.presence_interval_ms),
         ..Default::default()
     };
     let served = runtime.block_on(async {

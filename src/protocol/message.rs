@@ -24,6 +24,7 @@ pub enum ErrorCode {
     InvalidDocId,
     TooLarge,
     StorageFailed,
+    PipelineConflict,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -45,6 +46,7 @@ impl ErrorCode {
             ErrorCode::InvalidDocId => 23,
             ErrorCode::TooLarge => 24,
             ErrorCode::StorageFailed => 30,
+            ErrorCode::PipelineConflict => 25,
             ErrorCode::Other(c) => c,
         }
     }
@@ -65,6 +67,7 @@ impl ErrorCode {
             23 => ErrorCode::InvalidDocId,
             24 => ErrorCode::TooLarge,
             30 => ErrorCode::StorageFailed,
+            25 => ErrorCode::PipelineConflict,
             c => ErrorCode::Other(c),
         }
     }

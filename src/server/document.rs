@@ -5,8 +5,9 @@
 //! The authoritative text, version and dedupe table live in the [`Sequencer`]; this
 //! keeps only what transformation and fan-out need.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -55,8 +56,11 @@ struct Durable {
 struct State {
     /// The version after the newest op in `history`.
     version: u64,
-    /// (seq, op) of the newest ops, oldest first.
-    history: VecDeque<(u64, TextOp)>,
+    /// (seq, client id, op) of the newest ops, oldest first.
+    history: VecDeque<(u64, u64, TextOp)>,
+    /// Sessions whose pipelined op conflicted: their later ops are refused until they
+    /// open the document again (they were made on top of the refused one).
+    broken_pipelines: HashSet<SessionId>,
     /// Sequenced ops waiting for durability or for earlier seqs, by seq.
     pending: BTreeMap<u64, Durable>,
     /// Highest seq delivered to subscribers.
@@ -65,7 +69,17 @@ struct State {
     /// Messages for sessions that subscribed but have not been sent their snapshot yet:
     /// released by [`Document::activate`], so that no broadcast overtakes the snapshot.
     held: HashMap<SessionId, Vec<Arc<Envelope>>>,
-    presence: HashMap<u64, Vec<Selection>>,
+    presence: HashMap<u64, Presence>,
+}
+
+/// One client's presence on the document, and its coalescing state.
+struct Presence {
+    selections: Vec<Selection>,
+    session: SessionId,
+    /// When it was last broadcast.
+    sent_at: Instant,
+    /// Changed since it was last broadcast (a flush is scheduled).
+    dirty: bool,
 }
 
 /// Sends to one subscriber, or holds the message while its snapshot is not out yet.
@@ -97,6 +111,9 @@ impl State {
 pub struct Document {
     pub id: Arc<str>,
     state: Mutex<State>,
+    /// A client's presence is broadcast at most once per interval; updates in between
+    /// are coalesced into the latest one.
+    presence_interval: Duration,
 }
 
 /// A submit as a session received it.
@@ -122,13 +139,43 @@ pub enum SubmitOutcome {
     Rejected(ErrorCode, String),
 }
 
+/// Transforms `op` of `client_id` over the ops it missed, oldest first. The client's own
+/// ops among them were pipelined before this one, which was made on top of them: they
+/// are skipped. That is exact only while they precede every other client's op there
+/// (each was then sequenced as made); an own op after another client's op means this
+/// one was made on a state the server never had, and it is refused.
+fn rebase<T: std::borrow::Borrow<TextOp>>(
+    mut op: TextOp,
+    client_id: u64,
+    missed: impl Iterator<Item = (u64, T)>,
+) -> Result<TextOp, String> {
+    let mut others_seen = false;
+    for (by, over) in missed {
+        if by == client_id {
+            if others_seen {
+                return Err(
+                    "a pipelined op conflicts with a concurrent op sequenced between \
+                            this client's ops; open the document again and resend"
+                        .into(),
+                );
+            }
+            continue;
+        }
+        others_seen = true;
+        op = op.transform(over.borrow(), Side::Left);
+    }
+    Ok(op)
+}
+
 impl Document {
-    pub fn new(id: Arc<str>, version: u64) -> Self {
+    pub fn new(id: Arc<str>, version: u64, presence_interval: Duration) -> Self {
         Document {
             id,
+            presence_interval,
             state: Mutex::new(State {
                 version,
                 history: VecDeque::new(),
+                broken_pipelines: HashSet::new(),
                 pending: BTreeMap::new(),
                 delivered: version,
                 subscribers: HashMap::new(),
@@ -146,6 +193,7 @@ impl Document {
     pub fn subscribe(&self, outbox: Outbox) {
         let mut state = self.lock();
         state.held.insert(outbox.session, Vec::new());
+        state.broken_pipelines.remove(&outbox.session);
         state.subscribers.insert(outbox.session, outbox);
     }
 
@@ -160,16 +208,9 @@ impl Document {
         for env in held {
             outbox.send(env);
         }
-        for (client_id, selections) in &state.presence {
+        for (client_id, presence) in &state.presence {
             if *client_id != outbox.client_id {
-                outbox.send(Arc::new(Envelope {
-                    request_id: 0,
-                    message: Message::PresenceState {
-                        doc: self.id.to_string(),
-                        client_id: *client_id,
-                        selections: selections.clone(),
-                    },
-                }));
+                outbox.send(self.presence_state(*client_id, presence.selections.clone()));
             }
         }
     }
@@ -181,14 +222,7 @@ impl Document {
         if state.subscribers.remove(&session).is_some()
             && state.presence.remove(&client_id).is_some()
         {
-            let env = Arc::new(Envelope {
-                request_id: 0,
-                message: Message::PresenceState {
-                    doc: self.id.to_string(),
-                    client_id,
-                    selections: Vec::new(),
-                },
-            });
+            let env = self.presence_state(client_id, Vec::new());
             state.deliver_all(None, &env);
         }
     }
@@ -197,18 +231,68 @@ impl Document {
         self.lock().subscribers.len()
     }
 
-    /// Broadcasts a presence update to the other subscribers. Never stored.
-    pub fn presence(&self, session: SessionId, client_id: u64, selections: Vec<Selection>) {
-        let mut state = self.lock();
-        state.presence.insert(client_id, selections.clone());
-        let env = Arc::new(Envelope {
+    fn presence_state(&self, client_id: u64, selections: Vec<Selection>) -> Arc<Envelope> {
+        Arc::new(Envelope {
             request_id: 0,
             message: Message::PresenceState {
                 doc: self.id.to_string(),
                 client_id,
                 selections,
             },
-        });
+        })
+    }
+
+    /// Broadcasts a presence update to the other subscribers, at most once per
+    /// `presence_interval` per client: an update sooner than that is held, and the
+    /// latest one held goes out when the interval ends. Never stored.
+    pub fn presence(
+        self: &Arc<Self>,
+        session: SessionId,
+        client_id: u64,
+        selections: Vec<Selection>,
+    ) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        match state.presence.get_mut(&client_id) {
+            Some(p) if now < p.sent_at + self.presence_interval => {
+                p.selections = selections;
+                p.session = session;
+                if !p.dirty {
+                    p.dirty = true;
+                    let due = p.sent_at + self.presence_interval;
+                    let doc = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(due.into()).await;
+                        doc.flush_presence(client_id);
+                    });
+                }
+            }
+            _ => {
+                let env = self.presence_state(client_id, selections.clone());
+                state.presence.insert(
+                    client_id,
+                    Presence {
+                        selections,
+                        session,
+                        sent_at: now,
+                        dirty: false,
+                    },
+                );
+                state.deliver_all(Some(session), &env);
+            }
+        }
+    }
+
+    /// Broadcasts a held presence update (unless the client left meanwhile).
+    fn flush_presence(&self, client_id: u64) {
+        let mut state = self.lock();
+        let Some(p) = state.presence.get_mut(&client_id).filter(|p| p.dirty) else {
+            return;
+        };
+        p.dirty = false;
+        p.sent_at = Instant::now();
+        let (session, selections) = (p.session, p.selections.clone());
+        let env = self.presence_state(client_id, selections);
         state.deliver_all(Some(session), &env);
     }
 
@@ -232,10 +316,20 @@ impl Document {
                 ),
             );
         }
+        if state.broken_pipelines.contains(&session) {
+            return SubmitOutcome::Rejected(
+                ErrorCode::PipelineConflict,
+                "an earlier pipelined op of this connection was refused; open the document again"
+                    .into(),
+            );
+        }
         let mut op = TextOp::from_patches(&patches);
         if base_version < state.version {
-            let oldest = state.history.front().map_or(state.version + 1, |(s, _)| *s);
-            if base_version + 1 < oldest {
+            let oldest = state
+                .history
+                .front()
+                .map_or(state.version + 1, |(s, _, _)| *s);
+            let rebased = if base_version + 1 < oldest {
                 // Older than the window: read the missed ops from the log.
                 let Some(missed) = sequencer.ops_after(&self.id, base_version, usize::MAX) else {
                     return SubmitOutcome::Rejected(
@@ -243,19 +337,32 @@ impl Document {
                         format!("base version {base_version} is older than the server keeps; reload the document"),
                     );
                 };
-                for m in missed.iter().filter(|m| m.server_seq <= state.version) {
-                    op = op.transform(&TextOp::from_patches(&m.patches), Side::Left);
-                }
+                rebase(
+                    op,
+                    client_id,
+                    missed
+                        .iter()
+                        .filter(|m| m.server_seq <= state.version)
+                        .map(|m| (m.client_id, TextOp::from_patches(&m.patches))),
+                )
             } else {
                 // The window holds consecutive seqs ending at `version`: the ops after
                 // `base_version` are its last `version - base_version` entries.
                 let missed = (state.version - base_version) as usize;
                 let start = state.history.len() - missed;
-                for (seq, over) in state.history.range(start..) {
-                    debug_assert!(*seq > base_version);
-                    op = op.transform(over, Side::Left);
+                rebase(
+                    op,
+                    client_id,
+                    state.history.range(start..).map(|(_, c, over)| (*c, over)),
+                )
+            };
+            op = match rebased {
+                Ok(op) => op,
+                Err(message) => {
+                    state.broken_pipelines.insert(session);
+                    return SubmitOutcome::Rejected(ErrorCode::PipelineConflict, message);
                 }
-            }
+            };
         }
         let transformed = op.to_patches();
         let submit = SubmitOp {
@@ -271,7 +378,7 @@ impl Document {
             Ok(Submitted::Applied { seq, ticket }) => {
                 debug_assert_eq!(seq, state.version + 1);
                 state.version = seq;
-                state.history.push_back((seq, op));
+                state.history.push_back((seq, client_id, op));
                 if state.history.len() > HISTORY_WINDOW {
                     state.history.pop_front();
                 }

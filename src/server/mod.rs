@@ -28,6 +28,9 @@ pub struct ServerConfig {
     /// Messages queued per session before a slow reader is disconnected.
     pub outbox_capacity: usize,
     pub max_connections: usize,
+    /// A client's presence is broadcast at most this often; updates in between are
+    /// coalesced into the latest.
+    pub presence_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +40,7 @@ impl Default for ServerConfig {
             token: String::new(),
             outbox_capacity: 16 * 1024,
             max_connections: 10_000,
+            presence_interval: Duration::from_millis(50),
         }
     }
 }
@@ -84,7 +88,13 @@ impl<S: Sequencer> Server<S> {
         let version = self.sequencer.read(id).await.map_or(0, |v| v.version);
         let mut docs = self.documents.lock().unwrap_or_else(|p| p.into_inner());
         docs.entry(Arc::from(id))
-            .or_insert_with(|| Arc::new(Document::new(Arc::from(id), version)))
+            .or_insert_with(|| {
+                Arc::new(Document::new(
+                    Arc::from(id),
+                    version,
+                    self.config.presence_interval,
+                ))
+            })
             .clone()
     }
 
