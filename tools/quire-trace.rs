@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! quire-trace --addr 127.0.0.1:7420 --trace FILE [--mode concurrent|sequential|shared|each]
-//!             [--clients N] [--compose] [--patches N] [--doc NAME]
+//!             [--clients N] [--compose | --pipeline N] [--patches N] [--doc NAME]
 //! ```
 //! - `concurrent`: a concurrent trace, one emulated client per agent, each txn made on
 //!   exactly its parent version (unreachable txns are counted, never altered).
@@ -13,7 +13,8 @@
 //!
 //! Without `--compose` a client keeps one op in flight and sends each patch as its own
 //! op after the previous ack (the ShareDB peer's shape); with it, patches made while an
-//! op is in flight are composed into the next op. Prints ops/s, ack latency
+//! op is in flight are composed into the next op. `--pipeline N` sends each patch as its
+//! own op with up to N in flight (a document per client only). Prints ops/s, ack latency
 //! p50/p99/p99.9, and the final length and sha256 of every document, read back from
 //! the server by a fresh client.
 
@@ -23,7 +24,7 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use quire::client::connection::{Connection, SyncedDoc};
+use quire::client::connection::{Connection, Event, SyncedDoc};
 use quire::op::Patch;
 use quire::trace::{load, replay_concurrent, sha256_hex};
 
@@ -51,6 +52,11 @@ struct Args {
     clients: usize,
     #[arg(long)]
     compose: bool,
+    /// Keep up to N ops in flight per client without waiting for acks (modes
+    /// `sequential` and `each` only: a document with one writer, see "Pipelining" in
+    /// protocol.md).
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
     /// Use only the first N patches.
     #[arg(long)]
     patches: Option<usize>,
@@ -66,6 +72,53 @@ struct Args {
 
 fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
+}
+
+/// One client replaying its share of patches with up to `depth` ops in flight, each
+/// patch its own op; returns its ack latencies (µs, send to ack).
+async fn drive_pipelined(
+    mut doc: SyncedDoc,
+    patches: Vec<Patch>,
+    depth: usize,
+) -> Result<(Histogram<u64>, u64), String> {
+    let mut hist = new_hist();
+    let e = |e: quire::client::connection::ClientError| e.to_string();
+    doc.doc = doc.doc.clone().without_composing().pipelined(depth);
+    let mut sent_at = std::collections::HashMap::new();
+    let mut record = |doc: &mut SyncedDoc,
+                      sent_at: &mut std::collections::HashMap<u64, Instant>| {
+        let now = Instant::now();
+        for event in doc.take_events() {
+            if let Event::Acked { local_seq, .. } = event {
+                if let Some(t) = sent_at.remove(&local_seq) {
+                    hist.record((now.duration_since(t).as_micros() as u64).max(1))
+                        .ok();
+                }
+            }
+        }
+    };
+    for patch in patches {
+        while doc.doc.all_in_flight().count() >= depth {
+            doc.pump().await.map_err(e)?;
+            record(&mut doc, &mut sent_at);
+        }
+        let len = doc.doc.len_chars();
+        let pos = patch.pos.min(len);
+        let del = patch.del.min(len - pos);
+        doc.edit(&[Patch::new(pos, del, patch.ins)])
+            .await
+            .map_err(e)?;
+        if let Some(out) = doc.doc.all_in_flight().last() {
+            sent_at.entry(out.local_seq).or_insert_with(Instant::now);
+        }
+        doc.poll().await.map_err(e)?;
+        record(&mut doc, &mut sent_at);
+    }
+    while doc.doc.has_pending() {
+        doc.pump().await.map_err(e)?;
+        record(&mut doc, &mut sent_at);
+    }
+    Ok((hist, doc.ops_sent))
 }
 
 /// One client replaying its share of patches; returns its ack latencies (µs).
@@ -115,6 +168,16 @@ async fn read_back(
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    if args.pipeline > 1 && !matches!(args.mode, Mode::Sequential | Mode::Each) {
+        return Err(
+            "--pipeline needs a document per client (--mode sequential or each): \
+                    pipelined ops on a shared document conflict (protocol.md, Pipelining)"
+                .into(),
+        );
+    }
+    if args.pipeline > 1 && args.compose {
+        return Err("--pipeline sends every patch as its own op; drop --compose".into());
+    }
     let trace = load(&args.trace)?;
     let started = Instant::now();
     let mut docs: Vec<String> = Vec::new();
@@ -158,7 +221,15 @@ async fn run(args: Args) -> Result<(), String> {
             let doc = SyncedDoc::open(conn, &name, 1)
                 .await
                 .map_err(|e| e.to_string())?;
-            tasks.push(tokio::spawn(drive(doc, share, args.compose)));
+            if args.pipeline > 1 {
+                tasks.push(tokio::spawn(drive_pipelined(doc, share, args.pipeline)));
+            } else {
+                tasks.push(tokio::spawn(drive(
+                    doc.ignore_events(),
+                    share,
+                    args.compose,
+                )));
+            }
         }
         let mut hist = new_hist();
         let mut ops = 0;
@@ -171,7 +242,7 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "mode {} clients {} compose {}: {ops} ops in {elapsed:.3} s = {:.0} ops/s; ack latency p50 {} us p99 {} us p99.9 {} us (n={}) {note}",
+        "mode {} clients {} compose {} pipeline {}: {ops} ops in {elapsed:.3} s = {:.0} ops/s; ack latency p50 {} us p99 {} us p99.9 {} us (n={}) {note}",
         match args.mode {
             Mode::Concurrent => "concurrent",
             Mode::Sequential => "sequential",
@@ -180,6 +251,7 @@ async fn run(args: Args) -> Result<(), String> {
         },
         args.clients,
         args.compose,
+        args.pipeline,
         ops as f64 / elapsed,
         hist.value_at_quantile(0.5),
         hist.value_at_quantile(0.99),

@@ -1,5 +1,6 @@
 //! A client connection over TCP, and a document kept in sync over it.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
@@ -10,7 +11,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use super::state::ClientDoc;
 use crate::op::Patch;
 use crate::protocol::frame::FrameCodec;
-use crate::protocol::message::{Envelope, Message};
+use crate::protocol::message::{Envelope, Message, Selection};
 use crate::protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 
 #[derive(Debug)]
@@ -166,15 +167,38 @@ impl super::state::Outgoing {
     }
 }
 
+/// What happened to a [`SyncedDoc`] that the application did not do itself: an editor
+/// applies `Remote` patches to its buffer and draws `Presence`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Another client's op, as applied to the local text: the patches are in the
+    /// coordinates of the local text just before (already rebased over this client's
+    /// unacknowledged edits).
+    Remote {
+        seq: u64,
+        client_id: u64,
+        patches: Vec<Patch>,
+    },
+    /// One of this client's ops is durable on the server as `seq`.
+    Acked { local_seq: u64, seq: u64 },
+    /// Another client's cursors and selections on this document (none: it left).
+    Presence {
+        client_id: u64,
+        selections: Vec<Selection>,
+    },
+}
+
 /// A document kept in sync with the server over one connection: local edits apply at
 /// once and are sent with at most one op in flight (later edits are composed); remote
-/// ops are rebased over the pending ones.
+/// ops are rebased over the pending ones. What others did is queued as [`Event`]s.
 pub struct SyncedDoc {
     pub conn: Connection,
     pub name: String,
     pub doc: ClientDoc,
     /// Ops sent (one per round trip, composed).
     pub ops_sent: u64,
+    events: VecDeque<Event>,
+    record_events: bool,
 }
 
 impl SyncedDoc {
@@ -208,6 +232,8 @@ impl SyncedDoc {
             name: name.into(),
             doc: ClientDoc::new(text, version, next_local_seq),
             ops_sent: 0,
+            events: VecDeque::new(),
+            record_events: true,
         };
         for env in early {
             synced.apply(env)?;
@@ -246,10 +272,46 @@ impl SyncedDoc {
                 break;
             }
         }
-        if let Some(out) = self.doc.in_flight().cloned() {
+        let resend: Vec<_> = self.doc.all_in_flight().cloned().collect();
+        for out in resend {
             self.conn.queue(out.into_submit(&self.name))?;
         }
         self.flush_ops().await
+    }
+
+    /// Stops queueing [`Event`]s (a load generator that never reads them).
+    pub fn ignore_events(mut self) -> Self {
+        self.record_events = false;
+        self.events.clear();
+        self
+    }
+
+    /// The oldest event not yet taken.
+    pub fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Every event not yet taken, oldest first.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+
+    fn event(&mut self, event: Event) {
+        if self.record_events {
+            self.events.push_back(event);
+        }
+    }
+
+    /// Sends this client's cursors and selections (code-point offsets in the local
+    /// text) to the document's other subscribers. Ephemeral: never stored.
+    pub async fn set_presence(&mut self, selections: Vec<Selection>) -> Result<(), ClientError> {
+        self.conn
+            .send(Message::Presence {
+                doc: self.name.clone(),
+                selections,
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Applies a local edit and sends it if nothing is in flight.
@@ -261,7 +323,7 @@ impl SyncedDoc {
     }
 
     async fn flush_ops(&mut self) -> Result<(), ClientError> {
-        if let Some(out) = self.doc.take_to_send() {
+        while let Some(out) = self.doc.take_to_send() {
             self.ops_sent += 1;
             self.conn.queue(out.into_submit(&self.name))?;
         }
@@ -280,12 +342,21 @@ impl SyncedDoc {
                 .doc
                 .in_flight()
                 .is_some_and(|o| o.local_seq == local_seq);
-        let result = if mine {
-            self.doc.on_ack(local_seq, seq)
+        let err = |e| ClientError::Protocol(format!("{e:?}"));
+        if mine {
+            self.doc.on_ack(local_seq, seq).map_err(err)?;
+            self.event(Event::Acked { local_seq, seq });
         } else {
-            self.doc.on_remote(seq, patches).map(|_| ())
-        };
-        result.map_err(|e| ClientError::Protocol(format!("{e:?}")))
+            let applied = self.doc.on_remote(seq, patches).map_err(err)?;
+            if !applied.is_empty() {
+                self.event(Event::Remote {
+                    seq,
+                    client_id,
+                    patches: applied,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Applies one message from the server.
@@ -301,6 +372,17 @@ impl SyncedDoc {
                 self.doc
                     .on_ack(local_seq, seq)
                     .map_err(|e| ClientError::Protocol(format!("{e:?}")))?;
+                self.event(Event::Acked { local_seq, seq });
+            }
+            Message::PresenceState {
+                client_id,
+                selections,
+                ..
+            } if client_id != self.conn.client_id => {
+                self.event(Event::Presence {
+                    client_id,
+                    selections,
+                });
             }
             Message::Remote { op, .. } => {
                 self.sequenced(op.seq, op.client_id, op.local_seq, &op.patches)?

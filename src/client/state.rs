@@ -1,6 +1,6 @@
 //! One document on the client, as an OT state machine with no I/O (the Jupiter /
-//! ShareDB client model): local edits apply at once; at most one op is in flight to
-//! the server; edits made meanwhile are composed into one buffered op; a remote op is
+//! ShareDB client model): local edits apply at once; one op is in flight to
+//! the server (or, [`ClientDoc::pipelined`], several sent without waiting); edits made meanwhile are composed into one buffered op; a remote op is
 //! rebased over the in-flight and buffered ops before it is applied locally, and they
 //! over it. The server sequences the in-flight op after every remote op the client
 //! received before its ack, so both sides transform the same pairs with the same
@@ -27,7 +27,9 @@ pub struct ClientDoc {
     text: Text,
     /// The last server seq this client has applied.
     version: u64,
-    in_flight: Option<(Outgoing, TextOp)>,
+    /// Sent, not yet acknowledged, oldest first (at most `max_in_flight`).
+    in_flight: VecDeque<(Outgoing, TextOp)>,
+    max_in_flight: usize,
     /// Local edits not yet sent: one composed op, or (without composing) one op per edit.
     buffer: VecDeque<TextOp>,
     next_local_seq: u64,
@@ -49,7 +51,8 @@ impl ClientDoc {
         ClientDoc {
             text: Text::from(text.as_str()),
             version,
-            in_flight: None,
+            in_flight: VecDeque::new(),
+            max_in_flight: 1,
             buffer: VecDeque::new(),
             next_local_seq: next_local_seq.max(1),
             compose: true,
@@ -60,6 +63,14 @@ impl ClientDoc {
     /// an op is in flight (a trace replay needs each edit to reach the server alone).
     pub fn without_composing(mut self) -> Self {
         self.compose = false;
+        self
+    }
+
+    /// Sends up to `n` ops without waiting for acks (see "Pipelining" in protocol.md:
+    /// exact while nobody else edits the document meanwhile; a conflict is refused by
+    /// the server with code 25 and the document must be reloaded).
+    pub fn pipelined(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
         self
     }
 
@@ -76,12 +87,18 @@ impl ClientDoc {
         self.version
     }
 
+    /// The oldest op in flight (the next to be acknowledged).
     pub fn in_flight(&self) -> Option<&Outgoing> {
-        self.in_flight.as_ref().map(|(o, _)| o)
+        self.in_flight.front().map(|(o, _)| o)
+    }
+
+    /// Every op in flight, oldest first.
+    pub fn all_in_flight(&self) -> impl Iterator<Item = &Outgoing> {
+        self.in_flight.iter().map(|(o, _)| o)
     }
 
     pub fn has_pending(&self) -> bool {
-        self.in_flight.is_some() || !self.buffer.is_empty()
+        !self.in_flight.is_empty() || !self.buffer.is_empty()
     }
 
     /// Applies a local edit at once and queues it for the server.
@@ -100,9 +117,9 @@ impl ClientDoc {
         Ok(())
     }
 
-    /// The next op to send, if none is in flight.
+    /// The next op to send, if fewer than the allowed number are in flight.
     pub fn take_to_send(&mut self) -> Option<Outgoing> {
-        if self.in_flight.is_some() {
+        if self.in_flight.len() >= self.max_in_flight {
             return None;
         }
         let op = self.buffer.pop_front()?;
@@ -112,13 +129,13 @@ impl ClientDoc {
             patches: op.to_patches(),
         };
         self.next_local_seq += 1;
-        self.in_flight = Some((outgoing.clone(), op));
+        self.in_flight.push_back((outgoing.clone(), op));
         Some(outgoing)
     }
 
-    /// The server acknowledged the in-flight op with `local_seq` as `seq`.
+    /// The server acknowledged the oldest in-flight op, `local_seq`, as `seq`.
     pub fn on_ack(&mut self, local_seq: u64, seq: u64) -> Result<(), ClientError> {
-        match &self.in_flight {
+        match self.in_flight.front() {
             Some((out, _)) if out.local_seq == local_seq => {}
             _ => {
                 return Err(ClientError::Protocol(format!(
@@ -132,7 +149,7 @@ impl ClientDoc {
                 self.version
             )));
         }
-        self.in_flight = None;
+        self.in_flight.pop_front();
         self.version = seq;
         Ok(())
     }
@@ -150,12 +167,12 @@ impl ClientDoc {
             )));
         }
         let mut remote = TextOp::from_patches(patches);
-        if let Some((_, in_flight)) = &mut self.in_flight {
-            let rebased = remote.transform(in_flight, Side::Right);
-            *in_flight = in_flight.transform(&remote, Side::Left);
-            remote = rebased;
-        }
-        for buffered in self.buffer.iter_mut() {
+        let pending = self
+            .in_flight
+            .iter_mut()
+            .map(|(_, op)| op)
+            .chain(self.buffer.iter_mut());
+        for buffered in pending {
             let rebased = remote.transform(buffered, Side::Right);
             *buffered = buffered.transform(&remote, Side::Left);
             remote = rebased;

@@ -1,0 +1,253 @@
+//! What a collaborating client sees over real TCP: events for remote changes that keep an
+//! editor's own buffer in step, coalesced presence, and pipelined ops (accepted while
+//! nobody else edits, refused with code 25 when a concurrent op lands between them).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{open, start, start_with};
+use quire::client::connection::{Connection, Event};
+use quire::op::Patch;
+use quire::protocol::message::{ErrorCode, Message, Selection};
+use quire::server::ServerConfig;
+use quire::text::Text;
+use quire::wal::vfs::sim::SplitMix;
+
+/// A random edit valid on a text of `len` code points, sometimes outside the BMP.
+fn random_patch(rng: &mut SplitMix, len: u32) -> Patch {
+    let pos = rng.below(len as u64 + 1) as u32;
+    let del = rng.below((len - pos).min(3) as u64 + 1) as u32;
+    let ins = match rng.below(4) {
+        0 => String::new(),
+        1 => "\u{1F600}".to_string(),
+        _ => ((b'a' + rng.below(26) as u8) as char).to_string(),
+    };
+    Patch::new(pos, del, ins)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_events_keep_an_editor_buffer_identical_to_the_document() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut clients = Vec::new();
+    for id in 1..=3 {
+        clients.push(open(server.addr, id, "shared").await);
+    }
+    // Each client's "editor": changed only by its own edits and by Remote events.
+    let mut editors: Vec<Text> = (0..3).map(|_| Text::new()).collect();
+    let mut rng = SplitMix(7);
+    let mut remote_events = 0;
+    for round in 0..300 {
+        let i = rng.below(3) as usize;
+        let patch = random_patch(&mut rng, clients[i].doc.len_chars());
+        editors[i].apply(std::slice::from_ref(&patch)).unwrap();
+        clients[i].edit(&[patch]).await.unwrap();
+        if round % 4 == 0 {
+            // A round trip now and then, so that ops interleave at the server.
+            clients[i].settle().await.unwrap();
+        }
+        if round % 3 == 0 {
+            for c in clients.iter_mut() {
+                c.poll().await.unwrap();
+            }
+        }
+        for (c, editor) in clients.iter_mut().zip(editors.iter_mut()) {
+            while let Some(event) = c.next_event() {
+                if let Event::Remote { patches, .. } = event {
+                    editor.apply(&patches).unwrap();
+                    remote_events += 1;
+                }
+            }
+        }
+    }
+    // Settle everyone, then deliver what is left until all are at the same version.
+    for c in clients.iter_mut() {
+        c.settle().await.unwrap();
+    }
+    let newest = clients.iter().map(|c| c.doc.version()).max().unwrap();
+    for (c, editor) in clients.iter_mut().zip(editors.iter_mut()) {
+        while c.doc.version() < newest {
+            c.pump().await.unwrap();
+        }
+        for event in c.take_events() {
+            if let Event::Remote { patches, .. } = event {
+                editor.apply(&patches).unwrap();
+                remote_events += 1;
+            }
+        }
+    }
+    assert!(remote_events > 30, "{remote_events} remote events");
+    let text = clients[0].doc.text();
+    for (i, (c, editor)) in clients.iter().zip(&editors).enumerate() {
+        assert_eq!(c.doc.text(), text, "client {i} converged");
+        assert_eq!(editor.to_string(), text, "editor {i} follows the events");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frequent_presence_is_coalesced_and_the_latest_arrives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start_with(
+        tmp.path(),
+        ServerConfig {
+            presence_interval: Duration::from_millis(200),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let mut watcher = open(server.addr, 1, "p").await;
+    let mut cursor = open(server.addr, 2, "p").await;
+    cursor
+        .edit(&[Patch::new(0, 0, "0123456789")])
+        .await
+        .unwrap();
+    cursor.settle().await.unwrap();
+    let updates = 100u32;
+    for i in 0..updates - 1 {
+        let at = i % 10;
+        let sel = Selection {
+            anchor: at,
+            head: at,
+        };
+        cursor.set_presence(vec![sel]).await.unwrap();
+    }
+    // The last one differs from every earlier one.
+    let last = Selection {
+        anchor: 10,
+        head: 3,
+    };
+    cursor.set_presence(vec![last]).await.unwrap();
+    let mut seen = Vec::new();
+    let wait = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            watcher.pump().await.unwrap();
+            while let Some(event) = watcher.next_event() {
+                if let Event::Presence {
+                    client_id,
+                    selections,
+                } = event
+                {
+                    assert_eq!(client_id, 2);
+                    seen.push(selections);
+                }
+            }
+            if seen.last() == Some(&vec![last]) {
+                break;
+            }
+        }
+    });
+    wait.await.expect("the latest presence arrives");
+    assert!(
+        seen.len() < updates as usize / 2,
+        "{} of {updates} updates were broadcast",
+        seen.len()
+    );
+    assert_eq!(
+        server.store.wal().durability().durable_lsn,
+        1,
+        "only the edit is logged"
+    );
+    server.stop().await;
+}
+
+async fn submit(conn: &mut Connection, local_seq: u64, base_version: u64, patch: Patch) {
+    conn.queue(Message::Submit {
+        doc: "pipe".into(),
+        local_seq,
+        base_version,
+        patches: vec![patch],
+    })
+    .unwrap();
+}
+
+type Replies = HashMap<u64, Result<u64, ErrorCode>>;
+
+/// The reply to `local_seq`: Ok(seq) for an ack, Err(code) for a reject. A reject is
+/// sent at once and can overtake the ack of an earlier op, which waits for the disk:
+/// replies to other ops are kept in `seen`.
+async fn outcome(
+    conn: &mut Connection,
+    seen: &mut Replies,
+    local_seq: u64,
+) -> Result<u64, ErrorCode> {
+    loop {
+        if let Some(reply) = seen.remove(&local_seq) {
+            return reply;
+        }
+        match conn.recv().await.unwrap().message {
+            Message::Ack { local_seq, seq, .. } => seen.insert(local_seq, Ok(seq)),
+            Message::Reject {
+                local_seq, code, ..
+            } => seen.insert(local_seq, Err(code)),
+            _ => None,
+        };
+    }
+}
+
+async fn open_raw(addr: std::net::SocketAddr, client: u64) -> Connection {
+    let mut conn = Connection::connect(addr, client, "").await.unwrap();
+    conn.send(Message::Open {
+        doc: "pipe".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_ops_apply_alone_and_are_refused_after_a_concurrent_op() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut a = open_raw(server.addr, 1).await;
+    let mut b = open_raw(server.addr, 2).await;
+    let (mut seen_a, mut seen_b) = (Replies::new(), Replies::new());
+
+    // Alone: three ops made on top of each other, all at base 0, sent at once.
+    submit(&mut a, 1, 0, Patch::new(0, 0, "abc")).await;
+    submit(&mut a, 2, 0, Patch::new(3, 0, "def")).await;
+    submit(&mut a, 3, 0, Patch::new(1, 1, "B")).await;
+    a.flush().await.unwrap();
+    for (l, seq) in [(1, 1), (2, 2), (3, 3)] {
+        assert_eq!(outcome(&mut a, &mut seen_a, l).await, Ok(seq));
+    }
+
+    // B's op is sequenced first; A's two pipelined ops (base 3) arrive after it. The
+    // first is transformed over B's; the second was made on top of the first, which now
+    // sits after B's op: refused, and so is A's next op until A opens the document again.
+    submit(&mut b, 1, 3, Patch::new(0, 0, "X")).await;
+    b.flush().await.unwrap();
+    assert_eq!(outcome(&mut b, &mut seen_b, 1).await, Ok(4));
+    submit(&mut a, 4, 3, Patch::new(6, 0, "g")).await;
+    submit(&mut a, 5, 3, Patch::new(7, 0, "h")).await;
+    a.flush().await.unwrap();
+    assert_eq!(outcome(&mut a, &mut seen_a, 4).await, Ok(5));
+    assert_eq!(
+        outcome(&mut a, &mut seen_a, 5).await,
+        Err(ErrorCode::PipelineConflict)
+    );
+    submit(&mut a, 6, 5, Patch::new(0, 0, "i")).await;
+    a.flush().await.unwrap();
+    assert_eq!(
+        outcome(&mut a, &mut seen_a, 6).await,
+        Err(ErrorCode::PipelineConflict)
+    );
+    a.send(Message::Open {
+        doc: "pipe".into(),
+        known_version: 5,
+    })
+    .await
+    .unwrap();
+    submit(&mut a, 7, 5, Patch::new(0, 0, "j")).await;
+    a.flush().await.unwrap();
+    assert_eq!(outcome(&mut a, &mut seen_a, 7).await, Ok(6));
+
+    // A non-pipelined client never sees code 25 and every replica agrees.
+    let reader = open(server.addr, 9, "pipe").await;
+    assert_eq!(reader.doc.text(), "jXaBcdefg");
+    assert_eq!(reader.doc.version(), 6);
+    server.stop().await;
+}
