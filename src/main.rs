@@ -129,6 +129,17 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     tracing::info!("shutting down: finishing queued commits");
     store.close();
+    let stats = store.wal().stats();
+    let (fsync, batch) = (stats.fsync_us(), stats.batch_records());
+    tracing::info!(
+        records = stats.records.load(std::sync::atomic::Ordering::Relaxed),
+        batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed),
+        batch_mean = format!("{:.1}", batch.mean),
+        batch_p99 = batch.p99,
+        fsync_p50_us = fsync.p50,
+        fsync_p99_us = fsync.p99,
+        "write-ahead log totals"
+    );
     match store.wal().failure() {
         Some(reason) => {
             tracing::error!("the write-ahead log had failed: {reason}");

@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 
 use crate::op::Patch;
 
+#[derive(Default)]
 pub struct Txn {
     pub agent: usize,
     pub parents: Vec<usize>,
     pub patches: Vec<Patch>,
 }
 
+#[derive(Default)]
 pub struct Trace {
     pub txns: Vec<Txn>,
     pub end_content: String,

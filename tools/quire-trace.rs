@@ -34,6 +34,9 @@ enum Mode {
     Sequential,
     Shared,
     Each,
+    /// No trace: Ping round trips through one connection (the server's floor without
+    /// the disk), as many as `--patches` (default 20,000).
+    Ping,
 }
 
 #[derive(Parser)]
@@ -44,8 +47,9 @@ enum Mode {
 struct Args {
     #[arg(long, default_value = "127.0.0.1:7420")]
     addr: SocketAddr,
+    /// The trace file (every mode but `ping`).
     #[arg(long)]
-    trace: PathBuf,
+    trace: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "sequential")]
     mode: Mode,
     #[arg(long, default_value_t = 1)]
@@ -178,10 +182,29 @@ async fn run(args: Args) -> Result<(), String> {
     if args.pipeline > 1 && args.compose {
         return Err("--pipeline sends every patch as its own op; drop --compose".into());
     }
-    let trace = load(&args.trace)?;
+    let trace = match (&args.trace, args.mode) {
+        (_, Mode::Ping) => quire::trace::Trace::default(),
+        (Some(path), _) => load(path)?,
+        (None, _) => return Err("--trace FILE is needed for this mode".into()),
+    };
     let started = Instant::now();
     let mut docs: Vec<String> = Vec::new();
-    let (ops, hist, note) = if args.mode == Mode::Concurrent {
+    let (ops, hist, note) = if args.mode == Mode::Ping {
+        let mut conn = Connection::connect(args.addr, args.client_base, &args.token)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut hist = new_hist();
+        let n = args.patches.unwrap_or(20_000) as u64;
+        for nonce in 0..n {
+            let t = Instant::now();
+            conn.send(quire::protocol::message::Message::Ping { nonce })
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.recv().await.map_err(|e| e.to_string())?;
+            hist.record((t.elapsed().as_micros() as u64).max(1)).ok();
+        }
+        (n, hist, String::new())
+    } else if args.mode == Mode::Concurrent {
         let report = replay_concurrent(args.addr, &args.token, &trace, &args.doc, args.client_base)
             .await
             .map_err(|e| e.to_string())?;
@@ -248,6 +271,7 @@ async fn run(args: Args) -> Result<(), String> {
             Mode::Sequential => "sequential",
             Mode::Shared => "shared",
             Mode::Each => "each",
+            Mode::Ping => "ping",
         },
         args.clients,
         args.compose,
