@@ -60,6 +60,9 @@ struct ServeArgs {
     /// between are coalesced into the latest).
     #[arg(long, default_value_t = 50)]
     presence_interval_ms: u64,
+    /// Threads serving connections (default: one per core). The log's writer has its own.
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -99,10 +102,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         documents = report.documents,
         "storage engine ready"
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");
