@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::maintenance::{self, Request};
 use super::{DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
-use crate::op::validate_doc_id;
+use crate::op::{validate_doc_id, OpId};
 use crate::text::Text;
 use crate::wal::record::{Lsn, OpRecord};
 use crate::wal::snapshot::{load_snapshots, DedupeEntry, LoadedSnapshots};
@@ -70,6 +70,17 @@ impl DocState {
             last_snapshot_ms: now_ms(),
             snapshot_queued: false,
         }
+    }
+
+    /// The answer to a retry of `op_id`, if it was applied: its seq when it is the
+    /// client's latest op, and the ticket of the document's newest op (the original is
+    /// durable once that is).
+    fn duplicate(&self, op_id: OpId) -> Option<Submitted> {
+        let &(last_local, seq) = self.dedupe.get(&op_id.client_id)?;
+        (op_id.local_seq <= last_local).then(|| Submitted::Duplicate {
+            seq: (op_id.local_seq == last_local).then_some(seq),
+            ticket: Ticket(self.last_lsn),
+        })
     }
 
     pub fn dedupe_entries(&self) -> Vec<DedupeEntry> {
@@ -373,13 +384,8 @@ impl Sequencer for LocalSequencer {
         let doc = self.doc_or_create(doc_id);
         let mut state = lock_doc(&doc);
         let client = op.op_id.client_id;
-        if let Some(&(last_local, seq)) = state.dedupe.get(&client) {
-            if op.op_id.local_seq <= last_local {
-                return Ok(Submitted::Duplicate {
-                    seq: (op.op_id.local_seq == last_local).then_some(seq),
-                    ticket: Ticket(state.last_lsn),
-                });
-            }
+        if let Some(duplicate) = state.duplicate(op.op_id) {
+            return Ok(duplicate);
         }
         if op.expected_version != state.version {
             return Err(SubmitError::VersionMismatch {
@@ -423,6 +429,10 @@ impl Sequencer for LocalSequencer {
             seq,
             ticket: Ticket(lsn),
         })
+    }
+
+    fn applied(&self, doc_id: &str, op_id: OpId) -> Option<Submitted> {
+        lock_doc(&self.doc(doc_id)?).duplicate(op_id)
     }
 
     async fn wait_durable(&self, ticket: Ticket) -> Result<(), Arc<str>> {

@@ -88,6 +88,11 @@ pub trait Sequencer: Send + Sync + 'static {
     /// Sequences `op` on `doc_id` (creating the document at version 0 if new).
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError>;
 
+    /// If `op_id` was already applied to `doc_id`, what [`Sequencer::submit`] would answer
+    /// for it (a [`Submitted::Duplicate`]). Checked before an op is transformed: a retry
+    /// is answered from the dedupe table however old its base version is.
+    fn applied(&self, doc_id: &str, op_id: OpId) -> Option<Submitted>;
+
     /// Resolves once everything up to `ticket` is durable (or the storage failed).
     fn wait_durable(&self, ticket: Ticket) -> impl Future<Output = Result<(), Arc<str>>> + Send;
 

@@ -316,6 +316,14 @@ impl Document {
                 ),
             );
         }
+        let op_id = crate::op::OpId {
+            client_id,
+            local_seq,
+        };
+        // A retry is answered before anything else: its base may be long gone.
+        if let Some(Submitted::Duplicate { seq, ticket }) = sequencer.applied(&self.id, op_id) {
+            return SubmitOutcome::Duplicate { seq, ticket };
+        }
         if state.broken_pipelines.contains(&session) {
             return SubmitOutcome::Rejected(
                 ErrorCode::PipelineConflict,
@@ -366,10 +374,7 @@ impl Document {
         }
         let transformed = op.to_patches();
         let submit = SubmitOp {
-            op_id: crate::op::OpId {
-                client_id,
-                local_seq,
-            },
+            op_id,
             base_version,
             expected_version: state.version,
             patches: transformed.clone(),

@@ -48,7 +48,11 @@ pub async fn start(dir: &Path, token: &str) -> Running {
 }
 
 pub async fn start_with(dir: &Path, config: ServerConfig) -> Running {
-    let (store, _) = LocalSequencer::open(dir, store_config()).unwrap();
+    start_with_store(dir, store_config(), config).await
+}
+
+pub async fn start_with_store(dir: &Path, store: LocalConfig, config: ServerConfig) -> Running {
+    let (store, _) = LocalSequencer::open(dir, store).unwrap();
     let store = Arc::new(store);
     let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
         .await
