@@ -251,3 +251,46 @@ async fn pipelined_ops_apply_alone_and_are_refused_after_a_concurrent_op() {
     assert_eq!(reader.doc.version(), 6);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_document_does_not_stall_another() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let total = 20_000u64;
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut busy = open(server.addr, 1, "busy").await.ignore_events();
+    busy.doc = busy.doc.clone().without_composing().pipelined(32);
+    let seen = progress.clone();
+    let writer = tokio::spawn(async move {
+        for _ in 0..total {
+            let end = busy.doc.len_chars();
+            busy.edit(&[Patch::new(end, 0, "z")]).await.unwrap();
+            while busy.doc.all_in_flight().count() >= 32 {
+                busy.pump().await.unwrap();
+            }
+            busy.poll().await.unwrap();
+            seen.store(busy.doc.version(), Ordering::Relaxed);
+        }
+        busy.settle().await.unwrap();
+        busy.doc.len_chars()
+    });
+    while progress.load(Ordering::Relaxed) < 100 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Twenty round trips on another document while the busy one keeps the log full.
+    let mut quiet = open(server.addr, 2, "quiet").await;
+    for i in 0..20 {
+        quiet.edit(&[Patch::new(i, 0, "q")]).await.unwrap();
+        quiet.settle().await.unwrap();
+    }
+    let at = progress.load(Ordering::Relaxed);
+    assert!(
+        at < total,
+        "the quiet document's ops waited for the busy one to finish ({at} of {total})"
+    );
+    assert_eq!(quiet.doc.text(), "q".repeat(20));
+    assert_eq!(writer.await.unwrap() as u64, total);
+    server.stop().await;
+}
