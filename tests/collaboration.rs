@@ -11,6 +11,7 @@ use common::{open, start, start_with};
 use quire::client::connection::{Connection, Event};
 use quire::op::Patch;
 use quire::protocol::message::{ErrorCode, Message, Selection};
+use quire::sequencer::Sequencer;
 use quire::server::ServerConfig;
 use quire::text::Text;
 use quire::wal::vfs::sim::SplitMix;
@@ -292,5 +293,59 @@ async fn a_busy_document_does_not_stall_another() {
     );
     assert_eq!(quiet.doc.text(), "q".repeat(20));
     assert_eq!(writer.await.unwrap() as u64, total);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_nobody_has_open_is_released_and_reopens_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut a = open(server.addr, 1, "e").await;
+    let mut b = open(server.addr, 2, "e").await;
+    a.edit(&[Patch::new(0, 0, "hello")]).await.unwrap();
+    a.settle().await.unwrap();
+    while b.doc.version() < 1 {
+        b.pump().await.unwrap();
+    }
+    b.edit(&[Patch::new(5, 0, " world")]).await.unwrap();
+    // B leaves without reading its ack (once the server has the op); A leaves too.
+    while server.store.read("e").await.map_or(0, |v| v.version) < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(b);
+    drop(a);
+    let released = tokio::time::timeout(Duration::from_secs(30), async {
+        while server.server.open_documents() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    released
+        .await
+        .expect("the document is released once nobody has it open");
+    let mut c = open(server.addr, 3, "e").await;
+    assert_eq!(c.doc.text(), "hello world");
+    assert_eq!(server.server.open_documents(), 1);
+    // An op made on an old version is transformed over ops the released document no
+    // longer held in memory (read back from the log).
+    let mut old = Connection::connect(server.addr, 4, "").await.unwrap();
+    old.send(Message::Open {
+        doc: "e".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    old.send(Message::Submit {
+        doc: "e".into(),
+        local_seq: 1,
+        base_version: 0,
+        patches: vec![Patch::new(0, 0, "> ")],
+    })
+    .await
+    .unwrap();
+    c.settle().await.unwrap();
+    while c.doc.version() < 3 {
+        c.pump().await.unwrap();
+    }
+    assert_eq!(c.doc.text(), "> hello world");
     server.stop().await;
 }

@@ -227,6 +227,12 @@ impl Document {
         }
     }
 
+    /// No subscriber, and every op delivered.
+    pub fn is_idle(&self) -> bool {
+        let state = self.lock();
+        state.subscribers.is_empty() && state.pending.is_empty()
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.lock().subscribers.len()
     }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use super::document::{Document, Outbox};
+use super::Server;
 use crate::protocol::message::{Envelope, ErrorCode, Message};
 use crate::sequencer::{Sequencer, Ticket};
 
@@ -66,22 +67,28 @@ impl DurabilityQueue {
     /// Delivers until the queue is dropped by the server (runs as a task for the
     /// server's lifetime). Entries hold their session's outbox, so a session's writer
     /// finishes only after its pending acks went out.
-    pub async fn run<S: Sequencer>(self: Arc<Self>, sequencer: Arc<S>) {
+    pub async fn run<S: Sequencer>(self: Arc<Self>, server: Arc<Server<S>>) {
         loop {
             let Some(ticket) = self.front() else {
                 self.added.notified().await;
                 continue;
             };
-            let outcome = sequencer.wait_durable(ticket).await;
+            let outcome = server.sequencer.wait_durable(ticket).await;
             let Some(action) = self.pop() else { continue };
-            act(action, outcome);
+            act(&server, action, outcome);
         }
     }
 }
 
-fn act(action: Action, outcome: Result<(), Arc<str>>) {
+fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc<str>>) {
     match (action, outcome) {
-        (Action::Deliver { document, seq, .. }, Ok(())) => document.mark_durable(seq),
+        (Action::Deliver { document, seq, .. }, Ok(())) => {
+            document.mark_durable(seq);
+            // Its last subscriber may have left while the op was on its way to disk.
+            if document.subscriber_count() == 0 {
+                server.release(&document);
+            }
+        }
         (
             Action::Deliver {
                 document,

@@ -75,19 +75,23 @@ impl<S: Sequencer> Server<S> {
         })
     }
 
-    /// The open document `id`, opening it at the sequencer's durable version.
-    async fn document(&self, id: &str) -> Arc<Document> {
-        if let Some(doc) = self
-            .documents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
+    fn documents(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Document>>> {
+        self.documents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribes `outbox` to document `id`, opening it at the sequencer's durable
+    /// version if no session has it open. Subscribing happens under the map's lock, so
+    /// that [`Server::release`] never drops a document someone is joining.
+    async fn subscribe(&self, id: &str, outbox: document::Outbox) -> Arc<Document> {
+        if let Some(doc) = self.documents().get(id) {
+            doc.subscribe(outbox);
             return doc.clone();
         }
+        // Not open: nobody can submit to it, so its version cannot move meanwhile.
         let version = self.sequencer.read(id).await.map_or(0, |v| v.version);
-        let mut docs = self.documents.lock().unwrap_or_else(|p| p.into_inner());
-        docs.entry(Arc::from(id))
+        let mut docs = self.documents();
+        let doc = docs
+            .entry(Arc::from(id))
             .or_insert_with(|| {
                 Arc::new(Document::new(
                     Arc::from(id),
@@ -95,7 +99,23 @@ impl<S: Sequencer> Server<S> {
                     self.config.presence_interval,
                 ))
             })
-            .clone()
+            .clone();
+        doc.subscribe(outbox);
+        doc
+    }
+
+    /// Forgets `doc` once it has no subscriber and nothing waiting for durability: a
+    /// server's memory follows the documents open now, not every one ever opened.
+    pub(crate) fn release(&self, doc: &Arc<Document>) {
+        let mut docs = self.documents();
+        if doc.is_idle() && docs.get(&doc.id).is_some_and(|d| Arc::ptr_eq(d, doc)) {
+            docs.remove(&doc.id);
+        }
+    }
+
+    /// Documents open now (held in memory).
+    pub fn open_documents(&self) -> usize {
+        self.documents().len()
     }
 
     /// Accepts connections until `stop` resolves, then tells every session to close
@@ -106,7 +126,7 @@ impl<S: Sequencer> Server<S> {
         stop: impl std::future::Future<Output = ()>,
     ) {
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
-        let deliverer = tokio::spawn(self.durable.clone().run(self.sequencer.clone()));
+        let deliverer = tokio::spawn(self.durable.clone().run(self.clone()));
         let mut sessions = tokio::task::JoinSet::new();
         tokio::pin!(stop);
         let mut backoff = Duration::from_millis(5);

@@ -137,6 +137,7 @@ pub async fn run<S: Sequencer>(server: Arc<Server<S>>, stream: TcpStream, sessio
     }
     for doc in opened.values() {
         doc.unsubscribe(session, client_id.unwrap_or(0));
+        server.release(doc);
     }
     drop(tx);
     let _ = writer.await;
@@ -203,8 +204,7 @@ async fn handle<S: Sequencer>(
             if let Some(err) = doc_error(&doc) {
                 return outbox.send(err);
             }
-            let document = server.document(&doc).await;
-            document.subscribe(outbox.clone());
+            let document = server.subscribe(&doc, outbox.clone()).await;
             opened.insert(document.id.clone(), document.clone());
             let catch_up = (known_version > 0)
                 .then(|| server.sequencer.ops_after(&doc, known_version, usize::MAX))
@@ -336,6 +336,7 @@ async fn handle<S: Sequencer>(
         Message::Close { doc } => {
             if let Some(document) = opened.remove(doc.as_str()) {
                 document.unsubscribe(outbox.session, outbox.client_id);
+                server.release(&document);
             }
             true
         }

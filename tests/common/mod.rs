@@ -16,6 +16,7 @@ pub struct Running {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     pub store: Arc<LocalSequencer>,
+    pub server: Arc<Server<LocalSequencer>>,
 }
 
 impl Running {
@@ -60,7 +61,7 @@ pub async fn start_with_store(dir: &Path, store: LocalConfig, config: ServerConf
     let addr = listener.local_addr().unwrap();
     let server = Server::new(store.clone(), config);
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(server.serve(listener, async move {
+    let task = tokio::spawn(server.clone().serve(listener, async move {
         let _ = rx.await;
     }));
     Running {
@@ -68,6 +69,7 @@ pub async fn start_with_store(dir: &Path, store: LocalConfig, config: ServerConf
         stop: Some(tx),
         task,
         store,
+        server,
     }
 }
 
