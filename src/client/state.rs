@@ -83,6 +83,12 @@ impl ClientDoc {
         self.text.len_chars()
     }
 
+    /// The local sequence number the next op will get (persist it to keep op ids unique
+    /// across restarts of the client).
+    pub fn next_local_seq(&self) -> u64 {
+        self.next_local_seq
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }
