@@ -9,7 +9,8 @@
 //! - `sequential`: every patch of the trace through one client.
 //! - `shared`: patches dealt round-robin over N clients on one document (positions
 //!   clamped to each client's copy, as the ShareDB peer benchmark does).
-//! - `each`: the same, each client on its own document.
+//! - `each`: each client on its own document replays the first 1/N of the patches
+//!   exactly (the ShareDB peer's "many" mode).
 //!
 //! Without `--compose` a client keeps one op in flight and sends each patch as its own
 //! op after the previous ack (the ShareDB peer's shape); with it, patches made while an
@@ -109,6 +110,9 @@ async fn drive_pipelined(
         let len = doc.doc.len_chars();
         let pos = patch.pos.min(len);
         let del = patch.del.min(len - pos);
+        if del == 0 && patch.ins.is_empty() {
+            continue;
+        }
         doc.edit(&[Patch::new(pos, del, patch.ins)])
             .await
             .map_err(e)?;
@@ -137,6 +141,9 @@ async fn drive(
         let len = doc.doc.len_chars();
         let pos = patch.pos.min(len);
         let del = patch.del.min(len - pos);
+        if del == 0 && patch.ins.is_empty() {
+            continue; // clamped to nothing (the ShareDB peer skips these too)
+        }
         let clamped = Patch::new(pos, del, patch.ins);
         if compose {
             doc.edit(&[clamped]).await.map_err(e)?;
@@ -187,7 +194,7 @@ async fn run(args: Args) -> Result<(), String> {
         (Some(path), _) => load(path)?,
         (None, _) => return Err("--trace FILE is needed for this mode".into()),
     };
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut docs: Vec<String> = Vec::new();
     let (ops, hist, note) = if args.mode == Mode::Ping {
         let mut conn = Connection::connect(args.addr, args.client_base, &args.token)
@@ -224,11 +231,20 @@ async fn run(args: Args) -> Result<(), String> {
         } else {
             args.clients.max(1)
         };
-        let mut shares: Vec<Vec<Patch>> = vec![Vec::new(); clients];
-        for (i, p) in patches.into_iter().enumerate() {
-            shares[i % clients].push(p);
-        }
-        let mut tasks = Vec::new();
+        let shares: Vec<Vec<Patch>> = if args.mode == Mode::Each {
+            // As the ShareDB peer's "many" mode: each client replays the first
+            // 1/N of the patches exactly, on its own document.
+            let per = patches.len() / clients;
+            vec![patches[..per].to_vec(); clients]
+        } else {
+            let mut shares = vec![Vec::new(); clients];
+            for (i, p) in patches.into_iter().enumerate() {
+                shares[i % clients].push(p);
+            }
+            shares
+        };
+        // Connect and open every document first; the clock starts when all are ready.
+        let mut opened = Vec::new();
         for (c, share) in shares.into_iter().enumerate() {
             let name = if args.mode == Mode::Each {
                 format!("{}-{c}", args.doc)
@@ -244,6 +260,11 @@ async fn run(args: Args) -> Result<(), String> {
             let doc = SyncedDoc::open(conn, &name, 1)
                 .await
                 .map_err(|e| e.to_string())?;
+            opened.push((doc, share));
+        }
+        started = Instant::now();
+        let mut tasks = Vec::new();
+        for (doc, share) in opened {
             if args.pipeline > 1 {
                 tasks.push(tokio::spawn(drive_pipelined(doc, share, args.pipeline)));
             } else {
