@@ -94,6 +94,8 @@ pub struct ReplayReport {
     pub unreachable: u64,
     /// The document's text as the server holds it at the end.
     pub text: String,
+    /// Each op's time from send to ack, microseconds.
+    pub ack_us: Vec<u64>,
 }
 
 /// For each txn and each agent x: how many of x's txns are in the txn's parent version.
@@ -138,6 +140,9 @@ pub async fn replay_concurrent(
         doc: ClientDoc,
         /// Remote ops received, per agent.
         received: Vec<u64>,
+        /// When the op in flight was sent.
+        sent_at: Option<std::time::Instant>,
+        ack_us: Vec<u64>,
     }
     let n = trace.num_agents.max(1);
     let prefixes = parent_prefixes(trace);
@@ -172,6 +177,8 @@ pub async fn replay_concurrent(
             conn,
             doc: ClientDoc::new(text, version, 1).without_composing(),
             received: vec![0; n],
+            sent_at: None,
+            ack_us: Vec::new(),
         });
     }
 
@@ -180,7 +187,10 @@ pub async fn replay_concurrent(
         let protocol = |e| ClientError::Protocol(format!("{e:?}"));
         match env.message {
             Message::Ack { local_seq, seq, .. } => {
-                agent.doc.on_ack(local_seq, seq).map_err(protocol)?
+                agent.doc.on_ack(local_seq, seq).map_err(protocol)?;
+                if let Some(t) = agent.sent_at.take() {
+                    agent.ack_us.push(t.elapsed().as_micros() as u64);
+                }
             }
             Message::Remote { op, .. } => {
                 agent.doc.on_remote(op.seq, &op.patches).map_err(protocol)?;
@@ -216,6 +226,7 @@ pub async fn replay_concurrent(
                 .take_to_send()
                 .ok_or_else(|| ClientError::Protocol("txn to send was not made".into()))?;
             agent.conn.send(out.into_submit(doc)).await?;
+            agent.sent_at = Some(std::time::Instant::now());
             *sent += 1;
         }
         Ok(())
@@ -266,5 +277,6 @@ pub async fn replay_concurrent(
         ops: total,
         unreachable,
         text,
+        ack_us: agents.iter_mut().flat_map(|a| a.ack_us.drain(..)).collect(),
     })
 }

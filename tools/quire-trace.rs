@@ -85,7 +85,7 @@ async fn drive_pipelined(
     mut doc: SyncedDoc,
     patches: Vec<Patch>,
     depth: usize,
-) -> Result<(Histogram<u64>, u64), String> {
+) -> Result<(Histogram<u64>, u64, SyncedDoc), String> {
     let mut hist = new_hist();
     let e = |e: quire::client::connection::ClientError| e.to_string();
     doc.doc = doc.doc.clone().without_composing().pipelined(depth);
@@ -126,7 +126,7 @@ async fn drive_pipelined(
         doc.pump().await.map_err(e)?;
         record(&mut doc, &mut sent_at);
     }
-    Ok((hist, doc.ops_sent))
+    Ok((hist, doc.ops_sent, doc))
 }
 
 /// One client replaying its share of patches; returns its ack latencies (µs).
@@ -134,7 +134,7 @@ async fn drive(
     mut doc: SyncedDoc,
     patches: Vec<Patch>,
     compose: bool,
-) -> Result<(Histogram<u64>, u64), String> {
+) -> Result<(Histogram<u64>, u64, SyncedDoc), String> {
     let mut hist = new_hist();
     let e = |e: quire::client::connection::ClientError| e.to_string();
     for patch in patches {
@@ -160,7 +160,7 @@ async fn drive(
     if compose {
         hist.record((t.elapsed().as_micros() as u64).max(1)).ok();
     }
-    Ok((hist, doc.ops_sent))
+    Ok((hist, doc.ops_sent, doc))
 }
 
 async fn read_back(
@@ -195,6 +195,7 @@ async fn run(args: Args) -> Result<(), String> {
         (None, _) => return Err("--trace FILE is needed for this mode".into()),
     };
     let mut started = Instant::now();
+    let mut finished: Option<Instant> = None;
     let mut docs: Vec<String> = Vec::new();
     let (ops, hist, note) = if args.mode == Mode::Ping {
         let mut conn = Connection::connect(args.addr, args.client_base, &args.token)
@@ -216,9 +217,13 @@ async fn run(args: Args) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         docs.push(args.doc.clone());
+        let mut hist = new_hist();
+        for us in &report.ack_us {
+            hist.record((*us).max(1)).ok();
+        }
         (
             report.ops,
-            new_hist(),
+            hist,
             format!("unreachable txns: {}", report.unreachable),
         )
     } else {
@@ -277,14 +282,40 @@ async fn run(args: Args) -> Result<(), String> {
         }
         let mut hist = new_hist();
         let mut ops = 0;
+        let mut replicas = Vec::new();
         for t in tasks {
-            let (h, sent) = t.await.map_err(|e| e.to_string())??;
+            let (h, sent, doc) = t.await.map_err(|e| e.to_string())??;
             hist.add(h).ok();
             ops += sent;
+            replicas.push(doc);
         }
-        (ops, hist, String::new())
+        finished = Some(Instant::now());
+        // Every client of a document must end with the same text, once each has
+        // received the ops sequenced after its last ack.
+        let newest = replicas.iter().map(|r| r.doc.version()).max().unwrap_or(0);
+        let mut converged = 0;
+        for name in &docs {
+            let copies = replicas.iter_mut().filter(|r| &r.name == name);
+            let newest = if args.mode == Mode::Shared { newest } else { 0 };
+            let mut text: Option<String> = None;
+            for r in copies {
+                while r.doc.version() < newest {
+                    r.pump().await.map_err(|e| e.to_string())?;
+                }
+                match &text {
+                    None => text = Some(r.doc.text()),
+                    Some(t) if *t == r.doc.text() => {}
+                    Some(_) => return Err(format!("the replicas of {name} diverged")),
+                }
+                converged += 1;
+            }
+        }
+        (ops, hist, format!("replicas converged: {converged}"))
     };
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = finished
+        .unwrap_or_else(Instant::now)
+        .duration_since(started)
+        .as_secs_f64();
     println!(
         "mode {} clients {} compose {} pipeline {}: {ops} ops in {elapsed:.3} s = {:.0} ops/s; ack latency p50 {} us p99 {} us p99.9 {} us (n={}) {note}",
         match args.mode {
