@@ -79,6 +79,14 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
 }
 
+/// `patch` clamped to a text of `len` code points (as the ShareDB peer does); `None` if
+/// nothing is left of it (the peer skips those too).
+fn clamp(patch: Patch, len: u32) -> Option<Patch> {
+    let pos = patch.pos.min(len);
+    let del = patch.del.min(len - pos);
+    (del > 0 || !patch.ins.is_empty()).then(|| Patch::new(pos, del, patch.ins))
+}
+
 /// One client replaying its share of patches with up to `depth` ops in flight, each
 /// patch its own op; returns its ack latencies (µs, send to ack).
 async fn drive_pipelined(
@@ -107,15 +115,10 @@ async fn drive_pipelined(
             doc.pump().await.map_err(e)?;
             record(&mut doc, &mut sent_at);
         }
-        let len = doc.doc.len_chars();
-        let pos = patch.pos.min(len);
-        let del = patch.del.min(len - pos);
-        if del == 0 && patch.ins.is_empty() {
+        let Some(clamped) = clamp(patch, doc.doc.len_chars()) else {
             continue;
-        }
-        doc.edit(&[Patch::new(pos, del, patch.ins)])
-            .await
-            .map_err(e)?;
+        };
+        doc.edit(&[clamped]).await.map_err(e)?;
         if let Some(out) = doc.doc.all_in_flight().last() {
             sent_at.entry(out.local_seq).or_insert_with(Instant::now);
         }
@@ -138,13 +141,9 @@ async fn drive(
     let mut hist = new_hist();
     let e = |e: quire::client::connection::ClientError| e.to_string();
     for patch in patches {
-        let len = doc.doc.len_chars();
-        let pos = patch.pos.min(len);
-        let del = patch.del.min(len - pos);
-        if del == 0 && patch.ins.is_empty() {
-            continue; // clamped to nothing (the ShareDB peer skips these too)
-        }
-        let clamped = Patch::new(pos, del, patch.ins);
+        let Some(clamped) = clamp(patch, doc.doc.len_chars()) else {
+            continue;
+        };
         if compose {
             doc.edit(&[clamped]).await.map_err(e)?;
             doc.poll().await.map_err(e)?;
