@@ -219,6 +219,7 @@ impl Document {
     pub fn unsubscribe(&self, session: SessionId, client_id: u64) {
         let mut state = self.lock();
         state.held.remove(&session);
+        state.broken_pipelines.remove(&session);
         if state.subscribers.remove(&session).is_some()
             && state.presence.remove(&client_id).is_some()
         {
