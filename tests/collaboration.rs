@@ -349,3 +349,31 @@ async fn a_document_nobody_has_open_is_released_and_reopens_intact() {
     assert_eq!(c.doc.text(), "> hello world");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_churning_on_one_document_lose_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let (tasks, rounds) = (8u64, 40u64);
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let addr = server.addr;
+        handles.push(tokio::spawn(async move {
+            for r in 0..rounds {
+                // A new client each round: open, append one character, wait for the ack,
+                // leave (the document is released whenever nobody has it open).
+                let mut doc = open(addr, 1 + t * 1000 + r, "churn").await;
+                let end = doc.doc.len_chars();
+                doc.edit(&[Patch::new(end, 0, "c")]).await.unwrap();
+                doc.settle().await.unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let reader = open(server.addr, 999_999, "churn").await;
+    assert_eq!(reader.doc.version(), tasks * rounds);
+    assert_eq!(reader.doc.text(), "c".repeat((tasks * rounds) as usize));
+    server.stop().await;
+}

@@ -83,25 +83,36 @@ impl<S: Sequencer> Server<S> {
     /// version if no session has it open. Subscribing happens under the map's lock, so
     /// that [`Server::release`] never drops a document someone is joining.
     async fn subscribe(&self, id: &str, outbox: document::Outbox) -> Arc<Document> {
-        if let Some(doc) = self.documents().get(id) {
+        loop {
+            if let Some(doc) = self.documents().get(id) {
+                doc.subscribe(outbox);
+                return doc.clone();
+            }
+            // Not open. Read its version (waiting for durability), then open it at that
+            // version, unless meanwhile another session opened it, submitted and
+            // released it: then the version moved, and this reads it again.
+            let version = self.sequencer.read(id).await.map_or(0, |v| v.version);
+            let mut docs = self.documents();
+            if let Some(doc) = docs.get(id) {
+                doc.subscribe(outbox);
+                return doc.clone();
+            }
+            let unchanged = self
+                .sequencer
+                .ops_after(id, version, 1)
+                .is_some_and(|ops| ops.is_empty());
+            if !unchanged {
+                continue;
+            }
+            let doc = Arc::new(Document::new(
+                Arc::from(id),
+                version,
+                self.config.presence_interval,
+            ));
+            docs.insert(doc.id.clone(), doc.clone());
             doc.subscribe(outbox);
-            return doc.clone();
+            return doc;
         }
-        // Not open: nobody can submit to it, so its version cannot move meanwhile.
-        let version = self.sequencer.read(id).await.map_or(0, |v| v.version);
-        let mut docs = self.documents();
-        let doc = docs
-            .entry(Arc::from(id))
-            .or_insert_with(|| {
-                Arc::new(Document::new(
-                    Arc::from(id),
-                    version,
-                    self.config.presence_interval,
-                ))
-            })
-            .clone();
-        doc.subscribe(outbox);
-        doc
     }
 
     /// Forgets `doc` once it has no subscriber and nothing waiting for durability: a
