@@ -327,9 +327,15 @@ impl Document {
             client_id,
             local_seq,
         };
-        // A retry is answered before anything else: its base may be long gone.
-        if let Some(Submitted::Duplicate { seq, ticket }) = sequencer.applied(&self.id, op_id) {
-            return SubmitOutcome::Duplicate { seq, ticket };
+        // A retry is answered before anything else: its base may be long gone, or its
+        // connection's pipeline broken since. (An op made on the current version needs
+        // no early look: the sequencer's submit answers a retry the same way.)
+        let needs_early_look =
+            base_version < state.version || state.broken_pipelines.contains(&session);
+        if needs_early_look {
+            if let Some(Submitted::Duplicate { seq, ticket }) = sequencer.applied(&self.id, op_id) {
+                return SubmitOutcome::Duplicate { seq, ticket };
+            }
         }
         if state.broken_pipelines.contains(&session) {
             return SubmitOutcome::Rejected(
