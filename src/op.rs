@@ -30,6 +30,10 @@ impl Patch {
 /// with room to spare and bounds the memory one document can take.
 pub const MAX_DOC_CHARS: u32 = 1 << 28;
 
+/// Upper bound on a document's text in bytes (UTF-8): the largest document quire keeps
+/// and sends (in snapshot pieces that each fit a frame).
+pub const MAX_DOC_BYTES: u64 = 64 << 20;
+
 /// Upper bound on a document id in bytes (UTF-8). Ids appear in snapshot file names
 /// (hex encoded), so this keeps those names below the 255-byte limit of common filesystems.
 pub const MAX_DOC_ID_BYTES: usize = 100;

@@ -7,7 +7,7 @@
 
 use jumprope::JumpRope;
 
-use crate::op::{Patch, MAX_DOC_CHARS};
+use crate::op::{Patch, MAX_DOC_BYTES, MAX_DOC_CHARS};
 
 /// Why a patch does not apply to a text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub enum ApplyError {
     },
     /// The result would exceed [`MAX_DOC_CHARS`].
     TooLong { len: u64 },
+    /// The result would exceed [`MAX_DOC_BYTES`].
+    TooManyBytes { bytes: u64 },
 }
 
 impl std::fmt::Display for ApplyError {
@@ -33,6 +35,10 @@ impl std::fmt::Display for ApplyError {
             ApplyError::TooLong { len } => write!(
                 f,
                 "the document would be {len} code points long; the limit is {MAX_DOC_CHARS}"
+            ),
+            ApplyError::TooManyBytes { bytes } => write!(
+                f,
+                "the document would be {bytes} bytes long; the limit is {MAX_DOC_BYTES}"
             ),
         }
     }
@@ -60,6 +66,11 @@ impl Text {
         self.rope.len_chars() as u32
     }
 
+    /// The text's length in bytes (UTF-8).
+    pub fn len_bytes(&self) -> u64 {
+        self.rope.len_bytes() as u64
+    }
+
     /// Checks that every patch applies, in order, without changing the text.
     pub fn check(&self, patches: &[Patch]) -> Result<(), ApplyError> {
         let mut len = u64::from(self.len_chars());
@@ -77,12 +88,30 @@ impl Text {
                 return Err(ApplyError::TooLong { len });
             }
         }
+        // Bytes: deletes only shrink the text, so the inserted bytes bound the growth;
+        // only near the limit is the exact figure worth computing (on a copy).
+        let inserted: u64 = patches.iter().map(|p| p.ins.len() as u64).sum();
+        if self.len_bytes() + inserted > MAX_DOC_BYTES {
+            let mut copy = self.clone();
+            copy.splice(patches);
+            if copy.len_bytes() > MAX_DOC_BYTES {
+                return Err(ApplyError::TooManyBytes {
+                    bytes: copy.len_bytes(),
+                });
+            }
+        }
         Ok(())
     }
 
     /// Applies the patches in order, or none of them.
     pub fn apply(&mut self, patches: &[Patch]) -> Result<(), ApplyError> {
         self.check(patches)?;
+        self.splice(patches);
+        Ok(())
+    }
+
+    /// Applies checked patches.
+    fn splice(&mut self, patches: &[Patch]) {
         for p in patches {
             let pos = p.pos as usize;
             if p.del > 0 {
@@ -92,7 +121,6 @@ impl Text {
                 self.rope.insert(pos, &p.ins);
             }
         }
-        Ok(())
     }
 }
 

@@ -309,7 +309,14 @@ async fn a_document_nobody_has_open_is_released_and_reopens_intact() {
     }
     b.edit(&[Patch::new(5, 0, " world")]).await.unwrap();
     // B leaves without reading its ack (once the server has the op); A leaves too.
-    while server.store.read("e").await.map_or(0, |v| v.version) < 2 {
+    while server
+        .store
+        .read("e")
+        .await
+        .unwrap()
+        .map_or(0, |v| v.version)
+        < 2
+    {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     drop(b);

@@ -59,7 +59,7 @@ fn child(dir: &Path, cycle: u64) {
             tasks.push(tokio::spawn(async move {
                 let doc = format!("doc{}", task % DOCS);
                 let client = cycle * 100 + task;
-                let mut version = store.read(&doc).await.map_or(0, |v| v.version);
+                let mut version = store.read(&doc).await.unwrap().map_or(0, |v| v.version);
                 for local in 1.. {
                     let op = SubmitOp {
                         op_id: OpId {
@@ -68,11 +68,13 @@ fn child(dir: &Path, cycle: u64) {
                         },
                         base_version: version,
                         expected_version: version,
+                        fingerprint: 0,
                         patches: vec![Patch::new(0, 0, marker(client, local))],
                     };
                     let (seq, ticket) = loop {
                         let attempt = SubmitOp {
                             expected_version: version,
+                            fingerprint: 0,
                             ..op.clone()
                         };
                         match store.submit(&doc, attempt) {
@@ -124,7 +126,7 @@ fn verify(dir: &Path, acks: &[Ack], rt: &tokio::runtime::Runtime) -> usize {
     let mut checked = 0;
     for d in 0..DOCS {
         let doc = format!("doc{d}");
-        let Some(view) = rt.block_on(store.read(&doc)) else {
+        let Some(view) = rt.block_on(store.read(&doc)).expect("the log works") else {
             assert!(acks.iter().all(|a| a.doc != doc), "{doc} lost entirely");
             continue;
         };

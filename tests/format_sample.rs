@@ -82,11 +82,11 @@ fn the_sample_opens_as_a_data_directory_with_snapshot_plus_replay() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let notes = rt.block_on(store.read("notes")).unwrap();
+    let notes = rt.block_on(store.read("notes")).unwrap().unwrap();
     assert_eq!(
         (notes.text.as_str(), notes.version),
         ("Hello w\u{f6}rld", 2)
     );
-    let b = rt.block_on(store.read("b/\u{1F600}")).unwrap();
+    let b = rt.block_on(store.read("b/\u{1F600}")).unwrap().unwrap();
     assert_eq!((b.text.as_str(), b.version), ("xy", 2));
 }

@@ -15,15 +15,19 @@ use std::sync::Arc;
 use quickcheck::{Arbitrary, Gen, QuickCheck, TestResult};
 use quire::client::state::{ClientDoc, Outgoing};
 use quire::op::Patch;
+use quire::protocol::frame::FrameCodec;
 use quire::protocol::message::{Envelope, ErrorCode, Message};
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::sequencer::Sequencer;
-use quire::server::document::{Document, Outbox, Submission, SubmitOutcome};
+use quire::server::document::{Document, Submission, SubmitOutcome};
+use quire::server::outbox::{self, encode, Outbox, Writer};
 use quire::wal::vfs::sim::SimFs;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio_util::codec::Decoder;
+
+const MAX_FRAME: usize = 1 << 20;
 
 const ALPHABET: [char; 5] = ['a', 'b', '\u{1F600}', 'é', ' '];
 
@@ -63,9 +67,9 @@ struct Client {
     doc: ClientDoc,
     /// Sent, not yet taken by the server.
     up: VecDeque<Outgoing>,
-    down: mpsc::Receiver<Arc<Envelope>>,
+    down: Writer,
     /// The server's side of `down`, for the Reject a session would send.
-    tx: mpsc::Sender<Arc<Envelope>>,
+    tx: Outbox,
     reloads: u32,
 }
 
@@ -80,7 +84,7 @@ impl World {
     /// A new session opening the document.
     fn connect(&mut self, client_id: u64) -> Client {
         self.next_session += 1;
-        let (tx, down) = mpsc::channel(1 << 16);
+        let (tx, down) = outbox::outbox(self.next_session, client_id, 1 << 26, MAX_FRAME);
         let mut client = Client {
             id: client_id,
             depth: 1,
@@ -97,13 +101,8 @@ impl World {
 
     /// `Open` on the client's session: (re)subscribes it with a fresh queue.
     fn open(&mut self, client: &mut Client) {
-        let (tx, down) = mpsc::channel(1 << 16);
-        self.document.subscribe(Outbox {
-            session: client.session,
-            client_id: client.id,
-            tx: tx.clone(),
-            kick: Arc::new(tokio::sync::Notify::new()),
-        });
+        let (tx, down) = outbox::outbox(client.session, client.id, 1 << 26, MAX_FRAME);
+        self.document.subscribe(tx.clone());
         self.document.activate(client.session);
         client.tx = tx;
         client.down = down;
@@ -113,6 +112,7 @@ impl World {
     fn current(&self) -> (String, u64) {
         self.rt
             .block_on(self.store.read("doc"))
+            .expect("the simulated disk does not fail here")
             .map_or((String::new(), 0), |v| (v.text, v.version))
     }
 
@@ -159,13 +159,13 @@ impl World {
                     code,
                     message,
                 };
-                client
-                    .tx
-                    .try_send(Arc::new(Envelope {
+                assert!(client.tx.send(encode(
+                    &Envelope {
                         request_id: 0,
                         message: reject,
-                    }))
-                    .unwrap();
+                    },
+                    MAX_FRAME
+                )));
             }
             SubmitOutcome::Rejected(code, message) => {
                 panic!("refused with {code:?}: {message}")
@@ -188,9 +188,13 @@ fn submission(client: &Client, out: Outgoing) -> Submission {
 
 /// Applies one message from the server; sends what became sendable.
 fn deliver(world: &mut World, client: &mut Client) -> bool {
-    let Ok(env) = client.down.try_recv() else {
+    let Some(frame) = client.down.try_recv() else {
         return false;
     };
+    let env = FrameCodec::new(MAX_FRAME)
+        .decode(&mut bytes::BytesMut::from(&frame[..]))
+        .expect("the server's frames decode")
+        .expect("one whole frame");
     match &env.message {
         Message::Ack { local_seq, seq, .. } => client.doc.on_ack(*local_seq, *seq).unwrap(),
         Message::Remote { op, .. } => {
@@ -229,7 +233,12 @@ fn run(script: Script) -> TestResult {
             .build()
             .unwrap(),
         store,
-        document: Arc::new(Document::new(Arc::from("doc"), 0, Duration::ZERO)),
+        document: Arc::new(Document::new(
+            Arc::from("doc"),
+            0,
+            Duration::ZERO,
+            MAX_FRAME,
+        )),
         next_session: 0,
     };
     let mut clients: Vec<Client> = Vec::new();

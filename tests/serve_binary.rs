@@ -123,7 +123,7 @@ fn sigterm_finishes_in_flight_commits_and_every_acked_op_survives() {
     );
     rt.block_on(async {
         for (i, &n) in acked.iter().enumerate() {
-            let view = store.read(&format!("doc{}", i + 1)).await.unwrap();
+            let view = store.read(&format!("doc{}", i + 1)).await.unwrap().unwrap();
             assert!(
                 view.version >= n,
                 "doc{}: acked up to {n}, recovered {}",

@@ -599,7 +599,8 @@ async fn clients_opening_while_others_edit_catch_up_without_a_gap() {
 async fn a_subscriber_that_never_reads_is_disconnected_and_the_writer_is_unaffected() {
     let tmp = tempfile::tempdir().unwrap();
     let config = ServerConfig {
-        outbox_capacity: 64,
+        max_frame: 64 * 1024,
+        outbox_bytes: 256 * 1024,
         ..ServerConfig::default()
     };
     let server = start_with(tmp.path(), config).await;
@@ -629,9 +630,11 @@ async fn a_subscriber_that_never_reads_is_disconnected_and_the_writer_is_unaffec
     // The slow connection ends (after whatever was already in flight to it).
     // (The bound is a guard against a hang, not a performance threshold.)
     let mut got = 0u64;
+    let mut last = None;
     let ended = tokio::time::timeout(Duration::from_secs(60), async {
-        while slow.recv().await.is_ok() {
+        while let Ok(env) = slow.recv().await {
             got += 1;
+            last = Some(env.message);
         }
     })
     .await;
@@ -639,6 +642,16 @@ async fn a_subscriber_that_never_reads_is_disconnected_and_the_writer_is_unaffec
     assert!(
         got < 3000,
         "the slow reader was cut off ({got} messages reached it)"
+    );
+    assert!(
+        matches!(
+            last,
+            Some(Message::Error {
+                code: ErrorCode::TooSlow,
+                ..
+            })
+        ),
+        "the slow reader is told why (code 8), last got {last:?}"
     );
     server.stop().await;
 }

@@ -95,7 +95,7 @@ fn open(fs: &SimFs) -> LocalSequencer {
 
 fn check(store: &LocalSequencer, rt: &tokio::runtime::Runtime, model: &BTreeMap<usize, ModelDoc>) {
     for (&d, doc) in model {
-        let view = rt.block_on(store.read(DOCS[d]));
+        let view = rt.block_on(store.read(DOCS[d])).expect("the log works");
         let version = doc.ops.len() as u64;
         match view {
             Some(view) => {
@@ -114,6 +114,7 @@ fn check(store: &LocalSequencer, rt: &tokio::runtime::Runtime, model: &BTreeMap<
         if let Some(first) = first {
             let ops = store
                 .ops_after(DOCS[d], first - 1, usize::MAX)
+                .expect("the log works")
                 .expect("retained");
             let expected = &doc.ops[(first - 1) as usize..];
             assert_eq!(ops.len(), expected.len());
@@ -157,6 +158,7 @@ fn run(actions: Vec<Action>) -> TestResult {
                             op_id,
                             base_version: version,
                             expected_version: version,
+                            fingerprint: 0,
                             patches: patches.clone(),
                         },
                     )
@@ -181,15 +183,13 @@ fn run(actions: Vec<Action>) -> TestResult {
                             op_id,
                             base_version: seq - 1,
                             expected_version: seq - 1,
+                            fingerprint: 0,
                             patches,
                         },
                     )
                     .unwrap();
                 match submitted {
-                    Submitted::Duplicate {
-                        seq: Some(s),
-                        ticket,
-                    } => {
+                    Submitted::Duplicate { seq: s, ticket } => {
                         assert_eq!(s, seq, "a retry gets the original seq");
                         rt.block_on(store.wait_durable(ticket)).unwrap();
                     }
@@ -247,6 +247,7 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
         },
         base_version: 0,
         expected_version: 0,
+        fingerprint: 0,
         patches: vec![Patch::new(0, 0, "quiet")],
     };
     let Submitted::Applied { ticket, .. } = store.submit("quiet", quiet.clone()).unwrap() else {
@@ -262,6 +263,7 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
             },
             base_version: i,
             expected_version: i,
+            fingerprint: 0,
             patches: vec![Patch::new(0, if i == 0 { 0 } else { 1 }, "x".repeat(100))],
         };
         let Submitted::Applied { ticket, .. } = store.submit("busy", op).unwrap() else {
@@ -286,11 +288,17 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
     assert_eq!(
         store.submit("quiet", quiet).unwrap(),
         Submitted::Duplicate {
-            seq: Some(1),
+            seq: 1,
             ticket: quire::sequencer::Ticket(0)
         },
         "the dedupe table came back from the snapshot after the op's segment was deleted"
     );
-    assert_eq!(rt.block_on(store.read("quiet")).unwrap().text, "quiet");
-    assert_eq!(rt.block_on(store.read("busy")).unwrap().version, 3000);
+    assert_eq!(
+        rt.block_on(store.read("quiet")).unwrap().unwrap().text,
+        "quiet"
+    );
+    assert_eq!(
+        rt.block_on(store.read("busy")).unwrap().unwrap().version,
+        3000
+    );
 }

@@ -45,6 +45,7 @@ fn make(dir: &Path) {
             },
             base_version: version,
             expected_version: version,
+            fingerprint: 0,
             patches: vec![Patch::new(version as u32, 0, format!("{}", i % 10))],
         };
         let Submitted::Applied { ticket, .. } = store.submit(doc, op).unwrap() else {

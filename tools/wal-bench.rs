@@ -226,6 +226,7 @@ fn recovery(dir: &Path, mib: u64, payload_bytes: usize, docs: usize) {
                                 },
                                 base_version: version,
                                 expected_version: version,
+                                fingerprint: 0,
                                 patches: vec![Patch::new(0, 0, ins.clone())],
                             };
                             match store.submit(&doc, op) {

@@ -73,7 +73,11 @@ impl Connection {
         })
         .await?;
         match conn.recv().await?.message {
-            Message::Welcome { .. } => Ok(conn),
+            Message::Welcome { max_frame, .. } => {
+                // The server builds every frame to fit its own limit.
+                conn.codec = FrameCodec::new(max_frame as usize);
+                Ok(conn)
+            }
             Message::Error { code, message } => {
                 Err(ClientError::Refused(format!("{code:?}: {message}")))
             }
@@ -216,10 +220,31 @@ impl SyncedDoc {
         // Broadcasts can overtake the snapshot (the server subscribes this connection
         // before it reads the snapshot): keep them, and apply those newer than it.
         let mut early = Vec::new();
+        let mut snapshot: Option<(String, u64, u64)> = None;
         let (text, version) = loop {
             let env = conn.recv().await?;
             match env.message {
-                Message::Snapshot { version, text, .. } => break (text, version),
+                // A snapshot comes in pieces, in order, until `total_len` bytes.
+                Message::Snapshot {
+                    version,
+                    total_len,
+                    text,
+                    ..
+                } => {
+                    let (so_far, _, _) =
+                        snapshot.get_or_insert_with(|| (String::new(), version, total_len));
+                    so_far.push_str(&text);
+                    if so_far.len() as u64 >= total_len {
+                        let (text, version, total_len) = snapshot.take().expect("set above");
+                        if text.len() as u64 != total_len {
+                            return Err(ClientError::Protocol(format!(
+                                "snapshot of {} bytes where {total_len} were announced",
+                                text.len()
+                            )));
+                        }
+                        break (text, version);
+                    }
+                }
                 Message::Error { code, message } => {
                     return Err(ClientError::Refused(format!("{code:?}: {message}")))
                 }
@@ -241,9 +266,9 @@ impl SyncedDoc {
         // The Ops that follow the snapshot.
         loop {
             let env = synced.conn.recv().await?;
-            let is_ops = matches!(env.message, Message::Ops { .. });
+            let last = matches!(env.message, Message::Ops { more: false, .. });
             synced.apply(env)?;
-            if is_ops {
+            if last {
                 break;
             }
         }
@@ -266,9 +291,9 @@ impl SyncedDoc {
                     "the server no longer has the ops this client missed; reload".into(),
                 ));
             }
-            let is_ops = matches!(env.message, Message::Ops { .. });
+            let last = matches!(env.message, Message::Ops { more: false, .. });
             self.apply(env)?;
-            if is_ops {
+            if last {
                 break;
             }
         }

@@ -18,6 +18,12 @@ pub enum ErrorCode {
     UnsupportedVersion,
     WrongToken,
     TooSlow,
+    /// The server is at a limit (connections, or memory for large frames); retry later.
+    Busy,
+    /// No Hello within the handshake deadline, or no message within the idle deadline.
+    Timeout,
+    /// Another connection presented this client id; this one is closed.
+    Replaced,
     UnknownDocument,
     OutOfRange,
     FutureVersion,
@@ -25,6 +31,12 @@ pub enum ErrorCode {
     TooLarge,
     StorageFailed,
     PipelineConflict,
+    /// The op id was used before for a different op.
+    OpIdReused,
+    /// The op's base version is older than the ops the server keeps: reload.
+    TooOld,
+    /// More ops in flight on this connection than the server allows.
+    TooManyInFlight,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -40,6 +52,9 @@ impl ErrorCode {
             ErrorCode::UnsupportedVersion => 6,
             ErrorCode::WrongToken => 7,
             ErrorCode::TooSlow => 8,
+            ErrorCode::Busy => 9,
+            ErrorCode::Timeout => 10,
+            ErrorCode::Replaced => 11,
             ErrorCode::UnknownDocument => 20,
             ErrorCode::OutOfRange => 21,
             ErrorCode::FutureVersion => 22,
@@ -47,6 +62,9 @@ impl ErrorCode {
             ErrorCode::TooLarge => 24,
             ErrorCode::StorageFailed => 30,
             ErrorCode::PipelineConflict => 25,
+            ErrorCode::OpIdReused => 26,
+            ErrorCode::TooOld => 27,
+            ErrorCode::TooManyInFlight => 28,
             ErrorCode::Other(c) => c,
         }
     }
@@ -61,6 +79,9 @@ impl ErrorCode {
             6 => ErrorCode::UnsupportedVersion,
             7 => ErrorCode::WrongToken,
             8 => ErrorCode::TooSlow,
+            9 => ErrorCode::Busy,
+            10 => ErrorCode::Timeout,
+            11 => ErrorCode::Replaced,
             20 => ErrorCode::UnknownDocument,
             21 => ErrorCode::OutOfRange,
             22 => ErrorCode::FutureVersion,
@@ -68,13 +89,16 @@ impl ErrorCode {
             24 => ErrorCode::TooLarge,
             30 => ErrorCode::StorageFailed,
             25 => ErrorCode::PipelineConflict,
+            26 => ErrorCode::OpIdReused,
+            27 => ErrorCode::TooOld,
+            28 => ErrorCode::TooManyInFlight,
             c => ErrorCode::Other(c),
         }
     }
 
     /// Whether the connection is closed after this error (the stream cannot be trusted).
     pub fn closes_connection(self) -> bool {
-        matches!(self.to_u16(), 1..=8)
+        matches!(self.to_u16(), 1..=11)
     }
 }
 
@@ -130,13 +154,18 @@ pub enum Message {
     Ping {
         nonce: u64,
     },
+    /// One piece of a document's text at `version`: the pieces of one snapshot arrive
+    /// in order, and the snapshot is complete once `total_len` bytes have arrived.
     Snapshot {
         doc: String,
         version: u64,
+        total_len: u64,
         text: String,
     },
+    /// Ops in seq order; `more`: another `Ops` frame of the same reply follows.
     Ops {
         doc: String,
+        more: bool,
         ops: Vec<WireOp>,
     },
     Ack {
@@ -410,13 +439,20 @@ impl Envelope {
             }
             Message::Close { doc } => put_str16(&mut out, doc),
             Message::Ping { nonce } | Message::Pong { nonce } => out.put_u64_le(*nonce),
-            Message::Snapshot { doc, version, text } => {
+            Message::Snapshot {
+                doc,
+                version,
+                total_len,
+                text,
+            } => {
                 put_str16(&mut out, doc);
                 out.put_u64_le(*version);
+                out.put_u64_le(*total_len);
                 put_str32(&mut out, text);
             }
-            Message::Ops { doc, ops } => {
+            Message::Ops { doc, more, ops } => {
                 put_str16(&mut out, doc);
+                out.put_u8(u8::from(*more));
                 out.put_u32_le(ops.len() as u32);
                 for op in ops {
                     put_wire_op(&mut out, op);
@@ -514,13 +550,24 @@ impl Envelope {
             0x20 => Message::Snapshot {
                 doc: r.str16()?,
                 version: r.u64()?,
+                total_len: r.u64()?,
                 text: r.str32()?,
             },
             0x21 => {
                 let doc = r.str16()?;
+                let more = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    b => {
+                        return Err(DecodeError::new(
+                            ErrorCode::Malformed,
+                            format!("Ops: more flag {b} is not 0 or 1"),
+                        ))
+                    }
+                };
                 let n = r.count(28)?;
                 let ops = (0..n).map(|_| r.wire_op()).collect::<Result<_, _>>()?;
-                Message::Ops { doc, ops }
+                Message::Ops { doc, more, ops }
             }
             0x22 => Message::Ack {
                 doc: r.str16()?,
@@ -618,10 +665,12 @@ mod tests {
             Message::Snapshot {
                 doc: doc.clone(),
                 version: 2,
+                total_len: 9,
                 text: "x\u{10348}".into(),
             },
             Message::Ops {
                 doc: doc.clone(),
+                more: true,
                 ops: vec![op.clone(), op.clone()],
             },
             Message::Ack {

@@ -8,6 +8,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::dedupe::{Dedupe, Seen};
 use super::maintenance::{self, Request};
 use super::{DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
 use crate::op::{validate_doc_id, OpId};
@@ -49,8 +50,8 @@ impl Default for LocalConfig {
 pub(crate) struct DocState {
     pub text: Text,
     pub version: u64,
-    /// client id → (last local seq applied, the seq it got).
-    pub dedupe: HashMap<u64, (u64, u64)>,
+    /// Which op ids were applied (each client's recent ops).
+    pub dedupe: Dedupe,
     /// LSN of the newest op (0: nothing appended since startup; all durable).
     pub last_lsn: Lsn,
     /// `last_included_seq` of the newest durable snapshot (0: none).
@@ -64,7 +65,7 @@ impl DocState {
         DocState {
             text: Text::new(),
             version: 0,
-            dedupe: HashMap::new(),
+            dedupe: Dedupe::default(),
             last_lsn: 0,
             snapshot_seq: 0,
             last_snapshot_ms: now_ms(),
@@ -72,29 +73,33 @@ impl DocState {
         }
     }
 
-    /// The answer to a retry of `op_id`, if it was applied: its seq when it is the
-    /// client's latest op, and the ticket of the document's newest op (the original is
-    /// durable once that is).
-    fn duplicate(&self, op_id: OpId) -> Option<Submitted> {
-        let &(last_local, seq) = self.dedupe.get(&op_id.client_id)?;
-        (op_id.local_seq <= last_local).then(|| Submitted::Duplicate {
-            seq: (op_id.local_seq == last_local).then_some(seq),
-            ticket: Ticket(self.last_lsn),
-        })
+    /// The answer to an op id already used: the original's seq for a true resend (and
+    /// the ticket of the document's newest op: the original is durable once that is),
+    /// or a refusal for a different op under a used id. `None`: a new op.
+    fn duplicate(&self, op_id: OpId, fingerprint: u64) -> Option<Result<Submitted, SubmitError>> {
+        match self.dedupe.seen(op_id, fingerprint) {
+            Seen::New => None,
+            Seen::Resend { seq } => Some(Ok(Submitted::Duplicate {
+                seq,
+                ticket: Ticket(self.last_lsn),
+            })),
+            Seen::Reused { newest } => Some(Err(SubmitError::OpIdReused(format!(
+                "op id {op_id} was used before for another op (this client's newest op here \
+                 is local seq {newest}); a new op needs a local seq above it"
+            )))),
+        }
     }
 
     pub fn dedupe_entries(&self) -> Vec<DedupeEntry> {
-        let mut entries: Vec<DedupeEntry> = self
-            .dedupe
-            .iter()
-            .map(|(&client_id, &(last_local_seq, seq))| DedupeEntry {
+        self.dedupe
+            .newest()
+            .into_iter()
+            .map(|(client_id, last_local_seq, seq)| DedupeEntry {
                 client_id,
                 last_local_seq,
                 seq,
             })
-            .collect();
-        entries.sort_unstable_by_key(|e| e.client_id);
-        entries
+            .collect()
     }
 }
 
@@ -384,8 +389,8 @@ impl Sequencer for LocalSequencer {
         let doc = self.doc_or_create(doc_id);
         let mut state = lock_doc(&doc);
         let client = op.op_id.client_id;
-        if let Some(duplicate) = state.duplicate(op.op_id) {
-            return Ok(duplicate);
+        if let Some(answer) = state.duplicate(op.op_id, op.fingerprint) {
+            return answer;
         }
         if op.expected_version != state.version {
             return Err(SubmitError::VersionMismatch {
@@ -417,7 +422,9 @@ impl Sequencer for LocalSequencer {
             .apply(&record.patches)
             .expect("patches were checked under the same lock");
         state.version = seq;
-        state.dedupe.insert(client, (op.op_id.local_seq, seq));
+        state
+            .dedupe
+            .record(client, op.op_id.local_seq, seq, Some(op.fingerprint));
         state.last_lsn = lsn;
         if seq - state.snapshot_seq >= self.shared.config.snapshot_every_ops
             && !state.snapshot_queued
@@ -431,8 +438,17 @@ impl Sequencer for LocalSequencer {
         })
     }
 
-    fn applied(&self, doc_id: &str, op_id: OpId) -> Option<Submitted> {
-        lock_doc(&self.doc(doc_id)?).duplicate(op_id)
+    fn applied(
+        &self,
+        doc_id: &str,
+        op_id: OpId,
+        fingerprint: u64,
+    ) -> Option<Result<Submitted, SubmitError>> {
+        lock_doc(&self.doc(doc_id)?).duplicate(op_id, fingerprint)
+    }
+
+    fn version(&self, doc_id: &str) -> u64 {
+        self.doc(doc_id).map_or(0, |d| lock_doc(&d).version)
     }
 
     async fn wait_durable(&self, ticket: Ticket) -> Result<(), Arc<str>> {
@@ -443,30 +459,43 @@ impl Sequencer for LocalSequencer {
             .map_err(|e| Arc::from(e.to_string()))
     }
 
-    async fn read(&self, doc_id: &str) -> Option<DocView> {
-        let doc = self.doc(doc_id)?;
+    async fn read(&self, doc_id: &str) -> Result<Option<DocView>, Arc<str>> {
+        let Some(doc) = self.doc(doc_id) else {
+            return Ok(None);
+        };
         let (text, version, lsn) = {
             let state = lock_doc(&doc);
             (state.text.to_string(), state.version, state.last_lsn)
         };
-        // Everything in `text` is durable once its newest op is.
-        self.shared.wal.wait_durable(lsn).await.ok()?;
-        Some(DocView { text, version })
+        // Everything in `text` is durable once its newest op is; if the log failed
+        // first, the text may hold ops that never became durable: an error, not a view.
+        self.shared
+            .wal
+            .wait_durable(lsn)
+            .await
+            .map_err(|e| Arc::from(e.to_string()))?;
+        Ok(Some(DocView { text, version }))
     }
 
-    fn ops_after(&self, doc_id: &str, after_seq: u64, limit: usize) -> Option<Vec<OpRecord>> {
+    fn ops_after(
+        &self,
+        doc_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<OpRecord>>, Arc<str>> {
         let first = self.shared.wal.with_index(|i| i.first_retained_seq(doc_id));
         let version = self.doc(doc_id).map_or(0, |d| lock_doc(&d).version);
-        if after_seq >= version {
-            return Some(Vec::new());
+        if after_seq >= version || limit == 0 {
+            return Ok(Some(Vec::new()));
         }
         match first {
             Some(first) if first <= after_seq + 1 => self
                 .shared
                 .wal
                 .read_ops_after(doc_id, after_seq, limit)
-                .ok(),
-            _ => None,
+                .map(Some)
+                .map_err(|e| Arc::from(e.to_string())),
+            _ => Ok(None),
         }
     }
 }

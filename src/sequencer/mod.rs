@@ -7,8 +7,11 @@
 //! group running the same per-document state machine) can replace it without the
 //! server changing.
 
+mod dedupe;
 pub mod local;
 mod maintenance;
+
+pub use dedupe::{Dedupe, Seen};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,8 +31,26 @@ pub struct SubmitOp {
     /// submit is refused with [`SubmitError::VersionMismatch`] and the caller
     /// transforms again.
     pub expected_version: u64,
+    /// A digest of the op as the client sent it (its base version and patches): a
+    /// resend under the same id must match it, or it is a different op (refused).
+    pub fingerprint: u64,
     pub patches: Vec<Patch>,
 }
+
+/// The digest of an op as its client sent it, for [`SubmitOp::fingerprint`]. Stable
+/// within a process (the dedupe table keeps it in memory only).
+pub fn fingerprint(base_version: u64, patches: &[Patch]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    base_version.hash(&mut hasher);
+    patches.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Ops of one client remembered per document for answering resends: a client has at
+/// most this many ops in flight (`protocol::MAX_OPS_IN_FLIGHT`), so a true resend is
+/// always among them.
+pub const RECENT_OPS_PER_CLIENT: usize = crate::protocol::MAX_OPS_IN_FLIGHT;
 
 /// A handle to wait on for durability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,10 +60,9 @@ pub struct Ticket(pub u64);
 pub enum Submitted {
     /// Applied as `seq`; acknowledge after `ticket` is durable.
     Applied { seq: u64, ticket: Ticket },
-    /// The op was applied before. `seq` is its seq when known (the client's latest op);
-    /// for an older retry only the fact that it was applied is known. Acknowledge after
-    /// `ticket` is durable, as for the original.
-    Duplicate { seq: Option<u64>, ticket: Ticket },
+    /// The same op was applied before, as `seq`. Acknowledge after `ticket` is durable,
+    /// as for the original.
+    Duplicate { seq: u64, ticket: Ticket },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +78,9 @@ pub enum SubmitError {
     /// The op does not fit in a log record.
     TooLarge(String),
     InvalidDocId(String),
+    /// The op id was used before for a different op (or for an op this server cannot
+    /// match: below the client's newest and not among its recent ones).
+    OpIdReused(String),
 }
 
 impl std::fmt::Display for SubmitError {
@@ -69,13 +92,15 @@ impl std::fmt::Display for SubmitError {
                 "op was transformed to version {expected} but the document is at {actual}"
             ),
             SubmitError::Storage(reason) => write!(f, "storage failed: {reason}"),
-            SubmitError::TooLarge(m) | SubmitError::InvalidDocId(m) => f.write_str(m),
+            SubmitError::TooLarge(m)
+            | SubmitError::InvalidDocId(m)
+            | SubmitError::OpIdReused(m) => f.write_str(m),
         }
     }
 }
 
 /// A document's state as of a durable version.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocView {
     pub text: String,
     pub version: u64,
@@ -88,19 +113,35 @@ pub trait Sequencer: Send + Sync + 'static {
     /// Sequences `op` on `doc_id` (creating the document at version 0 if new).
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError>;
 
-    /// If `op_id` was already applied to `doc_id`, what [`Sequencer::submit`] would answer
-    /// for it (a [`Submitted::Duplicate`]). Checked before an op is transformed: a retry
-    /// is answered from the dedupe table however old its base version is.
-    fn applied(&self, doc_id: &str, op_id: OpId) -> Option<Submitted>;
+    /// If `op_id` was already used on `doc_id`, what [`Sequencer::submit`] would answer
+    /// for it: a [`Submitted::Duplicate`] for a true resend (same `fingerprint`), or
+    /// [`SubmitError::OpIdReused`]. Checked before an op is transformed: a retry is
+    /// answered from the dedupe table however old its base version is.
+    fn applied(
+        &self,
+        doc_id: &str,
+        op_id: OpId,
+        fingerprint: u64,
+    ) -> Option<Result<Submitted, SubmitError>>;
+
+    /// The document's version: the seq of its newest op, durable or not (0: no ops).
+    fn version(&self, doc_id: &str) -> u64;
 
     /// Resolves once everything up to `ticket` is durable (or the storage failed).
     fn wait_durable(&self, ticket: Ticket) -> impl Future<Output = Result<(), Arc<str>>> + Send;
 
-    /// The document's text and version, including only durable ops. `None` if the
-    /// document has no ops and no snapshot.
-    fn read(&self, doc_id: &str) -> impl Future<Output = Option<DocView>> + Send;
+    /// The document's text and version, including only durable ops. `Ok(None)` if the
+    /// document has no ops and no snapshot; an error if the storage failed (never an
+    /// empty document in its place).
+    fn read(&self, doc_id: &str) -> impl Future<Output = Result<Option<DocView>, Arc<str>>> + Send;
 
-    /// Up to `limit` ops of `doc_id` after `after_seq`, if the log still holds them
-    /// (`None`: truncated; the caller must start from [`Sequencer::read`]).
-    fn ops_after(&self, doc_id: &str, after_seq: u64, limit: usize) -> Option<Vec<OpRecord>>;
+    /// Up to `limit` durable ops of `doc_id` after `after_seq`, in seq order, if the
+    /// log still holds them (`Ok(None)`: truncated; start from [`Sequencer::read`]).
+    /// Blocking (it reads the log): call it off the async workers.
+    fn ops_after(
+        &self,
+        doc_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<OpRecord>>, Arc<str>>;
 }

@@ -4,71 +4,71 @@
 //!
 //! The authoritative text, version and dedupe table live in the [`Sequencer`]; this
 //! keeps only what transformation and fan-out need.
+//!
+//! **Late ops.** An op made on `base_version` is transformed over every op sequenced
+//! after it, each exactly once and in seq order ([`Rebase::over`] asserts the seqs are
+//! consecutive). The newest ops are in memory (the window); the window only lets go of
+//! ops already delivered, so every op older than the window is durable and can be read
+//! from the log ([`Step::ReadLog`]; the caller reads it off the async workers). The
+//! transform runs outside the document's lock; only the ops sequenced meanwhile are
+//! transformed under it, right before the op is sequenced.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use bytes::Bytes;
 
-use crate::op::Patch;
+use super::outbox::{encode, Outbox, SessionId};
+use crate::op::{OpId, Patch};
 use crate::ot::{Side, TextOp};
 use crate::protocol::message::{Envelope, ErrorCode, Message, Selection, WireOp};
-use crate::sequencer::{Sequencer, SubmitError, SubmitOp, Submitted};
+use crate::sequencer::{fingerprint, Sequencer, SubmitError, SubmitOp, Submitted};
+use crate::wal::record::OpRecord;
 
-/// Ops kept in memory per document for transforming late ops; older ones are read from
-/// the log.
+/// Ops kept in memory per document for transforming late ops (more while ops wait for
+/// durability); older ones are read from the log.
 pub const HISTORY_WINDOW: usize = 4096;
 
-pub type SessionId = u64;
-
-/// A session's outbound queue, bounded: a subscriber that cannot keep up is dropped.
-#[derive(Clone)]
-pub struct Outbox {
-    pub session: SessionId,
-    pub client_id: u64,
-    pub tx: mpsc::Sender<Arc<Envelope>>,
-    /// Told when this session overflowed and must close.
-    pub kick: Arc<tokio::sync::Notify>,
+/// One sequenced op as late ops are transformed over it.
+struct Sequenced {
+    seq: u64,
+    client_id: u64,
+    op: Arc<TextOp>,
 }
 
-impl Outbox {
-    /// Queues without waiting; on overflow the session is kicked (it resyncs on reconnect).
-    pub fn send(&self, env: Arc<Envelope>) -> bool {
-        match self.tx.try_send(env) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.kick.notify_one();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-}
-
-struct Durable {
+struct Pending {
     op: WireOp,
     submitter: SessionId,
     request_id: u32,
     durable: bool,
 }
 
+/// Frames for a session whose snapshot is not out yet, and their bytes.
+#[derive(Default)]
+struct Held {
+    frames: Vec<Bytes>,
+    bytes: usize,
+}
+
 struct State {
-    /// The version after the newest op in `history`.
+    /// The document's version: the seq of its newest op (durable or not).
     version: u64,
-    /// (seq, client id, op) of the newest ops, oldest first.
-    history: VecDeque<(u64, u64, TextOp)>,
+    /// The newest ops, consecutive seqs ending at `version`, oldest first. Every op
+    /// older than the first one is durable.
+    history: VecDeque<Sequenced>,
     /// Sessions whose pipelined op conflicted: their later ops are refused until they
     /// open the document again (they were made on top of the refused one).
     broken_pipelines: HashSet<SessionId>,
     /// Sequenced ops waiting for durability or for earlier seqs, by seq.
-    pending: BTreeMap<u64, Durable>,
+    pending: BTreeMap<u64, Pending>,
     /// Highest seq delivered to subscribers.
     delivered: u64,
     subscribers: HashMap<SessionId, Outbox>,
     /// Messages for sessions that subscribed but have not been sent their snapshot yet:
     /// released by [`Document::activate`], so that no broadcast overtakes the snapshot.
-    held: HashMap<SessionId, Vec<Arc<Envelope>>>,
+    /// Bounded like the session's outbox.
+    held: HashMap<SessionId, Held>,
     presence: HashMap<u64, Presence>,
 }
 
@@ -82,28 +82,58 @@ struct Presence {
     dirty: bool,
 }
 
-/// Sends to one subscriber, or holds the message while its snapshot is not out yet.
-fn deliver(
-    held: &mut HashMap<SessionId, Vec<Arc<Envelope>>>,
-    outbox: &Outbox,
-    env: &Arc<Envelope>,
-) {
+/// Sends to one subscriber, or holds the frame while its snapshot is not out yet.
+fn deliver(held: &mut HashMap<SessionId, Held>, outbox: &Outbox, frame: &Bytes) {
     match held.get_mut(&outbox.session) {
-        Some(queue) if queue.len() < outbox.tx.max_capacity() => queue.push(env.clone()),
-        Some(_) => outbox.kick.notify_one(),
+        Some(h) if h.bytes + frame.len() <= outbox.capacity() => {
+            h.bytes += frame.len();
+            h.frames.push(frame.clone());
+        }
+        Some(_) => outbox.close_with(
+            ErrorCode::TooSlow,
+            "too slow: the document's updates piled up while its snapshot was sent",
+        ),
         None => {
-            outbox.send(env.clone());
+            outbox.send(frame.clone());
         }
     }
 }
 
 impl State {
-    fn deliver_all(&mut self, except: Option<SessionId>, env: &Arc<Envelope>) {
+    fn deliver_all(&mut self, except: Option<SessionId>, frame: &Bytes) {
         let State {
             subscribers, held, ..
         } = self;
         for outbox in subscribers.values().filter(|o| Some(o.session) != except) {
-            deliver(held, outbox, env);
+            deliver(held, outbox, frame);
+        }
+    }
+
+    /// The window's ops after `at`, if the window still holds all of them; else the
+    /// newest seq that must come from the log.
+    fn window_after(&self, at: u64) -> Result<Vec<(u64, u64, Arc<TextOp>)>, u64> {
+        let oldest = self.history.front().map_or(self.version + 1, |s| s.seq);
+        if at + 1 < oldest {
+            return Err(oldest - 1);
+        }
+        let skip = (at + 1 - oldest) as usize;
+        Ok(self
+            .history
+            .range(skip.min(self.history.len())..)
+            .map(|s| (s.seq, s.client_id, s.op.clone()))
+            .collect())
+    }
+
+    /// Forgets the oldest ops beyond the window, but only those already delivered (so
+    /// that every op older than the window is durable, hence readable from the log).
+    fn trim_history(&mut self) {
+        while self.history.len() > HISTORY_WINDOW
+            && self
+                .history
+                .front()
+                .is_some_and(|s| s.seq <= self.delivered)
+        {
+            self.history.pop_front();
         }
     }
 }
@@ -114,6 +144,7 @@ pub struct Document {
     /// A client's presence is broadcast at most once per interval; updates in between
     /// are coalesced into the latest one.
     presence_interval: Duration,
+    max_frame: usize,
 }
 
 /// A submit as a session received it.
@@ -126,52 +157,178 @@ pub struct Submission {
     pub patches: Vec<Patch>,
 }
 
+#[derive(Debug)]
 pub enum SubmitOutcome {
     /// The ack goes out through [`Document::mark_durable`] in seq order.
     Applied {
         seq: u64,
         ticket: crate::sequencer::Ticket,
     },
+    /// A resend of an applied op: its original seq, acknowledged once durable.
     Duplicate {
-        seq: Option<u64>,
+        seq: u64,
         ticket: crate::sequencer::Ticket,
     },
     Rejected(ErrorCode, String),
 }
 
-/// Transforms `op` of `client_id` over the ops it missed, oldest first. The client's own
-/// ops among them were pipelined before this one, which was made on top of them: they
-/// are skipped. That is exact only while they precede every other client's op there
-/// (each was then sequenced as made); an own op after another client's op means this
-/// one was made on a state the server never had, and it is refused.
-fn rebase<T: std::borrow::Borrow<TextOp>>(
-    mut op: TextOp,
-    client_id: u64,
-    missed: impl Iterator<Item = (u64, T)>,
-) -> Result<TextOp, String> {
-    let mut others_seen = false;
-    for (by, over) in missed {
-        if by == client_id {
-            if others_seen {
-                return Err(
-                    "a pipelined op conflicts with a concurrent op sequenced between \
-                            this client's ops; open the document again and resend"
-                        .into(),
-                );
-            }
-            continue;
+/// A submitted op on its way to being sequenced: transformed so far up to version `at`.
+pub struct Job {
+    session: SessionId,
+    request_id: u32,
+    op_id: OpId,
+    base_version: u64,
+    fingerprint: u64,
+    /// Bytes the op's patch list may take once transformed (so its broadcasts fit).
+    max_op_bytes: usize,
+    op: TextOp,
+    /// The op applies to the document at this version.
+    at: u64,
+    /// An op of another client was transformed over (after it, an op of the sender
+    /// itself means a pipeline conflict).
+    others_seen: bool,
+}
+
+/// What [`Document::step`] needs next.
+pub enum Step {
+    Done(SubmitOutcome),
+    /// Read the durable ops in `(after, upto]` from the log ([`read_missed`]) and step
+    /// again with them.
+    ReadLog {
+        after: u64,
+        upto: u64,
+    },
+}
+
+fn rejected(code: ErrorCode, message: impl Into<String>) -> SubmitOutcome {
+    SubmitOutcome::Rejected(code, message.into())
+}
+
+impl Job {
+    pub fn new(submission: &Submission, max_op_bytes: usize) -> Job {
+        Job {
+            session: submission.session,
+            request_id: submission.request_id,
+            op_id: OpId {
+                client_id: submission.client_id,
+                local_seq: submission.local_seq,
+            },
+            base_version: submission.base_version,
+            fingerprint: fingerprint(submission.base_version, &submission.patches),
+            max_op_bytes,
+            op: TextOp::from_patches(&submission.patches),
+            at: submission.base_version,
+            others_seen: false,
         }
-        others_seen = true;
-        op = op.transform(over.borrow(), Side::Left);
     }
-    Ok(op)
+
+    /// The version the op applies to now.
+    pub fn at(&self) -> u64 {
+        self.at
+    }
+
+    /// Work a transform over `ops_behind` ops would take, in components.
+    pub fn cost(&self, ops_behind: u64) -> u64 {
+        (self.op.components().len() as u64 + 1).saturating_mul(ops_behind)
+    }
+
+    /// Transforms the op over the op sequenced as `seq` by `by`. The client's own ops
+    /// were pipelined before this one, which was made on top of them: they are skipped.
+    /// That is exact only while they precede every other client's op since the base;
+    /// an own op after another client's means this one was made on a state the server
+    /// never had (a conflict).
+    fn over(&mut self, seq: u64, by: u64, over: &TextOp) -> Result<(), SubmitOutcome> {
+        if seq != self.at + 1 {
+            // The mechanism's invariant: never transform over the wrong ops.
+            tracing::error!(
+                doc_op = %self.op_id,
+                at = self.at,
+                seq,
+                "a late op would be transformed over a non-consecutive op; refused"
+            );
+            return Err(rejected(
+                ErrorCode::Malformed,
+                format!(
+                    "internal: op {} at version {} met op {seq}; resend it",
+                    self.op_id, self.at
+                ),
+            ));
+        }
+        self.at = seq;
+        if by == self.op_id.client_id {
+            if self.others_seen {
+                return Err(rejected(
+                    ErrorCode::PipelineConflict,
+                    "a pipelined op conflicts with a concurrent op sequenced between this \
+                     client's ops; open the document again and resend",
+                ));
+            }
+            return Ok(());
+        }
+        self.others_seen = true;
+        self.op = self.op.transform(over, Side::Left);
+        Ok(())
+    }
+
+    /// Transforms over ops read from the log.
+    pub fn over_records(&mut self, records: &[OpRecord]) -> Result<(), SubmitOutcome> {
+        for r in records {
+            self.over(r.server_seq, r.client_id, &TextOp::from_patches(&r.patches))?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the durable ops in `(after, upto]` of `doc` from the log: exactly those seqs,
+/// or a refusal (the log no longer holds them: code 27; a storage error: code 30).
+/// Blocking: call it off the async workers.
+pub fn read_missed<S: Sequencer>(
+    sequencer: &S,
+    doc: &str,
+    after: u64,
+    upto: u64,
+) -> Result<Vec<OpRecord>, SubmitOutcome> {
+    debug_assert!(after < upto);
+    let wanted = (upto - after) as usize;
+    match sequencer.ops_after(doc, after, wanted) {
+        Ok(Some(ops))
+            if ops.len() == wanted
+                && ops
+                    .iter()
+                    .zip(after + 1..)
+                    .all(|(op, seq)| op.server_seq == seq) =>
+        {
+            Ok(ops)
+        }
+        Ok(Some(ops)) => {
+            tracing::error!(
+                doc,
+                after,
+                upto,
+                got = ops.len(),
+                "the log returned other ops than the durable ones asked for"
+            );
+            Err(rejected(
+                ErrorCode::StorageFailed,
+                format!("internal: the log holds {} of ops {}..={upto}", ops.len(), after + 1),
+            ))
+        }
+        Ok(None) => Err(rejected(
+            ErrorCode::TooOld,
+            format!(
+                "base version {after} is older than the ops the server keeps; open the document again"
+            ),
+        )),
+        Err(reason) => Err(rejected(ErrorCode::StorageFailed, reason.to_string())),
+    }
 }
 
 impl Document {
-    pub fn new(id: Arc<str>, version: u64, presence_interval: Duration) -> Self {
+    pub fn new(id: Arc<str>, version: u64, presence_interval: Duration, max_frame: usize) -> Self {
         Document {
             id,
             presence_interval,
+            max_frame,
             state: Mutex::new(State {
                 version,
                 history: VecDeque::new(),
@@ -189,10 +346,25 @@ impl Document {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn frame(&self, message: Message, request_id: u32) -> Bytes {
+        encode(
+            &Envelope {
+                request_id,
+                message,
+            },
+            self.max_frame,
+        )
+    }
+
+    /// The version of the newest op sequenced (durable or not).
+    pub fn version(&self) -> u64 {
+        self.lock().version
+    }
+
     /// Subscribes a session. Broadcasts for it are held until [`Document::activate`].
     pub fn subscribe(&self, outbox: Outbox) {
         let mut state = self.lock();
-        state.held.insert(outbox.session, Vec::new());
+        state.held.insert(outbox.session, Held::default());
         state.broken_pipelines.remove(&outbox.session);
         state.subscribers.insert(outbox.session, outbox);
     }
@@ -205,8 +377,8 @@ impl Document {
         let Some(outbox) = state.subscribers.get(&session).cloned() else {
             return;
         };
-        for env in held {
-            outbox.send(env);
+        for frame in held.frames {
+            outbox.send(frame);
         }
         for (client_id, presence) in &state.presence {
             if *client_id != outbox.client_id {
@@ -223,8 +395,8 @@ impl Document {
         if state.subscribers.remove(&session).is_some()
             && state.presence.remove(&client_id).is_some()
         {
-            let env = self.presence_state(client_id, Vec::new());
-            state.deliver_all(None, &env);
+            let frame = self.presence_state(client_id, Vec::new());
+            state.deliver_all(None, &frame);
         }
     }
 
@@ -238,15 +410,15 @@ impl Document {
         self.lock().subscribers.len()
     }
 
-    fn presence_state(&self, client_id: u64, selections: Vec<Selection>) -> Arc<Envelope> {
-        Arc::new(Envelope {
-            request_id: 0,
-            message: Message::PresenceState {
+    fn presence_state(&self, client_id: u64, selections: Vec<Selection>) -> Bytes {
+        self.frame(
+            Message::PresenceState {
                 doc: self.id.to_string(),
                 client_id,
                 selections,
             },
-        })
+            0,
+        )
     }
 
     /// Broadcasts a presence update to the other subscribers, at most once per
@@ -275,7 +447,7 @@ impl Document {
                 }
             }
             _ => {
-                let env = self.presence_state(client_id, selections.clone());
+                let frame = self.presence_state(client_id, selections.clone());
                 state.presence.insert(
                     client_id,
                     Presence {
@@ -285,7 +457,7 @@ impl Document {
                         dirty: false,
                     },
                 );
-                state.deliver_all(Some(session), &env);
+                state.deliver_all(Some(session), &frame);
             }
         }
     }
@@ -299,136 +471,189 @@ impl Document {
         p.dirty = false;
         p.sent_at = Instant::now();
         let (session, selections) = (p.session, p.selections.clone());
-        let env = self.presence_state(client_id, selections);
-        state.deliver_all(Some(session), &env);
+        let frame = self.presence_state(client_id, selections);
+        state.deliver_all(Some(session), &frame);
     }
 
-    /// Transforms the op over what it missed and sequences it.
-    pub fn submit<S: Sequencer>(&self, sequencer: &S, submission: Submission) -> SubmitOutcome {
-        let Submission {
-            session,
-            request_id,
-            client_id,
-            local_seq,
-            base_version,
-            patches,
-        } = submission;
-        let mut state = self.lock();
-        if base_version > state.version {
-            return SubmitOutcome::Rejected(
+    /// Checks what can be answered before any transform: an op ahead of the document, a
+    /// resend (answered from the dedupe table however old its base), a connection
+    /// whose pipeline broke. `None`: go on with [`Document::step`].
+    pub fn precheck<S: Sequencer>(&self, sequencer: &S, job: &Job) -> Option<SubmitOutcome> {
+        let (version, broken) = {
+            let state = self.lock();
+            (state.version, state.broken_pipelines.contains(&job.session))
+        };
+        if job.base_version > version {
+            return Some(rejected(
                 ErrorCode::FutureVersion,
                 format!(
-                    "base version {base_version} is ahead of the document (version {})",
-                    state.version
+                    "base version {} is ahead of the document (version {version})",
+                    job.base_version
                 ),
-            );
+            ));
         }
-        let op_id = crate::op::OpId {
-            client_id,
-            local_seq,
-        };
-        // A retry is answered before anything else: its base may be long gone, or its
-        // connection's pipeline broken since. (An op made on the current version needs
-        // no early look: the sequencer's submit answers a retry the same way.)
-        let needs_early_look =
-            base_version < state.version || state.broken_pipelines.contains(&session);
-        if needs_early_look {
-            if let Some(Submitted::Duplicate { seq, ticket }) = sequencer.applied(&self.id, op_id) {
-                return SubmitOutcome::Duplicate { seq, ticket };
+        // An op made on the current version needs no early look: the sequencer's
+        // submit answers a resend the same way.
+        if job.base_version < version || broken {
+            match sequencer.applied(&self.id, job.op_id, job.fingerprint) {
+                Some(Ok(Submitted::Duplicate { seq, ticket })) => {
+                    return Some(SubmitOutcome::Duplicate { seq, ticket })
+                }
+                Some(Err(e)) => return Some(outcome_of(e)),
+                Some(Ok(Submitted::Applied { .. })) | None => {}
             }
         }
-        if state.broken_pipelines.contains(&session) {
-            return SubmitOutcome::Rejected(
+        broken.then(|| {
+            rejected(
                 ErrorCode::PipelineConflict,
-                "an earlier pipelined op of this connection was refused; open the document again"
-                    .into(),
-            );
-        }
-        let mut op = TextOp::from_patches(&patches);
-        if base_version < state.version {
-            let oldest = state
-                .history
-                .front()
-                .map_or(state.version + 1, |(s, _, _)| *s);
-            let rebased = if base_version + 1 < oldest {
-                // Older than the window: read the missed ops from the log.
-                let Some(missed) = sequencer.ops_after(&self.id, base_version, usize::MAX) else {
-                    return SubmitOutcome::Rejected(
-                        ErrorCode::FutureVersion,
-                        format!("base version {base_version} is older than the server keeps; reload the document"),
-                    );
-                };
-                rebase(
-                    op,
-                    client_id,
-                    missed
-                        .iter()
-                        .filter(|m| m.server_seq <= state.version)
-                        .map(|m| (m.client_id, TextOp::from_patches(&m.patches))),
-                )
-            } else {
-                // The window holds consecutive seqs ending at `version`: the ops after
-                // `base_version` are its last `version - base_version` entries.
-                let missed = (state.version - base_version) as usize;
-                let start = state.history.len() - missed;
-                rebase(
-                    op,
-                    client_id,
-                    state.history.range(start..).map(|(_, c, over)| (*c, over)),
-                )
-            };
-            op = match rebased {
-                Ok(op) => op,
-                Err(message) => {
-                    state.broken_pipelines.insert(session);
-                    return SubmitOutcome::Rejected(ErrorCode::PipelineConflict, message);
+                "an earlier pipelined op of this connection was refused; open the document again",
+            )
+        })
+    }
+
+    /// Transforms the op over what it missed and sequences it. `log` holds the ops a
+    /// previous step asked for with [`Step::ReadLog`].
+    pub fn step<S: Sequencer>(
+        &self,
+        sequencer: &S,
+        job: &mut Job,
+        log: Option<Vec<OpRecord>>,
+    ) -> Step {
+        match self.try_step(sequencer, job, log) {
+            Ok(step) => step,
+            Err(outcome) => {
+                if matches!(
+                    outcome,
+                    SubmitOutcome::Rejected(ErrorCode::PipelineConflict, _)
+                ) {
+                    self.lock().broken_pipelines.insert(job.session);
                 }
-            };
+                Step::Done(outcome)
+            }
         }
-        let transformed = op.to_patches();
+    }
+
+    fn try_step<S: Sequencer>(
+        &self,
+        sequencer: &S,
+        job: &mut Job,
+        log: Option<Vec<OpRecord>>,
+    ) -> Result<Step, SubmitOutcome> {
+        if let Some(records) = log {
+            job.over_records(&records)?;
+        }
+        // Outside the lock: the window's ops that the op missed.
+        let missed = self.lock().window_after(job.at);
+        match missed {
+            Ok(ops) => {
+                for (seq, by, op) in ops {
+                    job.over(seq, by, &op)?;
+                }
+            }
+            Err(upto) => {
+                return Ok(Step::ReadLog {
+                    after: job.at,
+                    upto,
+                })
+            }
+        }
+        // Under the lock: the few ops sequenced meanwhile, then sequence.
+        let mut state = self.lock();
+        if state.broken_pipelines.contains(&job.session) {
+            return Err(rejected(
+                ErrorCode::PipelineConflict,
+                "an earlier pipelined op of this connection was refused; open the document again",
+            ));
+        }
+        match state.window_after(job.at) {
+            Ok(ops) => {
+                for (seq, by, op) in ops {
+                    job.over(seq, by, &op)?;
+                }
+            }
+            Err(upto) => {
+                return Ok(Step::ReadLog {
+                    after: job.at,
+                    upto,
+                })
+            }
+        }
+        assert_eq!(
+            job.at, state.version,
+            "transformed up to the current version"
+        );
+        let patches = job.op.to_patches();
+        let bytes = crate::protocol::patches_wire_len(&patches);
+        if bytes > job.max_op_bytes {
+            return Err(rejected(
+                ErrorCode::TooLarge,
+                format!(
+                    "the op takes {bytes} bytes once transformed over the ops it missed; the \
+                     limit is {}: send it in smaller ops",
+                    job.max_op_bytes
+                ),
+            ));
+        }
         let submit = SubmitOp {
-            op_id,
-            base_version,
+            op_id: job.op_id,
+            base_version: job.base_version,
             expected_version: state.version,
-            patches: transformed.clone(),
+            fingerprint: job.fingerprint,
+            patches: patches.clone(),
         };
-        match sequencer.submit(&self.id, submit) {
+        let outcome = match sequencer.submit(&self.id, submit) {
             Ok(Submitted::Applied { seq, ticket }) => {
-                debug_assert_eq!(seq, state.version + 1);
+                assert_eq!(
+                    seq,
+                    state.version + 1,
+                    "the sequencer's seqs are consecutive"
+                );
                 state.version = seq;
-                state.history.push_back((seq, client_id, op));
-                if state.history.len() > HISTORY_WINDOW {
-                    state.history.pop_front();
-                }
+                state.history.push_back(Sequenced {
+                    seq,
+                    client_id: job.op_id.client_id,
+                    op: Arc::new(std::mem::take(&mut job.op)),
+                });
+                state.trim_history();
                 state.pending.insert(
                     seq,
-                    Durable {
+                    Pending {
                         op: WireOp {
                             seq,
-                            client_id,
-                            local_seq,
-                            patches: transformed,
+                            client_id: job.op_id.client_id,
+                            local_seq: job.op_id.local_seq,
+                            patches,
                         },
-                        submitter: session,
-                        request_id,
+                        submitter: job.session,
+                        request_id: job.request_id,
                         durable: false,
                     },
                 );
                 SubmitOutcome::Applied { seq, ticket }
             }
             Ok(Submitted::Duplicate { seq, ticket }) => SubmitOutcome::Duplicate { seq, ticket },
-            Err(SubmitError::Invalid(e)) => {
-                SubmitOutcome::Rejected(ErrorCode::OutOfRange, e.to_string())
-            }
-            Err(SubmitError::InvalidDocId(m)) => {
-                SubmitOutcome::Rejected(ErrorCode::InvalidDocId, m)
-            }
-            Err(SubmitError::TooLarge(m)) => SubmitOutcome::Rejected(ErrorCode::TooLarge, m),
-            Err(SubmitError::Storage(m)) => {
-                SubmitOutcome::Rejected(ErrorCode::StorageFailed, m.to_string())
-            }
-            Err(e @ SubmitError::VersionMismatch { .. }) => {
-                SubmitOutcome::Rejected(ErrorCode::Malformed, format!("internal: {e}"))
+            Err(e) => outcome_of(e),
+        };
+        Ok(Step::Done(outcome))
+    }
+
+    /// [`Document::precheck`] then [`Document::step`] until done, reading the log on
+    /// this thread when needed (blocking: for tests and callers off the async workers).
+    pub fn submit<S: Sequencer>(&self, sequencer: &S, submission: Submission) -> SubmitOutcome {
+        let mut job = Job::new(&submission, usize::MAX);
+        if let Some(outcome) = self.precheck(sequencer, &job) {
+            return outcome;
+        }
+        let mut log = None;
+        loop {
+            match self.step(sequencer, &mut job, log.take()) {
+                Step::Done(outcome) => return outcome,
+                Step::ReadLog { after, upto } => {
+                    match read_missed(sequencer, &self.id, after, upto) {
+                        Ok(ops) => log = Some(ops),
+                        Err(outcome) => return outcome,
+                    }
+                }
             }
         }
     }
@@ -449,29 +674,44 @@ impl Document {
             let p = state.pending.remove(&next).expect("checked");
             state.delivered = next;
             let doc = self.id.to_string();
-            let ack = Arc::new(Envelope {
-                request_id: p.request_id,
-                message: Message::Ack {
+            let ack = self.frame(
+                Message::Ack {
                     doc: doc.clone(),
                     local_seq: p.op.local_seq,
                     seq: p.op.seq,
                 },
-            });
-            let remote = Arc::new(Envelope {
-                request_id: 0,
-                message: Message::Remote { doc, op: p.op },
-            });
+                p.request_id,
+            );
+            let remote = self.frame(Message::Remote { doc, op: p.op }, 0);
             let State {
                 subscribers, held, ..
             } = &mut *state;
             for outbox in subscribers.values() {
-                let env = if outbox.session == p.submitter {
+                let frame = if outbox.session == p.submitter {
                     &ack
                 } else {
                     &remote
                 };
-                deliver(held, outbox, env);
+                deliver(held, outbox, frame);
             }
+        }
+        state.trim_history();
+    }
+}
+
+/// The refusal a sequencer error becomes.
+fn outcome_of(e: SubmitError) -> SubmitOutcome {
+    match e {
+        SubmitError::Invalid(e @ crate::text::ApplyError::OutOfRange { .. }) => {
+            rejected(ErrorCode::OutOfRange, e.to_string())
+        }
+        SubmitError::Invalid(e) => rejected(ErrorCode::TooLarge, e.to_string()),
+        SubmitError::InvalidDocId(m) => rejected(ErrorCode::InvalidDocId, m),
+        SubmitError::TooLarge(m) => rejected(ErrorCode::TooLarge, m),
+        SubmitError::OpIdReused(m) => rejected(ErrorCode::OpIdReused, m),
+        SubmitError::Storage(m) => rejected(ErrorCode::StorageFailed, m.to_string()),
+        e @ SubmitError::VersionMismatch { .. } => {
+            rejected(ErrorCode::Malformed, format!("internal: {e}"))
         }
     }
 }

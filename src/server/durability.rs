@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::document::{Document, Outbox};
+use super::document::Document;
+use super::outbox::{encode, Outbox};
 use super::Server;
 use crate::protocol::message::{Envelope, ErrorCode, Message};
 use crate::sequencer::{Sequencer, Ticket};
@@ -81,9 +82,19 @@ impl DurabilityQueue {
 }
 
 fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc<str>>) {
+    let max_frame = server.config.max_frame;
     match (action, outcome) {
-        (Action::Deliver { document, seq, .. }, Ok(())) => {
+        (
+            Action::Deliver {
+                document,
+                seq,
+                outbox,
+                ..
+            },
+            Ok(()),
+        ) => {
             document.mark_durable(seq);
+            outbox.end_op();
             // Its last subscriber may have left while the op was on its way to disk.
             if document.subscriber_count() == 0 {
                 server.release(&document);
@@ -100,15 +111,19 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
             Err(reason),
         ) => {
             // A failed log acknowledges nothing more, and the client is told so.
-            outbox.send(Arc::new(Envelope {
-                request_id,
-                message: Message::Reject {
-                    doc: document.id.to_string(),
-                    local_seq,
-                    code: ErrorCode::StorageFailed,
-                    message: reason.to_string(),
+            outbox.send(encode(
+                &Envelope {
+                    request_id,
+                    message: Message::Reject {
+                        doc: document.id.to_string(),
+                        local_seq,
+                        code: ErrorCode::StorageFailed,
+                        message: reason.to_string(),
+                    },
                 },
-            }));
+                max_frame,
+            ));
+            outbox.end_op();
         }
         (
             Action::AckDuplicate {
@@ -118,17 +133,29 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
                 local_seq,
                 seq,
             },
-            Ok(()),
+            outcome,
         ) => {
-            outbox.send(Arc::new(Envelope {
-                request_id,
-                message: Message::Ack {
+            let message = match outcome {
+                Ok(()) => Message::Ack {
                     doc: doc.to_string(),
                     local_seq,
                     seq,
                 },
-            }));
+                Err(reason) => Message::Reject {
+                    doc: doc.to_string(),
+                    local_seq,
+                    code: ErrorCode::StorageFailed,
+                    message: reason.to_string(),
+                },
+            };
+            outbox.send(encode(
+                &Envelope {
+                    request_id,
+                    message,
+                },
+                max_frame,
+            ));
+            outbox.end_op();
         }
-        (Action::AckDuplicate { .. }, Err(_)) => {}
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod document;
 pub mod durability;
+pub mod outbox;
 pub mod session;
 
 use std::collections::HashMap;
@@ -14,34 +15,98 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, Semaphore};
 
+use crate::protocol;
 use crate::protocol::message::WireOp;
 use crate::protocol::DEFAULT_MAX_FRAME;
 use crate::sequencer::Sequencer;
 use crate::wal::record::OpRecord;
 use document::Document;
 
+/// The server's limits and settings. Every limit is stated in `quire serve --help` or
+/// protocol.md, enforced, and tested at and just past its value.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// Largest frame, in bytes after the length field, either way.
     pub max_frame: usize,
     /// The access token clients must present (empty: none).
     pub token: String,
-    /// Messages queued per session before a slow reader is disconnected.
-    pub outbox_capacity: usize,
+    /// Bytes queued for one connection before it counts as not reading (code 8).
+    pub outbox_bytes: usize,
+    /// Connections served at once; one more gets `Error` code 9 and is closed.
     pub max_connections: usize,
+    /// Bytes of partly received frames larger than [`SMALL_FRAME`] held at once across
+    /// all connections; a large frame that finds none left gets code 9.
+    pub large_frame_budget: usize,
+    /// Time from connecting to a complete `Hello`.
+    pub handshake_timeout: Duration,
+    /// Time allowed between two complete frames from a client (it sends `Ping` when it
+    /// has nothing else to say).
+    pub idle_timeout: Duration,
+    /// Time one write to a client may take before the connection is dropped.
+    pub write_timeout: Duration,
     /// A client's presence is broadcast at most this often; updates in between are
     /// coalesced into the latest.
     pub presence_interval: Duration,
 }
+
+/// At shutdown, how long sessions may take to flush what is queued for them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Frames up to this size (length field included) are read without asking the
+/// server-wide budget: every connection may hold one.
+pub const SMALL_FRAME: usize = 64 * 1024;
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_frame: DEFAULT_MAX_FRAME,
             token: String::new(),
-            outbox_capacity: 16 * 1024,
+            outbox_bytes: 8 << 20,
             max_connections: 10_000,
+            large_frame_budget: 64 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
             presence_interval: Duration::from_millis(50),
         }
+    }
+}
+
+impl ServerConfig {
+    /// Checks that the limits fit together; the error names the one that does not.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::protocol::{MAX_MAX_FRAME, MIN_MAX_FRAME};
+        if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&self.max_frame) {
+            return Err(format!(
+                "max frame {} is outside {MIN_MAX_FRAME}..={MAX_MAX_FRAME}",
+                self.max_frame
+            ));
+        }
+        if self.outbox_bytes < 2 * (self.max_frame + 4) {
+            return Err(format!(
+                "the outgoing buffer ({} bytes) must hold two frames of max frame {}",
+                self.outbox_bytes, self.max_frame
+            ));
+        }
+        if self.large_frame_budget < self.max_frame + 4 {
+            return Err(format!(
+                "the large-frame budget ({} bytes) must hold one frame of max frame {}",
+                self.large_frame_budget, self.max_frame
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err("max connections must be at least 1".into());
+        }
+        for (name, t) in [
+            ("handshake timeout", self.handshake_timeout),
+            ("idle timeout", self.idle_timeout),
+            ("write timeout", self.write_timeout),
+        ] {
+            if t.is_zero() {
+                return Err(format!("{name} must be above zero"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -49,6 +114,11 @@ pub struct Server<S> {
     pub sequencer: Arc<S>,
     pub config: ServerConfig,
     documents: Mutex<HashMap<Arc<str>, Arc<Document>>>,
+    /// The live session of each client id: a second connection with the same id
+    /// replaces the first (code 11), so two never act as one client at once.
+    clients: Mutex<HashMap<u64, outbox::Outbox>>,
+    /// Bytes of large frames being received, server-wide ([`ServerConfig::large_frame_budget`]).
+    large_frames: Arc<Semaphore>,
     next_session: AtomicU64,
     durable: Arc<durability::DurabilityQueue>,
     shutdown: broadcast::Sender<()>,
@@ -64,11 +134,18 @@ pub(crate) fn wire_op(op: OpRecord) -> WireOp {
 }
 
 impl<S: Sequencer> Server<S> {
+    /// A server over `sequencer`. Panics if the limits do not fit together (check
+    /// them first with [`ServerConfig::validate`]).
     pub fn new(sequencer: Arc<S>, config: ServerConfig) -> Arc<Self> {
+        if let Err(e) = config.validate() {
+            panic!("invalid server config: {e}");
+        }
         Arc::new(Server {
             sequencer,
+            large_frames: Arc::new(Semaphore::new(config.large_frame_budget)),
             config,
             documents: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             durable: Arc::default(),
             shutdown: broadcast::channel(1).0,
@@ -81,37 +158,61 @@ impl<S: Sequencer> Server<S> {
 
     /// Subscribes `outbox` to document `id`, opening it at the sequencer's durable
     /// version if no session has it open. Subscribing happens under the map's lock, so
-    /// that [`Server::release`] never drops a document someone is joining.
-    async fn subscribe(&self, id: &str, outbox: document::Outbox) -> Arc<Document> {
+    /// that [`Server::release`] never drops a document someone is joining. An error if
+    /// the storage failed.
+    async fn subscribe(&self, id: &str, outbox: outbox::Outbox) -> Result<Arc<Document>, Arc<str>> {
         loop {
             if let Some(doc) = self.documents().get(id) {
                 doc.subscribe(outbox);
-                return doc.clone();
+                return Ok(doc.clone());
             }
             // Not open. Read its version (waiting for durability), then open it at that
             // version, unless meanwhile another session opened it, submitted and
             // released it: then the version moved, and this reads it again.
-            let version = self.sequencer.read(id).await.map_or(0, |v| v.version);
+            let version = self.sequencer.read(id).await?.map_or(0, |v| v.version);
             let mut docs = self.documents();
             if let Some(doc) = docs.get(id) {
                 doc.subscribe(outbox);
-                return doc.clone();
+                return Ok(doc.clone());
             }
-            let unchanged = self
-                .sequencer
-                .ops_after(id, version, 1)
-                .is_some_and(|ops| ops.is_empty());
-            if !unchanged {
+            if self.sequencer.version(id) != version {
                 continue;
             }
             let doc = Arc::new(Document::new(
                 Arc::from(id),
                 version,
                 self.config.presence_interval,
+                self.config.max_frame,
             ));
             docs.insert(doc.id.clone(), doc.clone());
             doc.subscribe(outbox);
-            return doc;
+            return Ok(doc);
+        }
+    }
+
+    /// Registers `outbox` as the live session of its client id; a session already
+    /// there for it is closed with code 11.
+    fn claim_client_id(&self, outbox: &outbox::Outbox) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = clients.insert(outbox.client_id, outbox.clone()) {
+            old.close_with(
+                protocol::message::ErrorCode::Replaced,
+                format!(
+                    "client id {} connected again on another connection; this one is closed",
+                    outbox.client_id
+                ),
+            );
+        }
+    }
+
+    /// Forgets `outbox` as its client id's live session (if it still is).
+    fn release_client_id(&self, outbox: &outbox::Outbox) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if clients
+            .get(&outbox.client_id)
+            .is_some_and(|o| o.session == outbox.session)
+        {
+            clients.remove(&outbox.client_id);
         }
     }
 
@@ -122,6 +223,16 @@ impl<S: Sequencer> Server<S> {
         if doc.is_idle() && docs.get(&doc.id).is_some_and(|d| Arc::ptr_eq(d, doc)) {
             docs.remove(&doc.id);
         }
+    }
+
+    /// Bytes of the large-frame budget held by frames being received now.
+    pub fn large_frame_bytes_in_use(&self) -> usize {
+        self.config.large_frame_budget - self.large_frames.available_permits()
+    }
+
+    /// Client ids with a live session now.
+    pub fn connected_clients(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Documents open now (held in memory).
@@ -142,10 +253,6 @@ impl<S: Sequencer> Server<S> {
         tokio::pin!(stop);
         let mut backoff = Duration::from_millis(5);
         loop {
-            let permit = tokio::select! {
-                permit = limit.clone().acquire_owned() => permit.expect("never closed"),
-                _ = &mut stop => break,
-            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = &mut stop => break,
@@ -153,6 +260,19 @@ impl<S: Sequencer> Server<S> {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        // Over the limit: say so (a fresh socket takes a small frame
+                        // without blocking) and close, rather than leave it unanswered.
+                        session::refuse_busy(
+                            stream,
+                            self.config.max_frame,
+                            format!(
+                                "the server is at its limit of {} connections; retry later",
+                                self.config.max_connections
+                            ),
+                        );
+                        continue;
+                    };
                     let id = self.next_session.fetch_add(1, Ordering::Relaxed);
                     let server = self.clone();
                     tracing::debug!(session = id, %peer, "connected");
@@ -171,7 +291,21 @@ impl<S: Sequencer> Server<S> {
             while sessions.try_join_next().is_some() {}
         }
         let _ = self.shutdown.send(());
-        while sessions.join_next().await.is_some() {}
+        // Sessions stop reading at once and flush what is queued for them; a peer that
+        // does not read cannot hold shutdown beyond the grace period.
+        let grace = tokio::time::sleep(SHUTDOWN_GRACE);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                joined = sessions.join_next() => if joined.is_none() { break },
+                _ = &mut grace => {
+                    tracing::warn!(sessions = sessions.len(), "closing connections that did not drain in {SHUTDOWN_GRACE:?}");
+                    sessions.abort_all();
+                    while sessions.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
         deliverer.abort();
     }
 }

@@ -1,356 +1,705 @@
 //! One client connection: handshake, then requests in, replies and broadcasts out.
 //!
-//! Reading and decoding happen here; writing is a separate task that drains the
-//! session's bounded outbox, coalescing whatever is queued into one write. A malformed
-//! stream gets an `Error` and the connection is closed; a bad request on a good stream
-//! gets a `Reject` or `Error` and the session goes on. Nothing a client sends can affect
-//! another client, except through the ops it is allowed to submit.
+//! Reading and decoding happen here; a separate task writes the session's outbox
+//! ([`super::outbox`]). A malformed stream gets an `Error` and the connection is
+//! closed; a bad request on a good stream gets a `Reject` or `Error` and the session
+//! goes on. Nothing a client sends can affect another client, except through the ops it
+//! is allowed to submit.
+//!
+//! Limits enforced here (protocol.md, "Limits"): the handshake and idle deadlines, the
+//! bytes of one frame being received (a frame above [`super::SMALL_FRAME`] must get
+//! room in the server-wide budget before its body is buffered), the size and patch
+//! count of an op, the ops in flight, the selections in a presence update. Replies are
+//! built to fit a frame: a snapshot goes in pieces, a catch-up or fetch in several
+//! `Ops` frames.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
-use tokio_util::codec::{Decoder, Encoder};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::codec::Decoder;
 
-use super::document::{Document, Outbox, Submission, SubmitOutcome};
+use super::document::{read_missed, Document, Job, Step, Submission, SubmitOutcome};
 use super::durability::Action;
-use super::Server;
-use crate::op::validate_doc_id;
+use super::outbox::{self, encode, Outbox, SessionId};
+use super::{Server, SMALL_FRAME};
+use crate::op::{validate_doc_id, Patch};
 use crate::protocol::frame::{FrameCodec, FrameError};
-use crate::protocol::message::{Envelope, ErrorCode, Message};
-use crate::protocol::PROTOCOL_VERSION;
+use crate::protocol::message::{Envelope, ErrorCode, Message, Selection, WireOp};
+use crate::protocol::{
+    max_op_bytes, patches_wire_len, MAX_OPS_IN_FLIGHT, MAX_OP_PATCHES, MAX_SELECTIONS,
+    OP_FRAME_OVERHEAD, PROTOCOL_VERSION,
+};
 use crate::sequencer::Sequencer;
 
-fn reply(request_id: u32, message: Message) -> Arc<Envelope> {
-    Arc::new(Envelope {
-        request_id,
-        message,
-    })
+/// A catch-up longer than this many ops is sent as a snapshot instead.
+pub const CATCHUP_MAX_OPS: u64 = 10_000;
+
+/// Most ops in one `Fetch` reply, whatever its `limit`.
+pub const FETCH_MAX_OPS: u32 = 10_000;
+
+/// Ops read from the log at a time for a catch-up or fetch.
+const READ_BATCH: usize = 1024;
+
+/// A transform costing more component steps than this runs on a blocking thread.
+const HEAVY_TRANSFORM: u64 = 1 << 20;
+
+/// Refuses a connection over the server's limit: one `Error` (code 9), then closed. A
+/// fresh socket's send buffer takes the small frame without blocking.
+pub fn refuse_busy(stream: TcpStream, max_frame: usize, message: String) {
+    let frame = encode(
+        &Envelope {
+            request_id: 0,
+            message: Message::Error {
+                code: ErrorCode::Busy,
+                message,
+            },
+        },
+        max_frame,
+    );
+    let _ = stream.try_write(&frame);
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> Arc<Envelope> {
-    reply(
-        0,
-        Message::Error {
-            code,
-            message: message.into(),
+struct Session<S: Sequencer> {
+    server: Arc<Server<S>>,
+    outbox: Outbox,
+    /// Set by the handshake.
+    client_id: Option<u64>,
+    opened: HashMap<Arc<str>, Arc<Document>>,
+}
+
+fn error_frame(
+    request_id: u32,
+    code: ErrorCode,
+    message: impl Into<String>,
+    max_frame: usize,
+) -> Bytes {
+    encode(
+        &Envelope {
+            request_id,
+            message: Message::Error {
+                code,
+                message: message.into(),
+            },
         },
+        max_frame,
     )
 }
 
-/// Writes queued frames until the outbox closes.
-async fn write_loop(
-    mut socket: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Arc<Envelope>>,
-    max_frame: usize,
-) {
-    let mut codec = FrameCodec::new(max_frame);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    while let Some(env) = rx.recv().await {
-        if codec.encode(&env, &mut buf).is_err() {
-            break;
-        }
-        // Coalesce what else is queued into the same write.
-        while buf.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(env) => {
-                    if codec.encode(&env, &mut buf).is_err() {
-                        break;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        if socket.write_all(&buf).await.is_err() {
-            return;
-        }
-        buf.clear();
-    }
-    let _ = socket.shutdown().await;
-}
-
-pub async fn run<S: Sequencer>(server: Arc<Server<S>>, stream: TcpStream, session: u64) {
+pub async fn run<S: Sequencer>(server: Arc<Server<S>>, stream: TcpStream, session: SessionId) {
     let _ = stream.set_nodelay(true);
-    let max_frame = server.config.max_frame;
-    let (mut reader, writer) = stream.into_split();
-    let (tx, rx) = mpsc::channel(server.config.outbox_capacity);
-    let writer = tokio::spawn(write_loop(writer, rx, max_frame));
-    let kick = Arc::new(Notify::new());
-    let mut codec = FrameCodec::new(max_frame);
-    let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut client_id: Option<u64> = None;
-    let mut opened: HashMap<Arc<str>, Arc<Document>> = HashMap::new();
-    let mut shutdown = server.shutdown.subscribe();
-
-    'conn: loop {
-        // Decode every complete frame already buffered.
-        loop {
-            let env = match codec.decode(&mut buf) {
-                Ok(Some(env)) => env,
-                Ok(None) => break,
-                Err(e) => {
-                    let code = match &e {
-                        FrameError::TooLarge => ErrorCode::FrameTooLarge,
-                        other => other.code(),
-                    };
-                    let _ = tx.send(error(code, e.to_string())).await;
-                    break 'conn;
-                }
-            };
-            let Some(client) = client_id else {
-                match hello(&server, env) {
-                    Ok((id, welcome)) => {
-                        client_id = Some(id);
-                        let _ = tx.send(welcome).await;
-                        continue;
-                    }
-                    Err(err) => {
-                        let _ = tx.send(err).await;
-                        break 'conn;
-                    }
-                }
-            };
-            let outbox = Outbox {
-                session,
-                client_id: client,
-                tx: tx.clone(),
-                kick: kick.clone(),
-            };
-            if !handle(&server, &outbox, &mut opened, env).await {
-                break 'conn;
-            }
-        }
-        tokio::select! {
-            read = reader.read_buf(&mut buf) => match read {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            },
-            _ = kick.notified() => {
-                tracing::info!(session, "disconnecting a client that does not read its messages");
-                break;
-            }
-            _ = shutdown.recv() => break,
-        }
+    let config = server.config.clone();
+    let (reader, writer) = stream.into_split();
+    let (outbox, write_half) = outbox::outbox(session, 0, config.outbox_bytes, config.max_frame);
+    let writer = tokio::spawn(write_half.run(writer, config.write_timeout));
+    let mut s = Session {
+        server,
+        outbox,
+        client_id: None,
+        opened: HashMap::new(),
+    };
+    s.read_loop(reader).await;
+    for doc in s.opened.values() {
+        doc.unsubscribe(session, s.client_id.unwrap_or(0));
+        s.server.release(doc);
     }
-    for doc in opened.values() {
-        doc.unsubscribe(session, client_id.unwrap_or(0));
-        server.release(doc);
+    if s.client_id.is_some() {
+        s.server.release_client_id(&s.outbox);
     }
-    drop(tx);
+    drop(s);
     let _ = writer.await;
 }
 
-fn hello<S: Sequencer>(
-    server: &Server<S>,
-    env: Envelope,
-) -> Result<(u64, Arc<Envelope>), Arc<Envelope>> {
-    match env.message {
-        Message::Hello {
+impl<S: Sequencer> Session<S> {
+    fn max_frame(&self) -> usize {
+        self.server.config.max_frame
+    }
+
+    fn reply(&self, request_id: u32, message: Message) -> Bytes {
+        encode(
+            &Envelope {
+                request_id,
+                message,
+            },
+            self.max_frame(),
+        )
+    }
+
+    /// Queues a reply that is small by construction.
+    fn send(&self, request_id: u32, message: Message) {
+        self.outbox.send(self.reply(request_id, message));
+    }
+
+    /// Queues an `Error` that keeps the connection open.
+    fn send_error(&self, request_id: u32, code: ErrorCode, message: impl Into<String>) {
+        self.outbox
+            .send(error_frame(request_id, code, message, self.max_frame()));
+    }
+
+    /// Reads frames until the connection ends or must close.
+    async fn read_loop(&mut self, mut reader: tokio::net::tcp::OwnedReadHalf) {
+        let config = self.server.config.clone();
+        let mut codec = FrameCodec::new(config.max_frame);
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut shutdown = self.server.shutdown.subscribe();
+        let mut large: Option<OwnedSemaphorePermit> = None;
+        let mut deadline = Instant::now() + config.handshake_timeout;
+        loop {
+            // Decode every complete frame already buffered.
+            loop {
+                if large.is_none() && buf.len() >= 4 {
+                    let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+                    if len <= config.max_frame && len + 4 > SMALL_FRAME {
+                        // Room for its body in the server-wide budget, before it is buffered.
+                        match self
+                            .server
+                            .large_frames
+                            .clone()
+                            .try_acquire_many_owned(len as u32)
+                        {
+                            Ok(permit) => large = Some(permit),
+                            Err(_) => {
+                                self.outbox.close_with(
+                                    ErrorCode::Busy,
+                                    format!(
+                                        "the server holds {} bytes of large frames being received \
+                                         and has no room for this one of {len}; retry later",
+                                        config.large_frame_budget
+                                    ),
+                                );
+                                return;
+                            }
+                        }
+                    }
+                }
+                let env = match codec.decode(&mut buf) {
+                    Ok(Some(env)) => env,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let code = match &e {
+                            FrameError::TooLarge => ErrorCode::FrameTooLarge,
+                            other => other.code(),
+                        };
+                        self.send_error(0, code, e.to_string());
+                        return;
+                    }
+                };
+                large = None;
+                if !self.handle(env).await {
+                    return;
+                }
+                deadline = Instant::now() + config.idle_timeout;
+            }
+            if buf.is_empty() && buf.capacity() > SMALL_FRAME {
+                // A large frame was read: give its memory back.
+                buf = BytesMut::with_capacity(8 * 1024);
+            }
+            tokio::select! {
+                read = reader.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let (what, limit) = if self.client_id.is_none() {
+                        ("a complete Hello", config.handshake_timeout)
+                    } else {
+                        ("a complete message (send Ping when idle)", config.idle_timeout)
+                    };
+                    self.outbox.close_with(
+                        ErrorCode::Timeout,
+                        format!("no {what} within {limit:?}"),
+                    );
+                    return;
+                }
+                _ = self.outbox.closed() => {
+                    if let Some(closing) = self.outbox.closing() {
+                        tracing::info!(session = self.outbox.session, code = ?closing.code, "{}", closing.message);
+                    }
+                    return;
+                }
+                _ = shutdown.recv() => return,
+            }
+        }
+    }
+
+    /// Handles one request. Returns false when the connection must close.
+    async fn handle(&mut self, env: Envelope) -> bool {
+        let rid = env.request_id;
+        if self.client_id.is_none() {
+            return self.hello(env);
+        }
+        match env.message {
+            Message::Open { doc, known_version } => {
+                if let Err(e) = validate_doc_id(&doc) {
+                    self.send_error(rid, ErrorCode::InvalidDocId, e);
+                    return true;
+                }
+                self.open(rid, doc, known_version).await
+            }
+            Message::Submit {
+                doc,
+                local_seq,
+                base_version,
+                patches,
+            } => {
+                self.submit(rid, doc, local_seq, base_version, patches)
+                    .await;
+                true
+            }
+            Message::Fetch {
+                doc,
+                after_seq,
+                limit,
+            } => {
+                if let Err(e) = validate_doc_id(&doc) {
+                    self.send_error(rid, ErrorCode::InvalidDocId, e);
+                    return true;
+                }
+                self.fetch(rid, doc, after_seq, limit).await
+            }
+            Message::Presence { doc, selections } => {
+                self.presence(rid, doc, selections);
+                true
+            }
+            Message::Close { doc } => {
+                if let Some(document) = self.opened.remove(doc.as_str()) {
+                    document.unsubscribe(self.outbox.session, self.outbox.client_id);
+                    self.server.release(&document);
+                }
+                true
+            }
+            Message::Ping { nonce } => {
+                self.send(rid, Message::Pong { nonce });
+                true
+            }
+            Message::Hello { .. } => {
+                self.send_error(0, ErrorCode::Malformed, "Hello after the handshake");
+                false
+            }
+            other => {
+                self.send_error(
+                    0,
+                    ErrorCode::UnknownType,
+                    format!("type {:#04x} is not a request", other.type_byte()),
+                );
+                false
+            }
+        }
+    }
+
+    fn hello(&mut self, env: Envelope) -> bool {
+        let refuse = |s: &Self, code, message: String| {
+            s.send_error(0, code, message);
+            false
+        };
+        let Message::Hello {
             version,
             client_id,
             token,
-        } => {
-            if version != PROTOCOL_VERSION {
-                return Err(error(
-                    ErrorCode::UnsupportedVersion,
-                    format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
-                ));
-            }
-            if token != server.config.token {
-                return Err(error(ErrorCode::WrongToken, "wrong access token"));
-            }
-            Ok((
-                client_id,
-                reply(
-                    env.request_id,
-                    Message::Welcome {
-                        version: PROTOCOL_VERSION,
-                        max_frame: server.config.max_frame as u32,
-                    },
-                ),
-            ))
+        } = env.message
+        else {
+            return refuse(
+                self,
+                ErrorCode::HandshakeRequired,
+                "the first message must be Hello".into(),
+            );
+        };
+        if version != PROTOCOL_VERSION {
+            return refuse(
+                self,
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
+            );
         }
-        _ => Err(error(
-            ErrorCode::HandshakeRequired,
-            "the first message must be Hello",
-        )),
+        if token != self.server.config.token {
+            return refuse(self, ErrorCode::WrongToken, "wrong access token".into());
+        }
+        self.client_id = Some(client_id);
+        self.outbox = self.outbox.with_client(client_id);
+        self.server.claim_client_id(&self.outbox);
+        self.send(
+            env.request_id,
+            Message::Welcome {
+                version: PROTOCOL_VERSION,
+                max_frame: self.max_frame() as u32,
+            },
+        );
+        true
     }
-}
 
-/// Handles one request. Returns false when the connection must close.
-async fn handle<S: Sequencer>(
-    server: &Arc<Server<S>>,
-    outbox: &Outbox,
-    opened: &mut HashMap<Arc<str>, Arc<Document>>,
-    env: Envelope,
-) -> bool {
-    let rid = env.request_id;
-    let doc_error = |doc: &str| -> Option<Arc<Envelope>> {
-        validate_doc_id(doc).err().map(|e| {
-            reply(
+    /// Subscribes to `doc` and sends the snapshot or catch-up, in frames that fit.
+    async fn open(&mut self, rid: u32, doc: String, known_version: u64) -> bool {
+        let document = match self.server.subscribe(&doc, self.outbox.clone()).await {
+            Ok(document) => document,
+            Err(reason) => {
+                self.send_error(
+                    rid,
+                    ErrorCode::StorageFailed,
+                    format!("cannot open {doc:?}: {reason}"),
+                );
+                return true;
+            }
+        };
+        self.opened.insert(document.id.clone(), document.clone());
+        let version = document.version();
+        let mut sent = Sent::Truncated;
+        if known_version > 0
+            && known_version <= version
+            && version - known_version <= CATCHUP_MAX_OPS
+        {
+            sent = self.send_ops(rid, &doc, known_version, u64::MAX).await;
+        }
+        if let Sent::Truncated = sent {
+            sent = self.send_snapshot(rid, &doc).await;
+        }
+        match sent {
+            Sent::Done => {
+                document.activate(self.outbox.session);
+                true
+            }
+            Sent::Closing => false,
+            Sent::Truncated => unreachable!("a snapshot is never truncated"),
+            Sent::Failed(reason) => {
+                document.unsubscribe(self.outbox.session, self.outbox.client_id);
+                self.opened.remove(document.id.as_ref());
+                self.server.release(&document);
+                self.send_error(
+                    rid,
+                    ErrorCode::StorageFailed,
+                    format!("cannot open {doc:?}: {reason}"),
+                );
+                true
+            }
+        }
+    }
+
+    /// The document's durable text, in pieces that each fit a frame, then an empty `Ops`.
+    async fn send_snapshot(&self, rid: u32, doc: &str) -> Sent {
+        let view = match self.server.sequencer.read(doc).await {
+            Ok(view) => view.unwrap_or_default(),
+            Err(reason) => return Sent::Failed(reason.to_string()),
+        };
+        let total_len = view.text.len() as u64;
+        let piece_max = self.max_frame() - OP_FRAME_OVERHEAD;
+        let mut rest = view.text.as_str();
+        loop {
+            let mut end = rest.len().min(piece_max);
+            while !rest.is_char_boundary(end) {
+                end -= 1;
+            }
+            let (piece, tail) = rest.split_at(end);
+            let frame = self.reply(
                 rid,
-                Message::Error {
-                    code: ErrorCode::InvalidDocId,
-                    message: e,
+                Message::Snapshot {
+                    doc: doc.to_owned(),
+                    version: view.version,
+                    total_len,
+                    text: piece.to_owned(),
+                },
+            );
+            if !self.outbox.send_wait(frame).await {
+                return Sent::Closing;
+            }
+            rest = tail;
+            if rest.is_empty() {
+                break;
+            }
+        }
+        let frame = self.reply(
+            rid,
+            Message::Ops {
+                doc: doc.to_owned(),
+                more: false,
+                ops: Vec::new(),
+            },
+        );
+        if self.outbox.send_wait(frame).await {
+            Sent::Done
+        } else {
+            Sent::Closing
+        }
+    }
+
+    /// Sends up to `limit` durable ops after `after` in `Ops` frames that each fit,
+    /// reading the log off the async workers. `Truncated` if the log no longer holds
+    /// them (or one would not fit a frame of this server's size).
+    async fn send_ops(&self, rid: u32, doc: &str, mut after: u64, limit: u64) -> Sent {
+        let max_frame = self.max_frame();
+        let header = 5 + 2 + doc.len() + 1 + 4;
+        let mut frame_ops: Vec<WireOp> = Vec::new();
+        let mut frame_len = header;
+        let mut left = limit;
+        let mut first = true;
+        loop {
+            let want = left.min(READ_BATCH as u64) as usize;
+            let ops = if want == 0 {
+                Vec::new()
+            } else {
+                let sequencer = self.server.sequencer.clone();
+                let id = doc.to_owned();
+                let read =
+                    tokio::task::spawn_blocking(move || sequencer.ops_after(&id, after, want))
+                        .await;
+                match read {
+                    Ok(Ok(Some(ops))) => ops,
+                    Ok(Ok(None)) if first => return Sent::Truncated,
+                    Ok(Ok(None)) => {
+                        return Sent::Failed(format!(
+                            "ops after {after} were truncated while being sent"
+                        ))
+                    }
+                    Ok(Err(reason)) => return Sent::Failed(reason.to_string()),
+                    Err(e) => return Sent::Failed(format!("reading the log: {e}")),
+                }
+            };
+            first = false;
+            let done = ops.len() < want || want == 0;
+            left -= ops.len() as u64;
+            for op in ops {
+                after = op.server_seq;
+                let op = super::wire_op(op);
+                let len = 24 + patches_wire_len(&op.patches);
+                if header + len > max_frame {
+                    return Sent::Truncated;
+                }
+                if frame_len + len > max_frame {
+                    let full = std::mem::take(&mut frame_ops);
+                    frame_len = header;
+                    let frame = self.reply(
+                        rid,
+                        Message::Ops {
+                            doc: doc.to_owned(),
+                            more: true,
+                            ops: full,
+                        },
+                    );
+                    if !self.outbox.send_wait(frame).await {
+                        return Sent::Closing;
+                    }
+                }
+                frame_len += len;
+                frame_ops.push(op);
+            }
+            if done {
+                break;
+            }
+        }
+        let frame = self.reply(
+            rid,
+            Message::Ops {
+                doc: doc.to_owned(),
+                more: false,
+                ops: frame_ops,
+            },
+        );
+        if self.outbox.send_wait(frame).await {
+            Sent::Done
+        } else {
+            Sent::Closing
+        }
+    }
+
+    async fn fetch(&self, rid: u32, doc: String, after_seq: u64, limit: u32) -> bool {
+        let limit = u64::from(limit.min(FETCH_MAX_OPS));
+        match self.send_ops(rid, &doc, after_seq, limit).await {
+            Sent::Done => true,
+            Sent::Closing => false,
+            Sent::Truncated => {
+                self.send(
+                    rid,
+                    Message::Reload {
+                        doc,
+                        reason: format!("ops after seq {after_seq} are no longer kept"),
+                    },
+                );
+                true
+            }
+            Sent::Failed(reason) => {
+                self.send_error(rid, ErrorCode::StorageFailed, reason);
+                true
+            }
+        }
+    }
+
+    fn presence(&self, rid: u32, doc: String, selections: Vec<Selection>) {
+        if selections.len() > MAX_SELECTIONS {
+            self.send_error(
+                rid,
+                ErrorCode::TooLarge,
+                format!(
+                    "{} selections; the limit is {MAX_SELECTIONS}",
+                    selections.len()
+                ),
+            );
+            return;
+        }
+        match self.opened.get(doc.as_str()) {
+            Some(document) => {
+                document.presence(self.outbox.session, self.outbox.client_id, selections)
+            }
+            None => self.send_error(
+                rid,
+                ErrorCode::UnknownDocument,
+                format!("presence for {doc:?}, which this connection has not opened"),
+            ),
+        }
+    }
+
+    async fn submit(
+        &self,
+        rid: u32,
+        doc: String,
+        local_seq: u64,
+        base_version: u64,
+        patches: Vec<Patch>,
+    ) {
+        let reject = |code: ErrorCode, message: String| {
+            self.send(
+                rid,
+                Message::Reject {
+                    doc: doc.clone(),
+                    local_seq,
+                    code,
+                    message,
                 },
             )
-        })
-    };
-    match env.message {
-        Message::Open { doc, known_version } => {
-            if let Some(err) = doc_error(&doc) {
-                return outbox.send(err);
-            }
-            let document = server.subscribe(&doc, outbox.clone()).await;
-            opened.insert(document.id.clone(), document.clone());
-            let catch_up = (known_version > 0)
-                .then(|| server.sequencer.ops_after(&doc, known_version, usize::MAX))
-                .flatten();
-            match catch_up {
-                Some(ops) => {
-                    let ops = ops.into_iter().map(super::wire_op).collect();
-                    outbox.send(reply(
-                        rid,
-                        Message::Ops {
-                            doc: doc.clone(),
-                            ops,
-                        },
-                    ));
-                }
-                None => {
-                    let view = server.sequencer.read(&doc).await;
-                    let (text, version) = view.map_or((String::new(), 0), |v| (v.text, v.version));
-                    outbox.send(reply(
-                        rid,
-                        Message::Snapshot {
-                            doc: doc.clone(),
-                            version,
-                            text,
-                        },
-                    ));
-                    outbox.send(reply(
-                        rid,
-                        Message::Ops {
-                            doc: doc.clone(),
-                            ops: Vec::new(),
-                        },
-                    ));
-                }
-            }
-            document.activate(outbox.session);
-            true
+        };
+        let Some(document) = self.opened.get(doc.as_str()).cloned() else {
+            return reject(
+                ErrorCode::UnknownDocument,
+                "open the document before submitting to it".into(),
+            );
+        };
+        let max_bytes = max_op_bytes(self.max_frame());
+        let bytes = patches_wire_len(&patches);
+        if patches.len() > MAX_OP_PATCHES || bytes > max_bytes {
+            return reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "the op has {} patches in {bytes} bytes; the limits are {MAX_OP_PATCHES} \
+                     patches and {max_bytes} bytes",
+                    patches.len()
+                ),
+            );
         }
-        Message::Submit {
-            doc,
+        if !self.outbox.begin_op(MAX_OPS_IN_FLIGHT) {
+            return reject(
+                ErrorCode::TooManyInFlight,
+                format!("{MAX_OPS_IN_FLIGHT} ops of this connection are in flight already"),
+            );
+        }
+        let submission = Submission {
+            session: self.outbox.session,
+            request_id: rid,
+            client_id: self.outbox.client_id,
             local_seq,
             base_version,
             patches,
-        } => {
-            let Some(document) = opened.get(doc.as_str()).cloned() else {
-                return outbox.send(reply(
-                    rid,
-                    Message::Reject {
-                        doc,
-                        local_seq,
-                        code: ErrorCode::UnknownDocument,
-                        message: "open the document before submitting to it".into(),
-                    },
-                ));
-            };
-            let outcome = document.submit(
-                &*server.sequencer,
-                Submission {
-                    session: outbox.session,
+        };
+        let outcome = self.sequence(&document, submission, max_bytes).await;
+        let durable = &self.server.durable;
+        match outcome {
+            // Acks and broadcasts leave only once the op is durable.
+            SubmitOutcome::Applied { seq, ticket } => durable.push(
+                ticket,
+                Action::Deliver {
+                    document,
+                    seq,
+                    outbox: self.outbox.clone(),
                     request_id: rid,
-                    client_id: outbox.client_id,
                     local_seq,
-                    base_version,
-                    patches,
                 },
-            );
-            match outcome {
-                // Acks and broadcasts leave only once the op is durable.
-                SubmitOutcome::Applied { seq, ticket } => server.durable.push(
-                    ticket,
-                    Action::Deliver {
-                        document,
-                        seq,
-                        outbox: outbox.clone(),
-                        request_id: rid,
-                        local_seq,
-                    },
-                ),
-                SubmitOutcome::Duplicate { seq, ticket } => server.durable.push(
-                    ticket,
-                    Action::AckDuplicate {
-                        doc: document.id.clone(),
-                        outbox: outbox.clone(),
-                        request_id: rid,
-                        local_seq,
-                        seq: seq.unwrap_or(0),
-                    },
-                ),
-                SubmitOutcome::Rejected(code, message) => {
-                    outbox.send(reply(
-                        rid,
-                        Message::Reject {
-                            doc,
-                            local_seq,
-                            code,
-                            message,
-                        },
-                    ));
-                }
-            }
-            true
-        }
-        Message::Fetch {
-            doc,
-            after_seq,
-            limit,
-        } => {
-            if let Some(err) = doc_error(&doc) {
-                return outbox.send(err);
-            }
-            let message = match server.sequencer.ops_after(&doc, after_seq, limit as usize) {
-                Some(ops) => Message::Ops {
-                    doc,
-                    ops: ops.into_iter().map(super::wire_op).collect(),
+            ),
+            SubmitOutcome::Duplicate { seq, ticket } => durable.push(
+                ticket,
+                Action::AckDuplicate {
+                    doc: document.id.clone(),
+                    outbox: self.outbox.clone(),
+                    request_id: rid,
+                    local_seq,
+                    seq,
                 },
-                None => Message::Reload {
-                    doc,
-                    reason: format!("ops after seq {after_seq} are no longer kept"),
-                },
-            };
-            outbox.send(reply(rid, message))
-        }
-        Message::Presence { doc, selections } => {
-            if let Some(document) = opened.get(doc.as_str()) {
-                document.presence(outbox.session, outbox.client_id, selections);
+            ),
+            SubmitOutcome::Rejected(code, message) => {
+                self.outbox.end_op();
+                reject(code, message);
             }
-            true
-        }
-        Message::Close { doc } => {
-            if let Some(document) = opened.remove(doc.as_str()) {
-                document.unsubscribe(outbox.session, outbox.client_id);
-                server.release(&document);
-            }
-            true
-        }
-        Message::Ping { nonce } => outbox.send(reply(rid, Message::Pong { nonce })),
-        Message::Hello { .. } => {
-            outbox.send(error(ErrorCode::Malformed, "Hello after the handshake"));
-            false
-        }
-        other => {
-            outbox.send(error(
-                ErrorCode::UnknownType,
-                format!("type {:#04x} is not a request", other.type_byte()),
-            ));
-            false
         }
     }
+
+    /// Transforms the op over what it missed and sequences it. Log reads and heavy
+    /// transforms run on a blocking thread, never under a lock another document needs.
+    async fn sequence(
+        &self,
+        document: &Arc<Document>,
+        submission: Submission,
+        max_bytes: usize,
+    ) -> SubmitOutcome {
+        let sequencer = &self.server.sequencer;
+        let mut job = Job::new(&submission, max_bytes);
+        if let Some(outcome) = document.precheck(&**sequencer, &job) {
+            return outcome;
+        }
+        let mut log = None;
+        loop {
+            let behind = document.version().saturating_sub(job.at());
+            let step = if log.is_some() || job.cost(behind) > HEAVY_TRANSFORM {
+                let (doc, seq) = (document.clone(), sequencer.clone());
+                let records = log.take();
+                match tokio::task::spawn_blocking(move || {
+                    let step = doc.step(&*seq, &mut job, records);
+                    (job, step)
+                })
+                .await
+                {
+                    Ok((back, step)) => {
+                        job = back;
+                        step
+                    }
+                    Err(e) => {
+                        return SubmitOutcome::Rejected(
+                            ErrorCode::StorageFailed,
+                            format!("internal: {e}"),
+                        )
+                    }
+                }
+            } else {
+                document.step(&**sequencer, &mut job, None)
+            };
+            match step {
+                Step::Done(outcome) => return outcome,
+                Step::ReadLog { after, upto } => {
+                    let (seq, id) = (sequencer.clone(), document.id.clone());
+                    let read =
+                        tokio::task::spawn_blocking(move || read_missed(&*seq, &id, after, upto))
+                            .await;
+                    match read {
+                        Ok(Ok(records)) => log = Some(records),
+                        Ok(Err(outcome)) => return outcome,
+                        Err(e) => {
+                            return SubmitOutcome::Rejected(
+                                ErrorCode::StorageFailed,
+                                format!("internal: {e}"),
+                            )
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How a reply of several frames went.
+enum Sent {
+    Done,
+    /// The session is closing.
+    Closing,
+    /// The log no longer holds the ops.
+    Truncated,
+    /// The storage failed.
+    Failed(String),
 }

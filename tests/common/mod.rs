@@ -54,7 +54,23 @@ pub async fn start_with(dir: &Path, config: ServerConfig) -> Running {
 
 pub async fn start_with_store(dir: &Path, store: LocalConfig, config: ServerConfig) -> Running {
     let (store, _) = LocalSequencer::open(dir, store).unwrap();
-    let store = Arc::new(store);
+    serve(Arc::new(store), config).await
+}
+
+pub async fn open(addr: SocketAddr, client: u64, doc: &str) -> SyncedDoc {
+    let conn = Connection::connect(addr, client, "").await.unwrap();
+    SyncedDoc::open(conn, doc, 1).await.unwrap()
+}
+
+/// A server on the simulated disk (for holding or failing its syncs).
+pub async fn start_on_sim(fs: &quire::wal::vfs::sim::SimFs, config: ServerConfig) -> Running {
+    let (store, _) =
+        LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), store_config())
+            .unwrap();
+    serve(Arc::new(store), config).await
+}
+
+async fn serve(store: Arc<LocalSequencer>, config: ServerConfig) -> Running {
     let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -73,7 +89,13 @@ pub async fn start_with_store(dir: &Path, store: LocalConfig, config: ServerConf
     }
 }
 
-pub async fn open(addr: SocketAddr, client: u64, doc: &str) -> SyncedDoc {
-    let conn = Connection::connect(addr, client, "").await.unwrap();
-    SyncedDoc::open(conn, doc, 1).await.unwrap()
+/// Receives until a message that is not a broadcast (Remote, PresenceState).
+pub async fn next_reply(conn: &mut Connection) -> quire::protocol::message::Message {
+    use quire::protocol::message::Message;
+    loop {
+        match conn.recv().await.unwrap().message {
+            Message::Remote { .. } | Message::PresenceState { .. } => continue,
+            other => return other,
+        }
+    }
 }

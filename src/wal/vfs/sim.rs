@@ -71,6 +71,8 @@ pub enum CrashMode {
 #[derive(Debug, Clone, Default)]
 pub struct SimFs {
     state: Arc<Mutex<State>>,
+    /// While `true`, every sync waits (a disk that is slow to flush, on demand).
+    held: Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -176,6 +178,7 @@ impl SimFs {
                 dirs: state.dirs.clone(),
                 ..State::default()
             })),
+            held: Arc::default(),
         }
     }
 
@@ -209,7 +212,23 @@ impl SimFs {
             .map(|i| lock(i).data.len())
     }
 
+    /// Makes every sync wait until [`SimFs::release_syncs`]: ops stay sequenced but not
+    /// durable for as long as a test needs.
+    pub fn hold_syncs(&self) {
+        *lock(&self.held.0) = true;
+    }
+
+    pub fn release_syncs(&self) {
+        *lock(&self.held.0) = false;
+        self.held.1.notify_all();
+    }
+
     fn take_sync(&self) -> io::Result<()> {
+        let mut held = lock(&self.held.0);
+        while *held {
+            held = self.held.1.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(held);
         let mut state = lock(&self.state);
         match state.syncs_before_failure {
             Some(0) => Err(io::Error::other("simulated EIO from fsync")),

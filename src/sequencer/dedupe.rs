@@ -1,0 +1,150 @@
+//! A document's dedupe table: which op ids were applied, so that a resend gets its
+//! original ack and a different op under a used id is refused.
+//!
+//! Per client it keeps its newest [`RECENT_OPS_PER_CLIENT`] ops (a client has at most
+//! that many in flight, so a true resend is among them), each with the seq it got and
+//! the fingerprint of the op as the client sent it. Fingerprints live in memory only:
+//! an entry rebuilt at startup (from a snapshot or the log) has none, and a resend that
+//! matches its id is then taken as true (the log does not keep the op as sent).
+
+use std::collections::{HashMap, VecDeque};
+
+use super::RECENT_OPS_PER_CLIENT;
+use crate::op::OpId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Applied {
+    local_seq: u64,
+    seq: u64,
+    fingerprint: Option<u64>,
+}
+
+/// What the table says about an op id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Never applied: a new op.
+    New,
+    /// Applied as `seq`, and this is the same op.
+    Resend { seq: u64 },
+    /// The id was used for a different op, or lies below the client's newest op and
+    /// cannot be matched to one; `newest` is the client's newest local seq.
+    Reused { newest: u64 },
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Dedupe {
+    clients: HashMap<u64, VecDeque<Applied>>,
+}
+
+impl Dedupe {
+    /// Records that `client`'s op `local_seq` was applied as `seq` (fingerprint unknown:
+    /// rebuilt from disk).
+    pub fn insert(&mut self, client: u64, (local_seq, seq): (u64, u64)) {
+        self.record(client, local_seq, seq, None);
+    }
+
+    /// Records an op applied now, with the fingerprint of the op as sent.
+    pub fn record(&mut self, client: u64, local_seq: u64, seq: u64, fingerprint: Option<u64>) {
+        let recent = self.clients.entry(client).or_default();
+        debug_assert!(recent.back().is_none_or(|a| a.local_seq < local_seq));
+        recent.push_back(Applied {
+            local_seq,
+            seq,
+            fingerprint,
+        });
+        if recent.len() > RECENT_OPS_PER_CLIENT {
+            recent.pop_front();
+        }
+        assert!(recent.len() <= RECENT_OPS_PER_CLIENT);
+    }
+
+    pub fn seen(&self, op_id: OpId, fingerprint: u64) -> Seen {
+        let Some(recent) = self.clients.get(&op_id.client_id) else {
+            return Seen::New;
+        };
+        let newest = recent.back().map_or(0, |a| a.local_seq);
+        if op_id.local_seq > newest {
+            return Seen::New;
+        }
+        match recent.iter().rev().find(|a| a.local_seq == op_id.local_seq) {
+            Some(a) if a.fingerprint.is_none_or(|f| f == fingerprint) => {
+                Seen::Resend { seq: a.seq }
+            }
+            _ => Seen::Reused { newest },
+        }
+    }
+
+    /// Each client's newest op: `(client_id, last_local_seq, seq)`, sorted by client.
+    pub fn newest(&self) -> Vec<(u64, u64, u64)> {
+        let mut entries: Vec<_> = self
+            .clients
+            .iter()
+            .filter_map(|(&c, recent)| recent.back().map(|a| (c, a.local_seq, a.seq)))
+            .collect();
+        entries.sort_unstable();
+        entries
+    }
+
+    /// Clients in the table.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+}
+
+impl FromIterator<(u64, (u64, u64))> for Dedupe {
+    fn from_iter<I: IntoIterator<Item = (u64, (u64, u64))>>(iter: I) -> Self {
+        let mut table = Dedupe::default();
+        for (client, entry) in iter {
+            table.insert(client, entry);
+        }
+        table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(local_seq: u64) -> OpId {
+        OpId {
+            client_id: 7,
+            local_seq,
+        }
+    }
+
+    #[test]
+    fn a_resend_matches_and_a_different_op_under_the_same_id_does_not() {
+        let mut t = Dedupe::default();
+        assert_eq!(t.seen(id(1), 11), Seen::New);
+        t.record(7, 1, 5, Some(11));
+        t.record(7, 2, 6, Some(12));
+        assert_eq!(t.seen(id(1), 11), Seen::Resend { seq: 5 });
+        assert_eq!(t.seen(id(2), 12), Seen::Resend { seq: 6 });
+        assert_eq!(t.seen(id(2), 99), Seen::Reused { newest: 2 });
+        assert_eq!(t.seen(id(3), 99), Seen::New);
+    }
+
+    #[test]
+    fn an_id_older_than_the_recent_ops_is_refused_not_acked() {
+        let mut t = Dedupe::default();
+        let n = RECENT_OPS_PER_CLIENT as u64 + 5;
+        for i in 1..=n {
+            t.record(7, i, i, Some(i));
+        }
+        assert_eq!(t.seen(id(1), 1), Seen::Reused { newest: n });
+        assert_eq!(t.seen(id(6), 6), Seen::Resend { seq: 6 });
+        assert_eq!(t.seen(id(5), 5), Seen::Reused { newest: n });
+    }
+
+    #[test]
+    fn entries_rebuilt_from_disk_take_a_matching_id_as_a_resend() {
+        let t: Dedupe = [(7, (3, 9))].into_iter().collect();
+        assert_eq!(t.seen(id(3), 1234), Seen::Resend { seq: 9 });
+        assert_eq!(t.seen(id(2), 1234), Seen::Reused { newest: 3 });
+        assert_eq!(t.newest(), vec![(7, 3, 9)]);
+    }
+}

@@ -1,0 +1,329 @@
+//! A session's outgoing frames, bounded in bytes, and the task that writes them.
+//!
+//! Frames are encoded once (a broadcast is encoded once for all its subscribers) and
+//! queued as `Bytes`. The queue is bounded by bytes, not messages: a permit of a
+//! semaphore per queued byte, returned by the writer once the bytes are in the socket.
+//! A broadcast or an ack that does not fit means the client is not reading: the session
+//! is closed with `Error` code 8 (it catches up when it reconnects). A reply to the
+//! session's own request (a snapshot piece, a catch-up) waits for room instead, so a
+//! large document is sent at the pace the client reads it, in pieces that each fit.
+//!
+//! Every write has a deadline: a peer that stops reading cannot hold the writer (and so
+//! its socket, its slot, and server shutdown) beyond it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::Encoder;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::frame::FrameCodec;
+use crate::protocol::message::{Envelope, ErrorCode, Message};
+
+pub type SessionId = u64;
+
+/// Why a session is being closed by the server, sent to the client as its last frame.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Encodes one frame (length prefix included). Every caller builds messages that fit
+/// `max_frame` by construction; this asserts it.
+pub fn encode(env: &Envelope, max_frame: usize) -> Bytes {
+    let mut buf = BytesMut::new();
+    FrameCodec::new(max_frame)
+        .encode(env, &mut buf)
+        .unwrap_or_else(|e| {
+            panic!(
+                "a {:#04x} frame does not fit max_frame {max_frame}: {e}",
+                env.message.type_byte()
+            )
+        });
+    buf.freeze()
+}
+
+/// The sending side of a session's queue (cheap to clone: documents hold one per
+/// subscriber).
+#[derive(Clone)]
+pub struct Outbox {
+    pub session: SessionId,
+    pub client_id: u64,
+    tx: mpsc::UnboundedSender<Bytes>,
+    /// One permit per byte that may still be queued.
+    room: Arc<Semaphore>,
+    capacity: usize,
+    /// Cancelled when the session must close; `closing` says why.
+    close: CancellationToken,
+    closing: Arc<std::sync::Mutex<Option<Closing>>>,
+    /// Submits of this session not answered yet.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// The receiving side, owned by the writer task.
+pub struct Writer {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    room: Arc<Semaphore>,
+    close: CancellationToken,
+    closing: Arc<std::sync::Mutex<Option<Closing>>>,
+    max_frame: usize,
+}
+
+/// A queue of at most `capacity` bytes for one session.
+pub fn outbox(
+    session: SessionId,
+    client_id: u64,
+    capacity: usize,
+    max_frame: usize,
+) -> (Outbox, Writer) {
+    assert!(
+        capacity >= max_frame + 4,
+        "an outbox must hold at least one frame"
+    );
+    let (tx, rx) = mpsc::unbounded_channel();
+    let room = Arc::new(Semaphore::new(capacity));
+    let close = CancellationToken::new();
+    let closing = Arc::new(std::sync::Mutex::new(None));
+    (
+        Outbox {
+            session,
+            client_id,
+            tx,
+            room: room.clone(),
+            capacity,
+            close: close.clone(),
+            closing: closing.clone(),
+            in_flight: Arc::default(),
+        },
+        Writer {
+            rx,
+            room,
+            close,
+            closing,
+            max_frame,
+        },
+    )
+}
+
+fn permits(len: usize) -> u32 {
+    u32::try_from(len).expect("a frame is far below 4 GiB")
+}
+
+impl Outbox {
+    /// The same queue, sending as another client id (set once the handshake is done).
+    pub fn with_client(&self, client_id: u64) -> Outbox {
+        Outbox {
+            client_id,
+            ..self.clone()
+        }
+    }
+
+    /// Queues a frame without waiting. If it does not fit, the client is not reading
+    /// what it is sent: the session is closed with code 8. Returns whether it was queued.
+    pub fn send(&self, frame: Bytes) -> bool {
+        match self.room.try_acquire_many(permits(frame.len())) {
+            Ok(permit) => {
+                permit.forget();
+                self.tx.send(frame).is_ok()
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.close_with(
+                    ErrorCode::TooSlow,
+                    format!(
+                        "too slow: more than {} bytes queued for this connection were not read",
+                        self.capacity
+                    ),
+                );
+                false
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => false,
+        }
+    }
+
+    /// Queues a frame, waiting for room (a reply to this session's own request, sent
+    /// at the pace the client reads). Returns false if the session is closing.
+    pub async fn send_wait(&self, frame: Bytes) -> bool {
+        let acquired = tokio::select! {
+            permit = self.room.acquire_many(permits(frame.len())) => permit,
+            _ = self.close.cancelled() => return false,
+        };
+        match acquired {
+            Ok(permit) => {
+                permit.forget();
+                self.tx.send(frame).is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Closes the session: the writer drops what is queued, sends `Error(code)` as the
+    /// last frame and shuts the socket. The first reason given wins.
+    pub fn close_with(&self, code: ErrorCode, message: impl Into<String>) {
+        let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
+        if closing.is_none() {
+            *closing = Some(Closing {
+                code,
+                message: message.into(),
+            });
+        }
+        drop(closing);
+        self.close.cancel();
+    }
+
+    /// Resolves when the session must close.
+    pub async fn closed(&self) {
+        self.close.cancelled().await
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.close.is_cancelled()
+    }
+
+    /// Why the session is closing, if it is.
+    pub fn closing(&self) -> Option<Closing> {
+        self.closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts a submit as in flight, unless `limit` are already.
+    pub fn begin_op(&self, limit: usize) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A submit counted by [`Outbox::begin_op`] is answered.
+    pub fn end_op(&self) {
+        let before = self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        assert!(before > 0, "more submits answered than begun");
+    }
+
+    /// The most bytes this queue holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.capacity - self.room.available_permits()
+    }
+}
+
+impl Writer {
+    /// Takes the oldest queued frame without waiting (an in-process consumer in place
+    /// of a socket, as the model tests use).
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.try_recv().ok()?;
+        self.room.add_permits(frame.len());
+        Some(frame)
+    }
+
+    /// Writes queued frames until every sender is gone or the session is closed. Each
+    /// write must complete within `write_timeout`.
+    pub async fn run<W: tokio::io::AsyncWrite + Unpin>(self, socket: W, write_timeout: Duration) {
+        let (close, room) = (self.close.clone(), self.room.clone());
+        self.write(socket, write_timeout).await;
+        // However the writer ended, nothing more can be queued, and a session waiting
+        // for room (or reading) learns that the connection is gone.
+        room.close();
+        close.cancel();
+    }
+
+    async fn write<W: tokio::io::AsyncWrite + Unpin>(
+        mut self,
+        mut socket: W,
+        write_timeout: Duration,
+    ) {
+        let mut batch: Vec<Bytes> = Vec::new();
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = self.close.cancelled() => break,
+                frame = self.rx.recv() => match frame {
+                    Some(frame) => frame,
+                    None => {
+                        let _ = tokio::time::timeout(write_timeout, socket.shutdown()).await;
+                        return;
+                    }
+                },
+            };
+            // Coalesce what else is queued into one write (bounded: 256 KiB or one frame).
+            let mut len = first.len();
+            batch.push(first);
+            while len < 256 * 1024 {
+                match self.rx.try_recv() {
+                    Ok(frame) => {
+                        len += frame.len();
+                        batch.push(frame);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Not interrupted by a close: a frame half written would garble the stream,
+            // and the write is bounded by its deadline anyway.
+            let written =
+                tokio::time::timeout(write_timeout, write_batch(&mut socket, &batch)).await;
+            match written {
+                Ok(Ok(())) => {
+                    self.room.add_permits(len);
+                    batch.clear();
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::info!(
+                        "closing a connection whose peer read nothing for {write_timeout:?}"
+                    );
+                    return;
+                }
+            }
+        }
+        // Closed by the server: what is queued is dropped (the client catches up when it
+        // reconnects); the reason goes out last, if the socket takes it in time.
+        self.rx.close();
+        self.room.close();
+        let closing = self
+            .closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(Closing { code, message }) = closing {
+            let frame = encode(
+                &Envelope {
+                    request_id: 0,
+                    message: Message::Error { code, message },
+                },
+                self.max_frame,
+            );
+            let last = async {
+                socket.write_all(&frame).await?;
+                socket.shutdown().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), last).await;
+        } else {
+            let _ = tokio::time::timeout(Duration::from_secs(1), socket.shutdown()).await;
+        }
+    }
+}
+
+async fn write_batch<W: tokio::io::AsyncWrite + Unpin>(
+    socket: &mut W,
+    batch: &[Bytes],
+) -> std::io::Result<()> {
+    if let [one] = batch {
+        return socket.write_all(one).await;
+    }
+    let mut buf = BytesMut::with_capacity(batch.iter().map(Bytes::len).sum());
+    for frame in batch {
+        buf.extend_from_slice(frame);
+    }
+    socket.write_all(&buf).await
+}
