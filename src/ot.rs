@@ -54,11 +54,19 @@ fn split_chars(s: &str, n: u32) -> (&str, &str) {
 }
 
 /// A cursor over an op's components that can take part of one.
+///
+/// It keeps what is left of the current component, in code points and (for an insert)
+/// as a byte offset, so taking a long insert piece by piece costs the length of the
+/// pieces, not a scan from the insert's start per piece: compose and transform stay
+/// linear in their ops' sizes.
 struct Cursor<'a> {
     components: &'a [Component],
     index: usize,
-    /// Code points of the current component already taken.
-    taken: u32,
+    /// Code points of the current component not yet taken (`u32::MAX` past the end:
+    /// the implicit trailing retain).
+    left: u32,
+    /// Bytes of the current insert already taken.
+    taken_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -70,11 +78,26 @@ enum Piece<'a> {
 
 impl<'a> Cursor<'a> {
     fn new(op: &'a TextOp) -> Self {
-        Cursor {
+        let mut cursor = Cursor {
             components: &op.components,
             index: 0,
-            taken: 0,
-        }
+            left: 0,
+            taken_bytes: 0,
+        };
+        cursor.enter();
+        cursor
+    }
+
+    /// Starts on the component at `index`.
+    fn enter(&mut self) {
+        self.taken_bytes = 0;
+        self.left = match self.peek() {
+            Some(Component::Retain(n) | Component::Delete(n)) => *n,
+            Some(Component::Insert(s)) => chars(s),
+            None => u32::MAX,
+        };
+        // Canonical ops have no empty component.
+        debug_assert!(self.left > 0, "empty component in {:?}", self.peek());
     }
 
     fn peek(&self) -> Option<&'a Component> {
@@ -83,11 +106,7 @@ impl<'a> Cursor<'a> {
 
     /// Length left in the current component.
     fn remaining(&self) -> u32 {
-        match self.peek() {
-            Some(Component::Retain(n) | Component::Delete(n)) => n - self.taken,
-            Some(Component::Insert(s)) => chars(s) - self.taken,
-            None => u32::MAX,
-        }
+        self.left
     }
 
     /// Takes up to `n` code points of the current component (the implicit trailing
@@ -96,21 +115,26 @@ impl<'a> Cursor<'a> {
         let Some(component) = self.peek() else {
             return Piece::Retain(n);
         };
-        let left = self.remaining();
-        let n = n.min(left);
+        let n = n.min(self.left);
         let piece = match component {
             Component::Retain(_) => Piece::Retain(n),
             Component::Delete(_) => Piece::Delete(n),
             Component::Insert(s) => {
-                let (_, rest) = split_chars(s, self.taken);
-                Piece::Insert(split_chars(rest, n).0)
+                let rest = &s[self.taken_bytes..];
+                let head = if n == self.left {
+                    rest
+                } else {
+                    split_chars(rest, n).0
+                };
+                self.taken_bytes += head.len();
+                Piece::Insert(head)
             }
         };
-        if n == left {
+        if n == self.left {
             self.index += 1;
-            self.taken = 0;
+            self.enter();
         } else {
-            self.taken += n;
+            self.left -= n;
         }
         piece
     }
@@ -408,6 +432,23 @@ mod tests {
         let first_rebased = first.transform(&late, Side::Right);
         let other = late.apply("ab").and_then(|t| first_rebased.apply(&t));
         assert_eq!(other, after);
+    }
+
+    #[test]
+    fn compose_takes_a_long_astral_insert_apart_piece_by_piece() {
+        let long: String = "a\u{1F600}\u{10348}é".repeat(500);
+        let first = TextOp::from_patch(&Patch::new(1, 0, long));
+        let mut next = TextOp::new();
+        // 500 pieces of 2 to 4 code points: within the 2,002 the first op leaves.
+        for i in 0..500 {
+            next.retain(1 + i % 3)
+                .delete(1)
+                .insert(if i % 2 == 0 { "\u{1F600}" } else { "" });
+        }
+        let text = "xy";
+        let in_turn = first.apply(text).and_then(|t| next.apply(&t));
+        assert!(in_turn.is_some());
+        assert_eq!(first.compose(&next).apply(text), in_turn);
     }
 
     #[test]
