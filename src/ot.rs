@@ -19,6 +19,9 @@
 //! friendsforever trace converges, but not to its published text (ties arise where one
 //! user inserts next to text the other concurrently deleted); with this one it matches
 //! (`tests/server.rs`).
+//!
+//! `protocol.md` ("Operational transformation") specifies all of this for client authors,
+//! with worked examples that `tests/protocol_ot_examples.rs` checks against this file.
 
 use crate::op::Patch;
 
