@@ -45,6 +45,9 @@ pub const FETCH_MAX_OPS: u32 = 10_000;
 /// Ops read from the log at a time for a catch-up or fetch.
 const READ_BATCH: usize = 1024;
 
+/// An op with more patches than this is put in component form on a blocking thread.
+const LARGE_OP_PATCHES: usize = 1024;
+
 /// A transform costing more component steps than this runs on a blocking thread.
 const HEAVY_TRANSFORM: u64 = 1 << 20;
 
@@ -640,7 +643,17 @@ impl<S: Sequencer> Session<S> {
         max_bytes: usize,
     ) -> SubmitOutcome {
         let sequencer = &self.server.sequencer;
-        let mut job = Job::new(&submission, max_bytes);
+        // Putting a long patch list in component form is O(n log n): off the workers.
+        let mut job = if submission.patches.len() > LARGE_OP_PATCHES {
+            match tokio::task::spawn_blocking(move || Job::new(&submission, max_bytes)).await {
+                Ok(job) => job,
+                Err(e) => {
+                    return SubmitOutcome::Rejected(ErrorCode::StorageFailed, format!("internal: {e}"))
+                }
+            }
+        } else {
+            Job::new(&submission, max_bytes)
+        };
         if let Some(outcome) = document.precheck(&**sequencer, &job) {
             return outcome;
         }
