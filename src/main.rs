@@ -34,9 +34,31 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7420")]
     listen: std::net::SocketAddr,
-    /// Largest frame accepted from a client, in bytes.
+    /// Largest frame either way, in bytes after its length field (4096 ..= 8388608).
+    /// An op's patches may take this minus 256 bytes, so every message carrying it fits.
     #[arg(long, default_value_t = quire::protocol::DEFAULT_MAX_FRAME)]
     max_frame: usize,
+    /// Connections served at once; one more gets Error code 9 and is closed.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Seconds from connecting to a complete Hello (then Error code 10, closed).
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout_secs: u64,
+    /// Seconds allowed between two complete messages from a client; an idle client
+    /// sends Ping (then Error code 10, closed).
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Seconds one write to a client may take before the connection is dropped.
+    #[arg(long, default_value_t = 30)]
+    write_timeout_secs: u64,
+    /// MiB queued for one connection before it counts as not reading (Error code 8).
+    /// At least two frames.
+    #[arg(long, default_value_t = 8)]
+    outbox_mib: usize,
+    /// MiB of frames above 64 KiB being received at once, across all connections; a
+    /// large frame that finds none left gets Error code 9.
+    #[arg(long, default_value_t = 64)]
+    large_frame_budget_mib: usize,
     /// Access token clients must present (default: none).
     #[arg(long, default_value = "", env = "QUIRE_TOKEN")]
     token: String,
@@ -77,6 +99,21 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    let server_config = quire::server::ServerConfig {
+        max_frame: args.max_frame,
+        token: args.token,
+        presence_interval: Duration::from_millis(args.presence_interval_ms),
+        max_connections: args.max_connections,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        write_timeout: Duration::from_secs(args.write_timeout_secs),
+        outbox_bytes: args.outbox_mib << 20,
+        large_frame_budget: args.large_frame_budget_mib << 20,
+    };
+    if let Err(e) = server_config.validate() {
+        tracing::error!("invalid limits: {e}");
+        return ExitCode::FAILURE;
+    }
     let config = LocalConfig {
         wal: WalConfig {
             segment_size: args.segment_mib.max(1) << 20,
@@ -114,12 +151,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let store = std::sync::Arc::new(store);
-    let server_config = quire::server::ServerConfig {
-        max_frame: args.max_frame,
-        token: args.token,
-        presence_interval: Duration::from_millis(args.presence_interval_ms),
-        ..Default::default()
-    };
     let served = runtime.block_on(async {
         let listener = quire::server::bind(args.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, "serving");

@@ -310,7 +310,18 @@ impl<S: Sequencer> Server<S> {
     }
 }
 
+/// Connections the kernel queues before they are accepted: a burst of reconnecting
+/// clients (after a restart) is accepted, not dropped into SYN retries a second apart.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds `addr` (port 0 picks a free one).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
