@@ -648,7 +648,10 @@ impl<S: Sequencer> Session<S> {
             match tokio::task::spawn_blocking(move || Job::new(&submission, max_bytes)).await {
                 Ok(job) => job,
                 Err(e) => {
-                    return SubmitOutcome::Rejected(ErrorCode::StorageFailed, format!("internal: {e}"))
+                    return SubmitOutcome::Rejected(
+                        ErrorCode::StorageFailed,
+                        format!("internal: {e}"),
+                    )
                 }
             }
         } else {
