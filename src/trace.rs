@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use crate::op::Patch;
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Txn {
     pub agent: usize,
     pub parents: Vec<usize>,
     pub patches: Vec<Patch>,
 }
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Trace {
     pub txns: Vec<Txn>,
     pub end_content: String,
@@ -29,32 +29,50 @@ pub fn traces_dir() -> Option<PathBuf> {
     dir.join("automerge-paper.json.gz").is_file().then_some(dir)
 }
 
+/// Reads a trace file: gzipped or plain JSON, told apart by the gzip magic bytes, not by
+/// the file's name.
 pub fn load(path: &Path) -> Result<Trace, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut json = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut json)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&json).map_err(|e| format!("{}: {e}", path.display()))?;
-    let bad = |what: &str| format!("{}: {what}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A trace from the bytes of its file: gzip (every member, as `gunzip` reads a
+/// concatenation of them) if they start with the gzip magic bytes, else UTF-8 JSON (a
+/// byte-order mark is skipped).
+pub fn parse(bytes: &[u8]) -> Result<Trace, String> {
+    let mut unzipped = Vec::new();
+    let json = if bytes.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::MultiGzDecoder::new(bytes)
+            .read_to_end(&mut unzipped)
+            .map_err(|e| format!("gzip: {e}"))?;
+        &unzipped[..]
+    } else {
+        bytes
+    };
+    let json = json.strip_prefix(b"\xef\xbb\xbf").unwrap_or(json);
+    let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let bad = |what: &str| what.to_owned();
     let txns = value["txns"]
         .as_array()
         .ok_or_else(|| bad("no txns"))?
         .iter()
         .map(|t| {
-            let patches = t["patches"]
-                .as_array()
-                .ok_or_else(|| bad("txn without patches"))?
-                .iter()
-                .map(|p| {
-                    Ok(Patch::new(
-                        p[0].as_u64().ok_or_else(|| bad("patch pos"))? as u32,
-                        p[1].as_u64().ok_or_else(|| bad("patch del"))? as u32,
-                        p[2].as_str().ok_or_else(|| bad("patch ins"))?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, String>>()?;
+            // The format allows the last txn of a concurrent trace to have no patches.
+            let patches = match &t["patches"] {
+                serde_json::Value::Null => Vec::new(),
+                ps => ps
+                    .as_array()
+                    .ok_or_else(|| bad("txn patches are not a list"))?
+                    .iter()
+                    .map(|p| {
+                        Ok(Patch::new(
+                            p[0].as_u64().ok_or_else(|| bad("patch pos"))? as u32,
+                            p[1].as_u64().ok_or_else(|| bad("patch del"))? as u32,
+                            p[2].as_str().ok_or_else(|| bad("patch ins"))?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?,
+            };
             Ok(Txn {
                 agent: t["agent"].as_u64().unwrap_or(0) as usize,
                 parents: t["parents"]
@@ -69,10 +87,18 @@ pub fn load(path: &Path) -> Result<Trace, String> {
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
+    if let Some(i) = txns
+        .iter()
+        .enumerate()
+        .position(|(i, t)| t.parents.iter().any(|&p| p >= i))
+    {
+        return Err(format!("txn {i} names a parent that is not before it"));
+    }
+    let agents = txns.iter().map(|t| t.agent + 1).max().unwrap_or(1);
     Ok(Trace {
         txns,
         end_content: value["endContent"].as_str().unwrap_or_default().to_owned(),
-        num_agents: value["numAgents"].as_u64().unwrap_or(1) as usize,
+        num_agents: (value["numAgents"].as_u64().unwrap_or(1) as usize).max(agents),
     })
 }
 
@@ -279,4 +305,86 @@ pub async fn replay_concurrent(
         text,
         ack_us: agents.iter_mut().flat_map(|a| a.ack_us.drain(..)).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const SEQUENTIAL: &str = r#"{"startContent": "", "endContent": "hi!",
+        "txns": [{"time": "2021-04-19T06:06:58.219Z", "patches": [[0, 0, "hello"]]},
+                 {"time": "2021-04-19T06:06:58.219Z", "patches": [[1, 4, "i"], [2, 0, "!"]]}]}"#;
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    fn written(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn replayed(trace: &Trace) -> String {
+        let patches: Vec<Patch> = trace
+            .txns
+            .iter()
+            .flat_map(|t| t.patches.iter().cloned())
+            .collect();
+        crate::ot::apply_patches("", &patches).unwrap()
+    }
+
+    #[test]
+    fn trace_files_load_plain_or_gzipped_whatever_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = SEQUENTIAL.as_bytes();
+        let zipped = gzip(plain);
+        for (name, bytes) in [
+            ("plain.json", plain),
+            ("plain-named-gz.json.gz", plain),
+            ("zipped.json.gz", &zipped[..]),
+            ("zipped-named-plain.json", &zipped[..]),
+        ] {
+            let trace = load(&written(dir.path(), name, bytes)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(trace.txns.len(), 2, "{name}");
+            assert_eq!(trace.end_content, "hi!", "{name}");
+            assert_eq!(replayed(&trace), "hi!", "{name}");
+        }
+        // A byte-order mark before plain JSON is skipped.
+        let bom = [b"\xef\xbb\xbf".as_slice(), plain].concat();
+        assert_eq!(
+            load(&written(dir.path(), "bom.json", &bom))
+                .unwrap()
+                .txns
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_gzip_file_of_several_members_loads_to_its_end() {
+        // `cat a.gz b.gz` (or bgzip, or pigz -i) is one gzip file of several members.
+        let (head, tail) = SEQUENTIAL.split_at(SEQUENTIAL.len() / 2);
+        let bytes = [gzip(head.as_bytes()), gzip(tail.as_bytes())].concat();
+        let trace = parse(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(replayed(&trace), "hi!");
+    }
+
+    #[test]
+    fn a_concurrent_trace_whose_last_txn_has_no_patches_loads() {
+        let json = r#"{"kind": "concurrent", "endContent": "ab", "numAgents": 2, "txns": [
+            {"parents": [], "numChildren": 2, "agent": 0, "patches": [[0, 0, "a"]]},
+            {"parents": [0], "numChildren": 1, "agent": 1, "patches": [[1, 0, "b"]]},
+            {"parents": [1], "numChildren": 0, "agent": 0}]}"#;
+        let trace = parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(trace.txns.len(), 3);
+        assert!(trace.txns[2].patches.is_empty());
+        assert_eq!(trace.num_agents, 2);
+        // A parent that is not earlier in the file is refused, not a panic later.
+        let forward = json.replace(r#""parents": [1]"#, r#""parents": [2]"#);
+        assert!(parse(forward.as_bytes()).unwrap_err().contains("txn 2"));
+    }
 }

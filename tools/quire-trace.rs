@@ -4,6 +4,7 @@
 //! quire-trace --addr 127.0.0.1:7420 --trace FILE [--mode concurrent|sequential|shared|each]
 //!             [--clients N] [--compose | --pipeline N] [--patches N] [--doc NAME]
 //! ```
+//! FILE is a trace in the editing-traces format, gzipped or not (told by its content).
 //! - `concurrent`: a concurrent trace, one emulated client per agent, each txn made on
 //!   exactly its parent version (unreachable txns are counted, never altered).
 //! - `sequential`: every patch of the trace through one client.
@@ -48,7 +49,7 @@ enum Mode {
 struct Args {
     #[arg(long, default_value = "127.0.0.1:7420")]
     addr: SocketAddr,
-    /// The trace file (every mode but `ping`).
+    /// The trace file, `.json` or `.json.gz` (every mode but `ping`).
     #[arg(long)]
     trace: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "sequential")]
