@@ -113,7 +113,7 @@ pub fn sha256_hex(text: impl AsRef<str>) -> String {
 /// What a replay did.
 #[derive(Debug, Clone)]
 pub struct ReplayReport {
-    /// Ops the server sequenced.
+    /// Ops the server sequenced (a txn that changes nothing sends none).
     pub ops: u64,
     /// Txns whose parent version could not be matched exactly by the emulated client
     /// (it had already seen more of another agent's ops than the txn's parents hold).
@@ -149,7 +149,8 @@ pub fn parent_prefixes(trace: &Trace) -> Vec<Vec<u32>> {
 /// Replays a concurrent trace through a running server: one client per agent, each
 /// seeing exactly the parent version the trace gives each of its txns (the
 /// client/server shape described in the traces README). Ops reach the server in file
-/// order, one in flight per client, each txn its own op.
+/// order, one in flight per client, each txn its own op; a txn that changes nothing
+/// (the format allows a last txn without patches) sends none.
 pub async fn replay_concurrent(
     addr: std::net::SocketAddr,
     token: &str,
@@ -159,6 +160,7 @@ pub async fn replay_concurrent(
 ) -> Result<ReplayReport, crate::client::connection::ClientError> {
     use crate::client::connection::{ClientError, Connection};
     use crate::client::state::ClientDoc;
+    use crate::ot::TextOp;
     use crate::protocol::message::Message;
 
     struct Agent {
@@ -166,16 +168,17 @@ pub async fn replay_concurrent(
         doc: ClientDoc,
         /// Remote ops received, per agent.
         received: Vec<u64>,
+        /// `ops_upto[j]`: the ops this agent's first `j` txns made (a txn that changes
+        /// nothing makes none), for the txns replayed so far.
+        ops_upto: Vec<u64>,
+        /// Ops sent.
+        sent: u64,
         /// When the op in flight was sent.
         sent_at: Option<std::time::Instant>,
         ack_us: Vec<u64>,
     }
     let n = trace.num_agents.max(1);
     let prefixes = parent_prefixes(trace);
-    let mut own_txns: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (i, t) in trace.txns.iter().enumerate() {
-        own_txns[t.agent].push(i);
-    }
     let mut agents = Vec::with_capacity(n);
     for a in 0..n {
         let mut conn = Connection::connect(addr, client_id_base + a as u64, token).await?;
@@ -203,6 +206,8 @@ pub async fn replay_concurrent(
             conn,
             doc: ClientDoc::new(text, version, 1).without_composing(),
             received: vec![0; n],
+            ops_upto: vec![0],
+            sent: 0,
             sent_at: None,
             ack_us: Vec::new(),
         });
@@ -234,16 +239,14 @@ pub async fn replay_concurrent(
     // next txn needs it. A client then only ever receives ops some txn of its own needs
     // (parent versions grow along each agent's own chain of txns), which is what lets
     // every txn see exactly its parent version with one op in flight per client.
-    let mut sent = vec![0u64; n];
     let mut unreachable = 0u64;
     async fn send_upto(
         agent: &mut Agent,
-        sent: &mut u64,
         count: u64,
         doc: &str,
         base: u64,
     ) -> Result<(), ClientError> {
-        while *sent < count {
+        while agent.sent < count {
             while agent.doc.in_flight().is_some() {
                 pump(agent, base).await?;
             }
@@ -253,7 +256,7 @@ pub async fn replay_concurrent(
                 .ok_or_else(|| ClientError::Protocol("txn to send was not made".into()))?;
             agent.conn.send(out.into_submit(doc)).await?;
             agent.sent_at = Some(std::time::Instant::now());
-            *sent += 1;
+            agent.sent += 1;
         }
         Ok(())
     }
@@ -261,8 +264,8 @@ pub async fn replay_concurrent(
     for (i, txn) in trace.txns.iter().enumerate() {
         let a = txn.agent;
         for x in (0..n).filter(|&x| x != a) {
-            let need = u64::from(prefixes[i][x]);
-            send_upto(&mut agents[x], &mut sent[x], need, doc, client_id_base).await?;
+            let need = agents[x].ops_upto[prefixes[i][x] as usize];
+            send_upto(&mut agents[x], need, doc, client_id_base).await?;
             while agents[a].received[x] < need {
                 pump(&mut agents[a], client_id_base).await?;
             }
@@ -270,22 +273,20 @@ pub async fn replay_concurrent(
                 unreachable += 1;
             }
         }
-        agents[a]
+        let makes_op = !TextOp::from_patches(&txn.patches).is_noop();
+        let agent = &mut agents[a];
+        agent
             .doc
             .local_edit(&txn.patches)
-            .map_err(|e| ClientError::Protocol(format!("txn {i} (agent {a}, parents {:?}, prefixes {:?}, received {:?}, unreachable so far {unreachable}) does not apply: {e:?}", txn.parents, prefixes[i], agents[a].received)))?;
+            .map_err(|e| ClientError::Protocol(format!("txn {i} (agent {a}, parents {:?}, prefixes {:?}, received {:?}, unreachable so far {unreachable}) does not apply: {e:?}", txn.parents, prefixes[i], agent.received)))?;
+        let made = agent.ops_upto.last().copied().unwrap_or(0) + u64::from(makes_op);
+        agent.ops_upto.push(made);
     }
-    for (x, agent) in agents.iter_mut().enumerate() {
-        send_upto(
-            agent,
-            &mut sent[x],
-            own_txns[x].len() as u64,
-            doc,
-            client_id_base,
-        )
-        .await?;
+    for agent in agents.iter_mut() {
+        let made = agent.ops_upto.last().copied().unwrap_or(0);
+        send_upto(agent, made, doc, client_id_base).await?;
     }
-    let total = trace.txns.len() as u64;
+    let total: u64 = agents.iter().map(|a| a.sent).sum();
     for agent in agents.iter_mut() {
         while agent.doc.has_pending() || agent.doc.version() < total {
             pump(agent, client_id_base).await?;

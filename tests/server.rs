@@ -564,6 +564,57 @@ async fn trace_friendsforever_with_two_emulated_clients_ends_with_the_published_
     server.stop().await;
 }
 
+/// A patch of a synthetic trace: `[pos, del, ins]`.
+type P<'a> = (u32, u32, &'a str);
+
+/// A concurrent trace in the editing-traces JSON format (../shared/traces/README.md),
+/// from its txns as (agent, parents, patches).
+fn concurrent_trace_json(end: &str, txns: &[(usize, &[usize], &[P])]) -> Vec<u8> {
+    use serde_json::json;
+    let num_agents = txns.iter().map(|t| t.0 + 1).max().unwrap_or(1);
+    let listed: Vec<_> = txns
+        .iter()
+        .enumerate()
+        .map(|(i, (agent, parents, patches))| {
+            let children = txns.iter().filter(|t| t.1.contains(&i)).count();
+            let patches: Vec<_> = patches.iter().map(|(p, d, s)| json!([p, d, s])).collect();
+            json!({"parents": parents, "numChildren": children, "agent": agent,
+                   "time": "1970-01-01T00:00:00+00:00", "patches": patches})
+        })
+        .collect();
+    serde_json::to_vec(&json!({"kind": "concurrent", "endContent": end,
+                               "numAgents": num_agents, "txns": listed}))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_trace_whose_last_txn_has_no_patches_replays_to_its_end() {
+    // Two agents; the last txn merges both branches and edits nothing (the format allows
+    // that of the last txn), and one txn has two patches.
+    let json = concurrent_trace_json(
+        "Hello, big world!",
+        &[
+            (0, &[], &[(0, 0, "hello world")]),
+            (1, &[0], &[(5, 0, ",")]),
+            (0, &[0], &[(11, 0, "!")]),
+            (1, &[1], &[(7, 0, "big "), (0, 1, "H")]),
+            (0, &[2, 3], &[]),
+        ],
+    );
+    let trace = quire::trace::parse(&json).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let report = quire::trace::replay_concurrent(server.addr, "", &trace, "merged", 500)
+        .await
+        .unwrap();
+    assert_eq!(report.ops, 4, "the empty txn sends no op");
+    assert_eq!(report.unreachable, 0);
+    assert_eq!(report.text, "Hello, big world!");
+    let reader = open(server.addr, 9, "merged").await;
+    assert_eq!(reader.doc.text(), report.text);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_opening_while_others_edit_catch_up_without_a_gap() {
     // Broadcasts can reach a new subscriber before its snapshot; none may be lost.
