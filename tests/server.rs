@@ -552,6 +552,7 @@ async fn trace_friendsforever_with_two_emulated_clients_ends_with_the_published_
         report.unreachable, 0,
         "every txn saw exactly its parent version"
     );
+    assert_eq!(report.replicas, 3);
     assert_eq!(report.ops, 26_078);
     assert_eq!(report.text.chars().count(), 21_362);
     assert_eq!(
@@ -612,6 +613,44 @@ async fn a_concurrent_trace_whose_last_txn_has_no_patches_replays_to_its_end() {
     assert_eq!(report.text, "Hello, big world!");
     let reader = open(server.addr, 9, "merged").await;
     assert_eq!(reader.doc.text(), report.text);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_trace_with_a_txn_no_client_can_reach_finishes_counts_it_and_converges() {
+    // Three long-lived branches: after "0123456789", A, B and C each insert a letter
+    // without seeing the others', then each edits having seen exactly one other branch:
+    // A sees B's, B sees C's, C sees A's. No server order gives every client its
+    // version (B before C before A before B), so one txn cannot be made on its parent
+    // version: here C's (t6), whose client receives B's insert while it waits for A's.
+    let end = "a01B234C56A89b!";
+    let json = concurrent_trace_json(
+        end,
+        &[
+            (0, &[], &[(0, 0, "0123456789")]),
+            (1, &[0], &[(2, 0, "B")]),     // t1: 01B23456789
+            (2, &[0], &[(5, 0, "C")]),     // t2: 01234C56789
+            (0, &[0], &[(8, 0, "A")]),     // t3: 01234567A89
+            (0, &[3, 1], &[(0, 0, "a")]),  // t4: a01B234567A89
+            (1, &[1, 2], &[(12, 0, "b")]), // t5: 01B234C56789b
+            (2, &[2, 3], &[(8, 1, "")]),   // t6: 01234C56A89 (deletes the 7)
+            (0, &[4, 5, 6], &[(14, 0, "!")]),
+        ],
+    );
+    let trace = quire::trace::parse(&json).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let report = quire::trace::replay_concurrent(server.addr, "", &trace, "branches", 500)
+        .await
+        .unwrap();
+    assert_eq!(report.unreachable, 1);
+    assert_eq!(report.unreachable_by_agent, [0, 0, 1]);
+    assert_eq!(report.ops, 8);
+    assert_eq!(report.replicas, 4, "three clients and the server's copy");
+    // The unreachable txn was rebased onto its client's version, so its intent holds.
+    assert_eq!(report.text, end);
+    let reader = open(server.addr, 9, "branches").await;
+    assert_eq!(reader.doc.text(), end);
     server.stop().await;
 }
 

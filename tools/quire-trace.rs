@@ -6,7 +6,9 @@
 //! ```
 //! FILE is a trace in the editing-traces format, gzipped or not (told by its content).
 //! - `concurrent`: a concurrent trace, one emulated client per agent, each txn made on
-//!   exactly its parent version (unreachable txns are counted, never altered).
+//!   exactly its parent version; a txn no client can make there (a long-lived branch) is
+//!   counted per agent and made on its client's version, rebased; every client and the
+//!   server's copy must converge, and the text is compared with the trace's endContent.
 //! - `sequential`: every patch of the trace through one client.
 //! - `shared`: patches dealt round-robin over N clients on one document (positions
 //!   clamped to each client's copy, as the ShareDB peer benchmark does).
@@ -221,10 +223,33 @@ async fn run(args: Args) -> Result<(), String> {
         for us in &report.ack_us {
             hist.record((*us).max(1)).ok();
         }
+        let by_agent: Vec<String> = report
+            .unreachable_by_agent
+            .iter()
+            .enumerate()
+            .filter(|(_, &k)| k > 0)
+            .map(|(a, k)| format!("agent {a}: {k}"))
+            .collect();
+        let end = if trace.end_content.is_empty() {
+            "no endContent"
+        } else if trace.end_content == report.text {
+            "endContent matches"
+        } else {
+            "endContent DIFFERS"
+        };
         (
             report.ops,
             hist,
-            format!("unreachable txns: {}", report.unreachable),
+            format!(
+                "unreachable txns: {}{}; replicas converged: {} (every client and the server); {end}",
+                report.unreachable,
+                if by_agent.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", by_agent.join(", "))
+                },
+                report.replicas,
+            ),
         )
     } else {
         let mut patches: Vec<Patch> = trace.txns.into_iter().flat_map(|t| t.patches).collect();
