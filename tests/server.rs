@@ -8,7 +8,9 @@ use std::time::Duration;
 
 mod common;
 
-use common::{open, start, start_with, store_config};
+use common::{
+    concurrent_trace_json, long_lived_branches_trace, open, start, start_with, store_config,
+};
 use quire::client::connection::{Connection, SyncedDoc};
 use quire::op::Patch;
 use quire::protocol::message::{Envelope, ErrorCode, Message};
@@ -565,29 +567,6 @@ async fn trace_friendsforever_with_two_emulated_clients_ends_with_the_published_
     server.stop().await;
 }
 
-/// A patch of a synthetic trace: `[pos, del, ins]`.
-type P<'a> = (u32, u32, &'a str);
-
-/// A concurrent trace in the editing-traces JSON format (../shared/traces/README.md),
-/// from its txns as (agent, parents, patches).
-fn concurrent_trace_json(end: &str, txns: &[(usize, &[usize], &[P])]) -> Vec<u8> {
-    use serde_json::json;
-    let num_agents = txns.iter().map(|t| t.0 + 1).max().unwrap_or(1);
-    let listed: Vec<_> = txns
-        .iter()
-        .enumerate()
-        .map(|(i, (agent, parents, patches))| {
-            let children = txns.iter().filter(|t| t.1.contains(&i)).count();
-            let patches: Vec<_> = patches.iter().map(|(p, d, s)| json!([p, d, s])).collect();
-            json!({"parents": parents, "numChildren": children, "agent": agent,
-                   "time": "1970-01-01T00:00:00+00:00", "patches": patches})
-        })
-        .collect();
-    serde_json::to_vec(&json!({"kind": "concurrent", "endContent": end,
-                               "numAgents": num_agents, "txns": listed}))
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrent_trace_whose_last_txn_has_no_patches_replays_to_its_end() {
     // Two agents; the last txn merges both branches and edits nothing (the format allows
@@ -618,25 +597,8 @@ async fn a_concurrent_trace_whose_last_txn_has_no_patches_replays_to_its_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrent_trace_with_a_txn_no_client_can_reach_finishes_counts_it_and_converges() {
-    // Three long-lived branches: after "0123456789", A, B and C each insert a letter
-    // without seeing the others', then each edits having seen exactly one other branch:
-    // A sees B's, B sees C's, C sees A's. No server order gives every client its
-    // version (B before C before A before B), so one txn cannot be made on its parent
-    // version: here C's (t6), whose client receives B's insert while it waits for A's.
-    let end = "a01B234C56A89b!";
-    let json = concurrent_trace_json(
-        end,
-        &[
-            (0, &[], &[(0, 0, "0123456789")]),
-            (1, &[0], &[(2, 0, "B")]),     // t1: 01B23456789
-            (2, &[0], &[(5, 0, "C")]),     // t2: 01234C56789
-            (0, &[0], &[(8, 0, "A")]),     // t3: 01234567A89
-            (0, &[3, 1], &[(0, 0, "a")]),  // t4: a01B234567A89
-            (1, &[1, 2], &[(12, 0, "b")]), // t5: 01B234C56789b
-            (2, &[2, 3], &[(8, 1, "")]),   // t6: 01234C56A89 (deletes the 7)
-            (0, &[4, 5, 6], &[(14, 0, "!")]),
-        ],
-    );
+    // See `long_lived_branches_trace`: C's txn t6 cannot see exactly its parent version.
+    let (json, end) = long_lived_branches_trace();
     let trace = quire::trace::parse(&json).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let server = start(tmp.path(), "").await;
