@@ -1,7 +1,8 @@
 //! The `quire-trace` binary against a server in this process, on synthetic traces written
 //! to a temporary folder: it replays plain and gzipped trace files to their end, reports
-//! unreachable txns and convergence in concurrent mode, and what it prints.
+//! unreachable txns and convergence in concurrent mode, and times every op it sends.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -39,6 +40,12 @@ fn sequential_trace(n: usize) -> (Vec<u8>, String) {
     let end: String = text.into_iter().collect();
     let json = serde_json::json!({"startContent": "", "endContent": end, "txns": txns});
     (serde_json::to_vec(&json).unwrap(), end)
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
 }
 
 /// Runs quire-trace to its end; returns its standard output.
@@ -137,6 +144,30 @@ async fn quire_trace_replays_plain_json_traces_to_their_end() {
     assert_eq!(
         doc_line(&out, "branches"),
         format!("{} chars sha256 {}", end.chars().count(), sha256_hex(end))
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quire_trace_compose_reports_the_latency_of_every_op_it_sends() {
+    let (data, tmp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let server = start(data.path(), "").await;
+    let (json, end) = sequential_trace(2_000);
+    let zipped = tmp.path().join("sequential.json.gz");
+    std::fs::write(&zipped, gzip(&json)).unwrap();
+    let out = quire_trace(
+        server.addr,
+        &zipped,
+        &["--mode", "sequential", "--compose", "--doc", "composed"],
+    )
+    .await;
+    let (ops, samples) = ops_and_samples(&out);
+    // The first patch goes alone; the next ones are composed while it is in flight.
+    assert!((2..2_000).contains(&ops), "{out}");
+    assert_eq!(samples, ops, "one latency sample per op sent: {out}");
+    assert_eq!(
+        doc_line(&out, "composed"),
+        format!("{} chars sha256 {}", end.chars().count(), sha256_hex(&end))
     );
     server.stop().await;
 }
