@@ -8,7 +8,9 @@ use std::time::Duration;
 
 mod common;
 
-use common::{open, start, start_with, store_config};
+use common::{
+    concurrent_trace_json, long_lived_branches_trace, open, start, start_with, store_config,
+};
 use quire::client::connection::{Connection, SyncedDoc};
 use quire::op::Patch;
 use quire::protocol::message::{Envelope, ErrorCode, Message};
@@ -552,6 +554,7 @@ async fn trace_friendsforever_with_two_emulated_clients_ends_with_the_published_
         report.unreachable, 0,
         "every txn saw exactly its parent version"
     );
+    assert_eq!(report.replicas, 3);
     assert_eq!(report.ops, 26_078);
     assert_eq!(report.text.chars().count(), 21_362);
     assert_eq!(
@@ -561,6 +564,55 @@ async fn trace_friendsforever_with_two_emulated_clients_ends_with_the_published_
     // And the server's own copy, read back by another client.
     let reader = open(server.addr, 9, "friends").await;
     assert_eq!(reader.doc.text(), report.text);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_trace_whose_last_txn_has_no_patches_replays_to_its_end() {
+    // Two agents; the last txn merges both branches and edits nothing (the format allows
+    // that of the last txn), and one txn has two patches.
+    let json = concurrent_trace_json(
+        "Hello, big world!",
+        &[
+            (0, &[], &[(0, 0, "hello world")]),
+            (1, &[0], &[(5, 0, ",")]),
+            (0, &[0], &[(11, 0, "!")]),
+            (1, &[1], &[(7, 0, "big "), (0, 1, "H")]),
+            (0, &[2, 3], &[]),
+        ],
+    );
+    let trace = quire::trace::parse(&json).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let report = quire::trace::replay_concurrent(server.addr, "", &trace, "merged", 500)
+        .await
+        .unwrap();
+    assert_eq!(report.ops, 4, "the empty txn sends no op");
+    assert_eq!(report.unreachable, 0);
+    assert_eq!(report.text, "Hello, big world!");
+    let reader = open(server.addr, 9, "merged").await;
+    assert_eq!(reader.doc.text(), report.text);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_trace_with_a_txn_no_client_can_reach_finishes_counts_it_and_converges() {
+    // See `long_lived_branches_trace`: C's txn t6 cannot see exactly its parent version.
+    let (json, end) = long_lived_branches_trace();
+    let trace = quire::trace::parse(&json).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let report = quire::trace::replay_concurrent(server.addr, "", &trace, "branches", 500)
+        .await
+        .unwrap();
+    assert_eq!(report.unreachable, 1);
+    assert_eq!(report.unreachable_by_agent, [0, 0, 1]);
+    assert_eq!(report.ops, 8);
+    assert_eq!(report.replicas, 4, "three clients and the server's copy");
+    // The unreachable txn was rebased onto its client's version, so its intent holds.
+    assert_eq!(report.text, end);
+    let reader = open(server.addr, 9, "branches").await;
+    assert_eq!(reader.doc.text(), end);
     server.stop().await;
 }
 

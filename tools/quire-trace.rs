@@ -4,8 +4,11 @@
 //! quire-trace --addr 127.0.0.1:7420 --trace FILE [--mode concurrent|sequential|shared|each]
 //!             [--clients N] [--compose | --pipeline N] [--patches N] [--doc NAME]
 //! ```
+//! FILE is a trace in the editing-traces format, gzipped or not (told by its content).
 //! - `concurrent`: a concurrent trace, one emulated client per agent, each txn made on
-//!   exactly its parent version (unreachable txns are counted, never altered).
+//!   exactly its parent version; a txn no client can make there (a long-lived branch) is
+//!   counted per agent and made on its client's version, rebased; every client and the
+//!   server's copy must converge, and the text is compared with the trace's endContent.
 //! - `sequential`: every patch of the trace through one client.
 //! - `shared`: patches dealt round-robin over N clients on one document (positions
 //!   clamped to each client's copy, as the ShareDB peer benchmark does).
@@ -16,8 +19,9 @@
 //! op after the previous ack (the ShareDB peer's shape); with it, patches made while an
 //! op is in flight are composed into the next op. `--pipeline N` sends each patch as its
 //! own op with up to N in flight (a document per client only). Prints ops/s, ack latency
-//! p50/p99/p99.9, and the final length and sha256 of every document, read back from
-//! the server by a fresh client.
+//! p50/p99/p99.9 over every op sent (n: how many; with `--compose` or `--pipeline`, from
+//! the op's send to its ack), and the final length and sha256 of every document, read
+//! back from the server by a fresh client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,7 +52,7 @@ enum Mode {
 struct Args {
     #[arg(long, default_value = "127.0.0.1:7420")]
     addr: SocketAddr,
-    /// The trace file (every mode but `ping`).
+    /// The trace file, `.json` or `.json.gz` (every mode but `ping`).
     #[arg(long)]
     trace: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "sequential")]
@@ -87,17 +91,24 @@ fn clamp(patch: Patch, len: u32) -> Option<Patch> {
     (del > 0 || !patch.ins.is_empty()).then(|| Patch::new(pos, del, patch.ins))
 }
 
-/// One client replaying its share of patches with up to `depth` ops in flight, each
-/// patch its own op; returns its ack latencies (µs, send to ack).
-async fn drive_pipelined(
+/// One client replaying its share of patches, timing every op it sends from its send to
+/// its ack (µs, one sample per op). With `compose`, the patches made while an op is in
+/// flight are composed into the next op (one in flight); without, each patch is its own
+/// op with up to `depth` in flight.
+async fn drive_timed(
     mut doc: SyncedDoc,
     patches: Vec<Patch>,
+    compose: bool,
     depth: usize,
 ) -> Result<(Histogram<u64>, u64, SyncedDoc), String> {
     let mut hist = new_hist();
     let e = |e: quire::client::connection::ClientError| e.to_string();
-    doc.doc = doc.doc.clone().without_composing().pipelined(depth);
+    if !compose {
+        doc.doc = doc.doc.clone().without_composing().pipelined(depth);
+    }
     let mut sent_at = std::collections::HashMap::new();
+    // After each call that can receive or send: the acks it received, then the ops it
+    // sent (an op is never acked by the call that sent it).
     let mut record = |doc: &mut SyncedDoc,
                       sent_at: &mut std::collections::HashMap<u64, Instant>| {
         let now = Instant::now();
@@ -109,9 +120,12 @@ async fn drive_pipelined(
                 }
             }
         }
+        for out in doc.doc.all_in_flight() {
+            sent_at.entry(out.local_seq).or_insert(now);
+        }
     };
     for patch in patches {
-        while doc.doc.all_in_flight().count() >= depth {
+        while !compose && doc.doc.all_in_flight().count() >= depth {
             doc.pump().await.map_err(e)?;
             record(&mut doc, &mut sent_at);
         }
@@ -119,9 +133,7 @@ async fn drive_pipelined(
             continue;
         };
         doc.edit(&[clamped]).await.map_err(e)?;
-        if let Some(out) = doc.doc.all_in_flight().last() {
-            sent_at.entry(out.local_seq).or_insert_with(Instant::now);
-        }
+        record(&mut doc, &mut sent_at);
         doc.poll().await.map_err(e)?;
         record(&mut doc, &mut sent_at);
     }
@@ -132,11 +144,11 @@ async fn drive_pipelined(
     Ok((hist, doc.ops_sent, doc))
 }
 
-/// One client replaying its share of patches; returns its ack latencies (µs).
+/// One client replaying its share of patches, each its own op sent after the previous
+/// ack; returns its ack latencies (µs, from the edit to its ack).
 async fn drive(
     mut doc: SyncedDoc,
     patches: Vec<Patch>,
-    compose: bool,
 ) -> Result<(Histogram<u64>, u64, SyncedDoc), String> {
     let mut hist = new_hist();
     let e = |e: quire::client::connection::ClientError| e.to_string();
@@ -144,19 +156,9 @@ async fn drive(
         let Some(clamped) = clamp(patch, doc.doc.len_chars()) else {
             continue;
         };
-        if compose {
-            doc.edit(&[clamped]).await.map_err(e)?;
-            doc.poll().await.map_err(e)?;
-        } else {
-            let t = Instant::now();
-            doc.edit(&[clamped]).await.map_err(e)?;
-            doc.settle().await.map_err(e)?;
-            hist.record((t.elapsed().as_micros() as u64).max(1)).ok();
-        }
-    }
-    let t = Instant::now();
-    doc.settle().await.map_err(e)?;
-    if compose {
+        let t = Instant::now();
+        doc.edit(&[clamped]).await.map_err(e)?;
+        doc.settle().await.map_err(e)?;
         hist.record((t.elapsed().as_micros() as u64).max(1)).ok();
     }
     Ok((hist, doc.ops_sent, doc))
@@ -220,10 +222,33 @@ async fn run(args: Args) -> Result<(), String> {
         for us in &report.ack_us {
             hist.record((*us).max(1)).ok();
         }
+        let by_agent: Vec<String> = report
+            .unreachable_by_agent
+            .iter()
+            .enumerate()
+            .filter(|(_, &k)| k > 0)
+            .map(|(a, k)| format!("agent {a}: {k}"))
+            .collect();
+        let end = if trace.end_content.is_empty() {
+            "no endContent"
+        } else if trace.end_content == report.text {
+            "endContent matches"
+        } else {
+            "endContent DIFFERS"
+        };
         (
             report.ops,
             hist,
-            format!("unreachable txns: {}", report.unreachable),
+            format!(
+                "unreachable txns: {}{}; replicas converged: {} (every client and the server); {end}",
+                report.unreachable,
+                if by_agent.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", by_agent.join(", "))
+                },
+                report.replicas,
+            ),
         )
     } else {
         let mut patches: Vec<Patch> = trace.txns.into_iter().flat_map(|t| t.patches).collect();
@@ -269,14 +294,15 @@ async fn run(args: Args) -> Result<(), String> {
         started = Instant::now();
         let mut tasks = Vec::new();
         for (doc, share) in opened {
-            if args.pipeline > 1 {
-                tasks.push(tokio::spawn(drive_pipelined(doc, share, args.pipeline)));
-            } else {
-                tasks.push(tokio::spawn(drive(
-                    doc.ignore_events(),
+            if args.pipeline > 1 || args.compose {
+                tasks.push(tokio::spawn(drive_timed(
+                    doc,
                     share,
                     args.compose,
+                    args.pipeline,
                 )));
+            } else {
+                tasks.push(tokio::spawn(drive(doc.ignore_events(), share)));
             }
         }
         let mut hist = new_hist();
