@@ -59,6 +59,10 @@ struct ServeArgs {
     /// large frame that finds none left gets Error code 9.
     #[arg(long, default_value_t = 64)]
     large_frame_budget_mib: usize,
+    /// MiB of ops sequenced and not yet durable, whole server; a submit past it waits
+    /// for the disk.
+    #[arg(long, default_value_t = 256)]
+    unsynced_mib: usize,
     /// Access token clients must present (default: none).
     #[arg(long, default_value = "", env = "QUIRE_TOKEN")]
     token: String,
@@ -109,6 +113,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         write_timeout: Duration::from_secs(args.write_timeout_secs),
         outbox_bytes: args.outbox_mib << 20,
         large_frame_budget: args.large_frame_budget_mib << 20,
+        unsynced_bytes: args.unsynced_mib << 20,
     };
     if let Err(e) = server_config.validate() {
         tracing::error!("invalid limits: {e}");

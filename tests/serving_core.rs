@@ -641,3 +641,53 @@ async fn stopping_the_server_does_not_wait_for_a_client_that_never_reads() {
         .expect("stop returns while a client does not read");
     drop(slow);
 }
+
+/// Bytes of ops waiting for the disk are bounded server-wide: an op that fits in what is
+/// left is sequenced; one past it waits (it is not refused, not dropped) until the disk
+/// catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_past_the_unsynced_budget_wait_for_the_disk() {
+    let fs = SimFs::new();
+    let config = ServerConfig {
+        max_frame: 4096,
+        outbox_bytes: 64 * 1024,
+        unsynced_bytes: 4096,
+        ..ServerConfig::default()
+    };
+    let server = start_on_sim(&fs, config).await;
+    let mut a = Connection::connect(server.addr, 1, "").await.unwrap();
+    open_raw(&mut a, "d", 0).await;
+    let mut b = Connection::connect(server.addr, 2, "").await.unwrap();
+    open_raw(&mut b, "e", 0).await;
+    fs.hold_syncs();
+    // 4 + 12 + 2064 = 2080 bytes: two of them fill the budget of 4096 but for 64 bytes.
+    let op = || vec![Patch::new(0, 0, "x".repeat(2064))];
+    submit(&mut a, "d", 1, 0, op()).await;
+    a.send(Message::Ping { nonce: 1 }).await.unwrap();
+    assert!(matches!(next_reply(&mut a).await, Message::Pong { .. }));
+    submit(&mut b, "e", 1, 0, op()).await;
+    b.send(Message::Ping { nonce: 2 }).await.unwrap();
+    // B's op waits for room: its session answers nothing meanwhile, and it is not
+    // sequenced.
+    let waited = tokio::time::timeout(Duration::from_millis(300), next_reply(&mut b)).await;
+    assert!(
+        waited.is_err(),
+        "B's op should wait for the disk: {waited:?}"
+    );
+    assert_eq!(server.store.version("e"), 0);
+    fs.release_syncs();
+    assert!(matches!(
+        next_reply(&mut a).await,
+        Message::Ack { seq: 1, .. }
+    ));
+    // The Pong follows the submit's sequencing; the Ack, its fsync: either comes first.
+    let (mut acked, mut ponged) = (false, false);
+    while !(acked && ponged) {
+        match next_reply(&mut b).await {
+            Message::Ack { seq: 1, .. } => acked = true,
+            Message::Pong { nonce: 2 } => ponged = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    server.stop().await;
+}

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::document::Document;
 use super::outbox::{encode, Outbox};
@@ -41,14 +41,16 @@ pub enum Action {
 
 #[derive(Default)]
 pub struct DurabilityQueue {
-    waiting: Mutex<VecDeque<(Ticket, Action)>>,
+    /// Each entry holds its op's share of the server's budget of bytes waiting for the
+    /// disk, returned once the op is durable (or failed).
+    waiting: Mutex<VecDeque<(Ticket, Action, OwnedSemaphorePermit)>>,
     added: Notify,
 }
 
 impl DurabilityQueue {
-    pub fn push(&self, ticket: Ticket, action: Action) {
+    pub fn push(&self, ticket: Ticket, action: Action, bytes: OwnedSemaphorePermit) {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        waiting.push_back((ticket, action));
+        waiting.push_back((ticket, action, bytes));
         if waiting.len() == 1 {
             // A permit is stored if the task is not waiting yet: no lost wake-up.
             self.added.notify_one();
@@ -57,12 +59,12 @@ impl DurabilityQueue {
 
     fn front(&self) -> Option<Ticket> {
         let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        waiting.front().map(|(t, _)| *t)
+        waiting.front().map(|(t, _, _)| *t)
     }
 
-    fn pop(&self) -> Option<Action> {
+    fn pop(&self) -> Option<(Action, OwnedSemaphorePermit)> {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        waiting.pop_front().map(|(_, a)| a)
+        waiting.pop_front().map(|(_, a, bytes)| (a, bytes))
     }
 
     /// Delivers until the queue is dropped by the server (runs as a task for the
@@ -75,8 +77,11 @@ impl DurabilityQueue {
                 continue;
             };
             let outcome = server.sequencer.wait_durable(ticket).await;
-            let Some(action) = self.pop() else { continue };
+            let Some((action, bytes)) = self.pop() else {
+                continue;
+            };
             act(&server, action, outcome);
+            drop(bytes);
         }
     }
 }

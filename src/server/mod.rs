@@ -37,6 +37,9 @@ pub struct ServerConfig {
     /// Bytes of partly received frames larger than [`SMALL_FRAME`] held at once across
     /// all connections; a large frame that finds none left gets code 9.
     pub large_frame_budget: usize,
+    /// Bytes of ops (their patches on the wire) sequenced and not yet durable, whole
+    /// server: a submit waits for room.
+    pub unsynced_bytes: usize,
     /// Time from connecting to a complete `Hello`.
     pub handshake_timeout: Duration,
     /// Time allowed between two complete frames from a client (it sends `Ping` when it
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             outbox_bytes: 8 << 20,
             max_connections: 10_000,
             large_frame_budget: 64 << 20,
+            unsynced_bytes: 256 << 20,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
@@ -94,6 +98,12 @@ impl ServerConfig {
                 self.large_frame_budget, self.max_frame
             ));
         }
+        if self.unsynced_bytes < self.max_frame {
+            return Err(format!(
+                "the budget of bytes waiting for the disk ({}) must hold one op of max frame {}",
+                self.unsynced_bytes, self.max_frame
+            ));
+        }
         if self.max_connections == 0 {
             return Err("max connections must be at least 1".into());
         }
@@ -119,6 +129,8 @@ pub struct Server<S> {
     clients: Mutex<HashMap<u64, outbox::Outbox>>,
     /// Bytes of large frames being received, server-wide ([`ServerConfig::large_frame_budget`]).
     large_frames: Arc<Semaphore>,
+    /// Bytes of ops sequenced and not yet durable ([`ServerConfig::unsynced_bytes`]).
+    unsynced: Arc<Semaphore>,
     next_session: AtomicU64,
     durable: Arc<durability::DurabilityQueue>,
     shutdown: broadcast::Sender<()>,
@@ -143,6 +155,7 @@ impl<S: Sequencer> Server<S> {
         Arc::new(Server {
             sequencer,
             large_frames: Arc::new(Semaphore::new(config.large_frame_budget)),
+            unsynced: Arc::new(Semaphore::new(config.unsynced_bytes)),
             config,
             documents: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),

@@ -603,6 +603,17 @@ impl<S: Sequencer> Session<S> {
             base_version,
             patches,
         };
+        // The op's bytes wait in memory until durable: a share of the server's budget,
+        // waited for (a disk that falls behind slows submitters, not memory).
+        let budget = self.server.unsynced.clone();
+        let share = u32::try_from(bytes).expect("an op is below 4 GiB");
+        let permit = tokio::select! {
+            permit = budget.acquire_many_owned(share) => permit.expect("never closed"),
+            _ = self.outbox.closed() => {
+                self.outbox.end_op();
+                return;
+            }
+        };
         let outcome = self.sequence(&document, submission, max_bytes).await;
         let durable = &self.server.durable;
         match outcome {
@@ -616,6 +627,7 @@ impl<S: Sequencer> Session<S> {
                     request_id: rid,
                     local_seq,
                 },
+                permit,
             ),
             SubmitOutcome::Duplicate { seq, ticket } => durable.push(
                 ticket,
@@ -626,6 +638,7 @@ impl<S: Sequencer> Session<S> {
                     local_seq,
                     seq,
                 },
+                permit,
             ),
             SubmitOutcome::Rejected(code, message) => {
                 self.outbox.end_op();
