@@ -169,38 +169,27 @@ impl<S: Sequencer> Server<S> {
         self.documents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Subscribes `outbox` to document `id`, opening it at the sequencer's durable
-    /// version if no session has it open. Subscribing happens under the map's lock, so
-    /// that [`Server::release`] never drops a document someone is joining. An error if
-    /// the storage failed.
-    async fn subscribe(&self, id: &str, outbox: outbox::Outbox) -> Result<Arc<Document>, Arc<str>> {
-        loop {
-            if let Some(doc) = self.documents().get(id) {
-                doc.subscribe(outbox);
-                return Ok(doc.clone());
-            }
-            // Not open. Read its version (waiting for durability), then open it at that
-            // version, unless meanwhile another session opened it, submitted and
-            // released it: then the version moved, and this reads it again.
-            let version = self.sequencer.read(id).await?.map_or(0, |v| v.version);
-            let mut docs = self.documents();
-            if let Some(doc) = docs.get(id) {
-                doc.subscribe(outbox);
-                return Ok(doc.clone());
-            }
-            if self.sequencer.version(id) != version {
-                continue;
-            }
-            let doc = Arc::new(Document::new(
-                Arc::from(id),
-                version,
-                self.config.presence_interval,
-                self.config.max_frame,
-            ));
-            docs.insert(doc.id.clone(), doc.clone());
+    /// Subscribes `outbox` to document `id`, opening it at the sequencer's version if no
+    /// session has it open. Subscribing happens under the map's lock, so that
+    /// [`Server::release`] never drops a document someone is joining. A document without
+    /// a [`Document`] has every op durable (one is released only when all its ops were
+    /// delivered, and recovery reads only durable ops), so that version is durable, and
+    /// nobody can sequence an op for it meanwhile (ops go through its `Document`).
+    fn subscribe(&self, id: &str, outbox: outbox::Outbox) -> Arc<Document> {
+        let mut docs = self.documents();
+        if let Some(doc) = docs.get(id) {
             doc.subscribe(outbox);
-            return Ok(doc);
+            return doc.clone();
         }
+        let doc = Arc::new(Document::new(
+            Arc::from(id),
+            self.sequencer.version(id),
+            self.config.presence_interval,
+            self.config.max_frame,
+        ));
+        docs.insert(doc.id.clone(), doc.clone());
+        doc.subscribe(outbox);
+        doc
     }
 
     /// Registers `outbox` as the live session of its client id; a session already

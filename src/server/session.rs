@@ -336,17 +336,7 @@ impl<S: Sequencer> Session<S> {
 
     /// Subscribes to `doc` and sends the snapshot or catch-up, in frames that fit.
     async fn open(&mut self, rid: u32, doc: String, known_version: u64) -> bool {
-        let document = match self.server.subscribe(&doc, self.outbox.clone()).await {
-            Ok(document) => document,
-            Err(reason) => {
-                self.send_error(
-                    rid,
-                    ErrorCode::StorageFailed,
-                    format!("cannot open {doc:?}: {reason}"),
-                );
-                return true;
-            }
-        };
+        let document = self.server.subscribe(&doc, self.outbox.clone());
         self.opened.insert(document.id.clone(), document.clone());
         let version = document.version();
         let mut sent = Sent::Truncated;
