@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::record::{intact_header_len, FrameError, Lsn, RawRecord, RECORD_HEADER_LEN};
+use super::record::{framed_len, intact_header_len, FrameError, Lsn, RawRecord, RECORD_HEADER_LEN};
 use super::segment::{
     find_valid_record_after, parse_segment_file_name, scan_records, segment_path, ScanStop,
     SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
@@ -161,17 +161,30 @@ struct Break {
 /// damaged record without one is corruption, not a torn write. (A record whose own
 /// content is zero from a sector boundary to its end would be taken for torn: an op
 /// inserting hundreds of NUL characters. Documented in `wal-format.md`.)
+///
+/// Bytes past the end of the file were never written either: a file that ends inside
+/// the record's extent (its 24 header bytes, or the framed length an intact header
+/// claims) shows a missing sector. Whether that may be cut as a torn tail (only at the
+/// end of the log) is the caller's rule, as for any other torn record.
 pub fn shows_missing_sector(bytes: &[u8], offset: usize) -> bool {
     let Some(rest) = bytes.get(offset..) else {
         return false;
     };
-    let header_end = (offset + RECORD_HEADER_LEN).min(bytes.len());
+    // The extent the record claims, if its header is intact; else only the header.
+    let claimed_end = match intact_header_len(rest) {
+        Some(len) => offset + framed_len(len as usize),
+        None => offset + RECORD_HEADER_LEN,
+    };
+    if claimed_end > bytes.len() {
+        return true;
+    }
+    let header_end = offset + RECORD_HEADER_LEN;
     if bytes[offset..header_end].iter().all(|&b| b == 0) {
         return true;
     }
-    // The extent the record claims, if its header is intact; else only the header.
+    // Padding is not checked for zeros: it is zero in every record, written or not.
     let extent_end = match intact_header_len(rest) {
-        Some(len) => (offset + RECORD_HEADER_LEN + len as usize).min(bytes.len()),
+        Some(len) => offset + RECORD_HEADER_LEN + len as usize,
         None => header_end,
     };
     // The piece before the first sector boundary starts with the length field, never
@@ -489,4 +502,94 @@ fn cut_tail(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::record::{encode_frame, RecordType};
+    use crate::wal::vfs::sim::SimFs;
+
+    const DIR: &str = "/wal";
+
+    /// A segment holding records `first_lsn..first_lsn + count`, one write each, of
+    /// 100-byte payloads, in a file of `size` bytes (zeros after the records).
+    fn segment_bytes(id: SegmentId, first_lsn: Lsn, count: u64, size: usize) -> Vec<u8> {
+        let header = SegmentHeader {
+            segment_id: id,
+            first_lsn,
+            created_ms: 0,
+        };
+        let mut bytes = header.encode().to_vec();
+        for lsn in first_lsn..first_lsn + count {
+            encode_frame(&mut bytes, lsn, 0, RecordType::Op, &[0xA5; 100]);
+        }
+        assert!(bytes.len() <= size);
+        bytes.resize(size, 0);
+        bytes
+    }
+
+    fn disk(segments: &[Vec<u8>]) -> SimFs {
+        let fs = SimFs::new();
+        fs.create_dir_all(Path::new(DIR)).unwrap();
+        for (i, bytes) in segments.iter().enumerate() {
+            let path = segment_path(Path::new(DIR), i as SegmentId + 1);
+            fs.create(&path).unwrap().write_all_at(bytes, 0).unwrap();
+        }
+        fs
+    }
+
+    fn scan(fs: &SimFs, dry_run: bool) -> Result<RecoveryReport, RecoveryError> {
+        recover(
+            fs,
+            Path::new(DIR),
+            RecoveryOptions::default(),
+            dry_run,
+            |_, _, _| {},
+        )
+    }
+
+    const RECORD: usize = RECORD_HEADER_LEN + 100 + 4; // framed: 128 bytes
+
+    #[test]
+    fn a_last_segment_that_ends_inside_a_record_is_a_torn_tail_and_is_cut() {
+        assert_eq!(framed_len(100), RECORD);
+        // Ends inside the payload of record 5, inside its header, inside its padding.
+        for cut_at in [
+            SEGMENT_HEADER_LEN + 4 * RECORD + 60,
+            SEGMENT_HEADER_LEN + 4 * RECORD + 10,
+            SEGMENT_HEADER_LEN + 5 * RECORD - 2,
+        ] {
+            let mut bytes = segment_bytes(1, 1, 5, 4096);
+            bytes.truncate(cut_at);
+            let fs = disk(&[bytes]);
+            let report = scan(&fs, true)
+                .unwrap_or_else(|e| panic!("file ending at {cut_at}: torn, not corrupt: {e}"));
+            let cut = report.tail_cut.expect("the partial record is a torn tail");
+            assert_eq!(cut.offset, (SEGMENT_HEADER_LEN + 4 * RECORD) as u64);
+            assert_eq!(report.records, 4);
+            assert_eq!(report.next_lsn, 5);
+            // Cut for real, the log then recovers cleanly to the same four records.
+            let cut = scan(&fs, false).unwrap();
+            assert!(cut.tail_cut.is_some());
+            let again = scan(&fs, false).unwrap();
+            assert!(again.tail_cut.is_none(), "{:?}", again.tail_cut);
+            assert_eq!(again.records, 4);
+        }
+    }
+
+    #[test]
+    fn a_segment_that_ends_inside_a_record_before_a_later_segment_is_corruption() {
+        let mut first = segment_bytes(1, 1, 5, 4096);
+        first.truncate(SEGMENT_HEADER_LEN + 4 * RECORD + 60);
+        let second = segment_bytes(2, 5, 3, 4096);
+        let fs = disk(&[first, second]);
+        match scan(&fs, true) {
+            Err(RecoveryError::Corrupt(c)) => {
+                assert_eq!(c.offset, (SEGMENT_HEADER_LEN + 4 * RECORD) as u64);
+                assert!(c.reason.contains("later write"), "{}", c.reason);
+            }
+            other => panic!("a short segment in the middle of the log is corruption: {other:?}"),
+        }
+    }
 }
