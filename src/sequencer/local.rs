@@ -13,7 +13,7 @@ use super::{DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
 use crate::op::{validate_doc_id, OpId};
 use crate::text::Text;
 use crate::wal::record::{Lsn, OpRecord};
-use crate::wal::snapshot::{load_snapshots, DedupeEntry, LoadedSnapshots};
+use crate::wal::snapshot::{load_snapshots, remove_leftovers, DedupeEntry, LoadedSnapshots};
 use crate::wal::stats::Summary;
 use crate::wal::vfs::{OsFs, Vfs};
 use crate::wal::{now_ms, Wal, WalConfig, WalError};
@@ -169,8 +169,15 @@ impl LocalSequencer {
         let snapshot_dir = data_dir.join("snapshots");
         vfs.create_dir_all(&snapshot_dir)
             .map_err(OpenError::Snapshots)?;
+        // Every check comes before the first write: the snapshots are read, the log is
+        // scanned (each record validated, a torn tail told from corruption) and replayed
+        // onto them, and only a start with no objection left cuts the tail, starts the
+        // writer and removes snapshot leftovers. A refused start leaves the directory as
+        // it was (a fresh one only gets its empty `wal/` and `snapshots/`).
         let LoadedSnapshots {
-            by_doc, invalid, ..
+            by_doc,
+            invalid,
+            leftovers,
         } = load_snapshots(&*vfs, &snapshot_dir).map_err(OpenError::Snapshots)?;
         let snapshots_loaded = by_doc.len();
         let mut docs: HashMap<Arc<str>, DocState> = by_doc
@@ -195,7 +202,7 @@ impl LocalSequencer {
 
         let mut replayed = 0u64;
         let mut inconsistency: Option<String> = None;
-        let (wal, report) = Wal::open(vfs.clone(), &data_dir.join("wal"), config.wal.clone(), |op, location| {
+        let scanned = Wal::scan(vfs.clone(), &data_dir.join("wal"), config.wal.clone(), |op, location| {
             if inconsistency.is_some() {
                 return;
             }
@@ -234,6 +241,8 @@ impl LocalSequencer {
         if let Some(message) = inconsistency {
             return Err(OpenError::Inconsistent(message));
         }
+        let (wal, report) = scanned.start().map_err(OpenError::Wal)?;
+        remove_leftovers(&*vfs, &leftovers).map_err(OpenError::Snapshots)?;
         let startup = StartupReport {
             documents: docs.len(),
             snapshots_loaded,

@@ -11,6 +11,10 @@
 //! segment and offset. A torn tail is cut: its bytes are zeroed and synced, and any
 //! later segment files (spares, or a segment whose first write never completed) are
 //! removed, so that the next crash cannot resurrect them.
+//!
+//! Two steps, so that a start refused for any reason leaves the directory untouched:
+//! [`scan`] validates and classifies everything and plans the cut, writing nothing;
+//! [`apply`] makes the cut, once the caller has no objection left.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -215,8 +219,47 @@ pub fn recover(
     wal_dir: &Path,
     options: RecoveryOptions,
     dry_run: bool,
-    mut visit: impl FnMut(SegmentId, u64, RawRecord<'_>),
+    visit: impl FnMut(SegmentId, u64, RawRecord<'_>),
 ) -> Result<RecoveryReport, RecoveryError> {
+    let scanned = scan(vfs, wal_dir, options, visit)?;
+    if dry_run {
+        return Ok(scanned.report);
+    }
+    apply(vfs, wal_dir, scanned)
+}
+
+/// What a read-only [`scan`] found: every record validated, the end of the log
+/// classified. `report` describes the log as it will be once [`apply`] has made the
+/// planned cut (`tail_cut`, `spares_removed`); nothing has been written yet.
+#[derive(Debug)]
+pub struct Scanned {
+    pub report: RecoveryReport,
+    cut: Option<PlannedCut>,
+}
+
+/// The writes that cut a torn tail (or a repaired break): every one of them is decided
+/// before the first is made.
+#[derive(Debug)]
+struct PlannedCut {
+    segment_id: SegmentId,
+    offset: u64,
+    bytes_zeroed: u64,
+    /// The break segment itself goes (no record would be left in it).
+    remove_break_segment: bool,
+    /// Every file removed, the break segment included if it goes.
+    removed: Vec<SegmentId>,
+}
+
+/// Scans and validates the log in `wal_dir` without writing anything, calling
+/// `visit(segment_id, offset, record)` for every valid record in LSN order. A torn tail
+/// (or, with `repair`, the first bad record) is classified and its cut planned; a
+/// corruption is refused here, before any byte of the directory has changed.
+pub fn scan(
+    vfs: &dyn Vfs,
+    wal_dir: &Path,
+    options: RecoveryOptions,
+    mut visit: impl FnMut(SegmentId, u64, RawRecord<'_>),
+) -> Result<Scanned, RecoveryError> {
     let started = Instant::now();
     let ids = list_segments(vfs, wal_dir)?;
     for pair in ids.windows(2) {
@@ -331,6 +374,7 @@ pub fn recover(
         }
     }
 
+    let mut cut = None;
     if let Some(brk) = found_break {
         // Map the segments after the break too: they are checked for later writes.
         for &id in &ids[regions.len()..] {
@@ -339,39 +383,36 @@ pub fn recover(
             report.bytes_scanned += region.len() as u64;
             regions.push(region);
         }
-        cut_tail(
-            vfs,
+        cut = plan_cut(
             wal_dir,
             &ids,
             &regions,
             brk,
             expected_next,
             options,
-            dry_run,
             &mut report,
         )?;
     }
     report.next_lsn = last_lsn.map_or(expected_next.unwrap_or(1), |l| l + 1);
     report.elapsed = started.elapsed();
-    Ok(report)
+    Ok(Scanned { report, cut })
 }
 
 fn describe(error: FrameError) -> String {
     format!("invalid record ({error})")
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cut_tail(
-    vfs: &dyn Vfs,
+/// Classifies the break (torn tail, or corruption refused unless `repair`) and plans
+/// the cut; records it in `report`. Writes nothing.
+fn plan_cut(
     wal_dir: &Path,
     ids: &[SegmentId],
     regions: &[Region],
     brk: Break,
     expected_next: Option<Lsn>,
     options: RecoveryOptions,
-    dry_run: bool,
     report: &mut RecoveryReport,
-) -> Result<(), RecoveryError> {
+) -> Result<Option<PlannedCut>, RecoveryError> {
     // Find any valid record after the break that is not part of the unfinished write.
     let mut later_write: Option<(SegmentId, u64, Lsn)> = None;
     let mut anything_nonzero = false;
@@ -464,14 +505,33 @@ fn cut_tail(
             discarded_later_records: later_write.is_some() || !brk.missing_sector,
         });
     }
-    if dry_run {
-        return Ok(());
-    }
-    if bytes_zeroed > 0 {
+    Ok(Some(PlannedCut {
+        segment_id: break_id,
+        offset: brk.offset,
+        bytes_zeroed,
+        remove_break_segment,
+        removed,
+    }))
+}
+
+/// Makes the cut that [`scan`] planned: zeroes the torn bytes and syncs them, removes
+/// the files after the break and syncs the directory. Returns the report of the log as
+/// it now is.
+pub fn apply(
+    vfs: &dyn Vfs,
+    wal_dir: &Path,
+    scanned: Scanned,
+) -> Result<RecoveryReport, RecoveryError> {
+    let Scanned { mut report, cut } = scanned;
+    let Some(cut) = cut else {
+        return Ok(report);
+    };
+    let break_path = segment_path(wal_dir, cut.segment_id);
+    if cut.bytes_zeroed > 0 {
         let file = vfs.open(&break_path).map_err(io_err(&break_path))?;
-        let zeros = vec![0u8; bytes_zeroed.min(1 << 20) as usize];
-        let mut offset = brk.offset;
-        let end = brk.offset + bytes_zeroed;
+        let zeros = vec![0u8; cut.bytes_zeroed.min(1 << 20) as usize];
+        let mut offset = cut.offset;
+        let end = cut.offset + cut.bytes_zeroed;
         while offset < end {
             let n = (end - offset).min(zeros.len() as u64) as usize;
             file.write_all_at(&zeros[..n], offset)
@@ -480,28 +540,30 @@ fn cut_tail(
         }
         file.sync_data().map_err(io_err(&break_path))?;
     }
-    if remove_break_segment {
-        report.segments.retain(|s| s.header.segment_id != break_id);
+    if cut.remove_break_segment {
+        report
+            .segments
+            .retain(|s| s.header.segment_id != cut.segment_id);
     }
     // Remove from the newest down, so that a crash in between leaves a consecutive run.
-    for &id in removed.iter().rev() {
+    for &id in cut.removed.iter().rev() {
         let path = segment_path(wal_dir, id);
         vfs.remove(&path).map_err(io_err(&path))?;
     }
-    if !removed.is_empty() {
+    if !cut.removed.is_empty() {
         vfs.sync_dir(wal_dir).map_err(io_err(wal_dir))?;
     }
-    if let Some(cut) = &report.tail_cut {
+    if let Some(tail) = &report.tail_cut {
         tracing::warn!(
             segment = %break_path.display(),
-            offset = cut.offset,
-            bytes_zeroed = cut.bytes_zeroed,
-            segments_removed = cut.segments_removed.len(),
+            offset = tail.offset,
+            bytes_zeroed = tail.bytes_zeroed,
+            segments_removed = tail.segments_removed.len(),
             "cut the torn tail of the write-ahead log: {}",
-            cut.reason
+            tail.reason
         );
     }
-    Ok(())
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -207,18 +207,18 @@ pub struct LoadedSnapshots {
     /// Snapshot files that failed to decode, with the reason; each was skipped in
     /// favour of an older one or of replay.
     pub invalid: Vec<(PathBuf, String)>,
-    /// Temp files of snapshots that were being written at a crash; removed.
-    pub leftovers_removed: usize,
+    /// Temp files of snapshots that were being written at a crash. Loading leaves them
+    /// (it writes nothing); [`remove_leftovers`] deletes them once the store starts.
+    pub leftovers: Vec<PathBuf>,
 }
 
-/// Loads the newest valid snapshot of every document in `dir`.
+/// Loads the newest valid snapshot of every document in `dir`. Reads only.
 pub fn load_snapshots(vfs: &dyn Vfs, dir: &Path) -> std::io::Result<LoadedSnapshots> {
     let mut loaded = LoadedSnapshots::default();
     let mut by_doc: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
     for name in vfs.list(dir)? {
         if name.ends_with(".tmp") {
-            vfs.remove(&dir.join(&name))?;
-            loaded.leftovers_removed += 1;
+            loaded.leftovers.push(dir.join(&name));
             continue;
         }
         match parse_snapshot_file_name(&name) {
@@ -247,6 +247,15 @@ pub fn load_snapshots(vfs: &dyn Vfs, dir: &Path) -> std::io::Result<LoadedSnapsh
         tracing::error!(file = %path.display(), %reason, "skipping an invalid snapshot; falling back to an older one or to the log");
     }
     Ok(loaded)
+}
+
+/// Deletes the temp files of snapshots that a crash interrupted (never renamed, so
+/// never relied on).
+pub fn remove_leftovers(vfs: &dyn Vfs, leftovers: &[PathBuf]) -> std::io::Result<()> {
+    for path in leftovers {
+        vfs.remove(path)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
