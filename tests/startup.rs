@@ -1,16 +1,18 @@
-//! Starting on an existing data directory: a start that is refused leaves every file
-//! as it was.
+//! Starting on a data directory: a start that is refused leaves every file as it was,
+//! and a fresh directory is durable from the first acknowledged op.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use quire::op::Patch;
+use quire::op::{OpId, Patch};
 use quire::sequencer::local::{LocalConfig, LocalSequencer, OpenError};
+use quire::sequencer::{Sequencer, SubmitOp, Submitted};
 use quire::wal::record::{encode_frame, OpRecord, RecordType};
 use quire::wal::recovery::{recover, RecoveryOptions};
 use quire::wal::segment::segment_path;
 use quire::wal::snapshot::{write_snapshot, Snapshot};
+use quire::wal::vfs::sim::{CrashMode, SimFs};
 use quire::wal::vfs::OsFs;
 use quire::wal::{Wal, WalConfig};
 
@@ -126,4 +128,35 @@ fn a_start_refused_for_a_snapshot_and_log_that_disagree_changes_no_file() {
     for (path, bytes) in &before {
         assert!(after[path] == *bytes, "{} changed", path.display());
     }
+}
+
+#[test]
+fn an_op_acked_in_a_fresh_data_directory_survives_a_power_cut_right_after() {
+    let fs = SimFs::new();
+    let data = Path::new("/srv/quire");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (store, _) = LocalSequencer::open_with(Arc::new(fs.clone()), data, config()).unwrap();
+    let op = SubmitOp {
+        op_id: OpId {
+            client_id: 1,
+            local_seq: 1,
+        },
+        base_version: 0,
+        expected_version: 0,
+        patches: vec![Patch::new(0, 0, "kept")],
+    };
+    let Submitted::Applied { ticket, .. } = store.submit("a", op).unwrap() else {
+        panic!("a new op is applied");
+    };
+    rt.block_on(store.wait_durable(ticket)).unwrap();
+    let crashed = fs.crash(CrashMode::LoseUnsynced);
+    drop(store);
+
+    // The directories' entries were synced when they were created, so the acked op's
+    // segment is still reachable.
+    let (store, _) = LocalSequencer::open_with(Arc::new(crashed), data, config()).unwrap();
+    let view = rt.block_on(store.read("a"));
+    assert_eq!(view.map(|v| v.text), Some("kept".to_string()));
 }
