@@ -8,8 +8,13 @@
 //! Any write or sync error ends the log: it is logged with its cause, every pending and
 //! later append fails, and nothing is retried (after a failed fsync the kernel may have
 //! dropped the dirty pages; retrying would report durability that does not exist).
+//! A panic in the writer (a bug here or in the file layer) ends the log the same way:
+//! it is caught at the top of the thread, so that no waiter is left waiting for a
+//! writer that is gone.
 
+use std::any::Any;
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
@@ -49,8 +54,42 @@ pub(crate) struct Writer {
     pub active: Option<Active>,
 }
 
+/// The message a panic carried, for the log and for the failure reason.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(message) = payload.downcast_ref::<&str>() {
+        message
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message
+    } else {
+        "a panic without a message"
+    }
+}
+
 impl Writer {
-    pub fn run(mut self) {
+    /// Writes batches until the queue is closed and drained, or the log fails. A panic
+    /// fails the log: pending and later appends get the reason, and it is logged.
+    pub fn run(self) {
+        let queue = self.queue.clone();
+        let preparer = self.preparer.clone();
+        let wal_dir = self.wal_dir.clone();
+        // Unwind safety: the writer's own state is dropped with the panic. The queue's
+        // critical sections never panic midway (`crate::sync::lock`); the index may keep
+        // part of the failed batch, which nothing reads as durable once the log failed.
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| self.write_batches()));
+        if let Err(payload) = outcome {
+            let reason = format!(
+                "write-ahead log writer in {} panicked: {}; no further appends are accepted \
+                 (restart to recover)",
+                wal_dir.display(),
+                panic_message(&*payload)
+            );
+            tracing::error!("{reason}");
+            queue.fail(&reason);
+            preparer.stop();
+        }
+    }
+
+    fn write_batches(mut self) {
         let mut batch = Vec::new();
         let mut buf = Vec::with_capacity(self.max_batch_bytes + SEGMENT_HEADER_LEN);
         let mut locations = Vec::new();

@@ -7,7 +7,7 @@
 //! [`SimFs::crash`] returns the disk as a machine would find
 //! it after power loss: durable bytes, plus (optionally) some of the unsynced writes
 //! with the last one torn at 512-byte granularity. Faults: fsync failing with EIO after
-//! a countdown, and bit flips anywhere.
+//! a countdown, bit flips anywhere, and a panic in a chosen call (a bug under the log).
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashSet};
@@ -59,6 +59,18 @@ struct State {
     /// `Some(n)`: n more syncs succeed, then every sync fails with EIO.
     syncs_before_failure: Option<u64>,
     syncs: u64,
+    panic_at: Option<PanicAt>,
+}
+
+/// A simulated bug in the file layer: the next call of this kind panics, in whichever
+/// thread makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanicAt {
+    /// `sync_data`: the writer's `fdatasync` after a batch (segment preparation and
+    /// snapshots use `sync_all`).
+    SyncData,
+    /// `allocate`: the segment preparer, once per new segment.
+    Allocate,
 }
 
 /// How a crash treats writes that were not yet synced.
@@ -123,6 +135,21 @@ impl SimFs {
     /// and makes nothing durable.
     pub fn fail_syncs_after(&self, n: u64) {
         lock(&self.state).syncs_before_failure = Some(n);
+    }
+
+    /// The next call of kind `at` panics.
+    pub fn panic_at_next(&self, at: PanicAt) {
+        lock(&self.state).panic_at = Some(at);
+    }
+
+    fn maybe_panic(&self, at: PanicAt) {
+        let armed = {
+            let mut state = lock(&self.state);
+            state.panic_at.take_if(|armed| *armed == at).is_some()
+        };
+        if armed {
+            panic!("simulated panic in {at:?}");
+        }
     }
 
     /// How many syncs succeeded so far.
@@ -266,6 +293,19 @@ struct SimFile {
     inode: InodeRef,
 }
 
+impl SimFile {
+    /// What a completed sync does: every write so far becomes durable.
+    fn sync(&self) -> io::Result<()> {
+        self.fs.take_sync()?;
+        let mut inode = lock(&self.inode);
+        let pending = std::mem::take(&mut inode.pending);
+        for op in &pending {
+            apply(&mut inode.durable, op);
+        }
+        Ok(())
+    }
+}
+
 impl Vfs for SimFs {
     fn create_dir(&self, dir: &Path) -> io::Result<bool> {
         let mut state = lock(&self.state);
@@ -404,20 +444,16 @@ impl VfsFile for SimFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.fs.take_sync()?;
-        let mut inode = lock(&self.inode);
-        let pending = std::mem::take(&mut inode.pending);
-        for op in &pending {
-            apply(&mut inode.durable, op);
-        }
-        Ok(())
+        self.fs.maybe_panic(PanicAt::SyncData);
+        self.sync()
     }
 
     fn sync_all(&self) -> io::Result<()> {
-        self.sync_data()
+        self.sync()
     }
 
     fn allocate(&self, len: u64) -> io::Result<bool> {
+        self.fs.maybe_panic(PanicAt::Allocate);
         let mut inode = lock(&self.inode);
         if (inode.data.len() as u64) < len {
             let op = Pending::SetLen(len);
