@@ -271,13 +271,24 @@ impl Preparer {
                 }
                 state.next_id
             };
-            let result = prepare_segment(
-                &*self.vfs,
-                &self.wal_dir,
-                id,
-                self.segment_size,
-                self.zero_fill,
-            );
+            // A panic (a bug here or in the file layer) becomes this segment's error, which
+            // the writer's `take` returns and which fails the log: a preparer thread that
+            // died would leave the writer waiting for its next segment forever.
+            let result = panic::catch_unwind(AssertUnwindSafe(|| {
+                prepare_segment(
+                    &*self.vfs,
+                    &self.wal_dir,
+                    id,
+                    self.segment_size,
+                    self.zero_fill,
+                )
+            }))
+            .unwrap_or_else(|payload| {
+                Err(io::Error::other(format!(
+                    "panicked: {}",
+                    panic_message(&*payload)
+                )))
+            });
             let mut state = lock(&self.state);
             match result {
                 Ok(file) => {
@@ -320,5 +331,56 @@ impl Preparer {
     pub fn stop(&self) {
         lock(&self.state).stop = true;
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::wal::segment::SEGMENT_SIZE_MIN;
+    use crate::wal::vfs::sim::{PanicAt, SimFs};
+
+    impl Preparer {
+        fn error(&self) -> Option<String> {
+            lock(&self.state).error.clone()
+        }
+    }
+
+    #[test]
+    fn a_panic_while_preparing_a_segment_becomes_the_error_the_writer_is_given() {
+        let fs = SimFs::new();
+        let dir = Path::new("/wal");
+        fs.create_dir_all(dir).unwrap();
+        fs.panic_at_next(PanicAt::Allocate);
+        let preparer = Arc::new(Preparer::new(
+            Arc::new(fs),
+            dir.to_path_buf(),
+            SEGMENT_SIZE_MIN,
+            true,
+            1,
+        ));
+        let thread = {
+            let preparer = preparer.clone();
+            std::thread::spawn(move || preparer.run())
+        };
+        // Until the attempt has ended one way or the other: an error recorded, or the
+        // thread gone.
+        while preparer.error().is_none() && !thread.is_finished() {
+            std::thread::yield_now();
+        }
+        let error = preparer
+            .error()
+            .expect("the panic is recorded as the preparer's error");
+        assert!(error.contains("panicked: simulated panic"), "{error}");
+        assert!(error.contains("00000000000000000001.wal"), "{error}");
+        let taken = preparer
+            .take(1)
+            .err()
+            .expect("the writer is given the error");
+        assert!(taken.to_string().contains("panicked"), "{taken}");
+        preparer.stop();
+        thread.join().unwrap();
     }
 }
