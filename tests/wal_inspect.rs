@@ -2,7 +2,7 @@
 //! torn one, a missing one and a foreign one.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use quire::op::{OpId, Patch};
@@ -204,4 +204,50 @@ fn missing_and_foreign_directories_get_clear_errors() {
     let out = inspect(&["summary", tmp.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("not a quire data directory"));
+}
+
+#[test]
+fn output_into_a_pipe_whose_reader_is_gone_ends_quietly_with_the_commands_own_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    make(tmp.path());
+    let dir = tmp.path().to_str().unwrap();
+    let with_stdout_closed = |args: &[&str]| {
+        // `wal-inspect dump DIR | head`, with head already gone: every write to stdout
+        // fails with EPIPE. (Close-on-exec, so no other test's child keeps the reader.)
+        let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        drop(reader);
+        Command::new(env!("CARGO_BIN_EXE_wal-inspect"))
+            .args(args)
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    for args in [
+        vec!["dump", dir],
+        vec!["dump", dir, "--json"],
+        vec!["summary", dir],
+        vec!["verify", dir],
+        vec!["doc", dir, "odd"],
+    ] {
+        let out = with_stdout_closed(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stderr.is_empty(), "{args:?}: {}", text(&out.stderr));
+    }
+    // verify still says what it found through its exit status: here a torn tail.
+    let (path, used) = last_segment_and_bytes_used(tmp.path());
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_len(used as u64 - 3).unwrap();
+    let out = with_stdout_closed(&["verify", dir]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("torn write"),
+        "{}",
+        text(&out.stderr)
+    );
 }
