@@ -160,3 +160,23 @@ fn an_op_acked_in_a_fresh_data_directory_survives_a_power_cut_right_after() {
     let view = rt.block_on(store.read("a"));
     assert_eq!(view.map(|v| v.text), Some("kept".to_string()));
 }
+
+#[test]
+fn an_unusable_snapshots_or_wal_directory_is_named_in_the_error() {
+    for sub in ["snapshots", "wal"] {
+        let tmp = tempfile::tempdir().unwrap();
+        // A regular file where the directory belongs (permission bits would not stop
+        // root, who runs the tests; this fails for everybody).
+        let path = tmp.path().join(sub);
+        std::fs::write(&path, b"not a directory").unwrap();
+        let Err(err) = LocalSequencer::open_with(Arc::new(OsFs), tmp.path(), config()) else {
+            panic!("{sub} is a regular file: the start must fail");
+        };
+        let message = err.to_string();
+        assert!(
+            message.contains(path.to_str().unwrap()),
+            "{sub}: the error must name {}: {message}",
+            path.display()
+        );
+    }
+}

@@ -251,3 +251,18 @@ fn output_into_a_pipe_whose_reader_is_gone_ends_quietly_with_the_commands_own_st
         text(&out.stderr)
     );
 }
+
+#[test]
+fn summary_names_a_snapshots_path_it_cannot_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("wal")).unwrap();
+    let snapshots = tmp.path().join("snapshots");
+    std::fs::write(&snapshots, b"not a directory").unwrap();
+    let out = inspect(&["summary", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains(snapshots.to_str().unwrap()),
+        "{}",
+        text(&out.stderr)
+    );
+}

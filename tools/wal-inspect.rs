@@ -26,7 +26,7 @@ use quire::wal::record::{framed_len, intact_header_len, OpRecord, RecordType, RE
 use quire::wal::recovery::{recover, RecoveryError, RecoveryOptions, RecoveryReport};
 use quire::wal::segment::segment_path;
 use quire::wal::snapshot::{load_snapshots, parse_snapshot_file_name, Snapshot};
-use quire::wal::vfs::{OsFs, Vfs};
+use quire::wal::vfs::{at_path, OsFs, Vfs};
 
 #[derive(Parser)]
 #[command(
@@ -196,8 +196,8 @@ fn summary(out: &mut Out, dir: &Path) -> Result<(), Failure> {
     if let Some(e) = op_error {
         return Err(e);
     }
-    let snapshots = load_snapshots(&OsFs, &dir.join("snapshots"))
-        .map_err(|e| fail(format!("reading snapshots: {e}")))?;
+    let snapshots =
+        load_snapshots(&OsFs, &dir.join("snapshots")).map_err(|e| fail(e.to_string()))?;
     let wal = dir.join("wal");
     writeln!(out, "data directory {}", dir.display());
     writeln!(out, "segments: {}", report.segments.len());
@@ -374,12 +374,17 @@ fn verify(out: &mut Out, dir: &Path) -> Result<(), Failure> {
     let snapshot_dir = dir.join("snapshots");
     let mut bad_snapshots = 0;
     if snapshot_dir.is_dir() {
-        for name in OsFs.list(&snapshot_dir).map_err(|e| fail(e.to_string()))? {
+        for name in OsFs
+            .list(&snapshot_dir)
+            .map_err(|e| fail(at_path("reading", &snapshot_dir)(e).to_string()))?
+        {
             let path = snapshot_dir.join(&name);
             if parse_snapshot_file_name(&name).is_none() {
                 continue;
             }
-            let bytes = OsFs.map(&path).map_err(|e| fail(e.to_string()))?;
+            let bytes = OsFs
+                .map(&path)
+                .map_err(|e| fail(at_path("reading", &path)(e).to_string()))?;
             if let Err(e) = Snapshot::decode(&bytes) {
                 writeln!(
                     out,
@@ -423,12 +428,16 @@ fn doc(out: &mut Out, dir: &Path, id: &str, at: Option<u64>) -> Result<(), Failu
     // Every valid snapshot of this document, newest first.
     let mut snapshots: Vec<Snapshot> = Vec::new();
     if snapshots_dir.is_dir() {
-        for name in OsFs.list(&snapshots_dir).map_err(|e| fail(e.to_string()))? {
+        for name in OsFs
+            .list(&snapshots_dir)
+            .map_err(|e| fail(at_path("reading", &snapshots_dir)(e).to_string()))?
+        {
             if let Some((doc, _)) = parse_snapshot_file_name(&name) {
                 if doc == id {
+                    let path = snapshots_dir.join(&name);
                     let bytes = OsFs
-                        .map(&snapshots_dir.join(&name))
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map(&path)
+                        .map_err(|e| fail(at_path("reading", &path)(e).to_string()))?;
                     if let Ok(s) = Snapshot::decode(&bytes) {
                         snapshots.push(s);
                     }

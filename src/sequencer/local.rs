@@ -15,7 +15,7 @@ use crate::text::Text;
 use crate::wal::record::{Lsn, OpRecord};
 use crate::wal::snapshot::{load_snapshots, remove_leftovers, DedupeEntry, LoadedSnapshots};
 use crate::wal::stats::Summary;
-use crate::wal::vfs::{OsFs, Vfs};
+use crate::wal::vfs::{at_path, OsFs, Vfs};
 use crate::wal::{now_ms, Wal, WalConfig, WalError};
 
 #[derive(Debug, Clone)]
@@ -136,6 +136,7 @@ pub struct LocalSequencer {
 #[derive(Debug)]
 pub enum OpenError {
     Wal(WalError),
+    /// An I/O error on `snapshots/` or a file in it (the message names the path).
     Snapshots(std::io::Error),
     /// The snapshots and the log do not fit together.
     Inconsistent(String),
@@ -145,7 +146,7 @@ impl std::fmt::Display for OpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             OpenError::Wal(e) => write!(f, "{e}"),
-            OpenError::Snapshots(e) => write!(f, "reading snapshots: {e}"),
+            OpenError::Snapshots(e) => write!(f, "{e}"),
             OpenError::Inconsistent(m) => f.write_str(m),
         }
     }
@@ -168,6 +169,7 @@ impl LocalSequencer {
         let started = Instant::now();
         let snapshot_dir = data_dir.join("snapshots");
         vfs.create_dir_all(&snapshot_dir)
+            .map_err(at_path("creating", &snapshot_dir))
             .map_err(OpenError::Snapshots)?;
         // Every check comes before the first write: the snapshots are read, the log is
         // scanned (each record validated, a torn tail told from corruption) and replayed

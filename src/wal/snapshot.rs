@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, BufMut};
 
-use super::vfs::Vfs;
+use super::vfs::{at_path, Vfs};
 use crate::op::validate_doc_id;
 
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"QUIRSNAP";
@@ -212,11 +212,12 @@ pub struct LoadedSnapshots {
     pub leftovers: Vec<PathBuf>,
 }
 
-/// Loads the newest valid snapshot of every document in `dir`. Reads only.
+/// Loads the newest valid snapshot of every document in `dir`. Reads only. An I/O
+/// error names the directory or file it concerns.
 pub fn load_snapshots(vfs: &dyn Vfs, dir: &Path) -> std::io::Result<LoadedSnapshots> {
     let mut loaded = LoadedSnapshots::default();
     let mut by_doc: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
-    for name in vfs.list(dir)? {
+    for name in vfs.list(dir).map_err(at_path("reading", dir))? {
         if name.ends_with(".tmp") {
             loaded.leftovers.push(dir.join(&name));
             continue;
@@ -230,7 +231,7 @@ pub fn load_snapshots(vfs: &dyn Vfs, dir: &Path) -> std::io::Result<LoadedSnapsh
         files.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
         for (seq, name) in files {
             let path = dir.join(&name);
-            let region = vfs.map(&path)?;
+            let region = vfs.map(&path).map_err(at_path("reading", &path))?;
             match Snapshot::decode(&region) {
                 Ok(snapshot) if snapshot.doc_id == doc && snapshot.last_included_seq == seq => {
                     loaded.by_doc.insert(doc.clone(), snapshot);
@@ -253,7 +254,7 @@ pub fn load_snapshots(vfs: &dyn Vfs, dir: &Path) -> std::io::Result<LoadedSnapsh
 /// never relied on).
 pub fn remove_leftovers(vfs: &dyn Vfs, leftovers: &[PathBuf]) -> std::io::Result<()> {
     for path in leftovers {
-        vfs.remove(path)?;
+        vfs.remove(path).map_err(at_path("removing", path))?;
     }
     Ok(())
 }

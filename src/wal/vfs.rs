@@ -73,6 +73,12 @@ pub trait VfsFile: Send + Sync {
     fn file_len(&self) -> io::Result<u64>;
 }
 
+/// `error`, of the same kind, with what was done to which path in front of its message
+/// ("reading /data/snapshots: Not a directory"): the OS's own message names no path.
+pub fn at_path<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
+    move |error| io::Error::new(error.kind(), format!("{what} {}: {error}", path.display()))
+}
+
 /// Bytes of a whole file: a read-only memory map, or a copy from a simulated disk.
 pub enum Region {
     Mapped(memmap2::Mmap),

@@ -23,7 +23,7 @@ use super::commit::{CommitQueue, Entry};
 use super::index::{Index, Location};
 use super::record::{encode_frame, framed_len};
 use super::segment::{
-    prepare_segment, segment_file_name, SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
+    prepare_segment, segment_file_name, segment_path, SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
 };
 use super::stats::WalStats;
 use super::vfs::{Vfs, VfsFile};
@@ -299,7 +299,7 @@ impl Preparer {
                     tracing::error!(segment = id, %error, "could not prepare the next WAL segment");
                     state.error = Some(format!(
                         "preparing segment {}: {error}",
-                        segment_file_name(id)
+                        segment_path(&self.wal_dir, id).display()
                     ));
                 }
             }
@@ -374,7 +374,7 @@ mod tests {
             .error()
             .expect("the panic is recorded as the preparer's error");
         assert!(error.contains("panicked: simulated panic"), "{error}");
-        assert!(error.contains("00000000000000000001.wal"), "{error}");
+        assert!(error.contains("/wal/00000000000000000001.wal"), "{error}");
         let taken = preparer
             .take(1)
             .err()
