@@ -92,7 +92,13 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    // Logs go to stderr, coloured only when it is a terminal and NO_COLOR is unset or
+    // empty (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -1,6 +1,7 @@
 //! The `quire serve` binary: it starts on a fresh data directory, serves clients, and on
 //! SIGTERM stops accepting, finishes its in-flight commits and exits 0; every op it
-//! acknowledged is in the data directory afterwards.
+//! acknowledged is in the data directory afterwards. Its logs go to stderr, without
+//! colour codes when stderr is not a terminal.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -19,14 +20,15 @@ fn spawn_server(dir: &std::path::Path) -> (Child, SocketAddr) {
         .arg(dir)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("quire binary starts");
-    let stdout = child.stdout.take().unwrap();
+    let logs = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in BufReader::new(logs).lines().map_while(Result::ok) {
+            eprintln!("{line}");
             // Strip colour codes, if any, and look for "serving listen=ADDR".
             let plain: String = strip_ansi(&line);
             if let Some(rest) = plain.split("listen=").nth(1) {
@@ -134,4 +136,28 @@ fn sigterm_finishes_in_flight_commits_and_every_acked_op_survives() {
         }
     });
     store.close();
+}
+
+#[test]
+fn logs_go_to_stderr_without_colour_codes_when_it_is_not_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A data directory that cannot be opened: a regular file. The server logs why and exits.
+    let not_a_dir = tmp.path().join("data");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_quire"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&not_a_dir)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("quire binary runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.contains("cannot open"), "stderr: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in: {stderr:?}");
 }

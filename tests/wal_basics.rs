@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use quire::op::Patch;
 use quire::wal::record::OpRecord;
-use quire::wal::vfs::sim::{CrashMode, SimFs};
+use quire::wal::vfs::sim::{CrashMode, PanicAt, SimFs};
 use quire::wal::vfs::{OsFs, Vfs};
 use quire::wal::{Wal, WalConfig, WalError};
 
@@ -125,4 +125,41 @@ fn truncation_removes_old_segments_and_recovery_starts_after_them() {
     let (_, seen) = reopen(Arc::new(fs.crash(CrashMode::LoseUnsynced)), dir);
     assert_eq!(seen.first().unwrap().server_seq, first_kept);
     assert_eq!(seen.last().unwrap().server_seq, 800);
+}
+
+#[test]
+fn a_panic_in_the_writer_fails_the_log_and_every_waiter_instead_of_leaving_them_waiting() {
+    let fs = SimFs::new();
+    let dir = Path::new("/data/wal");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let (wal, _) = reopen(Arc::new(fs.clone()), dir);
+    let wal = Arc::new(wal);
+    rt.block_on(wal.append_op_durable(&op("d", 1, "a")))
+        .unwrap();
+    fs.panic_at_next(PanicAt::SyncData);
+    let waiters: Vec<_> = (2..=3)
+        .map(|seq| {
+            let lsn = wal.append_op(&op("d", seq, "b")).unwrap();
+            let wal = wal.clone();
+            rt.spawn(async move { wal.wait_durable(lsn).await })
+        })
+        .collect();
+    // Closing joins the writer thread: once it returns, the writer has met the panic.
+    wal.close();
+    assert!(
+        wal.durability().failed,
+        "a writer that panicked must fail the log"
+    );
+    for waiter in waiters {
+        let err = rt.block_on(waiter).unwrap().unwrap_err();
+        assert!(matches!(err, WalError::Failed(_)), "{err}");
+        assert!(err.to_string().contains("panicked"), "{err}");
+        assert!(err.to_string().contains("simulated panic"), "{err}");
+    }
+    let err = wal.append_op(&op("d", 4, "c")).unwrap_err();
+    assert!(matches!(err, WalError::Failed(_)), "{err}");
+    assert_eq!(wal.durability().durable_lsn, 1);
 }

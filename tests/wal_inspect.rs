@@ -1,13 +1,14 @@
 //! `wal-inspect` as an operator runs it: on a real data directory, a corrupted one, a
 //! torn one, a missing one and a foreign one.
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use quire::op::{OpId, Patch};
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::sequencer::{Sequencer, SubmitOp, Submitted};
+use quire::wal::record::decode_frame;
 use quire::wal::WalConfig;
 
 fn inspect(args: &[&str]) -> Output {
@@ -119,18 +120,10 @@ fn verify_names_the_byte_range_of_a_flipped_byte_and_exits_nonzero() {
     assert!(err.to_string().contains(&format!("offset {a}")), "{err}");
 }
 
-#[test]
-fn verify_reports_a_torn_tail_with_its_own_exit_code() {
-    let tmp = tempfile::tempdir().unwrap();
-    make(tmp.path());
-    // Garbage after the last record of the newest segment, as a torn write leaves it.
-    let wal = tmp.path().join("wal");
-    let mut segments: Vec<_> = std::fs::read_dir(&wal)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    segments.sort();
-    let out = inspect(&["summary", tmp.path().to_str().unwrap()]);
+/// The newest segment file of a data directory and the bytes its records use, as
+/// `summary` reports them.
+fn last_segment_and_bytes_used(dir: &Path) -> (PathBuf, usize) {
+    let out = inspect(&["summary", dir.to_str().unwrap()]);
     let summary = text(&out.stdout);
     let last = summary
         .lines()
@@ -145,15 +138,58 @@ fn verify_reports_a_torn_tail_with_its_own_exit_code() {
         .unwrap()
         .parse()
         .unwrap();
-    let path = last.split_whitespace().next().unwrap();
-    let mut bytes = std::fs::read(path).unwrap();
+    (PathBuf::from(last.split_whitespace().next().unwrap()), used)
+}
+
+#[test]
+fn verify_reports_a_torn_tail_with_its_own_exit_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    make(tmp.path());
+    // Garbage after the last record of the newest segment, as a torn write leaves it.
+    let (path, used) = last_segment_and_bytes_used(tmp.path());
+    let mut bytes = std::fs::read(&path).unwrap();
     for b in &mut bytes[used + 600..used + 700] {
         *b = 0xAB;
     }
-    std::fs::write(path, &bytes).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
     let out = inspect(&["verify", tmp.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
     assert!(text(&out.stdout).contains("TORN"));
+}
+
+#[test]
+fn a_log_whose_file_ends_inside_its_last_record_is_a_torn_tail_for_verify_and_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    make(tmp.path());
+    // The tail of the last write never reached the file: it ends 5 bytes into the
+    // last record's payload (the record is longer than its 24-byte header + 5).
+    let (path, used) = last_segment_and_bytes_used(tmp.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last_record = (0..used)
+        .rev()
+        .filter(|o| o % 8 == 0)
+        .find(|&o| decode_frame(&bytes[o..used]).is_ok_and(|r| o + r.framed_len == used))
+        .unwrap();
+    bytes.truncate(last_record + 24 + 5);
+    std::fs::write(&path, &bytes).unwrap();
+
+    let out = inspect(&["verify", tmp.path().to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("TORN"), "{}", text(&out.stdout));
+
+    // The server cuts it and starts with the 199 records before it.
+    let (store, report) = LocalSequencer::open(tmp.path(), LocalConfig::default()).unwrap();
+    assert!(report.tail_cut.is_some(), "{report:?}");
+    assert_eq!(report.records_scanned, 199);
+    store.close();
+    let out = inspect(&["verify", tmp.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
 }
 
 #[test]
@@ -169,4 +205,65 @@ fn missing_and_foreign_directories_get_clear_errors() {
     let out = inspect(&["summary", tmp.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("not a quire data directory"));
+}
+
+#[test]
+fn output_into_a_pipe_whose_reader_is_gone_ends_quietly_with_the_commands_own_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    make(tmp.path());
+    let dir = tmp.path().to_str().unwrap();
+    let with_stdout_closed = |args: &[&str]| {
+        // `wal-inspect dump DIR | head`, with head already gone: every write to stdout
+        // fails with EPIPE. (Close-on-exec, so no other test's child keeps the reader.)
+        let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        drop(reader);
+        Command::new(env!("CARGO_BIN_EXE_wal-inspect"))
+            .args(args)
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    for args in [
+        vec!["dump", dir],
+        vec!["dump", dir, "--json"],
+        vec!["summary", dir],
+        vec!["verify", dir],
+        vec!["doc", dir, "odd"],
+    ] {
+        let out = with_stdout_closed(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stderr.is_empty(), "{args:?}: {}", text(&out.stderr));
+    }
+    // verify still says what it found through its exit status: here a torn tail.
+    let (path, used) = last_segment_and_bytes_used(tmp.path());
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_len(used as u64 - 3).unwrap();
+    let out = with_stdout_closed(&["verify", dir]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("torn write"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn summary_names_a_snapshots_path_it_cannot_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("wal")).unwrap();
+    let snapshots = tmp.path().join("snapshots");
+    std::fs::write(&snapshots, b"not a directory").unwrap();
+    let out = inspect(&["summary", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains(snapshots.to_str().unwrap()),
+        "{}",
+        text(&out.stderr)
+    );
 }

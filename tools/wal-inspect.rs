@@ -10,8 +10,13 @@
 //! DIR is the data directory (the one holding `wal/` and `snapshots/`). Reading goes
 //! through recovery in dry-run mode: the same checks the server makes at startup, with
 //! no lock taken and no byte written, so it can run beside a live server.
+//!
+//! Output whose reader has gone (`wal-inspect dump DIR | head`) is dropped quietly and
+//! the command ends with its own exit status; any other error writing it is reported.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -21,7 +26,7 @@ use quire::wal::record::{framed_len, intact_header_len, OpRecord, RecordType, RE
 use quire::wal::recovery::{recover, RecoveryError, RecoveryOptions, RecoveryReport};
 use quire::wal::segment::segment_path;
 use quire::wal::snapshot::{load_snapshots, parse_snapshot_file_name, Snapshot};
-use quire::wal::vfs::{OsFs, Vfs};
+use quire::wal::vfs::{at_path, OsFs, Vfs};
 
 #[derive(Parser)]
 #[command(
@@ -58,22 +63,74 @@ enum Command {
 
 struct Failure(String, u8);
 
+/// Standard output for the commands, used through `write!`/`writeln!`. Writes never
+/// fail the caller: after a closed pipe (EPIPE) the rest is dropped, after any other
+/// error too, and [`Out::finish`] reports that one.
+struct Out {
+    stdout: BufWriter<io::StdoutLock<'static>>,
+    closed: bool,
+    error: Option<io::Error>,
+}
+
+impl Out {
+    fn new() -> Out {
+        Out {
+            stdout: BufWriter::new(io::stdout().lock()),
+            closed: false,
+            error: None,
+        }
+    }
+
+    fn write_fmt(&mut self, args: fmt::Arguments<'_>) {
+        if self.closed {
+            return;
+        }
+        if let Err(e) = self.stdout.write_fmt(args) {
+            self.fail(e);
+        }
+    }
+
+    fn fail(&mut self, error: io::Error) {
+        self.closed = true;
+        if error.kind() != io::ErrorKind::BrokenPipe {
+            self.error = Some(error);
+        }
+    }
+
+    /// Flushes; the first write error other than a closed pipe, if there was one.
+    fn finish(mut self) -> Result<(), Failure> {
+        if !self.closed {
+            if let Err(e) = self.stdout.flush() {
+                self.fail(e);
+            }
+        }
+        match self.error {
+            Some(e) => Err(fail(format!("writing to standard output: {e}"))),
+            None => Ok(()),
+        }
+    }
+}
+
 fn fail(message: impl Into<String>) -> Failure {
     Failure(message.into(), 2)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mut out = Out::new();
     let result = match cli.command {
-        Command::Summary { dir } => summary(&dir),
-        Command::Dump { dir, json } => dump(&dir, json),
-        Command::Verify { dir } => verify(&dir),
-        Command::Doc { dir, id, at } => doc(&dir, &id, at),
+        Command::Summary { dir } => summary(&mut out, &dir),
+        Command::Dump { dir, json } => dump(&mut out, &dir, json),
+        Command::Verify { dir } => verify(&mut out, &dir),
+        Command::Doc { dir, id, at } => doc(&mut out, &dir, &id, at),
     };
-    match result {
+    // Flushed before any message on stderr, so that the two arrive in order.
+    let written = out.finish();
+    match result.and(written) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(message, code)) => {
-            eprintln!("wal-inspect: {message}");
+            // Not eprintln!: a closed stderr must not turn into a panic either.
+            let _ = writeln!(io::stderr(), "wal-inspect: {message}");
             ExitCode::from(code)
         }
     }
@@ -121,7 +178,7 @@ fn decode_op(segment: u64, offset: u64, payload: &[u8]) -> Result<OpRecord, Fail
         .map_err(|e| Failure(format!("segment {segment} offset {offset}: {e}"), 1))
 }
 
-fn summary(dir: &Path) -> Result<(), Failure> {
+fn summary(out: &mut Out, dir: &Path) -> Result<(), Failure> {
     let mut docs: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
     let mut op_error = None;
     let report = read_log(dir, |segment, offset, _, _, payload| {
@@ -139,15 +196,16 @@ fn summary(dir: &Path) -> Result<(), Failure> {
     if let Some(e) = op_error {
         return Err(e);
     }
-    let snapshots = load_snapshots(&OsFs, &dir.join("snapshots"))
-        .map_err(|e| fail(format!("reading snapshots: {e}")))?;
+    let snapshots =
+        load_snapshots(&OsFs, &dir.join("snapshots")).map_err(|e| fail(e.to_string()))?;
     let wal = dir.join("wal");
-    println!("data directory {}", dir.display());
-    println!("segments: {}", report.segments.len());
+    writeln!(out, "data directory {}", dir.display());
+    writeln!(out, "segments: {}", report.segments.len());
     let mut used = 0u64;
     for s in &report.segments {
         used += s.end_offset;
-        println!(
+        writeln!(
+            out,
             "  {}  LSN {}..{}  {} records  {} bytes used",
             segment_path(&wal, s.header.segment_id).display(),
             s.header.first_lsn,
@@ -156,12 +214,14 @@ fn summary(dir: &Path) -> Result<(), Failure> {
             s.end_offset
         );
     }
-    println!(
+    writeln!(
+        out,
         "records: {}  bytes in segment files: {}  bytes used: {used}  next LSN: {}",
         report.records, report.bytes_scanned, report.next_lsn
     );
     if let Some(cut) = &report.tail_cut {
-        println!(
+        writeln!(
+            out,
             "torn tail: segment {} offset {} ({}); the server cuts it at startup",
             cut.segment_id, cut.offset, cut.reason
         );
@@ -175,21 +235,22 @@ fn summary(dir: &Path) -> Result<(), Failure> {
     for (doc, snap) in &snapshots.by_doc {
         all.entry(doc).or_default().1 = Some(snap.last_included_seq);
     }
-    println!("documents: {}", all.len());
+    writeln!(out, "documents: {}", all.len());
     for (doc, (range, snap)) in all {
         let log = range.map_or("none".to_string(), |(a, b, n)| {
             format!("seq {a}..{b} ({n} ops)")
         });
         let snap = snap.map_or("none".to_string(), |s| format!("at seq {s}"));
-        println!("  {doc:?}: log {log}; snapshot {snap}");
+        writeln!(out, "  {doc:?}: log {log}; snapshot {snap}");
     }
-    println!(
+    writeln!(
+        out,
         "snapshots: {} valid, {} invalid",
         snapshots.by_doc.len(),
         snapshots.invalid.len()
     );
     for (path, reason) in &snapshots.invalid {
-        println!("  INVALID {}: {reason}", path.display());
+        writeln!(out, "  INVALID {}: {reason}", path.display());
     }
     Ok(())
 }
@@ -198,7 +259,7 @@ fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
-fn dump(dir: &Path, json: bool) -> Result<(), Failure> {
+fn dump(out: &mut Out, dir: &Path, json: bool) -> Result<(), Failure> {
     let mut op_error = None;
     read_log(dir, |segment, offset, lsn, record_type, payload| {
         let op = match decode_op(segment, offset, payload) {
@@ -208,13 +269,17 @@ fn dump(dir: &Path, json: bool) -> Result<(), Failure> {
                 return;
             }
         };
+        if out.closed {
+            return; // nobody reads on; the rest is still checked for the exit status
+        }
         if json {
             let patches: Vec<String> = op
                 .patches
                 .iter()
                 .map(|p| format!("[{},{},{}]", p.pos, p.del, json_string(&p.ins)))
                 .collect();
-            println!(
+            writeln!(
+                out,
                 "{{\"lsn\":{lsn},\"segment\":{segment},\"offset\":{offset},\"type\":\"{record_type:?}\",\"doc\":{},\"seq\":{},\"client\":{},\"local_seq\":{},\"base_version\":{},\"timestamp_ms\":{},\"patches\":[{}]}}",
                 json_string(&op.doc_id),
                 op.server_seq,
@@ -230,7 +295,8 @@ fn dump(dir: &Path, json: bool) -> Result<(), Failure> {
                 .iter()
                 .map(|p| format!("[{} {} {:?}]", p.pos, p.del, p.ins))
                 .collect();
-            println!(
+            writeln!(
+                out,
                 "lsn {lsn} seg {segment} off {offset} {record_type:?} doc {:?} seq {} op {:x}:{} base {} t {} {}",
                 op.doc_id,
                 op.server_seq,
@@ -265,7 +331,7 @@ fn bad_range(path: &Path, offset: u64) -> String {
     format!("{}: bytes {offset}..{end}", path.display())
 }
 
-fn verify(dir: &Path) -> Result<(), Failure> {
+fn verify(out: &mut Out, dir: &Path) -> Result<(), Failure> {
     let wal = wal_dir(dir)?;
     let mut op_error = None;
     let result = recover(
@@ -284,7 +350,12 @@ fn verify(dir: &Path) -> Result<(), Failure> {
     let report = match result {
         Ok(report) => report,
         Err(RecoveryError::Corrupt(c)) => {
-            println!("CORRUPT {}: {}", bad_range(&c.path, c.offset), c.reason);
+            writeln!(
+                out,
+                "CORRUPT {}: {}",
+                bad_range(&c.path, c.offset),
+                c.reason
+            );
             return Err(Failure(
                 "the log is corrupted: the server will refuse to start. Restore from a backup, \
                  or start with --repair-wal to cut the log at this point (losing what follows)"
@@ -297,25 +368,36 @@ fn verify(dir: &Path) -> Result<(), Failure> {
         }
     };
     if let Some(e) = op_error {
-        println!("CORRUPT {e}");
+        writeln!(out, "CORRUPT {e}");
         return Err(Failure("an op record does not decode".into(), 1));
     }
     let snapshot_dir = dir.join("snapshots");
     let mut bad_snapshots = 0;
     if snapshot_dir.is_dir() {
-        for name in OsFs.list(&snapshot_dir).map_err(|e| fail(e.to_string()))? {
+        for name in OsFs
+            .list(&snapshot_dir)
+            .map_err(|e| fail(at_path("reading", &snapshot_dir)(e).to_string()))?
+        {
             let path = snapshot_dir.join(&name);
             if parse_snapshot_file_name(&name).is_none() {
                 continue;
             }
-            let bytes = OsFs.map(&path).map_err(|e| fail(e.to_string()))?;
+            let bytes = OsFs
+                .map(&path)
+                .map_err(|e| fail(at_path("reading", &path)(e).to_string()))?;
             if let Err(e) = Snapshot::decode(&bytes) {
-                println!("CORRUPT {}: bytes 0..{}: {e}", path.display(), bytes.len());
+                writeln!(
+                    out,
+                    "CORRUPT {}: bytes 0..{}: {e}",
+                    path.display(),
+                    bytes.len()
+                );
                 bad_snapshots += 1;
             }
         }
     }
-    println!(
+    writeln!(
+        out,
         "checked {} records in {} segments ({} bytes)",
         report.records,
         report.segments.len(),
@@ -328,29 +410,34 @@ fn verify(dir: &Path) -> Result<(), Failure> {
         ));
     }
     if let Some(cut) = &report.tail_cut {
-        println!(
+        writeln!(
+            out,
             "TORN {}: {} (not acknowledged data; the server cuts it at startup)",
             bad_range(&segment_path(&wal, cut.segment_id), cut.offset),
             cut.reason
         );
         return Err(Failure("the log ends in a torn write".into(), 3));
     }
-    println!("OK");
+    writeln!(out, "OK");
     Ok(())
 }
 
-fn doc(dir: &Path, id: &str, at: Option<u64>) -> Result<(), Failure> {
+fn doc(out: &mut Out, dir: &Path, id: &str, at: Option<u64>) -> Result<(), Failure> {
     let snapshots_dir = dir.join("snapshots");
     let _ = wal_dir(dir)?;
     // Every valid snapshot of this document, newest first.
     let mut snapshots: Vec<Snapshot> = Vec::new();
     if snapshots_dir.is_dir() {
-        for name in OsFs.list(&snapshots_dir).map_err(|e| fail(e.to_string()))? {
+        for name in OsFs
+            .list(&snapshots_dir)
+            .map_err(|e| fail(at_path("reading", &snapshots_dir)(e).to_string()))?
+        {
             if let Some((doc, _)) = parse_snapshot_file_name(&name) {
                 if doc == id {
+                    let path = snapshots_dir.join(&name);
                     let bytes = OsFs
-                        .map(&snapshots_dir.join(&name))
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map(&path)
+                        .map_err(|e| fail(at_path("reading", &path)(e).to_string()))?;
                     if let Ok(s) = Snapshot::decode(&bytes) {
                         snapshots.push(s);
                     }
@@ -412,6 +499,6 @@ fn doc(dir: &Path, id: &str, at: Option<u64>) -> Result<(), Failure> {
             snapshots.iter().map(|s| s.last_included_seq).collect::<Vec<_>>()
         )));
     }
-    print!("{text}");
+    write!(out, "{text}");
     Ok(())
 }

@@ -14,9 +14,9 @@ use super::{DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
 use crate::op::{validate_doc_id, OpId};
 use crate::text::Text;
 use crate::wal::record::{Lsn, OpRecord};
-use crate::wal::snapshot::{load_snapshots, DedupeEntry, LoadedSnapshots};
+use crate::wal::snapshot::{load_snapshots, remove_leftovers, DedupeEntry, LoadedSnapshots};
 use crate::wal::stats::Summary;
-use crate::wal::vfs::{OsFs, Vfs};
+use crate::wal::vfs::{at_path, OsFs, Vfs};
 use crate::wal::{now_ms, Wal, WalConfig, WalError};
 
 #[derive(Debug, Clone)]
@@ -141,6 +141,7 @@ pub struct LocalSequencer {
 #[derive(Debug)]
 pub enum OpenError {
     Wal(WalError),
+    /// An I/O error on `snapshots/` or a file in it (the message names the path).
     Snapshots(std::io::Error),
     /// The snapshots and the log do not fit together.
     Inconsistent(String),
@@ -150,7 +151,7 @@ impl std::fmt::Display for OpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             OpenError::Wal(e) => write!(f, "{e}"),
-            OpenError::Snapshots(e) => write!(f, "reading snapshots: {e}"),
+            OpenError::Snapshots(e) => write!(f, "{e}"),
             OpenError::Inconsistent(m) => f.write_str(m),
         }
     }
@@ -173,9 +174,17 @@ impl LocalSequencer {
         let started = Instant::now();
         let snapshot_dir = data_dir.join("snapshots");
         vfs.create_dir_all(&snapshot_dir)
+            .map_err(at_path("creating", &snapshot_dir))
             .map_err(OpenError::Snapshots)?;
+        // Every check comes before the first write: the snapshots are read, the log is
+        // scanned (each record validated, a torn tail told from corruption) and replayed
+        // onto them, and only a start with no objection left cuts the tail, starts the
+        // writer and removes snapshot leftovers. A refused start leaves the directory as
+        // it was (a fresh one only gets its empty `wal/` and `snapshots/`).
         let LoadedSnapshots {
-            by_doc, invalid, ..
+            by_doc,
+            invalid,
+            leftovers,
         } = load_snapshots(&*vfs, &snapshot_dir).map_err(OpenError::Snapshots)?;
         let snapshots_loaded = by_doc.len();
         let mut docs: HashMap<Arc<str>, DocState> = by_doc
@@ -200,7 +209,7 @@ impl LocalSequencer {
 
         let mut replayed = 0u64;
         let mut inconsistency: Option<String> = None;
-        let (wal, report) = Wal::open(vfs.clone(), &data_dir.join("wal"), config.wal.clone(), |op, location| {
+        let scanned = Wal::scan(vfs.clone(), &data_dir.join("wal"), config.wal.clone(), |op, location| {
             if inconsistency.is_some() {
                 return;
             }
@@ -239,6 +248,8 @@ impl LocalSequencer {
         if let Some(message) = inconsistency {
             return Err(OpenError::Inconsistent(message));
         }
+        let (wal, report) = scanned.start().map_err(OpenError::Wal)?;
+        remove_leftovers(&*vfs, &leftovers).map_err(OpenError::Snapshots)?;
         let startup = StartupReport {
             documents: docs.len(),
             snapshots_loaded,

@@ -153,76 +153,56 @@ impl fmt::Debug for Wal {
     }
 }
 
-impl Wal {
-    /// Opens (creating if needed) the log in `dir`: locks it, recovers it, and calls
-    /// `visit` with every op record found, in LSN order, before any new append.
-    pub fn open(
-        vfs: Arc<dyn Vfs>,
-        dir: &Path,
-        config: WalConfig,
-        mut visit: impl FnMut(&OpRecord, Location),
-    ) -> Result<(Wal, RecoveryReport), WalError> {
-        assert!(config.segment_size >= SEGMENT_SIZE_MIN);
-        vfs.create_dir_all(dir)
-            .map_err(io_context(format_args!("creating {}", dir.display())))?;
-        let lock = vfs.lock_dir(dir).map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock => WalError::Locked(format!(
-                "{} is in use by another quire process (it holds the lock); stop it first",
-                dir.display()
-            )),
-            _ => WalError::Io {
-                context: format!("locking {}", dir.display()),
-                error: e,
-            },
-        })?;
+/// A log that [`Wal::scan`] has locked and validated, and nothing more: the directory
+/// is as it was found. [`ScannedWal::start`] cuts the torn tail, if any, and starts the
+/// writer; dropping it releases the lock and changes nothing.
+pub struct ScannedWal {
+    vfs: Arc<dyn Vfs>,
+    dir: PathBuf,
+    config: WalConfig,
+    index: Index,
+    scanned: recovery::Scanned,
+    lock: Box<dyn Any + Send + Sync>,
+}
 
-        let mut index = Index::default();
-        let mut current_segment = None;
-        let mut payload_error: Option<String> = None;
-        let report = recovery::recover(
-            &*vfs,
+impl fmt::Debug for ScannedWal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScannedWal")
+            .field("dir", &self.dir)
+            .field("report", &self.scanned.report)
+            .finish()
+    }
+}
+
+fn recovery_error(e: recovery::RecoveryError) -> WalError {
+    match e {
+        recovery::RecoveryError::Corrupt(c) => WalError::Corrupt(c.to_string()),
+        recovery::RecoveryError::Io { path, error } => WalError::Io {
+            context: format!("recovering {}", path.display()),
+            error,
+        },
+    }
+}
+
+impl ScannedWal {
+    /// What the scan found; a torn tail in it is planned, not yet cut.
+    pub fn report(&self) -> &RecoveryReport {
+        &self.scanned.report
+    }
+
+    /// The second half of [`Wal::open`]: cuts the torn tail the scan found, then starts
+    /// the writer and the segment preparer. The first writes to the directory happen here.
+    pub fn start(self) -> Result<(Wal, RecoveryReport), WalError> {
+        let ScannedWal {
+            vfs,
             dir,
-            config.recovery,
-            false,
-            |segment_id, offset, raw| {
-                if current_segment != Some(segment_id) {
-                    index.add_segment(segment_id, raw.lsn);
-                    current_segment = Some(segment_id);
-                }
-                let location = Location {
-                    segment_id,
-                    offset,
-                    lsn: raw.lsn,
-                };
-                match raw.record_type {
-                    RecordType::Op => match OpRecord::decode(raw.payload) {
-                        Ok(op) => {
-                            let doc: Arc<str> = Arc::from(op.doc_id.as_str());
-                            index.insert(location, Some((&doc, op.server_seq)));
-                            visit(&op, location);
-                        }
-                        Err(e) if payload_error.is_none() => {
-                            payload_error = Some(format!(
-                                "{} offset {offset} (LSN {}): {e}",
-                                segment_path(dir, segment_id).display(),
-                                raw.lsn
-                            ));
-                        }
-                        Err(_) => {}
-                    },
-                }
-            },
-        )
-        .map_err(|e| match e {
-            recovery::RecoveryError::Corrupt(c) => WalError::Corrupt(c.to_string()),
-            recovery::RecoveryError::Io { path, error } => WalError::Io {
-                context: format!("recovering {}", path.display()),
-                error,
-            },
-        })?;
-        if let Some(e) = payload_error {
-            return Err(WalError::Corrupt(format!("undecodable op record in {e}")));
-        }
+            config,
+            mut index,
+            scanned,
+            lock,
+        } = self;
+        let dir = dir.as_path();
+        let report = recovery::apply(&*vfs, dir, scanned).map_err(recovery_error)?;
         for pair in report.segments.windows(2) {
             index.seal(pair[0].header.segment_id, pair[1].header.created_ms);
         }
@@ -303,6 +283,89 @@ impl Wal {
             },
             report,
         ))
+    }
+}
+
+impl Wal {
+    /// Opens (creating if needed) the log in `dir`: locks it, recovers it, and calls
+    /// `visit` with every op record found, in LSN order, before any new append.
+    pub fn open(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        config: WalConfig,
+        visit: impl FnMut(&OpRecord, Location),
+    ) -> Result<(Wal, RecoveryReport), WalError> {
+        Wal::scan(vfs, dir, config, visit)?.start()
+    }
+
+    /// The first half of [`Wal::open`]: locks the log in `dir` (creating the directory if
+    /// there is none), validates every record, classifies the end of the log, and calls
+    /// `visit` with every op record in LSN order. Writes nothing to an existing log: a
+    /// torn tail is only planned to be cut. The caller checks what it was shown, then
+    /// calls [`ScannedWal::start`], or drops the result to leave the log as it was.
+    pub fn scan(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        config: WalConfig,
+        mut visit: impl FnMut(&OpRecord, Location),
+    ) -> Result<ScannedWal, WalError> {
+        assert!(config.segment_size >= SEGMENT_SIZE_MIN);
+        vfs.create_dir_all(dir)
+            .map_err(io_context(format_args!("creating {}", dir.display())))?;
+        let lock = vfs.lock_dir(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => WalError::Locked(format!(
+                "{} is in use by another quire process (it holds the lock); stop it first",
+                dir.display()
+            )),
+            _ => WalError::Io {
+                context: format!("locking {}", dir.display()),
+                error: e,
+            },
+        })?;
+
+        let mut index = Index::default();
+        let mut current_segment = None;
+        let mut payload_error: Option<String> = None;
+        let scanned = recovery::scan(&*vfs, dir, config.recovery, |segment_id, offset, raw| {
+            if current_segment != Some(segment_id) {
+                index.add_segment(segment_id, raw.lsn);
+                current_segment = Some(segment_id);
+            }
+            let location = Location {
+                segment_id,
+                offset,
+                lsn: raw.lsn,
+            };
+            match raw.record_type {
+                RecordType::Op => match OpRecord::decode(raw.payload) {
+                    Ok(op) => {
+                        let doc: Arc<str> = Arc::from(op.doc_id.as_str());
+                        index.insert(location, Some((&doc, op.server_seq)));
+                        visit(&op, location);
+                    }
+                    Err(e) if payload_error.is_none() => {
+                        payload_error = Some(format!(
+                            "{} offset {offset} (LSN {}): {e}",
+                            segment_path(dir, segment_id).display(),
+                            raw.lsn
+                        ));
+                    }
+                    Err(_) => {}
+                },
+            }
+        })
+        .map_err(recovery_error)?;
+        if let Some(e) = payload_error {
+            return Err(WalError::Corrupt(format!("undecodable op record in {e}")));
+        }
+        Ok(ScannedWal {
+            vfs,
+            dir: dir.to_path_buf(),
+            config,
+            index,
+            scanned,
+            lock,
+        })
     }
 
     pub fn dir(&self) -> &Path {

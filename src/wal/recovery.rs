@@ -11,12 +11,16 @@
 //! segment and offset. A torn tail is cut: its bytes are zeroed and synced, and any
 //! later segment files (spares, or a segment whose first write never completed) are
 //! removed, so that the next crash cannot resurrect them.
+//!
+//! Two steps, so that a start refused for any reason leaves the directory untouched:
+//! [`scan`] validates and classifies everything and plans the cut, writing nothing;
+//! [`apply`] makes the cut, once the caller has no objection left.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::record::{intact_header_len, FrameError, Lsn, RawRecord, RECORD_HEADER_LEN};
+use super::record::{framed_len, intact_header_len, FrameError, Lsn, RawRecord, RECORD_HEADER_LEN};
 use super::segment::{
     find_valid_record_after, parse_segment_file_name, scan_records, segment_path, ScanStop,
     SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
@@ -161,17 +165,30 @@ struct Break {
 /// damaged record without one is corruption, not a torn write. (A record whose own
 /// content is zero from a sector boundary to its end would be taken for torn: an op
 /// inserting hundreds of NUL characters. Documented in `wal-format.md`.)
+///
+/// Bytes past the end of the file were never written either: a file that ends inside
+/// the record's extent (its 24 header bytes, or the framed length an intact header
+/// claims) shows a missing sector. Whether that may be cut as a torn tail (only at the
+/// end of the log) is the caller's rule, as for any other torn record.
 pub fn shows_missing_sector(bytes: &[u8], offset: usize) -> bool {
     let Some(rest) = bytes.get(offset..) else {
         return false;
     };
-    let header_end = (offset + RECORD_HEADER_LEN).min(bytes.len());
+    // The extent the record claims, if its header is intact; else only the header.
+    let claimed_end = match intact_header_len(rest) {
+        Some(len) => offset + framed_len(len as usize),
+        None => offset + RECORD_HEADER_LEN,
+    };
+    if claimed_end > bytes.len() {
+        return true;
+    }
+    let header_end = offset + RECORD_HEADER_LEN;
     if bytes[offset..header_end].iter().all(|&b| b == 0) {
         return true;
     }
-    // The extent the record claims, if its header is intact; else only the header.
+    // Padding is not checked for zeros: it is zero in every record, written or not.
     let extent_end = match intact_header_len(rest) {
-        Some(len) => (offset + RECORD_HEADER_LEN + len as usize).min(bytes.len()),
+        Some(len) => offset + RECORD_HEADER_LEN + len as usize,
         None => header_end,
     };
     // The piece before the first sector boundary starts with the length field, never
@@ -202,8 +219,47 @@ pub fn recover(
     wal_dir: &Path,
     options: RecoveryOptions,
     dry_run: bool,
-    mut visit: impl FnMut(SegmentId, u64, RawRecord<'_>),
+    visit: impl FnMut(SegmentId, u64, RawRecord<'_>),
 ) -> Result<RecoveryReport, RecoveryError> {
+    let scanned = scan(vfs, wal_dir, options, visit)?;
+    if dry_run {
+        return Ok(scanned.report);
+    }
+    apply(vfs, wal_dir, scanned)
+}
+
+/// What a read-only [`scan`] found: every record validated, the end of the log
+/// classified. `report` describes the log as it will be once [`apply`] has made the
+/// planned cut (`tail_cut`, `spares_removed`); nothing has been written yet.
+#[derive(Debug)]
+pub struct Scanned {
+    pub report: RecoveryReport,
+    cut: Option<PlannedCut>,
+}
+
+/// The writes that cut a torn tail (or a repaired break): every one of them is decided
+/// before the first is made.
+#[derive(Debug)]
+struct PlannedCut {
+    segment_id: SegmentId,
+    offset: u64,
+    bytes_zeroed: u64,
+    /// The break segment itself goes (no record would be left in it).
+    remove_break_segment: bool,
+    /// Every file removed, the break segment included if it goes.
+    removed: Vec<SegmentId>,
+}
+
+/// Scans and validates the log in `wal_dir` without writing anything, calling
+/// `visit(segment_id, offset, record)` for every valid record in LSN order. A torn tail
+/// (or, with `repair`, the first bad record) is classified and its cut planned; a
+/// corruption is refused here, before any byte of the directory has changed.
+pub fn scan(
+    vfs: &dyn Vfs,
+    wal_dir: &Path,
+    options: RecoveryOptions,
+    mut visit: impl FnMut(SegmentId, u64, RawRecord<'_>),
+) -> Result<Scanned, RecoveryError> {
     let started = Instant::now();
     let ids = list_segments(vfs, wal_dir)?;
     for pair in ids.windows(2) {
@@ -318,6 +374,7 @@ pub fn recover(
         }
     }
 
+    let mut cut = None;
     if let Some(brk) = found_break {
         // Map the segments after the break too: they are checked for later writes.
         for &id in &ids[regions.len()..] {
@@ -326,39 +383,36 @@ pub fn recover(
             report.bytes_scanned += region.len() as u64;
             regions.push(region);
         }
-        cut_tail(
-            vfs,
+        cut = plan_cut(
             wal_dir,
             &ids,
             &regions,
             brk,
             expected_next,
             options,
-            dry_run,
             &mut report,
         )?;
     }
     report.next_lsn = last_lsn.map_or(expected_next.unwrap_or(1), |l| l + 1);
     report.elapsed = started.elapsed();
-    Ok(report)
+    Ok(Scanned { report, cut })
 }
 
 fn describe(error: FrameError) -> String {
     format!("invalid record ({error})")
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cut_tail(
-    vfs: &dyn Vfs,
+/// Classifies the break (torn tail, or corruption refused unless `repair`) and plans
+/// the cut; records it in `report`. Writes nothing.
+fn plan_cut(
     wal_dir: &Path,
     ids: &[SegmentId],
     regions: &[Region],
     brk: Break,
     expected_next: Option<Lsn>,
     options: RecoveryOptions,
-    dry_run: bool,
     report: &mut RecoveryReport,
-) -> Result<(), RecoveryError> {
+) -> Result<Option<PlannedCut>, RecoveryError> {
     // Find any valid record after the break that is not part of the unfinished write.
     let mut later_write: Option<(SegmentId, u64, Lsn)> = None;
     let mut anything_nonzero = false;
@@ -451,14 +505,33 @@ fn cut_tail(
             discarded_later_records: later_write.is_some() || !brk.missing_sector,
         });
     }
-    if dry_run {
-        return Ok(());
-    }
-    if bytes_zeroed > 0 {
+    Ok(Some(PlannedCut {
+        segment_id: break_id,
+        offset: brk.offset,
+        bytes_zeroed,
+        remove_break_segment,
+        removed,
+    }))
+}
+
+/// Makes the cut that [`scan`] planned: zeroes the torn bytes and syncs them, removes
+/// the files after the break and syncs the directory. Returns the report of the log as
+/// it now is.
+pub fn apply(
+    vfs: &dyn Vfs,
+    wal_dir: &Path,
+    scanned: Scanned,
+) -> Result<RecoveryReport, RecoveryError> {
+    let Scanned { mut report, cut } = scanned;
+    let Some(cut) = cut else {
+        return Ok(report);
+    };
+    let break_path = segment_path(wal_dir, cut.segment_id);
+    if cut.bytes_zeroed > 0 {
         let file = vfs.open(&break_path).map_err(io_err(&break_path))?;
-        let zeros = vec![0u8; bytes_zeroed.min(1 << 20) as usize];
-        let mut offset = brk.offset;
-        let end = brk.offset + bytes_zeroed;
+        let zeros = vec![0u8; cut.bytes_zeroed.min(1 << 20) as usize];
+        let mut offset = cut.offset;
+        let end = cut.offset + cut.bytes_zeroed;
         while offset < end {
             let n = (end - offset).min(zeros.len() as u64) as usize;
             file.write_all_at(&zeros[..n], offset)
@@ -467,26 +540,118 @@ fn cut_tail(
         }
         file.sync_data().map_err(io_err(&break_path))?;
     }
-    if remove_break_segment {
-        report.segments.retain(|s| s.header.segment_id != break_id);
+    if cut.remove_break_segment {
+        report
+            .segments
+            .retain(|s| s.header.segment_id != cut.segment_id);
     }
     // Remove from the newest down, so that a crash in between leaves a consecutive run.
-    for &id in removed.iter().rev() {
+    for &id in cut.removed.iter().rev() {
         let path = segment_path(wal_dir, id);
         vfs.remove(&path).map_err(io_err(&path))?;
     }
-    if !removed.is_empty() {
+    if !cut.removed.is_empty() {
         vfs.sync_dir(wal_dir).map_err(io_err(wal_dir))?;
     }
-    if let Some(cut) = &report.tail_cut {
+    if let Some(tail) = &report.tail_cut {
         tracing::warn!(
             segment = %break_path.display(),
-            offset = cut.offset,
-            bytes_zeroed = cut.bytes_zeroed,
-            segments_removed = cut.segments_removed.len(),
+            offset = tail.offset,
+            bytes_zeroed = tail.bytes_zeroed,
+            segments_removed = tail.segments_removed.len(),
             "cut the torn tail of the write-ahead log: {}",
-            cut.reason
+            tail.reason
         );
     }
-    Ok(())
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::record::{encode_frame, RecordType};
+    use crate::wal::vfs::sim::SimFs;
+
+    const DIR: &str = "/wal";
+
+    /// A segment holding records `first_lsn..first_lsn + count`, one write each, of
+    /// 100-byte payloads, in a file of `size` bytes (zeros after the records).
+    fn segment_bytes(id: SegmentId, first_lsn: Lsn, count: u64, size: usize) -> Vec<u8> {
+        let header = SegmentHeader {
+            segment_id: id,
+            first_lsn,
+            created_ms: 0,
+        };
+        let mut bytes = header.encode().to_vec();
+        for lsn in first_lsn..first_lsn + count {
+            encode_frame(&mut bytes, lsn, 0, RecordType::Op, &[0xA5; 100]);
+        }
+        assert!(bytes.len() <= size);
+        bytes.resize(size, 0);
+        bytes
+    }
+
+    fn disk(segments: &[Vec<u8>]) -> SimFs {
+        let fs = SimFs::new();
+        fs.create_dir_all(Path::new(DIR)).unwrap();
+        for (i, bytes) in segments.iter().enumerate() {
+            let path = segment_path(Path::new(DIR), i as SegmentId + 1);
+            fs.create(&path).unwrap().write_all_at(bytes, 0).unwrap();
+        }
+        fs
+    }
+
+    fn scan(fs: &SimFs, dry_run: bool) -> Result<RecoveryReport, RecoveryError> {
+        recover(
+            fs,
+            Path::new(DIR),
+            RecoveryOptions::default(),
+            dry_run,
+            |_, _, _| {},
+        )
+    }
+
+    const RECORD: usize = RECORD_HEADER_LEN + 100 + 4; // framed: 128 bytes
+
+    #[test]
+    fn a_last_segment_that_ends_inside_a_record_is_a_torn_tail_and_is_cut() {
+        assert_eq!(framed_len(100), RECORD);
+        // Ends inside the payload of record 5, inside its header, inside its padding.
+        for cut_at in [
+            SEGMENT_HEADER_LEN + 4 * RECORD + 60,
+            SEGMENT_HEADER_LEN + 4 * RECORD + 10,
+            SEGMENT_HEADER_LEN + 5 * RECORD - 2,
+        ] {
+            let mut bytes = segment_bytes(1, 1, 5, 4096);
+            bytes.truncate(cut_at);
+            let fs = disk(&[bytes]);
+            let report = scan(&fs, true)
+                .unwrap_or_else(|e| panic!("file ending at {cut_at}: torn, not corrupt: {e}"));
+            let cut = report.tail_cut.expect("the partial record is a torn tail");
+            assert_eq!(cut.offset, (SEGMENT_HEADER_LEN + 4 * RECORD) as u64);
+            assert_eq!(report.records, 4);
+            assert_eq!(report.next_lsn, 5);
+            // Cut for real, the log then recovers cleanly to the same four records.
+            let cut = scan(&fs, false).unwrap();
+            assert!(cut.tail_cut.is_some());
+            let again = scan(&fs, false).unwrap();
+            assert!(again.tail_cut.is_none(), "{:?}", again.tail_cut);
+            assert_eq!(again.records, 4);
+        }
+    }
+
+    #[test]
+    fn a_segment_that_ends_inside_a_record_before_a_later_segment_is_corruption() {
+        let mut first = segment_bytes(1, 1, 5, 4096);
+        first.truncate(SEGMENT_HEADER_LEN + 4 * RECORD + 60);
+        let second = segment_bytes(2, 5, 3, 4096);
+        let fs = disk(&[first, second]);
+        match scan(&fs, true) {
+            Err(RecoveryError::Corrupt(c)) => {
+                assert_eq!(c.offset, (SEGMENT_HEADER_LEN + 4 * RECORD) as u64);
+                assert!(c.reason.contains("later write"), "{}", c.reason);
+            }
+            other => panic!("a short segment in the middle of the log is corruption: {other:?}"),
+        }
+    }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, BufMut};
 
-use super::vfs::Vfs;
+use super::vfs::{at_path, Vfs};
 use crate::op::validate_doc_id;
 
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"QUIRSNAP";
@@ -207,18 +207,19 @@ pub struct LoadedSnapshots {
     /// Snapshot files that failed to decode, with the reason; each was skipped in
     /// favour of an older one or of replay.
     pub invalid: Vec<(PathBuf, String)>,
-    /// Temp files of snapshots that were being written at a crash; removed.
-    pub leftovers_removed: usize,
+    /// Temp files of snapshots that were being written at a crash. Loading leaves them
+    /// (it writes nothing); [`remove_leftovers`] deletes them once the store starts.
+    pub leftovers: Vec<PathBuf>,
 }
 
-/// Loads the newest valid snapshot of every document in `dir`.
+/// Loads the newest valid snapshot of every document in `dir`. Reads only. An I/O
+/// error names the directory or file it concerns.
 pub fn load_snapshots(vfs: &dyn Vfs, dir: &Path) -> std::io::Result<LoadedSnapshots> {
     let mut loaded = LoadedSnapshots::default();
     let mut by_doc: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
-    for name in vfs.list(dir)? {
+    for name in vfs.list(dir).map_err(at_path("reading", dir))? {
         if name.ends_with(".tmp") {
-            vfs.remove(&dir.join(&name))?;
-            loaded.leftovers_removed += 1;
+            loaded.leftovers.push(dir.join(&name));
             continue;
         }
         match parse_snapshot_file_name(&name) {
@@ -230,7 +231,7 @@ pub fn load_snapshots(vfs: &dyn Vfs, dir: &Path) -> std::io::Result<LoadedSnapsh
         files.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
         for (seq, name) in files {
             let path = dir.join(&name);
-            let region = vfs.map(&path)?;
+            let region = vfs.map(&path).map_err(at_path("reading", &path))?;
             match Snapshot::decode(&region) {
                 Ok(snapshot) if snapshot.doc_id == doc && snapshot.last_included_seq == seq => {
                     loaded.by_doc.insert(doc.clone(), snapshot);
@@ -247,6 +248,15 @@ pub fn load_snapshots(vfs: &dyn Vfs, dir: &Path) -> std::io::Result<LoadedSnapsh
         tracing::error!(file = %path.display(), %reason, "skipping an invalid snapshot; falling back to an older one or to the log");
     }
     Ok(loaded)
+}
+
+/// Deletes the temp files of snapshots that a crash interrupted (never renamed, so
+/// never relied on).
+pub fn remove_leftovers(vfs: &dyn Vfs, leftovers: &[PathBuf]) -> std::io::Result<()> {
+    for path in leftovers {
+        vfs.remove(path).map_err(at_path("removing", path))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

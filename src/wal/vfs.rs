@@ -17,7 +17,30 @@ pub mod sim;
 
 /// What a file system offers the WAL.
 pub trait Vfs: Send + Sync + fmt::Debug {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Creates one directory; its parent must exist. `Ok(false)` if it already exists
+    /// as a directory. The new entry is durable only once its parent is synced.
+    fn create_dir(&self, dir: &Path) -> io::Result<bool>;
+    /// Creates `dir` and whichever of its ancestors are missing, syncing the parent of
+    /// each one created: a directory entry survives a power cut only once the
+    /// directory holding it is synced, and a data directory that vanishes takes every
+    /// acknowledged op in it along.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let parent = match dir.parent() {
+            None => return Ok(()), // the root
+            Some(p) if p.as_os_str().is_empty() => Path::new("."),
+            Some(p) => p,
+        };
+        match self.create_dir(dir) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.create_dir_all(parent)?;
+                self.create_dir(dir)?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.sync_dir(parent)
+    }
     /// Names (not paths) of the regular files in `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Creates a new file (fails if it exists), open for reading and writing.
@@ -50,6 +73,12 @@ pub trait VfsFile: Send + Sync {
     fn file_len(&self) -> io::Result<u64>;
 }
 
+/// `error`, of the same kind, with what was done to which path in front of its message
+/// ("reading /data/snapshots: Not a directory"): the OS's own message names no path.
+pub fn at_path<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
+    move |error| io::Error::new(error.kind(), format!("{what} {}: {error}", path.display()))
+}
+
 /// Bytes of a whole file: a read-only memory map, or a copy from a simulated disk.
 pub enum Region {
     Mapped(memmap2::Mmap),
@@ -73,8 +102,12 @@ pub struct OsFs;
 struct OsFile(File);
 
 impl Vfs for OsFs {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+    fn create_dir(&self, dir: &Path) -> io::Result<bool> {
+        match std::fs::create_dir(dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {

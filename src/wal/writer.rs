@@ -8,8 +8,13 @@
 //! Any write or sync error ends the log: it is logged with its cause, every pending and
 //! later append fails, and nothing is retried (after a failed fsync the kernel may have
 //! dropped the dirty pages; retrying would report durability that does not exist).
+//! A panic in the writer (a bug here or in the file layer) ends the log the same way:
+//! it is caught at the top of the thread, so that no waiter is left waiting for a
+//! writer that is gone.
 
+use std::any::Any;
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
@@ -18,7 +23,7 @@ use super::commit::{CommitQueue, Entry};
 use super::index::{Index, Location};
 use super::record::{encode_frame, framed_len};
 use super::segment::{
-    prepare_segment, segment_file_name, SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
+    prepare_segment, segment_file_name, segment_path, SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
 };
 use super::stats::WalStats;
 use super::vfs::{Vfs, VfsFile};
@@ -49,8 +54,42 @@ pub(crate) struct Writer {
     pub active: Option<Active>,
 }
 
+/// The message a panic carried, for the log and for the failure reason.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(message) = payload.downcast_ref::<&str>() {
+        message
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message
+    } else {
+        "a panic without a message"
+    }
+}
+
 impl Writer {
-    pub fn run(mut self) {
+    /// Writes batches until the queue is closed and drained, or the log fails. A panic
+    /// fails the log: pending and later appends get the reason, and it is logged.
+    pub fn run(self) {
+        let queue = self.queue.clone();
+        let preparer = self.preparer.clone();
+        let wal_dir = self.wal_dir.clone();
+        // Unwind safety: the writer's own state is dropped with the panic. The queue's
+        // critical sections never panic midway (`crate::sync::lock`); the index may keep
+        // part of the failed batch, which nothing reads as durable once the log failed.
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| self.write_batches()));
+        if let Err(payload) = outcome {
+            let reason = format!(
+                "write-ahead log writer in {} panicked: {}; no further appends are accepted \
+                 (restart to recover)",
+                wal_dir.display(),
+                panic_message(&*payload)
+            );
+            tracing::error!("{reason}");
+            queue.fail(&reason);
+            preparer.stop();
+        }
+    }
+
+    fn write_batches(mut self) {
         let mut batch = Vec::new();
         let mut buf = Vec::with_capacity(self.max_batch_bytes + SEGMENT_HEADER_LEN);
         let mut locations = Vec::new();
@@ -232,13 +271,24 @@ impl Preparer {
                 }
                 state.next_id
             };
-            let result = prepare_segment(
-                &*self.vfs,
-                &self.wal_dir,
-                id,
-                self.segment_size,
-                self.zero_fill,
-            );
+            // A panic (a bug here or in the file layer) becomes this segment's error, which
+            // the writer's `take` returns and which fails the log: a preparer thread that
+            // died would leave the writer waiting for its next segment forever.
+            let result = panic::catch_unwind(AssertUnwindSafe(|| {
+                prepare_segment(
+                    &*self.vfs,
+                    &self.wal_dir,
+                    id,
+                    self.segment_size,
+                    self.zero_fill,
+                )
+            }))
+            .unwrap_or_else(|payload| {
+                Err(io::Error::other(format!(
+                    "panicked: {}",
+                    panic_message(&*payload)
+                )))
+            });
             let mut state = lock(&self.state);
             match result {
                 Ok(file) => {
@@ -249,7 +299,7 @@ impl Preparer {
                     tracing::error!(segment = id, %error, "could not prepare the next WAL segment");
                     state.error = Some(format!(
                         "preparing segment {}: {error}",
-                        segment_file_name(id)
+                        segment_path(&self.wal_dir, id).display()
                     ));
                 }
             }
@@ -281,5 +331,56 @@ impl Preparer {
     pub fn stop(&self) {
         lock(&self.state).stop = true;
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::wal::segment::SEGMENT_SIZE_MIN;
+    use crate::wal::vfs::sim::{PanicAt, SimFs};
+
+    impl Preparer {
+        fn error(&self) -> Option<String> {
+            lock(&self.state).error.clone()
+        }
+    }
+
+    #[test]
+    fn a_panic_while_preparing_a_segment_becomes_the_error_the_writer_is_given() {
+        let fs = SimFs::new();
+        let dir = Path::new("/wal");
+        fs.create_dir_all(dir).unwrap();
+        fs.panic_at_next(PanicAt::Allocate);
+        let preparer = Arc::new(Preparer::new(
+            Arc::new(fs),
+            dir.to_path_buf(),
+            SEGMENT_SIZE_MIN,
+            true,
+            1,
+        ));
+        let thread = {
+            let preparer = preparer.clone();
+            std::thread::spawn(move || preparer.run())
+        };
+        // Until the attempt has ended one way or the other: an error recorded, or the
+        // thread gone.
+        while preparer.error().is_none() && !thread.is_finished() {
+            std::thread::yield_now();
+        }
+        let error = preparer
+            .error()
+            .expect("the panic is recorded as the preparer's error");
+        assert!(error.contains("panicked: simulated panic"), "{error}");
+        assert!(error.contains("/wal/00000000000000000001.wal"), "{error}");
+        let taken = preparer
+            .take(1)
+            .err()
+            .expect("the writer is given the error");
+        assert!(taken.to_string().contains("panicked"), "{taken}");
+        preparer.stop();
+        thread.join().unwrap();
     }
 }

@@ -2,10 +2,12 @@
 //!
 //! Every file keeps two versions: what was written (what reads see) and what is
 //! durable (what a completed `sync_data` covered). Directory entries are likewise only
-//! durable after `sync_dir`. [`SimFs::crash`] returns the disk as a machine would find
+//! durable after `sync_dir` of the directory holding them, directories included: a
+//! directory whose entry was never synced is lost in a crash with everything in it.
+//! [`SimFs::crash`] returns the disk as a machine would find
 //! it after power loss: durable bytes, plus (optionally) some of the unsynced writes
 //! with the last one torn at 512-byte granularity. Faults: fsync failing with EIO after
-//! a countdown, and bit flips anywhere.
+//! a countdown, bit flips anywhere, and a panic in a chosen call (a bug under the log).
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashSet};
@@ -49,11 +51,26 @@ type InodeRef = Arc<Mutex<Inode>>;
 struct State {
     names: BTreeMap<PathBuf, InodeRef>,
     durable_names: BTreeMap<PathBuf, InodeRef>,
+    /// Directories (the root is implicit and always there).
     dirs: HashSet<PathBuf>,
+    /// Directories whose entry in their parent was synced.
+    durable_dirs: HashSet<PathBuf>,
     locked: HashSet<PathBuf>,
     /// `Some(n)`: n more syncs succeed, then every sync fails with EIO.
     syncs_before_failure: Option<u64>,
     syncs: u64,
+    panic_at: Option<PanicAt>,
+}
+
+/// A simulated bug in the file layer: the next call of this kind panics, in whichever
+/// thread makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanicAt {
+    /// `sync_data`: the writer's `fdatasync` after a batch (segment preparation and
+    /// snapshots use `sync_all`).
+    SyncData,
+    /// `allocate`: the segment preparer, once per new segment.
+    Allocate,
 }
 
 /// How a crash treats writes that were not yet synced.
@@ -77,6 +94,10 @@ pub struct SimFs {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn is_root(path: &Path) -> bool {
+    path.parent().is_none()
 }
 
 fn not_found(path: &Path) -> io::Error {
@@ -118,6 +139,21 @@ impl SimFs {
         lock(&self.state).syncs_before_failure = Some(n);
     }
 
+    /// The next call of kind `at` panics.
+    pub fn panic_at_next(&self, at: PanicAt) {
+        lock(&self.state).panic_at = Some(at);
+    }
+
+    fn maybe_panic(&self, at: PanicAt) {
+        let armed = {
+            let mut state = lock(&self.state);
+            state.panic_at.take_if(|armed| *armed == at).is_some()
+        };
+        if armed {
+            panic!("simulated panic in {at:?}");
+        }
+    }
+
     /// How many syncs succeeded so far.
     pub fn sync_count(&self) -> u64 {
         lock(&self.state).syncs
@@ -130,8 +166,25 @@ impl SimFs {
             CrashMode::LoseUnsynced => 0,
             CrashMode::TearUnsynced { seed } => seed,
         });
+        // A directory survives if its entry and every ancestor's entry were synced.
+        let dirs: HashSet<PathBuf> = state
+            .durable_dirs
+            .iter()
+            .filter(|d| {
+                d.ancestors()
+                    .skip(1)
+                    .all(|a| is_root(a) || state.durable_dirs.contains(a))
+            })
+            .cloned()
+            .collect();
         let mut names = BTreeMap::new();
         for (path, inode) in &state.durable_names {
+            if !path
+                .parent()
+                .is_some_and(|p| is_root(p) || dirs.contains(p))
+            {
+                continue;
+            }
             let inode = lock(inode);
             let mut data = inode.durable.clone();
             if let CrashMode::TearUnsynced { .. } = mode {
@@ -175,7 +228,8 @@ impl SimFs {
             state: Arc::new(Mutex::new(State {
                 durable_names: names.clone(),
                 names,
-                dirs: state.dirs.clone(),
+                durable_dirs: dirs.clone(),
+                dirs,
                 ..State::default()
             })),
             held: Arc::default(),
@@ -258,13 +312,34 @@ struct SimFile {
     inode: InodeRef,
 }
 
-impl Vfs for SimFs {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        let mut state = lock(&self.state);
-        for ancestor in dir.ancestors() {
-            state.dirs.insert(ancestor.to_path_buf());
+impl SimFile {
+    /// What a completed sync does: every write so far becomes durable.
+    fn sync(&self) -> io::Result<()> {
+        self.fs.take_sync()?;
+        let mut inode = lock(&self.inode);
+        let pending = std::mem::take(&mut inode.pending);
+        for op in &pending {
+            apply(&mut inode.durable, op);
         }
         Ok(())
+    }
+}
+
+impl Vfs for SimFs {
+    fn create_dir(&self, dir: &Path) -> io::Result<bool> {
+        let mut state = lock(&self.state);
+        if is_root(dir) || state.dirs.contains(dir) {
+            return Ok(false);
+        }
+        if state.names.contains_key(dir) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
+        }
+        let parent = dir.parent().expect("not the root");
+        if !is_root(parent) && !state.dirs.contains(parent) {
+            return Err(not_found(parent));
+        }
+        state.dirs.insert(dir.to_path_buf());
+        Ok(true)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -322,11 +397,16 @@ impl Vfs for SimFs {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        if !is_root(dir) && !lock(&self.state).dirs.contains(dir) {
+            return Err(not_found(dir));
+        }
         self.take_sync()?;
         let mut state = lock(&self.state);
         let State {
             names,
             durable_names,
+            dirs,
+            durable_dirs,
             ..
         } = &mut *state;
         durable_names.retain(|p, _| p.parent() != Some(dir));
@@ -335,6 +415,7 @@ impl Vfs for SimFs {
                 durable_names.insert(p.clone(), inode.clone());
             }
         }
+        durable_dirs.extend(dirs.iter().filter(|d| d.parent() == Some(dir)).cloned());
         Ok(())
     }
 
@@ -382,20 +463,16 @@ impl VfsFile for SimFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.fs.take_sync()?;
-        let mut inode = lock(&self.inode);
-        let pending = std::mem::take(&mut inode.pending);
-        for op in &pending {
-            apply(&mut inode.durable, op);
-        }
-        Ok(())
+        self.fs.maybe_panic(PanicAt::SyncData);
+        self.sync()
     }
 
     fn sync_all(&self) -> io::Result<()> {
-        self.sync_data()
+        self.sync()
     }
 
     fn allocate(&self, len: u64) -> io::Result<bool> {
+        self.fs.maybe_panic(PanicAt::Allocate);
         let mut inode = lock(&self.inode);
         if (inode.data.len() as u64) < len {
             let op = Pending::SetLen(len);
@@ -415,5 +492,50 @@ impl VfsFile for SimFile {
 
     fn file_len(&self) -> io::Result<u64> {
         Ok(lock(&self.inode).data.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_directory_and_its_files_survive_a_crash_only_once_its_parent_is_synced() {
+        let fs = SimFs::new();
+        let (data, wal) = (Path::new("/data"), Path::new("/data/wal"));
+        assert!(fs.create_dir(data).unwrap());
+        assert!(fs.create_dir(wal).unwrap());
+        let file = fs.create(&wal.join("1.wal")).unwrap();
+        file.write_all_at(b"acked", 0).unwrap();
+        file.sync_data().unwrap();
+        fs.sync_dir(wal).unwrap();
+        // The file and its name in wal/ are durable, but wal/ and /data are not.
+        let crashed = fs.crash(CrashMode::LoseUnsynced);
+        assert!(crashed.list(data).is_err() && crashed.list(wal).is_err());
+        assert!(crashed.files().is_empty());
+
+        fs.sync_dir(Path::new("/")).unwrap();
+        let crashed = fs.crash(CrashMode::LoseUnsynced);
+        assert!(
+            crashed.list(data).unwrap().is_empty(),
+            "wal/ is not in it yet"
+        );
+        assert!(crashed.list(wal).is_err());
+
+        fs.sync_dir(data).unwrap();
+        let crashed = fs.crash(CrashMode::LoseUnsynced);
+        assert_eq!(crashed.list(wal).unwrap(), vec!["1.wal".to_string()]);
+        assert_eq!(crashed.map(&wal.join("1.wal")).unwrap()[..], b"acked"[..]);
+    }
+
+    #[test]
+    fn create_dir_all_syncs_the_parent_of_every_directory_it_creates() {
+        let fs = SimFs::new();
+        fs.create_dir_all(Path::new("/a/b/c")).unwrap();
+        assert_eq!(fs.sync_count(), 3);
+        let crashed = fs.crash(CrashMode::LoseUnsynced);
+        assert!(crashed.list(Path::new("/a/b/c")).is_ok());
+        fs.create_dir_all(Path::new("/a/b/c")).unwrap();
+        assert_eq!(fs.sync_count(), 3, "nothing created, nothing synced");
     }
 }
