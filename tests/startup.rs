@@ -145,6 +145,7 @@ fn an_op_acked_in_a_fresh_data_directory_survives_a_power_cut_right_after() {
         },
         base_version: 0,
         expected_version: 0,
+        fingerprint: 0,
         patches: vec![Patch::new(0, 0, "kept")],
     };
     let Submitted::Applied { ticket, .. } = store.submit("a", op).unwrap() else {
@@ -157,7 +158,7 @@ fn an_op_acked_in_a_fresh_data_directory_survives_a_power_cut_right_after() {
     // The directories' entries were synced when they were created, so the acked op's
     // segment is still reachable.
     let (store, _) = LocalSequencer::open_with(Arc::new(crashed), data, config()).unwrap();
-    let view = rt.block_on(store.read("a"));
+    let view = rt.block_on(store.read("a")).unwrap();
     assert_eq!(view.map(|v| v.text), Some("kept".to_string()));
 }
 
