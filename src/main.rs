@@ -120,6 +120,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         outbox_bytes: args.outbox_mib << 20,
         large_frame_budget: args.large_frame_budget_mib << 20,
         unsynced_bytes: args.unsynced_mib << 20,
+        ..Default::default()
     };
     if let Err(e) = server_config.validate() {
         tracing::error!("invalid limits: {e}");

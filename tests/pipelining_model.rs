@@ -19,7 +19,7 @@ use quire::protocol::frame::FrameCodec;
 use quire::protocol::message::{Envelope, ErrorCode, Message};
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::sequencer::Sequencer;
-use quire::server::document::{Document, Submission, SubmitOutcome};
+use quire::server::document::{Document, DocumentLimits, Submission, SubmitOutcome};
 use quire::server::outbox::{self, encode, Outbox, Writer};
 use quire::wal::vfs::sim::SimFs;
 use std::collections::VecDeque;
@@ -236,8 +236,11 @@ fn run(script: Script) -> TestResult {
         document: Arc::new(Document::new(
             Arc::from("doc"),
             0,
-            Duration::ZERO,
-            MAX_FRAME,
+            DocumentLimits {
+                presence_interval: Duration::ZERO,
+                max_frame: MAX_FRAME,
+                history_window: 4,
+            },
         )),
         next_session: 0,
     };

@@ -26,10 +26,6 @@ use crate::protocol::message::{Envelope, ErrorCode, Message, Selection, WireOp};
 use crate::sequencer::{fingerprint, Sequencer, SubmitError, SubmitOp, Submitted};
 use crate::wal::record::OpRecord;
 
-/// Ops kept in memory per document for transforming late ops (more while ops wait for
-/// durability); older ones are read from the log.
-pub const HISTORY_WINDOW: usize = 4096;
-
 /// One sequenced op as late ops are transformed over it.
 struct Sequenced {
     seq: u64,
@@ -126,8 +122,8 @@ impl State {
 
     /// Forgets the oldest ops beyond the window, but only those already delivered (so
     /// that every op older than the window is durable, hence readable from the log).
-    fn trim_history(&mut self) {
-        while self.history.len() > HISTORY_WINDOW
+    fn trim_history(&mut self, window: usize) {
+        while self.history.len() > window
             && self
                 .history
                 .front()
@@ -141,10 +137,19 @@ impl State {
 pub struct Document {
     pub id: Arc<str>,
     state: Mutex<State>,
+    limits: DocumentLimits,
+}
+
+/// What a document needs of the server's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct DocumentLimits {
     /// A client's presence is broadcast at most once per interval; updates in between
     /// are coalesced into the latest one.
-    presence_interval: Duration,
-    max_frame: usize,
+    pub presence_interval: Duration,
+    pub max_frame: usize,
+    /// Ops kept in memory for transforming late ops (more while ops wait for
+    /// durability); older ones are read from the log.
+    pub history_window: usize,
 }
 
 /// A submit as a session received it.
@@ -324,11 +329,10 @@ pub fn read_missed<S: Sequencer>(
 }
 
 impl Document {
-    pub fn new(id: Arc<str>, version: u64, presence_interval: Duration, max_frame: usize) -> Self {
+    pub fn new(id: Arc<str>, version: u64, limits: DocumentLimits) -> Self {
         Document {
             id,
-            presence_interval,
-            max_frame,
+            limits,
             state: Mutex::new(State {
                 version,
                 history: VecDeque::new(),
@@ -352,7 +356,7 @@ impl Document {
                 request_id,
                 message,
             },
-            self.max_frame,
+            self.limits.max_frame,
         )
     }
 
@@ -433,12 +437,12 @@ impl Document {
         let now = Instant::now();
         let mut state = self.lock();
         match state.presence.get_mut(&client_id) {
-            Some(p) if now < p.sent_at + self.presence_interval => {
+            Some(p) if now < p.sent_at + self.limits.presence_interval => {
                 p.selections = selections;
                 p.session = session;
                 if !p.dirty {
                     p.dirty = true;
-                    let due = p.sent_at + self.presence_interval;
+                    let due = p.sent_at + self.limits.presence_interval;
                     let doc = self.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep_until(due.into()).await;
@@ -614,7 +618,7 @@ impl Document {
                     client_id: job.op_id.client_id,
                     op: Arc::new(std::mem::take(&mut job.op)),
                 });
-                state.trim_history();
+                state.trim_history(self.limits.history_window);
                 state.pending.insert(
                     seq,
                     Pending {
@@ -695,7 +699,7 @@ impl Document {
                 deliver(held, outbox, frame);
             }
         }
-        state.trim_history();
+        state.trim_history(self.limits.history_window);
     }
 }
 

@@ -50,6 +50,9 @@ pub struct ServerConfig {
     /// A client's presence is broadcast at most this often; updates in between are
     /// coalesced into the latest.
     pub presence_interval: Duration,
+    /// Ops per document kept in memory for transforming late ops; older ones are read
+    /// back from the log (tests make it small to take that path often).
+    pub history_window: usize,
 }
 
 /// At shutdown, how long sessions may take to flush what is queued for them.
@@ -72,6 +75,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
             presence_interval: Duration::from_millis(50),
+            history_window: 4096,
         }
     }
 }
@@ -184,8 +188,11 @@ impl<S: Sequencer> Server<S> {
         let doc = Arc::new(Document::new(
             Arc::from(id),
             self.sequencer.version(id),
-            self.config.presence_interval,
-            self.config.max_frame,
+            document::DocumentLimits {
+                presence_interval: self.config.presence_interval,
+                max_frame: self.config.max_frame,
+                history_window: self.config.history_window,
+            },
         ));
         docs.insert(doc.id.clone(), doc.clone());
         doc.subscribe(outbox);
