@@ -101,7 +101,9 @@ fn return_large_buffers_to_the_system() {
     // is started.
     let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
     if ok != 1 {
-        tracing::warn!("mallopt(M_MMAP_THRESHOLD) failed; freed frame buffers may stay in the process");
+        tracing::warn!(
+            "mallopt(M_MMAP_THRESHOLD) failed; freed frame buffers may stay in the process"
+        );
     }
 }
 

@@ -162,4 +162,23 @@ mod tests {
         assert!(matches!(err, ApplyError::OutOfRange { patch: 1, .. }));
         assert_eq!(t.to_string(), "abc");
     }
+
+    #[test]
+    fn a_document_of_exactly_the_byte_limit_is_accepted_and_one_byte_more_is_not() {
+        let limit = crate::op::MAX_DOC_BYTES as usize;
+        let mut t = Text::from("a".repeat(limit - 10).as_str());
+        let fill = [Patch::new(0, 0, "b".repeat(10))];
+        t.check(&fill).unwrap();
+        let over = [Patch::new(0, 0, "b".repeat(11))];
+        assert!(matches!(
+            t.check(&over),
+            Err(ApplyError::TooManyBytes { bytes }) if bytes == limit as u64 + 1
+        ));
+        // A replace that stays within the limit near it is fine (deletes count).
+        let replace = [Patch::new(0, 5, "c".repeat(15))];
+        t.check(&replace).unwrap();
+        t.apply(&fill).unwrap();
+        assert_eq!(t.len_bytes(), limit as u64);
+        assert!(t.check(&[Patch::new(0, 0, "é")]).is_err());
+    }
 }

@@ -691,3 +691,121 @@ async fn ops_past_the_unsynced_budget_wait_for_the_disk() {
     }
     server.stop().await;
 }
+
+/// The frame limit, at and past its value: a frame of exactly `max_frame` bytes is read
+/// (its op is too large to keep, so it gets Reject 24, on an open connection); one byte
+/// more gets Error 2 and the connection is closed. A bystander is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_of_exactly_max_frame_is_read_and_one_byte_more_closes_the_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let max_frame = 8192;
+    let config = ServerConfig {
+        max_frame,
+        outbox_bytes: 64 * 1024,
+        ..ServerConfig::default()
+    };
+    let server = start_with(tmp.path(), config).await;
+    let mut bystander = open(server.addr, 9, "other").await;
+    // A Submit frame: type, request id, doc "d", local seq, base, one patch.
+    let submit_frame = |frame_len: usize| {
+        let fixed = 1 + 4 + (2 + 1) + 8 + 8 + 4 + 12;
+        let ins = "x".repeat(frame_len - fixed);
+        let mut body = vec![0x11, 0, 0, 0, 0];
+        body.extend_from_slice(&1u16.to_le_bytes());
+        body.push(b'd');
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&(ins.len() as u32).to_le_bytes());
+        body.extend_from_slice(ins.as_bytes());
+        assert_eq!(body.len(), frame_len);
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    };
+    let mut at = Connection::connect(server.addr, 1, "").await.unwrap();
+    open_raw(&mut at, "d", 0).await;
+    at.send_raw(&submit_frame(max_frame)).await.unwrap();
+    match next_reply(&mut at).await {
+        Message::Reject { code, .. } => assert_eq!(code, ErrorCode::TooLarge),
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    at.send(Message::Ping { nonce: 1 }).await.unwrap();
+    assert!(matches!(next_reply(&mut at).await, Message::Pong { .. }));
+    let mut past = Connection::connect(server.addr, 2, "").await.unwrap();
+    past.send_raw(&submit_frame(max_frame + 1)).await.unwrap();
+    match next_reply(&mut past).await {
+        Message::Error { code, .. } => assert_eq!(code, ErrorCode::FrameTooLarge),
+        other => panic!("expected an Error, got {other:?}"),
+    }
+    assert!(past.recv().await.is_err(), "the connection is closed");
+    bystander.edit(&[Patch::new(0, 0, "ok")]).await.unwrap();
+    bystander.settle().await.unwrap();
+    server.stop().await;
+}
+
+/// Catch-up and Fetch are bounded: 10,000 ops behind is caught up with ops, 10,001 gets
+/// a snapshot; a Fetch returns at most 10,000 ops whatever its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_past_its_limit_is_a_snapshot_and_fetch_is_capped() {
+    use quire::server::session::{CATCHUP_MAX_OPS, FETCH_MAX_OPS};
+    let fs = SimFs::new();
+    let server = start_on_sim(&fs, ServerConfig::default()).await;
+    let mut a = Connection::connect(server.addr, 1, "").await.unwrap();
+    open_raw(&mut a, "d", 0).await;
+    let total = CATCHUP_MAX_OPS + 2;
+    let mut acked = 0;
+    let mut sent = 0;
+    while acked < total {
+        // Pipelined, one char each, all made on version 0 by one client.
+        while sent < total && sent - acked < MAX_OPS_IN_FLIGHT as u64 {
+            sent += 1;
+            a.queue(Message::Submit {
+                doc: "d".into(),
+                local_seq: sent,
+                base_version: 0,
+                patches: vec![Patch::new(0, 0, "x")],
+            })
+            .unwrap();
+        }
+        a.flush().await.unwrap();
+        match next_reply(&mut a).await {
+            Message::Ack { .. } => acked += 1,
+            other => panic!("expected an Ack, got {other:?}"),
+        }
+    }
+    let mut c = Connection::connect(server.addr, 2, "").await.unwrap();
+    let (text, version, _) = open_raw(&mut c, "d", total - CATCHUP_MAX_OPS).await;
+    assert_eq!((text, version), (None, total), "at the limit: ops only");
+    let mut d = Connection::connect(server.addr, 3, "").await.unwrap();
+    let (text, version, _) = open_raw(&mut d, "d", total - CATCHUP_MAX_OPS - 1).await;
+    assert_eq!(version, total);
+    assert_eq!(
+        text.map(|t| t.len() as u64),
+        Some(total),
+        "past it: a snapshot"
+    );
+    d.send(Message::Fetch {
+        doc: "d".into(),
+        after_seq: 0,
+        limit: u32::MAX,
+    })
+    .await
+    .unwrap();
+    let mut got = 0u64;
+    loop {
+        match next_reply(&mut d).await {
+            Message::Ops { ops, more, .. } => {
+                got += ops.len() as u64;
+                if !more {
+                    break;
+                }
+            }
+            other => panic!("expected Ops, got {other:?}"),
+        }
+    }
+    assert_eq!(got, u64::from(FETCH_MAX_OPS));
+    server.stop().await;
+}
