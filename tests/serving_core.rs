@@ -302,6 +302,10 @@ async fn an_op_with_the_most_patches_is_applied_and_one_more_is_refused() {
         other => panic!("expected a Reject, got {other:?}"),
     }
     submit(&mut a, "big", 3, 1, patches).await;
+    // A bystander on another document is served meanwhile.
+    let mut bystander = open(server.addr, 2, "small").await;
+    bystander.edit(&[Patch::new(0, 0, "fine")]).await.unwrap();
+    bystander.settle().await.unwrap();
     match tokio::time::timeout(HANG, next_reply(&mut a))
         .await
         .unwrap()
@@ -552,6 +556,8 @@ async fn ops_in_flight_are_limited_per_connection() {
     let server = start_on_sim(&fs, ServerConfig::default()).await;
     let mut a = Connection::connect(server.addr, 1, "").await.unwrap();
     open_raw(&mut a, "d", 0).await;
+    let mut b = Connection::connect(server.addr, 2, "").await.unwrap();
+    open_raw(&mut b, "d", 0).await;
     fs.hold_syncs();
     for i in 0..MAX_OPS_IN_FLIGHT as u64 + 1 {
         a.queue(Message::Submit {
@@ -572,7 +578,10 @@ async fn ops_in_flight_are_limited_per_connection() {
         }
         other => panic!("expected a Reject, got {other:?}"),
     }
+    // Another connection of another client has its own allowance.
+    submit(&mut b, "d", 1, 0, vec![Patch::new(0, 0, "y")]).await;
     fs.release_syncs();
+    assert!(matches!(next_reply(&mut b).await, Message::Ack { .. }));
     for seq in 1..=MAX_OPS_IN_FLIGHT as u64 {
         match next_reply(&mut a).await {
             Message::Ack { seq: s, .. } => assert_eq!(s, seq),
