@@ -52,6 +52,17 @@ impl fmt::Display for OpId {
     }
 }
 
+/// An op as its document's sequencer applied it: the seq it got, its id, the version its
+/// client made it on, and its patches as applied (transformed to apply to version
+/// `seq - 1`). How it is stored is the log's business (`wal::record`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SequencedOp {
+    pub seq: u64,
+    pub id: OpId,
+    pub base_version: u64,
+    pub patches: Vec<Patch>,
+}
+
 /// Checks a document id: non-empty UTF-8 (guaranteed by `&str`) of at most
 /// `MAX_DOC_ID_BYTES` bytes with no control characters.
 pub fn validate_doc_id(doc_id: &str) -> Result<(), String> {

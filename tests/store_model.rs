@@ -119,8 +119,8 @@ fn check(store: &LocalSequencer, rt: &tokio::runtime::Runtime, model: &BTreeMap<
             let expected = &doc.ops[(first - 1) as usize..];
             assert_eq!(ops.len(), expected.len());
             for (op, (seq, id, patches)) in ops.iter().zip(expected) {
-                assert_eq!(op.server_seq, *seq);
-                assert_eq!((op.client_id, op.local_seq), (id.client_id, id.local_seq));
+                assert_eq!(op.seq, *seq);
+                assert_eq!(op.id, *id);
                 assert_eq!(&op.patches, patches);
             }
         }

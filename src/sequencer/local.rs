@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::dedupe::{Dedupe, Seen};
 use super::maintenance::{self, Request};
 use super::{DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
-use crate::op::{validate_doc_id, OpId};
+use crate::op::{validate_doc_id, OpId, SequencedOp};
 use crate::text::Text;
 use crate::wal::record::{Lsn, OpRecord};
 use crate::wal::snapshot::{load_snapshots, remove_leftovers, DedupeEntry, LoadedSnapshots};
@@ -493,7 +493,7 @@ impl Sequencer for LocalSequencer {
         doc_id: &str,
         after_seq: u64,
         limit: usize,
-    ) -> Result<Option<Vec<OpRecord>>, Arc<str>> {
+    ) -> Result<Option<Vec<SequencedOp>>, Arc<str>> {
         let first = self.shared.wal.with_index(|i| i.first_retained_seq(doc_id));
         let version = self.doc(doc_id).map_or(0, |d| lock_doc(&d).version);
         if after_seq >= version || limit == 0 {
@@ -504,9 +504,22 @@ impl Sequencer for LocalSequencer {
                 .shared
                 .wal
                 .read_ops_after(doc_id, after_seq, limit)
-                .map(Some)
+                .map(|records| Some(records.into_iter().map(sequenced).collect()))
                 .map_err(|e| Arc::from(e.to_string())),
             _ => Ok(None),
         }
+    }
+}
+
+/// The domain op a log record holds (its document id is the caller's).
+fn sequenced(record: OpRecord) -> SequencedOp {
+    SequencedOp {
+        seq: record.server_seq,
+        id: OpId {
+            client_id: record.client_id,
+            local_seq: record.local_seq,
+        },
+        base_version: record.base_version,
+        patches: record.patches,
     }
 }

@@ -16,9 +16,8 @@ pub use dedupe::{Dedupe, Seen};
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::op::{OpId, Patch};
+use crate::op::{OpId, Patch, SequencedOp};
 use crate::text::ApplyError;
-use crate::wal::record::OpRecord;
 
 /// An op ready to be sequenced: already transformed to apply on the document's
 /// current version (`expected_version`).
@@ -143,5 +142,5 @@ pub trait Sequencer: Send + Sync + 'static {
         doc_id: &str,
         after_seq: u64,
         limit: usize,
-    ) -> Result<Option<Vec<OpRecord>>, Arc<str>>;
+    ) -> Result<Option<Vec<SequencedOp>>, Arc<str>>;
 }

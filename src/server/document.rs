@@ -20,11 +20,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::outbox::{encode, Outbox, SessionId};
-use crate::op::{OpId, Patch};
+use crate::op::{OpId, Patch, SequencedOp};
 use crate::ot::{Side, TextOp};
 use crate::protocol::message::{Envelope, ErrorCode, Message, Selection, WireOp};
 use crate::sequencer::{fingerprint, Sequencer, SubmitError, SubmitOp, Submitted};
-use crate::wal::record::OpRecord;
 
 /// One sequenced op as late ops are transformed over it.
 struct Sequenced {
@@ -276,9 +275,9 @@ impl Job {
     }
 
     /// Transforms over ops read from the log.
-    pub fn over_records(&mut self, records: &[OpRecord]) -> Result<(), SubmitOutcome> {
+    pub fn over_records(&mut self, records: &[SequencedOp]) -> Result<(), SubmitOutcome> {
         for r in records {
-            self.over(r.server_seq, r.client_id, &TextOp::from_patches(&r.patches))?;
+            self.over(r.seq, r.id.client_id, &TextOp::from_patches(&r.patches))?;
         }
         Ok(())
     }
@@ -292,7 +291,7 @@ pub fn read_missed<S: Sequencer>(
     doc: &str,
     after: u64,
     upto: u64,
-) -> Result<Vec<OpRecord>, SubmitOutcome> {
+) -> Result<Vec<SequencedOp>, SubmitOutcome> {
     debug_assert!(after < upto);
     let wanted = (upto - after) as usize;
     match sequencer.ops_after(doc, after, wanted) {
@@ -301,7 +300,7 @@ pub fn read_missed<S: Sequencer>(
                 && ops
                     .iter()
                     .zip(after + 1..)
-                    .all(|(op, seq)| op.server_seq == seq) =>
+                    .all(|(op, seq)| op.seq == seq) =>
         {
             Ok(ops)
         }
@@ -521,7 +520,7 @@ impl Document {
         &self,
         sequencer: &S,
         job: &mut Job,
-        log: Option<Vec<OpRecord>>,
+        log: Option<Vec<SequencedOp>>,
     ) -> Step {
         match self.try_step(sequencer, job, log) {
             Ok(step) => step,
@@ -541,7 +540,7 @@ impl Document {
         &self,
         sequencer: &S,
         job: &mut Job,
-        log: Option<Vec<OpRecord>>,
+        log: Option<Vec<SequencedOp>>,
     ) -> Result<Step, SubmitOutcome> {
         if let Some(records) = log {
             job.over_records(&records)?;

@@ -19,7 +19,6 @@ use crate::protocol;
 use crate::protocol::message::WireOp;
 use crate::protocol::DEFAULT_MAX_FRAME;
 use crate::sequencer::Sequencer;
-use crate::wal::record::OpRecord;
 use document::Document;
 
 /// The server's limits and settings. Every limit is stated in `quire serve --help` or
@@ -140,11 +139,11 @@ pub struct Server<S> {
     shutdown: broadcast::Sender<()>,
 }
 
-pub(crate) fn wire_op(op: OpRecord) -> WireOp {
+pub(crate) fn wire_op(op: crate::op::SequencedOp) -> WireOp {
     WireOp {
-        seq: op.server_seq,
-        client_id: op.client_id,
-        local_seq: op.local_seq,
+        seq: op.seq,
+        client_id: op.id.client_id,
+        local_seq: op.id.local_seq,
         patches: op.patches,
     }
 }

@@ -453,7 +453,7 @@ impl<S: Sequencer> Session<S> {
             let done = ops.len() < want || want == 0;
             left -= ops.len() as u64;
             for op in ops {
-                after = op.server_seq;
+                after = op.seq;
                 let op = super::wire_op(op);
                 let len = 24 + patches_wire_len(&op.patches);
                 if header + len > max_frame {
