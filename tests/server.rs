@@ -393,6 +393,22 @@ async fn bad_input_gets_a_clear_error_and_other_clients_are_unaffected() {
     .await
     .unwrap();
     expect_error(&mut bad, ErrorCode::OutOfRange).await;
+    // After a refused op, the connection's later ops to the document are refused (they
+    // may have been made on top of it) until it opens the document again.
+    bad.send(Message::Submit {
+        doc: "doc".into(),
+        local_seq: 2,
+        base_version: 0,
+        patches: vec![Patch::new(0, 0, "x")],
+    })
+    .await
+    .unwrap();
+    expect_error(&mut bad, ErrorCode::PipelineConflict).await;
+    let reopen = Message::Open {
+        doc: "doc".into(),
+        known_version: 0,
+    };
+    bad.send(reopen.clone()).await.unwrap();
     bad.send(Message::Submit {
         doc: "doc".into(),
         local_seq: 2,
@@ -402,6 +418,7 @@ async fn bad_input_gets_a_clear_error_and_other_clients_are_unaffected() {
     .await
     .unwrap();
     expect_error(&mut bad, ErrorCode::OutOfRange).await;
+    bad.send(reopen).await.unwrap();
     bad.send(Message::Submit {
         doc: "doc".into(),
         local_seq: 3,

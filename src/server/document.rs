@@ -80,7 +80,7 @@ struct Presence {
 /// Sends to one subscriber, or holds the frame while its snapshot is not out yet.
 fn deliver(held: &mut HashMap<SessionId, Held>, outbox: &Outbox, frame: &Bytes) {
     match held.get_mut(&outbox.session) {
-        Some(h) if h.bytes + frame.len() <= outbox.capacity() => {
+        Some(h) if h.bytes + frame.len() <= outbox.push_capacity() => {
             h.bytes += frame.len();
             h.frames.push(frame.clone());
         }
@@ -487,6 +487,7 @@ impl Document {
             (state.version, state.broken_pipelines.contains(&job.session))
         };
         if job.base_version > version {
+            self.break_pipeline(job.session);
             return Some(rejected(
                 ErrorCode::FutureVersion,
                 format!(
@@ -509,7 +510,7 @@ impl Document {
         broken.then(|| {
             rejected(
                 ErrorCode::PipelineConflict,
-                "an earlier pipelined op of this connection was refused; open the document again",
+                "an earlier op of this connection was refused; open the document again",
             )
         })
     }
@@ -523,17 +524,35 @@ impl Document {
         log: Option<Vec<SequencedOp>>,
     ) -> Step {
         match self.try_step(sequencer, job, log) {
-            Ok(step) => step,
-            Err(outcome) => {
-                if matches!(
-                    outcome,
-                    SubmitOutcome::Rejected(ErrorCode::PipelineConflict, _)
-                ) {
-                    self.lock().broken_pipelines.insert(job.session);
-                }
-                Step::Done(outcome)
+            Ok(Step::Done(outcome @ SubmitOutcome::Rejected(..))) | Err(outcome) => {
+                Step::Done(self.refused(sequencer, job, outcome))
             }
+            Ok(step) => step,
         }
+    }
+
+    /// An op is refused: unless it turns out to be a resend of an op applied meanwhile
+    /// (its original, sequenced by another session of the same client), the session's
+    /// later ops to this document are refused too (they may have been made on top of
+    /// it) until it opens the document again.
+    fn refused<S: Sequencer>(
+        &self,
+        sequencer: &S,
+        job: &Job,
+        outcome: SubmitOutcome,
+    ) -> SubmitOutcome {
+        if let Some(Ok(Submitted::Duplicate { seq, ticket })) =
+            sequencer.applied(&self.id, job.op_id, job.fingerprint)
+        {
+            return SubmitOutcome::Duplicate { seq, ticket };
+        }
+        self.break_pipeline(job.session);
+        outcome
+    }
+
+    /// Refuses the session's later ops to this document until it opens it again.
+    pub fn break_pipeline(&self, session: SessionId) {
+        self.lock().broken_pipelines.insert(session);
     }
 
     fn try_step<S: Sequencer>(
@@ -565,7 +584,7 @@ impl Document {
         if state.broken_pipelines.contains(&job.session) {
             return Err(rejected(
                 ErrorCode::PipelineConflict,
-                "an earlier pipelined op of this connection was refused; open the document again",
+                "an earlier op of this connection was refused; open the document again",
             ));
         }
         match state.window_after(job.at) {

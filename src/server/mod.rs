@@ -29,7 +29,8 @@ pub struct ServerConfig {
     pub max_frame: usize,
     /// The access token clients must present (empty: none).
     pub token: String,
-    /// Bytes queued for one connection before it counts as not reading (code 8).
+    /// Bytes queued for one connection: half for pushed frames (broadcasts, acks; full:
+    /// the client is not reading, code 8), half for replies (which wait for room).
     pub outbox_bytes: usize,
     /// Connections served at once; one more gets `Error` code 9 and is closed.
     pub max_connections: usize,
@@ -89,9 +90,9 @@ impl ServerConfig {
                 self.max_frame
             ));
         }
-        if self.outbox_bytes < 2 * (self.max_frame + 4) {
+        if self.outbox_bytes / 2 < self.max_frame + 4 {
             return Err(format!(
-                "the outgoing buffer ({} bytes) must hold two frames of max frame {}",
+                "each half of the outgoing buffer ({} bytes) must hold a frame of max frame {}",
                 self.outbox_bytes, self.max_frame
             ));
         }

@@ -1,15 +1,17 @@
 //! A session's outgoing frames, bounded in bytes, and the task that writes them.
 //!
 //! Frames are encoded once (a broadcast is encoded once for all its subscribers) and
-//! queued as `Bytes`. The queue is bounded by bytes, not messages: a permit of a
-//! semaphore per queued byte, returned by the writer once the bytes are in the socket.
-//! A broadcast or an ack that does not fit means the client is not reading: the session
-//! is closed with `Error` code 8 (it catches up when it reconnects). A reply to the
-//! session's own request (a snapshot piece, a catch-up) waits for room instead, so a
-//! large document is sent at the pace the client reads it, in pieces that each fit.
+//! queued as `Bytes`. The queue is bounded by bytes, not messages, in two halves: a
+//! permit of a semaphore per queued byte, returned by the writer once the bytes are in
+//! the socket. Pushed frames (broadcasts, acks, presence) have one half: one that does
+//! not fit means the client is not reading, and the session is closed with `Error` code
+//! 8 (it catches up when it reconnects). Replies to the session's own requests (snapshot
+//! pieces, catch-ups, fetches) have the other half and wait for room, so a large
+//! document is sent at the pace the client reads it, and never crowds out the pushes
+//! of a client that reads.
 //!
-//! Every write has a deadline: a peer that stops reading cannot hold the writer (and so
-//! its socket, its slot, and server shutdown) beyond it.
+//! Writes have a deadline: a peer that takes nothing for `write_timeout` cannot hold the
+//! writer (and so its socket, its slot, and server shutdown) beyond it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -54,9 +56,10 @@ pub fn encode(env: &Envelope, max_frame: usize) -> Bytes {
 pub struct Outbox {
     pub session: SessionId,
     pub client_id: u64,
-    tx: mpsc::UnboundedSender<Bytes>,
-    /// One permit per byte that may still be queued.
+    tx: mpsc::UnboundedSender<(Bytes, Budget)>,
+    /// One permit per byte that may still be queued: pushes, and replies.
     room: Arc<Semaphore>,
+    reply_room: Arc<Semaphore>,
     capacity: usize,
     /// Cancelled when the session must close; `closing` says why.
     close: CancellationToken,
@@ -67,14 +70,23 @@ pub struct Outbox {
 
 /// The receiving side, owned by the writer task.
 pub struct Writer {
-    rx: mpsc::UnboundedReceiver<Bytes>,
+    rx: mpsc::UnboundedReceiver<(Bytes, Budget)>,
     room: Arc<Semaphore>,
+    reply_room: Arc<Semaphore>,
     close: CancellationToken,
     closing: Arc<std::sync::Mutex<Option<Closing>>>,
     max_frame: usize,
 }
 
-/// A queue of at most `capacity` bytes for one session.
+/// Which half of the queue a frame's bytes count against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    Push,
+    Reply,
+}
+
+/// A queue of at most `capacity` bytes for one session: half for pushes, half for
+/// replies, each holding at least one frame.
 pub fn outbox(
     session: SessionId,
     client_id: u64,
@@ -82,11 +94,12 @@ pub fn outbox(
     max_frame: usize,
 ) -> (Outbox, Writer) {
     assert!(
-        capacity >= max_frame + 4,
-        "an outbox must hold at least one frame"
+        capacity / 2 >= max_frame + 4,
+        "each half of an outbox must hold at least one frame"
     );
     let (tx, rx) = mpsc::unbounded_channel();
-    let room = Arc::new(Semaphore::new(capacity));
+    let room = Arc::new(Semaphore::new(capacity / 2));
+    let reply_room = Arc::new(Semaphore::new(capacity - capacity / 2));
     let close = CancellationToken::new();
     let closing = Arc::new(std::sync::Mutex::new(None));
     (
@@ -95,6 +108,7 @@ pub fn outbox(
             client_id,
             tx,
             room: room.clone(),
+            reply_room: reply_room.clone(),
             capacity,
             close: close.clone(),
             closing: closing.clone(),
@@ -103,6 +117,7 @@ pub fn outbox(
         Writer {
             rx,
             room,
+            reply_room,
             close,
             closing,
             max_frame,
@@ -129,14 +144,15 @@ impl Outbox {
         match self.room.try_acquire_many(permits(frame.len())) {
             Ok(permit) => {
                 permit.forget();
-                self.tx.send(frame).is_ok()
+                self.tx.send((frame, Budget::Push)).is_ok()
             }
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 self.close_with(
                     ErrorCode::TooSlow,
                     format!(
-                        "too slow: more than {} bytes queued for this connection were not read",
-                        self.capacity
+                        "too slow: more than {} bytes of updates queued for this connection \
+                         were not read",
+                        self.capacity / 2
                     ),
                 );
                 false
@@ -149,13 +165,13 @@ impl Outbox {
     /// at the pace the client reads). Returns false if the session is closing.
     pub async fn send_wait(&self, frame: Bytes) -> bool {
         let acquired = tokio::select! {
-            permit = self.room.acquire_many(permits(frame.len())) => permit,
+            permit = self.reply_room.acquire_many(permits(frame.len())) => permit,
             _ = self.close.cancelled() => return false,
         };
         match acquired {
             Ok(permit) => {
                 permit.forget();
-                self.tx.send(frame).is_ok()
+                self.tx.send((frame, Budget::Reply)).is_ok()
             }
             Err(_) => false,
         }
@@ -207,14 +223,14 @@ impl Outbox {
         assert!(before > 0, "more submits answered than begun");
     }
 
-    /// The most bytes this queue holds.
-    pub fn capacity(&self) -> usize {
-        self.capacity
+    /// The most bytes of pushed frames (broadcasts, acks) this queue holds.
+    pub fn push_capacity(&self) -> usize {
+        self.capacity / 2
     }
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.capacity - self.room.available_permits()
+        self.capacity - self.room.available_permits() - self.reply_room.available_permits()
     }
 }
 
@@ -222,19 +238,31 @@ impl Writer {
     /// Takes the oldest queued frame without waiting (an in-process consumer in place
     /// of a socket, as the model tests use).
     pub fn try_recv(&mut self) -> Option<Bytes> {
-        let frame = self.rx.try_recv().ok()?;
-        self.room.add_permits(frame.len());
+        let (frame, budget) = self.rx.try_recv().ok()?;
+        self.release(frame.len(), budget);
         Some(frame)
+    }
+
+    fn release(&self, len: usize, budget: Budget) {
+        match budget {
+            Budget::Push => self.room.add_permits(len),
+            Budget::Reply => self.reply_room.add_permits(len),
+        }
     }
 
     /// Writes queued frames until every sender is gone or the session is closed. Each
     /// write must complete within `write_timeout`.
     pub async fn run<W: tokio::io::AsyncWrite + Unpin>(self, socket: W, write_timeout: Duration) {
-        let (close, room) = (self.close.clone(), self.room.clone());
+        let (close, room, reply_room) = (
+            self.close.clone(),
+            self.room.clone(),
+            self.reply_room.clone(),
+        );
         self.write(socket, write_timeout).await;
         // However the writer ended, nothing more can be queued, and a session waiting
         // for room (or reading) learns that the connection is gone.
         room.close();
+        reply_room.close();
         close.cancel();
     }
 
@@ -243,7 +271,7 @@ impl Writer {
         mut socket: W,
         write_timeout: Duration,
     ) {
-        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch: Vec<(Bytes, Budget)> = Vec::new();
         loop {
             let first = tokio::select! {
                 biased;
@@ -257,12 +285,12 @@ impl Writer {
                 },
             };
             // Coalesce what else is queued into one write (bounded: 256 KiB or one frame).
-            let mut len = first.len();
+            let mut len = first.0.len();
             batch.push(first);
             while len < 256 * 1024 {
                 match self.rx.try_recv() {
                     Ok(frame) => {
-                        len += frame.len();
+                        len += frame.0.len();
                         batch.push(frame);
                     }
                     Err(_) => break,
@@ -270,26 +298,26 @@ impl Writer {
             }
             // Not interrupted by a close: a frame half written would garble the stream,
             // and the write is bounded by its deadline anyway.
-            let written =
-                tokio::time::timeout(write_timeout, write_batch(&mut socket, &batch)).await;
-            match written {
-                Ok(Ok(())) => {
-                    self.room.add_permits(len);
-                    batch.clear();
+            match write_batch(&mut socket, &batch, write_timeout).await {
+                Ok(()) => {
+                    for (frame, budget) in batch.drain(..) {
+                        self.release(frame.len(), budget);
+                    }
                 }
-                Ok(Err(_)) => return,
-                Err(_) => {
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     tracing::info!(
-                        "closing a connection whose peer read nothing for {write_timeout:?}"
+                        "closing a connection whose peer took nothing for {write_timeout:?}"
                     );
                     return;
                 }
+                Err(_) => return,
             }
         }
         // Closed by the server: what is queued is dropped (the client catches up when it
         // reconnects); the reason goes out last, if the socket takes it in time.
         self.rx.close();
         self.room.close();
+        self.reply_room.close();
         let closing = self
             .closing
             .lock()
@@ -314,16 +342,32 @@ impl Writer {
     }
 }
 
+/// Writes the batch; fails with `TimedOut` if the socket takes nothing for `timeout`
+/// (a slow reader that makes progress is not cut off).
 async fn write_batch<W: tokio::io::AsyncWrite + Unpin>(
     socket: &mut W,
-    batch: &[Bytes],
+    batch: &[(Bytes, Budget)],
+    timeout: Duration,
 ) -> std::io::Result<()> {
-    if let [one] = batch {
-        return socket.write_all(one).await;
+    let joined;
+    let bytes: &[u8] = if let [(one, _)] = batch {
+        one
+    } else {
+        let mut buf = BytesMut::with_capacity(batch.iter().map(|(f, _)| f.len()).sum());
+        for (frame, _) in batch {
+            buf.extend_from_slice(frame);
+        }
+        joined = buf;
+        &joined
+    };
+    let mut at = 0;
+    while at < bytes.len() {
+        match tokio::time::timeout(timeout, socket.write(&bytes[at..])).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => at += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        }
     }
-    let mut buf = BytesMut::with_capacity(batch.iter().map(Bytes::len).sum());
-    for frame in batch {
-        buf.extend_from_slice(frame);
-    }
-    socket.write_all(&buf).await
+    Ok(())
 }

@@ -570,6 +570,7 @@ impl<S: Sequencer> Session<S> {
         let max_bytes = max_op_bytes(self.max_frame());
         let bytes = patches_wire_len(&patches);
         if patches.len() > MAX_OP_PATCHES || bytes > max_bytes {
+            document.break_pipeline(self.outbox.session);
             return reject(
                 ErrorCode::TooLarge,
                 format!(
@@ -580,6 +581,7 @@ impl<S: Sequencer> Session<S> {
             );
         }
         if !self.outbox.begin_op(MAX_OPS_IN_FLIGHT) {
+            document.break_pipeline(self.outbox.session);
             return reject(
                 ErrorCode::TooManyInFlight,
                 format!("{MAX_OPS_IN_FLIGHT} ops of this connection are in flight already"),
