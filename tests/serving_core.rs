@@ -205,6 +205,7 @@ async fn every_reply_fits_a_frame_and_a_document_larger_than_a_frame_opens_in_pi
         Message::Reject { code, .. } => assert_eq!(code, ErrorCode::TooLarge),
         other => panic!("expected a Reject, got {other:?}"),
     }
+    open_raw(&mut a, "d", 1).await;
     // Grow the document to many frames.
     let mut version = 1;
     for i in 0..40u64 {
@@ -301,6 +302,7 @@ async fn an_op_with_the_most_patches_is_applied_and_one_more_is_refused() {
         Message::Reject { code, .. } => assert_eq!(code, ErrorCode::TooLarge),
         other => panic!("expected a Reject, got {other:?}"),
     }
+    open_raw(&mut a, "big", 1).await;
     submit(&mut a, "big", 3, 1, patches).await;
     // A bystander on another document is served meanwhile.
     let mut bystander = open(server.addr, 2, "small").await;
@@ -377,6 +379,8 @@ async fn a_reused_op_id_is_refused_and_a_true_resend_gets_its_original_ack() {
         Message::Reject { code, .. } => assert_eq!(code, ErrorCode::OpIdReused),
         other => panic!("a reused id is refused, got {other:?}"),
     }
+    // After a Reject the client opens the document again before its next op.
+    open_raw(&mut again, "notes", version).await;
     // The true resend (same base, same patches) gets its original ack.
     submit(&mut again, "notes", 1, 0, vec![Patch::new(0, 0, "hello")]).await;
     assert!(matches!(
@@ -768,13 +772,13 @@ async fn a_catch_up_past_its_limit_is_a_snapshot_and_fetch_is_capped() {
     let mut acked = 0;
     let mut sent = 0;
     while acked < total {
-        // Pipelined, one char each, all made on version 0 by one client.
+        // Pipelined, one char each, each made on the version the client has seen.
         while sent < total && sent - acked < MAX_OPS_IN_FLIGHT as u64 {
             sent += 1;
             a.queue(Message::Submit {
                 doc: "d".into(),
                 local_seq: sent,
-                base_version: 0,
+                base_version: acked,
                 patches: vec![Patch::new(0, 0, "x")],
             })
             .unwrap();
@@ -816,5 +820,34 @@ async fn a_catch_up_past_its_limit_is_a_snapshot_and_fetch_is_capped() {
         }
     }
     assert_eq!(got, u64::from(FETCH_MAX_OPS));
+    // An op made 10,001 ops behind is refused (27); 10,000 behind is transformed.
+    use quire::server::document::MAX_OPS_BEHIND;
+    let mut e = Connection::connect(server.addr, 5, "").await.unwrap();
+    open_raw(&mut e, "d", 0).await;
+    submit(
+        &mut e,
+        "d",
+        1,
+        total - MAX_OPS_BEHIND - 1,
+        vec![Patch::new(0, 0, "y")],
+    )
+    .await;
+    match next_reply(&mut e).await {
+        Message::Reject { code, .. } => assert_eq!(code, ErrorCode::TooOld),
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    open_raw(&mut e, "d", total).await;
+    submit(
+        &mut e,
+        "d",
+        2,
+        total - MAX_OPS_BEHIND,
+        vec![Patch::new(0, 0, "y")],
+    )
+    .await;
+    match next_reply(&mut e).await {
+        Message::Ack { seq, .. } => assert_eq!(seq, total + 1),
+        other => panic!("expected an Ack, got {other:?}"),
+    }
     server.stop().await;
 }

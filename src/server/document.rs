@@ -25,6 +25,14 @@ use crate::ot::{Side, TextOp};
 use crate::protocol::message::{Envelope, ErrorCode, Message, Selection, WireOp};
 use crate::sequencer::{fingerprint, Sequencer, SubmitError, SubmitOp, Submitted};
 
+/// Ops read back from the log at a time for a late op (it steps again for the rest).
+pub const LOG_READ_BATCH: u64 = 256;
+
+/// How far behind the document an op's base may be: past it, the op is refused with
+/// code 27 (the client catches up and rebases itself, as after a catch-up of more than
+/// as many ops). Bounds the work one op can cause.
+pub const MAX_OPS_BEHIND: u64 = 10_000;
+
 /// One sequenced op as late ops are transformed over it.
 struct Sequenced {
     seq: u64,
@@ -293,6 +301,8 @@ pub fn read_missed<S: Sequencer>(
     upto: u64,
 ) -> Result<Vec<SequencedOp>, SubmitOutcome> {
     debug_assert!(after < upto);
+    // In batches: the op steps again and asks for the rest.
+    let upto = upto.min(after + LOG_READ_BATCH);
     let wanted = (upto - after) as usize;
     match sequencer.ops_after(doc, after, wanted) {
         Ok(Some(ops))
@@ -395,9 +405,15 @@ impl Document {
         let mut state = self.lock();
         state.held.remove(&session);
         state.broken_pipelines.remove(&session);
+        // A replaced session's client id may be live on its new session: only this
+        // session's presence goes.
         if state.subscribers.remove(&session).is_some()
-            && state.presence.remove(&client_id).is_some()
+            && state
+                .presence
+                .get(&client_id)
+                .is_some_and(|p| p.session == session)
         {
+            state.presence.remove(&client_id);
             let frame = self.presence_state(client_id, Vec::new());
             state.deliver_all(None, &frame);
         }
@@ -486,6 +502,27 @@ impl Document {
             let state = self.lock();
             (state.version, state.broken_pipelines.contains(&job.session))
         };
+        if version - job.base_version.min(version) > MAX_OPS_BEHIND && !broken {
+            // A resend is answered however old its base; a new op that far behind is not
+            // transformed.
+            match sequencer.applied(&self.id, job.op_id, job.fingerprint) {
+                Some(Ok(Submitted::Duplicate { seq, ticket })) => {
+                    return Some(SubmitOutcome::Duplicate { seq, ticket })
+                }
+                Some(Err(e)) => return Some(outcome_of(e)),
+                _ => {
+                    self.break_pipeline(job.session);
+                    return Some(rejected(
+                        ErrorCode::TooOld,
+                        format!(
+                            "base version {} is more than {MAX_OPS_BEHIND} ops behind the document \
+                             (version {version}); open it again and rebase",
+                            job.base_version
+                        ),
+                    ));
+                }
+            }
+        }
         if job.base_version > version {
             self.break_pipeline(job.session);
             return Some(rejected(

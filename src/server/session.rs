@@ -36,6 +36,10 @@ use crate::protocol::{
 };
 use crate::sequencer::Sequencer;
 
+/// The largest frame a Hello can be (type, request id, magic, version, client id, a
+/// token of up to 65,535 bytes).
+const MAX_HELLO_FRAME: usize = 1 + 4 + 4 + 2 + 8 + 2 + 65_535;
+
 /// A catch-up longer than this many ops is sent as a snapshot instead.
 pub const CATCHUP_MAX_OPS: u64 = 10_000;
 
@@ -43,7 +47,7 @@ pub const CATCHUP_MAX_OPS: u64 = 10_000;
 pub const FETCH_MAX_OPS: u32 = 10_000;
 
 /// Ops read from the log at a time for a catch-up or fetch.
-const READ_BATCH: usize = 1024;
+const READ_BATCH: usize = 256;
 
 /// An op with more patches than this is put in component form on a blocking thread.
 const LARGE_OP_PATCHES: usize = 1024;
@@ -156,6 +160,15 @@ impl<S: Sequencer> Session<S> {
             loop {
                 if large.is_none() && buf.len() >= 4 {
                     let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+                    if self.client_id.is_none() && len > MAX_HELLO_FRAME {
+                        // No Hello is that large: refused before it takes any budget.
+                        self.send_error(
+                            0,
+                            ErrorCode::FrameTooLarge,
+                            format!("a {len}-byte first frame cannot be a Hello"),
+                        );
+                        return;
+                    }
                     if len <= config.max_frame && len + 4 > SMALL_FRAME {
                         // Room for its body in the server-wide budget, before it is buffered.
                         match self
@@ -191,8 +204,18 @@ impl<S: Sequencer> Session<S> {
                         return;
                     }
                 };
-                large = None;
+                if large.take().is_some() {
+                    // The large frame's block would live on in `buf` (it shares the
+                    // allocation): keep only what follows it, in a small buffer.
+                    let mut fresh = BytesMut::with_capacity(8 * 1024);
+                    fresh.extend_from_slice(&buf);
+                    buf = fresh;
+                }
                 if !self.handle(env).await {
+                    return;
+                }
+                if self.outbox.is_closing() {
+                    // Replaced or cut off: frames already buffered are not handled.
                     return;
                 }
                 deadline = Instant::now() + config.idle_timeout;
@@ -344,7 +367,10 @@ impl<S: Sequencer> Session<S> {
             && known_version <= version
             && version - known_version <= CATCHUP_MAX_OPS
         {
-            sent = self.send_ops(rid, &doc, known_version, u64::MAX).await;
+            // Up to the version at subscription: later ops come as held broadcasts.
+            sent = self
+                .send_ops(rid, &doc, known_version, version - known_version)
+                .await;
         }
         if let Sent::Truncated = sent {
             sent = self.send_snapshot(rid, &doc).await;
