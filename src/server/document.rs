@@ -45,6 +45,8 @@ struct Pending {
     submitter: SessionId,
     request_id: u32,
     durable: bool,
+    /// Acks for resends of this op, sent right after it is delivered.
+    resent: Vec<(Outbox, Bytes)>,
 }
 
 /// Frames for a session whose snapshot is not out yet, and their bytes.
@@ -686,6 +688,7 @@ impl Document {
                         submitter: job.session,
                         request_id: job.request_id,
                         durable: false,
+                        resent: Vec::new(),
                     },
                 );
                 SubmitOutcome::Applied { seq, ticket }
@@ -715,6 +718,28 @@ impl Document {
                 }
             }
         }
+    }
+
+    /// A resend of the op sequenced as `seq` is answered with its original ack, in seq
+    /// order with the document's other messages to that session: at once if `seq` was
+    /// delivered, else right after it is.
+    pub fn ack_resend(&self, outbox: &Outbox, request_id: u32, local_seq: u64, seq: u64) {
+        let ack = self.frame(
+            Message::Ack {
+                doc: self.id.to_string(),
+                local_seq,
+                seq,
+            },
+            request_id,
+        );
+        let mut state = self.lock();
+        if seq > state.delivered {
+            if let Some(p) = state.pending.get_mut(&seq) {
+                p.resent.push((outbox.clone(), ack));
+                return;
+            }
+        }
+        deliver(&mut state.held, outbox, &ack);
     }
 
     /// `seq` is durable: deliver every consecutive durable op, in seq order, as an ack
@@ -752,6 +777,9 @@ impl Document {
                     &remote
                 };
                 deliver(held, outbox, frame);
+            }
+            for (outbox, ack) in &p.resent {
+                deliver(held, outbox, ack);
             }
         }
         state.trim_history(self.limits.history_window);

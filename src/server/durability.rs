@@ -29,9 +29,10 @@ pub enum Action {
         request_id: u32,
         local_seq: u64,
     },
-    /// A retried op: the original ack again, once the original is durable.
+    /// A retried op: the original ack again, once the original is durable, in seq
+    /// order with the document's other messages.
     AckDuplicate {
-        doc: Arc<str>,
+        document: Arc<Document>,
         outbox: Outbox,
         request_id: u32,
         local_seq: u64,
@@ -132,31 +133,36 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
         }
         (
             Action::AckDuplicate {
-                doc,
+                document,
                 outbox,
                 request_id,
                 local_seq,
                 seq,
             },
-            outcome,
+            Ok(()),
         ) => {
-            let message = match outcome {
-                Ok(()) => Message::Ack {
-                    doc: doc.to_string(),
-                    local_seq,
-                    seq,
-                },
-                Err(reason) => Message::Reject {
-                    doc: doc.to_string(),
-                    local_seq,
-                    code: ErrorCode::StorageFailed,
-                    message: reason.to_string(),
-                },
-            };
+            document.ack_resend(&outbox, request_id, local_seq, seq);
+            outbox.end_op();
+        }
+        (
+            Action::AckDuplicate {
+                document,
+                outbox,
+                request_id,
+                local_seq,
+                ..
+            },
+            Err(reason),
+        ) => {
             outbox.send(encode(
                 &Envelope {
                     request_id,
-                    message,
+                    message: Message::Reject {
+                        doc: document.id.to_string(),
+                        local_seq,
+                        code: ErrorCode::StorageFailed,
+                        message: reason.to_string(),
+                    },
                 },
                 max_frame,
             ));

@@ -650,7 +650,7 @@ impl<S: Sequencer> Session<S> {
             SubmitOutcome::Duplicate { seq, ticket } => durable.push(
                 ticket,
                 Action::AckDuplicate {
-                    doc: document.id.clone(),
+                    document: document.clone(),
                     outbox: self.outbox.clone(),
                     request_id: rid,
                     local_seq,
