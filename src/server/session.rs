@@ -217,7 +217,10 @@ impl<S: Sequencer> Session<S> {
                     }
                 };
                 large = None;
-                if !self.handle(env).await {
+                // Boxed: a request's future (an open, a submit, a fetch) is far larger
+                // than the idle wait below, and every connection's task would otherwise
+                // be sized for it while it waits.
+                if !Box::pin(self.handle(env)).await {
                     return;
                 }
                 deadline = Instant::now() + config.idle_timeout;
