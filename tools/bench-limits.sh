@@ -7,7 +7,7 @@
 # BIN is the quire binary; quire-probe is taken from beside it (or $PROBE).
 # Settings: PORT (first port tried, default 7441), PROBE_TIMEOUT (seconds per probe,
 # default 120), IDLE_HOLD_SECS (idle probes: wait before counting the connections the
-# server still holds, default 0).
+# server still holds, default 0), ONLY (run only the probes whose names contain it).
 set -uo pipefail
 if [ $# -ne 2 ]; then
   echo "usage: bash tools/bench-limits.sh BIN OUT_DIR" >&2
@@ -69,6 +69,7 @@ load() { uptime | sed 's/.*load average: //; s/,//g'; }
 # probe NAME SUBCOMMAND ARGS...: a fresh server, the probe, one line.
 probe() {
   local name="$1"; shift
+  case "$name" in *"${ONLY:-}"*) ;; *) return 0 ;; esac
   local started load_start line rc alive
   started=$(date -u +%FT%TZ)
   load_start=$(load)
@@ -97,4 +98,6 @@ probe half-frames half-frames --conns 300 --bytes $(((1 << 20) - 64))
 probe slow-reader slow-reader --ops 200 --op-bytes 500000 --timeout-secs 60
 # The same with a subscriber that reads: what the document itself costs.
 probe slow-reader-control slow-reader --ops 200 --op-bytes 500000 --timeout-secs 60 --subscriber-reads
+# Memory at scale: 10,000 connections keeping 10,000 documents of 1,000 characters open.
+probe docs-10000 docs --conns 10000 --docs 10000 --chars 1000
 echo "######## limits done $(date -u +%FT%TZ)" | tee -a "$log"

@@ -5,6 +5,7 @@
 //! quire-probe idle        --addr A --conns N [--hello] [--hold-secs S] [--pid PID]
 //! quire-probe half-frames --addr A --conns N --bytes B [--pid PID]
 //! quire-probe slow-reader --addr A --ops N --op-bytes K [--subscriber-reads] [--pid PID]
+//! quire-probe docs        --addr A --conns N --docs M --chars C [--pid PID]
 //! ```
 //!
 //! Each probe prints one summary line of `key=value` fields on stdout (notes go to
@@ -106,6 +107,9 @@ enum Probe {
     HalfFrames(HalfFramesArgs),
     /// A subscriber that never reads while a writer submits big ops to its document.
     SlowReader(SlowReaderArgs),
+    /// Many connections keeping many written documents open: memory per connection and
+    /// per open document, and what the server keeps once every connection is gone.
+    Docs(DocsArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -189,6 +193,25 @@ struct SlowReaderArgs {
     /// Bound on the writer's whole run.
     #[arg(long, default_value_t = 90)]
     timeout_secs: u64,
+}
+
+#[derive(Args)]
+struct DocsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connections, each completing the handshake.
+    #[arg(long, default_value_t = 10_000)]
+    conns: usize,
+    /// Documents: document j is opened, written once and kept open by connection
+    /// j mod conns.
+    #[arg(long, default_value_t = 10_000)]
+    docs: usize,
+    /// Characters (ASCII) written to each document by its one op.
+    #[arg(long, default_value_t = 1_000)]
+    chars: u64,
+    /// Document ids are PREFIX-j.
+    #[arg(long, default_value = "probe-d")]
+    doc_prefix: String,
 }
 
 /// Why a connection could not do what the probe asked.
@@ -1268,6 +1291,100 @@ fn slow_reader(a: &SlowReaderArgs) -> Result<String, String> {
     ))
 }
 
+// ---- docs ----
+
+/// Documents opened and written at once (each on a different connection), so that
+/// their ops share fsyncs.
+const DOCS_BATCH: usize = 256;
+/// Opening and writing every document of the `docs` probe. Below the server's idle
+/// deadline (60 s), which would close the connections that wait.
+const DOCS_ALL_TIMEOUT: Duration = Duration::from_secs(50);
+
+fn docs(a: &DocsArgs) -> Result<String, String> {
+    let c = &a.common;
+    if a.conns == 0 {
+        return Err("--conns must be at least 1".into());
+    }
+    let base_id = client_base(c.client_base);
+    let memory_before = memory_kib(c.pid);
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(a.conns);
+    for i in 0..a.conns {
+        if started.elapsed() >= OPEN_ALL_TIMEOUT {
+            return Err(format!(
+                "{} connections after {OPEN_ALL_TIMEOUT:?}",
+                conns.len()
+            ));
+        }
+        let conn = connect_hello(c.addr, base_id + i as u64, &c.token)
+            .map_err(|e| format!("connection #{i}: {e}"))?;
+        conns.push(conn);
+    }
+    let conns_ms = started.elapsed().as_millis();
+    eprintln!("docs: {} connections after {conns_ms} ms", conns.len());
+    thread::sleep(Duration::from_secs(1));
+    let memory_conns = memory_kib(c.pid);
+
+    let started_docs = Instant::now();
+    let deadline = started_docs + DOCS_ALL_TIMEOUT;
+    let text = letters(0, a.chars);
+    let batch = DOCS_BATCH.min(a.conns);
+    let mut written = 0usize;
+    for first in (0..a.docs).step_by(batch) {
+        let last = (first + batch).min(a.docs);
+        // Open and Submit pipelined: the session handles Open first, so the op's base
+        // (version 0, a new document) is what the connection has.
+        for j in first..last {
+            let doc = format!("{}-{j}", a.doc_prefix);
+            let conn = &mut conns[j % a.conns];
+            let mut open = Vec::new();
+            put_str16(&mut open, &doc);
+            put_u64(&mut open, 0);
+            conn.send(OPEN, &open)
+                .map_err(|e| format!("open of document #{j}: {e}"))?;
+            let mut submit = submit_header(&doc, 1, 0, 1);
+            put_patch(&mut submit, 0, 0, &text);
+            conn.send(SUBMIT, &submit)
+                .map_err(|e| format!("submit to document #{j}: {e}"))?;
+        }
+        for j in first..last {
+            match conns[j % a.conns].outcome(1, deadline) {
+                Ok(Outcome::Acked { .. }) => written += 1,
+                other => {
+                    return Err(format!(
+                        "document #{j} after {written} written: {}",
+                        outcome_text(&other)
+                    ))
+                }
+            }
+        }
+    }
+    let docs_ms = started_docs.elapsed().as_millis();
+    eprintln!("docs: {written} documents written after {docs_ms} ms");
+    thread::sleep(Duration::from_secs(1));
+    let memory_docs = memory_kib(c.pid);
+    let standing = census(&mut conns);
+    drop(conns);
+    thread::sleep(Duration::from_secs(2));
+    let memory_closed = memory_kib(c.pid);
+    Ok(format!(
+        "docs conns={} docs={} chars={} written={written} conns_ms={conns_ms} docs_ms={docs_ms} \
+         rss_anon_kib={}->{}->{}->{} per_conn_bytes={} per_doc_bytes={} \
+         kept_after_close_per_doc_bytes={} peak_rss_kib={} {standing}",
+        a.conns,
+        a.docs,
+        a.chars,
+        rss_text(memory_before),
+        rss_text(memory_conns),
+        rss_text(memory_docs),
+        rss_text(memory_closed),
+        per_item_bytes(memory_before, memory_conns, a.conns),
+        per_item_bytes(memory_conns, memory_docs, written),
+        per_item_bytes(memory_before, memory_closed, written),
+        memory_docs.map_or_else(|| "-".to_owned(), |m| m.hwm.to_string()),
+    ))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (name, result) = match &cli.probe {
@@ -1275,6 +1392,7 @@ fn main() -> ExitCode {
         Probe::Idle(a) => ("idle", idle(a)),
         Probe::HalfFrames(a) => ("half-frames", half_frames(a)),
         Probe::SlowReader(a) => ("slow-reader", slow_reader(a)),
+        Probe::Docs(a) => ("docs", docs(a)),
     };
     match result {
         Ok(line) => {

@@ -315,7 +315,11 @@ impl<S: Sequencer> Server<S> {
                 }
             }
         }
+        // Awaited, not only aborted: the task holds the server (and so the store and its
+        // directory lock) until it is dropped, and a restart in the same process must
+        // find the lock free once `serve` returns.
         deliverer.abort();
+        let _ = deliverer.await;
     }
 }
 

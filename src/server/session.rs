@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -69,6 +68,30 @@ pub fn refuse_busy(stream: TcpStream, max_frame: usize, message: String) {
         max_frame,
     );
     let _ = stream.try_write(&frame);
+}
+
+/// Bytes a connection's read buffer is given when bytes arrive and it has no room
+/// (as much as one read takes in one system call; a frame that needs more gets its
+/// length reserved by the codec).
+const READ_CHUNK_BYTES: usize = 8 * 1024;
+
+/// Reads what the socket has, after it reported readable. Returns false when the
+/// connection ended. A buffer with less than a quarter chunk of room gets a chunk more,
+/// unless it holds part of a large frame: the codec reserved that frame's whole length
+/// and growing it again would copy it.
+fn read_ready(
+    reader: &tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    large_frame: bool,
+) -> bool {
+    if !large_frame && buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
+        buf.reserve(READ_CHUNK_BYTES);
+    }
+    match reader.try_read_buf(buf) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+    }
 }
 
 struct Session<S: Sequencer> {
@@ -148,10 +171,12 @@ impl<S: Sequencer> Session<S> {
     }
 
     /// Reads frames until the connection ends or must close.
-    async fn read_loop(&mut self, mut reader: tokio::net::tcp::OwnedReadHalf) {
+    async fn read_loop(&mut self, reader: tokio::net::tcp::OwnedReadHalf) {
         let config = self.server.config.clone();
         let mut codec = FrameCodec::new(config.max_frame);
-        let mut buf = BytesMut::with_capacity(8 * 1024);
+        // Empty while the connection is idle: a buffer is taken when bytes arrive and
+        // given back once every frame in it is decoded (see `read_ready`).
+        let mut buf = BytesMut::new();
         let mut shutdown = self.server.shutdown.subscribe();
         let mut large: Option<OwnedSemaphorePermit> = None;
         let mut deadline = Instant::now() + config.handshake_timeout;
@@ -207,11 +232,14 @@ impl<S: Sequencer> Session<S> {
                 if large.take().is_some() {
                     // The large frame's block would live on in `buf` (it shares the
                     // allocation): keep only what follows it, in a small buffer.
-                    let mut fresh = BytesMut::with_capacity(8 * 1024);
+                    let mut fresh = BytesMut::with_capacity(buf.len());
                     fresh.extend_from_slice(&buf);
                     buf = fresh;
                 }
-                if !self.handle(env).await {
+                // Boxed: a request's future (an open, a submit, a fetch) is far larger
+                // than the idle wait below, and every connection's task would otherwise
+                // be sized for it while it waits.
+                if !Box::pin(self.handle(env)).await {
                     return;
                 }
                 if self.outbox.is_closing() {
@@ -220,15 +248,17 @@ impl<S: Sequencer> Session<S> {
                 }
                 deadline = Instant::now() + config.idle_timeout;
             }
-            if buf.is_empty() && buf.capacity() > SMALL_FRAME {
-                // A large frame was read: give its memory back.
-                buf = BytesMut::with_capacity(8 * 1024);
+            if buf.is_empty() {
+                // Every frame read is decoded: an idle connection holds no read buffer
+                // (10,000 idle connections would otherwise keep 80 MiB).
+                buf = BytesMut::new();
             }
             tokio::select! {
-                read = reader.read_buf(&mut buf) => match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                },
+                ready = reader.readable() => {
+                    if ready.is_err() || !read_ready(&reader, &mut buf, large.is_some()) {
+                        return;
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     let (what, limit) = if self.client_id.is_none() {
                         ("a complete Hello", config.handshake_timeout)
