@@ -214,6 +214,16 @@ impl ScannedWal {
             .or_else(|| report.tail_cut.as_ref().map(|c| c.segment_id))
             .or_else(|| report.spares_removed.first().copied())
             .unwrap_or(1);
+        // What recovery read may have been in the page cache only (the process died,
+        // the machine did not): everything from here on is published as durable, so it
+        // is made durable first. Only the last write can be unsynced, and a write never
+        // spans segments: syncing the last two covers it.
+        for segment in report.segments.iter().rev().take(2) {
+            let path = segment_path(dir, segment.header.segment_id);
+            vfs.open(&path)
+                .and_then(|file| file.sync_data())
+                .map_err(io_context(format_args!("syncing {}", path.display())))?;
+        }
         let active = match report.segments.last() {
             Some(last) => {
                 let path = segment_path(dir, last.header.segment_id);
