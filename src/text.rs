@@ -7,7 +7,7 @@
 
 use jumprope::JumpRope;
 
-use crate::op::{Patch, MAX_DOC_BYTES, MAX_DOC_CHARS};
+use crate::op::{AsPatch, MAX_DOC_BYTES, MAX_DOC_CHARS};
 
 /// Why a patch does not apply to a text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,9 +72,10 @@ impl Text {
     }
 
     /// Checks that every patch applies, in order, without changing the text.
-    pub fn check(&self, patches: &[Patch]) -> Result<(), ApplyError> {
+    pub fn check<P: AsPatch>(&self, patches: &[P]) -> Result<(), ApplyError> {
         let mut len = u64::from(self.len_chars());
         for (i, p) in patches.iter().enumerate() {
+            let p = p.as_patch();
             if u64::from(p.pos) + u64::from(p.del) > len {
                 return Err(ApplyError::OutOfRange {
                     patch: i,
@@ -90,7 +91,7 @@ impl Text {
         }
         // Bytes: deletes only shrink the text, so the inserted bytes bound the growth;
         // only near the limit is the exact figure worth computing (on a copy).
-        let inserted: u64 = patches.iter().map(|p| p.ins.len() as u64).sum();
+        let inserted: u64 = patches.iter().map(|p| p.as_patch().ins.len() as u64).sum();
         if self.len_bytes() + inserted > MAX_DOC_BYTES {
             let mut copy = self.clone();
             copy.splice(patches);
@@ -104,21 +105,23 @@ impl Text {
     }
 
     /// Applies the patches in order, or none of them.
-    pub fn apply(&mut self, patches: &[Patch]) -> Result<(), ApplyError> {
+    /// Owned patches or patches borrowed from a log record (`PatchRef`) alike.
+    pub fn apply<P: AsPatch>(&mut self, patches: &[P]) -> Result<(), ApplyError> {
         self.check(patches)?;
         self.splice(patches);
         Ok(())
     }
 
     /// Applies checked patches.
-    fn splice(&mut self, patches: &[Patch]) {
+    fn splice<P: AsPatch>(&mut self, patches: &[P]) {
         for p in patches {
+            let p = p.as_patch();
             let pos = p.pos as usize;
             if p.del > 0 {
                 self.rope.remove(pos..pos + p.del as usize);
             }
             if !p.ins.is_empty() {
-                self.rope.insert(pos, &p.ins);
+                self.rope.insert(pos, p.ins);
             }
         }
     }
@@ -144,6 +147,7 @@ impl std::fmt::Display for Text {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::Patch;
 
     #[test]
     fn positions_count_code_points_including_astral_ones() {

@@ -209,13 +209,20 @@ impl LocalSequencer {
 
         let mut replayed = 0u64;
         let mut inconsistency: Option<String> = None;
-        let scanned = Wal::scan(vfs.clone(), &data_dir.join("wal"), config.wal.clone(), |op, location| {
+        // Each document's state while the log is replayed, by the ordinal the scan gave
+        // it (taken out of `docs` at its first op): no id is hashed per record.
+        let mut replaying: Vec<(Arc<str>, DocState)> = Vec::new();
+        let scanned = Wal::scan_ops(vfs.clone(), &data_dir.join("wal"), config.wal.clone(), |op, location, doc| {
             if inconsistency.is_some() {
                 return;
             }
-            let state = docs
-                .entry(Arc::from(op.doc_id.as_str()))
-                .or_insert_with(DocState::empty);
+            let ordinal = doc.ordinal as usize;
+            assert!(ordinal <= replaying.len(), "ordinals are given in order");
+            if ordinal == replaying.len() {
+                let state = docs.remove(&**doc.id).unwrap_or_else(DocState::empty);
+                replaying.push((doc.id.clone(), state));
+            }
+            let state = &mut replaying[ordinal].1;
             if op.server_seq <= state.version {
                 return; // covered by the snapshot
             }
@@ -247,6 +254,14 @@ impl LocalSequencer {
         .map_err(OpenError::Wal)?;
         if let Some(message) = inconsistency {
             return Err(OpenError::Inconsistent(message));
+        }
+        docs.reserve(replaying.len());
+        for (id, state) in replaying {
+            let previous = docs.insert(id, state);
+            assert!(
+                previous.is_none(),
+                "a document replayed was taken out of docs"
+            );
         }
         let (wal, report) = scanned.start().map_err(OpenError::Wal)?;
         remove_leftovers(&*vfs, &leftovers).map_err(OpenError::Snapshots)?;

@@ -32,8 +32,10 @@ use std::thread::JoinHandle;
 use tokio::sync::watch;
 
 use commit::{CommitQueue, Durability, DurableNotify, EnqueueError, IndexKey};
-use index::{Index, Location};
-use record::{decode_frame, Lsn, OpRecord, RecordType, MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN};
+use index::{DocSlot, Index, IndexBuilder, Location};
+use record::{
+    decode_frame, Lsn, OpRecord, OpView, RecordType, MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN,
+};
 use recovery::{RecoveryOptions, RecoveryReport};
 use segment::{segment_path, SegmentId, SEGMENT_HEADER_LEN, SEGMENT_SIZE_MIN};
 use stats::WalStats;
@@ -309,6 +311,20 @@ impl Wal {
         config: WalConfig,
         mut visit: impl FnMut(&OpRecord, Location),
     ) -> Result<ScannedWal, WalError> {
+        Wal::scan_ops(vfs, dir, config, |op, location, _| {
+            visit(&op.to_record(), location)
+        })
+    }
+
+    /// [`Wal::scan`] as replay wants it: each op decoded in place ([`OpView`]: its texts
+    /// borrow the mapped segment, nothing is copied), with its document's [`DocSlot`]
+    /// (a dense number and the interned id), so that the caller hashes no id per record.
+    pub fn scan_ops(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        config: WalConfig,
+        mut visit: impl FnMut(&OpView<'_>, Location, DocSlot<'_>),
+    ) -> Result<ScannedWal, WalError> {
         assert!(config.segment_size >= SEGMENT_SIZE_MIN);
         vfs.create_dir_all(dir)
             .map_err(io_context(format_args!("creating {}", dir.display())))?;
@@ -323,7 +339,7 @@ impl Wal {
             },
         })?;
 
-        let mut index = Index::default();
+        let mut index = IndexBuilder::default();
         let mut current_segment = None;
         let mut payload_error: Option<String> = None;
         let scanned = recovery::scan(&*vfs, dir, config.recovery, |segment_id, offset, raw| {
@@ -337,11 +353,10 @@ impl Wal {
                 lsn: raw.lsn,
             };
             match raw.record_type {
-                RecordType::Op => match OpRecord::decode(raw.payload) {
+                RecordType::Op => match OpView::decode(raw.payload) {
                     Ok(op) => {
-                        let doc: Arc<str> = Arc::from(op.doc_id.as_str());
-                        index.insert(location, Some((&doc, op.server_seq)));
-                        visit(&op, location);
+                        let doc = index.insert_op(location, op.doc_id, op.server_seq);
+                        visit(&op, location, doc);
                     }
                     Err(e) if payload_error.is_none() => {
                         payload_error = Some(format!(
@@ -362,7 +377,7 @@ impl Wal {
             vfs,
             dir: dir.to_path_buf(),
             config,
-            index,
+            index: index.finish(),
             scanned,
             lock,
         })
