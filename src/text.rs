@@ -84,7 +84,14 @@ impl Text {
                     len: len as u32,
                 });
             }
-            len = len - u64::from(p.del) + p.ins.chars().count() as u64;
+            let kept = len - u64::from(p.del);
+            // A text has no more code points than bytes: the last patch's inserted code
+            // points need counting (a pass over the text) only near the limit, since no
+            // later patch's range depends on them. The rope counts them anyway.
+            if i + 1 == patches.len() && kept + p.ins.len() as u64 <= u64::from(MAX_DOC_CHARS) {
+                break;
+            }
+            len = kept + p.ins.chars().count() as u64;
             if len > u64::from(MAX_DOC_CHARS) {
                 return Err(ApplyError::TooLong { len });
             }
