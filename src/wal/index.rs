@@ -210,6 +210,14 @@ impl IndexBuilder {
         }
     }
 
+    /// The document [`IndexBuilder::insert_op`] gave `ordinal`.
+    pub fn slot(&self, ordinal: u32) -> DocSlot<'_> {
+        DocSlot {
+            ordinal,
+            id: &self.docs[ordinal as usize].id,
+        }
+    }
+
     /// Files what the current segment holds in its [`SegmentMeta`].
     fn finish_segment(&mut self) {
         let Some((segment_id, last_lsn)) = self.segment.take() else {

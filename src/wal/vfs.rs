@@ -49,6 +49,11 @@ pub trait Vfs: Send + Sync + fmt::Debug {
     fn open(&self, path: &Path) -> io::Result<Box<dyn VfsFile>>;
     /// The whole file, read-only: memory-mapped on a real disk.
     fn map(&self, path: &Path) -> io::Result<Region>;
+    /// A hint that the whole file will be read soon: the disk starts reading it while
+    /// the caller works on something else (recovery asks for the next segment while it
+    /// checks this one). Nothing to do on a simulated disk; errors are not the caller's
+    /// business (the read itself reports them).
+    fn prefetch(&self, _path: &Path) {}
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes creations, renames and removals in `dir` durable.
@@ -150,7 +155,18 @@ impl Vfs for OsFs {
         // against other quire processes; another program changing files under us is
         // outside what any storage engine can defend against.
         let map = unsafe { memmap2::Mmap::map(&file)? };
+        // Regions are read front to back (the scan): a larger readahead window, and
+        // pages behind the reader may go first. Only a hint.
+        let _ = map.advise(memmap2::Advice::Sequential);
         Ok(Region::Mapped(map))
+    }
+
+    fn prefetch(&self, path: &Path) {
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        if let Ok(file) = File::open(path) {
+            // Queues the reads and returns; the pages land in the page cache.
+            let _ = posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_WILLNEED);
+        }
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
