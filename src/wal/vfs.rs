@@ -163,9 +163,20 @@ impl Vfs for OsFs {
 
     fn prefetch(&self, path: &Path) {
         use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-        if let Ok(file) = File::open(path) {
-            // Queues the reads and returns; the pages land in the page cache.
-            let _ = posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_WILLNEED);
+        // WILLNEED queues reads of the whole file, but queueing blocks once the
+        // device's request queue is full (tens of MiB): on a thread of its own, so that
+        // the caller's work goes on meanwhile. The thread ends when the reads are queued.
+        let advise = |path: &Path| {
+            if let Ok(file) = File::open(path) {
+                let _ = posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_WILLNEED);
+            }
+        };
+        let owned = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("quire-prefetch".into())
+            .spawn(move || advise(&owned));
+        if spawned.is_err() {
+            advise(path);
         }
     }
 
