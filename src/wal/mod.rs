@@ -176,12 +176,31 @@ impl fmt::Debug for ScannedWal {
     }
 }
 
-/// The order in which [`Wal::scan_in`] shows a segment's ops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReplayOrder {
-    Lsn,
-    /// By document (in order of first appearance in the log), each in LSN order.
-    ByDocument,
+/// An op record found by the startup scan.
+#[derive(Debug, Clone)]
+pub struct SegmentOp<'a> {
+    /// The document's [`DocSlot::ordinal`].
+    pub ordinal: u32,
+    pub location: Location,
+    pub op: OpView<'a>,
+}
+
+/// The valid op records of one segment, shown once the whole segment is checked.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentOps<'s, 'a> {
+    /// In LSN order.
+    pub ops: &'s [SegmentOp<'a>],
+    /// Indices into `ops` grouped by document, by ascending ordinal, and each
+    /// document's in LSN order.
+    pub by_document: &'s [u32],
+    index: &'s IndexBuilder,
+}
+
+impl SegmentOps<'_, '_> {
+    /// The document numbered `ordinal` (in this segment or an earlier one).
+    pub fn slot(&self, ordinal: u32) -> DocSlot<'_> {
+        self.index.slot(ordinal)
+    }
 }
 
 fn recovery_error(e: recovery::RecoveryError) -> WalError {
@@ -319,8 +338,10 @@ impl Wal {
         config: WalConfig,
         mut visit: impl FnMut(&OpRecord, Location),
     ) -> Result<ScannedWal, WalError> {
-        Wal::scan_in(vfs, dir, config, ReplayOrder::Lsn, |op, location, _| {
-            visit(&op.to_record(), location)
+        Wal::scan_in(vfs, dir, config, |segment| {
+            for op in segment.ops {
+                visit(&op.op.to_record(), op.location)
+            }
         })
     }
 
@@ -334,17 +355,32 @@ impl Wal {
         vfs: Arc<dyn Vfs>,
         dir: &Path,
         config: WalConfig,
-        visit: impl FnMut(&OpView<'_>, Location, DocSlot<'_>),
+        mut visit: impl FnMut(&OpView<'_>, Location, DocSlot<'_>),
     ) -> Result<ScannedWal, WalError> {
-        Wal::scan_in(vfs, dir, config, ReplayOrder::ByDocument, visit)
+        Wal::scan_segments(vfs, dir, config, |segment| {
+            for &i in segment.by_document {
+                let op = &segment.ops[i as usize];
+                visit(&op.op, op.location, segment.slot(op.ordinal));
+            }
+        })
+    }
+
+    /// [`Wal::scan_ops`] a whole segment at a time ([`SegmentOps`]), for a caller that
+    /// replays documents in parallel.
+    pub fn scan_segments(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        config: WalConfig,
+        visit: impl FnMut(SegmentOps<'_, '_>),
+    ) -> Result<ScannedWal, WalError> {
+        Wal::scan_in(vfs, dir, config, visit)
     }
 
     fn scan_in(
         vfs: Arc<dyn Vfs>,
         dir: &Path,
         config: WalConfig,
-        order: ReplayOrder,
-        mut visit: impl FnMut(&OpView<'_>, Location, DocSlot<'_>),
+        mut visit: impl FnMut(SegmentOps<'_, '_>),
     ) -> Result<ScannedWal, WalError> {
         assert!(config.segment_size >= SEGMENT_SIZE_MIN);
         vfs.create_dir_all(dir)
@@ -369,7 +405,7 @@ impl Wal {
                 };
                 index.add_segment(segment_id, first.lsn);
                 // Every record of the segment is decoded and indexed in LSN order first.
-                let mut ops: Vec<(u32, Location, OpView<'_>)> = Vec::with_capacity(records.len());
+                let mut ops: Vec<SegmentOp<'_>> = Vec::with_capacity(records.len());
                 for &(offset, raw) in records {
                     let location = Location {
                         segment_id,
@@ -380,7 +416,11 @@ impl Wal {
                         RecordType::Op => match OpView::decode(raw.payload) {
                             Ok(op) => {
                                 let doc = index.insert_op(location, op.doc_id, op.server_seq);
-                                ops.push((doc.ordinal, location, op));
+                                ops.push(SegmentOp {
+                                    ordinal: doc.ordinal,
+                                    location,
+                                    op,
+                                });
                             }
                             Err(e) if payload_error.is_none() => {
                                 payload_error = Some(format!(
@@ -393,17 +433,20 @@ impl Wal {
                         },
                     }
                 }
-                // Then visited: by (document, LSN), or as they are.
-                let mut visiting: Vec<(u32, u32)> = (0..ops.len() as u32)
-                    .map(|i| (ops[i as usize].0, i))
+                // Then shown: in LSN order, and grouped by document (sorting (ordinal,
+                // index) keeps each document's ops in LSN order).
+                let mut grouped: Vec<(u32, u32)> = ops
+                    .iter()
+                    .enumerate()
+                    .map(|(i, op)| (op.ordinal, i as u32))
                     .collect();
-                if order == ReplayOrder::ByDocument {
-                    visiting.sort_unstable();
-                }
-                for (ordinal, i) in visiting {
-                    let (_, location, op) = &ops[i as usize];
-                    visit(op, *location, index.slot(ordinal));
-                }
+                grouped.sort_unstable();
+                let by_document: Vec<u32> = grouped.into_iter().map(|(_, i)| i).collect();
+                visit(SegmentOps {
+                    ops: &ops,
+                    by_document: &by_document,
+                    index: &index,
+                });
             })
             .map_err(recovery_error)?;
         if let Some(e) = payload_error {
