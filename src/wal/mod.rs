@@ -176,6 +176,15 @@ impl fmt::Debug for ScannedWal {
     }
 }
 
+/// `ops` emptied, as a vector of any lifetime, keeping its allocation: collecting an
+/// emptied vector's iterator into one of the same layout reuses its buffer (the map
+/// never runs, since there is no element), so one buffer serves every segment while
+/// each segment's views borrow only that segment.
+fn recycle<'b>(mut ops: Vec<SegmentOp<'_>>) -> Vec<SegmentOp<'b>> {
+    ops.clear();
+    ops.into_iter().map(|_| unreachable!("emptied")).collect()
+}
+
 /// An op record found by the startup scan.
 #[derive(Debug, Clone)]
 pub struct SegmentOp<'a> {
@@ -398,6 +407,11 @@ impl Wal {
 
         let mut index = IndexBuilder::default();
         let mut payload_error: Option<String> = None;
+        // Buffers of a segment's size, kept from one segment to the next: fresh ones
+        // would be fresh pages (page faults) for every segment.
+        let mut spare_ops: Vec<SegmentOp<'static>> = Vec::new();
+        let mut grouped: Vec<(u32, u32)> = Vec::new();
+        let mut by_document: Vec<u32> = Vec::new();
         let scanned =
             recovery::scan_segments(&*vfs, dir, config.recovery, |segment_id, records| {
                 let Some((_, first)) = records.first() else {
@@ -405,7 +419,8 @@ impl Wal {
                 };
                 index.add_segment(segment_id, first.lsn);
                 // Every record of the segment is decoded and indexed in LSN order first.
-                let mut ops: Vec<SegmentOp<'_>> = Vec::with_capacity(records.len());
+                let mut ops: Vec<SegmentOp<'_>> = recycle(std::mem::take(&mut spare_ops));
+                ops.reserve(records.len());
                 for &(offset, raw) in records {
                     let location = Location {
                         segment_id,
@@ -435,18 +450,17 @@ impl Wal {
                 }
                 // Then shown: in LSN order, and grouped by document (sorting (ordinal,
                 // index) keeps each document's ops in LSN order).
-                let mut grouped: Vec<(u32, u32)> = ops
-                    .iter()
-                    .enumerate()
-                    .map(|(i, op)| (op.ordinal, i as u32))
-                    .collect();
+                grouped.clear();
+                grouped.extend(ops.iter().enumerate().map(|(i, op)| (op.ordinal, i as u32)));
                 grouped.sort_unstable();
-                let by_document: Vec<u32> = grouped.into_iter().map(|(_, i)| i).collect();
+                by_document.clear();
+                by_document.extend(grouped.iter().map(|&(_, i)| i));
                 visit(SegmentOps {
                     ops: &ops,
                     by_document: &by_document,
                     index: &index,
                 });
+                spare_ops = recycle(ops);
             })
             .map_err(recovery_error)?;
         if let Some(e) = payload_error {
@@ -674,5 +688,20 @@ impl Wal {
 impl Drop for Wal {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recycling_a_segment_buffer_keeps_its_allocation() {
+        let ops: Vec<SegmentOp<'static>> = Vec::with_capacity(1000);
+        let (buffer, capacity) = (ops.as_ptr() as usize, ops.capacity());
+        let again: Vec<SegmentOp<'_>> = recycle(ops);
+        assert_eq!(again.as_ptr() as usize, buffer);
+        assert_eq!(again.capacity(), capacity);
+        assert!(again.is_empty());
     }
 }
