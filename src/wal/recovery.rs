@@ -312,6 +312,7 @@ pub fn scan_segments(
             vfs.prefetch(&segment_path(wal_dir, next));
         }
         let region = vfs.map(&path).map_err(io_err(&path))?;
+        region.advise_sequential();
         report.bytes_scanned += region.len() as u64;
         let header = match SegmentHeader::decode(&region) {
             Ok(Some(header)) => header,

@@ -90,6 +90,16 @@ pub enum Region {
     Owned(Vec<u8>),
 }
 
+impl Region {
+    /// A hint that the region will be read front to back (the recovery scan): a larger
+    /// readahead window, and pages behind the reader may go first.
+    pub fn advise_sequential(&self) {
+        if let Region::Mapped(map) = self {
+            let _ = map.advise(memmap2::Advice::Sequential);
+        }
+    }
+}
+
 impl Deref for Region {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -155,9 +165,6 @@ impl Vfs for OsFs {
         // against other quire processes; another program changing files under us is
         // outside what any storage engine can defend against.
         let map = unsafe { memmap2::Mmap::map(&file)? };
-        // Regions are read front to back (the scan): a larger readahead window, and
-        // pages behind the reader may go first. Only a hint.
-        let _ = map.advise(memmap2::Advice::Sequential);
         Ok(Region::Mapped(map))
     }
 
