@@ -215,16 +215,16 @@ fn append(dir: &Path, appenders: usize, seconds: f64, payload_bytes: usize, zero
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// User plus system CPU time of this process so far: on a shared machine, what the
+/// User and system CPU seconds of this process so far: on a shared machine, what the
 /// work cost apart from the time spent waiting for a core or the disk.
-fn cpu_seconds() -> f64 {
+fn cpu_seconds() -> (f64, f64) {
     // SAFETY: getrusage only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: RUSAGE_SELF with a valid pointer; the call cannot fail with these.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     assert_eq!(rc, 0, "getrusage");
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    (seconds(usage.ru_utime), seconds(usage.ru_stime))
 }
 
 /// The log the recovery benchmark writes.
@@ -259,10 +259,12 @@ fn recovery(dir: &Path, log: &LogShape, runs: usize, warm: bool, keep: bool) {
         let cpu_started = cpu_seconds();
         let (store, report) = LocalSequencer::open(dir, recovery_config()).expect("recover");
         let elapsed = started.elapsed().as_secs_f64();
-        let cpu = cpu_seconds() - cpu_started;
+        let (user, system) = cpu_seconds();
+        let (user, system) = (user - cpu_started.0, system - cpu_started.1);
+        let cpu = user + system;
         let mb = report.bytes_scanned as f64 / 1e6;
         println!(
-            "recovery: {} segments, {} records, {:.0} MB scanned, {} ops replayed into {} documents in {:.2} s = {:.0} MB/s, {:.2} s of CPU = {:.0} MB per CPU second (page cache {})",
+            "recovery: {} segments, {} records, {:.0} MB scanned, {} ops replayed into {} documents in {:.2} s = {:.0} MB/s, {:.2} s of CPU ({:.2} user, {:.2} system) = {:.0} MB per CPU second (page cache {})",
             report.segments,
             report.records_scanned,
             mb,
@@ -271,6 +273,8 @@ fn recovery(dir: &Path, log: &LogShape, runs: usize, warm: bool, keep: bool) {
             elapsed,
             mb / elapsed,
             cpu,
+            user,
+            system,
             mb / cpu,
             if dropped { "dropped first" } else { "warm" }
         );
