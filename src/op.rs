@@ -26,6 +26,42 @@ impl Patch {
     }
 }
 
+/// A [`Patch`] whose inserted text is borrowed: what recovery replays straight from the
+/// bytes of a log record, without copying them into a `String` first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PatchRef<'a> {
+    pub pos: u32,
+    pub del: u32,
+    pub ins: &'a str,
+}
+
+/// Owned or borrowed, a patch's three parts: what applying it needs.
+pub trait AsPatch {
+    fn as_patch(&self) -> PatchRef<'_>;
+}
+
+impl AsPatch for Patch {
+    fn as_patch(&self) -> PatchRef<'_> {
+        PatchRef {
+            pos: self.pos,
+            del: self.del,
+            ins: &self.ins,
+        }
+    }
+}
+
+impl AsPatch for PatchRef<'_> {
+    fn as_patch(&self) -> PatchRef<'_> {
+        *self
+    }
+}
+
+impl PatchRef<'_> {
+    pub fn to_patch(&self) -> Patch {
+        Patch::new(self.pos, self.del, self.ins)
+    }
+}
+
 /// Upper bound on a document's length in code points. Keeps every position in `u32`
 /// with room to spare and bounds the memory one document can take.
 pub const MAX_DOC_CHARS: u32 = 1 << 28;

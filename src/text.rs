@@ -13,7 +13,7 @@
 
 use jumprope::JumpRope;
 
-use crate::op::{Patch, MAX_DOC_BYTES, MAX_DOC_CHARS};
+use crate::op::{AsPatch, MAX_DOC_BYTES, MAX_DOC_CHARS};
 
 /// Why a patch does not apply to a text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,9 +120,10 @@ impl Text {
     }
 
     /// Checks that every patch applies, in order, without changing the text.
-    pub fn check(&self, patches: &[Patch]) -> Result<(), ApplyError> {
+    pub fn check<P: AsPatch>(&self, patches: &[P]) -> Result<(), ApplyError> {
         let mut len = u64::from(self.len_chars());
         for (i, p) in patches.iter().enumerate() {
+            let p = p.as_patch();
             if u64::from(p.pos) + u64::from(p.del) > len {
                 return Err(ApplyError::OutOfRange {
                     patch: i,
@@ -131,14 +132,21 @@ impl Text {
                     len: len as u32,
                 });
             }
-            len = len - u64::from(p.del) + p.ins.chars().count() as u64;
+            let kept = len - u64::from(p.del);
+            // A text has no more code points than bytes: the last patch's inserted code
+            // points need counting (a pass over the text) only near the limit, since no
+            // later patch's range depends on them. The rope counts them anyway.
+            if i + 1 == patches.len() && kept + p.ins.len() as u64 <= u64::from(MAX_DOC_CHARS) {
+                break;
+            }
+            len = kept + p.ins.chars().count() as u64;
             if len > u64::from(MAX_DOC_CHARS) {
                 return Err(ApplyError::TooLong { len });
             }
         }
         // Bytes: deletes only shrink the text, so the inserted bytes bound the growth;
         // only near the limit is the exact figure worth computing (on a copy).
-        let inserted: u64 = patches.iter().map(|p| p.ins.len() as u64).sum();
+        let inserted: u64 = patches.iter().map(|p| p.as_patch().ins.len() as u64).sum();
         if self.len_bytes() + inserted > MAX_DOC_BYTES {
             let mut copy = self.clone();
             copy.splice(patches);
@@ -152,15 +160,17 @@ impl Text {
     }
 
     /// Applies the patches in order, or none of them.
-    pub fn apply(&mut self, patches: &[Patch]) -> Result<(), ApplyError> {
+    /// Owned patches or patches borrowed from a log record (`PatchRef`) alike.
+    pub fn apply<P: AsPatch>(&mut self, patches: &[P]) -> Result<(), ApplyError> {
         self.check(patches)?;
         self.splice(patches);
         Ok(())
     }
 
     /// Applies checked patches.
-    fn splice(&mut self, patches: &[Patch]) {
+    fn splice<P: AsPatch>(&mut self, patches: &[P]) {
         for p in patches {
+            let p = p.as_patch();
             let pos = p.pos as usize;
             match &mut self.repr {
                 Repr::Small { text, chars } => {
@@ -172,7 +182,7 @@ impl Text {
                         *chars -= p.del;
                     }
                     if !p.ins.is_empty() {
-                        text.insert_str(start, &p.ins);
+                        text.insert_str(start, p.ins);
                         *chars += p.ins.chars().count() as u32;
                     }
                     if text.len() > SMALL_TEXT_BYTES {
@@ -184,7 +194,7 @@ impl Text {
                         rope.remove(pos..pos + p.del as usize);
                     }
                     if !p.ins.is_empty() {
-                        rope.insert(pos, &p.ins);
+                        rope.insert(pos, p.ins);
                     }
                 }
             }
@@ -223,6 +233,7 @@ impl std::fmt::Display for Text {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::Patch;
 
     /// The text after `patches`, by a plain `Vec<char>`.
     fn model(text: &str, patches: &[Patch]) -> String {

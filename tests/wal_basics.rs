@@ -163,3 +163,42 @@ fn a_panic_in_the_writer_fails_the_log_and_every_waiter_instead_of_leaving_them_
     assert!(matches!(err, WalError::Failed(_)), "{err}");
     assert_eq!(wal.durability().durable_lsn, 1);
 }
+
+#[test]
+fn scan_ops_shows_each_document_its_ops_in_seq_order_as_scan_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("wal");
+    let rt = runtime();
+    {
+        let (wal, _) = reopen(Arc::new(OsFs), &dir);
+        // Three documents interleaved over several segments.
+        for i in 1..=300u64 {
+            for doc in ["a", "b", "c"] {
+                if doc != "c" || i % 3 == 0 {
+                    let seq = if doc == "c" { i / 3 } else { i };
+                    let record = op(doc, seq, &"y".repeat((i % 250) as usize + 1));
+                    rt.block_on(wal.append_op_durable(&record)).unwrap();
+                }
+            }
+        }
+        assert!(wal.active_segment() > 2);
+    }
+    let (_, in_lsn_order) = reopen(Arc::new(OsFs), &dir);
+    let mut by_document = Vec::new();
+    let mut last_lsn_by_ordinal = std::collections::HashMap::new();
+    let scanned = Wal::scan_ops(Arc::new(OsFs), &dir, small(), |view, location, doc| {
+        assert_eq!(&**doc.id, view.doc_id);
+        let last = last_lsn_by_ordinal.insert(doc.ordinal, location.lsn);
+        assert!(last.is_none_or(|l| l < location.lsn));
+        by_document.push(view.to_record());
+    })
+    .unwrap();
+    drop(scanned);
+    assert_eq!(by_document.len(), in_lsn_order.len());
+    for doc in ["a", "b", "c"] {
+        let of = |ops: &[OpRecord]| -> Vec<OpRecord> {
+            ops.iter().filter(|o| o.doc_id == doc).cloned().collect()
+        };
+        assert_eq!(of(&by_document), of(&in_lsn_order), "document {doc}");
+    }
+}

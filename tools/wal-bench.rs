@@ -3,6 +3,7 @@
 //! ```text
 //! wal-bench append   [--dir D] [--appenders 1,8,64] [--seconds 6] [--payload-bytes 128] [--no-zero-fill]
 //! wal-bench recovery [--dir D] [--mib 1024] [--payload-bytes 1024] [--docs 1000]
+//!                    [--runs 1] [--warm] [--keep]
 //! ```
 //!
 //! `append`: N concurrent appenders (tokio tasks on a 2-worker runtime, as in the
@@ -10,7 +11,12 @@
 //! durability; reports records/s and append-to-durable latency percentiles, with the
 //! writer's fsync latency and batch sizes. Each N runs on a fresh log.
 //! `recovery`: writes `--mib` of log, closes it, and times a cold open (checksum scan
-//! plus replay into documents), reporting MB/s.
+//! plus replay into documents), reporting MB/s. `--runs N` times N opens of the same log;
+//! `--warm` leaves the page cache as it is (the log read from memory: the CPU's cost),
+//! otherwise it is dropped before each open (needs root). `--keep` keeps the log in
+//! `--dir` afterwards, and a later run with `--keep` on a directory that holds a log
+//! opens it again instead of writing a new one (its `--mib`, `--docs` and
+//! `--payload-bytes` are then those of the log found).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +66,15 @@ enum Command {
         payload_bytes: usize,
         #[arg(long, default_value_t = 1000)]
         docs: usize,
+        /// Opens of the log to time.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Keep the page cache (time recovery from memory).
+        #[arg(long)]
+        warm: bool,
+        /// Keep the log afterwards; reuse a log already in `--dir`.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -98,7 +113,17 @@ fn main() {
             mib,
             payload_bytes,
             docs,
-        } => recovery(&dir, mib, payload_bytes, docs),
+            runs,
+            warm,
+            keep,
+        } => {
+            let log = LogShape {
+                mib,
+                payload_bytes,
+                docs,
+            };
+            recovery(&dir, &log, runs, warm, keep)
+        }
     }
 }
 
@@ -190,18 +215,87 @@ fn append(dir: &Path, appenders: usize, seconds: f64, payload_bytes: usize, zero
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn recovery(dir: &Path, mib: u64, payload_bytes: usize, docs: usize) {
-    fresh(dir);
-    let config = LocalConfig {
+/// User and system CPU seconds of this process so far: on a shared machine, what the
+/// work cost apart from the time spent waiting for a core or the disk.
+fn cpu_seconds() -> (f64, f64) {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer; the call cannot fail with these.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    assert_eq!(rc, 0, "getrusage");
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (seconds(usage.ru_utime), seconds(usage.ru_stime))
+}
+
+/// The log the recovery benchmark writes.
+struct LogShape {
+    mib: u64,
+    payload_bytes: usize,
+    docs: usize,
+}
+
+fn recovery_config() -> LocalConfig {
+    LocalConfig {
         snapshot_every_ops: u64::MAX,
         snapshot_every: Duration::from_secs(1 << 30),
         retention: Duration::from_secs(1 << 30),
         ..LocalConfig::default()
-    };
+    }
+}
+
+fn recovery(dir: &Path, log: &LogShape, runs: usize, warm: bool, keep: bool) {
+    let reuse = keep && dir.join("wal").is_dir();
+    if reuse {
+        println!("reusing the log in {}", dir.display());
+    } else {
+        let started = Instant::now();
+        write_log(dir, log);
+        println!("log written in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    for _ in 0..runs {
+        // Drop the page cache's copy where we can, so the scan reads the disk.
+        let dropped = !warm && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
+        let started = Instant::now();
+        let cpu_started = cpu_seconds();
+        let (store, report) = LocalSequencer::open(dir, recovery_config()).expect("recover");
+        let elapsed = started.elapsed().as_secs_f64();
+        let (user, system) = cpu_seconds();
+        let (user, system) = (user - cpu_started.0, system - cpu_started.1);
+        let cpu = user + system;
+        let mb = report.bytes_scanned as f64 / 1e6;
+        println!(
+            "recovery: {} segments, {} records, {:.0} MB scanned, {} ops replayed into {} documents in {:.2} s = {:.0} MB/s, {:.2} s of CPU ({:.2} user, {:.2} system) = {:.0} MB per CPU second (page cache {})",
+            report.segments,
+            report.records_scanned,
+            mb,
+            report.ops_replayed,
+            report.documents,
+            elapsed,
+            mb / elapsed,
+            cpu,
+            user,
+            system,
+            mb / cpu,
+            if dropped { "dropped first" } else { "warm" }
+        );
+        drop(store);
+    }
+    if !keep {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Writes about `log.mib` MiB of op records over `log.docs` documents into a fresh `dir`.
+fn write_log(dir: &Path, log: &LogShape) {
+    let LogShape {
+        mib,
+        payload_bytes,
+        docs,
+    } = *log;
+    fresh(dir);
     let target = mib << 20;
-    let write_started = Instant::now();
     {
-        let (store, _) = LocalSequencer::open(dir, config.clone()).expect("open");
+        let (store, _) = LocalSequencer::open(dir, recovery_config()).expect("open");
         let store = Arc::new(store);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -247,25 +341,4 @@ fn recovery(dir: &Path, mib: u64, payload_bytes: usize, docs: usize) {
             }
         });
     }
-    let written = write_started.elapsed();
-    // Drop the page cache's copy where we can, so the scan reads the disk.
-    let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
-    let started = Instant::now();
-    let (_store, report) = LocalSequencer::open(dir, config).expect("recover");
-    let elapsed = started.elapsed().as_secs_f64();
-    let mb = report.bytes_scanned as f64 / 1e6;
-    println!(
-        "log written in {:.1} s; recovery: {} segments, {} records, {:.0} MB scanned, {} ops replayed into {} documents in {:.2} s = {:.0} MB/s (page cache {})",
-        written.as_secs_f64(),
-        report.segments,
-        report.records_scanned,
-        mb,
-        report.ops_replayed,
-        report.documents,
-        elapsed,
-        mb / elapsed,
-        if dropped { "dropped first" } else { "warm" }
-    );
-    drop(_store);
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -13,11 +13,11 @@ use super::maintenance::{self, Request};
 use super::{DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
 use crate::op::{validate_doc_id, OpId, SequencedOp};
 use crate::text::Text;
-use crate::wal::record::{Lsn, OpRecord};
+use crate::wal::record::{Lsn, OpRecord, OpView};
 use crate::wal::snapshot::{load_snapshots, remove_leftovers, DedupeEntry, LoadedSnapshots};
 use crate::wal::stats::Summary;
 use crate::wal::vfs::{at_path, OsFs, Vfs};
-use crate::wal::{now_ms, Wal, WalConfig, WalError};
+use crate::wal::{now_ms, SegmentOp, Wal, WalConfig, WalError};
 
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
@@ -159,6 +159,137 @@ impl std::fmt::Display for OpenError {
 
 impl std::error::Error for OpenError {}
 
+/// What replaying some ops did: how many were applied, and the first op (by LSN) that
+/// could not be, with why.
+#[derive(Debug, Default)]
+struct Replayed {
+    replayed: u64,
+    inconsistency: Option<(Lsn, String)>,
+}
+
+impl Replayed {
+    fn merge(self, other: Replayed) -> Replayed {
+        let inconsistency = match (self.inconsistency, other.inconsistency) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        Replayed {
+            replayed: self.replayed + other.replayed,
+            inconsistency,
+        }
+    }
+}
+
+/// A segment's ops below this count are replayed on the calling thread alone: a thread
+/// costs more than they do.
+const PARALLEL_REPLAY_MIN_OPS: usize = 4096;
+
+/// Replays one segment's ops (`order`: indices into `ops` grouped by document, as
+/// [`crate::wal::SegmentOps::by_document`]) onto `states`, indexed by ordinal. Documents
+/// are independent, so with two threads or more the documents are split in two halves
+/// (whole documents each side, about as many ops each) and the second half is replayed
+/// on a scoped thread (an error if it cannot be started).
+fn replay_segment(
+    ops: &[SegmentOp<'_>],
+    order: &[u32],
+    states: &mut [(Arc<str>, DocState)],
+    threads: usize,
+) -> std::io::Result<Replayed> {
+    if threads < 2 || order.len() < PARALLEL_REPLAY_MIN_OPS {
+        return Ok(replay_documents(ops, order, states, 0));
+    }
+    let ordinal_at = |k: usize| ops[order[k] as usize].ordinal;
+    let mut middle = order.len() / 2;
+    while middle < order.len() && ordinal_at(middle) == ordinal_at(middle - 1) {
+        middle += 1;
+    }
+    if middle == order.len() {
+        return Ok(replay_documents(ops, order, states, 0));
+    }
+    let split = ordinal_at(middle) as usize;
+    let (first, second) = states.split_at_mut(split);
+    let (first_order, second_order) = order.split_at(middle);
+    std::thread::scope(|scope| {
+        let other = std::thread::Builder::new()
+            .name("quire-replay".into())
+            .spawn_scoped(scope, || replay_documents(ops, second_order, second, split));
+        let other = other?;
+        let mine = replay_documents(ops, first_order, first, 0);
+        let theirs = other
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok(mine.merge(theirs))
+    })
+}
+
+/// Applies `ops[order[..]]` to `states` (`states[0]` is ordinal `first_ordinal`). A
+/// document stops at its first op that does not follow its state; the others go on, so
+/// that the inconsistency reported is the first by LSN (as a replay in LSN order would
+/// find it), however the documents were split.
+fn replay_documents(
+    ops: &[SegmentOp<'_>],
+    order: &[u32],
+    states: &mut [(Arc<str>, DocState)],
+    first_ordinal: usize,
+) -> Replayed {
+    let mut outcome = Replayed::default();
+    let mut stopped: Option<u32> = None;
+    for &i in order {
+        let SegmentOp {
+            ordinal,
+            location,
+            op,
+        } = &ops[i as usize];
+        if stopped == Some(*ordinal) {
+            continue;
+        }
+        let state = &mut states[*ordinal as usize - first_ordinal].1;
+        match replay_op(state, op, location.lsn) {
+            Ok(true) => outcome.replayed += 1,
+            Ok(false) => {}
+            Err(message) => {
+                stopped = Some(*ordinal);
+                outcome = outcome.merge(Replayed {
+                    replayed: 0,
+                    inconsistency: Some((location.lsn, message)),
+                });
+            }
+        }
+    }
+    outcome
+}
+
+/// Applies one op to its document's state (`Ok(true)`), unless a snapshot covers it
+/// (`Ok(false)`); or says why it does not follow that state.
+fn replay_op(state: &mut DocState, op: &OpView<'_>, lsn: Lsn) -> Result<bool, String> {
+    if op.server_seq <= state.version {
+        return Ok(false); // covered by the snapshot
+    }
+    if op.server_seq != state.version + 1 {
+        return Err(format!(
+            "document {:?}: the log continues at seq {} (LSN {lsn}) but its state is at version {}; \
+             ops {}..{} are in neither a valid snapshot nor the log. Restore the data \
+             directory from a backup.",
+            op.doc_id,
+            op.server_seq,
+            state.version,
+            state.version + 1,
+            op.server_seq - 1
+        ));
+    }
+    if let Err(e) = state.text.apply(&op.patches) {
+        return Err(format!(
+            "document {:?}: op at seq {} (LSN {lsn}) does not apply: {e}",
+            op.doc_id, op.server_seq
+        ));
+    }
+    state.version = op.server_seq;
+    state
+        .dedupe
+        .insert(op.client_id, (op.local_seq, op.server_seq));
+    Ok(true)
+}
+
 impl LocalSequencer {
     /// Opens the data directory on the real file system.
     pub fn open(data_dir: &Path, config: LocalConfig) -> Result<(Self, StartupReport), OpenError> {
@@ -208,45 +339,57 @@ impl LocalSequencer {
             .collect();
 
         let mut replayed = 0u64;
-        let mut inconsistency: Option<String> = None;
-        let scanned = Wal::scan(vfs.clone(), &data_dir.join("wal"), config.wal.clone(), |op, location| {
-            if inconsistency.is_some() {
-                return;
-            }
-            let state = docs
-                .entry(Arc::from(op.doc_id.as_str()))
-                .or_insert_with(DocState::empty);
-            if op.server_seq <= state.version {
-                return; // covered by the snapshot
-            }
-            if op.server_seq != state.version + 1 {
-                inconsistency = Some(format!(
-                    "document {:?}: the log continues at seq {} (LSN {}) but its state is at version {}; \
-                     ops {}..{} are in neither a valid snapshot nor the log. Restore the data \
-                     directory from a backup.",
-                    op.doc_id,
-                    op.server_seq,
-                    location.lsn,
-                    state.version,
-                    state.version + 1,
-                    op.server_seq - 1
-                ));
-                return;
-            }
-            if let Err(e) = state.text.apply(&op.patches) {
-                inconsistency = Some(format!(
-                    "document {:?}: op at seq {} (LSN {}) does not apply: {e}",
-                    op.doc_id, op.server_seq, location.lsn
-                ));
-                return;
-            }
-            state.version = op.server_seq;
-            state.dedupe.insert(op.client_id, (op.local_seq, op.server_seq));
-            replayed += 1;
-        })
+        let mut inconsistency: Option<(Lsn, String)> = None;
+        // Each document's state while the log is replayed, by the ordinal the scan gave
+        // it (taken out of `docs` at its first op): no id is hashed per record.
+        let mut replaying: Vec<(Arc<str>, DocState)> = Vec::new();
+        let mut thread_error: Option<std::io::Error> = None;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let scanned = Wal::scan_segments(
+            vfs.clone(),
+            &data_dir.join("wal"),
+            config.wal.clone(),
+            |segment| {
+                if inconsistency.is_some() || thread_error.is_some() {
+                    return;
+                }
+                // Ordinals are given in order of first appearance: the new ones of this
+                // segment are the ones past the end of `replaying`.
+                if let Some(&last) = segment.by_document.last() {
+                    let newest = segment.ops[last as usize].ordinal as usize;
+                    while replaying.len() <= newest {
+                        let id = segment.slot(replaying.len() as u32).id.clone();
+                        let state = docs.remove(&*id).unwrap_or_else(DocState::empty);
+                        replaying.push((id, state));
+                    }
+                }
+                match replay_segment(segment.ops, segment.by_document, &mut replaying, threads) {
+                    Ok(outcome) => {
+                        replayed += outcome.replayed;
+                        inconsistency = outcome.inconsistency;
+                    }
+                    Err(error) => thread_error = Some(error),
+                }
+            },
+        )
         .map_err(OpenError::Wal)?;
+        if let Some(error) = thread_error {
+            return Err(OpenError::Wal(WalError::Io {
+                context: "starting a replay thread".into(),
+                error,
+            }));
+        }
+        let inconsistency = inconsistency.map(|(_, message)| message);
         if let Some(message) = inconsistency {
             return Err(OpenError::Inconsistent(message));
+        }
+        docs.reserve(replaying.len());
+        for (id, state) in replaying {
+            let previous = docs.insert(id, state);
+            assert!(
+                previous.is_none(),
+                "a document replayed was taken out of docs"
+            );
         }
         let (wal, report) = scanned.start().map_err(OpenError::Wal)?;
         remove_leftovers(&*vfs, &leftovers).map_err(OpenError::Snapshots)?;
@@ -521,5 +664,108 @@ fn sequenced(record: OpRecord) -> SequencedOp {
         },
         base_version: record.base_version,
         patches: record.patches,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::index::Location;
+
+    /// `ops` encoded, then decoded in place as the scan would show them, in LSN order.
+    fn segment_ops(payloads: &[Vec<u8>]) -> Vec<SegmentOp<'_>> {
+        payloads
+            .iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                let op = OpView::decode(payload).unwrap();
+                SegmentOp {
+                    ordinal: op.doc_id[1..].parse().unwrap(),
+                    location: Location {
+                        segment_id: 1,
+                        offset: 64 + 8 * i as u64,
+                        lsn: i as u64 + 1,
+                    },
+                    op,
+                }
+            })
+            .collect()
+    }
+
+    fn grouped(ops: &[SegmentOp<'_>]) -> Vec<u32> {
+        let mut order: Vec<(u32, u32)> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| (op.ordinal, i as u32))
+            .collect();
+        order.sort_unstable();
+        order.into_iter().map(|(_, i)| i).collect()
+    }
+
+    fn states(docs: u32) -> Vec<(Arc<str>, DocState)> {
+        (0..docs)
+            .map(|d| (Arc::from(format!("d{d}").as_str()), DocState::empty()))
+            .collect()
+    }
+
+    fn payloads(docs: u64, per_doc: u64, skip: Option<(u64, u64)>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for seq in 1..=per_doc {
+            for d in 0..docs {
+                if skip == Some((d, seq)) {
+                    continue;
+                }
+                let record = OpRecord {
+                    doc_id: format!("d{d}"),
+                    client_id: d % 7,
+                    local_seq: seq,
+                    server_seq: seq,
+                    base_version: seq - 1,
+                    timestamp_ms: 0,
+                    patches: vec![crate::op::Patch::new(0, 0, format!("{seq},"))],
+                };
+                let mut payload = Vec::new();
+                record.encode(&mut payload);
+                out.push(payload);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn replay_on_two_threads_gives_every_document_what_one_thread_gives() {
+        let payloads = payloads(50, 200, None);
+        let ops = segment_ops(&payloads);
+        let order = grouped(&ops);
+        assert!(order.len() >= PARALLEL_REPLAY_MIN_OPS);
+        let (mut one, mut two) = (states(50), states(50));
+        let alone = replay_segment(&ops, &order, &mut one, 1).unwrap();
+        let split = replay_segment(&ops, &order, &mut two, 2).unwrap();
+        assert_eq!((alone.replayed, split.replayed), (10_000, 10_000));
+        assert!(alone.inconsistency.is_none() && split.inconsistency.is_none());
+        for ((id, a), (_, b)) in one.iter().zip(&two) {
+            assert_eq!(a.version, 200, "{id}");
+            assert_eq!(a.text.to_string(), b.text.to_string(), "{id}");
+            assert_eq!(a.dedupe.newest(), b.dedupe.newest(), "{id}");
+        }
+    }
+
+    #[test]
+    fn replay_on_two_threads_reports_the_first_gap_by_lsn_whichever_half_has_it() {
+        // Document 40 (second half) misses seq 3, document 2 (first half) nothing; then
+        // document 3 also misses seq 5, later in the log: 40's gap comes first by LSN.
+        let mut payloads = payloads(50, 200, Some((40, 3)));
+        let late = payloads.iter().position(|p| {
+            let op = OpView::decode(p).unwrap();
+            op.doc_id == "d3" && op.server_seq == 5
+        });
+        payloads.remove(late.unwrap());
+        let ops = segment_ops(&payloads);
+        let order = grouped(&ops);
+        let single = replay_segment(&ops, &order, &mut states(50), 1).unwrap();
+        let split = replay_segment(&ops, &order, &mut states(50), 2).unwrap();
+        let message = |r: &Replayed| r.inconsistency.clone().unwrap().1;
+        assert!(message(&split).contains("\"d40\""), "{}", message(&split));
+        assert_eq!(message(&single), message(&split));
     }
 }

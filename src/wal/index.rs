@@ -125,6 +125,129 @@ impl Index {
     }
 }
 
+/// A document as the startup scan knows it: a dense number, given in order of first
+/// appearance in the log, and its interned id. Replay keeps per-document state in a
+/// `Vec` by `ordinal` instead of hashing the id of every record.
+#[derive(Debug, Clone, Copy)]
+pub struct DocSlot<'a> {
+    pub ordinal: u32,
+    pub id: &'a Arc<str>,
+}
+
+/// What the builder holds for one document.
+#[derive(Debug)]
+struct DocEntries {
+    id: Arc<str>,
+    entries: VecDeque<(u64, Location)>,
+    /// The highest seq in the segment being scanned, if the document has ops there.
+    segment_max_seq: Option<u64>,
+}
+
+/// Builds the [`Index`] during the startup scan, one record at a time, with the checks
+/// of [`Index::insert`]. Each record costs one lookup of its document id (which interns
+/// it); what each segment holds is filed once per document and segment, when the scan
+/// moves past the segment, instead of once per record.
+#[derive(Debug, Default)]
+pub struct IndexBuilder {
+    index: Index,
+    ordinals: HashMap<Arc<str>, u32>,
+    docs: Vec<DocEntries>,
+    /// The segment being scanned, its last LSN, and the ordinals with ops in it.
+    segment: Option<(SegmentId, Option<Lsn>)>,
+    touched: Vec<u32>,
+}
+
+impl IndexBuilder {
+    /// Starts a segment; segments come in id order.
+    pub fn add_segment(&mut self, segment_id: SegmentId, first_lsn: Lsn) {
+        self.finish_segment();
+        self.index.add_segment(segment_id, first_lsn);
+        self.segment = Some((segment_id, None));
+    }
+
+    /// Records that op `seq` of `doc_id` is at `location`, in the current segment. Seqs
+    /// of one document must arrive in increasing order, LSNs in increasing order.
+    pub fn insert_op(&mut self, location: Location, doc_id: &str, seq: u64) -> DocSlot<'_> {
+        let (segment_id, last_lsn) = self
+            .segment
+            .as_mut()
+            .expect("segment registered before its records");
+        assert_eq!(*segment_id, location.segment_id);
+        assert!(last_lsn.is_none_or(|l| l < location.lsn));
+        *last_lsn = Some(location.lsn);
+        let ordinal = match self.ordinals.get(doc_id) {
+            Some(&ordinal) => ordinal,
+            None => {
+                let id: Arc<str> = Arc::from(doc_id);
+                let ordinal = u32::try_from(self.docs.len()).expect("fewer than 2^32 documents");
+                self.ordinals.insert(id.clone(), ordinal);
+                self.docs.push(DocEntries {
+                    id,
+                    entries: VecDeque::new(),
+                    segment_max_seq: None,
+                });
+                ordinal
+            }
+        };
+        let doc = &mut self.docs[ordinal as usize];
+        if let Some(&(last_seq, _)) = doc.entries.back() {
+            assert!(
+                seq > last_seq,
+                "seqs of {doc_id} out of order: {seq} after {last_seq}"
+            );
+        }
+        doc.entries.push_back((seq, location));
+        match &mut doc.segment_max_seq {
+            Some(max) => *max = (*max).max(seq),
+            None => {
+                doc.segment_max_seq = Some(seq);
+                self.touched.push(ordinal);
+            }
+        }
+        DocSlot {
+            ordinal,
+            id: &doc.id,
+        }
+    }
+
+    /// The document [`IndexBuilder::insert_op`] gave `ordinal`.
+    pub fn slot(&self, ordinal: u32) -> DocSlot<'_> {
+        DocSlot {
+            ordinal,
+            id: &self.docs[ordinal as usize].id,
+        }
+    }
+
+    /// Files what the current segment holds in its [`SegmentMeta`].
+    fn finish_segment(&mut self) {
+        let Some((segment_id, last_lsn)) = self.segment.take() else {
+            return;
+        };
+        let meta = self
+            .index
+            .segments
+            .get_mut(&segment_id)
+            .expect("segment registered");
+        meta.last_lsn = last_lsn;
+        meta.max_seq_by_doc.reserve(self.touched.len());
+        for ordinal in self.touched.drain(..) {
+            let doc = &mut self.docs[ordinal as usize];
+            let max = doc.segment_max_seq.take().expect("touched in this segment");
+            meta.max_seq_by_doc.insert(doc.id.clone(), max);
+        }
+    }
+
+    pub fn finish(mut self) -> Index {
+        self.finish_segment();
+        self.index.docs.reserve(self.docs.len());
+        for doc in self.docs {
+            let previous = self.index.docs.insert(doc.id, doc.entries);
+            assert!(previous.is_none(), "each document interned once");
+        }
+        self.index
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +285,41 @@ mod tests {
         assert_eq!(index.first_retained_seq("a"), Some(2));
         assert_eq!(index.first_retained_seq("b"), None);
         assert_eq!(index.segments().len(), 1);
+    }
+
+    #[test]
+    fn the_builder_gives_the_index_that_inserts_give() {
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let mut index = Index::default();
+        let mut builder = IndexBuilder::default();
+        let ops = [
+            (1, 1, &a, 1),
+            (1, 2, &b, 1),
+            (1, 3, &a, 2),
+            (2, 4, &a, 3),
+            (2, 5, &b, 2),
+        ];
+        let mut segment = 0;
+        for &(segment_id, lsn, doc, seq) in &ops {
+            if segment_id != segment {
+                index.add_segment(segment_id, lsn);
+                builder.add_segment(segment_id, lsn);
+                segment = segment_id;
+            }
+            index.insert(loc(segment_id, lsn), Some((doc, seq)));
+            let slot = builder.insert_op(loc(segment_id, lsn), doc, seq);
+            assert_eq!(slot.ordinal, if Arc::ptr_eq(doc, &a) { 0 } else { 1 });
+        }
+        let built = builder.finish();
+        for doc in ["a", "b"] {
+            assert_eq!(built.ops_after(doc, 0, 10), index.ops_after(doc, 0, 10));
+        }
+        assert_eq!(built.segments().len(), index.segments().len());
+        for (id, meta) in index.segments() {
+            let other = &built.segments()[id];
+            assert_eq!(other.first_lsn, meta.first_lsn);
+            assert_eq!(other.last_lsn, meta.last_lsn);
+            assert_eq!(other.max_seq_by_doc, meta.max_seq_by_doc);
+        }
     }
 }

@@ -32,8 +32,10 @@ use std::thread::JoinHandle;
 use tokio::sync::watch;
 
 use commit::{CommitQueue, Durability, DurableNotify, EnqueueError, IndexKey};
-use index::{Index, Location};
-use record::{decode_frame, Lsn, OpRecord, RecordType, MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN};
+use index::{DocSlot, Index, IndexBuilder, Location};
+use record::{
+    decode_frame, Lsn, OpRecord, OpView, RecordType, MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN,
+};
 use recovery::{RecoveryOptions, RecoveryReport};
 use segment::{segment_path, SegmentId, SEGMENT_HEADER_LEN, SEGMENT_SIZE_MIN};
 use stats::WalStats;
@@ -171,6 +173,42 @@ impl fmt::Debug for ScannedWal {
             .field("dir", &self.dir)
             .field("report", &self.scanned.report)
             .finish()
+    }
+}
+
+/// `ops` emptied, as a vector of any lifetime, keeping its allocation: collecting an
+/// emptied vector's iterator into one of the same layout reuses its buffer (the map
+/// never runs, since there is no element), so one buffer serves every segment while
+/// each segment's views borrow only that segment.
+fn recycle<'b>(mut ops: Vec<SegmentOp<'_>>) -> Vec<SegmentOp<'b>> {
+    ops.clear();
+    ops.into_iter().map(|_| unreachable!("emptied")).collect()
+}
+
+/// An op record found by the startup scan.
+#[derive(Debug, Clone)]
+pub struct SegmentOp<'a> {
+    /// The document's [`DocSlot::ordinal`].
+    pub ordinal: u32,
+    pub location: Location,
+    pub op: OpView<'a>,
+}
+
+/// The valid op records of one segment, shown once the whole segment is checked.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentOps<'s, 'a> {
+    /// In LSN order.
+    pub ops: &'s [SegmentOp<'a>],
+    /// Indices into `ops` grouped by document, by ascending ordinal, and each
+    /// document's in LSN order.
+    pub by_document: &'s [u32],
+    index: &'s IndexBuilder,
+}
+
+impl SegmentOps<'_, '_> {
+    /// The document numbered `ordinal` (in this segment or an earlier one).
+    pub fn slot(&self, ordinal: u32) -> DocSlot<'_> {
+        self.index.slot(ordinal)
     }
 }
 
@@ -319,6 +357,50 @@ impl Wal {
         config: WalConfig,
         mut visit: impl FnMut(&OpRecord, Location),
     ) -> Result<ScannedWal, WalError> {
+        Wal::scan_in(vfs, dir, config, |segment| {
+            for op in segment.ops {
+                visit(&op.op.to_record(), op.location)
+            }
+        })
+    }
+
+    /// [`Wal::scan`] as replay wants it: each op decoded in place ([`OpView`]: its texts
+    /// borrow the mapped segment, nothing is copied), with its document's [`DocSlot`]
+    /// (a dense number and the interned id), so that the caller hashes no id per record.
+    /// The ops come a segment at a time, and within a segment document by document
+    /// (each document's in LSN, so seq, order): a document's state stays in cache across
+    /// its ops instead of being fetched again for every record of a mixed log.
+    pub fn scan_ops(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        config: WalConfig,
+        mut visit: impl FnMut(&OpView<'_>, Location, DocSlot<'_>),
+    ) -> Result<ScannedWal, WalError> {
+        Wal::scan_segments(vfs, dir, config, |segment| {
+            for &i in segment.by_document {
+                let op = &segment.ops[i as usize];
+                visit(&op.op, op.location, segment.slot(op.ordinal));
+            }
+        })
+    }
+
+    /// [`Wal::scan_ops`] a whole segment at a time ([`SegmentOps`]), for a caller that
+    /// replays documents in parallel.
+    pub fn scan_segments(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        config: WalConfig,
+        visit: impl FnMut(SegmentOps<'_, '_>),
+    ) -> Result<ScannedWal, WalError> {
+        Wal::scan_in(vfs, dir, config, visit)
+    }
+
+    fn scan_in(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        config: WalConfig,
+        mut visit: impl FnMut(SegmentOps<'_, '_>),
+    ) -> Result<ScannedWal, WalError> {
         assert!(config.segment_size >= SEGMENT_SIZE_MIN);
         vfs.create_dir_all(dir)
             .map_err(io_context(format_args!("creating {}", dir.display())))?;
@@ -333,38 +415,64 @@ impl Wal {
             },
         })?;
 
-        let mut index = Index::default();
-        let mut current_segment = None;
+        let mut index = IndexBuilder::default();
         let mut payload_error: Option<String> = None;
-        let scanned = recovery::scan(&*vfs, dir, config.recovery, |segment_id, offset, raw| {
-            if current_segment != Some(segment_id) {
-                index.add_segment(segment_id, raw.lsn);
-                current_segment = Some(segment_id);
-            }
-            let location = Location {
-                segment_id,
-                offset,
-                lsn: raw.lsn,
-            };
-            match raw.record_type {
-                RecordType::Op => match OpRecord::decode(raw.payload) {
-                    Ok(op) => {
-                        let doc: Arc<str> = Arc::from(op.doc_id.as_str());
-                        index.insert(location, Some((&doc, op.server_seq)));
-                        visit(&op, location);
+        // Buffers of a segment's size, kept from one segment to the next: fresh ones
+        // would be fresh pages (page faults) for every segment.
+        let mut spare_ops: Vec<SegmentOp<'static>> = Vec::new();
+        let mut grouped: Vec<(u32, u32)> = Vec::new();
+        let mut by_document: Vec<u32> = Vec::new();
+        let scanned =
+            recovery::scan_segments(&*vfs, dir, config.recovery, |segment_id, records| {
+                let Some((_, first)) = records.first() else {
+                    return;
+                };
+                index.add_segment(segment_id, first.lsn);
+                // Every record of the segment is decoded and indexed in LSN order first.
+                let mut ops: Vec<SegmentOp<'_>> = recycle(std::mem::take(&mut spare_ops));
+                ops.reserve(records.len());
+                for &(offset, raw) in records {
+                    let location = Location {
+                        segment_id,
+                        offset,
+                        lsn: raw.lsn,
+                    };
+                    match raw.record_type {
+                        RecordType::Op => match OpView::decode(raw.payload) {
+                            Ok(op) => {
+                                let doc = index.insert_op(location, op.doc_id, op.server_seq);
+                                ops.push(SegmentOp {
+                                    ordinal: doc.ordinal,
+                                    location,
+                                    op,
+                                });
+                            }
+                            Err(e) if payload_error.is_none() => {
+                                payload_error = Some(format!(
+                                    "{} offset {offset} (LSN {}): {e}",
+                                    segment_path(dir, segment_id).display(),
+                                    raw.lsn
+                                ));
+                            }
+                            Err(_) => {}
+                        },
                     }
-                    Err(e) if payload_error.is_none() => {
-                        payload_error = Some(format!(
-                            "{} offset {offset} (LSN {}): {e}",
-                            segment_path(dir, segment_id).display(),
-                            raw.lsn
-                        ));
-                    }
-                    Err(_) => {}
-                },
-            }
-        })
-        .map_err(recovery_error)?;
+                }
+                // Then shown: in LSN order, and grouped by document (sorting (ordinal,
+                // index) keeps each document's ops in LSN order).
+                grouped.clear();
+                grouped.extend(ops.iter().enumerate().map(|(i, op)| (op.ordinal, i as u32)));
+                grouped.sort_unstable();
+                by_document.clear();
+                by_document.extend(grouped.iter().map(|&(_, i)| i));
+                visit(SegmentOps {
+                    ops: &ops,
+                    by_document: &by_document,
+                    index: &index,
+                });
+                spare_ops = recycle(ops);
+            })
+            .map_err(recovery_error)?;
         if let Some(e) = payload_error {
             return Err(WalError::Corrupt(format!("undecodable op record in {e}")));
         }
@@ -372,7 +480,7 @@ impl Wal {
             vfs,
             dir: dir.to_path_buf(),
             config,
-            index,
+            index: index.finish(),
             scanned,
             lock,
         })
@@ -590,5 +698,20 @@ impl Wal {
 impl Drop for Wal {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recycling_a_segment_buffer_keeps_its_allocation() {
+        let ops: Vec<SegmentOp<'static>> = Vec::with_capacity(1000);
+        let (buffer, capacity) = (ops.as_ptr() as usize, ops.capacity());
+        let again: Vec<SegmentOp<'_>> = recycle(ops);
+        assert_eq!(again.as_ptr() as usize, buffer);
+        assert_eq!(again.capacity(), capacity);
+        assert!(again.is_empty());
     }
 }

@@ -23,7 +23,7 @@
 
 use bytes::{Buf, BufMut};
 
-use crate::op::{validate_doc_id, Patch, MAX_DOC_CHARS};
+use crate::op::{validate_doc_id, Patch, PatchRef, MAX_DOC_CHARS};
 
 pub const RECORD_HEADER_LEN: usize = 24;
 pub const RECORD_ALIGN: usize = 8;
@@ -260,7 +260,83 @@ impl OpRecord {
             + self.patches.iter().map(|p| 12 + p.ins.len()).sum::<usize>()
     }
 
-    pub fn decode(mut buf: &[u8]) -> Result<OpRecord, PayloadError> {
+    /// Decodes and checks a payload: [`OpView::decode`], copied out.
+    pub fn decode(buf: &[u8]) -> Result<OpRecord, PayloadError> {
+        OpView::decode(buf).map(|view| view.to_record())
+    }
+}
+
+/// Patches kept inline before one goes to the heap: most ops have a few.
+const INLINE_PATCHES: usize = 4;
+
+/// The patches of an [`OpView`]: inline up to [`INLINE_PATCHES`], so that decoding the
+/// usual op allocates nothing.
+#[derive(Clone, Debug)]
+pub enum PatchList<'a> {
+    Inline {
+        len: usize,
+        patches: [PatchRef<'a>; INLINE_PATCHES],
+    },
+    Heap(Vec<PatchRef<'a>>),
+}
+
+impl<'a> PatchList<'a> {
+    fn with_capacity(count: usize) -> Self {
+        if count <= INLINE_PATCHES {
+            PatchList::Inline {
+                len: 0,
+                patches: [PatchRef::default(); INLINE_PATCHES],
+            }
+        } else {
+            PatchList::Heap(Vec::with_capacity(count))
+        }
+    }
+
+    fn push(&mut self, patch: PatchRef<'a>) {
+        match self {
+            PatchList::Inline { len, patches } if *len < INLINE_PATCHES => {
+                patches[*len] = patch;
+                *len += 1;
+            }
+            PatchList::Inline { len, patches } => {
+                let mut heap = patches[..*len].to_vec();
+                heap.push(patch);
+                *self = PatchList::Heap(heap);
+            }
+            PatchList::Heap(heap) => heap.push(patch),
+        }
+    }
+}
+
+impl<'a> std::ops::Deref for PatchList<'a> {
+    type Target = [PatchRef<'a>];
+    fn deref(&self) -> &[PatchRef<'a>] {
+        match self {
+            PatchList::Inline { len, patches } => &patches[..*len],
+            PatchList::Heap(heap) => heap,
+        }
+    }
+}
+
+/// An op record's payload decoded in place: the document id and the inserted texts
+/// borrow the record's bytes (recovery replays straight from the mapped segment).
+/// Checked exactly as [`OpRecord::decode`], which is this copied out.
+#[derive(Clone, Debug)]
+pub struct OpView<'a> {
+    pub doc_id: &'a str,
+    pub client_id: u64,
+    pub local_seq: u64,
+    pub server_seq: u64,
+    pub base_version: u64,
+    pub timestamp_ms: u64,
+    pub patches: PatchList<'a>,
+}
+
+impl<'a> OpView<'a> {
+    /// The layout is [`OpRecord::encode`]'s. Every check is made here: the document id,
+    /// UTF-8 of every text, positions in range, the patch count against the bytes
+    /// there, no trailing bytes, a nonzero seq.
+    pub fn decode(mut buf: &'a [u8]) -> Result<OpView<'a>, PayloadError> {
         let b = &mut buf;
         let server_seq = take_u64(b)?;
         let base_version = take_u64(b)?;
@@ -269,7 +345,7 @@ impl OpRecord {
         let timestamp_ms = take_u64(b)?;
         let doc_len = take_u16(b)? as usize;
         let doc_id = take_str(b, doc_len)?;
-        validate_doc_id(&doc_id).map_err(PayloadError)?;
+        validate_doc_id(doc_id).map_err(PayloadError)?;
         let count = take_u32(b)? as usize;
         // Each patch takes at least 12 bytes: bound the allocation by what is there.
         if count > b.remaining() / 12 {
@@ -277,7 +353,7 @@ impl OpRecord {
                 "patch count {count} exceeds the payload"
             )));
         }
-        let mut patches = Vec::with_capacity(count);
+        let mut patches = PatchList::with_capacity(count);
         for _ in 0..count {
             let pos = take_u32(b)?;
             let del = take_u32(b)?;
@@ -286,7 +362,7 @@ impl OpRecord {
             if pos > MAX_DOC_CHARS || del > MAX_DOC_CHARS {
                 return Err(PayloadError("patch position out of range".into()));
             }
-            patches.push(Patch { pos, del, ins });
+            patches.push(PatchRef { pos, del, ins });
         }
         if b.has_remaining() {
             return Err(PayloadError(format!("{} trailing bytes", b.remaining())));
@@ -294,7 +370,7 @@ impl OpRecord {
         if server_seq == 0 {
             return Err(PayloadError("server_seq is 0".into()));
         }
-        Ok(OpRecord {
+        Ok(OpView {
             doc_id,
             client_id,
             local_seq,
@@ -303,6 +379,18 @@ impl OpRecord {
             timestamp_ms,
             patches,
         })
+    }
+
+    pub fn to_record(&self) -> OpRecord {
+        OpRecord {
+            doc_id: self.doc_id.to_owned(),
+            client_id: self.client_id,
+            local_seq: self.local_seq,
+            server_seq: self.server_seq,
+            base_version: self.base_version,
+            timestamp_ms: self.timestamp_ms,
+            patches: self.patches.iter().map(PatchRef::to_patch).collect(),
+        }
     }
 }
 
@@ -322,14 +410,13 @@ fn take_u64(b: &mut &[u8]) -> Result<u64, PayloadError> {
     b.try_get_u64_le().map_err(|_| short())
 }
 
-fn take_str(b: &mut &[u8], len: usize) -> Result<String, PayloadError> {
+fn take_str<'a>(b: &mut &'a [u8], len: usize) -> Result<&'a str, PayloadError> {
     if b.remaining() < len {
         return Err(short());
     }
-    let s = std::str::from_utf8(&b[..len])
-        .map_err(|e| PayloadError(format!("invalid UTF-8: {e}")))?
-        .to_owned();
-    b.advance(len);
+    let (text, rest) = b.split_at(len);
+    let s = std::str::from_utf8(text).map_err(|e| PayloadError(format!("invalid UTF-8: {e}")))?;
+    *b = rest;
     Ok(s)
 }
 

@@ -260,6 +260,22 @@ pub fn scan(
     options: RecoveryOptions,
     mut visit: impl FnMut(SegmentId, u64, RawRecord<'_>),
 ) -> Result<Scanned, RecoveryError> {
+    scan_segments(vfs, wal_dir, options, |segment_id, records| {
+        for &(offset, record) in records {
+            visit(segment_id, offset, record);
+        }
+    })
+}
+
+/// [`scan`], handing over the valid records of one segment at a time, in LSN order, as
+/// `(offset, record)`: once a segment is checked, its records may be taken in any order
+/// (replay takes them document by document, while each document's state is in cache).
+pub fn scan_segments(
+    vfs: &dyn Vfs,
+    wal_dir: &Path,
+    options: RecoveryOptions,
+    mut visit: impl FnMut(SegmentId, &[(u64, RawRecord<'_>)]),
+) -> Result<Scanned, RecoveryError> {
     let started = Instant::now();
     let ids = list_segments(vfs, wal_dir)?;
     for pair in ids.windows(2) {
@@ -286,9 +302,17 @@ pub fn scan(
     let mut regions: Vec<Region> = Vec::with_capacity(ids.len());
     let mut found_break: Option<Break> = None;
 
+    if let Some(&first) = ids.first() {
+        vfs.prefetch(&segment_path(wal_dir, first));
+    }
     for (position, &id) in ids.iter().enumerate() {
         let path = segment_path(wal_dir, id);
+        // The disk reads the next segment while this one is checked.
+        if let Some(&next) = ids.get(position + 1) {
+            vfs.prefetch(&segment_path(wal_dir, next));
+        }
         let region = vfs.map(&path).map_err(io_err(&path))?;
+        region.advise_sequential();
         report.bytes_scanned += region.len() as u64;
         let header = match SegmentHeader::decode(&region) {
             Ok(Some(header)) => header,
@@ -329,13 +353,16 @@ pub fn scan(
             return Err(corrupt(&path, 0, "an earlier segment holds no records"));
         }
         expected_next = Some(header.first_lsn);
-        let mut records = 0u64;
-        let mut segment_last = None;
+        let mut valid = Vec::new();
         let stop = scan_records(&region, header.first_lsn, |offset, record| {
-            records += 1;
-            segment_last = Some(record.lsn);
-            visit(id, offset as u64, record);
+            valid.push((offset as u64, record));
         });
+        let records = valid.len() as u64;
+        let segment_last = valid.last().map(|(_, record)| record.lsn);
+        if !valid.is_empty() {
+            visit(id, &valid);
+        }
+        drop(valid);
         report.records += records;
         if let Some(l) = segment_last {
             last_lsn = Some(l);

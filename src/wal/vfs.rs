@@ -49,6 +49,11 @@ pub trait Vfs: Send + Sync + fmt::Debug {
     fn open(&self, path: &Path) -> io::Result<Box<dyn VfsFile>>;
     /// The whole file, read-only: memory-mapped on a real disk.
     fn map(&self, path: &Path) -> io::Result<Region>;
+    /// A hint that the whole file will be read soon: the disk starts reading it while
+    /// the caller works on something else (recovery asks for the next segment while it
+    /// checks this one). Nothing to do on a simulated disk; errors are not the caller's
+    /// business (the read itself reports them).
+    fn prefetch(&self, _path: &Path) {}
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes creations, renames and removals in `dir` durable.
@@ -83,6 +88,16 @@ pub fn at_path<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> i
 pub enum Region {
     Mapped(memmap2::Mmap),
     Owned(Vec<u8>),
+}
+
+impl Region {
+    /// A hint that the region will be read front to back (the recovery scan): a larger
+    /// readahead window, and pages behind the reader may go first.
+    pub fn advise_sequential(&self) {
+        if let Region::Mapped(map) = self {
+            let _ = map.advise(memmap2::Advice::Sequential);
+        }
+    }
 }
 
 impl Deref for Region {
@@ -151,6 +166,25 @@ impl Vfs for OsFs {
         // outside what any storage engine can defend against.
         let map = unsafe { memmap2::Mmap::map(&file)? };
         Ok(Region::Mapped(map))
+    }
+
+    fn prefetch(&self, path: &Path) {
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        // WILLNEED queues reads of the whole file, but queueing blocks once the
+        // device's request queue is full (tens of MiB): on a thread of its own, so that
+        // the caller's work goes on meanwhile. The thread ends when the reads are queued.
+        let advise = |path: &Path| {
+            if let Ok(file) = File::open(path) {
+                let _ = posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_WILLNEED);
+            }
+        };
+        let owned = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("quire-prefetch".into())
+            .spawn(move || advise(&owned));
+        if spawned.is_err() {
+            advise(path);
+        }
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
