@@ -181,3 +181,48 @@ fn an_unusable_snapshots_or_wal_directory_is_named_in_the_error() {
         );
     }
 }
+
+/// After the process dies (not the machine), recovery reads records that were written
+/// but never synced (they are in the page cache) and serves them as durable: it must
+/// make them durable first, or a power cut afterwards would lose what was served.
+#[test]
+fn records_recovered_from_the_page_cache_are_synced_before_they_are_served() {
+    let fs = SimFs::new();
+    let data = Path::new("/srv/quire");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (store, _) = LocalSequencer::open_with(Arc::new(fs.clone()), data, config()).unwrap();
+    let op = |local_seq: u64, base: u64, text: &str| SubmitOp {
+        op_id: OpId {
+            client_id: 1,
+            local_seq,
+        },
+        base_version: base,
+        expected_version: base,
+        fingerprint: 0,
+        patches: vec![Patch::new(0, 0, text)],
+    };
+    let Submitted::Applied { ticket, .. } = store.submit("a", op(1, 0, "synced ")).unwrap() else {
+        panic!("applied");
+    };
+    rt.block_on(store.wait_durable(ticket)).unwrap();
+    // The next op is written, but its sync fails: never acked, only in the "page cache".
+    fs.fail_syncs_after(0);
+    let Submitted::Applied { ticket, .. } = store.submit("a", op(2, 1, "cached ")).unwrap() else {
+        panic!("applied");
+    };
+    assert!(rt.block_on(store.wait_durable(ticket)).is_err());
+    drop(store);
+    // The process restarts on the same disk (syncs work again) and serves the op.
+    fs.fail_syncs_after(u64::MAX);
+    let (store, _) = LocalSequencer::open_with(Arc::new(fs.clone()), data, config()).unwrap();
+    let served = rt.block_on(store.read("a")).unwrap().unwrap();
+    assert_eq!(served.text, "cached synced ");
+    drop(store);
+    // Then the machine loses power: what was served is still there.
+    let after = fs.crash(CrashMode::LoseUnsynced);
+    let (store, _) = LocalSequencer::open_with(Arc::new(after), data, config()).unwrap();
+    let view = rt.block_on(store.read("a")).unwrap().unwrap();
+    assert_eq!(view.text, served.text, "served as durable, then lost");
+}

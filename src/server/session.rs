@@ -412,6 +412,13 @@ impl<S: Sequencer> Session<S> {
             }
             Sent::Closing => false,
             Sent::Truncated => unreachable!("a snapshot is never truncated"),
+            Sent::Cut(reason) => {
+                document.unsubscribe(self.outbox.session, self.outbox.client_id);
+                self.opened.remove(document.id.as_ref());
+                self.server.release(&document);
+                self.send(rid, Message::Reload { doc, reason });
+                true
+            }
             Sent::Failed(reason) => {
                 document.unsubscribe(self.outbox.session, self.outbox.client_id);
                 self.opened.remove(document.id.as_ref());
@@ -483,6 +490,8 @@ impl<S: Sequencer> Session<S> {
         let mut frame_len = header;
         let mut left = limit;
         let mut first = true;
+        // No frame of the reply sent yet: it can still become another kind of reply.
+        let mut first_frame = true;
         loop {
             let want = left.min(READ_BATCH as u64) as usize;
             let ops = if want == 0 {
@@ -497,8 +506,8 @@ impl<S: Sequencer> Session<S> {
                     Ok(Ok(Some(ops))) => ops,
                     Ok(Ok(None)) if first => return Sent::Truncated,
                     Ok(Ok(None)) => {
-                        return Sent::Failed(format!(
-                            "ops after {after} were truncated while being sent"
+                        return Sent::Cut(format!(
+                            "ops after {after} were truncated while being sent; open the document again"
                         ))
                     }
                     Ok(Err(reason)) => return Sent::Failed(reason.to_string()),
@@ -513,9 +522,16 @@ impl<S: Sequencer> Session<S> {
                 let op = super::wire_op(op);
                 let len = 24 + patches_wire_len(&op.patches);
                 if header + len > max_frame {
-                    return Sent::Truncated;
+                    // Written under a larger --max-frame: it cannot be sent as an op.
+                    if first_frame {
+                        return Sent::Truncated;
+                    }
+                    return Sent::Cut(format!(
+                        "op {after} does not fit this server's frames; open the document again"
+                    ));
                 }
                 if frame_len + len > max_frame {
+                    first_frame = false;
                     let full = std::mem::take(&mut frame_ops);
                     frame_len = header;
                     let frame = self.reply(
@@ -565,6 +581,10 @@ impl<S: Sequencer> Session<S> {
                         reason: format!("ops after seq {after_seq} are no longer kept"),
                     },
                 );
+                true
+            }
+            Sent::Cut(reason) => {
+                self.send(rid, Message::Reload { doc, reason });
                 true
             }
             Sent::Failed(reason) => {
@@ -775,8 +795,10 @@ enum Sent {
     Done,
     /// The session is closing.
     Closing,
-    /// The log no longer holds the ops.
+    /// The log no longer holds the ops (nothing of the reply was sent).
     Truncated,
+    /// Frames of the reply were sent, then it could not go on: it ends with `Reload`.
+    Cut(String),
     /// The storage failed.
     Failed(String),
 }
