@@ -89,18 +89,14 @@ impl DurabilityQueue {
 
 fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc<str>>) {
     let max_frame = server.config.max_frame;
+    // Every action answers one submit: counted as answered before its answer can go out,
+    // so a client that sends its next op on the ack finds room for it.
+    match &action {
+        Action::Deliver { outbox, .. } | Action::AckDuplicate { outbox, .. } => outbox.end_op(),
+    }
     match (action, outcome) {
-        (
-            Action::Deliver {
-                document,
-                seq,
-                outbox,
-                ..
-            },
-            Ok(()),
-        ) => {
+        (Action::Deliver { document, seq, .. }, Ok(())) => {
             document.mark_durable(seq);
-            outbox.end_op();
             // Its last subscriber may have left while the op was on its way to disk.
             if document.subscriber_count() == 0 {
                 server.release(&document);
@@ -129,7 +125,6 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
                 },
                 max_frame,
             ));
-            outbox.end_op();
         }
         (
             Action::AckDuplicate {
@@ -142,7 +137,6 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
             Ok(()),
         ) => {
             document.ack_resend(&outbox, request_id, local_seq, seq);
-            outbox.end_op();
         }
         (
             Action::AckDuplicate {
@@ -166,7 +160,6 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
                 },
                 max_frame,
             ));
-            outbox.end_op();
         }
     }
 }
