@@ -297,6 +297,26 @@ impl Job {
         Ok(())
     }
 
+    /// Transforms over the window's ops after `at` ([`State::window_after`]), or says
+    /// which ops must first be read from the log.
+    fn over_window(
+        &mut self,
+        missed: Result<Vec<(u64, u64, Arc<TextOp>)>, u64>,
+    ) -> Result<Option<Step>, SubmitOutcome> {
+        match missed {
+            Ok(ops) => {
+                for (seq, by, op) in ops {
+                    self.over(seq, by, &op)?;
+                }
+                Ok(None)
+            }
+            Err(upto) => Ok(Some(Step::ReadLog {
+                after: self.at,
+                upto,
+            })),
+        }
+    }
+
     /// Transforms over ops read from the log.
     pub fn over_records(&mut self, records: &[SequencedOp]) -> Result<(), SubmitOutcome> {
         for r in records {
@@ -620,18 +640,8 @@ impl Document {
         }
         // Outside the lock: the window's ops that the op missed.
         let missed = self.lock().window_after(job.at);
-        match missed {
-            Ok(ops) => {
-                for (seq, by, op) in ops {
-                    job.over(seq, by, &op)?;
-                }
-            }
-            Err(upto) => {
-                return Ok(Step::ReadLog {
-                    after: job.at,
-                    upto,
-                })
-            }
+        if let Some(read_log) = job.over_window(missed)? {
+            return Ok(read_log);
         }
         // Under the lock: the few ops sequenced meanwhile, then sequence.
         let mut state = self.lock();
@@ -641,18 +651,8 @@ impl Document {
                 "an earlier op of this connection was refused; open the document again",
             ));
         }
-        match state.window_after(job.at) {
-            Ok(ops) => {
-                for (seq, by, op) in ops {
-                    job.over(seq, by, &op)?;
-                }
-            }
-            Err(upto) => {
-                return Ok(Step::ReadLog {
-                    after: job.at,
-                    upto,
-                })
-            }
+        if let Some(read_log) = job.over_window(state.window_after(job.at))? {
+            return Ok(read_log);
         }
         assert_eq!(
             job.at, state.version,

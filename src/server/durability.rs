@@ -103,30 +103,6 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
             }
         }
         (
-            Action::Deliver {
-                document,
-                outbox,
-                request_id,
-                local_seq,
-                ..
-            },
-            Err(reason),
-        ) => {
-            // A failed log acknowledges nothing more, and the client is told so.
-            outbox.send(encode(
-                &Envelope {
-                    request_id,
-                    message: Message::Reject {
-                        doc: document.id.to_string(),
-                        local_seq,
-                        code: ErrorCode::StorageFailed,
-                        message: reason.to_string(),
-                    },
-                },
-                max_frame,
-            ));
-        }
-        (
             Action::AckDuplicate {
                 document,
                 outbox,
@@ -135,11 +111,17 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
                 seq,
             },
             Ok(()),
-        ) => {
-            document.ack_resend(&outbox, request_id, local_seq, seq);
-        }
+        ) => document.ack_resend(&outbox, request_id, local_seq, seq),
+        // A failed log acknowledges nothing more, and the client is told so.
         (
-            Action::AckDuplicate {
+            Action::Deliver {
+                document,
+                outbox,
+                request_id,
+                local_seq,
+                ..
+            }
+            | Action::AckDuplicate {
                 document,
                 outbox,
                 request_id,
