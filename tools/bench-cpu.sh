@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Server CPU per acknowledged op (issue "simulation", item 6): quire-trace with CLIENTS
+# clients on a document each against `quire serve`, and redis-benchmark RPUSH with the
+# same number of clients (pipeline 1) against redis-server with `appendfsync always`, in
+# the same sitting. For each run: the server's utime+stime (/proc/PID/stat fields 14 and
+# 15, clock ticks) read just before and just after the load (for quire its connects,
+# opens and final read-back included), divided by the ops
+# acknowledged, and ops/s as the load generator reports it. The load average is printed
+# beside each row: the machine is shared.
+#   usage: bash tools/bench-cpu.sh [OUT_DIR]   (default /tmp/quire-cpubench)
+# Settings: RUNS (default 3), CLIENTS (default 64), PATCHES (quire ops, default 64000),
+# REDIS_N (RPUSH requests, default 64000), WARM (seconds, default 3), REDIS (0/1,
+# default 1), QUIRE_BIN (the server binary, default ./target/release/quire; another
+# build for an A/B in one sitting), SERVE_ARGS (extra flags for `quire serve`), PERF
+# (0/1, default 0: `perf record -g` the quire server of the last run into
+# OUT_DIR/perf.data).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-/tmp/quire-cpubench}"
+mkdir -p "$out"
+runs="${RUNS:-3}"
+clients="${CLIENTS:-64}"
+patches="${PATCHES:-64000}"
+redis_n="${REDIS_N:-64000}"
+traces="${QUIRE_TRACES:-../shared/traces}"
+paper="$traces/automerge-paper.json.gz"
+port=7432
+redis_port=63798
+tck=$(getconf CLK_TCK)
+cargo build --release --bin quire --bin quire-trace >/dev/null 2>&1
+
+# utime+stime of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+load() { cut -d' ' -f1 /proc/loadavg; }
+row() {  # name run ops ops_per_s ticks load_before load_after
+  awk -v n="$1" -v r="$2" -v ops="$3" -v rate="$4" -v t="$5" -v hz="$tck" -v l0="$6" -v l1="$7" \
+    'BEGIN{printf "%-12s run %s | ops %d | %8.0f ops/s | server cpu %.2f s = %5.2f us/op | load %s..%s\n",
+      n, r, ops, rate, t / hz, 1e6 * t / hz / ops, l0, l1}'
+}
+
+echo "######## $(date -u +%FT%TZ) clients=$clients"
+for run in $(seq 1 "$runs"); do
+  rm -rf "$out/data"
+  # shellcheck disable=SC2086
+  "${QUIRE_BIN:-./target/release/quire}" serve --data-dir "$out/data" --listen "127.0.0.1:$port" ${SERVE_ARGS:-} >"$out/server.log" 2>&1 &
+  pid=$!
+  sleep 1
+  # A warm-up op activates the first segment; the next one is zero-filled meanwhile.
+  ./target/release/quire-trace --addr "127.0.0.1:$port" --client-base 999000000 --mode sequential \
+    --trace "$paper" --patches 1 --doc warmup >/dev/null
+  sleep "${WARM:-3}"
+  perf_pid=
+  if [ "${PERF:-0}" = 1 ] && [ "$run" = "$runs" ]; then
+    perf record -F 4000 -g -o "$out/perf.data" -p "$pid" >/dev/null 2>&1 &
+    perf_pid=$!
+    sleep 0.5
+  fi
+  l0=$(load); c0=$(cpu_ticks "$pid")
+  result=$(./target/release/quire-trace --addr "127.0.0.1:$port" --client-base $((run * 10000000)) \
+    --trace "$paper" --mode each --clients "$clients" --patches "$patches" --doc e 2>&1)
+  c1=$(cpu_ticks "$pid"); l1=$(load)
+  [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  echo "$result" >"$out/quire-run$run.txt"
+  rate=$(grep -o '[0-9.]* ops/s' <<<"$result" | head -1 | cut -d' ' -f1)
+  ops=$(grep -o '[0-9]* ops in' <<<"$result" | head -1 | cut -d' ' -f1)
+  row quire "$run" "${ops:-$patches}" "${rate:-0}" $((c1 - c0)) "$l0" "$l1"
+done
+
+if [ "${REDIS:-1}" = 1 ]; then
+  rm -rf "$out/redis"; mkdir -p "$out/redis"
+  redis-server --bind 127.0.0.1 --port "$redis_port" --protected-mode yes --dir "$out/redis" \
+    --appendonly yes --appendfsync always --save "" --daemonize no \
+    --logfile "$out/redis/redis.log" &
+  rpid=$!
+  trap 'kill "$rpid" 2>/dev/null || true' EXIT
+  cli=(redis-cli -h 127.0.0.1 -p "$redis_port")
+  for _ in $(seq 1 100); do "${cli[@]}" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  val_len=100
+  for run in $(seq 1 "$runs"); do
+    "${cli[@]}" flushall >/dev/null
+    sleep 1
+    l0=$(load); c0=$(cpu_ticks "$rpid")
+    csv=$(redis-benchmark -h 127.0.0.1 -p "$redis_port" -c "$clients" -P 1 -n "$redis_n" \
+      --csv -t rpush -d "$val_len" 2>/dev/null | tail -1)
+    c1=$(cpu_ticks "$rpid"); l1=$(load)
+    stored=$("${cli[@]}" llen mylist)
+    rate=$(cut -d, -f2 <<<"$csv" | tr -d '"')
+    row redis-rpush "$run" "$stored" "${rate:-0}" $((c1 - c0)) "$l0" "$l1"
+  done
+  kill "$rpid"; wait "$rpid" 2>/dev/null || true
+  trap - EXIT
+fi
