@@ -302,3 +302,42 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
         3000
     );
 }
+
+/// A client's pipelined ops covered by a snapshot are still recognised after a restart:
+/// a resend of an older one gets its original seq (the snapshot keeps the client's
+/// remembered ops, not only its newest).
+#[test]
+fn after_a_restart_a_resend_of_an_older_op_covered_by_a_snapshot_gets_its_seq() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let fs = SimFs::new();
+    let store = open(&fs);
+    let op = |local_seq: u64, text: &str| SubmitOp {
+        op_id: OpId {
+            client_id: 7,
+            local_seq,
+        },
+        base_version: local_seq - 1,
+        expected_version: local_seq - 1,
+        fingerprint: local_seq,
+        patches: vec![Patch::new(0, 0, text)],
+    };
+    for i in 1..=3 {
+        let Submitted::Applied { ticket, .. } = store.submit("p", op(i, "x")).unwrap() else {
+            panic!("applied")
+        };
+        rt.block_on(store.wait_durable(ticket)).unwrap();
+    }
+    assert!(store.snapshot_now("p").unwrap());
+    drop(store);
+    let store = open(&fs);
+    match store.submit("p", op(1, "x")) {
+        Ok(Submitted::Duplicate { seq, .. }) => assert_eq!(seq, 1),
+        other => panic!("a resend of op 1 gets its seq, got {other:?}"),
+    }
+    match store.submit("p", op(2, "x")) {
+        Ok(Submitted::Duplicate { seq, .. }) => assert_eq!(seq, 2),
+        other => panic!("a resend of op 2 gets its seq, got {other:?}"),
+    }
+}

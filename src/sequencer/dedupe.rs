@@ -74,6 +74,18 @@ impl Dedupe {
         }
     }
 
+    /// Each client's remembered ops, `(local_seq, seq)` oldest first, sorted by client
+    /// (what a snapshot keeps).
+    pub fn remembered(&self) -> Vec<(u64, Vec<(u64, u64)>)> {
+        let mut entries: Vec<_> = self
+            .clients
+            .iter()
+            .map(|(&c, recent)| (c, recent.iter().map(|a| (a.local_seq, a.seq)).collect()))
+            .collect();
+        entries.sort_unstable_by_key(|(c, _)| *c);
+        entries
+    }
+
     /// Each client's newest op: `(client_id, last_local_seq, seq)`, sorted by client.
     pub fn newest(&self) -> Vec<(u64, u64, u64)> {
         let mut entries: Vec<_> = self

@@ -92,12 +92,16 @@ impl DocState {
 
     pub fn dedupe_entries(&self) -> Vec<DedupeEntry> {
         self.dedupe
-            .newest()
+            .remembered()
             .into_iter()
-            .map(|(client_id, last_local_seq, seq)| DedupeEntry {
-                client_id,
-                last_local_seq,
-                seq,
+            .filter_map(|(client_id, mut ops)| {
+                let (last_local_seq, seq) = ops.pop()?;
+                Some(DedupeEntry {
+                    client_id,
+                    last_local_seq,
+                    seq,
+                    older: ops,
+                })
             })
             .collect()
     }
@@ -327,7 +331,13 @@ impl LocalSequencer {
                     dedupe: snapshot
                         .dedupe
                         .iter()
-                        .map(|e| (e.client_id, (e.last_local_seq, e.seq)))
+                        .flat_map(|e| {
+                            e.older
+                                .iter()
+                                .copied()
+                                .chain(std::iter::once((e.last_local_seq, e.seq)))
+                                .map(move |op| (e.client_id, op))
+                        })
                         .collect(),
                     last_lsn: 0,
                     snapshot_seq: snapshot.last_included_seq,

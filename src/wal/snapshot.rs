@@ -4,11 +4,12 @@
 //! checksum falls back to the older one (and the log after it), never to silent loss.
 //!
 //! File name: `<hex of doc id bytes>.<last_included_seq as 20 digits>.snap` in
-//! `snapshots/`. Layout (little-endian): magic `QUIRSNAP`, format version u32 (1),
-//! reserved u32 (0), last_included_seq u64, created Unix ms u64, doc_id_len u16,
-//! doc_id, text_len u64 (bytes), text (UTF-8), dedupe_count u32, then per entry
-//! client_id u64, last_local_seq u64, seq u64 (sorted by client_id), and last a crc32c
-//! u32 of every byte before it.
+//! `snapshots/`. Layout (little-endian): magic `QUIRSNAP`, format version u32 (2; 1 is
+//! still read), reserved u32 (0), last_included_seq u64, created Unix ms u64, doc_id_len
+//! u16, doc_id, text_len u64 (bytes), text (UTF-8), dedupe_count u32, then per entry
+//! client_id u64, last_local_seq u64, seq u64 (sorted by client_id), and in version 2
+//! `older_count u16` then that many (`local_seq u64`, `seq u64`) of the client's earlier
+//! remembered ops, oldest first; and last a crc32c u32 of every byte before it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,17 +21,19 @@ use super::vfs::{at_path, Vfs};
 use crate::op::validate_doc_id;
 
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"QUIRSNAP";
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 /// How many snapshots of a document are kept (the newest and one fallback).
 pub const SNAPSHOTS_KEPT: usize = 2;
 
-/// Per client: the last op applied and the seq it got. A retry of that op (or an older
-/// one) is a duplicate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Per client: the last op applied and the seq it got, and the client's earlier ops the
+/// dedupe table remembers (`(local_seq, seq)`, oldest first), so that a resend of any of
+/// them is recognised after a restart too.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DedupeEntry {
     pub client_id: u64,
     pub last_local_seq: u64,
     pub seq: u64,
+    pub older: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +75,13 @@ impl Snapshot {
             out.put_u64_le(entry.client_id);
             out.put_u64_le(entry.last_local_seq);
             out.put_u64_le(entry.seq);
+            let older =
+                u16::try_from(entry.older.len()).expect("a client's remembered ops are few");
+            out.put_u16_le(older);
+            for &(local_seq, seq) in &entry.older {
+                out.put_u64_le(local_seq);
+                out.put_u64_le(seq);
+            }
         }
         let crc = crc32c::crc32c(&out);
         out.put_u32_le(crc);
@@ -93,7 +103,7 @@ impl Snapshot {
         let mut b = &body[8..];
         let short = || bad("snapshot ends early");
         let version = b.try_get_u32_le().map_err(|_| short())?;
-        if version != SNAPSHOT_FORMAT_VERSION {
+        if version != 1 && version != SNAPSHOT_FORMAT_VERSION {
             return Err(bad(format!(
                 "snapshot format version {version} is not supported (this build reads {SNAPSHOT_FORMAT_VERSION})"
             )));
@@ -112,10 +122,28 @@ impl Snapshot {
         }
         let mut dedupe = Vec::with_capacity(count);
         for _ in 0..count {
+            if b.remaining() < 24 {
+                return Err(short());
+            }
+            let (client_id, last_local_seq, seq) = (b.get_u64_le(), b.get_u64_le(), b.get_u64_le());
+            let mut older = Vec::new();
+            if version >= 2 {
+                let n = b.try_get_u16_le().map_err(|_| short())? as usize;
+                if n > b.remaining() / 16 {
+                    return Err(short());
+                }
+                older = (0..n).map(|_| (b.get_u64_le(), b.get_u64_le())).collect();
+                if older.windows(2).any(|w| w[0].0 >= w[1].0)
+                    || older.last().is_some_and(|&(l, _)| l >= last_local_seq)
+                {
+                    return Err(bad("a client's remembered ops are out of order"));
+                }
+            }
             dedupe.push(DedupeEntry {
-                client_id: b.get_u64_le(),
-                last_local_seq: b.get_u64_le(),
-                seq: b.get_u64_le(),
+                client_id,
+                last_local_seq,
+                seq,
+                older,
             });
         }
         if b.has_remaining() {
@@ -270,12 +298,52 @@ mod tests {
             last_included_seq: seq,
             created_ms: 1,
             text: "héllo \u{1F600}".into(),
-            dedupe: vec![DedupeEntry {
+            dedupe: vec![
+                DedupeEntry {
+                    client_id: 9,
+                    last_local_seq: 4,
+                    seq,
+                    older: vec![(2, 1), (3, 2)],
+                },
+                DedupeEntry {
+                    client_id: 11,
+                    last_local_seq: 1,
+                    seq: 3,
+                    older: Vec::new(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_version_1_snapshot_still_loads_with_only_each_clients_newest_op() {
+        // Version 1: no `older_count`; the same bytes otherwise.
+        let mut v1 = Vec::new();
+        v1.put_slice(&SNAPSHOT_MAGIC);
+        v1.put_u32_le(1);
+        v1.put_u32_le(0);
+        v1.put_u64_le(5);
+        v1.put_u64_le(1);
+        v1.put_u16_le(1);
+        v1.put_slice(b"d");
+        v1.put_u64_le(2);
+        v1.put_slice(b"hi");
+        v1.put_u32_le(1);
+        v1.put_u64_le(9);
+        v1.put_u64_le(4);
+        v1.put_u64_le(5);
+        let crc = crc32c::crc32c(&v1);
+        v1.put_u32_le(crc);
+        let snapshot = Snapshot::decode(&v1).unwrap();
+        assert_eq!(
+            snapshot.dedupe,
+            vec![DedupeEntry {
                 client_id: 9,
                 last_local_seq: 4,
-                seq,
-            }],
-        }
+                seq: 5,
+                older: Vec::new(),
+            }]
+        );
     }
 
     #[test]
