@@ -13,7 +13,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::local::{lock_doc, Shared};
+use super::state::{lock_doc, Shared};
 use crate::wal::now_ms;
 use crate::wal::snapshot::{write_snapshot, Snapshot};
 

@@ -10,6 +10,7 @@
 mod dedupe;
 pub mod local;
 mod maintenance;
+mod state;
 
 pub use dedupe::{Dedupe, Seen};
 
