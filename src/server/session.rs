@@ -465,19 +465,7 @@ impl<S: Sequencer> Session<S> {
                 break;
             }
         }
-        let frame = self.reply(
-            rid,
-            Message::Ops {
-                doc: doc.to_owned(),
-                more: false,
-                ops: Vec::new(),
-            },
-        );
-        if self.outbox.send_wait(frame).await {
-            Sent::Done
-        } else {
-            Sent::Closing
-        }
+        self.send_ops_frame(rid, doc, false, Vec::new()).await
     }
 
     /// Sends up to `limit` durable ops after `after` in `Ops` frames that each fit,
@@ -534,15 +522,7 @@ impl<S: Sequencer> Session<S> {
                     first_frame = false;
                     let full = std::mem::take(&mut frame_ops);
                     frame_len = header;
-                    let frame = self.reply(
-                        rid,
-                        Message::Ops {
-                            doc: doc.to_owned(),
-                            more: true,
-                            ops: full,
-                        },
-                    );
-                    if !self.outbox.send_wait(frame).await {
+                    if let Sent::Closing = self.send_ops_frame(rid, doc, true, full).await {
                         return Sent::Closing;
                     }
                 }
@@ -553,12 +533,17 @@ impl<S: Sequencer> Session<S> {
                 break;
             }
         }
+        self.send_ops_frame(rid, doc, false, frame_ops).await
+    }
+
+    /// Queues one `Ops` frame of a reply (waiting for room).
+    async fn send_ops_frame(&self, rid: u32, doc: &str, more: bool, ops: Vec<WireOp>) -> Sent {
         let frame = self.reply(
             rid,
             Message::Ops {
                 doc: doc.to_owned(),
-                more: false,
-                ops: frame_ops,
+                more,
+                ops,
             },
         );
         if self.outbox.send_wait(frame).await {
