@@ -1,10 +1,11 @@
-//! A client connection over TCP, and a document kept in sync over it.
+//! A client connection (over TCP, or any byte stream: the simulator's in-memory
+//! network), and a document kept in sync over it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -40,8 +41,13 @@ impl From<std::io::Error> for ClientError {
     }
 }
 
-pub struct Connection {
-    stream: TcpStream,
+/// A byte stream a client talks to the server over.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+pub struct Connection<T: Stream = TcpStream> {
+    stream: T,
     codec: FrameCodec,
     read_buf: BytesMut,
     write_buf: BytesMut,
@@ -49,7 +55,7 @@ pub struct Connection {
     pub client_id: u64,
 }
 
-impl Connection {
+impl Connection<TcpStream> {
     /// Connects and completes the handshake.
     pub async fn connect(
         addr: SocketAddr,
@@ -58,6 +64,13 @@ impl Connection {
     ) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
+        Self::handshake(stream, client_id, token).await
+    }
+}
+
+impl<T: Stream> Connection<T> {
+    /// Completes the handshake on a connected stream.
+    pub async fn handshake(stream: T, client_id: u64, token: &str) -> Result<Self, ClientError> {
         let mut conn = Connection {
             stream,
             codec: FrameCodec::new(DEFAULT_MAX_FRAME),
@@ -134,11 +147,20 @@ impl Connection {
             {
                 return Ok(Some(env));
             }
-            match self.stream.try_read_buf(&mut self.read_buf) {
-                Ok(0) => return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into())),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(e.into()),
+            // One poll that registers no interest: what has arrived, or nothing.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let read = tokio_util::io::poll_read_buf(
+                std::pin::Pin::new(&mut self.stream),
+                &mut cx,
+                &mut self.read_buf,
+            );
+            match read {
+                std::task::Poll::Ready(Ok(0)) => {
+                    return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+                }
+                std::task::Poll::Ready(Ok(_)) => {}
+                std::task::Poll::Ready(Err(e)) => return Err(e.into()),
+                std::task::Poll::Pending => return Ok(None),
             }
         }
     }
@@ -195,8 +217,8 @@ pub enum Event {
 /// A document kept in sync with the server over one connection: local edits apply at
 /// once and are sent with at most one op in flight (later edits are composed); remote
 /// ops are rebased over the pending ones. What others did is queued as [`Event`]s.
-pub struct SyncedDoc {
-    pub conn: Connection,
+pub struct SyncedDoc<T: Stream = TcpStream> {
+    pub conn: Connection<T>,
     pub name: String,
     pub doc: ClientDoc,
     /// Ops sent (one per round trip, composed).
@@ -205,10 +227,10 @@ pub struct SyncedDoc {
     record_events: bool,
 }
 
-impl SyncedDoc {
+impl<T: Stream> SyncedDoc<T> {
     /// Opens `name` from scratch (snapshot, then the ops after it).
     pub async fn open(
-        mut conn: Connection,
+        mut conn: Connection<T>,
         name: &str,
         next_local_seq: u64,
     ) -> Result<Self, ClientError> {
@@ -277,7 +299,7 @@ impl SyncedDoc {
 
     /// Reopens after a reconnect at the version this client has, resending its pending
     /// op with the same op id (the server recognises a duplicate).
-    pub async fn resume(&mut self, mut conn: Connection) -> Result<(), ClientError> {
+    pub async fn resume(&mut self, mut conn: Connection<T>) -> Result<(), ClientError> {
         conn.send(Message::Open {
             doc: self.name.clone(),
             known_version: self.doc.version(),

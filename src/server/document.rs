@@ -15,7 +15,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 
@@ -69,12 +71,14 @@ struct State {
     pending: BTreeMap<u64, Pending>,
     /// Highest seq delivered to subscribers.
     delivered: u64,
-    subscribers: HashMap<SessionId, Outbox>,
+    /// Ordered, so that a broadcast reaches subscribers in the same order on every run
+    /// (the simulator replays a seed exactly).
+    subscribers: BTreeMap<SessionId, Outbox>,
     /// Messages for sessions that subscribed but have not been sent their snapshot yet:
     /// released by [`Document::activate`], so that no broadcast overtakes the snapshot.
     /// Bounded like the session's outbox.
     held: HashMap<SessionId, Held>,
-    presence: HashMap<u64, Presence>,
+    presence: BTreeMap<u64, Presence>,
 }
 
 /// One client's presence on the document, and its coalescing state.
@@ -383,9 +387,9 @@ impl Document {
                 broken_pipelines: HashSet::new(),
                 pending: BTreeMap::new(),
                 delivered: version,
-                subscribers: HashMap::new(),
+                subscribers: BTreeMap::new(),
                 held: HashMap::new(),
-                presence: HashMap::new(),
+                presence: BTreeMap::new(),
             }),
         }
     }
@@ -497,7 +501,7 @@ impl Document {
                     let due = p.sent_at + self.limits.presence_interval;
                     let doc = self.clone();
                     tokio::spawn(async move {
-                        tokio::time::sleep_until(due.into()).await;
+                        tokio::time::sleep_until(due).await;
                         doc.flush_presence(client_id);
                     });
                 }

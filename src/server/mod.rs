@@ -5,6 +5,7 @@ pub mod document;
 pub mod durability;
 pub mod outbox;
 pub mod session;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -53,6 +54,19 @@ pub struct ServerConfig {
     /// Ops per document kept in memory for transforming late ops; older ones are read
     /// back from the log (tests make it small to take that path often).
     pub history_window: usize,
+    /// Where work that may take long (log reads, large transforms) runs.
+    pub blocking: Blocking,
+}
+
+/// Where a session's long work runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Blocking {
+    /// On tokio's blocking threads, never on an async worker (production).
+    #[default]
+    Threads,
+    /// On the calling task, at once: the deterministic simulator runs everything on one
+    /// thread, and a thread pool would make its runs depend on the OS scheduler.
+    Inline,
 }
 
 /// At shutdown, how long sessions may take to flush what is queued for them.
@@ -76,6 +90,7 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(30),
             presence_interval: Duration::from_millis(50),
             history_window: 4096,
+            blocking: Blocking::Threads,
         }
     }
 }
@@ -234,6 +249,26 @@ impl<S: Sequencer> Server<S> {
         }
     }
 
+    /// Runs `f`, which may block (a log read, a long transform), where
+    /// [`ServerConfig::blocking`] says. An error is a panic in `f`.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        match self.config.blocking {
+            Blocking::Threads => tokio::task::spawn_blocking(f)
+                .await
+                .map_err(|e| e.to_string()),
+            Blocking::Inline => std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .map_err(|p| {
+                    p.downcast_ref::<&str>()
+                        .map(|m| m.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic without a message".into())
+                }),
+        }
+    }
+
     /// Bytes of the large-frame budget held by frames being received now.
     pub fn large_frame_bytes_in_use(&self) -> usize {
         self.config.large_frame_budget - self.large_frames.available_permits()
@@ -251,20 +286,25 @@ impl<S: Sequencer> Server<S> {
 
     /// Accepts connections until `stop` resolves, then tells every session to close
     /// and waits for them (their in-flight commits finish first).
-    pub async fn serve(
+    ///
+    /// Dropping the future instead (the simulator's crash) ends every task of the server
+    /// at once: sessions, their writers and the durability task.
+    pub async fn serve<L: transport::Listener>(
         self: Arc<Self>,
-        listener: TcpListener,
+        mut listener: L,
         stop: impl std::future::Future<Output = ()>,
     ) {
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
-        let deliverer = tokio::spawn(self.durable.clone().run(self.clone()));
+        let mut deliverer =
+            session::AbortOnDrop(tokio::spawn(self.durable.clone().run(self.clone())));
         let mut sessions = tokio::task::JoinSet::new();
         tokio::pin!(stop);
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+                biased;
                 _ = &mut stop => break,
+                accepted = listener.accept() => accepted,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -306,6 +346,7 @@ impl<S: Sequencer> Server<S> {
         tokio::pin!(grace);
         loop {
             tokio::select! {
+                biased;
                 joined = sessions.join_next() => if joined.is_none() { break },
                 _ = &mut grace => {
                     tracing::warn!(sessions = sessions.len(), "closing connections that did not drain in {SHUTDOWN_GRACE:?}");
@@ -318,8 +359,8 @@ impl<S: Sequencer> Server<S> {
         // Awaited, not only aborted: the task holds the server (and so the store and its
         // directory lock) until it is dropped, and a restart in the same process must
         // find the lock free once `serve` returns.
-        deliverer.abort();
-        let _ = deliverer.await;
+        deliverer.0.abort();
+        let _ = (&mut deliverer.0).await;
     }
 }
 

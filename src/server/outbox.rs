@@ -165,6 +165,7 @@ impl Outbox {
     /// at the pace the client reads). Returns false if the session is closing.
     pub async fn send_wait(&self, frame: Bytes) -> bool {
         let acquired = tokio::select! {
+            biased;
             permit = self.reply_room.acquire_many(permits(frame.len())) => permit,
             _ = self.close.cancelled() => return false,
         };

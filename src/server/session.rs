@@ -13,11 +13,10 @@
 //! built to fit a frame: a snapshot goes in pieces, a catch-up or fetch in several
 //! `Ops` frames.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
@@ -25,6 +24,7 @@ use tokio_util::codec::Decoder;
 use super::document::{read_missed, Document, Job, Step, Submission, SubmitOutcome};
 use super::durability::Action;
 use super::outbox::{self, encode, Outbox, SessionId};
+use super::transport::{ReadHalf, Transport};
 use super::{Server, SMALL_FRAME};
 use crate::op::{validate_doc_id, Patch};
 use crate::protocol::frame::{FrameCodec, FrameError};
@@ -56,7 +56,7 @@ const HEAVY_TRANSFORM: u64 = 1 << 20;
 
 /// Refuses a connection over the server's limit: one `Error` (code 9), then closed. A
 /// fresh socket's send buffer takes the small frame without blocking.
-pub fn refuse_busy(stream: TcpStream, max_frame: usize, message: String) {
+pub fn refuse_busy<T: Transport>(stream: T, max_frame: usize, message: String) {
     let frame = encode(
         &Envelope {
             request_id: 0,
@@ -79,8 +79,8 @@ const READ_CHUNK_BYTES: usize = 8 * 1024;
 /// connection ended. A buffer with less than a quarter chunk of room gets a chunk more,
 /// unless it holds part of a large frame: the codec reserved that frame's whole length
 /// and growing it again would copy it.
-fn read_ready(
-    reader: &tokio::net::tcp::OwnedReadHalf,
+fn read_ready<R: ReadHalf>(
+    reader: &R,
     buf: &mut BytesMut,
     large_frame: bool,
 ) -> bool {
@@ -99,7 +99,7 @@ struct Session<S: Sequencer> {
     outbox: Outbox,
     /// Set by the handshake.
     client_id: Option<u64>,
-    opened: HashMap<Arc<str>, Arc<Document>>,
+    opened: BTreeMap<Arc<str>, Arc<Document>>,
 }
 
 fn error_frame(
@@ -120,17 +120,18 @@ fn error_frame(
     )
 }
 
-pub async fn run<S: Sequencer>(server: Arc<Server<S>>, stream: TcpStream, session: SessionId) {
-    let _ = stream.set_nodelay(true);
+pub async fn run<S: Sequencer, T: Transport>(server: Arc<Server<S>>, stream: T, session: SessionId) {
     let config = server.config.clone();
     let (reader, writer) = stream.into_split();
     let (outbox, write_half) = outbox::outbox(session, 0, config.outbox_bytes, config.max_frame);
-    let writer = tokio::spawn(write_half.run(writer, config.write_timeout));
+    // Aborted if this task is (a server dropped at once, as the simulator's crash
+    // does): nothing may reach the client after its session is gone.
+    let mut writer = AbortOnDrop(tokio::spawn(write_half.run(writer, config.write_timeout)));
     let mut s = Session {
         server,
         outbox,
         client_id: None,
-        opened: HashMap::new(),
+        opened: BTreeMap::new(),
     };
     s.read_loop(reader).await;
     for doc in s.opened.values() {
@@ -141,7 +142,16 @@ pub async fn run<S: Sequencer>(server: Arc<Server<S>>, stream: TcpStream, sessio
         s.server.release_client_id(&s.outbox);
     }
     drop(s);
-    let _ = writer.await;
+    let _ = (&mut writer.0).await;
+}
+
+/// A task that ends with its owner.
+pub(crate) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl<S: Sequencer> Session<S> {
@@ -171,7 +181,7 @@ impl<S: Sequencer> Session<S> {
     }
 
     /// Reads frames until the connection ends or must close.
-    async fn read_loop(&mut self, reader: tokio::net::tcp::OwnedReadHalf) {
+    async fn read_loop<R: ReadHalf>(&mut self, reader: R) {
         let config = self.server.config.clone();
         let mut codec = FrameCodec::new(config.max_frame);
         // Empty while the connection is idle: a buffer is taken when bytes arrive and
@@ -254,10 +264,16 @@ impl<S: Sequencer> Session<S> {
                 buf = BytesMut::new();
             }
             tokio::select! {
-                ready = reader.readable() => {
-                    if ready.is_err() || !read_ready(&reader, &mut buf, large.is_some()) {
-                        return;
+                // In a fixed order, so that a seed of the simulator replays the same run;
+                // the deadline before the socket, so that a peer trickling bytes that
+                // never complete a frame still meets it.
+                biased;
+                _ = shutdown.recv() => return,
+                _ = self.outbox.closed() => {
+                    if let Some(closing) = self.outbox.closing() {
+                        tracing::info!(session = self.outbox.session, code = ?closing.code, "{}", closing.message);
                     }
+                    return;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let (what, limit) = if self.client_id.is_none() {
@@ -271,13 +287,11 @@ impl<S: Sequencer> Session<S> {
                     );
                     return;
                 }
-                _ = self.outbox.closed() => {
-                    if let Some(closing) = self.outbox.closing() {
-                        tracing::info!(session = self.outbox.session, code = ?closing.code, "{}", closing.message);
+                ready = reader.readable() => {
+                    if ready.is_err() || !read_ready(&reader, &mut buf, large.is_some()) {
+                        return;
                     }
-                    return;
                 }
-                _ = shutdown.recv() => return,
             }
         }
     }
@@ -487,9 +501,10 @@ impl<S: Sequencer> Session<S> {
             } else {
                 let sequencer = self.server.sequencer.clone();
                 let id = doc.to_owned();
-                let read =
-                    tokio::task::spawn_blocking(move || sequencer.ops_after(&id, after, want))
-                        .await;
+                let read = self
+                    .server
+                    .blocking(move || sequencer.ops_after(&id, after, want))
+                    .await;
                 match read {
                     Ok(Ok(Some(ops))) => ops,
                     Ok(Ok(None)) if first => return Sent::Truncated,
@@ -661,6 +676,7 @@ impl<S: Sequencer> Session<S> {
         let budget = self.server.unsynced.clone();
         let share = u32::try_from(bytes).expect("an op is below 4 GiB");
         let permit = tokio::select! {
+            biased;
             permit = budget.acquire_many_owned(share) => permit.expect("never closed"),
             _ = self.outbox.closed() => {
                 self.outbox.end_op();
@@ -711,7 +727,11 @@ impl<S: Sequencer> Session<S> {
         let sequencer = &self.server.sequencer;
         // Putting a long patch list in component form is O(n log n): off the workers.
         let mut job = if submission.patches.len() > LARGE_OP_PATCHES {
-            match tokio::task::spawn_blocking(move || Job::new(&submission, max_bytes)).await {
+            match self
+                .server
+                .blocking(move || Job::new(&submission, max_bytes))
+                .await
+            {
                 Ok(job) => job,
                 Err(e) => {
                     return SubmitOutcome::Rejected(
@@ -732,11 +752,13 @@ impl<S: Sequencer> Session<S> {
             let step = if log.is_some() || job.cost(behind) > HEAVY_TRANSFORM {
                 let (doc, seq) = (document.clone(), sequencer.clone());
                 let records = log.take();
-                match tokio::task::spawn_blocking(move || {
-                    let step = doc.step(&*seq, &mut job, records);
-                    (job, step)
-                })
-                .await
+                match self
+                    .server
+                    .blocking(move || {
+                        let step = doc.step(&*seq, &mut job, records);
+                        (job, step)
+                    })
+                    .await
                 {
                     Ok((back, step)) => {
                         job = back;
@@ -756,9 +778,10 @@ impl<S: Sequencer> Session<S> {
                 Step::Done(outcome) => return outcome,
                 Step::ReadLog { after, upto } => {
                     let (seq, id) = (sequencer.clone(), document.id.clone());
-                    let read =
-                        tokio::task::spawn_blocking(move || read_missed(&*seq, &id, after, upto))
-                            .await;
+                    let read = self
+                        .server
+                        .blocking(move || read_missed(&*seq, &id, after, upto))
+                        .await;
                     match read {
                         Ok(Ok(records)) => log = Some(records),
                         Ok(Err(outcome)) => return outcome,

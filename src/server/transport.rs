@@ -1,0 +1,79 @@
+//! What a session reads from and writes to, and where connections come from: TCP in
+//! production, an in-memory network in the deterministic simulator (`tests/sim/`).
+//!
+//! The read side is "wait until readable, then take what is there" rather than
+//! `AsyncRead`: an idle connection then holds no read buffer (see the session's read
+//! loop), which is what keeps 10,000 idle connections small.
+
+use std::future::Future;
+use std::io;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWrite;
+use tokio::net::{TcpListener, TcpStream};
+
+/// One accepted connection.
+pub trait Transport: Send + 'static {
+    type Reader: ReadHalf;
+    type Writer: AsyncWrite + Send + Unpin + 'static;
+
+    /// The two directions, to be used by two tasks.
+    fn into_split(self) -> (Self::Reader, Self::Writer);
+
+    /// Writes what fits now without waiting (a refusal to a connection over the limit:
+    /// a fresh connection takes a small frame at once).
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+}
+
+/// The receiving direction of a connection.
+pub trait ReadHalf: Send + Sync + 'static {
+    /// Resolves when bytes (or the end of the stream) can be read. May wake spuriously:
+    /// [`ReadHalf::try_read_buf`] then reports `WouldBlock`.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Appends what has arrived to `buf`: `Ok(0)` at the end of the stream,
+    /// `WouldBlock` if nothing is there yet.
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+}
+
+/// Where connections come from.
+pub trait Listener: Send + 'static {
+    type Conn: Transport;
+
+    /// The next connection and a description of its peer (for the log).
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Conn, String)>> + Send;
+}
+
+impl Transport for TcpStream {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+
+    fn into_split(self) -> (Self::Reader, Self::Writer) {
+        // Frames are written whole; Nagle would only delay acks.
+        let _ = self.set_nodelay(true);
+        TcpStream::into_split(self)
+    }
+
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, buf)
+    }
+}
+
+impl ReadHalf for tokio::net::tcp::OwnedReadHalf {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::tcp::OwnedReadHalf::readable(self)
+    }
+
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        tokio::net::tcp::OwnedReadHalf::try_read_buf(self, buf)
+    }
+}
+
+impl Listener for TcpListener {
+    type Conn = TcpStream;
+
+    async fn accept(&mut self) -> io::Result<(TcpStream, String)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        Ok((stream, peer.to_string()))
+    }
+}
