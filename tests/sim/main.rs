@@ -1,0 +1,944 @@
+//! The deterministic simulator: the real server, the real sequencer and log over the
+//! simulated disk, and clients with the real client state machine, over a simulated
+//! network, all on one thread under one seed.
+//!
+//! Everything runs in a current-thread tokio runtime with the clock paused: time moves
+//! only when every task waits, straight to the next timer, so a run depends on nothing
+//! but its seed. The log and the sequencer run with no thread of their own
+//! (`Background::Manual`: a disk task here writes and syncs each batch after a latency
+//! drawn from the seed), and the server runs its long work inline (`Blocking::Inline`).
+//!
+//! Each step picks one action: a client edits (online or offline), reads what arrived,
+//! is cut off, reconnects, restarts (forgetting everything but its op counter, which
+//! some clients persist lazily and so reuse op ids), time passes, the disk starts
+//! failing its syncs, a snapshot or truncation pass runs, or the server crashes (losing
+//! or tearing unsynced writes) and restarts. After every step it checks:
+//! - a client with nothing pending, at the server's durable version, has its text;
+//! - no two op ids are acknowledged at one seq, nor one op id at two seqs;
+//! - no acknowledged op is lost: the durable version is at least every acked seq,
+//!   including after a crash;
+//! - nothing panicked, and the server's budgets stay within their limits.
+//!
+//! And every few steps (after each restart, and at the end): the history holds every
+//! acknowledged op at its seq, exactly once, only ops some client sent, and replaying it
+//! gives the server's text. At the end, faults stop, every client reconnects and
+//! settles, and all must have the server's text.
+//!
+//! `cargo test --release --test sim` runs the seeds CI runs;
+//! `cargo test --release --test sim -- --seed N` replays one (`--verbose` prints each
+//! step); `--seeds A..B --steps K` runs more; `--twice` runs each seed twice and
+//! compares the runs' digests.
+
+mod net;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use net::{ClientEnd, LinkConfig, ServerEnd, SimListener, Wire};
+use quire::client::connection::{ClientError, Connection, Event, SyncedDoc};
+use quire::op::{OpId, Patch};
+use quire::sequencer::local::{LocalConfig, LocalSequencer};
+use quire::sequencer::Sequencer;
+use quire::server::{Blocking, Server, ServerConfig};
+use quire::text::Text;
+use quire::wal::segment::SEGMENT_SIZE_MIN;
+use quire::wal::vfs::sim::{CrashMode, SimFs, SplitMix};
+use quire::wal::{Background, WalConfig};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+/// Seeds `cargo test` runs (CI).
+const CI_SEEDS: u64 = 40;
+const DEFAULT_STEPS: u64 = 2_000;
+/// Sim time a client waits for any one exchange before it gives up on the connection.
+const CLIENT_WAIT: Duration = Duration::from_secs(20);
+
+/// Where a failing run stopped, and why.
+type Failure = String;
+
+fn data_dir() -> &'static Path {
+    Path::new("/data")
+}
+
+/// The first panic anywhere (a server task, the log, a check): a finding.
+static PANICKED: Mutex<Option<String>> = Mutex::new(None);
+
+struct Incarnation {
+    server: Arc<Server<LocalSequencer>>,
+    sequencer: Arc<LocalSequencer>,
+    connect: mpsc::UnboundedSender<ServerEnd>,
+    serve: JoinHandle<()>,
+    disk: JoinHandle<()>,
+}
+
+impl Drop for Incarnation {
+    fn drop(&mut self) {
+        self.serve.abort();
+        self.disk.abort();
+    }
+}
+
+struct Client {
+    id: u64,
+    doc: String,
+    synced: Option<SyncedDoc<ClientEnd>>,
+    wire: Option<Wire>,
+    online: bool,
+    /// The op counter as the client stored it: what survives its restart.
+    stored_next: u64,
+    /// Stores its counter only now and then: after a restart it reuses op ids, which the
+    /// server must refuse (never ack as the old op, never drop silently).
+    lazy: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    edits: u64,
+    acks: u64,
+    crashes: u64,
+    sync_failures: u64,
+    cuts: u64,
+    client_restarts: u64,
+    reloads: u64,
+    reused_refused: u64,
+    snapshots: u64,
+    history_checks: u64,
+}
+
+struct Sim {
+    seed: u64,
+    rng: SplitMix,
+    verbose: bool,
+    fs: SimFs,
+    server: Option<Incarnation>,
+    server_config: ServerConfig,
+    local_config: LocalConfig,
+    link: LinkConfig,
+    clients: Vec<Client>,
+    docs: Vec<String>,
+    /// Every op id a client sent.
+    sent: HashSet<OpId>,
+    /// Acknowledged: by document, op id → seq and seq → op id.
+    acked: BTreeMap<String, (HashMap<OpId, u64>, BTreeMap<u64, OpId>)>,
+    /// The disk fails its syncs from now on (until the next crash).
+    disk_failing: bool,
+    step: u64,
+    stats: Stats,
+    digest: u64,
+}
+
+fn mix(digest: &mut u64, value: u64) {
+    *digest = (*digest ^ value).wrapping_mul(0x100_0000_01b3).rotate_left(5);
+}
+
+impl Sim {
+    fn new(seed: u64, verbose: bool) -> Sim {
+        let mut rng = SplitMix(seed ^ 0x5eed_0f_0a11);
+        let n_docs = 1 + rng.below(3) as usize;
+        let n_clients = 2 + rng.below(5) as usize;
+        let docs: Vec<String> = (0..n_docs).map(|i| format!("doc-{i}")).collect();
+        let clients = (0..n_clients)
+            .map(|i| Client {
+                id: 100 + i as u64,
+                doc: docs[i % n_docs].clone(),
+                synced: None,
+                wire: None,
+                online: false,
+                stored_next: 1,
+                lazy: rng.below(4) == 0,
+            })
+            .collect();
+        let server_config = ServerConfig {
+            max_frame: 4096,
+            outbox_bytes: 64 << 10,
+            max_connections: n_clients + 2,
+            large_frame_budget: 64 << 10,
+            unsynced_bytes: 16 << 10,
+            // A window of a few ops: late ops are transformed over ops read back from
+            // the log as often as over ops in memory.
+            history_window: 1 + rng.below(6) as usize,
+            blocking: Blocking::Inline,
+            ..ServerConfig::default()
+        };
+        let local_config = LocalConfig {
+            wal: WalConfig {
+                segment_size: SEGMENT_SIZE_MIN,
+                zero_fill: false,
+                background: Background::Manual,
+                ..WalConfig::default()
+            },
+            snapshot_every_ops: 10 + rng.below(40),
+            // Time-based snapshots and retention read the wall clock: off, so that a run
+            // depends on its seed only; truncation runs on every maintenance pass.
+            snapshot_every: Duration::from_secs(1 << 30),
+            retention: Duration::ZERO,
+            ..LocalConfig::default()
+        };
+        let max_latency = Duration::from_micros(100 + rng.below(20_000));
+        Sim {
+            seed,
+            rng,
+            verbose,
+            fs: SimFs::new(),
+            server: None,
+            server_config,
+            local_config,
+            link: LinkConfig {
+                min_latency: Duration::from_micros(50),
+                max_latency,
+                capacity: 16 << 10,
+            },
+            clients,
+            docs,
+            sent: HashSet::new(),
+            acked: BTreeMap::new(),
+            disk_failing: false,
+            step: 0,
+            stats: Stats::default(),
+            digest: 0,
+        }
+    }
+
+    fn say(&self, what: impl FnOnce() -> String) {
+        if self.verbose {
+            println!("[{} t={:?}] {}", self.step, tokio::time::Instant::now(), what());
+        }
+    }
+
+    fn fail(&self, what: impl std::fmt::Display) -> Failure {
+        format!("step {}: {what}", self.step)
+    }
+
+    /// Starts a server on the disk as it is.
+    fn start_server(&mut self) -> Result<(), Failure> {
+        let fs = Arc::new(self.fs.clone());
+        let (sequencer, _report) =
+            LocalSequencer::open_with(fs, data_dir(), self.local_config.clone())
+                .map_err(|e| self.fail(format!("recovery refused to start: {e}")))?;
+        let sequencer = Arc::new(sequencer);
+        let server = Server::new(sequencer.clone(), self.server_config.clone());
+        let (connect, accepted) = mpsc::unbounded_channel();
+        let serve = tokio::spawn(
+            server
+                .clone()
+                .serve(SimListener(accepted), std::future::pending()),
+        );
+        let mut disk_rng = SplitMix(self.rng.next_u64());
+        let disk_seq = sequencer.clone();
+        // The disk: each batch is written and synced after a latency.
+        let disk = tokio::spawn(async move {
+            loop {
+                let us = 20 + disk_rng.below(3_000);
+                tokio::time::sleep(Duration::from_micros(us)).await;
+                disk_seq.step();
+            }
+        });
+        self.server = Some(Incarnation {
+            server,
+            sequencer,
+            connect,
+            serve,
+            disk,
+        });
+        self.say(|| "server started".into());
+        Ok(())
+    }
+
+    /// Ends the server at once, as a power cut does: no task runs again, unsynced writes
+    /// are lost or torn.
+    async fn crash(&mut self) -> Result<(), Failure> {
+        let Some(incarnation) = self.server.take() else {
+            return Ok(());
+        };
+        drop(incarnation);
+        // Let the aborted tasks be dropped (and with them the server's ends of every
+        // connection) before the disk is replaced.
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        let mode = if self.rng.below(2) == 0 {
+            CrashMode::LoseUnsynced
+        } else {
+            CrashMode::TearUnsynced {
+                seed: self.rng.next_u64(),
+            }
+        };
+        self.fs = self.fs.crash(mode);
+        self.disk_failing = false;
+        self.stats.crashes += 1;
+        self.say(|| format!("server crashed ({mode:?})"));
+        for c in &mut self.clients {
+            c.online = false;
+        }
+        Ok(())
+    }
+
+    fn random_edit(&mut self, len: u32) -> Patch {
+        let pos = self.rng.below(len as u64 + 1) as u32;
+        let del = (self.rng.below(4) as u32).min(len - pos);
+        let n = if del == 0 {
+            1 + self.rng.below(4)
+        } else {
+            self.rng.below(4)
+        };
+        let ins = (0..n)
+            .map(|_| (b'a' + self.rng.below(26) as u8) as char)
+            .collect();
+        Patch { pos, del, ins }
+    }
+
+    /// Notes the ops a client has in flight (sent) and what it was told (acks).
+    fn observe(&mut self, i: usize) -> Result<(), Failure> {
+        let Some(synced) = self.clients[i].synced.as_mut() else {
+            return Ok(());
+        };
+        let client_id = self.clients[i].id;
+        for out in synced.doc.all_in_flight() {
+            self.sent.insert(OpId {
+                client_id,
+                local_seq: out.local_seq,
+            });
+        }
+        let events = synced.take_events();
+        let doc = self.clients[i].doc.clone();
+        if !self.clients[i].lazy {
+            self.clients[i].stored_next = synced.doc.next_local_seq();
+        }
+        for event in events {
+            if let Event::Acked { local_seq, seq } = event {
+                let id = OpId {
+                    client_id,
+                    local_seq,
+                };
+                self.stats.acks += 1;
+                mix(&mut self.digest, client_id ^ (local_seq << 20) ^ (seq << 40));
+                let (by_id, by_seq) = self.acked.entry(doc.clone()).or_default();
+                if let Some(&earlier) = by_id.get(&id) {
+                    if earlier != seq {
+                        return Err(self.fail(format!(
+                            "{doc}: op {id:?} acknowledged at seq {earlier} and again at {seq}"
+                        )));
+                    }
+                }
+                if let Some(&other) = by_seq.get(&seq) {
+                    if other != id {
+                        return Err(self.fail(format!(
+                            "{doc}: seq {seq} acknowledged to op {other:?} and to op {id:?}"
+                        )));
+                    }
+                }
+                by_id.insert(id, seq);
+                by_seq.insert(seq, id);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a client does with an error from its connection or the server.
+    fn on_error(&mut self, i: usize, error: ClientError) -> Result<(), Failure> {
+        let client = &mut self.clients[i];
+        if let Some(wire) = client.wire.take() {
+            wire.cut();
+        }
+        client.online = false;
+        match error {
+            ClientError::Io(_) => {}
+            ClientError::Protocol(m) => {
+                return Err(self.fail(format!(
+                    "client {}: the server sent something inconsistent: {m}",
+                    self.clients[i].id
+                )))
+            }
+            ClientError::Refused(m) => {
+                let id = client.id;
+                if m.contains("OpIdReused") {
+                    // It reused op ids (its counter was stored late): it starts again
+                    // from the server's text with a counter far ahead.
+                    self.stats.reused_refused += 1;
+                    let next = client
+                        .synced
+                        .as_ref()
+                        .map_or(client.stored_next, |s| s.doc.next_local_seq());
+                    client.stored_next = next + 1_000;
+                    client.synced = None;
+                } else if m.contains("TooOld") || m.contains("Reload") || m.contains("reload") {
+                    self.stats.reloads += 1;
+                    let next = client
+                        .synced
+                        .as_ref()
+                        .map_or(client.stored_next, |s| s.doc.next_local_seq());
+                    client.stored_next = client.stored_next.max(next);
+                    client.synced = None;
+                }
+                self.say(|| format!("client {id} refused: {m}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects client `i` (if the server is up) and opens or resumes its document.
+    async fn connect(&mut self, i: usize) -> Result<(), Failure> {
+        let Some(incarnation) = &self.server else {
+            return Ok(());
+        };
+        let (server_end, client_end, wire) = Wire::new(&mut self.rng, self.link);
+        if incarnation.connect.send(server_end).is_err() {
+            return Ok(());
+        }
+        let id = self.clients[i].id;
+        let conn = match timeout(CLIENT_WAIT, Connection::handshake(client_end, id, "")).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                wire.cut();
+                return self.on_error(i, e);
+            }
+            Err(_) => {
+                wire.cut();
+                return Ok(());
+            }
+        };
+        self.clients[i].wire = Some(wire);
+        let client = &mut self.clients[i];
+        let outcome = match client.synced.as_mut() {
+            Some(synced) => timeout(CLIENT_WAIT, synced.resume(conn)).await,
+            None => {
+                match timeout(
+                    CLIENT_WAIT,
+                    SyncedDoc::open(conn, &client.doc, client.stored_next),
+                )
+                .await
+                {
+                    Ok(Ok(synced)) => {
+                        client.synced = Some(synced);
+                        Ok(Ok(()))
+                    }
+                    Ok(Err(e)) => Ok(Err(e)),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match outcome {
+            Ok(Ok(())) => {
+                self.clients[i].online = true;
+                self.say(|| format!("client {id} connected"));
+                self.observe(i)
+            }
+            Ok(Err(e)) => {
+                self.observe(i)?;
+                self.on_error(i, e)
+            }
+            Err(_) => {
+                self.observe(i)?;
+                if let Some(wire) = self.clients[i].wire.take() {
+                    wire.cut();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn edit(&mut self, i: usize) -> Result<(), Failure> {
+        let Some(len) = self.clients[i].synced.as_ref().map(|s| s.doc.len_chars()) else {
+            return Ok(());
+        };
+        let patch = self.random_edit(len);
+        self.stats.edits += 1;
+        let id = self.clients[i].id;
+        self.say(|| format!("client {id} edits {patch:?}"));
+        let online = self.clients[i].online;
+        let synced = self.clients[i].synced.as_mut().expect("checked above");
+        if online {
+            match timeout(CLIENT_WAIT, synced.edit(std::slice::from_ref(&patch))).await {
+                Ok(Ok(())) => self.observe(i),
+                Ok(Err(e)) => {
+                    self.observe(i)?;
+                    self.on_error(i, e)
+                }
+                Err(_) => {
+                    self.observe(i)?;
+                    if let Some(wire) = self.clients[i].wire.take() {
+                        wire.cut();
+                    }
+                    self.clients[i].online = false;
+                    Ok(())
+                }
+            }
+        } else {
+            // Offline: applied locally, sent after the reconnect.
+            synced
+                .doc
+                .local_edit(&[patch])
+                .map_err(|e| self.fail(format!("local edit refused: {e:?}")))
+        }
+    }
+
+    async fn poll(&mut self, i: usize) -> Result<(), Failure> {
+        if !self.clients[i].online {
+            return Ok(());
+        }
+        let Some(synced) = self.clients[i].synced.as_mut() else {
+            return Ok(());
+        };
+        match timeout(CLIENT_WAIT, synced.poll()).await {
+            Ok(Ok(())) => self.observe(i),
+            Ok(Err(e)) => {
+                self.observe(i)?;
+                self.on_error(i, e)
+            }
+            Err(_) => {
+                self.observe(i)?;
+                if let Some(wire) = self.clients[i].wire.take() {
+                    wire.cut();
+                }
+                self.clients[i].online = false;
+                Ok(())
+            }
+        }
+    }
+
+    /// One random action.
+    async fn act(&mut self) -> Result<(), Failure> {
+        let n = self.clients.len();
+        let i = self.rng.below(n as u64) as usize;
+        let roll = self.rng.below(1000);
+        match roll {
+            0..=299 => self.edit(i).await?,
+            300..=549 => self.poll(i).await?,
+            550..=749 => {
+                let us = self.rng.below(5_000);
+                tokio::time::sleep(Duration::from_micros(us)).await;
+            }
+            750..=799 => {
+                if !self.clients[i].online || self.clients[i].wire.is_none() {
+                    self.connect(i).await?;
+                }
+            }
+            800..=829 => {
+                if let Some(wire) = self.clients[i].wire.take() {
+                    self.stats.cuts += 1;
+                    self.say(|| format!("client {} cut off", self.clients[i].id));
+                    wire.cut();
+                    self.clients[i].online = false;
+                }
+            }
+            830..=839 => {
+                // The client's process restarts: all but its stored counter is gone.
+                self.stats.client_restarts += 1;
+                let c = &mut self.clients[i];
+                if let Some(wire) = c.wire.take() {
+                    wire.cut();
+                }
+                c.synced = None;
+                c.online = false;
+                if c.lazy && self.rng.below(2) == 0 {
+                    // Stored now and then: this time it is stored.
+                }
+                let id = c.id;
+                self.say(|| format!("client {id} restarts"));
+            }
+            840..=849 => {
+                // A lazy client stores its counter now.
+                let c = &mut self.clients[i];
+                if let Some(s) = &c.synced {
+                    c.stored_next = s.doc.next_local_seq();
+                }
+            }
+            850..=869 => {
+                if let Some(inc) = &self.server {
+                    let seq = inc.sequencer.clone();
+                    self.stats.snapshots += 1;
+                    // Errors are the failing disk's; the log goes on without.
+                    let _ = seq.run_maintenance();
+                    let doc = self.docs[self.rng.below(self.docs.len() as u64) as usize].clone();
+                    let _ = seq.snapshot_now(&doc);
+                }
+            }
+            870..=872 => {
+                if self.server.is_some() && !self.disk_failing {
+                    let after = self.rng.below(4);
+                    self.fs.fail_syncs_after(after);
+                    self.disk_failing = true;
+                    self.stats.sync_failures += 1;
+                    self.say(|| format!("the disk fails its syncs after {after} more"));
+                }
+            }
+            873..=876 => {
+                self.crash().await?;
+                self.check_durable().await?;
+            }
+            877..=899 => {
+                if self.server.is_none() {
+                    self.start_server()?;
+                    self.check_durable().await?;
+                    self.check_history().await?;
+                }
+            }
+            _ => {
+                // Every client reads what arrived.
+                for i in 0..n {
+                    self.poll(i).await?;
+                }
+            }
+        }
+        // A server whose disk failed is restarted by its operator, after a while.
+        if self.disk_failing && self.rng.below(50) == 0 {
+            self.crash().await?;
+            self.start_server()?;
+        }
+        Ok(())
+    }
+
+    /// Checks after every step.
+    async fn check(&mut self) -> Result<(), Failure> {
+        if let Some(p) = PANICKED.lock().unwrap().clone() {
+            return Err(self.fail(format!("a panic: {p}")));
+        }
+        let Some(inc) = &self.server else {
+            return Ok(());
+        };
+        let server = inc.server.clone();
+        let sequencer = inc.sequencer.clone();
+        let config = &self.server_config;
+        if server.large_frame_bytes_in_use() > config.large_frame_budget {
+            return Err(self.fail("large-frame budget exceeded"));
+        }
+        if server.connected_clients() > config.max_connections {
+            return Err(self.fail("more clients than max connections"));
+        }
+        if server.open_documents() > self.docs.len() {
+            return Err(self.fail("more documents open than exist"));
+        }
+        let (_, queued_bytes) = sequencer.wal().queue_depth();
+        // Every op waiting for the disk holds a share of the unsynced budget (a record
+        // carries some bytes more than its patches; snapshots are not queued here).
+        if queued_bytes > 2 * config.unsynced_bytes + (64 << 10) {
+            return Err(self.fail(format!(
+                "{queued_bytes} bytes wait for the disk, over the budget of {}",
+                config.unsynced_bytes
+            )));
+        }
+        for i in 0..self.clients.len() {
+            let c = &self.clients[i];
+            let Some(synced) = &c.synced else { continue };
+            if synced.doc.has_pending() {
+                continue;
+            }
+            let Ok(Some(view)) = sequencer.read(&c.doc).await else {
+                continue;
+            };
+            if view.version == synced.doc.version() {
+                let text = synced.doc.text();
+                if text != view.text {
+                    return Err(self.fail(format!(
+                        "client {} is idle at version {} of {} with text {:?}; the server has {:?}",
+                        c.id, view.version, c.doc, text, view.text
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// No acknowledged op is lost: the durable version is at least every acked seq.
+    async fn check_durable(&mut self) -> Result<(), Failure> {
+        let Some(inc) = &self.server else {
+            return Ok(());
+        };
+        let sequencer = inc.sequencer.clone();
+        for (doc, (_, by_seq)) in &self.acked {
+            let Some((&top, id)) = by_seq.iter().next_back() else {
+                continue;
+            };
+            let durable = match sequencer.read(doc).await {
+                Ok(view) => view.map_or(0, |v| v.version),
+                Err(_) => continue,
+            };
+            if durable < top {
+                return Err(self.fail(format!(
+                    "{doc}: op {id:?} was acknowledged at seq {top} but the durable version is {durable}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The history: every acked op at its seq, exactly once, only ops clients sent, and
+    /// replaying it gives the server's text.
+    async fn check_history(&mut self) -> Result<(), Failure> {
+        let Some(inc) = &self.server else {
+            return Ok(());
+        };
+        self.stats.history_checks += 1;
+        let sequencer = inc.sequencer.clone();
+        for doc in self.docs.clone() {
+            let Ok(Some(view)) = sequencer.read(&doc).await else {
+                continue;
+            };
+            let mut ops = Vec::new();
+            let mut complete = true;
+            loop {
+                let after = ops.last().map_or(0, |o: &quire::op::SequencedOp| o.seq);
+                match sequencer.ops_after(&doc, after, 4096) {
+                    Ok(Some(batch)) if batch.is_empty() => break,
+                    Ok(Some(batch)) => ops.extend(batch),
+                    // Truncated (a snapshot covers the start), or the disk failed.
+                    _ => {
+                        complete = false;
+                        break;
+                    }
+                }
+            }
+            let mut seen = HashSet::new();
+            for (k, op) in ops.iter().enumerate() {
+                if complete && op.seq != k as u64 + 1 {
+                    return Err(self.fail(format!("{doc}: op {k} of the history has seq {}", op.seq)));
+                }
+                if !seen.insert(op.id) {
+                    return Err(self.fail(format!("{doc}: op {:?} is in the history twice", op.id)));
+                }
+                if !self.sent.contains(&op.id) {
+                    return Err(self.fail(format!(
+                        "{doc}: op {:?} at seq {} was never sent by a client",
+                        op.id, op.seq
+                    )));
+                }
+            }
+            let by_seq: HashMap<u64, OpId> = ops.iter().map(|o| (o.seq, o.id)).collect();
+            if let Some((_, acked)) = self.acked.get(&doc) {
+                for (&seq, &id) in acked {
+                    if seq > view.version {
+                        return Err(self.fail(format!(
+                            "{doc}: op {id:?} acknowledged at seq {seq} is not durable (version {})",
+                            view.version
+                        )));
+                    }
+                    if complete && by_seq.get(&seq) != Some(&id) {
+                        return Err(self.fail(format!(
+                            "{doc}: op {id:?} was acknowledged at seq {seq}, where the history has {:?}",
+                            by_seq.get(&seq)
+                        )));
+                    }
+                }
+            }
+            if complete {
+                let mut text = Text::default();
+                for op in &ops {
+                    if op.seq > view.version {
+                        break;
+                    }
+                    text.apply(&op.patches).map_err(|e| {
+                        self.fail(format!("{doc}: op at seq {} does not apply: {e}", op.seq))
+                    })?;
+                }
+                if text.to_string() != view.text {
+                    return Err(self.fail(format!(
+                        "{doc}: replaying the history gives {:?}; the server has {:?}",
+                        text.to_string(),
+                        view.text
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Faults stop; everyone reconnects and settles; all must agree.
+    async fn settle(&mut self) -> Result<(), Failure> {
+        if self.disk_failing || self.server.is_none() {
+            self.crash().await?;
+            self.start_server()?;
+        }
+        for round in 0..2_000 {
+            for i in 0..self.clients.len() {
+                if !self.clients[i].online || self.clients[i].synced.is_none() {
+                    self.connect(i).await?;
+                }
+                self.poll(i).await?;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let inc = self.server.as_ref().expect("started above");
+            let sequencer = inc.sequencer.clone();
+            let mut settled = true;
+            for c in &self.clients {
+                let Some(synced) = &c.synced else {
+                    settled = false;
+                    break;
+                };
+                let version = sequencer.read(&c.doc).await.ok().flatten().map_or(0, |v| v.version);
+                if !c.online || synced.doc.has_pending() || synced.doc.version() != version {
+                    settled = false;
+                    break;
+                }
+            }
+            if settled {
+                self.check().await?;
+                self.check_durable().await?;
+                self.check_history().await?;
+                for c in &self.clients {
+                    let text = c.synced.as_ref().expect("settled").doc.text();
+                    let view = sequencer.read(&c.doc).await.ok().flatten().unwrap_or_default();
+                    if text != view.text {
+                        return Err(self.fail(format!(
+                            "after settling, client {} has {text:?}; the server has {:?}",
+                            c.id, view.text
+                        )));
+                    }
+                    for b in text.bytes() {
+                        mix(&mut self.digest, b as u64);
+                    }
+                }
+                self.say(|| format!("settled after {round} rounds"));
+                return Ok(());
+            }
+        }
+        let mut state = String::new();
+        for c in &self.clients {
+            let _ = write!(
+                state,
+                " [client {} online {} version {:?} pending {:?}]",
+                c.id,
+                c.online,
+                c.synced.as_ref().map(|s| s.doc.version()),
+                c.synced.as_ref().map(|s| s.doc.has_pending())
+            );
+        }
+        Err(self.fail(format!("the clients did not settle in 10 s of sim time:{state}")))
+    }
+
+    async fn run(&mut self, steps: u64) -> Result<(), Failure> {
+        self.start_server()?;
+        for i in 0..self.clients.len() {
+            self.connect(i).await?;
+        }
+        while self.step < steps {
+            self.step += 1;
+            self.act().await?;
+            self.check().await?;
+            if self.step % 100 == 0 {
+                self.check_durable().await?;
+                self.check_history().await?;
+            }
+        }
+        self.settle().await
+    }
+}
+
+struct Args {
+    seeds: std::ops::Range<u64>,
+    steps: u64,
+    verbose: bool,
+    twice: bool,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        seeds: 0..CI_SEEDS,
+        steps: DEFAULT_STEPS,
+        verbose: false,
+        twice: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--seed" => {
+                let s: u64 = value().parse().expect("--seed N");
+                args.seeds = s..s + 1;
+            }
+            "--seeds" => {
+                let v = value();
+                let (a, b) = v.split_once("..").expect("--seeds A..B");
+                args.seeds = a.parse().expect("A")..b.parse().expect("B");
+            }
+            "--steps" => args.steps = value().parse().expect("--steps N"),
+            "--verbose" => args.verbose = true,
+            "--twice" => args.twice = true,
+            // What cargo test passes to every test binary.
+            _ => {}
+        }
+    }
+    args
+}
+
+/// Runs one seed; returns its digest and stats line, or the failure.
+fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    *PANICKED.lock().unwrap() = None;
+    let mut sim = Sim::new(seed, verbose);
+    let outcome = rt.block_on(sim.run(steps));
+    let s = &sim.stats;
+    let line = format!(
+        "{} clients, {} docs: {} edits, {} acks, {} crashes, {} sync failures, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} history checks",
+        sim.clients.len(),
+        sim.docs.len(),
+        s.edits,
+        s.acks,
+        s.crashes,
+        s.sync_failures,
+        s.cuts,
+        s.client_restarts,
+        s.reloads,
+        s.reused_refused,
+        s.snapshots,
+        s.history_checks
+    );
+    let digest = sim.digest ^ sim.step;
+    drop(sim);
+    drop(rt);
+    outcome.map(|()| (digest, line))
+}
+
+fn main() {
+    let args = parse_args();
+    std::panic::set_hook(Box::new(|info| {
+        let mut p = PANICKED.lock().unwrap_or_else(|p| p.into_inner());
+        if p.is_none() {
+            *p = Some(info.to_string());
+        }
+        eprintln!("panic: {info}");
+    }));
+    let started = std::time::Instant::now();
+    let mut total_steps = 0;
+    for seed in args.seeds.clone() {
+        let outcome = run_seed(seed, args.steps, args.verbose).and_then(|(digest, line)| {
+            if args.twice {
+                let (again, _) = run_seed(seed, args.steps, false)?;
+                if again != digest {
+                    return Err(format!(
+                        "the same seed gave two different runs (digests {digest:x} and {again:x})"
+                    ));
+                }
+            }
+            Ok(line)
+        });
+        match outcome {
+            Ok(line) => {
+                total_steps += args.steps;
+                if args.verbose || args.seeds.end - args.seeds.start <= 50 {
+                    println!("seed {seed}: ok ({line})");
+                }
+            }
+            Err(failure) => {
+                println!("seed {seed}: FAILED at {failure}");
+                println!(
+                    "replay: cargo test --release --test sim -- --seed {seed} --steps {} --verbose",
+                    args.steps
+                );
+                std::process::exit(1);
+            }
+        }
+    }
+    println!(
+        "sim: {} seeds, {total_steps} steps, all checks held ({:.1} s)",
+        args.seeds.end - args.seeds.start,
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,410 @@
+//! The simulated network: in-memory connections with latency, bounded buffers (a
+//! reader that does not read holds its writer back, as TCP's windows do), and cuts.
+//!
+//! Written here rather than taken from turmoil: the server already reads through its own
+//! `Transport` seam (readiness, then a non-blocking read, so idle connections hold no
+//! buffer), which turmoil's `TcpStream` would need an adapter for anyway, and time comes
+//! from tokio's paused clock, which turmoil would replace with its own. What is modelled:
+//! per connection, bytes arrive in order after a latency drawn per write (so messages on
+//! different connections overtake each other), writers wait while `capacity` bytes are
+//! unread, and a cut loses what is in flight and fails both ends.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use quire::server::transport::{Listener, ReadHalf, Transport};
+use quire::wal::vfs::sim::SplitMix;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+
+/// One direction of a connection.
+struct Pipe {
+    /// Written, not yet read: when each piece arrives, and the piece.
+    queue: VecDeque<(Instant, Bytes)>,
+    unread: usize,
+    /// The writer is done (after what is queued, the reader sees the end).
+    closed: bool,
+    /// Cut: both ends fail at once; what was queued is lost.
+    reset: bool,
+    reader_gone: bool,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+    /// Latency of each write, drawn from this connection's own generator.
+    rng: SplitMix,
+    min_latency_us: u64,
+    max_latency_us: u64,
+    capacity: usize,
+    last_arrival: Option<Instant>,
+}
+
+type Shared = Arc<Mutex<Pipe>>;
+
+fn lock(p: &Shared) -> std::sync::MutexGuard<'_, Pipe> {
+    p.lock().unwrap()
+}
+
+fn wake(w: &mut Option<Waker>) {
+    if let Some(w) = w.take() {
+        w.wake();
+    }
+}
+
+/// What a reader finds now.
+enum Ready {
+    Data,
+    End,
+    Reset,
+    /// Nothing yet; the next piece arrives then (if any is on its way).
+    Wait(Option<Instant>),
+}
+
+impl Pipe {
+    fn ready(&self, now: Instant) -> Ready {
+        if self.reset {
+            return Ready::Reset;
+        }
+        match self.queue.front() {
+            Some((at, _)) if *at <= now => Ready::Data,
+            Some((at, _)) => Ready::Wait(Some(*at)),
+            None if self.closed => Ready::End,
+            None => Ready::Wait(None),
+        }
+    }
+
+    /// Moves what has arrived into `out` (up to `max` bytes).
+    fn take(&mut self, now: Instant, max: usize, out: &mut impl FnMut(&[u8])) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some((at, piece)) = self.queue.front_mut() else {
+                break;
+            };
+            if *at > now {
+                break;
+            }
+            let k = piece.len().min(max - n);
+            out(&piece[..k]);
+            piece.advance(k);
+            n += k;
+            if piece.is_empty() {
+                self.queue.pop_front();
+            }
+        }
+        self.unread -= n;
+        if n > 0 {
+            wake(&mut self.write_waker);
+        }
+        n
+    }
+
+    fn write(&mut self, buf: &[u8], cx: Option<&mut Context<'_>>) -> Poll<io::Result<usize>> {
+        if self.reset || self.reader_gone {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if self.closed {
+            return Poll::Ready(Err(io::Error::other("write after shutdown")));
+        }
+        let room = self.capacity.saturating_sub(self.unread);
+        if room == 0 {
+            return match cx {
+                Some(cx) => {
+                    self.write_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                None => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+            };
+        }
+        let n = room.min(buf.len());
+        let span = self.max_latency_us - self.min_latency_us;
+        let latency = self.min_latency_us + self.rng.below(span + 1);
+        let mut at = Instant::now() + Duration::from_micros(latency);
+        // In order within a connection, as TCP delivers.
+        if let Some(last) = self.last_arrival {
+            at = at.max(last);
+        }
+        self.last_arrival = Some(at);
+        self.queue
+            .push_back((at, Bytes::copy_from_slice(&buf[..n])));
+        self.unread += n;
+        wake(&mut self.read_waker);
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// Settings of the connections a [`Network`] makes.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkConfig {
+    pub min_latency: Duration,
+    pub max_latency: Duration,
+    /// Unread bytes a direction holds before its writer waits.
+    pub capacity: usize,
+}
+
+fn pipe(rng: &mut SplitMix, link: LinkConfig) -> Shared {
+    Arc::new(Mutex::new(Pipe {
+        queue: VecDeque::new(),
+        unread: 0,
+        closed: false,
+        reset: false,
+        reader_gone: false,
+        read_waker: None,
+        write_waker: None,
+        rng: SplitMix(rng.next_u64()),
+        min_latency_us: link.min_latency.as_micros() as u64,
+        max_latency_us: link.max_latency.as_micros() as u64,
+        capacity: link.capacity,
+        last_arrival: None,
+    }))
+}
+
+/// Both directions of one connection; held by the simulator to cut it.
+#[derive(Clone)]
+pub struct Wire {
+    to_server: Shared,
+    to_client: Shared,
+}
+
+impl Wire {
+    /// A connection: the server's end, the client's end, and the wire itself.
+    pub fn new(rng: &mut SplitMix, link: LinkConfig) -> (ServerEnd, ClientEnd, Wire) {
+        let wire = Wire {
+            to_server: pipe(rng, link),
+            to_client: pipe(rng, link),
+        };
+        (
+            ServerEnd(Some(wire.clone())),
+            ClientEnd {
+                wire: wire.clone(),
+                sleep: None,
+            },
+            wire,
+        )
+    }
+
+    /// Cuts the connection: bytes in flight are lost, both ends get errors.
+    pub fn cut(&self) {
+        for p in [&self.to_server, &self.to_client] {
+            let mut p = lock(p);
+            p.reset = true;
+            p.queue.clear();
+            p.unread = 0;
+            wake(&mut p.read_waker);
+            wake(&mut p.write_waker);
+        }
+    }
+
+    /// Whether either end is gone or the wire was cut.
+    pub fn is_dead(&self) -> bool {
+        let s = lock(&self.to_server);
+        let c = lock(&self.to_client);
+        s.reset || c.reset || s.reader_gone || c.reader_gone || s.closed || c.closed
+    }
+
+    /// Bytes sent towards the client and not yet read by it.
+    pub fn unread_by_client(&self) -> usize {
+        lock(&self.to_client).unread
+    }
+}
+
+/// The server's side of a connection.
+pub struct ServerEnd(Option<Wire>);
+
+pub struct ServerReader(Shared);
+
+pub struct ServerWriter(Shared);
+
+impl Transport for ServerEnd {
+    type Reader = ServerReader;
+    type Writer = ServerWriter;
+
+    fn into_split(mut self) -> (ServerReader, ServerWriter) {
+        let wire = self.0.take().expect("split once");
+        (ServerReader(wire.to_server), ServerWriter(wire.to_client))
+    }
+
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        let wire = self.0.as_ref().expect("not split");
+        match lock(&wire.to_client).write(buf, None) {
+            Poll::Ready(r) => r,
+            Poll::Pending => unreachable!("no context, no waiting"),
+        }
+    }
+}
+
+impl Drop for ServerEnd {
+    fn drop(&mut self) {
+        // Dropped unsplit (a refused connection): both directions end.
+        if let Some(wire) = self.0.take() {
+            close(&wire.to_client);
+            let mut p = lock(&wire.to_server);
+            p.reader_gone = true;
+            wake(&mut p.write_waker);
+        }
+    }
+}
+
+/// Waits until `pipe` is readable (data arrived, its end, or a cut).
+async fn readable(pipe: &Shared) -> io::Result<()> {
+    loop {
+        let ready = lock(pipe).ready(Instant::now());
+        match ready {
+            Ready::Data | Ready::End | Ready::Reset => return Ok(()),
+            Ready::Wait(Some(at)) => tokio::time::sleep_until(at).await,
+            Ready::Wait(None) => {
+                std::future::poll_fn(|cx| {
+                    let mut p = lock(pipe);
+                    match p.ready(Instant::now()) {
+                        Ready::Wait(None) => {
+                            p.read_waker = Some(cx.waker().clone());
+                            Poll::Pending
+                        }
+                        _ => Poll::Ready(()),
+                    }
+                })
+                .await
+            }
+        }
+    }
+}
+
+impl ReadHalf for ServerReader {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        readable(&self.0)
+    }
+
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        let mut p = lock(&self.0);
+        match p.ready(Instant::now()) {
+            Ready::Reset => Err(io::ErrorKind::ConnectionReset.into()),
+            Ready::End => Ok(0),
+            Ready::Wait(_) => Err(io::ErrorKind::WouldBlock.into()),
+            Ready::Data => {
+                let room = buf.capacity() - buf.len();
+                let room = if room == 0 { 8192 } else { room };
+                Ok(p.take(Instant::now(), room, &mut |b| buf.extend_from_slice(b)))
+            }
+        }
+    }
+}
+
+impl Drop for ServerReader {
+    fn drop(&mut self) {
+        let mut p = lock(&self.0);
+        p.reader_gone = true;
+        wake(&mut p.write_waker);
+    }
+}
+
+fn close(pipe: &Shared) {
+    let mut p = lock(pipe);
+    p.closed = true;
+    wake(&mut p.read_waker);
+}
+
+impl AsyncWrite for ServerWriter {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        lock(&self.0).write(buf, Some(cx))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        close(&self.0);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for ServerWriter {
+    fn drop(&mut self) {
+        close(&self.0);
+    }
+}
+
+/// The client's side of a connection.
+pub struct ClientEnd {
+    wire: Wire,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl AsyncRead for ClientEnd {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let now = Instant::now();
+        let pipe = self.wire.to_client.clone();
+        let mut p = lock(&pipe);
+        match p.ready(now) {
+            Ready::Reset => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+            Ready::End => Poll::Ready(Ok(())),
+            Ready::Data => {
+                let max = buf.remaining();
+                p.take(now, max, &mut |b| buf.put_slice(b));
+                Poll::Ready(Ok(()))
+            }
+            Ready::Wait(at) => {
+                p.read_waker = Some(cx.waker().clone());
+                drop(p);
+                if let Some(at) = at {
+                    let sleep = self
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    sleep.as_mut().reset(at);
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        cx.waker().wake_by_ref();
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncWrite for ClientEnd {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        lock(&self.wire.to_server).write(buf, Some(cx))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        close(&self.wire.to_server);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for ClientEnd {
+    fn drop(&mut self) {
+        close(&self.wire.to_server);
+        let mut p = lock(&self.wire.to_client);
+        p.reader_gone = true;
+        wake(&mut p.write_waker);
+    }
+}
+
+/// Connections handed to one server incarnation.
+pub struct SimListener(pub mpsc::UnboundedReceiver<ServerEnd>);
+
+impl Listener for SimListener {
+    type Conn = ServerEnd;
+
+    async fn accept(&mut self) -> io::Result<(ServerEnd, String)> {
+        match self.0.recv().await {
+            Some(end) => Ok((end, "sim".into())),
+            // Nobody can connect any more: this incarnation is being torn down.
+            None => std::future::pending().await,
+        }
+    }
+}
