@@ -798,6 +798,43 @@ mod tests {
             assert!(store.step());
             rt.block_on(store.wait_durable(again)).unwrap();
         }
+
+        #[test]
+        fn manual_maintenance_truncates_what_snapshots_cover() {
+            let fs = SimFs::new();
+            let config = LocalConfig {
+                retention: Duration::ZERO,
+                ..config()
+            };
+            let (store, _) =
+                LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), config)
+                    .unwrap();
+            // A quarter of a segment per op: three segments' worth, each op written alone.
+            let big = "y".repeat(SEGMENT_SIZE_MIN as usize / 4);
+            for seq in 1..=9 {
+                let op = SubmitOp {
+                    op_id: OpId {
+                        client_id: 9,
+                        local_seq: seq,
+                    },
+                    base_version: seq - 1,
+                    expected_version: seq - 1,
+                    fingerprint: 0,
+                    patches: vec![Patch::new(0, 0, big.clone())],
+                };
+                store.submit("doc", op).unwrap();
+                assert!(store.step());
+            }
+            assert_eq!(store.wal().active_segment(), 3);
+            // The third op asked for a snapshot (no op asks again while it waits), taken
+            // at seq 9; the pass then removes segment 1 (the newest sealed one, 2, stays).
+            assert_eq!(store.maintenance_pending(), 1);
+            assert_eq!(store.run_maintenance().unwrap(), 1);
+            assert_eq!(
+                store.wal().with_index(|i| i.first_retained_seq("doc")),
+                Some(4)
+            );
+        }
     }
 
     #[test]
