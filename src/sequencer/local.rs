@@ -2,7 +2,7 @@
 //! version, dedupe table) whose ops are persisted in one [`Wal`] with group commit,
 //! snapshotted by policy, and recovered at startup from snapshots plus the log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -18,7 +18,7 @@ use crate::wal::record::{Lsn, OpRecord, OpView};
 use crate::wal::snapshot::{load_snapshots, remove_leftovers, LoadedSnapshots};
 use crate::wal::stats::Summary;
 use crate::wal::vfs::{at_path, OsFs, Vfs};
-use crate::wal::{now_ms, SegmentOp, Wal, WalError};
+use crate::wal::{now_ms, Background, SegmentOp, Wal, WalError};
 
 /// What startup recovery did, for the log and for `wal-inspect`.
 #[derive(Debug, Clone)]
@@ -36,8 +36,20 @@ pub struct StartupReport {
 
 pub struct LocalSequencer {
     shared: Arc<Shared>,
-    requests: mpsc::Sender<Request>,
-    maintenance: Mutex<Option<JoinHandle<()>>>,
+    maintenance: Maintenance,
+}
+
+/// Who runs the snapshot and truncation policy, and where the submit path's snapshot
+/// requests go.
+enum Maintenance {
+    /// The maintenance thread, sent the requests.
+    Thread {
+        requests: mpsc::Sender<Request>,
+        thread: Mutex<Option<JoinHandle<()>>>,
+    },
+    /// The caller, through [`LocalSequencer::run_maintenance`] (`Background::Manual`):
+    /// the documents to snapshot wait here, in the order requested.
+    Manual(Mutex<VecDeque<Arc<str>>>),
 }
 
 #[derive(Debug)]
@@ -252,7 +264,11 @@ impl LocalSequencer {
         // it (taken out of `docs` at its first op): no id is hashed per record.
         let mut replaying: Vec<(Arc<str>, DocState)> = Vec::new();
         let mut thread_error: Option<std::io::Error> = None;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // A manual log starts no thread, so neither does its replay.
+        let threads = match config.wal.background {
+            Background::Threads => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Background::Manual => 1,
+        };
         let scanned = Wal::scan_segments(
             vfs.clone(),
             &data_dir.join("wal"),
@@ -347,22 +363,30 @@ impl LocalSequencer {
                 hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
             ),
         });
-        let (requests, rx) = mpsc::channel();
-        let thread_shared = shared.clone();
-        let maintenance = std::thread::Builder::new()
-            .name("quire-maintenance".into())
-            .spawn(move || maintenance::run(thread_shared, rx))
-            .map_err(|e| {
-                OpenError::Wal(WalError::Io {
-                    context: "starting the maintenance thread".into(),
-                    error: e,
-                })
-            })?;
+        let maintenance = match shared.config.wal.background {
+            Background::Threads => {
+                let (requests, rx) = mpsc::channel();
+                let thread_shared = shared.clone();
+                let thread = std::thread::Builder::new()
+                    .name("quire-maintenance".into())
+                    .spawn(move || maintenance::run(thread_shared, rx))
+                    .map_err(|e| {
+                        OpenError::Wal(WalError::Io {
+                            context: "starting the maintenance thread".into(),
+                            error: e,
+                        })
+                    })?;
+                Maintenance::Thread {
+                    requests,
+                    thread: Mutex::new(Some(thread)),
+                }
+            }
+            Background::Manual => Maintenance::Manual(Mutex::new(VecDeque::new())),
+        };
         Ok((
             LocalSequencer {
                 shared,
-                requests,
-                maintenance: Mutex::new(Some(maintenance)),
+                maintenance,
             },
             startup,
         ))
@@ -407,6 +431,42 @@ impl LocalSequencer {
         maintenance::tick(&self.shared)
     }
 
+    /// With `Background::Manual`, the maintenance thread's work, run now on the calling
+    /// thread: the snapshots the submit path requested, each in the order requested,
+    /// then one pass of the policy ([`LocalSequencer::maintain_now`]: snapshots due by
+    /// time, truncation). Returns what that pass returns, the number of segments
+    /// removed. A snapshot of ops not yet durable first writes them ([`Wal::step`]),
+    /// as the thread would wait for the writer.
+    ///
+    /// Stops at the first error and returns it: that request is dropped (the document
+    /// asks again at its next op, as after the thread's failed snapshot), later ones stay
+    /// queued, and the pass is not run. With threads, the thread does this work: only
+    /// the pass is run.
+    pub fn run_maintenance(&self) -> std::io::Result<usize> {
+        if let Maintenance::Manual(queue) = &self.maintenance {
+            loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                let Some(doc_id) = next else { break };
+                maintenance::snapshot_doc(&self.shared, &doc_id)?;
+            }
+        }
+        maintenance::tick(&self.shared)
+    }
+
+    /// Snapshot requests waiting for [`LocalSequencer::run_maintenance`] (always 0 with
+    /// threads).
+    pub fn maintenance_pending(&self) -> usize {
+        match &self.maintenance {
+            Maintenance::Manual(queue) => queue.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            Maintenance::Thread { .. } => 0,
+        }
+    }
+
+    /// [`Wal::step`]: writes the next batch of the log (`Background::Manual` only).
+    pub fn step(&self) -> bool {
+        self.shared.wal.step()
+    }
+
     /// Snapshot write latency (microseconds).
     pub fn snapshot_us(&self) -> Summary {
         let h = self
@@ -425,15 +485,14 @@ impl LocalSequencer {
     }
 
     /// Stops the maintenance thread and closes the log (queued appends finish first).
+    /// With `Background::Manual` there is no thread to stop, and the log writes nothing
+    /// more: see [`Wal::close`].
     pub fn close(&self) {
-        let _ = self.requests.send(Request::Stop);
-        if let Some(thread) = self
-            .maintenance
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            let _ = thread.join();
+        if let Maintenance::Thread { requests, thread } = &self.maintenance {
+            let _ = requests.send(Request::Stop);
+            if let Some(thread) = thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = thread.join();
+            }
         }
         self.shared.wal.close();
     }
@@ -492,7 +551,18 @@ impl Sequencer for LocalSequencer {
             && !state.snapshot_queued
         {
             state.snapshot_queued = true;
-            let _ = self.requests.send(Request::Snapshot(Arc::from(doc_id)));
+            let doc_id = Arc::from(doc_id);
+            match &self.maintenance {
+                Maintenance::Thread { requests, .. } => {
+                    let _ = requests.send(Request::Snapshot(doc_id));
+                }
+                Maintenance::Manual(queue) => {
+                    queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push_back(doc_id);
+                }
+            }
         }
         Ok(Submitted::Applied {
             seq,
@@ -638,6 +708,133 @@ mod tests {
             }
         }
         out
+    }
+
+    mod manual {
+        use super::*;
+        use crate::op::Patch;
+        use crate::wal::segment::SEGMENT_SIZE_MIN;
+        use crate::wal::vfs::sim::{CrashMode, SimFs};
+        use crate::wal::WalConfig;
+
+        fn config() -> LocalConfig {
+            LocalConfig {
+                wal: WalConfig {
+                    segment_size: SEGMENT_SIZE_MIN,
+                    background: Background::Manual,
+                    ..WalConfig::default()
+                },
+                snapshot_every_ops: 3,
+                snapshot_every: Duration::from_secs(3600),
+                retention: Duration::from_secs(3600),
+                maintenance_interval: Duration::from_secs(3600),
+            }
+        }
+
+        fn open(fs: &SimFs) -> (LocalSequencer, StartupReport) {
+            LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), config())
+                .unwrap_or_else(|e| panic!("open failed: {e}"))
+        }
+
+        fn submit(store: &LocalSequencer, seq: u64) -> Ticket {
+            let op = SubmitOp {
+                op_id: OpId {
+                    client_id: 9,
+                    local_seq: seq,
+                },
+                base_version: seq - 1,
+                expected_version: seq - 1,
+                fingerprint: 0,
+                patches: vec![Patch::new(0, 0, format!("{seq},"))],
+            };
+            match store.submit("doc", op).unwrap() {
+                Submitted::Applied { seq: s, ticket } if s == seq => ticket,
+                other => panic!("op {seq}: {other:?}"),
+            }
+        }
+
+        fn durable(store: &LocalSequencer, ticket: Ticket) -> bool {
+            store.wal().durability().durable_lsn >= ticket.0
+        }
+
+        #[test]
+        fn a_manual_sequencer_writes_and_snapshots_only_when_told_and_recovers() {
+            let fs = SimFs::new();
+            let (store, _) = open(&fs);
+            let first = submit(&store, 1);
+            assert!(!durable(&store, first) && store.wal().has_pending());
+            assert!(store.step());
+            assert!(durable(&store, first));
+            assert!(!store.step());
+            // The third op asks for a snapshot; it waits for the caller, as do the ops.
+            let tickets: Vec<Ticket> = (2..=3).map(|seq| submit(&store, seq)).collect();
+            assert_eq!(store.maintenance_pending(), 1);
+            assert!(!durable(&store, tickets[1]));
+            // The snapshot makes its ops durable first, by stepping the log.
+            assert_eq!(store.run_maintenance().unwrap(), 0);
+            assert_eq!(store.maintenance_pending(), 0);
+            assert!(durable(&store, tickets[1]));
+            // A fourth op, durable, and a fifth never written.
+            let fourth = submit(&store, 4);
+            assert!(store.step());
+            assert!(durable(&store, fourth));
+            submit(&store, 5);
+            let crashed = fs.crash(CrashMode::LoseUnsynced);
+            drop(store); // returns at once: there is no thread to join
+            let (store, report) = open(&crashed);
+            assert_eq!(report.snapshots_loaded, 1);
+            assert_eq!(report.ops_replayed, 1, "only the op after the snapshot");
+            assert_eq!(store.version("doc"), 4);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let view = rt.block_on(store.read("doc")).unwrap().unwrap();
+            assert_eq!(view.text, "4,3,2,1,");
+            let ops = store.ops_after("doc", 0, 10).unwrap().unwrap();
+            assert_eq!(ops.len(), 4);
+            // The recovered store goes on, still by steps.
+            let again = submit(&store, 5);
+            assert!(!durable(&store, again));
+            assert!(store.step());
+            rt.block_on(store.wait_durable(again)).unwrap();
+        }
+
+        #[test]
+        fn manual_maintenance_truncates_what_snapshots_cover() {
+            let fs = SimFs::new();
+            let config = LocalConfig {
+                retention: Duration::ZERO,
+                ..config()
+            };
+            let (store, _) =
+                LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), config)
+                    .unwrap();
+            // A quarter of a segment per op: three segments' worth, each op written alone.
+            let big = "y".repeat(SEGMENT_SIZE_MIN as usize / 4);
+            for seq in 1..=9 {
+                let op = SubmitOp {
+                    op_id: OpId {
+                        client_id: 9,
+                        local_seq: seq,
+                    },
+                    base_version: seq - 1,
+                    expected_version: seq - 1,
+                    fingerprint: 0,
+                    patches: vec![Patch::new(0, 0, big.clone())],
+                };
+                store.submit("doc", op).unwrap();
+                assert!(store.step());
+            }
+            assert_eq!(store.wal().active_segment(), 3);
+            // The third op asked for a snapshot (no op asks again while it waits), taken
+            // at seq 9; the pass then removes segment 1 (the newest sealed one, 2, stays).
+            assert_eq!(store.maintenance_pending(), 1);
+            assert_eq!(store.run_maintenance().unwrap(), 1);
+            assert_eq!(
+                store.wal().with_index(|i| i.first_retained_seq("doc")),
+                Some(4)
+            );
+        }
     }
 
     #[test]

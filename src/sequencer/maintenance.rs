@@ -1,4 +1,5 @@
-//! The snapshot and truncation policy, run by one background thread.
+//! The snapshot and truncation policy, run by one background thread; or, with
+//! `Background::Manual`, by the caller (`LocalSequencer::run_maintenance`).
 //!
 //! Snapshots: a document is snapshotted after `snapshot_every_ops` ops (requested by the
 //! submit path) or `snapshot_every` after its last snapshot if it changed (found by the
@@ -14,8 +15,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::state::{lock_doc, Shared};
-use crate::wal::now_ms;
 use crate::wal::snapshot::{write_snapshot, Snapshot};
+use crate::wal::{now_ms, Background};
 
 pub(crate) enum Request {
     Snapshot(Arc<str>),
@@ -91,6 +92,14 @@ pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<boo
                     .failure()
                     .unwrap_or_else(|| Arc::from("log failed"));
                 return Err(std::io::Error::other(reason.to_string()));
+            }
+            // Without a writer thread (`Background::Manual`) the caller writes the log
+            // itself: the wait becomes the steps the writer thread would have taken. A
+            // step that finds nothing met another caller's step midway; it is done now.
+            None if shared.config.wal.background == Background::Manual => {
+                if !shared.wal.step() {
+                    std::thread::yield_now();
+                }
             }
             None => std::thread::sleep(std::time::Duration::from_micros(200)),
         }

@@ -27,7 +27,8 @@ pub struct LocalConfig {
     /// Sealed segments younger than this are kept even when snapshots cover them, so
     /// that reconnecting clients can still be sent the ops they missed.
     pub retention: Duration,
-    /// How often the maintenance thread looks at snapshots and truncation.
+    /// How often the maintenance thread looks at snapshots and truncation. Unused with
+    /// `Background::Manual`: each `LocalSequencer::run_maintenance` is one look.
     pub maintenance_interval: Duration,
 }
 

@@ -156,6 +156,25 @@ impl<N: DurableNotify> CommitQueue<N> {
                 .wait(state)
                 .unwrap_or_else(|p| p.into_inner());
         }
+        Self::take_batch(&mut state, batch, max_bytes);
+        true
+    }
+
+    /// [`CommitQueue::next_batch`] without the wait, for a writer run by its caller
+    /// (`wal::Background::Manual`): `false` at once when nothing is pending (or the log
+    /// failed), whether or not the queue is closed.
+    pub fn try_next_batch(&self, batch: &mut Vec<Entry>, max_bytes: usize) -> bool {
+        assert!(batch.is_empty());
+        let mut state = lock(&self.state);
+        if state.failure.is_some() || state.pending.is_empty() {
+            return false;
+        }
+        Self::take_batch(&mut state, batch, max_bytes);
+        true
+    }
+
+    /// Moves up to `max_bytes` of pending records (at least one) into `batch`.
+    fn take_batch(state: &mut State, batch: &mut Vec<Entry>, max_bytes: usize) {
         let mut bytes = 0;
         while let Some(entry) = state.pending.front() {
             let len = framed_len(entry.payload.len());
@@ -166,7 +185,6 @@ impl<N: DurableNotify> CommitQueue<N> {
             batch.push(state.pending.pop_front().expect("front exists"));
         }
         state.pending_bytes -= bytes;
-        true
     }
 
     /// Writer: every record up to `lsn` is durable.
@@ -203,6 +221,36 @@ impl<N: DurableNotify> CommitQueue<N> {
     pub fn close(&self) {
         lock(&self.state).closed = true;
         self.writer_wake.notify_all();
+    }
+
+    /// No more appends, and nothing pending will be written: a writer run by its caller
+    /// is not run on close (a simulated crash drops the log with records in flight).
+    /// If records were pending, they fail with `reason`, as do later appends, so that no
+    /// waiter waits for a write that will not come. Returns how many were dropped.
+    pub fn abandon(&self, reason: &str) -> usize {
+        let (dropped, durability) = {
+            let mut state = lock(&self.state);
+            state.closed = true;
+            let dropped = state.pending.len();
+            if dropped == 0 || state.failure.is_some() {
+                return 0;
+            }
+            state.failure = Some(Arc::from(reason));
+            state.durability.failed = true;
+            state.pending.clear();
+            state.pending_bytes = 0;
+            (dropped, state.durability)
+        };
+        self.notify.publish(durability);
+        self.writer_wake.notify_all();
+        dropped
+    }
+
+    /// Whether some record was given an LSN but is neither durable nor failed: queued,
+    /// or in the batch being written.
+    pub fn has_pending(&self) -> bool {
+        let state = lock(&self.state);
+        !state.durability.failed && state.durability.durable_lsn + 1 < state.next_lsn
     }
 
     pub fn durability(&self) -> Durability {

@@ -5,7 +5,8 @@
 //! - [`record`]: record framing and the op record payload.
 //! - [`segment`]: segment header, naming, preallocation, the record scan.
 //! - [`commit`]: the group-commit handoff between appenders and the writer (loom-checked).
-//! - `writer`: the writer and segment-preparer threads.
+//! - `writer`: the writer and segment-preparer threads (or, with
+//!   [`Background::Manual`], the same work run by the caller through [`Wal::step`]).
 //! - [`index`]: (document, seq) → location, and what each segment holds.
 //! - [`recovery`]: startup validation, torn-tail cut, corruption refusal.
 //! - [`snapshot`]: per-document snapshot files.
@@ -40,12 +41,24 @@ use recovery::{RecoveryOptions, RecoveryReport};
 use segment::{segment_path, SegmentId, SEGMENT_HEADER_LEN, SEGMENT_SIZE_MIN};
 use stats::WalStats;
 use vfs::{Region, Vfs, VfsFile};
-use writer::{Active, Preparer, Writer};
+use writer::{Active, ManualWriter, Preparer, Writer};
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Who runs the log's background work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Background {
+    /// A writer thread and a segment-preparer thread (production).
+    #[default]
+    Threads,
+    /// No thread: the caller runs the work with `Wal::step` (the deterministic simulator).
+    /// Each step writes one batch on the caller's thread; a segment is prepared when
+    /// the writer needs it, within that step; recovery reads with no helper thread.
+    Manual,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +70,9 @@ pub struct WalConfig {
     /// Upper bound on the bytes of one group-commit write. Default 4 MiB.
     pub max_batch_bytes: usize,
     pub recovery: RecoveryOptions,
+    /// Threads in production; [`Background::Manual`] for a simulation that must run
+    /// every write itself, deterministically.
+    pub background: Background,
 }
 
 impl Default for WalConfig {
@@ -66,6 +82,7 @@ impl Default for WalConfig {
             zero_fill: true,
             max_batch_bytes: 4 << 20,
             recovery: RecoveryOptions::default(),
+            background: Background::Threads,
         }
     }
 }
@@ -145,6 +162,8 @@ pub struct Wal {
     stats: Arc<WalStats>,
     preparer: Arc<Preparer>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The writer, when no thread runs it ([`Background::Manual`]).
+    manual: Option<Mutex<ManualWriter>>,
     max_payload: usize,
     _lock: Box<dyn Any + Send + Sync>,
 }
@@ -290,6 +309,7 @@ impl ScannedWal {
             config.segment_size,
             config.zero_fill,
             next_segment_id,
+            config.background == Background::Manual,
         ));
         let writer = Writer {
             wal_dir: dir.to_path_buf(),
@@ -302,16 +322,22 @@ impl ScannedWal {
             preparer: preparer.clone(),
             active,
         };
-        let spawn_err = io_context("starting the WAL threads");
-        let prep = preparer.clone();
-        let prep_thread = std::thread::Builder::new()
-            .name("quire-wal-prepare".into())
-            .spawn(move || prep.run())
-            .map_err(spawn_err)?;
-        let writer_thread = std::thread::Builder::new()
-            .name("quire-wal-writer".into())
-            .spawn(move || writer.run())
-            .map_err(io_context("starting the WAL writer thread"))?;
+        let (threads, manual) = match config.background {
+            Background::Threads => {
+                let spawn_err = io_context("starting the WAL threads");
+                let prep = preparer.clone();
+                let prep_thread = std::thread::Builder::new()
+                    .name("quire-wal-prepare".into())
+                    .spawn(move || prep.run())
+                    .map_err(spawn_err)?;
+                let writer_thread = std::thread::Builder::new()
+                    .name("quire-wal-writer".into())
+                    .spawn(move || writer.run())
+                    .map_err(io_context("starting the WAL writer thread"))?;
+                (vec![writer_thread, prep_thread], None)
+            }
+            Background::Manual => (Vec::new(), Some(Mutex::new(ManualWriter::new(writer)))),
+        };
         let max_payload = MAX_RECORD_PAYLOAD
             .min(config.segment_size as usize - SEGMENT_HEADER_LEN - RECORD_HEADER_LEN - 8);
         Ok((
@@ -325,7 +351,8 @@ impl ScannedWal {
                 maps: Mutex::new(HashMap::new()),
                 stats,
                 preparer,
-                threads: Mutex::new(vec![writer_thread, prep_thread]),
+                threads: Mutex::new(threads),
+                manual,
                 max_payload,
                 _lock: lock,
             },
@@ -422,8 +449,14 @@ impl Wal {
         let mut spare_ops: Vec<SegmentOp<'static>> = Vec::new();
         let mut grouped: Vec<(u32, u32)> = Vec::new();
         let mut by_document: Vec<u32> = Vec::new();
-        let scanned =
-            recovery::scan_segments(&*vfs, dir, config.recovery, |segment_id, records| {
+        // Prefetching starts a thread per segment on a real disk; a manual log starts none.
+        let prefetch = config.background == Background::Threads;
+        let scanned = recovery::scan_segments_with(
+            &*vfs,
+            dir,
+            config.recovery,
+            prefetch,
+            |segment_id, records| {
                 let Some((_, first)) = records.first() else {
                     return;
                 };
@@ -471,8 +504,9 @@ impl Wal {
                     index: &index,
                 });
                 spare_ops = recycle(ops);
-            })
-            .map_err(recovery_error)?;
+            },
+        )
+        .map_err(recovery_error)?;
         if let Some(e) = payload_error {
             return Err(WalError::Corrupt(format!("undecodable op record in {e}")));
         }
@@ -544,6 +578,28 @@ impl Wal {
 
     pub fn stats(&self) -> &WalStats {
         &self.stats
+    }
+
+    /// Writes the next batch of pending records, on the calling thread, exactly as the
+    /// writer thread would: one write and sync (rolling to a new segment, prepared here,
+    /// when the records do not fit), then the index, then durability for the waiters.
+    /// Returns whether it did anything: `true` if a batch was written or the log failed
+    /// trying (a write, sync or preparation error, or a panic, fails it for good, as in
+    /// the thread); `false` if nothing was pending. Never waits for records. A batch is
+    /// at most `max_batch_bytes` (at least one record): a step may leave records pending.
+    ///
+    /// Only for [`Background::Manual`]; with threads it does nothing and returns `false`.
+    pub fn step(&self) -> bool {
+        match &self.manual {
+            Some(writer) => writer.lock().unwrap_or_else(|p| p.into_inner()).step(),
+            None => false,
+        }
+    }
+
+    /// Whether some record was appended but is not yet durable (nor failed): what a
+    /// [`Wal::step`] would write, or a batch being written now.
+    pub fn has_pending(&self) -> bool {
+        self.queue.has_pending()
     }
 
     /// Records and bytes waiting for the writer.
@@ -679,7 +735,25 @@ impl Wal {
 
     /// Stops accepting appends, lets the writer finish what is queued, and joins the
     /// threads. Idempotent.
+    ///
+    /// With [`Background::Manual`] nothing more is written (the simulator drops a log to
+    /// crash it): records still pending fail, their waiters with them, and later
+    /// appends get that failure. Run [`Wal::step`] until [`Wal::has_pending`] is false
+    /// first for a clean shutdown.
     pub fn close(&self) {
+        if let Some(writer) = &self.manual {
+            // Held so that no step is midway through a batch meanwhile.
+            let _writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let dropped = self.queue.abandon(&format!(
+                "the write-ahead log in {} was closed with records not yet written",
+                self.dir.display()
+            ));
+            if dropped > 0 {
+                tracing::debug!(records = dropped, "closed with records not written");
+            }
+            self.preparer.stop();
+            return;
+        }
         self.queue.close();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         // The writer drains the queue and exits first; then the preparer is told to stop
@@ -704,6 +778,193 @@ impl Drop for Wal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::Patch;
+    use crate::wal::vfs::sim::{CrashMode, PanicAt, SimFs};
+
+    const DIR: &str = "/data/wal";
+
+    fn manual() -> WalConfig {
+        WalConfig {
+            segment_size: SEGMENT_SIZE_MIN,
+            background: Background::Manual,
+            ..WalConfig::default()
+        }
+    }
+
+    fn op(seq: u64, text_len: usize) -> OpRecord {
+        OpRecord {
+            doc_id: "doc".into(),
+            client_id: 7,
+            local_seq: seq,
+            server_seq: seq,
+            base_version: seq - 1,
+            timestamp_ms: seq,
+            patches: vec![Patch::new(0, 0, "x".repeat(text_len))],
+        }
+    }
+
+    fn open(fs: &SimFs) -> (Wal, Vec<OpRecord>) {
+        let mut seen = Vec::new();
+        let (wal, _) = Wal::open(Arc::new(fs.clone()), Path::new(DIR), manual(), |op, _| {
+            seen.push(op.clone())
+        })
+        .unwrap();
+        (wal, seen)
+    }
+
+    #[test]
+    fn a_manual_log_writes_only_when_stepped() {
+        let fs = SimFs::new();
+        let (wal, _) = open(&fs);
+        assert!(!wal.has_pending());
+        assert!(!wal.step(), "nothing pending");
+        let lsns: Vec<Lsn> = (1..=3)
+            .map(|seq| wal.append_op(&op(seq, 10)).unwrap())
+            .collect();
+        let syncs = fs.sync_count();
+        assert!(wal.has_pending());
+        assert_eq!(wal.durability().durable_lsn, lsns[0] - 1);
+        assert_eq!(fs.sync_count(), syncs, "no thread wrote anything");
+        assert!(wal.step());
+        assert!(!wal.has_pending());
+        assert_eq!(wal.durability().durable_lsn, lsns[2]);
+        let read = wal.read_ops_after("doc", 0, 10).unwrap();
+        assert_eq!(read, (1..=3).map(|seq| op(seq, 10)).collect::<Vec<_>>());
+        assert!(!wal.step(), "nothing pending");
+        // A waiter is woken by the step that makes its record durable.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let lsn = wal.append_op(&op(4, 10)).unwrap();
+        rt.block_on(async {
+            use std::future::Future;
+            use std::task::{Context, Waker};
+            let mut waiter = std::pin::pin!(wal.wait_durable(lsn));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(waiter.as_mut().poll(&mut cx).is_pending());
+            assert!(wal.step());
+            waiter.await.unwrap();
+        });
+        drop(wal);
+        let (_, seen) = open(&fs.crash(CrashMode::LoseUnsynced));
+        assert_eq!(seen.len(), 4);
+    }
+
+    #[test]
+    fn a_manual_step_prepares_the_next_segment_itself() {
+        let fs = SimFs::new();
+        let (wal, _) = open(&fs);
+        // A quarter of a segment each: three fit, the fourth rolls to segment 2.
+        let big = SEGMENT_SIZE_MIN as usize / 4;
+        for seq in 1..=4 {
+            wal.append_op(&op(seq, big)).unwrap();
+            assert!(wal.step());
+        }
+        assert_eq!(wal.active_segment(), 2);
+        assert!(!wal.has_pending());
+        // A batch that rolls midway: the part before the roll and the part after.
+        for seq in 5..=7 {
+            wal.append_op(&op(seq, big)).unwrap();
+        }
+        assert!(wal.step());
+        assert_eq!(wal.active_segment(), 3);
+        assert!(wal.failure().is_none());
+        drop(wal);
+        let (wal, seen) = open(&fs.crash(CrashMode::LoseUnsynced));
+        assert_eq!(seen.len(), 7);
+        assert_eq!(wal.read_ops_after("doc", 0, 10).unwrap().len(), 7);
+    }
+
+    #[test]
+    fn a_failed_sync_in_a_manual_step_fails_the_log_for_good() {
+        let fs = SimFs::new();
+        let (wal, _) = open(&fs);
+        wal.append_op(&op(1, 10)).unwrap();
+        assert!(wal.step());
+        fs.fail_syncs_after(0);
+        wal.append_op(&op(2, 10)).unwrap();
+        assert!(wal.step(), "a failure is work done");
+        let reason = wal.failure().expect("the log failed");
+        assert!(reason.contains("failed at LSN 2..=2"), "{reason}");
+        assert!(wal.durability().failed);
+        assert!(!wal.has_pending());
+        assert!(matches!(
+            wal.append_op(&op(3, 10)),
+            Err(WalError::Failed(_))
+        ));
+        assert!(!wal.step());
+        assert_eq!(wal.durability().durable_lsn, 1);
+    }
+
+    #[test]
+    fn a_panic_in_a_manual_step_fails_the_log_as_in_the_writer_thread() {
+        let fs = SimFs::new();
+        let (wal, _) = open(&fs);
+        wal.append_op(&op(1, 10)).unwrap();
+        assert!(wal.step());
+        fs.panic_at_next(PanicAt::SyncData);
+        wal.append_op(&op(2, 10)).unwrap();
+        assert!(wal.step());
+        let reason = wal.failure().expect("the log failed");
+        assert!(reason.contains("writer in /data/wal panicked"), "{reason}");
+        assert!(matches!(
+            wal.append_op(&op(3, 10)),
+            Err(WalError::Failed(_))
+        ));
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_prepared_in_a_manual_step_fails_the_log() {
+        for fault in ["sync", "panic"] {
+            let fs = SimFs::new();
+            let (wal, _) = open(&fs);
+            // The fresh log's first segment is prepared by the first step.
+            match fault {
+                "sync" => fs.fail_syncs_after(0),
+                _ => fs.panic_at_next(PanicAt::Allocate),
+            }
+            wal.append_op(&op(1, 10)).unwrap();
+            assert!(wal.step());
+            let reason = wal.failure().expect("the log failed");
+            assert!(reason.contains("preparing segment"), "{reason}");
+            assert!(!wal.step());
+        }
+    }
+
+    #[test]
+    fn dropping_a_manual_log_writes_nothing_of_what_is_pending() {
+        let fs = SimFs::new();
+        let (wal, _) = open(&fs);
+        wal.append_op(&op(1, 10)).unwrap();
+        assert!(wal.step());
+        for seq in 2..=4 {
+            wal.append_op(&op(seq, 10)).unwrap();
+        }
+        let (syncs, files) = (fs.sync_count(), fs.files());
+        drop(wal);
+        assert_eq!((fs.sync_count(), fs.files()), (syncs, files));
+        // Not even written unsynced: the disk as it is, crash or not, has one record.
+        let (wal, seen) = open(&fs);
+        assert_eq!(seen, vec![op(1, 10)]);
+        drop(wal);
+        let (_, seen) = open(&fs.crash(CrashMode::LoseUnsynced));
+        assert_eq!(seen, vec![op(1, 10)]);
+    }
+
+    #[test]
+    fn closing_a_manual_log_fails_what_is_pending() {
+        let fs = SimFs::new();
+        let (wal, _) = open(&fs);
+        let lsn = wal.append_op(&op(1, 10)).unwrap();
+        wal.close();
+        assert!(!wal.step());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let waited = rt.block_on(wal.wait_durable(lsn));
+        assert!(matches!(waited, Err(WalError::Failed(_))), "{waited:?}");
+        assert!(wal.append_op(&op(2, 10)).is_err());
+    }
 
     #[test]
     fn recycling_a_segment_buffer_keeps_its_allocation() {

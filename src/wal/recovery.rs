@@ -274,6 +274,18 @@ pub fn scan_segments(
     vfs: &dyn Vfs,
     wal_dir: &Path,
     options: RecoveryOptions,
+    visit: impl FnMut(SegmentId, &[(u64, RawRecord<'_>)]),
+) -> Result<Scanned, RecoveryError> {
+    scan_segments_with(vfs, wal_dir, options, true, visit)
+}
+
+/// [`scan_segments`], asking the disk to read ahead ([`Vfs::prefetch`]) only if
+/// `prefetch`: a caller that must start no thread (`Background::Manual`) passes `false`.
+pub fn scan_segments_with(
+    vfs: &dyn Vfs,
+    wal_dir: &Path,
+    options: RecoveryOptions,
+    prefetch: bool,
     mut visit: impl FnMut(SegmentId, &[(u64, RawRecord<'_>)]),
 ) -> Result<Scanned, RecoveryError> {
     let started = Instant::now();
@@ -302,13 +314,13 @@ pub fn scan_segments(
     let mut regions: Vec<Region> = Vec::with_capacity(ids.len());
     let mut found_break: Option<Break> = None;
 
-    if let Some(&first) = ids.first() {
+    if let Some(&first) = ids.first().filter(|_| prefetch) {
         vfs.prefetch(&segment_path(wal_dir, first));
     }
     for (position, &id) in ids.iter().enumerate() {
         let path = segment_path(wal_dir, id);
         // The disk reads the next segment while this one is checked.
-        if let Some(&next) = ids.get(position + 1) {
+        if let Some(&next) = ids.get(position + 1).filter(|_| prefetch) {
             vfs.prefetch(&segment_path(wal_dir, next));
         }
         let region = vfs.map(&path).map_err(io_err(&path))?;

@@ -1,4 +1,6 @@
 //! The one writer thread, and the preparer thread that keeps the next segment ready.
+//! Without threads (`Background::Manual`), [`ManualWriter`] runs the same writer one
+//! batch per call and the preparer makes each segment when the writer needs it.
 //!
 //! The writer loops: take every pending record ([`CommitQueue::next_batch`]), frame
 //! them into one buffer, one `pwrite`, one `fdatasync`, update the index, publish the
@@ -65,6 +67,39 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
     }
 }
 
+/// The reason a panic in the writer fails the log with, whichever runs it.
+fn panic_reason(wal_dir: &std::path::Path, payload: &(dyn Any + Send)) -> String {
+    format!(
+        "write-ahead log writer in {} panicked: {}; no further appends are accepted \
+         (restart to recover)",
+        wal_dir.display(),
+        panic_message(payload)
+    )
+}
+
+/// The writer's buffers, kept from one batch to the next.
+pub(crate) struct Scratch {
+    batch: Vec<Entry>,
+    buf: Vec<u8>,
+    locations: Vec<Location>,
+}
+
+impl Scratch {
+    fn new(max_batch_bytes: usize) -> Self {
+        Scratch {
+            batch: Vec::new(),
+            buf: Vec::with_capacity(max_batch_bytes + SEGMENT_HEADER_LEN),
+            locations: Vec::new(),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.batch.clear();
+        self.buf.clear();
+        self.locations.clear();
+    }
+}
+
 impl Writer {
     /// Writes batches until the queue is closed and drained, or the log fails. A panic
     /// fails the log: pending and later appends get the reason, and it is logged.
@@ -77,12 +112,7 @@ impl Writer {
         // part of the failed batch, which nothing reads as durable once the log failed.
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| self.write_batches()));
         if let Err(payload) = outcome {
-            let reason = format!(
-                "write-ahead log writer in {} panicked: {}; no further appends are accepted \
-                 (restart to recover)",
-                wal_dir.display(),
-                panic_message(&*payload)
-            );
+            let reason = panic_reason(&wal_dir, &*payload);
             tracing::error!("{reason}");
             queue.fail(&reason);
             preparer.stop();
@@ -90,41 +120,56 @@ impl Writer {
     }
 
     fn write_batches(mut self) {
-        let mut batch = Vec::new();
-        let mut buf = Vec::with_capacity(self.max_batch_bytes + SEGMENT_HEADER_LEN);
-        let mut locations = Vec::new();
-        while self.queue.next_batch(&mut batch, self.max_batch_bytes) {
-            let started = Instant::now();
-            let last_lsn = batch.last().expect("batch is never empty").lsn;
-            match self.write_batch(&batch, &mut buf, &mut locations) {
-                Ok(sync_ns) => {
-                    {
-                        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-                        for (entry, location) in batch.iter().zip(&locations) {
-                            let key = entry.key.as_ref().map(|k| (&k.doc_id, k.seq));
-                            index.insert(*location, key);
-                        }
-                    }
-                    self.stats
-                        .record_batch(batch.len(), sync_ns, started.elapsed());
-                    self.queue.complete(last_lsn);
-                }
-                Err(error) => {
-                    let reason = format!(
-                        "write-ahead log failed at LSN {}..={last_lsn} in {}: {error}; \
-                         no further appends are accepted (restart to recover)",
-                        batch[0].lsn,
-                        self.wal_dir.display()
-                    );
-                    tracing::error!("{reason}");
-                    self.queue.fail(&reason);
-                    break;
-                }
+        let mut scratch = Scratch::new(self.max_batch_bytes);
+        while self
+            .queue
+            .next_batch(&mut scratch.batch, self.max_batch_bytes)
+        {
+            if !self.commit(&mut scratch) {
+                break;
             }
-            batch.clear();
-            locations.clear();
         }
         self.preparer.stop();
+    }
+
+    /// Writes and syncs the batch in `scratch`, then indexes it and publishes it as
+    /// durable; or fails the log. Returns `false` if the log failed.
+    fn commit(&mut self, scratch: &mut Scratch) -> bool {
+        let Scratch {
+            batch,
+            buf,
+            locations,
+        } = scratch;
+        let started = Instant::now();
+        let last_lsn = batch.last().expect("batch is never empty").lsn;
+        let committed = match self.write_batch(batch, buf, locations) {
+            Ok(sync_ns) => {
+                {
+                    let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+                    for (entry, location) in batch.iter().zip(locations.iter()) {
+                        let key = entry.key.as_ref().map(|k| (&k.doc_id, k.seq));
+                        index.insert(*location, key);
+                    }
+                }
+                self.stats
+                    .record_batch(batch.len(), sync_ns, started.elapsed());
+                self.queue.complete(last_lsn);
+                true
+            }
+            Err(error) => {
+                let reason = format!(
+                    "write-ahead log failed at LSN {}..={last_lsn} in {}: {error}; \
+                     no further appends are accepted (restart to recover)",
+                    batch[0].lsn,
+                    self.wal_dir.display()
+                );
+                tracing::error!("{reason}");
+                self.queue.fail(&reason);
+                false
+            }
+        };
+        scratch.clear();
+        committed
     }
 
     /// Writes and syncs one batch; returns the nanoseconds spent in `fdatasync`.
@@ -212,6 +257,50 @@ impl Writer {
     }
 }
 
+/// The writer without its thread (`Background::Manual`): its caller runs one batch at a
+/// time with [`ManualWriter::step`], on the caller's thread.
+pub(crate) struct ManualWriter {
+    writer: Writer,
+    scratch: Scratch,
+}
+
+impl ManualWriter {
+    pub fn new(writer: Writer) -> Self {
+        let scratch = Scratch::new(writer.max_batch_bytes);
+        ManualWriter { writer, scratch }
+    }
+
+    /// Writes the next batch of pending records, as the writer thread would. `false`:
+    /// nothing was pending (or the log failed earlier); it never waits for records. A
+    /// panic fails the log as one in the writer thread does.
+    pub fn step(&mut self) -> bool {
+        let writer = &mut self.writer;
+        if !writer
+            .queue
+            .try_next_batch(&mut self.scratch.batch, writer.max_batch_bytes)
+        {
+            return false;
+        }
+        // Unwind safety: as in `Writer::run`; the batch and the buffers are cleared, the
+        // log is failed, and no later step writes anything.
+        let scratch = &mut self.scratch;
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| writer.commit(scratch)));
+        match outcome {
+            Ok(true) => {}
+            // As the thread does once the log failed.
+            Ok(false) => self.writer.preparer.stop(),
+            Err(payload) => {
+                self.scratch.clear();
+                let reason = panic_reason(&self.writer.wal_dir, &*payload);
+                tracing::error!("{reason}");
+                self.writer.queue.fail(&reason);
+                self.writer.preparer.stop();
+            }
+        }
+        true
+    }
+}
+
 /// Keeps one spare segment prepared ahead of the writer, so that rolling over costs a
 /// pointer swap, not 64 MiB of zeros.
 pub(crate) struct Preparer {
@@ -222,6 +311,9 @@ pub(crate) struct Preparer {
     segment_size: u64,
     zero_fill: bool,
     first_id: SegmentId,
+    /// No thread runs [`Preparer::run`]: `take` prepares each segment when the writer
+    /// needs it (`Background::Manual`).
+    inline: bool,
 }
 
 struct PrepState {
@@ -238,6 +330,7 @@ impl Preparer {
         segment_size: u64,
         zero_fill: bool,
         first_id: SegmentId,
+        inline: bool,
     ) -> Self {
         Preparer {
             state: Mutex::new(PrepState {
@@ -252,6 +345,7 @@ impl Preparer {
             segment_size,
             zero_fill,
             first_id,
+            inline,
         }
     }
 
@@ -260,6 +354,7 @@ impl Preparer {
     }
 
     pub fn run(&self) {
+        debug_assert!(!self.inline, "an inline preparer has no thread");
         loop {
             let id = {
                 let mut state = lock(&self.state);
@@ -271,43 +366,54 @@ impl Preparer {
                 }
                 state.next_id
             };
-            // A panic (a bug here or in the file layer) becomes this segment's error, which
-            // the writer's `take` returns and which fails the log: a preparer thread that
-            // died would leave the writer waiting for its next segment forever.
-            let result = panic::catch_unwind(AssertUnwindSafe(|| {
-                prepare_segment(
-                    &*self.vfs,
-                    &self.wal_dir,
-                    id,
-                    self.segment_size,
-                    self.zero_fill,
-                )
-            }))
-            .unwrap_or_else(|payload| {
-                Err(io::Error::other(format!(
-                    "panicked: {}",
-                    panic_message(&*payload)
-                )))
-            });
+            let result = self.prepare(id);
             let mut state = lock(&self.state);
-            match result {
-                Ok(file) => {
-                    state.ready = Some((id, file));
-                    state.next_id = id + 1;
-                }
-                Err(error) => {
-                    tracing::error!(segment = id, %error, "could not prepare the next WAL segment");
-                    state.error = Some(format!(
-                        "preparing segment {}: {error}",
-                        segment_path(&self.wal_dir, id).display()
-                    ));
-                }
-            }
-            self.changed.notify_all();
+            self.settle(&mut state, id, result);
         }
     }
 
-    /// The prepared segment `id`, waiting for it if needed.
+    /// Prepares segment `id`. A panic (a bug here or in the file layer) becomes this
+    /// segment's error, which the writer's `take` returns and which fails the log: a
+    /// preparer thread that died would leave the writer waiting for its next segment
+    /// forever.
+    fn prepare(&self, id: SegmentId) -> io::Result<Box<dyn VfsFile>> {
+        panic::catch_unwind(AssertUnwindSafe(|| {
+            prepare_segment(
+                &*self.vfs,
+                &self.wal_dir,
+                id,
+                self.segment_size,
+                self.zero_fill,
+            )
+        }))
+        .unwrap_or_else(|payload| {
+            Err(io::Error::other(format!(
+                "panicked: {}",
+                panic_message(&*payload)
+            )))
+        })
+    }
+
+    /// Records what preparing segment `id` gave, for `take`.
+    fn settle(&self, state: &mut PrepState, id: SegmentId, result: io::Result<Box<dyn VfsFile>>) {
+        match result {
+            Ok(file) => {
+                state.ready = Some((id, file));
+                state.next_id = id + 1;
+            }
+            Err(error) => {
+                tracing::error!(segment = id, %error, "could not prepare the next WAL segment");
+                state.error = Some(format!(
+                    "preparing segment {}: {error}",
+                    segment_path(&self.wal_dir, id).display()
+                ));
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// The prepared segment `id`, waiting for it if needed; an inline preparer prepares
+    /// it here, on the caller's thread.
     pub fn take(&self, id: SegmentId) -> io::Result<Box<dyn VfsFile>> {
         let mut state = lock(&self.state);
         loop {
@@ -319,6 +425,14 @@ impl Preparer {
             }
             if state.stop {
                 return Err(io::Error::other("segment preparer stopped"));
+            }
+            if self.inline {
+                let next = state.next_id;
+                drop(state);
+                let result = self.prepare(next);
+                state = lock(&self.state);
+                self.settle(&mut state, next, result);
+                continue;
             }
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
@@ -360,6 +474,7 @@ mod tests {
             SEGMENT_SIZE_MIN,
             true,
             1,
+            false,
         ));
         let thread = {
             let preparer = preparer.clone();
