@@ -22,6 +22,9 @@ pub enum ClientError {
     Protocol(String),
     /// The server refused (Error or Reject).
     Refused(String),
+    /// The server no longer holds the ops this client missed (the log was truncated
+    /// past its version): open the document again from its snapshot.
+    MustReload,
 }
 
 impl std::fmt::Display for ClientError {
@@ -29,6 +32,9 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::Io(e) => write!(f, "{e}"),
             ClientError::Protocol(m) | ClientError::Refused(m) => f.write_str(m),
+            ClientError::MustReload => f.write_str(
+                "the server no longer has the ops this client missed; open the document again",
+            ),
         }
     }
 }
@@ -309,9 +315,7 @@ impl<T: Stream> SyncedDoc<T> {
         loop {
             let env = self.conn.recv().await?;
             if let Message::Snapshot { .. } = env.message {
-                return Err(ClientError::Protocol(
-                    "the server no longer has the ops this client missed; reload".into(),
-                ));
+                return Err(ClientError::MustReload);
             }
             let last = matches!(env.message, Message::Ops { more: false, .. });
             self.apply(env)?;

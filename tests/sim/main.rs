@@ -293,10 +293,11 @@ impl Sim {
 
     /// Notes the ops a client has in flight (sent) and what it was told (acks).
     fn observe(&mut self, i: usize) -> Result<(), Failure> {
-        let Some(synced) = self.clients[i].synced.as_mut() else {
+        let client = &mut self.clients[i];
+        let (client_id, lazy, doc) = (client.id, client.lazy, client.doc.clone());
+        let Some(synced) = client.synced.as_mut() else {
             return Ok(());
         };
-        let client_id = self.clients[i].id;
         for out in synced.doc.all_in_flight() {
             self.sent.insert(OpId {
                 client_id,
@@ -304,9 +305,8 @@ impl Sim {
             });
         }
         let events = synced.take_events();
-        let doc = self.clients[i].doc.clone();
-        if !self.clients[i].lazy {
-            self.clients[i].stored_next = synced.doc.next_local_seq();
+        if !lazy {
+            client.stored_next = synced.doc.next_local_seq();
         }
         for event in events {
             if let Event::Acked { local_seq, seq } = event {
@@ -347,6 +347,15 @@ impl Sim {
         client.online = false;
         match error {
             ClientError::Io(_) => {}
+            ClientError::MustReload => {
+                self.stats.reloads += 1;
+                let next = client
+                    .synced
+                    .as_ref()
+                    .map_or(client.stored_next, |s| s.doc.next_local_seq());
+                client.stored_next = client.stored_next.max(next);
+                client.synced = None;
+            }
             ClientError::Protocol(m) => {
                 return Err(self.fail(format!(
                     "client {}: the server sent something inconsistent: {m}",
