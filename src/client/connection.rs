@@ -59,6 +59,8 @@ pub struct Connection<T: Stream = TcpStream> {
     write_buf: BytesMut,
     next_request: u32,
     pub client_id: u64,
+    /// The server's frame limit (from its `Welcome`).
+    pub max_frame: usize,
 }
 
 impl Connection<TcpStream> {
@@ -84,6 +86,7 @@ impl<T: Stream> Connection<T> {
             write_buf: BytesMut::new(),
             next_request: 1,
             client_id,
+            max_frame: DEFAULT_MAX_FRAME,
         };
         conn.send(Message::Hello {
             version: PROTOCOL_VERSION,
@@ -95,6 +98,7 @@ impl<T: Stream> Connection<T> {
             Message::Welcome { max_frame, .. } => {
                 // The server builds every frame to fit its own limit.
                 conn.codec = FrameCodec::new(max_frame as usize);
+                conn.max_frame = max_frame as usize;
                 Ok(conn)
             }
             Message::Error { code, message } => {
@@ -118,7 +122,7 @@ impl<T: Stream> Connection<T> {
                 },
                 &mut self.write_buf,
             )
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            .map_err(|e| ClientError::Protocol(format!("cannot send a message: {e}")))?;
         Ok(request_id)
     }
 
@@ -149,7 +153,7 @@ impl<T: Stream> Connection<T> {
             if let Some(env) = self
                 .codec
                 .decode(&mut self.read_buf)
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .map_err(|e| ClientError::Protocol(format!("from the server: {e}")))?
             {
                 return Ok(Some(env));
             }
@@ -176,7 +180,7 @@ impl<T: Stream> Connection<T> {
             if let Some(env) = self
                 .codec
                 .decode(&mut self.read_buf)
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .map_err(|e| ClientError::Protocol(format!("from the server: {e}")))?
             {
                 return Ok(env);
             }
@@ -280,10 +284,11 @@ impl<T: Stream> SyncedDoc<T> {
                 _ => {}
             }
         };
+        let max_op_bytes = crate::protocol::max_op_bytes(conn.max_frame);
         let mut synced = SyncedDoc {
             conn,
             name: name.into(),
-            doc: ClientDoc::new(text, version, next_local_seq),
+            doc: ClientDoc::new(text, version, next_local_seq).with_max_op_bytes(max_op_bytes),
             ops_sent: 0,
             events: VecDeque::new(),
             record_events: true,
@@ -311,6 +316,8 @@ impl<T: Stream> SyncedDoc<T> {
             known_version: self.doc.version(),
         })
         .await?;
+        self.doc
+            .set_max_op_bytes(crate::protocol::max_op_bytes(conn.max_frame));
         self.conn = conn;
         loop {
             let env = self.conn.recv().await?;

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 
 use crate::op::Patch;
 use crate::ot::{Side, TextOp};
+use crate::protocol::{max_op_bytes, patches_wire_len, DEFAULT_MAX_FRAME};
 use crate::text::Text;
 
 /// An op to send: its local sequence number (with the client id, its op id), the
@@ -34,12 +35,16 @@ pub struct ClientDoc {
     buffer: VecDeque<TextOp>,
     next_local_seq: u64,
     compose: bool,
+    /// The largest op the server takes (its `max_frame` less the frame's overhead).
+    max_op_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientError {
     /// A local edit does not apply to the local text.
     OutOfRange,
+    /// A local edit larger than the server takes in one op: split it.
+    TooLarge { bytes: usize, max: usize },
     /// An ack for something not in flight, or a remote op out of order.
     Protocol(String),
 }
@@ -56,7 +61,21 @@ impl ClientDoc {
             buffer: VecDeque::new(),
             next_local_seq: next_local_seq.max(1),
             compose: true,
+            max_op_bytes: max_op_bytes(DEFAULT_MAX_FRAME),
         }
+    }
+
+    /// Ops are kept below `max_op_bytes` bytes of patches (what the server's `Welcome`
+    /// allows: [`crate::protocol::max_op_bytes`] of its `max_frame`).
+    pub fn with_max_op_bytes(mut self, max: usize) -> Self {
+        self.max_op_bytes = max;
+        self
+    }
+
+    /// As [`ClientDoc::with_max_op_bytes`], on a reconnect (edits already buffered stay
+    /// as they are).
+    pub fn set_max_op_bytes(&mut self, max: usize) {
+        self.max_op_bytes = max;
     }
 
     /// Keeps every local edit as its own op instead of composing the edits made while
@@ -108,7 +127,18 @@ impl ClientDoc {
     }
 
     /// Applies a local edit at once and queues it for the server.
+    ///
+    /// Edits made while an op is in flight are composed into one, up to half the op
+    /// limit (a composed op that outgrew it could never be sent, and transforming it
+    /// over remote ops may add patches); past that a new op starts.
     pub fn local_edit(&mut self, patches: &[Patch]) -> Result<(), ClientError> {
+        let bytes = patches_wire_len(patches);
+        if bytes > self.max_op_bytes {
+            return Err(ClientError::TooLarge {
+                bytes,
+                max: self.max_op_bytes,
+            });
+        }
         self.text
             .apply(patches)
             .map_err(|_| ClientError::OutOfRange)?;
@@ -117,7 +147,14 @@ impl ClientDoc {
             return Ok(());
         }
         match self.buffer.back_mut() {
-            Some(buffered) if self.compose => *buffered = buffered.compose(&op),
+            Some(buffered) if self.compose => {
+                let composed = buffered.compose(&op);
+                if patches_wire_len(&composed.to_patches()) <= self.max_op_bytes / 2 {
+                    *buffered = composed;
+                } else {
+                    self.buffer.push_back(op);
+                }
+            }
             _ => self.buffer.push_back(op),
         }
         Ok(())

@@ -259,13 +259,14 @@ impl<S: Sequencer> Server<S> {
             Blocking::Threads => tokio::task::spawn_blocking(f)
                 .await
                 .map_err(|e| e.to_string()),
-            Blocking::Inline => std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-                .map_err(|p| {
+            Blocking::Inline => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
                     p.downcast_ref::<&str>()
                         .map(|m| m.to_string())
                         .or_else(|| p.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic without a message".into())
-                }),
+                })
+            }
         }
     }
 

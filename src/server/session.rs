@@ -79,11 +79,7 @@ const READ_CHUNK_BYTES: usize = 8 * 1024;
 /// connection ended. A buffer with less than a quarter chunk of room gets a chunk more,
 /// unless it holds part of a large frame: the codec reserved that frame's whole length
 /// and growing it again would copy it.
-fn read_ready<R: ReadHalf>(
-    reader: &R,
-    buf: &mut BytesMut,
-    large_frame: bool,
-) -> bool {
+fn read_ready<R: ReadHalf>(reader: &R, buf: &mut BytesMut, large_frame: bool) -> bool {
     if !large_frame && buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
         buf.reserve(READ_CHUNK_BYTES);
     }
@@ -120,7 +116,11 @@ fn error_frame(
     )
 }
 
-pub async fn run<S: Sequencer, T: Transport>(server: Arc<Server<S>>, stream: T, session: SessionId) {
+pub async fn run<S: Sequencer, T: Transport>(
+    server: Arc<Server<S>>,
+    stream: T,
+    session: SessionId,
+) {
     let config = server.config.clone();
     let (reader, writer) = stream.into_split();
     let (outbox, write_half) = outbox::outbox(session, 0, config.outbox_bytes, config.max_frame);

@@ -29,6 +29,7 @@
 //! step); `--seeds A..B --steps K` runs more; `--twice` runs each seed twice and
 //! compares the runs' digests.
 
+mod disk;
 mod net;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -37,6 +38,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use disk::SimSequencer;
 use net::{ClientEnd, LinkConfig, ServerEnd, SimListener, Wire};
 use quire::client::connection::{ClientError, Connection, Event, SyncedDoc};
 use quire::op::{OpId, Patch};
@@ -68,7 +70,7 @@ fn data_dir() -> &'static Path {
 static PANICKED: Mutex<Option<String>> = Mutex::new(None);
 
 struct Incarnation {
-    server: Arc<Server<LocalSequencer>>,
+    server: Arc<Server<SimSequencer>>,
     sequencer: Arc<LocalSequencer>,
     connect: mpsc::UnboundedSender<ServerEnd>,
     serve: JoinHandle<()>,
@@ -101,12 +103,17 @@ struct Stats {
     acks: u64,
     crashes: u64,
     sync_failures: u64,
+    disk_full: u64,
     cuts: u64,
     client_restarts: u64,
     reloads: u64,
     reused_refused: u64,
     snapshots: u64,
     history_checks: u64,
+    /// Idle clients found at the server's version whose text was compared.
+    texts_compared: u64,
+    /// Acknowledged ops found at their seq in the history.
+    acks_verified: u64,
 }
 
 struct Sim {
@@ -127,12 +134,17 @@ struct Sim {
     /// The disk fails its syncs from now on (until the next crash).
     disk_failing: bool,
     step: u64,
+    started: tokio::time::Instant,
+    /// Simulated time the run took.
+    elapsed: Duration,
     stats: Stats,
     digest: u64,
 }
 
 fn mix(digest: &mut u64, value: u64) {
-    *digest = (*digest ^ value).wrapping_mul(0x100_0000_01b3).rotate_left(5);
+    *digest = (*digest ^ value)
+        .wrapping_mul(0x100_0000_01b3)
+        .rotate_left(5);
 }
 
 impl Sim {
@@ -149,7 +161,7 @@ impl Sim {
                 wire: None,
                 online: false,
                 stored_next: 1,
-                lazy: rng.below(4) == 0,
+                lazy: rng.below(4) == 0 && std::env::var("SIM_NO_LAZY").is_err(),
             })
             .collect();
         let server_config = ServerConfig {
@@ -198,6 +210,8 @@ impl Sim {
             acked: BTreeMap::new(),
             disk_failing: false,
             step: 0,
+            started: tokio::time::Instant::now(),
+            elapsed: Duration::ZERO,
             stats: Stats::default(),
             digest: 0,
         }
@@ -205,7 +219,7 @@ impl Sim {
 
     fn say(&self, what: impl FnOnce() -> String) {
         if self.verbose {
-            println!("[{} t={:?}] {}", self.step, tokio::time::Instant::now(), what());
+            println!("[{} t={:?}] {}", self.step, self.started.elapsed(), what());
         }
     }
 
@@ -220,23 +234,16 @@ impl Sim {
             LocalSequencer::open_with(fs, data_dir(), self.local_config.clone())
                 .map_err(|e| self.fail(format!("recovery refused to start: {e}")))?;
         let sequencer = Arc::new(sequencer);
-        let server = Server::new(sequencer.clone(), self.server_config.clone());
+        let (sim_sequencer, disk) =
+            SimSequencer::new(sequencer.clone(), SplitMix(self.rng.next_u64()));
+        let server = Server::new(Arc::new(sim_sequencer), self.server_config.clone());
         let (connect, accepted) = mpsc::unbounded_channel();
         let serve = tokio::spawn(
             server
                 .clone()
                 .serve(SimListener(accepted), std::future::pending()),
         );
-        let mut disk_rng = SplitMix(self.rng.next_u64());
-        let disk_seq = sequencer.clone();
-        // The disk: each batch is written and synced after a latency.
-        let disk = tokio::spawn(async move {
-            loop {
-                let us = 20 + disk_rng.below(3_000);
-                tokio::time::sleep(Duration::from_micros(us)).await;
-                disk_seq.step();
-            }
-        });
+        let disk = tokio::spawn(disk);
         self.server = Some(Incarnation {
             server,
             sequencer,
@@ -280,7 +287,11 @@ impl Sim {
     fn random_edit(&mut self, len: u32) -> Patch {
         let pos = self.rng.below(len as u64 + 1) as u32;
         let del = (self.rng.below(4) as u32).min(len - pos);
-        let n = if del == 0 {
+        let n = if self.rng.below(200) == 0 {
+            // Now and then a paste: documents outgrow a frame, and snapshots and
+            // catch-ups come in pieces.
+            500 + self.rng.below(3_000)
+        } else if del == 0 {
             1 + self.rng.below(4)
         } else {
             self.rng.below(4)
@@ -315,7 +326,10 @@ impl Sim {
                     local_seq,
                 };
                 self.stats.acks += 1;
-                mix(&mut self.digest, client_id ^ (local_seq << 20) ^ (seq << 40));
+                mix(
+                    &mut self.digest,
+                    client_id ^ (local_seq << 20) ^ (seq << 40),
+                );
                 let (by_id, by_seq) = self.acked.entry(doc.clone()).or_default();
                 if let Some(&earlier) = by_id.get(&id) {
                     if earlier != seq {
@@ -517,9 +531,16 @@ impl Sim {
         match roll {
             0..=299 => self.edit(i).await?,
             300..=549 => self.poll(i).await?,
-            550..=749 => {
+            550..=746 => {
                 let us = self.rng.below(5_000);
                 tokio::time::sleep(Duration::from_micros(us)).await;
+            }
+            747..=749 => {
+                // A long pause: idle and handshake deadlines expire, presence and
+                // write timers fire, clients that said nothing are closed (code 10).
+                let ms = 1_000 + self.rng.below(90_000);
+                self.say(|| format!("{ms} ms pass"));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
             }
             750..=799 => {
                 if !self.clients[i].online || self.clients[i].wire.is_none() {
@@ -566,7 +587,7 @@ impl Sim {
                     let _ = seq.snapshot_now(&doc);
                 }
             }
-            870..=872 => {
+            870..=871 => {
                 if self.server.is_some() && !self.disk_failing {
                     let after = self.rng.below(4);
                     self.fs.fail_syncs_after(after);
@@ -575,9 +596,35 @@ impl Sim {
                     self.say(|| format!("the disk fails its syncs after {after} more"));
                 }
             }
-            873..=876 => {
+            872 => {
+                if self.server.is_some() && !self.disk_failing {
+                    let room = self.rng.below(96 << 10);
+                    self.fs.fill_after(room);
+                    self.disk_failing = true;
+                    self.stats.disk_full += 1;
+                    self.say(|| format!("the disk is full after {room} more bytes"));
+                }
+            }
+            873..=874 => {
                 self.crash().await?;
                 self.check_durable().await?;
+            }
+            875..=876 => {
+                let online = self.clients[i].online;
+                if let Some(synced) = self.clients[i].synced.as_mut() {
+                    if online {
+                        let len = synced.doc.len_chars() as u64;
+                        let at = self.rng.below(len + 1) as u32;
+                        let selection = quire::protocol::message::Selection {
+                            anchor: at,
+                            head: at,
+                        };
+                        let sent = timeout(CLIENT_WAIT, synced.set_presence(vec![selection])).await;
+                        if let Ok(Err(e)) = sent {
+                            self.on_error(i, e)?;
+                        }
+                    }
+                }
             }
             877..=899 => {
                 if self.server.is_none() {
@@ -640,6 +687,7 @@ impl Sim {
                 continue;
             };
             if view.version == synced.doc.version() {
+                self.stats.texts_compared += 1;
                 let text = synced.doc.text();
                 if text != view.text {
                     return Err(self.fail(format!(
@@ -704,7 +752,9 @@ impl Sim {
             let mut seen = HashSet::new();
             for (k, op) in ops.iter().enumerate() {
                 if complete && op.seq != k as u64 + 1 {
-                    return Err(self.fail(format!("{doc}: op {k} of the history has seq {}", op.seq)));
+                    return Err(
+                        self.fail(format!("{doc}: op {k} of the history has seq {}", op.seq))
+                    );
                 }
                 if !seen.insert(op.id) {
                     return Err(self.fail(format!("{doc}: op {:?} is in the history twice", op.id)));
@@ -724,6 +774,9 @@ impl Sim {
                             "{doc}: op {id:?} acknowledged at seq {seq} is not durable (version {})",
                             view.version
                         )));
+                    }
+                    if let Some(found) = by_seq.get(&seq) {
+                        self.stats.acks_verified += u64::from(found == &id);
                     }
                     if complete && by_seq.get(&seq) != Some(&id) {
                         return Err(self.fail(format!(
@@ -777,7 +830,12 @@ impl Sim {
                     settled = false;
                     break;
                 };
-                let version = sequencer.read(&c.doc).await.ok().flatten().map_or(0, |v| v.version);
+                let version = sequencer
+                    .read(&c.doc)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map_or(0, |v| v.version);
                 if !c.online || synced.doc.has_pending() || synced.doc.version() != version {
                     settled = false;
                     break;
@@ -789,7 +847,12 @@ impl Sim {
                 self.check_history().await?;
                 for c in &self.clients {
                     let text = c.synced.as_ref().expect("settled").doc.text();
-                    let view = sequencer.read(&c.doc).await.ok().flatten().unwrap_or_default();
+                    let view = sequencer
+                        .read(&c.doc)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
                     if text != view.text {
                         return Err(self.fail(format!(
                             "after settling, client {} has {text:?}; the server has {:?}",
@@ -815,10 +878,13 @@ impl Sim {
                 c.synced.as_ref().map(|s| s.doc.has_pending())
             );
         }
-        Err(self.fail(format!("the clients did not settle in 10 s of sim time:{state}")))
+        Err(self.fail(format!(
+            "the clients did not settle in 10 s of sim time:{state}"
+        )))
     }
 
     async fn run(&mut self, steps: u64) -> Result<(), Failure> {
+        self.started = tokio::time::Instant::now();
         self.start_server()?;
         for i in 0..self.clients.len() {
             self.connect(i).await?;
@@ -832,7 +898,9 @@ impl Sim {
                 self.check_history().await?;
             }
         }
-        self.settle().await
+        let settled = self.settle().await;
+        self.elapsed = self.started.elapsed();
+        settled
     }
 }
 
@@ -885,13 +953,17 @@ fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), Failu
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs: {} edits, {} acks, {} crashes, {} sync failures, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} history checks",
+        "{} clients, {} docs, {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} history checks",
         sim.clients.len(),
         sim.docs.len(),
+        sim.elapsed,
         s.edits,
         s.acks,
+        s.acks_verified,
+        s.texts_compared,
         s.crashes,
         s.sync_failures,
+        s.disk_full,
         s.cuts,
         s.client_restarts,
         s.reloads,

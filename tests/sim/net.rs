@@ -307,7 +307,11 @@ fn close(pipe: &Shared) {
 }
 
 impl AsyncWrite for ServerWriter {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         lock(&self.0).write(buf, Some(cx))
     }
 
@@ -371,7 +375,11 @@ impl AsyncRead for ClientEnd {
 use std::future::Future as _;
 
 impl AsyncWrite for ClientEnd {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         lock(&self.wire.to_server).write(buf, Some(cx))
     }
 

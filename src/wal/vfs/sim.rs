@@ -60,6 +60,8 @@ struct State {
     syncs_before_failure: Option<u64>,
     syncs: u64,
     panic_at: Option<PanicAt>,
+    /// Bytes files may still grow by (`None`: unlimited); past it, ENOSPC.
+    space_left: Option<u64>,
 }
 
 /// A simulated bug in the file layer: the next call of this kind panics, in whichever
@@ -137,6 +139,30 @@ impl SimFs {
     /// and makes nothing durable.
     pub fn fail_syncs_after(&self, n: u64) {
         lock(&self.state).syncs_before_failure = Some(n);
+    }
+
+    /// The disk fills up: files may grow by `bytes` more in all (writes past a file's
+    /// end, `allocate`, `set_len`), then growing fails with `StorageFull` (ENOSPC).
+    /// Writes inside a file's length (a preallocated segment) still succeed, as on a
+    /// real file system. A crash gives a disk with room again.
+    pub fn fill_after(&self, bytes: u64) {
+        lock(&self.state).space_left = Some(bytes);
+    }
+
+    /// Takes `bytes` of free space, or fails as a full disk does.
+    fn grow(&self, bytes: u64) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        match &mut state.space_left {
+            Some(left) if *left < bytes => Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "simulated ENOSPC: no space left on device",
+            )),
+            Some(left) => {
+                *left -= bytes;
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// The next call of kind `at` panics.
@@ -439,6 +465,8 @@ impl Vfs for SimFs {
 impl VfsFile for SimFile {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut inode = lock(&self.inode);
+        let end = offset + buf.len() as u64;
+        self.fs.grow(end.saturating_sub(inode.data.len() as u64))?;
         let op = Pending::Write {
             offset,
             data: buf.to_vec(),
@@ -475,6 +503,7 @@ impl VfsFile for SimFile {
         self.fs.maybe_panic(PanicAt::Allocate);
         let mut inode = lock(&self.inode);
         if (inode.data.len() as u64) < len {
+            self.fs.grow(len - inode.data.len() as u64)?;
             let op = Pending::SetLen(len);
             apply(&mut inode.data, &op);
             inode.pending.push(op);
@@ -484,6 +513,7 @@ impl VfsFile for SimFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut inode = lock(&self.inode);
+        self.fs.grow(len.saturating_sub(inode.data.len() as u64))?;
         let op = Pending::SetLen(len);
         apply(&mut inode.data, &op);
         inode.pending.push(op);
