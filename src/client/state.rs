@@ -228,3 +228,59 @@ impl ClientDoc {
         Ok(patches)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert(pos: u32, text: &str) -> Patch {
+        Patch {
+            pos,
+            del: 0,
+            ins: text.into(),
+        }
+    }
+
+    /// Found by the simulator (seed 79): edits made while an op was in flight were
+    /// composed into one op larger than a frame, which could then never be sent.
+    #[test]
+    fn composed_ops_stay_under_the_op_limit() {
+        let max = 200;
+        let mut doc = ClientDoc::new(String::new(), 0, 1).with_max_op_bytes(max);
+        doc.local_edit(&[insert(0, "x")]).unwrap();
+        let first = doc.take_to_send().expect("an op to send");
+        assert_eq!(first.patches, vec![insert(0, "x")]);
+        // In flight: the next edits are buffered, composed while they stay small.
+        for i in 0..40 {
+            doc.local_edit(&[insert(1 + i * 10, "0123456789")]).unwrap();
+        }
+        assert!(doc.buffer.len() > 1, "the buffer was split");
+        doc.on_ack(first.local_seq, 1).unwrap();
+        let mut sent = 0;
+        while let Some(out) = doc.take_to_send() {
+            assert!(
+                crate::protocol::patches_wire_len(&out.patches) <= max,
+                "an op of {} bytes, over {max}",
+                crate::protocol::patches_wire_len(&out.patches)
+            );
+            sent += 1;
+            doc.on_ack(out.local_seq, 1 + sent).unwrap();
+        }
+        assert_eq!(doc.text().chars().count(), 401);
+    }
+
+    #[test]
+    fn an_edit_over_the_op_limit_is_refused_and_not_applied() {
+        let mut doc = ClientDoc::new("abc".into(), 0, 1).with_max_op_bytes(100);
+        let big = "y".repeat(100);
+        assert_eq!(
+            doc.local_edit(&[insert(0, &big)]),
+            Err(ClientError::TooLarge {
+                bytes: 4 + 12 + 100,
+                max: 100
+            })
+        );
+        assert_eq!(doc.text(), "abc");
+        assert!(!doc.has_pending());
+    }
+}
