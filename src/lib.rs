@@ -11,5 +11,6 @@ pub mod sequencer;
 pub mod server;
 mod sync;
 pub mod text;
+#[cfg(feature = "trace")]
 pub mod trace;
 pub mod wal;

@@ -27,7 +27,7 @@ paper="$traces/automerge-paper.json.gz"
 port=7432
 redis_port=63798
 tck=$(getconf CLK_TCK)
-cargo build --release --bin quire --bin quire-trace >/dev/null 2>&1
+cargo build --release --features trace --bin quire --bin quire-trace >/dev/null 2>&1
 
 # utime+stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

@@ -17,7 +17,7 @@ traces="${QUIRE_TRACES:-../shared/traces}"
 paper="$traces/automerge-paper.json.gz"
 ff="$traces/friendsforever.json.gz"
 port=7431
-cargo build --release --bin quire --bin quire-trace
+cargo build --release --features trace --bin quire --bin quire-trace
 log="$out/quire.log"
 : >"$log"
 workload() {

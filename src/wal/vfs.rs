@@ -13,6 +13,7 @@ use std::ops::Deref;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
 /// What a file system offers the WAL.

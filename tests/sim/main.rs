@@ -130,7 +130,7 @@ struct Sim {
     /// Every op id a client sent.
     sent: HashSet<OpId>,
     /// Acknowledged: by document, op id → seq and seq → op id.
-    acked: BTreeMap<String, (HashMap<OpId, u64>, BTreeMap<u64, OpId>)>,
+    acked: BTreeMap<String, Acked>,
     /// The disk fails its syncs from now on (until the next crash).
     disk_failing: bool,
     step: u64,
@@ -141,6 +141,9 @@ struct Sim {
     digest: u64,
 }
 
+/// One document's acknowledged ops: op id → seq, and seq → op id.
+type Acked = (HashMap<OpId, u64>, BTreeMap<u64, OpId>);
+
 fn mix(digest: &mut u64, value: u64) {
     *digest = (*digest ^ value)
         .wrapping_mul(0x100_0000_01b3)
@@ -149,7 +152,7 @@ fn mix(digest: &mut u64, value: u64) {
 
 impl Sim {
     fn new(seed: u64, verbose: bool) -> Sim {
-        let mut rng = SplitMix(seed ^ 0x5eed_0f_0a11);
+        let mut rng = SplitMix(seed ^ 0x005e_ed0f_0a11);
         let n_docs = 1 + rng.below(3) as usize;
         let n_clients = 2 + rng.below(5) as usize;
         let docs: Vec<String> = (0..n_docs).map(|i| format!("doc-{i}")).collect();
@@ -224,7 +227,7 @@ impl Sim {
     }
 
     fn fail(&self, what: impl std::fmt::Display) -> Failure {
-        format!("step {}: {what}", self.step)
+        format!("seed {} step {}: {what}", self.seed, self.step)
     }
 
     /// Starts a server on the disk as it is.
@@ -1008,7 +1011,7 @@ fn main() {
                 }
             }
             Err(failure) => {
-                println!("seed {seed}: FAILED at {failure}");
+                println!("seed {seed}: FAILED: {failure}");
                 println!(
                     "replay: cargo test --release --test sim -- --seed {seed} --steps {} --verbose",
                     args.steps

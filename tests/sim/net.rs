@@ -197,18 +197,6 @@ impl Wire {
             wake(&mut p.write_waker);
         }
     }
-
-    /// Whether either end is gone or the wire was cut.
-    pub fn is_dead(&self) -> bool {
-        let s = lock(&self.to_server);
-        let c = lock(&self.to_client);
-        s.reset || c.reset || s.reader_gone || c.reader_gone || s.closed || c.closed
-    }
-
-    /// Bytes sent towards the client and not yet read by it.
-    pub fn unread_by_client(&self) -> usize {
-        lock(&self.to_client).unread
-    }
 }
 
 /// The server's side of a connection.
