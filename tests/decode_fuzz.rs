@@ -24,10 +24,13 @@ fn decoders(data: Vec<u8>) -> TestResult {
         );
         assert_eq!(&again[..], &data[..raw.framed_len]);
     }
-    if let Ok(op) = OpRecord::decode(&data) {
-        let mut again = Vec::new();
-        op.encode(&mut again);
-        assert_eq!(again, data);
+    for record_type in [RecordType::Op, RecordType::OpWithFingerprint] {
+        if let Ok(op) = OpRecord::decode(record_type, &data) {
+            assert_eq!(op.record_type(), record_type);
+            let mut again = Vec::new();
+            op.encode(&mut again);
+            assert_eq!(again, data);
+        }
     }
     let _ = SegmentHeader::decode(&data);
     let _ = Snapshot::decode(&data);
@@ -58,7 +61,7 @@ fn recovery(noise: Vec<u8>, valid_records: u8, cut: u16, header: bool, repair: b
     file.write_all_at(&bytes, 0).unwrap();
     let options = RecoveryOptions { repair };
     let first = recover(&fs, dir, options, false, |_, _, raw| {
-        let _ = OpRecord::decode(raw.payload);
+        let _ = OpRecord::decode(raw.record_type, raw.payload);
     });
     if first.is_ok() {
         // What recovery left must recover again without cutting anything.

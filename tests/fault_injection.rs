@@ -33,6 +33,7 @@ fn record(seq: u64, rng: &mut SplitMix) -> OpRecord {
         base_version: seq - 1,
         timestamp_ms: seq,
         patches: vec![Patch::new(0, 0, text)],
+        fingerprint: Some(seq ^ 0x5eed),
     }
 }
 

@@ -53,6 +53,7 @@ fn op(seq: u64) -> OpRecord {
         base_version: seq - 1,
         timestamp_ms: 0,
         patches: vec![Patch::new(seq as u32 - 1, 0, "x")],
+        fingerprint: Some(seq),
     }
 }
 

@@ -18,6 +18,7 @@ fn op(doc: &str, seq: u64, text: &str) -> OpRecord {
         base_version: seq - 1,
         timestamp_ms: 0,
         patches: vec![Patch::new(0, 0, text)],
+        fingerprint: Some(seq),
     }
 }
 

@@ -83,7 +83,14 @@ fn verify_passes_a_clean_log_and_summary_and_doc_read_it() {
     assert_eq!(latest.len(), 100);
     let dump = text(&inspect(&["dump", dir, "--json"]).stdout);
     assert_eq!(dump.lines().count(), 200);
-    assert!(dump.lines().next().unwrap().starts_with("{\"lsn\":1,"));
+    let first = dump.lines().next().unwrap();
+    assert!(first.starts_with("{\"lsn\":1,"), "{first}");
+    // Type 2, with the fingerprint the op was submitted with (0 here).
+    assert!(
+        first.contains("\"type\":\"OpWithFingerprint\"")
+            && first.contains("\"fingerprint\":\"0000000000000000\""),
+        "{first}"
+    );
 }
 
 #[test]

@@ -129,7 +129,8 @@ fn main() {
 
 /// An op record whose encoded payload is `payload_bytes` long.
 fn record(doc: &str, seq: u64, payload_bytes: usize) -> OpRecord {
-    let fixed = 5 * 8 + 2 + doc.len() + 4 + 12;
+    // The type-2 layout: the fields, one patch, the fingerprint.
+    let fixed = 5 * 8 + 2 + doc.len() + 4 + 12 + 8;
     let ins = "x".repeat(payload_bytes.saturating_sub(fixed).max(1));
     let op = OpRecord {
         doc_id: doc.to_owned(),
@@ -139,6 +140,7 @@ fn record(doc: &str, seq: u64, payload_bytes: usize) -> OpRecord {
         base_version: seq - 1,
         timestamp_ms: 0,
         patches: vec![Patch::new(0, 0, ins)],
+        fingerprint: Some(seq),
     };
     debug_assert!(payload_bytes < fixed + 1 || op.encoded_len() == payload_bytes);
     op

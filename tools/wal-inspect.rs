@@ -173,16 +173,27 @@ fn read_log(
     })
 }
 
-fn decode_op(segment: u64, offset: u64, payload: &[u8]) -> Result<OpRecord, Failure> {
-    OpRecord::decode(payload)
+fn decode_op(
+    segment: u64,
+    offset: u64,
+    record_type: RecordType,
+    payload: &[u8],
+) -> Result<OpRecord, Failure> {
+    OpRecord::decode(record_type, payload)
         .map_err(|e| Failure(format!("segment {segment} offset {offset}: {e}"), 1))
 }
 
 fn summary(out: &mut Out, dir: &Path) -> Result<(), Failure> {
     let mut docs: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
     let mut op_error = None;
-    let report = read_log(dir, |segment, offset, _, _, payload| {
-        match decode_op(segment, offset, payload) {
+    let report = read_log(
+        dir,
+        |segment, offset, _, record_type, payload| match decode_op(
+            segment,
+            offset,
+            record_type,
+            payload,
+        ) {
             Ok(op) => {
                 let e = docs
                     .entry(op.doc_id)
@@ -191,8 +202,8 @@ fn summary(out: &mut Out, dir: &Path) -> Result<(), Failure> {
                 e.2 += 1;
             }
             Err(e) => op_error = op_error.take().or(Some(e)),
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = op_error {
         return Err(e);
     }
@@ -262,7 +273,7 @@ fn json_string(s: &str) -> String {
 fn dump(out: &mut Out, dir: &Path, json: bool) -> Result<(), Failure> {
     let mut op_error = None;
     read_log(dir, |segment, offset, lsn, record_type, payload| {
-        let op = match decode_op(segment, offset, payload) {
+        let op = match decode_op(segment, offset, record_type, payload) {
             Ok(op) => op,
             Err(e) => {
                 op_error = op_error.take().or(Some(e));
@@ -280,13 +291,15 @@ fn dump(out: &mut Out, dir: &Path, json: bool) -> Result<(), Failure> {
                 .collect();
             writeln!(
                 out,
-                "{{\"lsn\":{lsn},\"segment\":{segment},\"offset\":{offset},\"type\":\"{record_type:?}\",\"doc\":{},\"seq\":{},\"client\":{},\"local_seq\":{},\"base_version\":{},\"timestamp_ms\":{},\"patches\":[{}]}}",
+                "{{\"lsn\":{lsn},\"segment\":{segment},\"offset\":{offset},\"type\":\"{record_type:?}\",\"doc\":{},\"seq\":{},\"client\":{},\"local_seq\":{},\"base_version\":{},\"timestamp_ms\":{},\"fingerprint\":{},\"patches\":[{}]}}",
                 json_string(&op.doc_id),
                 op.server_seq,
                 op.client_id,
                 op.local_seq,
                 op.base_version,
                 op.timestamp_ms,
+                op.fingerprint
+                    .map_or("null".into(), |f| format!("\"{f:016x}\"")),
                 patches.join(",")
             );
         } else {
@@ -297,13 +310,15 @@ fn dump(out: &mut Out, dir: &Path, json: bool) -> Result<(), Failure> {
                 .collect();
             writeln!(
                 out,
-                "lsn {lsn} seg {segment} off {offset} {record_type:?} doc {:?} seq {} op {:x}:{} base {} t {} {}",
+                "lsn {lsn} seg {segment} off {offset} {record_type:?} doc {:?} seq {} op {:x}:{} base {} t {} fp {} {}",
                 op.doc_id,
                 op.server_seq,
                 op.client_id,
                 op.local_seq,
                 op.base_version,
                 op.timestamp_ms,
+                op.fingerprint
+                    .map_or("unknown".into(), |f| format!("{f:016x}")),
                 patches.join(" ")
             );
         }
@@ -340,7 +355,7 @@ fn verify(out: &mut Out, dir: &Path) -> Result<(), Failure> {
         RecoveryOptions::default(),
         true,
         |segment, offset, raw| {
-            if let Err(e) = OpRecord::decode(raw.payload) {
+            if let Err(e) = OpRecord::decode(raw.record_type, raw.payload) {
                 op_error.get_or_insert(
                     bad_range(&segment_path(&wal, segment), offset).to_string() + &format!(": {e}"),
                 );
@@ -448,13 +463,19 @@ fn doc(out: &mut Out, dir: &Path, id: &str, at: Option<u64>) -> Result<(), Failu
     snapshots.sort_by_key(|s| std::cmp::Reverse(s.last_included_seq));
     let mut ops: Vec<OpRecord> = Vec::new();
     let mut op_error = None;
-    read_log(dir, |segment, offset, _, _, payload| {
-        match decode_op(segment, offset, payload) {
+    read_log(
+        dir,
+        |segment, offset, _, record_type, payload| match decode_op(
+            segment,
+            offset,
+            record_type,
+            payload,
+        ) {
             Ok(op) if op.doc_id == id => ops.push(op),
             Ok(_) => {}
             Err(e) => op_error = op_error.take().or(Some(e)),
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = op_error {
         return Err(e);
     }

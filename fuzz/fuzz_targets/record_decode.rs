@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use quire::wal::record::{decode_frame, encode_frame, OpRecord};
+use quire::wal::record::{decode_frame, encode_frame, OpRecord, RecordType};
 use quire::wal::segment::SegmentHeader;
 use quire::wal::snapshot::Snapshot;
 
@@ -14,10 +14,13 @@ fuzz_target!(|data: &[u8]| {
         encode_frame(&mut again, raw.lsn, raw.batch_index, raw.record_type, raw.payload);
         assert_eq!(&again[..], &data[..raw.framed_len]);
     }
-    if let Ok(op) = OpRecord::decode(data) {
-        let mut again = Vec::new();
-        op.encode(&mut again);
-        assert_eq!(again, data);
+    for record_type in [RecordType::Op, RecordType::OpWithFingerprint] {
+        if let Ok(op) = OpRecord::decode(record_type, data) {
+            assert_eq!(op.record_type(), record_type);
+            let mut again = Vec::new();
+            op.encode(&mut again);
+            assert_eq!(again, data);
+        }
     }
     let _ = SegmentHeader::decode(data);
     let _ = Snapshot::decode(data);

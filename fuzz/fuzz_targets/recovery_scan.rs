@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let repair = mode & 4 == 4;
     let _ = recover(&fs, dir, RecoveryOptions { repair }, false, |_, _, raw| {
-        let _ = OpRecord::decode(raw.payload);
+        let _ = OpRecord::decode(raw.record_type, raw.payload);
     });
     // Whatever recovery left behind must itself recover cleanly.
     let mut second = 0;

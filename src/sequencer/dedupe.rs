@@ -3,21 +3,19 @@
 //!
 //! Per client it keeps its newest [`RECENT_OPS_PER_CLIENT`] ops (a client has at most
 //! that many in flight, so a true resend is among them), each with the seq it got and
-//! the fingerprint of the op as the client sent it. Fingerprints live in memory only:
-//! an entry rebuilt at startup (from a snapshot or the log) has none, and a resend that
-//! matches its id is then taken as true (the log does not keep the op as sent).
+//! the fingerprint of the op as the client sent it ([`super::fingerprint`]). The log
+//! (record type 2) and snapshots (version 3) keep the fingerprints, so the table rebuilt
+//! at startup has them too. Only an op written by an older quire (a type-1 record, a
+//! version 1 or 2 snapshot) has an unknown fingerprint, and an id that matches such an
+//! op is refused as reused, never acked: see [`Dedupe::seen`].
 
 use std::collections::{HashMap, VecDeque};
 
 use super::RECENT_OPS_PER_CLIENT;
 use crate::op::OpId;
+use crate::wal::snapshot::RememberedOp;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Applied {
-    local_seq: u64,
-    seq: u64,
-    fingerprint: Option<u64>,
-}
+type Applied = RememberedOp;
 
 /// What the table says about an op id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,13 +35,8 @@ pub struct Dedupe {
 }
 
 impl Dedupe {
-    /// Records that `client`'s op `local_seq` was applied as `seq` (fingerprint unknown:
-    /// rebuilt from disk).
-    pub fn insert(&mut self, client: u64, (local_seq, seq): (u64, u64)) {
-        self.record(client, local_seq, seq, None);
-    }
-
-    /// Records an op applied now, with the fingerprint of the op as sent.
+    /// Records that `client`'s op `local_seq` was applied as `seq`, with the fingerprint
+    /// of the op as sent (`None`: unknown, an op written by an older quire).
     pub fn record(&mut self, client: u64, local_seq: u64, seq: u64, fingerprint: Option<u64>) {
         let recent = self.clients.entry(client).or_default();
         debug_assert!(recent.back().is_none_or(|a| a.local_seq < local_seq));
@@ -58,6 +51,11 @@ impl Dedupe {
         assert!(recent.len() <= RECENT_OPS_PER_CLIENT);
     }
 
+    /// What an op with this id and fingerprint is. An id that matches a remembered op
+    /// whose fingerprint is unknown (read from a type-1 record or a version 1 or 2
+    /// snapshot) is [`Seen::Reused`]: a true resend of such an op is then refused (code
+    /// 26, and its client reloads), which costs a reload; acking a different op under
+    /// that id would drop an edit while acknowledging it.
     pub fn seen(&self, op_id: OpId, fingerprint: u64) -> Seen {
         let Some(recent) = self.clients.get(&op_id.client_id) else {
             return Seen::New;
@@ -67,20 +65,18 @@ impl Dedupe {
             return Seen::New;
         }
         match recent.iter().rev().find(|a| a.local_seq == op_id.local_seq) {
-            Some(a) if a.fingerprint.is_none_or(|f| f == fingerprint) => {
-                Seen::Resend { seq: a.seq }
-            }
+            Some(a) if a.fingerprint == Some(fingerprint) => Seen::Resend { seq: a.seq },
             _ => Seen::Reused { newest },
         }
     }
 
-    /// Each client's remembered ops, `(local_seq, seq)` oldest first, sorted by client
-    /// (what a snapshot keeps).
-    pub fn remembered(&self) -> Vec<(u64, Vec<(u64, u64)>)> {
+    /// Each client's remembered ops, oldest first, sorted by client (what a snapshot
+    /// keeps).
+    pub fn remembered(&self) -> Vec<(u64, Vec<RememberedOp>)> {
         let mut entries: Vec<_> = self
             .clients
             .iter()
-            .map(|(&c, recent)| (c, recent.iter().map(|a| (a.local_seq, a.seq)).collect()))
+            .map(|(&c, recent)| (c, recent.iter().copied().collect()))
             .collect();
         entries.sort_unstable_by_key(|(c, _)| *c);
         entries
@@ -104,16 +100,6 @@ impl Dedupe {
 
     pub fn is_empty(&self) -> bool {
         self.clients.is_empty()
-    }
-}
-
-impl FromIterator<(u64, (u64, u64))> for Dedupe {
-    fn from_iter<I: IntoIterator<Item = (u64, (u64, u64))>>(iter: I) -> Self {
-        let mut table = Dedupe::default();
-        for (client, entry) in iter {
-            table.insert(client, entry);
-        }
-        table
     }
 }
 
@@ -153,10 +139,22 @@ mod tests {
     }
 
     #[test]
-    fn entries_rebuilt_from_disk_take_a_matching_id_as_a_resend() {
-        let t: Dedupe = [(7, (3, 9))].into_iter().collect();
-        assert_eq!(t.seen(id(3), 1234), Seen::Resend { seq: 9 });
-        assert_eq!(t.seen(id(2), 1234), Seen::Reused { newest: 3 });
-        assert_eq!(t.newest(), vec![(7, 3, 9)]);
+    fn an_op_whose_fingerprint_is_unknown_is_never_matched() {
+        // Ops 2 and 3 read from data an older quire wrote; 4 applied since.
+        let mut t = Dedupe::default();
+        t.record(7, 2, 8, None);
+        t.record(7, 3, 9, None);
+        t.record(7, 4, 10, Some(44));
+        for fingerprint in [0, 1234, u64::MAX] {
+            assert_eq!(t.seen(id(3), fingerprint), Seen::Reused { newest: 4 });
+            assert_eq!(t.seen(id(2), fingerprint), Seen::Reused { newest: 4 });
+        }
+        assert_eq!(t.seen(id(4), 44), Seen::Resend { seq: 10 });
+        assert_eq!(t.seen(id(5), 1234), Seen::New);
+        assert_eq!(t.newest(), vec![(7, 4, 10)]);
+        let remembered = t.remembered();
+        assert_eq!(remembered.len(), 1);
+        let fingerprints: Vec<_> = remembered[0].1.iter().map(|a| a.fingerprint).collect();
+        assert_eq!(fingerprints, vec![None, None, Some(44)]);
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::maintenance::{self, Request};
 pub use super::state::LocalConfig;
 use super::state::{lock_doc, DocRef, DocState, Shared};
-use super::{DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
+use super::{Dedupe, DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
 use crate::op::{validate_doc_id, OpId, SequencedOp};
 use crate::text::Text;
 use crate::wal::record::{Lsn, OpRecord, OpView};
@@ -198,9 +198,11 @@ fn replay_op(state: &mut DocState, op: &OpView<'_>, lsn: Lsn) -> Result<bool, St
         ));
     }
     state.version = op.server_seq;
+    // The fingerprint of a type-2 record; a type-1 record's is unknown (`None`), and the
+    // table never takes an id matching it for a resend.
     state
         .dedupe
-        .insert(op.client_id, (op.local_seq, op.server_seq));
+        .record(op.client_id, op.local_seq, op.server_seq, op.fingerprint);
     Ok(true)
 }
 
@@ -235,20 +237,18 @@ impl LocalSequencer {
         let mut docs: HashMap<Arc<str>, DocState> = by_doc
             .into_values()
             .map(|snapshot| {
+                // Fingerprints as the snapshot keeps them (version 3); unknown from a
+                // version 1 or 2 snapshot.
+                let mut dedupe = Dedupe::default();
+                for entry in &snapshot.dedupe {
+                    for op in entry.ops() {
+                        dedupe.record(entry.client_id, op.local_seq, op.seq, op.fingerprint);
+                    }
+                }
                 let state = DocState {
                     text: Text::from(snapshot.text.as_str()),
                     version: snapshot.last_included_seq,
-                    dedupe: snapshot
-                        .dedupe
-                        .iter()
-                        .flat_map(|e| {
-                            e.older
-                                .iter()
-                                .copied()
-                                .chain(std::iter::once((e.last_local_seq, e.seq)))
-                                .map(move |op| (e.client_id, op))
-                        })
-                        .collect(),
+                    dedupe,
                     last_lsn: 0,
                     snapshot_seq: snapshot.last_included_seq,
                     last_snapshot_ms: snapshot.created_ms,
@@ -532,6 +532,9 @@ impl Sequencer for LocalSequencer {
             base_version: op.base_version,
             timestamp_ms: now_ms(),
             patches: op.patches,
+            // Logged so that the dedupe table rebuilt at a restart still tells a resend
+            // from a different op under this id.
+            fingerprint: Some(op.fingerprint),
         };
         // Append first: if the log refuses, the state is untouched.
         let lsn = self.shared.wal.append_op(&record).map_err(|e| match e {
@@ -649,6 +652,7 @@ fn sequenced(record: OpRecord) -> SequencedOp {
 mod tests {
     use super::*;
     use crate::wal::index::Location;
+    use crate::wal::record::RecordType;
 
     /// `ops` encoded, then decoded in place as the scan would show them, in LSN order.
     fn segment_ops(payloads: &[Vec<u8>]) -> Vec<SegmentOp<'_>> {
@@ -656,7 +660,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, payload)| {
-                let op = OpView::decode(payload).unwrap();
+                let op = OpView::decode(RecordType::OpWithFingerprint, payload).unwrap();
                 SegmentOp {
                     ordinal: op.doc_id[1..].parse().unwrap(),
                     location: Location {
@@ -701,6 +705,7 @@ mod tests {
                     base_version: seq - 1,
                     timestamp_ms: 0,
                     patches: vec![crate::op::Patch::new(0, 0, format!("{seq},"))],
+                    fingerprint: Some(seq),
                 };
                 let mut payload = Vec::new();
                 record.encode(&mut payload);
@@ -713,6 +718,7 @@ mod tests {
     mod manual {
         use super::*;
         use crate::op::Patch;
+        use crate::sequencer::fingerprint;
         use crate::wal::segment::SEGMENT_SIZE_MIN;
         use crate::wal::vfs::sim::{CrashMode, SimFs};
         use crate::wal::WalConfig;
@@ -799,6 +805,63 @@ mod tests {
             rt.block_on(store.wait_durable(again)).unwrap();
         }
 
+        /// Op A under id (7, 1), durable, then a crash. After the restart a different op
+        /// under the same id must be refused (code 26), and A's resend acked as seq 1:
+        /// with the op only in the log (`snapshot = false`: replay) and with a snapshot
+        /// covering it (`snapshot = true`).
+        fn a_reused_op_id_is_refused_after_a_restart(snapshot: bool) {
+            let fs = SimFs::new();
+            let (store, _) = open(&fs);
+            let id = OpId {
+                client_id: 7,
+                local_seq: 1,
+            };
+            let a = vec![Patch::new(0, 0, "a")];
+            let b = vec![Patch::new(0, 0, "b")];
+            let (fp_a, fp_b) = (fingerprint(0, &a), fingerprint(0, &b));
+            assert_ne!(fp_a, fp_b);
+            let op = SubmitOp {
+                op_id: id,
+                base_version: 0,
+                expected_version: 0,
+                fingerprint: fp_a,
+                patches: a,
+            };
+            let ticket = match store.submit("doc", op).unwrap() {
+                Submitted::Applied { seq: 1, ticket } => ticket,
+                other => panic!("{other:?}"),
+            };
+            assert!(store.step());
+            assert!(durable(&store, ticket));
+            if snapshot {
+                assert!(store.snapshot_now("doc").unwrap());
+            }
+            store.close();
+            let crashed = fs.crash(CrashMode::LoseUnsynced);
+            drop(store);
+            let (store, report) = open(&crashed);
+            let expected = if snapshot { (1, 0) } else { (0, 1) };
+            assert_eq!((report.snapshots_loaded, report.ops_replayed), expected);
+            match store.applied("doc", id, fp_b) {
+                Some(Err(SubmitError::OpIdReused(_))) => {}
+                other => panic!("a different op under a used id after a restart: {other:?}"),
+            }
+            match store.applied("doc", id, fp_a) {
+                Some(Ok(Submitted::Duplicate { seq: 1, .. })) => {}
+                other => panic!("a true resend after a restart: {other:?}"),
+            }
+        }
+
+        #[test]
+        fn a_reused_op_id_is_refused_after_a_restart_from_the_log() {
+            a_reused_op_id_is_refused_after_a_restart(false);
+        }
+
+        #[test]
+        fn a_reused_op_id_is_refused_after_a_restart_from_a_snapshot() {
+            a_reused_op_id_is_refused_after_a_restart(true);
+        }
+
         #[test]
         fn manual_maintenance_truncates_what_snapshots_cover() {
             let fs = SimFs::new();
@@ -861,7 +924,7 @@ mod tests {
         // document 3 also misses seq 5, later in the log: 40's gap comes first by LSN.
         let mut payloads = payloads(50, 200, Some((40, 3)));
         let late = payloads.iter().position(|p| {
-            let op = OpView::decode(p).unwrap();
+            let op = OpView::decode(RecordType::OpWithFingerprint, p).unwrap();
             op.doc_id == "d3" && op.server_seq == 5
         });
         payloads.remove(late.unwrap());

@@ -37,14 +37,30 @@ pub struct SubmitOp {
     pub patches: Vec<Patch>,
 }
 
-/// The digest of an op as its client sent it, for [`SubmitOp::fingerprint`]. Stable
-/// within a process (the dedupe table keeps it in memory only).
+/// The digest of an op as its client sent it, for [`SubmitOp::fingerprint`]. The log and
+/// snapshots keep it (`wal-format.md`), so it is a fixed function, the same in every
+/// build and release: the first 8 bytes, read as a little-endian u64, of the SHA-256 of
+/// `base_version u64 LE, patch_count u32 LE, then per patch pos u32 LE, del u32 LE,
+/// ins_len u32 LE (bytes), ins (UTF-8)`. (Not `std`'s `DefaultHasher`, whose algorithm
+/// may change between Rust releases: a fingerprint that changed under an upgrade would
+/// refuse every true resend of an op made before it.)
 pub fn fingerprint(base_version: u64, patches: &[Patch]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    base_version.hash(&mut hasher);
-    patches.hash(&mut hasher);
-    hasher.finish()
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(base_version.to_le_bytes());
+    hasher.update((patches.len() as u32).to_le_bytes());
+    for patch in patches {
+        hasher.update(patch.pos.to_le_bytes());
+        hasher.update(patch.del.to_le_bytes());
+        hasher.update((patch.ins.len() as u32).to_le_bytes());
+        hasher.update(patch.ins.as_bytes());
+    }
+    let digest = hasher.finalize();
+    u64::from_le_bytes(
+        digest[..8]
+            .try_into()
+            .expect("a SHA-256 digest has 32 bytes"),
+    )
 }
 
 /// Ops of one client remembered per document for answering resends: a client has at
@@ -144,4 +160,36 @@ pub trait Sequencer: Send + Sync + 'static {
         after_seq: u64,
         limit: usize,
     ) -> Result<Option<Vec<SequencedOp>>, Arc<str>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_is_the_documented_function_and_tells_ops_apart() {
+        // Pinned: the log and snapshots keep fingerprints, so this value must never
+        // change (it is SHA-256 of the bytes wal-format.md lists, its first 8 bytes LE).
+        let patches = [Patch::new(3, 1, "h\u{e9}"), Patch::new(0, 0, "")];
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&7u64.to_le_bytes());
+        bytes.extend_from_slice(&2u32.to_le_bytes());
+        for (pos, del, ins) in [(3u32, 1u32, "h\u{e9}"), (0, 0, "")] {
+            bytes.extend_from_slice(&pos.to_le_bytes());
+            bytes.extend_from_slice(&del.to_le_bytes());
+            bytes.extend_from_slice(&(ins.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(ins.as_bytes());
+        }
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(&bytes);
+        let expected = u64::from_le_bytes(digest[..8].try_into().unwrap());
+        assert_eq!(fingerprint(7, &patches), expected);
+        assert_eq!(fingerprint(7, &patches), 0xe7ab_775c_9973_a88a);
+        assert_ne!(fingerprint(8, &patches), expected);
+        assert_ne!(fingerprint(7, &patches[..1]), expected);
+        assert_ne!(
+            fingerprint(7, &[Patch::new(3, 1, "h"), Patch::new(0, 0, "\u{e9}")]),
+            expected
+        );
+    }
 }

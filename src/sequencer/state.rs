@@ -93,16 +93,18 @@ impl DocState {
         }
     }
 
+    /// The dedupe table as a snapshot keeps it, fingerprints included.
     pub fn dedupe_entries(&self) -> Vec<DedupeEntry> {
         self.dedupe
             .remembered()
             .into_iter()
             .filter_map(|(client_id, mut ops)| {
-                let (last_local_seq, seq) = ops.pop()?;
+                let last = ops.pop()?;
                 Some(DedupeEntry {
                     client_id,
-                    last_local_seq,
-                    seq,
+                    last_local_seq: last.local_seq,
+                    seq: last.seq,
+                    fingerprint: last.fingerprint,
                     older: ops,
                 })
             })

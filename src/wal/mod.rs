@@ -471,24 +471,26 @@ impl Wal {
                         lsn: raw.lsn,
                     };
                     match raw.record_type {
-                        RecordType::Op => match OpView::decode(raw.payload) {
-                            Ok(op) => {
-                                let doc = index.insert_op(location, op.doc_id, op.server_seq);
-                                ops.push(SegmentOp {
-                                    ordinal: doc.ordinal,
-                                    location,
-                                    op,
-                                });
+                        RecordType::Op | RecordType::OpWithFingerprint => {
+                            match OpView::decode(raw.record_type, raw.payload) {
+                                Ok(op) => {
+                                    let doc = index.insert_op(location, op.doc_id, op.server_seq);
+                                    ops.push(SegmentOp {
+                                        ordinal: doc.ordinal,
+                                        location,
+                                        op,
+                                    });
+                                }
+                                Err(e) if payload_error.is_none() => {
+                                    payload_error = Some(format!(
+                                        "{} offset {offset} (LSN {}): {e}",
+                                        segment_path(dir, segment_id).display(),
+                                        raw.lsn
+                                    ));
+                                }
+                                Err(_) => {}
                             }
-                            Err(e) if payload_error.is_none() => {
-                                payload_error = Some(format!(
-                                    "{} offset {offset} (LSN {}): {e}",
-                                    segment_path(dir, segment_id).display(),
-                                    raw.lsn
-                                ));
-                            }
-                            Err(_) => {}
-                        },
+                        }
                     }
                 }
                 // Then shown: in LSN order, and grouped by document (sorting (ordinal,
@@ -526,7 +528,8 @@ impl Wal {
 
     /// Queues an op record and returns its LSN; it is durable once
     /// [`Wal::wait_durable`] says so. Ops of one document must be appended in seq order
-    /// (the caller serialises per document).
+    /// (the caller serialises per document). Written as [`OpRecord::record_type`] says:
+    /// type 2 (with the fingerprint), which is all the sequencer writes.
     pub fn append_op(&self, op: &OpRecord) -> Result<Lsn, WalError> {
         let mut payload = Vec::with_capacity(op.encoded_len());
         op.encode(&mut payload);
@@ -540,7 +543,7 @@ impl Wal {
             doc_id: Arc::from(op.doc_id.as_str()),
             seq: op.server_seq,
         };
-        Ok(self.queue.enqueue(RecordType::Op, payload, Some(key))?)
+        Ok(self.queue.enqueue(op.record_type(), payload, Some(key))?)
     }
 
     /// Resolves once `lsn` is durable, or with the log's failure.
@@ -645,7 +648,7 @@ impl Wal {
             if raw.lsn != location.lsn {
                 return Err(corrupt(format!("found LSN {}", raw.lsn)));
             }
-            OpRecord::decode(raw.payload).map_err(|e| corrupt(e.to_string()))
+            OpRecord::decode(raw.record_type, raw.payload).map_err(|e| corrupt(e.to_string()))
         };
         if location.segment_id >= self.active_segment() {
             // The active segment is still being written: read it with pread.
@@ -800,6 +803,7 @@ mod tests {
             base_version: seq - 1,
             timestamp_ms: seq,
             patches: vec![Patch::new(0, 0, "x".repeat(text_len))],
+            fingerprint: Some(seq),
         }
     }
 

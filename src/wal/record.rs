@@ -39,13 +39,19 @@ pub type Lsn = u64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum RecordType {
+    /// An op, as quire wrote it before fingerprints were kept: the fingerprint of the op
+    /// as its client sent it is unknown. Still read; no longer written by the sequencer.
     Op = 1,
+    /// An op followed by its fingerprint ([`crate::sequencer::fingerprint`]): what the
+    /// sequencer writes.
+    OpWithFingerprint = 2,
 }
 
 impl RecordType {
     pub fn from_u8(byte: u8) -> Option<RecordType> {
         match byte {
             1 => Some(RecordType::Op),
+            2 => Some(RecordType::OpWithFingerprint),
             _ => None,
         }
     }
@@ -216,6 +222,10 @@ pub struct OpRecord {
     /// Milliseconds since the Unix epoch when the server accepted the op.
     pub timestamp_ms: u64,
     pub patches: Vec<Patch>,
+    /// The fingerprint of the op as its client sent it ([`crate::sequencer::fingerprint`]),
+    /// which tells a resend from a different op under the same id after a restart.
+    /// `None`: unknown (a type-1 record, written by an older quire).
+    pub fingerprint: Option<u64>,
 }
 
 /// Why an op payload could not be decoded. The frame's checksum was valid, so this
@@ -230,10 +240,21 @@ impl std::fmt::Display for PayloadError {
 }
 
 impl OpRecord {
-    /// The payload layout (all integers little-endian):
+    /// The record type [`OpRecord::encode`] writes: [`RecordType::OpWithFingerprint`],
+    /// or [`RecordType::Op`] for a record whose fingerprint is unknown (the sequencer
+    /// always knows it; only tests of data written by older versions leave it out).
+    pub fn record_type(&self) -> RecordType {
+        match self.fingerprint {
+            Some(_) => RecordType::OpWithFingerprint,
+            None => RecordType::Op,
+        }
+    }
+
+    /// The payload layout of a type-1 record (all integers little-endian):
     /// `server_seq u64, base_version u64, client_id u64, local_seq u64, timestamp_ms u64,
     /// doc_id_len u16, doc_id, patch_count u32, then per patch: pos u32, del u32,
-    /// ins_len u32 (bytes), ins (UTF-8)`.
+    /// ins_len u32 (bytes), ins (UTF-8)`. A type-2 record's payload is the same followed
+    /// by `fingerprint u64`. Which one is written: [`OpRecord::record_type`].
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.reserve(self.encoded_len());
         out.put_u64_le(self.server_seq);
@@ -250,6 +271,9 @@ impl OpRecord {
             out.put_u32_le(patch.ins.len() as u32);
             out.put_slice(patch.ins.as_bytes());
         }
+        if let Some(fingerprint) = self.fingerprint {
+            out.put_u64_le(fingerprint);
+        }
     }
 
     pub fn encoded_len(&self) -> usize {
@@ -258,11 +282,13 @@ impl OpRecord {
             + self.doc_id.len()
             + 4
             + self.patches.iter().map(|p| 12 + p.ins.len()).sum::<usize>()
+            + if self.fingerprint.is_some() { 8 } else { 0 }
     }
 
-    /// Decodes and checks a payload: [`OpView::decode`], copied out.
-    pub fn decode(buf: &[u8]) -> Result<OpRecord, PayloadError> {
-        OpView::decode(buf).map(|view| view.to_record())
+    /// Decodes and checks the payload of a record of type `record_type`:
+    /// [`OpView::decode`], copied out.
+    pub fn decode(record_type: RecordType, buf: &[u8]) -> Result<OpRecord, PayloadError> {
+        OpView::decode(record_type, buf).map(|view| view.to_record())
     }
 }
 
@@ -330,13 +356,16 @@ pub struct OpView<'a> {
     pub base_version: u64,
     pub timestamp_ms: u64,
     pub patches: PatchList<'a>,
+    /// `None` for a type-1 record: see [`OpRecord::fingerprint`].
+    pub fingerprint: Option<u64>,
 }
 
 impl<'a> OpView<'a> {
-    /// The layout is [`OpRecord::encode`]'s. Every check is made here: the document id,
-    /// UTF-8 of every text, positions in range, the patch count against the bytes
-    /// there, no trailing bytes, a nonzero seq.
-    pub fn decode(mut buf: &'a [u8]) -> Result<OpView<'a>, PayloadError> {
+    /// The layout is [`OpRecord::encode`]'s for `record_type` (type 2: the fingerprint
+    /// after the patches; type 1: none, the fingerprint is unknown). Every check is made
+    /// here: the document id, UTF-8 of every text, positions in range, the patch count
+    /// against the bytes there, no trailing bytes, a nonzero seq.
+    pub fn decode(record_type: RecordType, mut buf: &'a [u8]) -> Result<OpView<'a>, PayloadError> {
         let b = &mut buf;
         let server_seq = take_u64(b)?;
         let base_version = take_u64(b)?;
@@ -364,6 +393,10 @@ impl<'a> OpView<'a> {
             }
             patches.push(PatchRef { pos, del, ins });
         }
+        let fingerprint = match record_type {
+            RecordType::Op => None,
+            RecordType::OpWithFingerprint => Some(take_u64(b)?),
+        };
         if b.has_remaining() {
             return Err(PayloadError(format!("{} trailing bytes", b.remaining())));
         }
@@ -378,6 +411,7 @@ impl<'a> OpView<'a> {
             base_version,
             timestamp_ms,
             patches,
+            fingerprint,
         })
     }
 
@@ -390,6 +424,7 @@ impl<'a> OpView<'a> {
             base_version: self.base_version,
             timestamp_ms: self.timestamp_ms,
             patches: self.patches.iter().map(PatchRef::to_patch).collect(),
+            fingerprint: self.fingerprint,
         }
     }
 }
@@ -433,22 +468,56 @@ mod tests {
             base_version: 10,
             timestamp_ms: 1_700_000_000_000,
             patches: vec![Patch::new(4, 1, "h\u{1F600}"), Patch::new(0, 0, "x")],
+            fingerprint: Some(0x0123_4567_89ab_cdef),
         }
     }
 
     #[test]
     fn op_record_round_trips_through_a_frame() {
         let op = sample();
+        assert_eq!(op.record_type(), RecordType::OpWithFingerprint);
         let mut payload = Vec::new();
         op.encode(&mut payload);
         assert_eq!(payload.len(), op.encoded_len());
+        // Type 2: the type-1 payload, then the fingerprint.
+        assert_eq!(
+            payload[payload.len() - 8..],
+            0x0123_4567_89ab_cdef_u64.to_le_bytes()
+        );
         let mut frame = Vec::new();
-        encode_frame(&mut frame, 99, 0, RecordType::Op, &payload);
+        encode_frame(&mut frame, 99, 0, op.record_type(), &payload);
         assert_eq!(frame.len() % RECORD_ALIGN, 0);
         let raw = decode_frame(&frame).unwrap();
         assert_eq!(raw.lsn, 99);
+        assert_eq!(raw.record_type, RecordType::OpWithFingerprint);
+        assert_eq!(frame[16], 2);
         assert_eq!(raw.framed_len, frame.len());
-        assert_eq!(OpRecord::decode(raw.payload).unwrap(), op);
+        assert_eq!(OpRecord::decode(raw.record_type, raw.payload).unwrap(), op);
+    }
+
+    #[test]
+    fn a_type_1_record_decodes_with_its_fingerprint_unknown() {
+        let old = OpRecord {
+            fingerprint: None,
+            ..sample()
+        };
+        assert_eq!(old.record_type(), RecordType::Op);
+        let mut payload = Vec::new();
+        old.encode(&mut payload);
+        assert_eq!(payload.len(), old.encoded_len());
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 3, 0, RecordType::Op, &payload);
+        let raw = decode_frame(&frame).unwrap();
+        assert_eq!(raw.record_type, RecordType::Op);
+        let decoded = OpRecord::decode(raw.record_type, raw.payload).unwrap();
+        assert_eq!(decoded.fingerprint, None);
+        assert_eq!(decoded, old);
+        // The same payload is not a type-2 one (no fingerprint), and a type-2 payload is
+        // not a type-1 one (8 trailing bytes).
+        assert!(OpRecord::decode(RecordType::OpWithFingerprint, &payload).is_err());
+        let mut new = Vec::new();
+        sample().encode(&mut new);
+        assert!(OpRecord::decode(RecordType::Op, &new).is_err());
     }
 
     #[test]
@@ -487,7 +556,7 @@ mod tests {
         let mut payload = Vec::new();
         sample().encode(&mut payload);
         for cut in 0..payload.len() {
-            assert!(OpRecord::decode(&payload[..cut]).is_err());
+            assert!(OpRecord::decode(RecordType::OpWithFingerprint, &payload[..cut]).is_err());
         }
     }
 }

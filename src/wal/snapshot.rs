@@ -4,12 +4,16 @@
 //! checksum falls back to the older one (and the log after it), never to silent loss.
 //!
 //! File name: `<hex of doc id bytes>.<last_included_seq as 20 digits>.snap` in
-//! `snapshots/`. Layout (little-endian): magic `QUIRSNAP`, format version u32 (2; 1 is
-//! still read), reserved u32 (0), last_included_seq u64, created Unix ms u64, doc_id_len
-//! u16, doc_id, text_len u64 (bytes), text (UTF-8), dedupe_count u32, then per entry
-//! client_id u64, last_local_seq u64, seq u64 (sorted by client_id), and in version 2
-//! `older_count u16` then that many (`local_seq u64`, `seq u64`) of the client's earlier
-//! remembered ops, oldest first; and last a crc32c u32 of every byte before it.
+//! `snapshots/`. Layout (little-endian): magic `QUIRSNAP`, format version u32 (3; 1 and
+//! 2 are still read), reserved u32 (0), last_included_seq u64, created Unix ms u64,
+//! doc_id_len u16, doc_id, text_len u64 (bytes), text (UTF-8), dedupe_count u32, then per
+//! entry client_id u64, last_local_seq u64, seq u64 (sorted by client_id), in version 3
+//! that op's fingerprint (`known u8` (0 or 1), `fingerprint u64` (0 when unknown)), in
+//! versions 2 and 3 `older_count u16` then that many of the client's earlier remembered
+//! ops, oldest first: `local_seq u64`, `seq u64`, and in version 3 its fingerprint as
+//! above; and last a crc32c u32 of every byte before it. Versions 1 and 2 carry no
+//! fingerprints: their ops' are unknown (and a resend matching one is refused, see
+//! `sequencer::Dedupe::seen`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,19 +25,61 @@ use super::vfs::{at_path, Vfs};
 use crate::op::validate_doc_id;
 
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"QUIRSNAP";
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 /// How many snapshots of a document are kept (the newest and one fallback).
 pub const SNAPSHOTS_KEPT: usize = 2;
 
-/// Per client: the last op applied and the seq it got, and the client's earlier ops the
-/// dedupe table remembers (`(local_seq, seq)`, oldest first), so that a resend of any of
-/// them is recognised after a restart too.
+/// An op the dedupe table remembers: the client's local seq, the seq it got, and the
+/// fingerprint of the op as sent (`None`: unknown, read from data an older quire wrote).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RememberedOp {
+    pub local_seq: u64,
+    pub seq: u64,
+    pub fingerprint: Option<u64>,
+}
+
+/// Per client: the last op applied, the seq it got and its fingerprint, and the client's
+/// earlier ops the dedupe table remembers (oldest first), so that a resend of any of
+/// them is recognised, and a different op under one of their ids refused, after a
+/// restart too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DedupeEntry {
     pub client_id: u64,
     pub last_local_seq: u64,
     pub seq: u64,
-    pub older: Vec<(u64, u64)>,
+    pub fingerprint: Option<u64>,
+    pub older: Vec<RememberedOp>,
+}
+
+impl DedupeEntry {
+    /// The client's remembered ops, oldest first, the last one included.
+    pub fn ops(&self) -> impl Iterator<Item = RememberedOp> + '_ {
+        self.older
+            .iter()
+            .copied()
+            .chain(std::iter::once(RememberedOp {
+                local_seq: self.last_local_seq,
+                seq: self.seq,
+                fingerprint: self.fingerprint,
+            }))
+    }
+}
+
+/// Bytes of a fingerprint in version 3: `known u8`, `fingerprint u64`.
+const FINGERPRINT_LEN: usize = 9;
+
+fn put_fingerprint(out: &mut Vec<u8>, fingerprint: Option<u64>) {
+    out.put_u8(u8::from(fingerprint.is_some()));
+    out.put_u64_le(fingerprint.unwrap_or(0));
+}
+
+/// A version 3 fingerprint; the caller checked that [`FINGERPRINT_LEN`] bytes are there.
+fn get_fingerprint(b: &mut &[u8]) -> Result<Option<u64>, SnapshotError> {
+    match (b.get_u8(), b.get_u64_le()) {
+        (1, fingerprint) => Ok(Some(fingerprint)),
+        (0, 0) => Ok(None),
+        _ => Err(bad("invalid fingerprint in snapshot")),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +106,7 @@ fn bad(msg: impl Into<String>) -> SnapshotError {
 
 impl Snapshot {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.text.len() + self.dedupe.len() * 24);
+        let mut out = Vec::with_capacity(64 + self.text.len() + self.dedupe.len() * 35);
         out.put_slice(&SNAPSHOT_MAGIC);
         out.put_u32_le(SNAPSHOT_FORMAT_VERSION);
         out.put_u32_le(0);
@@ -75,12 +121,14 @@ impl Snapshot {
             out.put_u64_le(entry.client_id);
             out.put_u64_le(entry.last_local_seq);
             out.put_u64_le(entry.seq);
+            put_fingerprint(&mut out, entry.fingerprint);
             let older =
                 u16::try_from(entry.older.len()).expect("a client's remembered ops are few");
             out.put_u16_le(older);
-            for &(local_seq, seq) in &entry.older {
-                out.put_u64_le(local_seq);
-                out.put_u64_le(seq);
+            for op in &entry.older {
+                out.put_u64_le(op.local_seq);
+                out.put_u64_le(op.seq);
+                put_fingerprint(&mut out, op.fingerprint);
             }
         }
         let crc = crc32c::crc32c(&out);
@@ -103,11 +151,16 @@ impl Snapshot {
         let mut b = &body[8..];
         let short = || bad("snapshot ends early");
         let version = b.try_get_u32_le().map_err(|_| short())?;
-        if version != 1 && version != SNAPSHOT_FORMAT_VERSION {
+        if !(1..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
             return Err(bad(format!(
-                "snapshot format version {version} is not supported (this build reads {SNAPSHOT_FORMAT_VERSION})"
+                "snapshot format version {version} is not supported (this build reads 1 to {SNAPSHOT_FORMAT_VERSION})"
             )));
         }
+        // Fixed bytes per entry and per older op in this version.
+        let (entry_len, older_len) = match version {
+            1 | 2 => (24, 16),
+            _ => (24 + FINGERPRINT_LEN, 16 + FINGERPRINT_LEN),
+        };
         let _reserved = b.try_get_u32_le().map_err(|_| short())?;
         let last_included_seq = b.try_get_u64_le().map_err(|_| short())?;
         let created_ms = b.try_get_u64_le().map_err(|_| short())?;
@@ -117,24 +170,41 @@ impl Snapshot {
         let text_len = b.try_get_u64_le().map_err(|_| short())?;
         let text = take_str(&mut b, usize::try_from(text_len).map_err(|_| short())?)?;
         let count = b.try_get_u32_le().map_err(|_| short())? as usize;
-        if count > b.remaining() / 24 {
+        if count > b.remaining() / entry_len {
             return Err(short());
         }
         let mut dedupe = Vec::with_capacity(count);
         for _ in 0..count {
-            if b.remaining() < 24 {
+            if b.remaining() < entry_len {
                 return Err(short());
             }
             let (client_id, last_local_seq, seq) = (b.get_u64_le(), b.get_u64_le(), b.get_u64_le());
+            let fingerprint = match version {
+                1 | 2 => None,
+                _ => get_fingerprint(&mut b)?,
+            };
             let mut older = Vec::new();
             if version >= 2 {
                 let n = b.try_get_u16_le().map_err(|_| short())? as usize;
-                if n > b.remaining() / 16 {
+                if n > b.remaining() / older_len {
                     return Err(short());
                 }
-                older = (0..n).map(|_| (b.get_u64_le(), b.get_u64_le())).collect();
-                if older.windows(2).any(|w| w[0].0 >= w[1].0)
-                    || older.last().is_some_and(|&(l, _)| l >= last_local_seq)
+                older = (0..n)
+                    .map(|_| {
+                        let (local_seq, seq) = (b.get_u64_le(), b.get_u64_le());
+                        let fingerprint = match version {
+                            2 => None,
+                            _ => get_fingerprint(&mut b)?,
+                        };
+                        Ok(RememberedOp {
+                            local_seq,
+                            seq,
+                            fingerprint,
+                        })
+                    })
+                    .collect::<Result<_, SnapshotError>>()?;
+                if older.windows(2).any(|w| w[0].local_seq >= w[1].local_seq)
+                    || older.last().is_some_and(|o| o.local_seq >= last_local_seq)
                 {
                     return Err(bad("a client's remembered ops are out of order"));
                 }
@@ -143,6 +213,7 @@ impl Snapshot {
                 client_id,
                 last_local_seq,
                 seq,
+                fingerprint,
                 older,
             });
         }
@@ -303,12 +374,25 @@ mod tests {
                     client_id: 9,
                     last_local_seq: 4,
                     seq,
-                    older: vec![(2, 1), (3, 2)],
+                    fingerprint: Some(0xfeed_f00d),
+                    older: vec![
+                        RememberedOp {
+                            local_seq: 2,
+                            seq: 1,
+                            fingerprint: None,
+                        },
+                        RememberedOp {
+                            local_seq: 3,
+                            seq: 2,
+                            fingerprint: Some(0),
+                        },
+                    ],
                 },
                 DedupeEntry {
                     client_id: 11,
                     last_local_seq: 1,
                     seq: 3,
+                    fingerprint: None,
                     older: Vec::new(),
                 },
             ],
@@ -341,9 +425,92 @@ mod tests {
                 client_id: 9,
                 last_local_seq: 4,
                 seq: 5,
+                fingerprint: None,
                 older: Vec::new(),
             }]
         );
+    }
+
+    #[test]
+    fn a_version_2_snapshot_still_loads_with_every_fingerprint_unknown() {
+        // Version 2: `older_count` and older ops, no fingerprints.
+        let mut v2 = Vec::new();
+        v2.put_slice(&SNAPSHOT_MAGIC);
+        v2.put_u32_le(2);
+        v2.put_u32_le(0);
+        v2.put_u64_le(5);
+        v2.put_u64_le(1);
+        v2.put_u16_le(1);
+        v2.put_slice(b"d");
+        v2.put_u64_le(2);
+        v2.put_slice(b"hi");
+        v2.put_u32_le(1);
+        v2.put_u64_le(9);
+        v2.put_u64_le(4);
+        v2.put_u64_le(5);
+        v2.put_u16_le(2);
+        for (local_seq, seq) in [(2u64, 3u64), (3, 4)] {
+            v2.put_u64_le(local_seq);
+            v2.put_u64_le(seq);
+        }
+        let crc = crc32c::crc32c(&v2);
+        v2.put_u32_le(crc);
+        let snapshot = Snapshot::decode(&v2).unwrap();
+        let unknown = |local_seq, seq| RememberedOp {
+            local_seq,
+            seq,
+            fingerprint: None,
+        };
+        assert_eq!(
+            snapshot.dedupe,
+            vec![DedupeEntry {
+                client_id: 9,
+                last_local_seq: 4,
+                seq: 5,
+                fingerprint: None,
+                older: vec![unknown(2, 3), unknown(3, 4)],
+            }]
+        );
+        assert_eq!(
+            snapshot.dedupe[0].ops().collect::<Vec<_>>(),
+            vec![unknown(2, 3), unknown(3, 4), unknown(4, 5)]
+        );
+    }
+
+    #[test]
+    fn a_version_3_snapshot_keeps_each_fingerprint_byte_for_byte() {
+        let snapshot = snap(5);
+        let bytes = snapshot.encode();
+        assert_eq!(bytes[8..12], 3u32.to_le_bytes());
+        // The first entry: after the header, the doc id and the text.
+        let entries = 8 + 4 + 4 + 8 + 8 + 2 + snapshot.doc_id.len() + 8 + snapshot.text.len() + 4;
+        let entry = &bytes[entries..];
+        assert_eq!(entry[..8], 9u64.to_le_bytes());
+        assert_eq!(entry[24], 1, "known");
+        assert_eq!(entry[25..33], 0xfeed_f00d_u64.to_le_bytes());
+        assert_eq!(entry[33..35], 2u16.to_le_bytes());
+        // Older op 1, unknown: flag 0 and a zero fingerprint; older op 2, known 0.
+        assert_eq!(entry[35 + 16..35 + 25], [0; 9]);
+        assert_eq!(entry[60 + 16], 1);
+        assert_eq!(entry[60 + 17..60 + 25], [0; 8]);
+        let decoded = Snapshot::decode(&bytes).unwrap();
+        assert_eq!(decoded, snapshot);
+        assert_eq!(decoded.dedupe[0].older[0].fingerprint, None);
+        assert_eq!(decoded.dedupe[0].older[1].fingerprint, Some(0));
+        assert_eq!(decoded.dedupe[0].fingerprint, Some(0xfeed_f00d));
+        // A flag other than 0 or 1, or an unknown fingerprint with bits, is refused
+        // (checksum fixed up: the decoder's own check, not the crc, must say no).
+        for (at, byte) in [(entries + 24, 2u8), (entries + 35 + 17, 1)] {
+            let mut bad = bytes.clone();
+            bad[at] = byte;
+            let len = bad.len();
+            let crc = crc32c::crc32c(&bad[..len - 4]);
+            bad[len - 4..].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(
+                Snapshot::decode(&bad).unwrap_err().0,
+                "invalid fingerprint in snapshot"
+            );
+        }
     }
 
     #[test]
