@@ -280,6 +280,17 @@ impl<S: Sequencer> Server<S> {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// The most bytes queued for any one connected client now (bounded by
+    /// [`ServerConfig::outbox_bytes`]).
+    pub fn largest_outbox(&self) -> usize {
+        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .values()
+            .map(|o| o.queued_bytes())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Documents open now (held in memory).
     pub fn open_documents(&self) -> usize {
         self.documents().len()

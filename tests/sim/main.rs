@@ -97,6 +97,8 @@ struct Client {
     /// Stores its counter only now and then: after a restart it reuses op ids, which the
     /// server must refuse (never ack as the old op, never drop silently).
     lazy: bool,
+    /// Ops it sends without waiting for acks (1: one in flight).
+    pipeline: usize,
 }
 
 #[derive(Default)]
@@ -166,7 +168,12 @@ impl Sim {
                 wire: None,
                 online: false,
                 stored_next: 1,
-                lazy: rng.below(4) == 0 && std::env::var("SIM_NO_LAZY").is_err(),
+                lazy: rng.below(4) == 0,
+                pipeline: if rng.below(4) == 0 {
+                    2 + rng.below(6) as usize
+                } else {
+                    1
+                },
             })
             .collect();
         let server_config = ServerConfig {
@@ -393,7 +400,11 @@ impl Sim {
                         .map_or(client.stored_next, |s| s.doc.next_local_seq());
                     client.stored_next = next + 1_000;
                     client.synced = None;
-                } else if m.contains("TooOld") || m.contains("Reload") || m.contains("reload") {
+                } else if m.contains("TooOld")
+                    || m.contains("PipelineConflict")
+                    || m.contains("Reload")
+                    || m.contains("reload")
+                {
                     self.stats.reloads += 1;
                     let next = client
                         .synced
@@ -440,7 +451,10 @@ impl Sim {
                 )
                 .await
                 {
-                    Ok(Ok(synced)) => {
+                    Ok(Ok(mut synced)) => {
+                        if client.pipeline > 1 {
+                            synced.doc = synced.doc.clone().pipelined(client.pipeline);
+                        }
                         client.synced = Some(synced);
                         Ok(Ok(()))
                     }
@@ -528,6 +542,79 @@ impl Sim {
         }
     }
 
+    /// A client that sends bad input (garbage bytes, a frame over the limit, an op that
+    /// does not apply, an unknown document name): it must be told so with an `Error` or
+    /// `Reject`, never met with silence; everyone else goes on being served.
+    async fn misbehave(&mut self) -> Result<(), Failure> {
+        let Some(incarnation) = &self.server else {
+            return Ok(());
+        };
+        let (server_end, client_end, wire) = Wire::new(&mut self.rng, self.link);
+        if incarnation.connect.send(server_end).is_err() {
+            return Ok(());
+        }
+        let kind = self.rng.below(4);
+        let doc = self.docs[self.rng.below(self.docs.len() as u64) as usize].clone();
+        let garbage: Vec<u8> = (0..1 + self.rng.below(64))
+            .map(|_| self.rng.below(256) as u8)
+            .collect();
+        self.say(|| format!("a misbehaving client ({kind}) on {doc}"));
+        let outcome = timeout(CLIENT_WAIT, async move {
+            let id = 900_000 + kind;
+            let mut conn = Connection::handshake(client_end, id, "").await?;
+            match kind {
+                0 => {
+                    let mut bytes = (garbage.len() as u32).to_le_bytes().to_vec();
+                    bytes.extend_from_slice(&garbage);
+                    bytes[4] = 0xEE; // no such message type
+                    conn.send_raw(&bytes).await?
+                }
+                1 => conn.send_raw(&(1u32 << 30).to_le_bytes()).await?,
+                2 => {
+                    conn.send(quire::protocol::message::Message::Submit {
+                        doc,
+                        local_seq: 1,
+                        base_version: 0,
+                        patches: vec![Patch {
+                            pos: u32::MAX - 1,
+                            del: 5,
+                            ins: "x".into(),
+                        }],
+                    })
+                    .await?;
+                }
+                _ => {
+                    conn.send(quire::protocol::message::Message::Open {
+                        doc: "\u{1}bad".into(),
+                        known_version: 0,
+                    })
+                    .await?;
+                }
+            }
+            loop {
+                let env = conn.recv().await?;
+                if let quire::protocol::message::Message::Error { .. }
+                | quire::protocol::message::Message::Reject { .. } = env.message
+                {
+                    return Ok::<_, ClientError>(env.message);
+                }
+            }
+        })
+        .await;
+        wire.cut();
+        match outcome {
+            Ok(Ok(_)) => Ok(()),
+            // Refused at the handshake (say, over the connection limit): an error too.
+            Ok(Err(ClientError::Refused(_))) => Ok(()),
+            Ok(Err(e)) => Err(self.fail(format!(
+                "a client that sent bad input ({kind}) got no Error or Reject: {e}"
+            ))),
+            Err(_) => Err(self.fail(format!(
+                "a client that sent bad input ({kind}) got no answer in {CLIENT_WAIT:?}"
+            ))),
+        }
+    }
+
     /// One random action.
     async fn act(&mut self) -> Result<(), Failure> {
         let n = self.clients.len();
@@ -575,7 +662,8 @@ impl Sim {
                 let id = c.id;
                 self.say(|| format!("client {id} restarts"));
             }
-            840..=849 => {
+            840..=842 => self.misbehave().await?,
+            843..=849 => {
                 // A lazy client stores its counter now.
                 let c = &mut self.clients[i];
                 if let Some(s) = &c.synced {
@@ -669,6 +757,13 @@ impl Sim {
         }
         if server.connected_clients() > config.max_connections {
             return Err(self.fail("more clients than max connections"));
+        }
+        if server.largest_outbox() > config.outbox_bytes {
+            return Err(self.fail(format!(
+                "{} bytes queued for one client, over the outbox limit of {}",
+                server.largest_outbox(),
+                config.outbox_bytes
+            )));
         }
         if server.open_documents() > self.docs.len() {
             return Err(self.fail("more documents open than exist"));
