@@ -21,10 +21,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
-use super::document::{read_missed, Document, Job, Step, Submission, SubmitOutcome};
+use super::document::{
+    read_missed, Document, Job, OpLimit, Refusal, RefusalKind, Step, Submission, SubmitOutcome,
+};
 use super::durability::Action;
 use super::outbox::{self, encode, Outbox, SessionId};
 use super::transport::{ReadHalf, Transport};
+use super::wire::refusal_code;
 use super::{Server, SMALL_FRAME};
 use crate::op::{validate_doc_id, Patch};
 use crate::protocol::frame::{FrameCodec, FrameError};
@@ -95,7 +98,7 @@ struct Session<S: Sequencer> {
     outbox: Outbox,
     /// Set by the handshake.
     client_id: Option<u64>,
-    opened: BTreeMap<Arc<str>, Arc<Document>>,
+    opened: BTreeMap<Arc<str>, Arc<Document<Outbox>>>,
 }
 
 fn error_frame(
@@ -405,7 +408,7 @@ impl<S: Sequencer> Session<S> {
     async fn open(&mut self, rid: u32, doc: String, known_version: u64) -> bool {
         let document = self.server.subscribe(&doc, self.outbox.clone());
         self.opened.insert(document.id.clone(), document.clone());
-        let version = document.version();
+        let version = document.version(&*self.server.sequencer);
         let mut sent = Sent::Truncated;
         if known_version > 0
             && known_version <= version
@@ -709,9 +712,9 @@ impl<S: Sequencer> Session<S> {
                 },
                 permit,
             ),
-            SubmitOutcome::Rejected(code, message) => {
+            SubmitOutcome::Refused(Refusal { kind, message }) => {
                 self.outbox.end_op();
-                reject(code, message);
+                reject(refusal_code(kind), message);
             }
         }
     }
@@ -720,35 +723,34 @@ impl<S: Sequencer> Session<S> {
     /// transforms run on a blocking thread, never under a lock another document needs.
     async fn sequence(
         &self,
-        document: &Arc<Document>,
+        document: &Arc<Document<Outbox>>,
         submission: Submission,
         max_bytes: usize,
     ) -> SubmitOutcome {
         let sequencer = &self.server.sequencer;
+        let limit = OpLimit {
+            max: max_bytes,
+            measure: patches_wire_len,
+        };
         // Putting a long patch list in component form is O(n log n): off the workers.
         let mut job = if submission.patches.len() > LARGE_OP_PATCHES {
             match self
                 .server
-                .blocking(move || Job::new(&submission, max_bytes))
+                .blocking(move || Job::new(&submission, limit))
                 .await
             {
                 Ok(job) => job,
-                Err(e) => {
-                    return SubmitOutcome::Rejected(
-                        ErrorCode::StorageFailed,
-                        format!("internal: {e}"),
-                    )
-                }
+                Err(e) => return crashed(e),
             }
         } else {
-            Job::new(&submission, max_bytes)
+            Job::new(&submission, limit)
         };
         if let Some(outcome) = document.precheck(&**sequencer, &job) {
             return outcome;
         }
         let mut log = None;
         loop {
-            let behind = document.version().saturating_sub(job.at());
+            let behind = document.version(&**sequencer).saturating_sub(job.at());
             let step = if log.is_some() || job.cost(behind) > HEAVY_TRANSFORM {
                 let (doc, seq) = (document.clone(), sequencer.clone());
                 let records = log.take();
@@ -764,12 +766,7 @@ impl<S: Sequencer> Session<S> {
                         job = back;
                         step
                     }
-                    Err(e) => {
-                        return SubmitOutcome::Rejected(
-                            ErrorCode::StorageFailed,
-                            format!("internal: {e}"),
-                        )
-                    }
+                    Err(e) => return crashed(e),
                 }
             } else {
                 document.step(&**sequencer, &mut job, None)
@@ -785,17 +782,17 @@ impl<S: Sequencer> Session<S> {
                     match read {
                         Ok(Ok(records)) => log = Some(records),
                         Ok(Err(outcome)) => return outcome,
-                        Err(e) => {
-                            return SubmitOutcome::Rejected(
-                                ErrorCode::StorageFailed,
-                                format!("internal: {e}"),
-                            )
-                        }
+                        Err(e) => return crashed(e),
                     }
                 }
             }
         }
     }
+}
+
+/// The refusal of an op whose work panicked off the async workers.
+fn crashed(e: String) -> SubmitOutcome {
+    SubmitOutcome::Refused(Refusal::new(RefusalKind::Crashed, format!("internal: {e}")))
 }
 
 /// How a reply of several frames went.
