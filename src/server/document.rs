@@ -15,7 +15,7 @@
 //! no copy of it.
 //!
 //! **Late ops.** An op made on `base_version` is transformed over every op sequenced
-//! after it, each exactly once and in seq order ([`Job::over`] checks the seqs are
+//! after it, each exactly once and in seq order (`Job::over` checks the seqs are
 //! consecutive). The newest ops are in memory (the window); the window only lets go of
 //! ops already delivered, so every op older than the window is durable and can be read
 //! from the log ([`Step::ReadLog`]; the caller reads it off the async workers). The
