@@ -1,7 +1,8 @@
 //! quire: a server for real-time collaborative text editing.
 //!
 //! Data flows one way: socket → frame → session → document → sequencer → WAL → ack and
-//! broadcast. [`wal`] knows nothing of sockets or protocol.
+//! broadcast. [`wal`] knows nothing of sockets or protocol, nor does the document core
+//! ([`server::document`]): only the session builds messages.
 
 pub mod client;
 pub mod op;

@@ -16,11 +16,14 @@ use quickcheck::{Arbitrary, Gen, QuickCheck, TestResult};
 use quire::client::state::{ClientDoc, Outgoing};
 use quire::op::Patch;
 use quire::protocol::frame::FrameCodec;
-use quire::protocol::message::{Envelope, ErrorCode, Message};
+use quire::protocol::message::{Envelope, Message};
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::sequencer::Sequencer;
-use quire::server::document::{Document, DocumentLimits, Submission, SubmitOutcome};
+use quire::server::document::{
+    Document, DocumentLimits, Refusal, RefusalKind, Submission, SubmitOutcome,
+};
 use quire::server::outbox::{self, encode, Outbox, Writer};
+use quire::server::wire::refusal_code;
 use quire::wal::vfs::sim::SimFs;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,7 +79,7 @@ struct Client {
 struct World {
     rt: tokio::runtime::Runtime,
     store: LocalSequencer,
-    document: Arc<Document>,
+    document: Arc<Document<Outbox>>,
     next_session: u64,
 }
 
@@ -125,7 +128,10 @@ impl World {
             assert!(
                 matches!(
                     outcome,
-                    SubmitOutcome::Rejected(ErrorCode::PipelineConflict, _)
+                    SubmitOutcome::Refused(Refusal {
+                        kind: RefusalKind::PipelineConflict,
+                        ..
+                    })
                 ),
                 "an op sent after a refused pipelined op is refused too"
             );
@@ -151,12 +157,15 @@ impl World {
                 self.rt.block_on(self.store.wait_durable(ticket)).unwrap();
                 self.document.mark_durable(seq);
             }
-            SubmitOutcome::Rejected(code @ ErrorCode::PipelineConflict, message) => {
+            SubmitOutcome::Refused(Refusal {
+                kind: kind @ RefusalKind::PipelineConflict,
+                message,
+            }) => {
                 // What the session sends; the client reads it when it gets this far.
                 let reject = Message::Reject {
                     doc: "doc".into(),
                     local_seq,
-                    code,
+                    code: refusal_code(kind),
                     message,
                 };
                 assert!(client.tx.send(encode(
@@ -167,8 +176,8 @@ impl World {
                     MAX_FRAME
                 )));
             }
-            SubmitOutcome::Rejected(code, message) => {
-                panic!("refused with {code:?}: {message}")
+            SubmitOutcome::Refused(Refusal { kind, message }) => {
+                panic!("refused as {kind:?}: {message}")
             }
             SubmitOutcome::Duplicate { .. } => panic!("no op is sent twice here"),
         }

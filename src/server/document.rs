@@ -2,11 +2,20 @@
 //! transformed over, the subscribed sessions, and delivery of acks and broadcasts in
 //! seq order once each op is durable.
 //!
+//! The document core knows nothing of the protocol: it speaks domain types (ops, seqs,
+//! [`Refusal`]s) and reaches its subscribers through the [`Subscriber`] trait, which the
+//! session side implements (`server/wire.rs`: it builds the frames and maps refusals
+//! to wire codes). A message is built once ([`Subscriber::frame`]) and the same built value
+//! goes to every subscriber: a broadcast is encoded once, whatever the number of
+//! subscribers.
+//!
 //! The authoritative text, version and dedupe table live in the [`Sequencer`]; this
-//! keeps only what transformation and fan-out need.
+//! keeps only what transformation and fan-out need. The version in particular is read
+//! from the sequencer ([`Sequencer::version`]) whenever it is needed; the document keeps
+//! no copy of it.
 //!
 //! **Late ops.** An op made on `base_version` is transformed over every op sequenced
-//! after it, each exactly once and in seq order ([`Rebase::over`] asserts the seqs are
+//! after it, each exactly once and in seq order (`Job::over` checks the seqs are
 //! consecutive). The newest ops are in memory (the window); the window only lets go of
 //! ops already delivered, so every op older than the window is durable and can be read
 //! from the log ([`Step::ReadLog`]; the caller reads it off the async workers). The
@@ -19,21 +28,111 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bytes::Bytes;
-
-use super::outbox::{encode, Outbox, SessionId};
 use crate::op::{OpId, Patch, SequencedOp};
 use crate::ot::{Side, TextOp};
-use crate::protocol::message::{Envelope, ErrorCode, Message, Selection, WireOp};
-use crate::sequencer::{fingerprint, Sequencer, SubmitError, SubmitOp, Submitted};
+use crate::sequencer::{fingerprint, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
+
+/// Identifies a session (a connection) among a document's subscribers.
+pub type SessionId = u64;
 
 /// Ops read back from the log at a time for a late op (it steps again for the rest).
 pub const LOG_READ_BATCH: u64 = 256;
 
-/// How far behind the document an op's base may be: past it, the op is refused with
-/// code 27 (the client catches up and rebases itself, as after a catch-up of more than
-/// as many ops). Bounds the work one op can cause.
+/// How far behind the document an op's base may be: past it, the op is refused as
+/// [`RefusalKind::TooOld`] (the client catches up and rebases itself, as after a
+/// catch-up of more than as many ops). Bounds the work one op can cause.
 pub const MAX_OPS_BEHIND: u64 = 10_000;
+
+/// What a document sends its subscribers, before it is built into a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<P> {
+    /// The subscriber's own op (its `Submit` numbered `request_id`) is sequenced as
+    /// `seq` and durable.
+    Ack {
+        request_id: u32,
+        local_seq: u64,
+        seq: u64,
+    },
+    /// Another client's op, sequenced and durable.
+    Op(SequencedOp),
+    /// A client's presence; `P::default()` when it left.
+    Presence { client_id: u64, presence: P },
+}
+
+/// Why a document closes a subscriber's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// What the document held for it while its snapshot was sent outgrew its queue.
+    HeldPiledUp,
+}
+
+/// A session subscribed to a document, as the document sees it. Implemented by the
+/// session side (a session's `Outbox`, in `server/wire.rs`), which builds frames.
+/// Cheap to clone: a document holds one per subscriber.
+pub trait Subscriber: Clone + Send + Sync + 'static {
+    /// A message ready to send, built once by [`Subscriber::frame`] and cloned to every
+    /// subscriber it goes to (cloning it must be cheap and must not allocate).
+    type Frame: Clone + Send + Sync + 'static;
+    /// What a client's presence holds (opaque to the document); the default is none.
+    type Presence: Clone + Default + Send + Sync + 'static;
+
+    fn session(&self) -> SessionId;
+    fn client_id(&self) -> u64;
+
+    /// Builds the message for `event` on document `doc`, at most `max_frame` bytes.
+    fn frame(doc: &str, event: Event<Self::Presence>, max_frame: usize) -> Self::Frame;
+    /// The bytes a built message takes in a subscriber's queue.
+    fn frame_len(frame: &Self::Frame) -> usize;
+    /// The most bytes of pushed messages the subscriber's queue holds.
+    fn push_capacity(&self) -> usize;
+    /// Queues a message without waiting. Returns whether it was queued (a subscriber
+    /// that does not read is closed by its queue).
+    fn send(&self, frame: Self::Frame) -> bool;
+    /// Closes the subscriber's session (the first reason given wins).
+    fn close(&self, reason: CloseReason);
+}
+
+/// Why an op is refused. The session maps each kind to its wire code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// The op is too large (once transformed, or for the text or the log).
+    TooLarge,
+    /// The op's patches do not fit the document's text.
+    OutOfRange,
+    /// The document id is not valid.
+    InvalidDocId,
+    /// The op was made on top of an op that was refused, or conflicts with ops
+    /// sequenced between the client's pipelined ops: open the document again.
+    PipelineConflict,
+    /// The op's base is older than the ops the server keeps or transforms over.
+    TooOld,
+    /// The op's base is ahead of the document.
+    FutureVersion,
+    /// The op id was used before for another op.
+    OpIdReused,
+    /// The log failed (or returned other ops than asked for).
+    StorageFailed,
+    /// An invariant of the core broke: the op is refused rather than misapplied.
+    Internal,
+    /// The work on the op panicked where it ran (off the async workers).
+    Crashed,
+}
+
+/// An op refused, and why in words for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(kind: RefusalKind, message: impl Into<String>) -> Refusal {
+        Refusal {
+            kind,
+            message: message.into(),
+        }
+    }
+}
 
 /// One sequenced op as late ops are transformed over it.
 struct Sequenced {
@@ -42,48 +141,54 @@ struct Sequenced {
     op: Arc<TextOp>,
 }
 
-struct Pending {
-    op: WireOp,
+struct Pending<S: Subscriber> {
+    op: SequencedOp,
     submitter: SessionId,
     request_id: u32,
     durable: bool,
     /// Acks for resends of this op, sent right after it is delivered.
-    resent: Vec<(Outbox, Bytes)>,
+    resent: Vec<(S, S::Frame)>,
 }
 
-/// Frames for a session whose snapshot is not out yet, and their bytes.
-#[derive(Default)]
-struct Held {
-    frames: Vec<Bytes>,
+/// Messages for a session whose snapshot is not out yet, and their bytes.
+struct Held<F> {
+    frames: Vec<F>,
     bytes: usize,
 }
 
-struct State {
-    /// The document's version: the seq of its newest op (durable or not).
-    version: u64,
-    /// The newest ops, consecutive seqs ending at `version`, oldest first. Every op
-    /// older than the first one is durable.
+impl<F> Default for Held<F> {
+    fn default() -> Self {
+        Held {
+            frames: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+struct State<S: Subscriber> {
+    /// The newest ops, consecutive seqs ending at the document's version, oldest first.
+    /// Every op older than the first one is delivered, hence durable.
     history: VecDeque<Sequenced>,
     /// Sessions whose pipelined op conflicted: their later ops are refused until they
     /// open the document again (they were made on top of the refused one).
     broken_pipelines: HashSet<SessionId>,
     /// Sequenced ops waiting for durability or for earlier seqs, by seq.
-    pending: BTreeMap<u64, Pending>,
+    pending: BTreeMap<u64, Pending<S>>,
     /// Highest seq delivered to subscribers.
     delivered: u64,
     /// Ordered, so that a broadcast reaches subscribers in the same order on every run
     /// (the simulator replays a seed exactly).
-    subscribers: BTreeMap<SessionId, Outbox>,
+    subscribers: BTreeMap<SessionId, S>,
     /// Messages for sessions that subscribed but have not been sent their snapshot yet:
     /// released by [`Document::activate`], so that no broadcast overtakes the snapshot.
-    /// Bounded like the session's outbox.
-    held: HashMap<SessionId, Held>,
-    presence: BTreeMap<u64, Presence>,
+    /// Bounded like the session's queue.
+    held: HashMap<SessionId, Held<S::Frame>>,
+    presence: BTreeMap<u64, Presence<S::Presence>>,
 }
 
 /// One client's presence on the document, and its coalescing state.
-struct Presence {
-    selections: Vec<Selection>,
+struct Presence<P> {
+    presence: P,
     session: SessionId,
     /// When it was last broadcast.
     sent_at: Instant,
@@ -91,37 +196,40 @@ struct Presence {
     dirty: bool,
 }
 
-/// Sends to one subscriber, or holds the frame while its snapshot is not out yet.
-fn deliver(held: &mut HashMap<SessionId, Held>, outbox: &Outbox, frame: &Bytes) {
-    match held.get_mut(&outbox.session) {
-        Some(h) if h.bytes + frame.len() <= outbox.push_capacity() => {
-            h.bytes += frame.len();
+/// Sends to one subscriber, or holds the message while its snapshot is not out yet.
+fn deliver<S: Subscriber>(
+    held: &mut HashMap<SessionId, Held<S::Frame>>,
+    subscriber: &S,
+    frame: &S::Frame,
+) {
+    match held.get_mut(&subscriber.session()) {
+        Some(h) if h.bytes + S::frame_len(frame) <= subscriber.push_capacity() => {
+            h.bytes += S::frame_len(frame);
             h.frames.push(frame.clone());
         }
-        Some(_) => outbox.close_with(
-            ErrorCode::TooSlow,
-            "too slow: the document's updates piled up while its snapshot was sent",
-        ),
+        Some(_) => subscriber.close(CloseReason::HeldPiledUp),
         None => {
-            outbox.send(frame.clone());
+            subscriber.send(frame.clone());
         }
     }
 }
 
-impl State {
-    fn deliver_all(&mut self, except: Option<SessionId>, frame: &Bytes) {
+impl<S: Subscriber> State<S> {
+    fn deliver_all(&mut self, except: Option<SessionId>, frame: &S::Frame) {
         let State {
             subscribers, held, ..
         } = self;
-        for outbox in subscribers.values().filter(|o| Some(o.session) != except) {
-            deliver(held, outbox, frame);
+        for subscriber in subscribers.values().filter(|s| Some(s.session()) != except) {
+            deliver(held, subscriber, frame);
         }
     }
 
     /// The window's ops after `at`, if the window still holds all of them; else the
     /// newest seq that must come from the log.
     fn window_after(&self, at: u64) -> Result<Vec<(u64, u64, Arc<TextOp>)>, u64> {
-        let oldest = self.history.front().map_or(self.version + 1, |s| s.seq);
+        // An empty window: every op sequenced was delivered (only delivered ops leave
+        // it), so the next op is the one after the last delivered.
+        let oldest = self.history.front().map_or(self.delivered + 1, |s| s.seq);
         if at + 1 < oldest {
             return Err(oldest - 1);
         }
@@ -133,8 +241,6 @@ impl State {
             .collect())
     }
 
-    /// Forgets the oldest ops beyond the window, but only those already delivered (so
-    /// that every op older than the window is durable, hence readable from the log).
     /// Gives back the allocations of emptied tables, so that a quiet open document
     /// holds only its subscribers and its history: an emptied `BTreeMap` keeps its root
     /// node (about 0.9 KB of `Pending` slots here) and a `HashMap` its buckets. Called
@@ -148,6 +254,8 @@ impl State {
         }
     }
 
+    /// Forgets the oldest ops beyond the window, but only those already delivered (so
+    /// that every op older than the window is durable, hence readable from the log).
     fn trim_history(&mut self, window: usize) {
         while self.history.len() > window
             && self
@@ -160,9 +268,9 @@ impl State {
     }
 }
 
-pub struct Document {
+pub struct Document<S: Subscriber> {
     pub id: Arc<str>,
-    state: Mutex<State>,
+    state: Mutex<State<S>>,
     limits: DocumentLimits,
 }
 
@@ -172,6 +280,7 @@ pub struct DocumentLimits {
     /// A client's presence is broadcast at most once per interval; updates in between
     /// are coalesced into the latest one.
     pub presence_interval: Duration,
+    /// The largest message a subscriber takes (passed to [`Subscriber::frame`]).
     pub max_frame: usize,
     /// Ops kept in memory for transforming late ops (more while ops wait for
     /// durability); older ones are read from the log.
@@ -188,19 +297,35 @@ pub struct Submission {
     pub patches: Vec<Patch>,
 }
 
+/// How large an op may be once transformed (a late op can grow past what its sender
+/// sent), measured as the session measures it (its bytes on the wire).
+#[derive(Debug, Clone, Copy)]
+pub struct OpLimit {
+    pub max: usize,
+    pub measure: fn(&[Patch]) -> usize,
+}
+
+impl OpLimit {
+    /// No limit.
+    pub const NONE: OpLimit = OpLimit {
+        max: usize::MAX,
+        measure: |_| 0,
+    };
+}
+
 #[derive(Debug)]
 pub enum SubmitOutcome {
     /// The ack goes out through [`Document::mark_durable`] in seq order.
     Applied {
         seq: u64,
-        ticket: crate::sequencer::Ticket,
+        ticket: Ticket,
     },
     /// A resend of an applied op: its original seq, acknowledged once durable.
     Duplicate {
         seq: u64,
-        ticket: crate::sequencer::Ticket,
+        ticket: Ticket,
     },
-    Rejected(ErrorCode, String),
+    Refused(Refusal),
 }
 
 /// A submitted op on its way to being sequenced: transformed so far up to version `at`.
@@ -210,8 +335,8 @@ pub struct Job {
     op_id: OpId,
     base_version: u64,
     fingerprint: u64,
-    /// Bytes the op's patch list may take once transformed (so its broadcasts fit).
-    max_op_bytes: usize,
+    /// How large the op may be once transformed (so its broadcasts fit).
+    limit: OpLimit,
     op: TextOp,
     /// The op applies to the document at this version.
     at: u64,
@@ -231,12 +356,12 @@ pub enum Step {
     },
 }
 
-fn rejected(code: ErrorCode, message: impl Into<String>) -> SubmitOutcome {
-    SubmitOutcome::Rejected(code, message.into())
+fn refusal(kind: RefusalKind, message: impl Into<String>) -> SubmitOutcome {
+    SubmitOutcome::Refused(Refusal::new(kind, message))
 }
 
 impl Job {
-    pub fn new(submission: &Submission, max_op_bytes: usize) -> Job {
+    pub fn new(submission: &Submission, limit: OpLimit) -> Job {
         Job {
             session: submission.session,
             request_id: submission.request_id,
@@ -246,7 +371,7 @@ impl Job {
             },
             base_version: submission.base_version,
             fingerprint: fingerprint(submission.base_version, &submission.patches),
-            max_op_bytes,
+            limit,
             op: TextOp::from_patches(&submission.patches),
             at: submission.base_version,
             others_seen: false,
@@ -277,8 +402,8 @@ impl Job {
                 seq,
                 "a late op would be transformed over a non-consecutive op; refused"
             );
-            return Err(rejected(
-                ErrorCode::Malformed,
+            return Err(refusal(
+                RefusalKind::Internal,
                 format!(
                     "internal: op {} at version {} met op {seq}; resend it",
                     self.op_id, self.at
@@ -288,8 +413,8 @@ impl Job {
         self.at = seq;
         if by == self.op_id.client_id {
             if self.others_seen {
-                return Err(rejected(
-                    ErrorCode::PipelineConflict,
+                return Err(refusal(
+                    RefusalKind::PipelineConflict,
                     "a pipelined op conflicts with a concurrent op sequenced between this \
                      client's ops; open the document again and resend",
                 ));
@@ -331,10 +456,10 @@ impl Job {
 }
 
 /// Reads the durable ops in `(after, upto]` of `doc` from the log: exactly those seqs,
-/// or a refusal (the log no longer holds them: code 27; a storage error: code 30).
+/// or a refusal (the log no longer holds them: too old; a storage error).
 /// Blocking: call it off the async workers.
-pub fn read_missed<S: Sequencer>(
-    sequencer: &S,
+pub fn read_missed<Q: Sequencer>(
+    sequencer: &Q,
     doc: &str,
     after: u64,
     upto: u64,
@@ -361,32 +486,33 @@ pub fn read_missed<S: Sequencer>(
                 got = ops.len(),
                 "the log returned other ops than the durable ones asked for"
             );
-            Err(rejected(
-                ErrorCode::StorageFailed,
+            Err(refusal(
+                RefusalKind::StorageFailed,
                 format!("internal: the log holds {} of ops {}..={upto}", ops.len(), after + 1),
             ))
         }
-        Ok(None) => Err(rejected(
-            ErrorCode::TooOld,
+        Ok(None) => Err(refusal(
+            RefusalKind::TooOld,
             format!(
                 "base version {after} is older than the ops the server keeps; open the document again"
             ),
         )),
-        Err(reason) => Err(rejected(ErrorCode::StorageFailed, reason.to_string())),
+        Err(reason) => Err(refusal(RefusalKind::StorageFailed, reason.to_string())),
     }
 }
 
-impl Document {
-    pub fn new(id: Arc<str>, version: u64, limits: DocumentLimits) -> Self {
+impl<S: Subscriber> Document<S> {
+    /// A document whose ops up to `delivered` (the sequencer's version when it is
+    /// opened) are all durable: none waits for delivery.
+    pub fn new(id: Arc<str>, delivered: u64, limits: DocumentLimits) -> Self {
         Document {
             id,
             limits,
             state: Mutex::new(State {
-                version,
                 history: VecDeque::new(),
                 broken_pipelines: HashSet::new(),
                 pending: BTreeMap::new(),
-                delivered: version,
+                delivered,
                 subscribers: BTreeMap::new(),
                 held: HashMap::new(),
                 presence: BTreeMap::new(),
@@ -394,31 +520,30 @@ impl Document {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State<S>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn frame(&self, message: Message, request_id: u32) -> Bytes {
-        encode(
-            &Envelope {
-                request_id,
-                message,
-            },
-            self.limits.max_frame,
-        )
+    fn frame(&self, event: Event<S::Presence>) -> S::Frame {
+        S::frame(&self.id, event, self.limits.max_frame)
     }
 
-    /// The version of the newest op sequenced (durable or not).
-    pub fn version(&self) -> u64 {
-        self.lock().version
+    /// The version of the newest op sequenced (durable or not), as the sequencer (its
+    /// one owner) has it. Read under the document's lock, which every op sequenced for
+    /// the document holds: never between an op's sequencing and its queueing for
+    /// delivery. Costs a lookup in the sequencer's table of documents.
+    pub fn version<Q: Sequencer>(&self, sequencer: &Q) -> u64 {
+        let _state = self.lock();
+        sequencer.version(&self.id)
     }
 
     /// Subscribes a session. Broadcasts for it are held until [`Document::activate`].
-    pub fn subscribe(&self, outbox: Outbox) {
+    pub fn subscribe(&self, subscriber: S) {
         let mut state = self.lock();
-        state.held.insert(outbox.session, Held::default());
-        state.broken_pipelines.remove(&outbox.session);
-        state.subscribers.insert(outbox.session, outbox);
+        let session = subscriber.session();
+        state.held.insert(session, Held::default());
+        state.broken_pipelines.remove(&session);
+        state.subscribers.insert(session, subscriber);
     }
 
     /// The session's snapshot or catch-up is queued: release what was held for it, in
@@ -427,15 +552,15 @@ impl Document {
         let mut state = self.lock();
         let held = state.held.remove(&session).unwrap_or_default();
         state.release_spare();
-        let Some(outbox) = state.subscribers.get(&session).cloned() else {
+        let Some(subscriber) = state.subscribers.get(&session).cloned() else {
             return;
         };
         for frame in held.frames {
-            outbox.send(frame);
+            subscriber.send(frame);
         }
-        for (client_id, presence) in &state.presence {
-            if *client_id != outbox.client_id {
-                outbox.send(self.presence_state(*client_id, presence.selections.clone()));
+        for (client_id, p) in &state.presence {
+            if *client_id != subscriber.client_id() {
+                subscriber.send(self.presence_frame(*client_id, p.presence.clone()));
             }
         }
     }
@@ -455,7 +580,7 @@ impl Document {
                 .is_some_and(|p| p.session == session)
         {
             state.presence.remove(&client_id);
-            let frame = self.presence_state(client_id, Vec::new());
+            let frame = self.presence_frame(client_id, S::Presence::default());
             state.deliver_all(None, &frame);
         }
     }
@@ -470,31 +595,22 @@ impl Document {
         self.lock().subscribers.len()
     }
 
-    fn presence_state(&self, client_id: u64, selections: Vec<Selection>) -> Bytes {
-        self.frame(
-            Message::PresenceState {
-                doc: self.id.to_string(),
-                client_id,
-                selections,
-            },
-            0,
-        )
+    fn presence_frame(&self, client_id: u64, presence: S::Presence) -> S::Frame {
+        self.frame(Event::Presence {
+            client_id,
+            presence,
+        })
     }
 
     /// Broadcasts a presence update to the other subscribers, at most once per
     /// `presence_interval` per client: an update sooner than that is held, and the
     /// latest one held goes out when the interval ends. Never stored.
-    pub fn presence(
-        self: &Arc<Self>,
-        session: SessionId,
-        client_id: u64,
-        selections: Vec<Selection>,
-    ) {
+    pub fn presence(self: &Arc<Self>, session: SessionId, client_id: u64, presence: S::Presence) {
         let now = Instant::now();
         let mut state = self.lock();
         match state.presence.get_mut(&client_id) {
             Some(p) if now < p.sent_at + self.limits.presence_interval => {
-                p.selections = selections;
+                p.presence = presence;
                 p.session = session;
                 if !p.dirty {
                     p.dirty = true;
@@ -507,11 +623,11 @@ impl Document {
                 }
             }
             _ => {
-                let frame = self.presence_state(client_id, selections.clone());
+                let frame = self.presence_frame(client_id, presence.clone());
                 state.presence.insert(
                     client_id,
                     Presence {
-                        selections,
+                        presence,
                         session,
                         sent_at: now,
                         dirty: false,
@@ -530,18 +646,21 @@ impl Document {
         };
         p.dirty = false;
         p.sent_at = Instant::now();
-        let (session, selections) = (p.session, p.selections.clone());
-        let frame = self.presence_state(client_id, selections);
+        let (session, presence) = (p.session, p.presence.clone());
+        let frame = self.presence_frame(client_id, presence);
         state.deliver_all(Some(session), &frame);
     }
 
     /// Checks what can be answered before any transform: an op ahead of the document, a
     /// resend (answered from the dedupe table however old its base), a connection
     /// whose pipeline broke. `None`: go on with [`Document::step`].
-    pub fn precheck<S: Sequencer>(&self, sequencer: &S, job: &Job) -> Option<SubmitOutcome> {
+    pub fn precheck<Q: Sequencer>(&self, sequencer: &Q, job: &Job) -> Option<SubmitOutcome> {
         let (version, broken) = {
             let state = self.lock();
-            (state.version, state.broken_pipelines.contains(&job.session))
+            (
+                sequencer.version(&self.id),
+                state.broken_pipelines.contains(&job.session),
+            )
         };
         if version - job.base_version.min(version) > MAX_OPS_BEHIND && !broken {
             // A resend is answered however old its base; a new op that far behind is not
@@ -553,8 +672,8 @@ impl Document {
                 Some(Err(e)) => return Some(outcome_of(e)),
                 _ => {
                     self.break_pipeline(job.session);
-                    return Some(rejected(
-                        ErrorCode::TooOld,
+                    return Some(refusal(
+                        RefusalKind::TooOld,
                         format!(
                             "base version {} is more than {MAX_OPS_BEHIND} ops behind the document \
                              (version {version}); open it again and rebase",
@@ -566,8 +685,8 @@ impl Document {
         }
         if job.base_version > version {
             self.break_pipeline(job.session);
-            return Some(rejected(
-                ErrorCode::FutureVersion,
+            return Some(refusal(
+                RefusalKind::FutureVersion,
                 format!(
                     "base version {} is ahead of the document (version {version})",
                     job.base_version
@@ -586,8 +705,8 @@ impl Document {
             }
         }
         broken.then(|| {
-            rejected(
-                ErrorCode::PipelineConflict,
+            refusal(
+                RefusalKind::PipelineConflict,
                 "an earlier op of this connection was refused; open the document again",
             )
         })
@@ -595,14 +714,14 @@ impl Document {
 
     /// Transforms the op over what it missed and sequences it. `log` holds the ops a
     /// previous step asked for with [`Step::ReadLog`].
-    pub fn step<S: Sequencer>(
+    pub fn step<Q: Sequencer>(
         &self,
-        sequencer: &S,
+        sequencer: &Q,
         job: &mut Job,
         log: Option<Vec<SequencedOp>>,
     ) -> Step {
         match self.try_step(sequencer, job, log) {
-            Ok(Step::Done(outcome @ SubmitOutcome::Rejected(..))) | Err(outcome) => {
+            Ok(Step::Done(outcome @ SubmitOutcome::Refused(..))) | Err(outcome) => {
                 Step::Done(self.refused(sequencer, job, outcome))
             }
             Ok(step) => step,
@@ -613,9 +732,9 @@ impl Document {
     /// (its original, sequenced by another session of the same client), the session's
     /// later ops to this document are refused too (they may have been made on top of
     /// it) until it opens the document again.
-    fn refused<S: Sequencer>(
+    fn refused<Q: Sequencer>(
         &self,
-        sequencer: &S,
+        sequencer: &Q,
         job: &Job,
         outcome: SubmitOutcome,
     ) -> SubmitOutcome {
@@ -633,9 +752,9 @@ impl Document {
         self.lock().broken_pipelines.insert(session);
     }
 
-    fn try_step<S: Sequencer>(
+    fn try_step<Q: Sequencer>(
         &self,
-        sequencer: &S,
+        sequencer: &Q,
         job: &mut Job,
         log: Option<Vec<SequencedOp>>,
     ) -> Result<Step, SubmitOutcome> {
@@ -650,45 +769,40 @@ impl Document {
         // Under the lock: the few ops sequenced meanwhile, then sequence.
         let mut state = self.lock();
         if state.broken_pipelines.contains(&job.session) {
-            return Err(rejected(
-                ErrorCode::PipelineConflict,
+            return Err(refusal(
+                RefusalKind::PipelineConflict,
                 "an earlier op of this connection was refused; open the document again",
             ));
         }
         if let Some(read_log) = job.over_window(state.window_after(job.at))? {
             return Ok(read_log);
         }
-        assert_eq!(
-            job.at, state.version,
-            "transformed up to the current version"
-        );
+        // Every op of this document is sequenced under its lock, held here: the
+        // sequencer's version cannot move until the op is sequenced and queued.
+        let version = sequencer.version(&self.id);
+        assert_eq!(job.at, version, "transformed up to the current version");
         let patches = job.op.to_patches();
-        let bytes = crate::protocol::patches_wire_len(&patches);
-        if bytes > job.max_op_bytes {
-            return Err(rejected(
-                ErrorCode::TooLarge,
+        let bytes = (job.limit.measure)(&patches);
+        if bytes > job.limit.max {
+            return Err(refusal(
+                RefusalKind::TooLarge,
                 format!(
                     "the op takes {bytes} bytes once transformed over the ops it missed; the \
                      limit is {}: send it in smaller ops",
-                    job.max_op_bytes
+                    job.limit.max
                 ),
             ));
         }
         let submit = SubmitOp {
             op_id: job.op_id,
             base_version: job.base_version,
-            expected_version: state.version,
+            expected_version: version,
             fingerprint: job.fingerprint,
             patches: patches.clone(),
         };
         let outcome = match sequencer.submit(&self.id, submit) {
             Ok(Submitted::Applied { seq, ticket }) => {
-                assert_eq!(
-                    seq,
-                    state.version + 1,
-                    "the sequencer's seqs are consecutive"
-                );
-                state.version = seq;
+                assert_eq!(seq, version + 1, "the sequencer's seqs are consecutive");
                 state.history.push_back(Sequenced {
                     seq,
                     client_id: job.op_id.client_id,
@@ -698,10 +812,10 @@ impl Document {
                 state.pending.insert(
                     seq,
                     Pending {
-                        op: WireOp {
+                        op: SequencedOp {
                             seq,
-                            client_id: job.op_id.client_id,
-                            local_seq: job.op_id.local_seq,
+                            id: job.op_id,
+                            base_version: job.base_version,
                             patches,
                         },
                         submitter: job.session,
@@ -720,8 +834,8 @@ impl Document {
 
     /// [`Document::precheck`] then [`Document::step`] until done, reading the log on
     /// this thread when needed (blocking: for tests and callers off the async workers).
-    pub fn submit<S: Sequencer>(&self, sequencer: &S, submission: Submission) -> SubmitOutcome {
-        let mut job = Job::new(&submission, usize::MAX);
+    pub fn submit<Q: Sequencer>(&self, sequencer: &Q, submission: Submission) -> SubmitOutcome {
+        let mut job = Job::new(&submission, OpLimit::NONE);
         if let Some(outcome) = self.precheck(sequencer, &job) {
             return outcome;
         }
@@ -742,27 +856,24 @@ impl Document {
     /// A resend of the op sequenced as `seq` is answered with its original ack, in seq
     /// order with the document's other messages to that session: at once if `seq` was
     /// delivered, else right after it is.
-    pub fn ack_resend(&self, outbox: &Outbox, request_id: u32, local_seq: u64, seq: u64) {
-        let ack = self.frame(
-            Message::Ack {
-                doc: self.id.to_string(),
-                local_seq,
-                seq,
-            },
+    pub fn ack_resend(&self, subscriber: &S, request_id: u32, local_seq: u64, seq: u64) {
+        let ack = self.frame(Event::Ack {
             request_id,
-        );
+            local_seq,
+            seq,
+        });
         let mut state = self.lock();
         if seq > state.delivered {
             if let Some(p) = state.pending.get_mut(&seq) {
-                p.resent.push((outbox.clone(), ack));
+                p.resent.push((subscriber.clone(), ack));
                 return;
             }
         }
-        deliver(&mut state.held, outbox, &ack);
+        deliver(&mut state.held, subscriber, &ack);
     }
 
     /// `seq` is durable: deliver every consecutive durable op, in seq order, as an ack
-    /// to its submitter and a broadcast to the other subscribers.
+    /// to its submitter and a broadcast to the other subscribers (built once for all).
     pub fn mark_durable(&self, seq: u64) {
         let mut state = self.lock();
         if let Some(p) = state.pending.get_mut(&seq) {
@@ -776,29 +887,25 @@ impl Document {
             }
             let p = state.pending.remove(&next).expect("checked");
             state.delivered = next;
-            let doc = self.id.to_string();
-            let ack = self.frame(
-                Message::Ack {
-                    doc: doc.clone(),
-                    local_seq: p.op.local_seq,
-                    seq: p.op.seq,
-                },
-                p.request_id,
-            );
-            let remote = self.frame(Message::Remote { doc, op: p.op }, 0);
+            let ack = self.frame(Event::Ack {
+                request_id: p.request_id,
+                local_seq: p.op.id.local_seq,
+                seq: p.op.seq,
+            });
+            let remote = self.frame(Event::Op(p.op));
             let State {
                 subscribers, held, ..
             } = &mut *state;
-            for outbox in subscribers.values() {
-                let frame = if outbox.session == p.submitter {
+            for subscriber in subscribers.values() {
+                let frame = if subscriber.session() == p.submitter {
                     &ack
                 } else {
                     &remote
                 };
-                deliver(held, outbox, frame);
+                deliver(held, subscriber, frame);
             }
-            for (outbox, ack) in &p.resent {
-                deliver(held, outbox, ack);
+            for (subscriber, ack) in &p.resent {
+                deliver(held, subscriber, ack);
             }
         }
         state.trim_history(self.limits.history_window);
@@ -810,15 +917,15 @@ impl Document {
 fn outcome_of(e: SubmitError) -> SubmitOutcome {
     match e {
         SubmitError::Invalid(e @ crate::text::ApplyError::OutOfRange { .. }) => {
-            rejected(ErrorCode::OutOfRange, e.to_string())
+            refusal(RefusalKind::OutOfRange, e.to_string())
         }
-        SubmitError::Invalid(e) => rejected(ErrorCode::TooLarge, e.to_string()),
-        SubmitError::InvalidDocId(m) => rejected(ErrorCode::InvalidDocId, m),
-        SubmitError::TooLarge(m) => rejected(ErrorCode::TooLarge, m),
-        SubmitError::OpIdReused(m) => rejected(ErrorCode::OpIdReused, m),
-        SubmitError::Storage(m) => rejected(ErrorCode::StorageFailed, m.to_string()),
+        SubmitError::Invalid(e) => refusal(RefusalKind::TooLarge, e.to_string()),
+        SubmitError::InvalidDocId(m) => refusal(RefusalKind::InvalidDocId, m),
+        SubmitError::TooLarge(m) => refusal(RefusalKind::TooLarge, m),
+        SubmitError::OpIdReused(m) => refusal(RefusalKind::OpIdReused, m),
+        SubmitError::Storage(m) => refusal(RefusalKind::StorageFailed, m.to_string()),
         e @ SubmitError::VersionMismatch { .. } => {
-            rejected(ErrorCode::Malformed, format!("internal: {e}"))
+            refusal(RefusalKind::Internal, format!("internal: {e}"))
         }
     }
 }
@@ -826,31 +933,429 @@ fn outcome_of(e: SubmitError) -> SubmitOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::outbox;
+    use crate::sequencer::local::{LocalConfig, LocalSequencer};
+    use crate::wal::vfs::sim::SimFs;
+    use std::cell::Cell;
+    use std::path::Path;
 
     const MAX_FRAME: usize = 1 << 20;
 
-    fn document() -> Document {
+    /// What a [`Recorder`] was sent, as built by [`Subscriber::frame`].
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Got {
+        Ack {
+            request_id: u32,
+            local_seq: u64,
+            seq: u64,
+        },
+        Op {
+            seq: u64,
+            client_id: u64,
+            patches: Vec<Patch>,
+        },
+        Presence {
+            client_id: u64,
+            presence: Vec<u32>,
+        },
+    }
+
+    thread_local! {
+        /// Messages built on this thread (each test runs on its own).
+        static BUILT: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// A subscriber that records what it is sent.
+    #[derive(Clone)]
+    struct Recorder {
+        session: SessionId,
+        client_id: u64,
+        capacity: usize,
+        got: Arc<Mutex<Vec<Got>>>,
+        closed: Arc<Mutex<Option<CloseReason>>>,
+    }
+
+    impl Recorder {
+        fn new(session: SessionId, client_id: u64) -> Recorder {
+            Recorder {
+                session,
+                client_id,
+                capacity: 1 << 20,
+                got: Arc::default(),
+                closed: Arc::default(),
+            }
+        }
+
+        fn take(&self) -> Vec<Got> {
+            std::mem::take(&mut *self.got.lock().unwrap())
+        }
+    }
+
+    impl Subscriber for Recorder {
+        type Frame = Arc<Got>;
+        type Presence = Vec<u32>;
+
+        fn session(&self) -> SessionId {
+            self.session
+        }
+
+        fn client_id(&self) -> u64 {
+            self.client_id
+        }
+
+        fn frame(doc: &str, event: Event<Vec<u32>>, _max_frame: usize) -> Arc<Got> {
+            assert_eq!(doc, "d");
+            BUILT.with(|b| b.set(b.get() + 1));
+            Arc::new(match event {
+                Event::Ack {
+                    request_id,
+                    local_seq,
+                    seq,
+                } => Got::Ack {
+                    request_id,
+                    local_seq,
+                    seq,
+                },
+                Event::Op(op) => Got::Op {
+                    seq: op.seq,
+                    client_id: op.id.client_id,
+                    patches: op.patches,
+                },
+                Event::Presence {
+                    client_id,
+                    presence,
+                } => Got::Presence {
+                    client_id,
+                    presence,
+                },
+            })
+        }
+
+        fn frame_len(_frame: &Arc<Got>) -> usize {
+            100
+        }
+
+        fn push_capacity(&self) -> usize {
+            self.capacity
+        }
+
+        fn send(&self, frame: Arc<Got>) -> bool {
+            self.got.lock().unwrap().push((*frame).clone());
+            true
+        }
+
+        fn close(&self, reason: CloseReason) {
+            self.closed.lock().unwrap().get_or_insert(reason);
+        }
+    }
+
+    fn document(history_window: usize) -> Document<Recorder> {
         let limits = DocumentLimits {
             presence_interval: Duration::from_millis(50),
             max_frame: MAX_FRAME,
-            history_window: 8,
+            history_window,
         };
         Document::new(Arc::from("d"), 0, limits)
     }
 
+    /// A sequencer on a simulated disk, and a runtime to wait for durability.
+    fn sequencer() -> (LocalSequencer, tokio::runtime::Runtime) {
+        let (store, _) = LocalSequencer::open_with(
+            Arc::new(SimFs::new()),
+            Path::new("/data"),
+            LocalConfig {
+                maintenance_interval: Duration::from_secs(3600),
+                ..LocalConfig::default()
+            },
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        (store, rt)
+    }
+
+    fn submission(
+        session: SessionId,
+        client_id: u64,
+        local_seq: u64,
+        base_version: u64,
+        patch: Patch,
+    ) -> Submission {
+        Submission {
+            session,
+            request_id: local_seq as u32 + 100,
+            client_id,
+            local_seq,
+            base_version,
+            patches: vec![patch],
+        }
+    }
+
+    /// Submits and waits for the op to be durable; returns its seq and ticket.
+    fn applied(
+        doc: &Document<Recorder>,
+        store: &LocalSequencer,
+        rt: &tokio::runtime::Runtime,
+        submission: Submission,
+    ) -> (u64, Ticket) {
+        match doc.submit(store, submission) {
+            SubmitOutcome::Applied { seq, ticket } => {
+                rt.block_on(store.wait_durable(ticket)).unwrap();
+                (seq, ticket)
+            }
+            other => panic!("not applied: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_late_op_is_transformed_over_every_op_since_its_base() {
+        let (store, rt) = sequencer();
+        // A window of 2: most of the ops the late op missed come back from the log.
+        let doc = document(2);
+        let (a, b) = (Recorder::new(1, 10), Recorder::new(2, 20));
+        for r in [&a, &b] {
+            doc.subscribe(r.clone());
+            doc.activate(r.session);
+        }
+        let (seq, _) = applied(
+            &doc,
+            &store,
+            &rt,
+            submission(1, 10, 1, 0, Patch::new(0, 0, "hello")),
+        );
+        doc.mark_durable(seq);
+        for i in 1..=5u64 {
+            // Client 10 prepends a digit, each on the newest version.
+            let (seq, _) = applied(
+                &doc,
+                &store,
+                &rt,
+                submission(1, 10, 1 + i, i, Patch::new(0, 0, i.to_string())),
+            );
+            doc.mark_durable(seq);
+        }
+        assert_eq!(doc.version(&store), 6);
+        // Client 20 appends to "hello", made on version 1: after the five prepends.
+        let (seq, _) = applied(
+            &doc,
+            &store,
+            &rt,
+            submission(2, 20, 1, 1, Patch::new(5, 0, "X")),
+        );
+        assert_eq!(seq, 7);
+        doc.mark_durable(seq);
+        let got = a.take();
+        assert_eq!(
+            got.last(),
+            Some(&Got::Op {
+                seq: 7,
+                client_id: 20,
+                patches: vec![Patch::new(10, 0, "X")],
+            }),
+            "transformed over the five ops since its base"
+        );
+        let view = rt.block_on(store.read("d")).unwrap().unwrap();
+        assert_eq!((view.text.as_str(), view.version), ("54321helloX", 7));
+    }
+
+    #[test]
+    fn acks_and_broadcasts_go_out_in_seq_order_once_durable_and_built_once() {
+        let (store, rt) = sequencer();
+        let doc = document(8);
+        let (a, b, c) = (
+            Recorder::new(1, 10),
+            Recorder::new(2, 20),
+            Recorder::new(3, 30),
+        );
+        for r in [&a, &b, &c] {
+            doc.subscribe(r.clone());
+            doc.activate(r.session);
+        }
+        let (one, _) = applied(
+            &doc,
+            &store,
+            &rt,
+            submission(1, 10, 1, 0, Patch::new(0, 0, "a")),
+        );
+        let (two, _) = applied(
+            &doc,
+            &store,
+            &rt,
+            submission(2, 20, 1, 1, Patch::new(1, 0, "b")),
+        );
+        assert_eq!((one, two), (1, 2));
+        assert!(
+            a.take().is_empty() && b.take().is_empty(),
+            "nothing before durable"
+        );
+        BUILT.with(|b| b.set(0));
+        doc.mark_durable(2);
+        assert!(a.take().is_empty() && b.take().is_empty(), "2 waits for 1");
+        doc.mark_durable(1);
+        let op = |seq, client_id, patch| Got::Op {
+            seq,
+            client_id,
+            patches: vec![patch],
+        };
+        let ack = |request_id, seq| Got::Ack {
+            request_id,
+            local_seq: 1,
+            seq,
+        };
+        assert_eq!(
+            a.take(),
+            vec![ack(101, 1), op(2, 20, Patch::new(1, 0, "b"))]
+        );
+        assert_eq!(
+            b.take(),
+            vec![op(1, 10, Patch::new(0, 0, "a")), ack(101, 2)]
+        );
+        assert_eq!(
+            c.take(),
+            vec![
+                op(1, 10, Patch::new(0, 0, "a")),
+                op(2, 20, Patch::new(1, 0, "b"))
+            ]
+        );
+        assert_eq!(
+            BUILT.with(Cell::get),
+            4,
+            "one ack and one broadcast per op, whatever the number of subscribers"
+        );
+    }
+
+    #[test]
+    fn a_resend_gets_its_original_ack_after_the_op_is_delivered() {
+        let (store, rt) = sequencer();
+        let doc = document(8);
+        let (a, other) = (Recorder::new(1, 10), Recorder::new(2, 20));
+        for r in [&a, &other] {
+            doc.subscribe(r.clone());
+            doc.activate(r.session);
+        }
+        let (seq, _) = applied(
+            &doc,
+            &store,
+            &rt,
+            submission(1, 10, 1, 0, Patch::new(0, 0, "a")),
+        );
+        // The same client resends on a new session before the op is delivered.
+        let again = Recorder::new(3, 10);
+        doc.subscribe(again.clone());
+        doc.activate(again.session);
+        match doc.submit(&store, submission(3, 10, 1, 0, Patch::new(0, 0, "a"))) {
+            SubmitOutcome::Duplicate { seq: s, .. } => assert_eq!(s, seq),
+            other => panic!("not a duplicate: {other:?}"),
+        }
+        doc.ack_resend(&again, 7, 1, seq);
+        assert!(again.take().is_empty(), "not before the op is delivered");
+        doc.mark_durable(seq);
+        let ack = Got::Ack {
+            request_id: 7,
+            local_seq: 1,
+            seq,
+        };
+        let broadcast = Got::Op {
+            seq,
+            client_id: 10,
+            patches: vec![Patch::new(0, 0, "a")],
+        };
+        assert_eq!(again.take(), vec![broadcast, ack.clone()], "right after it");
+        // Once delivered, a resend is answered at once.
+        doc.ack_resend(&again, 7, 1, seq);
+        assert_eq!(again.take(), vec![ack]);
+        assert_eq!(a.take().len(), 1);
+        assert_eq!(other.take().len(), 1);
+    }
+
+    #[test]
+    fn updates_held_for_a_snapshot_are_released_in_order_or_close_a_slow_session() {
+        let (store, rt) = sequencer();
+        let doc = document(8);
+        let mut slow = Recorder::new(2, 20);
+        slow.capacity = 150;
+        let held = Recorder::new(3, 30);
+        doc.subscribe(Recorder::new(1, 10));
+        doc.activate(1);
+        doc.subscribe(slow.clone());
+        doc.subscribe(held.clone());
+        for i in 0..2u64 {
+            let (seq, _) = applied(
+                &doc,
+                &store,
+                &rt,
+                submission(1, 10, 1 + i, i, Patch::new(0, 0, "a")),
+            );
+            doc.mark_durable(seq);
+        }
+        assert!(held.take().is_empty(), "held until its snapshot is out");
+        assert_eq!(*slow.closed.lock().unwrap(), Some(CloseReason::HeldPiledUp));
+        doc.activate(held.session);
+        let seqs: Vec<u64> = held
+            .take()
+            .into_iter()
+            .map(|g| match g {
+                Got::Op { seq, .. } => seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2]);
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let (store, _rt) = sequencer();
+        let doc = document(8);
+        doc.subscribe(Recorder::new(1, 10));
+        let refused = |outcome| match outcome {
+            SubmitOutcome::Refused(r) => r.kind,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert_eq!(
+            refused(doc.submit(&store, submission(1, 10, 1, 3, Patch::new(0, 0, "a")))),
+            RefusalKind::FutureVersion
+        );
+        // The session's pipeline is broken until it opens the document again.
+        assert_eq!(
+            refused(doc.submit(&store, submission(1, 10, 2, 0, Patch::new(0, 0, "a")))),
+            RefusalKind::PipelineConflict
+        );
+        doc.subscribe(Recorder::new(1, 10));
+        assert_eq!(
+            refused(doc.submit(&store, submission(1, 10, 3, 0, Patch::new(4, 0, "a")))),
+            RefusalKind::OutOfRange
+        );
+        doc.subscribe(Recorder::new(1, 10));
+        let mut job = Job::new(
+            &submission(1, 10, 4, 0, Patch::new(0, 0, "abc")),
+            OpLimit {
+                max: 2,
+                measure: |p| p.iter().map(|p| p.ins.len()).sum(),
+            },
+        );
+        assert!(doc.precheck(&store, &job).is_none());
+        match doc.step(&store, &mut job, None) {
+            Step::Done(outcome) => assert_eq!(refused(outcome), RefusalKind::TooLarge),
+            Step::ReadLog { .. } => panic!("nothing to read"),
+        }
+    }
+
     #[test]
     fn a_quiet_open_document_keeps_no_emptied_tables() {
-        let doc = document();
-        let (subscriber, _writer) = outbox::outbox(1, 7, 8 << 20, MAX_FRAME);
+        let doc = document(8);
+        let subscriber = Recorder::new(1, 7);
         doc.subscribe(subscriber);
         // Another client's op, sequenced before the subscriber's snapshot is out.
         {
             let mut state = doc.lock();
-            let op = WireOp {
+            let op = SequencedOp {
                 seq: 1,
-                client_id: 9,
-                local_seq: 1,
+                id: OpId {
+                    client_id: 9,
+                    local_seq: 1,
+                },
+                base_version: 0,
                 patches: vec![Patch::new(0, 0, "x")],
             };
             state.pending.insert(
@@ -863,7 +1368,6 @@ mod tests {
                     resent: Vec::new(),
                 },
             );
-            state.version = 1;
         }
         doc.mark_durable(1);
         {

@@ -23,7 +23,7 @@ pub enum Action {
     /// A new op: deliver its ack and broadcast in seq order, or tell the submitter
     /// that the log failed.
     Deliver {
-        document: Arc<Document>,
+        document: Arc<Document<Outbox>>,
         seq: u64,
         outbox: Outbox,
         request_id: u32,
@@ -32,7 +32,7 @@ pub enum Action {
     /// A retried op: the original ack again, once the original is durable, in seq
     /// order with the document's other messages.
     AckDuplicate {
-        document: Arc<Document>,
+        document: Arc<Document<Outbox>>,
         outbox: Outbox,
         request_id: u32,
         local_seq: u64,

@@ -6,6 +6,7 @@ pub mod durability;
 pub mod outbox;
 pub mod session;
 pub mod transport;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -142,7 +143,7 @@ impl ServerConfig {
 pub struct Server<S> {
     pub sequencer: Arc<S>,
     pub config: ServerConfig,
-    documents: Mutex<HashMap<Arc<str>, Arc<Document>>>,
+    documents: Mutex<HashMap<Arc<str>, Arc<Document<outbox::Outbox>>>>,
     /// The live session of each client id: a second connection with the same id
     /// replaces the first (code 11), so two never act as one client at once.
     clients: Mutex<HashMap<u64, outbox::Outbox>>,
@@ -184,7 +185,9 @@ impl<S: Sequencer> Server<S> {
         })
     }
 
-    fn documents(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Document>>> {
+    fn documents(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Document<outbox::Outbox>>>> {
         self.documents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -194,7 +197,7 @@ impl<S: Sequencer> Server<S> {
     /// a [`Document`] has every op durable (one is released only when all its ops were
     /// delivered, and recovery reads only durable ops), so that version is durable, and
     /// nobody can sequence an op for it meanwhile (ops go through its `Document`).
-    fn subscribe(&self, id: &str, outbox: outbox::Outbox) -> Arc<Document> {
+    fn subscribe(&self, id: &str, outbox: outbox::Outbox) -> Arc<Document<outbox::Outbox>> {
         let mut docs = self.documents();
         if let Some(doc) = docs.get(id) {
             doc.subscribe(outbox);
@@ -242,7 +245,7 @@ impl<S: Sequencer> Server<S> {
 
     /// Forgets `doc` once it has no subscriber and nothing waiting for durability: a
     /// server's memory follows the documents open now, not every one ever opened.
-    pub(crate) fn release(&self, doc: &Arc<Document>) {
+    pub(crate) fn release(&self, doc: &Arc<Document<outbox::Outbox>>) {
         let mut docs = self.documents();
         if doc.is_idle() && docs.get(&doc.id).is_some_and(|d| Arc::ptr_eq(d, doc)) {
             docs.remove(&doc.id);

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::protocol::frame::FrameCodec;
 use crate::protocol::message::{Envelope, ErrorCode, Message};
 
-pub type SessionId = u64;
+pub use super::document::SessionId;
 
 /// Why a session is being closed by the server, sent to the client as its last frame.
 #[derive(Debug, Clone)]

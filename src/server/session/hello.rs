@@ -1,0 +1,48 @@
+//! The handshake: `Hello`, answered with `Welcome` or an `Error` that closes.
+
+use super::Session;
+use crate::protocol::message::{Envelope, ErrorCode, Message};
+use crate::protocol::PROTOCOL_VERSION;
+use crate::sequencer::Sequencer;
+
+impl<S: Sequencer> Session<S> {
+    pub(super) fn hello(&mut self, env: Envelope) -> bool {
+        let refuse = |s: &Self, code, message: String| {
+            s.send_error(0, code, message);
+            false
+        };
+        let Message::Hello {
+            version,
+            client_id,
+            token,
+        } = env.message
+        else {
+            return refuse(
+                self,
+                ErrorCode::HandshakeRequired,
+                "the first message must be Hello".into(),
+            );
+        };
+        if version != PROTOCOL_VERSION {
+            return refuse(
+                self,
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
+            );
+        }
+        if token != self.server.config.token {
+            return refuse(self, ErrorCode::WrongToken, "wrong access token".into());
+        }
+        self.client_id = Some(client_id);
+        self.outbox = self.outbox.with_client(client_id);
+        self.server.claim_client_id(&self.outbox);
+        self.send(
+            env.request_id,
+            Message::Welcome {
+                version: PROTOCOL_VERSION,
+                max_frame: self.max_frame() as u32,
+            },
+        );
+        true
+    }
+}

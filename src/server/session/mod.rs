@@ -1,0 +1,358 @@
+//! One client connection: handshake, then requests in, replies and broadcasts out.
+//!
+//! Reading and decoding happen here; a separate task writes the session's outbox
+//! ([`super::outbox`]). A malformed stream gets an `Error` and the connection is
+//! closed; a bad request on a good stream gets a `Reject` or `Error` and the session
+//! goes on. Nothing a client sends can affect another client, except through the ops it
+//! is allowed to submit.
+//!
+//! Limits enforced here (protocol.md, "Limits"): the handshake and idle deadlines, the
+//! bytes of one frame being received (a frame above [`super::SMALL_FRAME`] must get
+//! room in the server-wide budget before its body is buffered), the size and patch
+//! count of an op, the ops in flight, the selections in a presence update. Replies are
+//! built to fit a frame: a snapshot goes in pieces, a catch-up or fetch in several
+//! `Ops` frames.
+//!
+//! This file reads, decodes and dispatches; each request kind has its own file:
+//! `hello.rs` (the handshake), `open.rs` (subscribe, snapshot or catch-up), `fetch.rs`,
+//! `presence.rs`, `submit.rs` (an op on its way through the document core to its ack
+//! or `Reject`), and `ops.rs` (replies of logged ops in frames that fit).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::codec::Decoder;
+
+use super::document::Document;
+use super::outbox::{self, encode, Outbox, SessionId};
+use super::transport::{ReadHalf, Transport};
+use super::{Server, SMALL_FRAME};
+use crate::op::validate_doc_id;
+use crate::protocol::frame::{FrameCodec, FrameError};
+use crate::protocol::message::{Envelope, ErrorCode, Message};
+use crate::sequencer::Sequencer;
+
+mod fetch;
+mod hello;
+mod open;
+mod ops;
+mod presence;
+mod submit;
+
+pub use fetch::FETCH_MAX_OPS;
+pub use open::CATCHUP_MAX_OPS;
+
+/// The largest frame a Hello can be (type, request id, magic, version, client id, a
+/// token of up to 65,535 bytes).
+const MAX_HELLO_FRAME: usize = 1 + 4 + 4 + 2 + 8 + 2 + 65_535;
+
+/// Refuses a connection over the server's limit: one `Error` (code 9), then closed. A
+/// fresh socket's send buffer takes the small frame without blocking.
+pub fn refuse_busy<T: Transport>(stream: T, max_frame: usize, message: String) {
+    let frame = encode(
+        &Envelope {
+            request_id: 0,
+            message: Message::Error {
+                code: ErrorCode::Busy,
+                message,
+            },
+        },
+        max_frame,
+    );
+    let _ = stream.try_write(&frame);
+}
+
+/// Bytes a connection's read buffer is given when bytes arrive and it has no room
+/// (as much as one read takes in one system call; a frame that needs more gets its
+/// length reserved by the codec).
+const READ_CHUNK_BYTES: usize = 8 * 1024;
+
+/// Reads what the socket has, after it reported readable. Returns false when the
+/// connection ended. A buffer with less than a quarter chunk of room gets a chunk more,
+/// unless it holds part of a large frame: the codec reserved that frame's whole length
+/// and growing it again would copy it.
+fn read_ready<R: ReadHalf>(reader: &R, buf: &mut BytesMut, large_frame: bool) -> bool {
+    if !large_frame && buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
+        buf.reserve(READ_CHUNK_BYTES);
+    }
+    match reader.try_read_buf(buf) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+    }
+}
+
+struct Session<S: Sequencer> {
+    server: Arc<Server<S>>,
+    outbox: Outbox,
+    /// Set by the handshake.
+    client_id: Option<u64>,
+    opened: BTreeMap<Arc<str>, Arc<Document<Outbox>>>,
+}
+
+fn error_frame(
+    request_id: u32,
+    code: ErrorCode,
+    message: impl Into<String>,
+    max_frame: usize,
+) -> Bytes {
+    encode(
+        &Envelope {
+            request_id,
+            message: Message::Error {
+                code,
+                message: message.into(),
+            },
+        },
+        max_frame,
+    )
+}
+
+pub async fn run<S: Sequencer, T: Transport>(
+    server: Arc<Server<S>>,
+    stream: T,
+    session: SessionId,
+) {
+    let config = server.config.clone();
+    let (reader, writer) = stream.into_split();
+    let (outbox, write_half) = outbox::outbox(session, 0, config.outbox_bytes, config.max_frame);
+    // Aborted if this task is (a server dropped at once, as the simulator's crash
+    // does): nothing may reach the client after its session is gone.
+    let mut writer = AbortOnDrop(tokio::spawn(write_half.run(writer, config.write_timeout)));
+    let mut s = Session {
+        server,
+        outbox,
+        client_id: None,
+        opened: BTreeMap::new(),
+    };
+    s.read_loop(reader).await;
+    for doc in s.opened.values() {
+        doc.unsubscribe(session, s.client_id.unwrap_or(0));
+        s.server.release(doc);
+    }
+    if s.client_id.is_some() {
+        s.server.release_client_id(&s.outbox);
+    }
+    drop(s);
+    let _ = (&mut writer.0).await;
+}
+
+/// A task that ends with its owner.
+pub(crate) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<S: Sequencer> Session<S> {
+    fn max_frame(&self) -> usize {
+        self.server.config.max_frame
+    }
+
+    fn reply(&self, request_id: u32, message: Message) -> Bytes {
+        encode(
+            &Envelope {
+                request_id,
+                message,
+            },
+            self.max_frame(),
+        )
+    }
+
+    /// Queues a reply that is small by construction.
+    fn send(&self, request_id: u32, message: Message) {
+        self.outbox.send(self.reply(request_id, message));
+    }
+
+    /// Queues an `Error` that keeps the connection open.
+    fn send_error(&self, request_id: u32, code: ErrorCode, message: impl Into<String>) {
+        self.outbox
+            .send(error_frame(request_id, code, message, self.max_frame()));
+    }
+
+    /// Reads frames until the connection ends or must close.
+    async fn read_loop<R: ReadHalf>(&mut self, reader: R) {
+        let config = self.server.config.clone();
+        let mut codec = FrameCodec::new(config.max_frame);
+        // Empty while the connection is idle: a buffer is taken when bytes arrive and
+        // given back once every frame in it is decoded (see `read_ready`).
+        let mut buf = BytesMut::new();
+        let mut shutdown = self.server.shutdown.subscribe();
+        let mut large: Option<OwnedSemaphorePermit> = None;
+        let mut deadline = Instant::now() + config.handshake_timeout;
+        loop {
+            // Decode every complete frame already buffered.
+            loop {
+                if large.is_none() && buf.len() >= 4 {
+                    let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+                    if self.client_id.is_none() && len > MAX_HELLO_FRAME {
+                        // No Hello is that large: refused before it takes any budget.
+                        self.send_error(
+                            0,
+                            ErrorCode::FrameTooLarge,
+                            format!("a {len}-byte first frame cannot be a Hello"),
+                        );
+                        return;
+                    }
+                    if len <= config.max_frame && len + 4 > SMALL_FRAME {
+                        // Room for its body in the server-wide budget, before it is buffered.
+                        match self
+                            .server
+                            .large_frames
+                            .clone()
+                            .try_acquire_many_owned(len as u32)
+                        {
+                            Ok(permit) => large = Some(permit),
+                            Err(_) => {
+                                self.outbox.close_with(
+                                    ErrorCode::Busy,
+                                    format!(
+                                        "the server holds {} bytes of large frames being received \
+                                         and has no room for this one of {len}; retry later",
+                                        config.large_frame_budget
+                                    ),
+                                );
+                                return;
+                            }
+                        }
+                    }
+                }
+                let env = match codec.decode(&mut buf) {
+                    Ok(Some(env)) => env,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let code = match &e {
+                            FrameError::TooLarge => ErrorCode::FrameTooLarge,
+                            other => other.code(),
+                        };
+                        self.send_error(0, code, e.to_string());
+                        return;
+                    }
+                };
+                if large.take().is_some() {
+                    // The large frame's block would live on in `buf` (it shares the
+                    // allocation): keep only what follows it, in a small buffer.
+                    let mut fresh = BytesMut::with_capacity(buf.len());
+                    fresh.extend_from_slice(&buf);
+                    buf = fresh;
+                }
+                // Boxed: a request's future (an open, a submit, a fetch) is far larger
+                // than the idle wait below, and every connection's task would otherwise
+                // be sized for it while it waits.
+                if !Box::pin(self.handle(env)).await {
+                    return;
+                }
+                if self.outbox.is_closing() {
+                    // Replaced or cut off: frames already buffered are not handled.
+                    return;
+                }
+                deadline = Instant::now() + config.idle_timeout;
+            }
+            if buf.is_empty() {
+                // Every frame read is decoded: an idle connection holds no read buffer
+                // (10,000 idle connections would otherwise keep 80 MiB).
+                buf = BytesMut::new();
+            }
+            tokio::select! {
+                // In a fixed order, so that a seed of the simulator replays the same run;
+                // the deadline before the socket, so that a peer trickling bytes that
+                // never complete a frame still meets it.
+                biased;
+                _ = shutdown.recv() => return,
+                _ = self.outbox.closed() => {
+                    if let Some(closing) = self.outbox.closing() {
+                        tracing::info!(session = self.outbox.session, code = ?closing.code, "{}", closing.message);
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let (what, limit) = if self.client_id.is_none() {
+                        ("a complete Hello", config.handshake_timeout)
+                    } else {
+                        ("a complete message (send Ping when idle)", config.idle_timeout)
+                    };
+                    self.outbox.close_with(
+                        ErrorCode::Timeout,
+                        format!("no {what} within {limit:?}"),
+                    );
+                    return;
+                }
+                ready = reader.readable() => {
+                    if ready.is_err() || !read_ready(&reader, &mut buf, large.is_some()) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one request. Returns false when the connection must close.
+    async fn handle(&mut self, env: Envelope) -> bool {
+        let rid = env.request_id;
+        if self.client_id.is_none() {
+            return self.hello(env);
+        }
+        match env.message {
+            Message::Open { doc, known_version } => {
+                if let Err(e) = validate_doc_id(&doc) {
+                    self.send_error(rid, ErrorCode::InvalidDocId, e);
+                    return true;
+                }
+                self.open(rid, doc, known_version).await
+            }
+            Message::Submit {
+                doc,
+                local_seq,
+                base_version,
+                patches,
+            } => {
+                self.submit(rid, doc, local_seq, base_version, patches)
+                    .await;
+                true
+            }
+            Message::Fetch {
+                doc,
+                after_seq,
+                limit,
+            } => {
+                if let Err(e) = validate_doc_id(&doc) {
+                    self.send_error(rid, ErrorCode::InvalidDocId, e);
+                    return true;
+                }
+                self.fetch(rid, doc, after_seq, limit).await
+            }
+            Message::Presence { doc, selections } => {
+                self.presence(rid, doc, selections);
+                true
+            }
+            Message::Close { doc } => {
+                if let Some(document) = self.opened.remove(doc.as_str()) {
+                    document.unsubscribe(self.outbox.session, self.outbox.client_id);
+                    self.server.release(&document);
+                }
+                true
+            }
+            Message::Ping { nonce } => {
+                self.send(rid, Message::Pong { nonce });
+                true
+            }
+            Message::Hello { .. } => {
+                self.send_error(0, ErrorCode::Malformed, "Hello after the handshake");
+                false
+            }
+            other => {
+                self.send_error(
+                    0,
+                    ErrorCode::UnknownType,
+                    format!("type {:#04x} is not a request", other.type_byte()),
+                );
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! `Open`: subscribe to a document and send its snapshot or a catch-up, in frames
+//! that fit; broadcasts are held until then.
+
+use super::ops::Sent;
+use super::Session;
+use crate::protocol::message::{ErrorCode, Message};
+use crate::protocol::OP_FRAME_OVERHEAD;
+use crate::sequencer::Sequencer;
+
+/// A catch-up longer than this many ops is sent as a snapshot instead.
+pub const CATCHUP_MAX_OPS: u64 = 10_000;
+
+impl<S: Sequencer> Session<S> {
+    /// Subscribes to `doc` and sends the snapshot or catch-up, in frames that fit.
+    pub(super) async fn open(&mut self, rid: u32, doc: String, known_version: u64) -> bool {
+        let document = self.server.subscribe(&doc, self.outbox.clone());
+        self.opened.insert(document.id.clone(), document.clone());
+        let version = document.version(&*self.server.sequencer);
+        let mut sent = Sent::Truncated;
+        if known_version > 0
+            && known_version <= version
+            && version - known_version <= CATCHUP_MAX_OPS
+        {
+            // Up to the version at subscription: later ops come as held broadcasts.
+            sent = self
+                .send_ops(rid, &doc, known_version, version - known_version)
+                .await;
+        }
+        if let Sent::Truncated = sent {
+            sent = self.send_snapshot(rid, &doc).await;
+        }
+        match sent {
+            Sent::Done => {
+                document.activate(self.outbox.session);
+                true
+            }
+            Sent::Closing => false,
+            Sent::Truncated => unreachable!("a snapshot is never truncated"),
+            Sent::Cut(reason) => {
+                document.unsubscribe(self.outbox.session, self.outbox.client_id);
+                self.opened.remove(document.id.as_ref());
+                self.server.release(&document);
+                self.send(rid, Message::Reload { doc, reason });
+                true
+            }
+            Sent::Failed(reason) => {
+                document.unsubscribe(self.outbox.session, self.outbox.client_id);
+                self.opened.remove(document.id.as_ref());
+                self.server.release(&document);
+                self.send_error(
+                    rid,
+                    ErrorCode::StorageFailed,
+                    format!("cannot open {doc:?}: {reason}"),
+                );
+                true
+            }
+        }
+    }
+
+    /// The document's durable text, in pieces that each fit a frame, then an empty `Ops`.
+    pub(super) async fn send_snapshot(&self, rid: u32, doc: &str) -> Sent {
+        let view = match self.server.sequencer.read(doc).await {
+            Ok(view) => view.unwrap_or_default(),
+            Err(reason) => return Sent::Failed(reason.to_string()),
+        };
+        let total_len = view.text.len() as u64;
+        let piece_max = self.max_frame() - OP_FRAME_OVERHEAD;
+        let mut rest = view.text.as_str();
+        loop {
+            let mut end = rest.len().min(piece_max);
+            while !rest.is_char_boundary(end) {
+                end -= 1;
+            }
+            let (piece, tail) = rest.split_at(end);
+            let frame = self.reply(
+                rid,
+                Message::Snapshot {
+                    doc: doc.to_owned(),
+                    version: view.version,
+                    total_len,
+                    text: piece.to_owned(),
+                },
+            );
+            if !self.outbox.send_wait(frame).await {
+                return Sent::Closing;
+            }
+            rest = tail;
+            if rest.is_empty() {
+                break;
+            }
+        }
+        self.send_ops_frame(rid, doc, false, Vec::new()).await
+    }
+}

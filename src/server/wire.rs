@@ -1,0 +1,143 @@
+//! What the document core's messages and refusals become on the wire: the session side
+//! of [`super::document`]. A session's [`Outbox`] is a document [`Subscriber`]: its
+//! messages are frames (`Bytes`, built once per message and cloned to every
+//! subscriber), and each [`RefusalKind`] has one wire code.
+
+use bytes::Bytes;
+
+use super::document::{CloseReason, Event, RefusalKind, SessionId, Subscriber};
+use super::outbox::{encode, Outbox};
+use crate::protocol::message::{Envelope, ErrorCode, Message, Selection, WireOp};
+
+/// The wire code of a refused op (`protocol.md`, "Error and reject codes").
+pub fn refusal_code(kind: RefusalKind) -> ErrorCode {
+    match kind {
+        RefusalKind::TooLarge => ErrorCode::TooLarge,
+        RefusalKind::OutOfRange => ErrorCode::OutOfRange,
+        RefusalKind::InvalidDocId => ErrorCode::InvalidDocId,
+        RefusalKind::PipelineConflict => ErrorCode::PipelineConflict,
+        RefusalKind::TooOld => ErrorCode::TooOld,
+        RefusalKind::FutureVersion => ErrorCode::FutureVersion,
+        RefusalKind::OpIdReused => ErrorCode::OpIdReused,
+        RefusalKind::StorageFailed => ErrorCode::StorageFailed,
+        // A broken invariant: the client is told its op is malformed, as a version
+        // mismatch always was.
+        RefusalKind::Internal => ErrorCode::Malformed,
+        // Like a storage failure: the op may be resent.
+        RefusalKind::Crashed => ErrorCode::StorageFailed,
+    }
+}
+
+impl Subscriber for Outbox {
+    type Frame = Bytes;
+    type Presence = Vec<Selection>;
+
+    fn session(&self) -> SessionId {
+        self.session
+    }
+
+    fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    fn frame(doc: &str, event: Event<Vec<Selection>>, max_frame: usize) -> Bytes {
+        let doc = doc.to_owned();
+        let (request_id, message) = match event {
+            Event::Ack {
+                request_id,
+                local_seq,
+                seq,
+            } => (
+                request_id,
+                Message::Ack {
+                    doc,
+                    local_seq,
+                    seq,
+                },
+            ),
+            Event::Op(op) => (
+                0,
+                Message::Remote {
+                    doc,
+                    op: WireOp {
+                        seq: op.seq,
+                        client_id: op.id.client_id,
+                        local_seq: op.id.local_seq,
+                        patches: op.patches,
+                    },
+                },
+            ),
+            Event::Presence {
+                client_id,
+                presence,
+            } => (
+                0,
+                Message::PresenceState {
+                    doc,
+                    client_id,
+                    selections: presence,
+                },
+            ),
+        };
+        encode(
+            &Envelope {
+                request_id,
+                message,
+            },
+            max_frame,
+        )
+    }
+
+    fn frame_len(frame: &Bytes) -> usize {
+        frame.len()
+    }
+
+    fn push_capacity(&self) -> usize {
+        Outbox::push_capacity(self)
+    }
+
+    fn send(&self, frame: Bytes) -> bool {
+        Outbox::send(self, frame)
+    }
+
+    fn close(&self, reason: CloseReason) {
+        match reason {
+            CloseReason::HeldPiledUp => self.close_with(
+                ErrorCode::TooSlow,
+                "too slow: the document's updates piled up while its snapshot was sent",
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_has_its_wire_code() {
+        let codes = [
+            (RefusalKind::TooLarge, 24),
+            (RefusalKind::OutOfRange, 21),
+            (RefusalKind::InvalidDocId, 23),
+            (RefusalKind::PipelineConflict, 25),
+            (RefusalKind::TooOld, 27),
+            (RefusalKind::FutureVersion, 22),
+            (RefusalKind::OpIdReused, 26),
+            (RefusalKind::StorageFailed, 30),
+            (RefusalKind::Internal, 1),
+            (RefusalKind::Crashed, 30),
+        ];
+        for (kind, code) in codes {
+            assert_eq!(refusal_code(kind).to_u16(), code, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_subscriber_that_overflows_while_held_is_closed_as_too_slow() {
+        let (outbox, _writer) = super::super::outbox::outbox(1, 7, 1 << 16, 1 << 10);
+        outbox.close(CloseReason::HeldPiledUp);
+        let closing = outbox.closing().expect("closed");
+        assert_eq!(closing.code.to_u16(), 8);
+    }
+}
