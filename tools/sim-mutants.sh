@@ -22,8 +22,9 @@ for patch in "$root"/tools/sim-mutants/*.patch; do
   # The tree as committed plus what is in the working copy, without target/.
   (cd "$root" && git ls-files -z --cached --others --exclude-standard) |
     (cd "$root" && xargs -0 cp --parents -t "$dir")
-  # One target directory for every mutant: only the patched crate recompiles.
-  export CARGO_TARGET_DIR="$scratch/target"
+  # One target directory for every mutant (CI passes the repository's own, whose
+  # dependencies are built already): only the patched crate recompiles.
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$scratch/target}"
   (cd "$dir" && patch -s -p1 < "$patch")
   echo "== $name: $(sed -n 's/^# //p' "$patch" | head -1)"
   (cd "$dir" && cargo build -q --release --test sim 2>&1 | tail -5)
