@@ -18,7 +18,7 @@
 //! `presence.rs`, `submit.rs` (an op on its way through the document core to its ack
 //! or `Reject`), and `ops.rs` (replies of logged ops in frames that fit).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -90,7 +90,7 @@ struct Session<S: Sequencer> {
     outbox: Outbox,
     /// Set by the handshake.
     client_id: Option<u64>,
-    opened: BTreeMap<Arc<str>, Arc<Document<Outbox>>>,
+    opened: HashMap<Arc<str>, Arc<Document<Outbox>>>,
 }
 
 fn error_frame(
@@ -126,10 +126,13 @@ pub async fn run<S: Sequencer, T: Transport>(
         server,
         outbox,
         client_id: None,
-        opened: BTreeMap::new(),
+        opened: HashMap::new(),
     };
     s.read_loop(reader).await;
-    for doc in s.opened.values() {
+    // In document order, so that a seed of the simulator replays the same run.
+    let mut opened: Vec<_> = s.opened.values().cloned().collect();
+    opened.sort_by(|a, b| a.id.cmp(&b.id));
+    for doc in &opened {
         doc.unsubscribe(session, s.client_id.unwrap_or(0));
         s.server.release(doc);
     }
