@@ -75,7 +75,11 @@ pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<boo
             doc_id: doc_id.to_owned(),
             last_included_seq: state.version,
             created_ms: now_ms(),
-            text: state.text.to_string(),
+            // Built first if deferred: a blocking read of the log, on this thread.
+            text: state
+                .text(doc_id, &shared.wal)
+                .map_err(std::io::Error::other)?
+                .to_string(),
             dedupe: state.dedupe_entries(),
         };
         (snapshot, state.last_lsn)
