@@ -193,7 +193,7 @@ fn replay_op(state: &mut DocState, op: &OpView<'_>, lsn: Lsn) -> Result<bool, St
     }
     // Checked by lengths alone: the text is built when first needed (`DocText`).
     let applies = match &mut state.text {
-        DocText::Deferred(deferred) => deferred.check(&op.patches),
+        DocText::Deferred(deferred) => deferred.check(&op.patches, op.ascii),
         DocText::Built(text) => text.apply(&op.patches),
     };
     if let Err(e) = applies {
@@ -1049,6 +1049,25 @@ mod tests {
                 })
                 .unwrap();
             assert_eq!(text.to_string(), "xxab");
+        }
+
+        #[test]
+        fn a_deferred_text_counts_code_points_not_bytes() {
+            let mut deferred = crate::sequencer::state::Deferred::new("\u{e9}".into(), 1);
+            assert_eq!((deferred.len_chars, deferred.bytes_max), (1, 2));
+            deferred
+                .check(&[Patch::new(1, 0, "\u{1F600}x")], false)
+                .unwrap();
+            assert_eq!((deferred.len_chars, deferred.bytes_max), (3, 7));
+            // Position 3 is the end: deleting one code point from it is out of range.
+            let err = deferred.check(&[Patch::new(3, 1, "")], false).unwrap_err();
+            assert!(
+                matches!(err, crate::text::ApplyError::OutOfRange { len: 3, .. }),
+                "{err:?}"
+            );
+            deferred.check(&[Patch::new(0, 3, "ab")], true).unwrap();
+            assert_eq!((deferred.len_chars, deferred.bytes_max), (2, 6));
+            assert!(!deferred.unsure_bytes);
         }
 
         #[test]

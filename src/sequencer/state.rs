@@ -90,7 +90,10 @@ impl Deferred {
     /// What [`Text::check`] says of `patches`, from the lengths alone, then their
     /// effect on the lengths. A byte count that may be over the limit is not an error
     /// here: it sets `unsure_bytes`.
-    pub fn check<P: AsPatch>(&mut self, patches: &[P]) -> Result<(), ApplyError> {
+    ///
+    /// `ascii`: every inserted text is known to be ASCII ([`crate::wal::record::OpView::ascii`]), so that
+    /// its code points need no counting (a pass over bytes long out of the cache).
+    pub fn check<P: AsPatch>(&mut self, patches: &[P], ascii: bool) -> Result<(), ApplyError> {
         let (mut len, mut bytes) = (self.len_chars, self.bytes_max);
         for (i, p) in patches.iter().enumerate() {
             let p = p.as_patch();
@@ -102,7 +105,12 @@ impl Deferred {
                     len: len as u32,
                 });
             }
-            len = len - u64::from(p.del) + p.ins.chars().count() as u64;
+            let chars = if ascii {
+                p.ins.len() as u64
+            } else {
+                p.ins.chars().count() as u64
+            };
+            len = len - u64::from(p.del) + chars;
             if len > u64::from(MAX_DOC_CHARS) {
                 return Err(ApplyError::TooLong { len });
             }
