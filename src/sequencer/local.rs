@@ -1,6 +1,16 @@
 //! The sequencer on the local write-ahead log: per-document state machines (text,
 //! version, dedupe table) whose ops are persisted in one [`Wal`] with group commit,
 //! snapshotted by policy, and recovered at startup from snapshots plus the log.
+//!
+//! Recovery indexes and checks; it builds no text. Each op of the log must follow its
+//! document's state (seq = version + 1) and apply, which is checked by lengths alone
+//! (the text's length in code points: `pos + del` within it, the limits kept); the
+//! version and the dedupe table are brought up to date. A document's text stays
+//! deferred (`DocText` in `state.rs`): its snapshot's text, kept from startup, and
+//! the ops after it, which the log keeps (truncation waits for a snapshot covering
+//! them). The first submit, read or snapshot of the document builds the text from
+//! those ops, read back through the log's index: blocking I/O under the document's own
+//! lock. If the log fails or no longer has them, that is an error, never a shorter text.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -26,6 +36,8 @@ pub struct StartupReport {
     pub snapshots_loaded: usize,
     pub snapshots_invalid: usize,
     pub records_scanned: u64,
+    /// Ops past their document's snapshot: each checked to follow and apply (by
+    /// lengths), recorded in the version and dedupe table, its text deferred.
     pub ops_replayed: u64,
     pub bytes_scanned: u64,
     pub segments: usize,
