@@ -1080,6 +1080,16 @@ mod tests {
             deferred.check(&[Patch::new(0, 3, "ab")], true).unwrap();
             assert_eq!((deferred.len_chars, deferred.bytes_max), (2, 6));
             assert!(!deferred.unsure_bytes);
+            // Near the byte limit, the bound cannot tell: the text must be built.
+            use crate::op::MAX_DOC_BYTES;
+            deferred.len_chars = MAX_DOC_BYTES / 2;
+            deferred.bytes_max = MAX_DOC_BYTES - 1;
+            deferred.check(&[Patch::new(0, 1, "")], true).unwrap();
+            assert!(!deferred.unsure_bytes, "a delete takes a byte at least");
+            deferred.check(&[Patch::new(0, 0, "ab")], true).unwrap();
+            assert!(!deferred.unsure_bytes, "at the limit");
+            deferred.check(&[Patch::new(0, 0, "c")], true).unwrap();
+            assert!(deferred.unsure_bytes);
         }
 
         #[test]
