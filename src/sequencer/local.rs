@@ -996,6 +996,70 @@ mod tests {
         }
 
         #[test]
+        fn a_snapshot_of_a_deferred_text_leaves_it_deferred_on_the_snapshot() {
+            let (fs, model) = snapshot_and_later_ops();
+            let (store, _) = open(&fs);
+            assert!(store.snapshot_now("doc").unwrap());
+            match &lock_doc(&store.doc("doc").unwrap()).text {
+                DocText::Deferred(deferred) => {
+                    assert_eq!(
+                        (deferred.base_seq, deferred.base.as_str()),
+                        (6, model.as_str())
+                    );
+                }
+                DocText::Built(_) => panic!("a snapshot built the text for good"),
+            }
+            // Built from the new base alone: the log's ops are not read again.
+            use crate::wal::vfs::Vfs;
+            for path in fs.files() {
+                if path.extension().is_some_and(|e| e == "wal") {
+                    fs.remove(&path).unwrap();
+                }
+            }
+            let view = read_text(&store).unwrap().unwrap();
+            assert_eq!((view.text.as_str(), view.version), (model.as_str(), 6));
+        }
+
+        #[test]
+        fn truncation_after_a_snapshot_of_a_deferred_text_keeps_it_buildable() {
+            let fs = SimFs::new();
+            let config = LocalConfig {
+                retention: Duration::ZERO,
+                snapshot_every_ops: u64::MAX,
+                ..config()
+            };
+            let open_here = || {
+                LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), config.clone())
+                    .unwrap()
+                    .0
+            };
+            let store = open_here();
+            // A quarter of a segment per op: three segments' worth, each op written alone.
+            let big = "y".repeat(SEGMENT_SIZE_MIN as usize / 4);
+            for seq in 1..=9 {
+                submit_patches(&store, seq, vec![Patch::new(0, 0, big.clone())]);
+                assert!(store.step());
+            }
+            store.close();
+            drop(store);
+            let store = open_here();
+            let deferred = |store: &LocalSequencer| {
+                matches!(
+                    lock_doc(&store.doc("doc").unwrap()).text,
+                    DocText::Deferred(_)
+                )
+            };
+            assert!(deferred(&store));
+            // The document pins the oldest segment: the pass snapshots it (its text built
+            // for the snapshot alone) and removes nothing; the next pass removes it.
+            assert_eq!(store.run_maintenance().unwrap(), 0);
+            assert!(deferred(&store));
+            assert!(store.run_maintenance().unwrap() >= 1);
+            let view = read_text(&store).unwrap().unwrap();
+            assert_eq!((view.text.len(), view.version), (9 * big.len(), 9));
+        }
+
+        #[test]
         fn a_deferred_text_whose_ops_left_the_log_is_an_error_not_an_empty_text() {
             use crate::wal::vfs::Vfs;
             let (fs, _) = snapshot_and_later_ops();

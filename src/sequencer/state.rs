@@ -52,8 +52,9 @@ impl Default for LocalConfig {
 /// ([`DocState::text`]) by applying the ops after the snapshot, read back from the
 /// log through its index. Those ops stay in the log until then: truncation removes a
 /// segment only once every document with ops in it has a snapshot at or past its
-/// highest seq there, and a deferred document's newest snapshot is its base (any newer
-/// snapshot is taken from a built text).
+/// highest seq there, and a deferred document's newest snapshot is its base (a
+/// snapshot of a deferred document builds its text for the snapshot alone, then makes
+/// the snapshot's text the new base, under the lock that truncation's check takes).
 #[derive(Debug)]
 pub(crate) enum DocText {
     Built(Text),
