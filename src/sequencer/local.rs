@@ -8,9 +8,11 @@
 //! version and the dedupe table are brought up to date. A document's text stays
 //! deferred (`DocText` in `state.rs`): its snapshot's text, kept from startup, and
 //! the ops after it, which the log keeps (truncation waits for a snapshot covering
-//! them). The first submit, read or snapshot of the document builds the text from
-//! those ops, read back through the log's index: blocking I/O under the document's own
-//! lock. If the log fails or no longer has them, that is an error, never a shorter text.
+//! them). The first submit or read of the document builds the text from those ops,
+//! read back through the log's index: blocking I/O under the document's own lock. (A
+//! snapshot builds it for itself alone, then keeps the document deferred on the new
+//! snapshot.) If the log fails or no longer has them, that is an error, never a
+//! shorter text.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
