@@ -280,6 +280,28 @@ fn recovery(dir: &Path, log: &LogShape, runs: usize, warm: bool, keep: bool) {
             mb / cpu,
             if dropped { "dropped first" } else { "warm" }
         );
+        // A document's text is built on first need (from the log's ops after its
+        // snapshot): the first read pays for it, the second does not.
+        if let Some(doc) = store.doc_ids().into_iter().min() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let timed = || {
+                let started = Instant::now();
+                let view = rt
+                    .block_on(store.read(&doc))
+                    .expect("read")
+                    .expect("a document");
+                (started.elapsed().as_secs_f64() * 1e3, view)
+            };
+            let (first_ms, view) = timed();
+            let (second_ms, _) = timed();
+            println!(
+                "first read of {doc:?} ({} bytes of text, version {}): {first_ms:.1} ms; second read: {second_ms:.1} ms",
+                view.text.len(),
+                view.version
+            );
+        }
         drop(store);
     }
     if !keep {

@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::state::{lock_doc, Shared};
+use super::state::{lock_doc, Deferred, DocText, Shared};
 use crate::wal::snapshot::{write_snapshot, Snapshot};
 use crate::wal::{now_ms, Background};
 
@@ -71,11 +71,23 @@ pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<boo
         if state.version == state.snapshot_seq {
             return Ok(false);
         }
+        let text = match &state.text {
+            DocText::Built(text) => text.to_string(),
+            // Built for the snapshot alone (a blocking read of the log, on this thread):
+            // the document stays deferred, on the snapshot once written (below), so that
+            // snapshots bring no text into memory that no client asked for.
+            DocText::Deferred(deferred) => deferred
+                .build(doc_id, state.version, |after, limit| {
+                    shared.wal.read_ops_after(doc_id, after, limit)
+                })
+                .map_err(std::io::Error::other)?
+                .to_string(),
+        };
         let snapshot = Snapshot {
             doc_id: doc_id.to_owned(),
             last_included_seq: state.version,
             created_ms: now_ms(),
-            text: state.text.to_string(),
+            text,
             dedupe: state.dedupe_entries(),
         };
         (snapshot, state.last_lsn)
@@ -114,6 +126,18 @@ pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<boo
     let mut state = lock_doc(&doc);
     state.snapshot_seq = state.snapshot_seq.max(snapshot.last_included_seq);
     state.last_snapshot_ms = snapshot.created_ms;
+    // A deferred text moves on to the snapshot: truncation may now remove the ops
+    // before it. (Still deferred, it has no op since: any op builds it first.)
+    if let DocText::Deferred(deferred) = &state.text {
+        if deferred.base_seq < snapshot.last_included_seq {
+            assert_eq!(
+                state.version, snapshot.last_included_seq,
+                "a deferred text changed without being built"
+            );
+            state.text =
+                DocText::Deferred(Deferred::new(snapshot.text, snapshot.last_included_seq));
+        }
+    }
     Ok(true)
 }
 

@@ -148,7 +148,9 @@ pub trait Sequencer: Send + Sync + 'static {
 
     /// The document's text and version, including only durable ops. `Ok(None)` if the
     /// document has no ops and no snapshot; an error if the storage failed (never an
-    /// empty document in its place).
+    /// empty document in its place). It may block before its first await: the local
+    /// sequencer builds a document's text from the log on its first use after a restart
+    /// (milliseconds for a text of 1 MB), on the calling thread.
     fn read(&self, doc_id: &str) -> impl Future<Output = Result<Option<DocView>, Arc<str>>> + Send;
 
     /// Up to `limit` durable ops of `doc_id` after `after_seq`, in seq order, if the

@@ -241,7 +241,63 @@ fn recovery_error(e: recovery::RecoveryError) -> WalError {
     }
 }
 
+fn corrupt_at(path: &Path, location: Location, what: impl fmt::Display) -> WalError {
+    WalError::Corrupt(format!(
+        "{} at offset {} (LSN {}): {what}",
+        path.display(),
+        location.offset,
+        location.lsn
+    ))
+}
+
+/// The op record at `location`, whose frame starts `bytes` (read from `path`).
+fn decode_op_at(path: &Path, location: Location, bytes: &[u8]) -> Result<OpRecord, WalError> {
+    let raw = decode_frame(bytes).map_err(|e| corrupt_at(path, location, e))?;
+    if raw.lsn != location.lsn {
+        return Err(corrupt_at(
+            path,
+            location,
+            format_args!("found LSN {}", raw.lsn),
+        ));
+    }
+    OpRecord::decode(raw.record_type, raw.payload).map_err(|e| corrupt_at(path, location, e))
+}
+
+/// The op record at `location`, read with pread (no map).
+fn pread_op(vfs: &dyn Vfs, dir: &Path, location: Location) -> Result<OpRecord, WalError> {
+    let path = segment_path(dir, location.segment_id);
+    let file = vfs
+        .open(&path)
+        .map_err(io_context(format_args!("reading {}", path.display())))?;
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    file.read_exact_at(&mut head, location.offset)
+        .map_err(io_context(format_args!("reading {}", path.display())))?;
+    let len = u32::from_le_bytes(head[0..4].try_into().unwrap()) as usize;
+    if len > MAX_RECORD_PAYLOAD {
+        return Err(corrupt_at(&path, location, format_args!("length {len}")));
+    }
+    let mut bytes = vec![0u8; record::framed_len(len)];
+    file.read_exact_at(&mut bytes, location.offset)
+        .map_err(io_context(format_args!("reading {}", path.display())))?;
+    decode_op_at(&path, location, &bytes)
+}
+
 impl ScannedWal {
+    /// [`Wal::read_ops_after`] before the log is started (records the scan validated,
+    /// read with pread; nothing is written).
+    pub fn read_ops_after(
+        &self,
+        doc_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<OpRecord>, WalError> {
+        self.index
+            .ops_after(doc_id, after_seq, limit)
+            .into_iter()
+            .map(|(_, location)| pread_op(&*self.vfs, &self.dir, location))
+            .collect()
+    }
+
     /// What the scan found; a torn tail in it is planned, not yet cut.
     pub fn report(&self) -> &RecoveryReport {
         &self.scanned.report
@@ -634,45 +690,16 @@ impl Wal {
     }
 
     fn read_op(&self, location: Location) -> Result<OpRecord, WalError> {
-        let path = segment_path(&self.dir, location.segment_id);
-        let corrupt = |what: String| {
-            WalError::Corrupt(format!(
-                "{} at offset {} (LSN {}): {what}",
-                path.display(),
-                location.offset,
-                location.lsn
-            ))
-        };
-        let decode = |bytes: &[u8]| -> Result<OpRecord, WalError> {
-            let raw = decode_frame(bytes).map_err(|e| corrupt(e.to_string()))?;
-            if raw.lsn != location.lsn {
-                return Err(corrupt(format!("found LSN {}", raw.lsn)));
-            }
-            OpRecord::decode(raw.record_type, raw.payload).map_err(|e| corrupt(e.to_string()))
-        };
         if location.segment_id >= self.active_segment() {
             // The active segment is still being written: read it with pread.
-            let file = self
-                .vfs
-                .open(&path)
-                .map_err(io_context(format_args!("reading {}", path.display())))?;
-            let mut head = [0u8; RECORD_HEADER_LEN];
-            file.read_exact_at(&mut head, location.offset)
-                .map_err(io_context(format_args!("reading {}", path.display())))?;
-            let len = u32::from_le_bytes(head[0..4].try_into().unwrap()) as usize;
-            if len > MAX_RECORD_PAYLOAD {
-                return Err(corrupt(format!("length {len}")));
-            }
-            let mut bytes = vec![0u8; record::framed_len(len)];
-            file.read_exact_at(&mut bytes, location.offset)
-                .map_err(io_context(format_args!("reading {}", path.display())))?;
-            return decode(&bytes);
+            return pread_op(&*self.vfs, &self.dir, location);
         }
+        let path = segment_path(&self.dir, location.segment_id);
         let region = self.map_sealed(location.segment_id)?;
         let bytes = region
             .get(location.offset as usize..)
-            .ok_or_else(|| corrupt("offset past the end of the segment".into()))?;
-        decode(bytes)
+            .ok_or_else(|| corrupt_at(&path, location, "offset past the end of the segment"))?;
+        decode_op_at(&path, location, bytes)
     }
 
     fn map_sealed(&self, id: SegmentId) -> Result<Arc<Region>, WalError> {

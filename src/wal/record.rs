@@ -358,6 +358,9 @@ pub struct OpView<'a> {
     pub patches: PatchList<'a>,
     /// `None` for a type-1 record: see [`OpRecord::fingerprint`].
     pub fingerprint: Option<u64>,
+    /// Every patch's inserted text is ASCII: its length in code points is its length in
+    /// bytes (found while the bytes are validated, so that replay need not count them).
+    pub ascii: bool,
 }
 
 impl<'a> OpView<'a> {
@@ -383,11 +386,14 @@ impl<'a> OpView<'a> {
             )));
         }
         let mut patches = PatchList::with_capacity(count);
+        let mut ascii = true;
         for _ in 0..count {
             let pos = take_u32(b)?;
             let del = take_u32(b)?;
             let ins_len = take_u32(b)? as usize;
             let ins = take_str(b, ins_len)?;
+            // On bytes just validated, still in the cache.
+            ascii &= ins.is_ascii();
             if pos > MAX_DOC_CHARS || del > MAX_DOC_CHARS {
                 return Err(PayloadError("patch position out of range".into()));
             }
@@ -404,6 +410,7 @@ impl<'a> OpView<'a> {
             return Err(PayloadError("server_seq is 0".into()));
         }
         Ok(OpView {
+            ascii,
             doc_id,
             client_id,
             local_seq,
@@ -470,6 +477,28 @@ mod tests {
             patches: vec![Patch::new(4, 1, "h\u{1F600}"), Patch::new(0, 0, "x")],
             fingerprint: Some(0x0123_4567_89ab_cdef),
         }
+    }
+
+    #[test]
+    fn a_view_says_whether_every_inserted_text_is_ascii() {
+        let view_of = |patches: Vec<Patch>| {
+            let mut payload = Vec::new();
+            OpRecord {
+                patches,
+                ..sample()
+            }
+            .encode(&mut payload);
+            OpView::decode(RecordType::OpWithFingerprint, &payload)
+                .unwrap()
+                .ascii
+        };
+        assert!(!view_of(sample().patches), "one of two is not");
+        assert!(view_of(vec![Patch::new(0, 0, "ab"), Patch::new(1, 1, "")]));
+        assert!(view_of(Vec::new()));
+        assert!(!view_of(vec![
+            Patch::new(0, 0, "a"),
+            Patch::new(0, 0, "\u{e9}")
+        ]));
     }
 
     #[test]
