@@ -631,26 +631,21 @@ impl Sequencer for LocalSequencer {
             .map_err(|e| Arc::from(e.to_string()))
     }
 
-    async fn read(&self, doc_id: &str) -> Result<Option<DocView>, Arc<str>> {
+    fn read_now(&self, doc_id: &str) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
         let Some(doc) = self.doc(doc_id) else {
             return Ok(None);
         };
         // The first read after a restart builds the text: a blocking read of the log (the
-        // ops after the document's snapshot), here, under the document's lock, before
-        // the first await. A caller on an async worker blocks it for that long.
-        let (text, version, lsn) = {
-            let mut state = lock_doc(&doc);
-            let text = state.text(doc_id, &self.shared.wal)?.to_string();
-            (text, state.version, state.last_lsn)
-        };
-        // Everything in `text` is durable once its newest op is; if the log failed
-        // first, the text may hold ops that never became durable: an error, not a view.
-        self.shared
-            .wal
-            .wait_durable(lsn)
-            .await
-            .map_err(|e| Arc::from(e.to_string()))?;
-        Ok(Some(DocView { text, version }))
+        // ops after the document's snapshot), under the document's lock.
+        let mut state = lock_doc(&doc);
+        let text = state.text(doc_id, &self.shared.wal)?.to_string();
+        Ok(Some((
+            DocView {
+                text,
+                version: state.version,
+            },
+            Ticket(state.last_lsn),
+        )))
     }
 
     fn ops_after(

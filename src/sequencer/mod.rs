@@ -146,12 +146,28 @@ pub trait Sequencer: Send + Sync + 'static {
     /// Resolves once everything up to `ticket` is durable (or the storage failed).
     fn wait_durable(&self, ticket: Ticket) -> impl Future<Output = Result<(), Arc<str>>> + Send;
 
-    /// The document's text and version, including only durable ops. `Ok(None)` if the
-    /// document has no ops and no snapshot; an error if the storage failed (never an
-    /// empty document in its place). It may block before its first await: the local
-    /// sequencer builds a document's text from the log on its first use after a restart
-    /// (milliseconds for a text of 1 MB), on the calling thread.
-    fn read(&self, doc_id: &str) -> impl Future<Output = Result<Option<DocView>, Arc<str>>> + Send;
+    /// The document's text and version now, and the ticket of its newest op: the view
+    /// holds only durable ops once [`Sequencer::wait_durable`] says so for that ticket.
+    /// `Ok(None)` if the document has no ops and no snapshot; an error if the storage
+    /// failed (never an empty document in its place). Blocking: it copies the text, and
+    /// the local sequencer builds a document's text from the log on its first use after
+    /// a restart; call it off the async workers.
+    fn read_now(&self, doc_id: &str) -> Result<Option<(DocView, Ticket)>, Arc<str>>;
+
+    /// [`Sequencer::read_now`], then waits until the view is durable (blocking the
+    /// calling thread for the first part: for tests and tools).
+    fn read(&self, doc_id: &str) -> impl Future<Output = Result<Option<DocView>, Arc<str>>> + Send {
+        let now = self.read_now(doc_id);
+        async move {
+            let Some((view, ticket)) = now? else {
+                return Ok(None);
+            };
+            // Everything in the view is durable once its newest op is; if the log failed
+            // first, the view may hold ops that never became durable: an error.
+            self.wait_durable(ticket).await?;
+            Ok(Some(view))
+        }
+    }
 
     /// Up to `limit` durable ops of `doc_id` after `after_seq`, in seq order, if the
     /// log still holds them (`Ok(None)`: truncated; start from [`Sequencer::read`]).

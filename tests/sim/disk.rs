@@ -67,8 +67,8 @@ impl Sequencer for SimSequencer {
         self.inner.wait_durable(ticket)
     }
 
-    fn read(&self, doc_id: &str) -> impl Future<Output = Result<Option<DocView>, Arc<str>>> + Send {
-        self.inner.read(doc_id)
+    fn read_now(&self, doc_id: &str) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
+        self.inner.read_now(doc_id)
     }
 
     fn ops_after(

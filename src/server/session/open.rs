@@ -5,7 +5,7 @@ use super::ops::Sent;
 use super::Session;
 use crate::protocol::message::{ErrorCode, Message};
 use crate::protocol::OP_FRAME_OVERHEAD;
-use crate::sequencer::Sequencer;
+use crate::sequencer::{DocView, Sequencer};
 
 /// A catch-up longer than this many ops is sent as a snapshot instead.
 pub const CATCHUP_MAX_OPS: u64 = 10_000;
@@ -59,9 +59,21 @@ impl<S: Sequencer> Session<S> {
 
     /// The document's durable text, in pieces that each fit a frame, then an empty `Ops`.
     pub(super) async fn send_snapshot(&self, rid: u32, doc: &str) -> Sent {
-        let view = match self.server.sequencer.read(doc).await {
-            Ok(view) => view.unwrap_or_default(),
-            Err(reason) => return Sent::Failed(reason.to_string()),
+        // Copying the text (and, after a restart, building it from the log) is blocking
+        // work: off the async workers.
+        let sequencer = self.server.sequencer.clone();
+        let id = doc.to_owned();
+        let view = match self.server.blocking(move || sequencer.read_now(&id)).await {
+            Ok(Ok(Some((view, ticket)))) => {
+                // The view holds only durable ops once its newest op is durable.
+                if let Err(reason) = self.server.sequencer.wait_durable(ticket).await {
+                    return Sent::Failed(reason.to_string());
+                }
+                view
+            }
+            Ok(Ok(None)) => DocView::default(),
+            Ok(Err(reason)) => return Sent::Failed(reason.to_string()),
+            Err(panic) => return Sent::Failed(format!("internal: {panic}")),
         };
         let total_len = view.text.len() as u64;
         let piece_max = self.max_frame() - OP_FRAME_OVERHEAD;
