@@ -9,7 +9,7 @@ use std::sync::Arc;
 use quire::op::Patch;
 use quire::wal::record::OpRecord;
 use quire::wal::vfs::sim::{CrashMode, SimFs, SplitMix};
-use quire::wal::{Wal, WalConfig, WalError};
+use quire::wal::{Background, Wal, WalConfig, WalError};
 
 const DIR: &str = "/data/wal";
 
@@ -46,14 +46,21 @@ fn recover(fs: &SimFs) -> Result<Vec<OpRecord>, WalError> {
     Ok(seen)
 }
 
-/// Appends in rounds of 1-8 concurrent records (so group-commit batches vary) until
-/// `total` or the log fails. Returns (every record submitted in LSN order, how many of
-/// them were acknowledged).
+/// Appends in rounds of 1-8 records, each round written as one group-commit batch,
+/// until `total` or the log fails. Returns (every record submitted in LSN order, how
+/// many of them were acknowledged). The log runs without threads (`Background::Manual`):
+/// the batches, and so the bytes on the disk, depend on the seed alone, not on when a
+/// writer thread woke up (a flip-count threshold below once failed on a run whose
+/// batches came out differently).
 fn workload(fs: &SimFs, total: u64, rng: &mut SplitMix) -> (Vec<OpRecord>, usize) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let (wal, _) = Wal::open(Arc::new(fs.clone()), Path::new(DIR), config(), |_, _| {}).unwrap();
+    let manual = WalConfig {
+        background: Background::Manual,
+        ..config()
+    };
+    let (wal, _) = Wal::open(Arc::new(fs.clone()), Path::new(DIR), manual, |_, _| {}).unwrap();
     let mut submitted = Vec::new();
     let mut acked = 0;
     let mut seq = 1;
@@ -68,6 +75,9 @@ fn workload(fs: &SimFs, total: u64, rng: &mut SplitMix) -> (Vec<OpRecord>, usize
             }
             submitted.push(op);
             seq += 1;
+        }
+        while wal.has_pending() {
+            wal.step();
         }
         for lsn in lsns {
             match rt.block_on(wal.wait_durable(lsn)) {
@@ -151,8 +161,11 @@ fn a_flipped_bit_anywhere_is_returned_exactly_or_refused_never_wrong() {
         }
     }
     // Both outcomes occur: flips in unused space are harmless, flips in records refuse.
+    // (The counts are the same on every run: the layout depends on the seed alone. A
+    // manual log prepares no spare segment ahead, so less of the disk is unused space
+    // than under the writer thread: 352 refused, 48 returned.)
     assert!(
-        refused > 50 && returned > 50,
+        refused > 25 && returned > 25,
         "refused {refused}, returned {returned}"
     );
 }
