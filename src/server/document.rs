@@ -229,6 +229,21 @@ impl<S: Subscriber> State<S> {
         }
     }
 
+    /// Sends a presence update to the subscribers whose snapshot is out. One still
+    /// waiting for it gets every client's current presence when it is activated, so
+    /// holding the update too would tell it the same presence twice.
+    fn deliver_presence(&mut self, except: Option<SessionId>, frame: &S::Frame) {
+        let State {
+            subscribers, held, ..
+        } = self;
+        for subscriber in subscribers.values() {
+            let session = subscriber.session();
+            if Some(session) != except && !held.contains_key(&session) {
+                subscriber.send(frame.clone());
+            }
+        }
+    }
+
     /// The window's ops after `at`, if the window still holds all of them; else the
     /// newest seq that must come from the log.
     fn window_after(&self, at: u64) -> Result<Vec<(u64, u64, Arc<TextOp>)>, u64> {
@@ -586,7 +601,7 @@ impl<S: Subscriber> Document<S> {
         {
             state.presence.remove(&client_id);
             let frame = self.presence_frame(client_id, S::Presence::default());
-            state.deliver_all(None, &frame);
+            state.deliver_presence(None, &frame);
         }
     }
 
@@ -638,7 +653,7 @@ impl<S: Subscriber> Document<S> {
                         dirty: false,
                     },
                 );
-                state.deliver_all(Some(session), &frame);
+                state.deliver_presence(Some(session), &frame);
             }
         }
     }
@@ -653,7 +668,7 @@ impl<S: Subscriber> Document<S> {
         p.sent_at = Instant::now();
         let (session, presence) = (p.session, p.presence.clone());
         let frame = self.presence_frame(client_id, presence);
-        state.deliver_all(Some(session), &frame);
+        state.deliver_presence(Some(session), &frame);
     }
 
     /// Checks what can be answered before any transform: an op ahead of the document, a
@@ -1111,6 +1126,42 @@ mod tests {
             }
             other => panic!("not applied: {other:?}"),
         }
+    }
+
+    /// Found by CI (tests/server.rs, presence_is_broadcast_and_gone_when_the_client_
+    /// disconnects): a presence update that came while a subscriber's snapshot was being
+    /// read was held for it, and sent again with the current presence on activation.
+    #[tokio::test]
+    async fn a_subscriber_waiting_for_its_snapshot_is_told_each_presence_once() {
+        let doc = Arc::new(document(8));
+        let (watcher, cursor) = (Recorder::new(1, 10), Recorder::new(2, 20));
+        doc.subscribe(cursor.clone());
+        doc.activate(2);
+        doc.subscribe(watcher.clone());
+        doc.presence(2, 20, vec![7]);
+        assert!(watcher.take().is_empty(), "nothing before its snapshot");
+        doc.activate(1);
+        let told = watcher.take();
+        assert_eq!(
+            told,
+            vec![Got::Presence {
+                client_id: 20,
+                presence: vec![7]
+            }]
+        );
+        // Gone: told once, and a subscriber still waiting is not told at all.
+        let late = Recorder::new(3, 30);
+        doc.subscribe(late.clone());
+        doc.unsubscribe(2, 20);
+        assert_eq!(
+            watcher.take(),
+            vec![Got::Presence {
+                client_id: 20,
+                presence: vec![]
+            }]
+        );
+        doc.activate(3);
+        assert!(late.take().is_empty(), "{:?}", late.take());
     }
 
     #[test]
