@@ -220,15 +220,6 @@ fn deliver<S: Subscriber>(
 }
 
 impl<S: Subscriber> State<S> {
-    fn deliver_all(&mut self, except: Option<SessionId>, frame: &S::Frame) {
-        let State {
-            subscribers, held, ..
-        } = self;
-        for subscriber in subscribers.values().filter(|s| Some(s.session()) != except) {
-            deliver(held, subscriber, frame);
-        }
-    }
-
     /// Sends a presence update to the subscribers whose snapshot is out. One still
     /// waiting for it gets every client's current presence when it is activated, so
     /// holding the update too would tell it the same presence twice.
