@@ -13,18 +13,33 @@ steps=${STEPS:-2000}
 scratch=${SCRATCH:-/tmp/quire-mutants}
 mkdir -p "$scratch"
 status=0
-for patch in "$root"/tools/sim-mutants/*.patch; do
+# First the tree unchanged (the control: it must pass, or a "caught" below means
+# nothing), then each mutant.
+for patch in none "$root"/tools/sim-mutants/*.patch; do
   name=$(basename "$patch" .patch)
-  if [ -n "${ONLY:-}" ] && [[ "$name" != *"$ONLY"* ]]; then continue; fi
-  dir="$scratch/$name"
-  rm -rf "$dir/src" "$dir/tests"
+  if [ "$patch" != none ] && [ -n "${ONLY:-}" ] && [[ "$name" != *"$ONLY"* ]]; then continue; fi
+  # One copy of the tree, refreshed for each mutant, and its own target directory: a
+  # second copy of the crate sharing a target directory with the repository would get
+  # the same artifact names, and cargo could take one's build for the other's.
+  dir="$scratch/tree"
+  rm -rf "$dir"
   mkdir -p "$dir"
-  # The tree as committed plus what is in the working copy, without target/.
+  # The tree as committed plus what is in the working copy, without target/ (copying
+  # gives every file a new mtime, so cargo rebuilds the crate for each mutant).
   (cd "$root" && git ls-files -z --cached --others --exclude-standard) |
     (cd "$root" && xargs -0 cp --parents -t "$dir")
-  # One target directory for every mutant (CI passes the repository's own, whose
-  # dependencies are built already): only the patched crate recompiles.
-  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$scratch/target}"
+  export CARGO_TARGET_DIR="$scratch/target"
+  if [ "$patch" = none ]; then
+    echo "== control: the tree as it is"
+    (cd "$dir" && cargo build -q --release --test sim 2>&1 | tail -5)
+    if ! out=$(cd "$dir" && cargo test -q --release --test sim -- --seeds "$seeds" --steps "$steps" 2>/dev/null); then
+      echo "$out" | tail -3 | sed 's/^/   /'
+      echo "   the unchanged tree fails: fix that first" >&2
+      exit 1
+    fi
+    echo "   $(echo "$out" | tail -1)"
+    continue
+  fi
   (cd "$dir" && patch -s -p1 < "$patch")
   echo "== $name: $(sed -n 's/^# //p' "$patch" | head -1)"
   (cd "$dir" && cargo build -q --release --test sim 2>&1 | tail -5)
