@@ -5,10 +5,10 @@
 #
 #   bash tools/sim-mutants.sh            # every mutant in tools/sim-mutants/
 #   ONLY=dedupe bash tools/sim-mutants.sh
-#   SEEDS=0..200 bash tools/sim-mutants.sh
+#   SEEDS=0..2000 bash tools/sim-mutants.sh   (default: the 500 seeds CI runs)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-seeds=${SEEDS:-0..40}
+seeds=${SEEDS:-0..500}
 steps=${STEPS:-2000}
 scratch=${SCRATCH:-/tmp/quire-mutants}
 mkdir -p "$scratch"
