@@ -494,21 +494,8 @@ impl Sim {
         let online = self.clients[i].online;
         let synced = self.clients[i].synced.as_mut().expect("checked above");
         if online {
-            match timeout(CLIENT_WAIT, synced.edit(std::slice::from_ref(&patch))).await {
-                Ok(Ok(())) => self.observe(i),
-                Ok(Err(e)) => {
-                    self.observe(i)?;
-                    self.on_error(i, e)
-                }
-                Err(_) => {
-                    self.observe(i)?;
-                    if let Some(wire) = self.clients[i].wire.take() {
-                        wire.cut();
-                    }
-                    self.clients[i].online = false;
-                    Ok(())
-                }
-            }
+            let outcome = timeout(CLIENT_WAIT, synced.edit(std::slice::from_ref(&patch))).await;
+            self.after_exchange(i, outcome)
         } else {
             // Offline: applied locally, sent after the reconnect.
             synced
@@ -525,14 +512,23 @@ impl Sim {
         let Some(synced) = self.clients[i].synced.as_mut() else {
             return Ok(());
         };
-        match timeout(CLIENT_WAIT, synced.poll()).await {
-            Ok(Ok(())) => self.observe(i),
-            Ok(Err(e)) => {
-                self.observe(i)?;
-                self.on_error(i, e)
-            }
+        let outcome = timeout(CLIENT_WAIT, synced.poll()).await;
+        self.after_exchange(i, outcome)
+    }
+
+    /// Notes what client `i` sent and was told in an exchange with the server, and what
+    /// it does if the exchange failed or got no answer in time (it drops the
+    /// connection and reconnects later).
+    fn after_exchange(
+        &mut self,
+        i: usize,
+        outcome: Result<Result<(), ClientError>, tokio::time::error::Elapsed>,
+    ) -> Result<(), Failure> {
+        self.observe(i)?;
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => self.on_error(i, e),
             Err(_) => {
-                self.observe(i)?;
                 if let Some(wire) = self.clients[i].wire.take() {
                     wire.cut();
                 }
