@@ -501,6 +501,28 @@ async fn one_connection_past_the_limit_gets_busy_and_a_slot_frees_when_one_leave
     server.stop().await;
 }
 
+/// A refused client that sent its Hello at once (as every client does) and reads a
+/// moment later still reads the Error: the server does not close with the Hello unread,
+/// which makes the kernel reset the connection and drop the Error before it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_that_already_sent_its_hello_still_reads_busy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    };
+    let server = start_with(tmp.path(), config).await;
+    let _a = Connection::connect(server.addr, 1, "").await.unwrap();
+    for id in 0..3u64 {
+        let mut over = TcpStream::connect(server.addr).await.unwrap();
+        over.write_all(&hello_frame(100 + id)).await.unwrap();
+        // Long enough for the server to have answered and closed.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        expect_closed_with(&mut over, 9).await;
+    }
+    server.stop().await;
+}
+
 /// Failure 6 (continued): 300 connections each holding most of a 1 MiB frame held
 /// 324 MB. Large frames being received share a server-wide budget: one past it gets
 /// code 9, small frames of other clients are unaffected, and the budget is returned.
