@@ -310,6 +310,7 @@ impl<S: Sequencer> Server<S> {
         stop: impl std::future::Future<Output = ()>,
     ) {
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
+        let refusals = Arc::new(Semaphore::new(session::MAX_REFUSALS_LINGERING));
         let mut deliverer =
             session::AbortOnDrop(tokio::spawn(self.durable.clone().run(self.clone())));
         let mut sessions = tokio::task::JoinSet::new();
@@ -325,16 +326,23 @@ impl<S: Sequencer> Server<S> {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        // Over the limit: say so (a fresh socket takes a small frame
-                        // without blocking) and close, rather than leave it unanswered.
-                        session::refuse_busy(
-                            stream,
-                            self.config.max_frame,
-                            format!(
-                                "the server is at its limit of {} connections; retry later",
-                                self.config.max_connections
-                            ),
+                        // Over the limit: say so rather than leave it unanswered.
+                        let message = format!(
+                            "the server is at its limit of {} connections; retry later",
+                            self.config.max_connections
                         );
+                        let max_frame = self.config.max_frame;
+                        match refusals.clone().try_acquire_owned() {
+                            Ok(lingering) => {
+                                sessions.spawn(async move {
+                                    session::refuse_busy(stream, max_frame, message).await;
+                                    drop(lingering);
+                                });
+                            }
+                            // Too many refusals lingering already (a flood): the Error
+                            // alone, and close.
+                            Err(_) => session::refuse_busy_now(&stream, max_frame, message),
+                        }
                         continue;
                     };
                     let id = self.next_session.fetch_add(1, Ordering::Relaxed);

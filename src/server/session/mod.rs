@@ -49,10 +49,18 @@ pub use open::CATCHUP_MAX_OPS;
 /// token of up to 65,535 bytes).
 const MAX_HELLO_FRAME: usize = 1 + 4 + 4 + 2 + 8 + 2 + 65_535;
 
-/// Refuses a connection over the server's limit: one `Error` (code 9), then closed. A
-/// fresh socket's send buffer takes the small frame without blocking.
-pub fn refuse_busy<T: Transport>(stream: T, max_frame: usize, message: String) {
-    let frame = encode(
+/// Refused connections whose close may linger at once ([`refuse_busy`]); past this many
+/// (a flood of connections), a refusal is [`refuse_busy_now`].
+pub const MAX_REFUSALS_LINGERING: usize = 1024;
+
+/// How long a refused connection may take to take its `Error`, and then to close.
+pub const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Bytes read and dropped from a refused connection before it is closed anyway.
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
+
+fn busy_frame(max_frame: usize, message: String) -> Bytes {
+    encode(
         &Envelope {
             request_id: 0,
             message: Message::Error {
@@ -61,8 +69,49 @@ pub fn refuse_busy<T: Transport>(stream: T, max_frame: usize, message: String) {
             },
         },
         max_frame,
-    );
-    let _ = stream.try_write(&frame);
+    )
+}
+
+/// Refuses a connection over the server's limit: one `Error` (code 9), the end of the
+/// stream, then what the client sent (its Hello, typically) is read and dropped until
+/// it closes, for at most [`REFUSAL_LINGER`] and [`REFUSAL_DRAIN_BYTES`]. Closing with
+/// its Hello unread would make the kernel reset the connection, and the reset discards
+/// the `Error` before the client reads it.
+pub async fn refuse_busy<T: Transport>(stream: T, max_frame: usize, message: String) {
+    use tokio::io::AsyncWriteExt;
+    let frame = busy_frame(max_frame, message);
+    let (reader, mut writer) = stream.into_split();
+    let written = tokio::time::timeout(REFUSAL_LINGER, async {
+        writer.write_all(&frame).await?;
+        writer.shutdown().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        return;
+    }
+    let mut sink = BytesMut::with_capacity(4096);
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        let mut drained = 0;
+        while drained <= REFUSAL_DRAIN_BYTES {
+            if reader.readable().await.is_err() {
+                return;
+            }
+            sink.clear();
+            match reader.try_read_buf(&mut sink) {
+                Ok(0) => return,
+                Ok(n) => drained += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
+/// Refuses a connection at once: the `Error` if the socket takes it without waiting (a
+/// fresh one does), then closed.
+pub fn refuse_busy_now<T: Transport>(stream: &T, max_frame: usize, message: String) {
+    let _ = stream.try_write(&busy_frame(max_frame, message));
 }
 
 /// Bytes a connection's read buffer is given when bytes arrive and it has no room
