@@ -782,20 +782,7 @@ mod tests {
         }
 
         fn submit(store: &LocalSequencer, seq: u64) -> Ticket {
-            let op = SubmitOp {
-                op_id: OpId {
-                    client_id: 9,
-                    local_seq: seq,
-                },
-                base_version: seq - 1,
-                expected_version: seq - 1,
-                fingerprint: 0,
-                patches: vec![Patch::new(0, 0, format!("{seq},"))],
-            };
-            match store.submit("doc", op).unwrap() {
-                Submitted::Applied { seq: s, ticket } if s == seq => ticket,
-                other => panic!("op {seq}: {other:?}"),
-            }
+            submit_patches(store, seq, vec![Patch::new(0, 0, format!("{seq},"))])
         }
 
         fn durable(store: &LocalSequencer, ticket: Ticket) -> bool {
@@ -901,7 +888,8 @@ mod tests {
             a_reused_op_id_is_refused_after_a_restart(true);
         }
 
-        fn submit_patches(store: &LocalSequencer, seq: u64, patches: Vec<Patch>) {
+        /// Op `seq` of client 9 on "doc", made on the version before it; its ticket.
+        fn submit_patches(store: &LocalSequencer, seq: u64, patches: Vec<Patch>) -> Ticket {
             let op = SubmitOp {
                 op_id: OpId {
                     client_id: 9,
@@ -913,7 +901,7 @@ mod tests {
                 patches,
             };
             match store.submit("doc", op) {
-                Ok(Submitted::Applied { seq: s, .. }) if s == seq => {}
+                Ok(Submitted::Applied { seq: s, ticket }) if s == seq => ticket,
                 other => panic!("op {seq}: {other:?}"),
             }
         }

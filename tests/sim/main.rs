@@ -101,6 +101,19 @@ struct Client {
     pipeline: usize,
 }
 
+impl Client {
+    /// Drops its document, to open it again from the server's text; its op counter
+    /// goes on from the highest it used, `skip` further.
+    fn reload(&mut self, skip: u64) {
+        let next = self
+            .synced
+            .as_ref()
+            .map_or(self.stored_next, |s| s.doc.next_local_seq());
+        self.stored_next = self.stored_next.max(next) + skip;
+        self.synced = None;
+    }
+}
+
 #[derive(Default)]
 struct Stats {
     edits: u64,
@@ -375,12 +388,7 @@ impl Sim {
             ClientError::Io(_) => {}
             ClientError::MustReload => {
                 self.stats.reloads += 1;
-                let next = client
-                    .synced
-                    .as_ref()
-                    .map_or(client.stored_next, |s| s.doc.next_local_seq());
-                client.stored_next = client.stored_next.max(next);
-                client.synced = None;
+                client.reload(0);
             }
             ClientError::Protocol(m) => {
                 return Err(self.fail(format!(
@@ -394,24 +402,14 @@ impl Sim {
                     // It reused op ids (its counter was stored late): it starts again
                     // from the server's text with a counter far ahead.
                     self.stats.reused_refused += 1;
-                    let next = client
-                        .synced
-                        .as_ref()
-                        .map_or(client.stored_next, |s| s.doc.next_local_seq());
-                    client.stored_next = next + 1_000;
-                    client.synced = None;
+                    client.reload(1_000);
                 } else if m.contains("TooOld")
                     || m.contains("PipelineConflict")
                     || m.contains("Reload")
                     || m.contains("reload")
                 {
                     self.stats.reloads += 1;
-                    let next = client
-                        .synced
-                        .as_ref()
-                        .map_or(client.stored_next, |s| s.doc.next_local_seq());
-                    client.stored_next = client.stored_next.max(next);
-                    client.synced = None;
+                    client.reload(0);
                 }
                 self.say(|| format!("client {id} refused: {m}"));
             }
