@@ -149,9 +149,9 @@ impl SimFs {
         lock(&self.state).space_left = Some(bytes);
     }
 
-    /// Takes `bytes` of free space, or fails as a full disk does.
-    fn grow(&self, bytes: u64) -> io::Result<()> {
-        let mut state = lock(&self.state);
+    /// Takes `bytes` of free space, or fails as a full disk does. The caller holds the
+    /// disk's state, taken before the file's inode: the one lock order (as `crash`).
+    fn grow(state: &mut State, bytes: u64) -> io::Result<()> {
         match &mut state.space_left {
             Some(left) if *left < bytes => Err(io::Error::new(
                 io::ErrorKind::StorageFull,
@@ -464,9 +464,11 @@ impl Vfs for SimFs {
 
 impl VfsFile for SimFile {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut state = lock(&self.fs.state);
         let mut inode = lock(&self.inode);
         let end = offset + buf.len() as u64;
-        self.fs.grow(end.saturating_sub(inode.data.len() as u64))?;
+        SimFs::grow(&mut state, end.saturating_sub(inode.data.len() as u64))?;
+        drop(state);
         let op = Pending::Write {
             offset,
             data: buf.to_vec(),
@@ -501,9 +503,10 @@ impl VfsFile for SimFile {
 
     fn allocate(&self, len: u64) -> io::Result<bool> {
         self.fs.maybe_panic(PanicAt::Allocate);
+        let mut state = lock(&self.fs.state);
         let mut inode = lock(&self.inode);
         if (inode.data.len() as u64) < len {
-            self.fs.grow(len - inode.data.len() as u64)?;
+            SimFs::grow(&mut state, len - inode.data.len() as u64)?;
             let op = Pending::SetLen(len);
             apply(&mut inode.data, &op);
             inode.pending.push(op);
@@ -512,8 +515,10 @@ impl VfsFile for SimFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut state = lock(&self.fs.state);
         let mut inode = lock(&self.inode);
-        self.fs.grow(len.saturating_sub(inode.data.len() as u64))?;
+        SimFs::grow(&mut state, len.saturating_sub(inode.data.len() as u64))?;
+        drop(state);
         let op = Pending::SetLen(len);
         apply(&mut inode.data, &op);
         inode.pending.push(op);
