@@ -188,7 +188,7 @@ fn memory_of_half_sent_large_frames_is_returned_when_their_connections_close() {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         let mut hello = vec![0x01, 0, 0, 0, 0];
         hello.extend_from_slice(b"QUIR");
-        hello.extend_from_slice(&1u16.to_le_bytes());
+        hello.extend_from_slice(&quire::protocol::PROTOCOL_VERSION.to_le_bytes());
         hello.extend_from_slice(&(500 + id).to_le_bytes());
         hello.extend_from_slice(&0u16.to_le_bytes());
         s.write_all(&(hello.len() as u32).to_le_bytes()).unwrap();

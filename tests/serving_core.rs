@@ -107,7 +107,7 @@ async fn expect_closed_with(conn: &mut TcpStream, code: u16) {
 fn hello_frame(client_id: u64) -> Vec<u8> {
     let mut body = vec![0x01, 0, 0, 0, 0];
     body.extend_from_slice(b"QUIR");
-    body.extend_from_slice(&1u16.to_le_bytes());
+    body.extend_from_slice(&quire::protocol::PROTOCOL_VERSION.to_le_bytes());
     body.extend_from_slice(&client_id.to_le_bytes());
     body.extend_from_slice(&0u16.to_le_bytes());
     let mut frame = (body.len() as u32).to_le_bytes().to_vec();

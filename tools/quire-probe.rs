@@ -45,7 +45,7 @@ const REJECT: u8 = 0x23;
 const PONG: u8 = 0x27;
 const ERROR: u8 = 0x7F;
 const MAGIC: &[u8; 4] = b"QUIR";
-const PROTOCOL_VERSION: u16 = 1;
+const PROTOCOL_VERSION: u16 = 2;
 
 /// The types the probe decodes; any other frame is skipped by its length prefix.
 const KEPT: [u8; 7] = [WELCOME, SNAPSHOT, OPS, ACK, REJECT, PONG, ERROR];

@@ -95,10 +95,16 @@ impl<T: Stream> Connection<T> {
         })
         .await?;
         match conn.recv().await?.message {
-            Message::Welcome { max_frame, .. } => {
+            Message::Welcome {
+                max_frame,
+                client_id,
+                ..
+            } => {
                 // The server builds every frame to fit its own limit.
                 conn.codec = FrameCodec::new(max_frame as usize);
                 conn.max_frame = max_frame as usize;
+                // The id the server gave, if this client asked for one.
+                conn.client_id = client_id;
                 Ok(conn)
             }
             Message::Error { code, message } => {

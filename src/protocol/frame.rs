@@ -2,7 +2,7 @@
 //!
 //! Built on tokio-util's `LengthDelimitedCodec`, which checks the length field against
 //! the maximum before it reserves any buffer space, so an oversize frame costs nothing
-//! but the error. The codec turns frames into [`Message`]s and back.
+//! but the error. The codec turns frames into [`Message`](super::message::Message)s and back.
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};

@@ -128,6 +128,8 @@ pub enum Message {
     Welcome {
         version: u16,
         max_frame: u32,
+        /// The client's id: the one it sent, or the one the server gave it (it sent 0).
+        client_id: u64,
     },
     Open {
         doc: String,
@@ -405,9 +407,14 @@ impl Envelope {
                 out.put_u64_le(*client_id);
                 put_str16(&mut out, token);
             }
-            Message::Welcome { version, max_frame } => {
+            Message::Welcome {
+                version,
+                max_frame,
+                client_id,
+            } => {
                 out.put_u16_le(*version);
                 out.put_u32_le(*max_frame);
+                out.put_u64_le(*client_id);
             }
             Message::Open { doc, known_version } => {
                 put_str16(&mut out, doc);
@@ -525,6 +532,7 @@ impl Envelope {
             0x02 => Message::Welcome {
                 version: r.u16()?,
                 max_frame: r.u32()?,
+                client_id: r.u64()?,
             },
             0x10 => Message::Open {
                 doc: r.str16()?,
@@ -638,8 +646,9 @@ mod tests {
                 token: "t".into(),
             },
             Message::Welcome {
-                version: 1,
+                version: 2,
                 max_frame: 1 << 20,
+                client_id: 1 << 63,
             },
             Message::Open {
                 doc: doc.clone(),

@@ -6,7 +6,8 @@
 pub mod frame;
 pub mod message;
 
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: `Welcome` carries the client id (a client may ask for one with id 0).
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const MAGIC: [u8; 4] = *b"QUIR";
 /// Default upper bound on a frame's length field.
 pub const DEFAULT_MAX_FRAME: usize = 1 << 20;

@@ -348,6 +348,8 @@ impl LocalSequencer {
                 "a document replayed was taken out of docs"
             );
         }
+        let client_ids = super::client_ids::ClientIds::open(vfs.clone(), data_dir)
+            .map_err(OpenError::Snapshots)?;
         let (wal, report) = scanned.start().map_err(OpenError::Wal)?;
         remove_leftovers(&*vfs, &leftovers).map_err(OpenError::Snapshots)?;
         let startup = StartupReport {
@@ -395,6 +397,7 @@ impl LocalSequencer {
             snapshot_us: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
             ),
+            client_ids,
         });
         let maintenance = match shared.config.wal.background {
             Background::Threads => {
@@ -538,6 +541,13 @@ impl Drop for LocalSequencer {
 }
 
 impl Sequencer for LocalSequencer {
+    fn assign_client_id(&self) -> Result<u64, Arc<str>> {
+        self.shared.client_ids.assign().map_err(|e| {
+            tracing::error!("cannot give out a client id: {e}");
+            Arc::from(format!("cannot give out a client id: {e}"))
+        })
+    }
+
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
         validate_doc_id(doc_id).map_err(SubmitError::InvalidDocId)?;
         let doc = self.doc_or_create(doc_id);

@@ -7,6 +7,7 @@
 //! group running the same per-document state machine) can replace it without the
 //! server changing.
 
+pub mod client_ids;
 mod dedupe;
 pub mod local;
 mod maintenance;
@@ -139,6 +140,11 @@ pub trait Sequencer: Send + Sync + 'static {
         op_id: OpId,
         fingerprint: u64,
     ) -> Option<Result<Submitted, SubmitError>>;
+
+    /// A client id never given before, for a client that asked for one (`Hello` with
+    /// client id 0). Blocking (now and then it writes and syncs a file): call it off
+    /// the async workers.
+    fn assign_client_id(&self) -> Result<u64, Arc<str>>;
 
     /// The document's version: the seq of its newest op, durable or not (0: no ops).
     fn version(&self, doc_id: &str) -> u64;

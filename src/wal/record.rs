@@ -295,7 +295,7 @@ impl OpRecord {
 /// Patches kept inline before one goes to the heap: most ops have a few.
 const INLINE_PATCHES: usize = 4;
 
-/// The patches of an [`OpView`]: inline up to [`INLINE_PATCHES`], so that decoding the
+/// The patches of an [`OpView`]: inline up to `INLINE_PATCHES`, so that decoding the
 /// usual op allocates nothing.
 #[derive(Clone, Debug)]
 pub enum PatchList<'a> {

@@ -1,5 +1,5 @@
 //! The file layer under the log. Everything the WAL does to the disk goes through
-//! [`Vfs`], so tests can swap in [`sim::SimFs`], a disk model that keeps written bytes
+//! [`Vfs`], so tests can swap in `sim::SimFs` (feature `sim`), a disk model that keeps written bytes
 //! apart from durable ones and can crash, tear writes, flip bits and fail fsync.
 //!
 //! Trait objects, not generics: every call here is a syscall or an fsync, so dynamic

@@ -59,6 +59,10 @@ impl Sequencer for SimSequencer {
         self.inner.applied(doc_id, op_id, fingerprint)
     }
 
+    fn assign_client_id(&self) -> Result<u64, Arc<str>> {
+        self.inner.assign_client_id()
+    }
+
     fn version(&self, doc_id: &str) -> u64 {
         self.inner.version(doc_id)
     }

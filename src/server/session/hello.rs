@@ -6,7 +6,7 @@ use crate::protocol::PROTOCOL_VERSION;
 use crate::sequencer::Sequencer;
 
 impl<S: Sequencer> Session<S> {
-    pub(super) fn hello(&mut self, env: Envelope) -> bool {
+    pub(super) async fn hello(&mut self, env: Envelope) -> bool {
         let refuse = |s: &Self, code, message: String| {
             s.send_error(0, code, message);
             false
@@ -33,6 +33,30 @@ impl<S: Sequencer> Session<S> {
         if token != self.server.config.token {
             return refuse(self, ErrorCode::WrongToken, "wrong access token".into());
         }
+        let client_id = if client_id == 0 {
+            // A client with no identity yet: one never given before (a file write now
+            // and then, off the async workers).
+            let sequencer = self.server.sequencer.clone();
+            match self
+                .server
+                .blocking(move || sequencer.assign_client_id())
+                .await
+            {
+                Ok(Ok(id)) => id,
+                Ok(Err(e)) => {
+                    return refuse(self, ErrorCode::StorageFailed, format!("{e}"));
+                }
+                Err(panic) => {
+                    return refuse(
+                        self,
+                        ErrorCode::StorageFailed,
+                        format!("giving out a client id failed: {panic}"),
+                    );
+                }
+            }
+        } else {
+            client_id
+        };
         self.client_id = Some(client_id);
         self.outbox = self.outbox.with_client(client_id);
         self.server.claim_client_id(&self.outbox);
@@ -41,6 +65,7 @@ impl<S: Sequencer> Session<S> {
             Message::Welcome {
                 version: PROTOCOL_VERSION,
                 max_frame: self.max_frame() as u32,
+                client_id,
             },
         );
         true

@@ -74,7 +74,7 @@ fn busy_frame(max_frame: usize, message: String) -> Bytes {
 
 /// Refuses a connection over the server's limit: one `Error` (code 9), the end of the
 /// stream, then what the client sent (its Hello, typically) is read and dropped until
-/// it closes, for at most [`REFUSAL_LINGER`] and [`REFUSAL_DRAIN_BYTES`]. Closing with
+/// it closes, for at most `REFUSAL_LINGER` and `REFUSAL_DRAIN_BYTES`. Closing with
 /// its Hello unread would make the kernel reset the connection, and the reset discards
 /// the `Error` before the client reads it.
 pub async fn refuse_busy<T: Transport>(stream: T, max_frame: usize, message: String) {
@@ -347,7 +347,7 @@ impl<S: Sequencer> Session<S> {
     async fn handle(&mut self, env: Envelope) -> bool {
         let rid = env.request_id;
         if self.client_id.is_none() {
-            return self.hello(env);
+            return self.hello(env).await;
         }
         match env.message {
             Message::Open { doc, known_version } => {
