@@ -229,6 +229,37 @@ impl TextOp {
         self
     }
 
+    /// Where a position of the op's base (a cursor: 0 ..= the base's length, in code
+    /// points) ends up in its result. A cursor stays before text inserted at it, and
+    /// one inside deleted text goes to where the deletion was.
+    pub fn map_position(&self, pos: u32) -> u32 {
+        let (mut base, mut out) = (0u32, 0u32);
+        for component in &self.components {
+            match component {
+                Component::Retain(n) => {
+                    if pos < base + n {
+                        return out + (pos - base);
+                    }
+                    base += n;
+                    out += n;
+                }
+                Component::Insert(s) => {
+                    if pos <= base {
+                        return out;
+                    }
+                    out += chars(s);
+                }
+                Component::Delete(n) => {
+                    if pos < base + n {
+                        return out;
+                    }
+                    base += n;
+                }
+            }
+        }
+        out + (pos - base)
+    }
+
     /// One patch as an op.
     pub fn from_patch(patch: &Patch) -> TextOp {
         let mut op = TextOp::new();
@@ -652,5 +683,14 @@ mod tests {
             a.compose(&b).apply(text),
             a.apply(text).and_then(|t| b.apply(&t))
         );
+    }
+
+    #[test]
+    fn positions_map_through_an_op() {
+        // "abcdef" -> delete "bc", insert "XY" at 4 (before "e"): "adXYef".
+        let op = TextOp::from_patches(&[Patch::new(1, 2, ""), Patch::new(2, 0, "XY")]);
+        let mapped: Vec<u32> = (0..=6).map(|p| op.map_position(p)).collect();
+        assert_eq!(mapped, vec![0, 1, 1, 1, 2, 5, 6]);
+        assert_eq!(op.apply("abcdef").unwrap(), "adXYef");
     }
 }

@@ -1,9 +1,21 @@
-//! The native client. Depends on `ot` (and, for I/O, on `protocol`) only.
+//! The native client. Depends on `ot` and `protocol` only.
 //!
-//! - [`state`]: the client's OT state machine for one document, with no I/O: local
-//!   text, the op in flight, the buffered local edits, rebasing over remote ops.
-//! - [`connection`]: a TCP connection speaking the protocol, and [`connection::SyncedDoc`],
-//!   a document kept in sync over it.
+//! - [`Client`] and [`DocHandle`] (in `handle`): what applications use. One background
+//!   task owns the connection, reconnects with backoff, and keeps every open document
+//!   in sync; edits apply locally at once, also offline, and survive a restart of the
+//!   application with a persistence directory.
+//! - [`state`]: one document's OT state machine, with no I/O: local text, the ops in
+//!   flight, the buffered local edits, rebasing over remote ops, reloading.
+//! - [`store`]: the persistence directory.
+//! - [`connection`]: a connection speaking the protocol (handshake, frames), and the
+//!   older single-document [`connection::SyncedDoc`] the tools still use.
 
 pub mod connection;
+mod handle;
 pub mod state;
+pub mod store;
+
+pub use handle::{
+    Client, ClientConfig, ClientError, ConnectionState, Connector, DocHandle, Event, Events,
+    TcpConnector,
+};

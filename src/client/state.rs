@@ -26,6 +26,9 @@ pub struct Outgoing {
 pub struct ClientDoc {
     /// A rope: local edits and remote ops cost O(log n), not a copy of the document.
     text: Text,
+    /// The server's text at `version` (the local text without the pending edits): the
+    /// base a reload derives the pending edits from, and what a persisted client keeps.
+    confirmed: Text,
     /// The last server seq this client has applied.
     version: u64,
     /// Sent, not yet acknowledged, oldest first (at most `max_in_flight`).
@@ -40,7 +43,7 @@ pub struct ClientDoc {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientError {
+pub enum DocError {
     /// A local edit does not apply to the local text.
     OutOfRange,
     /// A local edit larger than the server takes in one op: split it.
@@ -55,6 +58,7 @@ impl ClientDoc {
     pub fn new(text: String, version: u64, next_local_seq: u64) -> Self {
         ClientDoc {
             text: Text::from(text.as_str()),
+            confirmed: Text::from(text.as_str()),
             version,
             in_flight: VecDeque::new(),
             max_in_flight: 1,
@@ -131,20 +135,25 @@ impl ClientDoc {
     /// Edits made while an op is in flight are composed into one, up to half the op
     /// limit (a composed op that outgrew it could never be sent, and transforming it
     /// over remote ops may add patches); past that a new op starts.
-    pub fn local_edit(&mut self, patches: &[Patch]) -> Result<(), ClientError> {
+    pub fn local_edit(&mut self, patches: &[Patch]) -> Result<(), DocError> {
         let bytes = patches_wire_len(patches);
         if bytes > self.max_op_bytes {
-            return Err(ClientError::TooLarge {
+            return Err(DocError::TooLarge {
                 bytes,
                 max: self.max_op_bytes,
             });
         }
-        self.text
-            .apply(patches)
-            .map_err(|_| ClientError::OutOfRange)?;
+        self.text.apply(patches).map_err(|_| DocError::OutOfRange)?;
         let op = TextOp::from_patches(patches);
+        self.enqueue(op);
+        Ok(())
+    }
+
+    /// Queues `op` (already applied to the local text) behind the buffered edits,
+    /// composed into the last one while that stays under half the op limit.
+    fn enqueue(&mut self, op: TextOp) {
         if op.is_noop() {
-            return Ok(());
+            return;
         }
         match self.buffer.back_mut() {
             Some(buffered) if self.compose => {
@@ -157,7 +166,140 @@ impl ClientDoc {
             }
             _ => self.buffer.push_back(op),
         }
-        Ok(())
+    }
+
+    /// The server's text at [`ClientDoc::version`]: the local text without this
+    /// client's pending edits.
+    pub fn confirmed_text(&self) -> String {
+        self.confirmed.to_string()
+    }
+
+    /// Whether op `local_seq` is in flight.
+    pub fn is_in_flight(&self, local_seq: u64) -> bool {
+        self.in_flight.iter().any(|(o, _)| o.local_seq == local_seq)
+    }
+
+    /// The ops in flight (as sent, and as they are now: rebased over the remote ops
+    /// since), then the buffered ones, each applying to the result of the one before,
+    /// from [`ClientDoc::confirmed_text`].
+    pub fn pending(&self) -> (Vec<(Outgoing, TextOp)>, Vec<TextOp>) {
+        (
+            self.in_flight.iter().cloned().collect(),
+            self.buffer.iter().cloned().collect(),
+        )
+    }
+
+    /// A document as [`ClientDoc::pending`] and [`ClientDoc::confirmed_text`] left it
+    /// (a client restarting from what it persisted).
+    pub fn restore(
+        confirmed: String,
+        version: u64,
+        next_local_seq: u64,
+        in_flight: Vec<(Outgoing, TextOp)>,
+        buffer: Vec<TextOp>,
+    ) -> Result<Self, DocError> {
+        let mut doc = ClientDoc::new(confirmed, version, next_local_seq);
+        for op in in_flight.iter().map(|(_, op)| op).chain(buffer.iter()) {
+            doc.text
+                .apply(&op.to_patches())
+                .map_err(|_| DocError::OutOfRange)?;
+        }
+        if let Some((last, _)) = in_flight.last() {
+            if last.local_seq >= doc.next_local_seq {
+                return Err(DocError::Protocol(format!(
+                    "op {} in flight at or after the next local seq {}",
+                    last.local_seq, doc.next_local_seq
+                )));
+            }
+        }
+        doc.max_in_flight = doc.max_in_flight.max(in_flight.len());
+        doc.in_flight = in_flight.into();
+        doc.buffer = buffer.into();
+        Ok(doc)
+    }
+
+    /// The server refused op `local_seq`: it, and every op sent after it (the server
+    /// refuses those too until the document is opened again), were not applied. They
+    /// go back to the front of the buffer, still applied locally, to be sent again as
+    /// new ops (new op ids, the current version as base) once the document is open
+    /// again. False if the op was not in flight (its refusal was handled already).
+    pub fn on_reject(&mut self, local_seq: u64) -> bool {
+        let Some(i) = self
+            .in_flight
+            .iter()
+            .position(|(o, _)| o.local_seq == local_seq)
+        else {
+            return false;
+        };
+        let back: Vec<TextOp> = self.in_flight.drain(i..).map(|(_, op)| op).collect();
+        for op in back.into_iter().rev() {
+            self.buffer.push_front(op);
+        }
+        true
+    }
+
+    /// Of the ops in flight, the first `applied` reached the server and the others did
+    /// not (a reload learned it): the applied ones become part of the confirmed text,
+    /// the others return to the buffer. The version is then unknown (0): open the
+    /// document from its snapshot, and [`ClientDoc::reload`] onto it.
+    pub fn settle_applied(&mut self, applied: usize) {
+        for (_, op) in self.in_flight.iter().take(applied) {
+            self.confirmed
+                .apply(&op.to_patches())
+                .expect("an op in flight applies after the ones before it");
+        }
+        let back: Vec<TextOp> = self
+            .in_flight
+            .drain(..)
+            .skip(applied)
+            .map(|(_, op)| op)
+            .collect();
+        for op in back.into_iter().rev() {
+            self.buffer.push_front(op);
+        }
+        self.version = 0;
+    }
+
+    /// The largest op this document sends, in wire bytes of patches.
+    pub fn max_op_bytes(&self) -> usize {
+        self.max_op_bytes
+    }
+
+    /// Replaces this document's base with the server's text `server` at
+    /// `server_version` (a reload: the server no longer holds the ops this client
+    /// missed). Of the ops in flight, the first `applied` reached the server (their
+    /// effect is in `server`); the others did not. No local edit is lost: what this
+    /// client has that the server has not seen of it is the difference between the
+    /// text the server saw (the confirmed text and the applied ops) and the local text;
+    /// it is rebased over what others changed meanwhile (the difference between that
+    /// same text and `server`) and queued as new ops. Returns the patches that turn the
+    /// old local text into the new one.
+    pub fn reload(&mut self, server: String, server_version: u64, applied: usize) -> Vec<Patch> {
+        let mut seen = self.confirmed.clone();
+        for (_, op) in self.in_flight.iter().take(applied) {
+            seen.apply(&op.to_patches())
+                .expect("an op in flight applies after the ones before it");
+        }
+        let seen = seen.to_string();
+        let local = self.text.to_string();
+        let mine = diff(&seen, &local);
+        let theirs = diff(&seen, &server);
+        let rebased = mine.transform(&theirs, Side::Left);
+        let new_local = rebased
+            .apply(&server)
+            .expect("an op rebased over the server's change applies to its result");
+        let shown = diff(&local, &new_local).to_patches();
+        self.confirmed = Text::from(server.as_str());
+        self.text = Text::from(new_local.as_str());
+        self.version = server_version;
+        self.in_flight.clear();
+        self.buffer.clear();
+        for patch in rebased.to_patches() {
+            for piece in split_patch(patch, self.max_op_bytes / 2) {
+                self.enqueue(TextOp::from_patch(&piece));
+            }
+        }
+        shown
     }
 
     /// The next op to send, if fewer than the allowed number are in flight.
@@ -177,38 +319,46 @@ impl ClientDoc {
     }
 
     /// The server acknowledged the oldest in-flight op, `local_seq`, as `seq`.
-    pub fn on_ack(&mut self, local_seq: u64, seq: u64) -> Result<(), ClientError> {
+    pub fn on_ack(&mut self, local_seq: u64, seq: u64) -> Result<(), DocError> {
         match self.in_flight.front() {
             Some((out, _)) if out.local_seq == local_seq => {}
             _ => {
-                return Err(ClientError::Protocol(format!(
+                return Err(DocError::Protocol(format!(
                     "ack for op {local_seq}, which is not in flight"
                 )))
             }
         }
         if seq != self.version + 1 {
-            return Err(ClientError::Protocol(format!(
+            return Err(DocError::Protocol(format!(
                 "ack at seq {seq} but the client is at version {}",
                 self.version
             )));
         }
-        self.in_flight.pop_front();
+        let (_, op) = self.in_flight.pop_front().expect("checked above");
+        // The op as it is now was rebased over every remote op before `seq`: the
+        // server's change at `seq`.
+        self.confirmed
+            .apply(&op.to_patches())
+            .map_err(|e| DocError::Protocol(format!("acked op {local_seq} does not apply: {e}")))?;
         self.version = seq;
         Ok(())
     }
 
     /// A remote op sequenced as `seq`. Returns the patches applied to the local text.
-    pub fn on_remote(&mut self, seq: u64, patches: &[Patch]) -> Result<Vec<Patch>, ClientError> {
+    pub fn on_remote(&mut self, seq: u64, patches: &[Patch]) -> Result<Vec<Patch>, DocError> {
         if seq <= self.version {
             // Already in the snapshot this client opened with (a broadcast can overlap it).
             return Ok(Vec::new());
         }
         if seq != self.version + 1 {
-            return Err(ClientError::Protocol(format!(
+            return Err(DocError::Protocol(format!(
                 "remote op at seq {seq} but the client is at version {}",
                 self.version
             )));
         }
+        self.confirmed.apply(patches).map_err(|e| {
+            DocError::Protocol(format!("remote op at seq {seq} does not apply: {e}"))
+        })?;
         let mut remote = TextOp::from_patches(patches);
         let pending = self
             .in_flight
@@ -222,11 +372,69 @@ impl ClientDoc {
         }
         let patches = remote.to_patches();
         self.text.apply(&patches).map_err(|e| {
-            ClientError::Protocol(format!("remote op at seq {seq} does not apply: {e}"))
+            DocError::Protocol(format!("remote op at seq {seq} does not apply: {e}"))
         })?;
         self.version = seq;
         Ok(patches)
     }
+}
+
+/// The op that turns `from` into `to`, in code points (a Myers diff by the `similar`
+/// crate, on chars).
+pub fn diff(from: &str, to: &str) -> TextOp {
+    use similar::{Algorithm, DiffOp};
+    let a: Vec<char> = from.chars().collect();
+    let b: Vec<char> = to.chars().collect();
+    let mut op = TextOp::new();
+    for d in similar::capture_diff_slices(Algorithm::Myers, &a, &b) {
+        match d {
+            DiffOp::Equal { len, .. } => {
+                op.retain(len as u32);
+            }
+            DiffOp::Delete { old_len, .. } => {
+                op.delete(old_len as u32);
+            }
+            DiffOp::Insert {
+                new_index, new_len, ..
+            } => {
+                op.insert(&b[new_index..new_index + new_len].iter().collect::<String>());
+            }
+            DiffOp::Replace {
+                old_len,
+                new_index,
+                new_len,
+                ..
+            } => {
+                op.delete(old_len as u32)
+                    .insert(&b[new_index..new_index + new_len].iter().collect::<String>());
+            }
+        }
+    }
+    // A trailing retain is implicit: the same op as one built from patches.
+    TextOp::from_patches(&op.to_patches())
+}
+
+/// `patch` as patches of at most `max` wire bytes each (its insert cut between code
+/// points), applying one after another.
+fn split_patch(patch: Patch, max: usize) -> Vec<Patch> {
+    if patches_wire_len(std::slice::from_ref(&patch)) <= max {
+        return vec![patch];
+    }
+    let room = max.saturating_sub(4 + 12).max(4);
+    let mut pieces = Vec::new();
+    let (mut pos, mut del, mut rest) = (patch.pos, patch.del, patch.ins.as_str());
+    while !rest.is_empty() || del > 0 {
+        let mut cut = rest.len().min(room);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (piece, after) = rest.split_at(cut);
+        pieces.push(Patch::new(pos, del, piece));
+        pos += piece.chars().count() as u32;
+        del = 0;
+        rest = after;
+    }
+    pieces
 }
 
 #[cfg(test)]
@@ -275,7 +483,7 @@ mod tests {
         let big = "y".repeat(100);
         assert_eq!(
             doc.local_edit(&[insert(0, &big)]),
-            Err(ClientError::TooLarge {
+            Err(DocError::TooLarge {
                 bytes: 4 + 12 + 100,
                 max: 100
             })

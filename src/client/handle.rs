@@ -1,0 +1,1485 @@
+//! The client applications use: a [`Client`] owns one connection (in a background
+//! task that reconnects by itself) and any number of open documents, each reached
+//! through a [`DocHandle`].
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), quire::client::ClientError> {
+//! use quire::client::{Client, ClientConfig, Event};
+//! use quire::op::Patch;
+//!
+//! let client = Client::connect(ClientConfig::new("127.0.0.1:7420")).await?;
+//! let doc = client.open("notes/today").await?;
+//! let mut events = doc.events();
+//! doc.edit(&[Patch::new(0, 0, "hello ")]).await?;
+//! println!("{}", doc.text());
+//! while let Some(event) = events.recv().await {
+//!     if let Event::Acked { seq } = event {
+//!         println!("durable on the server as seq {seq}");
+//!         break;
+//!     }
+//! }
+//! client.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Edits apply to [`DocHandle::text`] at once, whether the connection is up or not;
+//! the client sends them when it can (composed: an hour offline costs messages in
+//! proportion to what changed, not to the keystrokes), rebases them over what others
+//! did meanwhile, and, with a persistence directory
+//! ([`ClientConfig::persist_dir`]), keeps them on disk before `edit` returns, so that
+//! a client restarted on that directory resumes with the same client id and op ids.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::connection::{Connection, Stream};
+use super::state::{ClientDoc, DocError};
+use super::store::{self, Store};
+use crate::op::Patch;
+use crate::protocol::message::{ErrorCode, Message, Selection, WireOp};
+
+/// What went wrong, keeping the server's code where the server refused.
+#[derive(Debug)]
+pub enum ClientError {
+    /// The server refused, for good: a wrong token, an unsupported protocol version, an
+    /// invalid document id, or a failed storage on its side.
+    Refused { code: ErrorCode, message: String },
+    /// A local edit does not apply to the local text.
+    OutOfRange,
+    /// A local edit larger than the server takes in one op: split it.
+    TooLarge { bytes: usize, max: usize },
+    /// The persistence directory could not be read or written.
+    Persist(io::Error),
+    /// The client was shut down (or its task ended).
+    Closed,
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Refused { code, message } => {
+                write!(f, "refused by the server ({code:?}): {message}")
+            }
+            ClientError::OutOfRange => f.write_str("the edit does not apply to the local text"),
+            ClientError::TooLarge { bytes, max } => write!(
+                f,
+                "an edit of {bytes} bytes is larger than the server takes in one op ({max})"
+            ),
+            ClientError::Persist(e) => write!(f, "persistence directory: {e}"),
+            ClientError::Closed => f.write_str("the client is shut down"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<DocError> for ClientError {
+    fn from(e: DocError) -> Self {
+        match e {
+            DocError::OutOfRange => ClientError::OutOfRange,
+            DocError::TooLarge { bytes, max } => ClientError::TooLarge { bytes, max },
+            DocError::Protocol(m) => ClientError::Refused {
+                code: ErrorCode::Malformed,
+                message: m,
+            },
+        }
+    }
+}
+
+/// The state of the client's connection, as [`Event::Connection`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Connecting for the first time.
+    Connecting,
+    /// Connected, and every open document reopened.
+    Connected,
+    /// The connection was lost (or never made); the next attempt is after `retry_in`.
+    /// Edits keep applying locally and are queued.
+    Reconnecting { attempt: u32, retry_in: Duration },
+    /// The server refused this client for good (a wrong token, an unsupported protocol
+    /// version): nothing more is sent.
+    Failed { code: ErrorCode, message: String },
+    /// [`Client::shutdown`] was called.
+    Closed,
+}
+
+/// What happened to a document that its application did not do itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Another client's op, as applied to the local text: the patches apply to the
+    /// local text as it was just before (they are rebased over this client's pending
+    /// edits).
+    Remote {
+        seq: u64,
+        client_id: u64,
+        patches: Vec<Patch>,
+    },
+    /// One of this client's ops is durable on the server as `seq`.
+    Acked { seq: u64 },
+    /// Another client's cursors and selections, in the local text's code points (none:
+    /// it left).
+    Presence {
+        client_id: u64,
+        selections: Vec<Selection>,
+    },
+    /// The connection changed state.
+    Connection(ConnectionState),
+    /// The document was reloaded from the server's snapshot (the server no longer held
+    /// the ops this client missed, or it refused one of its ops): `patches` turn the
+    /// local text as it was into the local text now, which keeps every local edit
+    /// (see protocol.md, "Reload").
+    Reloaded { patches: Vec<Patch> },
+}
+
+/// How to reach the server, and the client's limits.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the server.
+    pub addr: String,
+    pub token: String,
+    /// Where offline edits survive a restart of the application (none: in memory only).
+    pub persist_dir: Option<PathBuf>,
+    /// A `Ping` is sent this often (below the server's idle deadline, 60 s by default).
+    pub ping_interval: Duration,
+    /// The connection is given up as dead when nothing arrived for this long (a ping
+    /// unanswered), or a connect and handshake take longer.
+    pub timeout: Duration,
+    /// Reconnect delays: doubling from `backoff_min` up to `backoff_max`, each with
+    /// random jitter (a half to the whole of it).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long [`Client::shutdown`] waits for pending edits to be acknowledged.
+    pub shutdown_timeout: Duration,
+    /// Seed of the jitter (tests and the simulator fix it; by default it varies).
+    pub seed: Option<u64>,
+    /// Writes the persistence directory on the calling task instead of a blocking
+    /// thread (the simulator: one thread, deterministic).
+    pub inline_io: bool,
+}
+
+impl ClientConfig {
+    pub fn new(addr: impl Into<String>) -> Self {
+        ClientConfig {
+            addr: addr.into(),
+            token: String::new(),
+            persist_dir: None,
+            ping_interval: Duration::from_secs(15),
+            timeout: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(5),
+            seed: None,
+            inline_io: false,
+        }
+    }
+
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = token.into();
+        self
+    }
+
+    pub fn persist_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.persist_dir = Some(dir.into());
+        self
+    }
+}
+
+/// How the client's task reaches the server: TCP by default; the simulator's network
+/// in tests.
+pub trait Connector: Send + Sync + 'static {
+    type Stream: Stream + 'static;
+    fn connect(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+/// Connects over TCP to [`ClientConfig::addr`].
+pub struct TcpConnector(pub String);
+
+impl Connector for TcpConnector {
+    type Stream = tokio::net::TcpStream;
+    async fn connect(&self) -> io::Result<Self::Stream> {
+        let stream = tokio::net::TcpStream::connect(&self.0).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// A client: one background task owning the connection and every open document.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<ClientShared>,
+}
+
+struct ClientShared {
+    commands: mpsc::UnboundedSender<Command>,
+    state: watch::Receiver<ConnectionState>,
+    client_id: Arc<AtomicU64>,
+    store: Option<Arc<Store>>,
+    inline_io: bool,
+    handles: Mutex<HashMap<String, Weak<HandleInner>>>,
+    next_open: AtomicU64,
+}
+
+impl Client {
+    /// Starts the client over TCP. Returns at once: the connection is made in the
+    /// background (see [`Client::wait_connected`]), and documents can be opened and
+    /// edited before it is up.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let connector = TcpConnector(config.addr.clone());
+        Self::with_connector(config, connector).await
+    }
+
+    /// As [`Client::connect`], over any [`Connector`].
+    pub async fn with_connector<C: Connector>(
+        config: ClientConfig,
+        connector: C,
+    ) -> Result<Client, ClientError> {
+        let store = match &config.persist_dir {
+            Some(dir) => {
+                let dir = dir.clone();
+                let store = run_io(config.inline_io, move || Store::open(&dir)).await?;
+                Some(Arc::new(store))
+            }
+            None => None,
+        };
+        let client_id = match &store {
+            Some(s) => {
+                let s = s.clone();
+                run_io(config.inline_io, move || s.client_id())
+                    .await?
+                    .unwrap_or(0)
+            }
+            None => 0,
+        };
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (state_tx, state) = watch::channel(ConnectionState::Connecting);
+        let client_id = Arc::new(AtomicU64::new(client_id));
+        let seed = config.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ u64::from(std::process::id())
+        });
+        let driver = Driver {
+            rng: fastrand::Rng::with_seed(seed),
+            config,
+            connector: Arc::new(connector),
+            commands: rx,
+            state: state_tx,
+            client_id: client_id.clone(),
+            store: store.clone(),
+            docs: BTreeMap::new(),
+            shutdown: None,
+        };
+        tokio::spawn(driver.run());
+        Ok(Client {
+            shared: Arc::new(ClientShared {
+                commands,
+                state,
+                client_id,
+                inline_io: false,
+                store,
+                handles: Mutex::new(HashMap::new()),
+                next_open: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// This client's id (0 until the server gave one, on the first connection).
+    pub fn client_id(&self) -> u64 {
+        self.shared.client_id.load(Ordering::Acquire)
+    }
+
+    /// The connection's state now.
+    pub fn state(&self) -> ConnectionState {
+        self.shared.state.borrow().clone()
+    }
+
+    /// Waits until the client is connected, or refused for good.
+    pub async fn wait_connected(&self) -> Result<(), ClientError> {
+        let mut state = self.shared.state.clone();
+        loop {
+            match &*state.borrow_and_update() {
+                ConnectionState::Connected => return Ok(()),
+                ConnectionState::Failed { code, message } => {
+                    return Err(ClientError::Refused {
+                        code: *code,
+                        message: message.clone(),
+                    })
+                }
+                ConnectionState::Closed => return Err(ClientError::Closed),
+                _ => {}
+            }
+            state.changed().await.map_err(|_| ClientError::Closed)?;
+        }
+    }
+
+    /// Opens document `name` (or returns the handle already open). Connected, it
+    /// returns once the document is loaded from the server; offline, at once, with the
+    /// persisted state (or an empty document) that is caught up on reconnect.
+    pub async fn open(&self, name: &str) -> Result<DocHandle, ClientError> {
+        crate::op::validate_doc_id(name).map_err(|message| ClientError::Refused {
+            code: ErrorCode::InvalidDocId,
+            message,
+        })?;
+        if let Some(live) = self.live_handle(name) {
+            return Ok(live);
+        }
+        let saved = match &self.shared.store {
+            Some(s) => {
+                let (s, n) = (s.clone(), name.to_owned());
+                run_io(self.shared.inline_io, move || s.load(&n)).await?
+            }
+            None => None,
+        };
+        let cell = Arc::new(DocCell {
+            name: name.into(),
+            state: Mutex::new(DocShared {
+                loaded: saved.is_some(),
+                doc: saved.unwrap_or_else(|| ClientDoc::new(String::new(), 0, 1)),
+                gen: 0,
+                subscribers: Vec::new(),
+                presence: BTreeMap::new(),
+                my_presence: None,
+            }),
+            save_lock: tokio::sync::Mutex::new(()),
+            saved_gen: AtomicU64::new(0),
+        });
+        let open_id = self.shared.next_open.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        let inner = {
+            let mut handles = lock(&self.shared.handles);
+            if let Some(live) = handles.get(name).and_then(Weak::upgrade) {
+                // Opened meanwhile by another task.
+                return Ok(DocHandle { inner: live });
+            }
+            self.shared
+                .commands
+                .send(Command::Open {
+                    cell: cell.clone(),
+                    open_id,
+                    reply,
+                })
+                .map_err(|_| ClientError::Closed)?;
+            let inner = Arc::new(HandleInner {
+                cell: cell.clone(),
+                open_id,
+                client: self.shared.clone(),
+            });
+            handles.insert(name.to_owned(), Arc::downgrade(&inner));
+            inner
+        };
+        answer.await.map_err(|_| ClientError::Closed)??;
+        Ok(DocHandle { inner })
+    }
+
+    fn live_handle(&self, name: &str) -> Option<DocHandle> {
+        lock(&self.shared.handles)
+            .get(name)
+            .and_then(Weak::upgrade)
+            .map(|inner| DocHandle { inner })
+    }
+
+    /// Sends what can be sent, waits (up to [`ClientConfig::shutdown_timeout`]) for the
+    /// pending edits to be acknowledged, and stops. Edits not acknowledged by then are
+    /// kept in the persistence directory, if there is one.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.commands.send(Command::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// One open document. Cheap to clone and `Send`; the document is closed when the last
+/// clone is dropped (once its pending edits are acknowledged or persisted).
+#[derive(Clone)]
+pub struct DocHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    cell: Arc<DocCell>,
+    open_id: u64,
+    client: Arc<ClientShared>,
+}
+
+impl Drop for HandleInner {
+    fn drop(&mut self) {
+        let _ = self.client.commands.send(Command::Close {
+            name: self.cell.name.clone(),
+            open_id: self.open_id,
+        });
+    }
+}
+
+impl DocHandle {
+    pub fn name(&self) -> &str {
+        &self.inner.cell.name
+    }
+
+    /// The local text: the server's, with this client's pending edits.
+    pub fn text(&self) -> String {
+        lock(&self.inner.cell.state).doc.text()
+    }
+
+    /// The last server seq this client has applied.
+    pub fn version(&self) -> u64 {
+        lock(&self.inner.cell.state).doc.version()
+    }
+
+    /// Whether every local edit is acknowledged.
+    pub fn is_synced(&self) -> bool {
+        !lock(&self.inner.cell.state).doc.has_pending()
+    }
+
+    /// Applies `patches` (code points, each on the result of the one before) to the
+    /// local text at once and queues them for the server. With a persistence
+    /// directory, returns once they are on disk.
+    pub async fn edit(&self, patches: &[Patch]) -> Result<(), ClientError> {
+        let cell = &self.inner.cell;
+        let gen = {
+            let mut st = lock(&cell.state);
+            st.doc.local_edit(patches)?;
+            let op = crate::ot::TextOp::from_patches(patches);
+            st.map_presence(&op);
+            st.gen += 1;
+            st.gen
+        };
+        self.inner
+            .client
+            .commands
+            .send(Command::Flush(cell.name.clone()))
+            .map_err(|_| ClientError::Closed)?;
+        if let Some(store) = &self.inner.client.store {
+            cell.persist(store, gen, self.inner.client.inline_io)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// This client's cursors and selections (code points in the local text), shown to
+    /// the document's other clients; sent again after a reconnect.
+    pub fn set_presence(&self, selections: Vec<Selection>) {
+        lock(&self.inner.cell.state).my_presence = Some(selections);
+        let _ = self
+            .inner
+            .client
+            .commands
+            .send(Command::Presence(self.inner.cell.name.clone()));
+    }
+
+    /// The other clients' cursors now, in the local text's code points.
+    pub fn presence(&self) -> BTreeMap<u64, Vec<Selection>> {
+        lock(&self.inner.cell.state).presence.clone()
+    }
+
+    /// A new stream of this document's events, from now on. Unbounded: read it (or
+    /// drop it).
+    pub fn events(&self) -> Events {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.inner.cell.state).subscribers.push(tx);
+        Events(rx)
+    }
+}
+
+/// A document's events ([`DocHandle::events`]): a `futures_core::Stream`, or
+/// [`Events::recv`].
+pub struct Events(mpsc::UnboundedReceiver<Event>);
+
+impl Events {
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.0.recv().await
+    }
+
+    /// An event already there, without waiting.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.0.try_recv().ok()
+    }
+}
+
+impl futures_core::Stream for Events {
+    type Item = Event;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn run_io<T: Send + 'static>(
+    inline: bool,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, ClientError> {
+    let result = if inline {
+        f()
+    } else {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ClientError::Persist(io::Error::other(e.to_string())))?
+    };
+    result.map_err(ClientError::Persist)
+}
+
+/// A document's state, shared by its handles and the client's task.
+struct DocCell {
+    name: String,
+    state: Mutex<DocShared>,
+    /// Held while the state is written to the persistence directory: writes of one
+    /// document are one at a time, and one write covers every change made before it
+    /// started (group commit).
+    save_lock: tokio::sync::Mutex<()>,
+    saved_gen: AtomicU64,
+}
+
+struct DocShared {
+    doc: ClientDoc,
+    /// Whether `doc` came from the server (or the persistence directory), not made
+    /// empty while offline.
+    loaded: bool,
+    /// Bumped by every change the persistence directory must see.
+    gen: u64,
+    subscribers: Vec<mpsc::UnboundedSender<Event>>,
+    presence: BTreeMap<u64, Vec<Selection>>,
+    my_presence: Option<Vec<Selection>>,
+}
+
+impl DocShared {
+    fn emit(&mut self, event: Event) {
+        self.subscribers.retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    /// Moves every cursor (others' and this client's) through a change of the local
+    /// text.
+    fn map_presence(&mut self, op: &crate::ot::TextOp) {
+        let map = |sels: &mut Vec<Selection>| {
+            for s in sels {
+                s.anchor = op.map_position(s.anchor);
+                s.head = op.map_position(s.head);
+            }
+        };
+        self.presence.values_mut().for_each(map);
+        if let Some(mine) = &mut self.my_presence {
+            map(mine);
+        }
+    }
+}
+
+impl DocCell {
+    /// Makes the state as of `gen` durable in the store.
+    async fn persist(&self, store: &Arc<Store>, gen: u64, inline: bool) -> Result<(), ClientError> {
+        let _writing = self.save_lock.lock().await;
+        if self.saved_gen.load(Ordering::Acquire) >= gen {
+            return Ok(());
+        }
+        let (bytes, now) = {
+            let st = lock(&self.state);
+            (store::encode(&self.name, &st.doc), st.gen)
+        };
+        let (store, name) = (store.clone(), self.name.clone());
+        run_io(inline, move || store.save(&name, &bytes)).await?;
+        self.saved_gen.store(now, Ordering::Release);
+        Ok(())
+    }
+}
+
+enum Command {
+    Open {
+        cell: Arc<DocCell>,
+        open_id: u64,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Close {
+        name: String,
+        open_id: u64,
+    },
+    /// Edits were made: send what can be sent.
+    Flush(String),
+    Presence(String),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Where a document is in its (re)opening on the current connection.
+enum Phase {
+    /// Not open on this connection (none, or it is being made).
+    Down,
+    /// `Open` sent at `known`; the reply is not complete. A snapshot in it gives the
+    /// server's text (`server`), onto which the reply's ops then apply; `applied`
+    /// counts the ops in flight found in the reply (the first ones reached the server).
+    Opening {
+        pieces: Option<(String, u64, u64)>,
+        server: Option<(crate::text::Text, u64)>,
+        applied: usize,
+    },
+    /// After a snapshot: the ops in flight not found in the reply were sent again
+    /// under their ids, to learn from the answers (an `Ack` or a `Reject`) which of
+    /// them the server applied.
+    Probing {
+        server: crate::text::Text,
+        version: u64,
+        waiting: usize,
+        applied: usize,
+        /// An answer said the op was applied after `version` (a resend the server could
+        /// still apply): `server` lacks it, so the document is opened once more.
+        beyond: bool,
+        rejected: bool,
+    },
+    Live,
+}
+
+struct OpenDoc {
+    cell: Arc<DocCell>,
+    open_id: u64,
+    phase: Phase,
+    /// `open` calls waiting for the first load.
+    waiters: Vec<oneshot::Sender<Result<(), ClientError>>>,
+    /// The last handle was dropped: closed once nothing is pending.
+    closing: bool,
+}
+
+/// Why the connected loop ended.
+enum Ended {
+    /// Lost or broken: reconnect.
+    Lost(String),
+    /// Refused for good.
+    Failed(ErrorCode, String),
+    Shutdown,
+}
+
+struct Driver<C: Connector> {
+    config: ClientConfig,
+    connector: Arc<C>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    state: watch::Sender<ConnectionState>,
+    client_id: Arc<AtomicU64>,
+    store: Option<Arc<Store>>,
+    docs: BTreeMap<String, OpenDoc>,
+    rng: fastrand::Rng,
+    /// Shutdown asked: the reply, and the time after which pending edits stop being
+    /// waited for.
+    shutdown: Option<(oneshot::Sender<()>, Instant)>,
+}
+
+type Conn<C> = Connection<<C as Connector>::Stream>;
+
+impl<C: Connector> Driver<C> {
+    fn set_state(&mut self, state: ConnectionState) {
+        for doc in self.docs.values() {
+            lock(&doc.cell.state).emit(Event::Connection(state.clone()));
+        }
+        self.state.send_replace(state);
+    }
+
+    async fn run(mut self) {
+        let mut attempt: u32 = 0;
+        loop {
+            let connected = {
+                let connector = self.connector.clone();
+                let client_id = self.client_id.load(Ordering::Acquire);
+                let token = self.config.token.clone();
+                let timeout = self.config.timeout;
+                let connect = async move {
+                    let stream = connector.connect().await.map_err(|e| e.to_string())?;
+                    Connection::handshake(stream, client_id, &token)
+                        .await
+                        .map_err(|e| match e {
+                            super::connection::ClientError::Refused(m) => m,
+                            other => other.to_string(),
+                        })
+                };
+                let connect = tokio::time::timeout(timeout, connect);
+                tokio::pin!(connect);
+                loop {
+                    tokio::select! {
+                        biased;
+                        cmd = self.commands.recv() => match cmd {
+                            Some(cmd) => {
+                                if self.offline_command(cmd) {
+                                    return self.stop();
+                                }
+                            }
+                            None => return self.stop(),
+                        },
+                        result = &mut connect => break result,
+                    }
+                }
+            };
+            let ended = match connected {
+                Ok(Ok(conn)) => {
+                    attempt = 0;
+                    self.connected(conn).await
+                }
+                Ok(Err(why)) => Ended::Lost(why),
+                Err(_) => Ended::Lost("connect timed out".into()),
+            };
+            for doc in self.docs.values_mut() {
+                doc.phase = Phase::Down;
+                let mut st = lock(&doc.cell.state);
+                let gone: Vec<u64> = st.presence.keys().copied().collect();
+                st.presence.clear();
+                for client_id in gone {
+                    st.emit(Event::Presence {
+                        client_id,
+                        selections: Vec::new(),
+                    });
+                }
+            }
+            let why = match ended {
+                Ended::Shutdown => return self.stop(),
+                Ended::Failed(code, message) => {
+                    tracing::warn!(?code, "the server refused this client: {message}");
+                    self.fail_waiters(code, &message);
+                    self.set_state(ConnectionState::Failed { code, message });
+                    // Refused for good: answer commands until the client is dropped.
+                    while let Some(cmd) = self.commands.recv().await {
+                        if self.offline_command(cmd) {
+                            return self.stop();
+                        }
+                    }
+                    return;
+                }
+                Ended::Lost(why) => why,
+            };
+            if self.shutdown.is_some() {
+                return self.stop();
+            }
+            attempt += 1;
+            let cap = self
+                .config
+                .backoff_min
+                .saturating_mul(1 << attempt.min(16))
+                .min(self.config.backoff_max);
+            // Equal jitter: a half to the whole of the delay, so that clients cut off at
+            // once do not all come back at once.
+            let retry_in = cap.mul_f64(0.5 + self.rng.f64() / 2.0);
+            tracing::debug!(attempt, ?retry_in, "connection lost: {why}");
+            self.set_state(ConnectionState::Reconnecting { attempt, retry_in });
+            // Offline: documents opened now get their (persisted or empty) state.
+            for doc in self.docs.values_mut() {
+                for w in doc.waiters.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            let wake = Instant::now() + retry_in;
+            loop {
+                tokio::select! {
+                    biased;
+                    cmd = self.commands.recv() => match cmd {
+                        Some(cmd) => {
+                            if self.offline_command(cmd) {
+                                return self.stop();
+                            }
+                        }
+                        None => return self.stop(),
+                    },
+                    _ = tokio::time::sleep_until(wake) => break,
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(store) = &self.store {
+            store.unlock();
+        }
+        self.set_state(ConnectionState::Closed);
+        for doc in self.docs.values_mut() {
+            for w in doc.waiters.drain(..) {
+                let _ = w.send(Err(ClientError::Closed));
+            }
+        }
+        if let Some((reply, _)) = self.shutdown.take() {
+            let _ = reply.send(());
+        }
+    }
+
+    fn fail_waiters(&mut self, code: ErrorCode, message: &str) {
+        for doc in self.docs.values_mut() {
+            for w in doc.waiters.drain(..) {
+                let _ = w.send(Err(ClientError::Refused {
+                    code,
+                    message: message.into(),
+                }));
+            }
+        }
+    }
+
+    /// A command while there is no connection. True: stop now.
+    fn offline_command(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Open {
+                cell,
+                open_id,
+                reply,
+            } => {
+                let _ = reply.send(Ok(()));
+                self.register(cell, open_id, None);
+            }
+            Command::Close { name, open_id } => {
+                if self.docs.get(&name).is_some_and(|d| d.open_id == open_id) {
+                    let doc = self.docs.get_mut(&name).expect("checked");
+                    doc.closing = true;
+                    // Without a connection nothing can be acknowledged: with a
+                    // persistence directory the edits are on disk already; without
+                    // one they would be lost, so the document stays until sent.
+                    let pending = lock(&doc.cell.state).doc.has_pending();
+                    if !pending || self.store.is_some() {
+                        self.docs.remove(&name);
+                    }
+                }
+            }
+            Command::Flush(_) | Command::Presence(_) => {}
+            Command::Shutdown(reply) => {
+                self.shutdown = Some((reply, Instant::now()));
+                return true;
+            }
+        }
+        false
+    }
+
+    fn register(
+        &mut self,
+        cell: Arc<DocCell>,
+        open_id: u64,
+        reply: Option<oneshot::Sender<Result<(), ClientError>>>,
+    ) {
+        let name = cell.name.clone();
+        match self.docs.get_mut(&name) {
+            // Reopened while it was closing: the new handles take it over.
+            Some(doc) => {
+                doc.open_id = open_id;
+                doc.closing = false;
+                // The handles share the cell the driver already has: move the new
+                // one's state over is not needed, the old cell is the live one.
+                if !Arc::ptr_eq(&doc.cell, &cell) {
+                    let old = lock(&doc.cell.state).doc.clone();
+                    lock(&cell.state).doc = old;
+                    lock(&cell.state).loaded = true;
+                    doc.cell = cell;
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(()));
+                }
+            }
+            None => {
+                self.docs.insert(
+                    name,
+                    OpenDoc {
+                        cell,
+                        open_id,
+                        phase: Phase::Down,
+                        waiters: reply.into_iter().collect(),
+                        closing: false,
+                    },
+                );
+            }
+        }
+    }
+
+    async fn connected(&mut self, mut conn: Conn<C>) -> Ended {
+        let my_id = conn.client_id;
+        if self.client_id.load(Ordering::Acquire) != my_id {
+            // The server gave this client its id: kept before anything is sent under it.
+            if let Some(store) = &self.store {
+                let store = store.clone();
+                if let Err(e) =
+                    run_io(self.config.inline_io, move || store.save_client_id(my_id)).await
+                {
+                    return Ended::Lost(format!("cannot keep the client id: {e}"));
+                }
+            }
+            self.client_id.store(my_id, Ordering::Release);
+        }
+        let names: Vec<String> = self.docs.keys().cloned().collect();
+        for name in &names {
+            if let Err(e) = self.send_open(&mut conn, name) {
+                return Ended::Lost(e);
+            }
+        }
+        if let Err(e) = conn.flush().await {
+            return Ended::Lost(e.to_string());
+        }
+        self.set_state(ConnectionState::Connected);
+        let mut last_heard = Instant::now();
+        let mut next_ping = Instant::now() + self.config.ping_interval;
+        loop {
+            if let Some((_, deadline)) = &self.shutdown {
+                let idle = self
+                    .docs
+                    .values()
+                    .all(|d| !lock(&d.cell.state).doc.has_pending());
+                if idle || Instant::now() >= *deadline {
+                    return Ended::Shutdown;
+                }
+            }
+            let shutdown_at = self.shutdown.as_ref().map(|(_, d)| *d);
+            let result = tokio::select! {
+                biased;
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.command(&mut conn, cmd).await,
+                    None => return Ended::Shutdown,
+                },
+                env = conn.recv() => match env {
+                    Ok(env) => {
+                        last_heard = Instant::now();
+                        self.message(&mut conn, env.request_id, env.message).await
+                    }
+                    Err(e) => Err(Ended::Lost(e.to_string())),
+                },
+                _ = tokio::time::sleep_until(next_ping) => {
+                    if last_heard + self.config.timeout <= Instant::now() {
+                        Err(Ended::Lost(format!("nothing heard from the server for {:?}", self.config.timeout)))
+                    } else {
+                        next_ping = Instant::now() + self.config.ping_interval;
+                        conn.queue(Message::Ping { nonce: 0 }).map(|_| ()).map_err(|e| Ended::Lost(e.to_string()))
+                    }
+                }
+                _ = sleep_until_opt(shutdown_at) => Ok(()),
+            };
+            if let Err(ended) = result {
+                return ended;
+            }
+            if let Err(e) = conn.flush().await {
+                return Ended::Lost(e.to_string());
+            }
+        }
+    }
+
+    fn send_open(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), String> {
+        let doc = self.docs.get_mut(name).expect("open");
+        let known = {
+            let st = lock(&doc.cell.state);
+            if st.loaded {
+                st.doc.version()
+            } else {
+                0
+            }
+        };
+        doc.phase = Phase::Opening {
+            pieces: None,
+            server: None,
+            applied: 0,
+        };
+        conn.queue(Message::Open {
+            doc: name.to_owned(),
+            known_version: known,
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    async fn command(&mut self, conn: &mut Conn<C>, cmd: Command) -> Result<(), Ended> {
+        match cmd {
+            Command::Open {
+                cell,
+                open_id,
+                reply,
+            } => {
+                let name = cell.name.clone();
+                let fresh = !self.docs.contains_key(&name);
+                self.register(cell, open_id, Some(reply));
+                if fresh {
+                    self.send_open(conn, &name).map_err(Ended::Lost)?;
+                }
+            }
+            Command::Close { name, open_id } => {
+                if let Some(doc) = self.docs.get_mut(&name) {
+                    if doc.open_id == open_id {
+                        doc.closing = true;
+                        self.close_if_done(conn, &name)?;
+                    }
+                }
+            }
+            Command::Flush(name) => self.send_ops(conn, &name).await?,
+            Command::Presence(name) => self.send_presence(conn, &name)?,
+            Command::Shutdown(reply) => {
+                let deadline = Instant::now() + self.config.shutdown_timeout;
+                self.shutdown = Some((reply, deadline));
+            }
+        }
+        Ok(())
+    }
+
+    fn close_if_done(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+        let Some(doc) = self.docs.get(name) else {
+            return Ok(());
+        };
+        if doc.closing && !lock(&doc.cell.state).doc.has_pending() {
+            self.docs.remove(name);
+            conn.queue(Message::Close { doc: name.into() })
+                .map_err(|e| Ended::Lost(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Sends the document's next ops, if it is live (made durable in the persistence
+    /// directory first: an op id, once sent, always names the same op).
+    async fn send_ops(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+        let Some(doc) = self.docs.get(name) else {
+            return Ok(());
+        };
+        if !matches!(doc.phase, Phase::Live) {
+            return Ok(());
+        }
+        let cell = doc.cell.clone();
+        let (outgoing, gen) = {
+            let mut st = lock(&cell.state);
+            let mut out = Vec::new();
+            while let Some(o) = st.doc.take_to_send() {
+                out.push(o);
+            }
+            if !out.is_empty() {
+                st.gen += 1;
+            }
+            (out, st.gen)
+        };
+        if outgoing.is_empty() {
+            return Ok(());
+        }
+        if let Some(store) = &self.store {
+            cell.persist(store, gen, self.config.inline_io)
+                .await
+                .map_err(|e| Ended::Lost(e.to_string()))?;
+        }
+        for out in outgoing {
+            conn.queue(out.into_submit(name))
+                .map_err(|e| Ended::Lost(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn send_presence(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+        let Some(doc) = self.docs.get(name) else {
+            return Ok(());
+        };
+        if !matches!(doc.phase, Phase::Live) {
+            return Ok(());
+        }
+        let selections = {
+            let st = lock(&doc.cell.state);
+            let len = st.doc.len_chars();
+            match &st.my_presence {
+                Some(sels) => sels
+                    .iter()
+                    .take(256)
+                    .map(|s| Selection {
+                        anchor: s.anchor.min(len),
+                        head: s.head.min(len),
+                    })
+                    .collect(),
+                None => return Ok(()),
+            }
+        };
+        conn.queue(Message::Presence {
+            doc: name.into(),
+            selections,
+        })
+        .map(|_| ())
+        .map_err(|e| Ended::Lost(e.to_string()))
+    }
+
+    /// The document became live on this connection: its ops in flight are sent again
+    /// under their ids (the server acknowledges those it has), then the rest.
+    async fn go_live(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+        let doc = self.docs.get_mut(name).expect("open");
+        doc.phase = Phase::Live;
+        for w in doc.waiters.drain(..) {
+            let _ = w.send(Ok(()));
+        }
+        let resend: Vec<_> = {
+            let mut st = lock(&doc.cell.state);
+            st.loaded = true;
+            st.doc.all_in_flight().cloned().collect()
+        };
+        for out in resend {
+            conn.queue(out.into_submit(name))
+                .map_err(|e| Ended::Lost(e.to_string()))?;
+        }
+        self.send_presence(conn, name)?;
+        self.send_ops(conn, name).await?;
+        self.close_if_done(conn, name)
+    }
+
+    async fn message(
+        &mut self,
+        conn: &mut Conn<C>,
+        _request_id: u32,
+        message: Message,
+    ) -> Result<(), Ended> {
+        let my_id = conn.client_id;
+        match message {
+            Message::Error { code, message } => {
+                return Err(match code {
+                    ErrorCode::HandshakeRequired
+                    | ErrorCode::UnsupportedVersion
+                    | ErrorCode::WrongToken => Ended::Failed(code, message),
+                    ErrorCode::InvalidDocId => {
+                        // Only an Open carries a document id this client did not check
+                        // (it checks them all): a bug, reported where it can be.
+                        tracing::warn!("the server refused a document id: {message}");
+                        return Ok(());
+                    }
+                    ErrorCode::UnknownDocument | ErrorCode::TooLarge => {
+                        tracing::warn!(?code, "{message}");
+                        return Ok(());
+                    }
+                    _ => Ended::Lost(format!("{code:?}: {message}")),
+                });
+            }
+            Message::Pong { .. } => {}
+            Message::Snapshot {
+                doc,
+                version,
+                total_len,
+                text,
+            } => {
+                let Some(d) = self.docs.get_mut(&doc) else {
+                    return Ok(());
+                };
+                if let Phase::Opening { pieces, server, .. } = &mut d.phase {
+                    let (so_far, _, _) =
+                        pieces.get_or_insert_with(|| (String::new(), version, total_len));
+                    so_far.push_str(&text);
+                    if so_far.len() as u64 >= total_len {
+                        let (text, version, _) = pieces.take().expect("set above");
+                        *server = Some((crate::text::Text::from(text.as_str()), version));
+                    }
+                }
+            }
+            Message::Ops { doc, more, ops } => {
+                for op in ops {
+                    self.sequenced(&doc, my_id, op)?;
+                }
+                if !more {
+                    self.reply_done(conn, &doc).await?;
+                }
+            }
+            Message::Remote { doc, op } => {
+                // While the document is (re)opened, its reply covers every op up to the
+                // version at subscription, and broadcasts after it are held until it
+                // is sent: a Remote now is an older one, queued before the `Open`.
+                let opening = self
+                    .docs
+                    .get(&doc)
+                    .is_some_and(|d| matches!(d.phase, Phase::Opening { .. } | Phase::Down));
+                if !opening {
+                    self.sequenced(&doc, my_id, op)?;
+                }
+            }
+            Message::Ack {
+                doc,
+                local_seq,
+                seq,
+            } => self.ack(conn, &doc, local_seq, seq).await?,
+            Message::Reject {
+                doc,
+                local_seq,
+                code,
+                message,
+            } => self.reject(conn, &doc, local_seq, code, &message).await?,
+            Message::Reload { doc, .. } if self.docs.contains_key(&doc) => {
+                self.send_open(conn, &doc).map_err(Ended::Lost)?;
+            }
+            Message::PresenceState {
+                doc,
+                client_id,
+                selections,
+            } if client_id != my_id => {
+                if let Some(d) = self.docs.get(&doc) {
+                    let mut st = lock(&d.cell.state);
+                    let len = st.doc.len_chars();
+                    let selections: Vec<Selection> = selections
+                        .into_iter()
+                        .map(|s| Selection {
+                            anchor: s.anchor.min(len),
+                            head: s.head.min(len),
+                        })
+                        .collect();
+                    if selections.is_empty() {
+                        st.presence.remove(&client_id);
+                    } else {
+                        st.presence.insert(client_id, selections.clone());
+                    }
+                    st.emit(Event::Presence {
+                        client_id,
+                        selections,
+                    });
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// An op the server sequenced (in a reply or broadcast).
+    fn sequenced(&mut self, name: &str, my_id: u64, op: WireOp) -> Result<(), Ended> {
+        let Some(doc) = self.docs.get_mut(name) else {
+            return Ok(());
+        };
+        let bad = |e: DocError| Ended::Lost(format!("document {name}: {e:?}"));
+        match &mut doc.phase {
+            Phase::Opening {
+                server: Some((text, version)),
+                applied,
+                ..
+            }
+            | Phase::Probing {
+                server: text,
+                version,
+                applied,
+                ..
+            } => {
+                // After a snapshot: the server's text moves on; this client's own ops
+                // found there were applied, and so were all before them.
+                if op.seq <= *version {
+                    return Ok(());
+                }
+                text.apply(&op.patches)
+                    .map_err(|e| Ended::Lost(format!("document {name}: {e}")))?;
+                *version = op.seq;
+                if op.client_id == my_id {
+                    let st = lock(&doc.cell.state);
+                    let found = st
+                        .doc
+                        .all_in_flight()
+                        .position(|o| o.local_seq == op.local_seq);
+                    if let Some(i) = found {
+                        *applied = (*applied).max(i + 1);
+                    }
+                }
+                Ok(())
+            }
+            _ => {
+                let mut st = lock(&doc.cell.state);
+                if op.seq <= st.doc.version() {
+                    return Ok(());
+                }
+                if op.client_id == my_id && st.doc.is_in_flight(op.local_seq) {
+                    st.doc.on_ack(op.local_seq, op.seq).map_err(bad)?;
+                    st.emit(Event::Acked { seq: op.seq });
+                } else {
+                    let applied = st.doc.on_remote(op.seq, &op.patches).map_err(bad)?;
+                    if !applied.is_empty() {
+                        st.map_presence(&crate::ot::TextOp::from_patches(&applied));
+                        st.emit(Event::Remote {
+                            seq: op.seq,
+                            client_id: op.client_id,
+                            patches: applied,
+                        });
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The reply to `Open` is complete.
+    async fn reply_done(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+        let Some(doc) = self.docs.get_mut(name) else {
+            return Ok(());
+        };
+        let Phase::Opening {
+            server, applied, ..
+        } = std::mem::replace(&mut doc.phase, Phase::Down)
+        else {
+            // A Fetch's reply: this client sends none.
+            return Ok(());
+        };
+        let Some((text, version)) = server else {
+            // Caught up on its own version.
+            return self.go_live(conn, name).await;
+        };
+        let (in_flight, loaded) = {
+            let st = lock(&doc.cell.state);
+            (
+                st.doc.all_in_flight().cloned().collect::<Vec<_>>(),
+                st.loaded,
+            )
+        };
+        if applied < in_flight.len() {
+            // Which of the others did the server apply before its snapshot? Sent again
+            // under their ids, each is answered from its memory of op ids.
+            for out in &in_flight[applied..] {
+                conn.queue(out.clone().into_submit(name))
+                    .map_err(|e| Ended::Lost(e.to_string()))?;
+            }
+            doc.phase = Phase::Probing {
+                server: text,
+                version,
+                waiting: in_flight.len() - applied,
+                applied,
+                beyond: false,
+                rejected: false,
+            };
+            return Ok(());
+        }
+        {
+            let mut st = lock(&doc.cell.state);
+            if !loaded && !st.doc.has_pending() {
+                let next = st.doc.next_local_seq();
+                let max = st.doc.max_op_bytes();
+                st.doc = ClientDoc::new(text.to_string(), version, next).with_max_op_bytes(max);
+            } else {
+                let patches = st.doc.reload(text.to_string(), version, applied);
+                st.map_presence(&crate::ot::TextOp::from_patches(&patches));
+                st.gen += 1;
+                st.emit(Event::Reloaded { patches });
+            }
+        }
+        self.go_live(conn, name).await
+    }
+
+    async fn ack(
+        &mut self,
+        conn: &mut Conn<C>,
+        name: &str,
+        local_seq: u64,
+        seq: u64,
+    ) -> Result<(), Ended> {
+        let Some(doc) = self.docs.get_mut(name) else {
+            return Ok(());
+        };
+        match &mut doc.phase {
+            Phase::Probing {
+                version,
+                waiting,
+                applied,
+                beyond,
+                ..
+            } => {
+                let found = {
+                    let st = lock(&doc.cell.state);
+                    let found = st
+                        .doc
+                        .all_in_flight()
+                        .position(|o| o.local_seq == local_seq);
+                    found
+                };
+                if let Some(i) = found {
+                    *applied = (*applied).max(i + 1);
+                    *beyond |= seq > *version;
+                    *waiting = waiting.saturating_sub(1);
+                }
+                self.probed(conn, name).await
+            }
+            Phase::Live => {
+                {
+                    let mut st = lock(&doc.cell.state);
+                    let front = st.doc.in_flight().map(|o| o.local_seq);
+                    if front == Some(local_seq) {
+                        st.doc
+                            .on_ack(local_seq, seq)
+                            .map_err(|e| Ended::Lost(format!("document {name}: {e:?}")))?;
+                        st.emit(Event::Acked { seq });
+                    } else if st.doc.is_in_flight(local_seq) {
+                        return Err(Ended::Lost(format!(
+                            "document {name}: ack of op {local_seq} before the ops sent earlier"
+                        )));
+                    }
+                    // Otherwise a duplicate (the op was acknowledged in a reply already).
+                }
+                self.send_ops(conn, name).await?;
+                self.close_if_done(conn, name)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn reject(
+        &mut self,
+        conn: &mut Conn<C>,
+        name: &str,
+        local_seq: u64,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), Ended> {
+        let Some(doc) = self.docs.get_mut(name) else {
+            return Ok(());
+        };
+        tracing::debug!(doc = name, local_seq, ?code, "op refused: {message}");
+        match &mut doc.phase {
+            Phase::Probing {
+                waiting, rejected, ..
+            } => {
+                if lock(&doc.cell.state).doc.is_in_flight(local_seq) {
+                    *waiting = waiting.saturating_sub(1);
+                    *rejected = true;
+                }
+                self.probed(conn, name).await
+            }
+            Phase::Live => {
+                // It and every op after it were not applied: they go back to the queue,
+                // and the document is opened again (the server refuses the connection's
+                // later ops of it until then), caught up, and they are sent anew.
+                if lock(&doc.cell.state).doc.on_reject(local_seq) {
+                    self.send_open(conn, name).map_err(Ended::Lost)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// An answer to a probe arrived; once all have, the document is rebuilt on the
+    /// server's text.
+    async fn probed(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+        let doc = self.docs.get_mut(name).expect("open");
+        let Phase::Probing { waiting: 0, .. } = &doc.phase else {
+            return Ok(());
+        };
+        let Phase::Probing {
+            server,
+            version,
+            applied,
+            beyond,
+            rejected,
+            ..
+        } = std::mem::replace(&mut doc.phase, Phase::Down)
+        else {
+            unreachable!("matched above")
+        };
+        if beyond || rejected {
+            // The snapshot lacks an op applied since, or the server now refuses this
+            // connection's ops of the document until it is opened again: keep what is
+            // known (the applied ops are part of what the server saw) and open it
+            // once more, from scratch.
+            lock(&doc.cell.state).doc.settle_applied(applied);
+            return self.send_open(conn, name).map_err(Ended::Lost);
+        }
+        {
+            let mut st = lock(&doc.cell.state);
+            let patches = st.doc.reload(server.to_string(), version, applied);
+            st.map_presence(&crate::ot::TextOp::from_patches(&patches));
+            st.gen += 1;
+            st.emit(Event::Reloaded { patches });
+        }
+        self.go_live(conn, name).await
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send + Sync>() {}
+    is_send::<DocHandle>();
+    is_send::<Client>();
+    let _ = VecDeque::<u8>::new();
+}

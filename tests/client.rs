@@ -1,0 +1,468 @@
+//! The client (`quire::client::Client`) against a real server over TCP, through a proxy
+//! that can cut the connection, drop what the server says, or point at a restarted
+//! server: ids the server gives, many documents on one connection, reconnects, offline
+//! edits (composed), application restarts from the persistence directory, reloads that
+//! keep every edit, presence.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quire::client::{Client, ClientConfig, ConnectionState, DocHandle, Event};
+use quire::op::{OpId, Patch};
+use quire::protocol::message::Selection;
+use quire::sequencer::{Sequencer, SubmitOp, Submitted};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the proxy does with a connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Pass,
+    /// New connections are closed at once (the network is down).
+    Down,
+    /// The client's bytes reach the server; the server's are dropped.
+    Deaf,
+}
+
+#[derive(Clone)]
+struct Proxy {
+    addr: SocketAddr,
+    inner: Arc<Mutex<ProxyState>>,
+}
+
+struct ProxyState {
+    backend: SocketAddr,
+    mode: Arc<Mutex<Mode>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn new(backend: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inner = Arc::new(Mutex::new(ProxyState {
+            backend,
+            mode: Arc::new(Mutex::new(Mode::Pass)),
+            tasks: Vec::new(),
+        }));
+        let state = inner.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let (backend, mode) = {
+                    let s = state.lock().unwrap();
+                    (s.backend, s.mode.clone())
+                };
+                if *mode.lock().unwrap() == Mode::Down {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(backend).await else {
+                    continue;
+                };
+                let task = tokio::spawn(pipe(client, server, mode));
+                state.lock().unwrap().tasks.push(task);
+            }
+        });
+        Proxy { addr, inner }
+    }
+
+    /// Sets what connections get from now on; `Down` also cuts the open ones.
+    fn set(&self, mode: Mode) {
+        let mut s = self.inner.lock().unwrap();
+        *s.mode.lock().unwrap() = mode;
+        if mode == Mode::Down {
+            for t in s.tasks.drain(..) {
+                t.abort();
+            }
+        }
+    }
+
+    fn point_at(&self, backend: SocketAddr) {
+        self.inner.lock().unwrap().backend = backend;
+    }
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, mode: Arc<Mutex<Mode>>) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let pass = *mode.lock().unwrap() == Mode::Pass;
+                    if pass && cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+fn config(addr: SocketAddr) -> ClientConfig {
+    let mut c = ClientConfig::new(addr.to_string());
+    c.backoff_min = Duration::from_millis(5);
+    c.backoff_max = Duration::from_millis(100);
+    c.ping_interval = Duration::from_millis(200);
+    c.timeout = Duration::from_secs(2);
+    c.shutdown_timeout = Duration::from_secs(2);
+    c.seed = Some(7);
+    c
+}
+
+fn ins(pos: u32, s: &str) -> Patch {
+    Patch::new(pos, 0, s)
+}
+
+/// Waits until every handle has no pending edit and all are at one version.
+async fn settle(docs: &[&DocHandle]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let synced = docs.iter().all(|d| d.is_synced());
+        let v = docs[0].version();
+        if synced && docs.iter().all(|d| d.version() == v) {
+            let t = docs[0].text();
+            if docs.iter().all(|d| d.text() == t) {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence: {:?}",
+            docs.iter()
+                .map(|d| (d.version(), d.is_synced(), d.text()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn server_text(running: &common::Running, doc: &str) -> String {
+    running
+        .store
+        .read(doc)
+        .await
+        .unwrap()
+        .map(|v| v.text)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_are_given_by_the_server_and_documents_share_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    let a = Client::connect(config(running.addr)).await.unwrap();
+    let b = Client::connect(config(running.addr)).await.unwrap();
+    a.wait_connected().await.unwrap();
+    b.wait_connected().await.unwrap();
+    assert!(a.client_id() >= 1 << 63, "{}", a.client_id());
+    assert_ne!(a.client_id(), b.client_id());
+    // Many documents over one connection each.
+    let mut pairs = Vec::new();
+    for i in 0..20 {
+        let name = format!("doc/{i}");
+        pairs.push((a.open(&name).await.unwrap(), b.open(&name).await.unwrap()));
+    }
+    for (i, (da, db)) in pairs.iter().enumerate() {
+        da.edit(&[ins(0, &format!("a{i} "))]).await.unwrap();
+        db.edit(&[ins(0, &format!("b{i} "))]).await.unwrap();
+    }
+    for (da, db) in &pairs {
+        settle(&[da, db]).await;
+        let text = da.text();
+        assert_eq!(text, server_text(&running, da.name()).await);
+        assert!(text.contains('a') && text.contains('b'), "{text}");
+    }
+    assert_eq!(running.server.connected_clients(), 2);
+    // Opening a document again gives the same one.
+    let again = a.open("doc/3").await.unwrap();
+    assert_eq!(again.text(), pairs[3].0.text());
+    a.shutdown().await;
+    b.shutdown().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_edits_are_composed_and_kept_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    let proxy = Proxy::new(running.addr).await;
+    let a = Client::connect(config(proxy.addr)).await.unwrap();
+    let b = Client::connect(config(running.addr)).await.unwrap();
+    let da = a.open("notes").await.unwrap();
+    let db = b.open("notes").await.unwrap();
+    let mut events = da.events();
+    da.edit(&[ins(0, "start.")]).await.unwrap();
+    settle(&[&da, &db]).await;
+    let before = running.store.version("notes");
+
+    // A loses the network and types 1,000 characters, one at a time.
+    proxy.set(Mode::Down);
+    loop {
+        if let Some(Event::Connection(ConnectionState::Reconnecting { .. })) = events.recv().await {
+            break;
+        }
+    }
+    for i in 0..1000u32 {
+        let c = char::from(b'a' + (i % 26) as u8).to_string();
+        da.edit(&[ins(6 + i, &c)]).await.unwrap();
+    }
+    // B keeps editing, and the server restarts meanwhile.
+    for i in 0..50 {
+        db.edit(&[ins(0, &format!("{i},"))]).await.unwrap();
+    }
+    settle(&[&db]).await;
+    b.shutdown().await;
+    running.stop().await;
+    let running = common::start(dir.path(), "").await;
+    proxy.point_at(running.addr);
+    proxy.set(Mode::Pass);
+
+    let b = Client::connect(config(running.addr)).await.unwrap();
+    let db = b.open("notes").await.unwrap();
+    settle(&[&da, &db]).await;
+    let text = da.text();
+    assert_eq!(text, server_text(&running, "notes").await);
+    let typed: String = (0..1000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    assert!(text.contains(&format!("start.{typed}")), "{text}");
+    for i in 0..50 {
+        assert!(text.contains(&format!("{i},")), "{text}");
+    }
+    // 1,000 keystrokes reached the server as a handful of ops, not 1,000.
+    let ops = running
+        .store
+        .ops_after("notes", before, 10_000)
+        .unwrap()
+        .expect("held")
+        .iter()
+        .filter(|op| op.id.client_id == a.client_id())
+        .count();
+    assert!(ops <= 3, "{ops} ops for the offline edits");
+    a.shutdown().await;
+    b.shutdown().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_application_resumes_from_its_directory_and_nothing_applies_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    let proxy = Proxy::new(running.addr).await;
+    let persisted = || config(proxy.addr).persist_dir(state.path());
+
+    let a = Client::connect(persisted()).await.unwrap();
+    a.wait_connected().await.unwrap();
+    let id = a.client_id();
+    let da = a.open("p").await.unwrap();
+    da.edit(&[ins(0, "abc")]).await.unwrap();
+    settle(&[&da]).await;
+
+    // The server hears the next op but the client never hears its ack; then the
+    // network goes and more is typed offline; then the application dies.
+    proxy.set(Mode::Deaf);
+    da.edit(&[ins(3, "def")]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !server_text(&running, "p").await.contains("def") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the op never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.set(Mode::Down);
+    da.edit(&[ins(6, "ghi")]).await.unwrap();
+    drop(da);
+    a.shutdown().await;
+    drop(a);
+
+    // A new process on the same directory: same id, same text, offline at first.
+    let a = Client::connect(persisted()).await.unwrap();
+    assert_eq!(a.client_id(), id);
+    let da = a.open("p").await.unwrap();
+    assert_eq!(da.text(), "abcdefghi");
+    proxy.set(Mode::Pass);
+    settle(&[&da]).await;
+    // "def" was resent under its op id and recognised: applied once.
+    assert_eq!(server_text(&running, "p").await, "abcdefghi");
+    assert_eq!(da.text(), "abcdefghi");
+    a.shutdown().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_the_server_cannot_catch_up_reloads_and_keeps_its_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    let proxy = Proxy::new(running.addr).await;
+    let a = Client::connect(config(proxy.addr)).await.unwrap();
+    let da = a.open("r").await.unwrap();
+    let mut events = da.events();
+    da.edit(&[ins(0, "base")]).await.unwrap();
+    settle(&[&da]).await;
+    let c = Client::connect(config(running.addr)).await.unwrap();
+    let dc = c.open("r").await.unwrap();
+    dc.set_presence(vec![Selection { anchor: 4, head: 4 }]);
+
+    // An op reaches the server unacknowledged, more is typed offline, and meanwhile
+    // the document moves on by more ops than a catch-up carries (a snapshot instead).
+    proxy.set(Mode::Deaf);
+    da.edit(&[ins(4, "+mine")]).await.unwrap();
+    while !server_text(&running, "r").await.contains("+mine") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.set(Mode::Down);
+    da.edit(&[ins(0, "offline:")]).await.unwrap();
+    c.shutdown().await;
+    let store = running.store.clone();
+    let mut version = store.version("r");
+    for i in 0..10_050u64 {
+        let op = SubmitOp {
+            op_id: OpId {
+                client_id: 42,
+                local_seq: i + 1,
+            },
+            base_version: version,
+            expected_version: version,
+            fingerprint: i,
+            patches: vec![ins(0, "x")],
+        };
+        match store.submit("r", op).unwrap() {
+            Submitted::Applied { seq, ticket } => {
+                version = seq;
+                if i == 10_049 {
+                    store.wait_durable(ticket).await.unwrap();
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    store
+        .submit(
+            "r",
+            SubmitOp {
+                op_id: OpId {
+                    client_id: 42,
+                    local_seq: 20_000,
+                },
+                base_version: version,
+                expected_version: version,
+                fingerprint: 1,
+                patches: vec![ins(0, "theirs:")],
+            },
+        )
+        .unwrap();
+
+    proxy.set(Mode::Pass);
+    let b = Client::connect(config(running.addr)).await.unwrap();
+    let db = b.open("r").await.unwrap();
+    settle(&[&da, &db]).await;
+    let text = da.text();
+    assert_eq!(text, server_text(&running, "r").await);
+    assert_eq!(text.matches("+mine").count(), 1, "{text}");
+    assert!(
+        text.contains("offline:") && text.contains("theirs:"),
+        "{text}"
+    );
+    let mut reloaded = false;
+    while let Some(e) = events.try_recv() {
+        reloaded |= matches!(e, Event::Reloaded { .. });
+    }
+    assert!(reloaded, "no Reloaded event");
+    a.shutdown().await;
+    b.shutdown().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_cursors_follow_the_text_and_vanish_with_their_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    let a = Client::connect(config(running.addr)).await.unwrap();
+    let b = Client::connect(config(running.addr)).await.unwrap();
+    let da = a.open("c").await.unwrap();
+    let db = b.open("c").await.unwrap();
+    da.edit(&[ins(0, "hello world")]).await.unwrap();
+    settle(&[&da, &db]).await;
+    let mut events = da.events();
+    db.set_presence(vec![Selection {
+        anchor: 6,
+        head: 11,
+    }]);
+    let b_id = b.client_id();
+    loop {
+        if let Some(Event::Presence { client_id, .. }) = events.recv().await {
+            assert_eq!(client_id, b_id);
+            break;
+        }
+    }
+    assert_eq!(
+        da.presence()[&b_id],
+        vec![Selection {
+            anchor: 6,
+            head: 11
+        }]
+    );
+    // A local edit before the selection moves it.
+    da.edit(&[ins(0, ">> ")]).await.unwrap();
+    assert_eq!(
+        da.presence()[&b_id],
+        vec![Selection {
+            anchor: 9,
+            head: 14
+        }]
+    );
+    // So does a remote one.
+    settle(&[&da, &db]).await;
+    db.edit(&[ins(0, "¡")]).await.unwrap();
+    settle(&[&da, &db]).await;
+    assert_eq!(
+        da.presence()[&b_id],
+        vec![Selection {
+            anchor: 10,
+            head: 15
+        }]
+    );
+    b.shutdown().await;
+    loop {
+        if let Some(Event::Presence {
+            client_id,
+            selections,
+        }) = events.recv().await
+        {
+            if client_id == b_id && selections.is_empty() {
+                break;
+            }
+        }
+    }
+    assert!(da.presence().is_empty());
+    a.shutdown().await;
+    running.stop().await;
+}
