@@ -13,7 +13,7 @@
 //! doc.edit(&[Patch::new(0, 0, "hello ")]).await?;
 //! println!("{}", doc.text());
 //! while let Some(event) = events.recv().await {
-//!     if let Event::Acked { seq } = event {
+//!     if let Event::Acked { seq, .. } = event {
 //!         println!("durable on the server as seq {seq}");
 //!         break;
 //!     }
@@ -124,8 +124,9 @@ pub enum Event {
         client_id: u64,
         patches: Vec<Patch>,
     },
-    /// One of this client's ops is durable on the server as `seq`.
-    Acked { seq: u64 },
+    /// One of this client's ops (its op id: this client's id and `local_seq`) is
+    /// durable on the server as `seq`.
+    Acked { seq: u64, local_seq: u64 },
     /// Another client's cursors and selections, in the local text's code points (none:
     /// it left).
     Presence {
@@ -221,6 +222,7 @@ pub struct Client {
 }
 
 struct ClientShared {
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Receiver<ConnectionState>,
     client_id: Arc<AtomicU64>,
@@ -270,6 +272,7 @@ impl Client {
                 .map_or(0, |d| d.as_nanos() as u64)
                 ^ u64::from(std::process::id())
         });
+        let config_inline_io = config.inline_io;
         let driver = Driver {
             rng: fastrand::Rng::with_seed(seed),
             config,
@@ -281,13 +284,14 @@ impl Client {
             docs: BTreeMap::new(),
             shutdown: None,
         };
-        tokio::spawn(driver.run());
+        let task = tokio::spawn(driver.run());
         Ok(Client {
             shared: Arc::new(ClientShared {
+                task: Mutex::new(Some(task)),
                 commands,
                 state,
                 client_id,
-                inline_io: false,
+                inline_io: config_inline_io,
                 store,
                 handles: Mutex::new(HashMap::new()),
                 next_open: AtomicU64::new(1),
@@ -390,6 +394,16 @@ impl Client {
             .map(|inner| DocHandle { inner })
     }
 
+    /// Stops the client's task at once, as if the process had died: nothing more is
+    /// sent or written (what is in the persistence directory stays, for a client
+    /// started on it later). For tests and simulations; applications call
+    /// [`Client::shutdown`].
+    pub fn abort(&self) {
+        if let Some(task) = lock(&self.shared.task).take() {
+            task.abort();
+        }
+    }
+
     /// Sends what can be sent, waits (up to [`ClientConfig::shutdown_timeout`]) for the
     /// pending edits to be acknowledged, and stops. Edits not acknowledged by then are
     /// kept in the persistence directory, if there is one.
@@ -436,6 +450,16 @@ impl DocHandle {
     /// The last server seq this client has applied.
     pub fn version(&self) -> u64 {
         lock(&self.inner.cell.state).doc.version()
+    }
+
+    /// The local seqs of this client's ops sent and not yet acknowledged, oldest first
+    /// (with [`Client::client_id`], their op ids).
+    pub fn unacked(&self) -> Vec<u64> {
+        lock(&self.inner.cell.state)
+            .doc
+            .all_in_flight()
+            .map(|o| o.local_seq)
+            .collect()
     }
 
     /// Whether every local edit is acknowledged.
@@ -1250,13 +1274,17 @@ impl<C: Connector> Driver<C> {
                     .map_err(|e| Ended::Lost(format!("document {name}: {e}")))?;
                 *version = op.seq;
                 if op.client_id == my_id {
-                    let st = lock(&doc.cell.state);
+                    let mut st = lock(&doc.cell.state);
                     let found = st
                         .doc
                         .all_in_flight()
                         .position(|o| o.local_seq == op.local_seq);
                     if let Some(i) = found {
                         *applied = (*applied).max(i + 1);
+                        st.emit(Event::Acked {
+                            seq: op.seq,
+                            local_seq: op.local_seq,
+                        });
                     }
                 }
                 Ok(())
@@ -1268,7 +1296,10 @@ impl<C: Connector> Driver<C> {
                 }
                 if op.client_id == my_id && st.doc.is_in_flight(op.local_seq) {
                     st.doc.on_ack(op.local_seq, op.seq).map_err(bad)?;
-                    st.emit(Event::Acked { seq: op.seq });
+                    st.emit(Event::Acked {
+                        seq: op.seq,
+                        local_seq: op.local_seq,
+                    });
                 } else {
                     let applied = st.doc.on_remote(op.seq, &op.patches).map_err(bad)?;
                     if !applied.is_empty() {
@@ -1360,11 +1391,14 @@ impl<C: Connector> Driver<C> {
                 ..
             } => {
                 let found = {
-                    let st = lock(&doc.cell.state);
+                    let mut st = lock(&doc.cell.state);
                     let found = st
                         .doc
                         .all_in_flight()
                         .position(|o| o.local_seq == local_seq);
+                    if found.is_some() {
+                        st.emit(Event::Acked { seq, local_seq });
+                    }
                     found
                 };
                 if let Some(i) = found {
@@ -1382,7 +1416,7 @@ impl<C: Connector> Driver<C> {
                         st.doc
                             .on_ack(local_seq, seq)
                             .map_err(|e| Ended::Lost(format!("document {name}: {e:?}")))?;
-                        st.emit(Event::Acked { seq });
+                        st.emit(Event::Acked { seq, local_seq });
                     } else if st.doc.is_in_flight(local_seq) {
                         return Err(Ended::Lost(format!(
                             "document {name}: ack of op {local_seq} before the ops sent earlier"
@@ -1410,6 +1444,12 @@ impl<C: Connector> Driver<C> {
         };
         tracing::debug!(doc = name, local_seq, ?code, "op refused: {message}");
         match &mut doc.phase {
+            Phase::Probing { .. } | Phase::Live if code == ErrorCode::StorageFailed => {
+                // The server's log failed: whether the op reached its disk is unknown
+                // (a write can survive the crash that follows). It stays in flight under
+                // its id, and goes again once the server is back: then its op id tells.
+                Err(Ended::Lost(format!("document {name}: {message}")))
+            }
             Phase::Probing {
                 waiting, rejected, ..
             } => {

@@ -268,12 +268,12 @@ impl ClientDoc {
     /// Replaces this document's base with the server's text `server` at
     /// `server_version` (a reload: the server no longer holds the ops this client
     /// missed). Of the ops in flight, the first `applied` reached the server (their
-    /// effect is in `server`); the others did not. No local edit is lost: what this
-    /// client has that the server has not seen of it is the difference between the
-    /// text the server saw (the confirmed text and the applied ops) and the local text;
-    /// it is rebased over what others changed meanwhile (the difference between that
-    /// same text and `server`) and queued as new ops. Returns the patches that turn the
-    /// old local text into the new one.
+    /// effect is in `server`); the others did not. No local edit is lost: this client's
+    /// ops the server has not applied, composed, are rebased over what others changed
+    /// meanwhile (their ops are gone: the difference, by a diff, between the text the
+    /// server saw from this client, the confirmed text with the applied ops, and
+    /// `server`) and queued as new ops. Returns the patches that turn the old local
+    /// text into the new one.
     pub fn reload(&mut self, server: String, server_version: u64, applied: usize) -> Vec<Patch> {
         let mut seen = self.confirmed.clone();
         for (_, op) in self.in_flight.iter().take(applied) {
@@ -282,7 +282,15 @@ impl ClientDoc {
         }
         let seen = seen.to_string();
         let local = self.text.to_string();
-        let mine = diff(&seen, &local);
+        // This client's change is known exactly (its ops not applied, composed); only
+        // the others' is recomputed, their ops being gone from the server.
+        let mine = self
+            .in_flight
+            .iter()
+            .skip(applied)
+            .map(|(_, op)| op)
+            .chain(self.buffer.iter())
+            .fold(TextOp::new(), |acc, op| acc.compose(op));
         let theirs = diff(&seen, &server);
         let rebased = mine.transform(&theirs, Side::Left);
         let new_local = rebased

@@ -29,6 +29,7 @@
 //! step); `--seeds A..B --steps K` runs more; `--twice` runs each seed twice and
 //! compares the runs' digests.
 
+mod app;
 mod disk;
 mod net;
 
@@ -131,6 +132,9 @@ struct Stats {
     texts_compared: u64,
     /// Acknowledged ops found at their seq in the history.
     acks_verified: u64,
+    app_edits: u64,
+    app_restarts: u64,
+    app_offline: u64,
 }
 
 struct Sim {
@@ -144,6 +148,9 @@ struct Sim {
     link: LinkConfig,
     clients: Vec<Client>,
     docs: Vec<String>,
+    /// Clients as applications use the library (`app.rs`), on documents of their own.
+    apps: Vec<app::AppClient>,
+    app_docs: Vec<String>,
     /// Every op id a client sent.
     sent: HashSet<OpId>,
     /// Acknowledged: by document, op id → seq and seq → op id.
@@ -189,10 +196,16 @@ impl Sim {
                 },
             })
             .collect();
+        let n_apps = rng.below(4) as usize;
+        let app_docs: Vec<String> = (0..n_apps.div_ceil(2))
+            .map(|i| format!("app-{i}"))
+            .collect();
+        let app_link_seed = rng.next_u64();
+        let app_persist: Vec<bool> = (0..n_apps).map(|_| rng.below(3) != 0).collect();
         let server_config = ServerConfig {
             max_frame: 4096,
             outbox_bytes: 64 << 10,
-            max_connections: n_clients + 2,
+            max_connections: n_clients + n_apps + 2,
             large_frame_budget: 64 << 10,
             unsynced_bytes: 16 << 10,
             // A window of a few ops: late ops are transformed over ops read back from
@@ -216,6 +229,22 @@ impl Sim {
             ..LocalConfig::default()
         };
         let max_latency = Duration::from_micros(100 + rng.below(20_000));
+        let link = LinkConfig {
+            min_latency: Duration::from_micros(50),
+            max_latency,
+            capacity: 16 << 10,
+        };
+        let apps = (0..n_apps)
+            .map(|i| {
+                app::AppClient::new(
+                    i,
+                    app_docs[i % app_docs.len()].clone(),
+                    app_persist[i],
+                    app_link_seed.wrapping_add(i as u64 * 0x9e37_79b9),
+                    link,
+                )
+            })
+            .collect();
         Sim {
             seed,
             rng,
@@ -224,13 +253,11 @@ impl Sim {
             server: None,
             server_config,
             local_config,
-            link: LinkConfig {
-                min_latency: Duration::from_micros(50),
-                max_latency,
-                capacity: 16 << 10,
-            },
+            link,
             clients,
             docs,
+            apps,
+            app_docs,
             sent: HashSet::new(),
             acked: BTreeMap::new(),
             disk_failing: false,
@@ -269,6 +296,9 @@ impl Sim {
                 .serve(SimListener(accepted), std::future::pending()),
         );
         let disk = tokio::spawn(disk);
+        for a in &self.apps {
+            a.net.set_server(Some(connect.clone()));
+        }
         self.server = Some(Incarnation {
             server,
             sequencer,
@@ -287,6 +317,9 @@ impl Sim {
             return Ok(());
         };
         drop(incarnation);
+        for a in &self.apps {
+            a.net.set_server(None);
+        }
         // Let the aborted tasks be dropped (and with them the server's ends of every
         // connection) before the disk is replaced.
         for _ in 0..8 {
@@ -350,31 +383,121 @@ impl Sim {
                     client_id,
                     local_seq,
                 };
-                self.stats.acks += 1;
-                mix(
-                    &mut self.digest,
-                    client_id ^ (local_seq << 20) ^ (seq << 40),
-                );
-                let (by_id, by_seq) = self.acked.entry(doc.clone()).or_default();
-                if let Some(&earlier) = by_id.get(&id) {
-                    if earlier != seq {
-                        return Err(self.fail(format!(
-                            "{doc}: op {id:?} acknowledged at seq {earlier} and again at {seq}"
-                        )));
-                    }
-                }
-                if let Some(&other) = by_seq.get(&seq) {
-                    if other != id {
-                        return Err(self.fail(format!(
-                            "{doc}: seq {seq} acknowledged to op {other:?} and to op {id:?}"
-                        )));
-                    }
-                }
-                by_id.insert(id, seq);
-                by_seq.insert(seq, id);
+                self.record_ack(&doc, id, seq)?;
             }
         }
         Ok(())
+    }
+
+    /// An acknowledgement a client received: one op id per seq, one seq per op id.
+    fn record_ack(&mut self, doc: &str, id: OpId, seq: u64) -> Result<(), Failure> {
+        self.stats.acks += 1;
+        mix(
+            &mut self.digest,
+            id.client_id ^ (id.local_seq << 20) ^ (seq << 40),
+        );
+        let (by_id, by_seq) = self.acked.entry(doc.to_owned()).or_default();
+        if let Some(&earlier) = by_id.get(&id) {
+            if earlier != seq {
+                return Err(self.fail(format!(
+                    "{doc}: op {id:?} acknowledged at seq {earlier} and again at {seq}"
+                )));
+            }
+        }
+        if let Some(&other) = by_seq.get(&seq) {
+            if other != id {
+                return Err(self.fail(format!(
+                    "{doc}: seq {seq} acknowledged to op {other:?} and to op {id:?}"
+                )));
+            }
+        }
+        by_id.insert(id, seq);
+        by_seq.insert(seq, id);
+        Ok(())
+    }
+
+    /// Notes what the application clients sent (their ops in flight) and were told
+    /// (acks).
+    fn observe_apps(&mut self) -> Result<(), Failure> {
+        for a in 0..self.apps.len() {
+            let doc = self.apps[a].doc.clone();
+            let Some(seen) = self.apps[a].observe() else {
+                continue;
+            };
+            if !seen.unacked.is_empty() || !seen.acked.is_empty() {
+                let name = self.apps[a].name.clone();
+                self.say(|| {
+                    format!(
+                        "{name} ({:x}): in flight {:?}, acked {:?}",
+                        seen.client_id, seen.unacked, seen.acked
+                    )
+                });
+            }
+            for local_seq in seen.unacked {
+                self.sent.insert(OpId {
+                    client_id: seen.client_id,
+                    local_seq,
+                });
+            }
+            for (seq, local_seq) in seen.acked {
+                let id = OpId {
+                    client_id: seen.client_id,
+                    local_seq,
+                };
+                self.sent.insert(id);
+                self.record_ack(&doc, id, seq)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One action of an application client: it edits, loses its connection or its
+    /// network, gets it back, or its process is killed and started again.
+    async fn app_act(&mut self) -> Result<(), Failure> {
+        let i = self.rng.below(self.apps.len() as u64) as usize;
+        let name = self.apps[i].name.clone();
+        match self.rng.below(100) {
+            0..=59 => {
+                self.stats.app_edits += 1;
+                let edited = timeout(CLIENT_WAIT, self.apps[i].edit(&mut self.rng)).await;
+                match edited {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(self.fail(e)),
+                    Err(_) => return Err(self.fail(format!("{name}: an edit hung"))),
+                }
+            }
+            60..=69 => {
+                self.say(|| format!("{name} cut off"));
+                self.apps[i].net.cut();
+            }
+            70..=74 => {
+                if self.apps[i].net.is_up() {
+                    self.stats.app_offline += 1;
+                    self.say(|| format!("{name} goes offline"));
+                    self.apps[i].net.set_up(false);
+                }
+            }
+            75..=89 => self.apps[i].net.set_up(true),
+            90..=94 => {
+                self.stats.app_restarts += 1;
+                self.say(|| format!("{name} is killed and started again"));
+                self.apps[i].kill().await;
+                self.start_app(i).await?;
+            }
+            _ => {
+                let us = self.rng.below(20_000);
+                tokio::time::sleep(Duration::from_micros(us)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_app(&mut self, i: usize) -> Result<(), Failure> {
+        match timeout(CLIENT_WAIT, self.apps[i].start()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.fail(e)),
+            Err(_) => Err(self.fail(format!("{}: start hung", self.apps[i].name))),
+        }
     }
 
     /// What a client does with an error from its connection or the server.
@@ -611,6 +734,9 @@ impl Sim {
 
     /// One random action.
     async fn act(&mut self) -> Result<(), Failure> {
+        if !self.apps.is_empty() && self.rng.below(4) == 0 {
+            return self.app_act().await;
+        }
         let n = self.clients.len();
         let i = self.rng.below(n as u64) as usize;
         let roll = self.rng.below(1000);
@@ -759,7 +885,7 @@ impl Sim {
                 config.outbox_bytes
             )));
         }
-        if server.open_documents() > self.docs.len() {
+        if server.open_documents() > self.docs.len() + self.app_docs.len() {
             return Err(self.fail("more documents open than exist"));
         }
         let (_, queued_bytes) = sequencer.wal().queue_depth();
@@ -770,6 +896,25 @@ impl Sim {
                 "{queued_bytes} bytes wait for the disk, over the budget of {}",
                 config.unsynced_bytes
             )));
+        }
+        for a in &self.apps {
+            let Some(handle) = &a.handle else { continue };
+            if !handle.is_synced() {
+                continue;
+            }
+            let Ok(Some(view)) = sequencer.read(&a.doc).await else {
+                continue;
+            };
+            if view.version == handle.version() {
+                self.stats.texts_compared += 1;
+                let text = handle.text();
+                if text != view.text {
+                    return Err(self.fail(format!(
+                        "{} is idle at version {} of {} with text {:?}; the server has {:?}",
+                        a.name, view.version, a.doc, text, view.text
+                    )));
+                }
+            }
         }
         for i in 0..self.clients.len() {
             let c = &self.clients[i];
@@ -825,7 +970,8 @@ impl Sim {
         };
         self.stats.history_checks += 1;
         let sequencer = inc.sequencer.clone();
-        for doc in self.docs.clone() {
+        let docs: Vec<String> = self.docs.iter().chain(&self.app_docs).cloned().collect();
+        for doc in docs {
             let Ok(Some(view)) = sequencer.read(&doc).await else {
                 continue;
             };
@@ -852,6 +998,11 @@ impl Sim {
                 }
                 if !seen.insert(op.id) {
                     return Err(self.fail(format!("{doc}: op {:?} is in the history twice", op.id)));
+                }
+                if !self.sent.contains(&op.id) {
+                    // An application client's task may have sent it while this check
+                    // waited: it is in flight there, or its ack is queued.
+                    self.observe_apps()?;
                 }
                 if !self.sent.contains(&op.id) {
                     return Err(self.fail(format!(
@@ -908,7 +1059,11 @@ impl Sim {
             self.crash().await?;
             self.start_server()?;
         }
-        for round in 0..2_000 {
+        for a in &self.apps {
+            a.net.set_up(true);
+        }
+        for round in 0..4_000 {
+            self.observe_apps()?;
             for i in 0..self.clients.len() {
                 if !self.clients[i].online || self.clients[i].synced.is_none() {
                     self.connect(i).await?;
@@ -935,6 +1090,22 @@ impl Sim {
                     break;
                 }
             }
+            for a in &self.apps {
+                let Some(handle) = &a.handle else {
+                    settled = false;
+                    break;
+                };
+                let version = sequencer
+                    .read(&a.doc)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map_or(0, |v| v.version);
+                if !handle.is_synced() || handle.version() != version {
+                    settled = false;
+                    break;
+                }
+            }
             if settled {
                 self.check().await?;
                 self.check_durable().await?;
@@ -957,11 +1128,40 @@ impl Sim {
                         mix(&mut self.digest, b as u64);
                     }
                 }
+                for a in &self.apps {
+                    let text = a.handle.as_ref().expect("settled").text();
+                    let view = sequencer
+                        .read(&a.doc)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    if text != view.text {
+                        return Err(self.fail(format!(
+                            "after settling, {} has {text:?}; the server has {:?}",
+                            a.name, view.text
+                        )));
+                    }
+                    a.check_edits(&text).map_err(|e| self.fail(e))?;
+                    for b in text.bytes() {
+                        mix(&mut self.digest, b as u64);
+                    }
+                }
                 self.say(|| format!("settled after {round} rounds"));
                 return Ok(());
             }
         }
         let mut state = String::new();
+        for a in &self.apps {
+            let _ = write!(
+                state,
+                " [{} up {} version {:?} synced {:?}]",
+                a.name,
+                a.net.is_up(),
+                a.handle.as_ref().map(|h| h.version()),
+                a.handle.as_ref().map(|h| h.is_synced())
+            );
+        }
         for c in &self.clients {
             let _ = write!(
                 state,
@@ -973,7 +1173,7 @@ impl Sim {
             );
         }
         Err(self.fail(format!(
-            "the clients did not settle in 10 s of sim time:{state}"
+            "the clients did not settle in 20 s of sim time:{state}"
         )))
     }
 
@@ -983,9 +1183,13 @@ impl Sim {
         for i in 0..self.clients.len() {
             self.connect(i).await?;
         }
+        for i in 0..self.apps.len() {
+            self.start_app(i).await?;
+        }
         while self.step < steps {
             self.step += 1;
             self.act().await?;
+            self.observe_apps()?;
             self.check().await?;
             if self.step % 100 == 0 {
                 self.check_durable().await?;
@@ -1056,9 +1260,13 @@ fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), Failu
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs, {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} history checks",
+        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} times offline), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} history checks",
         sim.clients.len(),
         sim.docs.len(),
+        sim.apps.len(),
+        s.app_edits,
+        s.app_restarts,
+        s.app_offline,
         sim.elapsed,
         s.edits,
         s.acks,
