@@ -26,9 +26,12 @@ struct Cli {
 enum Command {
     /// Open (or create) the data directory, recover it, and serve until SIGTERM or ctrl-c.
     Serve(ServeArgs),
-    /// Show what the server and its client library survive: two editors on one
-    /// document, a cut network, a server restart and a killed client process, on this
-    /// machine in temporary directories. Exits non-zero unless no edit was lost.
+    /// Watch two editors lose no edit through a cut network, a server restart and a
+    /// killed client (about 30 s).
+    ///
+    /// Everything runs on this machine, in temporary directories, on ports the system
+    /// picks. Exits non-zero unless both texts end equal to the server's with every
+    /// edit in them once.
     Demo(demo::DemoArgs),
     /// Bob's editor in `quire demo` (a child process the demo starts and kills).
     #[command(hide = true)]
