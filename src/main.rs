@@ -9,6 +9,8 @@ use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::wal::recovery::RecoveryOptions;
 use quire::wal::WalConfig;
 
+mod demo;
+
 #[derive(Parser)]
 #[command(
     name = "quire",
@@ -24,6 +26,16 @@ struct Cli {
 enum Command {
     /// Open (or create) the data directory, recover it, and serve until SIGTERM or ctrl-c.
     Serve(ServeArgs),
+    /// Watch two editors lose no edit through a cut network, a server restart and a
+    /// killed client (about 30 s).
+    ///
+    /// Everything runs on this machine, in temporary directories, on ports the system
+    /// picks. Exits non-zero unless both texts end equal to the server's with every
+    /// edit in them once.
+    Demo(demo::DemoArgs),
+    /// Bob's editor in `quire demo` (a child process the demo starts and kills).
+    #[command(hide = true)]
+    DemoClient(demo::DemoClientArgs),
 }
 
 #[derive(clap::Args)]
@@ -111,6 +123,12 @@ fn return_large_buffers_to_the_system() {
 fn return_large_buffers_to_the_system() {}
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own story: only warnings and errors are logged beside it.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info",
+        Command::Demo(_) | Command::DemoClient(_) => "warn",
+    };
     // Logs go to stderr, coloured only when it is a terminal and NO_COLOR is unset or
     // empty (https://no-color.org).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -119,12 +137,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(colour)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
     return_large_buffers_to_the_system();
-    match Cli::parse().command {
+    match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Demo(args) => demo::demo_main(args),
+        Command::DemoClient(args) => demo::client_main(args),
     }
 }
 

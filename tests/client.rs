@@ -2,7 +2,8 @@
 //! that can cut the connection, drop what the server says, or point at a restarted
 //! server: ids the server gives, many documents on one connection, reconnects, offline
 //! edits (composed), application restarts from the persistence directory, reloads that
-//! keep every edit, presence.
+//! keep every edit, presence, and a client process killed with SIGKILL at any moment
+//! (the `quire demo-client` the demo runs) and restarted on its directory.
 
 mod common;
 
@@ -463,6 +464,142 @@ async fn remote_cursors_follow_the_text_and_vanish_with_their_client() {
         }
     }
     assert!(da.presence().is_empty());
+    a.shutdown().await;
+    running.stop().await;
+}
+
+/// Bob's editor as a process of its own (`quire demo-client`, the one `quire demo`
+/// runs) on a persistence directory, sending each edit as soon as it is made.
+struct EditorProcess {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    replies: std::sync::mpsc::Receiver<String>,
+}
+
+impl EditorProcess {
+    fn start(addr: SocketAddr, dir: &std::path::Path, doc: &str) -> EditorProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_quire"))
+            .args([
+                "demo-client",
+                "--addr",
+                &addr.to_string(),
+                "--doc",
+                doc,
+                "--dir",
+            ])
+            .arg(dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the quire binary starts");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, replies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        EditorProcess {
+            child,
+            stdin,
+            replies,
+        }
+    }
+
+    fn send(&mut self, command: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{command}").unwrap();
+    }
+
+    fn reply(&mut self) -> serde_json::Value {
+        let line = self.replies.recv_timeout(Duration::from_secs(10)).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_process_killed_at_any_moment_keeps_every_returned_edit_once() {
+    // Killed with SIGKILL 40 times, each time right after being told to make one more
+    // edit (somewhere between before the edit and after its ack), and started again on
+    // its directory, while another client edits and the server restarts every 10 kills.
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut running = common::start(dir.path(), "").await;
+    let proxy = Proxy::new(running.addr).await;
+    let a = Client::connect(config(proxy.addr)).await.unwrap();
+    let da = a.open("k").await.unwrap();
+    let mut rng = fastrand::Rng::with_seed(11);
+    let (mut returned, mut unknown) = (Vec::new(), Vec::new());
+    let mut n = 0;
+    for round in 1..=40 {
+        let mut bob = EditorProcess::start(proxy.addr, state.path(), "k");
+        for last in (0..1 + rng.usize(..6)).rev() {
+            n += 1;
+            let item = format!(" b{n}.");
+            bob.send(&format!("append {}", serde_json::json!(item)));
+            if last == 0 {
+                std::thread::sleep(Duration::from_micros(rng.u64(..3000)));
+                unknown.push(item);
+                break;
+            }
+            bob.reply();
+            returned.push(item);
+            let mine = format!(" a{n}.");
+            let end = da.text().chars().count() as u32;
+            da.edit(&[ins(end, &mine)]).await.unwrap();
+            returned.push(mine);
+        }
+        bob.kill();
+        if round % 10 == 0 {
+            running.stop().await;
+            running = common::start(dir.path(), "").await;
+            proxy.point_at(running.addr);
+        }
+    }
+    // Started once more, it settles with the others.
+    let mut bob = EditorProcess::start(proxy.addr, state.path(), "k");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let bob_text = loop {
+        bob.send("status");
+        let s = bob.reply();
+        let version = s["version"].as_u64();
+        if s["state"] == "online"
+            && s["synced"] == true
+            && da.is_synced()
+            && version == Some(da.version())
+            && version == Some(running.store.version("k"))
+        {
+            break s["text"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    bob.send("quit");
+    bob.reply();
+    let text = server_text(&running, "k").await;
+    assert_eq!(bob_text, text);
+    assert_eq!(da.text(), text);
+    for item in &returned {
+        assert_eq!(text.matches(item.as_str()).count(), 1, "{item} in {text}");
+    }
+    for item in &unknown {
+        assert!(text.matches(item.as_str()).count() <= 1, "{item} in {text}");
+    }
     a.shutdown().await;
     running.stop().await;
 }
