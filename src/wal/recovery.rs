@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use super::record::{framed_len, intact_header_len, FrameError, Lsn, RawRecord, RECORD_HEADER_LEN};
 use super::segment::{
-    find_valid_record_after, parse_segment_file_name, scan_records, segment_path, ScanStop,
-    SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
+    all_zero, find_valid_record_after, last_nonzero, parse_segment_file_name, scan_records,
+    segment_path, ScanStop, SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
 };
 use super::vfs::{Region, Vfs};
 
@@ -467,12 +467,11 @@ fn plan_cut(
             0
         };
         let search_from = start.max(SEGMENT_HEADER_LEN);
-        if region
-            .get(start..)
-            .is_some_and(|rest| rest.iter().any(|&b| b != 0))
-        {
-            anything_nonzero = true;
+        if region.get(start..).is_none_or(all_zero) {
+            // Nothing written here, so no record to find (a record's length is never 0).
+            continue;
         }
+        anything_nonzero = true;
         let mut from = search_from;
         while let Some((offset, record)) = find_valid_record_after(region, from) {
             let write_start = record.lsn.saturating_sub(u64::from(record.batch_index));
@@ -526,8 +525,7 @@ fn plan_cut(
     let mut bytes_zeroed = 0u64;
     if !remove_break_segment {
         let region = &regions[brk.position];
-        let last_nonzero = region.iter().rposition(|&b| b != 0);
-        if let Some(last) = last_nonzero.filter(|&l| l as u64 >= brk.offset) {
+        if let Some(last) = last_nonzero(region).filter(|&l| l as u64 >= brk.offset) {
             bytes_zeroed = last as u64 + 1 - brk.offset;
         }
     }
