@@ -57,7 +57,10 @@ pub enum Background {
     Threads,
     /// No thread: the caller runs the work with `Wal::step` (the deterministic simulator).
     /// Each step writes one batch on the caller's thread; a segment is prepared when
-    /// the writer needs it, within that step; recovery reads with no helper thread.
+    /// the writer needs it, within that step; recovery reads each segment when the scan
+    /// gets to it, on the caller's thread (the simulated disk starts no thread; a real
+    /// disk's `read_file` keeps a second read in flight on a thread of its own for the
+    /// length of the call).
     Manual,
 }
 
@@ -505,13 +508,13 @@ impl Wal {
         let mut spare_ops: Vec<SegmentOp<'static>> = Vec::new();
         let mut grouped: Vec<(u32, u32)> = Vec::new();
         let mut by_document: Vec<u32> = Vec::new();
-        // Prefetching starts a thread per segment on a real disk; a manual log starts none.
-        let prefetch = config.background == Background::Threads;
+        // The segments are read on a thread of their own; a manual log starts none.
+        let threads = config.background == Background::Threads;
         let scanned = recovery::scan_segments_with(
             &*vfs,
             dir,
             config.recovery,
-            prefetch,
+            threads,
             |segment_id, records| {
                 let Some((_, first)) = records.first() else {
                     return;
