@@ -43,6 +43,11 @@ use stats::WalStats;
 use vfs::{Region, Vfs, VfsFile};
 use writer::{Active, ManualWriter, Preparer, Writer};
 
+/// Bytes asked for from the start of a record about to be read ([`Wal::will_read`]):
+/// a page, rounded out to whole pages, which holds the record's header and an op of
+/// up to a few KiB; a longer one's rest is read on demand.
+const RECORD_READ_HINT_BYTES: usize = 4096;
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -686,10 +691,25 @@ impl Wal {
         limit: usize,
     ) -> Result<Vec<OpRecord>, WalError> {
         let locations = self.with_index(|index| index.ops_after(doc_id, after_seq, limit));
+        self.will_read(locations.iter().map(|&(_, location)| location));
         locations
             .into_iter()
             .map(|(_, location)| self.read_op(location))
             .collect()
+    }
+
+    /// Asks the disk for the records at `locations` in the sealed segments, all at once:
+    /// a document's ops lie scattered over the log, and after a cold start the page
+    /// cache holds none of them (recovery reads past it). Read one after another, each
+    /// is a page fault that waits for its own disk read: 0.8 s for a document of 1,050
+    /// ops spread over a 1.2 GB log, measured, against 7 ms with the log in memory.
+    fn will_read(&self, locations: impl Iterator<Item = Location>) {
+        let active = self.active_segment();
+        for location in locations.filter(|location| location.segment_id < active) {
+            if let Ok(region) = self.map_sealed(location.segment_id) {
+                region.will_need(location.offset as usize, RECORD_READ_HINT_BYTES);
+            }
+        }
     }
 
     fn read_op(&self, location: Location) -> Result<OpRecord, WalError> {

@@ -95,6 +95,20 @@ pub enum Region {
 }
 
 impl Region {
+    /// A hint that the `len` bytes from `offset` are about to be read: a mapped file's
+    /// pages there that are not in memory start coming from the disk now, alongside the
+    /// other ranges hinted at, rather than one page fault after another. Nothing to do
+    /// for bytes already in memory; errors are not the caller's business (the read
+    /// itself reports them).
+    pub fn will_need(&self, offset: usize, len: usize) {
+        if let Region::Mapped(map) = self {
+            let end = offset.saturating_add(len).min(map.len());
+            if offset < end {
+                let _ = map.advise_range(memmap2::Advice::WillNeed, offset, end - offset);
+            }
+        }
+    }
+
     /// The buffer the bytes were read into, for the next file, if they were.
     pub fn into_buffer(self) -> Option<FileBuf> {
         match self {
