@@ -218,6 +218,31 @@ mod tests {
     }
 
     #[test]
+    fn a_direct_read_refused_with_einval_is_done_with_plain_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        let len = 3 * DIRECT_ALIGN + 5;
+        let bytes = pattern(len);
+        std::fs::write(&path, &bytes).unwrap();
+        File::open(&path).unwrap().sync_all().unwrap();
+        drop_from_cache(&path);
+        let file = File::open(&path).unwrap();
+        let direct = open_direct(&path).unwrap();
+        let cache = CacheProbe::new(&file, len);
+        let reader = ChunkReader {
+            file: &file,
+            direct: direct.as_ref(),
+            cache: &cache,
+            size: len,
+        };
+        // One byte past an allocation's start is never aligned: O_DIRECT refuses it.
+        let mut memory = vec![0u8; 4 * DIRECT_ALIGN + 1];
+        let chunk = &mut memory[1..];
+        reader.read_chunk(0, chunk).unwrap();
+        assert!(chunk[..len] == bytes[..]);
+    }
+
+    #[test]
     fn a_file_reads_back_whole_cached_or_not_at_any_length() {
         let dir = tempfile::tempdir().unwrap();
         let mut buf = FileBuf::new();
