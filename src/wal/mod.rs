@@ -703,12 +703,34 @@ impl Wal {
     /// cache holds none of them (recovery reads past it). Read one after another, each
     /// is a page fault that waits for its own disk read: 0.8 s for a document of 1,050
     /// ops spread over a 1.2 GB log, measured, against 7 ms with the log in memory.
+    /// Records that touch (a document's ops written one after another) are asked for as
+    /// one range: one system call rather than one per record.
     fn will_read(&self, locations: impl Iterator<Item = Location>) {
         let active = self.active_segment();
-        for location in locations.filter(|location| location.segment_id < active) {
-            if let Ok(region) = self.map_sealed(location.segment_id) {
-                region.will_need(location.offset as usize, RECORD_READ_HINT_BYTES);
+        let hint = |(segment_id, start, end): (SegmentId, usize, usize)| {
+            if let Ok(region) = self.map_sealed(segment_id) {
+                region.will_need(start, end - start);
             }
+        };
+        let mut range: Option<(SegmentId, usize, usize)> = None;
+        for location in locations.filter(|location| location.segment_id < active) {
+            let start = location.offset as usize;
+            let end = start + RECORD_READ_HINT_BYTES;
+            match &mut range {
+                Some((segment_id, _, range_end))
+                    if *segment_id == location.segment_id && start <= *range_end =>
+                {
+                    *range_end = (*range_end).max(end);
+                }
+                _ => {
+                    if let Some(done) = range.replace((location.segment_id, start, end)) {
+                        hint(done);
+                    }
+                }
+            }
+        }
+        if let Some(done) = range {
+            hint(done);
         }
     }
 
