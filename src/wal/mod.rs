@@ -43,6 +43,11 @@ use stats::WalStats;
 use vfs::{Region, Vfs, VfsFile};
 use writer::{Active, ManualWriter, Preparer, Writer};
 
+/// Bytes asked for from the start of a record about to be read ([`Wal::will_read`]):
+/// a page, rounded out to whole pages, which holds the record's header and an op of
+/// up to a few KiB; a longer one's rest is read on demand.
+const RECORD_READ_HINT_BYTES: usize = 4096;
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -57,7 +62,10 @@ pub enum Background {
     Threads,
     /// No thread: the caller runs the work with `Wal::step` (the deterministic simulator).
     /// Each step writes one batch on the caller's thread; a segment is prepared when
-    /// the writer needs it, within that step; recovery reads with no helper thread.
+    /// the writer needs it, within that step; recovery reads each segment when the scan
+    /// gets to it, on the caller's thread (the simulated disk starts no thread; a real
+    /// disk's `read_file` keeps a second read in flight on a thread of its own for the
+    /// length of the call).
     Manual,
 }
 
@@ -505,13 +513,13 @@ impl Wal {
         let mut spare_ops: Vec<SegmentOp<'static>> = Vec::new();
         let mut grouped: Vec<(u32, u32)> = Vec::new();
         let mut by_document: Vec<u32> = Vec::new();
-        // Prefetching starts a thread per segment on a real disk; a manual log starts none.
-        let prefetch = config.background == Background::Threads;
+        // The segments are read on a thread of their own; a manual log starts none.
+        let threads = config.background == Background::Threads;
         let scanned = recovery::scan_segments_with(
             &*vfs,
             dir,
             config.recovery,
-            prefetch,
+            threads,
             |segment_id, records| {
                 let Some((_, first)) = records.first() else {
                     return;
@@ -683,10 +691,47 @@ impl Wal {
         limit: usize,
     ) -> Result<Vec<OpRecord>, WalError> {
         let locations = self.with_index(|index| index.ops_after(doc_id, after_seq, limit));
+        self.will_read(locations.iter().map(|&(_, location)| location));
         locations
             .into_iter()
             .map(|(_, location)| self.read_op(location))
             .collect()
+    }
+
+    /// Asks the disk for the records at `locations` in the sealed segments, all at once:
+    /// a document's ops lie scattered over the log, and after a cold start the page
+    /// cache holds none of them (recovery reads past it). Read one after another, each
+    /// is a page fault that waits for its own disk read: 0.8 s for a document of 1,050
+    /// ops spread over a 1.2 GB log, measured, against 7 ms with the log in memory.
+    /// Records that touch (a document's ops written one after another) are asked for as
+    /// one range: one system call rather than one per record.
+    fn will_read(&self, locations: impl Iterator<Item = Location>) {
+        let active = self.active_segment();
+        let hint = |(segment_id, start, end): (SegmentId, usize, usize)| {
+            if let Ok(region) = self.map_sealed(segment_id) {
+                region.will_need(start, end - start);
+            }
+        };
+        let mut range: Option<(SegmentId, usize, usize)> = None;
+        for location in locations.filter(|location| location.segment_id < active) {
+            let start = location.offset as usize;
+            let end = start + RECORD_READ_HINT_BYTES;
+            match &mut range {
+                Some((segment_id, _, range_end))
+                    if *segment_id == location.segment_id && start <= *range_end =>
+                {
+                    *range_end = (*range_end).max(end);
+                }
+                _ => {
+                    if let Some(done) = range.replace((location.segment_id, start, end)) {
+                        hint(done);
+                    }
+                }
+            }
+        }
+        if let Some(done) = range {
+            hint(done);
+        }
     }
 
     fn read_op(&self, location: Location) -> Result<OpRecord, WalError> {

@@ -17,15 +17,17 @@
 //! [`apply`] makes the cut, once the caller has no objection left.
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::record::{framed_len, intact_header_len, FrameError, Lsn, RawRecord, RECORD_HEADER_LEN};
 use super::segment::{
-    find_valid_record_after, parse_segment_file_name, scan_records, segment_path, ScanStop,
-    SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
+    all_zero, find_valid_record_after, last_nonzero, parse_segment_file_name, scan_records,
+    segment_path, ScanStop, SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
 };
-use super::vfs::{Region, Vfs};
+use super::vfs::{FileBuf, Region, Vfs};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RecoveryOptions {
@@ -279,14 +281,15 @@ pub fn scan_segments(
     scan_segments_with(vfs, wal_dir, options, true, visit)
 }
 
-/// [`scan_segments`], asking the disk to read ahead ([`Vfs::prefetch`]) only if
-/// `prefetch`: a caller that must start no thread (`Background::Manual`) passes `false`.
+/// [`scan_segments`], reading the segments on a thread of its own, one segment ahead of
+/// the scan ([`SegmentReader`]), only if `threads`: a caller that must start no thread
+/// (`Background::Manual`) passes `false`, and each segment is read when its turn comes.
 pub fn scan_segments_with(
     vfs: &dyn Vfs,
     wal_dir: &Path,
     options: RecoveryOptions,
-    prefetch: bool,
-    mut visit: impl FnMut(SegmentId, &[(u64, RawRecord<'_>)]),
+    threads: bool,
+    visit: impl FnMut(SegmentId, &[(u64, RawRecord<'_>)]),
 ) -> Result<Scanned, RecoveryError> {
     let started = Instant::now();
     let ids = list_segments(vfs, wal_dir)?;
@@ -302,6 +305,149 @@ pub fn scan_segments_with(
             ));
         }
     }
+    if !threads {
+        let reader = SegmentReader::inline(vfs, wal_dir, &ids);
+        return scan_in_order(wal_dir, &ids, options, reader, started, visit);
+    }
+    // The reader borrows the caller's file system: a scoped thread, which has ended
+    // when the scan returns (dropping the reader's channels stops it).
+    std::thread::scope(|scope| {
+        let reader = SegmentReader::spawn(scope, vfs, wal_dir, &ids)
+            .unwrap_or_else(|_| SegmentReader::inline(vfs, wal_dir, &ids));
+        scan_in_order(wal_dir, &ids, options, reader, started, visit)
+    })
+}
+
+/// Buffers of a segment's size that the reader thread fills in turn: one being scanned
+/// while the next is read. More would not make the disk or the scan faster, only use
+/// more memory (each is a segment's size: 64 MiB by default).
+const READ_AHEAD_BUFFERS: usize = 2;
+
+/// One segment's bytes as read, or why they could not be.
+struct ReadSegment {
+    id: SegmentId,
+    bytes: io::Result<Region>,
+}
+
+/// Reads the segments in id order for the scan, each whole into a buffer
+/// ([`Vfs::read_file`]), and takes the buffers back for the next ones once the scan is
+/// done with them.
+enum SegmentReader<'a> {
+    /// On the scan's thread, when the scan asks.
+    Inline {
+        vfs: &'a dyn Vfs,
+        wal_dir: &'a Path,
+        ids: &'a [SegmentId],
+        next: usize,
+        free: Vec<FileBuf>,
+    },
+    /// On a thread of its own, which reads the next segment while this one is scanned,
+    /// so that the disk is kept busy through the scan: it waits only for a free buffer.
+    Ahead {
+        filled: mpsc::Receiver<ReadSegment>,
+        free: mpsc::Sender<FileBuf>,
+    },
+}
+
+impl<'a> SegmentReader<'a> {
+    fn inline(vfs: &'a dyn Vfs, wal_dir: &'a Path, ids: &'a [SegmentId]) -> SegmentReader<'a> {
+        SegmentReader::Inline {
+            vfs,
+            wal_dir,
+            ids,
+            next: 0,
+            free: Vec::new(),
+        }
+    }
+
+    fn spawn<'scope>(
+        scope: &'scope std::thread::Scope<'scope, 'a>,
+        vfs: &'a dyn Vfs,
+        wal_dir: &'a Path,
+        ids: &'a [SegmentId],
+    ) -> io::Result<SegmentReader<'a>> {
+        let (free_sender, free) = mpsc::channel::<FileBuf>();
+        let (filled, filled_receiver) = mpsc::channel::<ReadSegment>();
+        for _ in 0..READ_AHEAD_BUFFERS {
+            free_sender
+                .send(FileBuf::new())
+                .expect("the receiver is here");
+        }
+        std::thread::Builder::new()
+            .name("quire-wal-read".into())
+            .spawn_scoped(scope, move || {
+                for &id in ids {
+                    // Either channel closed: the scan has stopped, and so does this.
+                    let Ok(buf) = free.recv() else {
+                        return;
+                    };
+                    let bytes = vfs.read_file(&segment_path(wal_dir, id), buf);
+                    let failed = bytes.is_err();
+                    if filled.send(ReadSegment { id, bytes }).is_err() || failed {
+                        return;
+                    }
+                }
+            })?;
+        Ok(SegmentReader::Ahead {
+            filled: filled_receiver,
+            free: free_sender,
+        })
+    }
+
+    /// The next segment in id order: `expected` is its id.
+    fn next(&mut self, expected: SegmentId) -> ReadSegment {
+        let read = match self {
+            SegmentReader::Inline {
+                vfs,
+                wal_dir,
+                ids,
+                next,
+                free,
+            } => {
+                let id = ids[*next];
+                *next += 1;
+                let buf = free.pop().unwrap_or_default();
+                let bytes = vfs.read_file(&segment_path(wal_dir, id), buf);
+                ReadSegment { id, bytes }
+            }
+            SegmentReader::Ahead { filled, .. } => match filled.recv() {
+                Ok(read) => read,
+                // The thread ended without sending this segment: it panicked (the
+                // panic is raised again when the scope ends).
+                Err(_) => ReadSegment {
+                    id: expected,
+                    bytes: Err(io::Error::other("the segment reader thread stopped")),
+                },
+            },
+        };
+        assert_eq!(read.id, expected, "segments are read in id order");
+        read
+    }
+
+    /// A buffer for the next segments: the one a segment the scan is done with was
+    /// read into, or an empty one in place of one the scan keeps or that never was
+    /// (the reader waits for a buffer before each segment).
+    fn recycle(&mut self, bytes: Option<Region>) {
+        let bytes = bytes.and_then(Region::into_buffer).unwrap_or_default();
+        match self {
+            SegmentReader::Inline { free, .. } => free.push(bytes),
+            // A send fails only if the thread has ended: nothing left to read.
+            SegmentReader::Ahead { free, .. } => {
+                let _ = free.send(bytes);
+            }
+        }
+    }
+}
+
+/// Scans the segments `ids` as `reader` reads them: [`scan_segments`]'s work.
+fn scan_in_order(
+    wal_dir: &Path,
+    ids: &[SegmentId],
+    options: RecoveryOptions,
+    mut reader: SegmentReader<'_>,
+    started: Instant,
+    mut visit: impl FnMut(SegmentId, &[(u64, RawRecord<'_>)]),
+) -> Result<Scanned, RecoveryError> {
     let mut report = RecoveryReport::default();
     let mut last_lsn: Option<Lsn> = None;
     // The LSN the first record of the unfinished write would have: known from the last
@@ -311,25 +457,21 @@ pub fn scan_segments_with(
     } else {
         None
     };
-    let mut regions: Vec<Region> = Vec::with_capacity(ids.len());
+    // The bytes of the segment where the valid log ends and of every one after it,
+    // which the classification of the break reads again; the others are let go (their
+    // buffer reused) once scanned.
+    let mut kept: Vec<Region> = Vec::new();
     let mut found_break: Option<Break> = None;
 
-    if let Some(&first) = ids.first().filter(|_| prefetch) {
-        vfs.prefetch(&segment_path(wal_dir, first));
-    }
     for (position, &id) in ids.iter().enumerate() {
         let path = segment_path(wal_dir, id);
-        // The disk reads the next segment while this one is checked.
-        if let Some(&next) = ids.get(position + 1).filter(|_| prefetch) {
-            vfs.prefetch(&segment_path(wal_dir, next));
-        }
-        let region = vfs.map(&path).map_err(io_err(&path))?;
-        region.advise_sequential();
-        report.bytes_scanned += region.len() as u64;
-        let header = match SegmentHeader::decode(&region) {
+        let bytes = reader.next(id).bytes.map_err(io_err(&path))?;
+        report.bytes_scanned += bytes.len() as u64;
+        let header = match SegmentHeader::decode(&bytes) {
             Ok(Some(header)) => header,
             Ok(None) => {
-                regions.push(region);
+                kept.push(bytes);
+                reader.recycle(None);
                 found_break = Some(Break {
                     position,
                     offset: 0,
@@ -366,7 +508,7 @@ pub fn scan_segments_with(
         }
         expected_next = Some(header.first_lsn);
         let mut valid = Vec::new();
-        let stop = scan_records(&region, header.first_lsn, |offset, record| {
+        let stop = scan_records(&bytes, header.first_lsn, |offset, record| {
             valid.push((offset as u64, record));
         });
         let records = valid.len() as u64;
@@ -386,46 +528,48 @@ pub fn scan_segments_with(
             records,
             last_lsn: segment_last,
         });
-        regions.push(region);
-        match stop {
+        let brk = match stop {
             ScanStop::Zeros { offset } if offset == SEGMENT_HEADER_LEN && records == 0 => {
                 // A header and nothing else: its first write was torn after the header.
                 // Nothing in it was acknowledged; the whole file goes.
-                found_break = Some(Break {
+                Some(Break {
                     position,
                     offset: 0,
                     reason: "segment has a header but no records".into(),
                     missing_sector: true,
-                });
-                break;
+                })
             }
-            ScanStop::Zeros { .. } => {}
-            ScanStop::Invalid { offset, error } => {
-                let missing_sector = shows_missing_sector(&regions[position], offset);
-                found_break = Some(Break {
-                    position,
-                    offset: offset as u64,
-                    reason: describe(error),
-                    missing_sector,
-                });
-                break;
-            }
+            ScanStop::Zeros { .. } => None,
+            ScanStop::Invalid { offset, error } => Some(Break {
+                position,
+                offset: offset as u64,
+                reason: describe(error),
+                missing_sector: shows_missing_sector(&bytes, offset),
+            }),
+        };
+        if brk.is_some() {
+            kept.push(bytes);
+            reader.recycle(None);
+            found_break = brk;
+            break;
         }
+        reader.recycle(Some(bytes));
     }
 
     let mut cut = None;
     if let Some(brk) = found_break {
-        // Map the segments after the break too: they are checked for later writes.
-        for &id in &ids[regions.len()..] {
+        // Read the segments after the break too: they are checked for later writes.
+        for &id in &ids[brk.position + 1..] {
             let path = segment_path(wal_dir, id);
-            let region = vfs.map(&path).map_err(io_err(&path))?;
-            report.bytes_scanned += region.len() as u64;
-            regions.push(region);
+            let bytes = reader.next(id).bytes.map_err(io_err(&path))?;
+            report.bytes_scanned += bytes.len() as u64;
+            kept.push(bytes);
+            reader.recycle(None);
         }
         cut = plan_cut(
             wal_dir,
-            &ids,
-            &regions,
+            ids,
+            &kept,
             brk,
             expected_next,
             options,
@@ -442,7 +586,8 @@ fn describe(error: FrameError) -> String {
 }
 
 /// Classifies the break (torn tail, or corruption refused unless `repair`) and plans
-/// the cut; records it in `report`. Writes nothing.
+/// the cut; records it in `report`. Writes nothing. `regions` holds the bytes of the
+/// break's segment and of every segment after it.
 fn plan_cut(
     wal_dir: &Path,
     ids: &[SegmentId],
@@ -455,7 +600,8 @@ fn plan_cut(
     // Find any valid record after the break that is not part of the unfinished write.
     let mut later_write: Option<(SegmentId, u64, Lsn)> = None;
     let mut anything_nonzero = false;
-    'scan: for (position, region) in regions.iter().enumerate().skip(brk.position) {
+    assert_eq!(regions.len(), ids.len() - brk.position);
+    'scan: for (position, region) in (brk.position..).zip(regions) {
         let id = ids[position];
         let start = if position == brk.position {
             brk.offset as usize
@@ -467,12 +613,11 @@ fn plan_cut(
             0
         };
         let search_from = start.max(SEGMENT_HEADER_LEN);
-        if region
-            .get(start..)
-            .is_some_and(|rest| rest.iter().any(|&b| b != 0))
-        {
-            anything_nonzero = true;
+        if region.get(start..).is_none_or(all_zero) {
+            // Nothing written here, so no record to find (a record's length is never 0).
+            continue;
         }
+        anything_nonzero = true;
         let mut from = search_from;
         while let Some((offset, record)) = find_valid_record_after(region, from) {
             let write_start = record.lsn.saturating_sub(u64::from(record.batch_index));
@@ -525,9 +670,8 @@ fn plan_cut(
     let removed: Vec<SegmentId> = ids[first_removed..].to_vec();
     let mut bytes_zeroed = 0u64;
     if !remove_break_segment {
-        let region = &regions[brk.position];
-        let last_nonzero = region.iter().rposition(|&b| b != 0);
-        if let Some(last) = last_nonzero.filter(|&l| l as u64 >= brk.offset) {
+        let region = &regions[0];
+        if let Some(last) = last_nonzero(region).filter(|&l| l as u64 >= brk.offset) {
             bytes_zeroed = last as u64 + 1 - brk.offset;
         }
     }
@@ -676,6 +820,54 @@ mod tests {
             let again = scan(&fs, false).unwrap();
             assert!(again.tail_cut.is_none(), "{:?}", again.tail_cut);
             assert_eq!(again.records, 4);
+        }
+    }
+
+    #[test]
+    fn more_segments_after_the_break_than_read_buffers_are_all_checked_with_or_without_threads() {
+        // A torn record in segment 2, then spares: more files kept for the
+        // classification than the reader thread has buffers of its own.
+        let mut torn = segment_bytes(2, 4, 2, 4096);
+        let torn_at = SEGMENT_HEADER_LEN + RECORD;
+        torn.truncate(torn_at + 60);
+        let spares = READ_AHEAD_BUFFERS + 2;
+        let mut segments = vec![segment_bytes(1, 1, 3, 4096), torn];
+        segments.extend((0..spares).map(|_| vec![0u8; 4096]));
+        for threads in [true, false] {
+            let fs = disk(&segments);
+            let scanned = scan_segments_with(
+                &fs,
+                Path::new(DIR),
+                RecoveryOptions::default(),
+                threads,
+                |_, _| {},
+            )
+            .unwrap();
+            let cut = scanned.report.tail_cut.as_ref().expect("a torn tail");
+            assert_eq!((cut.segment_id, cut.offset), (2, torn_at as u64));
+            assert_eq!(
+                cut.segments_removed,
+                (3..3 + spares as u64).collect::<Vec<_>>()
+            );
+            assert_eq!(scanned.report.records, 4);
+            let bytes = 4096 + torn_at as u64 + 60 + 4096 * spares as u64;
+            assert_eq!(scanned.report.bytes_scanned, bytes);
+
+            // A valid record of a later write in the last file makes it corruption.
+            let mut later = segments.clone();
+            *later.last_mut().unwrap() = segment_bytes(2 + spares as u64, 99, 1, 4096);
+            let fs = disk(&later);
+            let refused = scan_segments_with(
+                &fs,
+                Path::new(DIR),
+                RecoveryOptions::default(),
+                threads,
+                |_, _| {},
+            );
+            assert!(
+                matches!(refused, Err(RecoveryError::Corrupt(_))),
+                "{refused:?}"
+            );
         }
     }
 

@@ -208,7 +208,7 @@ pub fn scan_records<'a>(
                 };
             }
             Err(error) => {
-                if bytes[offset..].iter().all(|&b| b == 0) {
+                if all_zero(&bytes[offset..]) {
                     return ScanStop::Zeros { offset };
                 }
                 return ScanStop::Invalid { offset, error };
@@ -216,6 +216,29 @@ pub fn scan_records<'a>(
         }
     }
     ScanStop::Zeros { offset }
+}
+
+/// Bytes are checked for zeros a block at a time: the block's bytes ORed together with
+/// no early exit compile to vector instructions, where a byte-at-a-time `all` stops
+/// to test every byte (a segment's unused part is tens of MiB of zeros).
+const ZERO_CHECK_BLOCK: usize = 256;
+
+/// Whether every byte is zero.
+pub fn all_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(ZERO_CHECK_BLOCK)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// The offset of the last nonzero byte, if any.
+pub fn last_nonzero(bytes: &[u8]) -> Option<usize> {
+    let (index, block) = bytes
+        .chunks(ZERO_CHECK_BLOCK)
+        .enumerate()
+        .rev()
+        .find(|(_, block)| !all_zero(block))?;
+    let within = block.iter().rposition(|&b| b != 0)?;
+    Some(index * ZERO_CHECK_BLOCK + within)
 }
 
 /// The first record at an aligned offset at or after `from` that has a valid checksum.
@@ -269,6 +292,23 @@ mod tests {
             SegmentHeader::decode(&bad).unwrap_err(),
             HeaderError::BadMagic
         );
+    }
+
+    #[test]
+    fn zero_checks_find_every_nonzero_byte() {
+        for len in [0, 1, 255, 256, 257, 1000] {
+            let zeros = vec![0u8; len];
+            assert!(all_zero(&zeros));
+            assert_eq!(last_nonzero(&zeros), None);
+            for at in 0..len {
+                let mut bytes = zeros.clone();
+                bytes[at] = 0x10;
+                assert!(!all_zero(&bytes), "len {len}, byte {at}");
+                assert_eq!(last_nonzero(&bytes), Some(at));
+                bytes[0] = 1;
+                assert_eq!(last_nonzero(&bytes), Some(at));
+            }
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Region, Vfs, VfsFile};
+use super::{FileBuf, Region, Vfs, VfsFile};
 
 pub const SECTOR: usize = 512;
 
@@ -405,6 +405,13 @@ impl Vfs for SimFs {
         let inode = self.inode(path)?;
         let data = lock(&inode).data.clone();
         Ok(Region::Owned(data))
+    }
+
+    fn read_file(&self, path: &Path, mut buf: FileBuf) -> io::Result<Region> {
+        let inode = self.inode(path)?;
+        buf.clear();
+        buf.extend_from_slice(&lock(&inode).data)?;
+        Ok(Region::Read(buf))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
