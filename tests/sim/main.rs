@@ -1288,6 +1288,24 @@ fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), Failu
     outcome.map(|()| (digest, line))
 }
 
+/// A shorter run of a failing seed that still fails: the fewest steps (found by
+/// bisection; a run of fewer steps is a prefix of the longer one, then the settling),
+/// and its failure.
+fn shorten(seed: u64, steps: u64, failure: Failure) -> (u64, Failure) {
+    let (mut passes, mut fails, mut last) = (0, steps, failure);
+    while fails - passes > 1 {
+        let mid = passes + (fails - passes) / 2;
+        match run_seed(seed, mid, false) {
+            Ok(_) => passes = mid,
+            Err(f) => {
+                fails = mid;
+                last = f;
+            }
+        }
+    }
+    (fails, last)
+}
+
 fn main() {
     let args = parse_args();
     std::panic::set_hook(Box::new(|info| {
@@ -1320,9 +1338,12 @@ fn main() {
             }
             Err(failure) => {
                 println!("seed {seed}: FAILED: {failure}");
+                let (steps, shortest) = shorten(seed, args.steps, failure);
+                if steps < args.steps {
+                    println!("shortened to {steps} steps: {shortest}");
+                }
                 println!(
-                    "replay: cargo test --release --test sim -- --seed {seed} --steps {} --verbose",
-                    args.steps
+                    "replay: cargo test --release --test sim -- --seed {seed} --steps {steps} --verbose"
                 );
                 std::process::exit(1);
             }
