@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// One accepted connection.
 pub trait Transport: Send + 'static {
     type Reader: ReadHalf;
-    type Writer: AsyncWrite + Send + Unpin + 'static;
+    type Writer: WriteHalf;
 
     /// The two directions, to be used by two tasks.
     fn into_split(self) -> (Self::Reader, Self::Writer);
@@ -23,6 +23,13 @@ pub trait Transport: Send + 'static {
     /// Writes what fits now without waiting (a refusal to a connection over the limit:
     /// a fresh connection takes a small frame at once).
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+}
+
+/// The sending direction of a connection.
+pub trait WriteHalf: AsyncWrite + Send + Unpin + 'static {
+    /// Writes what fits now without waiting: `WouldBlock` if nothing does. Used by a
+    /// sender while the session's writer has nothing queued (see [`super::outbox`]).
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
 }
 
 /// The receiving direction of a connection.
@@ -56,6 +63,12 @@ impl Transport for TcpStream {
 
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         TcpStream::try_write(self, buf)
+    }
+}
+
+impl WriteHalf for tokio::net::tcp::OwnedWriteHalf {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        tokio::net::tcp::OwnedWriteHalf::try_write(self, buf)
     }
 }
 
