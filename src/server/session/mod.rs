@@ -234,9 +234,19 @@ impl<S: Sequencer> Session<S> {
         // Empty while the connection is idle: a buffer is taken when bytes arrive and
         // given back once every frame in it is decoded (see `read_ready`).
         let mut buf = BytesMut::new();
+        // The futures the reads race with are made once per connection, not per frame:
+        // the idle timer is armed at the first deadline and, when it fires early (frames
+        // came since), moved to the current one, so a frame costs no timer update and
+        // no waiter registrations.
         let mut shutdown = self.server.shutdown.subscribe();
+        let shutdown = async move {
+            let _ = shutdown.recv().await;
+        };
+        let closed = self.outbox.closed_owned();
         let mut large: Option<OwnedSemaphorePermit> = None;
         let mut deadline = Instant::now() + config.handshake_timeout;
+        let idle = tokio::time::sleep_until(deadline);
+        tokio::pin!(shutdown, closed, idle);
         loop {
             // Decode every complete frame already buffered.
             loop {
@@ -315,14 +325,18 @@ impl<S: Sequencer> Session<S> {
                 // the deadline before the socket, so that a peer trickling bytes that
                 // never complete a frame still meets it.
                 biased;
-                _ = shutdown.recv() => return,
-                _ = self.outbox.closed() => {
+                () = &mut shutdown => return,
+                () = &mut closed => {
                     if let Some(closing) = self.outbox.closing() {
                         tracing::info!(session = self.outbox.session, code = ?closing.code, "{}", closing.message);
                     }
                     return;
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                () = &mut idle => {
+                    if Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
                     let (what, limit) = if self.client_id.is_none() {
                         ("a complete Hello", config.handshake_timeout)
                     } else {
