@@ -205,16 +205,16 @@ struct Presence<P> {
 fn deliver<S: Subscriber>(
     held: &mut HashMap<SessionId, Held<S::Frame>>,
     subscriber: &S,
-    frame: &S::Frame,
+    frame: S::Frame,
 ) {
     match held.get_mut(&subscriber.session()) {
-        Some(h) if h.bytes + S::frame_len(frame) <= subscriber.push_capacity() => {
-            h.bytes += S::frame_len(frame);
-            h.frames.push(frame.clone());
+        Some(h) if h.bytes + S::frame_len(&frame) <= subscriber.push_capacity() => {
+            h.bytes += S::frame_len(&frame);
+            h.frames.push(frame);
         }
         Some(_) => subscriber.close(CloseReason::HeldPiledUp),
         None => {
-            subscriber.send(frame.clone());
+            subscriber.send(frame);
         }
     }
 }
@@ -880,11 +880,12 @@ impl<S: Subscriber> Document<S> {
                 return;
             }
         }
-        deliver(&mut state.held, subscriber, &ack);
+        deliver(&mut state.held, subscriber, ack);
     }
 
     /// `seq` is durable: deliver every consecutive durable op, in seq order, as an ack
-    /// to its submitter and a broadcast to the other subscribers (built once for all).
+    /// to its submitter and a broadcast to the other subscribers (built once for all,
+    /// and only if there are others).
     pub fn mark_durable(&self, seq: u64) {
         let mut state = self.lock();
         if let Some(p) = state.pending.get_mut(&seq) {
@@ -898,25 +899,31 @@ impl<S: Subscriber> Document<S> {
             }
             let p = state.pending.remove(&next).expect("checked");
             state.delivered = next;
-            let ack = self.frame(Event::Ack {
+            // The ack has one receiver: moved to it, not shared.
+            let mut ack = Some(self.frame(Event::Ack {
                 request_id: p.request_id,
                 local_seq: p.op.id.local_seq,
                 seq: p.op.seq,
-            });
-            let remote = self.frame(Event::Op(p.op));
+            }));
+            let mut op = Some(p.op);
+            let mut remote = None;
             let State {
                 subscribers, held, ..
             } = &mut *state;
             for subscriber in subscribers.values() {
                 let frame = if subscriber.session() == p.submitter {
-                    &ack
+                    ack.take().expect("one subscriber per session")
                 } else {
-                    &remote
+                    remote
+                        .get_or_insert_with(|| {
+                            self.frame(Event::Op(op.take().expect("encoded once")))
+                        })
+                        .clone()
                 };
                 deliver(held, subscriber, frame);
             }
-            for (subscriber, ack) in &p.resent {
-                deliver(held, subscriber, ack);
+            for (subscriber, ack) in p.resent {
+                deliver(held, &subscriber, ack);
             }
         }
         state.trim_history(self.limits.history_window);

@@ -27,14 +27,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 
 use super::transport::WriteHalf;
-use crate::protocol::frame::FrameCodec;
 use crate::protocol::message::{Envelope, ErrorCode, Message};
 
 pub use super::document::SessionId;
@@ -46,18 +44,28 @@ pub struct Closing {
     pub message: String,
 }
 
-/// Encodes one frame (length prefix included). Every caller builds messages that fit
-/// `max_frame` by construction; this asserts it.
+/// Encodes one frame (length prefix included), in one buffer: the same bytes as
+/// [`crate::protocol::frame::FrameCodec`]'s encoder, without its separate body and copy. Every caller builds
+/// messages that fit `max_frame` by construction; this asserts it.
 pub fn encode(env: &Envelope, max_frame: usize) -> Bytes {
-    let mut buf = BytesMut::new();
-    FrameCodec::new(max_frame)
-        .encode(env, &mut buf)
-        .unwrap_or_else(|e| {
-            panic!(
-                "a {:#04x} frame does not fit max_frame {max_frame}: {e}",
-                env.message.type_byte()
-            )
-        });
+    encode_with(max_frame, env.message.type_byte(), |buf| {
+        env.encode_into(buf)
+    })
+}
+
+/// A frame whose content (type, request id, body) `content` writes after the length
+/// field. Asserts that it fits `max_frame`.
+pub fn encode_with(max_frame: usize, type_byte: u8, content: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut buf = BytesMut::with_capacity(128);
+    buf.put_u32_le(0);
+    content(&mut buf);
+    let len = buf.len() - 4;
+    assert!(
+        len <= max_frame,
+        "a {type_byte:#04x} frame of {len} bytes does not fit max_frame {max_frame}"
+    );
+    let len = u32::try_from(len).expect("max_frame is far below 4 GiB");
+    buf[..4].copy_from_slice(&len.to_le_bytes());
     buf.freeze()
 }
 
@@ -507,6 +515,7 @@ async fn write_batch<W: tokio::io::AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::frame::FrameCodec;
     use std::pin::Pin;
     use std::task::{Context, Poll, Waker};
     use tokio_util::codec::Decoder;
@@ -603,6 +612,46 @@ mod tests {
     }
 
     const MAX_FRAME: usize = 1024;
+
+    #[test]
+    fn a_frame_is_encoded_as_the_frame_codec_encodes_it() {
+        use tokio_util::codec::Encoder;
+        let messages = [
+            Message::Ack {
+                doc: "d".into(),
+                local_seq: 3,
+                seq: 9,
+            },
+            Message::Remote {
+                doc: "notes".into(),
+                op: crate::protocol::message::WireOp {
+                    seq: 4,
+                    client_id: 7,
+                    local_seq: 2,
+                    patches: vec![crate::op::Patch {
+                        pos: 1,
+                        del: 2,
+                        ins: "héllo".repeat(40),
+                    }],
+                },
+            },
+            Message::Error {
+                code: ErrorCode::TooSlow,
+                message: "slow".into(),
+            },
+        ];
+        for message in messages {
+            let env = Envelope {
+                request_id: 5,
+                message,
+            };
+            let mut expected = BytesMut::new();
+            FrameCodec::new(MAX_FRAME)
+                .encode(&env, &mut expected)
+                .unwrap();
+            assert_eq!(encode(&env, MAX_FRAME), expected.freeze());
+        }
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_frame_sent_while_nothing_is_queued_is_written_by_the_sender_and_in_order() {
