@@ -171,10 +171,19 @@ fn serve(args: ServeArgs) -> ExitCode {
         documents = report.documents,
         "storage engine ready"
     );
+    let store = std::sync::Arc::new(store);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
         builder.worker_threads(n.max(1));
     }
+    // A worker wakes the log's writer when it goes idle, not per op: the ops of every
+    // request it read in one go are then one batch (see `wal::commit`). Only workers
+    // park, so only they are marked (blocking threads wake the writer at once).
+    let parked = store.clone();
+    builder.on_thread_park(move || {
+        quire::wal::commit::defer_writer_wakes_on_this_thread();
+        parked.wal().pay_owed_writer_wake();
+    });
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -182,7 +191,6 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store = std::sync::Arc::new(store);
     let served = runtime.block_on(async {
         let listener = quire::server::bind(args.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, "serving");
