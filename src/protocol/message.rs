@@ -319,18 +319,40 @@ impl Reader<'_> {
     }
 }
 
-fn put_str16(out: &mut Vec<u8>, s: &str) {
+fn put_str16<B: BufMut>(out: &mut B, s: &str) {
     let len = u16::try_from(s.len()).expect("str16 fields are bounded by their callers");
     out.put_u16_le(len);
     out.put_slice(s.as_bytes());
 }
 
-fn put_str32(out: &mut Vec<u8>, s: &str) {
+/// An `Ack`'s body after its type and request id (shared with [`encode_ack_into`]).
+fn put_ack_body<B: BufMut>(out: &mut B, doc: &str, local_seq: u64, seq: u64) {
+    put_str16(out, doc);
+    out.put_u64_le(local_seq);
+    out.put_u64_le(seq);
+}
+
+/// The content of `Envelope { request_id, Message::Ack { doc, local_seq, seq } }` as
+/// [`Envelope::encode_into`] writes it, from borrowed fields (an ack per op needs no
+/// `String` for its document id).
+pub fn encode_ack_into<B: BufMut>(
+    out: &mut B,
+    request_id: u32,
+    doc: &str,
+    local_seq: u64,
+    seq: u64,
+) {
+    out.put_u8(0x22);
+    out.put_u32_le(request_id);
+    put_ack_body(out, doc, local_seq, seq);
+}
+
+fn put_str32<B: BufMut>(out: &mut B, s: &str) {
     out.put_u32_le(s.len() as u32);
     out.put_slice(s.as_bytes());
 }
 
-fn put_patches(out: &mut Vec<u8>, patches: &[Patch]) {
+fn put_patches<B: BufMut>(out: &mut B, patches: &[Patch]) {
     out.put_u32_le(patches.len() as u32);
     for p in patches {
         out.put_u32_le(p.pos);
@@ -339,7 +361,7 @@ fn put_patches(out: &mut Vec<u8>, patches: &[Patch]) {
     }
 }
 
-fn put_selections(out: &mut Vec<u8>, selections: &[Selection]) {
+fn put_selections<B: BufMut>(out: &mut B, selections: &[Selection]) {
     out.put_u32_le(selections.len() as u32);
     for s in selections {
         out.put_u32_le(s.anchor);
@@ -347,7 +369,7 @@ fn put_selections(out: &mut Vec<u8>, selections: &[Selection]) {
     }
 }
 
-fn put_wire_op(out: &mut Vec<u8>, op: &WireOp) {
+fn put_wire_op<B: BufMut>(out: &mut B, op: &WireOp) {
     out.put_u64_le(op.seq);
     out.put_u64_le(op.client_id);
     out.put_u64_le(op.local_seq);
@@ -394,6 +416,13 @@ impl Envelope {
     /// The frame's content (type, request id, body), without the length prefix.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`Envelope::encode`] appended to `out` (a frame is built in one buffer, its
+    /// length field in front).
+    pub fn encode_into<B: BufMut>(&self, out: &mut B) {
         out.put_u8(self.message.type_byte());
         out.put_u32_le(self.request_id);
         match &self.message {
@@ -405,7 +434,7 @@ impl Envelope {
                 out.put_slice(&MAGIC);
                 out.put_u16_le(*version);
                 out.put_u64_le(*client_id);
-                put_str16(&mut out, token);
+                put_str16(out, token);
             }
             Message::Welcome {
                 version,
@@ -417,7 +446,7 @@ impl Envelope {
                 out.put_u64_le(*client_id);
             }
             Message::Open { doc, known_version } => {
-                put_str16(&mut out, doc);
+                put_str16(out, doc);
                 out.put_u64_le(*known_version);
             }
             Message::Submit {
@@ -426,25 +455,25 @@ impl Envelope {
                 base_version,
                 patches,
             } => {
-                put_str16(&mut out, doc);
+                put_str16(out, doc);
                 out.put_u64_le(*local_seq);
                 out.put_u64_le(*base_version);
-                put_patches(&mut out, patches);
+                put_patches(out, patches);
             }
             Message::Fetch {
                 doc,
                 after_seq,
                 limit,
             } => {
-                put_str16(&mut out, doc);
+                put_str16(out, doc);
                 out.put_u64_le(*after_seq);
                 out.put_u32_le(*limit);
             }
             Message::Presence { doc, selections } => {
-                put_str16(&mut out, doc);
-                put_selections(&mut out, selections);
+                put_str16(out, doc);
+                put_selections(out, selections);
             }
-            Message::Close { doc } => put_str16(&mut out, doc),
+            Message::Close { doc } => put_str16(out, doc),
             Message::Ping { nonce } | Message::Pong { nonce } => out.put_u64_le(*nonce),
             Message::Snapshot {
                 doc,
@@ -452,62 +481,57 @@ impl Envelope {
                 total_len,
                 text,
             } => {
-                put_str16(&mut out, doc);
+                put_str16(out, doc);
                 out.put_u64_le(*version);
                 out.put_u64_le(*total_len);
-                put_str32(&mut out, text);
+                put_str32(out, text);
             }
             Message::Ops { doc, more, ops } => {
-                put_str16(&mut out, doc);
+                put_str16(out, doc);
                 out.put_u8(u8::from(*more));
                 out.put_u32_le(ops.len() as u32);
                 for op in ops {
-                    put_wire_op(&mut out, op);
+                    put_wire_op(out, op);
                 }
             }
             Message::Ack {
                 doc,
                 local_seq,
                 seq,
-            } => {
-                put_str16(&mut out, doc);
-                out.put_u64_le(*local_seq);
-                out.put_u64_le(*seq);
-            }
+            } => put_ack_body(out, doc, *local_seq, *seq),
             Message::Reject {
                 doc,
                 local_seq,
                 code,
                 message,
             } => {
-                put_str16(&mut out, doc);
+                put_str16(out, doc);
                 out.put_u64_le(*local_seq);
                 out.put_u16_le(code.to_u16());
-                put_str16(&mut out, bounded(message));
+                put_str16(out, bounded(message));
             }
             Message::Remote { doc, op } => {
-                put_str16(&mut out, doc);
-                put_wire_op(&mut out, op);
+                put_str16(out, doc);
+                put_wire_op(out, op);
             }
             Message::PresenceState {
                 doc,
                 client_id,
                 selections,
             } => {
-                put_str16(&mut out, doc);
+                put_str16(out, doc);
                 out.put_u64_le(*client_id);
-                put_selections(&mut out, selections);
+                put_selections(out, selections);
             }
             Message::Reload { doc, reason } => {
-                put_str16(&mut out, doc);
-                put_str16(&mut out, bounded(reason));
+                put_str16(out, doc);
+                put_str16(out, bounded(reason));
             }
             Message::Error { code, message } => {
                 out.put_u16_le(code.to_u16());
-                put_str16(&mut out, bounded(message));
+                put_str16(out, bounded(message));
             }
         }
-        out
     }
 
     /// Decodes a frame's content. Never panics.

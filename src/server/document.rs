@@ -178,8 +178,11 @@ struct State<S: Subscriber> {
     /// Sessions whose pipelined op conflicted: their later ops are refused until they
     /// open the document again (they were made on top of the refused one).
     broken_pipelines: HashSet<SessionId>,
-    /// Sequenced ops waiting for durability or for earlier seqs, by seq.
-    pending: BTreeMap<u64, Pending<S>>,
+    /// Sequenced ops waiting for durability or for earlier seqs, in seq order: the
+    /// first is `delivered + 1` (seqs are consecutive). A deque, not a map: a document
+    /// with one op in flight at a time allocates a few hundred bytes per op, where a
+    /// `BTreeMap`'s node (over 1 KiB) made glibc consolidate its fast bins each time.
+    pending: VecDeque<Pending<S>>,
     /// Highest seq delivered to subscribers.
     delivered: u64,
     /// With fixed hash keys ([`SessionHasher`]): the same order on every run.
@@ -205,21 +208,27 @@ struct Presence<P> {
 fn deliver<S: Subscriber>(
     held: &mut HashMap<SessionId, Held<S::Frame>>,
     subscriber: &S,
-    frame: &S::Frame,
+    frame: S::Frame,
 ) {
     match held.get_mut(&subscriber.session()) {
-        Some(h) if h.bytes + S::frame_len(frame) <= subscriber.push_capacity() => {
-            h.bytes += S::frame_len(frame);
-            h.frames.push(frame.clone());
+        Some(h) if h.bytes + S::frame_len(&frame) <= subscriber.push_capacity() => {
+            h.bytes += S::frame_len(&frame);
+            h.frames.push(frame);
         }
         Some(_) => subscriber.close(CloseReason::HeldPiledUp),
         None => {
-            subscriber.send(frame.clone());
+            subscriber.send(frame);
         }
     }
 }
 
 impl<S: Subscriber> State<S> {
+    /// The pending op sequenced as `seq`, if it is not delivered yet.
+    fn pending_mut(&mut self, seq: u64) -> Option<&mut Pending<S>> {
+        let index = seq.checked_sub(self.delivered + 1)?;
+        self.pending.get_mut(usize::try_from(index).ok()?)
+    }
+
     /// Sends a presence update to the subscribers whose snapshot is out. One still
     /// waiting for it gets every client's current presence when it is activated, so
     /// holding the update too would tell it the same presence twice.
@@ -253,12 +262,13 @@ impl<S: Subscriber> State<S> {
     }
 
     /// Gives back the allocations of emptied tables, so that a quiet open document
-    /// holds only its subscribers and its history: an emptied `BTreeMap` keeps its root
-    /// node (about 0.9 KB of `Pending` slots here) and a `HashMap` its buckets. Called
-    /// when a burst ends (every op delivered, a snapshot sent), not per op.
+    /// holds only its subscribers and its history: an emptied deque keeps its slots
+    /// and a `HashMap` its buckets. Called when a burst ends (every op delivered, a
+    /// snapshot sent): per op for a document with one op in flight at a time, which is
+    /// why `pending` is a deque of small slots.
     fn release_spare(&mut self) {
-        if self.pending.is_empty() {
-            self.pending = BTreeMap::new();
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = VecDeque::new();
         }
         if self.held.is_empty() && self.held.capacity() > 0 {
             self.held = HashMap::new();
@@ -522,7 +532,7 @@ impl<S: Subscriber> Document<S> {
             state: Mutex::new(State {
                 history: VecDeque::new(),
                 broken_pipelines: HashSet::new(),
-                pending: BTreeMap::new(),
+                pending: VecDeque::new(),
                 delivered,
                 subscribers: HashMap::default(),
                 held: HashMap::new(),
@@ -820,21 +830,23 @@ impl<S: Subscriber> Document<S> {
                     op: Arc::new(std::mem::take(&mut job.op)),
                 });
                 state.trim_history(self.limits.history_window);
-                state.pending.insert(
+                assert_eq!(
                     seq,
-                    Pending {
-                        op: SequencedOp {
-                            seq,
-                            id: job.op_id,
-                            base_version: job.base_version,
-                            patches,
-                        },
-                        submitter: job.session,
-                        request_id: job.request_id,
-                        durable: false,
-                        resent: Vec::new(),
-                    },
+                    state.delivered + 1 + state.pending.len() as u64,
+                    "pending ops are the consecutive seqs after the last delivered"
                 );
+                state.pending.push_back(Pending {
+                    op: SequencedOp {
+                        seq,
+                        id: job.op_id,
+                        base_version: job.base_version,
+                        patches,
+                    },
+                    submitter: job.session,
+                    request_id: job.request_id,
+                    durable: false,
+                    resent: Vec::new(),
+                });
                 SubmitOutcome::Applied { seq, ticket }
             }
             Ok(Submitted::Duplicate { seq, ticket }) => SubmitOutcome::Duplicate { seq, ticket },
@@ -875,48 +887,55 @@ impl<S: Subscriber> Document<S> {
         });
         let mut state = self.lock();
         if seq > state.delivered {
-            if let Some(p) = state.pending.get_mut(&seq) {
+            if let Some(p) = state.pending_mut(seq) {
                 p.resent.push((subscriber.clone(), ack));
                 return;
             }
         }
-        deliver(&mut state.held, subscriber, &ack);
+        deliver(&mut state.held, subscriber, ack);
     }
 
     /// `seq` is durable: deliver every consecutive durable op, in seq order, as an ack
-    /// to its submitter and a broadcast to the other subscribers (built once for all).
+    /// to its submitter and a broadcast to the other subscribers (built once for all,
+    /// and only if there are others).
     pub fn mark_durable(&self, seq: u64) {
         let mut state = self.lock();
-        if let Some(p) = state.pending.get_mut(&seq) {
+        if let Some(p) = state.pending_mut(seq) {
             p.durable = true;
         }
         loop {
-            let next = state.delivered + 1;
-            match state.pending.get(&next) {
+            match state.pending.front() {
                 Some(p) if p.durable => {}
                 _ => break,
             }
-            let p = state.pending.remove(&next).expect("checked");
-            state.delivered = next;
-            let ack = self.frame(Event::Ack {
+            let p = state.pending.pop_front().expect("checked");
+            state.delivered += 1;
+            assert_eq!(p.op.seq, state.delivered, "delivered in seq order");
+            // The ack has one receiver: moved to it, not shared.
+            let mut ack = Some(self.frame(Event::Ack {
                 request_id: p.request_id,
                 local_seq: p.op.id.local_seq,
                 seq: p.op.seq,
-            });
-            let remote = self.frame(Event::Op(p.op));
+            }));
+            let mut op = Some(p.op);
+            let mut remote = None;
             let State {
                 subscribers, held, ..
             } = &mut *state;
             for subscriber in subscribers.values() {
                 let frame = if subscriber.session() == p.submitter {
-                    &ack
+                    ack.take().expect("one subscriber per session")
                 } else {
-                    &remote
+                    remote
+                        .get_or_insert_with(|| {
+                            self.frame(Event::Op(op.take().expect("encoded once")))
+                        })
+                        .clone()
                 };
                 deliver(held, subscriber, frame);
             }
-            for (subscriber, ack) in &p.resent {
-                deliver(held, subscriber, ack);
+            for (subscriber, ack) in p.resent {
+                deliver(held, &subscriber, ack);
             }
         }
         state.trim_history(self.limits.history_window);
@@ -1405,16 +1424,13 @@ mod tests {
                 base_version: 0,
                 patches: vec![Patch::new(0, 0, "x")],
             };
-            state.pending.insert(
-                1,
-                Pending {
-                    op,
-                    submitter: 2,
-                    request_id: 1,
-                    durable: false,
-                    resent: Vec::new(),
-                },
-            );
+            state.pending.push_back(Pending {
+                op,
+                submitter: 2,
+                request_id: 1,
+                durable: false,
+                resent: Vec::new(),
+            });
         }
         doc.mark_durable(1);
         {

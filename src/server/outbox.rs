@@ -12,18 +12,27 @@
 //!
 //! Writes have a deadline: a peer that takes nothing for `write_timeout` cannot hold the
 //! writer (and so its socket, its slot, and server shutdown) beyond it.
+//!
+//! **Direct writes.** A frame sent while the writer has nothing queued or being written
+//! is written by the sender at once, with one non-blocking write (an ack or broadcast
+//! from the durability task, a reply from the session): no hand-off to the writer task
+//! and no wake-up. Its room is taken first as for any frame, and what the socket took is
+//! given back at once; only what it did not take (and every frame after it) goes
+//! through the queue and the writer, with its deadline, counted against the same half.
+//! Every frame passes through [`Line`]'s lock, which says who may write (the senders
+//! while the writer has nothing, else the writer), so frames leave in the order they
+//! were sent.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::frame::FrameCodec;
+use super::transport::WriteHalf;
 use crate::protocol::message::{Envelope, ErrorCode, Message};
 
 pub use super::document::SessionId;
@@ -35,18 +44,28 @@ pub struct Closing {
     pub message: String,
 }
 
-/// Encodes one frame (length prefix included). Every caller builds messages that fit
-/// `max_frame` by construction; this asserts it.
+/// Encodes one frame (length prefix included), in one buffer: the same bytes as
+/// [`crate::protocol::frame::FrameCodec`]'s encoder, without its separate body and copy. Every caller builds
+/// messages that fit `max_frame` by construction; this asserts it.
 pub fn encode(env: &Envelope, max_frame: usize) -> Bytes {
-    let mut buf = BytesMut::new();
-    FrameCodec::new(max_frame)
-        .encode(env, &mut buf)
-        .unwrap_or_else(|e| {
-            panic!(
-                "a {:#04x} frame does not fit max_frame {max_frame}: {e}",
-                env.message.type_byte()
-            )
-        });
+    encode_with(max_frame, env.message.type_byte(), |buf| {
+        env.encode_into(buf)
+    })
+}
+
+/// A frame whose content (type, request id, body) `content` writes after the length
+/// field. Asserts that it fits `max_frame`.
+pub fn encode_with(max_frame: usize, type_byte: u8, content: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut buf = BytesMut::with_capacity(128);
+    buf.put_u32_le(0);
+    content(&mut buf);
+    let len = buf.len() - 4;
+    assert!(
+        len <= max_frame,
+        "a {type_byte:#04x} frame of {len} bytes does not fit max_frame {max_frame}"
+    );
+    let len = u32::try_from(len).expect("max_frame is far below 4 GiB");
+    buf[..4].copy_from_slice(&len.to_le_bytes());
     buf.freeze()
 }
 
@@ -56,7 +75,8 @@ pub fn encode(env: &Envelope, max_frame: usize) -> Bytes {
 pub struct Outbox {
     pub session: SessionId,
     pub client_id: u64,
-    tx: mpsc::UnboundedSender<(Bytes, Budget)>,
+    tx: mpsc::UnboundedSender<Queued>,
+    line: Arc<std::sync::Mutex<Line>>,
     /// One permit per byte that may still be queued: pushes, and replies.
     room: Arc<Semaphore>,
     reply_room: Arc<Semaphore>,
@@ -68,9 +88,30 @@ pub struct Outbox {
     in_flight: Arc<AtomicUsize>,
 }
 
+/// Who may write to the socket. Every frame is written directly or queued under this
+/// lock.
+struct Line {
+    /// The socket while the writer runs and has nothing to write; the writer takes it
+    /// out for each of its writes. `Some` whenever `busy` is false.
+    socket: Option<Box<dyn WriteHalf>>,
+    /// The writer has frames queued or being written, or is not running (not started,
+    /// or gone): a sender queues. False only while the queue is empty.
+    busy: bool,
+}
+
+/// A queued frame, or what the socket did not take of one written directly.
+struct Queued {
+    bytes: Bytes,
+    budget: Budget,
+    /// The rest of a frame whose start is in the socket: it must go out even if the
+    /// session closes meanwhile, or the closing `Error` would land inside it.
+    partial: bool,
+}
+
 /// The receiving side, owned by the writer task.
 pub struct Writer {
-    rx: mpsc::UnboundedReceiver<(Bytes, Budget)>,
+    rx: mpsc::UnboundedReceiver<Queued>,
+    line: Arc<std::sync::Mutex<Line>>,
     room: Arc<Semaphore>,
     reply_room: Arc<Semaphore>,
     close: CancellationToken,
@@ -102,11 +143,18 @@ pub fn outbox(
     let reply_room = Arc::new(Semaphore::new(capacity - capacity / 2));
     let close = CancellationToken::new();
     let closing = Arc::new(std::sync::Mutex::new(None));
+    // No socket until the writer runs: frames are queued (the model tests take them
+    // with `Writer::try_recv`).
+    let line = Arc::new(std::sync::Mutex::new(Line {
+        socket: None,
+        busy: true,
+    }));
     (
         Outbox {
             session,
             client_id,
             tx,
+            line: line.clone(),
             room: room.clone(),
             reply_room: reply_room.clone(),
             capacity,
@@ -116,6 +164,7 @@ pub fn outbox(
         },
         Writer {
             rx,
+            line,
             room,
             reply_room,
             close,
@@ -123,6 +172,18 @@ pub fn outbox(
             max_frame,
         },
     )
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Returns `len` bytes of room to the half `budget` took them from.
+fn release(room: &Semaphore, reply_room: &Semaphore, len: usize, budget: Budget) {
+    match budget {
+        Budget::Push => room.add_permits(len),
+        Budget::Reply => reply_room.add_permits(len),
+    }
 }
 
 fn permits(len: usize) -> u32 {
@@ -144,7 +205,7 @@ impl Outbox {
         match self.room.try_acquire_many(permits(frame.len())) {
             Ok(permit) => {
                 permit.forget();
-                self.tx.send((frame, Budget::Push)).is_ok()
+                self.push(frame, Budget::Push)
             }
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 self.close_with(
@@ -172,10 +233,43 @@ impl Outbox {
         match acquired {
             Ok(permit) => {
                 permit.forget();
-                self.tx.send((frame, Budget::Reply)).is_ok()
+                self.push(frame, Budget::Reply)
             }
             Err(_) => false,
         }
+    }
+
+    /// Writes a frame whose room is taken from `budget`: directly if the writer has
+    /// nothing to write and the socket takes all of it at once, else (the rest of it)
+    /// through the queue. What is written here goes back to `budget` at once; the rest
+    /// counts against it until the writer has written it.
+    fn push(&self, mut frame: Bytes, budget: Budget) -> bool {
+        let mut line = lock(&self.line);
+        let mut partial = false;
+        // Once the session is closing, frames are queued (and dropped by the writer).
+        if !line.busy && !self.close.is_cancelled() {
+            let socket = line.socket.as_mut().expect("not busy only with a socket");
+            // An error other than `WouldBlock` is met again by the writer's next write,
+            // which ends the session; the frame is queued and dropped with the rest.
+            let written = socket.try_write(&frame).unwrap_or(0);
+            assert!(written <= frame.len());
+            release(&self.room, &self.reply_room, written, budget);
+            if written == frame.len() {
+                return true;
+            }
+            frame.advance(written);
+            partial = written > 0;
+        }
+        // The writer has bytes to write now: until it has written all of them, frames
+        // sent after these (of either half) queue behind them.
+        line.busy = true;
+        self.tx
+            .send(Queued {
+                bytes: frame,
+                budget,
+                partial,
+            })
+            .is_ok()
     }
 
     /// Closes the session: the writer drops what is queued, sends `Error(code)` as the
@@ -195,6 +289,12 @@ impl Outbox {
     /// Resolves when the session must close.
     pub async fn closed(&self) {
         self.close.cancelled().await
+    }
+
+    /// [`Outbox::closed`] as a future that owns what it waits on (made once, polled
+    /// many times).
+    pub fn closed_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.close.clone().cancelled_owned()
     }
 
     pub fn is_closing(&self) -> bool {
@@ -239,40 +339,59 @@ impl Writer {
     /// Takes the oldest queued frame without waiting (an in-process consumer in place
     /// of a socket, as the model tests use).
     pub fn try_recv(&mut self) -> Option<Bytes> {
-        let (frame, budget) = self.rx.try_recv().ok()?;
-        self.release(frame.len(), budget);
-        Some(frame)
+        let queued = self.rx.try_recv().ok()?;
+        self.release(queued.bytes.len(), queued.budget);
+        Some(queued.bytes)
     }
 
     fn release(&self, len: usize, budget: Budget) {
-        match budget {
-            Budget::Push => self.room.add_permits(len),
-            Budget::Reply => self.reply_room.add_permits(len),
-        }
+        release(&self.room, &self.reply_room, len, budget);
     }
 
-    /// Writes queued frames until every sender is gone or the session is closed. Each
-    /// write must complete within `write_timeout`.
-    pub async fn run<W: tokio::io::AsyncWrite + Unpin>(self, socket: W, write_timeout: Duration) {
-        let (close, room, reply_room) = (
+    /// Writes queued frames until every sender is gone or the session is closed; while
+    /// it has nothing to write, senders write to the socket directly. Each write of the
+    /// writer must complete within `write_timeout`.
+    pub async fn run<W: WriteHalf>(self, socket: W, write_timeout: Duration) {
+        let (close, room, reply_room, line) = (
             self.close.clone(),
             self.room.clone(),
             self.reply_room.clone(),
+            self.line.clone(),
         );
-        self.write(socket, write_timeout).await;
+        {
+            let mut held = lock(&line);
+            held.socket = Some(Box::new(socket));
+            // Frames queued before the writer ran are written first.
+            held.busy = !self.rx.is_empty();
+        }
+        self.write(write_timeout).await;
         // However the writer ended, nothing more can be queued, and a session waiting
-        // for room (or reading) learns that the connection is gone.
+        // for room (or reading) learns that the connection is gone. The line stays busy:
+        // no sender writes to the socket again, and the socket is dropped (if the writer
+        // did not already).
+        let socket = {
+            let mut held = lock(&line);
+            held.busy = true;
+            held.socket.take()
+        };
+        drop(socket);
         room.close();
         reply_room.close();
         close.cancel();
     }
 
-    async fn write<W: tokio::io::AsyncWrite + Unpin>(
-        mut self,
-        mut socket: W,
-        write_timeout: Duration,
-    ) {
-        let mut batch: Vec<(Bytes, Budget)> = Vec::new();
+    /// The socket, for a write of the writer (only while the line is busy: no sender
+    /// writes meanwhile).
+    fn take_socket(&self) -> Box<dyn WriteHalf> {
+        let mut line = lock(&self.line);
+        assert!(line.busy, "the writer writes only while the line is busy");
+        line.socket
+            .take()
+            .expect("the socket is in the line between writes")
+    }
+
+    async fn write(mut self, write_timeout: Duration) {
+        let mut batch: Vec<Queued> = Vec::new();
         loop {
             let first = tokio::select! {
                 biased;
@@ -280,29 +399,31 @@ impl Writer {
                 frame = self.rx.recv() => match frame {
                     Some(frame) => frame,
                     None => {
+                        let mut socket = self.take_socket_at_end();
                         let _ = tokio::time::timeout(write_timeout, socket.shutdown()).await;
                         return;
                     }
                 },
             };
             // Coalesce what else is queued into one write (bounded: 256 KiB or one frame).
-            let mut len = first.0.len();
+            let mut len = first.bytes.len();
             batch.push(first);
             while len < 256 * 1024 {
                 match self.rx.try_recv() {
                     Ok(frame) => {
-                        len += frame.0.len();
+                        len += frame.bytes.len();
                         batch.push(frame);
                     }
                     Err(_) => break,
                 }
             }
+            let mut socket = self.take_socket();
             // Not interrupted by a close: a frame half written would garble the stream,
             // and the write is bounded by its deadline anyway.
             match write_batch(&mut socket, &batch, write_timeout).await {
                 Ok(()) => {
-                    for (frame, budget) in batch.drain(..) {
-                        self.release(frame.len(), budget);
+                    for queued in batch.drain(..) {
+                        self.release(queued.bytes.len(), queued.budget);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
@@ -313,33 +434,51 @@ impl Writer {
                 }
                 Err(_) => return,
             }
+            // Everything queued is written: senders may write directly again.
+            let mut line = lock(&self.line);
+            line.socket = Some(socket);
+            if self.rx.is_empty() {
+                line.busy = false;
+            }
         }
         // Closed by the server: what is queued is dropped (the client catches up when it
-        // reconnects); the reason goes out last, if the socket takes it in time.
+        // reconnects), except the rest of a frame begun by a direct write; the reason
+        // goes out last, if the socket takes it in time. No sender writes meanwhile.
+        let mut socket = self.take_socket_at_end();
+        let rest = match self.rx.try_recv() {
+            Ok(queued) if queued.partial => Some(queued.bytes),
+            _ => None,
+        };
         self.rx.close();
         self.room.close();
         self.reply_room.close();
-        let closing = self
-            .closing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(Closing { code, message }) = closing {
-            let frame = encode(
-                &Envelope {
-                    request_id: 0,
-                    message: Message::Error { code, message },
-                },
-                self.max_frame,
-            );
-            let last = async {
+        let closing = lock(&self.closing).clone();
+        let last = async {
+            if let Some(rest) = rest {
+                socket.write_all(&rest).await?;
+            }
+            if let Some(Closing { code, message }) = closing {
+                let frame = encode(
+                    &Envelope {
+                        request_id: 0,
+                        message: Message::Error { code, message },
+                    },
+                    self.max_frame,
+                );
                 socket.write_all(&frame).await?;
-                socket.shutdown().await
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(1), last).await;
-        } else {
-            let _ = tokio::time::timeout(Duration::from_secs(1), socket.shutdown()).await;
-        }
+            }
+            socket.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), last).await;
+    }
+
+    /// The socket, once the writer stops: the line is made busy for good first.
+    fn take_socket_at_end(&self) -> Box<dyn WriteHalf> {
+        let mut line = lock(&self.line);
+        line.busy = true;
+        line.socket
+            .take()
+            .expect("the socket is in the line between writes")
     }
 }
 
@@ -347,16 +486,16 @@ impl Writer {
 /// (a slow reader that makes progress is not cut off).
 async fn write_batch<W: tokio::io::AsyncWrite + Unpin>(
     socket: &mut W,
-    batch: &[(Bytes, Budget)],
+    batch: &[Queued],
     timeout: Duration,
 ) -> std::io::Result<()> {
     let joined;
-    let bytes: &[u8] = if let [(one, _)] = batch {
-        one
+    let bytes: &[u8] = if let [one] = batch {
+        &one.bytes
     } else {
-        let mut buf = BytesMut::with_capacity(batch.iter().map(|(f, _)| f.len()).sum());
-        for (frame, _) in batch {
-            buf.extend_from_slice(frame);
+        let mut buf = BytesMut::with_capacity(batch.iter().map(|q| q.bytes.len()).sum());
+        for queued in batch {
+            buf.extend_from_slice(&queued.bytes);
         }
         joined = buf;
         &joined
@@ -371,4 +510,211 @@ async fn write_batch<W: tokio::io::AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::FrameCodec;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+    use tokio_util::codec::Decoder;
+
+    /// A socket that takes at most `room` bytes (then `WouldBlock`, or `Pending` for the
+    /// writer until the test gives it more room).
+    #[derive(Clone, Default)]
+    struct Socket(Arc<std::sync::Mutex<Wire>>);
+
+    #[derive(Default)]
+    struct Wire {
+        taken: Vec<u8>,
+        room: usize,
+        writes: usize,
+        direct_writes: usize,
+        waker: Option<Waker>,
+    }
+
+    impl Socket {
+        fn give_room(&self, room: usize) {
+            let mut wire = lock(&self.0);
+            wire.room = room;
+            if let Some(waker) = wire.waker.take() {
+                waker.wake();
+            }
+        }
+
+        fn take(&self, buf: &[u8]) -> Option<usize> {
+            let mut wire = lock(&self.0);
+            let n = buf.len().min(wire.room);
+            if n == 0 {
+                return None;
+            }
+            wire.room -= n;
+            wire.writes += 1;
+            wire.taken.extend_from_slice(&buf[..n]);
+            Some(n)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Socket {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            match self.take(buf) {
+                Some(n) => Poll::Ready(Ok(n)),
+                None => {
+                    lock(&self.0).waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl WriteHalf for Socket {
+        fn try_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self
+                .take(buf)
+                .ok_or(std::io::Error::from(std::io::ErrorKind::WouldBlock))?;
+            lock(&self.0).direct_writes += 1;
+            Ok(n)
+        }
+    }
+
+    fn ping(nonce: u64) -> Bytes {
+        encode(
+            &Envelope {
+                request_id: 1,
+                message: Message::Ping { nonce },
+            },
+            MAX_FRAME,
+        )
+    }
+
+    fn decoded(bytes: &[u8]) -> Vec<Message> {
+        let mut buf = BytesMut::from(bytes);
+        let mut codec = FrameCodec::new(MAX_FRAME);
+        let mut out = Vec::new();
+        while let Some(env) = codec.decode(&mut buf).expect("well-formed frames") {
+            out.push(env.message);
+        }
+        assert!(buf.is_empty(), "no partial frame left");
+        out
+    }
+
+    const MAX_FRAME: usize = 1024;
+
+    #[test]
+    fn a_frame_is_encoded_as_the_frame_codec_encodes_it() {
+        use tokio_util::codec::Encoder;
+        let messages = [
+            Message::Ack {
+                doc: "d".into(),
+                local_seq: 3,
+                seq: 9,
+            },
+            Message::Remote {
+                doc: "notes".into(),
+                op: crate::protocol::message::WireOp {
+                    seq: 4,
+                    client_id: 7,
+                    local_seq: 2,
+                    patches: vec![crate::op::Patch {
+                        pos: 1,
+                        del: 2,
+                        ins: "héllo".repeat(40),
+                    }],
+                },
+            },
+            Message::Error {
+                code: ErrorCode::TooSlow,
+                message: "slow".into(),
+            },
+        ];
+        for message in messages {
+            let env = Envelope {
+                request_id: 5,
+                message,
+            };
+            let mut expected = BytesMut::new();
+            FrameCodec::new(MAX_FRAME)
+                .encode(&env, &mut expected)
+                .unwrap();
+            assert_eq!(encode(&env, MAX_FRAME), expected.freeze());
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_frame_sent_while_nothing_is_queued_is_written_by_the_sender_and_in_order() {
+        let (outbox, writer) = outbox(1, 7, 1 << 16, MAX_FRAME);
+        let socket = Socket::default();
+        socket.give_room(1 << 20);
+        let task = tokio::spawn(writer.run(socket.clone(), Duration::from_secs(5)));
+        tokio::task::yield_now().await;
+        assert!(outbox.send(ping(1)));
+        // Written before the writer task ran again, and its room is back.
+        assert_eq!(lock(&socket.0).direct_writes, 1);
+        assert_eq!(outbox.queued_bytes(), 0);
+        // The socket is full: the rest of this frame and the next are queued, in order.
+        socket.give_room(3);
+        assert!(outbox.send(ping(2)));
+        assert!(outbox.send(ping(3)));
+        assert!(outbox.queued_bytes() > 0);
+        socket.give_room(1 << 20);
+        tokio::task::yield_now().await;
+        assert_eq!(outbox.queued_bytes(), 0);
+        // Idle again: the next frame is written directly.
+        assert!(outbox.send(ping(4)));
+        assert_eq!(lock(&socket.0).direct_writes, 3);
+        drop(outbox);
+        task.await.unwrap();
+        let nonces: Vec<u64> = decoded(&lock(&socket.0).taken)
+            .into_iter()
+            .map(|m| match m {
+                Message::Ping { nonce } => nonce,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(nonces, [1, 2, 3, 4]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_frame_begun_by_a_direct_write_is_finished_before_the_closing_error() {
+        let (outbox, writer) = outbox(1, 7, 1 << 16, MAX_FRAME);
+        let socket = Socket::default();
+        let task = tokio::spawn(writer.run(socket.clone(), Duration::from_secs(5)));
+        tokio::task::yield_now().await;
+        socket.give_room(3);
+        assert!(outbox.send(ping(1)));
+        // Queued whole, behind the rest of the first: dropped by the close.
+        assert!(outbox.send(ping(2)));
+        outbox.close_with(ErrorCode::TooSlow, "test");
+        socket.give_room(1 << 20);
+        task.await.unwrap();
+        let messages = decoded(&lock(&socket.0).taken);
+        assert!(
+            matches!(messages[0], Message::Ping { nonce: 1 }),
+            "{messages:?}"
+        );
+        assert!(
+            matches!(
+                messages[1],
+                Message::Error {
+                    code: ErrorCode::TooSlow,
+                    ..
+                }
+            ),
+            "{messages:?}"
+        );
+        assert_eq!(messages.len(), 2);
+    }
 }

@@ -6,8 +6,8 @@
 use bytes::Bytes;
 
 use super::document::{CloseReason, Event, RefusalKind, SessionId, Subscriber};
-use super::outbox::{encode, Outbox};
-use crate::protocol::message::{Envelope, ErrorCode, Message, Selection, WireOp};
+use super::outbox::{encode, encode_with, Outbox};
+use crate::protocol::message::{encode_ack_into, Envelope, ErrorCode, Message, Selection, WireOp};
 
 /// The wire code of a refused op (`protocol.md`, "Error and reject codes").
 pub fn refusal_code(kind: RefusalKind) -> ErrorCode {
@@ -41,24 +41,21 @@ impl Subscriber for Outbox {
     }
 
     fn frame(doc: &str, event: Event<Vec<Selection>>, max_frame: usize) -> Bytes {
-        let doc = doc.to_owned();
         let (request_id, message) = match event {
+            // One per op: written from the borrowed document id.
             Event::Ack {
                 request_id,
                 local_seq,
                 seq,
-            } => (
-                request_id,
-                Message::Ack {
-                    doc,
-                    local_seq,
-                    seq,
-                },
-            ),
+            } => {
+                return encode_with(max_frame, 0x22, |buf| {
+                    encode_ack_into(buf, request_id, doc, local_seq, seq)
+                })
+            }
             Event::Op(op) => (
                 0,
                 Message::Remote {
-                    doc,
+                    doc: doc.to_owned(),
                     op: WireOp {
                         seq: op.seq,
                         client_id: op.id.client_id,
@@ -73,7 +70,7 @@ impl Subscriber for Outbox {
             } => (
                 0,
                 Message::PresenceState {
-                    doc,
+                    doc: doc.to_owned(),
                     client_id,
                     selections: presence,
                 },
@@ -131,6 +128,31 @@ mod tests {
         for (kind, code) in codes {
             assert_eq!(refusal_code(kind).to_u16(), code, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn an_ack_frame_is_the_encoded_ack_message() {
+        let frame = <Outbox as Subscriber>::frame(
+            "doc-1",
+            Event::Ack {
+                request_id: 11,
+                local_seq: 4,
+                seq: 70,
+            },
+            1 << 10,
+        );
+        let expected = encode(
+            &Envelope {
+                request_id: 11,
+                message: Message::Ack {
+                    doc: "doc-1".into(),
+                    local_seq: 4,
+                    seq: 70,
+                },
+            },
+            1 << 10,
+        );
+        assert_eq!(frame, expected);
     }
 
     #[test]

@@ -8,12 +8,39 @@
 //! An fsync error is fatal: [`CommitQueue::fail`] fails every pending and later append
 //! and the durable LSN never moves again. This module does no I/O, which is what lets
 //! `loom` check it (see the `loom_tests` module, run by `.ci/run`).
+//!
+//! **Deferred wake-ups.** A thread that promises to call [`CommitQueue::pay_owed_wake`]
+//! before it goes idle (the server's runtime workers, from their park hook) can mark
+//! itself with [`defer_writer_wakes_on_this_thread`]: a record it queues while the
+//! writer waits then owes the writer its wake-up instead of waking it at once, so that
+//! the writer starts its batch once the worker has queued every op it had to read (a
+//! wave of requests is one batch and one `fdatasync`, not several). The debt is paid
+//! when the worker parks, or at once by the record that makes
+//! [`DEFERRED_RECORDS_MAX`] wait, so that a worker that never goes idle cannot hold
+//! records back. A writer busy with a batch needs no wake: it takes what is pending
+//! when it is done.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::record::{framed_len, Lsn, RecordType};
 use crate::sync::{lock, Condvar, Mutex};
+
+/// Records that may wait for a deferred wake-up of the writer; the record that makes
+/// this many pending wakes it at once.
+pub const DEFERRED_RECORDS_MAX: usize = 256;
+
+thread_local! {
+    /// This thread pays the writer's owed wake-ups before it goes idle.
+    static DEFERS_WAKES: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as one that calls [`CommitQueue::pay_owed_wake`] before it
+/// goes idle: the records it queues wake the writer then (see the module's notes).
+pub fn defer_writer_wakes_on_this_thread() {
+    DEFERS_WAKES.set(true);
+}
 
 /// What the writer must know about a record besides its bytes: the op it carries, for
 /// the (document, seq) index. `None` for records that index nothing.
@@ -74,6 +101,9 @@ struct State {
     durability: Durability,
     failure: Option<Arc<str>>,
     closed: bool,
+    /// Records are pending and the writer, waiting for them, was not woken: a deferring
+    /// thread owes the wake-up.
+    wake_owed: bool,
 }
 
 pub struct CommitQueue<N> {
@@ -97,6 +127,7 @@ impl<N: DurableNotify> CommitQueue<N> {
                 },
                 failure: None,
                 closed: false,
+                wake_owed: false,
             }),
             writer_wake: Condvar::new(),
             notify,
@@ -121,6 +152,8 @@ impl<N: DurableNotify> CommitQueue<N> {
         let lsn = state.next_lsn;
         state.next_lsn += 1;
         state.pending_bytes += framed_len(payload.len());
+        // The writer waits only while nothing is pending, so only the record that finds
+        // the queue empty has to wake it (or leave the wake owed).
         let was_empty = state.pending.is_empty();
         state.pending.push_back(Entry {
             lsn,
@@ -128,11 +161,30 @@ impl<N: DurableNotify> CommitQueue<N> {
             payload,
             key,
         });
+        let wake = if DEFERS_WAKES.get() && state.pending.len() < DEFERRED_RECORDS_MAX {
+            state.wake_owed |= was_empty;
+            false
+        } else {
+            let owed = std::mem::take(&mut state.wake_owed);
+            was_empty || owed
+        };
         drop(state);
-        if was_empty {
+        if wake {
             self.writer_wake.notify_one();
         }
         Ok(lsn)
+    }
+
+    /// Wakes the writer if a record queued by a deferring thread left its wake-up owed
+    /// (called by such a thread before it goes idle). Returns whether it did.
+    pub fn pay_owed_wake(&self) -> bool {
+        let mut state = lock(&self.state);
+        let owed = std::mem::take(&mut state.wake_owed);
+        drop(state);
+        if owed {
+            self.writer_wake.notify_one();
+        }
+        owed
     }
 
     /// Writer: waits for pending records and moves up to `max_bytes` of them (at least
@@ -175,6 +227,8 @@ impl<N: DurableNotify> CommitQueue<N> {
 
     /// Moves up to `max_bytes` of pending records (at least one) into `batch`.
     fn take_batch(state: &mut State, batch: &mut Vec<Entry>, max_bytes: usize) {
+        // The writer is awake: whatever wake was owed is moot.
+        state.wake_owed = false;
         let mut bytes = 0;
         while let Some(entry) = state.pending.front() {
             let len = framed_len(entry.payload.len());
@@ -271,6 +325,85 @@ impl<N: DurableNotify> CommitQueue<N> {
     /// The LSN the next record will get.
     pub fn next_lsn(&self) -> Lsn {
         lock(&self.state).next_lsn
+    }
+}
+
+#[cfg(all(test, not(quire_loom)))]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+
+    impl DurableNotify for Quiet {
+        fn publish(&self, _: Durability) {}
+    }
+
+    fn enqueue(queue: &CommitQueue<Quiet>) {
+        queue
+            .enqueue(RecordType::OpWithFingerprint, vec![1, 2, 3], None)
+            .expect("open");
+    }
+
+    fn owed(queue: &CommitQueue<Quiet>) -> bool {
+        lock(&queue.state).wake_owed
+    }
+
+    #[test]
+    fn a_deferring_thread_owes_the_wake_until_it_pays_or_the_writer_takes_the_batch() {
+        std::thread::spawn(|| {
+            defer_writer_wakes_on_this_thread();
+            let queue = CommitQueue::new(1, Quiet);
+            enqueue(&queue);
+            enqueue(&queue);
+            assert!(
+                owed(&queue),
+                "the first record into an empty queue owes the wake"
+            );
+            assert!(queue.pay_owed_wake());
+            assert!(!queue.pay_owed_wake(), "paid once");
+            // Records queued while the wake is paid (the writer is waking): nothing owed.
+            enqueue(&queue);
+            assert!(!owed(&queue));
+            let mut batch = Vec::new();
+            assert!(queue.next_batch(&mut batch, usize::MAX));
+            assert_eq!(batch.len(), 3);
+            // The writer is busy with the batch; a record into the empty queue owes a
+            // wake, which taking the next batch makes moot.
+            enqueue(&queue);
+            assert!(owed(&queue));
+            batch.clear();
+            assert!(queue.try_next_batch(&mut batch, usize::MAX));
+            assert!(!owed(&queue));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn deferred_records_wake_the_writer_at_once_when_too_many_wait() {
+        std::thread::spawn(|| {
+            defer_writer_wakes_on_this_thread();
+            let queue = CommitQueue::new(1, Quiet);
+            for _ in 1..DEFERRED_RECORDS_MAX {
+                enqueue(&queue);
+            }
+            assert!(owed(&queue));
+            enqueue(&queue);
+            assert!(
+                !owed(&queue),
+                "the record that makes the limit pays the debt"
+            );
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_thread_not_deferring_wakes_the_writer_at_once() {
+        let queue = CommitQueue::new(1, Quiet);
+        enqueue(&queue);
+        assert!(!owed(&queue));
+        assert!(!queue.pay_owed_wake());
     }
 }
 

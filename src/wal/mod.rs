@@ -647,6 +647,13 @@ impl Wal {
         &self.stats
     }
 
+    /// Wakes the writer if a record queued by this thread left its wake-up owed (see
+    /// [`commit::defer_writer_wakes_on_this_thread`]): called by a runtime worker before
+    /// it goes idle.
+    pub fn pay_owed_writer_wake(&self) {
+        self.queue.pay_owed_wake();
+    }
+
     /// Writes the next batch of pending records, on the calling thread, exactly as the
     /// writer thread would: one write and sync (rolling to a new segment, prepared here,
     /// when the records do not fit), then the index, then durability for the waiters.

@@ -17,7 +17,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use quire::server::transport::{Listener, ReadHalf, Transport};
+use quire::server::transport::{Listener, ReadHalf, Transport, WriteHalf};
 use quire::wal::vfs::sim::SplitMix;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
@@ -292,6 +292,15 @@ fn close(pipe: &Shared) {
     let mut p = lock(pipe);
     p.closed = true;
     wake(&mut p.read_waker);
+}
+
+impl WriteHalf for ServerWriter {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match lock(&self.0).write(buf, None) {
+            Poll::Ready(r) => r,
+            Poll::Pending => unreachable!("no context, no waiting"),
+        }
+    }
 }
 
 impl AsyncWrite for ServerWriter {

@@ -119,11 +119,39 @@ pub fn refuse_busy_now<T: Transport>(stream: &T, max_frame: usize, message: Stri
 /// length reserved by the codec).
 const READ_CHUNK_BYTES: usize = 8 * 1024;
 
+/// The largest emptied read buffer kept for reuse ([`give_back_read_buffer`]).
+const SPARE_READ_BUFFER_MAX_BYTES: usize = 8 * READ_CHUNK_BYTES;
+
+thread_local! {
+    /// An emptied read buffer of this worker thread, for the next connection that has
+    /// bytes to read: a request then costs no allocation and free of a read chunk (an
+    /// 8 KiB malloc also makes glibc consolidate its fast bins each time). Used only
+    /// between two awaits, so a task that moves to another worker takes nothing along.
+    static SPARE_READ_BUFFER: std::cell::Cell<Option<BytesMut>> = const { std::cell::Cell::new(None) };
+}
+
+/// Gives an emptied read buffer back to this thread's spare, if it can hold a chunk
+/// without allocating (no frame still shares its block) and is not a large one.
+fn give_back_read_buffer(mut buf: BytesMut) {
+    debug_assert!(buf.is_empty());
+    if buf.capacity() == 0 || !buf.try_reclaim(READ_CHUNK_BYTES) {
+        return;
+    }
+    if buf.capacity() <= SPARE_READ_BUFFER_MAX_BYTES {
+        SPARE_READ_BUFFER.set(Some(buf));
+    }
+}
+
 /// Reads what the socket has, after it reported readable. Returns false when the
-/// connection ended. A buffer with less than a quarter chunk of room gets a chunk more,
-/// unless it holds part of a large frame: the codec reserved that frame's whole length
-/// and growing it again would copy it.
+/// connection ended. A buffer with less than a quarter chunk of room gets a chunk more
+/// (this thread's spare, if it has one), unless it holds part of a large frame: the
+/// codec reserved that frame's whole length and growing it again would copy it.
 fn read_ready<R: ReadHalf>(reader: &R, buf: &mut BytesMut, large_frame: bool) -> bool {
+    if buf.capacity() == 0 {
+        if let Some(spare) = SPARE_READ_BUFFER.take() {
+            *buf = spare;
+        }
+    }
     if !large_frame && buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
         buf.reserve(READ_CHUNK_BYTES);
     }
@@ -234,9 +262,19 @@ impl<S: Sequencer> Session<S> {
         // Empty while the connection is idle: a buffer is taken when bytes arrive and
         // given back once every frame in it is decoded (see `read_ready`).
         let mut buf = BytesMut::new();
+        // The futures the reads race with are made once per connection, not per frame:
+        // the idle timer is armed at the first deadline and, when it fires early (frames
+        // came since), moved to the current one, so a frame costs no timer update and
+        // no waiter registrations.
         let mut shutdown = self.server.shutdown.subscribe();
+        let shutdown = async move {
+            let _ = shutdown.recv().await;
+        };
+        let closed = self.outbox.closed_owned();
         let mut large: Option<OwnedSemaphorePermit> = None;
         let mut deadline = Instant::now() + config.handshake_timeout;
+        let idle = tokio::time::sleep_until(deadline);
+        tokio::pin!(shutdown, closed, idle);
         loop {
             // Decode every complete frame already buffered.
             loop {
@@ -307,22 +345,27 @@ impl<S: Sequencer> Session<S> {
             }
             if buf.is_empty() {
                 // Every frame read is decoded: an idle connection holds no read buffer
-                // (10,000 idle connections would otherwise keep 80 MiB).
-                buf = BytesMut::new();
+                // (10,000 idle connections would otherwise keep 80 MiB); the thread
+                // keeps one for the next reader.
+                give_back_read_buffer(std::mem::take(&mut buf));
             }
             tokio::select! {
                 // In a fixed order, so that a seed of the simulator replays the same run;
                 // the deadline before the socket, so that a peer trickling bytes that
                 // never complete a frame still meets it.
                 biased;
-                _ = shutdown.recv() => return,
-                _ = self.outbox.closed() => {
+                () = &mut shutdown => return,
+                () = &mut closed => {
                     if let Some(closing) = self.outbox.closing() {
                         tracing::info!(session = self.outbox.session, code = ?closing.code, "{}", closing.message);
                     }
                     return;
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                () = &mut idle => {
+                    if Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
                     let (what, limit) = if self.client_id.is_none() {
                         ("a complete Hello", config.handshake_timeout)
                     } else {
