@@ -603,3 +603,72 @@ async fn a_client_process_killed_at_any_moment_keeps_every_returned_edit_once() 
     a.shutdown().await;
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_sent_again_after_a_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    let proxy = Proxy::new(running.addr).await;
+    let a = Client::connect(config(running.addr)).await.unwrap();
+    let b = Client::connect(config(proxy.addr)).await.unwrap();
+    let da = a.open("p").await.unwrap();
+    let db = b.open("p").await.unwrap();
+    da.edit(&[ins(0, "abcdef")]).await.unwrap();
+    settle(&[&da, &db]).await;
+    let mut events = da.events();
+    db.set_presence(vec![Selection { anchor: 2, head: 2 }]);
+    let b_id = b.client_id();
+    wait_for(&mut events, b_id, 1).await;
+    // B's connection drops: A sees its cursor go; B comes back and shows it again.
+    proxy.set(Mode::Down);
+    wait_for(&mut events, b_id, 0).await;
+    assert!(da.presence().is_empty());
+    proxy.set(Mode::Pass);
+    wait_for(&mut events, b_id, 1).await;
+    assert_eq!(da.presence()[&b_id], vec![Selection { anchor: 2, head: 2 }]);
+    a.shutdown().await;
+    b.shutdown().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_refused_for_good_and_edits_still_apply_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "secret").await;
+    let client = Client::connect(config(running.addr).token("wrong"))
+        .await
+        .unwrap();
+    match client.wait_connected().await {
+        Err(quire::client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, quire::protocol::message::ErrorCode::WrongToken)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(client.state(), ConnectionState::Failed { .. }));
+    let doc = client.open("d").await.unwrap();
+    doc.edit(&[ins(0, "kept locally")]).await.unwrap();
+    assert_eq!(doc.text(), "kept locally");
+    // The right token works.
+    let good = Client::connect(config(running.addr).token("secret"))
+        .await
+        .unwrap();
+    good.wait_connected().await.unwrap();
+    client.shutdown().await;
+    good.shutdown().await;
+    running.stop().await;
+}
+
+/// Waits for a presence event of `client` with `n` selections.
+async fn wait_for(events: &mut quire::client::Events, client: u64, n: usize) {
+    loop {
+        if let Some(Event::Presence {
+            client_id,
+            selections,
+        }) = events.recv().await
+        {
+            if client_id == client && selections.len() == n {
+                return;
+            }
+        }
+    }
+}

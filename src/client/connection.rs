@@ -22,6 +22,11 @@ pub enum ClientError {
     Protocol(String),
     /// The server refused (Error or Reject).
     Refused(String),
+    /// The server refused the handshake (`Error` instead of `Welcome`), with its code.
+    Handshake {
+        code: crate::protocol::message::ErrorCode,
+        message: String,
+    },
     /// The server no longer holds the ops this client missed (the log was truncated
     /// past its version): open the document again from its snapshot.
     MustReload,
@@ -32,6 +37,7 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::Io(e) => write!(f, "{e}"),
             ClientError::Protocol(m) | ClientError::Refused(m) => f.write_str(m),
+            ClientError::Handshake { code, message } => write!(f, "{code:?}: {message}"),
             ClientError::MustReload => f.write_str(
                 "the server no longer has the ops this client missed; open the document again",
             ),
@@ -107,9 +113,7 @@ impl<T: Stream> Connection<T> {
                 conn.client_id = client_id;
                 Ok(conn)
             }
-            Message::Error { code, message } => {
-                Err(ClientError::Refused(format!("{code:?}: {message}")))
-            }
+            Message::Error { code, message } => Err(ClientError::Handshake { code, message }),
             other => Err(ClientError::Protocol(format!(
                 "expected Welcome, got {other:?}"
             ))),

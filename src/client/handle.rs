@@ -29,7 +29,7 @@
 //! ([`ClientConfig::persist_dir`]), keeps them on disk before `edit` returns, so that
 //! a client restarted on that directory resumes with the same client id and op ids.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
@@ -715,12 +715,21 @@ impl<C: Connector> Driver<C> {
                 let token = self.config.token.clone();
                 let timeout = self.config.timeout;
                 let connect = async move {
-                    let stream = connector.connect().await.map_err(|e| e.to_string())?;
+                    let stream = connector
+                        .connect()
+                        .await
+                        .map_err(|e| Ended::Lost(e.to_string()))?;
                     Connection::handshake(stream, client_id, &token)
                         .await
                         .map_err(|e| match e {
-                            super::connection::ClientError::Refused(m) => m,
-                            other => other.to_string(),
+                            super::connection::ClientError::Handshake {
+                                code:
+                                    code @ (ErrorCode::HandshakeRequired
+                                    | ErrorCode::UnsupportedVersion
+                                    | ErrorCode::WrongToken),
+                                message,
+                            } => Ended::Failed(code, message),
+                            other => Ended::Lost(other.to_string()),
                         })
                 };
                 let connect = tokio::time::timeout(timeout, connect);
@@ -745,7 +754,7 @@ impl<C: Connector> Driver<C> {
                     attempt = 0;
                     self.connected(conn).await
                 }
-                Ok(Err(why)) => Ended::Lost(why),
+                Ok(Err(ended)) => ended,
                 Err(_) => Ended::Lost("connect timed out".into()),
             };
             for doc in self.docs.values_mut() {
@@ -1516,10 +1525,9 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send + Sync>() {}
-    is_send::<DocHandle>();
-    is_send::<Client>();
-    let _ = VecDeque::<u8>::new();
-}
+/// `Client` and `DocHandle` are `Send` and `Sync` (checked at compile time).
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Client>();
+    send_sync::<DocHandle>();
+};

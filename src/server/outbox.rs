@@ -19,7 +19,7 @@
 //! and no wake-up. Its room is taken first as for any frame, and what the socket took is
 //! given back at once; only what it did not take (and every frame after it) goes
 //! through the queue and the writer, with its deadline, counted against the same half.
-//! Every frame passes through [`Line`]'s lock, which says who may write (the senders
+//! Every frame passes through `Line`'s lock, which says who may write (the senders
 //! while the writer has nothing, else the writer), so frames leave in the order they
 //! were sent.
 

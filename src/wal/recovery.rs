@@ -278,11 +278,13 @@ pub fn scan_segments(
     options: RecoveryOptions,
     visit: impl FnMut(SegmentId, &[(u64, RawRecord<'_>)]),
 ) -> Result<Scanned, RecoveryError> {
-    scan_segments_with(vfs, wal_dir, options, true, visit)
+    // A read-ahead thread only where reads wait on a device (not the simulated disk,
+    // whose fuzz target would otherwise start a thread per input).
+    scan_segments_with(vfs, wal_dir, options, vfs.reads_wait(), visit)
 }
 
 /// [`scan_segments`], reading the segments on a thread of its own, one segment ahead of
-/// the scan ([`SegmentReader`]), only if `threads`: a caller that must start no thread
+/// the scan (`SegmentReader`), only if `threads`: a caller that must start no thread
 /// (`Background::Manual`) passes `false`, and each segment is read when its turn comes.
 pub fn scan_segments_with(
     vfs: &dyn Vfs,

@@ -56,6 +56,11 @@ pub trait Vfs: Send + Sync + fmt::Debug {
     /// whose page cache holds all of it, mapped with its pages already in place
     /// (`buf` is then dropped). What the cache does not hold is read with `O_DIRECT`.
     fn read_file(&self, path: &Path, buf: FileBuf) -> io::Result<Region>;
+    /// Whether a read waits on a device (worth a thread that reads ahead). A simulated
+    /// disk copies bytes from memory: no.
+    fn reads_wait(&self) -> bool {
+        true
+    }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes creations, renames and removals in `dir` durable.

@@ -502,13 +502,20 @@ impl Sim {
 
     /// What a client does with an error from its connection or the server.
     fn on_error(&mut self, i: usize, error: ClientError) -> Result<(), Failure> {
+        let error = match error {
+            ClientError::Handshake { code, message } => {
+                ClientError::Refused(format!("{code:?}: {message}"))
+            }
+            other => other,
+        };
         let client = &mut self.clients[i];
         if let Some(wire) = client.wire.take() {
             wire.cut();
         }
         client.online = false;
         match error {
-            ClientError::Io(_) => {}
+            // Turned into `Refused` above.
+            ClientError::Io(_) | ClientError::Handshake { .. } => {}
             ClientError::MustReload => {
                 self.stats.reloads += 1;
                 client.reload(0);
@@ -722,7 +729,7 @@ impl Sim {
         match outcome {
             Ok(Ok(_)) => Ok(()),
             // Refused at the handshake (say, over the connection limit): an error too.
-            Ok(Err(ClientError::Refused(_))) => Ok(()),
+            Ok(Err(ClientError::Refused(_) | ClientError::Handshake { .. })) => Ok(()),
             Ok(Err(e)) => Err(self.fail(format!(
                 "a client that sent bad input ({kind}) got no Error or Reject: {e}"
             ))),

@@ -407,6 +407,10 @@ impl Vfs for SimFs {
         Ok(Region::Owned(data))
     }
 
+    fn reads_wait(&self) -> bool {
+        false
+    }
+
     fn read_file(&self, path: &Path, mut buf: FileBuf) -> io::Result<Region> {
         let inode = self.inode(path)?;
         buf.clear();
