@@ -732,21 +732,12 @@ impl<C: Connector> Driver<C> {
                             other => Ended::Lost(other.to_string()),
                         })
                 };
-                let connect = tokio::time::timeout(timeout, connect);
-                tokio::pin!(connect);
-                loop {
-                    tokio::select! {
-                        biased;
-                        cmd = self.commands.recv() => match cmd {
-                            Some(cmd) => {
-                                if self.offline_command(cmd) {
-                                    return self.stop();
-                                }
-                            }
-                            None => return self.stop(),
-                        },
-                        result = &mut connect => break result,
-                    }
+                match self
+                    .offline_until(tokio::time::timeout(timeout, connect))
+                    .await
+                {
+                    Some(result) => result,
+                    None => return self.stop(),
                 }
             };
             let ended = match connected {
@@ -776,12 +767,8 @@ impl<C: Connector> Driver<C> {
                     self.fail_waiters(code, &message);
                     self.set_state(ConnectionState::Failed { code, message });
                     // Refused for good: answer commands until the client is dropped.
-                    while let Some(cmd) = self.commands.recv().await {
-                        if self.offline_command(cmd) {
-                            return self.stop();
-                        }
-                    }
-                    return;
+                    self.offline_until(std::future::pending::<()>()).await;
+                    return self.stop();
                 }
                 Ended::Lost(why) => why,
             };
@@ -806,19 +793,32 @@ impl<C: Connector> Driver<C> {
                 }
             }
             let wake = Instant::now() + retry_in;
-            loop {
-                tokio::select! {
-                    biased;
-                    cmd = self.commands.recv() => match cmd {
-                        Some(cmd) => {
-                            if self.offline_command(cmd) {
-                                return self.stop();
-                            }
+            if self
+                .offline_until(tokio::time::sleep_until(wake))
+                .await
+                .is_none()
+            {
+                return self.stop();
+            }
+        }
+    }
+
+    /// Answers commands as [`Driver::offline_command`] does until `work` is done (its
+    /// output), or until the client stops: shut down, or every handle dropped (`None`).
+    async fn offline_until<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => {
+                        if self.offline_command(cmd) {
+                            return None;
                         }
-                        None => return self.stop(),
-                    },
-                    _ = tokio::time::sleep_until(wake) => break,
-                }
+                    }
+                    None => return None,
+                },
+                done = &mut work => return Some(done),
             }
         }
     }
