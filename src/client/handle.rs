@@ -116,12 +116,14 @@ pub enum ConnectionState {
 /// What happened to a document that its application did not do itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Another client's op, as applied to the local text: the patches apply to the
-    /// local text as it was just before (they are rebased over this client's pending
-    /// edits).
+    /// Another client's op (its op id: `client_id` and `local_seq`), sequenced as
+    /// `seq` and applied to the local text: the patches apply to the local text as it
+    /// was just before (they are rebased over this client's pending edits, and may be
+    /// none when its change was already made locally, as a delete of deleted text).
     Remote {
         seq: u64,
         client_id: u64,
+        local_seq: u64,
         patches: Vec<Patch>,
     },
     /// One of this client's ops (its op id: this client's id and `local_seq`) is
@@ -355,6 +357,7 @@ impl Client {
                 subscribers: Vec::new(),
                 presence: BTreeMap::new(),
                 my_presence: None,
+                changed: Arc::new(tokio::sync::Notify::new()),
             }),
             save_lock: tokio::sync::Mutex::new(()),
             saved_gen: AtomicU64::new(0),
@@ -467,18 +470,65 @@ impl DocHandle {
         !lock(&self.inner.cell.state).doc.has_pending()
     }
 
+    /// Waits until every local edit made so far is acknowledged (durable on the
+    /// server), or the client is refused for good or shut down.
+    pub async fn synced(&self) -> Result<(), ClientError> {
+        let changed = lock(&self.inner.cell.state).changed.clone();
+        let mut state = self.inner.client.state.clone();
+        loop {
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_synced() {
+                return Ok(());
+            }
+            match &*state.borrow_and_update() {
+                ConnectionState::Failed { code, message } => {
+                    return Err(ClientError::Refused {
+                        code: *code,
+                        message: message.clone(),
+                    })
+                }
+                ConnectionState::Closed => return Err(ClientError::Closed),
+                _ => {}
+            }
+            tokio::select! {
+                _ = notified => {}
+                changed = state.changed() => changed.map_err(|_| ClientError::Closed)?,
+            }
+        }
+    }
+
     /// Applies `patches` (code points, each on the result of the one before) to the
     /// local text at once and queues them for the server. With a persistence
     /// directory, returns once they are on disk.
+    ///
+    /// The positions are in the local text as it is when the edit applies; a remote op
+    /// that arrives after the caller looked at [`DocHandle::text`] moves it. An edit
+    /// that depends on the text is made with [`DocHandle::edit_with`].
     pub async fn edit(&self, patches: &[Patch]) -> Result<(), ClientError> {
+        self.edit_with(|_, _| patches.to_vec()).await.map(|_| ())
+    }
+
+    /// Makes an edit from the local text and version as they are: `make` sees them
+    /// and returns the patches, which apply before any remote op can come in between
+    /// (the document is locked meanwhile: keep `make` short). Returns the local seq of
+    /// the op that carries the edit to the server (later edits may be composed into
+    /// it): the edit is durable once [`Event::Acked`] reports that local seq (unless a
+    /// reload derived it again, [`Event::Reloaded`]).
+    pub async fn edit_with(
+        &self,
+        make: impl FnOnce(&str, u64) -> Vec<Patch>,
+    ) -> Result<u64, ClientError> {
         let cell = &self.inner.cell;
-        let gen = {
+        let (gen, local_seq) = {
             let mut st = lock(&cell.state);
-            st.doc.local_edit(patches)?;
-            let op = crate::ot::TextOp::from_patches(patches);
+            let patches = make(&st.doc.text(), st.doc.version());
+            st.doc.local_edit(&patches)?;
+            let op = crate::ot::TextOp::from_patches(&patches);
             st.map_presence(&op);
             st.gen += 1;
-            st.gen
+            (st.gen, st.doc.last_buffered_local_seq())
         };
         self.inner
             .client
@@ -489,7 +539,7 @@ impl DocHandle {
             cell.persist(store, gen, self.inner.client.inline_io)
                 .await?;
         }
-        Ok(())
+        Ok(local_seq)
     }
 
     /// This client's cursors and selections (code points in the local text), shown to
@@ -578,11 +628,14 @@ struct DocShared {
     subscribers: Vec<mpsc::UnboundedSender<Event>>,
     presence: BTreeMap<u64, Vec<Selection>>,
     my_presence: Option<Vec<Selection>>,
+    /// Woken by every event ([`DocHandle::synced`] waits on it).
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl DocShared {
     fn emit(&mut self, event: Event) {
         self.subscribers.retain(|s| s.send(event.clone()).is_ok());
+        self.changed.notify_waiters();
     }
 
     /// Moves every cursor (others' and this client's) through a change of the local
@@ -1313,12 +1366,13 @@ impl<C: Connector> Driver<C> {
                     let applied = st.doc.on_remote(op.seq, &op.patches).map_err(bad)?;
                     if !applied.is_empty() {
                         st.map_presence(&crate::ot::TextOp::from_patches(&applied));
-                        st.emit(Event::Remote {
-                            seq: op.seq,
-                            client_id: op.client_id,
-                            patches: applied,
-                        });
                     }
+                    st.emit(Event::Remote {
+                        seq: op.seq,
+                        client_id: op.client_id,
+                        local_seq: op.local_seq,
+                        patches: applied,
+                    });
                 }
                 Ok(())
             }

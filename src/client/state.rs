@@ -126,6 +126,12 @@ impl ClientDoc {
         self.in_flight.iter().map(|(o, _)| o)
     }
 
+    /// The local seq the last buffered edit will be sent under (the op it was
+    /// composed into), or the last one sent if nothing is buffered.
+    pub fn last_buffered_local_seq(&self) -> u64 {
+        (self.next_local_seq + self.buffer.len() as u64).saturating_sub(1)
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.in_flight.is_empty() || !self.buffer.is_empty()
     }
