@@ -334,12 +334,21 @@ impl Client {
     /// returns once the document is loaded from the server; offline, at once, with the
     /// persisted state (or an empty document) that is caught up on reconnect.
     pub async fn open(&self, name: &str) -> Result<DocHandle, ClientError> {
+        self.open_with_events(name).await.map(|(handle, _)| handle)
+    }
+
+    /// As [`Client::open`], with a stream of the document's events from before it is
+    /// opened: nothing is missed, not even the acknowledgement of an edit restored
+    /// from the persistence directory and sent while `open` ran. (If the document was
+    /// open already, the events are from now on, as [`DocHandle::events`].)
+    pub async fn open_with_events(&self, name: &str) -> Result<(DocHandle, Events), ClientError> {
         crate::op::validate_doc_id(name).map_err(|message| ClientError::Refused {
             code: ErrorCode::InvalidDocId,
             message,
         })?;
         if let Some(live) = self.live_handle(name) {
-            return Ok(live);
+            let events = live.events();
+            return Ok((live, events));
         }
         let saved = match &self.shared.store {
             Some(s) => {
@@ -348,13 +357,14 @@ impl Client {
             }
             None => None,
         };
+        let (events_tx, events) = mpsc::unbounded_channel();
         let cell = Arc::new(DocCell {
             name: name.into(),
             state: Mutex::new(DocShared {
                 loaded: saved.is_some(),
                 doc: saved.unwrap_or_else(|| ClientDoc::new(String::new(), 0, 1)),
                 gen: 0,
-                subscribers: Vec::new(),
+                subscribers: vec![events_tx],
                 presence: BTreeMap::new(),
                 my_presence: None,
                 changed: Arc::new(tokio::sync::Notify::new()),
@@ -368,7 +378,9 @@ impl Client {
             let mut handles = lock(&self.shared.handles);
             if let Some(live) = handles.get(name).and_then(Weak::upgrade) {
                 // Opened meanwhile by another task.
-                return Ok(DocHandle { inner: live });
+                let live = DocHandle { inner: live };
+                let events = live.events();
+                return Ok((live, events));
             }
             self.shared
                 .commands
@@ -387,7 +399,7 @@ impl Client {
             inner
         };
         answer.await.map_err(|_| ClientError::Closed)??;
-        Ok(DocHandle { inner })
+        Ok((DocHandle { inner }, Events(events)))
     }
 
     fn live_handle(&self, name: &str) -> Option<DocHandle> {

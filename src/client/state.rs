@@ -393,39 +393,266 @@ impl ClientDoc {
     }
 }
 
-/// The op that turns `from` into `to`, in code points (a Myers diff by the `similar`
-/// crate, on chars).
+/// How long [`diff`] looks for the shortest edit before it settles for a longer one
+/// (Myers' algorithm is quadratic on texts that share little: two unrelated texts of
+/// 100,000 characters take about a minute).
+const DIFF_BUDGET: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The op that turns `from` into `to`, in code points.
+///
+/// Which characters it matches matters, not only how many: a reload rebases the
+/// client's own edits over this op, so a character of `from` matched to an equal one
+/// elsewhere in `to` takes those edits there. So before a Myers diff (by the `similar`
+/// crate, within [`DIFF_BUDGET`]): the common prefix and suffix are kept; `from` found
+/// whole in `to` is kept whole (others only added around it), and `to` in `from`; and
+/// lines are diffed first, then the characters of changed lines only, so that a
+/// character is matched within the lines it belongs to.
 pub fn diff(from: &str, to: &str) -> TextOp {
-    use similar::{Algorithm, DiffOp};
-    let a: Vec<char> = from.chars().collect();
-    let b: Vec<char> = to.chars().collect();
+    let mut out = Chunks::default();
+    let deadline = std::time::Instant::now() + DIFF_BUDGET;
+    align(from, to, &mut out, deadline, true);
+    out.cleanup_semantic();
     let mut op = TextOp::new();
-    for d in similar::capture_diff_slices(Algorithm::Myers, &a, &b) {
-        match d {
-            DiffOp::Equal { len, .. } => {
-                op.retain(len as u32);
+    for (kind, text) in &out.0 {
+        match kind {
+            Chunk::Equal => op.retain(chars(text)),
+            Chunk::Delete => op.delete(chars(text)),
+            Chunk::Insert => op.insert(text),
+        };
+    }
+    // A trailing retain is implicit: the same op as one built from patches.
+    TextOp::from_patches(&op.to_patches())
+}
+
+fn chars(s: &str) -> u32 {
+    s.chars().count() as u32
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Chunk {
+    Equal,
+    Delete,
+    Insert,
+}
+
+/// A diff as it is built: runs of kept, deleted and inserted text.
+#[derive(Default, Debug)]
+struct Chunks(Vec<(Chunk, String)>);
+
+impl Chunks {
+    fn push(&mut self, kind: Chunk, text: &str) -> &mut Self {
+        if text.is_empty() {
+            return self;
+        }
+        match self.0.last_mut() {
+            Some((k, t)) if *k == kind => t.push_str(text),
+            _ => self.0.push((kind, text.to_owned())),
+        }
+        self
+    }
+    fn equal(&mut self, text: &str) -> &mut Self {
+        self.push(Chunk::Equal, text)
+    }
+    fn delete(&mut self, text: &str) -> &mut Self {
+        self.push(Chunk::Delete, text)
+    }
+    fn insert(&mut self, text: &str) -> &mut Self {
+        self.push(Chunk::Insert, text)
+    }
+
+    /// Drops the matches that are likely coincidences: a kept run no longer than the
+    /// change on each side of it (as diff-match-patch's semantic cleanup) becomes a
+    /// delete and an insert. A shortest diff keeps a lone "e" between two rewritten
+    /// sentences, and an edit of the client's rebased over it would land inside the
+    /// new text; after the cleanup it lands beside it.
+    fn cleanup_semantic(&mut self) {
+        // Where to look from: runs before it were looked at and stay; an elimination
+        // only changes what its neighbours see, so the look resumes at the kept run
+        // before it (each pass is linear, and each backs up one run).
+        let mut from = 0;
+        loop {
+            // Changed characters since the previous kept run, per kind.
+            let mut changed_before = (0usize, 0usize);
+            let mut found = None;
+            for (i, (kind, text)) in self.0.iter().enumerate().skip(from) {
+                match kind {
+                    Chunk::Delete => changed_before.0 += text.chars().count(),
+                    Chunk::Insert => changed_before.1 += text.chars().count(),
+                    Chunk::Equal => {
+                        let len = text.chars().count();
+                        let mut after = (0usize, 0usize);
+                        for (k, t) in &self.0[i + 1..] {
+                            match k {
+                                Chunk::Delete => after.0 += t.chars().count(),
+                                Chunk::Insert => after.1 += t.chars().count(),
+                                Chunk::Equal => break,
+                            }
+                        }
+                        let before = changed_before.0.max(changed_before.1);
+                        if before > 0 && len <= before && len <= after.0.max(after.1) {
+                            found = Some(i);
+                            break;
+                        }
+                        changed_before = (0, 0);
+                    }
+                }
             }
-            DiffOp::Delete { old_len, .. } => {
-                op.delete(old_len as u32);
+            let Some(i) = found else { return };
+            // The kept run becomes deleted and inserted; the runs around it merge.
+            let (_, text) = self.0.remove(i);
+            let mut deleted = String::new();
+            let mut inserted = String::new();
+            let start = self.0[..i]
+                .iter()
+                .rposition(|(k, _)| *k == Chunk::Equal)
+                .map_or(0, |p| p + 1);
+            let end = self.0[i..]
+                .iter()
+                .position(|(k, _)| *k == Chunk::Equal)
+                .map_or(self.0.len(), |p| i + p);
+            for (j, (k, t)) in self.0[start..end].iter().enumerate() {
+                if start + j == i {
+                    deleted.push_str(&text);
+                    inserted.push_str(&text);
+                }
+                match k {
+                    Chunk::Delete => deleted.push_str(t),
+                    Chunk::Insert => inserted.push_str(t),
+                    Chunk::Equal => unreachable!("no kept run between start and end"),
+                }
+            }
+            if end == i {
+                deleted.push_str(&text);
+                inserted.push_str(&text);
+            }
+            self.0.splice(
+                start..end,
+                [(Chunk::Delete, deleted), (Chunk::Insert, inserted)]
+                    .into_iter()
+                    .filter(|(_, t)| !t.is_empty()),
+            );
+            // Back to the kept run before the merged change (its left side changed).
+            from = self.0[..start]
+                .iter()
+                .rposition(|(k, _)| *k == Chunk::Equal)
+                .map_or(0, |p| {
+                    self.0[..p]
+                        .iter()
+                        .rposition(|(k, _)| *k == Chunk::Equal)
+                        .map_or(0, |q| q + 1)
+                });
+        }
+    }
+}
+
+fn align(a: &str, b: &str, out: &mut Chunks, deadline: std::time::Instant, by_lines: bool) {
+    // Byte lengths of the common prefix and suffix, on code point boundaries.
+    let prefix: usize = a
+        .chars()
+        .zip(b.chars())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x.len_utf8())
+        .sum();
+    out.equal(&a[..prefix]);
+    let (a, b) = (&a[prefix..], &b[prefix..]);
+    let suffix: usize = a
+        .chars()
+        .rev()
+        .zip(b.chars().rev())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x.len_utf8())
+        .sum();
+    let (mid_a, mid_b) = (&a[..a.len() - suffix], &b[..b.len() - suffix]);
+    middle(mid_a, mid_b, out, deadline, by_lines);
+    out.equal(&a[a.len() - suffix..]);
+}
+
+fn middle(a: &str, b: &str, out: &mut Chunks, deadline: std::time::Instant, by_lines: bool) {
+    if a.is_empty() {
+        out.insert(b);
+        return;
+    }
+    if b.is_empty() {
+        out.delete(a);
+        return;
+    }
+    if let Some(at) = b.find(a) {
+        out.insert(&b[..at]).equal(a).insert(&b[at + a.len()..]);
+        return;
+    }
+    if let Some(at) = a.find(b) {
+        out.delete(&a[..at]).equal(b).delete(&a[at + b.len()..]);
+        return;
+    }
+    use similar::{Algorithm, DiffOp};
+    if by_lines {
+        let la: Vec<&str> = a.split_inclusive('\n').collect();
+        let lb: Vec<&str> = b.split_inclusive('\n').collect();
+        if la.len() > 1 || lb.len() > 1 {
+            let text = |lines: &[&str]| lines.concat();
+            for d in
+                similar::capture_diff_slices_deadline(Algorithm::Myers, &la, &lb, Some(deadline))
+            {
+                match d {
+                    DiffOp::Equal { old_index, len, .. } => {
+                        out.equal(&text(&la[old_index..old_index + len]));
+                    }
+                    DiffOp::Delete {
+                        old_index, old_len, ..
+                    } => {
+                        out.delete(&text(&la[old_index..old_index + old_len]));
+                    }
+                    DiffOp::Insert {
+                        new_index, new_len, ..
+                    } => {
+                        out.insert(&text(&lb[new_index..new_index + new_len]));
+                    }
+                    DiffOp::Replace {
+                        old_index,
+                        old_len,
+                        new_index,
+                        new_len,
+                    } => align(
+                        &text(&la[old_index..old_index + old_len]),
+                        &text(&lb[new_index..new_index + new_len]),
+                        out,
+                        deadline,
+                        false,
+                    ),
+                }
+            }
+            return;
+        }
+    }
+    let ca: Vec<char> = a.chars().collect();
+    let cb: Vec<char> = b.chars().collect();
+    let text = |cs: &[char]| cs.iter().collect::<String>();
+    for d in similar::capture_diff_slices_deadline(Algorithm::Myers, &ca, &cb, Some(deadline)) {
+        match d {
+            DiffOp::Equal { old_index, len, .. } => {
+                out.equal(&text(&ca[old_index..old_index + len]));
+            }
+            DiffOp::Delete {
+                old_index, old_len, ..
+            } => {
+                out.delete(&text(&ca[old_index..old_index + old_len]));
             }
             DiffOp::Insert {
                 new_index, new_len, ..
             } => {
-                op.insert(&b[new_index..new_index + new_len].iter().collect::<String>());
+                out.insert(&text(&cb[new_index..new_index + new_len]));
             }
             DiffOp::Replace {
+                old_index,
                 old_len,
                 new_index,
                 new_len,
-                ..
             } => {
-                op.delete(old_len as u32)
-                    .insert(&b[new_index..new_index + new_len].iter().collect::<String>());
+                out.delete(&text(&ca[old_index..old_index + old_len]))
+                    .insert(&text(&cb[new_index..new_index + new_len]));
             }
         }
     }
-    // A trailing retain is implicit: the same op as one built from patches.
-    TextOp::from_patches(&op.to_patches())
 }
 
 /// `patch` as patches of at most `max` wire bytes each (its insert cut between code
@@ -454,6 +681,63 @@ fn split_patch(patch: Patch, max: usize) -> Vec<Patch> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the simulator (seed 25, application clients with astral characters):
+    /// a client reloaded while its last confirmed text stood whole in the server's,
+    /// among others' tokens made of the same characters; a character-by-character
+    /// Myers diff matched it piecemeal across those tokens, and the client's own
+    /// later deletion of a filler character, rebased over that diff, deleted a
+    /// character inside a token instead.
+    #[test]
+    fn a_reload_keeps_the_confirmed_text_whole_where_it_stands_whole_in_the_server_s() {
+        let seen = "<app4.2🦀><app4.1𝄞>𝄞😀";
+        let server = "<app1.1𝄞><app1.14🦀>x🦀<app1.7𝄞><app1.30😀><app1.15😀><app1.11🦀>\
+            <app1.6😀><app1.17🦀><app1.13𝄞><app1.31𝄞><app1.26🦀><app1.16𝄞><app1.27😀>\
+            <app1.9😀>😀 😀<app1.8🦀><app1.29🦀><app1.12😀><app1.2🦀><app1.22𝄞><app1.4𝄞> \
+            <app1.18😀> <app1.5🦀><app1.10𝄞><app1.3😀><app1.25𝄞><app1.24😀>🦀<app1.23🦀>\
+            <app1.19𝄞><app1.20🦀><app1.21😀><app4.2🦀><app4.1𝄞>𝄞😀<app1.28𝄞>";
+        let theirs = diff(seen, server);
+        assert_eq!(theirs.apply(seen).as_deref(), Some(server));
+        // The client deletes its filler "𝄞😀" (after its two tokens).
+        let mine = TextOp::from_patches(&[Patch::new(18, 2, "")]);
+        let merged = mine.transform(&theirs, Side::Left).apply(server).unwrap();
+        assert_eq!(merged, server.replace("<app4.1𝄞>𝄞😀", "<app4.1𝄞>"));
+    }
+
+    /// Lines are matched first: a character stays in its line.
+    #[test]
+    fn a_diff_matches_lines_before_characters() {
+        let from = "one\ntwo x\nthree\n";
+        let to = "zero x\none\ntwo x!\nthree\n";
+        let theirs = diff(from, to);
+        assert_eq!(theirs.apply(from).as_deref(), Some(to));
+        // An edit after "x" on line two stays there.
+        let mine = TextOp::from_patches(&[Patch::new(9, 0, "y")]);
+        let merged = mine.transform(&theirs, Side::Left).apply(to).unwrap();
+        assert_eq!(merged, "zero x\none\ntwo xy!\nthree\n");
+    }
+
+    /// Whatever the texts, the diff turns one into the other (astral characters,
+    /// lines, repeats).
+    #[test]
+    fn a_diff_turns_one_text_into_the_other() {
+        let alphabet = ['a', 'b', '\n', '𝄞', '😀', 'é'];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..2_000 {
+            let mut make = |max: usize| -> String {
+                (0..rng.usize(..max))
+                    .map(|_| alphabet[rng.usize(..alphabet.len())])
+                    .collect()
+            };
+            let (from, to) = (make(17), make(23));
+            let op = diff(&from, &to);
+            assert_eq!(
+                op.apply(&from).as_deref(),
+                Some(to.as_str()),
+                "{from:?} -> {to:?}"
+            );
+        }
+    }
 
     fn insert(pos: u32, text: &str) -> Patch {
         Patch {

@@ -89,6 +89,9 @@ impl Connector for Net {
     }
 }
 
+/// Filler characters: astral (a musical symbol, a crab, a face), accented, plain.
+const FILLER: [char; 6] = ['𝄞', '🦀', '😀', 'é', ' ', 'x'];
+
 pub struct AppClient {
     pub name: String,
     pub doc: String,
@@ -112,6 +115,8 @@ pub struct Observed {
     pub unacked: Vec<u64>,
     /// (seq, local seq) acknowledged since the last look.
     pub acked: Vec<(u64, u64)>,
+    /// Reloads (from a snapshot, keeping the local edits) since the last look.
+    pub reloads: u64,
 }
 
 impl AppClient {
@@ -149,11 +154,13 @@ impl AppClient {
         let client = Client::with_connector(self.config(), self.net.clone())
             .await
             .map_err(|e| format!("{}: cannot start: {e}", self.name))?;
-        let handle = client
-            .open(&self.doc)
+        // With its events from the start: the acks of edits restored from the
+        // persistence directory and sent while `open` ran are among them.
+        let (handle, events) = client
+            .open_with_events(&self.doc)
             .await
             .map_err(|e| format!("{}: cannot open {}: {e}", self.name, self.doc))?;
-        self.events = Some(handle.events());
+        self.events = Some(events);
         self.handle = Some(handle);
         self.client = Some(client);
         Ok(())
@@ -176,37 +183,81 @@ impl AppClient {
         }
     }
 
-    /// Inserts a new token at a token boundary of the local text.
-    pub async fn edit(&mut self, rng: &mut SplitMix) -> Result<(), String> {
+    /// Inserts a new token, or inserts or deletes filler, between tokens of the local
+    /// text. Tokens and filler hold characters outside the Basic Multilingual Plane
+    /// (two UTF-16 units, four UTF-8 bytes: one code point each).
+    pub async fn edit(&mut self, rng: &mut SplitMix) -> Result<String, String> {
         let Some(handle) = &self.handle else {
-            return Ok(());
+            return Ok("nothing (not running)".into());
         };
-        let text = handle.text();
-        let mut boundaries = vec![0u32];
-        for (i, c) in text.chars().enumerate() {
-            if c == '>' {
-                boundaries.push(i as u32 + 1);
-            }
-        }
-        let at = boundaries[rng.below(boundaries.len() as u64) as usize];
-        self.edits += 1;
-        let token = format!("<{}.{}>", self.name, self.edits);
+        let kind = rng.below(10);
+        let pick = rng.next_u64();
+        let filler: String = (0..1 + rng.below(3))
+            .map(|_| FILLER[rng.below(FILLER.len() as u64) as usize])
+            .collect();
+        let token = format!(
+            "<{}.{}{}>",
+            self.name,
+            self.edits + 1,
+            FILLER[(self.edits % 3) as usize]
+        );
+        let mut made_token = false;
+        let mut what = Vec::new();
+        // Made from the text as it is when the edit applies (no remote op in between).
         handle
-            .edit(&[Patch::new(at, 0, token.as_str())])
+            .edit_with(|text, _| {
+                // Positions between tokens (where a new token or filler may go), and
+                // filler characters (which may be deleted).
+                let (mut between, mut fill) = (Vec::new(), Vec::new());
+                let mut inside = false;
+                let mut n = 0u32;
+                for c in text.chars() {
+                    if !inside {
+                        between.push(n);
+                    }
+                    match c {
+                        '<' => inside = true,
+                        '>' => inside = false,
+                        _ if !inside => fill.push(n),
+                        _ => {}
+                    }
+                    n += 1;
+                }
+                between.push(n);
+                let at = between[(pick % between.len() as u64) as usize];
+                let patches = if kind < 2 && !fill.is_empty() {
+                    let i = fill[(pick % fill.len() as u64) as usize];
+                    let del = if fill.contains(&(i + 1)) { 2 } else { 1 };
+                    vec![Patch::new(i, del, "")]
+                } else if kind < 4 {
+                    vec![Patch::new(at, 0, filler.as_str())]
+                } else {
+                    made_token = true;
+                    vec![Patch::new(at, 0, token.as_str())]
+                };
+                what = patches.clone();
+                patches
+            })
             .await
             .map_err(|e| format!("{}: edit refused: {e}", self.name))?;
-        self.made.push((token, true));
-        Ok(())
+        if made_token {
+            self.edits += 1;
+            self.made.push((token, true));
+        }
+        Ok(format!("{what:?}: {:?}", handle.text()))
     }
 
     pub fn observe(&mut self) -> Option<Observed> {
         let client = self.client.as_ref()?;
         let handle = self.handle.as_ref()?;
         let mut acked = Vec::new();
+        let mut reloads = 0;
         if let Some(events) = &mut self.events {
             while let Some(e) = events.try_recv() {
-                if let Event::Acked { seq, local_seq } = e {
-                    acked.push((seq, local_seq));
+                match e {
+                    Event::Acked { seq, local_seq } => acked.push((seq, local_seq)),
+                    Event::Reloaded { .. } => reloads += 1,
+                    _ => {}
                 }
             }
         }
@@ -214,20 +265,32 @@ impl AppClient {
             client_id: client.client_id(),
             unacked: handle.unacked(),
             acked,
+            reloads,
         })
     }
 
     /// Every edit that must be in `text` exactly once is; none is there twice.
-    pub fn check_edits(&self, text: &str) -> Result<(), String> {
+    ///
+    /// Unless a client of the document reloaded (`reloaded`): a reload derives what
+    /// others changed by a diff, which can match a character to an equal one elsewhere
+    /// (see "Reload" in protocol.md), so the reloading client's edits may land inside a
+    /// token, or its deletion of filler remove an equal character of a token. Then
+    /// only "never twice" holds for the text (the history check still finds every
+    /// acknowledged op exactly once); returns how many tokens were not found whole.
+    pub fn check_edits(&self, text: &str, reloaded: bool) -> Result<u64, String> {
+        let mut disturbed = 0;
         for (token, must) in &self.made {
             let n = text.matches(token.as_str()).count();
-            if n > 1 || (*must && n != 1) {
+            if n > 1 || (*must && n != 1 && !reloaded) {
                 return Err(format!(
                     "{}: edit {token} is in the final text {n} times (must be there: {must})",
                     self.name
                 ));
             }
+            if *must && n != 1 {
+                disturbed += 1;
+            }
         }
-        Ok(())
+        Ok(disturbed)
     }
 }

@@ -32,6 +32,7 @@
 mod app;
 mod disk;
 mod net;
+mod raw;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -41,7 +42,7 @@ use std::time::Duration;
 
 use disk::SimSequencer;
 use net::{ClientEnd, LinkConfig, ServerEnd, SimListener, Wire};
-use quire::client::connection::{ClientError, Connection, Event, SyncedDoc};
+use quire::client::connection::{ClientError, Connection};
 use quire::op::{OpId, Patch};
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::sequencer::Sequencer;
@@ -50,6 +51,7 @@ use quire::text::Text;
 use quire::wal::segment::SEGMENT_SIZE_MIN;
 use quire::wal::vfs::sim::{CrashMode, SimFs, SplitMix};
 use quire::wal::{Background, WalConfig};
+use raw::{Event, RawDoc};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -90,7 +92,7 @@ impl Drop for Incarnation {
 struct Client {
     id: u64,
     doc: String,
-    synced: Option<SyncedDoc<ClientEnd>>,
+    synced: Option<RawDoc<ClientEnd>>,
     wire: Option<Wire>,
     online: bool,
     /// The op counter as the client stored it: what survives its restart.
@@ -135,6 +137,11 @@ struct Stats {
     app_edits: u64,
     app_restarts: u64,
     app_offline: u64,
+    /// Application clients reloaded from a snapshot (their version was truncated).
+    app_reloads: u64,
+    /// Tokens of application clients not found whole at the end, on documents where a
+    /// client reloaded.
+    tokens_moved_by_reloads: u64,
 }
 
 struct Sim {
@@ -151,6 +158,8 @@ struct Sim {
     /// Clients as applications use the library (`app.rs`), on documents of their own.
     apps: Vec<app::AppClient>,
     app_docs: Vec<String>,
+    /// Application documents one of whose clients reloaded.
+    reloaded_docs: HashSet<String>,
     /// Every op id a client sent.
     sent: HashSet<OpId>,
     /// Acknowledged: by document, op id → seq and seq → op id.
@@ -196,7 +205,7 @@ impl Sim {
                 },
             })
             .collect();
-        let n_apps = rng.below(4) as usize;
+        let n_apps = 2 + rng.below(5) as usize;
         let app_docs: Vec<String> = (0..n_apps.div_ceil(2))
             .map(|i| format!("app-{i}"))
             .collect();
@@ -258,6 +267,7 @@ impl Sim {
             docs,
             apps,
             app_docs,
+            reloaded_docs: HashSet::new(),
             sent: HashSet::new(),
             acked: BTreeMap::new(),
             disk_failing: false,
@@ -433,6 +443,10 @@ impl Sim {
                     )
                 });
             }
+            self.stats.app_reloads += seen.reloads;
+            if seen.reloads > 0 {
+                self.reloaded_docs.insert(doc.clone());
+            }
             for local_seq in seen.unacked {
                 self.sent.insert(OpId {
                     client_id: seen.client_id,
@@ -461,7 +475,7 @@ impl Sim {
                 self.stats.app_edits += 1;
                 let edited = timeout(CLIENT_WAIT, self.apps[i].edit(&mut self.rng)).await;
                 match edited {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(what)) => self.say(|| format!("{name} edits {what}")),
                     Ok(Err(e)) => return Err(self.fail(e)),
                     Err(_) => return Err(self.fail(format!("{name}: an edit hung"))),
                 }
@@ -481,6 +495,8 @@ impl Sim {
             90..=94 => {
                 self.stats.app_restarts += 1;
                 self.say(|| format!("{name} is killed and started again"));
+                // What it sent and was told up to its death (its events die with it).
+                self.observe_apps()?;
                 self.apps[i].kill().await;
                 self.start_app(i).await?;
             }
@@ -575,7 +591,7 @@ impl Sim {
             None => {
                 match timeout(
                     CLIENT_WAIT,
-                    SyncedDoc::open(conn, &client.doc, client.stored_next),
+                    RawDoc::open(conn, &client.doc, client.stored_next),
                 )
                 .await
                 {
@@ -741,7 +757,7 @@ impl Sim {
 
     /// One random action.
     async fn act(&mut self) -> Result<(), Failure> {
-        if !self.apps.is_empty() && self.rng.below(4) == 0 {
+        if !self.apps.is_empty() && self.rng.below(3) == 0 {
             return self.app_act().await;
         }
         let n = self.clients.len();
@@ -1149,7 +1165,11 @@ impl Sim {
                             a.name, view.text
                         )));
                     }
-                    a.check_edits(&text).map_err(|e| self.fail(e))?;
+                    let reloaded = self.reloaded_docs.contains(&a.doc);
+                    let moved = a.check_edits(&text, reloaded).map_err(|e| {
+                        self.fail(format!("{e}\n  final text of {}: {text:?}", a.doc))
+                    })?;
+                    self.stats.tokens_moved_by_reloads += moved;
                     for b in text.bytes() {
                         mix(&mut self.digest, b as u64);
                     }
@@ -1267,13 +1287,15 @@ fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), Failu
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} times offline), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} history checks",
+        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} times offline, {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} history checks",
         sim.clients.len(),
         sim.docs.len(),
         sim.apps.len(),
         s.app_edits,
         s.app_restarts,
         s.app_offline,
+        s.app_reloads,
+        s.tokens_moved_by_reloads,
         sim.elapsed,
         s.edits,
         s.acks,
