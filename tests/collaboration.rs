@@ -4,11 +4,12 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{open, start, start_with};
-use quire::client::connection::{Connection, Event};
+use common::{open, read_back, start, start_with, wait_for_version, Pipelined};
+use quire::client::connection::Connection;
+use quire::client::{Event, Events};
 use quire::op::Patch;
 use quire::protocol::message::{ErrorCode, Message, Selection};
 use quire::sequencer::Sequencer;
@@ -28,62 +29,117 @@ fn random_patch(rng: &mut SplitMix, len: u32) -> Patch {
     Patch::new(pos, del, ins)
 }
 
+/// An editor's buffer beside a client's document: changed only by the editor's own
+/// edits and by the document's events.
+struct Editor {
+    buffer: Text,
+    events: Events,
+    /// Remote events that changed the text.
+    remote_events: usize,
+    /// The local seqs of the ops carrying the editor's edits, and those acknowledged.
+    sent: HashSet<u64>,
+    acked: HashSet<u64>,
+}
+
+impl Editor {
+    /// Applies the events received so far.
+    fn follow(&mut self) {
+        while let Some(event) = self.events.try_recv() {
+            match event {
+                Event::Remote { patches, .. } => {
+                    self.buffer.apply(&patches).unwrap();
+                    if !patches.is_empty() {
+                        self.remote_events += 1;
+                    }
+                }
+                Event::Acked { local_seq, .. } => {
+                    self.acked.insert(local_seq);
+                }
+                Event::Reloaded { patches } => panic!("reloaded: {patches:?}"),
+                _ => {}
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_events_keep_an_editor_buffer_identical_to_the_document() {
     let tmp = tempfile::tempdir().unwrap();
     let server = start(tmp.path(), "").await;
     let mut clients = Vec::new();
-    for id in 1..=3 {
-        clients.push(open(server.addr, id, "shared").await);
+    let mut editors = Vec::new();
+    for _ in 0..3 {
+        let client = open(server.addr, "shared").await;
+        editors.push(Editor {
+            buffer: Text::new(),
+            events: client.events(),
+            remote_events: 0,
+            sent: HashSet::new(),
+            acked: HashSet::new(),
+        });
+        clients.push(client);
     }
-    // Each client's "editor": changed only by its own edits and by Remote events.
-    let mut editors: Vec<Text> = (0..3).map(|_| Text::new()).collect();
     let mut rng = SplitMix(7);
-    let mut remote_events = 0;
     for round in 0..300 {
         let i = rng.below(3) as usize;
-        let patch = random_patch(&mut rng, clients[i].doc.len_chars());
-        editors[i].apply(std::slice::from_ref(&patch)).unwrap();
-        clients[i].edit(&[patch]).await.unwrap();
+        let editor = &mut editors[i];
+        // Made while the document is locked: the editor first takes every event that
+        // came before the edit, then the edit itself.
+        let local_seq = clients[i]
+            .edit_with(|text, _| {
+                editor.follow();
+                assert_eq!(
+                    editor.buffer.to_string(),
+                    text,
+                    "editor {i} before its edit"
+                );
+                let patch = random_patch(&mut rng, text.chars().count() as u32);
+                editor.buffer.apply(std::slice::from_ref(&patch)).unwrap();
+                vec![patch]
+            })
+            .await
+            .unwrap();
+        if local_seq > 0 {
+            editor.sent.insert(local_seq);
+        }
         if round % 4 == 0 {
-            // A round trip now and then, so that ops interleave at the server.
-            clients[i].settle().await.unwrap();
+            // A round trip now and then, so that ops interleave at the server (the
+            // clients' tasks read what arrives meanwhile).
+            clients[i].settle().await;
         }
-        if round % 3 == 0 {
-            for c in clients.iter_mut() {
-                c.poll().await.unwrap();
-            }
-        }
-        for (c, editor) in clients.iter_mut().zip(editors.iter_mut()) {
-            while let Some(event) = c.next_event() {
-                if let Event::Remote { patches, .. } = event {
-                    editor.apply(&patches).unwrap();
-                    remote_events += 1;
-                }
-            }
+        for editor in editors.iter_mut() {
+            editor.follow();
         }
     }
     // Settle everyone, then deliver what is left until all are at the same version.
-    for c in clients.iter_mut() {
-        c.settle().await.unwrap();
+    for c in &clients {
+        c.settle().await;
     }
-    let newest = clients.iter().map(|c| c.doc.version()).max().unwrap();
-    for (c, editor) in clients.iter_mut().zip(editors.iter_mut()) {
-        while c.doc.version() < newest {
-            c.pump().await.unwrap();
-        }
-        for event in c.take_events() {
-            if let Event::Remote { patches, .. } = event {
-                editor.apply(&patches).unwrap();
-                remote_events += 1;
-            }
-        }
+    let newest = clients.iter().map(|c| c.version()).max().unwrap();
+    for (c, editor) in clients.iter().zip(editors.iter_mut()) {
+        wait_for_version(c, newest).await;
+        editor.follow();
     }
+    let remote_events: usize = editors.iter().map(|e| e.remote_events).sum();
     assert!(remote_events > 30, "{remote_events} remote events");
-    let text = clients[0].doc.text();
+    let text = clients[0].text();
     for (i, (c, editor)) in clients.iter().zip(&editors).enumerate() {
-        assert_eq!(c.doc.text(), text, "client {i} converged");
-        assert_eq!(editor.to_string(), text, "editor {i} follows the events");
+        assert_eq!(c.text(), text, "client {i} converged");
+        assert_eq!(
+            editor.buffer.to_string(),
+            text,
+            "editor {i} follows the events"
+        );
+        // Each op was acknowledged under the id it was first sent with: none was
+        // refused (and sent again as a new op).
+        let unacked: Vec<_> = editor.sent.difference(&editor.acked).collect();
+        assert!(
+            unacked.is_empty(),
+            "client {i}: ops never acked {unacked:?}"
+        );
+    }
+    for c in clients {
+        c.close().await;
     }
     server.stop().await;
 }
@@ -99,13 +155,35 @@ async fn frequent_presence_is_coalesced_and_the_latest_arrives() {
         },
     )
     .await;
-    let mut watcher = open(server.addr, 1, "p").await;
-    let mut cursor = open(server.addr, 2, "p").await;
+    let watcher = open(server.addr, "p").await;
+    let mut events = watcher.events();
+    // The cursor speaks the raw protocol: one Presence message per update (the client
+    // sends its latest cursors, so it may send fewer), and the server coalesces them.
+    let mut cursor = Connection::connect(server.addr, 2, "").await.unwrap();
     cursor
-        .edit(&[Patch::new(0, 0, "0123456789")])
+        .send(Message::Open {
+            doc: "p".into(),
+            known_version: 0,
+        })
         .await
         .unwrap();
-    cursor.settle().await.unwrap();
+    cursor
+        .send(Message::Submit {
+            doc: "p".into(),
+            local_seq: 1,
+            base_version: 0,
+            patches: vec![Patch::new(0, 0, "0123456789")],
+        })
+        .await
+        .unwrap();
+    while !matches!(
+        cursor.recv().await.unwrap().message,
+        Message::Ack { seq: 1, .. }
+    ) {}
+    let presence = |sel: Selection| Message::Presence {
+        doc: "p".into(),
+        selections: vec![sel],
+    };
     let updates = 100u32;
     for i in 0..updates - 1 {
         let at = i % 10;
@@ -113,27 +191,24 @@ async fn frequent_presence_is_coalesced_and_the_latest_arrives() {
             anchor: at,
             head: at,
         };
-        cursor.set_presence(vec![sel]).await.unwrap();
+        cursor.send(presence(sel)).await.unwrap();
     }
     // The last one differs from every earlier one.
     let last = Selection {
         anchor: 10,
         head: 3,
     };
-    cursor.set_presence(vec![last]).await.unwrap();
+    cursor.send(presence(last)).await.unwrap();
     let mut seen = Vec::new();
     let wait = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            watcher.pump().await.unwrap();
-            while let Some(event) = watcher.next_event() {
-                if let Event::Presence {
-                    client_id,
-                    selections,
-                } = event
-                {
-                    assert_eq!(client_id, 2);
-                    seen.push(selections);
-                }
+            if let Event::Presence {
+                client_id,
+                selections,
+            } = events.recv().await.unwrap()
+            {
+                assert_eq!(client_id, 2);
+                seen.push(selections);
             }
             if seen.last() == Some(&vec![last]) {
                 break;
@@ -151,6 +226,7 @@ async fn frequent_presence_is_coalesced_and_the_latest_arrives() {
         1,
         "only the edit is logged"
     );
+    watcher.close().await;
     server.stop().await;
 }
 
@@ -247,9 +323,10 @@ async fn pipelined_ops_apply_alone_and_are_refused_after_a_concurrent_op() {
     assert_eq!(outcome(&mut a, &mut seen_a, 7).await, Ok(6));
 
     // A non-pipelined client never sees code 25 and every replica agrees.
-    let reader = open(server.addr, 9, "pipe").await;
-    assert_eq!(reader.doc.text(), "jXaBcdefg");
-    assert_eq!(reader.doc.version(), 6);
+    assert_eq!(
+        read_back(server.addr, "pipe").await,
+        ("jXaBcdefg".to_string(), 6)
+    );
     server.stop().await;
 }
 
@@ -261,37 +338,39 @@ async fn a_busy_document_does_not_stall_another() {
     let server = start(tmp.path(), "").await;
     let total = 20_000u64;
     let progress = Arc::new(AtomicU64::new(0));
-    let mut busy = open(server.addr, 1, "busy").await.ignore_events();
-    busy.doc = busy.doc.clone().without_composing().pipelined(32);
+    // The busy writer pipelines by hand (32 ops in flight, one per edit), on the raw
+    // protocol: the client sends one op at a time.
+    let mut busy = Pipelined::open(server.addr, "busy", 32).await;
     let seen = progress.clone();
     let writer = tokio::spawn(async move {
         for _ in 0..total {
             let end = busy.doc.len_chars();
-            busy.edit(&[Patch::new(end, 0, "z")]).await.unwrap();
+            busy.edit(&[Patch::new(end, 0, "z")]).await;
             while busy.doc.all_in_flight().count() >= 32 {
-                busy.pump().await.unwrap();
+                busy.pump().await;
             }
-            busy.poll().await.unwrap();
+            busy.poll().await;
             seen.store(busy.doc.version(), Ordering::Relaxed);
         }
-        busy.settle().await.unwrap();
+        busy.settle().await;
         busy.doc.len_chars()
     });
     while progress.load(Ordering::Relaxed) < 100 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     // Twenty round trips on another document while the busy one keeps the log full.
-    let mut quiet = open(server.addr, 2, "quiet").await;
+    let quiet = open(server.addr, "quiet").await;
     for i in 0..20 {
         quiet.edit(&[Patch::new(i, 0, "q")]).await.unwrap();
-        quiet.settle().await.unwrap();
+        quiet.settle().await;
     }
     let at = progress.load(Ordering::Relaxed);
     assert!(
         at < total,
         "the quiet document's ops waited for the busy one to finish ({at} of {total})"
     );
-    assert_eq!(quiet.doc.text(), "q".repeat(20));
+    assert_eq!(quiet.text(), "q".repeat(20));
+    quiet.close().await;
     assert_eq!(writer.await.unwrap() as u64, total);
     server.stop().await;
 }
@@ -300,13 +379,11 @@ async fn a_busy_document_does_not_stall_another() {
 async fn a_document_nobody_has_open_is_released_and_reopens_intact() {
     let tmp = tempfile::tempdir().unwrap();
     let server = start(tmp.path(), "").await;
-    let mut a = open(server.addr, 1, "e").await;
-    let mut b = open(server.addr, 2, "e").await;
+    let a = open(server.addr, "e").await;
+    let b = open(server.addr, "e").await;
     a.edit(&[Patch::new(0, 0, "hello")]).await.unwrap();
-    a.settle().await.unwrap();
-    while b.doc.version() < 1 {
-        b.pump().await.unwrap();
-    }
+    a.settle().await;
+    wait_for_version(&b, 1).await;
     b.edit(&[Patch::new(5, 0, " world")]).await.unwrap();
     // B leaves without reading its ack (once the server has the op); A leaves too.
     while server
@@ -319,8 +396,10 @@ async fn a_document_nobody_has_open_is_released_and_reopens_intact() {
     {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    // (B's client stops as if killed; A's shuts down, nothing pending.)
+    b.client.abort();
     drop(b);
-    drop(a);
+    a.close().await;
     let released = tokio::time::timeout(Duration::from_secs(30), async {
         while server.server.open_documents() > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -329,8 +408,8 @@ async fn a_document_nobody_has_open_is_released_and_reopens_intact() {
     released
         .await
         .expect("the document is released once nobody has it open");
-    let mut c = open(server.addr, 3, "e").await;
-    assert_eq!(c.doc.text(), "hello world");
+    let c = open(server.addr, "e").await;
+    assert_eq!(c.text(), "hello world");
     assert_eq!(server.server.open_documents(), 1);
     // An op made on an old version is transformed over ops the released document no
     // longer held in memory (read back from the log).
@@ -349,11 +428,10 @@ async fn a_document_nobody_has_open_is_released_and_reopens_intact() {
     })
     .await
     .unwrap();
-    c.settle().await.unwrap();
-    while c.doc.version() < 3 {
-        c.pump().await.unwrap();
-    }
-    assert_eq!(c.doc.text(), "> hello world");
+    c.settle().await;
+    wait_for_version(&c, 3).await;
+    assert_eq!(c.text(), "> hello world");
+    c.close().await;
     server.stop().await;
 }
 
@@ -363,24 +441,26 @@ async fn clients_churning_on_one_document_lose_nothing() {
     let server = start(tmp.path(), "").await;
     let (tasks, rounds) = (8u64, 40u64);
     let mut handles = Vec::new();
-    for t in 0..tasks {
+    for _ in 0..tasks {
         let addr = server.addr;
         handles.push(tokio::spawn(async move {
-            for r in 0..rounds {
+            for _ in 0..rounds {
                 // A new client each round: open, append one character, wait for the ack,
                 // leave (the document is released whenever nobody has it open).
-                let mut doc = open(addr, 1 + t * 1000 + r, "churn").await;
-                let end = doc.doc.len_chars();
-                doc.edit(&[Patch::new(end, 0, "c")]).await.unwrap();
-                doc.settle().await.unwrap();
+                let doc = open(addr, "churn").await;
+                doc.edit_with(|text, _| vec![Patch::new(text.chars().count() as u32, 0, "c")])
+                    .await
+                    .unwrap();
+                doc.settle().await;
+                doc.close().await;
             }
         }));
     }
     for h in handles {
         h.await.unwrap();
     }
-    let reader = open(server.addr, 999_999, "churn").await;
-    assert_eq!(reader.doc.version(), tasks * rounds);
-    assert_eq!(reader.doc.text(), "c".repeat((tasks * rounds) as usize));
+    let (text, version) = read_back(server.addr, "churn").await;
+    assert_eq!(version, tasks * rounds);
+    assert_eq!(text, "c".repeat((tasks * rounds) as usize));
     server.stop().await;
 }

@@ -8,11 +8,11 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use common::{open, start_with_store, store_config, Running};
-use quire::client::connection::{Connection, SyncedDoc};
+use common::{open, start_with_store, store_config, wait_for_version, Opened, Running};
+use quire::client::{ConnectionState, Event, Events};
 use quire::op::Patch;
 use quire::sequencer::local::LocalConfig;
 use quire::sequencer::Sequencer;
@@ -42,11 +42,64 @@ async fn start(dir: &Path) -> Running {
     start_with_store(dir, config(), server).await
 }
 
-struct Client {
-    doc: SyncedDoc,
-    /// This client does not read what the server sends for a while: its ops are made on
-    /// an old version and arrive late.
+struct Replica {
+    doc: Opened,
+    events: Events,
+    /// This client reads nothing the server sends for a while (its link holds it): its
+    /// ops are made on an old version and arrive late.
     lagging: bool,
+    /// The local seqs of the ops carrying its edits, and those acknowledged.
+    sent: HashSet<u64>,
+    acked: HashSet<u64>,
+    /// Times its client connected again.
+    reconnects: usize,
+}
+
+impl Replica {
+    fn lag(&mut self, lagging: bool) {
+        self.lagging = lagging;
+        self.doc.link.hold(lagging);
+    }
+
+    async fn edit(&mut self, seed: u64, make: impl FnOnce(&str) -> Patch) {
+        let local_seq = self
+            .doc
+            .edit_with(|text, _| vec![make(text)])
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: edit: {e}"));
+        // (An edit that changes nothing, made before any op, is carried by none.)
+        if local_seq > 0 {
+            self.sent.insert(local_seq);
+        }
+    }
+
+    /// Notes an event: an ack, a reconnect; a reload fails the test (the server lost
+    /// the ops this client missed).
+    fn note(&mut self, event: Event, seed: u64, i: usize) {
+        match event {
+            Event::Acked { local_seq, .. } => {
+                self.acked.insert(local_seq);
+            }
+            Event::Connection(ConnectionState::Connected) => self.reconnects += 1,
+            Event::Reloaded { .. } => panic!("seed {seed}: client {i} was reloaded"),
+            _ => {}
+        }
+    }
+
+    /// Takes the events so far.
+    fn take_events(&mut self, seed: u64, i: usize) {
+        while let Some(event) = self.events.try_recv() {
+            self.note(event, seed, i);
+        }
+    }
+
+    /// Waits until the client has connected again `n` times in all.
+    async fn reconnected(&mut self, n: usize, seed: u64, i: usize) {
+        while self.reconnects < n {
+            let event = self.events.recv().await.expect("the client runs");
+            self.note(event, seed, i);
+        }
+    }
 }
 
 async fn run(seed: u64) {
@@ -55,22 +108,24 @@ async fn run(seed: u64) {
     let mut server = start(tmp.path()).await;
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
-        let doc = open(server.addr, 1000 + i as u64, &format!("doc{}", i % DOCS)).await;
-        clients.push(Client {
-            doc: doc.ignore_events(),
+        let doc = open(server.addr, &format!("doc{}", i % DOCS)).await;
+        clients.push(Replica {
+            events: doc.events(),
+            doc,
             lagging: false,
+            sent: HashSet::new(),
+            acked: HashSet::new(),
+            reconnects: 0,
         });
     }
     // Every client starts at version 1 or more: a catch-up from version 0 is a snapshot,
-    // which this client resumes from only by reloading.
+    // which a client with pending edits takes by reloading.
     for c in clients.iter_mut().take(DOCS) {
-        c.doc.edit(&[Patch::new(0, 0, "start ")]).await.unwrap();
-        c.doc.settle().await.unwrap();
+        c.edit(seed, |_| Patch::new(0, 0, "start ")).await;
+        c.doc.settle().await;
     }
-    for c in clients.iter_mut() {
-        while c.doc.doc.version() == 0 {
-            c.doc.pump().await.unwrap();
-        }
+    for c in &clients {
+        wait_for_version(&c.doc, 1).await;
     }
     let mut late_ops = 0u64;
     for round in 0..ROUNDS {
@@ -78,50 +133,48 @@ async fn run(seed: u64) {
             let c = &mut clients[rng.below(CLIENTS as u64) as usize];
             match rng.below(10) {
                 0..=4 => {
-                    let len = c.doc.doc.len_chars();
-                    let pos = rng.below(u64::from(len) + 1) as u32;
-                    let del = (rng.below(3) as u32).min(len - pos);
-                    let ins: String = (0..rng.below(4))
-                        .map(|_| ALPHABET[rng.below(ALPHABET.len() as u64) as usize])
-                        .collect();
                     if c.lagging {
                         late_ops += 1;
                     }
-                    c.doc
-                        .edit(&[Patch::new(pos, del, ins)])
-                        .await
-                        .unwrap_or_else(|e| panic!("seed {seed}: edit: {e}"));
+                    let rng = &mut rng;
+                    c.edit(seed, |text| {
+                        let len = text.chars().count() as u32;
+                        let pos = rng.below(u64::from(len) + 1) as u32;
+                        let del = (rng.below(3) as u32).min(len - pos);
+                        let ins: String = (0..rng.below(4))
+                            .map(|_| ALPHABET[rng.below(ALPHABET.len() as u64) as usize])
+                            .collect();
+                        Patch::new(pos, del, ins)
+                    })
+                    .await;
                 }
-                5 => c.lagging = rng.below(3) == 0,
-                // A client that reads waits for its op's ack when one is in flight.
-                _ if !c.lagging => {
-                    let read = if c.doc.doc.in_flight().is_some() {
-                        c.doc.pump().await
-                    } else {
-                        c.doc.poll().await
-                    };
-                    read.unwrap_or_else(|e| panic!("seed {seed}: read: {e}"));
+                5 => {
+                    let lagging = rng.below(3) == 0;
+                    c.lag(lagging);
                 }
+                // A client that reads waits for the acks of its pending edits
+                // (its task applies whatever arrives by itself).
+                _ if !c.lagging => c
+                    .doc
+                    .synced()
+                    .await
+                    .unwrap_or_else(|e| panic!("seed {seed}: read: {e}")),
                 _ => {}
             }
         }
-        // A restart with whatever is in flight; every client reconnects and resends.
+        // A restart with whatever is in flight; every client reconnects (to the new
+        // address), reopens its document and resends under the same op ids.
         server.stop().await;
         server = start(tmp.path()).await;
-        for (i, c) in clients.iter_mut().enumerate() {
-            let conn = Connection::connect(server.addr, 1000 + i as u64, "")
-                .await
-                .unwrap();
-            c.doc
-                .resume(conn)
-                .await
-                .unwrap_or_else(|e| panic!("seed {seed} round {round}: resume: {e}"));
-            c.lagging = false;
+        for c in clients.iter_mut() {
+            c.doc.link.point_at(server.addr);
+            c.lag(false);
         }
         // Settle and compare every replica with the server.
-        for c in clients.iter_mut() {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.reconnected(round + 1, seed, i).await;
             c.doc
-                .settle()
+                .synced()
                 .await
                 .unwrap_or_else(|e| panic!("seed {seed}: settle: {e}"));
         }
@@ -132,18 +185,31 @@ async fn run(seed: u64) {
             versions.insert(name, view);
         }
         for (i, c) in clients.iter_mut().enumerate() {
-            let view = &versions[&c.doc.name];
-            while c.doc.doc.version() < view.version {
-                c.doc.pump().await.unwrap();
-            }
+            let view = &versions[c.doc.name()];
+            wait_for_version(&c.doc, view.version).await;
             assert!(
-                !c.doc.doc.has_pending(),
+                c.doc.is_synced(),
                 "seed {seed}: client {i} has unacked edits"
             );
             assert_eq!(
-                c.doc.doc.text(),
+                c.doc.text(),
                 view.text,
                 "seed {seed} round {round}: client {i} diverged from the server"
+            );
+            // Nothing the server sent made it reconnect but the restarts (a connection
+            // to the server as it stopped got no Welcome: not counted); every op was
+            // acknowledged under the id it was first sent with (none refused and sent
+            // again as a new op), and none was reloaded.
+            c.take_events(seed, i);
+            assert_eq!(
+                c.reconnects,
+                round + 1,
+                "seed {seed} round {round}: client {i} reconnected"
+            );
+            let unacked: Vec<_> = c.sent.difference(&c.acked).collect();
+            assert!(
+                unacked.is_empty(),
+                "seed {seed} round {round}: client {i}: ops never acked {unacked:?}"
             );
         }
     }
@@ -154,6 +220,9 @@ async fn run(seed: u64) {
     }
     eprintln!("seed {seed}: {late_ops} edits made while lagging, {sequenced} ops sequenced");
     assert!(sequenced > 1000, "the run sequenced few ops ({sequenced})");
+    for c in clients {
+        c.doc.close().await;
+    }
     server.stop().await;
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use quire::client::connection::{Connection, SyncedDoc};
+use quire::client::{Client, ClientConfig, ConnectionState, Event, Events};
 use quire::op::Patch;
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::sequencer::Sequencer;
@@ -62,6 +62,17 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// Returns once the client's connection is no longer up.
+async fn connection_lost(events: &mut Events) {
+    loop {
+        match events.recv().await {
+            Some(Event::Connection(ConnectionState::Connected)) => {}
+            Some(Event::Connection(_)) | None => return,
+            Some(_) => {}
+        }
+    }
+}
+
 #[test]
 fn sigterm_finishes_in_flight_commits_and_every_acked_op_survives() {
     let tmp = tempfile::tempdir().unwrap();
@@ -73,24 +84,30 @@ fn sigterm_finishes_in_flight_commits_and_every_acked_op_survives() {
         .unwrap();
     let acked: Vec<u64> = rt.block_on(async {
         let mut writers = Vec::new();
-        for client in 1..=4u64 {
+        for n in 1..=4u64 {
             writers.push(tokio::spawn(async move {
-                let conn = Connection::connect(addr, client, "").await.unwrap();
-                let mut doc = SyncedDoc::open(conn, &format!("doc{client}"), 1)
+                let client = Client::connect(ClientConfig::new(addr.to_string()))
                     .await
                     .unwrap();
+                client.wait_connected().await.unwrap();
+                let doc = client.open(&format!("doc{n}")).await.unwrap();
+                let mut events = doc.events();
                 let mut acked = 0u64;
                 // Append one character per op until the server goes away.
                 loop {
-                    let end = doc.doc.len_chars();
-                    if doc.edit(&[Patch::new(end, 0, "x")]).await.is_err() {
-                        break;
+                    doc.edit_with(|text, _| vec![Patch::new(text.chars().count() as u32, 0, "x")])
+                        .await
+                        .unwrap();
+                    tokio::select! {
+                        synced = doc.synced() => {
+                            synced.unwrap();
+                            acked = doc.version();
+                        }
+                        () = connection_lost(&mut events) => break,
                     }
-                    if doc.settle().await.is_err() {
-                        break;
-                    }
-                    acked = doc.doc.version();
                 }
+                // The server is gone: stop at once (the last edit is not acknowledged).
+                client.abort();
                 acked
             }));
         }

@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{next_reply, open, start_on_sim, start_with};
-use quire::client::connection::{Connection, SyncedDoc};
+use quire::client::connection::Connection;
+use quire::client::Event;
 use quire::op::Patch;
 use quire::protocol::message::{ErrorCode, Message, Selection};
 use quire::protocol::{max_op_bytes, MAX_OPS_IN_FLIGHT, MAX_OP_PATCHES, MAX_SELECTIONS};
@@ -122,11 +123,12 @@ async fn a_late_op_after_a_restart_is_transformed_over_ops_not_yet_durable() {
     let fs = SimFs::new();
     {
         let server = start_on_sim(&fs, ServerConfig::default()).await;
-        let mut a = open(server.addr, 1, "d").await;
+        let a = open(server.addr, "d").await;
         a.edit(&[Patch::new(0, 0, "0123456789")]).await.unwrap();
-        a.settle().await.unwrap();
+        a.settle().await;
         a.edit(&[Patch::new(10, 0, "Y")]).await.unwrap();
-        a.settle().await.unwrap();
+        a.settle().await;
+        a.close().await;
         server.stop().await;
     }
     let server = start_on_sim(&fs, ServerConfig::default()).await;
@@ -305,9 +307,9 @@ async fn an_op_with_the_most_patches_is_applied_and_one_more_is_refused() {
     open_raw(&mut a, "big", 1).await;
     submit(&mut a, "big", 3, 1, patches).await;
     // A bystander on another document is served meanwhile.
-    let mut bystander = open(server.addr, 2, "small").await;
+    let bystander = open(server.addr, "small").await;
     bystander.edit(&[Patch::new(0, 0, "fine")]).await.unwrap();
-    bystander.settle().await.unwrap();
+    bystander.settle().await;
     match tokio::time::timeout(HANG, next_reply(&mut a))
         .await
         .unwrap()
@@ -325,13 +327,23 @@ async fn an_op_with_the_most_patches_is_applied_and_one_more_is_refused() {
 async fn after_the_log_fails_open_reports_the_error_not_an_empty_document() {
     let fs = SimFs::new();
     let server = start_on_sim(&fs, ServerConfig::default()).await;
-    let mut a = open(server.addr, 1, "d").await;
-    a.edit(&[Patch::new(0, 0, "kept")]).await.unwrap();
-    a.settle().await.unwrap();
+    // The client's op is answered with the error's code (a client keeps such an op in
+    // flight and retries it once the server is back: the raw protocol shows the code).
+    let mut a = Connection::connect(server.addr, 1, "").await.unwrap();
+    open_raw(&mut a, "d", 0).await;
+    submit(&mut a, "d", 1, 0, vec![Patch::new(0, 0, "kept")]).await;
+    assert!(matches!(
+        next_reply(&mut a).await,
+        Message::Ack { seq: 1, .. }
+    ));
     fs.fail_syncs_after(0);
-    a.edit(&[Patch::new(0, 0, "lost")]).await.unwrap();
-    let err = a.settle().await.unwrap_err();
-    assert!(err.to_string().contains("StorageFailed"), "{err}");
+    submit(&mut a, "d", 2, 1, vec![Patch::new(0, 0, "lost")]).await;
+    match next_reply(&mut a).await {
+        Message::Reject { code, .. } | Message::Error { code, .. } => {
+            assert_eq!(code, ErrorCode::StorageFailed)
+        }
+        other => panic!("the op is refused, not {other:?}"),
+    }
     let mut b = Connection::connect(server.addr, 2, "").await.unwrap();
     b.send(Message::Open {
         doc: "d".into(),
@@ -359,18 +371,23 @@ async fn after_the_log_fails_open_reports_the_error_not_an_empty_document() {
 async fn a_reused_op_id_is_refused_and_a_true_resend_gets_its_original_ack() {
     let tmp = tempfile::tempdir().unwrap();
     let server = start_with(tmp.path(), ServerConfig::default()).await;
-    // The README's example, run once.
-    let mut first = open(server.addr, 1, "notes").await;
-    first.edit(&[Patch::new(0, 0, "hello")]).await.unwrap();
-    first.settle().await.unwrap();
-    drop(first);
-    // Run again: the same client id and local seq, another edit.
-    let mut again = Connection::connect(server.addr, 1, "").await.unwrap();
+    // The README's example, run once: a client's first edit, its op id (`id`,
+    // `local_seq`).
+    let first = open(server.addr, "notes").await;
+    let local_seq = first
+        .edit_with(|_, _| vec![Patch::new(0, 0, "hello")])
+        .await
+        .unwrap();
+    first.settle().await;
+    let id = first.client.client_id();
+    first.close().await;
+    // Run again (on the raw protocol): the same client id and local seq, another edit.
+    let mut again = Connection::connect(server.addr, id, "").await.unwrap();
     let (_, version, _) = open_raw(&mut again, "notes", 0).await;
     submit(
         &mut again,
         "notes",
-        1,
+        local_seq,
         version,
         vec![Patch::new(0, 0, "bye ")],
     )
@@ -382,18 +399,39 @@ async fn a_reused_op_id_is_refused_and_a_true_resend_gets_its_original_ack() {
     // After a Reject the client opens the document again before its next op.
     open_raw(&mut again, "notes", version).await;
     // The true resend (same base, same patches) gets its original ack.
-    submit(&mut again, "notes", 1, 0, vec![Patch::new(0, 0, "hello")]).await;
+    submit(
+        &mut again,
+        "notes",
+        local_seq,
+        0,
+        vec![Patch::new(0, 0, "hello")],
+    )
+    .await;
     assert!(matches!(
         next_reply(&mut again).await,
         Message::Ack { seq: 1, .. }
     ));
     // An id below the newest that was never used: refused, not acked with seq 0.
-    submit(&mut again, "notes", 5, 1, vec![Patch::new(5, 0, "!")]).await;
+    submit(
+        &mut again,
+        "notes",
+        local_seq + 4,
+        1,
+        vec![Patch::new(5, 0, "!")],
+    )
+    .await;
     assert!(matches!(
         next_reply(&mut again).await,
         Message::Ack { seq: 2, .. }
     ));
-    submit(&mut again, "notes", 3, 2, vec![Patch::new(0, 0, "?")]).await;
+    submit(
+        &mut again,
+        "notes",
+        local_seq + 2,
+        2,
+        vec![Patch::new(0, 0, "?")],
+    )
+    .await;
     match next_reply(&mut again).await {
         Message::Reject { code, .. } => assert_eq!(code, ErrorCode::OpIdReused),
         other => panic!("expected a Reject, got {other:?}"),
@@ -403,7 +441,7 @@ async fn a_reused_op_id_is_refused_and_a_true_resend_gets_its_original_ack() {
         "hello!"
     );
     // A second live connection with the same client id replaces the first (code 11).
-    let mut twin = Connection::connect(server.addr, 1, "").await.unwrap();
+    let mut twin = Connection::connect(server.addr, id, "").await.unwrap();
     let mut closed_with = None;
     while let Ok(env) = tokio::time::timeout(HANG, again.recv()).await.unwrap() {
         closed_with = Some(env.message);
@@ -560,9 +598,10 @@ async fn half_sent_large_frames_share_a_budget_and_small_ones_pass() {
     let mut third = holders.pop().unwrap();
     expect_closed_with(&mut third, 9).await;
     assert_eq!(server.server.large_frame_bytes_in_use(), 2 * max_frame);
-    let mut bystander = open(server.addr, 9, "b").await;
+    let bystander = open(server.addr, "b").await;
     bystander.edit(&[Patch::new(0, 0, "fine")]).await.unwrap();
-    bystander.settle().await.unwrap();
+    bystander.settle().await;
+    bystander.close().await;
     drop(holders);
     tokio::time::timeout(HANG, async {
         while server.server.large_frame_bytes_in_use() > 0 {
@@ -623,24 +662,38 @@ async fn ops_in_flight_are_limited_per_connection() {
 async fn presence_selections_are_limited() {
     let tmp = tempfile::tempdir().unwrap();
     let server = start_with(tmp.path(), ServerConfig::default()).await;
-    let mut a = open(server.addr, 1, "d").await;
-    let mut b = open(server.addr, 2, "d").await;
+    // A sends on the raw protocol (the client sends at most MAX_SELECTIONS); B is a
+    // client that shows the cursors.
+    let mut a = Connection::connect(server.addr, 1, "").await.unwrap();
+    open_raw(&mut a, "d", 0).await;
+    let b = open(server.addr, "d").await;
+    let mut events = b.events();
     let sel = Selection { anchor: 0, head: 0 };
-    a.set_presence(vec![sel; MAX_SELECTIONS + 1]).await.unwrap();
-    match next_reply(&mut a.conn).await {
+    let presence = |n: usize| Message::Presence {
+        doc: "d".into(),
+        selections: vec![sel; n],
+    };
+    a.send(presence(MAX_SELECTIONS + 1)).await.unwrap();
+    match next_reply(&mut a).await {
         Message::Error { code, .. } => assert_eq!(code, ErrorCode::TooLarge),
         other => panic!("expected an Error, got {other:?}"),
     }
-    a.set_presence(vec![sel; MAX_SELECTIONS]).await.unwrap();
+    a.send(presence(MAX_SELECTIONS)).await.unwrap();
     loop {
-        match b.conn.recv().await.unwrap().message {
-            Message::PresenceState { selections, .. } => {
+        match events.recv().await.unwrap() {
+            Event::Presence {
+                client_id,
+                selections,
+            } => {
+                assert_eq!(client_id, 1);
                 assert_eq!(selections.len(), MAX_SELECTIONS);
                 break;
             }
             _ => continue,
         }
     }
+    assert_eq!(b.presence()[&1].len(), MAX_SELECTIONS);
+    b.close().await;
     server.stop().await;
 }
 
@@ -662,13 +715,13 @@ async fn stopping_the_server_does_not_wait_for_a_client_that_never_reads() {
     })
     .await
     .unwrap();
-    let mut writer: SyncedDoc = open(server.addr, 2, "big").await;
+    let writer = open(server.addr, "big").await;
     for _ in 0..400 {
         writer
             .edit(&[Patch::new(0, 0, "z".repeat(30_000))])
             .await
             .unwrap();
-        writer.settle().await.unwrap();
+        writer.settle().await;
     }
     // `slow` is still connected and reads nothing.
     tokio::time::timeout(HANG, server.stop())
@@ -740,7 +793,7 @@ async fn a_frame_of_exactly_max_frame_is_read_and_one_byte_more_closes_the_conne
         ..ServerConfig::default()
     };
     let server = start_with(tmp.path(), config).await;
-    let mut bystander = open(server.addr, 9, "other").await;
+    let bystander = open(server.addr, "other").await;
     // A Submit frame: type, request id, doc "d", local seq, base, one patch.
     let submit_frame = |frame_len: usize| {
         let fixed = 1 + 4 + (2 + 1) + 8 + 8 + 4 + 12;
@@ -777,7 +830,8 @@ async fn a_frame_of_exactly_max_frame_is_read_and_one_byte_more_closes_the_conne
     }
     assert!(past.recv().await.is_err(), "the connection is closed");
     bystander.edit(&[Patch::new(0, 0, "ok")]).await.unwrap();
-    bystander.settle().await.unwrap();
+    bystander.settle().await;
+    bystander.close().await;
     server.stop().await;
 }
 

@@ -1,14 +1,25 @@
 //! Helpers shared by the integration tests that run a server over TCP.
 #![allow(dead_code)]
 
+use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use quire::client::connection::{Connection, SyncedDoc};
+use quire::client::connection::Connection;
+use quire::client::state::ClientDoc;
+use quire::client::{Client, ClientConfig, Connector, DocHandle};
+use quire::op::Patch;
+use quire::protocol::message::{Envelope, Message};
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::server::{Server, ServerConfig};
 use quire::wal::WalConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 pub struct Running {
@@ -57,9 +68,326 @@ pub async fn start_with_store(dir: &Path, store: LocalConfig, config: ServerConf
     serve(Arc::new(store), config).await
 }
 
-pub async fn open(addr: SocketAddr, client: u64, doc: &str) -> SyncedDoc {
-    let conn = Connection::connect(addr, client, "").await.unwrap();
-    SyncedDoc::open(conn, doc, 1).await.unwrap()
+/// A client's configuration for the tests: reconnects after a lost connection within
+/// milliseconds (a restarted server is found at once), a fixed jitter seed.
+pub fn client_config(addr: SocketAddr) -> ClientConfig {
+    let mut c = ClientConfig::new(addr.to_string());
+    c.backoff_min = Duration::from_millis(5);
+    c.backoff_max = Duration::from_millis(100);
+    c.seed = Some(7);
+    c
+}
+
+/// A client (its id given by the server) with one document open, connected through
+/// its own [`Link`]. Derefs to the document.
+pub struct Opened {
+    pub client: Client,
+    pub doc: DocHandle,
+    pub link: Link,
+}
+
+impl std::ops::Deref for Opened {
+    type Target = DocHandle;
+    fn deref(&self) -> &DocHandle {
+        &self.doc
+    }
+}
+
+impl Opened {
+    /// Waits until every edit made so far is acknowledged, and checks that the client
+    /// did it over the connection it opened the document on: nothing the server sent
+    /// (an error, a refused op) made it reconnect.
+    pub async fn settle(&self) {
+        self.doc.synced().await.unwrap();
+        self.assert_one_connection();
+    }
+
+    /// The client never reconnected.
+    pub fn assert_one_connection(&self) {
+        assert_eq!(
+            self.link.connections(),
+            1,
+            "the client reconnected (the server ended or refused its connection)"
+        );
+    }
+
+    /// Shuts the client down (its edits acknowledged, if it can).
+    pub async fn close(self) {
+        self.client.shutdown().await;
+    }
+}
+
+/// A new client of `addr` with `doc` open, loaded from the server.
+pub async fn open(addr: SocketAddr, doc: &str) -> Opened {
+    open_with(client_config(addr), doc).await
+}
+
+/// As [`open`], with `config` (its `addr` is where the [`Link`] connects).
+pub async fn open_with(config: ClientConfig, doc: &str) -> Opened {
+    let link = Link::new(config.addr.parse().expect("a socket address"));
+    let client = Client::with_connector(config, link.clone()).await.unwrap();
+    // Connected first: then `open` returns once the document is loaded.
+    client.wait_connected().await.unwrap();
+    let doc = client.open(doc).await.unwrap();
+    Opened { client, doc, link }
+}
+
+/// The text and version of `doc` as a new client opens it from the server.
+pub async fn read_back(addr: SocketAddr, doc: &str) -> (String, u64) {
+    let reader = open(addr, doc).await;
+    let got = (reader.text(), reader.version());
+    reader.assert_one_connection();
+    reader.close().await;
+    got
+}
+
+/// Waits until `doc` has applied the server's seq `version`.
+pub async fn wait_for_version(doc: &DocHandle, version: u64) {
+    let mut events = doc.events();
+    while doc.version() < version {
+        events.recv().await.expect("the client is running");
+    }
+}
+
+/// How the tests' clients reach the server: TCP to an address that can change (a
+/// restarted server listens elsewhere), counting the connections made, and able to
+/// hold what the server sends (a client that lags behind: it reads nothing until
+/// released, so its edits are made on an old version and its acks wait).
+#[derive(Clone)]
+pub struct Link(Arc<LinkState>);
+
+struct LinkState {
+    addr: Mutex<SocketAddr>,
+    connections: AtomicUsize,
+    hold: Mutex<Hold>,
+}
+
+#[derive(Default)]
+struct Hold {
+    held: bool,
+    wakers: Vec<Waker>,
+}
+
+impl Link {
+    pub fn new(addr: SocketAddr) -> Link {
+        Link(Arc::new(LinkState {
+            addr: Mutex::new(addr),
+            connections: AtomicUsize::new(0),
+            hold: Mutex::new(Hold::default()),
+        }))
+    }
+
+    /// Connections from now on go to `addr`.
+    pub fn point_at(&self, addr: SocketAddr) {
+        *self.0.addr.lock().unwrap() = addr;
+    }
+
+    /// Connections made (handshakes attempted) so far.
+    pub fn connections(&self) -> usize {
+        self.0.connections.load(Ordering::SeqCst)
+    }
+
+    /// Holds (true) or releases what the server sends.
+    pub fn hold(&self, held: bool) {
+        let mut hold = self.0.hold.lock().unwrap();
+        hold.held = held;
+        if !held {
+            hold.wakers.drain(..).for_each(Waker::wake);
+        }
+    }
+}
+
+impl Connector for Link {
+    type Stream = LinkStream;
+    async fn connect(&self) -> io::Result<LinkStream> {
+        let addr = *self.0.addr.lock().unwrap();
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        self.0.connections.fetch_add(1, Ordering::SeqCst);
+        Ok(LinkStream {
+            stream,
+            link: self.0.clone(),
+        })
+    }
+}
+
+/// A connection made by a [`Link`].
+pub struct LinkStream {
+    stream: TcpStream,
+    link: Arc<LinkState>,
+}
+
+impl AsyncRead for LinkStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        {
+            let mut hold = this.link.hold.lock().unwrap();
+            if hold.held {
+                if !hold.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    hold.wakers.push(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LinkStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// A document edited over the raw protocol, each edit its own op, up to `n` of them
+/// in flight without waiting for acks (pipelining by hand, see "Pipelining" in
+/// protocol.md): what the [`Client`], one op in flight and later edits composed, never
+/// does. Any error or refusal from the server fails the test.
+pub struct Pipelined {
+    pub conn: Connection,
+    pub name: String,
+    pub doc: ClientDoc,
+    /// Ops sent.
+    pub ops_sent: u64,
+}
+
+impl Pipelined {
+    /// Opens `name` on a new connection (its client id given by the server).
+    pub async fn open(addr: SocketAddr, name: &str, n: usize) -> Pipelined {
+        let mut conn = Connection::connect(addr, 0, "").await.unwrap();
+        conn.send(Message::Open {
+            doc: name.into(),
+            known_version: 0,
+        })
+        .await
+        .unwrap();
+        let mut snapshot = String::new();
+        let mut doc: Option<ClientDoc> = None;
+        loop {
+            match conn.recv().await.unwrap().message {
+                Message::Snapshot {
+                    version,
+                    total_len,
+                    text,
+                    ..
+                } => {
+                    snapshot.push_str(&text);
+                    if snapshot.len() as u64 >= total_len {
+                        doc = Some(ClientDoc::new(std::mem::take(&mut snapshot), version, 1));
+                    }
+                }
+                Message::Ops { ops, more, .. } => {
+                    let d = doc.get_or_insert_with(|| ClientDoc::new(String::new(), 0, 1));
+                    for op in ops {
+                        if op.seq > d.version() {
+                            d.on_remote(op.seq, &op.patches).unwrap();
+                        }
+                    }
+                    if !more {
+                        break;
+                    }
+                }
+                Message::Error { code, message } => panic!("opening {name}: {code:?}: {message}"),
+                _ => {}
+            }
+        }
+        let doc = doc
+            .expect("opened")
+            .with_max_op_bytes(quire::protocol::max_op_bytes(conn.max_frame))
+            .without_composing()
+            .pipelined(n);
+        Pipelined {
+            conn,
+            name: name.into(),
+            doc,
+            ops_sent: 0,
+        }
+    }
+
+    /// Applies a local edit and sends what may be sent.
+    pub async fn edit(&mut self, patches: &[Patch]) {
+        self.doc.local_edit(patches).unwrap();
+        self.flush().await;
+    }
+
+    async fn flush(&mut self) {
+        while let Some(out) = self.doc.take_to_send() {
+            self.ops_sent += 1;
+            self.conn.queue(out.into_submit(&self.name)).unwrap();
+        }
+        self.conn.flush().await.unwrap();
+    }
+
+    fn sequenced(&mut self, seq: u64, client_id: u64, local_seq: u64, patches: &[Patch]) {
+        let mine = client_id == self.conn.client_id
+            && self
+                .doc
+                .in_flight()
+                .is_some_and(|o| o.local_seq == local_seq);
+        if mine {
+            self.doc.on_ack(local_seq, seq).unwrap();
+        } else {
+            self.doc.on_remote(seq, patches).unwrap();
+        }
+    }
+
+    fn apply(&mut self, env: Envelope) {
+        match env.message {
+            Message::Ack { local_seq, seq, .. } => self.doc.on_ack(local_seq, seq).unwrap(),
+            Message::Remote { op, .. } => {
+                self.sequenced(op.seq, op.client_id, op.local_seq, &op.patches)
+            }
+            Message::Ops { ops, .. } => {
+                for op in ops {
+                    self.sequenced(op.seq, op.client_id, op.local_seq, &op.patches);
+                }
+            }
+            m @ (Message::Reject { .. } | Message::Error { .. }) => {
+                panic!("{}: the server refused: {m:?}", self.name)
+            }
+            _ => {}
+        }
+    }
+
+    /// Receives and applies one message, then sends what became sendable.
+    pub async fn pump(&mut self) {
+        let env = self.conn.recv().await.unwrap();
+        self.apply(env);
+        self.flush().await;
+    }
+
+    /// Applies what the server already sent, without waiting, then sends what became
+    /// sendable.
+    pub async fn poll(&mut self) {
+        while let Some(env) = self.conn.try_recv().unwrap() {
+            self.apply(env);
+        }
+        self.flush().await;
+    }
+
+    /// Waits until every local edit is acknowledged.
+    pub async fn settle(&mut self) {
+        self.flush().await;
+        while self.doc.has_pending() {
+            self.pump().await;
+        }
+    }
 }
 
 /// A server on the simulated disk (for holding or failing its syncs).
