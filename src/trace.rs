@@ -283,6 +283,25 @@ impl Model {
     }
 }
 
+/// The text of document `doc` as the server holds it now, read by a new [`Client`]
+/// (whose id the server gives).
+///
+/// [`Client`]: crate::client::Client
+pub async fn read_back(
+    addr: impl std::fmt::Display,
+    token: &str,
+    doc: &str,
+) -> Result<String, crate::client::ClientError> {
+    use crate::client::{Client, ClientConfig};
+    let client = Client::connect(ClientConfig::new(addr.to_string()).token(token)).await?;
+    // Opened before the connection is up, a document starts empty and is loaded later:
+    // connected first, `open` returns once the server's text is in.
+    client.wait_connected().await?;
+    let text = client.open(doc).await?.text();
+    client.shutdown().await;
+    Ok(text)
+}
+
 /// Replays a concurrent trace through a running server: one client per agent, each
 /// seeing exactly the parent version the trace gives each of its txns (the
 /// client/server shape described in the traces README). Ops reach the server in file
@@ -292,8 +311,8 @@ impl Model {
 /// A txn whose parent version its client cannot hold (see
 /// [`ReplayReport::unreachable`]) is counted and made on the client's version, rebased
 /// by a [`Model`] of the trace, and the replay goes on. At the end every client and the
-/// server's copy, read back by one more client (`client_id_base + numAgents`), must hold
-/// the same text; if they do not, the error names each replica's length and sha256.
+/// server's copy, read back by one more client ([`read_back`]), must hold the same text;
+/// if they do not, the error names each replica's length and sha256.
 pub async fn replay_concurrent(
     addr: std::net::SocketAddr,
     token: &str,
@@ -502,14 +521,15 @@ pub async fn replay_concurrent(
         }
     }
     // Every replica, the server's copy last; all must be equal.
-    let conn = Connection::connect(addr, client_id_base + n as u64, token).await?;
-    let server_copy = crate::client::connection::SyncedDoc::open(conn, doc, 1).await?;
+    let server_copy = read_back(addr, token, doc)
+        .await
+        .map_err(|e| protocol(format!("reading the server's copy back: {e}")))?;
     let mut replicas: Vec<(String, String)> = agents
         .iter()
         .enumerate()
         .map(|(a, agent)| (format!("agent {a}"), agent.doc.text()))
         .collect();
-    replicas.push(("server".into(), server_copy.doc.text()));
+    replicas.push(("server".into(), server_copy));
     let text = replicas[replicas.len() - 1].1.clone();
     if replicas.iter().any(|(_, t)| *t != text) {
         let each: Vec<String> = replicas
