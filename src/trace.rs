@@ -199,30 +199,11 @@ impl Model {
     ) -> Result<Vec<Patch>, String> {
         let mut out = Vec::new();
         for patch in patches {
-            let end = patch.pos + patch.del;
-            // The position after the `pos`-th visible character, and the deleted ones.
-            let mut insert_at = 0;
-            let mut deleted = Vec::with_capacity(patch.del as usize);
-            let mut seen = 0u32;
-            for (i, item) in self.items.iter().enumerate() {
-                if seen >= end {
-                    break;
-                }
-                if item.visible(at) {
-                    if seen >= patch.pos {
-                        deleted.push(i);
-                    }
-                    seen += 1;
-                    if seen == patch.pos {
-                        insert_at = i + 1;
-                    }
-                }
-            }
-            if seen < end {
-                return Err(format!(
+            let (insert_at, deleted) = self.locate(patch, at).map_err(|seen| {
+                format!(
                     "patch {patch:?} of agent {agent}'s txn {nth} is past the end of its parent version ({seen} chars)"
-                ));
-            }
+                )
+            })?;
             if let Some(onto) = onto {
                 // Runs of deleted characters still visible in `onto`, last first so
                 // that each position holds when the patches apply in order.
@@ -273,6 +254,83 @@ impl Model {
         Ok(out)
     }
 
+    /// Where `patch` applies in `version`: the index of the item its insert goes before
+    /// (just after the `pos`-th visible character), and the items it deletes. Past the
+    /// end: how many characters `version` has.
+    fn locate(&self, patch: &Patch, version: &[u32]) -> Result<(usize, Vec<usize>), u32> {
+        let end = patch.pos + patch.del;
+        let mut insert_at = 0;
+        let mut deleted = Vec::with_capacity(patch.del as usize);
+        let mut seen = 0u32;
+        for (i, item) in self.items.iter().enumerate() {
+            if seen >= end {
+                break;
+            }
+            if item.visible(version) {
+                if seen >= patch.pos {
+                    deleted.push(i);
+                }
+                seen += 1;
+                if seen == patch.pos {
+                    insert_at = i + 1;
+                }
+            }
+        }
+        if seen < end {
+            return Err(seen);
+        }
+        Ok((insert_at, deleted))
+    }
+
+    /// The txns outside `at`, as (agent, index among its agent's txns), that inserted
+    /// characters next to what a txn made on `at` with `patches` changes (before it is
+    /// applied): in the run of characters around each patch up to the nearest ones, on
+    /// either side, that `at` shows and no txn so far deleted. There, concurrent inserts
+    /// can meet at one position when the ops are transformed (also after the characters
+    /// between them are deleted), and positional OT orders them by which op the server
+    /// sequenced first (see `ot`): a replay that sends such txns out of file order can
+    /// end with another text than the trace's. A txn of several patches is taken as
+    /// next to every txn outside `at` that inserted characters.
+    pub fn concurrent_neighbours(
+        &self,
+        patches: &[Patch],
+        at: &[u32],
+    ) -> Result<Vec<(usize, u32)>, String> {
+        let outside = |item: &Item| at[item.agent as usize] <= item.nth;
+        let mut found: Vec<(usize, u32)> = Vec::new();
+        if let [patch] = patches {
+            let (insert_at, deleted) = self.locate(patch, at).map_err(|seen| {
+                format!("patch {patch:?} is past the end of its version ({seen} chars)")
+            })?;
+            let stable = |item: &Item| item.visible(at) && item.deleted_by.is_empty();
+            let first = deleted.first().copied().unwrap_or(insert_at);
+            let after = deleted.last().map_or(insert_at, |&i| i + 1);
+            let left = self.items[..first]
+                .iter()
+                .rev()
+                .take_while(|item| !stable(item));
+            let right = self.items[after..].iter().take_while(|item| !stable(item));
+            // Between the deleted characters: inserts `at` does not show.
+            let inside = self.items[first..after].iter();
+            found.extend(
+                left.chain(right)
+                    .chain(inside)
+                    .filter(|item| outside(item))
+                    .map(|item| (item.agent as usize, item.nth)),
+            );
+        } else if !patches.is_empty() {
+            found.extend(
+                self.items
+                    .iter()
+                    .filter(|item| outside(item))
+                    .map(|item| (item.agent as usize, item.nth)),
+            );
+        }
+        found.sort_unstable();
+        found.dedup();
+        Ok(found)
+    }
+
     /// The text in `version`.
     pub fn text(&self, version: &[u32]) -> String {
         self.items
@@ -281,6 +339,25 @@ impl Model {
             .map(|item| item.ch)
             .collect()
     }
+}
+
+/// The text of document `doc` as the server holds it now, read by a new [`Client`]
+/// (whose id the server gives).
+///
+/// [`Client`]: crate::client::Client
+pub async fn read_back(
+    addr: impl std::fmt::Display,
+    token: &str,
+    doc: &str,
+) -> Result<String, crate::client::ClientError> {
+    use crate::client::{Client, ClientConfig};
+    let client = Client::connect(ClientConfig::new(addr.to_string()).token(token)).await?;
+    // Opened before the connection is up, a document starts empty and is loaded later:
+    // connected first, `open` returns once the server's text is in.
+    client.wait_connected().await?;
+    let text = client.open(doc).await?.text();
+    client.shutdown().await;
+    Ok(text)
 }
 
 /// Replays a concurrent trace through a running server: one client per agent, each
@@ -292,8 +369,8 @@ impl Model {
 /// A txn whose parent version its client cannot hold (see
 /// [`ReplayReport::unreachable`]) is counted and made on the client's version, rebased
 /// by a [`Model`] of the trace, and the replay goes on. At the end every client and the
-/// server's copy, read back by one more client (`client_id_base + numAgents`), must hold
-/// the same text; if they do not, the error names each replica's length and sha256.
+/// server's copy, read back by one more client ([`read_back`]), must hold the same text;
+/// if they do not, the error names each replica's length and sha256.
 pub async fn replay_concurrent(
     addr: std::net::SocketAddr,
     token: &str,
@@ -502,14 +579,15 @@ pub async fn replay_concurrent(
         }
     }
     // Every replica, the server's copy last; all must be equal.
-    let conn = Connection::connect(addr, client_id_base + n as u64, token).await?;
-    let server_copy = crate::client::connection::SyncedDoc::open(conn, doc, 1).await?;
+    let server_copy = read_back(addr, token, doc)
+        .await
+        .map_err(|e| protocol(format!("reading the server's copy back: {e}")))?;
     let mut replicas: Vec<(String, String)> = agents
         .iter()
         .enumerate()
         .map(|(a, agent)| (format!("agent {a}"), agent.doc.text()))
         .collect();
-    replicas.push(("server".into(), server_copy.doc.text()));
+    replicas.push(("server".into(), server_copy));
     let text = replicas[replicas.len() - 1].1.clone();
     if replicas.iter().any(|(_, t)| *t != text) {
         let each: Vec<String> = replicas
@@ -616,6 +694,46 @@ mod tests {
         // A parent that is not earlier in the file is refused, not a panic later.
         let forward = json.replace(r#""parents": [1]"#, r#""parents": [2]"#);
         assert!(parse(forward.as_bytes()).unwrap_err().contains("txn 2"));
+    }
+
+    #[test]
+    fn concurrent_neighbours_are_the_concurrent_inserts_an_edit_can_meet_when_transformed() {
+        let mut model = Model::default();
+        // Agent 0 writes "abc"; then, concurrently, agent 1 deletes "b" and types "X"
+        // where it was, and agent 0 edits its "abc".
+        model
+            .apply(0, 0, &[Patch::new(0, 0, "abc")], &[1, 0], None)
+            .unwrap();
+        model
+            .apply(1, 0, &[Patch::new(1, 1, "")], &[1, 1], None)
+            .unwrap();
+        model
+            .apply(1, 1, &[Patch::new(1, 0, "X")], &[1, 2], None)
+            .unwrap();
+        let at = [2, 0];
+        let near = |patches: &[Patch]| model.concurrent_neighbours(patches, &at).unwrap();
+        // Between "a" and "b": where agent 1 typed.
+        assert_eq!(near(&[Patch::new(1, 0, "Y")]), vec![(1, 1)]);
+        // Between "b" and "c": "b" is gone from agent 1's text, so there too.
+        assert_eq!(near(&[Patch::new(2, 0, "Y")]), vec![(1, 1)]);
+        // Deleting "b" itself, next to "X".
+        assert_eq!(near(&[Patch::new(1, 1, "")]), vec![(1, 1)]);
+        // Past "c", and before "a": characters nobody deleted lie between.
+        assert_eq!(near(&[Patch::new(3, 0, "Y")]), vec![]);
+        assert_eq!(near(&[Patch::new(0, 0, "Y")]), vec![]);
+        // A version that holds agent 1's txns has no concurrent neighbour.
+        assert_eq!(
+            model
+                .concurrent_neighbours(&[Patch::new(1, 0, "Y")], &[2, 2])
+                .unwrap(),
+            vec![]
+        );
+        // Several patches: every txn outside the version that inserted characters, to be
+        // safe (the patches alone are next to none).
+        assert_eq!(
+            near(&[Patch::new(3, 0, "Y"), Patch::new(0, 0, "Z")]),
+            vec![(1, 1)]
+        );
     }
 
     #[test]

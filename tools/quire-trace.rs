@@ -15,13 +15,17 @@
 //! - `each`: each client on its own document replays the first 1/N of the patches
 //!   exactly (the ShareDB peer's "many" mode).
 //!
-//! Without `--compose` a client keeps one op in flight and sends each patch as its own
-//! op after the previous ack (the ShareDB peer's shape); with it, patches made while an
-//! op is in flight are composed into the next op. `--pipeline N` sends each patch as its
-//! own op with up to N in flight (a document per client only). Prints ops/s, ack latency
-//! p50/p99/p99.9 over every op sent (n: how many; with `--compose` or `--pipeline`, from
-//! the op's send to its ack), and the final length and sha256 of every document, read
-//! back from the server by a fresh client.
+//! Clients are `quire::client::Client`s (ids given by the server). Without `--compose` a
+//! client makes each patch after the previous one's ack, so each is its own op (the
+//! ShareDB peer's shape); with it, patches are made without waiting and the client
+//! composes those made while an op is in flight into the next op. `--pipeline N` sends
+//! each patch as its own op with up to N in flight (a document per client only; over a
+//! bare connection with ids from `--client-base`, as `ping` and `concurrent` use: the
+//! `Client` keeps one op in flight). Prints ops/s, ack latency p50/p99/p99.9 over every
+//! op sent (n: how many; without `--compose` or `--pipeline`, from the edit to its ack;
+//! with them, from the op's send to its ack: with `--compose`, the later of its first
+//! edit and the previous op's ack, when the client sends it), and the final length and
+//! sha256 of every document, read back from the server by a fresh client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,9 +33,12 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use quire::client::connection::{Connection, Event, SyncedDoc};
+use quire::client::connection::Connection;
+use quire::client::state::ClientDoc;
+use quire::client::{Client, ClientConfig, ClientError, ConnectionState, DocHandle, Event, Events};
 use quire::op::Patch;
-use quire::trace::{load, replay_concurrent, sha256_hex};
+use quire::protocol::message::Message;
+use quire::trace::{load, read_back, replay_concurrent, sha256_hex};
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Mode {
@@ -74,7 +81,8 @@ struct Args {
     doc: String,
     #[arg(long, default_value = "", env = "QUIRE_TOKEN")]
     token: String,
-    /// First client id used (ids must be unique per run on a server).
+    /// First client id used by bare connections (`ping`, `concurrent`, `--pipeline`;
+    /// ids must be unique per run on a server).
     #[arg(long, default_value_t = 1_000_000)]
     client_base: u64,
 }
@@ -91,92 +99,286 @@ fn clamp(patch: Patch, len: u32) -> Option<Patch> {
     (del > 0 || !patch.ins.is_empty()).then(|| Patch::new(pos, del, patch.ins))
 }
 
-/// One client replaying its share of patches, timing every op it sends from its send to
-/// its ack (µs, one sample per op). With `compose`, the patches made while an op is in
-/// flight are composed into the next op (one in flight); without, each patch is its own
-/// op with up to `depth` in flight.
-async fn drive_timed(
-    mut doc: SyncedDoc,
-    patches: Vec<Patch>,
-    compose: bool,
-    depth: usize,
-) -> Result<(Histogram<u64>, u64, SyncedDoc), String> {
-    let mut hist = new_hist();
-    let e = |e: quire::client::connection::ClientError| e.to_string();
-    if !compose {
-        doc.doc = doc.doc.clone().without_composing().pipelined(depth);
+/// One client of the `Client` API on a document, with its event stream.
+struct Replica {
+    client: Client,
+    doc: DocHandle,
+    events: Events,
+}
+
+async fn open_replica(addr: SocketAddr, token: &str, name: &str) -> Result<Replica, String> {
+    let e = |e: ClientError| e.to_string();
+    let client = Client::connect(ClientConfig::new(addr.to_string()).token(token))
+        .await
+        .map_err(e)?;
+    // Connected first: `open` then returns once the server's text is in.
+    client.wait_connected().await.map_err(e)?;
+    let doc = client.open(name).await.map_err(e)?;
+    let events = doc.events();
+    Ok(Replica {
+        client,
+        doc,
+        events,
+    })
+}
+
+/// The next event, or why there is none.
+async fn next_event(events: &mut Events) -> Result<Event, String> {
+    match events.recv().await {
+        Some(Event::Connection(ConnectionState::Failed { code, message })) => {
+            Err(format!("refused by the server ({code:?}): {message}"))
+        }
+        Some(Event::Reloaded { .. }) => {
+            Err("the document was reloaded from the server's snapshot".into())
+        }
+        Some(event) => Ok(event),
+        None => Err("the client stopped".into()),
     }
-    let mut sent_at = std::collections::HashMap::new();
-    // After each call that can receive or send: the acks it received, then the ops it
-    // sent (an op is never acked by the call that sent it).
-    let mut record = |doc: &mut SyncedDoc,
-                      sent_at: &mut std::collections::HashMap<u64, Instant>| {
-        let now = Instant::now();
-        for event in doc.take_events() {
+}
+
+/// Makes `patch`, clamped to the local text as it is then; false if nothing was left of
+/// it. Returns the local seq of the op carrying it.
+async fn edit_clamped(doc: &DocHandle, patch: Patch) -> Result<Option<u64>, String> {
+    let mut made = false;
+    let local_seq = doc
+        .edit_with(|text, _| {
+            let clamped = clamp(patch, text.chars().count() as u32);
+            made = clamped.is_some();
+            clamped.into_iter().collect()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(made.then_some(local_seq))
+}
+
+/// One client composing the patches made while an op is in flight (the `Client`
+/// always does), timing every op from its send to its ack (µs, one sample per op). The
+/// client sends an op when the one before is acknowledged, or at once if none is in
+/// flight: its send is taken as the later of its first edit and the previous ack.
+async fn drive_composed(
+    mut r: Replica,
+    patches: Vec<Patch>,
+) -> Result<(Histogram<u64>, u64, Replica), String> {
+    #[derive(Default)]
+    struct Acks {
+        first_edit: std::collections::BTreeMap<u64, Instant>,
+        last_ack: Option<Instant>,
+        ops: u64,
+        acked: u64,
+    }
+    impl Acks {
+        fn record(&mut self, event: Event, hist: &mut Histogram<u64>) {
             if let Event::Acked { local_seq, .. } = event {
-                if let Some(t) = sent_at.remove(&local_seq) {
-                    hist.record((now.duration_since(t).as_micros() as u64).max(1))
-                        .ok();
+                let now = Instant::now();
+                let first = self.first_edit.remove(&local_seq);
+                let sent = first.into_iter().chain(self.last_ack).max().unwrap_or(now);
+                hist.record((now.duration_since(sent).as_micros() as u64).max(1))
+                    .ok();
+                self.last_ack = Some(now);
+                self.ops += 1;
+                self.acked = self.acked.max(local_seq);
+            }
+        }
+    }
+    let mut hist = new_hist();
+    let mut acks = Acks::default();
+    let mut last_made = 0;
+    for patch in patches {
+        let now = Instant::now();
+        if let Some(local_seq) = edit_clamped(&r.doc, patch).await? {
+            acks.first_edit.entry(local_seq).or_insert(now);
+            last_made = local_seq;
+        }
+        while let Some(event) = r.events.try_recv() {
+            if let Event::Reloaded { .. } = event {
+                return Err("the document was reloaded from the server's snapshot".into());
+            }
+            acks.record(event, &mut hist);
+        }
+        // Edits apply locally without waiting: let the client's task send and receive.
+        tokio::task::yield_now().await;
+    }
+    while acks.acked < last_made {
+        let event = next_event(&mut r.events).await?;
+        acks.record(event, &mut hist);
+    }
+    Ok((hist, acks.ops, r))
+}
+
+/// One client replaying its share of patches, each its own op made after the previous
+/// ack; returns its ack latencies (µs, from the edit to its ack).
+async fn drive(
+    mut r: Replica,
+    patches: Vec<Patch>,
+) -> Result<(Histogram<u64>, u64, Replica), String> {
+    let mut hist = new_hist();
+    let mut ops = 0;
+    for patch in patches {
+        let t = Instant::now();
+        let Some(local_seq) = edit_clamped(&r.doc, patch).await? else {
+            continue;
+        };
+        loop {
+            if let Event::Acked { local_seq: l, .. } = next_event(&mut r.events).await? {
+                if l >= local_seq {
+                    break;
                 }
             }
         }
-        for out in doc.doc.all_in_flight() {
-            sent_at.entry(out.local_seq).or_insert(now);
-        }
-    };
-    for patch in patches {
-        while !compose && doc.doc.all_in_flight().count() >= depth {
-            doc.pump().await.map_err(e)?;
-            record(&mut doc, &mut sent_at);
-        }
-        let Some(clamped) = clamp(patch, doc.doc.len_chars()) else {
-            continue;
-        };
-        doc.edit(&[clamped]).await.map_err(e)?;
-        record(&mut doc, &mut sent_at);
-        doc.poll().await.map_err(e)?;
-        record(&mut doc, &mut sent_at);
-    }
-    while doc.doc.has_pending() {
-        doc.pump().await.map_err(e)?;
-        record(&mut doc, &mut sent_at);
-    }
-    Ok((hist, doc.ops_sent, doc))
-}
-
-/// One client replaying its share of patches, each its own op sent after the previous
-/// ack; returns its ack latencies (µs, from the edit to its ack).
-async fn drive(
-    mut doc: SyncedDoc,
-    patches: Vec<Patch>,
-) -> Result<(Histogram<u64>, u64, SyncedDoc), String> {
-    let mut hist = new_hist();
-    let e = |e: quire::client::connection::ClientError| e.to_string();
-    for patch in patches {
-        let Some(clamped) = clamp(patch, doc.doc.len_chars()) else {
-            continue;
-        };
-        let t = Instant::now();
-        doc.edit(&[clamped]).await.map_err(e)?;
-        doc.settle().await.map_err(e)?;
         hist.record((t.elapsed().as_micros() as u64).max(1)).ok();
+        ops += 1;
     }
-    Ok((hist, doc.ops_sent, doc))
+    Ok((hist, ops, r))
 }
 
-async fn read_back(
-    addr: SocketAddr,
-    token: &str,
-    client: u64,
-    doc: &str,
-) -> Result<String, String> {
-    let conn = Connection::connect(addr, client, token)
-        .await
-        .map_err(|e| e.to_string())?;
-    let synced = SyncedDoc::open(conn, doc, 1)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(synced.doc.text().to_owned())
+/// A document opened over a bare connection, for `--pipeline` (the `Client` keeps one
+/// op in flight): its text from the snapshot and the ops after it.
+async fn open_raw(conn: &mut Connection, name: &str) -> Result<ClientDoc, String> {
+    let e = |e: quire::client::connection::ClientError| e.to_string();
+    conn.send(Message::Open {
+        doc: name.into(),
+        known_version: 0,
+    })
+    .await
+    .map_err(e)?;
+    let mut snapshot: Option<(String, u64)> = None;
+    let mut doc: Option<ClientDoc> = None;
+    loop {
+        match conn.recv().await.map_err(e)?.message {
+            Message::Snapshot {
+                version,
+                total_len,
+                text,
+                ..
+            } => {
+                let (so_far, _) = snapshot.get_or_insert_with(|| (String::new(), version));
+                so_far.push_str(&text);
+                if so_far.len() as u64 >= total_len {
+                    let (text, version) = snapshot.take().expect("set above");
+                    let max = quire::protocol::max_op_bytes(conn.max_frame);
+                    doc = Some(ClientDoc::new(text, version, 1).with_max_op_bytes(max));
+                }
+            }
+            Message::Ops { ops, more, .. } => {
+                let doc = doc.as_mut().ok_or("ops before the snapshot")?;
+                for op in ops {
+                    doc.on_remote(op.seq, &op.patches)
+                        .map_err(|e| format!("{e:?}"))?;
+                }
+                if !more {
+                    break;
+                }
+            }
+            Message::Error { code, message } => return Err(format!("{code:?}: {message}")),
+            _ => {}
+        }
+    }
+    doc.ok_or_else(|| "no snapshot".into())
+}
+
+/// Applies one message from the server to a pipelined document, timing acks.
+fn apply_pipelined(
+    doc: &mut ClientDoc,
+    hist: &mut Histogram<u64>,
+    sent_at: &mut std::collections::HashMap<u64, Instant>,
+    message: Message,
+) -> Result<(), String> {
+    match message {
+        Message::Ack { local_seq, seq, .. } => {
+            doc.on_ack(local_seq, seq).map_err(|e| format!("{e:?}"))?;
+            if let Some(t) = sent_at.remove(&local_seq) {
+                hist.record((t.elapsed().as_micros() as u64).max(1)).ok();
+            }
+        }
+        Message::Remote { op, .. } => {
+            doc.on_remote(op.seq, &op.patches)
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        Message::Reject { code, message, .. } => {
+            return Err(format!("op rejected ({code:?}): {message}"))
+        }
+        Message::Error { code, message } => return Err(format!("{code:?}: {message}")),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// One client over a bare connection sending each patch as its own op with up to
+/// `depth` in flight (a document per client: see "Pipelining" in protocol.md), timing
+/// every op from its send to its ack. Returns the document's final version and text.
+async fn drive_pipelined(
+    mut conn: Connection,
+    name: String,
+    patches: Vec<Patch>,
+    depth: usize,
+) -> Result<(Histogram<u64>, u64, (u64, String)), String> {
+    let e = |e: quire::client::connection::ClientError| e.to_string();
+    let mut doc = open_raw(&mut conn, &name)
+        .await?
+        .without_composing()
+        .pipelined(depth);
+    let mut hist = new_hist();
+    let mut ops = 0;
+    let mut sent_at = std::collections::HashMap::new();
+    let mut sent = Vec::new();
+    for patch in patches {
+        while doc.all_in_flight().count() >= depth {
+            let message = conn.recv().await.map_err(e)?.message;
+            apply_pipelined(&mut doc, &mut hist, &mut sent_at, message)?;
+        }
+        let Some(clamped) = clamp(patch, doc.len_chars()) else {
+            continue;
+        };
+        doc.local_edit(&[clamped]).map_err(|e| format!("{e:?}"))?;
+        while let Some(out) = doc.take_to_send() {
+            sent.push(out.local_seq);
+            conn.queue(out.into_submit(&name)).map_err(e)?;
+            ops += 1;
+        }
+        conn.flush().await.map_err(e)?;
+        // Timed from the flush; an op is never acked before it is sent.
+        let now = Instant::now();
+        for local_seq in sent.drain(..) {
+            sent_at.insert(local_seq, now);
+        }
+        while let Some(env) = conn.try_recv().map_err(e)? {
+            apply_pipelined(&mut doc, &mut hist, &mut sent_at, env.message)?;
+        }
+    }
+    while doc.has_pending() {
+        let message = conn.recv().await.map_err(e)?.message;
+        apply_pipelined(&mut doc, &mut hist, &mut sent_at, message)?;
+    }
+    Ok((hist, ops, (doc.version(), doc.text())))
+}
+
+/// A client ready to replay its share: over the `Client` API, or (to pipeline) over a
+/// bare connection.
+enum Opened {
+    Client(Replica),
+    Raw(Connection),
+}
+
+/// A client's copy of its document once its share is replayed.
+enum Copy {
+    Live(Replica),
+    Raw { version: u64, text: String },
+}
+
+impl Copy {
+    fn version(&self) -> u64 {
+        match self {
+            Copy::Live(r) => r.doc.version(),
+            Copy::Raw { version, .. } => *version,
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Copy::Live(r) => r.doc.text(),
+            Copy::Raw { text, .. } => text.clone(),
+        }
+    }
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -283,56 +485,75 @@ async fn run(args: Args) -> Result<(), String> {
             if !docs.contains(&name) {
                 docs.push(name.clone());
             }
-            let conn = Connection::connect(args.addr, args.client_base + c as u64, &args.token)
-                .await
-                .map_err(|e| e.to_string())?;
-            let doc = SyncedDoc::open(conn, &name, 1)
-                .await
-                .map_err(|e| e.to_string())?;
-            opened.push((doc, share));
+            let opened_one = if args.pipeline > 1 {
+                let conn = Connection::connect(args.addr, args.client_base + c as u64, &args.token)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Opened::Raw(conn)
+            } else {
+                Opened::Client(open_replica(args.addr, &args.token, &name).await?)
+            };
+            opened.push((opened_one, name, share));
         }
         started = Instant::now();
         let mut tasks = Vec::new();
-        for (doc, share) in opened {
-            if args.pipeline > 1 || args.compose {
-                tasks.push(tokio::spawn(drive_timed(
-                    doc,
-                    share,
-                    args.compose,
-                    args.pipeline,
-                )));
-            } else {
-                tasks.push(tokio::spawn(drive(doc.ignore_events(), share)));
-            }
+        let (compose, depth) = (args.compose, args.pipeline);
+        for (opened_one, name, share) in opened {
+            tasks.push(tokio::spawn(async move {
+                let (hist, ops, copy) = match opened_one {
+                    Opened::Raw(conn) => {
+                        let (hist, ops, (version, text)) =
+                            drive_pipelined(conn, name.clone(), share, depth).await?;
+                        (hist, ops, Copy::Raw { version, text })
+                    }
+                    Opened::Client(r) if compose => {
+                        let (hist, ops, r) = drive_composed(r, share).await?;
+                        (hist, ops, Copy::Live(r))
+                    }
+                    Opened::Client(r) => {
+                        let (hist, ops, r) = drive(r, share).await?;
+                        (hist, ops, Copy::Live(r))
+                    }
+                };
+                Ok::<_, String>((hist, ops, name, copy))
+            }));
         }
         let mut hist = new_hist();
         let mut ops = 0;
         let mut replicas = Vec::new();
         for t in tasks {
-            let (h, sent, doc) = t.await.map_err(|e| e.to_string())??;
+            let (h, sent, name, copy) = t.await.map_err(|e| e.to_string())??;
             hist.add(h).ok();
             ops += sent;
-            replicas.push(doc);
+            replicas.push((name, copy));
         }
         finished = Some(Instant::now());
         // Every client of a document must end with the same text, once each has
         // received the ops sequenced after its last ack.
-        let newest = replicas.iter().map(|r| r.doc.version()).max().unwrap_or(0);
+        let newest = replicas.iter().map(|(_, r)| r.version()).max().unwrap_or(0);
         let mut converged = 0;
         for name in &docs {
-            let copies = replicas.iter_mut().filter(|r| &r.name == name);
+            let copies = replicas.iter_mut().filter(|(n, _)| n == name);
             let newest = if args.mode == Mode::Shared { newest } else { 0 };
             let mut text: Option<String> = None;
-            for r in copies {
-                while r.doc.version() < newest {
-                    r.pump().await.map_err(|e| e.to_string())?;
+            for (_, copy) in copies {
+                if let Copy::Live(r) = copy {
+                    while r.doc.version() < newest {
+                        next_event(&mut r.events).await?;
+                    }
                 }
+                let mine = copy.text();
                 match &text {
-                    None => text = Some(r.doc.text()),
-                    Some(t) if *t == r.doc.text() => {}
+                    None => text = Some(mine),
+                    Some(t) if *t == mine => {}
                     Some(_) => return Err(format!("the replicas of {name} diverged")),
                 }
                 converged += 1;
+            }
+        }
+        for (_, copy) in replicas {
+            if let Copy::Live(r) = copy {
+                r.client.shutdown().await;
             }
         }
         (ops, hist, format!("replicas converged: {converged}"))
@@ -359,14 +580,10 @@ async fn run(args: Args) -> Result<(), String> {
         hist.value_at_quantile(0.999),
         hist.len()
     );
-    for (i, doc) in docs.iter().enumerate().take(64) {
-        let text = read_back(
-            args.addr,
-            &args.token,
-            args.client_base + 900_000 + i as u64,
-            doc,
-        )
-        .await?;
+    for doc in docs.iter().take(64) {
+        let text = read_back(args.addr, &args.token, doc)
+            .await
+            .map_err(|e| format!("reading {doc} back: {e}"))?;
         println!(
             "doc {doc}: {} chars sha256 {}",
             text.chars().count(),

@@ -8,7 +8,8 @@
 //!   flight, the buffered local edits, rebasing over remote ops, reloading.
 //! - [`store`]: the persistence directory.
 //! - [`connection`]: a connection speaking the protocol (handshake, frames), and the
-//!   older single-document [`connection::SyncedDoc`] the tools still use.
+//!   older single-document [`connection::SyncedDoc`] some tests still use (the tools
+//!   use [`Client`]).
 
 pub mod connection;
 mod handle;
