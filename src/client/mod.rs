@@ -7,9 +7,8 @@
 //! - [`state`]: one document's OT state machine, with no I/O: local text, the ops in
 //!   flight, the buffered local edits, rebasing over remote ops, reloading.
 //! - [`store`]: the persistence directory.
-//! - [`connection`]: a connection speaking the protocol (handshake, frames), and the
-//!   older single-document [`connection::SyncedDoc`] some tests still use (the tools
-//!   use [`Client`]).
+//! - [`connection`]: a connection speaking the protocol (handshake, frames), which
+//!   [`Client`] runs over, and tests of raw input use directly.
 
 pub mod connection;
 mod handle;

@@ -9,18 +9,9 @@
 use std::collections::VecDeque;
 
 use quire::client::connection::{ClientError, Connection, Stream};
-use quire::client::state::{ClientDoc, Outgoing};
+use quire::client::state::ClientDoc;
 use quire::op::Patch;
 use quire::protocol::message::{Envelope, Message, Selection};
-
-fn submit(out: Outgoing, doc: &str) -> Message {
-    Message::Submit {
-        doc: doc.to_owned(),
-        local_seq: out.local_seq,
-        base_version: out.base_version,
-        patches: out.patches,
-    }
-}
 
 /// What the server told a [`RawDoc`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +139,7 @@ impl<T: Stream> RawDoc<T> {
         }
         let resend: Vec<_> = self.doc.all_in_flight().cloned().collect();
         for out in resend {
-            self.conn.queue(submit(out, &self.name))?;
+            self.conn.queue(out.into_submit(&self.name))?;
         }
         self.flush_ops().await
     }
@@ -185,7 +176,7 @@ impl<T: Stream> RawDoc<T> {
     async fn flush_ops(&mut self) -> Result<(), ClientError> {
         while let Some(out) = self.doc.take_to_send() {
             self.ops_sent += 1;
-            self.conn.queue(submit(out, &self.name))?;
+            self.conn.queue(out.into_submit(&self.name))?;
         }
         self.conn.flush().await
     }
