@@ -403,7 +403,7 @@ const DIFF_BUDGET: std::time::Duration = std::time::Duration::from_millis(200);
 /// Which characters it matches matters, not only how many: a reload rebases the
 /// client's own edits over this op, so a character of `from` matched to an equal one
 /// elsewhere in `to` takes those edits there. So before a Myers diff (by the `similar`
-/// crate, within [`DIFF_BUDGET`]): the common prefix and suffix are kept; `from` found
+/// crate, within 200 ms): the common prefix and suffix are kept; `from` found
 /// whole in `to` is kept whole (others only added around it), and `to` in `from`; and
 /// lines are diffed first, then the characters of changed lines only, so that a
 /// character is matched within the lines it belongs to.

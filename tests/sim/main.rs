@@ -27,14 +27,17 @@
 //! `cargo test --release --test sim` runs the seeds CI runs;
 //! `cargo test --release --test sim -- --seed N` replays one (`--verbose` prints each
 //! step); `--seeds A..B --steps K` runs more; `--twice` runs each seed twice and
-//! compares the runs' digests.
+//! compares the runs' digests; `--keep 3,17,40-45` lets only those steps act. Each step
+//! draws from a random stream of its own, so a failing run is first shortened (the
+//! fewest steps) and then minimised (delta debugging over which steps act), and the
+//! replay command printed is of those few steps.
 
 mod app;
 mod disk;
 mod net;
 mod raw;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -167,6 +170,8 @@ struct Sim {
     /// The disk fails its syncs from now on (until the next crash).
     disk_failing: bool,
     step: u64,
+    /// Only these steps act (the others are skipped): a minimised failing run.
+    keep: Option<Arc<BTreeSet<u64>>>,
     started: tokio::time::Instant,
     /// Simulated time the run took.
     elapsed: Duration,
@@ -272,6 +277,7 @@ impl Sim {
             acked: BTreeMap::new(),
             disk_failing: false,
             step: 0,
+            keep: None,
             started: tokio::time::Instant::now(),
             elapsed: Duration::ZERO,
             stats: Stats::default(),
@@ -1215,6 +1221,12 @@ impl Sim {
         }
         while self.step < steps {
             self.step += 1;
+            // Each step draws from a stream of its own: a step left out of a run changes
+            // what the others meet, not what they draw (what minimising needs).
+            self.rng = SplitMix(step_seed(self.seed, self.step));
+            if self.keep.as_ref().is_some_and(|k| !k.contains(&self.step)) {
+                continue;
+            }
             self.act().await?;
             self.observe_apps()?;
             self.check().await?;
@@ -1223,6 +1235,7 @@ impl Sim {
                 self.check_history().await?;
             }
         }
+        self.rng = SplitMix(step_seed(self.seed, u64::MAX));
         let settled = self.settle().await;
         self.elapsed = self.started.elapsed();
         settled
@@ -1235,6 +1248,8 @@ struct Args {
     verbose: bool,
     /// Seeds below this are run twice.
     twice_below: u64,
+    /// `--keep 3,17,40-45`: only these steps act (a minimised failing run).
+    keep: Option<Arc<BTreeSet<u64>>>,
 }
 
 fn parse_args() -> Args {
@@ -1243,6 +1258,7 @@ fn parse_args() -> Args {
         steps: DEFAULT_STEPS,
         verbose: false,
         twice_below: CI_TWICE,
+        keep: None,
     };
     let (mut explicit, mut twice) = (false, false);
     let mut it = std::env::args().skip(1);
@@ -1262,6 +1278,7 @@ fn parse_args() -> Args {
             }
             "--steps" => args.steps = value().parse().expect("--steps N"),
             "--verbose" => args.verbose = true,
+            "--keep" => args.keep = Some(Arc::new(parse_steps(&value()))),
             "--twice" => twice = true,
             // What cargo test passes to every test binary.
             _ => {}
@@ -1275,8 +1292,55 @@ fn parse_args() -> Args {
     args
 }
 
+/// A step's own random stream.
+fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut x = SplitMix(seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    x.next_u64() ^ step
+}
+
+/// `3,17,40-45` -> {3, 17, 40, ..., 45}.
+fn parse_steps(list: &str) -> BTreeSet<u64> {
+    let mut set = BTreeSet::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => set.extend(a.parse::<u64>().expect("A-B")..=b.parse().expect("A-B")),
+            None => {
+                set.insert(part.parse().expect("a step number"));
+            }
+        }
+    }
+    set
+}
+
+/// {3, 17, 40, ..., 45} -> `3,17,40-45`.
+fn format_steps(set: &BTreeSet<u64>) -> String {
+    let mut parts = Vec::new();
+    let mut it = set.iter().copied().peekable();
+    while let Some(a) = it.next() {
+        let mut b = a;
+        while it.peek() == Some(&(b + 1)) {
+            b = it.next().expect("peeked");
+        }
+        parts.push(if a == b {
+            a.to_string()
+        } else {
+            format!("{a}-{b}")
+        });
+    }
+    parts.join(",")
+}
+
 /// Runs one seed; returns its digest and stats line, or the failure.
 fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), Failure> {
+    run_seed_keeping(seed, steps, None, verbose)
+}
+
+fn run_seed_keeping(
+    seed: u64,
+    steps: u64,
+    keep: Option<Arc<BTreeSet<u64>>>,
+    verbose: bool,
+) -> Result<(u64, String), Failure> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -1284,6 +1348,7 @@ fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), Failu
         .expect("a runtime");
     *PANICKED.lock().unwrap() = None;
     let mut sim = Sim::new(seed, verbose);
+    sim.keep = keep;
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
@@ -1317,6 +1382,73 @@ fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), Failu
     outcome.map(|()| (digest, line))
 }
 
+/// What a failure is, without the numbers that change from run to run (seed, step,
+/// op ids, token numbers): a smaller run must fail the same way.
+fn signature(failure: &str) -> String {
+    let what = failure.split_once(": ").map_or(failure, |(_, rest)| rest);
+    // Up to the first quoted text; without numbers and tokens.
+    let what = what.split('"').next().unwrap_or(what);
+    let mut out = String::new();
+    let mut in_token = false;
+    for c in what.chars() {
+        match c {
+            '<' => in_token = true,
+            '>' => in_token = false,
+            _ if in_token || c.is_ascii_digit() => {}
+            _ => out.push(c),
+        }
+    }
+    out.chars().take(60).collect()
+}
+
+/// The fewest steps (of the first `steps`) that still fail the same way, by delta
+/// debugging (Zeller's ddmin): leave out chunks of the steps, keep any smaller set
+/// that still fails, and halve the chunks until single steps. Bounded to `budget` runs.
+fn minimise(seed: u64, steps: u64, failure: &Failure, budget: usize) -> (BTreeSet<u64>, Failure) {
+    let want = signature(failure);
+    let mut kept: Vec<u64> = (1..=steps).collect();
+    let mut last = failure.clone();
+    let mut runs = 0;
+    let mut n = 2usize;
+    while kept.len() >= 2 && runs < budget {
+        let chunk = kept.len().div_ceil(n);
+        let mut reduced = false;
+        for start in (0..kept.len()).step_by(chunk) {
+            if runs >= budget {
+                break;
+            }
+            // The complement of one chunk.
+            let candidate: Vec<u64> = kept[..start]
+                .iter()
+                .chain(&kept[(start + chunk).min(kept.len())..])
+                .copied()
+                .collect();
+            if candidate.is_empty() {
+                continue;
+            }
+            runs += 1;
+            let set = Arc::new(candidate.iter().copied().collect::<BTreeSet<u64>>());
+            let last_step = *candidate.last().expect("not empty");
+            if let Err(f) = run_seed_keeping(seed, last_step, Some(set), false) {
+                if signature(&f) == want {
+                    kept = candidate;
+                    last = f;
+                    n = (n - 1).max(2);
+                    reduced = true;
+                    break;
+                }
+            }
+        }
+        if !reduced {
+            if n >= kept.len() {
+                break;
+            }
+            n = (n * 2).min(kept.len());
+        }
+    }
+    (kept.into_iter().collect(), last)
+}
+
 /// A shorter run of a failing seed that still fails: the fewest steps (found by
 /// bisection; a run of fewer steps is a prefix of the longer one, then the settling),
 /// and its failure.
@@ -1347,17 +1479,19 @@ fn main() {
     let started = std::time::Instant::now();
     let mut total_steps = 0;
     for seed in args.seeds.clone() {
-        let outcome = run_seed(seed, args.steps, args.verbose).and_then(|(digest, line)| {
-            if seed < args.twice_below {
-                let (again, _) = run_seed(seed, args.steps, false)?;
-                if again != digest {
-                    return Err(format!(
+        let outcome = run_seed_keeping(seed, args.steps, args.keep.clone(), args.verbose).and_then(
+            |(digest, line)| {
+                if seed < args.twice_below {
+                    let (again, _) = run_seed(seed, args.steps, false)?;
+                    if again != digest {
+                        return Err(format!(
                         "the same seed gave two different runs (digests {digest:x} and {again:x})"
                     ));
+                    }
                 }
-            }
-            Ok(line)
-        });
+                Ok(line)
+            },
+        );
         match outcome {
             Ok(line) => {
                 total_steps += args.steps;
@@ -1367,12 +1501,22 @@ fn main() {
             }
             Err(failure) => {
                 println!("seed {seed}: FAILED: {failure}");
+                if args.keep.is_some() {
+                    std::process::exit(1);
+                }
                 let (steps, shortest) = shorten(seed, args.steps, failure);
                 if steps < args.steps {
                     println!("shortened to {steps} steps: {shortest}");
                 }
+                let (kept, minimal) = minimise(seed, steps, &shortest, 2_000);
+                let last = kept.last().copied().unwrap_or(steps);
+                println!("minimised to {} of its steps: {minimal}", kept.len());
                 println!(
-                    "replay: cargo test --release --test sim -- --seed {seed} --steps {steps} --verbose"
+                    "replay: cargo test --release --test sim -- --seed {seed} --steps {last} --keep {} --verbose",
+                    format_steps(&kept)
+                );
+                println!(
+                    "(the whole run: cargo test --release --test sim -- --seed {seed} --steps {steps} --verbose)"
                 );
                 std::process::exit(1);
             }
