@@ -86,7 +86,8 @@ async fn remote_events_keep_an_editor_buffer_identical_to_the_document() {
         // Made while the document is locked: the editor first takes every event that
         // came before the edit, then the edit itself.
         let local_seq = clients[i]
-            .edit_with(|text, _| {
+            .edit_with(|view| {
+                let text = view.text();
                 editor.follow();
                 assert_eq!(
                     editor.buffer.to_string(),
@@ -448,7 +449,7 @@ async fn clients_churning_on_one_document_lose_nothing() {
                 // A new client each round: open, append one character, wait for the ack,
                 // leave (the document is released whenever nobody has it open).
                 let doc = open(addr, "churn").await;
-                doc.edit_with(|text, _| vec![Patch::new(text.chars().count() as u32, 0, "c")])
+                doc.edit_with(|view| vec![Patch::new(view.len_chars(), 0, "c")])
                     .await
                     .unwrap();
                 doc.settle().await;

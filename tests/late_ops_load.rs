@@ -64,7 +64,7 @@ impl Replica {
     async fn edit(&mut self, seed: u64, make: impl FnOnce(&str) -> Patch) {
         let local_seq = self
             .doc
-            .edit_with(|text, _| vec![make(text)])
+            .edit_with(|view| vec![make(&view.text())])
             .await
             .unwrap_or_else(|e| panic!("seed {seed}: edit: {e}"));
         // (An edit that changes nothing, made before any op, is carried by none.)

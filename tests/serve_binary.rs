@@ -95,7 +95,7 @@ fn sigterm_finishes_in_flight_commits_and_every_acked_op_survives() {
                 let mut acked = 0u64;
                 // Append one character per op until the server goes away.
                 loop {
-                    doc.edit_with(|text, _| vec![Patch::new(text.chars().count() as u32, 0, "x")])
+                    doc.edit_with(|view| vec![Patch::new(view.len_chars(), 0, "x")])
                         .await
                         .unwrap();
                     tokio::select! {

@@ -294,8 +294,8 @@ async fn concurrent_clients_on_one_document_converge_over_tcp() {
     for _ in 0..400 {
         let c = rng.below(clients.len() as u64) as usize;
         clients[c]
-            .edit_with(|text, _| {
-                let len = text.chars().count() as u64;
+            .edit_with(|view| {
+                let len = u64::from(view.len_chars());
                 let pos = rng.below(len + 1);
                 let del = rng.below((len - pos).min(3) + 1);
                 let ins: String = (0..rng.below(4))
@@ -327,7 +327,7 @@ async fn concurrent_clients_on_one_document_converge_over_tcp() {
 
 /// A bystander keeps editing and syncing while another client misbehaves.
 async fn bystander_works(doc: &Opened) {
-    doc.edit_with(|text, _| vec![Patch::new(text.chars().count() as u32, 0, "ok")])
+    doc.edit_with(|view| vec![Patch::new(view.len_chars(), 0, "ok")])
         .await
         .unwrap();
     doc.settle().await;

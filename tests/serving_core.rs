@@ -375,7 +375,7 @@ async fn a_reused_op_id_is_refused_and_a_true_resend_gets_its_original_ack() {
     // `local_seq`).
     let first = open(server.addr, "notes").await;
     let local_seq = first
-        .edit_with(|_, _| vec![Patch::new(0, 0, "hello")])
+        .edit_with(|_| vec![Patch::new(0, 0, "hello")])
         .await
         .unwrap();
     first.settle().await;

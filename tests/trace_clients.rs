@@ -377,7 +377,8 @@ async fn replay(test: &str, hold_back: bool) {
             &mut model,
         );
         let made = docs[a]
-            .edit_with(|text, _version| {
+            .edit_with(|view| {
+                let text = &view.text();
                 let result = (|| -> Result<(bool, Vec<Patch>), String> {
                     // Every event of what the text shows was queued before the lock was
                     // released to this `make`.
@@ -396,7 +397,7 @@ async fn replay(test: &str, hold_back: bool) {
                     let mut before = onto.clone();
                     before[a] = nth;
                     let expected = model_ref.text(&before);
-                    if text != expected {
+                    if *text != expected {
                         return Err(format!(
                             "the client's text is not the trace's version {before:?} (parents {:?}): {}",
                             prefixes[i],

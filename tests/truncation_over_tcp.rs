@@ -61,7 +61,7 @@ async fn after_truncation_and_restart_a_retry_gets_its_original_ack_and_old_vers
     while !matches!(next_reply(&mut c5).await, Message::Ack { seq: 1, .. }) {}
     let c6 = open(server.addr, "d").await;
     for _ in 0..600 {
-        c6.edit_with(|text, _| vec![Patch::new(text.chars().count() as u32, 0, "y".repeat(150))])
+        c6.edit_with(|view| vec![Patch::new(view.len_chars(), 0, "y".repeat(150))])
             .await
             .unwrap();
         c6.settle().await;

@@ -141,8 +141,8 @@ async fn next_event(events: &mut Events) -> Result<Event, String> {
 async fn edit_clamped(doc: &DocHandle, patch: Patch) -> Result<Option<u64>, String> {
     let mut made = false;
     let local_seq = doc
-        .edit_with(|text, _| {
-            let clamped = clamp(patch, text.chars().count() as u32);
+        .edit_with(|view| {
+            let clamped = clamp(patch, view.len_chars());
             made = clamped.is_some();
             clamped.into_iter().collect()
         })

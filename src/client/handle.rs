@@ -519,7 +519,8 @@ impl DocHandle {
     /// that arrives after the caller looked at [`DocHandle::text`] moves it. An edit
     /// that depends on the text is made with [`DocHandle::edit_with`].
     pub async fn edit(&self, patches: &[Patch]) -> Result<(), ClientError> {
-        self.edit_with(|_, _| patches.to_vec()).await.map(|_| ())
+        // The text is not materialised (O(n)) for an edit that does not look at it.
+        self.apply_edit(|_| patches.to_vec()).await.map(|_| ())
     }
 
     /// Makes an edit from the local text and version as they are: `make` sees them
@@ -530,12 +531,19 @@ impl DocHandle {
     /// reload derived it again, [`Event::Reloaded`]).
     pub async fn edit_with(
         &self,
-        make: impl FnOnce(&str, u64) -> Vec<Patch>,
+        make: impl FnOnce(&EditView<'_>) -> Vec<Patch>,
+    ) -> Result<u64, ClientError> {
+        self.apply_edit(|doc| make(&EditView(doc))).await
+    }
+
+    async fn apply_edit(
+        &self,
+        make: impl FnOnce(&ClientDoc) -> Vec<Patch>,
     ) -> Result<u64, ClientError> {
         let cell = &self.inner.cell;
         let (gen, local_seq) = {
             let mut st = lock(&cell.state);
-            let patches = make(&st.doc.text(), st.doc.version());
+            let patches = make(&st.doc);
             st.doc.local_edit(&patches)?;
             let op = crate::ot::TextOp::from_patches(&patches);
             st.map_presence(&op);
@@ -576,6 +584,27 @@ impl DocHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.inner.cell.state).subscribers.push(tx);
         Events(rx)
+    }
+}
+
+/// The document as [`DocHandle::edit_with`]'s `make` sees it: nothing can change it
+/// while `make` runs.
+pub struct EditView<'a>(&'a ClientDoc);
+
+impl EditView<'_> {
+    /// The local text (made on each call: O(n)).
+    pub fn text(&self) -> String {
+        self.0.text()
+    }
+
+    /// The local text's length in code points (O(1)).
+    pub fn len_chars(&self) -> u32 {
+        self.0.len_chars()
+    }
+
+    /// The last server seq applied.
+    pub fn version(&self) -> u64 {
+        self.0.version()
     }
 }
 

@@ -16,6 +16,6 @@ pub mod state;
 pub mod store;
 
 pub use handle::{
-    Client, ClientConfig, ClientError, ConnectionState, Connector, DocHandle, Event, Events,
-    TcpConnector,
+    Client, ClientConfig, ClientError, ConnectionState, Connector, DocHandle, EditView, Event,
+    Events, TcpConnector,
 };

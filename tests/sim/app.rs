@@ -217,7 +217,8 @@ impl AppClient {
         let mut what = Vec::new();
         // Made from the text as it is when the edit applies (no remote op in between).
         handle
-            .edit_with(|text, _| {
+            .edit_with(|view| {
+                let text = &view.text();
                 // Positions between tokens (where a new token or filler may go), and
                 // filler characters (which may be deleted).
                 let (mut between, mut fill) = (Vec::new(), Vec::new());
