@@ -113,6 +113,20 @@ pub enum ConnectionState {
     Closed,
 }
 
+impl ConnectionState {
+    /// The error for a client that stopped for good (refused, or shut down).
+    fn gave_up(&self) -> Option<ClientError> {
+        match self {
+            ConnectionState::Failed { code, message } => Some(ClientError::Refused {
+                code: *code,
+                message: message.clone(),
+            }),
+            ConnectionState::Closed => Some(ClientError::Closed),
+            _ => None,
+        }
+    }
+}
+
 /// What happened to a document that its application did not do itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -315,16 +329,12 @@ impl Client {
     pub async fn wait_connected(&self) -> Result<(), ClientError> {
         let mut state = self.shared.state.clone();
         loop {
-            match &*state.borrow_and_update() {
-                ConnectionState::Connected => return Ok(()),
-                ConnectionState::Failed { code, message } => {
-                    return Err(ClientError::Refused {
-                        code: *code,
-                        message: message.clone(),
-                    })
-                }
-                ConnectionState::Closed => return Err(ClientError::Closed),
-                _ => {}
+            let now = state.borrow_and_update().clone();
+            if now == ConnectionState::Connected {
+                return Ok(());
+            }
+            if let Some(e) = now.gave_up() {
+                return Err(e);
             }
             state.changed().await.map_err(|_| ClientError::Closed)?;
         }
@@ -494,15 +504,8 @@ impl DocHandle {
             if self.is_synced() {
                 return Ok(());
             }
-            match &*state.borrow_and_update() {
-                ConnectionState::Failed { code, message } => {
-                    return Err(ClientError::Refused {
-                        code: *code,
-                        message: message.clone(),
-                    })
-                }
-                ConnectionState::Closed => return Err(ClientError::Closed),
-                _ => {}
+            if let Some(e) = state.borrow_and_update().gave_up() {
+                return Err(e);
             }
             tokio::select! {
                 _ = notified => {}

@@ -584,73 +584,72 @@ fn middle(a: &str, b: &str, out: &mut Chunks, deadline: std::time::Instant, by_l
         out.delete(&a[..at]).equal(b).delete(&a[at + b.len()..]);
         return;
     }
-    use similar::{Algorithm, DiffOp};
     if by_lines {
         let la: Vec<&str> = a.split_inclusive('\n').collect();
         let lb: Vec<&str> = b.split_inclusive('\n').collect();
         if la.len() > 1 || lb.len() > 1 {
-            let text = |lines: &[&str]| lines.concat();
-            for d in
-                similar::capture_diff_slices_deadline(Algorithm::Myers, &la, &lb, Some(deadline))
-            {
-                match d {
-                    DiffOp::Equal { old_index, len, .. } => {
-                        out.equal(&text(&la[old_index..old_index + len]));
-                    }
-                    DiffOp::Delete {
-                        old_index, old_len, ..
-                    } => {
-                        out.delete(&text(&la[old_index..old_index + old_len]));
-                    }
-                    DiffOp::Insert {
-                        new_index, new_len, ..
-                    } => {
-                        out.insert(&text(&lb[new_index..new_index + new_len]));
-                    }
-                    DiffOp::Replace {
-                        old_index,
-                        old_len,
-                        new_index,
-                        new_len,
-                    } => align(
-                        &text(&la[old_index..old_index + old_len]),
-                        &text(&lb[new_index..new_index + new_len]),
-                        out,
-                        deadline,
-                        false,
-                    ),
-                }
-            }
+            // A changed block of lines: its characters are diffed (not by lines again).
+            myers(
+                &la,
+                &lb,
+                |lines| lines.concat(),
+                out,
+                deadline,
+                |x, y, out| align(x, y, out, deadline, false),
+            );
             return;
         }
     }
     let ca: Vec<char> = a.chars().collect();
     let cb: Vec<char> = b.chars().collect();
-    let text = |cs: &[char]| cs.iter().collect::<String>();
-    for d in similar::capture_diff_slices_deadline(Algorithm::Myers, &ca, &cb, Some(deadline)) {
+    myers(
+        &ca,
+        &cb,
+        |cs| cs.iter().collect(),
+        out,
+        deadline,
+        |x, y, out| {
+            out.delete(x).insert(y);
+        },
+    );
+}
+
+/// Myers' diff of `a` and `b` (lines or characters) into `out`, each run turned into
+/// text by `text`; a replaced run goes to `replace`.
+fn myers<T: std::hash::Hash + Eq + Ord>(
+    a: &[T],
+    b: &[T],
+    text: impl Fn(&[T]) -> String,
+    out: &mut Chunks,
+    deadline: std::time::Instant,
+    mut replace: impl FnMut(&str, &str, &mut Chunks),
+) {
+    use similar::{Algorithm, DiffOp};
+    for d in similar::capture_diff_slices_deadline(Algorithm::Myers, a, b, Some(deadline)) {
         match d {
             DiffOp::Equal { old_index, len, .. } => {
-                out.equal(&text(&ca[old_index..old_index + len]));
+                out.equal(&text(&a[old_index..old_index + len]));
             }
             DiffOp::Delete {
                 old_index, old_len, ..
             } => {
-                out.delete(&text(&ca[old_index..old_index + old_len]));
+                out.delete(&text(&a[old_index..old_index + old_len]));
             }
             DiffOp::Insert {
                 new_index, new_len, ..
             } => {
-                out.insert(&text(&cb[new_index..new_index + new_len]));
+                out.insert(&text(&b[new_index..new_index + new_len]));
             }
             DiffOp::Replace {
                 old_index,
                 old_len,
                 new_index,
                 new_len,
-            } => {
-                out.delete(&text(&ca[old_index..old_index + old_len]))
-                    .insert(&text(&cb[new_index..new_index + new_len]));
-            }
+            } => replace(
+                &text(&a[old_index..old_index + old_len]),
+                &text(&b[new_index..new_index + new_len]),
+                out,
+            ),
         }
     }
 }
