@@ -344,7 +344,7 @@ impl Client {
     /// returns once the document is loaded from the server; offline, at once, with the
     /// persisted state (or an empty document) that is caught up on reconnect.
     pub async fn open(&self, name: &str) -> Result<DocHandle, ClientError> {
-        self.open_with_events(name).await.map(|(handle, _)| handle)
+        self.open_inner(name, false).await.map(|(handle, _)| handle)
     }
 
     /// As [`Client::open`], with a stream of the document's events from before it is
@@ -352,12 +352,21 @@ impl Client {
     /// from the persistence directory and sent while `open` ran. (If the document was
     /// open already, the events are from now on, as [`DocHandle::events`].)
     pub async fn open_with_events(&self, name: &str) -> Result<(DocHandle, Events), ClientError> {
+        let (handle, events) = self.open_inner(name, true).await?;
+        Ok((handle, events.expect("asked for")))
+    }
+
+    async fn open_inner(
+        &self,
+        name: &str,
+        with_events: bool,
+    ) -> Result<(DocHandle, Option<Events>), ClientError> {
         crate::op::validate_doc_id(name).map_err(|message| ClientError::Refused {
             code: ErrorCode::InvalidDocId,
             message,
         })?;
         if let Some(live) = self.live_handle(name) {
-            let events = live.events();
+            let events = with_events.then(|| live.events());
             return Ok((live, events));
         }
         let saved = match &self.shared.store {
@@ -367,14 +376,20 @@ impl Client {
             }
             None => None,
         };
-        let (events_tx, events) = mpsc::unbounded_channel();
+        // (A channel allocates a block of slots: none for a document opened without.)
+        let (subscribers, events) = if with_events {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (vec![tx], Some(Events(rx)))
+        } else {
+            (Vec::new(), None)
+        };
         let cell = Arc::new(DocCell {
             name: name.into(),
             state: Mutex::new(DocShared {
                 loaded: saved.is_some(),
                 doc: saved.unwrap_or_else(|| ClientDoc::new(String::new(), 0, 1)),
                 gen: 0,
-                subscribers: vec![events_tx],
+                subscribers,
                 presence: BTreeMap::new(),
                 my_presence: None,
                 changed: Arc::new(tokio::sync::Notify::new()),
@@ -389,7 +404,7 @@ impl Client {
             if let Some(live) = handles.get(name).and_then(Weak::upgrade) {
                 // Opened meanwhile by another task.
                 let live = DocHandle { inner: live };
-                let events = live.events();
+                let events = with_events.then(|| live.events());
                 return Ok((live, events));
             }
             self.shared
@@ -409,7 +424,7 @@ impl Client {
             inner
         };
         answer.await.map_err(|_| ClientError::Closed)??;
-        Ok((DocHandle { inner }, Events(events)))
+        Ok((DocHandle { inner }, events))
     }
 
     fn live_handle(&self, name: &str) -> Option<DocHandle> {
