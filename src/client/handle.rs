@@ -1585,7 +1585,8 @@ impl<C: Connector> Driver<C> {
                 // It and every op after it were not applied: they go back to the queue,
                 // and the document is opened again (the server refuses the connection's
                 // later ops of it until then), caught up, and they are sent anew.
-                if lock(&doc.cell.state).doc.on_reject(local_seq) {
+                let too_large = code == ErrorCode::TooLarge;
+                if lock(&doc.cell.state).doc.on_reject(local_seq, too_large) {
                     self.send_open(conn, name).map_err(Ended::Lost)?;
                 }
                 Ok(())

@@ -229,7 +229,12 @@ impl ClientDoc {
     /// go back to the front of the buffer, still applied locally, to be sent again as
     /// new ops (new op ids, the current version as base) once the document is open
     /// again. False if the op was not in flight (its refusal was handled already).
-    pub fn on_reject(&mut self, local_seq: u64) -> bool {
+    ///
+    /// `too_large`: it was refused for its size after the server transformed it (code
+    /// 24: transforming can add patches): it goes back as one op per patch, each cut to
+    /// a quarter of the op limit, so that sending it again cannot be refused again the
+    /// same way (and loop).
+    pub fn on_reject(&mut self, local_seq: u64, too_large: bool) -> bool {
         let Some(i) = self
             .in_flight
             .iter()
@@ -238,6 +243,15 @@ impl ClientDoc {
             return false;
         };
         let back: Vec<TextOp> = self.in_flight.drain(i..).map(|(_, op)| op).collect();
+        let back: Vec<TextOp> = if too_large {
+            back.iter()
+                .flat_map(|op| op.to_patches())
+                .flat_map(|patch| split_patch(patch, self.max_op_bytes / 4))
+                .map(|piece| TextOp::from_patch(&piece))
+                .collect()
+        } else {
+            back
+        };
         for op in back.into_iter().rev() {
             self.buffer.push_front(op);
         }
@@ -701,6 +715,40 @@ mod tests {
         let mine = TextOp::from_patches(&[Patch::new(18, 2, "")]);
         let merged = mine.transform(&theirs, Side::Left).apply(server).unwrap();
         assert_eq!(merged, server.replace("<app4.1𝄞>𝄞😀", "<app4.1𝄞>"));
+    }
+
+    /// An op refused for its size after the server's transform (code 24) is not sent
+    /// again as it was (it would be refused again, for ever): it comes back cut.
+    #[test]
+    fn an_op_refused_as_too_large_comes_back_cut_to_fit() {
+        let max = 400;
+        let mut doc = ClientDoc::new("x".repeat(10), 0, 1).with_max_op_bytes(max);
+        // Many small patches: each fine, together near the limit.
+        let patches: Vec<Patch> = (0..10)
+            .map(|i| Patch::new(i * 2, 0, "abcdefghijklmnopq"))
+            .collect();
+        doc.local_edit(&patches).unwrap();
+        let sent = doc.take_to_send().unwrap();
+        let text = doc.text();
+        assert!(doc.on_reject(sent.local_seq, true));
+        assert_eq!(doc.text(), text, "still applied locally");
+        let mut resent = Vec::new();
+        while let Some(out) = doc.take_to_send() {
+            assert!(crate::protocol::patches_wire_len(&out.patches) <= max / 4);
+            resent.push(out.clone());
+            doc.on_ack(out.local_seq, resent.len() as u64).unwrap();
+        }
+        assert!(resent.len() > 1, "cut into several ops");
+        assert!(
+            resent.iter().all(|o| o.local_seq > sent.local_seq),
+            "new op ids"
+        );
+        // Applied in order to the server's text, they make the same text.
+        let mut server = "x".repeat(10);
+        for o in &resent {
+            server = crate::ot::apply_patches(&server, &o.patches).unwrap();
+        }
+        assert_eq!(server, text);
     }
 
     /// Lines are matched first: a character stays in its line.
