@@ -59,8 +59,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-/// Seeds `cargo test` runs (CI): a few seconds.
-const CI_SEEDS: u64 = 500;
+/// Seeds `cargo test` runs (CI): under a minute.
+const CI_SEEDS: u64 = 1_500;
 /// Of those, the first few are run twice and must give the same run.
 const CI_TWICE: u64 = 5;
 const DEFAULT_STEPS: u64 = 2_000;
