@@ -1276,4 +1276,148 @@ mod tests {
         assert!(message(&split).contains("\"d40\""), "{}", message(&split));
         assert_eq!(message(&single), message(&split));
     }
+
+    /// Startup on threads (the scan checks each segment's records on a thread of its
+    /// own, a chunk ahead of the decode, and replays on two) and without them builds
+    /// the same documents from the same log, torn or corrupted.
+    mod threaded_scan {
+        use super::*;
+        use crate::wal::record::encode_frame;
+        use crate::wal::segment::{segment_path, SegmentHeader};
+        use crate::wal::vfs::sim::{CrashMode, SimFs};
+        use crate::wal::WalConfig;
+
+        const SEGMENT: usize = 4 << 20;
+
+        fn config(background: Background) -> LocalConfig {
+            LocalConfig {
+                wal: WalConfig {
+                    segment_size: SEGMENT as u64,
+                    background,
+                    ..WalConfig::default()
+                },
+                snapshot_every_ops: u64::MAX,
+                snapshot_every: Duration::from_secs(3600),
+                retention: Duration::from_secs(3600),
+                maintenance_interval: Duration::from_secs(3600),
+            }
+        }
+
+        /// 24 documents of 600 ops each (client `d % 7`), in two segments, each
+        /// record a write of its own; with the offset of each segment's records.
+        fn log() -> Vec<(Vec<u8>, Vec<usize>)> {
+            let records = payloads(24, 600, None);
+            let split = 8_000;
+            let mut segments = Vec::new();
+            for (i, part) in [&records[..split], &records[split..]]
+                .into_iter()
+                .enumerate()
+            {
+                let first_lsn = if i == 0 { 1 } else { split as u64 + 1 };
+                let mut bytes = SegmentHeader {
+                    segment_id: i as u64 + 1,
+                    first_lsn,
+                    created_ms: 0,
+                }
+                .encode()
+                .to_vec();
+                let mut offsets = Vec::new();
+                for (k, payload) in part.iter().enumerate() {
+                    let lsn = first_lsn + k as u64;
+                    offsets.push(bytes.len());
+                    encode_frame(&mut bytes, lsn, 0, RecordType::OpWithFingerprint, payload);
+                }
+                bytes.resize(SEGMENT, 0);
+                segments.push((bytes, offsets));
+            }
+            segments
+        }
+
+        /// The segments on a simulated disk, synced.
+        fn disk(segments: &[(Vec<u8>, Vec<usize>)]) -> SimFs {
+            let fs = SimFs::new();
+            let wal = Path::new("/data/wal");
+            fs.create_dir_all(wal).unwrap();
+            for (i, (bytes, _)) in segments.iter().enumerate() {
+                let file = fs.create(&segment_path(wal, i as u64 + 1)).unwrap();
+                file.write_all_at(bytes, 0).unwrap();
+                file.sync_all().unwrap();
+            }
+            fs.sync_dir(wal).unwrap();
+            fs
+        }
+
+        /// What opening a copy of `fs` gives: the startup report (its time left out)
+        /// and every document's version, dedupe table, text and LSN; or the error.
+        fn open_copy(fs: &SimFs, background: Background) -> String {
+            let copy = fs.crash(CrashMode::LoseUnsynced);
+            let (store, report) = match LocalSequencer::open_with(
+                Arc::new(copy),
+                Path::new("/data"),
+                config(background),
+            ) {
+                Ok(opened) => opened,
+                Err(e) => return format!("error: {e}"),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let mut ids = store.doc_ids();
+            ids.sort();
+            let mut found = format!(
+                "{:?}\n",
+                StartupReport {
+                    elapsed: Duration::ZERO,
+                    ..report
+                }
+            );
+            for id in ids {
+                let text = rt.block_on(store.read(&id)).unwrap().unwrap().text;
+                let doc = store.doc(&id).unwrap();
+                let state = lock_doc(&doc);
+                found += &format!(
+                    "{id}: version {}, last LSN {}, dedupe {:?}, text {text:?}\n",
+                    state.version,
+                    state.last_lsn,
+                    state.dedupe_entries()
+                );
+            }
+            store.close();
+            found
+        }
+
+        #[test]
+        fn startup_with_threads_and_without_builds_the_same_documents() {
+            let clean = log();
+            // The last segment ends inside a record: a torn tail.
+            let mut torn = clean.clone();
+            let at = torn[1].1[3_000] + 50;
+            torn[1].0.truncate(at);
+            // A flipped bit in the first segment, records of later writes after it.
+            let mut corrupt = clean.clone();
+            let at = corrupt[0].1[2_000] + 40;
+            corrupt[0].0[at] ^= 8;
+            for (name, segments) in [("clean", clean), ("torn", torn), ("corrupt", corrupt)] {
+                let fs = disk(&segments);
+                let threads = open_copy(&fs, Background::Threads);
+                let manual = open_copy(&fs, Background::Manual);
+                if threads != manual {
+                    let line = threads.lines().zip(manual.lines()).find(|(a, b)| a != b);
+                    panic!("{name}: startups differ, first in {line:?}");
+                }
+                match name {
+                    "clean" => assert!(
+                        threads.contains("ops_replayed: 14400")
+                            && threads.contains("d23: version 600"),
+                        "{threads}"
+                    ),
+                    "torn" => assert!(threads.contains("tail_cut: Some("), "{threads}"),
+                    _ => assert!(
+                        threads.starts_with("error:") && threads.contains("later write"),
+                        "{threads}"
+                    ),
+                }
+            }
+        }
+    }
 }

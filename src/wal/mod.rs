@@ -521,38 +521,44 @@ impl Wal {
             config.recovery,
             threads,
             |segment_id, records| {
-                let Some((_, first)) = records.first() else {
-                    return;
-                };
-                index.add_segment(segment_id, first.lsn);
-                // Every record of the segment is decoded and indexed in LSN order first.
+                // Every record of the segment is decoded and indexed in LSN order first,
+                // a chunk at a time as the chunks are checked (on a thread of their own
+                // with `threads`: this decodes a chunk while the next is checked).
                 let mut ops: Vec<SegmentOp<'_>> = recycle(std::mem::take(&mut spare_ops));
-                ops.reserve(records.len());
-                for &(offset, raw) in records {
-                    let location = Location {
-                        segment_id,
-                        offset,
-                        lsn: raw.lsn,
-                    };
-                    match raw.record_type {
-                        RecordType::Op | RecordType::OpWithFingerprint => {
-                            match OpView::decode(raw.record_type, raw.payload) {
-                                Ok(op) => {
-                                    let doc = index.insert_op(location, op.doc_id, op.server_seq);
-                                    ops.push(SegmentOp {
-                                        ordinal: doc.ordinal,
-                                        location,
-                                        op,
-                                    });
+                let mut first_chunk = true;
+                while let Some(chunk) = records.next_chunk() {
+                    if let (true, Some((_, first))) = (first_chunk, chunk.first()) {
+                        index.add_segment(segment_id, first.lsn);
+                    }
+                    first_chunk = false;
+                    ops.reserve(chunk.len());
+                    for &(offset, raw) in chunk {
+                        let location = Location {
+                            segment_id,
+                            offset,
+                            lsn: raw.lsn,
+                        };
+                        match raw.record_type {
+                            RecordType::Op | RecordType::OpWithFingerprint => {
+                                match OpView::decode(raw.record_type, raw.payload) {
+                                    Ok(op) => {
+                                        let doc =
+                                            index.insert_op(location, op.doc_id, op.server_seq);
+                                        ops.push(SegmentOp {
+                                            ordinal: doc.ordinal,
+                                            location,
+                                            op,
+                                        });
+                                    }
+                                    Err(e) if payload_error.is_none() => {
+                                        payload_error = Some(format!(
+                                            "{} offset {offset} (LSN {}): {e}",
+                                            segment_path(dir, segment_id).display(),
+                                            raw.lsn
+                                        ));
+                                    }
+                                    Err(_) => {}
                                 }
-                                Err(e) if payload_error.is_none() => {
-                                    payload_error = Some(format!(
-                                        "{} offset {offset} (LSN {}): {e}",
-                                        segment_path(dir, segment_id).display(),
-                                        raw.lsn
-                                    ));
-                                }
-                                Err(_) => {}
                             }
                         }
                     }
