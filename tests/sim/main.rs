@@ -1108,12 +1108,7 @@ impl Sim {
                     settled = false;
                     break;
                 };
-                let version = sequencer
-                    .read(&c.doc)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map_or(0, |v| v.version);
+                let version = durable_version(&sequencer, &c.doc).await;
                 if !c.online || synced.doc.has_pending() || synced.doc.version() != version {
                     settled = false;
                     break;
@@ -1124,12 +1119,7 @@ impl Sim {
                     settled = false;
                     break;
                 };
-                let version = sequencer
-                    .read(&a.doc)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map_or(0, |v| v.version);
+                let version = durable_version(&sequencer, &a.doc).await;
                 if !handle.is_synced() || handle.version() != version {
                     settled = false;
                     break;
@@ -1290,6 +1280,16 @@ fn parse_args() -> Args {
         args.twice_below = 0;
     }
     args
+}
+
+/// The version of `doc` the server holds (0: none, or unreadable).
+async fn durable_version(sequencer: &LocalSequencer, doc: &str) -> u64 {
+    sequencer
+        .read(doc)
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |v| v.version)
 }
 
 /// A step's own random stream.
