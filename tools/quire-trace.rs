@@ -68,11 +68,13 @@ struct Args {
     clients: usize,
     #[arg(long)]
     compose: bool,
-    /// Keep up to N ops in flight per client without waiting for acks (modes
-    /// `sequential` and `each` only: a document with one writer, see "Pipelining" in
-    /// protocol.md).
-    #[arg(long, default_value_t = 1)]
-    pipeline: usize,
+    /// Keep up to N ops in flight per client without waiting for acks, over a bare
+    /// protocol connection (modes `sequential` and `each` only: a document with one
+    /// writer, see "Pipelining" in protocol.md). `--pipeline 1` is the bare connection
+    /// with one op in flight, as a raw-protocol load generator (`redis-benchmark -P 1`)
+    /// runs.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pipeline: Option<u64>,
     /// Use only the first N patches.
     #[arg(long)]
     patches: Option<usize>,
@@ -382,14 +384,14 @@ impl Copy {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    if args.pipeline > 1 && !matches!(args.mode, Mode::Sequential | Mode::Each) {
+    if args.pipeline.is_some() && !matches!(args.mode, Mode::Sequential | Mode::Each) {
         return Err(
             "--pipeline needs a document per client (--mode sequential or each): \
                     pipelined ops on a shared document conflict (protocol.md, Pipelining)"
                 .into(),
         );
     }
-    if args.pipeline > 1 && args.compose {
+    if args.pipeline.is_some() && args.compose {
         return Err("--pipeline sends every patch as its own op; drop --compose".into());
     }
     let trace = match (&args.trace, args.mode) {
@@ -485,7 +487,7 @@ async fn run(args: Args) -> Result<(), String> {
             if !docs.contains(&name) {
                 docs.push(name.clone());
             }
-            let opened_one = if args.pipeline > 1 {
+            let opened_one = if args.pipeline.is_some() {
                 let conn = Connection::connect(args.addr, args.client_base + c as u64, &args.token)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -497,7 +499,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
         started = Instant::now();
         let mut tasks = Vec::new();
-        let (compose, depth) = (args.compose, args.pipeline);
+        let (compose, depth) = (args.compose, args.pipeline.unwrap_or(1) as usize);
         for (opened_one, name, share) in opened {
             tasks.push(tokio::spawn(async move {
                 let (hist, ops, copy) = match opened_one {
@@ -573,7 +575,8 @@ async fn run(args: Args) -> Result<(), String> {
         },
         args.clients,
         args.compose,
-        args.pipeline,
+        args.pipeline
+            .map_or_else(|| "none (Client API)".to_string(), |n| n.to_string()),
         ops as f64 / elapsed,
         hist.value_at_quantile(0.5),
         hist.value_at_quantile(0.99),
