@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::maintenance::{self, Request};
 pub use super::state::LocalConfig;
 use super::state::{lock_doc, DocRef, DocState, DocText, Shared};
-use super::{Dedupe, DocView, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
+use super::{Dedupe, DocView, Sequencer, StorageStats, SubmitError, SubmitOp, Submitted, Ticket};
 use crate::op::{validate_doc_id, OpId, SequencedOp};
 use crate::wal::record::{Lsn, OpRecord, OpView};
 use crate::wal::snapshot::{load_snapshots, remove_leftovers, LoadedSnapshots};
@@ -397,6 +397,7 @@ impl LocalSequencer {
             snapshot_us: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
             ),
+            snapshots_written: Default::default(),
             client_ids,
         });
         let maintenance = match shared.config.wal.background {
@@ -541,6 +542,33 @@ impl Drop for LocalSequencer {
 }
 
 impl Sequencer for LocalSequencer {
+    fn storage_stats(&self) -> StorageStats {
+        use crate::wal::stats::{Distribution, LATENCY_BOUNDS};
+        use std::sync::atomic::Ordering::Relaxed;
+        let wal = &self.shared.wal;
+        let stats = wal.stats();
+        let snapshot_seconds = {
+            let h = self
+                .shared
+                .snapshot_us
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            Distribution::of(&h, LATENCY_BOUNDS, 1e6)
+        };
+        StorageStats {
+            failure: wal.failure(),
+            records_written: stats.records.load(Relaxed),
+            bytes_written: stats.bytes.load(Relaxed),
+            batches: stats.batches.load(Relaxed),
+            fsync_seconds: stats.fsync_seconds(),
+            batch_records: stats.batch_sizes(),
+            queue_depth: wal.queue_depth().0 as u64,
+            snapshots_written: self.shared.snapshots_written.load(Relaxed),
+            snapshot_seconds,
+            segments_truncated: stats.segments_removed.load(Relaxed),
+        }
+    }
+
     fn assign_client_id(&self) -> Result<u64, Arc<str>> {
         self.shared.client_ids.assign().map_err(|e| {
             tracing::error!("cannot give out a client id: {e}");

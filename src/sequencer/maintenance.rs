@@ -119,6 +119,9 @@ pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<boo
     let started = Instant::now();
     write_snapshot(&*shared.vfs, &shared.snapshot_dir, &snapshot)?;
     let micros = started.elapsed().as_micros() as u64;
+    shared
+        .snapshots_written
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let _ = shared
         .snapshot_us
         .lock()

@@ -116,6 +116,27 @@ impl std::fmt::Display for SubmitError {
     }
 }
 
+/// What the storage under a sequencer reports, for metrics and readiness: read at
+/// scrape time, so that instrumenting the log costs the write path nothing more.
+#[derive(Debug, Clone, Default)]
+pub struct StorageStats {
+    /// Why the log stopped accepting writes, once it has (an fsync or write error).
+    pub failure: Option<Arc<str>>,
+    pub records_written: u64,
+    pub bytes_written: u64,
+    pub batches: u64,
+    /// `fdatasync` latency, seconds.
+    pub fsync_seconds: crate::wal::stats::Distribution,
+    /// Records per group-commit batch.
+    pub batch_records: crate::wal::stats::Distribution,
+    /// Records appended and not yet taken by the writer.
+    pub queue_depth: u64,
+    pub snapshots_written: u64,
+    /// Time to write one snapshot file, seconds.
+    pub snapshot_seconds: crate::wal::stats::Distribution,
+    pub segments_truncated: u64,
+}
+
 /// A document's state as of a durable version.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocView {
@@ -127,6 +148,9 @@ pub struct DocView {
 /// implementation; the returned seqs are consecutive. Callers are generic over it
 /// (static dispatch: no allocation per op on the hot path).
 pub trait Sequencer: Send + Sync + 'static {
+    /// What the storage reports for metrics and readiness.
+    fn storage_stats(&self) -> StorageStats;
+
     /// Sequences `op` on `doc_id` (creating the document at version 0 if new).
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError>;
 

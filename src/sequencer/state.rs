@@ -285,5 +285,6 @@ pub(crate) struct Shared {
     pub docs: RwLock<HashMap<Arc<str>, DocRef>>,
     pub config: LocalConfig,
     pub snapshot_us: Mutex<hdrhistogram::Histogram<u64>>,
+    pub snapshots_written: std::sync::atomic::AtomicU64,
     pub client_ids: super::client_ids::ClientIds,
 }

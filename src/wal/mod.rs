@@ -813,6 +813,9 @@ impl Wal {
         self.vfs
             .sync_dir(&self.dir)
             .map_err(io_context(format_args!("syncing {}", self.dir.display())))?;
+        self.stats
+            .segments_removed
+            .fetch_add(doomed.len() as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             segments = doomed.len(),
             below = segment_id,

@@ -9,6 +9,10 @@ use hdrhistogram::Histogram;
 pub struct WalStats {
     pub records: AtomicU64,
     pub batches: AtomicU64,
+    /// Bytes of records written (headers included), synced or failed.
+    pub bytes: AtomicU64,
+    /// Segment files removed by truncation.
+    pub segments_removed: AtomicU64,
     /// `fdatasync` latency in microseconds.
     fsync_us: Mutex<Histogram<u64>>,
     /// Records per group-commit batch.
@@ -24,6 +28,8 @@ impl Default for WalStats {
         WalStats {
             records: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            segments_removed: AtomicU64::new(0),
             fsync_us: hist(),
             batch_records: hist(),
             batch_us: hist(),
@@ -42,6 +48,46 @@ pub struct Summary {
     pub mean: f64,
 }
 
+/// A histogram as cumulative counts at fixed upper bounds (the shape of a Prometheus
+/// histogram), in the unit the bounds are given in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Distribution {
+    /// `(upper bound, values at or below it)`, bounds increasing.
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Distribution {
+    /// `h`'s values (recorded in `unit`s of the bounds times `scale`, e.g. microseconds
+    /// for bounds in seconds with `scale` 1e6) at `bounds`.
+    pub fn of(h: &Histogram<u64>, bounds: &[f64], scale: f64) -> Distribution {
+        let buckets = bounds
+            .iter()
+            .map(|&b| {
+                let high = (b * scale).floor().max(0.0) as u64;
+                (b, h.count_between(0, high))
+            })
+            .collect();
+        Distribution {
+            buckets,
+            count: h.len(),
+            sum: h.mean() * h.len() as f64 / scale,
+        }
+    }
+}
+
+/// Bounds of the latency distributions, in seconds: 50 µs to 10 s.
+pub const LATENCY_BOUNDS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
+
+/// Bounds of the records-per-batch distribution.
+pub const BATCH_BOUNDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+];
+
 fn summarize(h: &Mutex<Histogram<u64>>) -> Summary {
     let h = h.lock().unwrap_or_else(|p| p.into_inner());
     Summary {
@@ -55,8 +101,9 @@ fn summarize(h: &Mutex<Histogram<u64>>) -> Summary {
 }
 
 impl WalStats {
-    pub(crate) fn record_batch(&self, records: usize, sync_ns: u64, elapsed: Duration) {
+    pub(crate) fn record_batch(&self, records: usize, bytes: u64, sync_ns: u64, elapsed: Duration) {
         self.records.fetch_add(records as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         let clamp = |v: u64| v.clamp(1, 60_000_000);
         let _ = self
@@ -83,5 +130,17 @@ impl WalStats {
 
     pub fn batch_us(&self) -> Summary {
         summarize(&self.batch_us)
+    }
+
+    /// `fdatasync` latency, in seconds, at [`LATENCY_BOUNDS`].
+    pub fn fsync_seconds(&self) -> Distribution {
+        let h = self.fsync_us.lock().unwrap_or_else(|p| p.into_inner());
+        Distribution::of(&h, LATENCY_BOUNDS, 1e6)
+    }
+
+    /// Records per group-commit batch, at [`BATCH_BOUNDS`].
+    pub fn batch_sizes(&self) -> Distribution {
+        let h = self.batch_records.lock().unwrap_or_else(|p| p.into_inner());
+        Distribution::of(&h, BATCH_BOUNDS, 1.0)
     }
 }

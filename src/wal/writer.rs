@@ -151,8 +151,12 @@ impl Writer {
                         index.insert(*location, key);
                     }
                 }
+                let bytes: u64 = batch
+                    .iter()
+                    .map(|e| framed_len(e.payload.len()) as u64)
+                    .sum();
                 self.stats
-                    .record_batch(batch.len(), sync_ns, started.elapsed());
+                    .record_batch(batch.len(), bytes, sync_ns, started.elapsed());
                 self.queue.complete(last_lsn);
                 true
             }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use quire::op::{OpId, SequencedOp};
 use quire::sequencer::local::LocalSequencer;
 use quire::sequencer::Sequencer;
-use quire::sequencer::{DocView, SubmitError, SubmitOp, Submitted, Ticket};
+use quire::sequencer::{DocView, StorageStats, SubmitError, SubmitOp, Submitted, Ticket};
 use quire::wal::vfs::sim::SplitMix;
 use tokio::sync::Notify;
 
@@ -44,6 +44,10 @@ impl SimSequencer {
 }
 
 impl Sequencer for SimSequencer {
+    fn storage_stats(&self) -> StorageStats {
+        self.inner.storage_stats()
+    }
+
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
         let submitted = self.inner.submit(doc_id, op);
         self.work.notify_one();
