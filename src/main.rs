@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use std::sync::{Arc, OnceLock};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use quire::admin::{self, Admin, AdminConfig};
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::wal::recovery::RecoveryOptions;
 use quire::wal::WalConfig;
@@ -102,6 +105,17 @@ struct ServeArgs {
     /// log's writer has its own thread, busy with every batch's write and sync).
     #[arg(long)]
     threads: Option<usize>,
+    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz), or `off`.
+    /// Keep it on loopback or a private network: it is not authenticated.
+    #[arg(long, default_value = "127.0.0.1:7421")]
+    admin_listen: AdminListen,
+    /// Readiness (/readyz) turns red when fewer MiB than this are free on the data
+    /// directory's file system.
+    #[arg(long, default_value_t = 512)]
+    min_free_mib: u64,
+    /// Record the serving metrics (off only to measure what they cost).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    metrics: Switch,
 }
 
 /// One worker per core but one. The log's writer thread works through every batch (the
@@ -160,6 +174,31 @@ fn main() -> ExitCode {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+/// `--admin-listen`: an address, or `off`.
+#[derive(Clone, Copy)]
+enum AdminListen {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(AdminListen::Off);
+        }
+        s.parse()
+            .map(AdminListen::At)
+            .map_err(|e| format!("{e}: an address such as 127.0.0.1:7421, or `off`"))
+    }
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     let server_config = quire::server::ServerConfig {
         max_frame: args.max_frame,
@@ -172,6 +211,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         outbox_bytes: args.outbox_mib << 20,
         large_frame_budget: args.large_frame_budget_mib << 20,
         unsynced_bytes: args.unsynced_mib << 20,
+        metrics: args.metrics == Switch::On,
         ..Default::default()
     };
     if let Err(e) = server_config.validate() {
@@ -191,28 +231,21 @@ fn serve(args: ServeArgs) -> ExitCode {
         retention: Duration::from_secs(args.retention_secs),
         ..LocalConfig::default()
     };
-    let (store, report) = match LocalSequencer::open(&args.data_dir, config) {
-        Ok(opened) => opened,
-        Err(e) => {
-            tracing::error!("cannot open {}: {e}", args.data_dir.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    tracing::info!(
-        data_dir = %args.data_dir.display(),
-        documents = report.documents,
-        "storage engine ready"
-    );
-    let store = std::sync::Arc::new(store);
+    // The store exists once recovery is done; the runtime (and the admin endpoint on
+    // it) starts before, so that readiness can say "recovering".
+    let store_cell: Arc<OnceLock<Arc<LocalSequencer>>> = Arc::default();
+    let threads = args.threads.unwrap_or_else(default_worker_threads).max(1);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(args.threads.unwrap_or_else(default_worker_threads).max(1));
+    builder.worker_threads(threads);
     // A worker wakes the log's writer when it goes idle, not per op: the ops of every
     // request it read in one go are then one batch (see `wal::commit`). Only workers
     // park, so only they are marked (blocking threads wake the writer at once).
-    let parked = store.clone();
+    let parked = store_cell.clone();
     builder.on_thread_park(move || {
         quire::wal::commit::defer_writer_wakes_on_this_thread();
-        parked.wal().pay_owed_writer_wake();
+        if let Some(store) = parked.get() {
+            store.wal().pay_owed_writer_wake();
+        }
     });
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -221,17 +254,70 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let served = runtime.block_on(async {
-        let listener = quire::server::bind(args.listen).await?;
-        tracing::info!(listen = %listener.local_addr()?, "serving");
+    let data_dir = args.data_dir.clone();
+    let store = runtime.block_on(async {
+        let admin = Admin::new(AdminConfig {
+            data_dir: data_dir.clone(),
+            min_free_bytes: args.min_free_mib << 20,
+        });
+        let stop_admin = tokio_util::sync::CancellationToken::new();
+        let admin_task = match args.admin_listen {
+            AdminListen::Off => None,
+            AdminListen::At(addr) => match admin::bind(addr).await {
+                Ok(listener) => {
+                    if let Ok(at) = listener.local_addr() {
+                        tracing::info!(admin = %at, "admin endpoint: /metrics /healthz /readyz");
+                    }
+                    let stop = stop_admin.clone().cancelled_owned();
+                    Some(tokio::spawn(admin::serve(admin.clone(), listener, stop)))
+                }
+                Err(e) => {
+                    tracing::error!("cannot listen on {addr} (--admin-listen): {e}");
+                    return None;
+                }
+            },
+        };
+        // Recovery reads the whole log: on a blocking thread, while the admin
+        // endpoint answers.
+        let opened = tokio::task::spawn_blocking(move || LocalSequencer::open(&data_dir, config))
+            .await
+            .expect("recovery does not panic");
+        let (store, report) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::error!("cannot open {}: {e}", args.data_dir.display());
+                return None;
+            }
+        };
+        tracing::info!(
+            data_dir = %args.data_dir.display(),
+            documents = report.documents,
+            "storage engine ready"
+        );
+        let store = Arc::new(store);
+        let _ = store_cell.set(store.clone());
+        let listener = match quire::server::bind(args.listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!("cannot listen on {}: {e}", args.listen);
+                return Some((store, false));
+            }
+        };
+        if let Ok(at) = listener.local_addr() {
+            tracing::info!(listen = %at, "serving");
+        }
         let server = quire::server::Server::new(store.clone(), server_config);
+        admin.serving(server.clone(), report.elapsed);
         server.serve(listener, shutdown_signal()).await;
-        Ok::<(), std::io::Error>(())
+        stop_admin.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        Some((store, true))
     });
-    if let Err(e) = served {
-        tracing::error!("cannot listen on {}: {e}", args.listen);
+    let Some((store, served)) = store else {
         return ExitCode::FAILURE;
-    }
+    };
     tracing::info!("shutting down: finishing queued commits");
     store.close();
     let stats = store.wal().stats();
@@ -250,7 +336,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             tracing::error!("the write-ahead log had failed: {reason}");
             ExitCode::FAILURE
         }
-        None => ExitCode::SUCCESS,
+        None if served => ExitCode::SUCCESS,
+        None => ExitCode::FAILURE,
     }
 }
 

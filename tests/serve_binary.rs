@@ -16,7 +16,14 @@ use quire::sequencer::Sequencer;
 /// Starts `quire serve` on a free port; returns the child and the address it listens on.
 fn spawn_server(dir: &std::path::Path) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_quire"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--data-dir",
+        ])
         .arg(dir)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
@@ -162,7 +169,14 @@ fn logs_go_to_stderr_without_colour_codes_when_it_is_not_a_terminal() {
     let not_a_dir = tmp.path().join("data");
     std::fs::write(&not_a_dir, b"").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_quire"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--data-dir",
+        ])
         .arg(&not_a_dir)
         .env("RUST_LOG", "info")
         .env_remove("NO_COLOR")

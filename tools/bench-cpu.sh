@@ -42,7 +42,7 @@ echo "######## $(date -u +%FT%TZ) clients=$clients"
 for run in $(seq 1 "$runs"); do
   rm -rf "$out/data"
   # shellcheck disable=SC2086
-  "${QUIRE_BIN:-./target/release/quire}" serve --data-dir "$out/data" --listen "127.0.0.1:$port" ${SERVE_ARGS:-} >"$out/server.log" 2>&1 &
+  "${QUIRE_BIN:-./target/release/quire}" serve --data-dir "$out/data" --listen "127.0.0.1:$port" --admin-listen off ${SERVE_ARGS:-} >"$out/server.log" 2>&1 &
   pid=$!
   sleep 1
   # A warm-up op activates the first segment; the next one is zero-filled meanwhile.

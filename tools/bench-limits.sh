@@ -42,7 +42,7 @@ fi
 server_pid=""
 start_server() {
   rm -rf "$out/data"
-  "$bin" serve --data-dir "$out/data" --listen "127.0.0.1:$port" >"$out/server-$1.log" 2>&1 &
+  "$bin" serve --data-dir "$out/data" --listen "127.0.0.1:$port" --admin-listen off >"$out/server-$1.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 100); do
     port_busy "$port" && return 0

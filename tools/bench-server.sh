@@ -24,7 +24,7 @@ workload() {
   local name="$1"; shift
   for run in $(seq 1 "$runs"); do
     rm -rf "$out/data"
-    ./target/release/quire serve --data-dir "$out/data" --listen "127.0.0.1:$port" >"$out/server.log" 2>&1 &
+    ./target/release/quire serve --data-dir "$out/data" --listen "127.0.0.1:$port" --admin-listen off >"$out/server.log" 2>&1 &
     local pid=$!
     sleep 1
     # One op first: it activates the first segment, and the background preparer then

@@ -28,6 +28,8 @@ pub enum Action {
         outbox: Outbox,
         request_id: u32,
         local_seq: u64,
+        /// When its `Submit` arrived (for the ack latency metric).
+        received: std::time::Instant,
     },
     /// A retried op: the original ack again, once the original is durable, in seq
     /// order with the document's other messages.
@@ -95,8 +97,17 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
         Action::Deliver { outbox, .. } | Action::AckDuplicate { outbox, .. } => outbox.end_op(),
     }
     match (action, outcome) {
-        (Action::Deliver { document, seq, .. }, Ok(())) => {
+        (
+            Action::Deliver {
+                document,
+                seq,
+                received,
+                ..
+            },
+            Ok(()),
+        ) => {
             document.mark_durable(seq);
+            server.metrics().op_accepted(received);
             // Its last subscriber may have left while the op was on its way to disk.
             if document.subscriber_count() == 0 {
                 server.release(&document);
@@ -130,6 +141,7 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
             },
             Err(reason),
         ) => {
+            server.metrics().op_rejected(ErrorCode::StorageFailed);
             outbox.send(encode(
                 &Envelope {
                     request_id,

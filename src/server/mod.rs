@@ -3,6 +3,7 @@
 
 pub mod document;
 pub mod durability;
+pub mod metrics;
 pub mod outbox;
 pub mod session;
 pub mod transport;
@@ -57,6 +58,8 @@ pub struct ServerConfig {
     pub history_window: usize,
     /// Where work that may take long (log reads, large transforms) runs.
     pub blocking: Blocking,
+    /// Whether the serving metrics record (off: to measure what they cost).
+    pub metrics: bool,
 }
 
 /// Where a session's long work runs.
@@ -92,6 +95,7 @@ impl Default for ServerConfig {
             presence_interval: Duration::from_millis(50),
             history_window: 4096,
             blocking: Blocking::Threads,
+            metrics: true,
         }
     }
 }
@@ -154,6 +158,7 @@ pub struct Server<S> {
     next_session: AtomicU64,
     durable: Arc<durability::DurabilityQueue>,
     shutdown: broadcast::Sender<()>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 pub(crate) fn wire_op(op: crate::op::SequencedOp) -> WireOp {
@@ -172,6 +177,7 @@ impl<S: Sequencer> Server<S> {
         if let Err(e) = config.validate() {
             panic!("invalid server config: {e}");
         }
+        let metrics = Arc::new(metrics::Metrics::new(config.metrics));
         Arc::new(Server {
             sequencer,
             large_frames: Arc::new(Semaphore::new(config.large_frame_budget)),
@@ -182,6 +188,7 @@ impl<S: Sequencer> Server<S> {
             next_session: AtomicU64::new(1),
             durable: Arc::default(),
             shutdown: broadcast::channel(1).0,
+            metrics,
         })
     }
 
@@ -292,6 +299,11 @@ impl<S: Sequencer> Server<S> {
             .map(|o| o.queued_bytes())
             .max()
             .unwrap_or(0)
+    }
+
+    /// The serving metrics.
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.metrics
     }
 
     /// Documents open now (held in memory).

@@ -32,6 +32,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::Metrics;
 use super::transport::WriteHalf;
 use crate::protocol::message::{Envelope, ErrorCode, Message};
 
@@ -86,6 +87,8 @@ pub struct Outbox {
     closing: Arc<std::sync::Mutex<Option<Closing>>>,
     /// Submits of this session not answered yet.
     in_flight: Arc<AtomicUsize>,
+    /// The server's metrics (none recorded until the session sets them).
+    metrics: Arc<Metrics>,
 }
 
 /// Who may write to the socket. Every frame is written directly or queued under this
@@ -161,6 +164,7 @@ pub fn outbox(
             close: close.clone(),
             closing: closing.clone(),
             in_flight: Arc::default(),
+            metrics: Metrics::off(),
         },
         Writer {
             rx,
@@ -191,6 +195,15 @@ fn permits(len: usize) -> u32 {
 }
 
 impl Outbox {
+    /// The same queue, counting in `metrics` (slow-reader disconnects, presence sent).
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Outbox {
+        Outbox { metrics, ..self }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The same queue, sending as another client id (set once the handshake is done).
     pub fn with_client(&self, client_id: u64) -> Outbox {
         Outbox {
@@ -277,6 +290,9 @@ impl Outbox {
     pub fn close_with(&self, code: ErrorCode, message: impl Into<String>) {
         let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
         if closing.is_none() {
+            if code == ErrorCode::TooSlow {
+                self.metrics.slow_reader_disconnect();
+            }
             *closing = Some(Closing {
                 code,
                 message: message.into(),

@@ -10,6 +10,9 @@ use super::outbox::{encode, encode_with, Outbox};
 use crate::protocol::message::{encode_ack_into, Envelope, ErrorCode, Message, Selection, WireOp};
 
 /// The wire code of a refused op (`protocol.md`, "Error and reject codes").
+/// The type byte of `PresenceState` (protocol.md).
+const PRESENCE_STATE: u8 = 0x25;
+
 pub fn refusal_code(kind: RefusalKind) -> ErrorCode {
     match kind {
         RefusalKind::TooLarge => ErrorCode::TooLarge,
@@ -94,6 +97,11 @@ impl Subscriber for Outbox {
     }
 
     fn send(&self, frame: Bytes) -> bool {
+        // The type byte follows the length field: presence sent is counted per
+        // recipient.
+        if frame.get(4) == Some(&PRESENCE_STATE) {
+            self.metrics().presence_out();
+        }
         Outbox::send(self, frame)
     }
 

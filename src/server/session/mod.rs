@@ -196,6 +196,7 @@ pub async fn run<S: Sequencer, T: Transport>(
     let config = server.config.clone();
     let (reader, writer) = stream.into_split();
     let (outbox, write_half) = outbox::outbox(session, 0, config.outbox_bytes, config.max_frame);
+    let outbox = outbox.with_metrics(server.metrics().clone());
     // Aborted if this task is (a server dropped at once, as the simulator's crash
     // does): nothing may reach the client after its session is gone.
     let mut writer = AbortOnDrop(tokio::spawn(write_half.run(writer, config.write_timeout)));

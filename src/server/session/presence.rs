@@ -7,6 +7,7 @@ use crate::sequencer::Sequencer;
 
 impl<S: Sequencer> Session<S> {
     pub(super) fn presence(&self, rid: u32, doc: String, selections: Vec<Selection>) {
+        self.server.metrics().presence_in();
         if selections.len() > MAX_SELECTIONS {
             self.send_error(
                 rid,

@@ -31,7 +31,9 @@ impl<S: Sequencer> Session<S> {
         base_version: u64,
         patches: Vec<Patch>,
     ) {
+        let received = std::time::Instant::now();
         let reject = |code: ErrorCode, message: String| {
+            self.server.metrics().op_rejected(code);
             self.send(
                 rid,
                 Message::Reject {
@@ -100,6 +102,7 @@ impl<S: Sequencer> Session<S> {
                     outbox: self.outbox.clone(),
                     request_id: rid,
                     local_seq,
+                    received,
                 },
                 permit,
             ),

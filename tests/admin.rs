@@ -1,0 +1,259 @@
+//! The admin endpoint over real HTTP: `/metrics` parsed as Prometheus text with values
+//! that move when ops are sent, `/healthz`, and `/readyz` with its reasons (recovering,
+//! free disk under the threshold, the log failed).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{open, start, start_on_sim};
+use quire::admin::{Admin, AdminConfig};
+use quire::client::connection::Connection;
+use quire::op::Patch;
+use quire::protocol::message::{ErrorCode, Message, Selection};
+use quire::sequencer::Sequencer;
+use quire::server::{Server, ServerConfig};
+use quire::wal::vfs::sim::SimFs;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Serves `admin` on a port of its own; returns its address.
+async fn serve_admin<S: Sequencer>(admin: &Arc<Admin<S>>) -> SocketAddr {
+    let listener = quire::admin::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(quire::admin::serve(
+        admin.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// `GET path`: the status code and the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: quire\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    (status, body.to_string())
+}
+
+/// Every sample of a scrape of `/metrics`, by metric name and label set (`code=24`).
+/// A histogram is its sample count (its `+Inf` bucket).
+async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("the Prometheus text format");
+    let mut out = HashMap::new();
+    for sample in scrape.samples {
+        let labels = sample.labels.to_string();
+        let key = if labels.is_empty() {
+            sample.metric.clone()
+        } else {
+            format!("{}{{{labels}}}", sample.metric)
+        };
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(buckets) => {
+                buckets
+                    .iter()
+                    .find(|b| b.less_than.is_infinite())
+                    .expect("a +Inf bucket")
+                    .count
+            }
+            prometheus_parse::Value::Summary(_) => continue,
+        };
+        out.insert(key, value);
+    }
+    out
+}
+
+fn admin_for<S: Sequencer>(dir: &std::path::Path, min_free_bytes: u64) -> Arc<Admin<S>> {
+    Admin::new(AdminConfig {
+        data_dir: dir.to_path_buf(),
+        min_free_bytes,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_prometheus_text_and_move_when_ops_are_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), "").await;
+    let admin = admin_for(dir.path(), 0);
+    admin.serving(running.server.clone(), Duration::from_millis(3));
+    let at = serve_admin(&admin).await;
+
+    let before = scrape(at).await;
+    for name in [
+        "quire_ops_accepted_total",
+        "quire_ack_latency_seconds",
+        "quire_fsync_seconds",
+        "quire_group_commit_records",
+        "quire_log_bytes_written_total",
+        "quire_log_append_queue_depth",
+        "quire_snapshots_written_total",
+        "quire_snapshot_write_seconds",
+        "quire_segments_truncated_total",
+        "quire_recovery_seconds",
+        "quire_connected_clients",
+        "quire_open_documents",
+        "quire_presence_in_total",
+        "quire_presence_out_total",
+        "quire_slow_reader_disconnects_total",
+        "quire_disk_used_bytes",
+        "quire_disk_free_bytes",
+        "quire_log_writable",
+        "quire_ready",
+    ] {
+        assert!(before.contains_key(name), "{name} missing from {before:?}");
+    }
+    assert_eq!(before["quire_ops_accepted_total"], 0.0);
+    assert_eq!(before["quire_recovery_seconds"], 0.003);
+    assert_eq!(before["quire_ready"], 1.0);
+    assert_eq!(before["quire_log_writable"], 1.0);
+
+    // Two clients on one document: five ops from one, a presence update from each.
+    let alice = open(running.addr, "notes").await;
+    let bob = open(running.addr, "notes").await;
+    for i in 0..5 {
+        alice.edit(&[Patch::new(i, 0, "x")]).await.unwrap();
+        alice.synced().await.unwrap();
+    }
+    bob.set_presence(vec![Selection { anchor: 1, head: 1 }]);
+    common::wait_for_version(&bob, 5).await;
+    let during = scrape(at).await;
+    assert_eq!(during["quire_ops_accepted_total"], 5.0);
+    assert_eq!(during["quire_ack_latency_seconds"], 5.0);
+    assert!(during["quire_fsync_seconds"] >= before["quire_fsync_seconds"] + 1.0);
+    assert!(during["quire_group_commit_records"] >= 1.0);
+    assert!(during["quire_log_records_written_total"] >= 5.0);
+    assert!(during["quire_log_bytes_written_total"] > before["quire_log_bytes_written_total"]);
+    assert_eq!(during["quire_connected_clients"], 2.0);
+    assert_eq!(during["quire_open_documents"], 1.0);
+    assert!(during["quire_disk_used_bytes"] > 0.0);
+
+    // A refused op is counted under its code.
+    let mut raw = Connection::connect(running.addr, 0, "").await.unwrap();
+    raw.send(Message::Submit {
+        doc: "never-opened".into(),
+        local_seq: 1,
+        base_version: 0,
+        patches: vec![Patch::new(0, 0, "x")],
+    })
+    .await
+    .unwrap();
+    let reply = common::next_reply(&mut raw).await;
+    assert!(
+        matches!(
+            reply,
+            Message::Reject {
+                code: ErrorCode::UnknownDocument,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    let code = ErrorCode::UnknownDocument.to_u16();
+    let after = scrape(at).await;
+    assert_eq!(
+        after[&format!("quire_ops_rejected_total{{code=\"{code}\"}}")],
+        1.0
+    );
+    assert_eq!(after["quire_ops_accepted_total"], 5.0);
+    assert!(after["quire_presence_in_total"] >= 1.0, "{after:?}");
+    assert!(after["quire_presence_out_total"] >= 1.0, "{after:?}");
+
+    alice.close().await;
+    bob.close().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_and_readyz_says_why_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), "").await;
+    let admin = admin_for(dir.path(), 0);
+    let at = serve_admin(&admin).await;
+
+    assert_eq!(get(at, "/healthz").await, (200, "ok\n".to_string()));
+    // Before the server is attached, recovery is still running.
+    let (status, body) = get(at, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["ready"], false);
+    assert!(
+        json["reasons"][0].as_str().unwrap().contains("recovering"),
+        "{body}"
+    );
+    // /metrics answers meanwhile, with what it knows.
+    assert_eq!(scrape(at).await["quire_ready"], 0.0);
+
+    admin.serving(running.server.clone(), Duration::ZERO);
+    let (status, body) = get(at, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["ready"], true);
+
+    // The same server, watched with a free-space threshold no disk meets.
+    let strict = admin_for(dir.path(), u64::MAX);
+    strict.serving(running.server.clone(), Duration::ZERO);
+    let strict_at = serve_admin(&strict).await;
+    let (status, body) = get(strict_at, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("--min-free-mib"), "{body}");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_turns_readiness_red_and_the_metric_to_zero() {
+    let fs = SimFs::new();
+    let running = start_on_sim(&fs, ServerConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_for(dir.path(), 0);
+    admin.serving(running.server.clone(), Duration::ZERO);
+    let at = serve_admin(&admin).await;
+    assert_eq!(get(at, "/readyz").await.0, 200);
+
+    // Opened first: a client id is written (and synced) to the data directory.
+    let doc = open(running.addr, "doomed").await;
+    fs.fail_syncs_after(0);
+    doc.edit(&[Patch::new(0, 0, "lost")]).await.unwrap();
+    let mut waited = 0;
+    while running.store.wal().failure().is_none() {
+        assert!(waited < 1000, "the log never failed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+    }
+    let (status, body) = get(at, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not writable"), "{body}");
+    let metrics = scrape(at).await;
+    assert_eq!(metrics["quire_log_writable"], 0.0);
+    assert_eq!(metrics["quire_ready"], 0.0);
+    // The client keeps its unacknowledged edit; nothing to wait for.
+    drop(doc);
+    running.stop().await;
+}
+
+/// The server type the tests attach (named for the compiler's inference).
+#[allow(dead_code)]
+type LocalServer = Server<quire::sequencer::local::LocalSequencer>;
