@@ -4,6 +4,7 @@
 //! broadcast. [`wal`] knows nothing of sockets or protocol, nor does the document core
 //! ([`server::document`]): only the session builds messages.
 
+pub mod auth;
 pub mod client;
 pub mod op;
 pub mod ot;
