@@ -184,6 +184,56 @@ async fn an_expired_token_is_refused_at_hello_with_code_12() {
     server.stop().await;
 }
 
+/// On a paused clock, which moves on by itself to the next timer whenever the runtime
+/// waits: the token's expiry, two minutes on, comes without waiting for it.
+#[tokio::test(start_paused = true)]
+async fn a_token_that_expires_during_a_session_closes_it_with_code_12() {
+    // A timer every second, so that the clock moves a second at a time (also while the
+    // log's thread syncs an op), not at once to the next deadline of the server.
+    let _metronome = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    // No deadline of the server comes before the expiry.
+    let far = std::time::Duration::from_secs(86_400);
+    let config = ServerConfig {
+        keys: Some(Arc::new(Keys::new(&[SECRET]).unwrap())),
+        handshake_timeout: far,
+        idle_timeout: far,
+        write_timeout: far,
+        ..ServerConfig::default()
+    };
+    let server = start_with(dir.path(), config).await;
+    // A token without an expiry the server could reach.
+    let mut bystander = Bystander::new(
+        server.addr,
+        &mint_until(SECRET, "*", Access::Write, u64::MAX),
+    )
+    .await;
+    let expiring = mint_until(SECRET, "d", Access::Write, now_unix_secs() + 120);
+    let mut conn = Connection::connect(server.addr, 0, &expiring)
+        .await
+        .unwrap();
+    open(&mut conn, "d").await.unwrap();
+    let code = loop {
+        match conn.recv().await {
+            Ok(env) => {
+                if let Message::Error { code, .. } = env.message {
+                    break code;
+                }
+            }
+            Err(e) => panic!("closed without an error: {e}"),
+        }
+    };
+    assert_eq!(code, ErrorCode::TokenExpired);
+    assert!(conn.recv().await.is_err(), "the connection is closed");
+    bystander.served().await;
+    bystander.served().await;
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_for_another_document_is_refused_per_request_and_the_session_goes_on() {
     let dir = tempfile::tempdir().unwrap();

@@ -884,8 +884,12 @@ impl<C: Connector> Driver<C> {
                 Ended::Shutdown => return self.stop(),
                 Ended::Failed(code, message) => {
                     tracing::warn!(?code, "the server refused this client: {message}");
+                    // The state first: a caller that hears of the refusal sees it.
+                    self.set_state(ConnectionState::Failed {
+                        code,
+                        message: message.clone(),
+                    });
                     self.fail_waiters(code, &message);
-                    self.set_state(ConnectionState::Failed { code, message });
                     // Refused for good: answer commands until the client is dropped.
                     self.offline_until(std::future::pending::<()>()).await;
                     return self.stop();
