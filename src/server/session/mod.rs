@@ -16,7 +16,8 @@
 //! This file reads, decodes and dispatches; each request kind has its own file:
 //! `hello.rs` (the handshake), `open.rs` (subscribe, snapshot or catch-up), `fetch.rs`,
 //! `presence.rs`, `submit.rs` (an op on its way through the document core to its ack
-//! or `Reject`), and `ops.rs` (replies of logged ops in frames that fit).
+//! or `Reject`), `ops.rs` (replies of logged ops in frames that fit), and `access.rs`
+//! (the access token's word on each request about a document).
 
 use std::collections::HashMap;
 use std::sync::Arc;
