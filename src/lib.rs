@@ -5,6 +5,7 @@
 //! ([`server::document`]): only the session builds messages.
 
 pub mod admin;
+pub mod auth;
 pub mod client;
 pub mod op;
 pub mod ot;

@@ -36,6 +36,12 @@ enum Command {
     /// picks. Exits non-zero unless both texts end equal to the server's with every
     /// edit in them once.
     Demo(demo::DemoArgs),
+    /// Mint an access token for development, signed with the server's current secret
+    /// (the first one given), and print it.
+    ///
+    /// Example: quire token --doc 'notes/*' --write --ttl 1h --subject alice --secret-file
+    /// ./secret
+    Token(TokenArgs),
     /// Bob's editor in `quire demo` (a child process the demo starts and kills).
     #[command(hide = true)]
     DemoClient(demo::DemoClientArgs),
@@ -78,9 +84,13 @@ struct ServeArgs {
     /// for the disk.
     #[arg(long, default_value_t = 256)]
     unsynced_mib: usize,
-    /// Access token clients must present (default: none).
-    #[arg(long, default_value = "", env = "QUIRE_TOKEN")]
-    token: String,
+    #[command(flatten)]
+    secrets: SecretArgs,
+    /// Serve a non-loopback address without a secret: anyone who reaches it may read and
+    /// write every document. Without a secret, the server otherwise starts only on a
+    /// loopback address (127.0.0.1, ::1).
+    #[arg(long)]
+    insecure: bool,
     /// Size of each WAL segment file, in MiB.
     #[arg(long, default_value_t = 64)]
     segment_mib: u64,
@@ -118,6 +128,143 @@ struct ServeArgs {
     metrics: Switch,
 }
 
+/// The server's secrets, which sign and verify access tokens (protocol.md, "Access
+/// tokens").
+#[derive(clap::Args)]
+struct SecretArgs {
+    /// A secret signing access tokens (at least 16 bytes, taken as its UTF-8 bytes).
+    /// Given twice during a rotation: the first (current) signs new tokens and both
+    /// verify, so tokens of the previous secret keep working until it is removed.
+    /// Without any secret, clients are anonymous and may do anything (loopback only,
+    /// unless --insecure). Without --secret and --secret-file, the environment variable
+    /// QUIRE_SECRET is read, as a secret file's content. Prefer --secret-file or
+    /// QUIRE_SECRET: a command line is visible to other users of the machine.
+    #[arg(long = "secret", value_name = "SECRET")]
+    secret: Vec<String>,
+    /// A file with one secret per line, the current one first and optionally the
+    /// previous one second (at most two; blank lines are ignored).
+    #[arg(long, conflicts_with = "secret", value_name = "PATH")]
+    secret_file: Option<PathBuf>,
+}
+
+/// One secret per non-blank line.
+fn secret_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl SecretArgs {
+    /// The configured keys, if any secret was given: `--secret`, else `--secret-file`,
+    /// else `$QUIRE_SECRET`.
+    fn keys(&self) -> Result<Option<quire::auth::Keys>, String> {
+        let secrets: Vec<String> = if !self.secret.is_empty() {
+            self.secret.clone()
+        } else if let Some(path) = &self.secret_file {
+            secret_lines(
+                &std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+            )
+        } else {
+            match std::env::var("QUIRE_SECRET") {
+                Ok(text) => secret_lines(&text),
+                Err(std::env::VarError::NotPresent) => Vec::new(),
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err("QUIRE_SECRET is not UTF-8".into())
+                }
+            }
+        };
+        if secrets.is_empty() {
+            return Ok(None);
+        }
+        quire::auth::Keys::new(&secrets)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// What the token grants: a document id, a prefix ending in `/*` (`notes/*` grants
+    /// `notes/a`, not `notes-private`), or `*` for every document.
+    #[arg(long)]
+    doc: String,
+    /// Grant writing (submitting ops) too; without it the token only reads.
+    #[arg(long)]
+    write: bool,
+    /// How long the token is valid: a number with a unit s, m, h or d (`90s`, `1h`, `7d`).
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    ttl: Duration,
+    /// Whom the token is issued to (in the server's debug logs; at most 100 bytes).
+    #[arg(long, default_value = "dev")]
+    subject: String,
+    #[command(flatten)]
+    secrets: SecretArgs,
+}
+
+/// `90s`, `30m`, `1h`, `7d`.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit, as 90s, 30m, 1h, 7d"))?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is one of s, m, h, d")),
+    };
+    if number == 0 {
+        return Err("a token valid for no time is of no use".into());
+    }
+    number
+        .checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+fn token(args: TokenArgs) -> ExitCode {
+    let keys = match args.secrets.keys() {
+        Ok(Some(keys)) => keys,
+        Ok(None) => {
+            eprintln!(
+                "quire token: give the server's secret (--secret, --secret-file or QUIRE_SECRET)"
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("quire token: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let scope = match quire::auth::Scope::parse(&args.doc) {
+        Ok(scope) => scope,
+        Err(e) => {
+            eprintln!("quire token: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = quire::auth::validate_subject(&args.subject) {
+        eprintln!("quire token: {e}");
+        return ExitCode::FAILURE;
+    }
+    let grant = quire::auth::Grant {
+        scope,
+        access: if args.write {
+            quire::auth::Access::Write
+        } else {
+            quire::auth::Access::Read
+        },
+        expires_unix_secs: quire::auth::now_unix_secs().saturating_add(args.ttl.as_secs()),
+        subject: args.subject,
+    };
+    println!("{}", keys.mint(&grant));
+    ExitCode::SUCCESS
+}
+
 /// One worker per core but one. The log's writer thread works through every batch (the
 /// write, the sync's block I/O); with a worker per core as well, on a small machine the
 /// workers and the writer preempt one another and the workers park and wake each other
@@ -152,7 +299,7 @@ fn main() -> ExitCode {
     // The demo prints its own story: only warnings and errors are logged beside it.
     let default_filter = match cli.command {
         Command::Serve(_) => "info",
-        Command::Demo(_) | Command::DemoClient(_) => "warn",
+        Command::Demo(_) | Command::DemoClient(_) | Command::Token(_) => "warn",
     };
     // Logs go to stderr, coloured only when it is a terminal and NO_COLOR is unset or
     // empty (https://no-color.org).
@@ -170,6 +317,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Demo(args) => demo::demo_main(args),
+        Command::Token(args) => token(args),
         Command::DemoClient(args) => demo::client_main(args),
     }
 }
@@ -200,9 +348,34 @@ impl std::str::FromStr for AdminListen {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    let keys = match args.secrets.keys() {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::error!("secrets: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match quire::auth::startup(args.listen, keys.is_some(), args.insecure) {
+        Ok(quire::auth::Startup::Tokens) => {
+            tracing::info!("clients need an access token signed by the server's secret");
+        }
+        Ok(quire::auth::Startup::AnonymousLoopback) => tracing::warn!(
+            "no secret configured: clients are anonymous and may read and write every \
+             document; served on a loopback address only"
+        ),
+        Ok(quire::auth::Startup::AnonymousInsecure) => tracing::warn!(
+            listen = %args.listen,
+            "no secret configured and --insecure: anyone who reaches this address may read \
+             and write every document"
+        ),
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let server_config = quire::server::ServerConfig {
         max_frame: args.max_frame,
-        token: args.token,
+        keys: keys.map(std::sync::Arc::new),
         presence_interval: Duration::from_millis(args.presence_interval_ms),
         max_connections: args.max_connections,
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),

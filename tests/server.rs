@@ -9,9 +9,13 @@ use std::time::Duration;
 mod common;
 
 use common::{
-    client_config, concurrent_trace_json, long_lived_branches_trace, open, open_with, read_back,
-    start, start_with, store_config, Opened, Pipelined,
+    client_config, concurrent_trace_json, long_lived_branches_trace, mint, open, open_with,
+    read_back, start, start_with, store_config, Opened, Pipelined,
 };
+
+/// The secret of the servers that check tokens.
+const SECRET: &str = "a secret of the tests";
+use quire::auth::Access;
 use quire::client::connection::Connection;
 use quire::client::{ConnectionState, Event};
 use quire::op::Patch;
@@ -372,19 +376,20 @@ async fn expect_closed(conn: &mut Connection) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_error_and_other_clients_are_unaffected() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = start(tmp.path(), "secret").await;
-    let with_token = || client_config(server.addr).token("secret");
+    let server = start(tmp.path(), SECRET).await;
+    let token = mint(SECRET, "*", Access::Write);
+    let with_token = || client_config(server.addr).token(token.clone());
     let bystander = open_with(with_token(), "doc").await;
     bystander.edit(&[Patch::new(0, 0, "hello")]).await.unwrap();
     bystander.settle().await;
     let before = bystander.text();
 
-    // Wrong token: refused at the handshake.
+    // A token that is not one: refused at the handshake.
     let err = Connection::connect(server.addr, 2, "nope")
         .await
         .err()
         .unwrap();
-    assert!(err.to_string().contains("WrongToken"), "{err}");
+    assert!(err.to_string().contains("InvalidToken"), "{err}");
     bystander_works(&bystander).await;
 
     let frame = |body: &[u8]| {
@@ -393,20 +398,20 @@ async fn bad_input_gets_a_clear_error_and_other_clients_are_unaffected() {
         f
     };
     // Oversize frame: refused from the length field alone, connection closed.
-    let mut bad = Connection::connect(server.addr, 3, "secret").await.unwrap();
+    let mut bad = Connection::connect(server.addr, 3, &token).await.unwrap();
     bad.send_raw(&(64u32 << 20).to_le_bytes()).await.unwrap();
     expect_error(&mut bad, ErrorCode::FrameTooLarge).await;
     expect_closed(&mut bad).await;
     bystander_works(&bystander).await;
 
     // Unknown message type.
-    let mut bad = Connection::connect(server.addr, 3, "secret").await.unwrap();
+    let mut bad = Connection::connect(server.addr, 3, &token).await.unwrap();
     bad.send_raw(&frame(&[0x5A, 1, 0, 0, 0])).await.unwrap();
     expect_error(&mut bad, ErrorCode::UnknownType).await;
     expect_closed(&mut bad).await;
 
     // Malformed: a Ping with a short body.
-    let mut bad = Connection::connect(server.addr, 3, "secret").await.unwrap();
+    let mut bad = Connection::connect(server.addr, 3, &token).await.unwrap();
     bad.send_raw(&frame(&[0x15, 1, 0, 0, 0, 9, 9]))
         .await
         .unwrap();
@@ -414,7 +419,7 @@ async fn bad_input_gets_a_clear_error_and_other_clients_are_unaffected() {
     expect_closed(&mut bad).await;
 
     // Invalid UTF-8 in a document id.
-    let mut bad = Connection::connect(server.addr, 3, "secret").await.unwrap();
+    let mut bad = Connection::connect(server.addr, 3, &token).await.unwrap();
     bad.send_raw(&frame(&[0x14, 1, 0, 0, 0, 2, 0, 0xC3, 0x28]))
         .await
         .unwrap();
@@ -423,7 +428,7 @@ async fn bad_input_gets_a_clear_error_and_other_clients_are_unaffected() {
     bystander_works(&bystander).await;
 
     // Requests that are refused but leave the connection usable.
-    let mut bad = Connection::connect(server.addr, 4, "secret").await.unwrap();
+    let mut bad = Connection::connect(server.addr, 4, &token).await.unwrap();
     bad.send(Message::Submit {
         doc: "doc".into(),
         local_seq: 1,

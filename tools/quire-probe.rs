@@ -85,6 +85,8 @@ struct Cli {
 struct Common {
     #[arg(long, default_value = "127.0.0.1:7420")]
     addr: SocketAddr,
+    /// The access token to present (`quire token` mints one); empty for a server
+    /// without a secret.
     #[arg(long, default_value = "", env = "QUIRE_TOKEN")]
     token: String,
     /// The server's process id: its VmRSS is read from /proc/PID/status.

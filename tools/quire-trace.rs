@@ -81,6 +81,8 @@ struct Args {
     /// Document name (prefix, in `each` mode).
     #[arg(long, default_value = "trace")]
     doc: String,
+    /// The access token to present (`quire token` mints one); empty for a server
+    /// without a secret.
     #[arg(long, default_value = "", env = "QUIRE_TOKEN")]
     token: String,
     /// First client id used by bare connections (`ping`, `concurrent`, `--pipeline`;

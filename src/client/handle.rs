@@ -51,8 +51,9 @@ use crate::protocol::message::{ErrorCode, Message, Selection, WireOp};
 /// What went wrong, keeping the server's code where the server refused.
 #[derive(Debug)]
 pub enum ClientError {
-    /// The server refused, for good: a wrong token, an unsupported protocol version, an
-    /// invalid document id, or a failed storage on its side.
+    /// The server refused, for good: a token it does not accept (invalid, expired, or
+    /// not granting a document the application opened or edits), an unsupported
+    /// protocol version, an invalid document id, or a failed storage on its side.
     Refused { code: ErrorCode, message: String },
     /// A local edit does not apply to the local text.
     OutOfRange,
@@ -106,8 +107,11 @@ pub enum ConnectionState {
     /// The connection was lost (or never made); the next attempt is after `retry_in`.
     /// Edits keep applying locally and are queued.
     Reconnecting { attempt: u32, retry_in: Duration },
-    /// The server refused this client for good (a wrong token, an unsupported protocol
-    /// version): nothing more is sent.
+    /// The server refused this client for good: nothing more is sent, and edits keep
+    /// applying locally (and persist, with a directory). `code` says why: 7 or 12, its
+    /// access token is invalid or expired; 29, the token does not grant a document the
+    /// application opened; 31, it grants one the application edits for reading only;
+    /// 5 or 6, the protocol. A new token needs a new [`Client`].
     Failed { code: ErrorCode, message: String },
     /// [`Client::shutdown`] was called.
     Closed,
@@ -163,6 +167,9 @@ pub enum Event {
 pub struct ClientConfig {
     /// `host:port` of the server.
     pub addr: String,
+    /// The access token sent in `Hello` (protocol.md, "Access tokens"); empty for a
+    /// server without secrets. A refusal by it stops the client for good
+    /// ([`ConnectionState::Failed`]) instead of retrying.
     pub token: String,
     /// Where offline edits survive a restart of the application (none: in memory only).
     pub persist_dir: Option<PathBuf>,
@@ -838,7 +845,8 @@ impl<C: Connector> Driver<C> {
                                 code:
                                     code @ (ErrorCode::HandshakeRequired
                                     | ErrorCode::UnsupportedVersion
-                                    | ErrorCode::WrongToken),
+                                    | ErrorCode::InvalidToken
+                                    | ErrorCode::TokenExpired),
                                 message,
                             } => Ended::Failed(code, message),
                             other => Ended::Lost(other.to_string()),
@@ -876,8 +884,12 @@ impl<C: Connector> Driver<C> {
                 Ended::Shutdown => return self.stop(),
                 Ended::Failed(code, message) => {
                     tracing::warn!(?code, "the server refused this client: {message}");
+                    // The state first: a caller that hears of the refusal sees it.
+                    self.set_state(ConnectionState::Failed {
+                        code,
+                        message: message.clone(),
+                    });
                     self.fail_waiters(code, &message);
-                    self.set_state(ConnectionState::Failed { code, message });
                     // Refused for good: answer commands until the client is dropped.
                     self.offline_until(std::future::pending::<()>()).await;
                     return self.stop();
@@ -1269,7 +1281,10 @@ impl<C: Connector> Driver<C> {
                 return Err(match code {
                     ErrorCode::HandshakeRequired
                     | ErrorCode::UnsupportedVersion
-                    | ErrorCode::WrongToken => Ended::Failed(code, message),
+                    | ErrorCode::InvalidToken
+                    | ErrorCode::TokenExpired
+                    | ErrorCode::AccessDenied
+                    | ErrorCode::ReadOnly => Ended::Failed(code, message),
                     ErrorCode::InvalidDocId => {
                         // Only an Open carries a document id this client did not check
                         // (it checks them all): a bug, reported where it can be.
@@ -1561,6 +1576,11 @@ impl<C: Connector> Driver<C> {
         code: ErrorCode,
         message: &str,
     ) -> Result<(), Ended> {
+        if refused_access(code) {
+            // Sending the op again would be refused again, for ever: the token must
+            // change, which is the application's to do.
+            return Err(Ended::Failed(code, format!("document {name}: {message}")));
+        }
         let Some(doc) = self.docs.get_mut(name) else {
             return Ok(());
         };
@@ -1630,6 +1650,15 @@ impl<C: Connector> Driver<C> {
         }
         self.go_live(conn, name).await
     }
+}
+
+/// A refusal by the access token (protocol.md, "Access tokens"): the client stops for
+/// good, as for a token refused at the handshake.
+fn refused_access(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::AccessDenied | ErrorCode::ReadOnly | ErrorCode::TokenExpired
+    )
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

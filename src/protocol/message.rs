@@ -16,7 +16,9 @@ pub enum ErrorCode {
     BadUtf8,
     HandshakeRequired,
     UnsupportedVersion,
-    WrongToken,
+    /// The access token is missing, malformed, or signed with no secret the server
+    /// holds.
+    InvalidToken,
     TooSlow,
     /// The server is at a limit (connections, or memory for large frames); retry later.
     Busy,
@@ -24,6 +26,8 @@ pub enum ErrorCode {
     Timeout,
     /// Another connection presented this client id; this one is closed.
     Replaced,
+    /// The access token's time is over (at the handshake, or during the session).
+    TokenExpired,
     UnknownDocument,
     OutOfRange,
     FutureVersion,
@@ -37,6 +41,10 @@ pub enum ErrorCode {
     TooOld,
     /// More ops in flight on this connection than the server allows.
     TooManyInFlight,
+    /// The access token does not name the document (said alike whether it exists).
+    AccessDenied,
+    /// The access token names the document for reading only.
+    ReadOnly,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -50,11 +58,12 @@ impl ErrorCode {
             ErrorCode::BadUtf8 => 4,
             ErrorCode::HandshakeRequired => 5,
             ErrorCode::UnsupportedVersion => 6,
-            ErrorCode::WrongToken => 7,
+            ErrorCode::InvalidToken => 7,
             ErrorCode::TooSlow => 8,
             ErrorCode::Busy => 9,
             ErrorCode::Timeout => 10,
             ErrorCode::Replaced => 11,
+            ErrorCode::TokenExpired => 12,
             ErrorCode::UnknownDocument => 20,
             ErrorCode::OutOfRange => 21,
             ErrorCode::FutureVersion => 22,
@@ -65,6 +74,8 @@ impl ErrorCode {
             ErrorCode::OpIdReused => 26,
             ErrorCode::TooOld => 27,
             ErrorCode::TooManyInFlight => 28,
+            ErrorCode::AccessDenied => 29,
+            ErrorCode::ReadOnly => 31,
             ErrorCode::Other(c) => c,
         }
     }
@@ -77,11 +88,12 @@ impl ErrorCode {
             4 => ErrorCode::BadUtf8,
             5 => ErrorCode::HandshakeRequired,
             6 => ErrorCode::UnsupportedVersion,
-            7 => ErrorCode::WrongToken,
+            7 => ErrorCode::InvalidToken,
             8 => ErrorCode::TooSlow,
             9 => ErrorCode::Busy,
             10 => ErrorCode::Timeout,
             11 => ErrorCode::Replaced,
+            12 => ErrorCode::TokenExpired,
             20 => ErrorCode::UnknownDocument,
             21 => ErrorCode::OutOfRange,
             22 => ErrorCode::FutureVersion,
@@ -92,13 +104,15 @@ impl ErrorCode {
             26 => ErrorCode::OpIdReused,
             27 => ErrorCode::TooOld,
             28 => ErrorCode::TooManyInFlight,
+            29 => ErrorCode::AccessDenied,
+            31 => ErrorCode::ReadOnly,
             c => ErrorCode::Other(c),
         }
     }
 
     /// Whether the connection is closed after this error (the stream cannot be trusted).
     pub fn closes_connection(self) -> bool {
-        matches!(self.to_u16(), 1..=11)
+        matches!(self.to_u16(), 1..=12)
     }
 }
 

@@ -30,8 +30,10 @@ use document::Document;
 pub struct ServerConfig {
     /// Largest frame, in bytes after the length field, either way.
     pub max_frame: usize,
-    /// The access token clients must present (empty: none).
-    pub token: String,
+    /// The secrets that sign access tokens (protocol.md, "Access tokens"). None: every
+    /// client is anonymous and may do anything to any document; `quire serve` allows
+    /// that only on a loopback address unless told `--insecure` ([`crate::auth::startup`]).
+    pub keys: Option<Arc<crate::auth::Keys>>,
     /// Bytes queued for one connection: half for pushed frames (broadcasts, acks; full:
     /// the client is not reading, code 8), half for replies (which wait for room).
     pub outbox_bytes: usize,
@@ -84,7 +86,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_frame: DEFAULT_MAX_FRAME,
-            token: String::new(),
+            keys: None,
             outbox_bytes: 8 << 20,
             max_connections: 10_000,
             large_frame_budget: 64 << 20,

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use quire::auth::{Access, Grant, Keys, Scope};
 use quire::client::connection::Connection;
 use quire::client::state::ClientDoc;
 use quire::client::{Client, ClientConfig, Connector, DocHandle};
@@ -48,15 +49,34 @@ pub fn store_config() -> LocalConfig {
     }
 }
 
-pub async fn start(dir: &Path, token: &str) -> Running {
+/// A server on 127.0.0.1 whose tokens are signed with `secret` (at least 16 bytes), or
+/// with anonymous clients for "".
+pub async fn start(dir: &Path, secret: &str) -> Running {
+    let keys = (!secret.is_empty()).then(|| Arc::new(Keys::new(&[secret]).unwrap()));
     start_with(
         dir,
         ServerConfig {
-            token: token.into(),
+            keys,
             ..ServerConfig::default()
         },
     )
     .await
+}
+
+/// A token signed with `secret`, granting `access` to `scope` (`*`, `prefix/*` or a
+/// document id) until `expires_unix_secs`.
+pub fn mint_until(secret: &str, scope: &str, access: Access, expires_unix_secs: u64) -> String {
+    Keys::new(&[secret]).unwrap().mint(&Grant {
+        scope: Scope::parse(scope).unwrap(),
+        access,
+        expires_unix_secs,
+        subject: "test".into(),
+    })
+}
+
+/// As [`mint_until`], valid for an hour.
+pub fn mint(secret: &str, scope: &str, access: Access) -> String {
+    mint_until(secret, scope, access, quire::auth::now_unix_secs() + 3600)
 }
 
 pub async fn start_with(dir: &Path, config: ServerConfig) -> Running {

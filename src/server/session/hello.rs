@@ -1,6 +1,8 @@
-//! The handshake: `Hello`, answered with `Welcome` or an `Error` that closes.
+//! The handshake: `Hello`, answered with `Welcome` or an `Error` that closes. The
+//! access token is verified here (forged, malformed: code 7; expired: code 12).
 
 use super::Session;
+use crate::auth::{self, TokenError};
 use crate::protocol::message::{Envelope, ErrorCode, Message};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::sequencer::Sequencer;
@@ -30,8 +32,29 @@ impl<S: Sequencer> Session<S> {
                 format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
             );
         }
-        if token != self.server.config.token {
-            return refuse(self, ErrorCode::WrongToken, "wrong access token".into());
+        // Without secrets every client is anonymous (a token, if any, means nothing).
+        if let Some(keys) = &self.server.config.keys {
+            match keys.verify(&token, auth::now_unix_secs()) {
+                Ok(grant) => {
+                    tracing::debug!(
+                        session = self.outbox.session,
+                        subject = grant.subject,
+                        scope = %grant.scope,
+                        access = ?grant.access,
+                        "access token accepted"
+                    );
+                    self.grant = grant;
+                }
+                Err(e) => {
+                    let code = match e {
+                        TokenError::Expired { .. } => ErrorCode::TokenExpired,
+                        TokenError::Malformed(_) | TokenError::BadSignature => {
+                            ErrorCode::InvalidToken
+                        }
+                    };
+                    return refuse(self, code, e.to_string());
+                }
+            }
         }
         let client_id = if client_id == 0 {
             // A client with no identity yet: one never given before (a file write now

@@ -16,7 +16,8 @@
 //! This file reads, decodes and dispatches; each request kind has its own file:
 //! `hello.rs` (the handshake), `open.rs` (subscribe, snapshot or catch-up), `fetch.rs`,
 //! `presence.rs`, `submit.rs` (an op on its way through the document core to its ack
-//! or `Reject`), and `ops.rs` (replies of logged ops in frames that fit).
+//! or `Reject`), `ops.rs` (replies of logged ops in frames that fit), and `access.rs`
+//! (the access token's word on each request about a document).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,11 +31,13 @@ use super::document::Document;
 use super::outbox::{self, encode, Outbox, SessionId};
 use super::transport::{ReadHalf, Transport};
 use super::{Server, SMALL_FRAME};
+use crate::auth::{Access, Grant};
 use crate::op::validate_doc_id;
 use crate::protocol::frame::{FrameCodec, FrameError};
 use crate::protocol::message::{Envelope, ErrorCode, Message};
 use crate::sequencer::Sequencer;
 
+mod access;
 mod fetch;
 mod hello;
 mod open;
@@ -167,6 +170,9 @@ struct Session<S: Sequencer> {
     outbox: Outbox,
     /// Set by the handshake.
     client_id: Option<u64>,
+    /// What the client's token grants (everything when the server has no secrets); set
+    /// by the handshake, checked at each per-document request.
+    grant: Grant,
     opened: HashMap<Arc<str>, Arc<Document<Outbox>>>,
 }
 
@@ -204,6 +210,7 @@ pub async fn run<S: Sequencer, T: Transport>(
         server,
         outbox,
         client_id: None,
+        grant: Grant::anonymous(),
         opened: HashMap::new(),
     };
     s.read_loop(reader).await;
@@ -275,7 +282,11 @@ impl<S: Sequencer> Session<S> {
         let mut large: Option<OwnedSemaphorePermit> = None;
         let mut deadline = Instant::now() + config.handshake_timeout;
         let idle = tokio::time::sleep_until(deadline);
-        tokio::pin!(shutdown, closed, idle);
+        // Armed by the handshake when the token expires: the connection is closed then
+        // (code 12), whatever it is doing.
+        let expiry = tokio::time::sleep_until(deadline);
+        let mut expiry_armed = false;
+        tokio::pin!(shutdown, closed, idle, expiry);
         loop {
             // Decode every complete frame already buffered.
             loop {
@@ -335,8 +346,22 @@ impl<S: Sequencer> Session<S> {
                 // Boxed: a request's future (an open, a submit, a fetch) is far larger
                 // than the idle wait below, and every connection's task would otherwise
                 // be sized for it while it waits.
+                let greeted = self.client_id.is_some();
                 if !Box::pin(self.handle(env)).await {
                     return;
+                }
+                if !greeted && !expiry_armed && self.grant.expires_unix_secs != u64::MAX {
+                    let left = self
+                        .grant
+                        .expires_unix_secs
+                        .saturating_sub(crate::auth::now_unix_secs());
+                    // A time too far to represent is never reached.
+                    if let Some(at) =
+                        Instant::now().checked_add(std::time::Duration::from_secs(left))
+                    {
+                        expiry.as_mut().reset(at);
+                        expiry_armed = true;
+                    }
                 }
                 if self.outbox.is_closing() {
                     // Replaced or cut off: frames already buffered are not handled.
@@ -360,6 +385,10 @@ impl<S: Sequencer> Session<S> {
                     if let Some(closing) = self.outbox.closing() {
                         tracing::info!(session = self.outbox.session, code = ?closing.code, "{}", closing.message);
                     }
+                    return;
+                }
+                () = &mut expiry, if expiry_armed => {
+                    self.close_expired();
                     return;
                 }
                 () = &mut idle => {
@@ -399,6 +428,9 @@ impl<S: Sequencer> Session<S> {
                     self.send_error(rid, ErrorCode::InvalidDocId, e);
                     return true;
                 }
+                if let Some(keep_open) = self.refuse_unless(rid, &doc, Access::Read) {
+                    return keep_open;
+                }
                 self.open(rid, doc, known_version).await
             }
             Message::Submit {
@@ -420,9 +452,15 @@ impl<S: Sequencer> Session<S> {
                     self.send_error(rid, ErrorCode::InvalidDocId, e);
                     return true;
                 }
+                if let Some(keep_open) = self.refuse_unless(rid, &doc, Access::Read) {
+                    return keep_open;
+                }
                 self.fetch(rid, doc, after_seq, limit).await
             }
             Message::Presence { doc, selections } => {
+                if let Some(keep_open) = self.refuse_unless(rid, &doc, Access::Read) {
+                    return keep_open;
+                }
                 self.presence(rid, doc, selections);
                 true
             }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
+use super::access::Permit;
 use super::Session;
+use crate::auth::Access;
 use crate::op::Patch;
 use crate::protocol::message::{ErrorCode, Message};
 use crate::protocol::{max_op_bytes, patches_wire_len, MAX_OPS_IN_FLIGHT, MAX_OP_PATCHES};
@@ -44,6 +46,18 @@ impl<S: Sequencer> Session<S> {
                 },
             )
         };
+        match self.permit(&doc, Access::Write) {
+            Permit::Granted => {}
+            Permit::Refused(code, message) => {
+                // As any refused op: later ones wait for the document to be opened
+                // again (they may have been made on top of this one).
+                if let Some(document) = self.opened.get(doc.as_str()) {
+                    document.break_pipeline(self.outbox.session);
+                }
+                return reject(code, message);
+            }
+            Permit::Expired => return,
+        }
         let Some(document) = self.opened.get(doc.as_str()).cloned() else {
             return reject(
                 ErrorCode::UnknownDocument,
