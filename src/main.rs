@@ -12,6 +12,7 @@ use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::wal::recovery::RecoveryOptions;
 use quire::wal::WalConfig;
 
+mod config_file;
 mod demo;
 
 #[derive(Parser)]
@@ -23,6 +24,16 @@ mod demo;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text, or as JSON objects (one per line). The filter is RUST_LOG
+    /// (default: info for serve, warn otherwise).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "QUIRE_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -49,82 +60,87 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// A TOML file of settings: each key is a flag's name (`max_frame = 65536` or
+    /// `max-frame = 65536`; `insecure = true`). Precedence: a flag on the command line,
+    /// then its environment variable, then this file, then the default shown here.
+    #[arg(long, env = "QUIRE_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
     /// The data directory (created if missing).
-    #[arg(long, default_value = "./quire-data")]
+    #[arg(long, default_value = "./quire-data", env = "QUIRE_DATA_DIR")]
     data_dir: PathBuf,
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:7420")]
+    #[arg(long, default_value = "127.0.0.1:7420", env = "QUIRE_LISTEN")]
     listen: std::net::SocketAddr,
     /// Largest frame either way, in bytes after its length field (4096 ..= 8388608).
     /// An op's patches may take this minus 256 bytes, so every message carrying it fits.
-    #[arg(long, default_value_t = quire::protocol::DEFAULT_MAX_FRAME)]
+    #[arg(long, default_value_t = quire::protocol::DEFAULT_MAX_FRAME, env = "QUIRE_MAX_FRAME")]
     max_frame: usize,
     /// Connections served at once; one more gets Error code 9 and is closed.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, env = "QUIRE_MAX_CONNECTIONS")]
     max_connections: usize,
     /// Seconds from connecting to a complete Hello (then Error code 10, closed).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, env = "QUIRE_HANDSHAKE_TIMEOUT_SECS")]
     handshake_timeout_secs: u64,
     /// Seconds allowed between two complete messages from a client; an idle client
     /// sends Ping (then Error code 10, closed).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, env = "QUIRE_IDLE_TIMEOUT_SECS")]
     idle_timeout_secs: u64,
     /// Seconds one write to a client may take before the connection is dropped.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "QUIRE_WRITE_TIMEOUT_SECS")]
     write_timeout_secs: u64,
     /// MiB queued for one connection before it counts as not reading (Error code 8).
     /// At least two frames.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, env = "QUIRE_OUTBOX_MIB")]
     outbox_mib: usize,
     /// MiB of frames above 64 KiB being received at once, across all connections; a
     /// large frame that finds none left gets Error code 9.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "QUIRE_LARGE_FRAME_BUDGET_MIB")]
     large_frame_budget_mib: usize,
     /// MiB of ops sequenced and not yet durable, whole server; a submit past it waits
     /// for the disk.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "QUIRE_UNSYNCED_MIB")]
     unsynced_mib: usize,
     #[command(flatten)]
     secrets: SecretArgs,
     /// Serve a non-loopback address without a secret: anyone who reaches it may read and
     /// write every document. Without a secret, the server otherwise starts only on a
     /// loopback address (127.0.0.1, ::1).
-    #[arg(long)]
+    #[arg(long, env = "QUIRE_INSECURE")]
     insecure: bool,
     /// Size of each WAL segment file, in MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "QUIRE_SEGMENT_MIB")]
     segment_mib: u64,
     /// Snapshot a document after this many ops.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, env = "QUIRE_SNAPSHOT_EVERY_OPS")]
     snapshot_every_ops: u64,
     /// ...or this many seconds after its last snapshot, if it changed.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, env = "QUIRE_SNAPSHOT_EVERY_SECS")]
     snapshot_every_secs: u64,
     /// Keep sealed segments this many seconds for reconnecting clients.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, env = "QUIRE_RETENTION_SECS")]
     retention_secs: u64,
     /// Cut the log at the first corrupt record even though valid records follow it
     /// (they are lost). Only when there is no backup to restore.
-    #[arg(long)]
+    #[arg(long, env = "QUIRE_REPAIR_WAL")]
     repair_wal: bool,
     /// Broadcast a client's cursor at most once per this many milliseconds (updates in
     /// between are coalesced into the latest).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, env = "QUIRE_PRESENCE_INTERVAL_MS")]
     presence_interval_ms: u64,
     /// Threads serving connections (default: one per core but one, at least one: the
     /// log's writer has its own thread, busy with every batch's write and sync).
-    #[arg(long)]
+    #[arg(long, env = "QUIRE_THREADS")]
     threads: Option<usize>,
     /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz), or `off`.
     /// Keep it on loopback or a private network: it is not authenticated.
-    #[arg(long, default_value = "127.0.0.1:7421")]
+    #[arg(long, default_value = "127.0.0.1:7421", env = "QUIRE_ADMIN_LISTEN")]
     admin_listen: AdminListen,
     /// Readiness (/readyz) turns red when fewer MiB than this are free on the data
     /// directory's file system.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "QUIRE_MIN_FREE_MIB")]
     min_free_mib: u64,
     /// Record the serving metrics (off only to measure what they cost).
-    #[arg(long, value_enum, default_value_t = Switch::On)]
+    #[arg(long, value_enum, default_value_t = Switch::On, env = "QUIRE_METRICS")]
     metrics: Switch,
 }
 
@@ -295,7 +311,16 @@ fn return_large_buffers_to_the_system() {
 fn return_large_buffers_to_the_system() {}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `serve --config FILE`: the file's settings become flags, below the command line
+    // and the environment.
+    let args = match config_file::with_file_settings(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("quire: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     // The demo prints its own story: only warnings and errors are logged beside it.
     let default_filter = match cli.command {
         Command::Serve(_) => "info",
@@ -305,14 +330,15 @@ fn main() -> ExitCode {
     // empty (https://no-color.org).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .init();
+        .with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(colour).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     return_large_buffers_to_the_system();
     match cli.command {
         Command::Serve(args) => serve(args),

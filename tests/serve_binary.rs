@@ -262,3 +262,68 @@ fn stop_child(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `--config FILE` sets what the command line and the environment do not; JSON logs are
+/// one object per line; the admin endpoint from the file answers `/readyz` once the
+/// server serves.
+#[test]
+fn a_config_file_sets_what_flags_and_environment_do_not_and_logs_can_be_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("quire.toml");
+    // max_frame from the file would be refused (below 4096); the environment's wins.
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nlog_format = \"json\"\n\
+         max_frame = 1\nmin_free_mib = 0\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quire"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info")
+        .env("QUIRE_MAX_FRAME", "65536")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("quire binary starts");
+    let logs = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(logs).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            let _ = tx.send(line);
+        }
+    });
+    let (mut admin, mut serving) = (None, false);
+    while admin.is_none() || !serving {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server logs that it serves");
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let fields = &json["fields"];
+        if let Some(at) = fields["admin"].as_str() {
+            admin = Some(at.parse::<SocketAddr>().unwrap());
+        }
+        serving |= fields["message"] == "serving";
+    }
+    // Plain HTTP/1.1 over a socket: /readyz answers 200 with a JSON body.
+    let mut s = std::net::TcpStream::connect(admin.unwrap()).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /readyz HTTP/1.1\r\nHost: quire\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut s, &mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"ready\":true"), "{response}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}
