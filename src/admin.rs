@@ -78,8 +78,14 @@ impl<S: Sequencer> Admin<S> {
                 self.started.elapsed().as_secs()
             )),
             Some(serving) => {
-                if let Some(failure) = serving.server.sequencer.storage_stats().failure {
+                let storage = serving.server.sequencer.storage_stats();
+                if let Some(failure) = storage.failure {
                     reasons.push(format!("the log is not writable: {failure}"));
+                } else if let Some(warning) = storage.next_segment_warning {
+                    reasons.push(format!(
+                        "the log's next segment cannot be prepared ({warning}); the log \
+                         stops when the current segment is full unless space is freed"
+                    ));
                 }
             }
         }
@@ -204,6 +210,11 @@ fn gather<S: Sequencer>(admin: &Admin<S>) -> Vec<MetricFamily> {
         "quire_log_writable",
         "0 once the log failed (an fsync or write error): nothing more is acknowledged.",
         f64::from(u8::from(storage.failure.is_none())),
+    ));
+    families.push(gauge(
+        "quire_log_next_segment_ready",
+        "0 while the log's next segment cannot be prepared (a full disk, most often).",
+        f64::from(u8::from(storage.next_segment_warning.is_none())),
     ));
     families.push(counter(
         "quire_log_records_written_total",

@@ -122,6 +122,9 @@ impl std::fmt::Display for SubmitError {
 pub struct StorageStats {
     /// Why the log stopped accepting writes, once it has (an fsync or write error).
     pub failure: Option<Arc<str>>,
+    /// Why the log's next segment cannot be prepared (a full disk, most often): the log
+    /// fails when the current one is full, unless space returns first.
+    pub next_segment_warning: Option<String>,
     pub records_written: u64,
     pub bytes_written: u64,
     pub batches: u64,

@@ -106,8 +106,9 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
             },
             Ok(()),
         ) => {
-            document.mark_durable(seq);
+            // Counted before its ack can reach the client.
             server.metrics().op_accepted(received);
+            document.mark_durable(seq);
             // Its last subscriber may have left while the op was on its way to disk.
             if document.subscriber_count() == 0 {
                 server.release(&document);

@@ -141,6 +141,28 @@ pub fn prepare_segment(
     assert!(size >= SEGMENT_SIZE_MIN && size % RECORD_ALIGN as u64 == 0);
     let path = segment_path(wal_dir, id);
     let file = vfs.create(&path)?;
+    // A segment that could not be prepared (a full disk, most often) is removed: it
+    // holds no record, and the next attempt creates it anew.
+    if let Err(e) = fill_and_sync(vfs, wal_dir, &*file, size, zero_fill) {
+        drop(file);
+        if let Err(removing) = vfs.remove(&path) {
+            tracing::warn!(path = %path.display(), %removing, "could not remove a segment that failed to be prepared");
+        }
+        return Err(e);
+    }
+    assert_eq!(file.file_len()?, size);
+    Ok(file)
+}
+
+/// Reserves, zero-fills (if asked, or if reserving is unsupported) and syncs a new
+/// segment file, directory entry included.
+fn fill_and_sync(
+    vfs: &dyn Vfs,
+    wal_dir: &Path,
+    file: &dyn VfsFile,
+    size: u64,
+    zero_fill: bool,
+) -> io::Result<()> {
     let allocated = file.allocate(size)?;
     if !allocated && !ZERO_FILL_FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
         tracing::warn!(
@@ -159,9 +181,7 @@ pub fn prepare_segment(
         }
     }
     file.sync_all()?;
-    vfs.sync_dir(wal_dir)?;
-    assert_eq!(file.file_len()?, size);
-    Ok(file)
+    vfs.sync_dir(wal_dir)
 }
 
 /// Where and why a scan of a segment's records stopped.

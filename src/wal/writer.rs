@@ -305,6 +305,9 @@ impl ManualWriter {
     }
 }
 
+/// How long the preparer waits before trying again to prepare a segment it failed to.
+const PREPARE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Keeps one spare segment prepared ahead of the writer, so that rolling over costs a
 /// pointer swap, not 64 MiB of zeros.
 pub(crate) struct Preparer {
@@ -362,11 +365,28 @@ impl Preparer {
         loop {
             let id = {
                 let mut state = lock(&self.state);
-                while (state.ready.is_some() || state.error.is_some()) && !state.stop {
-                    state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
-                }
-                if state.stop {
-                    return;
+                loop {
+                    if state.stop {
+                        return;
+                    }
+                    if state.ready.is_some() {
+                        state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                    } else if state.error.is_some() {
+                        // A failure (a full disk, most often) is tried again now and
+                        // then: space freed before the writer needs the segment means
+                        // nothing failed. Until then the error is reported (readiness,
+                        // metrics) while the active segment still takes records.
+                        let (next, waited) = self
+                            .changed
+                            .wait_timeout(state, PREPARE_RETRY)
+                            .unwrap_or_else(|p| p.into_inner());
+                        state = next;
+                        if waited.timed_out() {
+                            state.error = None;
+                        }
+                    } else {
+                        break;
+                    }
                 }
                 state.next_id
             };
@@ -391,6 +411,8 @@ impl Preparer {
             )
         }))
         .unwrap_or_else(|payload| {
+            // As for an error: the segment holds no record; the next attempt makes it anew.
+            let _ = self.vfs.remove(&segment_path(&self.wal_dir, id));
             Err(io::Error::other(format!(
                 "panicked: {}",
                 panic_message(&*payload)
@@ -416,13 +438,27 @@ impl Preparer {
         self.changed.notify_all();
     }
 
+    /// Why the next segment could not be prepared, while it cannot: the log fails when
+    /// the writer needs that segment, unless a retry succeeds first.
+    pub fn warning(&self) -> Option<String> {
+        lock(&self.state).error.clone()
+    }
+
     /// The prepared segment `id`, waiting for it if needed; an inline preparer prepares
-    /// it here, on the caller's thread.
+    /// it here, on the caller's thread. A segment that failed to be prepared is tried
+    /// once more at once (the disk may have room again) before its error is returned.
     pub fn take(&self, id: SegmentId) -> io::Result<Box<dyn VfsFile>> {
         let mut state = lock(&self.state);
+        let mut retried = false;
         loop {
             if let Some(error) = &state.error {
-                return Err(io::Error::other(error.clone()));
+                if retried {
+                    return Err(io::Error::other(error.clone()));
+                }
+                retried = true;
+                state.error = None;
+                self.changed.notify_all();
+                continue;
             }
             if state.ready.is_some() {
                 break;
@@ -460,12 +496,6 @@ mod tests {
     use crate::wal::segment::SEGMENT_SIZE_MIN;
     use crate::wal::vfs::sim::{PanicAt, SimFs};
 
-    impl Preparer {
-        fn error(&self) -> Option<String> {
-            lock(&self.state).error.clone()
-        }
-    }
-
     #[test]
     fn a_panic_while_preparing_a_segment_becomes_the_error_the_writer_is_given() {
         let fs = SimFs::new();
@@ -473,7 +503,7 @@ mod tests {
         fs.create_dir_all(dir).unwrap();
         fs.panic_at_next(PanicAt::Allocate);
         let preparer = Arc::new(Preparer::new(
-            Arc::new(fs),
+            Arc::new(fs.clone()),
             dir.to_path_buf(),
             SEGMENT_SIZE_MIN,
             true,
@@ -486,14 +516,17 @@ mod tests {
         };
         // Until the attempt has ended one way or the other: an error recorded, or the
         // thread gone.
-        while preparer.error().is_none() && !thread.is_finished() {
+        while preparer.warning().is_none() && !thread.is_finished() {
             std::thread::yield_now();
         }
         let error = preparer
-            .error()
+            .warning()
             .expect("the panic is recorded as the preparer's error");
         assert!(error.contains("panicked: simulated panic"), "{error}");
         assert!(error.contains("/wal/00000000000000000001.wal"), "{error}");
+        // The writer's `take` tries once more at once; that attempt fails too here, and
+        // the writer is given its error.
+        fs.panic_at_next(PanicAt::Allocate);
         let taken = preparer
             .take(1)
             .err()
@@ -501,5 +534,29 @@ mod tests {
         assert!(taken.to_string().contains("panicked"), "{taken}");
         preparer.stop();
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_segment_that_failed_to_be_prepared_is_prepared_when_the_disk_has_room_again() {
+        let fs = SimFs::new();
+        let dir = Path::new("/wal");
+        fs.create_dir_all(dir).unwrap();
+        fs.fill_after(SEGMENT_SIZE_MIN / 2);
+        let preparer = Preparer::new(
+            Arc::new(fs.clone()),
+            dir.to_path_buf(),
+            SEGMENT_SIZE_MIN,
+            true,
+            1,
+            true,
+        );
+        let full = preparer.take(1).err().expect("no room for a segment");
+        assert!(full.to_string().contains("no space left"), "{full}");
+        assert!(preparer.warning().is_some());
+        // The failed attempt left no file behind that the next one would trip on.
+        assert_eq!(fs.files(), Vec::<std::path::PathBuf>::new());
+        fs.fill_after(u64::MAX);
+        preparer.take(1).expect("prepared once there is room");
+        assert_eq!(preparer.warning(), None);
     }
 }

@@ -412,9 +412,17 @@ impl Pipelined {
 
 /// A server on the simulated disk (for holding or failing its syncs).
 pub async fn start_on_sim(fs: &quire::wal::vfs::sim::SimFs, config: ServerConfig) -> Running {
+    start_on_sim_with(fs, store_config(), config).await
+}
+
+/// [`start_on_sim`] with the storage's settings.
+pub async fn start_on_sim_with(
+    fs: &quire::wal::vfs::sim::SimFs,
+    store: LocalConfig,
+    config: ServerConfig,
+) -> Running {
     let (store, _) =
-        LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), store_config())
-            .unwrap();
+        LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), store).unwrap();
     serve(Arc::new(store), config).await
 }
 
