@@ -278,6 +278,26 @@ mod tests {
     }
 
     #[test]
+    fn populating_memory_changes_no_byte_of_it_new_or_written() {
+        let mut buf = FileBuf::new();
+        buf.extend_from_slice(b"kept").unwrap();
+        buf.reserve_total_unpopulated(2 * CHUNK).unwrap();
+        assert_eq!(&buf[..], b"kept", "the filled bytes are kept");
+        buf.clear();
+        let memory = &mut buf.unfilled()[..2 * CHUNK];
+        // New memory: populated, it reads as zeros past the bytes copied into it.
+        populate(&mut memory[..CHUNK]);
+        assert_eq!(&memory[..4], b"kept");
+        assert!(memory[4..].iter().all(|&b| b == 0));
+        // Written memory: populated again, it keeps what was written.
+        let bytes = pattern(2 * CHUNK);
+        memory.copy_from_slice(&bytes);
+        populate(&mut memory[CHUNK..]);
+        populate(&mut memory[..CHUNK]);
+        assert!(memory[..] == bytes[..]);
+    }
+
+    #[test]
     fn a_file_reads_back_whole_cached_or_not_at_any_length() {
         let dir = tempfile::tempdir().unwrap();
         let mut buf = FileBuf::new();
