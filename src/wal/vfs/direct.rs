@@ -17,13 +17,12 @@
 //! What bounds this read (measured on that VM, one sitting, 2 cores idle): not the
 //! disk alone but where its bytes land. fio's `O_DIRECT` sequential read of 1 GiB ran
 //! at 2.0 GB/s with a 1 MiB buffer used over and over, 1.6 with 8 MiB and 1.35 to 1.4
-//! with 64 MiB; reading every segment of a 1.2 GB log into 64 MiB buffers, with
-//! nothing else running, went at 1.4 to 1.6 GB/s (once 2.0; one 1 MiB read at a time
-//! or this file's two 8 MiB ones alike), and into one 1 MiB buffer used over and over,
-//! at 2.4.
-//! A segment has to land whole in memory (replay keeps its records, grouped by
-//! document), so fio's figure for a small buffer is out of this design's reach; the
-//! cold scan (checks and replay included) ran at some 90 to 95% of this read alone.
+//! with 64 MiB; reading every segment of a 1.2 GB log into 64 MiB buffers of 4 KiB
+//! pages, with nothing else running, went at 1.4 to 1.6 GB/s (one 1 MiB read at a
+//! time or this file's two 8 MiB ones alike), into one 1 MiB buffer used over and
+//! over at 2.4, and into 64 MiB buffers of huge pages at 2.2 to 2.3. A segment has to
+//! land whole in memory (replay keeps its records, grouped by document), so the
+//! buffers are in huge pages ([`FileBuf::reserve_total_unpopulated`]).
 //!
 //! Where `O_DIRECT` is refused (EINVAL: tmpfs, some FUSE and network file systems, or
 //! a device whose blocks are larger than a page), plain reads do the whole job.
