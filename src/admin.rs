@@ -8,12 +8,12 @@
 //! open ([`Admin::serving`]).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -31,7 +31,13 @@ pub struct AdminConfig {
     pub data_dir: PathBuf,
     /// Below this many free bytes on the data directory's file system, not ready.
     pub min_free_bytes: u64,
+    /// The bearer token the document routes (`/docs`) require; without one they are
+    /// refused (403).
+    pub admin_token: Option<String>,
 }
+
+/// Documents listed per page at most (`GET /docs?limit=`).
+pub const MAX_DOCS_PAGE: usize = 1000;
 
 /// The endpoint's view of the process.
 pub struct Admin<S> {
@@ -65,6 +71,8 @@ impl<S: Sequencer> Admin<S> {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz::<S>))
             .route("/metrics", get(metrics::<S>))
+            .route("/docs", get(list_docs::<S>))
+            .route("/docs/{*id}", get(doc_text::<S>))
             .with_state(self.clone())
     }
 
@@ -119,6 +127,146 @@ pub async fn serve<S: Sequencer>(
 /// Binds the admin listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// The refusal of a request to a document route without the admin token (compared in
+/// constant time); `None` lets it through.
+fn refusal<S>(admin: &Admin<S>, headers: &HeaderMap) -> Option<Response> {
+    use subtle::ConstantTimeEq;
+    let Some(expected) = &admin.config.admin_token else {
+        return Some(problem(
+            StatusCode::FORBIDDEN,
+            "the document routes need an admin token: start the server with --admin-token-file",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => None,
+        _ => Some(problem(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token (Authorization: Bearer TOKEN)",
+        )),
+    }
+}
+
+fn problem(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({ "error": message });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /docs?after=ID&limit=N`: documents in id order with their version and length
+/// in code points, at most [`MAX_DOCS_PAGE`] a page; `next` is the `after` of the next
+/// page (absent on the last).
+async fn list_docs<S: Sequencer>(
+    State(admin): State<Arc<Admin<S>>>,
+    headers: HeaderMap,
+    Query(page): Query<Page>,
+) -> Response {
+    if let Some(refused) = refusal(&admin, &headers) {
+        return refused;
+    }
+    let Some(serving) = admin.serving.get() else {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "recovering");
+    };
+    let limit = page.limit.unwrap_or(100).clamp(1, MAX_DOCS_PAGE);
+    let sequencer = serving.server.sequencer.clone();
+    let listed =
+        tokio::task::spawn_blocking(move || sequencer.list_documents(page.after.as_deref(), limit))
+            .await;
+    let docs = match listed {
+        Ok(docs) => docs,
+        Err(e) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("listing failed: {e}"),
+            )
+        }
+    };
+    let next = (docs.len() == limit).then(|| docs.last().map(|d| d.id.to_string()));
+    let documents: Vec<_> = docs
+        .iter()
+        .map(|d| serde_json::json!({ "id": &*d.id, "version": d.version, "chars": d.chars }))
+        .collect();
+    let body = serde_json::json!({ "documents": documents, "next": next.flatten() });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
+/// `GET /docs/ID`: the document's text at its head (durable), with its version in the
+/// `x-quire-version` header; 404 for a document that does not exist.
+async fn doc_text<S: Sequencer>(
+    State(admin): State<Arc<Admin<S>>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(refused) = refusal(&admin, &headers) {
+        return refused;
+    }
+    let Some(serving) = admin.serving.get() else {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "recovering");
+    };
+    let sequencer = serving.server.sequencer.clone();
+    // The first read after a restart builds the text from the log: off the workers.
+    let read = {
+        let (sequencer, id) = (sequencer.clone(), id.clone());
+        tokio::task::spawn_blocking(move || sequencer.read_now(&id)).await
+    };
+    let (view, ticket) = match read {
+        Ok(Ok(Some(found))) => found,
+        Ok(Ok(None)) => {
+            return problem(StatusCode::NOT_FOUND, &format!("no document {id:?}"));
+        }
+        Ok(Err(e)) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("reading {id:?} failed: {e}"),
+            )
+        }
+        Err(e) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("reading {id:?} failed: {e}"),
+            )
+        }
+    };
+    // Only what is durable is shown.
+    if let Err(e) = sequencer.wait_durable(ticket).await {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("the log failed: {e}"),
+        );
+    }
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-quire-version"),
+                view.version.to_string(),
+            ),
+        ],
+        view.text,
+    )
+        .into_response()
 }
 
 async fn readyz<S: Sequencer>(State(admin): State<Arc<Admin<S>>>) -> Response {
@@ -304,13 +452,13 @@ fn histogram(name: &str, help: &str, d: &Distribution) -> MetricFamily {
 }
 
 /// Bytes available to an unprivileged writer on `path`'s file system.
-pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
 /// Bytes of the files in `dir`'s `wal/` and `snapshots/` (0 for what cannot be read).
-fn dir_bytes(dir: &Path) -> u64 {
+fn dir_bytes(dir: &std::path::Path) -> u64 {
     ["wal", "snapshots"]
         .iter()
         .filter_map(|sub| std::fs::read_dir(dir.join(sub)).ok())

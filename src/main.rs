@@ -135,6 +135,11 @@ struct ServeArgs {
     /// Keep it on loopback or a private network: it is not authenticated.
     #[arg(long, default_value = "127.0.0.1:7421", env = "QUIRE_ADMIN_LISTEN")]
     admin_listen: AdminListen,
+    /// A file whose first line is the admin token (at least 16 bytes): the admin
+    /// endpoint's document routes (GET /docs, GET /docs/ID) require it as
+    /// `Authorization: Bearer TOKEN`; without it they are refused.
+    #[arg(long, env = "QUIRE_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
     /// Readiness (/readyz) turns red when fewer MiB than this are free on the data
     /// directory's file system.
     #[arg(long, default_value_t = 512, env = "QUIRE_MIN_FREE_MIB")]
@@ -453,11 +458,31 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let admin_token = match &args.admin_token_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => match text.lines().next().map(str::trim) {
+                Some(token) if token.len() >= 16 => Some(token.to_string()),
+                _ => {
+                    tracing::error!(
+                        "{}: the admin token must be one line of at least 16 bytes",
+                        path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(e) => {
+                tracing::error!("cannot read the admin token file {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let data_dir = args.data_dir.clone();
     let store = runtime.block_on(async {
         let admin = Admin::new(AdminConfig {
             data_dir: data_dir.clone(),
             min_free_bytes: args.min_free_mib << 20,
+            admin_token,
         });
         let stop_admin = tokio_util::sync::CancellationToken::new();
         let admin_task = match args.admin_listen {

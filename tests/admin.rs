@@ -15,7 +15,7 @@ use quire::client::connection::Connection;
 use quire::op::Patch;
 use quire::protocol::message::{ErrorCode, Message, Selection};
 use quire::sequencer::Sequencer;
-use quire::server::{Server, ServerConfig};
+use quire::server::ServerConfig;
 use quire::wal::vfs::sim::SimFs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -35,9 +35,17 @@ async fn serve_admin<S: Sequencer>(admin: &Arc<Admin<S>>) -> SocketAddr {
 
 /// `GET path`: the status code and the body.
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    get_with(addr, path, "").await
+}
+
+const ADMIN_TOKEN: &str = "an-admin-token-of-some-length";
+
+/// `GET path` with extra header lines (each ending in CRLF).
+async fn get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: quire\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: quire\r\n{headers}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .unwrap();
@@ -91,6 +99,7 @@ fn admin_for<S: Sequencer>(dir: &std::path::Path, min_free_bytes: u64) -> Arc<Ad
     Admin::new(AdminConfig {
         data_dir: dir.to_path_buf(),
         min_free_bytes,
+        admin_token: Some(ADMIN_TOKEN.into()),
     })
 }
 
@@ -254,6 +263,70 @@ async fn a_failed_log_turns_readiness_red_and_the_metric_to_zero() {
     running.stop().await;
 }
 
-/// The server type the tests attach (named for the compiler's inference).
-#[allow(dead_code)]
-type LocalServer = Server<quire::sequencer::local::LocalSequencer>;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_routes_need_the_admin_token_and_list_and_read_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), "").await;
+    let admin = admin_for(dir.path(), 0);
+    admin.serving(running.server.clone(), Duration::ZERO);
+    let at = serve_admin(&admin).await;
+    let bearer = format!("Authorization: Bearer {ADMIN_TOKEN}\r\n");
+
+    // Three documents, one of them with a slash in its id; one opened and never
+    // written, which the log does not hold (it is not listed).
+    for (name, text) in [("b", "bee"), ("a/x", "ex ☃"), ("c", "c"), ("d", "")] {
+        let doc = open(running.addr, name).await;
+        if !text.is_empty() {
+            doc.edit(&[Patch::new(0, 0, text)]).await.unwrap();
+        }
+        doc.synced().await.unwrap();
+        doc.close().await;
+    }
+
+    // Without the token, or with a wrong one: refused, and nothing is said of documents.
+    let (status, body) = get(at, "/docs").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = get_with(at, "/docs/b", "Authorization: Bearer wrong\r\n").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.contains("bee"));
+    // A server without an admin token refuses the routes altogether.
+    let open_admin: Arc<Admin<_>> = Admin::new(AdminConfig {
+        data_dir: dir.path().to_path_buf(),
+        min_free_bytes: 0,
+        admin_token: None,
+    });
+    open_admin.serving(running.server.clone(), Duration::ZERO);
+    let open_at = serve_admin(&open_admin).await;
+    let (status, body) = get_with(open_at, "/docs", &bearer).await;
+    assert_eq!(status, 403, "{body}");
+
+    // Pages of two, in id order, the last without `next`.
+    let (status, body) = get_with(at, "/docs?limit=2", &bearer).await;
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = page["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a/x", "b"]);
+    assert_eq!(page["documents"][0]["chars"], 4);
+    assert_eq!(page["documents"][0]["version"], 1);
+    assert_eq!(page["next"], "b");
+    let (_, body) = get_with(at, "/docs?limit=2&after=b", &bearer).await;
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["documents"][0]["id"], "c");
+    assert_eq!(page["documents"][0]["version"], 1);
+    assert_eq!(page["documents"].as_array().unwrap().len(), 1, "{body}");
+    assert!(page["next"].is_null(), "{body}");
+
+    // A document's text and version; a missing document is a 404, not an empty text.
+    let (status, body) = get_with(at, "/docs/a/x", &bearer).await;
+    assert_eq!((status, body.as_str()), (200, "ex ☃"));
+    for missing in ["/docs/nope", "/docs/d"] {
+        let (status, body) = get_with(at, missing, &bearer).await;
+        assert_eq!(status, 404, "{body}");
+    }
+    running.stop().await;
+}

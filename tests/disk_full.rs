@@ -102,6 +102,7 @@ async fn a_full_disk_is_reported_before_it_stops_the_log_and_nothing_acked_is_lo
     let admin = Admin::new(AdminConfig {
         data_dir: dir.path().to_path_buf(),
         min_free_bytes: 0,
+        admin_token: None,
     });
     admin.serving(running.server.clone(), Duration::ZERO);
     let mut writer = Writer::open(&running).await;

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use super::maintenance::{self, Request};
 pub use super::state::LocalConfig;
 use super::state::{lock_doc, DocRef, DocState, DocText, Shared};
-use super::{Dedupe, DocView, Sequencer, StorageStats, SubmitError, SubmitOp, Submitted, Ticket};
+use super::{
+    Dedupe, DocSummary, DocView, Sequencer, StorageStats, SubmitError, SubmitOp, Submitted, Ticket,
+};
 use crate::op::{validate_doc_id, OpId, SequencedOp};
 use crate::wal::record::{Lsn, OpRecord, OpView};
 use crate::wal::snapshot::{load_snapshots, remove_leftovers, LoadedSnapshots};
@@ -542,6 +544,33 @@ impl Drop for LocalSequencer {
 }
 
 impl Sequencer for LocalSequencer {
+    fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary> {
+        // The page's ids first (a sort of the ids past `after`: an admin request, not a
+        // hot path), then each document's figures under its own lock.
+        let docs: Vec<(Arc<str>, DocRef)> = {
+            let map = self.shared.docs.read().unwrap_or_else(|p| p.into_inner());
+            let mut ids: Vec<&Arc<str>> = map
+                .keys()
+                .filter(|id| after.is_none_or(|a| &***id > a))
+                .collect();
+            ids.sort_unstable();
+            ids.truncate(limit);
+            ids.into_iter()
+                .map(|id| (id.clone(), map[id].clone()))
+                .collect()
+        };
+        docs.into_iter()
+            .map(|(id, doc)| {
+                let state = lock_doc(&doc);
+                DocSummary {
+                    id,
+                    version: state.version,
+                    chars: state.len_chars(),
+                }
+            })
+            .collect()
+    }
+
     fn storage_stats(&self) -> StorageStats {
         use crate::wal::stats::{Distribution, LATENCY_BOUNDS};
         use std::sync::atomic::Ordering::Relaxed;

@@ -140,6 +140,14 @@ pub struct StorageStats {
     pub segments_truncated: u64,
 }
 
+/// A document as listed: its id, version and length (code points).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocSummary {
+    pub id: Arc<str>,
+    pub version: u64,
+    pub chars: u64,
+}
+
 /// A document's state as of a durable version.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocView {
@@ -153,6 +161,10 @@ pub struct DocView {
 pub trait Sequencer: Send + Sync + 'static {
     /// What the storage reports for metrics and readiness.
     fn storage_stats(&self) -> StorageStats;
+
+    /// Up to `limit` documents in id order, after `after` (exclusive) if given: a page
+    /// of the documents this sequencer holds.
+    fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary>;
 
     /// Sequences `op` on `doc_id` (creating the document at version 0 if new).
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError>;

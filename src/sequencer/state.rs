@@ -193,6 +193,14 @@ pub(crate) struct DocState {
 }
 
 impl DocState {
+    /// The text's length in code points, built or not.
+    pub fn len_chars(&self) -> u64 {
+        match &self.text {
+            DocText::Built(text) => u64::from(text.len_chars()),
+            DocText::Deferred(deferred) => deferred.len_chars,
+        }
+    }
+
     pub(crate) fn empty() -> Self {
         DocState {
             text: DocText::Built(Text::new()),

@@ -9,7 +9,9 @@ use std::time::Duration;
 use quire::op::{OpId, SequencedOp};
 use quire::sequencer::local::LocalSequencer;
 use quire::sequencer::Sequencer;
-use quire::sequencer::{DocView, StorageStats, SubmitError, SubmitOp, Submitted, Ticket};
+use quire::sequencer::{
+    DocSummary, DocView, StorageStats, SubmitError, SubmitOp, Submitted, Ticket,
+};
 use quire::wal::vfs::sim::SplitMix;
 use tokio::sync::Notify;
 
@@ -46,6 +48,10 @@ impl SimSequencer {
 impl Sequencer for SimSequencer {
     fn storage_stats(&self) -> StorageStats {
         self.inner.storage_stats()
+    }
+
+    fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary> {
+        self.inner.list_documents(after, limit)
     }
 
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
