@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod op;
 pub mod ot;
+pub mod progress;
 pub mod protocol;
 pub mod sequencer;
 pub mod server;

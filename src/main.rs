@@ -428,6 +428,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             recovery: RecoveryOptions {
                 repair: args.repair_wal,
             },
+            progress: Some(Arc::new(quire::progress::Progress::new(
+                "recovering the log",
+                0,
+            ))),
             ..WalConfig::default()
         },
         snapshot_every_ops: args.snapshot_every_ops.max(1),

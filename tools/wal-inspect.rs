@@ -21,10 +21,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use quire::progress::Progress;
 use quire::text::Text;
 use quire::wal::record::{framed_len, intact_header_len, OpRecord, RecordType, RECORD_HEADER_LEN};
 use quire::wal::recovery::{recover, RecoveryError, RecoveryOptions, RecoveryReport};
-use quire::wal::segment::segment_path;
+use quire::wal::segment::{parse_segment_file_name, segment_path};
 use quire::wal::snapshot::{load_snapshots, parse_snapshot_file_name, Snapshot};
 use quire::wal::vfs::{at_path, OsFs, Vfs};
 
@@ -349,12 +350,30 @@ fn bad_range(path: &Path, offset: u64) -> String {
 fn verify(out: &mut Out, dir: &Path) -> Result<(), Failure> {
     let wal = wal_dir(dir)?;
     let mut op_error = None;
+    // Progress over the segments' bytes: those of the segments before the one being
+    // read, plus the offset reached in it.
+    let sizes: std::collections::BTreeMap<u64, u64> = std::fs::read_dir(&wal)
+        .map_err(|e| fail(format!("{}: {e}", wal.display())))?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let id = parse_segment_file_name(entry.file_name().to_str()?)?;
+            Some((id, entry.metadata().ok()?.len()))
+        })
+        .collect();
+    let progress = Progress::new("verifying the log", sizes.values().sum());
+    let mut before_segment = std::collections::HashMap::new();
+    let mut sum = 0;
+    for (&id, &len) in &sizes {
+        before_segment.insert(id, sum);
+        sum += len;
+    }
     let result = recover(
         &OsFs,
         &wal,
         RecoveryOptions::default(),
         true,
         |segment, offset, raw| {
+            progress.set(before_segment.get(&segment).copied().unwrap_or(0) + offset);
             if let Err(e) = OpRecord::decode(raw.record_type, raw.payload) {
                 op_error.get_or_insert(
                     bad_range(&segment_path(&wal, segment), offset).to_string() + &format!(": {e}"),
@@ -362,6 +381,7 @@ fn verify(out: &mut Out, dir: &Path) -> Result<(), Failure> {
             }
         },
     );
+    progress.finish();
     let report = match result {
         Ok(report) => report,
         Err(RecoveryError::Corrupt(c)) => {

@@ -81,6 +81,9 @@ pub struct WalConfig {
     /// Threads in production; [`Background::Manual`] for a simulation that must run
     /// every write itself, deterministically.
     pub background: Background,
+    /// Where the startup scan reports the bytes of log it has read (`quire serve`: a
+    /// bar or log lines).
+    pub progress: Option<Arc<crate::progress::Progress>>,
 }
 
 impl Default for WalConfig {
@@ -91,6 +94,7 @@ impl Default for WalConfig {
             max_batch_bytes: 4 << 20,
             recovery: RecoveryOptions::default(),
             background: Background::Threads,
+            progress: None,
         }
     }
 }
@@ -515,6 +519,11 @@ impl Wal {
         let mut by_document: Vec<u32> = Vec::new();
         // The segments are read on a thread of their own; a manual log starts none.
         let threads = config.background == Background::Threads;
+        let progress = config.progress.clone();
+        if let Some(progress) = &progress {
+            let segments = recovery::list_segments(&*vfs, dir).map_err(recovery_error)?;
+            progress.set_total(segments.len() as u64 * config.segment_size);
+        }
         let scanned = recovery::scan_segments_with(
             &*vfs,
             dir,
@@ -576,9 +585,15 @@ impl Wal {
                     index: &index,
                 });
                 spare_ops = recycle(ops);
+                if let Some(progress) = &progress {
+                    progress.add(config.segment_size);
+                }
             },
         )
         .map_err(recovery_error)?;
+        if let Some(progress) = &progress {
+            progress.finish();
+        }
         if let Some(e) = payload_error {
             return Err(WalError::Corrupt(format!("undecodable op record in {e}")));
         }
