@@ -531,11 +531,13 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return Some((store, false));
             }
         };
+        let server = quire::server::Server::new(store.clone(), server_config);
+        // Ready (for /readyz) before the line that says so: the listener accepts from
+        // here on.
+        admin.serving(server.clone(), report.elapsed);
         if let Ok(at) = listener.local_addr() {
             tracing::info!(listen = %at, "serving");
         }
-        let server = quire::server::Server::new(store.clone(), server_config);
-        admin.serving(server.clone(), report.elapsed);
         server.serve(listener, shutdown_signal()).await;
         stop_admin.cancel();
         if let Some(task) = admin_task {
