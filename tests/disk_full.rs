@@ -24,6 +24,8 @@ const OP_CHARS: usize = 20_000;
 
 fn small_segments() -> LocalConfig {
     let mut config = store_config();
+    // Snapshots too: the reads after the failure start from one.
+    config.snapshot_every_ops = 8;
     config.wal = WalConfig {
         segment_size: SEGMENT,
         ..config.wal
@@ -156,6 +158,12 @@ async fn a_full_disk_is_reported_before_it_stops_the_log_and_nothing_acked_is_lo
     assert!(
         reasons.iter().any(|r| r.contains("not writable")),
         "{reasons:?}"
+    );
+    // Reads keep working: a new client opens the document with every acked op.
+    let (text, version) = read_back(running.addr, "big").await;
+    assert_eq!(
+        (text.chars().count(), version),
+        (writer.acked_chars, writer.version)
     );
 
     // A restart on a disk with room (what was synced) serves every acknowledged op.

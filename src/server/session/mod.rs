@@ -397,9 +397,9 @@ impl<S: Sequencer> Session<S> {
                         continue;
                     }
                     let (what, limit) = if self.client_id.is_none() {
-                        ("a complete Hello", config.handshake_timeout)
+                        ("complete Hello", config.handshake_timeout)
                     } else {
-                        ("a complete message (send Ping when idle)", config.idle_timeout)
+                        ("complete message (send Ping when idle)", config.idle_timeout)
                     };
                     self.outbox.close_with(
                         ErrorCode::Timeout,
