@@ -7,6 +7,7 @@
 //! group running the same per-document state machine) can replace it without the
 //! server changing.
 
+mod backup;
 pub mod client_ids;
 mod dedupe;
 pub mod local;
@@ -150,6 +151,11 @@ pub struct DocView {
 pub trait Sequencer: Send + Sync + 'static {
     /// What the storage reports for metrics and readiness.
     fn storage_stats(&self) -> StorageStats;
+
+    /// The storage's online backup, if it has one (the admin endpoint's `/backup`).
+    fn backup_source(&self) -> Option<&dyn crate::backup::BackupSource> {
+        None
+    }
 
     /// Sequences `op` on `doc_id` (creating the document at version 0 if new).
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError>;
