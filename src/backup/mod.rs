@@ -14,6 +14,10 @@
 //! snapshot's by recovering the restored directory) before it puts the directory in
 //! place. [`export`] reads one document out of a data directory not in use.
 
+pub mod client;
+pub mod export;
+pub mod restore;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
