@@ -302,9 +302,19 @@ async fn backup_file<S: Sequencer>(
     State(admin): State<Arc<Admin<S>>>,
     UrlPath((id, name)): UrlPath<(u64, String)>,
 ) -> Response {
-    let (path, len) = match admin.backup_file(id, &name) {
-        Ok(found) => found,
-        Err((status, message)) => return (status, format!("{message}\n")).into_response(),
+    // The lease is renewed under the pins' lock, which truncation holds while it
+    // deletes files: off the async workers.
+    let found = tokio::task::spawn_blocking(move || admin.backup_file(id, &name)).await;
+    let (path, len) = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err((status, message))) => return (status, format!("{message}\n")).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("finding the file failed: {e}\n"),
+            )
+                .into_response()
+        }
     };
     // tokio's file reads run on its blocking threads, a chunk at a time: the reply is
     // streamed, never held whole.
