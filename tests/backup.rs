@@ -347,6 +347,19 @@ async fn a_corrupted_byte_in_a_backup_file_makes_restore_refuse_naming_it() {
         matches!(over, Err(BackupError::TargetNotEmpty(_))),
         "{over:?}"
     );
+    // A server on the restored directory goes on from the backup's LSN.
+    let running = start_with_store(&target, store_config(), ServerConfig::default()).await;
+    let doc = open(running.addr, "a").await;
+    assert_eq!(doc.version(), 10);
+    doc.edit(&[Patch::new(0, 0, "more")]).await.unwrap();
+    doc.synced().await.unwrap();
+    assert_eq!(doc.version(), 11);
+    doc.close().await;
+    assert_eq!(
+        running.store.wal().durability().durable_lsn,
+        manifest.lsn + 1
+    );
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
