@@ -434,3 +434,51 @@ async fn export_of_a_truncated_version_names_the_oldest_available() {
     assert_eq!(export(&data, "t", Some(oldest)).unwrap().version, oldest);
     assert_eq!(export(&data, "t", None).unwrap().version, head);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_routes_serve_only_the_files_of_a_running_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let running = start_with_store(&data, store_config(), ServerConfig::default()).await;
+    let admin = serve_admin(&running, &data).await;
+    let doc = open(running.addr, "r").await;
+    doc.edit(&[Patch::new(0, 0, "hello")]).await.unwrap();
+    doc.synced().await.unwrap();
+    doc.close().await;
+    let base = format!("http://{admin}");
+    let staging = data.join("backup-staging");
+    let statuses = tokio::task::spawn_blocking(move || {
+        let status = |r: Result<ureq::Response, ureq::Error>| match r {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("{e}"),
+        };
+        let reply = ureq::post(&format!("{base}/backup")).call().unwrap();
+        let started: quire::backup::Started = serde_json::from_reader(reply.into_reader()).unwrap();
+        let id = started.id;
+        let file = &started.manifest.files[0];
+        assert_eq!(started.manifest.lsn, 1);
+        assert_eq!(file.name, "wal/00000000000000000001.wal");
+        let body = ureq::get(&format!("{base}/backup/{id}/file/{}", file.name))
+            .call()
+            .unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut body.into_reader(), &mut bytes).unwrap();
+        assert_eq!(bytes.len() as u64, file.len);
+        assert!(staging.join(id.to_string()).is_dir());
+        let found = [
+            status(ureq::get(&format!("{base}/backup/{id}/file/wal/x.wal")).call()),
+            status(ureq::get(&format!("{base}/backup/{id}/file/client-ids")).call()),
+            status(ureq::get(&format!("{base}/backup/999/file/{}", file.name)).call()),
+            status(ureq::delete(&format!("{base}/backup/{id}")).call()),
+            status(ureq::delete(&format!("{base}/backup/{id}")).call()),
+            status(ureq::get(&format!("{base}/backup/{id}/file/{}", file.name)).call()),
+        ];
+        assert!(!staging.join(id.to_string()).exists());
+        found
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, [404, 404, 404, 204, 404, 404]);
+    running.stop().await;
+}
