@@ -65,6 +65,8 @@ const BACKUP_STAGING_DIR: &str = "backup-staging";
 struct Backups {
     next_id: u64,
     running: HashMap<u64, BackupSession>,
+    /// Backups being started: their staging directories are theirs already.
+    starting: std::collections::HashSet<u64>,
 }
 
 struct BackupSession {
@@ -171,11 +173,14 @@ impl<S: Sequencer> Admin<S> {
                 }
             }
             backups.next_id += 1;
-            backups.next_id
+            let id = backups.next_id;
+            backups.starting.insert(id);
+            id
         };
         self.remove_stale_staging(&root);
         let staging = root.join(id.to_string());
         let capture = source.begin_backup(&staging, BACKUP_LEASE).map_err(|e| {
+            self.backups().starting.remove(&id);
             let _ = std::fs::remove_dir_all(&staging);
             let status = match e {
                 crate::backup::BackupError::Busy => StatusCode::TOO_MANY_REQUESTS,
@@ -195,7 +200,10 @@ impl<S: Sequencer> Admin<S> {
             bytes = capture.files.iter().map(|f| f.len).sum::<u64>(),
             "backup started"
         );
-        self.backups().running.insert(
+        // One step from starting to running: its staging directory is never unowned.
+        let mut backups = self.backups();
+        backups.starting.remove(&id);
+        backups.running.insert(
             id,
             BackupSession {
                 capture,
@@ -216,7 +224,10 @@ impl<S: Sequencer> Admin<S> {
                 .file_name()
                 .to_str()
                 .and_then(|n| n.parse::<u64>().ok());
-            let owned = id.is_some_and(|id| self.backups().running.contains_key(&id));
+            let owned = id.is_some_and(|id| {
+                let backups = self.backups();
+                backups.running.contains_key(&id) || backups.starting.contains(&id)
+            });
             if !owned {
                 if let Err(e) = std::fs::remove_dir_all(entry.path()) {
                     tracing::warn!(dir = %entry.path().display(), "cannot remove a backup's staging directory: {e}");

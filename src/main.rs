@@ -133,8 +133,9 @@ struct ServeArgs {
     /// log's writer has its own thread, busy with every batch's write and sync).
     #[arg(long)]
     threads: Option<usize>,
-    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz), or `off`.
-    /// Keep it on loopback or a private network: it is not authenticated.
+    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, and /backup for
+    /// `quire backup`), or `off`. Keep it on loopback or a private network: it is not
+    /// authenticated, and whoever reaches it can take a backup (read every document).
     #[arg(long, default_value = "127.0.0.1:7421")]
     admin_listen: AdminListen,
     /// Readiness (/readyz) turns red when fewer MiB than this are free on the data
