@@ -347,10 +347,17 @@ async fn a_corrupted_byte_in_a_backup_file_makes_restore_refuse_naming_it() {
         matches!(over, Err(BackupError::TargetNotEmpty(_))),
         "{over:?}"
     );
-    // A server on the restored directory goes on from the backup's LSN.
+    // A server on the restored directory goes on from the backup's LSN, and gives no
+    // client id that the original server may have given after the backup.
+    assert!(manifest.files.iter().any(|f| f.name == "client-ids"));
     let running = start_with_store(&target, store_config(), ServerConfig::default()).await;
     let doc = open(running.addr, "a").await;
     assert_eq!(doc.version(), 10);
+    let mark = quire::sequencer::client_ids::FIRST_ASSIGNED + quire::sequencer::client_ids::BLOCK;
+    assert_eq!(
+        doc.client.client_id(),
+        mark + quire::backup::RESTORE_CLIENT_ID_GAP
+    );
     doc.edit(&[Patch::new(0, 0, "more")]).await.unwrap();
     doc.synced().await.unwrap();
     assert_eq!(doc.version(), 11);
@@ -468,7 +475,12 @@ async fn the_backup_routes_serve_only_the_files_of_a_running_backup() {
         assert!(staging.join(id.to_string()).is_dir());
         let found = [
             status(ureq::get(&format!("{base}/backup/{id}/file/wal/x.wal")).call()),
-            status(ureq::get(&format!("{base}/backup/{id}/file/client-ids")).call()),
+            status(
+                ureq::get(&format!(
+                    "{base}/backup/{id}/file/wal/00000000000000000002.wal"
+                ))
+                .call(),
+            ),
             status(ureq::get(&format!("{base}/backup/999/file/{}", file.name)).call()),
             status(ureq::delete(&format!("{base}/backup/{id}")).call()),
             status(ureq::delete(&format!("{base}/backup/{id}")).call()),

@@ -8,7 +8,8 @@
 //! chooses the LSN `L` the backup holds: the log's durable end at that moment, so every
 //! snapshot captured is at or before it. The log's segments are copied up to the end of
 //! `L`'s record (sealed ones whole; the one holding `L` cut there, the rest of it zeros
-//! once restored, as a preallocated segment looks). [`client::backup`] fetches the
+//! once restored, as a preallocated segment looks), and `client-ids`, captured after
+//! `L` (a restore moves its mark [`RESTORE_CLIENT_ID_GAP`] further). [`client::backup`] fetches the
 //! files and writes a [`Manifest`] with each file's length and SHA-256.
 //! [`restore::restore`] checks every checksum (the manifest's, then every record's and
 //! snapshot's by recovering the restored directory) before it puts the directory in
@@ -49,7 +50,8 @@ pub struct Manifest {
 /// One file of a backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestFile {
-    /// Its path in the data directory: `wal/<segment>.wal` or `snapshots/<name>.snap`.
+    /// Its path in the data directory: `wal/<segment>.wal`, `snapshots/<name>.snap` or
+    /// `client-ids`.
     pub name: String,
     /// Bytes in the backup.
     pub len: u64,
@@ -242,9 +244,20 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether `name` is a file a backup may hold: `wal/<segment file>` or
+/// The data directory's file of client ids given out (wal-format.md).
+pub const CLIENT_IDS_FILE: &str = "client-ids";
+
+/// Client ids a restored data directory skips past its backup's high-water mark: the
+/// server the backup was taken from may have given more after it (2^40: more than a
+/// server gives in its life; the ids from 2^63 to 2^64 hold 2^23 such skips).
+pub const RESTORE_CLIENT_ID_GAP: u64 = 1 << 40;
+
+/// Whether `name` is a file a backup may hold: `client-ids`, `wal/<segment file>` or
 /// `snapshots/<snapshot file>` (so that no name reaches outside the directory).
 pub fn valid_file_name(name: &str) -> bool {
+    if name == CLIENT_IDS_FILE {
+        return true;
+    }
     match name.split_once('/') {
         Some(("wal", file)) => crate::wal::segment::parse_segment_file_name(file).is_some(),
         Some(("snapshots", file)) => crate::wal::snapshot::parse_snapshot_file_name(file).is_some(),

@@ -187,6 +187,7 @@ fn build(
         sync_dir(&staging.join(sub))?;
     }
     sync_dir(staging)?;
+    skip_client_ids(staging)?;
     check_recovers(staging, manifest)?;
     Ok(Restored {
         lsn: manifest.lsn,
@@ -194,6 +195,20 @@ fn build(
         files: manifest.files.len(),
         bytes: total,
     })
+}
+
+/// Moves the restored directory's client ids [`super::RESTORE_CLIENT_ID_GAP`] past the
+/// backup's mark: ids the original server gave after the backup, to clients that may
+/// connect to the restored one, are never given again.
+fn skip_client_ids(dir: &Path) -> Result<(), BackupError> {
+    let ids = crate::sequencer::client_ids::ClientIds::open(
+        std::sync::Arc::new(crate::wal::vfs::OsFs),
+        dir,
+    )
+    .map_err(io_at("reading the client ids in", dir))?;
+    ids.skip(super::RESTORE_CLIENT_ID_GAP)
+        .map_err(io_at("writing the client ids in", dir))?;
+    Ok(())
 }
 
 fn check_snapshot(path: &Path, name: &str, file: &str) -> Result<(), BackupError> {

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::state::{BackupPin, Shared};
-use crate::backup::{io_at, BackupError, Capture, CapturedFile, DocVersion};
+use crate::backup::{io_at, BackupError, Capture, CapturedFile, DocVersion, CLIENT_IDS_FILE};
 use crate::wal::now_ms;
 use crate::wal::record::{decode_frame, RECORD_HEADER_LEN};
 use crate::wal::segment::{segment_file_name, segment_path};
@@ -97,6 +97,9 @@ fn capture(
     // After the snapshots: every one of them is at or before it.
     let lsn = shared.wal.durability().durable_lsn;
     let created_ms = now_ms();
+    // After the LSN: the mark covers every client with an op at or before it (an id is
+    // reserved on disk before it is given, and given before its client's first op).
+    let client_ids = link_client_ids(&shared.snapshot_dir, staging)?;
 
     let mut versions: BTreeMap<String, u64> = BTreeMap::new();
     let mut files = Vec::new();
@@ -158,6 +161,7 @@ fn capture(
             });
         }
     }
+    files.extend(client_ids);
     let docs = versions
         .into_iter()
         .filter(|&(_, version)| version > 0)
@@ -199,6 +203,31 @@ fn record_end(
             "{} offset {offset}: the record of LSN {lsn} does not decode: {e}",
             path.display()
         ))),
+    }
+}
+
+/// Hard-links the data directory's `client-ids` (beside `snapshot_dir`) into `staging`,
+/// if there is one (none: no id given yet).
+fn link_client_ids(
+    snapshot_dir: &Path,
+    staging: &Path,
+) -> Result<Option<CapturedFile>, BackupError> {
+    let Some(data_dir) = snapshot_dir.parent() else {
+        return Ok(None);
+    };
+    let to = staging.join(CLIENT_IDS_FILE);
+    match std::fs::hard_link(data_dir.join(CLIENT_IDS_FILE), &to) {
+        Ok(()) => {
+            let len = std::fs::metadata(&to).map_err(io_at("reading", &to))?.len();
+            Ok(Some(CapturedFile {
+                name: CLIENT_IDS_FILE.into(),
+                path: to,
+                len,
+                restored_len: len,
+            }))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_at("linking", &to)(e)),
     }
 }
 
