@@ -55,6 +55,10 @@ pub struct Admin<S> {
 /// went away, and the log is no longer held for it.
 pub const BACKUP_LEASE: Duration = Duration::from_secs(60);
 
+/// While a file is being sent, its backup's lease is renewed this often: a file that
+/// takes longer than a lease to send keeps the log pinned.
+const BACKUP_RENEW_EVERY: Duration = Duration::from_secs(10);
+
 /// Bytes read from a file per chunk of a `GET /backup/{id}/file/{name}` reply.
 const BACKUP_CHUNK_BYTES: usize = 256 << 10;
 
@@ -238,6 +242,27 @@ impl<S: Sequencer> Admin<S> {
 
     /// The file `name` of backup `id` (its path and length), renewing the lease.
     fn backup_file(&self, id: u64, name: &str) -> Result<(PathBuf, u64), (StatusCode, String)> {
+        self.renew_backup(id)?;
+        let backups = self.backups();
+        let Some(session) = backups.running.get(&id) else {
+            return Err((StatusCode::NOT_FOUND, format!("no backup {id} in progress")));
+        };
+        session
+            .capture
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| (f.path.clone(), f.len))
+            .ok_or_else(|| {
+                (
+                    StatusCode::NOT_FOUND,
+                    format!("backup {id} has no file {name:?}"),
+                )
+            })
+    }
+
+    /// Renews backup `id`'s lease (blocking: the pins' lock), or says why not.
+    fn renew_backup(&self, id: u64) -> Result<(), (StatusCode, String)> {
         let source = self
             .serving
             .get()
@@ -259,18 +284,7 @@ impl<S: Sequencer> Admin<S> {
             ));
         }
         session.expires = now + BACKUP_LEASE;
-        session
-            .capture
-            .files
-            .iter()
-            .find(|f| f.name == name)
-            .map(|f| (f.path.clone(), f.len))
-            .ok_or_else(|| {
-                (
-                    StatusCode::NOT_FOUND,
-                    format!("backup {id} has no file {name:?}"),
-                )
-            })
+        Ok(())
     }
 
     /// Ends backup `id`: releases its pin, removes its staging directory (blocking).
@@ -315,7 +329,8 @@ async fn backup_file<S: Sequencer>(
 ) -> Response {
     // The lease is renewed under the pins' lock, which truncation holds while it
     // deletes files: off the async workers.
-    let found = tokio::task::spawn_blocking(move || admin.backup_file(id, &name)).await;
+    let finder = admin.clone();
+    let found = tokio::task::spawn_blocking(move || finder.backup_file(id, &name)).await;
     let (path, len) = match found {
         Ok(Ok(found)) => found,
         Ok(Err((status, message))) => return (status, format!("{message}\n")).into_response(),
@@ -340,7 +355,12 @@ async fn backup_file<S: Sequencer>(
         }
     };
     use tokio::io::AsyncReadExt;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), BACKUP_CHUNK_BYTES);
+    let stream = Renewing {
+        chunks: tokio_util::io::ReaderStream::with_capacity(file.take(len), BACKUP_CHUNK_BYTES),
+        admin,
+        id,
+        renewed: Instant::now(),
+    };
     (
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -349,6 +369,37 @@ async fn backup_file<S: Sequencer>(
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// A file's chunks, renewing the backup's lease every [`BACKUP_RENEW_EVERY`] while
+/// they flow (on a blocking thread: renewing takes the pins' lock, which truncation
+/// holds while it deletes files).
+struct Renewing<St, S> {
+    chunks: St,
+    admin: Arc<Admin<S>>,
+    id: u64,
+    renewed: Instant,
+}
+
+impl<St: futures_core::Stream + Unpin, S: Sequencer> futures_core::Stream for Renewing<St, S> {
+    type Item = St::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<St::Item>> {
+        let polled = std::pin::Pin::new(&mut self.chunks).poll_next(cx);
+        if matches!(polled, std::task::Poll::Ready(Some(_)))
+            && self.renewed.elapsed() >= BACKUP_RENEW_EVERY
+        {
+            self.renewed = Instant::now();
+            let (admin, id) = (self.admin.clone(), self.id);
+            // An expired backup stays expired: the file's bytes still flow (its file is
+            // open), and the next request of the backup is refused.
+            drop(tokio::task::spawn_blocking(move || admin.renew_backup(id)));
+        }
+        polled
+    }
 }
 
 async fn backup_end<S: Sequencer>(
