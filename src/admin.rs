@@ -3,19 +3,29 @@
 //! (recovery finished, the log writable, free disk above a threshold; a JSON body says
 //! why not). Built on axum: no HTTP parsing of our own.
 //!
+//! `/backup` takes an online backup (see `crate::backup`): `POST /backup` pins the log,
+//! captures the snapshots, chooses the LSN and answers with the manifest (JSON, a
+//! [`crate::backup::Started`]); `GET /backup/{id}/file/{name}` streams one file of it,
+//! up to its length in the manifest, and renews the backup's lease; `DELETE
+//! /backup/{id}` ends it. A backup no request touched for [`BACKUP_LEASE`] ends by
+//! itself. There is no authentication: the endpoint is for the machine's operators
+//! (loopback by default).
+//!
 //! It starts before recovery, so that `/readyz` can say "recovering" and `/metrics`
 //! answers from the first second; the server is attached once the data directory is
 //! open ([`Admin::serving`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, State};
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::Router;
 use prometheus::proto::{self, MetricFamily, MetricType};
 
@@ -44,6 +54,35 @@ pub struct Admin<S> {
     config: AdminConfig,
     started: Instant,
     serving: OnceLock<Serving<S>>,
+    backups: Mutex<Backups>,
+}
+
+/// A backup ends by itself when no request of its own came for this long: its client
+/// went away, and the log is no longer held for it.
+pub const BACKUP_LEASE: Duration = Duration::from_secs(60);
+
+/// While a file is being sent, its backup's lease is renewed this often: a file that
+/// takes longer than a lease to send keeps the log pinned.
+const BACKUP_RENEW_EVERY: Duration = Duration::from_secs(10);
+
+/// Bytes read from a file per chunk of a `GET /backup/{id}/file/{name}` reply.
+const BACKUP_CHUNK_BYTES: usize = 256 << 10;
+
+/// Where backups stage their snapshot links, under the data directory.
+const BACKUP_STAGING_DIR: &str = "backup-staging";
+
+#[derive(Default)]
+struct Backups {
+    next_id: u64,
+    running: HashMap<u64, BackupSession>,
+    /// Backups being started: their staging directories are theirs already.
+    starting: std::collections::HashSet<u64>,
+}
+
+struct BackupSession {
+    capture: crate::backup::Capture,
+    staging: PathBuf,
+    expires: Instant,
 }
 
 struct Serving<S> {
@@ -57,6 +96,7 @@ impl<S: Sequencer> Admin<S> {
             config,
             started: Instant::now(),
             serving: OnceLock::new(),
+            backups: Mutex::default(),
         })
     }
 
@@ -73,6 +113,9 @@ impl<S: Sequencer> Admin<S> {
             .route("/metrics", get(metrics::<S>))
             .route("/docs", get(list_docs::<S>))
             .route("/docs/{*id}", get(doc_text::<S>))
+            .route("/backup", post(backup_start::<S>))
+            .route("/backup/{id}", delete(backup_end::<S>))
+            .route("/backup/{id}/file/{*name}", get(backup_file::<S>))
             .with_state(self.clone())
     }
 
@@ -110,6 +153,285 @@ impl<S: Sequencer> Admin<S> {
             )),
         }
         reasons
+    }
+}
+
+impl<S: Sequencer> Admin<S> {
+    fn backups(&self) -> std::sync::MutexGuard<'_, Backups> {
+        self.backups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a backup (blocking: file system work). Ends expired backups first, and
+    /// removes staging directories no backup owns (left by an earlier process).
+    fn begin_backup(&self) -> Result<crate::backup::Started, (StatusCode, String)> {
+        let Some(serving) = self.serving.get() else {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "recovering the data directory; try again when /readyz says ready".into(),
+            ));
+        };
+        let source = serving.server.sequencer.backup_source().ok_or((
+            StatusCode::NOT_IMPLEMENTED,
+            crate::backup::BackupError::Unsupported.to_string(),
+        ))?;
+        let root = self.config.data_dir.join(BACKUP_STAGING_DIR);
+        let id = {
+            let mut backups = self.backups();
+            let now = Instant::now();
+            let expired: Vec<u64> = backups
+                .running
+                .iter()
+                .filter(|(_, b)| b.expires <= now)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in expired {
+                if let Some(b) = backups.running.remove(&id) {
+                    tracing::warn!(backup = id, "a backup's lease expired: ended");
+                    source.end_backup(b.capture.pin);
+                }
+            }
+            backups.next_id += 1;
+            let id = backups.next_id;
+            backups.starting.insert(id);
+            id
+        };
+        self.remove_stale_staging(&root);
+        let staging = root.join(id.to_string());
+        let capture = source.begin_backup(&staging, BACKUP_LEASE).map_err(|e| {
+            self.backups().starting.remove(&id);
+            let _ = std::fs::remove_dir_all(&staging);
+            let status = match e {
+                crate::backup::BackupError::Busy => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (status, e.to_string())
+        })?;
+        let started = crate::backup::Started {
+            id,
+            lease_secs: BACKUP_LEASE.as_secs(),
+            manifest: capture.manifest(),
+        };
+        tracing::info!(
+            backup = id,
+            lsn = capture.lsn,
+            files = capture.files.len(),
+            bytes = capture.files.iter().map(|f| f.len).sum::<u64>(),
+            "backup started"
+        );
+        // One step from starting to running: its staging directory is never unowned.
+        let mut backups = self.backups();
+        backups.starting.remove(&id);
+        backups.running.insert(
+            id,
+            BackupSession {
+                capture,
+                staging,
+                expires: Instant::now() + BACKUP_LEASE,
+            },
+        );
+        Ok(started)
+    }
+
+    /// Deletes the staging directories under `root` of no running backup.
+    fn remove_stale_staging(&self, root: &Path) {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let id = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok());
+            let owned = id.is_some_and(|id| {
+                let backups = self.backups();
+                backups.running.contains_key(&id) || backups.starting.contains(&id)
+            });
+            if !owned {
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(dir = %entry.path().display(), "cannot remove a backup's staging directory: {e}");
+                }
+            }
+        }
+    }
+
+    /// The file `name` of backup `id` (its path and length), renewing the lease.
+    fn backup_file(&self, id: u64, name: &str) -> Result<(PathBuf, u64), (StatusCode, String)> {
+        self.renew_backup(id)?;
+        let backups = self.backups();
+        let Some(session) = backups.running.get(&id) else {
+            return Err((StatusCode::NOT_FOUND, format!("no backup {id} in progress")));
+        };
+        session
+            .capture
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| (f.path.clone(), f.len))
+            .ok_or_else(|| {
+                (
+                    StatusCode::NOT_FOUND,
+                    format!("backup {id} has no file {name:?}"),
+                )
+            })
+    }
+
+    /// Renews backup `id`'s lease (blocking: the pins' lock), or says why not.
+    fn renew_backup(&self, id: u64) -> Result<(), (StatusCode, String)> {
+        let source = self
+            .serving
+            .get()
+            .and_then(|s| s.server.sequencer.backup_source());
+        let mut backups = self.backups();
+        let Some(session) = backups.running.get_mut(&id) else {
+            return Err((StatusCode::NOT_FOUND, format!("no backup {id} in progress")));
+        };
+        let now = Instant::now();
+        let renewed = session.expires > now
+            && source.is_some_and(|s| s.renew_backup(session.capture.pin, BACKUP_LEASE));
+        if !renewed {
+            return Err((
+                StatusCode::GONE,
+                format!(
+                    "backup {id} expired (no request for {} s): start a new one",
+                    BACKUP_LEASE.as_secs()
+                ),
+            ));
+        }
+        session.expires = now + BACKUP_LEASE;
+        Ok(())
+    }
+
+    /// Ends backup `id`: releases its pin, removes its staging directory (blocking).
+    fn end_backup(&self, id: u64) -> bool {
+        let Some(session) = self.backups().running.remove(&id) else {
+            return false;
+        };
+        if let Some(source) = self
+            .serving
+            .get()
+            .and_then(|s| s.server.sequencer.backup_source())
+        {
+            source.end_backup(session.capture.pin);
+        }
+        if let Err(e) = std::fs::remove_dir_all(&session.staging) {
+            tracing::warn!(dir = %session.staging.display(), "cannot remove a backup's staging directory: {e}");
+        }
+        tracing::info!(backup = id, "backup ended");
+        true
+    }
+}
+
+async fn backup_start<S: Sequencer>(State(admin): State<Arc<Admin<S>>>) -> Response {
+    match tokio::task::spawn_blocking(move || admin.begin_backup()).await {
+        Ok(Ok(started)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&started).expect("a manifest serialises"),
+        )
+            .into_response(),
+        Ok(Err((status, message))) => (status, format!("{message}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("starting the backup failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn backup_file<S: Sequencer>(
+    State(admin): State<Arc<Admin<S>>>,
+    UrlPath((id, name)): UrlPath<(u64, String)>,
+) -> Response {
+    // The lease is renewed under the pins' lock, which truncation holds while it
+    // deletes files: off the async workers.
+    let finder = admin.clone();
+    let found = tokio::task::spawn_blocking(move || finder.backup_file(id, &name)).await;
+    let (path, len) = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err((status, message))) => return (status, format!("{message}\n")).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("finding the file failed: {e}\n"),
+            )
+                .into_response()
+        }
+    };
+    // tokio's file reads run on its blocking threads, a chunk at a time: the reply is
+    // streamed, never held whole.
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("opening {}: {e}\n", path.display()),
+            )
+                .into_response()
+        }
+    };
+    use tokio::io::AsyncReadExt;
+    let stream = Renewing {
+        chunks: tokio_util::io::ReaderStream::with_capacity(file.take(len), BACKUP_CHUNK_BYTES),
+        admin,
+        id,
+        renewed: Instant::now(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// A file's chunks, renewing the backup's lease every [`BACKUP_RENEW_EVERY`] while
+/// they flow (on a blocking thread: renewing takes the pins' lock, which truncation
+/// holds while it deletes files).
+struct Renewing<St, S> {
+    chunks: St,
+    admin: Arc<Admin<S>>,
+    id: u64,
+    renewed: Instant,
+}
+
+impl<St: futures_core::Stream + Unpin, S: Sequencer> futures_core::Stream for Renewing<St, S> {
+    type Item = St::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<St::Item>> {
+        let polled = std::pin::Pin::new(&mut self.chunks).poll_next(cx);
+        if matches!(polled, std::task::Poll::Ready(Some(_)))
+            && self.renewed.elapsed() >= BACKUP_RENEW_EVERY
+        {
+            self.renewed = Instant::now();
+            let (admin, id) = (self.admin.clone(), self.id);
+            // An expired backup stays expired: the file's bytes still flow (its file is
+            // open), and the next request of the backup is refused.
+            drop(tokio::task::spawn_blocking(move || admin.renew_backup(id)));
+        }
+        polled
+    }
+}
+
+async fn backup_end<S: Sequencer>(
+    State(admin): State<Arc<Admin<S>>>,
+    UrlPath(id): UrlPath<u64>,
+) -> Response {
+    match tokio::task::spawn_blocking(move || admin.end_backup(id)).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            format!("no backup {id} in progress\n"),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("ending the backup failed: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -214,7 +536,7 @@ async fn list_docs<S: Sequencer>(
 async fn doc_text<S: Sequencer>(
     State(admin): State<Arc<Admin<S>>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    UrlPath(id): UrlPath<String>,
 ) -> Response {
     if let Some(refused) = refusal(&admin, &headers) {
         return refused;
@@ -452,13 +774,13 @@ fn histogram(name: &str, help: &str, d: &Distribution) -> MetricFamily {
 }
 
 /// Bytes available to an unprivileged writer on `path`'s file system.
-pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
 /// Bytes of the files in `dir`'s `wal/` and `snapshots/` (0 for what cannot be read).
-fn dir_bytes(dir: &std::path::Path) -> u64 {
+fn dir_bytes(dir: &Path) -> u64 {
     ["wal", "snapshots"]
         .iter()
         .filter_map(|sub| std::fs::read_dir(dir.join(sub)).ok())

@@ -53,6 +53,24 @@ enum Command {
     /// Example: quire token --doc 'notes/*' --write --ttl 1h --subject alice --secret-file
     /// ./secret
     Token(TokenArgs),
+    /// Back up a running server through its admin endpoint, without stopping writes:
+    /// snapshots plus the log up to one LSN, each file checksummed (SHA-256) in
+    /// DIR/manifest.json. Prints the LSN the backup holds.
+    ///
+    /// Example: quire backup --to ./backup-2026-12-01 --admin 127.0.0.1:7421
+    Backup(BackupArgs),
+    /// Restore a backup into a new data directory: checks every checksum (the
+    /// manifest's, every log record's and every snapshot's) and that each document comes
+    /// back at the backup's version, then puts the directory in place. The target must
+    /// not exist or be empty.
+    ///
+    /// Example: quire restore --from ./backup-2026-12-01 --data-dir ./quire-data-restored
+    Restore(RestoreArgs),
+    /// Write a document's text to stdout, from a data directory that no server is using
+    /// (offline: stop the server first, or export from a restored backup).
+    ///
+    /// Example: quire export notes/todo --at 120 --data-dir ./quire-data
+    Export(ExportArgs),
     /// Bob's editor in `quire demo` (a child process the demo starts and kills).
     #[command(hide = true)]
     DemoClient(demo::DemoClientArgs),
@@ -131,8 +149,10 @@ struct ServeArgs {
     /// log's writer has its own thread, busy with every batch's write and sync).
     #[arg(long, env = "QUIRE_THREADS")]
     threads: Option<usize>,
-    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz), or `off`.
-    /// Keep it on loopback or a private network: it is not authenticated.
+    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /docs, and
+    /// /backup for `quire backup`), or `off`. Keep it on loopback or a private network:
+    /// /metrics and /backup are not authenticated, and whoever reaches it can take a
+    /// backup (read every document).
     #[arg(long, default_value = "127.0.0.1:7421", env = "QUIRE_ADMIN_LISTEN")]
     admin_listen: AdminListen,
     /// A file whose first line is the admin token (at least 16 bytes): the admin
@@ -202,6 +222,125 @@ impl SecretArgs {
         quire::auth::Keys::new(&secrets)
             .map(Some)
             .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// The directory to write the backup into (created; it must not exist or be empty).
+    #[arg(long)]
+    to: PathBuf,
+    /// The running server's admin endpoint (its --admin-listen).
+    #[arg(long, default_value = "127.0.0.1:7421")]
+    admin: String,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The backup directory (with its manifest.json).
+    #[arg(long)]
+    from: PathBuf,
+    /// The data directory to create (it must not exist or be empty).
+    #[arg(long)]
+    data_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The document id.
+    doc: String,
+    /// The version to export (a seq); the newest without it. Works while the log still
+    /// holds the ops from a snapshot at or before it.
+    #[arg(long)]
+    at: Option<u64>,
+    /// The data directory, not in use by a server (its lock is taken while reading).
+    #[arg(long)]
+    data_dir: PathBuf,
+}
+
+fn backup(args: BackupArgs) -> ExitCode {
+    let started = std::time::Instant::now();
+    let result = quire::backup::client::backup(&args.admin, &args.to, |p| {
+        tracing::info!(
+            files = format!("{}/{}", p.files_done, p.files),
+            mib = format!(
+                "{:.1}/{:.1}",
+                p.bytes_done as f64 / 1048576.0,
+                p.bytes as f64 / 1048576.0
+            ),
+            "backup in progress"
+        );
+    });
+    match result {
+        Ok(manifest) => {
+            let bytes: u64 = manifest.files.iter().map(|f| f.len).sum();
+            println!(
+                "backup of LSN {} in {}: {} files, {} bytes, {} documents, {:.1} s",
+                manifest.lsn,
+                args.to.display(),
+                manifest.files.len(),
+                bytes,
+                manifest.docs.len(),
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("quire backup: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn restore(args: RestoreArgs) -> ExitCode {
+    let result = quire::backup::restore::restore(&args.from, &args.data_dir, |done, total| {
+        tracing::info!(
+            mib = format!(
+                "{:.1}/{:.1}",
+                done as f64 / 1048576.0,
+                total as f64 / 1048576.0
+            ),
+            "restore in progress"
+        );
+    });
+    match result {
+        Ok(restored) => {
+            println!(
+                "restored LSN {} into {}: {} documents, {} files, {} bytes, every checksum checked",
+                restored.lsn,
+                args.data_dir.display(),
+                restored.documents,
+                restored.files,
+                restored.bytes
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("quire restore: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn export(args: ExportArgs) -> ExitCode {
+    match quire::backup::export::export(&args.data_dir, &args.doc, args.at) {
+        Ok(exported) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out
+                .write_all(exported.text.as_bytes())
+                .and_then(|()| out.flush())
+            {
+                eprintln!("quire export: writing to stdout: {e}");
+                return ExitCode::FAILURE;
+            }
+            tracing::info!(doc = args.doc, version = exported.version, "exported");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("quire export: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -328,8 +467,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(args);
     // The demo prints its own story: only warnings and errors are logged beside it.
     let default_filter = match cli.command {
-        Command::Serve(_) => "info",
-        Command::Demo(_) | Command::DemoClient(_) | Command::Token(_) => "warn",
+        Command::Serve(_) | Command::Backup(_) | Command::Restore(_) => "info",
+        Command::Demo(_) | Command::DemoClient(_) | Command::Token(_) | Command::Export(_) => {
+            "warn"
+        }
     };
     // Logs go to stderr, coloured only when it is a terminal and NO_COLOR is unset or
     // empty (https://no-color.org).
@@ -349,6 +490,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Demo(args) => demo::demo_main(args),
         Command::Token(args) => token(args),
+        Command::Backup(args) => backup(args),
+        Command::Restore(args) => restore(args),
+        Command::Export(args) => export(args),
         Command::DemoClient(args) => demo::client_main(args),
     }
 }
@@ -494,7 +638,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             AdminListen::At(addr) => match admin::bind(addr).await {
                 Ok(listener) => {
                     if let Ok(at) = listener.local_addr() {
-                        tracing::info!(admin = %at, "admin endpoint: /metrics /healthz /readyz");
+                        tracing::info!(admin = %at, "admin endpoint: /metrics /healthz /readyz /backup");
                     }
                     let stop = stop_admin.clone().cancelled_owned();
                     Some(tokio::spawn(admin::serve(admin.clone(), listener, stop)))

@@ -73,6 +73,19 @@ impl ClientIds {
         Ok(id)
     }
 
+    /// Skips `gap` ids past every id reserved so far, on disk: no id below the new mark
+    /// is given. A restored backup does this, since the server it was taken from may
+    /// have given more ids after it, to clients that may come back. Returns the new mark.
+    pub fn skip(&self, gap: u64) -> io::Result<u64> {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let mark = next.1.max(next.0).checked_add(gap).ok_or_else(|| {
+            io::Error::other("every client id this data directory can give is used")
+        })?;
+        self.write(mark)?;
+        *next = (mark, mark);
+        Ok(mark)
+    }
+
     /// Replaces the file with one that reserves ids below `mark`: a new file, synced,
     /// renamed over the old one, and the directory synced.
     fn write(&self, mark: u64) -> io::Result<()> {

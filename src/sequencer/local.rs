@@ -403,6 +403,8 @@ impl LocalSequencer {
             ),
             snapshots_written: Default::default(),
             client_ids,
+            backup_pins: Default::default(),
+            next_pin: std::sync::atomic::AtomicU64::new(1),
         });
         let maintenance = match shared.config.wal.background {
             Background::Threads => {
@@ -539,6 +541,24 @@ impl LocalSequencer {
     }
 }
 
+impl crate::backup::BackupSource for LocalSequencer {
+    fn begin_backup(
+        &self,
+        staging: &Path,
+        lease: Duration,
+    ) -> Result<crate::backup::Capture, crate::backup::BackupError> {
+        super::backup::begin(&self.shared, staging, lease)
+    }
+
+    fn renew_backup(&self, pin: u64, lease: Duration) -> bool {
+        super::backup::renew(&self.shared, pin, lease)
+    }
+
+    fn end_backup(&self, pin: u64) {
+        super::backup::end(&self.shared, pin)
+    }
+}
+
 impl Drop for LocalSequencer {
     fn drop(&mut self) {
         self.close();
@@ -613,6 +633,10 @@ impl Sequencer for LocalSequencer {
                 }
             })
             .collect()
+    }
+
+    fn backup_source(&self) -> Option<&dyn crate::backup::BackupSource> {
+        Some(self)
     }
 
     fn storage_stats(&self) -> StorageStats {
@@ -881,6 +905,7 @@ mod tests {
         use crate::wal::segment::SEGMENT_SIZE_MIN;
         use crate::wal::vfs::sim::{CrashMode, SimFs};
         use crate::wal::WalConfig;
+        use std::sync::atomic::Ordering;
 
         fn config() -> LocalConfig {
             LocalConfig {
@@ -1306,6 +1331,62 @@ mod tests {
                     && message.contains("position 2 with delete length 2 is out of range for a document of 3 code points"),
                 "{message}"
             );
+        }
+
+        #[test]
+        fn a_backup_pin_holds_truncation_back_until_released_or_expired() {
+            let fs = SimFs::new();
+            let config = LocalConfig {
+                retention: Duration::ZERO,
+                ..config()
+            };
+            let (store, _) =
+                LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), config)
+                    .unwrap();
+            let big = "y".repeat(SEGMENT_SIZE_MIN as usize / 4);
+            for seq in 1..=9 {
+                let op = SubmitOp {
+                    op_id: OpId {
+                        client_id: 9,
+                        local_seq: seq,
+                    },
+                    base_version: seq - 1,
+                    expected_version: seq - 1,
+                    fingerprint: 0,
+                    patches: vec![Patch::new(0, 0, big.clone())],
+                };
+                store.submit("doc", op).unwrap();
+                assert!(store.step());
+            }
+            assert_eq!(store.wal().active_segment(), 3);
+            let pin = |expires: Instant| {
+                let id = store.shared.next_pin.fetch_add(1, Ordering::Relaxed);
+                let first_segment = store
+                    .wal()
+                    .with_index(|i| *i.segments().keys().next().unwrap());
+                store.shared.backup_pins.lock().unwrap().insert(
+                    id,
+                    crate::sequencer::state::BackupPin {
+                        first_segment,
+                        expires,
+                    },
+                );
+                id
+            };
+            // Pinned from segment 1: the snapshot is written, nothing is removed.
+            let held = pin(Instant::now() + Duration::from_secs(3600));
+            assert_eq!(store.run_maintenance().unwrap(), 0);
+            assert_eq!(store.wal().with_index(|i| i.segments().len()), 3);
+            crate::sequencer::backup::end(&store.shared, held);
+            // A pin whose lease ran out holds nothing (and cannot be renewed).
+            let expired = pin(Instant::now());
+            assert!(!crate::sequencer::backup::renew(
+                &store.shared,
+                expired,
+                Duration::from_secs(60)
+            ));
+            assert_eq!(store.run_maintenance().unwrap(), 1);
+            assert!(store.shared.backup_pins.lock().unwrap().is_empty());
         }
 
         #[test]

@@ -180,8 +180,26 @@ type SegmentDocs = (u64, Option<u64>, Vec<(Arc<str>, u64)>);
 
 fn truncate(shared: &Shared, now: u64) -> std::io::Result<usize> {
     let retention_ms = shared.config.retention.as_millis() as u64;
-    // The newest sealed segment is always kept (see `Wal::remove_segments_before`).
-    let limit = shared.wal.active_segment().saturating_sub(1);
+    // Held to the last deletion: a backup pinning the log waits for this pass, then
+    // finds every segment it pins (see `Shared::backup_pins`).
+    let mut pins = shared.backup_pins.lock().unwrap_or_else(|p| p.into_inner());
+    let instant = Instant::now();
+    pins.retain(|id, pin| {
+        let live = pin.expires > instant;
+        if !live {
+            tracing::warn!(
+                pin = id,
+                "a backup's lease expired; the log is no longer held for it"
+            );
+        }
+        live
+    });
+    // The newest sealed segment is always kept (see `Wal::remove_segments_before`), and
+    // every segment a backup pins.
+    let mut limit = shared.wal.active_segment().saturating_sub(1);
+    if let Some(pinned) = pins.values().map(|pin| pin.first_segment).min() {
+        limit = limit.min(pinned);
+    }
     let candidates: Vec<SegmentDocs> = shared.wal.with_index(|index| {
         index
             .segments()
@@ -220,6 +238,7 @@ fn truncate(shared: &Shared, now: u64) -> std::io::Result<usize> {
             .map_err(std::io::Error::other)?,
         None => 0,
     };
+    drop(pins);
     for doc_id in pinning {
         snapshot_doc(shared, &doc_id)?;
     }

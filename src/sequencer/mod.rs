@@ -7,6 +7,7 @@
 //! group running the same per-document state machine) can replace it without the
 //! server changing.
 
+mod backup;
 pub mod client_ids;
 mod dedupe;
 pub mod local;
@@ -165,6 +166,10 @@ pub trait Sequencer: Send + Sync + 'static {
     /// Up to `limit` documents in id order, after `after` (exclusive) if given: a page
     /// of the documents this sequencer holds.
     fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary>;
+    /// The storage's online backup, if it has one (the admin endpoint's `/backup`).
+    fn backup_source(&self) -> Option<&dyn crate::backup::BackupSource> {
+        None
+    }
 
     /// Sequences `op` on `doc_id` (creating the document at version 0 if new).
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError>;

@@ -3,10 +3,10 @@
 //! neither imports the other's internals (the maintenance thread is started by the
 //! sequencer, which is all `local` needs of `maintenance`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::dedupe::{Dedupe, Seen};
 use super::{SubmitError, Submitted, Ticket};
@@ -295,4 +295,20 @@ pub(crate) struct Shared {
     pub snapshot_us: Mutex<hdrhistogram::Histogram<u64>>,
     pub snapshots_written: std::sync::atomic::AtomicU64,
     pub client_ids: super::client_ids::ClientIds,
+    /// Backups in progress, by pin id: truncation deletes no segment at or past the
+    /// lowest `first_segment` of a pin whose lease has not expired. Truncation holds
+    /// this lock from its decision to its last deletion, so a pin taken meanwhile sees
+    /// every segment it pins still there.
+    pub backup_pins: Mutex<BTreeMap<u64, BackupPin>>,
+    pub next_pin: std::sync::atomic::AtomicU64,
+}
+
+/// A backup's hold on the log (see [`Shared::backup_pins`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BackupPin {
+    /// The oldest segment when the backup began: it and every later one are kept.
+    pub first_segment: crate::wal::segment::SegmentId,
+    /// The pin counts until then; each request of the backup renews it, so a backup
+    /// whose client went away stops holding the log back within one lease.
+    pub expires: Instant,
 }

@@ -90,6 +90,14 @@ impl Index {
         entries.range(start..).take(limit).copied().collect()
     }
 
+    /// The newest op of `doc_id` at or before `lsn` still in the log: its seq and where
+    /// it is.
+    pub fn last_op_at_or_before(&self, doc_id: &str, lsn: Lsn) -> Option<(u64, Location)> {
+        let entries = self.docs.get(doc_id)?;
+        let end = entries.partition_point(|&(_, location)| location.lsn <= lsn);
+        end.checked_sub(1).map(|i| entries[i])
+    }
+
     /// The lowest seq of `doc_id` still in the log.
     pub fn first_retained_seq(&self, doc_id: &str) -> Option<u64> {
         self.docs.get(doc_id)?.front().map(|&(seq, _)| seq)
