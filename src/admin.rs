@@ -321,7 +321,13 @@ impl<S: Sequencer> Admin<S> {
     }
 }
 
-async fn backup_start<S: Sequencer>(State(admin): State<Arc<Admin<S>>>) -> Response {
+async fn backup_start<S: Sequencer>(
+    State(admin): State<Arc<Admin<S>>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = backup_refusal(&admin, &headers) {
+        return refused;
+    }
     match tokio::task::spawn_blocking(move || admin.begin_backup()).await {
         Ok(Ok(started)) => (
             [(header::CONTENT_TYPE, "application/json")],
@@ -339,8 +345,12 @@ async fn backup_start<S: Sequencer>(State(admin): State<Arc<Admin<S>>>) -> Respo
 
 async fn backup_file<S: Sequencer>(
     State(admin): State<Arc<Admin<S>>>,
+    headers: HeaderMap,
     UrlPath((id, name)): UrlPath<(u64, String)>,
 ) -> Response {
+    if let Some(refused) = backup_refusal(&admin, &headers) {
+        return refused;
+    }
     // The lease is renewed under the pins' lock, which truncation holds while it
     // deletes files: off the async workers.
     let finder = admin.clone();
@@ -418,8 +428,12 @@ impl<St: futures_core::Stream + Unpin, S: Sequencer> futures_core::Stream for Re
 
 async fn backup_end<S: Sequencer>(
     State(admin): State<Arc<Admin<S>>>,
+    headers: HeaderMap,
     UrlPath(id): UrlPath<u64>,
 ) -> Response {
+    if let Some(refused) = backup_refusal(&admin, &headers) {
+        return refused;
+    }
     match tokio::task::spawn_blocking(move || admin.end_backup(id)).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => (
@@ -472,6 +486,13 @@ fn refusal<S>(admin: &Admin<S>, headers: &HeaderMap) -> Option<Response> {
             "missing or wrong admin token (Authorization: Bearer TOKEN)",
         )),
     }
+}
+
+/// The backup routes need the admin token when one is configured (without one they
+/// are open, as the rest of a loopback admin endpoint).
+fn backup_refusal<S>(admin: &Admin<S>, headers: &HeaderMap) -> Option<Response> {
+    admin.config.admin_token.as_ref()?;
+    refusal(admin, headers)
 }
 
 fn problem(status: StatusCode, message: &str) -> Response {

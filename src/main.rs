@@ -233,6 +233,9 @@ struct BackupArgs {
     /// The running server's admin endpoint (its --admin-listen).
     #[arg(long, default_value = "127.0.0.1:7421")]
     admin: String,
+    /// The server's admin token file (its --admin-token-file), if it has one.
+    #[arg(long, env = "QUIRE_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -259,8 +262,18 @@ struct ExportArgs {
 }
 
 fn backup(args: BackupArgs) -> ExitCode {
+    let token = match &args.admin_token_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text.lines().next().map(|l| l.trim().to_string()),
+            Err(e) => {
+                eprintln!("quire backup: cannot read {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let started = std::time::Instant::now();
-    let result = quire::backup::client::backup(&args.admin, &args.to, |p| {
+    let result = quire::backup::client::backup(&args.admin, &args.to, token.as_deref(), |p| {
         tracing::info!(
             files = format!("{}/{}", p.files_done, p.files),
             mib = format!(
@@ -638,7 +651,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             AdminListen::At(addr) => match admin::bind(addr).await {
                 Ok(listener) => {
                     if let Ok(at) = listener.local_addr() {
-                        tracing::info!(admin = %at, "admin endpoint: /metrics /healthz /readyz /backup");
+                        tracing::info!(admin = %at, "admin endpoint: /metrics /healthz /readyz /docs /backup");
                     }
                     let stop = stop_admin.clone().cancelled_owned();
                     Some(tokio::spawn(admin::serve(admin.clone(), listener, stop)))

@@ -91,7 +91,7 @@ async fn wait_edits(edits: &mut watch::Receiver<u64>, at_least: u64) {
 async fn backup(admin: SocketAddr, to: &Path) -> Result<Manifest, BackupError> {
     let to = to.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        quire::backup::client::backup(&admin.to_string(), &to, |_| {})
+        quire::backup::client::backup(&admin.to_string(), &to, None, |_| {})
     })
     .await
     .unwrap()

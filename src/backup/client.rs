@@ -30,6 +30,7 @@ pub struct Progress {
 pub fn backup(
     admin: &str,
     to: &Path,
+    admin_token: Option<&str>,
     mut progress: impl FnMut(Progress),
 ) -> Result<Manifest, BackupError> {
     ensure_empty_dir(to)?;
@@ -37,6 +38,10 @@ pub fn backup(
         .timeout_connect(Duration::from_secs(10))
         .timeout_read(Duration::from_secs(120))
         .build();
+    let agent = Authorized {
+        agent,
+        bearer: admin_token.map(|t| format!("Bearer {t}")),
+    };
     let base = format!("http://{admin}");
     let reply = call(agent.post(&format!("{base}/backup")))?;
     let mut body = String::new();
@@ -54,6 +59,30 @@ pub fn backup(
     ended?;
     write_manifest(to, &manifest)?;
     Ok(manifest)
+}
+
+/// The agent, and the admin token every request carries (if any).
+struct Authorized {
+    agent: ureq::Agent,
+    bearer: Option<String>,
+}
+
+impl Authorized {
+    fn with(&self, request: ureq::Request) -> ureq::Request {
+        match &self.bearer {
+            Some(bearer) => request.set("Authorization", bearer),
+            None => request,
+        }
+    }
+    fn get(&self, url: &str) -> ureq::Request {
+        self.with(self.agent.get(url))
+    }
+    fn post(&self, url: &str) -> ureq::Request {
+        self.with(self.agent.post(url))
+    }
+    fn delete(&self, url: &str) -> ureq::Request {
+        self.with(self.agent.delete(url))
+    }
 }
 
 fn call(request: ureq::Request) -> Result<ureq::Response, BackupError> {
@@ -85,7 +114,7 @@ pub(crate) fn ensure_empty_dir(dir: &Path) -> Result<(), BackupError> {
 }
 
 fn fetch_files(
-    agent: &ureq::Agent,
+    agent: &Authorized,
     base: &str,
     started: &Started,
     to: &Path,
