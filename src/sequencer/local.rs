@@ -1333,8 +1333,9 @@ mod tests {
             );
         }
 
-        #[test]
-        fn a_backup_pin_holds_truncation_back_until_released_or_expired() {
+        /// A store with no retention holding nine ops of a quarter of a segment each on
+        /// one document, each written alone: three segments' worth, the third active.
+        fn three_segments_of_one_document() -> LocalSequencer {
             let fs = SimFs::new();
             let config = LocalConfig {
                 retention: Duration::ZERO,
@@ -1359,6 +1360,12 @@ mod tests {
                 assert!(store.step());
             }
             assert_eq!(store.wal().active_segment(), 3);
+            store
+        }
+
+        #[test]
+        fn a_backup_pin_holds_truncation_back_until_released_or_expired() {
+            let store = three_segments_of_one_document();
             let pin = |expires: Instant| {
                 let id = store.shared.next_pin.fetch_add(1, Ordering::Relaxed);
                 let first_segment = store
@@ -1391,31 +1398,7 @@ mod tests {
 
         #[test]
         fn manual_maintenance_truncates_what_snapshots_cover() {
-            let fs = SimFs::new();
-            let config = LocalConfig {
-                retention: Duration::ZERO,
-                ..config()
-            };
-            let (store, _) =
-                LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), config)
-                    .unwrap();
-            // A quarter of a segment per op: three segments' worth, each op written alone.
-            let big = "y".repeat(SEGMENT_SIZE_MIN as usize / 4);
-            for seq in 1..=9 {
-                let op = SubmitOp {
-                    op_id: OpId {
-                        client_id: 9,
-                        local_seq: seq,
-                    },
-                    base_version: seq - 1,
-                    expected_version: seq - 1,
-                    fingerprint: 0,
-                    patches: vec![Patch::new(0, 0, big.clone())],
-                };
-                store.submit("doc", op).unwrap();
-                assert!(store.step());
-            }
-            assert_eq!(store.wal().active_segment(), 3);
+            let store = three_segments_of_one_document();
             // The third op asked for a snapshot (no op asks again while it waits), taken
             // at seq 9; the pass then removes segment 1 (the newest sealed one, 2, stays).
             assert_eq!(store.maintenance_pending(), 1);
