@@ -29,7 +29,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use prometheus::proto::{self, MetricFamily, MetricType};
 
-use crate::sequencer::Sequencer;
+use crate::sequencer::{DocView, ReadAtError, Sequencer};
 use crate::server::Server;
 use crate::wal::stats::Distribution;
 
@@ -552,12 +552,15 @@ async fn list_docs<S: Sequencer>(
         .into_response()
 }
 
-/// `GET /docs/ID`: the document's text at its head (durable), with its version in the
-/// `x-quire-version` header; 404 for a document that does not exist.
+/// `GET /docs/ID[?at=SEQ]`: the document's text at its head (durable) or as of version
+/// SEQ while the storage holds what it takes, with its version in the
+/// `x-quire-version` header; 404 for a document that does not exist (or a version it
+/// has not reached), 410 for a version truncated away (the message names the oldest).
 async fn doc_text<S: Sequencer>(
     State(admin): State<Arc<Admin<S>>>,
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
+    Query(at): Query<At>,
 ) -> Response {
     if let Some(refused) = refusal(&admin, &headers) {
         return refused;
@@ -566,6 +569,28 @@ async fn doc_text<S: Sequencer>(
         return problem(StatusCode::SERVICE_UNAVAILABLE, "recovering");
     };
     let sequencer = serving.server.sequencer.clone();
+    if let Some(seq) = at.at {
+        let asked = id.clone();
+        let read = tokio::task::spawn_blocking(move || sequencer.read_at(&asked, seq)).await;
+        return match read {
+            Ok(Ok(Some(view))) => text_reply(view),
+            Ok(Ok(None)) => problem(StatusCode::NOT_FOUND, &format!("no document {id:?}")),
+            Ok(Err(e @ ReadAtError::Future { .. })) => {
+                problem(StatusCode::NOT_FOUND, &format!("{id:?} at {seq}: {e}"))
+            }
+            Ok(Err(e @ ReadAtError::NotRetained { .. })) => {
+                problem(StatusCode::GONE, &format!("{id:?} at {seq}: {e}"))
+            }
+            Ok(Err(e @ ReadAtError::Storage(_))) => problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("reading {id:?} at {seq} failed: {e}"),
+            ),
+            Err(e) => problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("reading {id:?} at {seq} failed: {e}"),
+            ),
+        };
+    }
     // The first read after a restart builds the text from the log: off the workers.
     let read = {
         let (sequencer, id) = (sequencer.clone(), id.clone());
@@ -596,6 +621,16 @@ async fn doc_text<S: Sequencer>(
             &format!("the log failed: {e}"),
         );
     }
+    text_reply(view)
+}
+
+#[derive(serde::Deserialize)]
+struct At {
+    at: Option<u64>,
+}
+
+/// A document's text, its version in `x-quire-version`.
+fn text_reply(view: DocView) -> Response {
     (
         [
             (

@@ -273,17 +273,13 @@ fn backup(args: BackupArgs) -> ExitCode {
         },
     };
     let started = std::time::Instant::now();
+    // A bar on a terminal, log lines every few seconds otherwise.
+    let progress = quire::progress::Progress::new("backing up", 0);
     let result = quire::backup::client::backup(&args.admin, &args.to, token.as_deref(), |p| {
-        tracing::info!(
-            files = format!("{}/{}", p.files_done, p.files),
-            mib = format!(
-                "{:.1}/{:.1}",
-                p.bytes_done as f64 / 1048576.0,
-                p.bytes as f64 / 1048576.0
-            ),
-            "backup in progress"
-        );
+        progress.set_total(p.bytes);
+        progress.set(p.bytes_done);
     });
+    progress.finish();
     match result {
         Ok(manifest) => {
             let bytes: u64 = manifest.files.iter().map(|f| f.len).sum();
@@ -306,16 +302,12 @@ fn backup(args: BackupArgs) -> ExitCode {
 }
 
 fn restore(args: RestoreArgs) -> ExitCode {
+    let progress = quire::progress::Progress::new("restoring", 0);
     let result = quire::backup::restore::restore(&args.from, &args.data_dir, |done, total| {
-        tracing::info!(
-            mib = format!(
-                "{:.1}/{:.1}",
-                done as f64 / 1048576.0,
-                total as f64 / 1048576.0
-            ),
-            "restore in progress"
-        );
+        progress.set_total(total);
+        progress.set(done);
     });
+    progress.finish();
     match result {
         Ok(restored) => {
             println!(

@@ -149,6 +149,13 @@ async fn metrics_are_prometheus_text_and_move_when_ops_are_sent() {
     }
     bob.set_presence(vec![Selection { anchor: 1, head: 1 }]);
     common::wait_for_version(&bob, 5).await;
+    // Bob's presence went in to the server and out to Alice.
+    let mut waited = 0;
+    while alice.presence().is_empty() {
+        assert!(waited < 1000, "Alice never saw Bob's presence");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+    }
     let during = scrape(at).await;
     assert_eq!(during["quire_ops_accepted_total"], 5.0);
     assert_eq!(during["quire_ack_latency_seconds"], 5.0);
@@ -324,9 +331,69 @@ async fn the_document_routes_need_the_admin_token_and_list_and_read_documents() 
     // A document's text and version; a missing document is a 404, not an empty text.
     let (status, body) = get_with(at, "/docs/a/x", &bearer).await;
     assert_eq!((status, body.as_str()), (200, "ex ☃"));
+    // Older versions while the log holds them; a version not reached yet is a 404.
+    let (status, body) = get_with(at, "/docs/a/x?at=0", &bearer).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    let (status, body) = get_with(at, "/docs/a/x?at=1", &bearer).await;
+    assert_eq!((status, body.as_str()), (200, "ex ☃"));
+    let (status, body) = get_with(at, "/docs/a/x?at=2", &bearer).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("newest durable version is 1"), "{body}");
     for missing in ["/docs/nope", "/docs/d"] {
         let (status, body) = get_with(at, missing, &bearer).await;
         assert_eq!(status, 404, "{body}");
     }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_version_is_read_from_a_snapshot_and_a_truncated_one_is_gone() {
+    use quire::sequencer::local::LocalConfig;
+    use quire::wal::WalConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalConfig {
+        wal: WalConfig {
+            segment_size: 64 * 1024,
+            ..WalConfig::default()
+        },
+        snapshot_every_ops: 5,
+        retention: Duration::ZERO,
+        maintenance_interval: Duration::from_millis(10),
+        ..LocalConfig::default()
+    };
+    let running = common::start_with_store(dir.path(), store, ServerConfig::default()).await;
+    let admin = admin_for(dir.path(), 0);
+    admin.serving(running.server.clone(), Duration::ZERO);
+    let at = serve_admin(&admin).await;
+    let bearer = format!("Authorization: Bearer {ADMIN_TOKEN}\r\n");
+    // Ops of 8 KiB: a segment holds about seven, so truncation soon removes the first.
+    let doc = open(running.addr, "long").await;
+    for i in 0..40 {
+        let c = char::from(b'a' + (i % 26) as u8);
+        doc.edit(&[Patch::new(0, 0, c.to_string().repeat(8192))])
+            .await
+            .unwrap();
+        doc.synced().await.unwrap();
+    }
+    let mut waited = 0;
+    while running.store.storage_stats().segments_truncated == 0 {
+        assert!(waited < 1000, "nothing was truncated");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    // Version 1 is gone: 410, naming the oldest version available.
+    let (status, body) = get_with(at, "/docs/long?at=1", &bearer).await;
+    assert_eq!(status, 410, "{body}");
+    assert!(body.contains("oldest version available"), "{body}");
+    // The head, and a version from the newest snapshot (taken every 5 ops) onward.
+    let (status, head) = get_with(at, "/docs/long?at=40", &bearer).await;
+    assert_eq!(status, 200);
+    let (_, latest) = get_with(at, "/docs/long", &bearer).await;
+    assert_eq!(head, latest);
+    let (status, body) = get_with(at, "/docs/long?at=39", &bearer).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.chars().count(), 39 * 8192);
+    assert!(body.starts_with('m'), "op 39 inserted 'm's at 0");
+    doc.close().await;
     running.stop().await;
 }

@@ -10,12 +10,12 @@ use sha2::{Digest, Sha256};
 use super::{hex, io_at, BackupError, Manifest, Started, MANIFEST_FILE};
 
 /// Bytes between two progress reports.
-const PROGRESS_EVERY_BYTES: u64 = 64 << 20;
+const PROGRESS_EVERY_BYTES: u64 = 4 << 20;
 /// Largest reply to `POST /backup` read (the manifest).
 const MANIFEST_BYTES_MAX: u64 = 256 << 20;
 
 /// How far a backup got: reported after each file and every
-/// 64 MiB within one.
+/// 4 MiB within one.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
     pub files_done: usize,

@@ -26,7 +26,7 @@ use crate::wal::WalConfig;
 /// Largest manifest read.
 const MANIFEST_BYTES_MAX: u64 = 256 << 20;
 /// Bytes between two progress reports.
-const PROGRESS_EVERY_BYTES: u64 = 64 << 20;
+const PROGRESS_EVERY_BYTES: u64 = 4 << 20;
 
 /// What a restore brought back.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ pub fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
 
 /// Restores the backup in `from` into `data_dir`, which must not exist or be empty
 /// (a refused restore leaves it as it was).
-/// `progress(bytes_done, bytes)` is called every 64 MiB and after the last file.
+/// `progress(bytes_done, bytes)` is called every 4 MiB and after the last file.
 pub fn restore(
     from: &Path,
     data_dir: &Path,

@@ -24,13 +24,14 @@ use super::maintenance::{self, Request};
 pub use super::state::LocalConfig;
 use super::state::{lock_doc, DocRef, DocState, DocText, Shared};
 use super::{
-    Dedupe, DocSummary, DocView, Sequencer, StorageStats, SubmitError, SubmitOp, Submitted, Ticket,
+    Dedupe, DocSummary, DocView, ReadAtError, Sequencer, StorageStats, SubmitError, SubmitOp,
+    Submitted, Ticket,
 };
 use crate::op::{validate_doc_id, OpId, SequencedOp};
 use crate::sequencer::state::Deferred;
 use crate::wal::record::{Lsn, OpRecord, OpView};
 use crate::wal::snapshot::{load_snapshots, remove_leftovers, LoadedSnapshots};
-use crate::wal::snapshot::{snapshot_file_name, Snapshot};
+use crate::wal::snapshot::{parse_snapshot_file_name, snapshot_file_name, Snapshot};
 use crate::wal::stats::Summary;
 use crate::wal::vfs::{at_path, OsFs, Vfs};
 use crate::wal::{now_ms, Background, SegmentOp, Wal, WalError};
@@ -633,6 +634,82 @@ impl Sequencer for LocalSequencer {
                 }
             })
             .collect()
+    }
+
+    fn read_at(&self, doc_id: &str, seq: u64) -> Result<Option<DocView>, ReadAtError> {
+        let storage = |e: String| ReadAtError::Storage(Arc::from(e));
+        if self.doc(doc_id).is_none() {
+            return Ok(None);
+        }
+        let wal = &self.shared.wal;
+        // What the log holds of the document: only durable ops are indexed.
+        let (first, newest) = wal.with_index(|index| {
+            let ops = index.ops_after(doc_id, 0, usize::MAX);
+            (ops.first().map(|&(s, _)| s), ops.last().map(|&(s, _)| s))
+        });
+        // Its snapshots (each holds only durable ops), newest first.
+        let prefix = format!(
+            "{}.",
+            snapshot_file_name(doc_id, 0)
+                .split('.')
+                .next()
+                .unwrap_or("")
+        );
+        let mut snapshots: Vec<u64> = self
+            .shared
+            .vfs
+            .list(&self.shared.snapshot_dir)
+            .map_err(|e| storage(format!("listing snapshots: {e}")))?
+            .iter()
+            .filter(|name| name.starts_with(&prefix))
+            .filter_map(|name| parse_snapshot_file_name(name))
+            .filter(|(id, _)| id == doc_id)
+            .map(|(_, s)| s)
+            .collect();
+        snapshots.sort_unstable_by(|a, b| b.cmp(a));
+        let newest = newest.max(snapshots.first().copied()).unwrap_or(0);
+        if seq > newest {
+            return Err(ReadAtError::Future { newest });
+        }
+        // The newest snapshot at or before `seq`, else the start when the log still
+        // holds op 1.
+        let base = match snapshots.iter().find(|&&s| s <= seq) {
+            Some(&s) => {
+                let path = self.shared.snapshot_dir.join(snapshot_file_name(doc_id, s));
+                let bytes = self
+                    .shared
+                    .vfs
+                    .map(&path)
+                    .map_err(|e| storage(format!("{}: {e}", path.display())))?;
+                let snapshot = Snapshot::decode(&bytes).map_err(|e| storage(e.to_string()))?;
+                Deferred::new(snapshot.text, snapshot.last_included_seq)
+            }
+            None if first == Some(1) || seq == 0 => Deferred::new(String::new(), 0),
+            None => {
+                let oldest = snapshots
+                    .last()
+                    .copied()
+                    .into_iter()
+                    .chain(first.map(|f| f - 1));
+                return Err(ReadAtError::NotRetained {
+                    oldest: oldest.min().unwrap_or(newest),
+                });
+            }
+        };
+        if base.base_seq < seq && first.is_none_or(|f| f > base.base_seq + 1) {
+            return Err(ReadAtError::NotRetained {
+                oldest: snapshots.last().copied().unwrap_or(newest),
+            });
+        }
+        let text = base
+            .build(doc_id, seq, |after, limit| {
+                wal.read_ops_after(doc_id, after, limit)
+            })
+            .map_err(storage)?;
+        Ok(Some(DocView {
+            text: text.to_string(),
+            version: seq,
+        }))
     }
 
     fn backup_source(&self) -> Option<&dyn crate::backup::BackupSource> {

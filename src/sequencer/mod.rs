@@ -149,6 +149,33 @@ pub struct DocSummary {
     pub chars: u64,
 }
 
+/// Why [`Sequencer::read_at`] could not give a version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadAtError {
+    /// The version is newer than the document's newest durable one.
+    Future { newest: u64 },
+    /// The ops up to it were truncated away; `oldest` is the oldest version available.
+    NotRetained { oldest: u64 },
+    /// The storage failed to read it.
+    Storage(Arc<str>),
+}
+
+impl std::fmt::Display for ReadAtError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadAtError::Future { newest } => {
+                write!(f, "the document's newest durable version is {newest}")
+            }
+            ReadAtError::NotRetained { oldest } => write!(
+                f,
+                "the ops up to that version were truncated; the oldest version available is \
+                 {oldest}"
+            ),
+            ReadAtError::Storage(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// A document's state as of a durable version.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocView {
@@ -166,6 +193,11 @@ pub trait Sequencer: Send + Sync + 'static {
     /// Up to `limit` documents in id order, after `after` (exclusive) if given: a page
     /// of the documents this sequencer holds.
     fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary>;
+
+    /// `doc_id` as of version `seq` (durable), while the storage still holds what it
+    /// takes: `Ok(None)` for a document it does not hold, an error naming the oldest
+    /// version available for one truncated away. Blocking (reads the log).
+    fn read_at(&self, doc_id: &str, seq: u64) -> Result<Option<DocView>, ReadAtError>;
     /// The storage's online backup, if it has one (the admin endpoint's `/backup`).
     fn backup_source(&self) -> Option<&dyn crate::backup::BackupSource> {
         None

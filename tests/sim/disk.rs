@@ -10,7 +10,7 @@ use quire::op::{OpId, SequencedOp};
 use quire::sequencer::local::LocalSequencer;
 use quire::sequencer::Sequencer;
 use quire::sequencer::{
-    DocSummary, DocView, StorageStats, SubmitError, SubmitOp, Submitted, Ticket,
+    DocSummary, DocView, ReadAtError, StorageStats, SubmitError, SubmitOp, Submitted, Ticket,
 };
 use quire::wal::vfs::sim::SplitMix;
 use tokio::sync::Notify;
@@ -52,6 +52,10 @@ impl Sequencer for SimSequencer {
 
     fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary> {
         self.inner.list_documents(after, limit)
+    }
+
+    fn read_at(&self, doc_id: &str, seq: u64) -> Result<Option<DocView>, ReadAtError> {
+        self.inner.read_at(doc_id, seq)
     }
 
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
