@@ -110,6 +110,14 @@ async fn a_full_disk_is_reported_before_it_stops_the_log_and_nothing_acked_is_lo
     let mut writer = Writer::open(&running).await;
     writer.write().await.unwrap();
     assert!(readiness(&admin).is_empty());
+    // Another document, all of it durable before the disk fills.
+    let small = common::open(running.addr, "small").await;
+    small
+        .edit(&[Patch::new(0, 0, "written before")])
+        .await
+        .unwrap();
+    small.synced().await.unwrap();
+    small.close().await;
 
     // No room for another segment: the spare already prepared is used, and preparing
     // the one after it fails while records still go into the active segment.
@@ -159,12 +167,22 @@ async fn a_full_disk_is_reported_before_it_stops_the_log_and_nothing_acked_is_lo
         reasons.iter().any(|r| r.contains("not writable")),
         "{reasons:?}"
     );
-    // Reads keep working: a new client opens the document with every acked op.
-    let (text, version) = read_back(running.addr, "big").await;
-    assert_eq!(
-        (text.chars().count(), version),
-        (writer.acked_chars, writer.version)
-    );
+    // Reads keep working for every document whose ops are all durable; one that holds
+    // the op the log failed under is refused with code 30, not shown without it.
+    let (text, version) = read_back(running.addr, "small").await;
+    assert_eq!((text.as_str(), version), ("written before", 1));
+    let mut reader = Connection::connect(running.addr, 0, "").await.unwrap();
+    reader
+        .send(Message::Open {
+            doc: "big".into(),
+            known_version: 0,
+        })
+        .await
+        .unwrap();
+    match reader.recv().await.unwrap().message {
+        Message::Error { code, .. } => assert_eq!(code, ErrorCode::StorageFailed),
+        other => panic!("expected an error, got {other:?}"),
+    }
 
     // A restart on a disk with room (what was synced) serves every acknowledged op.
     let (acked_chars, acked_version) = (writer.acked_chars, writer.version);

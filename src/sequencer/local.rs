@@ -566,48 +566,6 @@ impl Drop for LocalSequencer {
     }
 }
 
-impl LocalSequencer {
-    /// `doc_id` as of its newest durable op: its snapshot (which holds only durable
-    /// ops) and the ops after it in the log's index (which has only durable ones).
-    fn durable_view(&self, doc_id: &str, state: &DocState) -> Result<DocView, Arc<str>> {
-        let fail =
-            |e: String| Arc::<str>::from(format!("reading {doc_id:?} after the log failed: {e}"));
-        let (base, base_seq) = if state.snapshot_seq == 0 {
-            (String::new(), 0)
-        } else {
-            let path = self
-                .shared
-                .snapshot_dir
-                .join(snapshot_file_name(doc_id, state.snapshot_seq));
-            let bytes = self
-                .shared
-                .vfs
-                .map(&path)
-                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
-            let snapshot = Snapshot::decode(&bytes).map_err(|e| fail(e.to_string()))?;
-            (snapshot.text, snapshot.last_included_seq)
-        };
-        let wal = &self.shared.wal;
-        let version = wal
-            .with_index(|index| {
-                index
-                    .ops_after(doc_id, base_seq, usize::MAX)
-                    .last()
-                    .map(|&(seq, _)| seq)
-            })
-            .unwrap_or(base_seq);
-        let text = Deferred::new(base, base_seq)
-            .build(doc_id, version, |after, limit| {
-                wal.read_ops_after(doc_id, after, limit)
-            })
-            .map_err(fail)?;
-        Ok(DocView {
-            text: text.to_string(),
-            version,
-        })
-    }
-}
-
 impl Sequencer for LocalSequencer {
     fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary> {
         // The page's ids first (a sort of the ids past `after`: an admin request, not a
@@ -851,14 +809,6 @@ impl Sequencer for LocalSequencer {
         // The first read after a restart builds the text: a blocking read of the log (the
         // ops after the document's snapshot), under the document's lock.
         let mut state = lock_doc(&doc);
-        let durable_lsn = self.shared.wal.durability().durable_lsn;
-        if state.last_lsn > durable_lsn && self.shared.wal.failure().is_some() {
-            // The log failed under some of this document's ops: they were applied here
-            // and will never be durable. Reads go on, from what is: the snapshot and the
-            // log's durable ops.
-            let view = self.durable_view(doc_id, &state)?;
-            return Ok(Some((view, Ticket(durable_lsn))));
-        }
         let text = state.text(doc_id, &self.shared.wal)?.to_string();
         Ok(Some((
             DocView {
