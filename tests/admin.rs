@@ -397,3 +397,43 @@ async fn an_old_version_is_read_from_a_snapshot_and_a_truncated_one_is_gone() {
     doc.close().await;
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_bounds_its_connections_and_closes_idle_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin: Arc<Admin<quire::sequencer::local::LocalSequencer>> = admin_for(dir.path(), 0);
+    let listener = quire::admin::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let at = listener.local_addr().unwrap();
+    // One connection at a time, closed after 300 ms without a byte moved.
+    tokio::spawn(quire::admin::serve_bounded(
+        admin.clone(),
+        listener,
+        1,
+        Duration::from_millis(300),
+        std::future::pending(),
+    ));
+    let mut idle = tokio::net::TcpStream::connect(at).await.unwrap();
+    // Let the server accept it first, so that it holds the one slot.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::spawn(get(at, "/healthz"));
+    // Not served while the idle connection holds the slot (it holds it for 300 ms).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !second.is_finished(),
+        "a second connection was served beside the first"
+    );
+    // The idle connection is closed by the server (read gives end of file or an error),
+    // which frees the slot: the second request is then served.
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(30), idle.read(&mut byte))
+        .await
+        .expect("the server closes an idle admin connection");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("served once the slot is free")
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+}
