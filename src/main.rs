@@ -151,8 +151,8 @@ struct ServeArgs {
     threads: Option<usize>,
     /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /docs, and
     /// /backup for `quire backup`), or `off`. Keep it on loopback or a private network:
-    /// /metrics and /backup are not authenticated, and whoever reaches it can take a
-    /// backup (read every document). It serves at most 64 connections at once, each
+    /// /metrics is not authenticated, nor /backup without --admin-token-file (then
+    /// whoever reaches it can take a backup: read every document). It serves at most 64 connections at once, each
     /// closed after 30 s without a byte moved.
     #[arg(long, default_value = "127.0.0.1:7421", env = "QUIRE_ADMIN_LISTEN")]
     admin_listen: AdminListen,
