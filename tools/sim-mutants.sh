@@ -31,8 +31,8 @@ for patch in none "$root"/tools/sim-mutants/*.patch; do
   export CARGO_TARGET_DIR="$scratch/target"
   if [ "$patch" = none ]; then
     echo "== control: the tree as it is"
-    (cd "$dir" && cargo build -q --release --test sim 2>&1 | tail -5)
-    if ! out=$(cd "$dir" && cargo test -q --release --test sim -- --seeds "$seeds" --steps "$steps" 2>/dev/null); then
+    (cd "$dir" && cargo build -q --profile mutants --test sim 2>&1 | tail -5)
+    if ! out=$(cd "$dir" && cargo test -q --profile mutants --test sim -- --seeds "$seeds" --steps "$steps" 2>/dev/null); then
       echo "$out" | tail -3 | sed 's/^/   /'
       echo "   the unchanged tree fails: fix that first" >&2
       exit 1
@@ -43,13 +43,13 @@ for patch in none "$root"/tools/sim-mutants/*.patch; do
   (cd "$dir" && patch -s -p1 < "$patch")
   echo "== $name: $(sed -n 's/^# //p' "$patch" | head -1)"
   # A mutant that does not build proves nothing (its patch is stale): say so, fail.
-  if ! build=$(cd "$dir" && cargo build -q --release --test sim 2>&1); then
+  if ! build=$(cd "$dir" && cargo build -q --profile mutants --test sim 2>&1); then
     echo "$build" | grep -E '^error' -A6 | head -20 | sed 's/^/   /'
     echo "   DOES NOT BUILD: update tools/sim-mutants/$name.patch"
     status=1
     continue
   fi
-  if out=$(cd "$dir" && cargo test -q --release --test sim -- --seeds "$seeds" --steps "$steps" 2>/dev/null); then
+  if out=$(cd "$dir" && cargo test -q --profile mutants --test sim -- --seeds "$seeds" --steps "$steps" 2>/dev/null); then
     echo "   NOT CAUGHT in seeds $seeds"
     status=1
   else
