@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backup;
+mod bounded_http;
 pub mod client;
 pub mod op;
 pub mod ot;
@@ -19,3 +20,4 @@ pub mod text;
 #[cfg(feature = "trace")]
 pub mod trace;
 pub mod wal;
+pub mod web;

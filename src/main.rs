@@ -39,7 +39,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Open (or create) the data directory, recover it, and serve until SIGTERM or ctrl-c.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Watch two editors lose no edit through a cut network, a server restart and a
     /// killed client (about 30 s).
     ///
@@ -165,6 +165,19 @@ struct ServeArgs {
     /// directory's file system.
     #[arg(long, default_value_t = 512, env = "QUIRE_MIN_FREE_MIB")]
     min_free_mib: u64,
+    /// Address of the HTTP listener for browsers, or `off`: `GET /ws` upgrades to a
+    /// WebSocket carrying the protocol's frames, one per binary message (protocol.md,
+    /// "WebSocket"), served like a TCP connection and counted in --max-connections. It
+    /// serves at most --max-connections HTTP connections at once, each closed after 60 s
+    /// without a byte moved (the server pings every WebSocket each 20 s). The same rule
+    /// as --listen applies: without a secret, loopback only unless --insecure.
+    #[arg(long, default_value = "off", env = "QUIRE_HTTP_LISTEN")]
+    http_listen: AdminListen,
+    /// An origin whose pages may open a WebSocket (`https://notes.example.com`; `*` for
+    /// any), repeatable or comma-separated. Pages of the HTTP listener's own origin, and
+    /// clients that send no Origin (not browsers), always may; others get 403.
+    #[arg(long, env = "QUIRE_ALLOWED_ORIGIN", value_delimiter = ',')]
+    allowed_origin: Vec<String>,
     /// Record the serving metrics (off only to measure what they cost).
     #[arg(long, value_enum, default_value_t = Switch::On, env = "QUIRE_METRICS")]
     metrics: Switch,
@@ -493,7 +506,7 @@ fn main() -> ExitCode {
     }
     return_large_buffers_to_the_system();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Demo(args) => demo::demo_main(args),
         Command::Token(args) => token(args),
         Command::Backup(args) => backup(args),
@@ -536,6 +549,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let AdminListen::At(addr) = args.http_listen {
+        if let Err(e) = quire::auth::startup(addr, keys.is_some(), args.insecure) {
+            tracing::error!("--http-listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match quire::auth::startup(args.listen, keys.is_some(), args.insecure) {
         Ok(quire::auth::Startup::Tokens) => {
             tracing::info!("clients need an access token signed by the server's secret");
@@ -681,14 +700,45 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return Some((store, false));
             }
         };
+        // Browsers' WebSockets come through the HTTP listener, handed to the same
+        // accept loop as TCP connections.
+        let (handoff, ws_acceptor) = quire::server::websocket::acceptor();
+        let stop_web = tokio_util::sync::CancellationToken::new();
+        let web_task = match args.http_listen {
+            AdminListen::Off => None,
+            AdminListen::At(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(web_listener) => {
+                    if let Ok(at) = web_listener.local_addr() {
+                        tracing::info!(http = %at, "WebSocket clients: ws://{at}/ws");
+                    }
+                    let mut web = quire::web::WebConfig::new(
+                        server_config.max_frame,
+                        server_config.max_connections,
+                    );
+                    web.allowed_origins = args.allowed_origin.clone();
+                    let stop = stop_web.clone().cancelled_owned();
+                    Some(tokio::spawn(quire::web::serve(web_listener, web, handoff, stop)))
+                }
+                Err(e) => {
+                    tracing::error!("cannot listen on {addr} (--http-listen): {e}");
+                    return Some((store, false));
+                }
+            },
+        };
         let server = quire::server::Server::new(store.clone(), server_config);
-        // Ready (for /readyz) before the line that says so: the listener accepts from
-        // here on.
+        // The signal handlers and readiness (for /readyz) before the line that says the
+        // server serves: the listener accepts from here on.
+        let stop = shutdown_signal();
         admin.serving(server.clone(), report.elapsed);
         if let Ok(at) = listener.local_addr() {
             tracing::info!(listen = %at, "serving");
         }
-        server.serve(listener, shutdown_signal()).await;
+        let listeners = quire::server::transport::Both(listener, ws_acceptor);
+        server.serve(listeners, stop).await;
+        stop_web.cancel();
+        if let Some(task) = web_task {
+            let _ = task.await;
+        }
         stop_admin.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;
@@ -721,18 +771,25 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGTERM or ctrl-c. The handlers are installed when this is called, not
+/// when the future is first polled: a SIGTERM sent once the server says it serves must
+/// find them (else the default action kills the process without draining).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot listen for SIGTERM ({e}); ctrl-c only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("cannot listen for SIGTERM or SIGINT ({e}); ctrl-c only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod session;
 pub mod transport;
+pub mod websocket;
 pub mod wire;
 
 use std::collections::HashMap;

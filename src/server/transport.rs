@@ -111,3 +111,147 @@ impl Listener for TcpListener {
         Ok((stream, peer.to_string()))
     }
 }
+
+/// What a transport refused in what the peer sent (a WebSocket text message, a message
+/// that is not exactly one frame), carried inside the `io::Error` of
+/// [`ReadHalf::try_read_buf`] (kind `InvalidData`): the session answers it with
+/// `Error(code)` and closes, as it does a malformed frame read from TCP.
+#[derive(Debug)]
+pub struct Refused {
+    pub code: crate::protocol::message::ErrorCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl Refused {
+    pub fn error(
+        code: crate::protocol::message::ErrorCode,
+        message: impl Into<String>,
+    ) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            Refused {
+                code,
+                message: message.into(),
+            },
+        )
+    }
+
+    /// The refusal inside `e`, if it carries one.
+    pub fn of(e: &io::Error) -> Option<&Refused> {
+        e.get_ref()?.downcast_ref::<Refused>()
+    }
+}
+
+/// Connections of two kinds served by one server (TCP and WebSocket): the listener
+/// takes from both, and each connection is served by the one session implementation.
+pub enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+impl<A: Transport, B: Transport> Transport for Either<A, B> {
+    type Reader = Either<A::Reader, B::Reader>;
+    type Writer = Either<A::Writer, B::Writer>;
+
+    fn into_split(self) -> (Self::Reader, Self::Writer) {
+        match self {
+            Either::Left(a) => {
+                let (r, w) = a.into_split();
+                (Either::Left(r), Either::Left(w))
+            }
+            Either::Right(b) => {
+                let (r, w) = b.into_split();
+                (Either::Right(r), Either::Right(w))
+            }
+        }
+    }
+
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Either::Left(a) => a.try_write(buf),
+            Either::Right(b) => b.try_write(buf),
+        }
+    }
+}
+
+impl<A: ReadHalf, B: ReadHalf> ReadHalf for Either<A, B> {
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Either::Left(a) => a.readable().await,
+            Either::Right(b) => b.readable().await,
+        }
+    }
+
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Either::Left(a) => a.try_read_buf(buf),
+            Either::Right(b) => b.try_read_buf(buf),
+        }
+    }
+}
+
+impl<A: WriteHalf, B: WriteHalf> WriteHalf for Either<A, B> {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Either::Left(a) => a.try_write(buf),
+            Either::Right(b) => b.try_write(buf),
+        }
+    }
+}
+
+impl<A: WriteHalf, B: WriteHalf> AsyncWrite for Either<A, B> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Either::Left(a) => std::pin::Pin::new(a).poll_write(cx, buf),
+            Either::Right(b) => std::pin::Pin::new(b).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Either::Left(a) => std::pin::Pin::new(a).poll_flush(cx),
+            Either::Right(b) => std::pin::Pin::new(b).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Either::Left(a) => std::pin::Pin::new(a).poll_shutdown(cx),
+            Either::Right(b) => std::pin::Pin::new(b).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Two listeners as one: connections from either, as they come.
+pub struct Both<A, B>(pub A, pub B);
+
+impl<A: Listener, B: Listener> Listener for Both<A, B> {
+    type Conn = Either<A::Conn, B::Conn>;
+
+    /// Both accepts are cancel-safe (a TCP accept, a channel receive), so the one that
+    /// loses the race loses nothing.
+    async fn accept(&mut self) -> io::Result<(Self::Conn, String)> {
+        tokio::select! {
+            a = self.0.accept() => a.map(|(c, p)| (Either::Left(c), p)),
+            b = self.1.accept() => b.map(|(c, p)| (Either::Right(c), p)),
+        }
+    }
+}

@@ -29,7 +29,7 @@ use tokio_util::codec::Decoder;
 
 use super::document::Document;
 use super::outbox::{self, encode, Outbox, SessionId};
-use super::transport::{ReadHalf, Transport};
+use super::transport::{ReadHalf, Refused, Transport};
 use super::{Server, SMALL_FRAME};
 use crate::auth::{Access, Grant};
 use crate::op::validate_doc_id;
@@ -145,11 +145,20 @@ fn give_back_read_buffer(mut buf: BytesMut) {
     }
 }
 
-/// Reads what the socket has, after it reported readable. Returns false when the
-/// connection ended. A buffer with less than a quarter chunk of room gets a chunk more
+/// What a read after readiness found.
+enum Read {
+    /// Bytes, or nothing yet (a spurious wake-up).
+    More,
+    /// The connection ended.
+    Ended,
+    /// The transport refused what the peer sent ([`Refused`]): answered with its code.
+    Refused(ErrorCode, String),
+}
+
+/// Reads what the socket has, after it reported readable. A buffer with less than a quarter chunk of room gets a chunk more
 /// (this thread's spare, if it has one), unless it holds part of a large frame: the
 /// codec reserved that frame's whole length and growing it again would copy it.
-fn read_ready<R: ReadHalf>(reader: &R, buf: &mut BytesMut, large_frame: bool) -> bool {
+fn read_ready<R: ReadHalf>(reader: &R, buf: &mut BytesMut, large_frame: bool) -> Read {
     if buf.capacity() == 0 {
         if let Some(spare) = SPARE_READ_BUFFER.take() {
             *buf = spare;
@@ -159,9 +168,13 @@ fn read_ready<R: ReadHalf>(reader: &R, buf: &mut BytesMut, large_frame: bool) ->
         buf.reserve(READ_CHUNK_BYTES);
     }
     match reader.try_read_buf(buf) {
-        Ok(0) => false,
-        Ok(_) => true,
-        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(0) => Read::Ended,
+        Ok(_) => Read::More,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read::More,
+        Err(e) => match Refused::of(&e) {
+            Some(refused) => Read::Refused(refused.code, refused.message.clone()),
+            None => Read::Ended,
+        },
     }
 }
 
@@ -408,8 +421,16 @@ impl<S: Sequencer> Session<S> {
                     return;
                 }
                 ready = reader.readable() => {
-                    if ready.is_err() || !read_ready(&reader, &mut buf, large.is_some()) {
+                    if ready.is_err() {
                         return;
+                    }
+                    match read_ready(&reader, &mut buf, large.is_some()) {
+                        Read::More => {}
+                        Read::Ended => return,
+                        Read::Refused(code, message) => {
+                            self.send_error(0, code, message);
+                            return;
+                        }
                     }
                 }
             }

@@ -1,0 +1,389 @@
+//! The WebSocket transport: a connection upgraded at `GET /ws` of the HTTP listener
+//! ([`crate::web`]) carries exactly the frames of protocol.md, one frame per binary
+//! message, and is served by the same session code as a TCP connection
+//! ([`super::transport`]).
+//!
+//! - **Reading**: the session polls the WebSocket itself (no task in between). A binary
+//!   message must hold exactly one frame (its length field equal to the message's
+//!   length minus 4); a text message or anything else is refused with the error a bad
+//!   frame gets on TCP (`Malformed`), and a message longer than the frame limit with
+//!   `FrameTooLarge`, before its body is buffered (the WebSocket layer is told the limit).
+//! - **Writing**: the session's outbox writes a byte stream of frames; [`WsWriter`] cuts
+//!   it back into frames and hands each to a task of this connection that owns the
+//!   sending half, which also sends a WebSocket Ping every [`WS_PING_INTERVAL`] so that
+//!   proxies see an idle connection as alive (browsers answer pings by themselves).
+//!   At most [`WS_QUEUED_FRAMES`] frames wait between the two, on top of the outbox's
+//!   own bound.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWrite;
+use tokio::sync::mpsc;
+use tokio_util::sync::PollSender;
+
+use super::transport::{Listener, ReadHalf, Refused, Transport, WriteHalf};
+use crate::protocol::message::ErrorCode;
+
+/// The server sends a WebSocket Ping this often on every WebSocket connection: below
+/// the 60 s after which common proxies (nginx's `proxy_read_timeout`) close a quiet one.
+pub const WS_PING_INTERVAL: Duration = Duration::from_secs(20);
+
+/// Frames cut from the outbox's stream that wait for the connection's sending task.
+pub const WS_QUEUED_FRAMES: usize = 2;
+
+/// Upgraded connections waiting for the server's accept loop.
+pub const WS_ACCEPT_QUEUE: usize = 64;
+
+/// One WebSocket connection, upgraded and ready for a session.
+pub struct WsConn {
+    reader: WsReader,
+    writer: WsWriter,
+}
+
+impl WsConn {
+    /// Wraps an upgraded socket whose messages are limited to `max_frame` + 4 bytes
+    /// (told to the WebSocket layer at the upgrade), and starts its sending task.
+    pub fn new(socket: WebSocket, max_frame: usize, ping_every: Duration) -> WsConn {
+        let (sink, stream) = socket.split();
+        let (tx, rx) = mpsc::channel(WS_QUEUED_FRAMES);
+        tokio::spawn(send_frames(sink, rx, ping_every));
+        WsConn {
+            reader: WsReader {
+                state: Mutex::new(ReadState {
+                    stream,
+                    next: None,
+                    ended: false,
+                }),
+                max_frame,
+            },
+            writer: WsWriter {
+                tx: PollSender::new(tx),
+                assembling: BytesMut::new(),
+                ready: None,
+            },
+        }
+    }
+}
+
+impl Transport for WsConn {
+    type Reader = WsReader;
+    type Writer = WsWriter;
+
+    fn into_split(self) -> (WsReader, WsWriter) {
+        (self.reader, self.writer)
+    }
+
+    /// Nothing is written before the session's writer runs: a refusal over the
+    /// connection limit goes through [`super::session::refuse_busy`] instead.
+    fn try_write(&self, _buf: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+/// The receiving half: the WebSocket's stream, polled by the session.
+pub struct WsReader {
+    state: Mutex<ReadState>,
+    max_frame: usize,
+}
+
+struct ReadState {
+    stream: SplitStream<WebSocket>,
+    /// A message taken from the stream by `readable`, for the next `try_read_buf`.
+    next: Option<io::Result<Bytes>>,
+    ended: bool,
+}
+
+impl WsReader {
+    fn state(&self) -> std::sync::MutexGuard<'_, ReadState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A received message as frame bytes, a refusal, or `None` for a message that
+    /// carries no frame (a Ping, answered by the WebSocket layer, or a Pong).
+    fn frame_of(&self, message: Message) -> Option<io::Result<Bytes>> {
+        match message {
+            Message::Binary(bytes) => Some(self.check(bytes)),
+            Message::Text(_) => Some(Err(Refused::error(
+                ErrorCode::Malformed,
+                "a WebSocket text message: quire frames travel in binary messages",
+            ))),
+            Message::Ping(_) | Message::Pong(_) => None,
+            Message::Close(_) => Some(Ok(Bytes::new())),
+        }
+    }
+
+    /// A binary message holds exactly one frame: its length field, then that many bytes.
+    fn check(&self, bytes: Bytes) -> io::Result<Bytes> {
+        if bytes.len() < 4 {
+            return Err(Refused::error(
+                ErrorCode::Malformed,
+                format!(
+                    "a {}-byte WebSocket message is shorter than a frame's length field",
+                    bytes.len()
+                ),
+            ));
+        }
+        let len = length_field(&bytes);
+        if len > self.max_frame {
+            return Err(Refused::error(
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "frame of {len} bytes exceeds the limit of {}",
+                    self.max_frame
+                ),
+            ));
+        }
+        if len != bytes.len() - 4 {
+            return Err(Refused::error(
+                ErrorCode::Malformed,
+                format!(
+                    "a WebSocket message must hold exactly one frame: its length field says \
+                     {len} bytes and {} follow it",
+                    bytes.len() - 4
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// The WebSocket layer's errors: a message over the limit it was told is the
+/// protocol's `FrameTooLarge`; anything else ends the connection.
+fn read_error(e: axum::Error, max_frame: usize) -> io::Error {
+    let text = e.to_string();
+    if text.contains("too long") || text.contains("too big") {
+        return Refused::error(
+            ErrorCode::FrameTooLarge,
+            format!(
+                "a WebSocket message over the limit of one frame of {max_frame} bytes ({text})"
+            ),
+        );
+    }
+    io::Error::other(text)
+}
+
+impl ReadHalf for WsReader {
+    async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            let mut state = self.state();
+            loop {
+                if state.next.is_some() || state.ended {
+                    return Poll::Ready(Ok(()));
+                }
+                match state.stream.poll_next_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => state.ended = true,
+                    Poll::Ready(Some(Err(e))) => {
+                        state.next = Some(Err(read_error(e, self.max_frame)));
+                    }
+                    Poll::Ready(Some(Ok(message))) => state.next = self.frame_of(message),
+                }
+            }
+        })
+        .await
+    }
+
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        let mut state = self.state();
+        match state.next.take() {
+            Some(Ok(frame)) if frame.is_empty() => {
+                // A Close message: the end of the stream.
+                state.ended = true;
+                Ok(0)
+            }
+            Some(Ok(frame)) => {
+                buf.extend_from_slice(&frame);
+                Ok(frame.len())
+            }
+            Some(Err(e)) => {
+                state.ended = true;
+                Err(e)
+            }
+            None if state.ended => Ok(0),
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+/// The sending half: cuts the outbox's byte stream into frames, one message each.
+pub struct WsWriter {
+    tx: PollSender<Bytes>,
+    /// The frame being cut from the stream (its length field first).
+    assembling: BytesMut,
+    /// A whole frame that found no room in the queue yet.
+    ready: Option<Bytes>,
+}
+
+impl WsWriter {
+    /// Queues the whole frame waiting, if there is one.
+    fn poll_send_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.ready.is_none() {
+            return Poll::Ready(Ok(()));
+        }
+        match self.tx.poll_reserve(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(_)) => Poll::Ready(Err(gone())),
+            Poll::Ready(Ok(())) => {
+                let frame = self.ready.take().expect("checked above");
+                self.tx.send_item(frame).map_err(|_| gone())?;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the WebSocket connection ended")
+}
+
+/// The length field at the start of `b` (at least 4 bytes).
+fn length_field(b: &[u8]) -> usize {
+    u32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as usize
+}
+
+/// Bytes still missing from the frame `assembling` begins (its length field first;
+/// `assembling` never holds more than that frame).
+fn missing(assembling: &[u8]) -> usize {
+    if assembling.len() < 4 {
+        return 4 - assembling.len();
+    }
+    4 + length_field(assembling) - assembling.len()
+}
+
+impl AsyncWrite for WsWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match this.poll_send_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other.map(|r| r.map(|()| 0)),
+        }
+        let mut taken = 0;
+        while taken < buf.len() {
+            let take = missing(&this.assembling).min(buf.len() - taken);
+            this.assembling.extend_from_slice(&buf[taken..taken + take]);
+            taken += take;
+            if this.assembling.len() >= 4 && missing(&this.assembling) == 0 {
+                this.ready = Some(this.assembling.split().freeze());
+                match this.poll_send_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    // Taken; sent by the next write or flush.
+                    Poll::Pending => break,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                }
+            }
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_send_ready(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match this.poll_send_ready(cx) {
+            Poll::Ready(_) => {
+                // The sending task sends a Close and ends once it has sent what is queued.
+                this.tx.close();
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl WriteHalf for WsWriter {
+    /// A whole frame goes straight into the queue if it has room.
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let whole_frame = buf.len() >= 4 && 4 + length_field(buf) == buf.len();
+        if self.ready.is_some() || !self.assembling.is_empty() || !whole_frame {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let Some(tx) = self.tx.get_ref() else {
+            return Err(gone());
+        };
+        match tx.try_send(Bytes::copy_from_slice(buf)) {
+            Ok(()) => Ok(buf.len()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(gone()),
+        }
+    }
+}
+
+/// The connection's sending task: frames as binary messages (what is queued together
+/// goes in one write), a Ping every `ping_every`, and a Close once the session's writer
+/// is done. Ends at the first error: the session's writer then finds the queue closed.
+async fn send_frames(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Bytes>,
+    ping_every: Duration,
+) {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let sent = tokio::select! {
+            biased;
+            frame = rx.recv() => match frame {
+                Some(frame) => {
+                    let mut sent = sink.feed(Message::Binary(frame)).await;
+                    while sent.is_ok() {
+                        match rx.try_recv() {
+                            Ok(frame) => sent = sink.feed(Message::Binary(frame)).await,
+                            Err(_) => break,
+                        }
+                    }
+                    match sent {
+                        Ok(()) => sink.flush().await,
+                        Err(e) => Err(e),
+                    }
+                }
+                None => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
+                }
+            },
+            _ = ping.tick() => sink.send(Message::Ping(Bytes::new())).await,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Upgraded connections, handed from the HTTP listener to the server's accept loop.
+pub struct WsAcceptor {
+    rx: mpsc::Receiver<(WsConn, String)>,
+}
+
+/// Where the HTTP listener puts upgraded connections.
+pub type WsHandoff = mpsc::Sender<(WsConn, String)>;
+
+/// The two ends of the hand-off.
+pub fn acceptor() -> (WsHandoff, WsAcceptor) {
+    let (tx, rx) = mpsc::channel(WS_ACCEPT_QUEUE);
+    (tx, WsAcceptor { rx })
+}
+
+impl Listener for WsAcceptor {
+    type Conn = WsConn;
+
+    async fn accept(&mut self) -> io::Result<(WsConn, String)> {
+        match self.rx.recv().await {
+            Some(conn) => Ok(conn),
+            // The HTTP listener is gone: no more connections come this way.
+            None => std::future::pending().await,
+        }
+    }
+}

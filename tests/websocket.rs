@@ -1,0 +1,404 @@
+//! The WebSocket transport over a real HTTP listener: the same frames, handshake and
+//! limits as TCP, one frame per binary message; bad input refused with the codes TCP
+//! gives it, a bystander unaffected; origins checked; the server's pings.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use quire::op::Patch;
+use quire::protocol::message::{Envelope, ErrorCode, Message};
+use quire::protocol::PROTOCOL_VERSION;
+use quire::sequencer::local::LocalSequencer;
+use quire::server::transport::Both;
+use quire::server::{Server, ServerConfig};
+use quire::web::WebConfig;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A server with both listeners: TCP at `tcp`, HTTP (`/ws`) at `http`.
+struct Running {
+    tcp: SocketAddr,
+    http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    store: Arc<LocalSequencer>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+        self.store.close();
+    }
+}
+
+async fn start(dir: &std::path::Path, config: ServerConfig, mut web: WebConfig) -> Running {
+    let (store, _) = LocalSequencer::open(dir, common::store_config()).unwrap();
+    let store = Arc::new(store);
+    let tcp_listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let tcp = tcp_listener.local_addr().unwrap();
+    let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = http_listener.local_addr().unwrap();
+    web.max_frame = config.max_frame;
+    let (handoff, acceptor) = quire::server::websocket::acceptor();
+    let (web_stop_tx, web_stop_rx) = oneshot::channel::<()>();
+    let web_task = tokio::spawn(quire::web::serve(http_listener, web, handoff, async move {
+        let _ = web_stop_rx.await;
+    }));
+    let server = Server::new(store.clone(), config);
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        server
+            .serve(Both(tcp_listener, acceptor), async move {
+                let _ = rx.await;
+            })
+            .await;
+        let _ = web_stop_tx.send(());
+        let _ = web_task.await;
+    });
+    Running {
+        tcp,
+        http,
+        stop: Some(tx),
+        task,
+        store,
+    }
+}
+
+fn web_config() -> WebConfig {
+    WebConfig::new(ServerConfig::default().max_frame, 100)
+}
+
+/// A frame as protocol.md gives it: length field, then the envelope.
+fn frame(request_id: u32, message: Message) -> Vec<u8> {
+    let body = Envelope {
+        request_id,
+        message,
+    }
+    .encode();
+    let mut out = (body.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+async fn connect(http: SocketAddr, origin: Option<&str>) -> Result<Socket, u16> {
+    let mut request = format!("ws://{http}/ws").into_client_request().unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("connect: {e}"),
+    }
+}
+
+async fn send(ws: &mut Socket, request_id: u32, message: Message) {
+    ws.send(Ws::Binary(Bytes::from(frame(request_id, message))))
+        .await
+        .unwrap();
+}
+
+/// The next frame the server sends, checked to be one whole frame per message; `None`
+/// once the connection ends.
+async fn recv(ws: &mut Socket) -> Option<Envelope> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the server answers within 10 s");
+        match message {
+            Some(Ok(Ws::Binary(bytes))) => {
+                let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+                assert_eq!(len, bytes.len() - 4, "one frame per message");
+                return Some(Envelope::decode(&bytes[4..]).unwrap());
+            }
+            Some(Ok(Ws::Ping(_) | Ws::Pong(_))) => continue,
+            Some(Ok(Ws::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(other)) => panic!("the server sent {other:?}"),
+        }
+    }
+}
+
+async fn hello(ws: &mut Socket) -> u64 {
+    send(
+        ws,
+        1,
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+            client_id: 0,
+            token: String::new(),
+        },
+    )
+    .await;
+    match recv(ws).await.unwrap().message {
+        Message::Welcome { client_id, .. } => client_id,
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// Opens `doc` and reads the reply to its end (the last `Ops` frame).
+async fn open(ws: &mut Socket, request_id: u32, doc: &str) {
+    send(
+        ws,
+        request_id,
+        Message::Open {
+            doc: doc.into(),
+            known_version: 0,
+        },
+    )
+    .await;
+    loop {
+        match recv(ws).await.unwrap().message {
+            Message::Ops { more: false, .. } => return,
+            Message::Error { code, message } => panic!("open refused: {code:?} {message}"),
+            _ => continue,
+        }
+    }
+}
+
+/// The `Error` that ends the connection, and that it then ends.
+async fn closing_error(ws: &mut Socket) -> ErrorCode {
+    loop {
+        match recv(ws).await.expect("an Error before the end").message {
+            Message::Error { code, .. } => {
+                assert!(recv(ws).await.is_none(), "closed after the Error");
+                return code;
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// A TCP client on another document, served before and after.
+async fn bystander_served(tcp: SocketAddr, doc: &str, n: u32) {
+    let opened = common::open(tcp, doc).await;
+    opened.doc.edit(&[Patch::new(0, 0, "b")]).await.unwrap();
+    opened.settle().await;
+    assert_eq!(opened.doc.text().chars().count(), n as usize);
+    opened.close().await;
+}
+
+#[tokio::test]
+async fn a_websocket_client_and_a_tcp_client_edit_one_document_and_converge() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), ServerConfig::default(), web_config()).await;
+    let mut ws = connect(server.http, None).await.unwrap();
+    hello(&mut ws).await;
+    open(&mut ws, 2, "shared").await;
+    send(
+        &mut ws,
+        3,
+        Message::Submit {
+            doc: "shared".into(),
+            local_seq: 1,
+            base_version: 0,
+            patches: vec![Patch::new(0, 0, "héllo 😀")],
+        },
+    )
+    .await;
+    loop {
+        match recv(&mut ws).await.unwrap().message {
+            Message::Ack { seq, local_seq, .. } => {
+                assert_eq!((seq, local_seq), (1, 1));
+                break;
+            }
+            Message::Ops { .. } | Message::Snapshot { .. } => continue,
+            other => panic!("expected Ack, got {other:?}"),
+        }
+    }
+    // A TCP client sees it, and its own edit reaches the WebSocket client.
+    let tcp = common::open(server.tcp, "shared").await;
+    common::wait_for_version(&tcp.doc, 1).await;
+    assert_eq!(tcp.doc.text(), "héllo 😀");
+    tcp.doc.edit(&[Patch::new(7, 0, "!")]).await.unwrap();
+    tcp.settle().await;
+    loop {
+        match recv(&mut ws).await.unwrap().message {
+            Message::Remote { op, .. } => {
+                assert_eq!(op.seq, 2);
+                assert_eq!(op.patches, vec![Patch::new(7, 0, "!")]);
+                break;
+            }
+            _ => continue,
+        }
+    }
+    tcp.close().await;
+    assert_eq!(
+        common::read_back(server.tcp, "shared").await,
+        ("héllo 😀!".to_string(), 2)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_text_message_is_refused_as_malformed_and_a_bystander_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), ServerConfig::default(), web_config()).await;
+    bystander_served(server.tcp, "bystander", 1).await;
+    let mut ws = connect(server.http, None).await.unwrap();
+    hello(&mut ws).await;
+    ws.send(Ws::text("hello")).await.unwrap();
+    assert_eq!(closing_error(&mut ws).await, ErrorCode::Malformed);
+    // Before the handshake too.
+    let mut ws = connect(server.http, None).await.unwrap();
+    ws.send(Ws::text("hello")).await.unwrap();
+    assert_eq!(closing_error(&mut ws).await, ErrorCode::Malformed);
+    bystander_served(server.tcp, "bystander", 2).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_that_is_not_exactly_one_frame_is_refused_as_malformed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), ServerConfig::default(), web_config()).await;
+    let ping = frame(5, Message::Ping { nonce: 1 });
+    let cases: Vec<Vec<u8>> = vec![
+        // Two frames in one message.
+        [ping.clone(), ping.clone()].concat(),
+        // Half a frame.
+        ping[..ping.len() - 1].to_vec(),
+        // Shorter than a length field.
+        vec![1, 0],
+    ];
+    for bad in cases {
+        let mut ws = connect(server.http, None).await.unwrap();
+        hello(&mut ws).await;
+        ws.send(Ws::Binary(Bytes::from(bad))).await.unwrap();
+        assert_eq!(closing_error(&mut ws).await, ErrorCode::Malformed);
+    }
+    // Garbage in a well-formed frame after the handshake: the error TCP gives it.
+    let mut ws = connect(server.http, None).await.unwrap();
+    hello(&mut ws).await;
+    let garbage = [5u32.to_le_bytes().to_vec(), vec![0xEE, 1, 2, 3, 4]].concat();
+    ws.send(Ws::Binary(Bytes::from(garbage))).await.unwrap();
+    let code = closing_error(&mut ws).await;
+    assert!(
+        matches!(code, ErrorCode::UnknownType | ErrorCode::Malformed),
+        "{code:?}"
+    );
+    bystander_served(server.tcp, "bystander", 1).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_over_the_frame_limit_is_refused_with_frame_too_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        max_frame: 4096,
+        outbox_bytes: 64 << 10,
+        ..ServerConfig::default()
+    };
+    let server = start(dir.path(), config, web_config()).await;
+    // At the limit: a Submit frame of exactly 4096 bytes is served (an Ack or Reject,
+    // and the session goes on).
+    let mut ws = connect(server.http, None).await.unwrap();
+    hello(&mut ws).await;
+    open(&mut ws, 2, "d").await;
+    let fill = |n: usize| Message::Submit {
+        doc: "d".into(),
+        local_seq: 1,
+        base_version: 0,
+        patches: vec![Patch::new(0, 0, "x".repeat(n))],
+    };
+    let overhead = frame(3, fill(0)).len() - 4;
+    let at_limit = frame(3, fill(4096 - overhead));
+    assert_eq!(at_limit.len(), 4 + 4096);
+    ws.send(Ws::Binary(Bytes::from(at_limit))).await.unwrap();
+    match recv(&mut ws).await.unwrap().message {
+        Message::Ack { .. } | Message::Reject { .. } => {}
+        other => panic!("a frame at the limit is served: {other:?}"),
+    }
+    send(&mut ws, 4, Message::Ping { nonce: 4 }).await;
+    assert!(matches!(
+        recv(&mut ws).await.unwrap().message,
+        Message::Pong { nonce: 4 }
+    ));
+    // One byte past it: refused, closed.
+    let past = frame(5, fill(4097 - overhead));
+    ws.send(Ws::Binary(Bytes::from(past))).await.unwrap();
+    assert_eq!(closing_error(&mut ws).await, ErrorCode::FrameTooLarge);
+    // A message far past it, refused before its body is taken.
+    let mut ws = connect(server.http, None).await.unwrap();
+    hello(&mut ws).await;
+    let _ = ws.send(Ws::Binary(Bytes::from(vec![0u8; 1 << 20]))).await;
+    assert_eq!(closing_error(&mut ws).await, ErrorCode::FrameTooLarge);
+    bystander_served(server.tcp, "bystander", 1).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn origins_other_than_its_own_and_the_allowed_ones_are_refused_with_403() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut web = web_config();
+    web.allowed_origins = vec!["https://notes.example".into()];
+    let server = start(dir.path(), ServerConfig::default(), web).await;
+    assert_eq!(
+        connect(server.http, Some("https://evil.example"))
+            .await
+            .err(),
+        Some(403)
+    );
+    let own = format!("http://{}", server.http);
+    for origin in [None, Some("https://notes.example"), Some(own.as_str())] {
+        let mut ws = connect(server.http, origin).await.unwrap();
+        hello(&mut ws).await;
+    }
+    bystander_served(server.tcp, "bystander", 1).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_pings_an_idle_websocket() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut web = web_config();
+    web.ping_every = Duration::from_millis(50);
+    let server = start(dir.path(), ServerConfig::default(), web).await;
+    let mut ws = connect(server.http, None).await.unwrap();
+    hello(&mut ws).await;
+    let ping = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(Ok(Ws::Ping(_))) = ws.next().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ping.is_ok(), "a Ping within 10 s");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_connections_count_against_the_connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    };
+    let server = start(dir.path(), config, web_config()).await;
+    let mut first = connect(server.http, None).await.unwrap();
+    hello(&mut first).await;
+    let mut second = connect(server.http, None).await.unwrap();
+    assert_eq!(closing_error(&mut second).await, ErrorCode::Busy);
+    send(&mut first, 9, Message::Ping { nonce: 9 }).await;
+    assert!(matches!(
+        recv(&mut first).await.unwrap().message,
+        Message::Pong { nonce: 9 }
+    ));
+    server.stop().await;
+}
