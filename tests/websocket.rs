@@ -402,3 +402,44 @@ async fn websocket_connections_count_against_the_connection_limit() {
     ));
     server.stop().await;
 }
+
+/// The Rust client's WebSocket stream (`quire::client::websocket`): a `Connection` over
+/// it handshakes, opens, submits and is acknowledged like one over TCP.
+#[tokio::test]
+async fn a_connection_over_the_clients_websocket_stream_is_served_like_tcp() {
+    use quire::client::connection::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), ServerConfig::default(), web_config()).await;
+    let stream = quire::client::websocket::connect(&format!("ws://{}/ws", server.http))
+        .await
+        .unwrap();
+    let mut conn = Connection::handshake(stream, 0, "").await.unwrap();
+    assert_ne!(conn.client_id, 0, "the server gave an id");
+    conn.send(Message::Open {
+        doc: "rust-ws".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    while !matches!(
+        conn.recv().await.unwrap().message,
+        Message::Ops { more: false, .. }
+    ) {}
+    conn.send(Message::Submit {
+        doc: "rust-ws".into(),
+        local_seq: 1,
+        base_version: 0,
+        patches: vec![Patch::new(0, 0, "𝄞 over ws")],
+    })
+    .await
+    .unwrap();
+    match conn.recv().await.unwrap().message {
+        Message::Ack { seq: 1, .. } => {}
+        other => panic!("expected Ack, got {other:?}"),
+    }
+    assert_eq!(
+        common::read_back(server.tcp, "rust-ws").await,
+        ("𝄞 over ws".to_string(), 1)
+    );
+    server.stop().await;
+}

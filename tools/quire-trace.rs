@@ -26,6 +26,10 @@
 //! with them, from the op's send to its ack: with `--compose`, the later of its first
 //! edit and the previous op's ack, when the client sends it), and the final length and
 //! sha256 of every document, read back from the server by a fresh client.
+//!
+//! `--ws URL` (`ws://127.0.0.1:7430/ws`, a server with `--http-listen`) makes the bare
+//! connections (`ping`, `--pipeline`) WebSockets instead of TCP, to compare the two
+//! transports on one server.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,7 +37,7 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use quire::client::connection::Connection;
+use quire::client::connection::{self, ClientError as ConnError};
 use quire::client::state::ClientDoc;
 use quire::client::{Client, ClientConfig, ClientError, ConnectionState, DocHandle, Event, Events};
 use quire::op::Patch;
@@ -89,6 +93,34 @@ struct Args {
     /// ids must be unique per run on a server).
     #[arg(long, default_value_t = 1_000_000)]
     client_base: u64,
+    /// Bare connections (`ping`, `--pipeline`) over this WebSocket URL instead of TCP to
+    /// `--addr` (`ws://127.0.0.1:7430/ws`).
+    #[arg(long)]
+    ws: Option<String>,
+}
+
+/// A bare protocol connection, over TCP or a WebSocket.
+type Connection = connection::Connection<Box<dyn connection::Stream>>;
+
+/// Connects a bare connection as `client_id` and completes the handshake.
+async fn connect_bare(args: &Args, client_id: u64) -> Result<Connection, String> {
+    let stream: Box<dyn connection::Stream> = match &args.ws {
+        Some(url) => Box::new(
+            quire::client::websocket::connect(url)
+                .await
+                .map_err(|e| format!("{url}: {e}"))?,
+        ),
+        None => {
+            let tcp = tokio::net::TcpStream::connect(args.addr)
+                .await
+                .map_err(|e| format!("{}: {e}", args.addr))?;
+            tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+            Box::new(tcp)
+        }
+    };
+    Connection::handshake(stream, client_id, &args.token)
+        .await
+        .map_err(|e: ConnError| e.to_string())
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -405,9 +437,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut finished: Option<Instant> = None;
     let mut docs: Vec<String> = Vec::new();
     let (ops, hist, note) = if args.mode == Mode::Ping {
-        let mut conn = Connection::connect(args.addr, args.client_base, &args.token)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut conn = connect_bare(&args, args.client_base).await?;
         let mut hist = new_hist();
         let n = args.patches.unwrap_or(20_000) as u64;
         for nonce in 0..n {
@@ -490,9 +520,7 @@ async fn run(args: Args) -> Result<(), String> {
                 docs.push(name.clone());
             }
             let opened_one = if args.pipeline.is_some() {
-                let conn = Connection::connect(args.addr, args.client_base + c as u64, &args.token)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let conn = connect_bare(&args, args.client_base + c as u64).await?;
                 Opened::Raw(conn)
             } else {
                 Opened::Client(open_replica(args.addr, &args.token, &name).await?)

@@ -139,6 +139,8 @@ impl<T: Stream> Connection<T> {
         if !self.write_buf.is_empty() {
             self.stream.write_all(&self.write_buf).await?;
             self.write_buf.clear();
+            // Nothing for TCP; a stream that buffers (a WebSocket's messages) sends.
+            self.stream.flush().await?;
         }
         Ok(())
     }
@@ -152,6 +154,7 @@ impl<T: Stream> Connection<T> {
     /// Sends raw bytes (tests of bad input use it).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
         Ok(())
     }
 

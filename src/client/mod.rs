@@ -14,6 +14,7 @@ pub mod connection;
 mod handle;
 pub mod state;
 pub mod store;
+pub mod websocket;
 
 pub use handle::{
     Client, ClientConfig, ClientError, ConnectionState, Connector, DocHandle, EditView, Event,

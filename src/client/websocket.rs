@@ -1,0 +1,116 @@
+//! A client's connection over WebSocket (`ws://HOST:PORT/ws` of a server started with
+//! `--http-listen`; protocol.md, "WebSocket"), as the byte stream of frames a
+//! [`Connection`](super::connection::Connection) speaks: each binary message read is one
+//! frame's bytes, and each frame written goes out as one binary message.
+//!
+//! tokio-tungstenite gives messages, and the connection code reads and writes a byte
+//! stream of frames; nothing maintained maps one onto the other (framing is quire's),
+//! so this adapter is ours.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A WebSocket as a byte stream of frames.
+pub struct WsStream {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The rest of the last message read.
+    read: Bytes,
+    /// The frame being cut from what is written (its length field first).
+    assembling: BytesMut,
+}
+
+/// Connects to `url` (`ws://127.0.0.1:7430/ws`).
+pub async fn connect(url: &str) -> io::Result<WsStream> {
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(io::Error::other)?;
+    if let MaybeTlsStream::Plain(tcp) = ws.get_ref() {
+        // Frames are written whole; Nagle would only delay them.
+        tcp.set_nodelay(true)?;
+    }
+    Ok(WsStream {
+        ws,
+        read: Bytes::new(),
+        assembling: BytesMut::new(),
+    })
+}
+
+impl AsyncRead for WsStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.read.is_empty() {
+            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                Some(Ok(Message::Binary(bytes))) => this.read = bytes,
+                // Answered by the WebSocket layer (a Ping), or nothing to read.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
+                Some(Ok(Message::Text(_))) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the server sent a text message",
+                    )))
+                }
+                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+            }
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read[..n]);
+        this.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for WsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(io::Error::other)?;
+        // Up to the end of the frame being cut, so that at most one frame is sent here
+        // (the sink was made ready for one).
+        let missing = if this.assembling.len() < 4 {
+            4 - this.assembling.len()
+        } else {
+            let len = u32::from_le_bytes(this.assembling[..4].try_into().expect("4")) as usize;
+            4 + len - this.assembling.len()
+        };
+        let take = missing.min(buf.len());
+        this.assembling.extend_from_slice(&buf[..take]);
+        if this.assembling.len() >= 4 {
+            let len = u32::from_le_bytes(this.assembling[..4].try_into().expect("4")) as usize;
+            if this.assembling.len() == 4 + len {
+                let frame = this.assembling.split().freeze();
+                Pin::new(&mut this.ws)
+                    .start_send(Message::Binary(frame))
+                    .map_err(io::Error::other)?;
+            }
+        }
+        Poll::Ready(Ok(take))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().ws)
+            .poll_flush(cx)
+            .map_err(io::Error::other)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().ws)
+            .poll_close(cx)
+            .map_err(io::Error::other)
+    }
+}
