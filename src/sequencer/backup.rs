@@ -126,6 +126,10 @@ fn capture(
                 }
             }
         }
+        // The record of `lsn` may be a tombstone rather than an op.
+        if let Some(tombstone) = index.tombstone_at(lsn) {
+            last = Some(tombstone);
+        }
         let segments: Vec<u64> = index
             .segments()
             .range(first_segment..)

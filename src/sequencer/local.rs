@@ -24,17 +24,17 @@ use super::maintenance::{self, Request};
 pub use super::state::LocalConfig;
 use super::state::{lock_doc, DocRef, DocState, DocText, Shared};
 use super::{
-    Dedupe, DocSummary, DocView, ReadAtError, Sequencer, StorageStats, SubmitError, SubmitOp,
-    Submitted, Ticket,
+    Dedupe, Deletion, DocSummary, DocView, ReadAtError, Sequencer, StorageStats, SubmitError,
+    SubmitOp, Submitted, Ticket,
 };
 use crate::op::{validate_doc_id, OpId, SequencedOp};
 use crate::sequencer::state::Deferred;
-use crate::wal::record::{Lsn, OpRecord, OpView};
-use crate::wal::snapshot::{load_snapshots, remove_leftovers, LoadedSnapshots};
+use crate::wal::record::{Lsn, OpRecord, OpView, TombstoneRecord};
+use crate::wal::snapshot::{load_snapshots, remove_leftovers, remove_snapshots, LoadedSnapshots};
 use crate::wal::snapshot::{parse_snapshot_file_name, snapshot_file_name, Snapshot};
 use crate::wal::stats::Summary;
 use crate::wal::vfs::{at_path, OsFs, Vfs};
-use crate::wal::{now_ms, Background, SegmentOp, Wal, WalError};
+use crate::wal::{now_ms, Background, SegmentOp, SegmentRecord, Wal, WalError};
 
 /// What startup recovery did, for the log and for `wal-inspect`.
 #[derive(Debug, Clone)]
@@ -91,25 +91,28 @@ impl std::fmt::Display for OpenError {
 
 impl std::error::Error for OpenError {}
 
-/// What replaying some ops did: how many were applied, and the first op (by LSN) that
-/// could not be, with why.
+/// What replaying some ops did: how many were applied. (An op that could not be is
+/// kept in its document's state, [`DocState::replay_error`]: a later tombstone of the
+/// document forgives it.)
 #[derive(Debug, Default)]
 struct Replayed {
     replayed: u64,
-    inconsistency: Option<(Lsn, String)>,
 }
 
 impl Replayed {
     fn merge(self, other: Replayed) -> Replayed {
-        let inconsistency = match (self.inconsistency, other.inconsistency) {
-            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-            (a, b) => a.or(b),
-        };
         Replayed {
             replayed: self.replayed + other.replayed,
-            inconsistency,
         }
     }
+}
+
+/// The first op (by LSN) of the replayed documents that could not be applied, and why.
+fn first_inconsistency(states: &[(Arc<str>, DocState)]) -> Option<(Lsn, String)> {
+    states
+        .iter()
+        .filter_map(|(_, state)| state.replay_error.clone())
+        .min_by_key(|(lsn, _)| *lsn)
 }
 
 /// A segment's ops below this count are replayed on the calling thread alone: a thread
@@ -155,9 +158,11 @@ fn replay_segment(
 }
 
 /// Applies `ops[order[..]]` to `states` (`states[0]` is ordinal `first_ordinal`). A
-/// document stops at its first op that does not follow its state; the others go on, so
-/// that the inconsistency reported is the first by LSN (as a replay in LSN order would
-/// find it), however the documents were split.
+/// document stops at its first op that does not follow its state (noted in its
+/// [`DocState::replay_error`]) until a tombstone of it, which starts it anew: the ops
+/// before a tombstone belong to the deleted incarnation, whatever they were. The other
+/// documents go on, so that the inconsistency reported is the first by LSN (as a
+/// replay in LSN order would find it), however the documents were split.
 fn replay_documents(
     ops: &[SegmentOp<'_>],
     order: &[u32],
@@ -165,27 +170,29 @@ fn replay_documents(
     first_ordinal: usize,
 ) -> Replayed {
     let mut outcome = Replayed::default();
-    let mut stopped: Option<u32> = None;
     for &i in order {
         let SegmentOp {
             ordinal,
             location,
-            op,
+            record,
         } = &ops[i as usize];
-        if stopped == Some(*ordinal) {
-            continue;
-        }
         let state = &mut states[*ordinal as usize - first_ordinal].1;
-        match replay_op(state, op, location.lsn) {
-            Ok(true) => outcome.replayed += 1,
-            Ok(false) => {}
-            Err(message) => {
-                stopped = Some(*ordinal);
-                outcome = outcome.merge(Replayed {
-                    replayed: 0,
-                    inconsistency: Some((location.lsn, message)),
-                });
+        match record {
+            SegmentRecord::Tombstone { .. } => {
+                // Its snapshot (of this incarnation or a later one) is not used: every
+                // op after a tombstone still in the log is in the log too (segments
+                // are deleted oldest first).
+                *state = DocState {
+                    tombstoned: true,
+                    ..DocState::deferred(String::new(), 0)
+                };
             }
+            SegmentRecord::Op(_) if state.replay_error.is_some() => {}
+            SegmentRecord::Op(op) => match replay_op(state, op, location.lsn) {
+                Ok(true) => outcome.replayed += 1,
+                Ok(false) => {}
+                Err(message) => state.replay_error = Some((location.lsn, message)),
+            },
         }
     }
     outcome
@@ -281,7 +288,6 @@ impl LocalSequencer {
             .collect();
 
         let mut replayed = 0u64;
-        let mut inconsistency: Option<(Lsn, String)> = None;
         // Each document's state while the log is replayed, by the ordinal the scan gave
         // it (taken out of `docs` at its first op): no id is hashed per record.
         let mut replaying: Vec<(Arc<str>, DocState)> = Vec::new();
@@ -296,7 +302,7 @@ impl LocalSequencer {
             &data_dir.join("wal"),
             config.wal.clone(),
             |segment| {
-                if inconsistency.is_some() || thread_error.is_some() {
+                if thread_error.is_some() {
                     return;
                 }
                 // Ordinals are given in order of first appearance: the new ones of this
@@ -312,10 +318,7 @@ impl LocalSequencer {
                     }
                 }
                 match replay_segment(segment.ops, segment.by_document, &mut replaying, threads) {
-                    Ok(outcome) => {
-                        replayed += outcome.replayed;
-                        inconsistency = outcome.inconsistency;
-                    }
+                    Ok(outcome) => replayed += outcome.replayed,
                     Err(error) => thread_error = Some(error),
                 }
             },
@@ -327,10 +330,17 @@ impl LocalSequencer {
                 error,
             }));
         }
-        let inconsistency = inconsistency.map(|(_, message)| message);
-        if let Some(message) = inconsistency {
+        if let Some((_, message)) = first_inconsistency(&replaying) {
             return Err(OpenError::Inconsistent(message));
         }
+        // A document deleted and not used since is gone; the snapshot files of one
+        // whose tombstone the log holds are removed once the start is sure (below).
+        let tombstoned: Vec<Arc<str>> = replaying
+            .iter()
+            .filter(|(_, state)| state.tombstoned)
+            .map(|(id, _)| id.clone())
+            .collect();
+        replaying.retain(|(_, state)| !(state.tombstoned && state.version == 0));
         // An op that might have made a text longer than `MAX_DOC_BYTES` (only one near
         // the limit, or after many multi-byte deletions): the text itself tells, built now.
         for (id, state) in &mut replaying {
@@ -357,6 +367,9 @@ impl LocalSequencer {
             .map_err(OpenError::Snapshots)?;
         let (wal, report) = scanned.start().map_err(OpenError::Wal)?;
         remove_leftovers(&*vfs, &leftovers).map_err(OpenError::Snapshots)?;
+        for id in &tombstoned {
+            remove_snapshots(&*vfs, &snapshot_dir, id).map_err(OpenError::Snapshots)?;
+        }
         let startup = StartupReport {
             documents: docs.len(),
             snapshots_loaded,
@@ -406,6 +419,8 @@ impl LocalSequencer {
             client_ids,
             backup_pins: Default::default(),
             next_pin: std::sync::atomic::AtomicU64::new(1),
+            deleting: Default::default(),
+            snapshot_files: Mutex::new(()),
         });
         let maintenance = match shared.config.wal.background {
             Background::Threads => {
@@ -449,14 +464,26 @@ impl LocalSequencer {
             .cloned()
     }
 
-    fn doc_or_create(&self, doc_id: &str) -> DocRef {
+    fn doc_or_create(&self, doc_id: &str) -> Result<DocRef, SubmitError> {
         if let Some(doc) = self.doc(doc_id) {
-            return doc;
+            return Ok(doc);
         }
         let mut docs = self.shared.docs.write().unwrap_or_else(|p| p.into_inner());
-        docs.entry(Arc::from(doc_id))
+        // Checked under the map's write lock, which a deletion holds while it moves the
+        // document from the map to `deleting`.
+        if let Some(&(_, version)) = self
+            .shared
+            .deleting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(doc_id)
+        {
+            return Err(deleted(doc_id, version));
+        }
+        Ok(docs
+            .entry(Arc::from(doc_id))
             .or_insert_with(|| Arc::new(Mutex::new(DocState::empty())))
-            .clone()
+            .clone())
     }
 
     /// Document ids known to the store.
@@ -711,8 +738,12 @@ impl Sequencer for LocalSequencer {
 
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
         validate_doc_id(doc_id).map_err(SubmitError::InvalidDocId)?;
-        let doc = self.doc_or_create(doc_id);
+        let doc = self.doc_or_create(doc_id)?;
         let mut state = lock_doc(&doc);
+        if state.deleted {
+            // Taken from the map before a deletion took it out: the op is not applied.
+            return Err(deleted(doc_id, state.version));
+        }
         let client = op.op_id.client_id;
         if let Some(answer) = state.duplicate(op.op_id, op.fingerprint) {
             return answer;
@@ -781,6 +812,74 @@ impl Sequencer for LocalSequencer {
         })
     }
 
+    fn delete(&self, doc_id: &str) -> Result<Option<Deletion>, Arc<str>> {
+        // The map's write lock first (as `doc_or_create`), then `deleting`, then the
+        // document's own lock: no op of it is sequenced between its tombstone and its
+        // removal, and none is created anew until `finish_delete`.
+        let mut docs = self.shared.docs.write().unwrap_or_else(|p| p.into_inner());
+        let mut deleting = self
+            .shared
+            .deleting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(&(lsn, version)) = deleting.get(doc_id) {
+            return Ok(Some(Deletion {
+                version,
+                ticket: Ticket(lsn),
+            }));
+        }
+        let Some(doc) = docs.get(doc_id).cloned() else {
+            return Ok(None);
+        };
+        let mut state = lock_doc(&doc);
+        let tombstone = TombstoneRecord {
+            doc_id: doc_id.to_owned(),
+            version: state.version,
+            timestamp_ms: now_ms(),
+        };
+        let lsn = self
+            .shared
+            .wal
+            .append_tombstone(&tombstone)
+            .map_err(|e| Arc::from(format!("deleting {doc_id:?}: {e}")))?;
+        state.deleted = true;
+        docs.remove(doc_id);
+        deleting.insert(Arc::from(doc_id), (lsn, tombstone.version));
+        tracing::info!(doc = doc_id, version = tombstone.version, lsn, "document deleted");
+        Ok(Some(Deletion {
+            version: tombstone.version,
+            ticket: Ticket(lsn),
+        }))
+    }
+
+    fn finish_delete(&self, doc_id: &str) -> Result<(), Arc<str>> {
+        let failed = |e: std::io::Error| Arc::from(format!("deleting {doc_id:?}: {e}"));
+        let Some(&(lsn, _)) = self
+            .shared
+            .deleting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(doc_id)
+        else {
+            return Ok(());
+        };
+        // Files go only once the tombstone is durable: without it they are what
+        // recovery builds the document from.
+        maintenance::wait_durable_blocking(&self.shared, lsn).map_err(failed)?;
+        let _files = self
+            .shared
+            .snapshot_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        remove_snapshots(&*self.shared.vfs, &self.shared.snapshot_dir, doc_id).map_err(failed)?;
+        self.shared
+            .deleting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(doc_id);
+        Ok(())
+    }
+
     fn applied(
         &self,
         doc_id: &str,
@@ -842,6 +941,14 @@ impl Sequencer for LocalSequencer {
     }
 }
 
+/// The refusal of an op to a document deleted (or being deleted) at `version`.
+fn deleted(doc_id: &str, version: u64) -> SubmitError {
+    SubmitError::Deleted(format!(
+        "document {doc_id:?} was deleted at version {version}; nothing was applied (once \
+         the deletion is done, opening it again starts it anew, empty, at version 0)"
+    ))
+}
+
 /// The domain op a log record holds (its document id is the caller's).
 fn sequenced(record: OpRecord) -> SequencedOp {
     SequencedOp {
@@ -875,7 +982,7 @@ mod tests {
                         offset: 64 + 8 * i as u64,
                         lsn: i as u64 + 1,
                     },
-                    op,
+                    record: SegmentRecord::Op(op),
                 }
             })
             .collect()
@@ -1447,7 +1554,7 @@ mod tests {
         let alone = replay_segment(&ops, &order, &mut one, 1).unwrap();
         let split = replay_segment(&ops, &order, &mut two, 2).unwrap();
         assert_eq!((alone.replayed, split.replayed), (10_000, 10_000));
-        assert!(alone.inconsistency.is_none() && split.inconsistency.is_none());
+        assert!(first_inconsistency(&one).is_none() && first_inconsistency(&two).is_none());
         for ((id, a), (_, b)) in one.iter().zip(&two) {
             assert_eq!(a.version, 200, "{id}");
             let len = |state: &DocState| match &state.text {
@@ -1471,9 +1578,11 @@ mod tests {
         payloads.remove(late.unwrap());
         let ops = segment_ops(&payloads);
         let order = grouped(&ops);
-        let single = replay_segment(&ops, &order, &mut states(50), 1).unwrap();
-        let split = replay_segment(&ops, &order, &mut states(50), 2).unwrap();
-        let message = |r: &Replayed| r.inconsistency.clone().unwrap().1;
+        let (mut one, mut two) = (states(50), states(50));
+        replay_segment(&ops, &order, &mut one, 1).unwrap();
+        replay_segment(&ops, &order, &mut two, 2).unwrap();
+        let (single, split) = (one, two);
+        let message = |r: &[(Arc<str>, DocState)]| first_inconsistency(r).unwrap().1;
         assert!(message(&split).contains("\"d40\""), "{}", message(&split));
         assert_eq!(message(&single), message(&split));
     }
