@@ -218,8 +218,8 @@ fn summary(out: &mut Out, dir: &Path) -> Result<(), Failure> {
             None => match decode_op(segment, offset, record_type, payload) {
                 Ok(op) => {
                     let e = docs
-                    .entry(op.doc_id)
-                    .or_insert((op.server_seq, op.server_seq, 0));
+                        .entry(op.doc_id)
+                        .or_insert((op.server_seq, op.server_seq, 0));
                     e.1 = op.server_seq;
                     e.2 += 1;
                 }

@@ -845,7 +845,12 @@ impl Sequencer for LocalSequencer {
         state.deleted = true;
         docs.remove(doc_id);
         deleting.insert(Arc::from(doc_id), (lsn, tombstone.version));
-        tracing::info!(doc = doc_id, version = tombstone.version, lsn, "document deleted");
+        tracing::info!(
+            doc = doc_id,
+            version = tombstone.version,
+            lsn,
+            "document deleted"
+        );
         Ok(Some(Deletion {
             version: tombstone.version,
             ticket: Ticket(lsn),
@@ -1528,6 +1533,213 @@ mod tests {
             ));
             assert_eq!(store.run_maintenance().unwrap(), 1);
             assert!(store.shared.backup_pins.lock().unwrap().is_empty());
+        }
+
+        /// The snapshot files of `doc` in the store's directory.
+        fn snapshot_files(store: &LocalSequencer, doc: &str) -> Vec<String> {
+            let prefix = format!("{}.", snapshot_file_name(doc, 0).split('.').next().unwrap());
+            store
+                .shared
+                .vfs
+                .list(&store.shared.snapshot_dir)
+                .unwrap()
+                .into_iter()
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        }
+
+        fn read_doc(store: &LocalSequencer, doc: &str) -> Option<DocView> {
+            store.read_now(doc).unwrap().map(|(view, _)| view)
+        }
+
+        #[test]
+        fn a_deleted_document_stays_deleted_across_restarts_and_its_id_starts_anew() {
+            let fs = SimFs::new();
+            let (store, _) = open(&fs);
+            // Ops 1..=4 of "doc" (a snapshot at 3), one of "other".
+            for seq in 1..=4 {
+                submit(&store, seq);
+            }
+            store.run_maintenance().unwrap();
+            let other = OpId {
+                client_id: 5,
+                local_seq: 1,
+            };
+            store
+                .submit(
+                    "other",
+                    SubmitOp {
+                        op_id: other,
+                        base_version: 0,
+                        expected_version: 0,
+                        fingerprint: 7,
+                        patches: vec![Patch::new(0, 0, "kept")],
+                    },
+                )
+                .unwrap();
+            while store.step() {}
+            assert_eq!(snapshot_files(&store, "doc").len(), 1);
+
+            let deletion = store.delete("doc").unwrap().unwrap();
+            assert_eq!(deletion.version, 4);
+            // Gone at once: not listed, not read, version 0; a second delete gives the
+            // same deletion while it is not finished.
+            assert_eq!(store.version("doc"), 0);
+            assert!(read_doc(&store, "doc").is_none());
+            assert_eq!(store.read_at("doc", 2), Ok(None));
+            let ids: Vec<String> = store
+                .list_documents(None, 10)
+                .iter()
+                .map(|d| d.id.to_string())
+                .collect();
+            assert_eq!(ids, ["other"]);
+            assert_eq!(store.delete("doc").unwrap(), Some(deletion));
+            // An op racing the deletion is refused, not applied.
+            let racing = SubmitOp {
+                op_id: OpId {
+                    client_id: 9,
+                    local_seq: 5,
+                },
+                base_version: 4,
+                expected_version: 0,
+                fingerprint: 0,
+                patches: vec![Patch::new(0, 0, "lost")],
+            };
+            assert!(matches!(
+                store.submit("doc", racing),
+                Err(SubmitError::Deleted(_))
+            ));
+            // Finishing makes the tombstone durable first (by steps here), then removes
+            // the snapshot files.
+            store.finish_delete("doc").unwrap();
+            assert!(durable(&store, deletion.ticket));
+            assert!(snapshot_files(&store, "doc").is_empty());
+            assert_eq!(store.delete("doc").unwrap(), None);
+
+            // A restart: still gone, the bystander intact.
+            let crashed = fs.crash(CrashMode::LoseUnsynced);
+            drop(store);
+            let (store, report) = open(&crashed);
+            assert_eq!(report.documents, 1);
+            assert!(read_doc(&store, "doc").is_none());
+            assert_eq!(store.version("doc"), 0);
+            assert_eq!(read_doc(&store, "other").unwrap().text, "kept");
+
+            // The id again: a new document from version 0. The old incarnation's op ids
+            // are not duplicates in it (op 1 under the same id and fingerprint is new).
+            let ticket = submit_patches(&store, 1, vec![Patch::new(0, 0, "new")]);
+            assert!(store.step());
+            assert!(durable(&store, ticket));
+            assert_eq!(read_doc(&store, "doc").unwrap().text, "new");
+            // Across a restart: the log holds old ops 1..=4, the tombstone, new op 1.
+            let crashed = crashed.crash(CrashMode::LoseUnsynced);
+            drop(store);
+            let (store, _) = open(&crashed);
+            let view = read_doc(&store, "doc").unwrap();
+            assert_eq!((view.text.as_str(), view.version), ("new", 1));
+            assert_eq!(store.ops_after("doc", 0, 10).unwrap().unwrap().len(), 1);
+            // Its resend is known; the old incarnation's op 2 is not (a new op).
+            let resend = SubmitOp {
+                op_id: OpId {
+                    client_id: 9,
+                    local_seq: 1,
+                },
+                base_version: 0,
+                expected_version: 1,
+                fingerprint: 0,
+                patches: vec![Patch::new(0, 0, "new")],
+            };
+            assert!(matches!(
+                store.submit("doc", resend),
+                Ok(Submitted::Duplicate { seq: 1, .. })
+            ));
+            submit_patches(&store, 2, vec![Patch::new(3, 0, "er")]);
+            assert_eq!(read_doc(&store, "doc").unwrap().text, "newer");
+        }
+
+        fn big_op(store: &LocalSequencer, doc: &str, seq: u64) {
+            let op = SubmitOp {
+                op_id: OpId {
+                    client_id: 9,
+                    local_seq: seq,
+                },
+                base_version: seq - 1,
+                expected_version: seq - 1,
+                fingerprint: 0,
+                patches: vec![Patch::new(0, 0, "y".repeat(SEGMENT_SIZE_MIN as usize / 4))],
+            };
+            store.submit(doc, op).unwrap();
+            assert!(store.step());
+        }
+
+        #[test]
+        fn a_tombstone_outlives_what_it_cancels_through_truncation_and_restarts() {
+            let fs = SimFs::new();
+            let config = LocalConfig {
+                retention: Duration::ZERO,
+                snapshot_every_ops: u64::MAX,
+                ..config()
+            };
+            let open = |fs: &SimFs| {
+                LocalSequencer::open_with(Arc::new(fs.clone()), Path::new("/data"), config.clone())
+                    .unwrap()
+                    .0
+            };
+            let store = open(&fs);
+            for seq in 1..=5 {
+                big_op(&store, "doc", seq);
+            }
+            assert!(store.snapshot_now("doc").unwrap());
+            assert_eq!(store.delete("doc").unwrap().unwrap().version, 5);
+            assert!(store.step());
+            let holding = store.wal().active_segment();
+            assert!(holding > 1);
+            // Not finished (a crash before its snapshot file went): whatever else goes,
+            // the segment holding the tombstone stays.
+            let mut seq = 0;
+            for _ in 0..3 {
+                for _ in 0..4 {
+                    seq += 1;
+                    big_op(&store, "other", seq);
+                }
+                store.snapshot_now("other").unwrap();
+                store.run_maintenance().unwrap();
+            }
+            let first = || {
+                store
+                    .wal()
+                    .with_index(|i| *i.segments().keys().next().unwrap())
+            };
+            assert_eq!(first(), holding, "older segments go, the tombstone's stays");
+            assert_eq!(snapshot_files(&store, "doc").len(), 1);
+            let crashed = fs.crash(CrashMode::LoseUnsynced);
+            drop(store);
+            // Recovery replays the tombstone over the snapshot and removes the file.
+            let store = open(&crashed);
+            assert!(read_doc(&store, "doc").is_none());
+            assert!(snapshot_files(&store, "doc").is_empty());
+            assert_eq!(store.version("other"), seq);
+            // Now the tombstone's segment may go too; restarted after, still gone.
+            for _ in 0..3 {
+                for _ in 0..4 {
+                    seq += 1;
+                    big_op(&store, "other", seq);
+                }
+                store.snapshot_now("other").unwrap();
+                store.run_maintenance().unwrap();
+            }
+            assert!(
+                store
+                    .wal()
+                    .with_index(|i| *i.segments().keys().next().unwrap())
+                    > holding
+            );
+            let crashed = crashed.crash(CrashMode::LoseUnsynced);
+            drop(store);
+            let store = open(&crashed);
+            assert!(read_doc(&store, "doc").is_none());
+            assert_eq!(store.list_documents(None, 10).len(), 1);
+            assert_eq!(store.version("other"), seq);
         }
 
         #[test]

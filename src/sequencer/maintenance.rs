@@ -256,7 +256,10 @@ fn truncate(shared: &Shared, now: u64) -> std::io::Result<usize> {
 /// Waits on this thread until `lsn` is durable (an error if the log failed). The wait
 /// is at most one group commit, and this runs off the request path, so polling is
 /// simpler than a second wake-up channel on the writer's hot path.
-pub(crate) fn wait_durable_blocking(shared: &Shared, lsn: crate::wal::record::Lsn) -> std::io::Result<()> {
+pub(crate) fn wait_durable_blocking(
+    shared: &Shared,
+    lsn: crate::wal::record::Lsn,
+) -> std::io::Result<()> {
     loop {
         match shared.wal.durability().outcome(lsn) {
             Some(true) => return Ok(()),

@@ -231,7 +231,9 @@ pub struct SegmentOp<'a> {
 pub enum SegmentRecord<'a> {
     Op(OpView<'a>),
     /// The document was deleted at this version: what came before of it is gone.
-    Tombstone { version: u64 },
+    Tombstone {
+        version: u64,
+    },
 }
 
 /// The valid op records of one segment, shown once the whole segment is checked.
