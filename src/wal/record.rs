@@ -537,6 +537,44 @@ fn take_str<'a>(b: &mut &'a [u8], len: usize) -> Result<&'a str, PayloadError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_tombstone_is_the_documented_bytes_and_refuses_what_is_not_one() {
+        let tombstone = TombstoneRecord {
+            doc_id: "notes/\u{e9}".into(),
+            version: 7,
+            timestamp_ms: 1_700_000_000_000,
+        };
+        let mut payload = Vec::new();
+        tombstone.encode(&mut payload);
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&7u64.to_le_bytes());
+        expected.extend_from_slice(&1_700_000_000_000u64.to_le_bytes());
+        expected.extend_from_slice(&8u16.to_le_bytes());
+        expected.extend_from_slice("notes/\u{e9}".as_bytes());
+        assert_eq!(payload, expected);
+        assert_eq!(payload.len(), tombstone.encoded_len());
+        assert_eq!(TombstoneRecord::decode(&payload), Ok(tombstone));
+        // Framed as type 3, which this build knows.
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 5, 0, RecordType::Tombstone, &payload);
+        let raw = decode_frame(&frame).unwrap();
+        assert_eq!(
+            (raw.record_type, raw.payload),
+            (RecordType::Tombstone, &payload[..])
+        );
+        assert_eq!(RecordType::from_u8(3), Some(RecordType::Tombstone));
+        assert_eq!(RecordType::from_u8(4), None);
+        // Never an op; trailing bytes, a bad id or a short payload are refused.
+        assert!(OpRecord::decode(RecordType::Tombstone, &payload).is_err());
+        let mut trailing = payload.clone();
+        trailing.push(0);
+        assert!(TombstoneRecord::decode(&trailing).is_err());
+        assert!(TombstoneRecord::decode(&payload[..payload.len() - 1]).is_err());
+        let mut empty_id = payload[..16].to_vec();
+        empty_id.extend_from_slice(&0u16.to_le_bytes());
+        assert!(TombstoneRecord::decode(&empty_id).is_err());
+    }
+
     fn sample() -> OpRecord {
         OpRecord {
             doc_id: "notes/1".into(),
