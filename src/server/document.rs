@@ -1206,6 +1206,71 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_deletion_delivers_the_ops_before_it_then_tells_and_refuses_every_later_op() {
+        let (store, rt) = sequencer();
+        let doc = document(8);
+        let (a, b) = (Recorder::new(1, 10), Recorder::new(2, 20));
+        for (recorder, session) in [(&a, 1), (&b, 2)] {
+            doc.subscribe(recorder.clone());
+            doc.activate(session);
+        }
+        let (seq, _) = applied(
+            &doc,
+            &store,
+            &rt,
+            submission(1, 10, 1, 0, Patch::new(0, 0, "x")),
+        );
+        doc.mark_durable(seq);
+        a.take();
+        b.take();
+        // Op 2 is sequenced, not yet delivered, when the deletion comes.
+        let SubmitOutcome::Applied { seq: 2, .. } =
+            doc.submit(&store, submission(1, 10, 2, 1, Patch::new(1, 0, "y")))
+        else {
+            panic!("op 2 not applied");
+        };
+        let deletion = doc.delete(&store).unwrap().unwrap();
+        assert_eq!(deletion.version, 2);
+        // From now on every op is refused, whatever its base.
+        for base in [2, 0] {
+            match doc.submit(&store, submission(2, 20, 1, base, Patch::new(0, 0, "z"))) {
+                SubmitOutcome::Refused(refusal) => {
+                    assert_eq!(refusal.kind, RefusalKind::Deleted, "{}", refusal.message)
+                }
+                other => panic!("an op after the deletion: {other:?}"),
+            }
+        }
+        rt.block_on(store.wait_durable(deletion.ticket)).unwrap();
+        doc.deleted(deletion.version);
+        // Op 2 is delivered (its ack, its broadcast), then the deletion is told.
+        assert_eq!(
+            a.take(),
+            vec![
+                Got::Ack {
+                    request_id: 102,
+                    local_seq: 2,
+                    seq: 2
+                },
+                Got::Deleted { version: 2 }
+            ]
+        );
+        let told = b.take();
+        assert!(
+            matches!(
+                told[..],
+                [Got::Op { seq: 2, .. }, Got::Deleted { version: 2 }]
+            ),
+            "{told:?}"
+        );
+        // The durability queue's later word on op 2 sends nothing more.
+        doc.mark_durable(2);
+        assert!(a.take().is_empty() && b.take().is_empty());
+        store.finish_delete("d").unwrap();
+        assert_eq!(store.version("d"), 0);
+        assert!(store.read_now("d").unwrap().is_none());
+    }
+
     /// Found by CI (tests/server.rs, presence_is_broadcast_and_gone_when_the_client_
     /// disconnects): a presence update that came while a subscriber's snapshot was being
     /// read was held for it, and sent again with the current presence on activation.
