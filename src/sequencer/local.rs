@@ -420,6 +420,7 @@ impl LocalSequencer {
             backup_pins: Default::default(),
             next_pin: std::sync::atomic::AtomicU64::new(1),
             deleting: Default::default(),
+            deletions: Default::default(),
             snapshot_files: Mutex::new(()),
         });
         let maintenance = match shared.config.wal.background {
@@ -845,6 +846,9 @@ impl Sequencer for LocalSequencer {
         state.deleted = true;
         docs.remove(doc_id);
         deleting.insert(Arc::from(doc_id), (lsn, tombstone.version));
+        self.shared
+            .deletions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(
             doc = doc_id,
             version = tombstone.version,

@@ -318,6 +318,9 @@ pub(crate) struct Shared {
     /// tombstone (and every later one) while its document is here, and the id cannot
     /// be used again until it leaves (see `LocalSequencer::finish_delete`).
     pub deleting: Mutex<HashMap<Arc<str>, (Lsn, u64)>>,
+    /// Deletions begun since startup: a backup's capture that saw one begin (or one
+    /// unfinished) is refused, as the versions it lists could not be told.
+    pub deletions: std::sync::atomic::AtomicU64,
     /// Held by whoever writes or removes snapshot files of a document, from the state
     /// it copies to the last file: a snapshot started before a deletion is written
     /// before the deletion removes the document's files, never after.
