@@ -112,7 +112,7 @@ impl<S: Sequencer> Admin<S> {
             .route("/readyz", get(readyz::<S>))
             .route("/metrics", get(metrics::<S>))
             .route("/docs", get(list_docs::<S>))
-            .route("/docs/{*id}", get(doc_text::<S>))
+            .route("/docs/{*id}", get(doc_text::<S>).delete(delete_doc::<S>))
             .route("/backup", post(backup_start::<S>))
             .route("/backup/{id}", delete(backup_end::<S>))
             .route("/backup/{id}/file/{*name}", get(backup_file::<S>))
@@ -651,6 +651,38 @@ async fn doc_text<S: Sequencer>(
         );
     }
     text_reply(view)
+}
+
+/// `DELETE /docs/ID`: deletes the document (a tombstone in the log, durable before the
+/// reply; its snapshots removed; the sessions that have it open get `Error` 32). The
+/// reply says the version it was deleted at; 404 for a document the storage does not
+/// hold. Its id may be used again afterwards, for a new, empty document.
+async fn delete_doc<S: Sequencer>(
+    State(admin): State<Arc<Admin<S>>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    if let Some(refused) = refusal(&admin, &headers) {
+        return refused;
+    }
+    let Some(serving) = admin.serving.get() else {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "recovering");
+    };
+    match serving.server.delete_document(&id).await {
+        Ok(Some(version)) => {
+            let body = serde_json::json!({ "id": id, "deleted_at_version": version });
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                format!("{body}\n"),
+            )
+                .into_response()
+        }
+        Ok(None) => problem(StatusCode::NOT_FOUND, &format!("no document {id:?}")),
+        Err(e) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("deleting {id:?} failed: {e}"),
+        ),
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -157,7 +157,7 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:7421", env = "QUIRE_ADMIN_LISTEN")]
     admin_listen: AdminListen,
     /// A file whose first line is the admin token (at least 16 bytes): the admin
-    /// endpoint's document routes (GET /docs, GET /docs/ID) require it as
+    /// endpoint's document routes (GET /docs, GET /docs/ID, DELETE /docs/ID) require it as
     /// `Authorization: Bearer TOKEN`; without it they are refused.
     #[arg(long, env = "QUIRE_ADMIN_TOKEN_FILE", value_name = "PATH")]
     admin_token_file: Option<PathBuf>,

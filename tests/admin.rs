@@ -42,9 +42,14 @@ const ADMIN_TOKEN: &str = "an-admin-token-of-some-length";
 
 /// `GET path` with extra header lines (each ending in CRLF).
 async fn get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    request(addr, "GET", path, headers).await
+}
+
+/// `method path` with extra header lines (each ending in CRLF): the status and body.
+async fn request(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: quire\r\n{headers}Connection: close\r\n\r\n")
+        format!("{method} {path} HTTP/1.1\r\nHost: quire\r\n{headers}Connection: close\r\n\r\n")
             .as_bytes(),
     )
     .await
@@ -436,4 +441,180 @@ async fn the_admin_endpoint_bounds_its_connections_and_closes_idle_ones() {
         .expect("served once the slot is free")
         .unwrap();
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+}
+
+/// [`serve_admin`] until the sender is used or dropped: then the endpoint lets go of
+/// the server (and so of its data directory).
+async fn serve_admin_until<S: Sequencer>(
+    admin: Arc<Admin<S>>,
+) -> (
+    SocketAddr,
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let listener = quire::admin::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = quire::admin::serve(admin, listener, async move {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    (addr, task, stop)
+}
+
+/// A raw connection that opened `doc` (its reply read to the end): the version it got.
+async fn open_raw(conn: &mut Connection, doc: &str) -> u64 {
+    conn.send(Message::Open {
+        doc: doc.into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    let mut version = 0;
+    loop {
+        match conn.recv().await.unwrap().message {
+            Message::Snapshot { version: v, .. } => version = v,
+            Message::Ops { more: false, .. } => return version,
+            Message::Ops { .. } => {}
+            other => panic!("opening {doc}: {other:?}"),
+        }
+    }
+}
+
+/// Submits one insert at 0 and returns the reply (`Ack` or `Reject`), skipping
+/// broadcasts and presence.
+async fn submit_raw(
+    conn: &mut Connection,
+    doc: &str,
+    local_seq: u64,
+    base: u64,
+    text: &str,
+) -> Message {
+    conn.send(Message::Submit {
+        doc: doc.into(),
+        local_seq,
+        base_version: base,
+        patches: vec![Patch::new(0, 0, text)],
+    })
+    .await
+    .unwrap();
+    loop {
+        match conn.recv().await.unwrap().message {
+            reply @ (Message::Ack { .. } | Message::Reject { .. }) => return reply,
+            Message::Error { code, message } => panic!("{code:?}: {message}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_document_tells_its_sessions_and_it_stays_gone_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), "").await;
+    let admin = admin_for(dir.path(), 0);
+    admin.serving(running.server.clone(), Duration::ZERO);
+    let (at, served, stop) = serve_admin_until(admin).await;
+    let bearer = format!("Authorization: Bearer {ADMIN_TOKEN}\r\n");
+
+    // One client on the document to delete, a bystander on another.
+    let mut gone = Connection::connect(running.addr, 0, "").await.unwrap();
+    assert_eq!(open_raw(&mut gone, "gone").await, 0);
+    let acked = submit_raw(&mut gone, "gone", 1, 0, "hello").await;
+    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    let mut bystander = Connection::connect(running.addr, 0, "").await.unwrap();
+    open_raw(&mut bystander, "stay").await;
+    let acked = submit_raw(&mut bystander, "stay", 1, 0, "kept").await;
+    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+
+    // The admin token, as for the other document routes: 401 without it or with a
+    // wrong one, 403 on a server without one; the document is untouched.
+    let (status, body) = request(at, "DELETE", "/docs/gone", "").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = request(
+        at,
+        "DELETE",
+        "/docs/gone",
+        "Authorization: Bearer wrong\r\n",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    let open_admin: Arc<Admin<_>> = Admin::new(AdminConfig {
+        data_dir: dir.path().to_path_buf(),
+        min_free_bytes: 0,
+        admin_token: None,
+    });
+    open_admin.serving(running.server.clone(), Duration::ZERO);
+    let (open_at, open_served, open_stop) = serve_admin_until(open_admin).await;
+    let (status, body) = request(open_at, "DELETE", "/docs/gone", &bearer).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = get_with(at, "/docs/gone", &bearer).await;
+    assert_eq!((status, body.as_str()), (200, "hello"));
+    // A document the log does not hold: 404.
+    let (status, body) = request(at, "DELETE", "/docs/nope", &bearer).await;
+    assert_eq!(status, 404, "{body}");
+
+    let (status, body) = request(at, "DELETE", "/docs/gone", &bearer).await;
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["id"], "gone");
+    assert_eq!(reply["deleted_at_version"], 1);
+
+    // The subscribed session is told (unasked, code 32), and an op it sends after is
+    // refused with that code, never acknowledged.
+    let told = gone.recv().await.unwrap();
+    match &told.message {
+        Message::Error { code, message } => {
+            assert_eq!(*code, ErrorCode::DocumentDeleted);
+            assert_eq!(code.to_u16(), 32);
+            assert!(message.contains("deleted at version 1"), "{message}");
+        }
+        other => panic!("expected Error 32, got {other:?}"),
+    }
+    assert_eq!(told.request_id, 0);
+    match submit_raw(&mut gone, "gone", 2, 1, "late").await {
+        Message::Reject { code, .. } => assert_eq!(code, ErrorCode::DocumentDeleted),
+        other => panic!("expected Reject 32, got {other:?}"),
+    }
+    // The bystander keeps being served.
+    let acked = submit_raw(&mut bystander, "stay", 2, 1, "still ").await;
+    assert!(matches!(acked, Message::Ack { seq: 2, .. }), "{acked:?}");
+    // Gone from the routes: no text, not listed, deleted once only.
+    let (status, body) = get_with(at, "/docs/gone", &bearer).await;
+    assert_eq!(status, 404, "{body}");
+    let (_, body) = get_with(at, "/docs", &bearer).await;
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["documents"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(page["documents"][0]["id"], "stay");
+    let (status, body) = request(at, "DELETE", "/docs/gone", &bearer).await;
+    assert_eq!(status, 404, "{body}");
+    drop((gone, bystander, stop, open_stop));
+    served.await.unwrap();
+    open_served.await.unwrap();
+    running.stop().await;
+
+    // After a restart: still gone; the bystander's text kept.
+    let running = start(dir.path(), "").await;
+    let admin = admin_for(dir.path(), 0);
+    admin.serving(running.server.clone(), Duration::ZERO);
+    let at = serve_admin(&admin).await;
+    let (status, body) = get_with(at, "/docs/gone", &bearer).await;
+    assert_eq!(status, 404, "{body}");
+    let (_, body) = get_with(at, "/docs", &bearer).await;
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["documents"].as_array().unwrap().len(), 1, "{body}");
+    let (status, body) = get_with(at, "/docs/stay", &bearer).await;
+    assert_eq!((status, body.as_str()), (200, "still kept"));
+    // The id again: a new, empty document at version 0, the old op ids unknown to it.
+    let mut again = Connection::connect(running.addr, 0, "").await.unwrap();
+    assert_eq!(open_raw(&mut again, "gone").await, 0);
+    let acked = submit_raw(&mut again, "gone", 1, 0, "new").await;
+    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    let (status, body) = get_with(at, "/docs/gone", &bearer).await;
+    assert_eq!((status, body.as_str()), (200, "new"));
+    drop(again);
+    running.stop().await;
 }

@@ -126,3 +126,69 @@ fn the_sample_opens_as_a_data_directory_with_snapshot_plus_replay() {
     };
     assert!(store.applied("notes", next, 0).is_none());
 }
+
+const SAMPLE_DELETED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sample-deleted");
+
+#[test]
+fn a_documented_tombstone_decodes_and_recovery_starts_its_document_anew() {
+    use quire::wal::record::TombstoneRecord;
+    let mut types = Vec::new();
+    recover(
+        &OsFs,
+        &Path::new(SAMPLE_DELETED).join("wal"),
+        RecoveryOptions::default(),
+        true,
+        |_, _, raw| {
+            types.push(raw.record_type);
+            if raw.record_type == RecordType::Tombstone {
+                let tombstone = TombstoneRecord::decode(raw.payload).unwrap();
+                assert_eq!(
+                    tombstone,
+                    TombstoneRecord {
+                        doc_id: "gone".into(),
+                        version: 1,
+                        timestamp_ms: 1_700_000_000_002,
+                    }
+                );
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        types,
+        [RecordType::Op, RecordType::Tombstone, RecordType::Op]
+    );
+    // Opened: only the op after the tombstone counts, and the deleted incarnation's
+    // snapshot (at seq 1, "old") is neither used nor kept.
+    let tmp = tempfile::tempdir().unwrap();
+    for sub in ["wal", "snapshots"] {
+        std::fs::create_dir_all(tmp.path().join(sub)).unwrap();
+        for entry in std::fs::read_dir(Path::new(SAMPLE_DELETED).join(sub)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), tmp.path().join(sub).join(entry.file_name())).unwrap();
+        }
+    }
+    let (store, _) =
+        LocalSequencer::open_with(Arc::new(OsFs), tmp.path(), LocalConfig::default()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let gone = rt.block_on(store.read("gone")).unwrap().unwrap();
+    assert_eq!((gone.text.as_str(), gone.version), ("anew", 1));
+    let left = std::fs::read_dir(tmp.path().join("snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "the deleted incarnation's snapshot is removed");
+    // The new document's op 1 is the one after the tombstone (the old one's id is
+    // the same: only the content tells).
+    let id = OpId {
+        client_id: 7,
+        local_seq: 1,
+    };
+    match store.applied("gone", id, fingerprint(0, &[Patch::new(0, 0, "anew")])) {
+        // Type-1 records: the fingerprint is unknown, so a resend is refused.
+        Some(Err(SubmitError::OpIdReused(_))) => {}
+        other => panic!("{other:?}"),
+    }
+    store.close();
+}

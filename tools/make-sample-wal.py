@@ -32,6 +32,11 @@ def op_payload(server_seq, base_version, client_id, local_seq, ts, doc, patches)
     return out
 
 
+def tombstone_payload(version, ts, doc):
+    doc_b = doc.encode()
+    return struct.pack("<QQH", version, ts, len(doc_b)) + doc_b
+
+
 def record(lsn, batch_index, payload, rtype=1):
     head = bytearray(24)
     struct.pack_into("<I", head, 0, len(payload))
@@ -85,5 +90,31 @@ def main(root):
         f.write(snap)
 
 
+# A document deleted and used again: op 1 of "gone", its tombstone (record type 3) at
+# version 1, then op 1 of the new "gone"; and a snapshot of the deleted one, which a
+# reader must not use.
+DELETED = [
+    # (lsn, payload, record type)
+    (1, op_payload(1, 0, 7, 1, 1_700_000_000_001, "gone", [(0, 0, "old")]), 1),
+    (2, tombstone_payload(1, 1_700_000_000_002, "gone"), 3),
+    (3, op_payload(1, 0, 7, 1, 1_700_000_000_003, "gone", [(0, 0, "anew")]), 1),
+]
+
+
+def main_deleted(root):
+    os.makedirs(os.path.join(root, "wal"), exist_ok=True)
+    os.makedirs(os.path.join(root, "snapshots"), exist_ok=True)
+    seg = segment_header(1, 1, 1_700_000_000_000)
+    for lsn, payload, rtype in DELETED:
+        seg += record(lsn, 0, payload, rtype)
+    with open(os.path.join(root, "wal", "%020d.wal" % 1), "wb") as f:
+        f.write(seg)
+    snap = snapshot("gone", 1, 1_700_000_000_001, "old", [(7, 1, 1)])
+    name = "%s.%020d.snap" % ("gone".encode().hex(), 1)
+    with open(os.path.join(root, "snapshots", name), "wb") as f:
+        f.write(snap)
+
+
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "tests/data/sample")
+    main_deleted(sys.argv[2] if len(sys.argv) > 2 else "tests/data/sample-deleted")

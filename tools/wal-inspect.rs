@@ -23,7 +23,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use quire::progress::Progress;
 use quire::text::Text;
-use quire::wal::record::{framed_len, intact_header_len, OpRecord, RecordType, RECORD_HEADER_LEN};
+use quire::wal::record::{
+    framed_len, intact_header_len, OpRecord, RecordType, TombstoneRecord, RECORD_HEADER_LEN,
+};
 use quire::wal::recovery::{recover, RecoveryError, RecoveryOptions, RecoveryReport};
 use quire::wal::segment::{parse_segment_file_name, segment_path};
 use quire::wal::snapshot::{load_snapshots, parse_snapshot_file_name, Snapshot};
@@ -184,25 +186,45 @@ fn decode_op(
         .map_err(|e| Failure(format!("segment {segment} offset {offset}: {e}"), 1))
 }
 
+/// The tombstone a record holds, if it is one (record type 3).
+fn decode_tombstone(
+    segment: u64,
+    offset: u64,
+    record_type: RecordType,
+    payload: &[u8],
+) -> Option<Result<TombstoneRecord, Failure>> {
+    (record_type == RecordType::Tombstone).then(|| {
+        TombstoneRecord::decode(payload)
+            .map_err(|e| Failure(format!("segment {segment} offset {offset}: {e}"), 1))
+    })
+}
+
 fn summary(out: &mut Out, dir: &Path) -> Result<(), Failure> {
     let mut docs: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
     let mut op_error = None;
     let report = read_log(
         dir,
-        |segment, offset, _, record_type, payload| match decode_op(
+        |segment, offset, _, record_type, payload| match decode_tombstone(
             segment,
             offset,
             record_type,
             payload,
         ) {
-            Ok(op) => {
-                let e = docs
-                    .entry(op.doc_id)
-                    .or_insert((op.server_seq, op.server_seq, 0));
-                e.1 = op.server_seq;
-                e.2 += 1;
+            // Deleted: its ops so far are gone; an op after it starts it anew.
+            Some(Ok(tombstone)) => {
+                docs.remove(&tombstone.doc_id);
             }
-            Err(e) => op_error = op_error.take().or(Some(e)),
+            Some(Err(e)) => op_error = op_error.take().or(Some(e)),
+            None => match decode_op(segment, offset, record_type, payload) {
+                Ok(op) => {
+                    let e = docs
+                        .entry(op.doc_id)
+                        .or_insert((op.server_seq, op.server_seq, 0));
+                    e.1 = op.server_seq;
+                    e.2 += 1;
+                }
+                Err(e) => op_error = op_error.take().or(Some(e)),
+            },
         },
     )?;
     if let Some(e) = op_error {
@@ -274,6 +296,31 @@ fn json_string(s: &str) -> String {
 fn dump(out: &mut Out, dir: &Path, json: bool) -> Result<(), Failure> {
     let mut op_error = None;
     read_log(dir, |segment, offset, lsn, record_type, payload| {
+        if let Some(tombstone) = decode_tombstone(segment, offset, record_type, payload) {
+            match tombstone {
+                Ok(t) if out.closed => {
+                    let _ = t;
+                }
+                Ok(t) if json => {
+                    writeln!(
+                        out,
+                        "{{\"lsn\":{lsn},\"segment\":{segment},\"offset\":{offset},\"type\":\"{record_type:?}\",\"doc\":{},\"version\":{},\"timestamp_ms\":{}}}",
+                        json_string(&t.doc_id),
+                        t.version,
+                        t.timestamp_ms
+                    );
+                }
+                Ok(t) => {
+                    writeln!(
+                        out,
+                        "lsn {lsn} seg {segment} off {offset} {record_type:?} doc {:?} deleted at version {} t {}",
+                        t.doc_id, t.version, t.timestamp_ms
+                    );
+                }
+                Err(e) => op_error = op_error.take().or(Some(e)),
+            }
+            return;
+        }
         let op = match decode_op(segment, offset, record_type, payload) {
             Ok(op) => op,
             Err(e) => {
@@ -374,7 +421,11 @@ fn verify(out: &mut Out, dir: &Path) -> Result<(), Failure> {
         true,
         |segment, offset, raw| {
             progress.set(before_segment.get(&segment).copied().unwrap_or(0) + offset);
-            if let Err(e) = OpRecord::decode(raw.record_type, raw.payload) {
+            let decoded = match raw.record_type {
+                RecordType::Tombstone => TombstoneRecord::decode(raw.payload).map(|_| ()),
+                _ => OpRecord::decode(raw.record_type, raw.payload).map(|_| ()),
+            };
+            if let Err(e) = decoded {
                 op_error.get_or_insert(
                     bad_range(&segment_path(&wal, segment), offset).to_string() + &format!(": {e}"),
                 );
@@ -485,15 +536,24 @@ fn doc(out: &mut Out, dir: &Path, id: &str, at: Option<u64>) -> Result<(), Failu
     let mut op_error = None;
     read_log(
         dir,
-        |segment, offset, _, record_type, payload| match decode_op(
+        |segment, offset, _, record_type, payload| match decode_tombstone(
             segment,
             offset,
             record_type,
             payload,
         ) {
-            Ok(op) if op.doc_id == id => ops.push(op),
-            Ok(_) => {}
-            Err(e) => op_error = op_error.take().or(Some(e)),
+            // Deleted: what came before (ops and snapshots) is gone.
+            Some(Ok(tombstone)) if tombstone.doc_id == id => {
+                ops.clear();
+                snapshots.clear();
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => op_error = op_error.take().or(Some(e)),
+            None => match decode_op(segment, offset, record_type, payload) {
+                Ok(op) if op.doc_id == id => ops.push(op),
+                Ok(_) => {}
+                Err(e) => op_error = op_error.take().or(Some(e)),
+            },
         },
     )?;
     if let Some(e) = op_error {

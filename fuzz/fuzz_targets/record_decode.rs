@@ -1,10 +1,10 @@
-//! Arbitrary bytes into every decoder of on-disk data: record frames, op payloads,
-//! segment headers, snapshots. None may panic; a frame that decodes must re-encode to
+//! Arbitrary bytes into every decoder of on-disk data: record frames, op and tombstone
+//! payloads, segment headers, snapshots. None may panic; a frame that decodes must re-encode to
 //! the same bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use quire::wal::record::{decode_frame, encode_frame, OpRecord, RecordType};
+use quire::wal::record::{decode_frame, encode_frame, OpRecord, RecordType, TombstoneRecord};
 use quire::wal::segment::SegmentHeader;
 use quire::wal::snapshot::Snapshot;
 
@@ -21,6 +21,13 @@ fuzz_target!(|data: &[u8]| {
             op.encode(&mut again);
             assert_eq!(again, data);
         }
+    }
+    // A tombstone never decodes as an op, and one that decodes re-encodes the same.
+    assert!(OpRecord::decode(RecordType::Tombstone, data).is_err());
+    if let Ok(tombstone) = TombstoneRecord::decode(data) {
+        let mut again = Vec::new();
+        tombstone.encode(&mut again);
+        assert_eq!(again, data);
     }
     let _ = SegmentHeader::decode(data);
     let _ = Snapshot::decode(data);

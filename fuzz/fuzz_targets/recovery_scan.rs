@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use quire::wal::record::OpRecord;
+use quire::wal::record::{OpRecord, RecordType, TombstoneRecord};
 use quire::wal::recovery::{recover, RecoveryOptions};
 use quire::wal::segment::SegmentHeader;
 use quire::wal::vfs::sim::SimFs;
@@ -34,7 +34,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let repair = mode & 4 == 4;
     let _ = recover(&fs, dir, RecoveryOptions { repair }, false, |_, _, raw| {
-        let _ = OpRecord::decode(raw.record_type, raw.payload);
+        let _ = match raw.record_type {
+            RecordType::Tombstone => TombstoneRecord::decode(raw.payload).map(|_| ()),
+            _ => OpRecord::decode(raw.record_type, raw.payload).map(|_| ()),
+        };
     });
     // Whatever recovery left behind must itself recover cleanly.
     let mut second = 0;

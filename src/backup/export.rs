@@ -9,7 +9,7 @@ use crate::text::Text;
 use crate::wal::record::OpRecord;
 use crate::wal::snapshot::{parse_snapshot_file_name, Snapshot};
 use crate::wal::vfs::OsFs;
-use crate::wal::{Wal, WalConfig, WalError};
+use crate::wal::{SegmentRecord, Wal, WalConfig, WalError};
 
 /// A document's text at a version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,20 +84,38 @@ pub fn export(data_dir: &Path, doc_id: &str, at: Option<u64>) -> Result<Exported
     if !wal_dir.is_dir() {
         return Err(ExportError::NotADataDir(data_dir.to_path_buf()));
     }
-    let snapshots = valid_snapshots(&data_dir.join("snapshots"), doc_id)?;
-    // Ops of the document, in seq order (the log holds them so), up to `at`.
+    let mut snapshots = valid_snapshots(&data_dir.join("snapshots"), doc_id)?;
+    // Ops of the document, in seq order (the log holds them so), up to `at`; only those
+    // after its last tombstone, if the log holds one (the ones before, and its
+    // snapshots, belong to a deleted incarnation).
     let mut ops: Vec<OpRecord> = Vec::new();
     let mut head_in_log = 0u64;
-    let scanned = Wal::scan(Arc::new(OsFs), &wal_dir, WalConfig::default(), |op, _| {
-        if op.doc_id == doc_id {
-            head_in_log = head_in_log.max(op.server_seq);
-            if at.is_none_or(|at| op.server_seq <= at) {
-                ops.push(op.clone());
+    let mut tombstoned = false;
+    let scanned = Wal::scan_segments(Arc::new(OsFs), &wal_dir, WalConfig::default(), |segment| {
+        for op in segment.ops {
+            if &**segment.slot(op.ordinal).id != doc_id {
+                continue;
+            }
+            match &op.record {
+                SegmentRecord::Tombstone { .. } => {
+                    tombstoned = true;
+                    ops.clear();
+                    head_in_log = 0;
+                }
+                SegmentRecord::Op(view) => {
+                    head_in_log = head_in_log.max(view.server_seq);
+                    if at.is_none_or(|at| view.server_seq <= at) {
+                        ops.push(view.to_record());
+                    }
+                }
             }
         }
     })
     .map_err(ExportError::Wal)?;
     drop(scanned); // releases the lock; nothing was written
+    if tombstoned {
+        snapshots.clear();
+    }
     let head = head_in_log.max(snapshots.last().map_or(0, |s| s.last_included_seq));
     if head == 0 {
         return Err(ExportError::UnknownDocument(doc_id.to_owned()));

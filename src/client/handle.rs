@@ -1284,7 +1284,11 @@ impl<C: Connector> Driver<C> {
                     | ErrorCode::InvalidToken
                     | ErrorCode::TokenExpired
                     | ErrorCode::AccessDenied
-                    | ErrorCode::ReadOnly => Ended::Failed(code, message),
+                    | ErrorCode::ReadOnly
+                    // A document deleted: opening it again would start a new one and
+                    // send this client's edits into it, which is the application's
+                    // call, not the client's.
+                    | ErrorCode::DocumentDeleted => Ended::Failed(code, message),
                     ErrorCode::InvalidDocId => {
                         // Only an Open carries a document id this client did not check
                         // (it checks them all): a bug, reported where it can be.
@@ -1576,9 +1580,10 @@ impl<C: Connector> Driver<C> {
         code: ErrorCode,
         message: &str,
     ) -> Result<(), Ended> {
-        if refused_access(code) {
+        if refused_access(code) || code == ErrorCode::DocumentDeleted {
             // Sending the op again would be refused again, for ever: the token must
-            // change, which is the application's to do.
+            // change (or, for a deleted document, the application decide whether to
+            // start it anew), which is the application's to do.
             return Err(Ended::Failed(code, format!("document {name}: {message}")));
         }
         let Some(doc) = self.docs.get_mut(name) else {

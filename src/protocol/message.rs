@@ -45,6 +45,9 @@ pub enum ErrorCode {
     AccessDenied,
     /// The access token names the document for reading only.
     ReadOnly,
+    /// The document was deleted (by the admin endpoint): sent unasked to the sessions
+    /// that had it open, and as the `Reject` of an op that came too late.
+    DocumentDeleted,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -76,6 +79,7 @@ impl ErrorCode {
             ErrorCode::TooManyInFlight => 28,
             ErrorCode::AccessDenied => 29,
             ErrorCode::ReadOnly => 31,
+            ErrorCode::DocumentDeleted => 32,
             ErrorCode::Other(c) => c,
         }
     }
@@ -106,6 +110,7 @@ impl ErrorCode {
             28 => ErrorCode::TooManyInFlight,
             29 => ErrorCode::AccessDenied,
             31 => ErrorCode::ReadOnly,
+            32 => ErrorCode::DocumentDeleted,
             c => ErrorCode::Other(c),
         }
     }

@@ -91,6 +91,26 @@ fn capture(
     (pin, first_segment): (u64, u64),
     staging: &Path,
 ) -> Result<Capture, BackupError> {
+    // A deletion under way (or begun during the capture) makes the listed versions
+    // unknowable: its snapshot may be linked while the index has forgotten its ops.
+    // Refused; it takes milliseconds, so the backup can be started again at once.
+    let deletions = shared.deletions.load(std::sync::atomic::Ordering::SeqCst);
+    let deleting = || {
+        !shared
+            .deleting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+            || shared.deletions.load(std::sync::atomic::Ordering::SeqCst) != deletions
+    };
+    let refused = || {
+        BackupError::Inconsistent(
+            "a document was being deleted while the backup was captured; start it again".into(),
+        )
+    };
+    if deleting() {
+        return Err(refused());
+    }
     let staged = staging.join("snapshots");
     std::fs::create_dir_all(&staged).map_err(io_at("creating", &staged))?;
     let snapshots = link_snapshots(&shared.snapshot_dir, &staged)?;
@@ -125,6 +145,10 @@ fn capture(
                     last = Some(location);
                 }
             }
+        }
+        // The record of `lsn` may be a tombstone rather than an op.
+        if let Some(tombstone) = index.tombstone_at(lsn) {
+            last = Some(tombstone);
         }
         let segments: Vec<u64> = index
             .segments()
@@ -162,6 +186,9 @@ fn capture(
         }
     }
     files.extend(client_ids);
+    if deleting() {
+        return Err(refused());
+    }
     let docs = versions
         .into_iter()
         .filter(|&(_, version)| version > 0)

@@ -56,6 +56,11 @@ fn report(error: &std::io::Error, what: &str) {
 
 /// Snapshots `doc_id` if it changed since its last snapshot. Returns whether it wrote one.
 pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<bool> {
+    // Until the file is written: a deletion removes the document's files after this.
+    let _files = shared
+        .snapshot_files
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     let Some(doc) = shared
         .docs
         .read()
@@ -68,7 +73,7 @@ pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<boo
     let (snapshot, lsn) = {
         let mut state = lock_doc(&doc);
         state.snapshot_queued = false;
-        if state.version == state.snapshot_seq {
+        if state.version == state.snapshot_seq || state.deleted {
             return Ok(false);
         }
         let text = match &state.text {
@@ -92,30 +97,8 @@ pub(crate) fn snapshot_doc(shared: &Shared, doc_id: &str) -> std::io::Result<boo
         };
         (snapshot, state.last_lsn)
     };
-    // Only durable ops go into a snapshot. The wait is at most one group commit, and
-    // this runs off the request path, so polling is simpler than a second wake-up
-    // channel on the writer's hot path.
-    loop {
-        match shared.wal.durability().outcome(lsn) {
-            Some(true) => break,
-            Some(false) => {
-                let reason = shared
-                    .wal
-                    .failure()
-                    .unwrap_or_else(|| Arc::from("log failed"));
-                return Err(std::io::Error::other(reason.to_string()));
-            }
-            // Without a writer thread (`Background::Manual`) the caller writes the log
-            // itself: the wait becomes the steps the writer thread would have taken. A
-            // step that finds nothing met another caller's step midway; it is done now.
-            None if shared.config.wal.background == Background::Manual => {
-                if !shared.wal.step() {
-                    std::thread::yield_now();
-                }
-            }
-            None => std::thread::sleep(std::time::Duration::from_micros(200)),
-        }
-    }
+    // Only durable ops go into a snapshot.
+    wait_durable_blocking(shared, lsn)?;
     let started = Instant::now();
     write_snapshot(&*shared.vfs, &shared.snapshot_dir, &snapshot)?;
     let micros = started.elapsed().as_micros() as u64;
@@ -200,6 +183,31 @@ fn truncate(shared: &Shared, now: u64) -> std::io::Result<usize> {
     if let Some(pinned) = pins.values().map(|pin| pin.first_segment).min() {
         limit = limit.min(pinned);
     }
+    // A tombstone stays while what it cancels may: the segment holding it (and so
+    // every later one) is kept until its document's snapshot files are removed. The
+    // older segments holding the document's ops may go (they are deleted first).
+    let tombstones: Vec<crate::wal::record::Lsn> = shared
+        .deleting
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .map(|&(lsn, _)| lsn)
+        .collect();
+    if !tombstones.is_empty() {
+        shared.wal.with_index(|index| {
+            for lsn in tombstones {
+                let holding = index
+                    .segments()
+                    .iter()
+                    .rev()
+                    .find(|(_, meta)| meta.first_lsn <= lsn)
+                    .map(|(&id, _)| id);
+                if let Some(id) = holding {
+                    limit = limit.min(id);
+                }
+            }
+        });
+    }
     let candidates: Vec<SegmentDocs> = shared.wal.with_index(|index| {
         index
             .segments()
@@ -243,4 +251,34 @@ fn truncate(shared: &Shared, now: u64) -> std::io::Result<usize> {
         snapshot_doc(shared, &doc_id)?;
     }
     Ok(removed)
+}
+
+/// Waits on this thread until `lsn` is durable (an error if the log failed). The wait
+/// is at most one group commit, and this runs off the request path, so polling is
+/// simpler than a second wake-up channel on the writer's hot path.
+pub(crate) fn wait_durable_blocking(
+    shared: &Shared,
+    lsn: crate::wal::record::Lsn,
+) -> std::io::Result<()> {
+    loop {
+        match shared.wal.durability().outcome(lsn) {
+            Some(true) => return Ok(()),
+            Some(false) => {
+                let reason = shared
+                    .wal
+                    .failure()
+                    .unwrap_or_else(|| Arc::from("log failed"));
+                return Err(std::io::Error::other(reason.to_string()));
+            }
+            // Without a writer thread (`Background::Manual`) the caller writes the log
+            // itself: the wait becomes the steps the writer thread would have taken. A
+            // step that finds nothing met another caller's step midway; it is done now.
+            None if shared.config.wal.background == Background::Manual => {
+                if !shared.wal.step() {
+                    std::thread::yield_now();
+                }
+            }
+            None => std::thread::sleep(std::time::Duration::from_micros(200)),
+        }
+    }
 }

@@ -99,6 +99,8 @@ pub enum SubmitError {
     /// The op id was used before for a different op (or for an op this server cannot
     /// match: below the client's newest and not among its recent ones).
     OpIdReused(String),
+    /// The document was deleted (or is being deleted): nothing was applied.
+    Deleted(String),
 }
 
 impl std::fmt::Display for SubmitError {
@@ -112,7 +114,8 @@ impl std::fmt::Display for SubmitError {
             SubmitError::Storage(reason) => write!(f, "storage failed: {reason}"),
             SubmitError::TooLarge(m)
             | SubmitError::InvalidDocId(m)
-            | SubmitError::OpIdReused(m) => f.write_str(m),
+            | SubmitError::OpIdReused(m)
+            | SubmitError::Deleted(m) => f.write_str(m),
         }
     }
 }
@@ -176,6 +179,15 @@ impl std::fmt::Display for ReadAtError {
     }
 }
 
+/// What [`Sequencer::delete`] did: the document's tombstone is in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deletion {
+    /// The version the document was deleted at (the seq of its last op).
+    pub version: u64,
+    /// The tombstone's ticket: the deletion holds once it is durable.
+    pub ticket: Ticket,
+}
+
 /// A document's state as of a durable version.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocView {
@@ -201,6 +213,25 @@ pub trait Sequencer: Send + Sync + 'static {
     /// The storage's online backup, if it has one (the admin endpoint's `/backup`).
     fn backup_source(&self) -> Option<&dyn crate::backup::BackupSource> {
         None
+    }
+
+    /// Deletes `doc_id`: appends its tombstone (`wal-format.md`, record type 3) and
+    /// forgets the document at once (it is no longer listed or read; a submit to it is
+    /// refused with [`SubmitError::Deleted`] until [`Sequencer::finish_delete`]).
+    /// `Ok(None)`: no such document. Deleting a document being deleted gives the first
+    /// deletion again. The deletion holds once the ticket is durable; then call
+    /// [`Sequencer::finish_delete`]. Blocking (the append may wait for the log).
+    fn delete(&self, doc_id: &str) -> Result<Option<Deletion>, Arc<str>> {
+        let _ = doc_id;
+        Err(Arc::from("this storage cannot delete documents"))
+    }
+
+    /// Completes a deletion once its tombstone is durable: removes the document's
+    /// snapshot files, after which its id may be used again for a new, empty document.
+    /// Blocking (file removals and a directory sync).
+    fn finish_delete(&self, doc_id: &str) -> Result<(), Arc<str>> {
+        let _ = doc_id;
+        Ok(())
     }
 
     /// Sequences `op` on `doc_id` (creating the document at version 0 if new).

@@ -190,6 +190,15 @@ pub(crate) struct DocState {
     pub snapshot_seq: u64,
     pub last_snapshot_ms: u64,
     pub snapshot_queued: bool,
+    /// The document was deleted (its tombstone appended) while this state was held:
+    /// nothing more is applied to it or snapshotted from it.
+    pub deleted: bool,
+    /// Startup only: the first op of the log that did not follow this state, and why.
+    /// Forgiven by a later tombstone of the document, else it refuses the start.
+    pub replay_error: Option<(Lsn, String)>,
+    /// Startup only: the log holds a tombstone of the document (its snapshot files are
+    /// removed once the start is sure).
+    pub tombstoned: bool,
 }
 
 impl DocState {
@@ -210,6 +219,9 @@ impl DocState {
             snapshot_seq: 0,
             last_snapshot_ms: now_ms(),
             snapshot_queued: false,
+            deleted: false,
+            replay_error: None,
+            tombstoned: false,
         }
     }
 
@@ -301,6 +313,18 @@ pub(crate) struct Shared {
     /// every segment it pins still there.
     pub backup_pins: Mutex<BTreeMap<u64, BackupPin>>,
     pub next_pin: std::sync::atomic::AtomicU64,
+    /// Documents deleted whose snapshot files may still be there: each one's tombstone
+    /// LSN and the version it was deleted at. Truncation keeps the segment holding the
+    /// tombstone (and every later one) while its document is here, and the id cannot
+    /// be used again until it leaves (see `LocalSequencer::finish_delete`).
+    pub deleting: Mutex<HashMap<Arc<str>, (Lsn, u64)>>,
+    /// Deletions begun since startup: a backup's capture that saw one begin (or one
+    /// unfinished) is refused, as the versions it lists could not be told.
+    pub deletions: std::sync::atomic::AtomicU64,
+    /// Held by whoever writes or removes snapshot files of a document, from the state
+    /// it copies to the last file: a snapshot started before a deletion is written
+    /// before the deletion removes the document's files, never after.
+    pub snapshot_files: Mutex<()>,
 }
 
 /// A backup's hold on the log (see [`Shared::backup_pins`]).

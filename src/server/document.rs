@@ -36,7 +36,9 @@ type SessionHasher = std::hash::BuildHasherDefault<std::collections::hash_map::D
 
 use crate::op::{OpId, Patch, SequencedOp};
 use crate::ot::{Side, TextOp};
-use crate::sequencer::{fingerprint, Sequencer, SubmitError, SubmitOp, Submitted, Ticket};
+use crate::sequencer::{
+    fingerprint, Deletion, Sequencer, SubmitError, SubmitOp, Submitted, Ticket,
+};
 
 /// Identifies a session (a connection) among a document's subscribers.
 pub type SessionId = u64;
@@ -63,6 +65,8 @@ pub enum Event<P> {
     Op(SequencedOp),
     /// A client's presence; `P::default()` when it left.
     Presence { client_id: u64, presence: P },
+    /// The document was deleted at `version` (after every op up to it was delivered).
+    Deleted { version: u64 },
 }
 
 /// Why a document closes a subscriber's session.
@@ -122,6 +126,8 @@ pub enum RefusalKind {
     Internal,
     /// The work on the op panicked where it ran (off the async workers).
     Crashed,
+    /// The document was deleted: the op is not applied.
+    Deleted,
 }
 
 /// An op refused, and why in words for the client.
@@ -192,6 +198,9 @@ struct State<S: Subscriber> {
     /// Bounded like the session's queue.
     held: HashMap<SessionId, Held<S::Frame>>,
     presence: BTreeMap<u64, Presence<S::Presence>>,
+    /// The version the document was deleted at, once it was: every op after is refused
+    /// ([`RefusalKind::Deleted`]).
+    deleted: Option<u64>,
 }
 
 /// One client's presence on the document, and its coalescing state.
@@ -537,6 +546,7 @@ impl<S: Subscriber> Document<S> {
                 subscribers: HashMap::default(),
                 held: HashMap::new(),
                 presence: BTreeMap::new(),
+                deleted: None,
             }),
         }
     }
@@ -678,6 +688,9 @@ impl<S: Subscriber> Document<S> {
     pub fn precheck<Q: Sequencer>(&self, sequencer: &Q, job: &Job) -> Option<SubmitOutcome> {
         let (version, broken) = {
             let state = self.lock();
+            if let Some(version) = state.deleted {
+                return Some(deleted_refusal(&self.id, version));
+            }
             (
                 sequencer.version(&self.id),
                 state.broken_pipelines.contains(&job.session),
@@ -789,6 +802,9 @@ impl<S: Subscriber> Document<S> {
         }
         // Under the lock: the few ops sequenced meanwhile, then sequence.
         let mut state = self.lock();
+        if let Some(version) = state.deleted {
+            return Err(deleted_refusal(&self.id, version));
+        }
         if state.broken_pipelines.contains(&job.session) {
             return Err(refusal(
                 RefusalKind::PipelineConflict,
@@ -903,6 +919,42 @@ impl<S: Subscriber> Document<S> {
         if let Some(p) = state.pending_mut(seq) {
             p.durable = true;
         }
+        self.deliver_durable(&mut state);
+    }
+
+    /// Deletes the document: under its lock (no op is sequenced for it meanwhile), has
+    /// the sequencer delete it, and from then on refuses every op
+    /// ([`RefusalKind::Deleted`]). `Ok(None)`: the sequencer does not hold it.
+    pub fn delete<Q: Sequencer>(&self, sequencer: &Q) -> Result<Option<Deletion>, Arc<str>> {
+        let mut state = self.lock();
+        let deletion = sequencer.delete(&self.id)?;
+        if let Some(deletion) = deletion {
+            state.deleted = Some(deletion.version);
+        }
+        Ok(deletion)
+    }
+
+    /// The deletion is durable: the ops sequenced before it (durable too, being older
+    /// in the log) are delivered, then every subscriber is told
+    /// ([`Event::Deleted`]), after its snapshot if that is still being sent.
+    pub fn deleted(&self, version: u64) {
+        let mut state = self.lock();
+        for p in state.pending.iter_mut() {
+            p.durable = true;
+        }
+        self.deliver_durable(&mut state);
+        state.deleted = Some(version);
+        let frame = self.frame(Event::Deleted { version });
+        let State {
+            subscribers, held, ..
+        } = &mut *state;
+        for subscriber in subscribers.values() {
+            deliver(held, subscriber, frame.clone());
+        }
+    }
+
+    /// Delivers every consecutive durable op at the front of `pending`, in seq order.
+    fn deliver_durable(&self, state: &mut State<S>) {
         loop {
             match state.pending.front() {
                 Some(p) if p.durable => {}
@@ -943,6 +995,17 @@ impl<S: Subscriber> Document<S> {
     }
 }
 
+/// The refusal of an op to a document deleted at `version`.
+fn deleted_refusal(id: &str, version: u64) -> SubmitOutcome {
+    refusal(
+        RefusalKind::Deleted,
+        format!(
+            "document {id:?} was deleted at version {version}; the op is not applied (open \
+             the document again to start it anew, empty, at version 0)"
+        ),
+    )
+}
+
 /// The refusal a sequencer error becomes.
 fn outcome_of(e: SubmitError) -> SubmitOutcome {
     match e {
@@ -953,6 +1016,7 @@ fn outcome_of(e: SubmitError) -> SubmitOutcome {
         SubmitError::InvalidDocId(m) => refusal(RefusalKind::InvalidDocId, m),
         SubmitError::TooLarge(m) => refusal(RefusalKind::TooLarge, m),
         SubmitError::OpIdReused(m) => refusal(RefusalKind::OpIdReused, m),
+        SubmitError::Deleted(m) => refusal(RefusalKind::Deleted, m),
         SubmitError::Storage(m) => refusal(RefusalKind::StorageFailed, m.to_string()),
         e @ SubmitError::VersionMismatch { .. } => {
             refusal(RefusalKind::Internal, format!("internal: {e}"))
@@ -986,6 +1050,9 @@ mod tests {
         Presence {
             client_id: u64,
             presence: Vec<u32>,
+        },
+        Deleted {
+            version: u64,
         },
     }
 
@@ -1057,6 +1124,7 @@ mod tests {
                     client_id,
                     presence,
                 },
+                Event::Deleted { version } => Got::Deleted { version },
             })
         }
 
@@ -1136,6 +1204,71 @@ mod tests {
             }
             other => panic!("not applied: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_deletion_delivers_the_ops_before_it_then_tells_and_refuses_every_later_op() {
+        let (store, rt) = sequencer();
+        let doc = document(8);
+        let (a, b) = (Recorder::new(1, 10), Recorder::new(2, 20));
+        for (recorder, session) in [(&a, 1), (&b, 2)] {
+            doc.subscribe(recorder.clone());
+            doc.activate(session);
+        }
+        let (seq, _) = applied(
+            &doc,
+            &store,
+            &rt,
+            submission(1, 10, 1, 0, Patch::new(0, 0, "x")),
+        );
+        doc.mark_durable(seq);
+        a.take();
+        b.take();
+        // Op 2 is sequenced, not yet delivered, when the deletion comes.
+        let SubmitOutcome::Applied { seq: 2, .. } =
+            doc.submit(&store, submission(1, 10, 2, 1, Patch::new(1, 0, "y")))
+        else {
+            panic!("op 2 not applied");
+        };
+        let deletion = doc.delete(&store).unwrap().unwrap();
+        assert_eq!(deletion.version, 2);
+        // From now on every op is refused, whatever its base.
+        for base in [2, 0] {
+            match doc.submit(&store, submission(2, 20, 1, base, Patch::new(0, 0, "z"))) {
+                SubmitOutcome::Refused(refusal) => {
+                    assert_eq!(refusal.kind, RefusalKind::Deleted, "{}", refusal.message)
+                }
+                other => panic!("an op after the deletion: {other:?}"),
+            }
+        }
+        rt.block_on(store.wait_durable(deletion.ticket)).unwrap();
+        doc.deleted(deletion.version);
+        // Op 2 is delivered (its ack, its broadcast), then the deletion is told.
+        assert_eq!(
+            a.take(),
+            vec![
+                Got::Ack {
+                    request_id: 102,
+                    local_seq: 2,
+                    seq: 2
+                },
+                Got::Deleted { version: 2 }
+            ]
+        );
+        let told = b.take();
+        assert!(
+            matches!(
+                told[..],
+                [Got::Op { seq: 2, .. }, Got::Deleted { version: 2 }]
+            ),
+            "{told:?}"
+        );
+        // The durability queue's later word on op 2 sends nothing more.
+        doc.mark_durable(2);
+        assert!(a.take().is_empty() && b.take().is_empty());
+        store.finish_delete("d").unwrap();
+        assert_eq!(store.version("d"), 0);
+        assert!(store.read_now("d").unwrap().is_none());
     }
 
     /// Found by CI (tests/server.rs, presence_is_broadcast_and_gone_when_the_client_

@@ -227,6 +227,47 @@ impl<S: Sequencer> Server<S> {
         doc
     }
 
+    /// Deletes document `id` (the admin endpoint's `DELETE /docs/{id}`): its tombstone
+    /// goes into the log under the document's lock (an op sequenced before it is deleted
+    /// with it; one after it is refused with code 32), and once the tombstone is durable
+    /// the sessions that have it open get the ops sequenced before it, then `Error` 32;
+    /// then its snapshot files are removed and its id may be used again (a new, empty
+    /// document). The version it was deleted at; `Ok(None)` if the storage does not
+    /// hold it.
+    pub async fn delete_document(&self, id: &str) -> Result<Option<u64>, String> {
+        let (deletion, document) = {
+            // Under the map's lock: nobody opens the document between its tombstone and
+            // its removal from the map (an `Open` after it gets a new, empty one).
+            let mut docs = self.documents();
+            let document = docs.get(id).cloned();
+            let deletion = match &document {
+                Some(document) => document.delete(&*self.sequencer),
+                None => self.sequencer.delete(id),
+            }
+            .map_err(|e| e.to_string())?;
+            if deletion.is_some() && document.is_some() {
+                docs.remove(id);
+            }
+            (deletion, document)
+        };
+        let Some(deletion) = deletion else {
+            return Ok(None);
+        };
+        self.sequencer
+            .wait_durable(deletion.ticket)
+            .await
+            .map_err(|e| format!("the log failed before the deletion was durable: {e}"))?;
+        if let Some(document) = document {
+            document.deleted(deletion.version);
+        }
+        let sequencer = self.sequencer.clone();
+        let doc_id = id.to_owned();
+        self.blocking(move || sequencer.finish_delete(&doc_id))
+            .await?
+            .map_err(|e| e.to_string())?;
+        Ok(Some(deletion.version))
+    }
+
     /// Registers `outbox` as the live session of its client id; a session already
     /// there for it is closed with code 11.
     fn claim_client_id(&self, outbox: &outbox::Outbox) {

@@ -23,12 +23,22 @@ pub fn refusal_code(kind: RefusalKind) -> ErrorCode {
         RefusalKind::FutureVersion => ErrorCode::FutureVersion,
         RefusalKind::OpIdReused => ErrorCode::OpIdReused,
         RefusalKind::StorageFailed => ErrorCode::StorageFailed,
+        RefusalKind::Deleted => ErrorCode::DocumentDeleted,
         // A broken invariant: the client is told its op is malformed, as a version
         // mismatch always was.
         RefusalKind::Internal => ErrorCode::Malformed,
         // Like a storage failure: the op may be resent.
         RefusalKind::Crashed => ErrorCode::StorageFailed,
     }
+}
+
+/// What a session that had `doc` open is told when it is deleted (`Error` 32). Bounded
+/// by construction (a document id is at most 100 bytes; its debug form at most 600).
+fn deleted_message(doc: &str, version: u64) -> String {
+    format!(
+        "document {doc:?} was deleted at version {version}; ops sent to it since are \
+         refused (code 32). Opening it again starts it anew: empty, at version 0"
+    )
 }
 
 impl Subscriber for Outbox {
@@ -76,6 +86,13 @@ impl Subscriber for Outbox {
                     doc: doc.to_owned(),
                     client_id,
                     selections: presence,
+                },
+            ),
+            Event::Deleted { version } => (
+                0,
+                Message::Error {
+                    code: ErrorCode::DocumentDeleted,
+                    message: deleted_message(doc, version),
                 },
             ),
         };
@@ -132,6 +149,7 @@ mod tests {
             (RefusalKind::StorageFailed, 30),
             (RefusalKind::Internal, 1),
             (RefusalKind::Crashed, 30),
+            (RefusalKind::Deleted, 32),
         ];
         for (kind, code) in codes {
             assert_eq!(refusal_code(kind).to_u16(), code, "{kind:?}");

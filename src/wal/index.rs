@@ -34,6 +34,9 @@ pub struct SegmentMeta {
 pub struct Index {
     docs: HashMap<Arc<str>, VecDeque<(u64, Location)>>,
     segments: BTreeMap<SegmentId, SegmentMeta>,
+    /// Where each tombstone still in the log is, by LSN (a backup ending at one finds
+    /// its record here).
+    tombstones: BTreeMap<Lsn, Location>,
 }
 
 impl Index {
@@ -81,6 +84,20 @@ impl Index {
         }
     }
 
+    /// Records that `lsn` (in the given segment) is a tombstone of `doc_id`: the ops of
+    /// it indexed so far belong to the deleted incarnation and are forgotten (neither
+    /// read nor pinning a segment for truncation; the segments holding them are deleted
+    /// oldest first, so never after the one holding the tombstone). Its ops after this
+    /// start again at seq 1.
+    pub fn insert_tombstone(&mut self, location: Location, doc_id: &Arc<str>) {
+        self.insert(location, None);
+        self.tombstones.insert(location.lsn, location);
+        self.docs.remove(doc_id);
+        for meta in self.segments.values_mut() {
+            meta.max_seq_by_doc.remove(doc_id);
+        }
+    }
+
     /// Locations of the ops of `doc_id` with seq > `after_seq`, up to `limit` of them.
     pub fn ops_after(&self, doc_id: &str, after_seq: u64, limit: usize) -> Vec<(u64, Location)> {
         let Some(entries) = self.docs.get(doc_id) else {
@@ -96,6 +113,11 @@ impl Index {
         let entries = self.docs.get(doc_id)?;
         let end = entries.partition_point(|&(_, location)| location.lsn <= lsn);
         end.checked_sub(1).map(|i| entries[i])
+    }
+
+    /// The tombstone record at `lsn`, if there is one in the log.
+    pub fn tombstone_at(&self, lsn: Lsn) -> Option<Location> {
+        self.tombstones.get(&lsn).copied()
     }
 
     /// The lowest seq of `doc_id` still in the log.
@@ -115,6 +137,8 @@ impl Index {
     pub fn remove_segments_before(&mut self, segment_id: SegmentId) {
         let kept = self.segments.split_off(&segment_id);
         let removed = std::mem::replace(&mut self.segments, kept);
+        self.tombstones
+            .retain(|_, location| location.segment_id >= segment_id);
         for meta in removed.values() {
             for doc_id in meta.max_seq_by_doc.keys() {
                 if let Some(entries) = self.docs.get_mut(doc_id) {
@@ -176,27 +200,7 @@ impl IndexBuilder {
     /// Records that op `seq` of `doc_id` is at `location`, in the current segment. Seqs
     /// of one document must arrive in increasing order, LSNs in increasing order.
     pub fn insert_op(&mut self, location: Location, doc_id: &str, seq: u64) -> DocSlot<'_> {
-        let (segment_id, last_lsn) = self
-            .segment
-            .as_mut()
-            .expect("segment registered before its records");
-        assert_eq!(*segment_id, location.segment_id);
-        assert!(last_lsn.is_none_or(|l| l < location.lsn));
-        *last_lsn = Some(location.lsn);
-        let ordinal = match self.ordinals.get(doc_id) {
-            Some(&ordinal) => ordinal,
-            None => {
-                let id: Arc<str> = Arc::from(doc_id);
-                let ordinal = u32::try_from(self.docs.len()).expect("fewer than 2^32 documents");
-                self.ordinals.insert(id.clone(), ordinal);
-                self.docs.push(DocEntries {
-                    id,
-                    entries: VecDeque::new(),
-                    segment_max_seq: None,
-                });
-                ordinal
-            }
-        };
+        let ordinal = self.record(location, doc_id);
         let doc = &mut self.docs[ordinal as usize];
         if let Some(&(last_seq, _)) = doc.entries.back() {
             assert!(
@@ -215,6 +219,50 @@ impl IndexBuilder {
         DocSlot {
             ordinal,
             id: &doc.id,
+        }
+    }
+
+    /// Records that a tombstone of `doc_id` is at `location`, in the current segment:
+    /// as [`Index::insert_tombstone`], the document's ops so far are forgotten.
+    pub fn insert_tombstone(&mut self, location: Location, doc_id: &str) -> DocSlot<'_> {
+        let ordinal = self.record(location, doc_id);
+        self.index.tombstones.insert(location.lsn, location);
+        let doc = &mut self.docs[ordinal as usize];
+        doc.entries.clear();
+        // Still in `touched` if it had ops in this segment: filed as none.
+        doc.segment_max_seq = None;
+        for meta in self.index.segments.values_mut() {
+            meta.max_seq_by_doc.remove(&doc.id);
+        }
+        DocSlot {
+            ordinal,
+            id: &doc.id,
+        }
+    }
+
+    /// Checks and records a record's place in the current segment; the ordinal of its
+    /// document (given now if it is new).
+    fn record(&mut self, location: Location, doc_id: &str) -> u32 {
+        let (segment_id, last_lsn) = self
+            .segment
+            .as_mut()
+            .expect("segment registered before its records");
+        assert_eq!(*segment_id, location.segment_id);
+        assert!(last_lsn.is_none_or(|l| l < location.lsn));
+        *last_lsn = Some(location.lsn);
+        match self.ordinals.get(doc_id) {
+            Some(&ordinal) => ordinal,
+            None => {
+                let id: Arc<str> = Arc::from(doc_id);
+                let ordinal = u32::try_from(self.docs.len()).expect("fewer than 2^32 documents");
+                self.ordinals.insert(id.clone(), ordinal);
+                self.docs.push(DocEntries {
+                    id,
+                    entries: VecDeque::new(),
+                    segment_max_seq: None,
+                });
+                ordinal
+            }
         }
     }
 
@@ -240,8 +288,10 @@ impl IndexBuilder {
         meta.max_seq_by_doc.reserve(self.touched.len());
         for ordinal in self.touched.drain(..) {
             let doc = &mut self.docs[ordinal as usize];
-            let max = doc.segment_max_seq.take().expect("touched in this segment");
-            meta.max_seq_by_doc.insert(doc.id.clone(), max);
+            // None: a tombstone of it followed its ops here.
+            if let Some(max) = doc.segment_max_seq.take() {
+                meta.max_seq_by_doc.insert(doc.id.clone(), max);
+            }
         }
     }
 

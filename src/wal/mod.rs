@@ -35,7 +35,8 @@ use tokio::sync::watch;
 use commit::{CommitQueue, Durability, DurableNotify, EnqueueError, IndexKey};
 use index::{DocSlot, Index, IndexBuilder, Location};
 use record::{
-    decode_frame, Lsn, OpRecord, OpView, RecordType, MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN,
+    decode_frame, Lsn, OpRecord, OpView, RecordType, TombstoneRecord, TombstoneView,
+    MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN,
 };
 use recovery::{RecoveryOptions, RecoveryReport};
 use segment::{segment_path, SegmentId, SEGMENT_HEADER_LEN, SEGMENT_SIZE_MIN};
@@ -216,13 +217,23 @@ fn recycle<'b>(mut ops: Vec<SegmentOp<'_>>) -> Vec<SegmentOp<'b>> {
     ops.into_iter().map(|_| unreachable!("emptied")).collect()
 }
 
-/// An op record found by the startup scan.
+/// An op or tombstone record found by the startup scan.
 #[derive(Debug, Clone)]
 pub struct SegmentOp<'a> {
     /// The document's [`DocSlot::ordinal`].
     pub ordinal: u32,
     pub location: Location,
-    pub op: OpView<'a>,
+    pub record: SegmentRecord<'a>,
+}
+
+/// What a [`SegmentOp`] holds.
+#[derive(Debug, Clone)]
+pub enum SegmentRecord<'a> {
+    Op(OpView<'a>),
+    /// The document was deleted at this version: what came before of it is gone.
+    Tombstone {
+        version: u64,
+    },
 }
 
 /// The valid op records of one segment, shown once the whole segment is checked.
@@ -454,7 +465,9 @@ impl Wal {
     ) -> Result<ScannedWal, WalError> {
         Wal::scan_in(vfs, dir, config, |segment| {
             for op in segment.ops {
-                visit(&op.op.to_record(), op.location)
+                if let SegmentRecord::Op(view) = &op.record {
+                    visit(&view.to_record(), op.location)
+                }
             }
         })
     }
@@ -474,7 +487,9 @@ impl Wal {
         Wal::scan_segments(vfs, dir, config, |segment| {
             for &i in segment.by_document {
                 let op = &segment.ops[i as usize];
-                visit(&op.op, op.location, segment.slot(op.ordinal));
+                if let SegmentRecord::Op(view) = &op.record {
+                    visit(view, op.location, segment.slot(op.ordinal));
+                }
             }
         })
     }
@@ -556,7 +571,7 @@ impl Wal {
                                         ops.push(SegmentOp {
                                             ordinal: doc.ordinal,
                                             location,
-                                            op,
+                                            record: SegmentRecord::Op(op),
                                         });
                                     }
                                     Err(e) if payload_error.is_none() => {
@@ -569,6 +584,26 @@ impl Wal {
                                     Err(_) => {}
                                 }
                             }
+                            RecordType::Tombstone => match TombstoneView::decode(raw.payload) {
+                                Ok(tombstone) => {
+                                    let doc = index.insert_tombstone(location, tombstone.doc_id);
+                                    ops.push(SegmentOp {
+                                        ordinal: doc.ordinal,
+                                        location,
+                                        record: SegmentRecord::Tombstone {
+                                            version: tombstone.version,
+                                        },
+                                    });
+                                }
+                                Err(e) if payload_error.is_none() => {
+                                    payload_error = Some(format!(
+                                        "{} offset {offset} (LSN {}): {e}",
+                                        segment_path(dir, segment_id).display(),
+                                        raw.lsn
+                                    ));
+                                }
+                                Err(_) => {}
+                            },
                         }
                     }
                 }
@@ -629,6 +664,21 @@ impl Wal {
             seq: op.server_seq,
         };
         Ok(self.queue.enqueue(op.record_type(), payload, Some(key))?)
+    }
+
+    /// Queues a tombstone record (`wal-format.md`, record type 3) and returns its LSN; it
+    /// is durable once [`Wal::wait_durable`] says so. Once durable, the index forgets the
+    /// document's ops before it (see [`Index::insert_tombstone`]).
+    pub fn append_tombstone(&self, tombstone: &TombstoneRecord) -> Result<Lsn, WalError> {
+        let mut payload = Vec::with_capacity(tombstone.encoded_len());
+        tombstone.encode(&mut payload);
+        let key = IndexKey {
+            doc_id: Arc::from(tombstone.doc_id.as_str()),
+            seq: tombstone.version,
+        };
+        Ok(self
+            .queue
+            .enqueue(RecordType::Tombstone, payload, Some(key))?)
     }
 
     /// Resolves once `lsn` is durable, or with the log's failure.

@@ -45,6 +45,9 @@ pub enum RecordType {
     /// An op followed by its fingerprint ([`crate::sequencer::fingerprint`]): what the
     /// sequencer writes.
     OpWithFingerprint = 2,
+    /// A document deleted ([`TombstoneRecord`]): its ops before this record, and its
+    /// snapshots, belong to the deleted incarnation.
+    Tombstone = 3,
 }
 
 impl RecordType {
@@ -52,6 +55,7 @@ impl RecordType {
         match byte {
             1 => Some(RecordType::Op),
             2 => Some(RecordType::OpWithFingerprint),
+            3 => Some(RecordType::Tombstone),
             _ => None,
         }
     }
@@ -292,6 +296,70 @@ impl OpRecord {
     }
 }
 
+/// A document deleted (record type 3): every op of `doc_id` before this record in the
+/// log, and every snapshot of it, belongs to the deleted incarnation. An op of `doc_id`
+/// after it starts the document anew at seq 1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TombstoneRecord {
+    pub doc_id: String,
+    /// The document's version when it was deleted (the seq of its last op).
+    pub version: u64,
+    /// Milliseconds since the Unix epoch when the server deleted it.
+    pub timestamp_ms: u64,
+}
+
+impl TombstoneRecord {
+    /// The payload (all integers little-endian): `version u64, timestamp_ms u64,
+    /// doc_id_len u16, doc_id`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        out.put_u64_le(self.version);
+        out.put_u64_le(self.timestamp_ms);
+        out.put_u16_le(self.doc_id.len() as u16);
+        out.put_slice(self.doc_id.as_bytes());
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        8 + 8 + 2 + self.doc_id.len()
+    }
+
+    /// Decodes and checks a type-3 payload: a valid document id, no trailing bytes.
+    pub fn decode(buf: &[u8]) -> Result<TombstoneRecord, PayloadError> {
+        TombstoneView::decode(buf).map(|view| TombstoneRecord {
+            doc_id: view.doc_id.to_owned(),
+            version: view.version,
+            timestamp_ms: view.timestamp_ms,
+        })
+    }
+}
+
+/// A tombstone's payload decoded in place ([`TombstoneRecord`] borrowed).
+#[derive(Clone, Copy, Debug)]
+pub struct TombstoneView<'a> {
+    pub doc_id: &'a str,
+    pub version: u64,
+    pub timestamp_ms: u64,
+}
+
+impl<'a> TombstoneView<'a> {
+    pub fn decode(mut buf: &'a [u8]) -> Result<TombstoneView<'a>, PayloadError> {
+        let b = &mut buf;
+        let version = take_u64(b)?;
+        let timestamp_ms = take_u64(b)?;
+        let doc_len = take_u16(b)? as usize;
+        let doc_id = take_str(b, doc_len)?;
+        validate_doc_id(doc_id).map_err(PayloadError)?;
+        if b.has_remaining() {
+            return Err(PayloadError(format!("{} trailing bytes", b.remaining())));
+        }
+        Ok(TombstoneView {
+            doc_id,
+            version,
+            timestamp_ms,
+        })
+    }
+}
+
 /// Patches kept inline before one goes to the heap: most ops have a few.
 const INLINE_PATCHES: usize = 4;
 
@@ -402,6 +470,9 @@ impl<'a> OpView<'a> {
         let fingerprint = match record_type {
             RecordType::Op => None,
             RecordType::OpWithFingerprint => Some(take_u64(b)?),
+            RecordType::Tombstone => {
+                return Err(PayloadError("a tombstone record is not an op".into()))
+            }
         };
         if b.has_remaining() {
             return Err(PayloadError(format!("{} trailing bytes", b.remaining())));
@@ -465,6 +536,44 @@ fn take_str<'a>(b: &mut &'a [u8], len: usize) -> Result<&'a str, PayloadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tombstone_is_the_documented_bytes_and_refuses_what_is_not_one() {
+        let tombstone = TombstoneRecord {
+            doc_id: "notes/\u{e9}".into(),
+            version: 7,
+            timestamp_ms: 1_700_000_000_000,
+        };
+        let mut payload = Vec::new();
+        tombstone.encode(&mut payload);
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&7u64.to_le_bytes());
+        expected.extend_from_slice(&1_700_000_000_000u64.to_le_bytes());
+        expected.extend_from_slice(&8u16.to_le_bytes());
+        expected.extend_from_slice("notes/\u{e9}".as_bytes());
+        assert_eq!(payload, expected);
+        assert_eq!(payload.len(), tombstone.encoded_len());
+        assert_eq!(TombstoneRecord::decode(&payload), Ok(tombstone));
+        // Framed as type 3, which this build knows.
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 5, 0, RecordType::Tombstone, &payload);
+        let raw = decode_frame(&frame).unwrap();
+        assert_eq!(
+            (raw.record_type, raw.payload),
+            (RecordType::Tombstone, &payload[..])
+        );
+        assert_eq!(RecordType::from_u8(3), Some(RecordType::Tombstone));
+        assert_eq!(RecordType::from_u8(4), None);
+        // Never an op; trailing bytes, a bad id or a short payload are refused.
+        assert!(OpRecord::decode(RecordType::Tombstone, &payload).is_err());
+        let mut trailing = payload.clone();
+        trailing.push(0);
+        assert!(TombstoneRecord::decode(&trailing).is_err());
+        assert!(TombstoneRecord::decode(&payload[..payload.len() - 1]).is_err());
+        let mut empty_id = payload[..16].to_vec();
+        empty_id.extend_from_slice(&0u16.to_le_bytes());
+        assert!(TombstoneRecord::decode(&empty_id).is_err());
+    }
 
     fn sample() -> OpRecord {
         OpRecord {

@@ -298,6 +298,27 @@ pub fn write_snapshot(vfs: &dyn Vfs, dir: &Path, snapshot: &Snapshot) -> std::io
     Ok(path)
 }
 
+/// Removes every snapshot file of `doc_id` (a deleted document) and makes the removal
+/// durable (an `fsync` of `dir`). Returns how many it removed.
+pub fn remove_snapshots(vfs: &dyn Vfs, dir: &Path, doc_id: &str) -> std::io::Result<usize> {
+    let prefix = format!("{}.", hex(doc_id.as_bytes()));
+    let names: Vec<String> = vfs
+        .list(dir)
+        .map_err(at_path("listing", dir))?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .filter(|n| parse_snapshot_file_name(n).is_some_and(|(id, _)| id == doc_id))
+        .collect();
+    for name in &names {
+        let path = dir.join(name);
+        vfs.remove(&path).map_err(at_path("removing", &path))?;
+    }
+    if !names.is_empty() {
+        vfs.sync_dir(dir).map_err(at_path("syncing", dir))?;
+    }
+    Ok(names.len())
+}
+
 /// The result of loading every document's snapshot.
 #[derive(Debug, Default)]
 pub struct LoadedSnapshots {

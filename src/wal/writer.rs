@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use super::commit::{CommitQueue, Entry};
 use super::index::{Index, Location};
-use super::record::{encode_frame, framed_len};
+use super::record::{encode_frame, framed_len, RecordType};
 use super::segment::{
     prepare_segment, segment_file_name, segment_path, SegmentHeader, SegmentId, SEGMENT_HEADER_LEN,
 };
@@ -147,8 +147,14 @@ impl Writer {
                 {
                     let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
                     for (entry, location) in batch.iter().zip(locations.iter()) {
-                        let key = entry.key.as_ref().map(|k| (&k.doc_id, k.seq));
-                        index.insert(*location, key);
+                        match (&entry.key, entry.record_type) {
+                            (Some(k), RecordType::Tombstone) => {
+                                index.insert_tombstone(*location, &k.doc_id)
+                            }
+                            (key, _) => {
+                                index.insert(*location, key.as_ref().map(|k| (&k.doc_id, k.seq)))
+                            }
+                        }
                     }
                 }
                 let bytes: u64 = batch
