@@ -67,7 +67,6 @@ impl WsConn {
             writer: WsWriter {
                 tx: PollSender::new(tx),
                 assembling: BytesMut::new(),
-                ready: None,
             },
         }
     }
@@ -214,30 +213,14 @@ impl ReadHalf for WsReader {
 }
 
 /// The sending half: cuts the outbox's byte stream into frames, one message each.
+///
+/// A write returns only what it has handed on: the bytes that complete a frame are
+/// taken only once the queue has room for that frame, so nothing whole waits here for
+/// a later write or flush (the outbox's writer does not flush: TCP needs none).
 pub struct WsWriter {
     tx: PollSender<Bytes>,
-    /// The frame being cut from the stream (its length field first).
+    /// The frame being cut from the stream (its length field first), never whole.
     assembling: BytesMut,
-    /// A whole frame that found no room in the queue yet.
-    ready: Option<Bytes>,
-}
-
-impl WsWriter {
-    /// Queues the whole frame waiting, if there is one.
-    fn poll_send_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.ready.is_none() {
-            return Poll::Ready(Ok(()));
-        }
-        match self.tx.poll_reserve(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(_)) => Poll::Ready(Err(gone())),
-            Poll::Ready(Ok(())) => {
-                let frame = self.ready.take().expect("checked above");
-                self.tx.send_item(frame).map_err(|_| gone())?;
-                Poll::Ready(Ok(()))
-            }
-        }
-    }
 }
 
 fn gone() -> io::Error {
@@ -265,42 +248,42 @@ impl AsyncWrite for WsWriter {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match this.poll_send_ready(cx) {
-            Poll::Ready(Ok(())) => {}
-            other => return other.map(|r| r.map(|()| 0)),
-        }
         let mut taken = 0;
         while taken < buf.len() {
-            let take = missing(&this.assembling).min(buf.len() - taken);
-            this.assembling.extend_from_slice(&buf[taken..taken + take]);
-            taken += take;
-            if this.assembling.len() >= 4 && missing(&this.assembling) == 0 {
-                this.ready = Some(this.assembling.split().freeze());
-                match this.poll_send_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    // Taken; sent by the next write or flush.
-                    Poll::Pending => break,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                }
+            let rest = &buf[taken..];
+            let header = this.assembling.len() < 4;
+            let need = missing(&this.assembling);
+            if header || rest.len() < need {
+                // The length field, or part of the body: nothing to send yet.
+                let take = need.min(rest.len());
+                this.assembling.extend_from_slice(&rest[..take]);
+                taken += take;
+                continue;
             }
+            // These bytes complete a frame: taken only with room to queue it.
+            match this.tx.poll_reserve(cx) {
+                Poll::Pending if taken == 0 => return Poll::Pending,
+                Poll::Pending => break,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(gone())),
+                Poll::Ready(Ok(())) => {}
+            }
+            this.assembling.extend_from_slice(&rest[..need]);
+            taken += need;
+            let frame = this.assembling.split().freeze();
+            this.tx.send_item(frame).map_err(|_| gone())?;
         }
         Poll::Ready(Ok(taken))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_send_ready(cx)
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Every whole frame is queued already (see the type's comment).
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match this.poll_send_ready(cx) {
-            Poll::Ready(_) => {
-                // The sending task sends a Close and ends once it has sent what is queued.
-                this.tx.close();
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The sending task sends a Close and ends once it has sent what is queued.
+        self.get_mut().tx.close();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -308,7 +291,7 @@ impl WriteHalf for WsWriter {
     /// A whole frame goes straight into the queue if it has room.
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let whole_frame = buf.len() >= 4 && 4 + length_field(buf) == buf.len();
-        if self.ready.is_some() || !self.assembling.is_empty() || !whole_frame {
+        if !self.assembling.is_empty() || !whole_frame {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let Some(tx) = self.tx.get_ref() else {
@@ -419,7 +402,6 @@ mod tests {
                 let mut writer = WsWriter {
                     tx: PollSender::new(tx),
                     assembling: BytesMut::new(),
-                    ready: None,
                 };
                 let reader = tokio::spawn(async move {
                     let mut got = Vec::new();
@@ -468,5 +450,37 @@ mod tests {
         quickcheck::QuickCheck::new()
             .tests(200)
             .quickcheck(prop as fn(Vec<u16>, Vec<u8>) -> bool);
+    }
+
+    /// A frame completed while the queue is full is not left behind: it goes out once
+    /// the queue has room, with no further write or flush (the outbox's writer never
+    /// flushes). Found by the TypeScript client's tests: an Ack held back until the
+    /// client's next Ping. (Paused time: a frame that never comes fails the run.)
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_completed_while_the_queue_is_full_goes_out_without_another_write() {
+        let (tx, mut rx) = mpsc::channel(WS_QUEUED_FRAMES);
+        let mut writer = WsWriter {
+            tx: PollSender::new(tx),
+            assembling: BytesMut::new(),
+        };
+        let frames: Vec<Vec<u8>> = (0..WS_QUEUED_FRAMES + 1)
+            .map(|i| frame_of_len(8, i as u8))
+            .collect();
+        let stream = frames.concat();
+        let writing = tokio::spawn(async move {
+            writer.write_all(&stream).await.unwrap();
+            writer
+        });
+        let mut got = Vec::new();
+        for _ in 0..frames.len() {
+            let frame = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .expect("every frame is sent")
+                .expect("the writer is open");
+            got.push(frame.to_vec());
+        }
+        assert_eq!(got, frames);
+        // Still open: nothing was sent by a close either.
+        let _writer = writing.await.unwrap();
     }
 }
