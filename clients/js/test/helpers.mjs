@@ -128,3 +128,4 @@ export const cpLength = (s) => Array.from(s).length;
 export function cleanup(dir) {
   rmSync(dir, { recursive: true, force: true });
 }
+
