@@ -3,7 +3,7 @@
 // (`src/client/handle.rs`, protocol.md "Keeping every edit"): reconnect with backoff,
 // resend the op in flight under its id, compose offline edits, persist before sending.
 
-import { DocState, ProtocolViolation, diff } from "./doc.js";
+import { DocState, ProtocolViolation, diff, maxOpBytes } from "./doc.js";
 import { Emitter } from "./events.js";
 import { DEFAULT_MAX_FRAME, decode, encode, type Message, type Patch, type Selection, type WireOp } from "./protocol.js";
 import type { PersistedState, Store } from "./store.js";
@@ -195,7 +195,9 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   open(id: string): DocHandle {
     let handle = this.docs.get(id);
     if (!handle) {
-      handle = new DocHandle(id, this, new DocState());
+      const doc = new DocState();
+      doc.maxOpBytes = maxOpBytes(this.maxFrame);
+      handle = new DocHandle(id, this, doc);
       this.docs.set(id, handle);
     }
     if (handle.openState === "closed" && this.connectionState.state === "connected") this.sendOpen(handle);
@@ -385,6 +387,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         const first = this.clientId === 0n;
         this.clientId = m.clientId;
         this.maxFrame = m.maxFrame;
+        for (const h of this.docs.values()) h.doc.maxOpBytes = maxOpBytes(m.maxFrame);
         this.setState({ state: "connected" });
         // The id must be on disk before any op goes out under it.
         if (first) void this._persist();
@@ -430,7 +433,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         // The op goes back to the buffer (already rebased over what arrived) and is sent
         // as a new op once the document is opened again: the server refuses this
         // connection's later ops to it until then (code 25).
-        h.doc.requeueInFlight();
+        h.doc.requeueInFlight(m.code === 24);
         void this._persist();
         this.sendOpen(h);
         return;
@@ -517,6 +520,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         const old = doc.text;
         const nextLocalSeq = doc.nextLocalSeq;
         h.doc = new DocState(text, version, nextLocalSeq);
+        h.doc.maxOpBytes = doc.maxOpBytes;
         if (old !== text) h.emit("reloaded", { patches: toPatches(diff(old, text)) });
       } else if (applied === null) {
         // Whether the server applied our op in flight is unknown (its ops are gone):

@@ -7,7 +7,7 @@
 // the same tie-break.
 
 import type { Patch } from "./protocol.js";
-import { Side, apply, applyPatches, compose, cpLen, fromPatches, toPatches, transform, type Op } from "./ot.js";
+import { Side, apply, applyPatches, compose, cpLen, fromPatch, fromPatches, toPatches, transform, type Op } from "./ot.js";
 
 /** An op as sent: with the client id, `localSeq` is its op id; resent exactly so. */
 export interface Outgoing {
@@ -23,10 +23,64 @@ export interface PersistedDoc {
   nextLocalSeq: number;
   /** As sent, and as it is now (rebased over the remote ops since). */
   inFlight: { out: Outgoing; op: Op } | null;
-  buffer: Op;
+  buffer: Op[];
 }
 
 export class ProtocolViolation extends Error {}
+
+/** A local edit larger than the server takes in one op: split it. */
+export class TooLargeError extends RangeError {
+  constructor(
+    readonly bytes: number,
+    readonly max: number,
+  ) {
+    super(`an edit of ${bytes} bytes is larger than the server takes in one op (${max})`);
+  }
+}
+
+/** The largest op (its patches on the wire) a server with `maxFrame` takes. */
+export const maxOpBytes = (maxFrame: number): number => maxFrame - 256;
+
+function utf8Len(s: string): number {
+  let n = 0;
+  for (const ch of s) {
+    const c = ch.codePointAt(0)!;
+    n += c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+  }
+  return n;
+}
+
+/** The bytes `patches` take on the wire (protocol.md, Limits). */
+export function patchesWireLen(patches: readonly Patch[]): number {
+  let n = 4;
+  for (const [, , ins] of patches) n += 12 + utf8Len(ins);
+  return n;
+}
+
+/** `patch` cut into patches of at most `max` wire bytes each, between code points. */
+export function splitPatch(patch: Patch, max: number): Patch[] {
+  if (patchesWireLen([patch]) <= max) return [patch];
+  const room = Math.max(max - 16, 4);
+  const out: Patch[] = [];
+  let [pos, del] = patch;
+  let piece: string[] = [];
+  let bytes = 0;
+  const flush = () => {
+    out.push([pos, del, piece.join("")]);
+    pos += piece.length;
+    del = 0;
+    piece = [];
+    bytes = 0;
+  };
+  for (const ch of patch[2]) {
+    const b = utf8Len(ch);
+    if (bytes + b > room) flush();
+    piece.push(ch);
+    bytes += b;
+  }
+  if (piece.length > 0 || del > 0) flush();
+  return out;
+}
 
 export class DocState {
   /** The local text: the server's text with this client's pending edits. */
@@ -36,8 +90,14 @@ export class DocState {
   /** The last server seq applied here. */
   version: number;
   inFlight: { out: Outgoing; op: Op } | null = null;
-  /** Edits not yet sent, composed into one op (empty: none). */
-  buffer: Op = [];
+  /**
+   * Edits not yet sent: composed into one op while it stays under half the op limit (a
+   * composed op that outgrew it could never be sent, and transforming it may add
+   * patches), then a new one starts. Each applies to the result of the one before.
+   */
+  buffer: Op[] = [];
+  /** The largest op the server takes (from its Welcome's max_frame). */
+  maxOpBytes = maxOpBytes(1 << 20);
   /** The next op id; never reused, so persisted with the rest. */
   nextLocalSeq: number;
 
@@ -54,7 +114,8 @@ export class DocState {
     doc.buffer = p.buffer;
     let text = p.confirmed;
     if (p.inFlight) text = apply(text, p.inFlight.op);
-    doc.text = apply(text, p.buffer);
+    for (const op of p.buffer) text = apply(text, op);
+    doc.text = text;
     return doc;
   }
 
@@ -72,19 +133,34 @@ export class DocState {
     return this.inFlight !== null || this.buffer.length > 0;
   }
 
-  /** Applies a local edit at once and queues it (composed into the buffered op). */
+  /** Applies a local edit at once and queues it (composed into the last buffered op). */
   localEdit(patches: readonly Patch[]): void {
+    const bytes = patchesWireLen(patches);
+    if (bytes > this.maxOpBytes) throw new TooLargeError(bytes, this.maxOpBytes);
     this.text = applyPatches(this.text, patches); // throws RangeError before any change
-    const op = fromPatches(patches);
-    if (op.length > 0) this.buffer = compose(this.buffer, op);
+    this.enqueue(fromPatches(patches));
+  }
+
+  private enqueue(op: Op): void {
+    if (op.length === 0) return;
+    const last = this.buffer.length - 1;
+    if (last >= 0) {
+      const composed = compose(this.buffer[last]!, op);
+      if (patchesWireLen(toPatches(composed)) <= this.maxOpBytes / 2) {
+        this.buffer[last] = composed;
+        return;
+      }
+    }
+    this.buffer.push(op);
   }
 
   /** The next op to send, if none is in flight: the buffer, under a new op id. */
   takeToSend(): Outgoing | null {
-    if (this.inFlight || this.buffer.length === 0) return null;
-    const out: Outgoing = { localSeq: this.nextLocalSeq++, baseVersion: this.version, patches: toPatches(this.buffer) };
-    this.inFlight = { out, op: this.buffer };
-    this.buffer = [];
+    if (this.inFlight) return null;
+    const op = this.buffer.shift();
+    if (!op) return null;
+    const out: Outgoing = { localSeq: this.nextLocalSeq++, baseVersion: this.version, patches: toPatches(op) };
+    this.inFlight = { out, op };
     return out;
   }
 
@@ -120,11 +196,12 @@ export class DocState {
       this.inFlight = { out: this.inFlight.out, op: transform(this.inFlight.op, remote, Side.Left) };
       remote = r;
     }
-    if (this.buffer.length > 0) {
-      const r = transform(remote, this.buffer, Side.Right);
-      this.buffer = transform(this.buffer, remote, Side.Left);
+    this.buffer = this.buffer.map((op) => {
+      const r = transform(remote, op, Side.Right);
+      const rebased = transform(op, remote, Side.Left);
       remote = r;
-    }
+      return rebased;
+    });
     this.text = apply(this.text, remote);
     this.version = seq;
     return toPatches(remote);
@@ -133,11 +210,21 @@ export class DocState {
   /**
    * The in-flight op was refused: it goes back to the front of the buffer, still applied
    * locally, to be sent again as a new op once the document is open again.
+   *
+   * `tooLarge`: refused for its size after the server transformed it (code 24:
+   * transforming can add patches): it goes back as one op per patch, each cut to a
+   * quarter of the op limit, so that sending it again cannot be refused the same way.
    */
-  requeueInFlight(): void {
+  requeueInFlight(tooLarge = false): void {
     if (!this.inFlight) return;
-    this.buffer = compose(this.inFlight.op, this.buffer);
+    const op = this.inFlight.op;
     this.inFlight = null;
+    if (!tooLarge) {
+      this.buffer.unshift(op);
+      return;
+    }
+    const pieces = toPatches(op).flatMap((p) => splitPatch(p, this.maxOpBytes / 4));
+    this.buffer.unshift(...pieces.map((p) => fromPatch(p)));
   }
 
   /**
@@ -167,13 +254,17 @@ export class DocState {
   reload(server: string, version: number): Patch[] {
     if (this.inFlight) throw new Error("reload with an op in flight: settle it first");
     const theirs = diff(this.confirmed, server);
-    const rebased = transform(this.buffer, theirs, Side.Left);
+    const mine = this.buffer.reduce((acc, op) => compose(acc, op), [] as Op);
+    const rebased = transform(mine, theirs, Side.Left);
     const local = apply(server, rebased);
     const shown = toPatches(diff(this.text, local));
     this.confirmed = server;
     this.text = local;
     this.version = version;
-    this.buffer = rebased;
+    this.buffer = [];
+    for (const patch of toPatches(rebased)) {
+      for (const piece of splitPatch(patch, this.maxOpBytes / 2)) this.enqueue(fromPatch(piece));
+    }
     return shown;
   }
 }

@@ -2,7 +2,7 @@
 // the browser's; persistence is IndexedDB). Node programs import `./node.js` as well.
 export * from "./protocol.js";
 export * from "./ot.js";
-export { DocState, diff, type Outgoing, type PersistedDoc } from "./doc.js";
+export { DocState, TooLargeError, diff, maxOpBytes, patchesWireLen, splitPatch, type Outgoing, type PersistedDoc } from "./doc.js";
 export * from "./client.js";
 export * from "./store.js";
 export { Emitter } from "./events.js";
