@@ -15,10 +15,14 @@
 //!   `a_left_patches` what the server sends for `a` sequenced after `b`; `final` the text
 //!   after `b` then `a_left` (equal to `a` then `b_right`);
 //! - `compose` cases: `b` made on `a`'s result; `ab` = compose(a, b) as components,
-//!   `ab_patches` its patches, `result` the text after both.
+//!   `ab_patches` its patches, `result` the text after both;
+//! - `frames`: whole frames (length field first) as `src/protocol` encodes them, in hex,
+//!   with the message in the TypeScript client's form (u64 client ids and nonces as
+//!   decimal strings), so the two encoders are checked against each other byte for byte.
 
 use quire::op::Patch;
 use quire::ot::{apply_patches, Component, Side, TextOp};
+use quire::protocol::message::{Envelope, Message, Selection, WireOp};
 use serde_json::{json, Value};
 
 const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js/test/ot-cases.json");
@@ -134,6 +138,92 @@ fn compose_case(name: &str, base: &str, a: &[Patch], b: &[Patch]) -> Value {
 
 fn p(pos: u32, del: u32, ins: &str) -> Patch {
     Patch::new(pos, del, ins)
+}
+
+fn frame_case(name: &str, request_id: u32, message: Message, js: Value) -> Value {
+    let body = Envelope {
+        request_id,
+        message,
+    }
+    .encode();
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    json!({ "name": name, "request_id": request_id, "hex": hex, "message": js })
+}
+
+fn frames() -> Vec<Value> {
+    let big = (1u64 << 63) + 5;
+    vec![
+        frame_case(
+            "Hello asking for an id",
+            0,
+            Message::Hello {
+                version: 2,
+                client_id: 0,
+                token: "t\u{e9}".into(),
+            },
+            json!({ "type": "Hello", "clientId": "0", "token": "t\u{e9}" }),
+        ),
+        frame_case(
+            "Welcome with a server-given id",
+            0,
+            Message::Welcome {
+                version: 2,
+                max_frame: 1 << 20,
+                client_id: big,
+            },
+            json!({ "type": "Welcome", "version": 2, "maxFrame": 1 << 20, "clientId": big.to_string() }),
+        ),
+        frame_case(
+            "Submit with astral characters",
+            9,
+            Message::Submit {
+                doc: "notes/\u{1F600}".into(),
+                local_seq: 3,
+                base_version: 70_000,
+                patches: vec![p(2, 1, "\u{1D11E}x"), p(0, 0, "")],
+            },
+            json!({ "type": "Submit", "doc": "notes/\u{1F600}", "localSeq": 3, "baseVersion": 70_000,
+                    "patches": [[2, 1, "\u{1D11E}x"], [0, 0, ""]] }),
+        ),
+        frame_case(
+            "Remote from a server-given id",
+            0,
+            Message::Remote {
+                doc: "d".into(),
+                op: WireOp {
+                    seq: 12,
+                    client_id: big,
+                    local_seq: 4,
+                    patches: vec![p(1, 0, "\u{1F600}")],
+                },
+            },
+            json!({ "type": "Remote", "doc": "d", "seq": 12, "clientId": big.to_string(), "localSeq": 4,
+                    "patches": [[1, 0, "\u{1F600}"]] }),
+        ),
+        frame_case(
+            "Snapshot piece",
+            2,
+            Message::Snapshot {
+                doc: "d".into(),
+                version: 5,
+                total_len: 7,
+                text: "a\u{1F600}b".into(),
+            },
+            json!({ "type": "Snapshot", "doc": "d", "version": 5, "totalLen": 7, "text": "a\u{1F600}b" }),
+        ),
+        frame_case(
+            "PresenceState",
+            0,
+            Message::PresenceState {
+                doc: "d".into(),
+                client_id: 7,
+                selections: vec![Selection { anchor: 1, head: 4 }],
+            },
+            json!({ "type": "PresenceState", "doc": "d", "clientId": "7", "selections": [{ "anchor": 1, "head": 4 }] }),
+        ),
+    ]
 }
 
 fn generate() -> String {
@@ -303,9 +393,10 @@ fn generate() -> String {
             .join(",\n")
     };
     format!(
-        "{{\"transform\": [\n{}\n],\n\"compose\": [\n{}\n]}}\n",
+        "{{\"transform\": [\n{}\n],\n\"compose\": [\n{}\n],\n\"frames\": [\n{}\n]}}\n",
         lines(&transform),
-        lines(&compose)
+        lines(&compose),
+        lines(&frames())
     )
 }
 

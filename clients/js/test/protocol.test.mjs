@@ -65,3 +65,18 @@ test("the decoder refuses what protocol.md calls malformed", () => {
   assert.throws(() => decode(badUtf8), /UTF-8/);
   assert.throws(() => decode(good, 8), /max_frame/);
 });
+
+test("frames encoded by the Rust implementation (test/ot-cases.json) decode and re-encode byte for byte", async () => {
+  const { readFileSync } = await import("node:fs");
+  const { frames } = JSON.parse(readFileSync(new URL("./ot-cases.json", import.meta.url), "utf8"));
+  assert.ok(frames.length >= 5);
+  for (const f of frames) {
+    const bytes = hex(f.hex);
+    const message = { ...f.message };
+    for (const k of ["clientId", "nonce"]) if (k in message) message[k] = BigInt(message[k]);
+    const decoded = decode(bytes);
+    assert.equal(decoded.requestId, f.request_id, f.name);
+    assert.deepEqual(decoded.message, message, f.name);
+    assert.deepEqual(encode(message, f.request_id), bytes, f.name);
+  }
+});
