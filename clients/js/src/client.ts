@@ -7,7 +7,7 @@ import { DocState, ProtocolViolation, diff, maxOpBytes } from "./doc.js";
 import { Emitter } from "./events.js";
 import { DEFAULT_MAX_FRAME, decode, encode, type Message, type Patch, type Selection, type WireOp } from "./protocol.js";
 import type { PersistedState, Store } from "./store.js";
-import { applyPatches, toPatches } from "./ot.js";
+import { applyPatches, cpLen, mapPosition, toPatches } from "./ot.js";
 
 /** What the client needs of a WebSocket: the browser's, or the `ws` package's in Node. */
 export interface WebSocketLike {
@@ -462,10 +462,13 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       case "PresenceState": {
         const h = this.docs.get(m.doc);
         if (!h) return;
-        // Offsets in the sender's text: clamped to ours (the server does not check them).
-        const len = Array.from(h.doc.text).length;
-        const clamp = (n: number) => Math.min(n, len);
-        const selections = m.selections.map((s) => ({ anchor: clamp(s.anchor), head: clamp(s.head) }));
+        // Offsets in the sender's text, which has the server's ops but not our pending
+        // edits: clamped to the server's text as we know it (the server does not check
+        // them), then mapped through our pending ops to our local text.
+        const len = cpLen(h.doc.confirmed);
+        const pending = [...(h.doc.inFlight ? [h.doc.inFlight.op] : []), ...h.doc.buffer];
+        const place = (n: number) => pending.reduce((pos, op) => mapPosition(op, pos), Math.min(n, len));
+        const selections = m.selections.map((s) => ({ anchor: place(s.anchor), head: place(s.head) }));
         h.emit("presence", { clientId: m.clientId, selections });
         return;
       }

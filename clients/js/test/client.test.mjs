@@ -231,3 +231,23 @@ test("a new client from the same persistence file sends the edits the old one le
   assert.equal(hc2.text(), text);
   await Promise.all([a2.close(), c2.close()]);
 });
+
+test("presence: a peer's selections arrive (mapped into the local text), and an empty set when it leaves", async () => {
+  const doc = "presence";
+  const a = await client(server.url);
+  const b = await client(server.url);
+  const ha = a.open(doc);
+  const hb = b.open(doc);
+  await ha.edit([[0, 0, "\u{1F600}bcdef"]]);
+  await ha.synced();
+  await waitFor(() => hb.text() === "\u{1F600}bcdef", "b has the text");
+  const seen = [];
+  hb.on("presence", (p) => seen.push(p));
+  ha.setPresence([{ anchor: 1, head: 3 }]);
+  await waitFor(() => seen.length > 0, "b sees a's selection");
+  assert.deepEqual(seen.at(-1), { clientId: a.clientId, selections: [{ anchor: 1, head: 3 }] });
+  await a.close();
+  await waitFor(() => seen.at(-1).selections.length === 0, "b sees a leave");
+  assert.equal(seen.at(-1).clientId, a.clientId);
+  await b.close();
+});
