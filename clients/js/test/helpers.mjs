@@ -13,8 +13,18 @@ import { NodeWebSocket } from "../dist/node.js";
 const here = fileURLToPath(new URL(".", import.meta.url));
 export const QUIRE_BIN = resolve(process.env.QUIRE_BIN ?? join(here, "../../../target/release/quire"));
 
+// Every temporary directory is removed when the test process exits: a server's data
+// directory holds preallocated log segments (over 100 MB each), which would fill the
+// disk over many runs.
+const made = [];
+process.on("exit", () => {
+  for (const dir of made) rmSync(dir, { recursive: true, force: true });
+});
+
 export function tempDir(prefix = "quire-js-") {
-  return mkdtempSync(join(tmpdir(), prefix));
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  made.push(dir);
+  return dir;
 }
 
 /** Starts `quire serve` on a fresh (or the given) data dir; resolves once it serves. */
