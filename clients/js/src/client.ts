@@ -1,0 +1,558 @@
+// The client: one WebSocket to a quire server, any number of open documents, each with
+// a handle (`edit`, `text`, events). The same shape and rules as the Rust client
+// (`src/client/handle.rs`, protocol.md "Keeping every edit"): reconnect with backoff,
+// resend the op in flight under its id, compose offline edits, persist before sending.
+
+import { DocState, ProtocolViolation, diff, maxOpBytes } from "./doc.js";
+import { Emitter } from "./events.js";
+import { DEFAULT_MAX_FRAME, decode, encode, type Message, type Patch, type Selection, type WireOp } from "./protocol.js";
+import type { PersistedState, Store } from "./store.js";
+import { applyPatches, cpLen, mapPosition, toPatches } from "./ot.js";
+
+/** What the client needs of a WebSocket: the browser's, or the `ws` package's in Node. */
+export interface WebSocketLike {
+  binaryType: string;
+  readonly readyState: number;
+  send(data: Uint8Array): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: unknown) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+}
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+export type ConnectionState =
+  | { state: "connecting" }
+  | { state: "connected" }
+  | { state: "disconnected"; attempt: number; retryInMs: number }
+  /** Refused for good (`code`: 5, 6, 7, 12, 29 or 31): edits keep applying locally. */
+  | { state: "failed"; code: number; message: string }
+  | { state: "closed" };
+
+export interface ClientOptions {
+  /** `ws://host:port/ws`. */
+  url: string;
+  token?: string;
+  /** Defaults to `globalThis.WebSocket` (browsers; Node 20 has none: pass `ws`). */
+  WebSocket?: WebSocketConstructor;
+  store?: Store;
+  /** A Ping is sent after this long without sending (the server closes after 60 s). */
+  pingIntervalMs?: number;
+  /** The connection is dropped after this long without hearing from the server. */
+  deadAfterMs?: number;
+  backoffInitialMs?: number;
+  backoffMaxMs?: number;
+  random?: () => number;
+  /** Every frame sent and received (tests, debugging). */
+  trace?: (dir: "send" | "recv", message: Message) => void;
+}
+
+export interface DocEvents {
+  remote: { seq: number; clientId: bigint; localSeq: number; patches: Patch[] };
+  ack: { seq: number; localSeq: number };
+  presence: { clientId: bigint; selections: Selection[] };
+  state: ConnectionState;
+  /** The document was rebuilt from a snapshot: `patches` turn the old local text into the new. */
+  reloaded: { patches: Patch[] };
+}
+
+/** Codes after which reconnecting would only be refused again. */
+const FATAL_ERRORS = new Set([5, 6, 7, 12, 29]);
+const FATAL_REJECTS = new Set([29, 31]);
+
+type OpenState = "closed" | "opening" | "probing" | "open";
+
+export class DocHandle extends Emitter<DocEvents> {
+  /** @internal */ doc: DocState;
+  /** @internal */ openState: OpenState = "closed";
+  /** @internal */ reply: { snapshot: string | null; snapVersion: number; ops: WireOp[] } | null = null;
+  /** @internal which op in flight was sent on which connection (each goes once per connection) */
+  sent: { gen: number; localSeq: number } | null = null;
+  /** @internal */ presence: Selection[] | null = null;
+  private waiters: (() => void)[] = [];
+
+  /** @internal */
+  constructor(
+    readonly id: string,
+    private readonly client: Client,
+    doc: DocState,
+  ) {
+    super();
+    this.doc = doc;
+  }
+
+  /** The local text: the server's with this client's pending edits. */
+  text(): string {
+    return this.doc.text;
+  }
+
+  /** The last server seq applied here. */
+  get version(): number {
+    return this.doc.version;
+  }
+
+  /** Whether edits are waiting for the server's ack. */
+  get pending(): boolean {
+    return this.doc.hasPending();
+  }
+
+  /**
+   * Applies patches (code points, each on the result of the previous) to the local text
+   * at once and queues them. Throws RangeError if they do not apply. The promise
+   * resolves once the edit is persisted (at once without a store).
+   */
+  edit(patches: readonly Patch[]): Promise<void> {
+    this.doc.localEdit(patches);
+    const saved = this.client._persist();
+    this.client._pump(this);
+    return saved;
+  }
+
+  /** This client's cursors and selections, in the local text's code points. */
+  setPresence(selections: Selection[]): void {
+    this.presence = selections;
+    if (this.openState === "open") this.client._send({ type: "Presence", doc: this.id, selections });
+  }
+
+  /** Resolves when the document is open on a live connection with nothing pending. */
+  synced(): Promise<void> {
+    if (this.isSynced()) return Promise.resolve();
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  private isSynced(): boolean {
+    return this.openState === "open" && !this.doc.hasPending() && this.client.connectionState.state === "connected";
+  }
+
+  /** @internal */
+  checkWaiters(): void {
+    if (this.waiters.length === 0 || !this.isSynced()) return;
+    const w = this.waiters;
+    this.waiters = [];
+    for (const fn of w) fn();
+  }
+}
+
+export class Client extends Emitter<{ state: ConnectionState }> {
+  clientId = 0n;
+  connectionState: ConnectionState = { state: "connecting" };
+  private readonly docs = new Map<string, DocHandle>();
+  private ws: WebSocketLike | null = null;
+  /** Bumped per connection: events of an older socket are ignored. */
+  private gen = 0;
+  private attempt = 0;
+  private maxFrame = DEFAULT_MAX_FRAME;
+  private lastSent = 0;
+  private lastHeard = 0;
+  private nonce = 0n;
+  private timer: ReturnType<typeof setInterval> | null = null;
+  private retry: ReturnType<typeof setTimeout> | null = null;
+  private saving: Promise<void> | null = null;
+  private dirty = false;
+  private readonly opts: Required<Omit<ClientOptions, "store" | "trace" | "token" | "WebSocket">> &
+    Pick<ClientOptions, "store" | "trace"> & { token: string; WebSocket: WebSocketConstructor };
+
+  private constructor(opts: ClientOptions) {
+    super();
+    const WS = opts.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!WS) throw new Error("no WebSocket: pass one in the options (in Node, the `ws` package)");
+    this.opts = {
+      url: opts.url,
+      token: opts.token ?? "",
+      WebSocket: WS,
+      store: opts.store,
+      trace: opts.trace,
+      pingIntervalMs: opts.pingIntervalMs ?? 15_000,
+      deadAfterMs: opts.deadAfterMs ?? 30_000,
+      backoffInitialMs: opts.backoffInitialMs ?? 100,
+      backoffMaxMs: opts.backoffMaxMs ?? 10_000,
+      random: opts.random ?? Math.random,
+    };
+  }
+
+  /**
+   * A client, restored from its store if that holds a state (its id, and each
+   * document's unacknowledged edits, which it resends), and connecting.
+   */
+  static async connect(opts: ClientOptions): Promise<Client> {
+    const client = new Client(opts);
+    const saved = await opts.store?.load();
+    if (saved) {
+      client.clientId = BigInt(saved.clientId);
+      for (const [id, p] of Object.entries(saved.docs)) {
+        client.docs.set(id, new DocHandle(id, client, DocState.restore(p)));
+      }
+    }
+    client.timer = setInterval(() => client.tick(), 1000);
+    // In Node, an idle client must not keep the process alive on its own.
+    (client.timer as { unref?: () => void }).unref?.();
+    client.dial();
+    return client;
+  }
+
+  /** The handle of document `id`, opening it (or the one restored from the store). */
+  open(id: string): DocHandle {
+    let handle = this.docs.get(id);
+    if (!handle) {
+      const doc = new DocState();
+      doc.maxOpBytes = maxOpBytes(this.maxFrame);
+      handle = new DocHandle(id, this, doc);
+      this.docs.set(id, handle);
+    }
+    if (handle.openState === "closed" && this.connectionState.state === "connected") this.sendOpen(handle);
+    return handle;
+  }
+
+  /** Stops for good: the socket is closed, and the state persisted. */
+  async close(): Promise<void> {
+    this.setState({ state: "closed" });
+    if (this.timer) clearInterval(this.timer);
+    if (this.retry) clearTimeout(this.retry);
+    this.gen++;
+    this.ws?.close();
+    this.ws = null;
+    await this._persist();
+  }
+
+  /** Drops the connection as a network failure would (tests); the client reconnects. */
+  dropConnection(): void {
+    const ws = this.ws as (WebSocketLike & { terminate?: () => void }) | null;
+    if (!ws) return;
+    if (ws.terminate) ws.terminate();
+    else ws.close();
+    this.lost(this.gen);
+  }
+
+  // ---- connection ----
+
+  private dial(): void {
+    if (this.connectionState.state === "closed" || this.connectionState.state === "failed") return;
+    const gen = ++this.gen;
+    const ws = new this.opts.WebSocket(this.opts.url);
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    ws.onopen = () => {
+      if (gen !== this.gen) return;
+      this.lastHeard = Date.now();
+      this._send({ type: "Hello", clientId: this.clientId, token: this.opts.token });
+    };
+    ws.onmessage = (ev) => {
+      if (gen !== this.gen) return;
+      this.lastHeard = Date.now();
+      try {
+        const data = ev.data;
+        if (!(data instanceof ArrayBuffer)) throw new ProtocolViolation("a text WebSocket message");
+        const { message } = decode(new Uint8Array(data), this.maxFrame);
+        this.opts.trace?.("recv", message);
+        this.receive(message);
+      } catch (e) {
+        // A broken frame or an impossible op: start over from a fresh connection (the
+        // documents catch up from their versions; nothing local is lost).
+        this.emitError(e);
+        this.dropConnection();
+      }
+      for (const h of this.docs.values()) h.checkWaiters();
+    };
+    ws.onclose = () => this.lost(gen);
+    ws.onerror = () => this.lost(gen);
+  }
+
+  private lost(gen: number): void {
+    if (gen !== this.gen) return;
+    this.gen++;
+    const ws = this.ws;
+    this.ws = null;
+    try {
+      ws?.close();
+    } catch {
+      // already closed
+    }
+    for (const h of this.docs.values()) {
+      h.openState = "closed";
+      h.reply = null;
+    }
+    const s = this.connectionState.state;
+    if (s === "closed" || s === "failed") return;
+    // 100 ms doubling to 10 s, each delay a random half to the whole of that: clients
+    // cut off together do not all come back at once.
+    const full = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** this.attempt);
+    const delay = Math.round(full * (0.5 + this.opts.random() * 0.5));
+    this.attempt++;
+    this.setState({ state: "disconnected", attempt: this.attempt, retryInMs: delay });
+    this.retry = setTimeout(() => {
+      this.retry = null;
+      this.dial();
+    }, delay);
+  }
+
+  private tick(): void {
+    if (!this.ws || this.connectionState.state !== "connected") return;
+    const now = Date.now();
+    if (now - this.lastHeard > this.opts.deadAfterMs) {
+      this.dropConnection();
+    } else if (now - this.lastSent >= this.opts.pingIntervalMs) {
+      this._send({ type: "Ping", nonce: ++this.nonce });
+    }
+  }
+
+  private setState(s: ConnectionState): void {
+    this.connectionState = s;
+    this.emit("state", s);
+    for (const h of this.docs.values()) {
+      h.emit("state", s);
+      h.checkWaiters();
+    }
+  }
+
+  private emitError(e: unknown): void {
+    // No error event on purpose: the client recovers by itself; say it for debugging.
+    if (typeof console !== "undefined") console.warn("quire client:", e instanceof Error ? e.message : e);
+  }
+
+  /** @internal */
+  _send(message: Message): void {
+    if (!this.ws || this.ws.readyState !== 1) return;
+    this.opts.trace?.("send", message);
+    this.ws.send(encode(message));
+    this.lastSent = Date.now();
+  }
+
+  /** @internal Saves the state (coalesced: one save at a time, the latest state). */
+  _persist(): Promise<void> {
+    const store = this.opts.store;
+    if (!store) return Promise.resolve();
+    this.dirty = true;
+    this.saving ??= (async () => {
+      while (this.dirty) {
+        this.dirty = false;
+        try {
+          await store.save(this.persisted());
+        } catch (e) {
+          this.emitError(e);
+        }
+      }
+      this.saving = null;
+    })();
+    return this.saving;
+  }
+
+  private persisted(): PersistedState {
+    const docs: PersistedState["docs"] = {};
+    for (const [id, h] of this.docs) docs[id] = h.doc.persisted();
+    return { clientId: this.clientId.toString(), docs };
+  }
+
+  // ---- documents ----
+
+  private sendOpen(h: DocHandle, knownVersion = h.doc.version): void {
+    h.openState = "opening";
+    h.reply = { snapshot: null, snapVersion: 0, ops: [] };
+    this._send({ type: "Open", doc: h.id, knownVersion });
+  }
+
+  /** @internal Sends the next op of `h` if none is in flight. */
+  _pump(h: DocHandle): void {
+    if (h.openState !== "open" || this.connectionState.state !== "connected") return;
+    if (!h.doc.inFlight) h.doc.takeToSend();
+    void this.sendInFlight(h);
+  }
+
+  /**
+   * Sends the op in flight once per connection, after it is persisted: after a
+   * reconnect it goes again under the same id, base and patches, so the server answers
+   * a duplicate with its original ack instead of applying it twice.
+   */
+  private async sendInFlight(h: DocHandle): Promise<void> {
+    const gen = this.gen;
+    // The op as sent stays the same while remote ops rebase it (a new `inFlight` object,
+    // the same `out`): compare by op id.
+    const out = h.doc.inFlight?.out;
+    if (!out || (h.sent?.gen === gen && h.sent.localSeq === out.localSeq)) return;
+    h.sent = { gen, localSeq: out.localSeq };
+    await this._persist();
+    // A new connection resends it after its catch-up; a document being reopened, after
+    // the reply (both clear `sent`).
+    if (gen !== this.gen || h.doc.inFlight?.out.localSeq !== out.localSeq) return;
+    if (h.openState !== "open") {
+      h.sent = null;
+      return;
+    }
+    this._send({ type: "Submit", doc: h.id, ...out });
+  }
+
+  private receive(m: Message): void {
+    switch (m.type) {
+      case "Welcome": {
+        const first = this.clientId === 0n;
+        this.clientId = m.clientId;
+        this.maxFrame = m.maxFrame;
+        for (const h of this.docs.values()) h.doc.maxOpBytes = maxOpBytes(m.maxFrame);
+        this.setState({ state: "connected" });
+        // The id must be on disk before any op goes out under it.
+        if (first) void this._persist();
+        for (const h of this.docs.values()) this.sendOpen(h);
+        return;
+      }
+      case "Snapshot": {
+        const h = this.docs.get(m.doc);
+        if (!h?.reply) return;
+        h.reply.snapshot = (h.reply.snapshot ?? "") + m.text;
+        h.reply.snapVersion = m.version;
+        return;
+      }
+      case "Ops": {
+        const h = this.docs.get(m.doc);
+        if (!h?.reply) return;
+        h.reply.ops.push(...m.ops);
+        if (!m.more) this.finishOpen(h);
+        return;
+      }
+      case "Reload": {
+        const h = this.docs.get(m.doc);
+        if (h) this.sendOpen(h);
+        return;
+      }
+      case "Ack": {
+        const h = this.docs.get(m.doc);
+        if (!h) return;
+        if (h.openState === "probing") return this.probeAnswered(h, m.localSeq, true);
+        if (h.doc.inFlight?.out.localSeq !== m.localSeq) return;
+        h.doc.onAck(m.localSeq, m.seq);
+        void this._persist();
+        h.emit("ack", { seq: m.seq, localSeq: m.localSeq });
+        this._pump(h);
+        return;
+      }
+      case "Reject": {
+        const h = this.docs.get(m.doc);
+        if (!h) return;
+        if (h.openState === "probing") return this.probeAnswered(h, m.localSeq, false);
+        if (h.doc.inFlight?.out.localSeq !== m.localSeq) return;
+        if (FATAL_REJECTS.has(m.code)) return this.fail(m.code, m.message);
+        // The op goes back to the buffer (already rebased over what arrived) and is sent
+        // as a new op once the document is opened again: the server refuses this
+        // connection's later ops to it until then (code 25).
+        h.doc.requeueInFlight(m.code === 24);
+        void this._persist();
+        this.sendOpen(h);
+        return;
+      }
+      case "Remote": {
+        const h = this.docs.get(m.doc);
+        if (!h || (h.openState !== "open" && h.openState !== "opening")) return;
+        if (m.clientId === this.clientId && h.doc.inFlight?.out.localSeq === m.localSeq) {
+          // Our own op, sent on a connection since lost: the server broadcasts it to this
+          // one like any other op. It is the op's ack (the Ack that answers the resend
+          // comes later and is then ignored).
+          if (m.seq <= h.doc.version) return;
+          h.doc.onAck(m.localSeq, m.seq);
+          void this._persist();
+          h.emit("ack", { seq: m.seq, localSeq: m.localSeq });
+          this._pump(h);
+          return;
+        }
+        const patches = h.doc.onRemote(m.seq, m.patches);
+        if (patches) {
+          void this._persist();
+          h.emit("remote", { seq: m.seq, clientId: m.clientId, localSeq: m.localSeq, patches });
+        }
+        return;
+      }
+      case "PresenceState": {
+        const h = this.docs.get(m.doc);
+        if (!h) return;
+        // Offsets in the sender's text, which has the server's ops but not our pending
+        // edits: clamped to the server's text as we know it (the server does not check
+        // them), then mapped through our pending ops to our local text.
+        const len = cpLen(h.doc.confirmed);
+        const pending = [...(h.doc.inFlight ? [h.doc.inFlight.op] : []), ...h.doc.buffer];
+        const place = (n: number) => pending.reduce((pos, op) => mapPosition(op, pos), Math.min(n, len));
+        const selections = m.selections.map((s) => ({ anchor: place(s.anchor), head: place(s.head) }));
+        h.emit("presence", { clientId: m.clientId, selections });
+        return;
+      }
+      case "Pong":
+        return;
+      case "Error":
+        if (FATAL_ERRORS.has(m.code)) return this.fail(m.code, m.message);
+        // Others (replaced, timeout, busy, ...): the server closes; reconnecting helps.
+        this.emitError(new Error(`server error ${m.code}: ${m.message}`));
+        return;
+      default:
+        throw new ProtocolViolation(`unexpected ${m.type} from the server`);
+    }
+  }
+
+  private fail(code: number, message: string): void {
+    this.setState({ state: "failed", code, message });
+    this.gen++;
+    this.ws?.close();
+    this.ws = null;
+  }
+
+  /** The whole reply to `Open` is in: catch up, or rebuild from a snapshot. */
+  private finishOpen(h: DocHandle): void {
+    const r = h.reply!;
+    h.reply = null;
+    const doc = h.doc;
+    const own = (op: WireOp) => op.clientId === this.clientId && doc.inFlight?.out.localSeq === op.localSeq;
+    if (r.snapshot === null) {
+      // A catch-up: the ops after our version, our own op in flight among them if the
+      // server applied it before the connection was lost (that is its ack).
+      for (const op of r.ops) {
+        if (op.seq <= doc.version) continue;
+        if (own(op)) {
+          doc.onAck(op.localSeq, op.seq);
+          h.emit("ack", { seq: op.seq, localSeq: op.localSeq });
+        } else {
+          const patches = doc.onRemote(op.seq, op.patches);
+          if (patches) h.emit("remote", { seq: op.seq, clientId: op.clientId, localSeq: op.localSeq, patches });
+        }
+      }
+    } else {
+      let text = r.snapshot;
+      let version = r.snapVersion;
+      let applied: boolean | null = doc.inFlight ? null : false;
+      for (const op of r.ops) {
+        if (own(op)) applied = true;
+        text = applyPatches(text, op.patches);
+        version = op.seq;
+      }
+      if (!doc.hasPending()) {
+        const old = doc.text;
+        const nextLocalSeq = doc.nextLocalSeq;
+        h.doc = new DocState(text, version, nextLocalSeq);
+        h.doc.maxOpBytes = doc.maxOpBytes;
+        if (old !== text) h.emit("reloaded", { patches: toPatches(diff(old, text)) });
+      } else if (applied === null) {
+        // Whether the server applied our op in flight is unknown (its ops are gone):
+        // resend it under its id and let the answer say (protocol.md, "Reload").
+        h.openState = "probing";
+        this._send({ type: "Submit", doc: h.id, ...doc.inFlight!.out });
+        return;
+      } else {
+        doc.settleApplied(applied);
+        const patches = doc.reload(text, version);
+        h.emit("reloaded", { patches });
+      }
+    }
+    h.openState = "open";
+    // The backoff starts over only once a document is served again: a server that
+    // welcomes and then breaks the connection is not hammered.
+    this.attempt = 0;
+    void this._persist();
+    if (h.presence) this._send({ type: "Presence", doc: h.id, selections: h.presence });
+    h.sent = null;
+    this._pump(h);
+  }
+
+  /** The answer to resending the op in flight after a snapshot: applied or not. */
+  private probeAnswered(h: DocHandle, localSeq: number, acked: boolean): void {
+    if (h.doc.inFlight?.out.localSeq !== localSeq) return;
+    h.doc.settleApplied(acked);
+    void this._persist();
+    // From a fresh snapshot (version 0), which holds the op if it was applied.
+    this.sendOpen(h, 0);
+  }
+}
