@@ -85,17 +85,11 @@ export function pluggable() {
 }
 
 export async function client(url, opts = {}) {
-  // pingIntervalMs 1000: the server (its WebSocket transport, at the commit this was
-  // written against) sometimes holds an Ack back until the client sends something; the
-  // other clients get the op's Remote at once. With the default 15 s Ping such a test
-  // stalls 16 s (then passes); with 1 s it stalls at most ~2 s. See the report of this
-  // branch; the client itself needs no change once the server sends the Ack promptly.
   return Client.connect({
     url,
     WebSocket: NodeWebSocket,
     backoffInitialMs: 20,
     backoffMaxMs: 200,
-    pingIntervalMs: 1000,
     ...opts,
   });
 }
