@@ -29,7 +29,11 @@ pub struct WsStream {
 
 /// Connects to `url` (`ws://127.0.0.1:7430/ws`).
 pub async fn connect(url: &str) -> io::Result<WsStream> {
-    let (ws, _) = tokio_tungstenite::connect_async(url)
+    // A small read buffer: the WebSocket layer zero-fills its free room before each
+    // read (128 KiB by default, for every small message).
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 << 10);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
         .await
         .map_err(io::Error::other)?;
     if let MaybeTlsStream::Plain(tcp) = ws.get_ref() {
