@@ -18,6 +18,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::protocol::frame::bytes_to_complete;
+
 /// A WebSocket as a byte stream of frames.
 pub struct WsStream {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -86,22 +88,13 @@ impl AsyncWrite for WsStream {
         ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(io::Error::other)?;
         // Up to the end of the frame being cut, so that at most one frame is sent here
         // (the sink was made ready for one).
-        let missing = if this.assembling.len() < 4 {
-            4 - this.assembling.len()
-        } else {
-            let len = u32::from_le_bytes(this.assembling[..4].try_into().expect("4")) as usize;
-            4 + len - this.assembling.len()
-        };
-        let take = missing.min(buf.len());
+        let take = bytes_to_complete(&this.assembling).min(buf.len());
         this.assembling.extend_from_slice(&buf[..take]);
-        if this.assembling.len() >= 4 {
-            let len = u32::from_le_bytes(this.assembling[..4].try_into().expect("4")) as usize;
-            if this.assembling.len() == 4 + len {
-                let frame = this.assembling.split().freeze();
-                Pin::new(&mut this.ws)
-                    .start_send(Message::Binary(frame))
-                    .map_err(io::Error::other)?;
-            }
+        if this.assembling.len() >= 4 && bytes_to_complete(&this.assembling) == 0 {
+            let frame = this.assembling.split().freeze();
+            Pin::new(&mut this.ws)
+                .start_send(Message::Binary(frame))
+                .map_err(io::Error::other)?;
         }
         Poll::Ready(Ok(take))
     }

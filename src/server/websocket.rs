@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 
 use super::transport::{Listener, ReadHalf, Refused, Transport, WriteHalf};
+use crate::protocol::frame::{bytes_to_complete, length_field};
 use crate::protocol::message::ErrorCode;
 
 /// The server sends a WebSocket Ping this often on every WebSocket connection: below
@@ -227,20 +228,6 @@ fn gone() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "the WebSocket connection ended")
 }
 
-/// The length field at the start of `b` (at least 4 bytes).
-fn length_field(b: &[u8]) -> usize {
-    u32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as usize
-}
-
-/// Bytes still missing from the frame `assembling` begins (its length field first;
-/// `assembling` never holds more than that frame).
-fn missing(assembling: &[u8]) -> usize {
-    if assembling.len() < 4 {
-        return 4 - assembling.len();
-    }
-    4 + length_field(assembling) - assembling.len()
-}
-
 impl AsyncWrite for WsWriter {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -252,7 +239,7 @@ impl AsyncWrite for WsWriter {
         while taken < buf.len() {
             let rest = &buf[taken..];
             let header = this.assembling.len() < 4;
-            let need = missing(&this.assembling);
+            let need = bytes_to_complete(&this.assembling);
             if header || rest.len() < need {
                 // The length field, or part of the body: nothing to send yet.
                 let take = need.min(rest.len());
