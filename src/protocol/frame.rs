@@ -91,6 +91,21 @@ impl Encoder<&Envelope> for FrameCodec {
     }
 }
 
+/// The length field at the start of a frame's bytes (at least 4 of them).
+pub fn length_field(frame: &[u8]) -> usize {
+    u32::from_le_bytes(frame[..4].try_into().expect("a length field is 4 bytes")) as usize
+}
+
+/// Bytes still missing from the frame that `partial` begins (its length field first,
+/// then that many bytes; `partial` holds no more than that frame): for cutting a byte
+/// stream of frames back into frames, as a WebSocket sends each in a message of its own.
+pub fn bytes_to_complete(partial: &[u8]) -> usize {
+    if partial.len() < 4 {
+        return 4 - partial.len();
+    }
+    4 + length_field(partial) - partial.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,19 +134,4 @@ mod tests {
         assert!(matches!(err, FrameError::TooLarge));
         assert!(buf.capacity() < 1_000_000);
     }
-}
-
-/// The length field at the start of a frame's bytes (at least 4 of them).
-pub fn length_field(frame: &[u8]) -> usize {
-    u32::from_le_bytes(frame[..4].try_into().expect("a length field is 4 bytes")) as usize
-}
-
-/// Bytes still missing from the frame that `partial` begins (its length field first,
-/// then that many bytes; `partial` holds no more than that frame): for cutting a byte
-/// stream of frames back into frames, as a WebSocket sends each in a message of its own.
-pub fn bytes_to_complete(partial: &[u8]) -> usize {
-    if partial.len() < 4 {
-        return 4 - partial.len();
-    }
-    4 + length_field(partial) - partial.len()
 }
