@@ -58,8 +58,11 @@ export interface DocEvents {
 }
 
 /** Codes after which reconnecting would only be refused again. */
-const FATAL_ERRORS = new Set([5, 6, 7, 12, 29]);
-const FATAL_REJECTS = new Set([29, 31]);
+// Code 32 (the document was deleted) stops the client as the Rust client does: going on
+// would put the user's edits into a new document under the same id; whether to open it
+// anew is the application's call.
+const FATAL_ERRORS = new Set([5, 6, 7, 12, 29, 32]);
+const FATAL_REJECTS = new Set([29, 31, 32]);
 
 type OpenState = "closed" | "opening" | "probing" | "open";
 

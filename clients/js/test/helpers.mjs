@@ -28,11 +28,15 @@ export function tempDir(prefix = "quire-js-") {
 }
 
 /** Starts `quire serve` on a fresh (or the given) data dir; resolves once it serves. */
-export async function startServer({ dataDir = join(tempDir(), "data"), httpListen = "127.0.0.1:0", extra = [] } = {}) {
+export async function startServer({ dataDir = join(tempDir(), "data"), httpListen = "127.0.0.1:0", extra = [], adminTokenFile = null } = {}) {
   if (!existsSync(QUIRE_BIN)) throw new Error(`no quire binary at ${QUIRE_BIN}: build it or set QUIRE_BIN`);
+  // The admin endpoint only when a test needs it (with its token file).
+  const admin = adminTokenFile
+    ? ["--admin-listen", "127.0.0.1:0", "--admin-token-file", adminTokenFile, "--min-free-mib", "0"]
+    : ["--admin-listen", "off"];
   const child = spawn(
     QUIRE_BIN,
-    ["serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--http-listen", httpListen, "--admin-listen", "off", ...extra],
+    ["serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--http-listen", httpListen, ...admin, ...extra],
     { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, RUST_LOG: "info" } },
   );
   let log = "";
@@ -49,6 +53,7 @@ export async function startServer({ dataDir = join(tempDir(), "data"), httpListe
   return {
     url,
     dataDir,
+    admin: /admin=(\S+)/.exec(log)?.[1] ?? null,
     port: Number(new URL(url).port),
     log: () => log,
     async stop() {
