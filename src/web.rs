@@ -1,7 +1,9 @@
 //! The HTTP listener for browsers (`quire serve --http-listen ADDR`): `GET /ws` upgrades
 //! to a WebSocket that carries the protocol's frames (protocol.md, "WebSocket") and is
 //! handed to the server's accept loop, to be served by the same session code as a TCP
-//! connection ([`crate::server::websocket`]).
+//! connection ([`crate::server::websocket`]). `GET /` serves a demo page (CodeMirror
+//! on a document, from `clients/js/demo`, built into `clients/js/demo/dist` and embedded
+//! at compile time) with its script at `GET /demo.js`.
 //!
 //! Limits: at most [`WebConfig::max_connections`] HTTP connections at once (more wait
 //! in the listen backlog), each closed after [`WebConfig::idle`] without a byte moved
@@ -67,9 +69,15 @@ struct Web {
     handoff: WsHandoff,
 }
 
-/// The routes: `GET /ws`.
+/// The demo page (clients/js/demo), built by `npm run build:demo` and checked in.
+const DEMO_HTML: &str = include_str!("../clients/js/demo/dist/index.html");
+const DEMO_JS: &str = include_str!("../clients/js/demo/dist/demo.js");
+
+/// The routes: `GET /ws`, and the demo page at `GET /` (with its script, `GET /demo.js`).
 pub fn router(config: WebConfig, handoff: WsHandoff) -> Router {
     Router::new()
+        .route("/", get(demo_html))
+        .route("/demo.js", get(demo_js))
         .route("/ws", get(upgrade))
         .with_state(Arc::new(Web { config, handoff }))
 }
@@ -126,6 +134,20 @@ async fn upgrade(
             // The server's accept loop takes it (or is gone, at shutdown: dropped).
             let _ = web.handoff.send((conn, format!("ws:{peer}"))).await;
         })
+}
+
+async fn demo_html() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        DEMO_HTML,
+    )
+}
+
+async fn demo_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        DEMO_JS,
+    )
 }
 
 /// Whether a page of the request's `Origin` may open a WebSocket here; the reason if not.

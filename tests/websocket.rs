@@ -443,3 +443,54 @@ async fn a_connection_over_the_clients_websocket_stream_is_served_like_tcp() {
     );
     server.stop().await;
 }
+
+/// A plain HTTP/1.1 GET: the status, the headers (lowercase names) and the body.
+async fn http_get(http: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(http).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("the end of the headers");
+    let head = String::from_utf8(response[..split].to_vec()).unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_lowercase(), response[split + 4..].to_vec())
+}
+
+#[tokio::test]
+async fn the_demo_page_and_its_script_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), ServerConfig::default(), web_config()).await;
+    let (status, head, body) = http_get(server.http, "/").await;
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("content-type: text/html; charset=utf-8"),
+        "{head}"
+    );
+    let page = String::from_utf8(body).unwrap();
+    assert!(
+        page.contains(r#"<script src="/demo.js"></script>"#),
+        "{page}"
+    );
+    assert_eq!(
+        page.as_bytes(),
+        std::fs::read("clients/js/demo/dist/index.html").unwrap()
+    );
+    let (status, head, body) = http_get(server.http, "/demo.js").await;
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/javascript"), "{head}");
+    assert_eq!(body, std::fs::read("clients/js/demo/dist/demo.js").unwrap());
+    assert!(body.len() > 10_000, "the bundle, not a placeholder");
+    let (status, _, _) = http_get(server.http, "/nothing-here").await;
+    assert_eq!(status, 404);
+    // The WebSocket is still served next to the page.
+    let mut ws = connect(server.http, Some(&format!("http://{}", server.http)))
+        .await
+        .unwrap();
+    hello(&mut ws).await;
+    server.stop().await;
+}

@@ -28,7 +28,9 @@ export type ConnectionState =
   | { state: "disconnected"; attempt: number; retryInMs: number }
   /** Refused for good (`code`: 5, 6, 7, 12, 29 or 31): edits keep applying locally. */
   | { state: "failed"; code: number; message: string }
-  | { state: "closed" };
+  | { state: "closed" }
+  /** Offline by choice (`goOffline`): edits keep applying and queue until `goOnline`. */
+  | { state: "offline" };
 
 export interface ClientOptions {
   /** `ws://host:port/ws`. */
@@ -152,6 +154,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   private timer: ReturnType<typeof setInterval> | null = null;
   private retry: ReturnType<typeof setTimeout> | null = null;
   private saving: Promise<void> | null = null;
+  private offline = false;
   private dirty = false;
   private readonly opts: Required<Omit<ClientOptions, "store" | "trace" | "token" | "WebSocket">> &
     Pick<ClientOptions, "store" | "trace"> & { token: string; WebSocket: WebSocketConstructor };
@@ -227,10 +230,33 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     this.lost(this.gen);
   }
 
+  /**
+   * Drops the connection and stays off (as with no network) until `goOnline`: edits
+   * keep applying locally, composed into the queue and persisted.
+   */
+  goOffline(): void {
+    const s = this.connectionState.state;
+    if (this.offline || s === "closed" || s === "failed") return;
+    this.offline = true;
+    if (this.retry) clearTimeout(this.retry);
+    this.retry = null;
+    if (this.ws) this.dropConnection();
+    else this.setState({ state: "offline" });
+  }
+
+  /** Connects again after `goOffline`. */
+  goOnline(): void {
+    if (!this.offline) return;
+    this.offline = false;
+    this.attempt = 0;
+    this.setState({ state: "connecting" });
+    this.dial();
+  }
+
   // ---- connection ----
 
   private dial(): void {
-    if (this.connectionState.state === "closed" || this.connectionState.state === "failed") return;
+    if (this.offline || this.connectionState.state === "closed" || this.connectionState.state === "failed") return;
     const gen = ++this.gen;
     const ws = new this.opts.WebSocket(this.opts.url);
     ws.binaryType = "arraybuffer";
@@ -277,6 +303,10 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     }
     const s = this.connectionState.state;
     if (s === "closed" || s === "failed") return;
+    if (this.offline) {
+      this.setState({ state: "offline" });
+      return;
+    }
     // 100 ms doubling to 10 s, each delay a random half to the whole of that: clients
     // cut off together do not all come back at once.
     const full = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** this.attempt);
