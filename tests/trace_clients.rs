@@ -341,7 +341,9 @@ async fn replay(test: &str, hold_back: bool) {
                             seen[a][x]
                         )
                     })
-                    .expect("the client stopped");
+                    .unwrap_or_else(|| {
+                        panic!("agent {a}'s client stopped without a refusal (seed {seed})")
+                    });
                 absorb(event, &agent_of, &mut seen[a], &mut acked[a])
                     .unwrap_or_else(|e| panic!("txn {i} (agent {a}): {e} (seed {seed})"));
             }
@@ -362,7 +364,9 @@ async fn replay(test: &str, hold_back: bool) {
                             "txn {i} (agent {a}): agent {x}'s op {op} was not acknowledged in {STUCK:?} (seed {seed})"
                         )
                     })
-                    .expect("the client stopped");
+                    .unwrap_or_else(|| {
+                        panic!("agent {x}'s client stopped without a refusal (seed {seed})")
+                    });
                 absorb(event, &agent_of, &mut seen[x], &mut acked[x])
                     .unwrap_or_else(|e| panic!("txn {i} (agent {x}): {e} (seed {seed})"));
             }
@@ -449,7 +453,9 @@ async fn replay(test: &str, hold_back: bool) {
             let event = tokio::time::timeout(STUCK, events[a].recv())
                 .await
                 .expect("the client did not catch up")
-                .expect("the client stopped");
+                .unwrap_or_else(|| {
+                    panic!("agent {a}'s client stopped without a refusal (seed {seed})")
+                });
             absorb(event, &agent_of, &mut seen[a], &mut acked[a]).unwrap();
         }
     }
