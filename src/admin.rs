@@ -623,7 +623,7 @@ async fn doc_text<S: Sequencer>(
     // The first read after a restart builds the text from the log: off the workers.
     let read = {
         let (sequencer, id) = (sequencer.clone(), id.clone());
-        tokio::task::spawn_blocking(move || sequencer.read_now(&id)).await
+        tokio::task::spawn_blocking(move || sequencer.read_now(&id, None)).await
     };
     let (view, ticket) = match read {
         Ok(Ok(Some(found))) => found,

@@ -70,6 +70,11 @@ impl Dedupe {
         }
     }
 
+    /// The seq of `client`'s newest op applied here (`None`: none remembered).
+    pub fn newest_seq(&self, client: u64) -> Option<u64> {
+        self.clients.get(&client)?.back().map(|a| a.seq)
+    }
+
     /// Each client's remembered ops, oldest first, sorted by client (what a snapshot
     /// keeps).
     pub fn remembered(&self) -> Vec<(u64, Vec<RememberedOp>)> {

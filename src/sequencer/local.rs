@@ -594,6 +594,48 @@ impl Drop for LocalSequencer {
     }
 }
 
+impl LocalSequencer {
+    /// `doc_id` as of its newest durable op: its snapshot (which holds only durable
+    /// ops) and the ops after it in the log's index (which has only durable ones).
+    fn durable_view(&self, doc_id: &str, state: &DocState) -> Result<DocView, Arc<str>> {
+        let fail =
+            |e: String| Arc::<str>::from(format!("reading {doc_id:?} after the log failed: {e}"));
+        let (base, base_seq) = if state.snapshot_seq == 0 {
+            (String::new(), 0)
+        } else {
+            let path = self
+                .shared
+                .snapshot_dir
+                .join(snapshot_file_name(doc_id, state.snapshot_seq));
+            let bytes = self
+                .shared
+                .vfs
+                .map(&path)
+                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+            let snapshot = Snapshot::decode(&bytes).map_err(|e| fail(e.to_string()))?;
+            (snapshot.text, snapshot.last_included_seq)
+        };
+        let wal = &self.shared.wal;
+        let version = wal
+            .with_index(|index| {
+                index
+                    .ops_after(doc_id, base_seq, usize::MAX)
+                    .last()
+                    .map(|&(seq, _)| seq)
+            })
+            .unwrap_or(base_seq);
+        let text = Deferred::new(base, base_seq)
+            .build(doc_id, version, |after, limit| {
+                wal.read_ops_after(doc_id, after, limit)
+            })
+            .map_err(fail)?;
+        Ok(DocView {
+            text: text.to_string(),
+            version,
+        })
+    }
+}
+
 impl Sequencer for LocalSequencer {
     fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary> {
         // The page's ids first (a sort of the ids past `after`: an admin request, not a
@@ -910,13 +952,31 @@ impl Sequencer for LocalSequencer {
             .map_err(|e| Arc::from(e.to_string()))
     }
 
-    fn read_now(&self, doc_id: &str) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
+    fn read_now(
+        &self,
+        doc_id: &str,
+        reader: Option<u64>,
+    ) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
         let Some(doc) = self.doc(doc_id) else {
             return Ok(None);
         };
         // The first read after a restart builds the text: a blocking read of the log (the
         // ops after the document's snapshot), under the document's lock.
         let mut state = lock_doc(&doc);
+        let durable_lsn = self.shared.wal.durability().durable_lsn;
+        if state.last_lsn > durable_lsn && self.shared.wal.failure().is_some() {
+            // The log failed under some of this document's ops: they were applied here
+            // and will never be acknowledged. Reads go on, from what is: the snapshot
+            // and the log's durable ops; but not for a client with one of those ops (see
+            // the trait's notes), whose read fails with the log below.
+            let view = self.durable_view(doc_id, &state)?;
+            let reader_in_limbo = reader
+                .and_then(|client| state.dedupe.newest_seq(client))
+                .is_some_and(|seq| seq > view.version);
+            if !reader_in_limbo {
+                return Ok(Some((view, Ticket(durable_lsn))));
+            }
+        }
         let text = state.text(doc_id, &self.shared.wal)?.to_string();
         Ok(Some((
             DocView {
@@ -1553,7 +1613,7 @@ mod tests {
         }
 
         fn read_doc(store: &LocalSequencer, doc: &str) -> Option<DocView> {
-            store.read_now(doc).unwrap().map(|(view, _)| view)
+            store.read_now(doc, None).unwrap().map(|(view, _)| view)
         }
 
         #[test]

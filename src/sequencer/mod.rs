@@ -265,12 +265,24 @@ pub trait Sequencer: Send + Sync + 'static {
     /// failed (never an empty document in its place). Blocking: it copies the text, and
     /// the local sequencer builds a document's text from the log on its first use after
     /// a restart; call it off the async workers.
-    fn read_now(&self, doc_id: &str) -> Result<Option<(DocView, Ticket)>, Arc<str>>;
+    ///
+    /// `reader` is the client id of the session that reads (`None`: not a client, such
+    /// as an administrator's read). **After the log failed**, a document holding ops that
+    /// never became durable is read as of its newest durable op, except by a client
+    /// with such an op: the view's ticket then fails. Those ops may still be found in
+    /// the log after a restart (written, not synced), and a client's ops are taken to
+    /// be made on top of its earlier ones (protocol.md, Pipelining): a view without its
+    /// own op would make its next op's meaning differ between it and the server.
+    fn read_now(
+        &self,
+        doc_id: &str,
+        reader: Option<u64>,
+    ) -> Result<Option<(DocView, Ticket)>, Arc<str>>;
 
-    /// [`Sequencer::read_now`], then waits until the view is durable (blocking the
-    /// calling thread for the first part: for tests and tools).
+    /// [`Sequencer::read_now`] (as no client), then waits until the view is durable
+    /// (blocking the calling thread for the first part: for tests and tools).
     fn read(&self, doc_id: &str) -> impl Future<Output = Result<Option<DocView>, Arc<str>>> + Send {
-        let now = self.read_now(doc_id);
+        let now = self.read_now(doc_id, None);
         async move {
             let Some((view, ticket)) = now? else {
                 return Ok(None);

@@ -1268,7 +1268,7 @@ mod tests {
         assert!(a.take().is_empty() && b.take().is_empty());
         store.finish_delete("d").unwrap();
         assert_eq!(store.version("d"), 0);
-        assert!(store.read_now("d").unwrap().is_none());
+        assert!(store.read_now("d", None).unwrap().is_none());
     }
 
     /// Found by CI (tests/server.rs, presence_is_broadcast_and_gone_when_the_client_

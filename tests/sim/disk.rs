@@ -85,8 +85,12 @@ impl Sequencer for SimSequencer {
         self.inner.wait_durable(ticket)
     }
 
-    fn read_now(&self, doc_id: &str) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
-        self.inner.read_now(doc_id)
+    fn read_now(
+        &self,
+        doc_id: &str,
+        reader: Option<u64>,
+    ) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
+        self.inner.read_now(doc_id, reader)
     }
 
     fn ops_after(

@@ -62,8 +62,12 @@ impl<S: Sequencer> Session<S> {
         // Copying the text (and, after a restart, building it from the log) is blocking
         // work: off the async workers.
         let sequencer = self.server.sequencer.clone();
-        let id = doc.to_owned();
-        let view = match self.server.blocking(move || sequencer.read_now(&id)).await {
+        let (id, reader) = (doc.to_owned(), self.outbox.client_id);
+        let view = match self
+            .server
+            .blocking(move || sequencer.read_now(&id, Some(reader)))
+            .await
+        {
             Ok(Ok(Some((view, ticket)))) => {
                 // The view holds only durable ops once its newest op is durable.
                 if let Err(reason) = self.server.sequencer.wait_durable(ticket).await {
