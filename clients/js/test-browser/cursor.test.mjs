@@ -72,7 +72,8 @@ test("a's cursor is drawn in b at the character a put it after, with a's label",
     await cursorToEnd(a.page);
     await a.page.keyboard.type(text);
     // b has a's text before a moves: a presence that arrives before the edit it refers
-    // to is clamped and stays so until the peer moves again (a known limit of the client).
+    // to is clamped (the binding sends it again once its edits are acknowledged, but the
+    // page a prebuilt server embeds may predate that).
     await converged([a.page, b.page], [text], "b to show a's text");
     const label = await myLabel(a.page);
 
