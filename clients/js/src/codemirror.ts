@@ -163,6 +163,15 @@ export function quireCollab(handle: DocHandle, options: QuireCollabOptions = {})
             this.view.dispatch({ effects: setPeer.of({ clientId, ranges }) });
           }),
         );
+        // The selection goes out at once, ahead of the edits it is in (they wait for the
+        // server's ack, one op at a time): the others clamp it to the text they have and
+        // it stays where it landed. Once every edit is acknowledged the others have them
+        // all (the server sent them before the ack), and the selection is sent again.
+        this.off.push(
+          handle.on("ack", () => {
+            if (!handle.pending) this.sendPresence();
+          }),
+        );
         if (view.state.doc.toString() !== handle.text()) queueMicrotask(() => this.resync());
         this.sendPresence();
       }

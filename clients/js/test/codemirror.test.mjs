@@ -62,8 +62,8 @@ test("two editors converge, remote edits are not echoed, cursors are labelled", 
     assert.equal(ha.text(), a.state.doc.toString());
 
     // b's selection is drawn in a, labelled with b's client id. The selection is made once
-    // a has b's edit: a presence that arrives before the edit it refers to is clamped and
-    // stays so until the peer moves (a known limit of the client, not what this checks).
+    // a has b's edit: a presence that arrives before the edit it refers to is clamped
+    // until b's edits are acknowledged (the test below), which is not what this checks.
     b.dispatch({ changes: { from: 0, to: b.state.doc.length, insert: "x😀yz" } });
     await waitFor(() => a.state.doc.toString() === "x😀yz", "a to see b's rewrite");
     b.dispatch({ selection: EditorSelection.range(1, 3) });
@@ -100,4 +100,36 @@ test("offline by choice: the state says so, edits queue, and are sent when back 
   a.destroy();
   await ca.close();
   await cb.close();
+});
+
+test("a cursor moved with an edit is drawn where it is once the edit arrives (presence resent when the edits are acknowledged)", async () => {
+  const [ca, cb] = [await client(server.url), await client(server.url)];
+  const [ha, hb] = [ca.open("caret-ahead"), cb.open("caret-ahead")];
+  await Promise.all([ha.synced(), hb.synced()]);
+  const [a, b] = [editor(ha), editor(hb)];
+  try {
+    // b types: its first key goes out as an op, the others wait for its ack; its cursor
+    // goes out at once, after "hello world", and so reaches a before the text it is in.
+    // a clamps it to the text it has.
+    for (const ch of "hello world") b.dispatch({ changes: { from: b.state.doc.length, insert: ch }, selection: { anchor: b.state.doc.length + 1 } });
+    b.dispatch({ selection: { anchor: 5 } });
+    await waitFor(() => a.state.doc.toString() === "hello world", "a to see b's edit");
+    // Where a draws b's caret: the text before it in a's editor.
+    const before = () => {
+      const caret = a.dom.querySelector(".cm-quire-caret");
+      if (!caret) return null;
+      const range = document.createRange();
+      range.setStart(a.contentDOM, 0);
+      range.setEndBefore(caret);
+      return range.toString();
+    };
+    await waitFor(() => before() === "hello", `a to draw b's caret after "hello"`, 10_000).catch((e) => {
+      throw new Error(`${e.message}: drawn after ${JSON.stringify(before())}`);
+    });
+  } finally {
+    a.destroy();
+    b.destroy();
+    await ca.close();
+    await cb.close();
+  }
 });
