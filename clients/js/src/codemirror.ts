@@ -56,8 +56,10 @@ const peersField = StateField.define<Map<bigint, Peer>>({
   },
 });
 
+/** A hue per client, 137 degrees apart for consecutive ids (the server hands out
+ * consecutive ids, so two tabs opened one after the other get colours far apart). */
 export function defaultColor(clientId: bigint): string {
-  return `hsl(${Number(clientId % 360n)}, 70%, 45%)`;
+  return `hsl(${Number((clientId * 137n) % 360n)}, 70%, 45%)`;
 }
 
 class CaretWidget extends WidgetType {

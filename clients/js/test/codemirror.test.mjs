@@ -133,3 +133,12 @@ test("a cursor moved with an edit is drawn where it is once the edit arrives (pr
     await cb.close();
   }
 });
+
+test("consecutive client ids get colours far apart", async () => {
+  const { defaultColor } = await import("../dist/codemirror.js");
+  const hue = (id) => Number(/hsl\((\d+),/.exec(defaultColor(id))[1]);
+  for (const id of [0n, 1n, 5808n, 123456789n]) {
+    const d = Math.abs(hue(id) - hue(id + 1n));
+    assert.ok(Math.min(d, 360 - d) >= 90, `ids ${id} and ${id + 1n}: hues ${hue(id)} and ${hue(id + 1n)}`);
+  }
+});
