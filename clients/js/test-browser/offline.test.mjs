@@ -38,6 +38,12 @@ after(async () => {
   await server?.stop();
 });
 
+/** Every edit is in `text` exactly once, and nothing else is (they are all inserts). */
+function assertEachOnce(text, edits) {
+  for (const e of edits) assert.equal(text.split(e).length - 1, 1, `${JSON.stringify(e)} once in ${JSON.stringify(text)}`);
+  assert.equal(text.length, edits.reduce((n, e) => n + e.length, 0), `nothing but the edits in ${JSON.stringify(text)}`);
+}
+
 /** The text of `doc` that page's IndexedDB holds (restored as the client restores it). */
 async function storedText(page, doc) {
   const state = await page.evaluate(
@@ -112,6 +118,7 @@ test("offline (the driver's mode), edits, a reload while offline, online again: 
     await waitUntil(a.page, () => document.querySelector("#status").className === "connected", null, "a to reconnect", { ms: 40_000, describe: texts });
     const every = [start, aOffline1, aOffline2, bOnline1, bOnline2];
     const text = await converged([a.page, b.page], every, "both pages to hold every edit");
+    assertEachOnce(text, every);
     assert.equal(await serverText(server.url, doc), text, "the server has the pages' text");
   } finally {
     await screenshot(a.page, "offline-a").catch(() => {});
@@ -143,6 +150,7 @@ test("the demo's Go offline button: edits queue, and are sent on Go online", { t
     await a.page.click("#offline");
     await waitUntil(a.page, () => document.querySelector("#status").className === "connected" && document.querySelector("#offline").textContent === "Go offline", null, "a to be online");
     const text = await converged([a.page, b.page], [aOffline, bOnline], "both pages to hold both edits");
+    assertEachOnce(text, [aOffline, bOnline]);
     assert.equal(await serverText(server.url, doc), text);
   } finally {
     await screenshot(a.page, "button-a").catch(() => {});
