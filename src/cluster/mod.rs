@@ -51,5 +51,7 @@
 pub mod entry;
 pub mod hashing;
 pub mod mem_store;
+#[cfg(test)]
+mod model_tests;
 pub mod ownership;
 pub mod store;
