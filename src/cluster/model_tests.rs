@@ -13,7 +13,7 @@
 //!
 //! Nodes behave as the design says a node must (see [`super`]): an op is acknowledged
 //! only after its commit txn succeeded; a node checks its own clock before answering
-//! from memory. One action, `Commit { check_clock: false }`, skips that check, as a
+//! from memory. `Commit { check_clock: false, .. }` skips that check, as a
 //! process stopped between its check and its txn would: the fence must hold alone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -54,9 +54,12 @@ enum Action {
         node: u8,
         new_op: bool,
     },
+    /// A group commit; its acks reach the clients if `acks_delivered` (if not, the
+    /// connections dropped: the clients resend, and the node answers from memory).
     Commit {
         node: u8,
         check_clock: bool,
+        acks_delivered: bool,
     },
     /// The commit succeeds and the node crashes before acknowledging anything.
     CommitThenCrash {
@@ -97,6 +100,7 @@ impl Action {
             50..=67 => Action::Commit {
                 node,
                 check_clock: pick(3) != 0,
+                acks_delivered: pick(5) != 0,
             },
             68..=70 => Action::CommitThenCrash { node },
             71..=80 => Action::Advance {
@@ -276,7 +280,11 @@ impl World {
                 node,
                 new_op,
             } => self.submit(client, node, new_op),
-            Action::Commit { node, check_clock } => {
+            Action::Commit {
+                node,
+                check_clock,
+                acks_delivered,
+            } => {
                 let n = &self.nodes[usize::from(node)];
                 let may = if check_clock {
                     self.running(node)
@@ -284,7 +292,7 @@ impl World {
                     n.member.is_some() && !n.paused
                 };
                 if may {
-                    self.commit(node, None, true);
+                    self.commit(node, None, acks_delivered);
                 }
             }
             Action::CommitThenCrash { node } => {
@@ -431,7 +439,7 @@ impl World {
     }
 
     /// One group commit of the node's pending ops (of `only` if given); acknowledges
-    /// them if `ack` and the txn succeeded.
+    /// them if `ack` and the txn succeeded (a client that missed its ack resends).
     fn commit(&mut self, node: u8, only: Option<u8>, ack: bool) {
         let n = &mut self.nodes[usize::from(node)];
         let member = n.member.as_ref().expect("up");
