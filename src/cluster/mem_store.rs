@@ -25,6 +25,19 @@ struct State {
     next_lease: i64,
     kvs: BTreeMap<String, KeyValue>,
     leases: BTreeMap<LeaseId, Lease>,
+    /// What happens to the next txn (a fault the test asked for).
+    next_txn_fault: Option<Fault>,
+}
+
+/// An uncertain outcome for the next txn: etcd's client sees an error (a timeout, a
+/// dropped connection, a leader change) and cannot tell whether the txn was applied
+/// (`guarantees`, "Operation completed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The txn is applied; its response is lost.
+    ResponseLost,
+    /// The txn never reaches the store.
+    RequestLost,
 }
 
 /// The in-memory stand-in for etcd.
@@ -48,6 +61,7 @@ impl MemStore {
                 next_lease: 1,
                 kvs: BTreeMap::new(),
                 leases: BTreeMap::new(),
+                next_txn_fault: None,
             }),
         }
     }
@@ -67,6 +81,11 @@ impl MemStore {
         for lease in expired {
             state.remove_lease(lease);
         }
+    }
+
+    /// Makes the next txn fail with [`StoreError::Unavailable`], applied or not.
+    pub fn fault_next_txn(&self, fault: Fault) {
+        self.lock().next_txn_fault = Some(fault);
     }
 
     /// The store's clock: the time advanced since it was made.
@@ -289,6 +308,12 @@ impl Store for MemStore {
         failure: &[Op],
     ) -> Result<TxnResponse, StoreError> {
         let mut state = self.lock();
+        let fault = state.next_txn_fault.take();
+        if fault == Some(Fault::RequestLost) {
+            return Err(StoreError::Unavailable(
+                "request lost (a test's fault)".into(),
+            ));
+        }
         if compares.len() > MAX_TXN_OPS {
             return Err(StoreError::Txn(TxnError::TooManyOps(compares.len())));
         }
@@ -304,6 +329,11 @@ impl Store for MemStore {
         let branch = if succeeded { success } else { failure };
         state.check_branch(branch)?;
         let results = state.apply(branch);
+        if fault == Some(Fault::ResponseLost) {
+            return Err(StoreError::Unavailable(
+                "response lost (a test's fault)".into(),
+            ));
+        }
         Ok(TxnResponse {
             succeeded,
             revision: state.revision,
@@ -547,6 +577,25 @@ mod tests {
         let e = store.txn(&[], &[put_leased("a", lease)], &[]);
         assert_eq!(e, Err(StoreError::LeaseNotFound(lease)));
         assert_eq!(store.revision(), 3);
+    }
+
+    #[test]
+    fn a_faulted_txn_answers_unavailable_whether_or_not_it_was_applied() {
+        let store = MemStore::new();
+        store.fault_next_txn(Fault::RequestLost);
+        assert!(matches!(
+            store.txn(&[], &[put("a", "1")], &[]),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(store.get("a").unwrap().is_none());
+        store.fault_next_txn(Fault::ResponseLost);
+        assert!(matches!(
+            store.txn(&[], &[put("a", "1")], &[]),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(store.get("a").unwrap().unwrap().create_revision, 2);
+        // One fault, one txn.
+        assert!(store.txn(&[], &[put("b", "1")], &[]).unwrap().succeeded);
     }
 
     #[test]
