@@ -31,7 +31,7 @@ struct State {
 
 /// An uncertain outcome for the next txn: etcd's client sees an error (a timeout, a
 /// dropped connection, a leader change) and cannot tell whether the txn was applied
-/// (`guarantees`, "Operation completed").
+/// (etcd.io/docs/v3.5/learning/api_guarantees, "Operation completed").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// The txn is applied; its response is lost.
@@ -138,23 +138,33 @@ impl State {
         if ops.len() > MAX_TXN_OPS {
             return Err(StoreError::Txn(TxnError::TooManyOps(ops.len())));
         }
-        let mut written = BTreeSet::new();
+        // As etcd's `checkIntervals`: no key put twice, and none put and deleted (by key
+        // or by a range) in one branch; deletes may overlap each other.
+        let mut puts = BTreeSet::new();
         for op in ops {
-            let key = match op {
-                Op::Put { key, lease, .. } => {
-                    if let Some(lease) = lease {
-                        if !self.leases.contains_key(lease) {
-                            return Err(StoreError::LeaseNotFound(*lease));
-                        }
+            if let Op::Put { key, lease, .. } = op {
+                if let Some(lease) = lease {
+                    if !self.leases.contains_key(lease) {
+                        return Err(StoreError::LeaseNotFound(*lease));
                     }
-                    key
                 }
-                Op::Delete { key } => key,
-                Op::DeletePrefix { prefix } => prefix,
-                Op::Get { .. } => continue,
+                if !puts.insert(key.as_str()) {
+                    return Err(StoreError::Txn(TxnError::DuplicateKey(key.clone())));
+                }
+            }
+        }
+        for op in ops {
+            let deleted = match op {
+                Op::Delete { key } => puts.get(key.as_str()).copied(),
+                Op::DeletePrefix { prefix } => puts
+                    .range(prefix.as_str()..)
+                    .next()
+                    .copied()
+                    .filter(|key| key.starts_with(prefix.as_str())),
+                Op::Put { .. } | Op::Get { .. } => None,
             };
-            if !written.insert(key.clone()) {
-                return Err(StoreError::Txn(TxnError::DuplicateKey(key.clone())));
+            if let Some(key) = deleted {
+                return Err(StoreError::Txn(TxnError::DuplicateKey(key.to_owned())));
             }
         }
         Ok(())
@@ -482,6 +492,22 @@ mod tests {
         let store = MemStore::new();
         let e = store.txn(&[], &[put("a", "1"), put("a", "2")], &[]);
         assert_eq!(e, Err(StoreError::Txn(TxnError::DuplicateKey("a".into()))));
+        let delete_prefix = Op::DeletePrefix {
+            prefix: "p/".into(),
+        };
+        let e = store.txn(&[], &[], &[put("p/a", "1"), delete_prefix.clone()]);
+        assert_eq!(
+            e,
+            Err(StoreError::Txn(TxnError::DuplicateKey("p/a".into())))
+        );
+        // Deletes may overlap, as in etcd.
+        let delete = Op::Delete { key: "p/a".into() };
+        assert!(
+            store
+                .txn(&[], &[delete, delete_prefix], &[])
+                .unwrap()
+                .succeeded
+        );
         let many: Vec<Op> = (0..=MAX_TXN_OPS)
             .map(|i| put(&format!("k{i}"), ""))
             .collect();

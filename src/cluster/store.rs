@@ -20,9 +20,9 @@
 //!   revision usable as a fencing token ([`super::ownership`]'s epochs).
 //! - **Transactions** (`api`, "Transaction"): `If(compares) Then(success) Else(failure)`,
 //!   all compares ANDed, evaluated and applied atomically at one revision. etcd refuses
-//!   a txn that puts or deletes the same key twice in one branch ("duplicate key given
-//!   in txn request") and one with more than `--max-txn-ops` (default 128) compares or
-//!   ops in a branch: [`TxnError`]. A value compare on an absent key is false whatever
+//!   a txn that puts a key twice in one branch, or puts and deletes it ("duplicate key
+//!   given in txn request"; overlapping deletes are allowed), and one with more than
+//!   `--max-txn-ops` (default 128) compares or ops in a branch: [`TxnError`]. A value compare on an absent key is false whatever
 //!   the value (etcd's `applyCompare`: a missing key has no value, not an empty one).
 //! - **Ranges** (`api`, "Range"): a prefix read returns keys in byte order, at most
 //!   `limit` of them, and says whether more were left.
@@ -188,7 +188,7 @@ pub enum StoreError {
 pub enum TxnError {
     /// More than [`MAX_TXN_OPS`] compares, or ops in a branch.
     TooManyOps(usize),
-    /// A branch writes the same key twice.
+    /// A branch puts a key twice, or puts and deletes it.
     DuplicateKey(String),
 }
 
