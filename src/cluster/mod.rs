@@ -5,13 +5,14 @@
 //!
 //! **What exists.** [`store`]: the slice of etcd's API the design needs (revisions,
 //! leases, one-revision txns), each semantic cited from etcd's documentation;
-//! [`mem_store`]: a deterministic in-memory implementation with its own clock;
+//! [`mem_store`]: a deterministic in-memory implementation with its own clock, which
+//! can also make a txn's outcome unknown (applied with its answer lost, or not);
 //! [`hashing`]: rendezvous hashing for a document's preferred owner; [`entry`]: a
 //! journal entry's checksummed encoding; [`ownership`]: membership, claims, the
 //! replicated journal (one txn per group commit), snapshots, truncation, release; and
 //! `model_tests`, which runs nodes, documents and resending clients through pauses,
-//! lease expiries, failovers and handoffs, checking after every step that no
-//! acknowledged op is lost or applied twice.
+//! lease expiries, crashes, failovers, handoffs and unknown outcomes, checking after
+//! every step that no acknowledged op is lost or applied twice.
 //!
 //! **What comes later.** An etcd adapter implementing [`store::Store`] with the
 //! `etcd-client` crate (a thin translation: the trait is shaped after etcd's own

@@ -437,7 +437,9 @@ impl<S: Store> Member<S> {
 
     /// Stores a snapshot of `doc` as of `seq` if this node still owns it in `epoch`, and
     /// deletes the older snapshots. The journal keys it covers may be deleted after this
-    /// succeeded ([`Member::truncate`]), never before.
+    /// succeeded ([`Member::truncate`]), never before. The bytes are the sequencer's
+    /// (text, seq, dedupe table, with its own checksum) and must fit one request:
+    /// [`CommitError::TooLarge`] if not (chunking is for the `ClusterSequencer`).
     pub fn write_snapshot(
         &self,
         doc: &str,
@@ -445,6 +447,13 @@ impl<S: Store> Member<S> {
         seq: u64,
         bytes: &[u8],
     ) -> Result<(), CommitError> {
+        let key = self.keys.snapshot(doc, seq);
+        if key.len() + bytes.len() > MAX_COMMIT_BYTES {
+            return Err(CommitError::TooLarge {
+                ops: 1,
+                bytes: key.len() + bytes.len(),
+            });
+        }
         let older = self.snapshot_keys(doc)?;
         let mut ops: Vec<Op> = older
             .into_iter()
@@ -452,7 +461,7 @@ impl<S: Store> Member<S> {
             .map(|(_, key)| Op::Delete { key })
             .collect();
         ops.push(Op::Put {
-            key: self.keys.snapshot(doc, seq),
+            key,
             value: bytes.to_vec(),
             lease: None,
         });
@@ -819,6 +828,11 @@ mod tests {
             })
             .collect();
         a.commit(&batch).unwrap();
+        let huge = vec![0; MAX_COMMIT_BYTES];
+        assert!(matches!(
+            a.write_snapshot("d", epoch, 2, &huge),
+            Err(CommitError::TooLarge { .. })
+        ));
         a.write_snapshot("d", epoch, 2, b"at 2").unwrap();
         a.write_snapshot("d", epoch, 3, b"at 3").unwrap();
         // Before truncation: the journal's ops at or below the snapshot are skipped.
