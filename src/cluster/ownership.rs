@@ -639,7 +639,27 @@ mod tests {
         store.advance(TTL);
         assert_eq!(a.keep_alive(), Err(ClusterError::LeaseExpired));
         assert!(a.live_nodes().unwrap().is_empty());
-        member(&store, "a");
+        let a = member(&store, "a");
+        assert_eq!(a.node(), "a");
+        let e = Member::register(store.clone(), Keys::new("/q"), "", "x:1", TTL);
+        assert!(matches!(e.err(), Some(ClusterError::InvalidId(_))));
+    }
+
+    #[test]
+    fn a_node_that_leaves_frees_its_documents_and_membership_at_once() {
+        let store = Arc::new(MemStore::new());
+        let (a, b) = (member(&store, "a"), member(&store, "b"));
+        owned(a.claim("d").unwrap());
+        assert!(matches!(b.claim("d").unwrap(), Claim::OwnedBy { .. }));
+        a.leave().unwrap();
+        let ids: Vec<String> = b
+            .live_nodes()
+            .unwrap()
+            .into_iter()
+            .map(|n| n.node)
+            .collect();
+        assert_eq!(ids, ["b"]);
+        owned(b.claim("d").unwrap());
     }
 
     #[test]
