@@ -9,6 +9,7 @@ pub mod auth;
 pub mod backup;
 mod bounded_http;
 pub mod client;
+pub mod cluster;
 pub mod op;
 pub mod ot;
 pub mod progress;

@@ -1,0 +1,58 @@
+//! Cluster mode's foundation (issue 13): documents owned across nodes, coordinated
+//! through etcd. Protocol-free, and independent of `server/` and `wal/`: this is the
+//! part whose correctness is a matter of etcd's semantics alone, so it is tested
+//! against a stand-in with the same semantics, under a model of failures.
+//!
+//! **What exists.** [`store`]: the slice of etcd's API the design needs (revisions,
+//! leases, one-revision txns), each semantic cited from etcd's documentation;
+//! [`mem_store`]: a deterministic in-memory implementation with its own clock, which
+//! can also make a txn's outcome unknown (applied with its answer lost, or not);
+//! [`hashing`]: rendezvous hashing for a document's preferred owner; [`entry`]: a
+//! journal entry's checksummed encoding; [`ownership`]: membership, claims, the
+//! replicated journal (one txn per group commit), snapshots, truncation, release; and
+//! `model_tests`, which runs nodes, documents and resending clients through pauses,
+//! lease expiries, crashes, failovers, handoffs and unknown outcomes, checking after
+//! every step that no acknowledged op is lost or applied twice.
+//!
+//! **What comes later.** An etcd adapter implementing [`store::Store`] with the
+//! `etcd-client` crate (a thin translation: the trait is shaped after etcd's own
+//! requests); a `ClusterSequencer` implementing [`crate::sequencer::Sequencer`], which
+//! claims a document on its first `Open`, loads it from the store, sequences ops as the
+//! local sequencer does, and acknowledges an op only once its group commit's txn
+//! ([`ownership::Member::commit`]) succeeded and the local log has it (the local log
+//! is a cache there: a node that regains a document rebuilds it from etcd); the
+//! protocol's `Redirect { doc, addr }` for an `Open` at a node that does not own the
+//! document ([`ownership::Claim::OwnedBy`] names the owner's address); and the drain
+//! on SIGTERM (commit, [`ownership::Member::release`], redirect).
+//!
+//! **Why epochs.** A lease expiring does not stop the process that held it: a node
+//! paused (by SIGSTOP, a long GC-like stall, a partition from etcd) wakes up believing
+//! it owns its documents and carries on committing. Every journal write therefore
+//! compares the owner key's create revision with the epoch the writer claimed in, and
+//! etcd evaluates that compare when it applies the txn, so a late write from a replaced
+//! owner fails however late it arrives (see [`ownership`] for the key layout and why
+//! create revisions fence).
+//!
+//! **Why a node with an expired lease must stop acknowledging at once, by its own
+//! clock.** The fence protects the journal, not what a node says without writing to
+//! etcd: reads served from memory, ops broadcast to other clients before their commit,
+//! resends answered from a dedupe table that a new owner has since extended. Once the
+//! lease may have expired, another node may be serving the document, and two owners
+//! answering clients is a split brain even if only one can write. So a node stops
+//! serving a document once `TTL - margin` has passed on its own monotonic clock since
+//! the newest keep-alive it *sent* (not since etcd answered: the lease was renewed at
+//! some point in between), the margin covering the clock drift between it and etcd's
+//! leader over one TTL. etcd only ever extends a lease past its TTL (a new leader
+//! renews them all), never shortens it, so stopping early is always on the safe side;
+//! the fence is what remains correct if the local check is late (a process stopped
+//! between its check and its txn).
+
+#![warn(missing_docs)]
+
+pub mod entry;
+pub mod hashing;
+pub mod mem_store;
+#[cfg(test)]
+mod model_tests;
+pub mod ownership;
+pub mod store;

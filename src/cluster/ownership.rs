@@ -1,0 +1,883 @@
+//! Membership, ownership and the replicated journal, on a [`Store`].
+//!
+//! **Key layout**, every key under the cluster's prefix `{p}`:
+//!
+//! ```text
+//! {p}/nodes/{node}                 the node's advertised address; bound to its lease
+//! {p}/owner/{doc}                  the owning node's id; bound to the owner's lease;
+//!                                  its create revision is the document's epoch
+//! {p}/journal/{doc}/{seq:020}      one sequenced op (entry.rs), not leased
+//! {p}/snap/{doc}/{seq:020}         a snapshot as of seq (opaque bytes), not leased
+//! ```
+//!
+//! Why this shape: each concept is one prefix, so a node lists the members with one
+//! range read and loads a document with one (paged) range read; seqs are zero-padded to
+//! 20 digits (all of `u64`) so that byte order is seq order, which is the order etcd
+//! returns ranges in; the journal and snapshots are not leased, because they must
+//! outlive their writer (that is the point of replicating them), while an owner key is,
+//! so that a dead owner's documents free themselves. A document id may contain `/`, so
+//! ids are escaped in keys (`%` → `%25`, `/` → `%2F`): otherwise the journal of `a`
+//! (`{p}/journal/a/`) would be a prefix of that of `a/b`.
+//!
+//! **Epochs.** A claim creates the owner key in a txn that requires it absent; the
+//! key's create revision is then unique to that claim (revisions never repeat, and a
+//! key deleted and created again gets a new one), so it fences: every journal write
+//! compares the owner key's create revision with the writer's epoch, and a writer that
+//! lost the document (its lease expired, it released it, and someone else may have
+//! claimed it since) fails that compare however late its request arrives. Comparing
+//! the owner's node id instead would not do: a node that lost a document and claimed it
+//! again must not let writes from its first tenure through.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use super::entry::JournalEntry;
+use super::store::{Compare, LeaseId, Op, OpResult, Revision, Store, StoreError, MAX_TXN_OPS};
+use crate::op::OpId;
+
+/// The most bytes of keys and values one commit txn may carry: under etcd's default
+/// `--max-request-bytes` (1.5 MiB) with room for the request's framing.
+pub const MAX_COMMIT_BYTES: usize = 1_400_000;
+
+/// Keys read per page when listing members or loading a journal.
+const PAGE_KEYS: usize = 128;
+
+/// A document's fencing token: the create revision of its owner key for one claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Epoch(pub Revision);
+
+/// Who holds a document, as [`Member::claim`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node owns it, in this epoch.
+    Owned(Epoch),
+    /// Another node owns it (`addr`: its advertised address, `None` if it has just left).
+    OwnedBy {
+        /// The owner's node id.
+        node: String,
+        /// The owner's advertised address.
+        addr: Option<String>,
+    },
+}
+
+/// A live node, as its membership key says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node's id.
+    pub node: String,
+    /// The address it advertises to clients.
+    pub addr: String,
+}
+
+/// Why a cluster request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterError {
+    /// The store failed the request (its outcome may be unknown: [`StoreError::Unavailable`]).
+    Store(StoreError),
+    /// This node's lease is gone: it must stop acknowledging at once and register anew.
+    LeaseExpired,
+    /// Another live process is registered under this node id.
+    NodeIdTaken {
+        /// The address the live node advertises.
+        addr: String,
+    },
+    /// A node or document id that cannot be used in a key.
+    InvalidId(String),
+    /// A journal or snapshot in the store does not decode or has a gap.
+    Corrupt(String),
+}
+
+impl fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClusterError::Store(e) => write!(f, "{e}"),
+            ClusterError::LeaseExpired => f.write_str("this node's lease expired"),
+            ClusterError::NodeIdTaken { addr } => {
+                write!(f, "the node id is registered by a live node at {addr}")
+            }
+            ClusterError::InvalidId(m) | ClusterError::Corrupt(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ClusterError {}
+
+/// Why [`Member::commit`] wrote nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitError {
+    /// These documents' owner keys no longer have the epochs the batch was written in:
+    /// the node lost them and must acknowledge nothing more for them. No op of the
+    /// batch was written, for any document.
+    Lost(Vec<String>),
+    /// The batch does not fit in one txn (too many ops or bytes): split it.
+    TooLarge {
+        /// Ops in the branch (the larger of compares and puts).
+        ops: usize,
+        /// Bytes of keys and values.
+        bytes: usize,
+    },
+    /// The request failed.
+    Cluster(ClusterError),
+}
+
+impl From<ClusterError> for CommitError {
+    fn from(e: ClusterError) -> Self {
+        CommitError::Cluster(e)
+    }
+}
+
+/// One op of a group commit: its document, the epoch the node holds it in, the entry.
+#[derive(Debug, Clone, Copy)]
+pub struct JournalWrite<'a> {
+    /// The document.
+    pub doc: &'a str,
+    /// The epoch this node claimed it in.
+    pub epoch: Epoch,
+    /// The op.
+    pub entry: &'a JournalEntry,
+}
+
+/// A document as the store holds it, for a new owner.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// The newest snapshot, as `(seq, bytes)`.
+    pub snapshot: Option<(u64, Vec<u8>)>,
+    /// The journal's ops after the snapshot, in seq order, contiguous.
+    pub ops: Vec<JournalEntry>,
+    /// The op ids of `ops`, with their seq and fingerprint: a resend of one of them is
+    /// answered with its original seq, never applied again. (The snapshot carries the
+    /// dedupe table for the ops it covers.)
+    pub applied: HashMap<OpId, (u64, u64)>,
+}
+
+impl Loaded {
+    /// The document's version: the seq of its newest op (0: none).
+    pub fn version(&self) -> u64 {
+        self.ops
+            .last()
+            .map(|e| e.seq)
+            .or(self.snapshot.as_ref().map(|(seq, _)| *seq))
+            .unwrap_or(0)
+    }
+}
+
+/// The escaping of ids in keys (module notes): `%` and `/` become `%25` and `%2F`.
+fn escape(id: &str) -> String {
+    id.replace('%', "%25").replace('/', "%2F")
+}
+
+/// The cluster's keys under a prefix (module notes).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `prefix` (no trailing `/`).
+    pub fn new(prefix: &str) -> Self {
+        assert!(!prefix.ends_with('/'));
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+    /// The prefix of the membership keys.
+    pub fn nodes(&self) -> String {
+        format!("{}/nodes/", self.prefix)
+    }
+    /// A node's membership key.
+    pub fn node(&self, node: &str) -> String {
+        format!("{}{}", self.nodes(), escape(node))
+    }
+    /// A document's owner key.
+    pub fn owner(&self, doc: &str) -> String {
+        format!("{}/owner/{}", self.prefix, escape(doc))
+    }
+    /// The prefix of a document's journal keys.
+    pub fn journal(&self, doc: &str) -> String {
+        format!("{}/journal/{}/", self.prefix, escape(doc))
+    }
+    /// The journal key of a document's op `seq`.
+    pub fn journal_entry(&self, doc: &str, seq: u64) -> String {
+        format!("{}{seq:020}", self.journal(doc))
+    }
+    /// The prefix of a document's snapshot keys.
+    pub fn snapshots(&self, doc: &str) -> String {
+        format!("{}/snap/{}/", self.prefix, escape(doc))
+    }
+    /// The key of a document's snapshot as of `seq`.
+    pub fn snapshot(&self, doc: &str, seq: u64) -> String {
+        format!("{}{seq:020}", self.snapshots(doc))
+    }
+}
+
+/// A node registered in the cluster: its lease, and the requests it makes as a member.
+pub struct Member<S> {
+    store: S,
+    keys: Keys,
+    node: String,
+    lease: LeaseId,
+}
+
+fn store_error(e: StoreError, lease: LeaseId) -> ClusterError {
+    match e {
+        StoreError::LeaseNotFound(l) if l == lease => ClusterError::LeaseExpired,
+        e => ClusterError::Store(e),
+    }
+}
+
+impl<S: Store> Member<S> {
+    /// Registers `node` at `addr` under a new lease of `ttl`. Fails with
+    /// [`ClusterError::NodeIdTaken`] while another process holds the id (a restarted
+    /// node waits for its previous lease to expire: two processes under one id would
+    /// each believe the other's claims theirs).
+    pub fn register(
+        store: S,
+        keys: Keys,
+        node: &str,
+        addr: &str,
+        ttl: Duration,
+    ) -> Result<Self, ClusterError> {
+        if node.is_empty() {
+            return Err(ClusterError::InvalidId("a node id is empty".into()));
+        }
+        let lease = store.grant_lease(ttl).map_err(ClusterError::Store)?;
+        let key = keys.node(node);
+        let response = store
+            .txn(
+                &[Compare::absent(key.clone())],
+                &[Op::Put {
+                    key: key.clone(),
+                    value: addr.as_bytes().to_vec(),
+                    lease: Some(lease),
+                }],
+                &[Op::Get { key }],
+            )
+            .map_err(|e| store_error(e, lease))?;
+        if !response.succeeded {
+            // Best effort: the lease would expire anyway.
+            let _ = store.revoke(lease);
+            let addr = match response.results.first() {
+                Some(OpResult::Got(Some(kv))) => String::from_utf8_lossy(&kv.value).into_owned(),
+                _ => String::new(),
+            };
+            return Err(ClusterError::NodeIdTaken { addr });
+        }
+        Ok(Member {
+            store,
+            keys,
+            node: node.to_owned(),
+            lease,
+        })
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// This node's lease.
+    pub fn lease(&self) -> LeaseId {
+        self.lease
+    }
+
+    /// Renews the lease; [`ClusterError::LeaseExpired`] once it is gone.
+    pub fn keep_alive(&self) -> Result<(), ClusterError> {
+        self.store
+            .keep_alive(self.lease)
+            .map_err(|e| store_error(e, self.lease))
+    }
+
+    /// Leaves the cluster: revokes the lease, which frees every document this node owns
+    /// and its membership key in one revision.
+    pub fn leave(self) -> Result<(), ClusterError> {
+        self.store
+            .revoke(self.lease)
+            .map_err(|e| store_error(e, self.lease))
+    }
+
+    /// The live nodes, in id order (escaped), for rendezvous hashing.
+    pub fn live_nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
+        let prefix = self.keys.nodes();
+        let mut nodes = Vec::new();
+        let mut from: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .get_prefix(&prefix, from.as_deref(), PAGE_KEYS)
+                .map_err(ClusterError::Store)?;
+            for kv in &page.kvs {
+                let escaped = &kv.key[prefix.len()..];
+                let node = escaped.replace("%2F", "/").replace("%25", "%");
+                nodes.push(NodeInfo {
+                    node,
+                    addr: String::from_utf8_lossy(&kv.value).into_owned(),
+                });
+            }
+            match (page.more, page.kvs.last()) {
+                (true, Some(last)) => from = Some(format!("{}\0", last.key)),
+                _ => return Ok(nodes),
+            }
+        }
+    }
+
+    /// Claims `doc` if nobody owns it. A document this node already owns under its
+    /// current lease is returned with its epoch (a retry after an unknown outcome).
+    /// The caller loads the document ([`Member::load`]) before serving it.
+    pub fn claim(&self, doc: &str) -> Result<Claim, ClusterError> {
+        let key = self.keys.owner(doc);
+        let response = self
+            .store
+            .txn(
+                &[Compare::absent(key.clone())],
+                &[Op::Put {
+                    key: key.clone(),
+                    value: self.node.as_bytes().to_vec(),
+                    lease: Some(self.lease),
+                }],
+                &[Op::Get { key }],
+            )
+            .map_err(|e| store_error(e, self.lease))?;
+        if response.succeeded {
+            // The put is the txn's only change: its revision is the key's create revision.
+            return Ok(Claim::Owned(Epoch(response.revision)));
+        }
+        let Some(OpResult::Got(Some(owner))) = response.results.first() else {
+            return Err(ClusterError::Corrupt(format!(
+                "a failed claim of {doc:?} read no owner: {:?}",
+                response.results
+            )));
+        };
+        if owner.lease == Some(self.lease) {
+            return Ok(Claim::Owned(Epoch(owner.create_revision)));
+        }
+        let node = String::from_utf8_lossy(&owner.value).into_owned();
+        let addr = self
+            .store
+            .get(&self.keys.node(&node))
+            .map_err(ClusterError::Store)?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+        Ok(Claim::OwnedBy { node, addr })
+    }
+
+    /// Gives up `doc` if this node still owns it in `epoch` (a handoff: the caller has
+    /// committed everything first). `Ok(false)`: it did not own it any more.
+    pub fn release(&self, doc: &str, epoch: Epoch) -> Result<bool, ClusterError> {
+        let key = self.keys.owner(doc);
+        let response = self
+            .store
+            .txn(
+                &[Compare::created_at(key.clone(), epoch.0)],
+                &[Op::Delete { key }],
+                &[],
+            )
+            .map_err(|e| store_error(e, self.lease))?;
+        Ok(response.succeeded)
+    }
+
+    /// Writes a group commit: every op's journal key, in one txn that holds only if
+    /// every document's owner key still has the batch's epoch for it. On success the
+    /// ops are durable in the store and may be acknowledged (once the local log has them
+    /// too); on [`CommitError::Lost`] nothing was written.
+    ///
+    /// A batch that was written whole before (a retry after an unknown outcome) writes
+    /// the same values again: the journal is unchanged, so no compare guards against
+    /// the keys existing.
+    pub fn commit(&self, batch: &[JournalWrite<'_>]) -> Result<Revision, CommitError> {
+        let mut epochs: BTreeMap<&str, Epoch> = BTreeMap::new();
+        let mut puts = Vec::with_capacity(batch.len());
+        let mut bytes = 0;
+        for write in batch {
+            let previous = epochs.insert(write.doc, write.epoch);
+            assert!(
+                previous.is_none_or(|e| e == write.epoch),
+                "one document in two epochs in one batch"
+            );
+            let key = self.keys.journal_entry(write.doc, write.entry.seq);
+            let value = write.entry.encode();
+            bytes += key.len() + value.len();
+            puts.push(Op::Put {
+                key,
+                value,
+                lease: None,
+            });
+        }
+        let ops = puts.len().max(epochs.len());
+        if ops > MAX_TXN_OPS || bytes > MAX_COMMIT_BYTES {
+            return Err(CommitError::TooLarge { ops, bytes });
+        }
+        let compares: Vec<Compare> = epochs
+            .iter()
+            .map(|(doc, epoch)| Compare::created_at(self.keys.owner(doc), epoch.0))
+            .collect();
+        let gets: Vec<Op> = epochs
+            .keys()
+            .map(|doc| Op::Get {
+                key: self.keys.owner(doc),
+            })
+            .collect();
+        let response = self
+            .store
+            .txn(&compares, &puts, &gets)
+            .map_err(|e| CommitError::Cluster(store_error(e, self.lease)))?;
+        if response.succeeded {
+            return Ok(response.revision);
+        }
+        let lost = epochs
+            .iter()
+            .zip(&response.results)
+            .filter(|((_, epoch), result)| {
+                !matches!(result, OpResult::Got(Some(kv)) if kv.create_revision == epoch.0)
+            })
+            .map(|((doc, _), _)| (*doc).to_owned())
+            .collect::<Vec<_>>();
+        assert!(!lost.is_empty(), "a failed compare names a document");
+        Err(CommitError::Lost(lost))
+    }
+
+    /// Stores a snapshot of `doc` as of `seq` if this node still owns it in `epoch`, and
+    /// deletes the older snapshots. The journal keys it covers may be deleted after this
+    /// succeeded ([`Member::truncate`]), never before. The bytes are the sequencer's
+    /// (text, seq, dedupe table, with its own checksum) and must fit one request:
+    /// [`CommitError::TooLarge`] if not (chunking is for the `ClusterSequencer`).
+    pub fn write_snapshot(
+        &self,
+        doc: &str,
+        epoch: Epoch,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<(), CommitError> {
+        let key = self.keys.snapshot(doc, seq);
+        if key.len() + bytes.len() > MAX_COMMIT_BYTES {
+            return Err(CommitError::TooLarge {
+                ops: 1,
+                bytes: key.len() + bytes.len(),
+            });
+        }
+        let older = self.snapshot_keys(doc)?;
+        let mut ops: Vec<Op> = older
+            .into_iter()
+            .filter(|(s, _)| *s < seq)
+            .map(|(_, key)| Op::Delete { key })
+            .collect();
+        ops.push(Op::Put {
+            key,
+            value: bytes.to_vec(),
+            lease: None,
+        });
+        self.fenced(doc, epoch, ops)
+    }
+
+    /// Deletes the journal keys of `doc` up to `through_seq` (covered by a snapshot
+    /// written first), at most [`MAX_TXN_OPS`] per call: the number deleted.
+    pub fn truncate(&self, doc: &str, epoch: Epoch, through_seq: u64) -> Result<u64, CommitError> {
+        let prefix = self.keys.journal(doc);
+        let page = self
+            .store
+            .get_prefix(&prefix, None, MAX_TXN_OPS)
+            .map_err(|e| CommitError::Cluster(ClusterError::Store(e)))?;
+        let ops: Vec<Op> = page
+            .kvs
+            .into_iter()
+            .filter(|kv| key_seq(&kv.key, &prefix).is_some_and(|s| s <= through_seq))
+            .map(|kv| Op::Delete { key: kv.key })
+            .collect();
+        let deleted = ops.len() as u64;
+        if deleted > 0 {
+            self.fenced(doc, epoch, ops)?;
+        }
+        Ok(deleted)
+    }
+
+    fn fenced(&self, doc: &str, epoch: Epoch, ops: Vec<Op>) -> Result<(), CommitError> {
+        let compares = [Compare::created_at(self.keys.owner(doc), epoch.0)];
+        let response = self
+            .store
+            .txn(&compares, &ops, &[])
+            .map_err(|e| CommitError::Cluster(store_error(e, self.lease)))?;
+        if response.succeeded {
+            Ok(())
+        } else {
+            Err(CommitError::Lost(vec![doc.to_owned()]))
+        }
+    }
+
+    fn snapshot_keys(&self, doc: &str) -> Result<Vec<(u64, String)>, ClusterError> {
+        let prefix = self.keys.snapshots(doc);
+        let page = self
+            .store
+            .get_prefix(&prefix, None, MAX_TXN_OPS)
+            .map_err(ClusterError::Store)?;
+        page.kvs
+            .into_iter()
+            .map(|kv| {
+                let seq = key_seq(&kv.key, &prefix).ok_or_else(|| {
+                    ClusterError::Corrupt(format!("bad snapshot key {:?}", kv.key))
+                })?;
+                Ok((seq, kv.key))
+            })
+            .collect()
+    }
+
+    /// `doc` as the store holds it: its newest snapshot and the journal after it. Call
+    /// it after claiming the document: then nobody else writes it meanwhile, so the
+    /// pages read one after another see one journal.
+    pub fn load(&self, doc: &str) -> Result<Loaded, ClusterError> {
+        let mut loaded = Loaded::default();
+        if let Some((seq, key)) = self.snapshot_keys(doc)?.pop() {
+            let kv = self.store.get(&key).map_err(ClusterError::Store)?;
+            let kv = kv.ok_or_else(|| ClusterError::Corrupt(format!("snapshot {key} vanished")))?;
+            loaded.snapshot = Some((seq, kv.value));
+        }
+        let prefix = self.keys.journal(doc);
+        let mut from: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .get_prefix(&prefix, from.as_deref(), PAGE_KEYS)
+                .map_err(ClusterError::Store)?;
+            for kv in &page.kvs {
+                let entry = JournalEntry::decode(&kv.value)
+                    .map_err(|e| ClusterError::Corrupt(format!("{}: {e}", kv.key)))?;
+                if key_seq(&kv.key, &prefix) != Some(entry.seq) {
+                    return Err(ClusterError::Corrupt(format!(
+                        "{} holds seq {}",
+                        kv.key, entry.seq
+                    )));
+                }
+                if entry.seq <= loaded.version() {
+                    // Left by a truncation that stopped before reaching it.
+                    continue;
+                }
+                if entry.seq != loaded.version() + 1 {
+                    return Err(ClusterError::Corrupt(format!(
+                        "the journal of {doc:?} jumps from seq {} to {}",
+                        loaded.version(),
+                        entry.seq
+                    )));
+                }
+                let previous = loaded
+                    .applied
+                    .insert(entry.op_id, (entry.seq, entry.fingerprint));
+                if let Some((seq, _)) = previous {
+                    return Err(ClusterError::Corrupt(format!(
+                        "op {} is in the journal of {doc:?} twice (seqs {seq} and {})",
+                        entry.op_id, entry.seq
+                    )));
+                }
+                loaded.ops.push(entry);
+            }
+            match (page.more, page.kvs.last()) {
+                (true, Some(last)) => from = Some(format!("{}\0", last.key)),
+                _ => return Ok(loaded),
+            }
+        }
+    }
+}
+
+/// The seq a journal or snapshot key ends with.
+fn key_seq(key: &str, prefix: &str) -> Option<u64> {
+    let digits = key.strip_prefix(prefix)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cluster::mem_store::MemStore;
+
+    const TTL: Duration = Duration::from_secs(5);
+
+    fn member(store: &Arc<MemStore>, node: &str) -> Member<Arc<MemStore>> {
+        Member::register(
+            store.clone(),
+            Keys::new("/q"),
+            node,
+            &format!("{node}:1"),
+            TTL,
+        )
+        .unwrap()
+    }
+
+    fn entry(seq: u64, client_id: u64, local_seq: u64) -> JournalEntry {
+        JournalEntry {
+            seq,
+            op_id: OpId {
+                client_id,
+                local_seq,
+            },
+            fingerprint: local_seq * 7,
+            body: vec![seq as u8],
+        }
+    }
+
+    fn owned(claim: Claim) -> Epoch {
+        match claim {
+            Claim::Owned(epoch) => epoch,
+            other => panic!("not owned: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_node_id_is_registered_once_until_its_lease_expires() {
+        let store = Arc::new(MemStore::new());
+        let a = member(&store, "a");
+        let e = Member::register(store.clone(), Keys::new("/q"), "a", "other:1", TTL);
+        assert_eq!(
+            e.err(),
+            Some(ClusterError::NodeIdTaken { addr: "a:1".into() })
+        );
+        member(&store, "b/x");
+        let live = a.live_nodes().unwrap();
+        let ids: Vec<&str> = live.iter().map(|n| n.node.as_str()).collect();
+        assert_eq!(ids, ["a", "b/x"]);
+        store.advance(TTL);
+        assert_eq!(a.keep_alive(), Err(ClusterError::LeaseExpired));
+        assert!(a.live_nodes().unwrap().is_empty());
+        let a = member(&store, "a");
+        assert_eq!(a.node(), "a");
+        let e = Member::register(store.clone(), Keys::new("/q"), "", "x:1", TTL);
+        assert!(matches!(e.err(), Some(ClusterError::InvalidId(_))));
+    }
+
+    #[test]
+    fn a_node_that_leaves_frees_its_documents_and_membership_at_once() {
+        let store = Arc::new(MemStore::new());
+        let (a, b) = (member(&store, "a"), member(&store, "b"));
+        owned(a.claim("d").unwrap());
+        assert!(matches!(b.claim("d").unwrap(), Claim::OwnedBy { .. }));
+        a.leave().unwrap();
+        let ids: Vec<String> = b
+            .live_nodes()
+            .unwrap()
+            .into_iter()
+            .map(|n| n.node)
+            .collect();
+        assert_eq!(ids, ["b"]);
+        owned(b.claim("d").unwrap());
+    }
+
+    #[test]
+    fn a_claim_gives_the_owner_keys_create_revision_and_names_the_owner_to_others() {
+        let store = Arc::new(MemStore::new());
+        let (a, b) = (member(&store, "a"), member(&store, "b"));
+        let epoch = owned(a.claim("d").unwrap());
+        let kv = store.get(&Keys::new("/q").owner("d")).unwrap().unwrap();
+        assert_eq!(epoch, Epoch(kv.create_revision));
+        // Claiming again under the same lease (a retry) gives the same epoch.
+        assert_eq!(a.claim("d").unwrap(), Claim::Owned(epoch));
+        assert_eq!(
+            b.claim("d").unwrap(),
+            Claim::OwnedBy {
+                node: "a".into(),
+                addr: Some("a:1".into())
+            }
+        );
+        // The owner's lease expires: b claims in a newer epoch, and a's write is fenced.
+        store.advance(Duration::from_secs(3));
+        b.keep_alive().unwrap();
+        store.advance(Duration::from_secs(3));
+        let newer = owned(b.claim("d").unwrap());
+        assert!(newer > epoch);
+        let e = entry(1, 9, 1);
+        let write = |epoch| {
+            [JournalWrite {
+                doc: "d",
+                epoch,
+                entry: &e,
+            }]
+        };
+        assert_eq!(
+            a.commit(&write(epoch)),
+            Err(CommitError::Lost(vec!["d".into()]))
+        );
+        assert!(b.load("d").unwrap().ops.is_empty());
+        b.commit(&write(newer)).unwrap();
+        assert_eq!(b.load("d").unwrap().ops, vec![e.clone()]);
+    }
+
+    #[test]
+    fn a_group_commit_is_all_or_nothing_and_names_the_lost_documents() {
+        let store = Arc::new(MemStore::new());
+        let (a, b) = (member(&store, "a"), member(&store, "b"));
+        let (d1, d2) = (owned(a.claim("d1").unwrap()), owned(a.claim("d2").unwrap()));
+        let entries = [entry(1, 1, 1), entry(2, 1, 2), entry(1, 2, 1)];
+        let batch = [
+            JournalWrite {
+                doc: "d1",
+                epoch: d1,
+                entry: &entries[0],
+            },
+            JournalWrite {
+                doc: "d1",
+                epoch: d1,
+                entry: &entries[1],
+            },
+            JournalWrite {
+                doc: "d2",
+                epoch: d2,
+                entry: &entries[2],
+            },
+        ];
+        let revision = a.commit(&batch).unwrap();
+        assert_eq!(revision, store.revision());
+        // d2 is released and taken by b: a's next batch writes nothing, even for d1.
+        assert!(a.release("d2", d2).unwrap());
+        assert!(!a.release("d2", d2).unwrap());
+        owned(b.claim("d2").unwrap());
+        let more = [entry(3, 1, 3), entry(2, 2, 2)];
+        let batch = [
+            JournalWrite {
+                doc: "d1",
+                epoch: d1,
+                entry: &more[0],
+            },
+            JournalWrite {
+                doc: "d2",
+                epoch: d2,
+                entry: &more[1],
+            },
+        ];
+        assert_eq!(a.commit(&batch), Err(CommitError::Lost(vec!["d2".into()])));
+        let loaded = a.load("d1").unwrap();
+        assert_eq!(loaded.ops, entries[..2].to_vec());
+        assert_eq!(loaded.version(), 2);
+        assert_eq!(
+            loaded.applied[&OpId {
+                client_id: 1,
+                local_seq: 2
+            }],
+            (2, 14),
+            "a resend is answered with its original seq and checked by its fingerprint"
+        );
+        assert_eq!(b.load("d2").unwrap().ops, entries[2..].to_vec());
+    }
+
+    #[test]
+    fn a_batch_over_etcds_limits_is_refused_before_it_is_sent() {
+        let store = Arc::new(MemStore::new());
+        let a = member(&store, "a");
+        let epoch = owned(a.claim("d").unwrap());
+        let entries: Vec<JournalEntry> = (1..=129).map(|s| entry(s, 1, s)).collect();
+        let batch: Vec<JournalWrite<'_>> = entries
+            .iter()
+            .map(|entry| JournalWrite {
+                doc: "d",
+                epoch,
+                entry,
+            })
+            .collect();
+        assert!(matches!(
+            a.commit(&batch),
+            Err(CommitError::TooLarge { ops: 129, .. })
+        ));
+        a.commit(&batch[..128]).unwrap();
+        assert_eq!(a.load("d").unwrap().version(), 128);
+    }
+
+    #[test]
+    fn document_ids_with_slashes_do_not_share_a_journal() {
+        let store = Arc::new(MemStore::new());
+        let a = member(&store, "a");
+        let (e1, e2) = (owned(a.claim("x").unwrap()), owned(a.claim("x/y").unwrap()));
+        let (one, two) = (entry(1, 1, 1), entry(1, 2, 1));
+        a.commit(&[
+            JournalWrite {
+                doc: "x",
+                epoch: e1,
+                entry: &one,
+            },
+            JournalWrite {
+                doc: "x/y",
+                epoch: e2,
+                entry: &two,
+            },
+        ])
+        .unwrap();
+        assert_eq!(a.load("x").unwrap().ops, vec![one]);
+        assert_eq!(a.load("x/y").unwrap().ops, vec![two]);
+    }
+
+    #[test]
+    fn load_refuses_a_journal_with_a_gap_or_a_repeated_op() {
+        let store = Arc::new(MemStore::new());
+        let a = member(&store, "a");
+        let epoch = owned(a.claim("d").unwrap());
+        let (one, three) = (entry(1, 1, 1), entry(3, 1, 3));
+        a.commit(&[
+            JournalWrite {
+                doc: "d",
+                epoch,
+                entry: &one,
+            },
+            JournalWrite {
+                doc: "d",
+                epoch,
+                entry: &three,
+            },
+        ])
+        .unwrap();
+        assert!(matches!(a.load("d"), Err(ClusterError::Corrupt(m)) if m.contains("jumps")));
+        let again = entry(2, 1, 1);
+        a.commit(&[JournalWrite {
+            doc: "d",
+            epoch,
+            entry: &again,
+        }])
+        .unwrap();
+        assert!(matches!(a.load("d"), Err(ClusterError::Corrupt(m)) if m.contains("twice")));
+    }
+
+    #[test]
+    fn a_snapshot_is_loaded_with_the_journal_after_it_and_truncation_is_fenced() {
+        let store = Arc::new(MemStore::new());
+        let (a, b) = (member(&store, "a"), member(&store, "b"));
+        let epoch = owned(a.claim("d").unwrap());
+        let entries: Vec<JournalEntry> = (1..=5).map(|s| entry(s, 1, s)).collect();
+        let batch: Vec<JournalWrite<'_>> = entries
+            .iter()
+            .map(|entry| JournalWrite {
+                doc: "d",
+                epoch,
+                entry,
+            })
+            .collect();
+        a.commit(&batch).unwrap();
+        let huge = vec![0; MAX_COMMIT_BYTES];
+        assert!(matches!(
+            a.write_snapshot("d", epoch, 2, &huge),
+            Err(CommitError::TooLarge { .. })
+        ));
+        a.write_snapshot("d", epoch, 2, b"at 2").unwrap();
+        a.write_snapshot("d", epoch, 3, b"at 3").unwrap();
+        // Before truncation: the journal's ops at or below the snapshot are skipped.
+        let loaded = a.load("d").unwrap();
+        assert_eq!(loaded.snapshot, Some((3, b"at 3".to_vec())));
+        assert_eq!(loaded.ops, entries[3..].to_vec());
+        assert_eq!(loaded.version(), 5);
+        assert_eq!(a.truncate("d", epoch, 3).unwrap(), 3);
+        assert_eq!(a.load("d").unwrap(), loaded);
+        // The older snapshot was deleted with the newer one's write.
+        let snaps = store
+            .get_prefix(&Keys::new("/q").snapshots("d"), None, 10)
+            .unwrap();
+        assert_eq!(snaps.kvs.len(), 1);
+        // A node that lost the document can neither snapshot nor truncate it.
+        assert!(a.release("d", epoch).unwrap());
+        owned(b.claim("d").unwrap());
+        assert!(matches!(
+            a.write_snapshot("d", epoch, 5, b"x"),
+            Err(CommitError::Lost(_))
+        ));
+        assert!(matches!(
+            a.truncate("d", epoch, 5),
+            Err(CommitError::Lost(_))
+        ));
+        assert_eq!(b.load("d").unwrap(), loaded);
+    }
+}
