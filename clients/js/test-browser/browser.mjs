@@ -9,6 +9,7 @@ import { createServer, connect } from "node:net";
 import { mkdirSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { before, after } from "node:test";
 import { chromium } from "playwright-core";
 import { startServer } from "../test/helpers.mjs";
 
@@ -21,6 +22,24 @@ export async function startDemoServer() {
   const server = await startServer();
   const u = new URL(server.url);
   return { ...server, http: `http://${u.host}/`, httpPort: Number(u.port) };
+}
+
+/**
+ * A test file's demo server and browser: started before its tests, and closed after them
+ * whatever happened (a failed test never leaves them running). `server` and `browser`
+ * are set once the file's tests run.
+ */
+export function demoServerAndBrowser() {
+  const setup = { server: null, browser: null };
+  before(async () => {
+    setup.server = await startDemoServer();
+    setup.browser = await launch();
+  });
+  after(async () => {
+    await setup.browser?.close();
+    await setup.server?.stop();
+  });
+  return setup;
 }
 
 export async function launch() {

@@ -2,23 +2,15 @@
 // context: sessionStorage, IndexedDB), typing with the keyboard into CodeMirror at the
 // same time, at different places and at the same place: both end with the same text,
 // holding every keystroke of both, as the server has it.
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { serverText } from "../test/helpers.mjs";
-import { startDemoServer, launch, openDemo, converged, cursorToEnd, cursorToStart, screenshot, describeTexts, editorText } from "./browser.mjs";
+import { demoServerAndBrowser, openDemo, converged, cursorToEnd, cursorToStart, screenshot, describeTexts, editorText } from "./browser.mjs";
 
-let server;
-let browser;
-before(async () => {
-  server = await startDemoServer();
-  browser = await launch();
-});
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const setup = demoServerAndBrowser();
 
 test("two pages typing at once converge on a text with every keystroke of both", { timeout: 120_000 }, async () => {
+  const { server, browser } = setup;
   const doc = "converge";
   const a = await openDemo(browser, server.http, doc);
   const b = await openDemo(browser, server.http, doc);

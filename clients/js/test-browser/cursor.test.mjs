@@ -2,20 +2,11 @@
 // character with the keyboard; page b draws a's caret, labelled with a's name, at that
 // character's place on screen (CodeMirror's own coordinates of it in b's editor), and
 // follows a when it moves to another line.
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
-import { startDemoServer, launch, openDemo, converged, cursorToEnd, cursorToStart, eventually, myLabel, screenshot } from "./browser.mjs";
+import { demoServerAndBrowser, openDemo, converged, cursorToEnd, cursorToStart, eventually, myLabel, screenshot } from "./browser.mjs";
 
-let server;
-let browser;
-before(async () => {
-  server = await startDemoServer();
-  browser = await launch();
-});
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const setup = demoServerAndBrowser();
 
 /** Where page's editor has its cursor (UTF-16 offset). */
 const cursorOf = (page) => page.evaluate(() => document.querySelector(".cm-content").cmTile.root.view.state.selection.main.head);
@@ -63,6 +54,7 @@ async function caretAt(page, pos, label, what) {
 }
 
 test("a's cursor is drawn in b at the character a put it after, with a's label", { timeout: 120_000 }, async () => {
+  const { server, browser } = setup;
   const doc = "cursor";
   const a = await openDemo(browser, server.http, doc);
   const b = await openDemo(browser, server.http, doc);

@@ -8,13 +8,12 @@
 // connections the test cuts at the same moment (as a lost network would); and the page
 // has nothing to reload from, so its context serves the page and its script, while
 // offline, from the copies it fetched online (the demo has no service worker).
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { serverText } from "../test/helpers.mjs";
 import { DocState } from "../dist/doc.js";
 import {
-  startDemoServer,
-  launch,
+  demoServerAndBrowser,
   cuttableProxy,
   openDemo,
   converged,
@@ -27,16 +26,7 @@ import {
   waitUntil,
 } from "./browser.mjs";
 
-let server;
-let browser;
-before(async () => {
-  server = await startDemoServer();
-  browser = await launch();
-});
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const setup = demoServerAndBrowser();
 
 /** Every edit is in `text` exactly once, and nothing else is (they are all inserts). */
 function assertEachOnce(text, edits) {
@@ -66,6 +56,7 @@ async function storedText(page, doc) {
 }
 
 test("offline (the driver's mode), edits, a reload while offline, online again: every edit of both pages", { timeout: 150_000 }, async () => {
+  const { server, browser } = setup;
   const doc = "offline";
   const proxy = await cuttableProxy(server.httpPort);
   const a = await openDemo(browser, proxy.http, doc, { cacheForOffline: true });
@@ -130,6 +121,7 @@ test("offline (the driver's mode), edits, a reload while offline, online again: 
 });
 
 test("the demo's Go offline button: edits queue, and are sent on Go online", { timeout: 120_000 }, async () => {
+  const { server, browser } = setup;
   const doc = "button";
   const a = await openDemo(browser, server.http, doc);
   const b = await openDemo(browser, server.http, doc);
