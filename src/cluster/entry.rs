@@ -43,6 +43,11 @@ pub struct JournalEntry {
 }
 
 impl JournalEntry {
+    /// The length of [`JournalEntry::encode`]'s bytes.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.body.len()
+    }
+
     /// The entry's bytes. Panics on a body over [`MAX_BODY_BYTES`] (checked by the
     /// sequencer before an op is sequenced).
     pub fn encode(&self) -> Vec<u8> {

@@ -9,8 +9,10 @@
 //! can also make a txn's outcome unknown (applied with its answer lost, or not);
 //! [`hashing`]: rendezvous hashing for a document's preferred owner; [`entry`]: a
 //! journal entry's checksummed encoding; [`ownership`]: membership, claims, the
-//! replicated journal (one txn per group commit), snapshots, truncation, release; and
-//! `model_tests`, which runs nodes, documents and resending clients through pauses,
+//! replicated journal (one txn per group commit), snapshots, truncation, release;
+//! [`replicator`]: the group commit of a node's ops to the journal on its own thread,
+//! with unknown outcomes sent again, and the lease kept alive and watched by the node's
+//! own clock, answering whether an op may be acknowledged; and `model_tests`, which runs nodes, documents and resending clients through pauses,
 //! lease expiries, crashes, failovers, handoffs and unknown outcomes, checking after
 //! every step that no acknowledged op is lost or applied twice.
 //!
@@ -55,4 +57,5 @@ pub mod mem_store;
 #[cfg(test)]
 mod model_tests;
 pub mod ownership;
+pub mod replicator;
 pub mod store;

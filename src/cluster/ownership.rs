@@ -276,6 +276,11 @@ impl<S: Store> Member<S> {
         &self.node
     }
 
+    /// The cluster's keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
     /// This node's lease.
     pub fn lease(&self) -> LeaseId {
         self.lease
