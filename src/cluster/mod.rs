@@ -12,9 +12,10 @@
 //! replicated journal (one txn per group commit), snapshots, truncation, release;
 //! [`replicator`]: the group commit of a node's ops to the journal on its own thread,
 //! with unknown outcomes sent again, and the lease kept alive and watched by the node's
-//! own clock, answering whether an op may be acknowledged; and `model_tests`, which runs nodes, documents and resending clients through pauses,
-//! lease expiries, crashes, failovers, handoffs and unknown outcomes, checking after
-//! every step that no acknowledged op is lost or applied twice.
+//! own clock, answering whether an op may be acknowledged; and `model_tests`, which
+//! runs nodes, documents and resending clients through pauses, lease expiries,
+//! crashes, failovers, handoffs and unknown outcomes, checking after every step that no
+//! acknowledged op is lost or applied twice.
 //!
 //! **What comes later.** An etcd adapter implementing [`store::Store`] with the
 //! `etcd-client` crate (a thin translation: the trait is shaped after etcd's own
