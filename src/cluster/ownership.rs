@@ -7,7 +7,8 @@
 //! {p}/owner/{doc}                  the owning node's id; bound to the owner's lease;
 //!                                  its create revision is the document's epoch
 //! {p}/journal/{doc}/{seq:020}      one sequenced op (entry.rs), not leased
-//! {p}/snap/{doc}/{seq:020}         a snapshot as of seq (opaque bytes), not leased
+//! {p}/snap/{doc}/{seq:020}         a snapshot's manifest as of seq, not leased
+//! {p}/chunk/{doc}/{seq:020}/{i:010} piece i of that snapshot's bytes, not leased
 //! ```
 //!
 //! Why this shape: each concept is one prefix, so a node lists the members with one
@@ -15,7 +16,11 @@
 //! 20 digits (all of `u64`) so that byte order is seq order, which is the order etcd
 //! returns ranges in; the journal and snapshots are not leased, because they must
 //! outlive their writer (that is the point of replicating them), while an owner key is,
-//! so that a dead owner's documents free themselves. A document id may contain `/`, so
+//! so that a dead owner's documents free themselves. A snapshot is written in pieces
+//! (a document's text may be 64 MiB; etcd takes 1.5 MiB per request), each piece in a
+//! txn of its own, then its manifest (length, piece count, crc32c of the whole): a
+//! snapshot exists once its manifest does, so one cut short by a crash is never read,
+//! and its pieces are deleted by the next snapshot's write. A document id may contain `/`, so
 //! ids are escaped in keys (`%` → `%25`, `/` → `%2F`): otherwise the journal of `a`
 //! (`{p}/journal/a/`) would be a prefix of that of `a/b`.
 //!
@@ -39,6 +44,58 @@ use crate::op::OpId;
 /// The most bytes of keys and values one commit txn may carry: under etcd's default
 /// `--max-request-bytes` (1.5 MiB) with room for the request's framing.
 pub const MAX_COMMIT_BYTES: usize = 1_400_000;
+
+/// The bytes of one snapshot piece: one piece per txn, under [`MAX_COMMIT_BYTES`].
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// The largest snapshot: a document's text (64 MiB of UTF-8) with its dedupe table and
+/// framing.
+pub const MAX_SNAPSHOT_BYTES: usize = 80 << 20;
+
+/// A snapshot's manifest (module notes): version 1, then the whole's length (u64), its
+/// piece count (u32) and its crc32c (u32), little-endian.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Manifest {
+    len: u64,
+    chunks: u32,
+    crc: u32,
+}
+
+impl Manifest {
+    const VERSION: u8 = 1;
+    const LEN: usize = 17;
+
+    fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(Self::LEN);
+        bytes.push(Self::VERSION);
+        bytes.extend_from_slice(&self.len.to_le_bytes());
+        bytes.extend_from_slice(&self.chunks.to_le_bytes());
+        bytes.extend_from_slice(&self.crc.to_le_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() != Self::LEN || bytes[0] != Self::VERSION {
+            return Err(format!(
+                "a manifest of {} bytes, version {:?}",
+                bytes.len(),
+                bytes.first()
+            ));
+        }
+        let manifest = Manifest {
+            len: u64::from_le_bytes(bytes[1..9].try_into().expect("8 bytes")),
+            chunks: u32::from_le_bytes(bytes[9..13].try_into().expect("4 bytes")),
+            crc: u32::from_le_bytes(bytes[13..17].try_into().expect("4 bytes")),
+        };
+        if manifest.len.div_ceil(SNAPSHOT_CHUNK_BYTES as u64) != u64::from(manifest.chunks) {
+            return Err(format!(
+                "{} pieces for {} bytes",
+                manifest.chunks, manifest.len
+            ));
+        }
+        Ok(manifest)
+    }
+}
 
 /// Keys read per page when listing members or loading a journal.
 const PAGE_KEYS: usize = 128;
@@ -205,9 +262,21 @@ impl Keys {
     pub fn snapshots(&self, doc: &str) -> String {
         format!("{}/snap/{}/", self.prefix, escape(doc))
     }
-    /// The key of a document's snapshot as of `seq`.
+    /// The key of a document's snapshot manifest as of `seq`.
     pub fn snapshot(&self, doc: &str, seq: u64) -> String {
         format!("{}{seq:020}", self.snapshots(doc))
+    }
+    /// The prefix of every snapshot piece of a document.
+    pub fn chunks(&self, doc: &str) -> String {
+        format!("{}/chunk/{}/", self.prefix, escape(doc))
+    }
+    /// The prefix of the pieces of a document's snapshot as of `seq`.
+    pub fn snapshot_chunks(&self, doc: &str, seq: u64) -> String {
+        format!("{}{seq:020}/", self.chunks(doc))
+    }
+    /// The key of piece `index` of a document's snapshot as of `seq`.
+    pub fn chunk(&self, doc: &str, seq: u64, index: u32) -> String {
+        format!("{}{index:010}", self.snapshot_chunks(doc, seq))
     }
 }
 
@@ -441,10 +510,11 @@ impl<S: Store> Member<S> {
     }
 
     /// Stores a snapshot of `doc` as of `seq` if this node still owns it in `epoch`, and
-    /// deletes the older snapshots. The journal keys it covers may be deleted after this
-    /// succeeded ([`Member::truncate`]), never before. The bytes are the sequencer's
-    /// (text, seq, dedupe table, with its own checksum) and must fit one request:
-    /// [`CommitError::TooLarge`] if not (chunking is for the `ClusterSequencer`).
+    /// deletes the older snapshots (and the pieces of any cut short). The journal keys it
+    /// covers may be deleted after this succeeded ([`Member::truncate`]), never before.
+    /// The bytes are the sequencer's (text, seq, dedupe table), of any length up to
+    /// [`MAX_SNAPSHOT_BYTES`]: written in pieces of [`SNAPSHOT_CHUNK_BYTES`], one txn
+    /// each, then the manifest that makes them a snapshot (module notes).
     pub fn write_snapshot(
         &self,
         doc: &str,
@@ -452,25 +522,112 @@ impl<S: Store> Member<S> {
         seq: u64,
         bytes: &[u8],
     ) -> Result<(), CommitError> {
-        let key = self.keys.snapshot(doc, seq);
-        if key.len() + bytes.len() > MAX_COMMIT_BYTES {
+        if bytes.len() > MAX_SNAPSHOT_BYTES {
             return Err(CommitError::TooLarge {
-                ops: 1,
-                bytes: key.len() + bytes.len(),
+                ops: bytes.len().div_ceil(SNAPSHOT_CHUNK_BYTES),
+                bytes: bytes.len(),
             });
         }
-        let older = self.snapshot_keys(doc)?;
-        let mut ops: Vec<Op> = older
+        let chunks: Vec<&[u8]> = if bytes.is_empty() {
+            Vec::new()
+        } else {
+            bytes.chunks(SNAPSHOT_CHUNK_BYTES).collect()
+        };
+        for (index, chunk) in chunks.iter().enumerate() {
+            let key = self.keys.chunk(doc, seq, index as u32);
+            self.fenced(
+                doc,
+                epoch,
+                vec![Op::Put {
+                    key,
+                    value: chunk.to_vec(),
+                    lease: None,
+                }],
+            )?;
+        }
+        let manifest = Manifest {
+            len: bytes.len() as u64,
+            chunks: chunks.len() as u32,
+            crc: crc32c::crc32c(bytes),
+        };
+        // Older manifests and every piece not of this snapshot (older ones, and those of
+        // a write cut short) go in the same txn as the manifest.
+        let mut ops: Vec<Op> = self
+            .snapshot_keys(doc)?
             .into_iter()
             .filter(|(s, _)| *s < seq)
             .map(|(_, key)| Op::Delete { key })
             .collect();
+        for other in self.chunk_seqs(doc)? {
+            if other != seq {
+                ops.push(Op::DeletePrefix {
+                    prefix: self.keys.snapshot_chunks(doc, other),
+                });
+            }
+        }
+        // Bounded by what a document leaves behind: one older snapshot and the pieces of
+        // at most a few writes cut short; past the txn's limit, the next write deletes
+        // the rest.
+        ops.truncate(MAX_TXN_OPS - 1);
         ops.push(Op::Put {
-            key,
-            value: bytes.to_vec(),
+            key: self.keys.snapshot(doc, seq),
+            value: manifest.encode(),
             lease: None,
         });
         self.fenced(doc, epoch, ops)
+    }
+
+    /// The seqs that snapshot pieces of `doc` are kept under.
+    fn chunk_seqs(&self, doc: &str) -> Result<Vec<u64>, ClusterError> {
+        let prefix = self.keys.chunks(doc);
+        let mut seqs: Vec<u64> = Vec::new();
+        let mut from: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .get_prefix(&prefix, from.as_deref(), PAGE_KEYS)
+                .map_err(ClusterError::Store)?;
+            for kv in &page.kvs {
+                let seq = kv.key[prefix.len()..]
+                    .split('/')
+                    .next()
+                    .and_then(|digits| key_seq(digits, ""))
+                    .ok_or_else(|| ClusterError::Corrupt(format!("bad piece key {:?}", kv.key)))?;
+                if seqs.last() != Some(&seq) {
+                    seqs.push(seq);
+                }
+            }
+            match (page.more, page.kvs.last()) {
+                (true, Some(last)) => from = Some(format!("{}\0", last.key)),
+                _ => return Ok(seqs),
+            }
+        }
+    }
+
+    /// The bytes of `doc`'s snapshot as of `seq`, from its manifest and pieces, checked.
+    fn read_snapshot(&self, doc: &str, seq: u64, manifest: &[u8]) -> Result<Vec<u8>, ClusterError> {
+        let key = self.keys.snapshot(doc, seq);
+        let manifest =
+            Manifest::decode(manifest).map_err(|e| ClusterError::Corrupt(format!("{key}: {e}")))?;
+        let mut bytes = Vec::with_capacity(manifest.len as usize);
+        for index in 0..manifest.chunks {
+            let piece = self.keys.chunk(doc, seq, index);
+            let kv = self
+                .store
+                .get(&piece)
+                .map_err(ClusterError::Store)?
+                .ok_or_else(|| ClusterError::Corrupt(format!("{piece} is missing")))?;
+            bytes.extend_from_slice(&kv.value);
+        }
+        if bytes.len() as u64 != manifest.len || crc32c::crc32c(&bytes) != manifest.crc {
+            return Err(ClusterError::Corrupt(format!(
+                "the snapshot {key} does not match its manifest ({} bytes read, {} expected, \
+                 or its checksum differs)",
+                bytes.len(),
+                manifest.len
+            )));
+        }
+        Ok(bytes)
     }
 
     /// Deletes the journal keys of `doc` up to `through_seq` (covered by a snapshot
@@ -532,7 +689,7 @@ impl<S: Store> Member<S> {
         if let Some((seq, key)) = self.snapshot_keys(doc)?.pop() {
             let kv = self.store.get(&key).map_err(ClusterError::Store)?;
             let kv = kv.ok_or_else(|| ClusterError::Corrupt(format!("snapshot {key} vanished")))?;
-            loaded.snapshot = Some((seq, kv.value));
+            loaded.snapshot = Some((seq, self.read_snapshot(doc, seq, &kv.value)?));
         }
         let prefix = self.keys.journal(doc);
         let mut from: Option<String> = None;
@@ -853,7 +1010,7 @@ mod tests {
             })
             .collect();
         a.commit(&batch).unwrap();
-        let huge = vec![0; MAX_COMMIT_BYTES];
+        let huge = vec![0; MAX_SNAPSHOT_BYTES + 1];
         assert!(matches!(
             a.write_snapshot("d", epoch, 2, &huge),
             Err(CommitError::TooLarge { .. })
@@ -884,5 +1041,92 @@ mod tests {
             Err(CommitError::Lost(_))
         ));
         assert_eq!(b.load("d").unwrap(), loaded);
+    }
+
+    fn chunk_keys(store: &MemStore, doc: &str) -> Vec<String> {
+        let page = store
+            .get_prefix(&Keys::new("/q").chunks(doc), None, 1000)
+            .unwrap();
+        page.kvs.into_iter().map(|kv| kv.key).collect()
+    }
+
+    #[test]
+    fn a_snapshot_larger_than_a_request_is_written_in_pieces_and_read_whole() {
+        let store = Arc::new(MemStore::new());
+        let a = member(&store, "a");
+        let epoch = owned(a.claim("d").unwrap());
+        // Two and a half pieces, every byte telling where it was.
+        let bytes: Vec<u8> = (0..SNAPSHOT_CHUNK_BYTES * 5 / 2)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        a.write_snapshot("d", epoch, 4, &bytes).unwrap();
+        assert_eq!(chunk_keys(&store, "d").len(), 3);
+        assert_eq!(a.load("d").unwrap().snapshot, Some((4, bytes.clone())));
+        // An empty snapshot has no pieces at all.
+        a.write_snapshot("e", owned(a.claim("e").unwrap()), 1, b"")
+            .unwrap();
+        assert_eq!(a.load("e").unwrap().snapshot, Some((1, Vec::new())));
+        assert!(chunk_keys(&store, "e").is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_cut_short_is_never_read_and_its_pieces_go_with_the_next_write() {
+        let store = Arc::new(MemStore::new());
+        let a = member(&store, "a");
+        let epoch = owned(a.claim("d").unwrap());
+        a.write_snapshot("d", epoch, 2, b"at 2").unwrap();
+        // A write at 6 that stopped after its first piece (a crash): no manifest.
+        store
+            .txn(
+                &[],
+                &[Op::Put {
+                    key: Keys::new("/q").chunk("d", 6, 0),
+                    value: b"half of 6".to_vec(),
+                    lease: None,
+                }],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(a.load("d").unwrap().snapshot, Some((2, b"at 2".to_vec())));
+        a.write_snapshot("d", epoch, 4, b"at 4").unwrap();
+        assert_eq!(a.load("d").unwrap().snapshot, Some((4, b"at 4".to_vec())));
+        assert_eq!(
+            chunk_keys(&store, "d"),
+            vec![Keys::new("/q").chunk("d", 4, 0)],
+            "the older snapshot's piece and the cut-short one are gone"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_piece_that_does_not_match_its_manifest_is_an_error() {
+        let store = Arc::new(MemStore::new());
+        let a = member(&store, "a");
+        let epoch = owned(a.claim("d").unwrap());
+        let bytes = vec![7; SNAPSHOT_CHUNK_BYTES + 10];
+        a.write_snapshot("d", epoch, 3, &bytes).unwrap();
+        let piece = Keys::new("/q").chunk("d", 3, 1);
+        let put = |value: &[u8]| {
+            store
+                .txn(
+                    &[],
+                    &[Op::Put {
+                        key: piece.clone(),
+                        value: value.to_vec(),
+                        lease: None,
+                    }],
+                    &[],
+                )
+                .unwrap();
+        };
+        put(&[8; 10]);
+        assert!(matches!(a.load("d"), Err(ClusterError::Corrupt(m)) if m.contains("manifest")));
+        put(&[7; 9]);
+        assert!(matches!(a.load("d"), Err(ClusterError::Corrupt(_))));
+        store
+            .txn(&[], &[Op::Delete { key: piece.clone() }], &[])
+            .unwrap();
+        assert!(matches!(a.load("d"), Err(ClusterError::Corrupt(m)) if m.contains("missing")));
+        put(&[7; 10]);
+        assert_eq!(a.load("d").unwrap().snapshot, Some((3, bytes)));
     }
 }
