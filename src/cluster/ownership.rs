@@ -286,6 +286,7 @@ pub struct Member<S> {
     keys: Keys,
     node: String,
     lease: LeaseId,
+    registered_at: Revision,
 }
 
 fn store_error(e: StoreError, lease: LeaseId) -> ClusterError {
@@ -337,12 +338,19 @@ impl<S: Store> Member<S> {
             keys,
             node: node.to_owned(),
             lease,
+            registered_at: response.revision,
         })
     }
 
     /// This node's id.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The revision of this registration: unique to it in the cluster's life (revisions
+    /// never repeat), so it can make other ids unique (client ids, for one).
+    pub fn registered_at(&self) -> Revision {
+        self.registered_at
     }
 
     /// The cluster's keys.

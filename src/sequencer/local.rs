@@ -595,6 +595,134 @@ impl Drop for LocalSequencer {
 }
 
 impl LocalSequencer {
+    /// Appends `record`, the next op of its document, and applies it to `state` (the
+    /// document's, locked): checked first, so that a refusal leaves the state as it was.
+    /// The first op after a restart builds the text (a blocking read of the log, as the
+    /// append may block).
+    fn append(&self, state: &mut DocState, record: &OpRecord) -> Result<Lsn, SubmitError> {
+        let doc_id = record.doc_id.as_str();
+        assert_eq!(
+            record.server_seq,
+            state.version + 1,
+            "ops follow their document"
+        );
+        state
+            .text(doc_id, &self.shared.wal)
+            .map_err(|e| SubmitError::Storage(Arc::from(e)))?
+            .check(&record.patches)
+            .map_err(SubmitError::Invalid)?;
+        // Append first: if the log refuses, the state is untouched.
+        let lsn = self.shared.wal.append_op(record).map_err(|e| match e {
+            WalError::RecordTooLarge { .. } => SubmitError::TooLarge(e.to_string()),
+            other => SubmitError::Storage(Arc::from(other.to_string())),
+        })?;
+        state
+            .text(doc_id, &self.shared.wal)
+            .expect("built above, under the same lock")
+            .apply(&record.patches)
+            .expect("patches were checked under the same lock");
+        state.version = record.server_seq;
+        state.dedupe.record(
+            record.client_id,
+            record.local_seq,
+            record.server_seq,
+            record.fingerprint,
+        );
+        state.last_lsn = lsn;
+        Ok(lsn)
+    }
+
+    /// Forgets `doc_id` (cluster mode: this node lost it): a tombstone, its snapshot
+    /// files removed, its id free for [`LocalSequencer::install`]. Blocking: it waits
+    /// for the tombstone to be durable.
+    pub fn evict(&self, doc_id: &str) -> Result<(), Arc<str>> {
+        self.delete(doc_id)?;
+        self.finish_delete(doc_id)
+    }
+
+    /// Installs `doc_id` as another store holds it (cluster mode: loaded after a claim),
+    /// in place of whatever this log had of it: its snapshot (`None`: empty at 0) and
+    /// the ops after it, in seq order. Each op is checked to follow and apply, appended
+    /// to the log, and the install returns once they are durable: the document's
+    /// version. Blocking.
+    ///
+    /// The local log is then a cache of the other store: a restart must not recover
+    /// from it (a tombstone before an install removes the installed snapshot's file at
+    /// a restart's recovery too), so cluster mode starts on an empty directory.
+    pub fn install(
+        &self,
+        doc_id: &str,
+        snapshot: Option<Snapshot>,
+        ops: &[OpRecord],
+    ) -> Result<u64, Arc<str>> {
+        let failed = |e: String| Arc::<str>::from(format!("installing {doc_id:?}: {e}"));
+        validate_doc_id(doc_id).map_err(failed)?;
+        self.evict(doc_id)?;
+        let state = match snapshot {
+            None => DocState::empty(),
+            Some(snapshot) => {
+                if snapshot.doc_id != doc_id {
+                    return Err(failed(format!("a snapshot of {:?}", snapshot.doc_id)));
+                }
+                let _files = self
+                    .shared
+                    .snapshot_files
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                crate::wal::snapshot::write_snapshot(
+                    &*self.shared.vfs,
+                    &self.shared.snapshot_dir,
+                    &snapshot,
+                )
+                .map_err(|e| failed(e.to_string()))?;
+                let mut dedupe = Dedupe::default();
+                for entry in &snapshot.dedupe {
+                    for op in entry.ops() {
+                        dedupe.record(entry.client_id, op.local_seq, op.seq, op.fingerprint);
+                    }
+                }
+                DocState {
+                    dedupe,
+                    last_snapshot_ms: snapshot.created_ms,
+                    ..DocState::deferred(snapshot.text, snapshot.last_included_seq)
+                }
+            }
+        };
+        let doc = Arc::new(Mutex::new(state));
+        let mut state = lock_doc(&doc);
+        {
+            let mut docs = self.shared.docs.write().unwrap_or_else(|p| p.into_inner());
+            if docs.contains_key(doc_id) {
+                return Err(failed("it was created meanwhile".into()));
+            }
+            docs.insert(Arc::from(doc_id), doc.clone());
+        }
+        // Under the document's lock from its insertion on: no submit sees it half
+        // installed.
+        for record in ops {
+            if record.doc_id != doc_id || record.server_seq != state.version + 1 {
+                let (got, seq) = (&record.doc_id, record.server_seq);
+                let expected = state.version + 1;
+                drop(state);
+                let _ = self.evict(doc_id);
+                return Err(failed(format!(
+                    "op {got:?} seq {seq} where seq {expected} was expected"
+                )));
+            }
+            if let Err(e) = self.append(&mut state, record) {
+                drop(state);
+                let _ = self.evict(doc_id);
+                return Err(failed(e.to_string()));
+            }
+        }
+        let (version, lsn) = (state.version, state.last_lsn);
+        drop(state);
+        maintenance::wait_durable_blocking(&self.shared, lsn).map_err(|e| failed(e.to_string()))?;
+        Ok(version)
+    }
+}
+
+impl LocalSequencer {
     /// `doc_id` as of its newest durable op: its snapshot (which holds only durable
     /// ops) and the ops after it in the log's index (which has only durable ones).
     fn durable_view(&self, doc_id: &str, state: &DocState) -> Result<DocView, Arc<str>> {
@@ -797,13 +925,6 @@ impl Sequencer for LocalSequencer {
                 actual: state.version,
             });
         }
-        // The first op after a restart builds the text (a blocking read of the log, as
-        // the append below may block).
-        state
-            .text(doc_id, &self.shared.wal)
-            .map_err(|e| SubmitError::Storage(Arc::from(e)))?
-            .check(&op.patches)
-            .map_err(SubmitError::Invalid)?;
         let seq = state.version + 1;
         let record = OpRecord {
             doc_id: doc_id.to_owned(),
@@ -817,21 +938,7 @@ impl Sequencer for LocalSequencer {
             // from a different op under this id.
             fingerprint: Some(op.fingerprint),
         };
-        // Append first: if the log refuses, the state is untouched.
-        let lsn = self.shared.wal.append_op(&record).map_err(|e| match e {
-            WalError::RecordTooLarge { .. } => SubmitError::TooLarge(e.to_string()),
-            other => SubmitError::Storage(Arc::from(other.to_string())),
-        })?;
-        state
-            .text(doc_id, &self.shared.wal)
-            .expect("built above, under the same lock")
-            .apply(&record.patches)
-            .expect("patches were checked under the same lock");
-        state.version = seq;
-        state
-            .dedupe
-            .record(client, op.op_id.local_seq, seq, Some(op.fingerprint));
-        state.last_lsn = lsn;
+        let lsn = self.append(&mut state, &record)?;
         if seq - state.snapshot_seq >= self.shared.config.snapshot_every_ops
             && !state.snapshot_queued
         {
@@ -1252,6 +1359,105 @@ mod tests {
                 Ok(Submitted::Applied { seq: s, ticket }) if s == seq => ticket,
                 other => panic!("op {seq}: {other:?}"),
             }
+        }
+
+        #[test]
+        fn an_install_replaces_the_documents_state_and_history_and_checks_its_ops() {
+            let fs = SimFs::new();
+            let (store, _) = open(&fs);
+            // A local history of 5 ops that the other store never had beyond op 2.
+            for seq in 1..=5 {
+                submit(&store, seq);
+            }
+            store.step();
+            let record = |seq: u64, client: u64, ins: &str| OpRecord {
+                doc_id: "doc".into(),
+                client_id: client,
+                local_seq: seq,
+                server_seq: seq,
+                base_version: seq - 1,
+                timestamp_ms: 0,
+                patches: vec![Patch::new(0, 0, ins.to_owned())],
+                fingerprint: Some(seq * 10),
+            };
+            let snapshot = Snapshot {
+                doc_id: "doc".into(),
+                last_included_seq: 2,
+                created_ms: 0,
+                text: "two".into(),
+                dedupe: vec![crate::wal::snapshot::DedupeEntry {
+                    client_id: 9,
+                    last_local_seq: 2,
+                    seq: 2,
+                    fingerprint: Some(0),
+                    older: vec![],
+                }],
+            };
+            let ops = [record(3, 5, "a"), record(4, 5, "b")];
+            assert_eq!(store.install("doc", Some(snapshot.clone()), &ops), Ok(4));
+            let (view, _) = store.read_now("doc", None).unwrap().unwrap();
+            assert_eq!((view.text.as_str(), view.version), ("batwo", 4));
+            // The history is the installed one: ops 3 and 4, nothing of the local 3..=5.
+            let after = store.ops_after("doc", 2, 10).unwrap().unwrap();
+            assert_eq!(
+                after
+                    .iter()
+                    .map(|op| (op.seq, op.id.client_id))
+                    .collect::<Vec<_>>(),
+                vec![(3, 5), (4, 5)]
+            );
+            // Resends are answered from the installed dedupe table, old and new.
+            let resend = |client, local_seq, fingerprint| {
+                store.applied(
+                    "doc",
+                    OpId {
+                        client_id: client,
+                        local_seq,
+                    },
+                    fingerprint,
+                )
+            };
+            assert!(matches!(
+                resend(9, 2, 0),
+                Some(Ok(Submitted::Duplicate { seq: 2, .. }))
+            ));
+            assert!(matches!(
+                resend(5, 4, 40),
+                Some(Ok(Submitted::Duplicate { seq: 4, .. }))
+            ));
+            assert!(
+                resend(9, 5, 0).is_none(),
+                "the local ops 3..=5 of 9 are gone: a resend is a new op here"
+            );
+            // And it goes on from there.
+            let op = SubmitOp {
+                op_id: OpId {
+                    client_id: 9,
+                    local_seq: 6,
+                },
+                base_version: 4,
+                expected_version: 4,
+                fingerprint: 0,
+                patches: vec![Patch::new(5, 0, "!".to_owned())],
+            };
+            assert!(matches!(
+                store.submit("doc", op),
+                Ok(Submitted::Applied { seq: 5, .. })
+            ));
+            store.step();
+            assert_eq!(
+                store.read_now("doc", None).unwrap().unwrap().0.text,
+                "batwo!"
+            );
+            // An install whose ops do not follow is refused and leaves nothing behind.
+            let gap = [record(3, 5, "a"), record(5, 5, "c")];
+            assert!(store.install("doc", Some(snapshot), &gap).is_err());
+            assert_eq!(store.read_now("doc", None).unwrap(), None);
+            // Nor one whose op does not apply.
+            let mut far = record(1, 5, "x");
+            far.patches = vec![Patch::new(3, 0, "x".to_owned())];
+            assert!(store.install("doc", None, &[far]).is_err());
+            assert_eq!(store.read_now("doc", None).unwrap(), None);
         }
 
         /// Ops 1..=3 (a snapshot after the third), 4..=6 in the log only; multi-byte
