@@ -180,6 +180,7 @@ impl World {
                 panic!("refused as {kind:?}: {message}")
             }
             SubmitOutcome::Duplicate { .. } => panic!("no op is sent twice here"),
+            SubmitOutcome::Moved(owner) => panic!("a single node's document moved to {owner:?}"),
         }
     }
 }

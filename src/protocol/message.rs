@@ -48,6 +48,9 @@ pub enum ErrorCode {
     /// The document was deleted (by the admin endpoint): sent unasked to the sessions
     /// that had it open, and as the `Reject` of an op that came too late.
     DocumentDeleted,
+    /// No node serves the document right now (cluster mode: its owner is not known or
+    /// not reachable, or it is being handed over): retry later, with backoff.
+    Unavailable,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -80,6 +83,7 @@ impl ErrorCode {
             ErrorCode::AccessDenied => 29,
             ErrorCode::ReadOnly => 31,
             ErrorCode::DocumentDeleted => 32,
+            ErrorCode::Unavailable => 33,
             ErrorCode::Other(c) => c,
         }
     }
@@ -111,6 +115,7 @@ impl ErrorCode {
             29 => ErrorCode::AccessDenied,
             31 => ErrorCode::ReadOnly,
             32 => ErrorCode::DocumentDeleted,
+            33 => ErrorCode::Unavailable,
             c => ErrorCode::Other(c),
         }
     }
@@ -215,6 +220,16 @@ pub enum Message {
     },
     Pong {
         nonce: u64,
+    },
+    /// Another node serves `doc` (cluster mode): its TCP client listener `addr`
+    /// (`host:port`) and its WebSocket URL `ws_url` (empty: it serves none). Answers a
+    /// request about a document this node does not serve, or comes unasked (request id
+    /// 0) when the node stops serving a document the connection has open; either way
+    /// the document is closed on this connection.
+    Redirect {
+        doc: String,
+        addr: String,
+        ws_url: String,
     },
     Error {
         code: ErrorCode,
@@ -426,6 +441,7 @@ impl Message {
             Message::PresenceState { .. } => 0x25,
             Message::Reload { .. } => 0x26,
             Message::Pong { .. } => 0x27,
+            Message::Redirect { .. } => 0x28,
             Message::Error { .. } => 0x7F,
         }
     }
@@ -546,6 +562,11 @@ impl Envelope {
                 put_str16(out, doc);
                 put_str16(out, bounded(reason));
             }
+            Message::Redirect { doc, addr, ws_url } => {
+                put_str16(out, doc);
+                put_str16(out, addr);
+                put_str16(out, ws_url);
+            }
             Message::Error { code, message } => {
                 out.put_u16_le(code.to_u16());
                 put_str16(out, bounded(message));
@@ -645,6 +666,11 @@ impl Envelope {
                 reason: r.str16()?,
             },
             0x27 => Message::Pong { nonce: r.u64()? },
+            0x28 => Message::Redirect {
+                doc: r.str16()?,
+                addr: r.str16()?,
+                ws_url: r.str16()?,
+            },
             0x7F => Message::Error {
                 code: ErrorCode::from_u16(r.u16()?),
                 message: r.str16()?,
@@ -750,6 +776,16 @@ mod tests {
                 reason: "gone".into(),
             },
             Message::Pong { nonce: 8 },
+            Message::Redirect {
+                doc: "d".into(),
+                addr: "10.0.0.2:7420".into(),
+                ws_url: "ws://10.0.0.2:7421/ws".into(),
+            },
+            Message::Redirect {
+                doc: "d".into(),
+                addr: "[::1]:7420".into(),
+                ws_url: String::new(),
+            },
             Message::Error {
                 code: ErrorCode::Other(999),
                 message: "?".into(),
@@ -779,6 +815,28 @@ mod tests {
                 ErrorCode::Malformed
             );
         }
+    }
+
+    #[test]
+    fn a_redirect_is_the_bytes_protocol_md_gives() {
+        // protocol.md's example, byte for byte: a client in another language is
+        // written from it.
+        let bytes = Envelope {
+            request_id: 7,
+            message: Message::Redirect {
+                doc: "a".into(),
+                addr: "h:1".into(),
+                ws_url: String::new(),
+            },
+        }
+        .encode();
+        assert_eq!(
+            bytes,
+            [0x28, 7, 0, 0, 0, 1, 0, b'a', 3, 0, b'h', b':', b'1', 0, 0]
+        );
+        assert_eq!(ErrorCode::from_u16(33), ErrorCode::Unavailable);
+        assert_eq!(ErrorCode::Unavailable.to_u16(), 33);
+        assert!(!ErrorCode::Unavailable.closes_connection());
     }
 
     #[test]

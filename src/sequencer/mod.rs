@@ -101,6 +101,11 @@ pub enum SubmitError {
     OpIdReused(String),
     /// The document was deleted (or is being deleted): nothing was applied.
     Deleted(String),
+    /// Another node serves the document now (cluster mode: this node lost it, or is
+    /// draining): nothing was applied, and nothing more of it is acknowledged here. The
+    /// session sends `Redirect` (protocol.md), not an ack or a reject: the client
+    /// resends the op under the same id at `Owner`.
+    Moved(Owner),
 }
 
 impl std::fmt::Display for SubmitError {
@@ -112,10 +117,46 @@ impl std::fmt::Display for SubmitError {
                 "op was transformed to version {expected} but the document is at {actual}"
             ),
             SubmitError::Storage(reason) => write!(f, "storage failed: {reason}"),
+            SubmitError::Moved(owner) => write!(f, "the document moved to {}", owner.addr),
             SubmitError::TooLarge(m)
             | SubmitError::InvalidDocId(m)
             | SubmitError::OpIdReused(m)
             | SubmitError::Deleted(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The node that serves a document, as a client reaches it: what a `Redirect` carries
+/// (protocol.md). Cheap to clone (a session sends it to each of its subscribers).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// `host:port` of its TCP client listener.
+    pub addr: Arc<str>,
+    /// Its WebSocket URL (`ws://host:port/ws`), empty if it serves none.
+    pub ws_url: Arc<str>,
+}
+
+/// Where a document is served, as [`Sequencer::route`] says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This node serves it: sequence its ops here.
+    Here,
+    /// Another node does: the client is redirected there.
+    Elsewhere(Owner),
+}
+
+/// Why [`Sequencer::route`] cannot say where a document is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// No node serves it right now (its owner is not known or not reachable, or it is
+    /// being handed over): the client retries later (protocol.md, code 33).
+    Unavailable(String),
+}
+
+impl std::fmt::Display for RouteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteError::Unavailable(m) => f.write_str(m),
         }
     }
 }
@@ -199,6 +240,19 @@ pub struct DocView {
 /// implementation; the returned seqs are consecutive. Callers are generic over it
 /// (static dispatch: no allocation per op on the hot path).
 pub trait Sequencer: Send + Sync + 'static {
+    /// Whether this node serves `doc_id` (cluster mode: one owner node per document),
+    /// asked when a session opens the document (and on other requests about a document
+    /// the session does not have open), never per op: once a document is open, the
+    /// sequencer says it moved by refusing a submit with [`SubmitError::Moved`], or the
+    /// server is told ([`crate::server::Server::redirect_document`]). Async, because a
+    /// cluster implementation may have to claim the document first (a round trip to its
+    /// coordination store); it must never block the calling worker. The default serves
+    /// every document here (a single node), at the cost of a ready future.
+    fn route(&self, doc_id: &str) -> impl Future<Output = Result<Route, RouteError>> + Send {
+        let _ = doc_id;
+        std::future::ready(Ok(Route::Here))
+    }
+
     /// What the storage reports for metrics and readiness.
     fn storage_stats(&self) -> StorageStats;
 

@@ -37,7 +37,7 @@ type SessionHasher = std::hash::BuildHasherDefault<std::collections::hash_map::D
 use crate::op::{OpId, Patch, SequencedOp};
 use crate::ot::{Side, TextOp};
 use crate::sequencer::{
-    fingerprint, Deletion, Sequencer, SubmitError, SubmitOp, Submitted, Ticket,
+    fingerprint, Deletion, Owner, Sequencer, SubmitError, SubmitOp, Submitted, Ticket,
 };
 
 /// Identifies a session (a connection) among a document's subscribers.
@@ -67,6 +67,9 @@ pub enum Event<P> {
     Presence { client_id: u64, presence: P },
     /// The document was deleted at `version` (after every op up to it was delivered).
     Deleted { version: u64 },
+    /// Another node serves the document now: the subscriber goes there (the last
+    /// message of the document it gets here).
+    Moved(Owner),
 }
 
 /// Why a document closes a subscriber's session.
@@ -201,6 +204,9 @@ struct State<S: Subscriber> {
     /// The version the document was deleted at, once it was: every op after is refused
     /// ([`RefusalKind::Deleted`]).
     deleted: Option<u64>,
+    /// The node that serves the document now, once this one stopped
+    /// ([`Document::moved`]): nothing more is sequenced, acknowledged or broadcast here.
+    moved: Option<Owner>,
 }
 
 /// One client's presence on the document, and its coalescing state.
@@ -356,6 +362,9 @@ pub enum SubmitOutcome {
         ticket: Ticket,
     },
     Refused(Refusal),
+    /// Another node serves the document now ([`SubmitError::Moved`], or
+    /// [`Document::moved`]): nothing was applied, and the session redirects the client.
+    Moved(Owner),
 }
 
 /// A submitted op on its way to being sequenced: transformed so far up to version `at`.
@@ -547,6 +556,7 @@ impl<S: Subscriber> Document<S> {
                 held: HashMap::new(),
                 presence: BTreeMap::new(),
                 deleted: None,
+                moved: None,
             }),
         }
     }
@@ -589,6 +599,11 @@ impl<S: Subscriber> Document<S> {
         for frame in held.frames {
             subscriber.send(frame);
         }
+        if state.moved.is_some() {
+            // Its last message was the redirect, held behind its snapshot.
+            state.subscribers.remove(&session);
+            return;
+        }
         for (client_id, p) in &state.presence {
             if *client_id != subscriber.client_id() {
                 subscriber.send(self.presence_frame(*client_id, p.presence.clone()));
@@ -616,6 +631,11 @@ impl<S: Subscriber> Document<S> {
         }
     }
 
+    /// The node that serves the document now, if it moved ([`Document::moved`]).
+    pub fn moved_to(&self) -> Option<Owner> {
+        self.lock().moved.clone()
+    }
+
     /// No subscriber, and every op delivered.
     pub fn is_idle(&self) -> bool {
         let state = self.lock();
@@ -636,9 +656,18 @@ impl<S: Subscriber> Document<S> {
     /// Broadcasts a presence update to the other subscribers, at most once per
     /// `presence_interval` per client: an update sooner than that is held, and the
     /// latest one held goes out when the interval ends. Never stored.
-    pub fn presence(self: &Arc<Self>, session: SessionId, client_id: u64, presence: S::Presence) {
+    /// `Err`: the document moved ([`Document::moved`]); nothing is broadcast.
+    pub fn presence(
+        self: &Arc<Self>,
+        session: SessionId,
+        client_id: u64,
+        presence: S::Presence,
+    ) -> Result<(), Owner> {
         let now = Instant::now();
         let mut state = self.lock();
+        if let Some(owner) = &state.moved {
+            return Err(owner.clone());
+        }
         match state.presence.get_mut(&client_id) {
             Some(p) if now < p.sent_at + self.limits.presence_interval => {
                 p.presence = presence;
@@ -667,6 +696,7 @@ impl<S: Subscriber> Document<S> {
                 state.deliver_presence(Some(session), &frame);
             }
         }
+        Ok(())
     }
 
     /// Broadcasts a held presence update (unless the client left meanwhile).
@@ -688,6 +718,9 @@ impl<S: Subscriber> Document<S> {
     pub fn precheck<Q: Sequencer>(&self, sequencer: &Q, job: &Job) -> Option<SubmitOutcome> {
         let (version, broken) = {
             let state = self.lock();
+            if let Some(owner) = &state.moved {
+                return Some(SubmitOutcome::Moved(owner.clone()));
+            }
             if let Some(version) = state.deleted {
                 return Some(deleted_refusal(&self.id, version));
             }
@@ -755,6 +788,9 @@ impl<S: Subscriber> Document<S> {
         log: Option<Vec<SequencedOp>>,
     ) -> Step {
         match self.try_step(sequencer, job, log) {
+            // Not a refusal: the op goes to the new owner, under the same id.
+            Ok(Step::Done(moved @ SubmitOutcome::Moved(..)))
+            | Err(moved @ SubmitOutcome::Moved(..)) => Step::Done(moved),
             Ok(Step::Done(outcome @ SubmitOutcome::Refused(..))) | Err(outcome) => {
                 Step::Done(self.refused(sequencer, job, outcome))
             }
@@ -802,6 +838,9 @@ impl<S: Subscriber> Document<S> {
         }
         // Under the lock: the few ops sequenced meanwhile, then sequence.
         let mut state = self.lock();
+        if let Some(owner) = &state.moved {
+            return Err(SubmitOutcome::Moved(owner.clone()));
+        }
         if let Some(version) = state.deleted {
             return Err(deleted_refusal(&self.id, version));
         }
@@ -902,6 +941,10 @@ impl<S: Subscriber> Document<S> {
             seq,
         });
         let mut state = self.lock();
+        if state.moved.is_some() {
+            // Acknowledged by the new owner, when the client resends it there.
+            return;
+        }
         if seq > state.delivered {
             if let Some(p) = state.pending_mut(seq) {
                 p.resent.push((subscriber.clone(), ack));
@@ -953,6 +996,35 @@ impl<S: Subscriber> Document<S> {
         }
     }
 
+    /// Another node serves the document now: every subscriber is sent `Event::Moved`
+    /// (one whose snapshot is not out yet, right after it) and dropped, presence is
+    /// forgotten, and from now on nothing is sequenced (a submit gets
+    /// [`SubmitOutcome::Moved`]), acknowledged or broadcast here: the clients resend
+    /// their unacknowledged ops to the new owner under the same ids, and its dedupe
+    /// answers those applied here with their seqs. The server takes the document out of
+    /// its map first ([`crate::server::Server::redirect_document`]), so nobody
+    /// subscribes to it again.
+    pub fn moved(&self, owner: Owner) {
+        let mut state = self.lock();
+        if state.moved.is_some() {
+            return;
+        }
+        let frame = self.frame(Event::Moved(owner.clone()));
+        state.moved = Some(owner);
+        state.presence.clear();
+        state.broken_pipelines.clear();
+        let State {
+            subscribers, held, ..
+        } = &mut *state;
+        // One whose snapshot is being sent keeps its place until it is activated, which
+        // releases the redirect after the snapshot and drops it.
+        subscribers.retain(|session, subscriber| {
+            deliver(held, subscriber, frame.clone());
+            held.contains_key(session)
+        });
+        state.release_spare();
+    }
+
     /// Delivers every consecutive durable op at the front of `pending`, in seq order.
     fn deliver_durable(&self, state: &mut State<S>) {
         loop {
@@ -963,6 +1035,10 @@ impl<S: Subscriber> Document<S> {
             let p = state.pending.pop_front().expect("checked");
             state.delivered += 1;
             assert_eq!(p.op.seq, state.delivered, "delivered in seq order");
+            if state.moved.is_some() {
+                // Nothing more is acknowledged or broadcast here (the redirect went out).
+                continue;
+            }
             // The ack has one receiver: moved to it, not shared.
             let mut ack = Some(self.frame(Event::Ack {
                 request_id: p.request_id,
@@ -1018,6 +1094,7 @@ fn outcome_of(e: SubmitError) -> SubmitOutcome {
         SubmitError::OpIdReused(m) => refusal(RefusalKind::OpIdReused, m),
         SubmitError::Deleted(m) => refusal(RefusalKind::Deleted, m),
         SubmitError::Storage(m) => refusal(RefusalKind::StorageFailed, m.to_string()),
+        SubmitError::Moved(owner) => SubmitOutcome::Moved(owner),
         e @ SubmitError::VersionMismatch { .. } => {
             refusal(RefusalKind::Internal, format!("internal: {e}"))
         }
@@ -1054,6 +1131,7 @@ mod tests {
         Deleted {
             version: u64,
         },
+        Moved(Owner),
     }
 
     thread_local! {
@@ -1125,6 +1203,7 @@ mod tests {
                     presence,
                 },
                 Event::Deleted { version } => Got::Deleted { version },
+                Event::Moved(owner) => Got::Moved(owner),
             })
         }
 
@@ -1281,7 +1360,7 @@ mod tests {
         doc.subscribe(cursor.clone());
         doc.activate(2);
         doc.subscribe(watcher.clone());
-        doc.presence(2, 20, vec![7]);
+        doc.presence(2, 20, vec![7]).unwrap();
         assert!(watcher.take().is_empty(), "nothing before its snapshot");
         doc.activate(1);
         let told = watcher.take();

@@ -268,6 +268,41 @@ impl<S: Sequencer> Server<S> {
         Ok(Some(deletion.version))
     }
 
+    /// Another node serves document `id` now (cluster mode: this node lost it, or is
+    /// draining): every session that has it open is sent `Redirect` to `owner`
+    /// (request id 0, after its snapshot if that is being sent) and unsubscribed, and
+    /// nothing more of it is sequenced, acknowledged or broadcast here (protocol.md,
+    /// Redirect). An `Open` of it afterwards creates it anew, after asking
+    /// [`Sequencer::route`]. Returns whether the document was open here.
+    pub fn redirect_document(&self, id: &str, owner: crate::sequencer::Owner) -> bool {
+        // Under the map's lock: nobody subscribes to it between the two steps.
+        let mut docs = self.documents();
+        match docs.remove(id) {
+            Some(document) => {
+                document.moved(owner);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`Server::redirect_document`] for this very document (a submit to it was
+    /// refused with `SubmitError::Moved`): a newer document of the same id is left alone.
+    pub(crate) fn redirect(
+        &self,
+        document: &Arc<Document<outbox::Outbox>>,
+        owner: crate::sequencer::Owner,
+    ) {
+        let mut docs = self.documents();
+        if docs
+            .get(&document.id)
+            .is_some_and(|d| Arc::ptr_eq(d, document))
+        {
+            docs.remove(&document.id);
+        }
+        document.moved(owner);
+    }
+
     /// Registers `outbox` as the live session of its client id; a session already
     /// there for it is closed with code 11.
     fn claim_client_id(&self, outbox: &outbox::Outbox) {

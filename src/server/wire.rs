@@ -88,6 +88,14 @@ impl Subscriber for Outbox {
                     selections: presence,
                 },
             ),
+            Event::Moved(owner) => (
+                0,
+                Message::Redirect {
+                    doc: doc.to_owned(),
+                    addr: owner.addr.to_string(),
+                    ws_url: owner.ws_url.to_string(),
+                },
+            ),
             Event::Deleted { version } => (
                 0,
                 Message::Error {

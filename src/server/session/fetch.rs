@@ -10,6 +10,17 @@ pub const FETCH_MAX_OPS: u32 = 10_000;
 
 impl<S: Sequencer> Session<S> {
     pub(super) async fn fetch(&self, rid: u32, doc: String, after_seq: u64, limit: u32) -> bool {
+        match self.served_elsewhere(&doc).await {
+            Some(Ok(owner)) => {
+                self.send_redirect(rid, &doc, &owner);
+                return true;
+            }
+            Some(Err(why)) => {
+                self.send_error(rid, ErrorCode::Unavailable, why);
+                return true;
+            }
+            None => {}
+        }
         let limit = u64::from(limit.min(FETCH_MAX_OPS));
         match self.send_ops(rid, &doc, after_seq, limit).await {
             Sent::Done => true,

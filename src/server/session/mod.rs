@@ -35,7 +35,7 @@ use crate::auth::{Access, Grant};
 use crate::op::validate_doc_id;
 use crate::protocol::frame::{FrameCodec, FrameError};
 use crate::protocol::message::{Envelope, ErrorCode, Message};
-use crate::sequencer::Sequencer;
+use crate::sequencer::{Owner, Route, RouteError, Sequencer};
 
 mod access;
 mod fetch;
@@ -276,6 +276,33 @@ impl<S: Sequencer> Session<S> {
             .send(error_frame(request_id, code, message, self.max_frame()));
     }
 
+    /// Queues a `Redirect` of `doc` to `owner`.
+    fn send_redirect(&self, request_id: u32, doc: &str, owner: &Owner) {
+        self.send(
+            request_id,
+            Message::Redirect {
+                doc: doc.to_owned(),
+                addr: owner.addr.to_string(),
+                ws_url: owner.ws_url.to_string(),
+            },
+        );
+    }
+
+    /// Whether another node serves `doc` for this session: `None` if this one does.
+    /// For a document the session has open, what the document says (it moved, or not:
+    /// no question to the sequencer per request); else the sequencer's route.
+    /// `Some(Err)`: no node serves it right now (retry later, code 33).
+    async fn served_elsewhere(&self, doc: &str) -> Option<Result<Owner, String>> {
+        if let Some(document) = self.opened.get(doc) {
+            return document.moved_to().map(Ok);
+        }
+        match self.server.sequencer.route(doc).await {
+            Ok(Route::Here) => None,
+            Ok(Route::Elsewhere(owner)) => Some(Ok(owner)),
+            Err(RouteError::Unavailable(why)) => Some(Err(why)),
+        }
+    }
+
     /// Reads frames until the connection ends or must close.
     async fn read_loop<R: ReadHalf>(&mut self, reader: R) {
         let config = self.server.config.clone();
@@ -482,7 +509,7 @@ impl<S: Sequencer> Session<S> {
                 if let Some(keep_open) = self.refuse_unless(rid, &doc, Access::Read) {
                     return keep_open;
                 }
-                self.presence(rid, doc, selections);
+                self.presence(rid, doc, selections).await;
                 true
             }
             Message::Close { doc } => {

@@ -5,7 +5,7 @@ use super::ops::Sent;
 use super::Session;
 use crate::protocol::message::{ErrorCode, Message};
 use crate::protocol::OP_FRAME_OVERHEAD;
-use crate::sequencer::{DocView, Sequencer};
+use crate::sequencer::{DocView, Route, RouteError, Sequencer};
 
 /// A catch-up longer than this many ops is sent as a snapshot instead.
 pub const CATCHUP_MAX_OPS: u64 = 10_000;
@@ -13,6 +13,25 @@ pub const CATCHUP_MAX_OPS: u64 = 10_000;
 impl<S: Sequencer> Session<S> {
     /// Subscribes to `doc` and sends the snapshot or catch-up, in frames that fit.
     pub(super) async fn open(&mut self, rid: u32, doc: String, known_version: u64) -> bool {
+        // The one place a served document meets the route (cluster mode): once it is
+        // open, the sequencer or the server says when it moves.
+        let elsewhere = match self.server.sequencer.route(&doc).await {
+            Ok(Route::Here) => None,
+            Ok(Route::Elsewhere(owner)) => Some(Ok(owner)),
+            Err(RouteError::Unavailable(why)) => Some(Err(why)),
+        };
+        if let Some(answer) = elsewhere {
+            // Open here no longer (an `Open` of a document open here opens it again).
+            if let Some(document) = self.opened.remove(doc.as_str()) {
+                document.unsubscribe(self.outbox.session, self.outbox.client_id);
+                self.server.release(&document);
+            }
+            match answer {
+                Ok(owner) => self.send_redirect(rid, &doc, &owner),
+                Err(why) => self.send_error(rid, ErrorCode::Unavailable, why),
+            }
+            return true;
+        }
         let document = self.server.subscribe(&doc, self.outbox.clone());
         self.opened.insert(document.id.clone(), document.clone());
         let version = document.version(&*self.server.sequencer);

@@ -59,10 +59,14 @@ impl<S: Sequencer> Session<S> {
             Permit::Expired => return,
         }
         let Some(document) = self.opened.get(doc.as_str()).cloned() else {
-            return reject(
-                ErrorCode::UnknownDocument,
-                "open the document before submitting to it".into(),
-            );
+            return match self.served_elsewhere(&doc).await {
+                Some(Ok(owner)) => self.send_redirect(rid, &doc, &owner),
+                Some(Err(why)) => reject(ErrorCode::Unavailable, why),
+                None => reject(
+                    ErrorCode::UnknownDocument,
+                    "open the document before submitting to it".into(),
+                ),
+            };
         };
         let max_bytes = max_op_bytes(self.max_frame());
         let bytes = patches_wire_len(&patches);
@@ -134,6 +138,13 @@ impl<S: Sequencer> Session<S> {
             SubmitOutcome::Refused(Refusal { kind, message }) => {
                 self.outbox.end_op();
                 reject(refusal_code(kind), message);
+            }
+            SubmitOutcome::Moved(owner) => {
+                self.outbox.end_op();
+                // Every session that has it open is told (this one too, unasked, unless
+                // it was told already), then this op is answered: not applied here.
+                self.server.redirect(&document, owner.clone());
+                self.send_redirect(rid, &doc, &owner);
             }
         }
     }

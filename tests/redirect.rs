@@ -1,0 +1,560 @@
+//! Cluster redirects (protocol.md, Redirects) with two in-process nodes over one shared
+//! store: a test sequencer routes documents by a switchable table, so that the owner of
+//! a document can change in the middle of a session while its state (text, seqs, op ids
+//! seen) stays, as a cluster's handover keeps it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use common::{next_reply, store_config};
+use quire::client::connection::Connection;
+use quire::op::{OpId, Patch, SequencedOp};
+use quire::protocol::message::{ErrorCode, Message, Selection};
+use quire::sequencer::local::LocalSequencer;
+use quire::sequencer::{
+    DocSummary, DocView, Owner, ReadAtError, Route, RouteError, Sequencer, StorageStats,
+    SubmitError, SubmitOp, Submitted, Ticket,
+};
+use quire::server::{Server, ServerConfig};
+use tokio::sync::{oneshot, watch};
+
+/// A guard against a hang (not a performance threshold).
+const HANG: Duration = Duration::from_secs(60);
+
+/// Who serves a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owned {
+    /// Node `n`; `ready` once it took the document over (until then its `route` waits,
+    /// as a node claiming a document in its coordination store would).
+    By { node: usize, ready: bool },
+    /// Nobody right now.
+    Nobody,
+}
+
+/// The routing table both nodes share.
+struct Table {
+    owners: RwLock<HashMap<String, Owned>>,
+    /// Each node's addresses, once it listens.
+    nodes: RwLock<Vec<Owner>>,
+    /// Bumped at each change: routes waiting for a takeover look again.
+    changed: watch::Sender<u64>,
+}
+
+impl Table {
+    fn owned(&self, doc: &str) -> Owned {
+        let owners = self.owners.read().unwrap();
+        owners.get(doc).copied().unwrap_or(Owned::By {
+            node: 0,
+            ready: true,
+        })
+    }
+
+    fn set(&self, doc: &str, owned: Owned) {
+        self.owners.write().unwrap().insert(doc.to_owned(), owned);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn owner(&self, node: usize) -> Owner {
+        self.nodes.read().unwrap()[node].clone()
+    }
+}
+
+/// One node's view of the shared store: the real [`LocalSequencer`], answering for the
+/// documents the table gives this node and refusing submits to the others with
+/// [`SubmitError::Moved`]. Test-only code.
+struct Routed {
+    me: usize,
+    inner: Arc<LocalSequencer>,
+    table: Arc<Table>,
+}
+
+impl Sequencer for Routed {
+    async fn route(&self, doc_id: &str) -> Result<Route, RouteError> {
+        let mut changed = self.table.changed.subscribe();
+        loop {
+            match self.table.owned(doc_id) {
+                Owned::Nobody => {
+                    return Err(RouteError::Unavailable(format!(
+                        "no node serves {doc_id:?} right now; retry later"
+                    )))
+                }
+                Owned::By { node, .. } if node != self.me => {
+                    return Ok(Route::Elsewhere(self.table.owner(node)))
+                }
+                Owned::By { ready: true, .. } => return Ok(Route::Here),
+                Owned::By { ready: false, .. } => {
+                    let _ = changed.changed().await;
+                }
+            }
+        }
+    }
+
+    fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
+        // Held across the check and the submit: a switch waits for a submit that passed
+        // the check, and none passes after it.
+        let owners = self.table.owners.read().unwrap();
+        let owned = owners.get(doc_id).copied().unwrap_or(Owned::By {
+            node: 0,
+            ready: true,
+        });
+        match owned {
+            Owned::By { node, .. } if node == self.me => self.inner.submit(doc_id, op),
+            Owned::By { node, .. } => Err(SubmitError::Moved(self.table.owner(node))),
+            Owned::Nobody => Err(SubmitError::Storage(Arc::from("no owner"))),
+        }
+    }
+
+    fn storage_stats(&self) -> StorageStats {
+        self.inner.storage_stats()
+    }
+    fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary> {
+        self.inner.list_documents(after, limit)
+    }
+    fn read_at(&self, doc_id: &str, seq: u64) -> Result<Option<DocView>, ReadAtError> {
+        self.inner.read_at(doc_id, seq)
+    }
+    fn applied(
+        &self,
+        doc_id: &str,
+        op_id: OpId,
+        fingerprint: u64,
+    ) -> Option<Result<Submitted, SubmitError>> {
+        self.inner.applied(doc_id, op_id, fingerprint)
+    }
+    fn assign_client_id(&self) -> Result<u64, Arc<str>> {
+        self.inner.assign_client_id()
+    }
+    fn version(&self, doc_id: &str) -> u64 {
+        self.inner.version(doc_id)
+    }
+    fn wait_durable(
+        &self,
+        ticket: Ticket,
+    ) -> impl std::future::Future<Output = Result<(), Arc<str>>> + Send {
+        self.inner.wait_durable(ticket)
+    }
+    fn read_now(
+        &self,
+        doc_id: &str,
+        reader: Option<u64>,
+    ) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
+        self.inner.read_now(doc_id, reader)
+    }
+    fn ops_after(
+        &self,
+        doc_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<SequencedOp>>, Arc<str>> {
+        self.inner.ops_after(doc_id, after_seq, limit)
+    }
+}
+
+struct Node {
+    addr: SocketAddr,
+    server: Arc<Server<Routed>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Two nodes serving one store.
+struct Cluster {
+    nodes: Vec<Node>,
+    table: Arc<Table>,
+    store: Arc<LocalSequencer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LocalSequencer::open(dir.path(), store_config()).unwrap();
+        let store = Arc::new(store);
+        let table = Arc::new(Table {
+            owners: RwLock::new(HashMap::new()),
+            nodes: RwLock::new(Vec::new()),
+            changed: watch::channel(0).0,
+        });
+        let mut nodes = Vec::new();
+        for me in 0..2 {
+            let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+            let addr = listener.local_addr().unwrap();
+            table.nodes.write().unwrap().push(Owner {
+                addr: addr.to_string().into(),
+                // Not served by these nodes: what a Redirect carries for WebSockets.
+                ws_url: format!("ws://node{me}.test:7421/ws").into(),
+            });
+            let routed = Routed {
+                me,
+                inner: store.clone(),
+                table: table.clone(),
+            };
+            let server = Server::new(Arc::new(routed), ServerConfig::default());
+            let (tx, rx) = oneshot::channel();
+            let task = tokio::spawn(server.clone().serve(listener, async move {
+                let _ = rx.await;
+            }));
+            nodes.push(Node {
+                addr,
+                server,
+                stop: Some(tx),
+                task,
+            });
+        }
+        Cluster {
+            nodes,
+            table,
+            store,
+            _dir: dir,
+        }
+    }
+
+    fn addr(&self, node: usize) -> SocketAddr {
+        self.nodes[node].addr
+    }
+
+    /// Hands `doc` over to node `to`, as a cluster does: the old owner sequences
+    /// nothing more (its submits get `Moved` at once), everything it sequenced becomes
+    /// durable, its sessions are redirected, and only then does the new owner serve it
+    /// (its `Open`s wait meanwhile).
+    async fn switch(&self, doc: &str, to: usize) {
+        let from = match self.table.owned(doc) {
+            Owned::By { node, .. } => Some(node),
+            Owned::Nobody => None,
+        };
+        self.table.set(
+            doc,
+            Owned::By {
+                node: to,
+                ready: false,
+            },
+        );
+        // Every op sequenced by the old owner is durable before the new one starts.
+        let _ = self.store.read(doc).await.unwrap();
+        if let Some(from) = from.filter(|&f| f != to) {
+            self.nodes[from]
+                .server
+                .redirect_document(doc, self.table.owner(to));
+        }
+        self.table.set(
+            doc,
+            Owned::By {
+                node: to,
+                ready: true,
+            },
+        );
+    }
+
+    /// The document's text as the store has it (durable).
+    async fn text(&self, doc: &str) -> String {
+        self.store
+            .read(doc)
+            .await
+            .unwrap()
+            .map(|v| v.text)
+            .unwrap_or_default()
+    }
+
+    async fn stop(mut self) {
+        for node in &mut self.nodes {
+            let _ = node.stop.take().unwrap().send(());
+        }
+        for node in self.nodes.drain(..) {
+            node.task.await.unwrap();
+        }
+        self.store.close();
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Connection {
+    Connection::connect(addr, 0, "").await.unwrap()
+}
+
+/// Reads the whole reply to an `Open` (snapshot pieces, then `Ops` frames): the text
+/// and version, or the first message that is not part of such a reply.
+async fn open_reply(conn: &mut Connection) -> Result<(String, u64), Message> {
+    let mut text = String::new();
+    let mut version = 0;
+    loop {
+        match next_reply(conn).await {
+            Message::Snapshot {
+                text: piece,
+                version: v,
+                ..
+            } => {
+                text.push_str(&piece);
+                version = v;
+            }
+            Message::Ops { ops, more, .. } => {
+                for op in ops {
+                    let mut rope = quire::text::Text::from(text.as_str());
+                    rope.apply(&op.patches).unwrap();
+                    text = rope.to_string();
+                    version = op.seq;
+                }
+                if !more {
+                    return Ok((text, version));
+                }
+            }
+            other => return Err(other),
+        }
+    }
+}
+
+fn submit(doc: &str, local_seq: u64, base_version: u64, ins: &str) -> Message {
+    Message::Submit {
+        doc: doc.into(),
+        local_seq,
+        base_version,
+        patches: vec![Patch::new(0, 0, ins)],
+    }
+}
+
+fn redirect_to(cluster: &Cluster, doc: &str, node: usize) -> Message {
+    Message::Redirect {
+        doc: doc.into(),
+        addr: cluster.addr(node).to_string(),
+        ws_url: format!("ws://node{node}.test:7421/ws"),
+    }
+}
+
+#[tokio::test]
+async fn every_request_about_a_document_served_elsewhere_gets_a_redirect_with_both_addresses() {
+    let cluster = Cluster::start().await;
+    cluster.table.set(
+        "on-b",
+        Owned::By {
+            node: 1,
+            ready: true,
+        },
+    );
+    let mut a = connect(cluster.addr(0)).await;
+    let expected = redirect_to(&cluster, "on-b", 1);
+
+    let requests = [
+        Message::Open {
+            doc: "on-b".into(),
+            known_version: 0,
+        },
+        Message::Fetch {
+            doc: "on-b".into(),
+            after_seq: 0,
+            limit: 10,
+        },
+        Message::Presence {
+            doc: "on-b".into(),
+            selections: vec![Selection { anchor: 0, head: 0 }],
+        },
+        submit("on-b", 1, 0, "x"),
+    ];
+    for request in requests {
+        let rid = a.send(request.clone()).await.unwrap();
+        let reply = tokio::time::timeout(HANG, a.recv()).await.unwrap().unwrap();
+        assert_eq!(reply.request_id, rid, "{request:?}");
+        assert_eq!(reply.message, expected, "{request:?}");
+    }
+
+    // The owner serves it; nothing was applied by the redirected submit.
+    let mut b = connect(cluster.addr(1)).await;
+    b.send(Message::Open {
+        doc: "on-b".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(open_reply(&mut b).await.unwrap(), (String::new(), 0));
+
+    // A document of node 0 is served at node 0 as on a single node.
+    a.send(Message::Open {
+        doc: "on-a".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(open_reply(&mut a).await.unwrap(), (String::new(), 0));
+    a.send(submit("on-a", 1, 0, "a")).await.unwrap();
+    assert!(matches!(
+        next_reply(&mut a).await,
+        Message::Ack {
+            seq: 1,
+            local_seq: 1,
+            ..
+        }
+    ));
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn a_document_without_an_owner_gets_code_33_and_the_connection_stays_open() {
+    let cluster = Cluster::start().await;
+    cluster.table.set("orphan", Owned::Nobody);
+    let mut a = connect(cluster.addr(0)).await;
+    a.send(Message::Open {
+        doc: "orphan".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    match next_reply(&mut a).await {
+        Message::Error { code, .. } => assert_eq!(code, ErrorCode::Unavailable),
+        other => panic!("expected Error 33, got {other:?}"),
+    }
+    a.send(submit("orphan", 1, 0, "x")).await.unwrap();
+    match next_reply(&mut a).await {
+        Message::Reject {
+            code, local_seq, ..
+        } => {
+            assert_eq!(code, ErrorCode::Unavailable);
+            assert_eq!(local_seq, 1);
+        }
+        other => panic!("expected Reject 33, got {other:?}"),
+    }
+    a.send(Message::Ping { nonce: 5 }).await.unwrap();
+    assert_eq!(next_reply(&mut a).await, Message::Pong { nonce: 5 });
+
+    // Once it has an owner again, the same connection opens it.
+    cluster.switch("orphan", 0).await;
+    a.send(Message::Open {
+        doc: "orphan".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(open_reply(&mut a).await.unwrap(), (String::new(), 0));
+    cluster.stop().await;
+}
+
+/// The ops a connection saw answered for `doc` on one node until a `Redirect`: the
+/// acks (local seq → seq), and whether a `Redirect` to `to` came (after it, nothing of
+/// the document may come).
+async fn answers_until_redirect(
+    conn: &mut Connection,
+    doc: &str,
+    expected: &Message,
+    acks: &mut HashMap<u64, u64>,
+) {
+    loop {
+        let env = tokio::time::timeout(HANG, conn.recv())
+            .await
+            .expect("a Redirect comes")
+            .unwrap();
+        match env.message {
+            Message::Ack { local_seq, seq, .. } => {
+                assert!(acks.insert(local_seq, seq).is_none(), "acked once");
+            }
+            m @ Message::Redirect { .. } => {
+                assert_eq!(&m, expected);
+                return;
+            }
+            Message::Remote { .. } | Message::PresenceState { .. } => {}
+            other => panic!("unexpected on {doc}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn switching_the_owner_mid_session_redirects_open_sessions_and_resends_are_deduplicated() {
+    let cluster = Cluster::start().await;
+    let doc = "busy";
+    let mut writer = connect(cluster.addr(0)).await;
+    let mut reader = connect(cluster.addr(0)).await;
+    for conn in [&mut writer, &mut reader] {
+        conn.send(Message::Open {
+            doc: doc.into(),
+            known_version: 0,
+        })
+        .await
+        .unwrap();
+        assert_eq!(open_reply(conn).await.unwrap(), (String::new(), 0));
+    }
+    reader
+        .send(Message::Presence {
+            doc: doc.into(),
+            selections: vec![Selection { anchor: 0, head: 0 }],
+        })
+        .await
+        .unwrap();
+
+    // Ops pipelined on node 0 (each made on top of the one before, base 0), and the
+    // document handed to node 1 while they are on their way.
+    const OPS: u64 = 30;
+    for local_seq in 1..=OPS {
+        writer
+            .queue(submit(doc, local_seq, 0, &format!("<{local_seq}>")))
+            .unwrap();
+    }
+    writer.flush().await.unwrap();
+    cluster.switch(doc, 1).await;
+    let expected = redirect_to(&cluster, doc, 1);
+
+    // Both sessions are redirected; the writer saw acks only before its redirect.
+    let mut acks = HashMap::new();
+    answers_until_redirect(&mut writer, doc, &expected, &mut acks).await;
+    let mut none = HashMap::new();
+    answers_until_redirect(&mut reader, doc, &expected, &mut none).await;
+    assert!(none.is_empty());
+    let acked_at_0 = acks.clone();
+
+    // An op sent to the old owner afterwards is answered with a Redirect, not applied.
+    let rid = writer.send(submit(doc, OPS + 1, 0, "late")).await.unwrap();
+    loop {
+        let env = tokio::time::timeout(HANG, writer.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match env.message {
+            m @ Message::Redirect { .. } if env.request_id == rid => {
+                assert_eq!(m, expected);
+                break;
+            }
+            // Redirects answering the pipelined submits that reached the node after
+            // the handover.
+            Message::Redirect { .. } => assert_ne!(env.request_id, 0),
+            other => panic!("nothing but redirects of {doc} after the first: {other:?}"),
+        }
+    }
+
+    // At the new owner: catch up, then resend every unacknowledged op under its id.
+    let mut moved = connect(cluster.addr(1)).await;
+    moved
+        .send(Message::Open {
+            doc: doc.into(),
+            known_version: 0,
+        })
+        .await
+        .unwrap();
+    let (_, version) = open_reply(&mut moved).await.unwrap();
+    assert!(version <= OPS);
+    for local_seq in (1..=OPS).filter(|s| !acks.contains_key(s)) {
+        moved
+            .queue(submit(doc, local_seq, 0, &format!("<{local_seq}>")))
+            .unwrap();
+    }
+    moved.flush().await.unwrap();
+    while acks.len() < OPS as usize {
+        match next_reply(&mut moved).await {
+            Message::Ack { local_seq, seq, .. } => {
+                assert!(acks.insert(local_seq, seq).is_none(), "acked once");
+            }
+            other => panic!("unexpected reply at the new owner: {other:?}"),
+        }
+    }
+
+    // Each op is in the document once, in order (each made on top of the one before),
+    // with the seqs 1..=OPS, those acknowledged at the old owner unchanged.
+    let mut seqs: Vec<u64> = acks.values().copied().collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=OPS).collect::<Vec<_>>());
+    for (local_seq, seq) in &acked_at_0 {
+        assert_eq!(acks[local_seq], *seq);
+    }
+    let expected_text: String = (1..=OPS).rev().map(|i| format!("<{i}>")).collect();
+    assert_eq!(cluster.text(doc).await, expected_text);
+    cluster.stop().await;
+}
