@@ -442,6 +442,27 @@ impl<S: Store> Member<S> {
         Ok(Claim::OwnedBy { node, addr })
     }
 
+    /// Who owns `doc` now, as the store says (`None`: nobody, or an owner whose
+    /// membership key is gone: it is leaving). A read, for redirecting clients.
+    pub fn owner(&self, doc: &str) -> Result<Option<NodeInfo>, ClusterError> {
+        let Some(owner) = self
+            .store
+            .get(&self.keys.owner(doc))
+            .map_err(ClusterError::Store)?
+        else {
+            return Ok(None);
+        };
+        let node = String::from_utf8_lossy(&owner.value).into_owned();
+        let addr = self
+            .store
+            .get(&self.keys.node(&node))
+            .map_err(ClusterError::Store)?;
+        Ok(addr.map(|kv| NodeInfo {
+            node,
+            addr: String::from_utf8_lossy(&kv.value).into_owned(),
+        }))
+    }
+
     /// Gives up `doc` if this node still owns it in `epoch` (a handoff: the caller has
     /// committed everything first). `Ok(false)`: it did not own it any more.
     pub fn release(&self, doc: &str, epoch: Epoch) -> Result<bool, ClusterError> {

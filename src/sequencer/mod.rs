@@ -9,6 +9,7 @@
 
 mod backup;
 pub mod client_ids;
+pub mod cluster;
 mod dedupe;
 pub mod local;
 mod maintenance;

@@ -1,0 +1,584 @@
+//! The sequencer of cluster mode (issue 13): the local sequencer, whose log is a cache,
+//! under a [`Replicator`] that puts every op in the coordination store's journal before
+//! it may be acknowledged. The server does not change: this is the [`Sequencer`] seam.
+//!
+//! **A document's life on a node.** [`Sequencer::route`] (at `Open`) claims the
+//! document if nobody owns it; if this node owns it (now or already), it loads it from
+//! the store (the newest snapshot and the journal after it) and installs it in the local
+//! sequencer in place of whatever the local log had of it ([`LocalSequencer::install`]),
+//! in a new tenure. From then on a submit is sequenced by the local sequencer (the
+//! transform, the dedupe table, the log) and queued for the journal, under the
+//! document's own lock so that the journal receives its ops in seq order. An op is
+//! acknowledged once both the local log has it on disk and the replicator says its
+//! txn committed, its tenure still holds and the lease is valid ([`Replicator::wait`]).
+//! When the tenure ends (another node owns the document, an unknown outcome, the lease
+//! lapsed), the document is evicted from the local sequencer and the server is told to
+//! redirect its sessions ([`ClusterSequencer::moved`]); a later `Open` claims and loads
+//! it again, from the store, never from the local log.
+//!
+//! **Lock order.** The tenancy map, then one document's tenancy, then the local
+//! sequencer's locks, then the replicator's. The loss handler takes them in the same
+//! order; it runs on a thread of its own, as eviction is blocking I/O.
+//!
+//! **Client ids** given out here must be unique in the whole cluster: they are built
+//! from this node's registration revision, which no other registration shares (see
+//! [`ClusterSequencer::assign_client_id`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use super::local::LocalSequencer;
+use super::{
+    DocSummary, DocView, Owner, ReadAtError, Route, RouteError, Sequencer, StorageStats,
+    SubmitError, SubmitOp, Submitted, Ticket,
+};
+use crate::cluster::entry::JournalEntry;
+use crate::cluster::ownership::{Claim, ClusterError, Epoch, Loaded};
+use crate::cluster::replicator::{Loss, ReplicationError, Replicator, Tenure};
+use crate::cluster::store::Store;
+use crate::op::{OpId, SequencedOp};
+use crate::wal::record::{OpRecord, RecordType};
+use crate::wal::snapshot::Snapshot;
+
+/// The first client id of the cluster's (the top bit, as a single node's).
+const FIRST_ASSIGNED: u64 = super::client_ids::FIRST_ASSIGNED;
+/// Client ids one registration gives out: the low bits of an id.
+const IDS_PER_REGISTRATION: u64 = 1 << 24;
+
+/// A document served here: the tenure it is served in and its newest op's place in the
+/// replicator's queue.
+#[derive(Debug, Clone, Copy)]
+struct Serving {
+    epoch: Epoch,
+    tenure: Tenure,
+    /// The replicator's id of the newest op sequenced in this tenure (`None`: none yet;
+    /// what was loaded is in the store already).
+    last_op: Option<u64>,
+}
+
+type Tenancy = Arc<Mutex<Option<Serving>>>;
+
+/// A document that moved away from this node, and its owner as far as known.
+pub type Moved = (Arc<str>, Owner);
+
+/// What an acknowledgement waits for: the local log, and the journal.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    local: Ticket,
+    journal: Option<u64>,
+    tenure: Tenure,
+}
+
+struct Inner<S: Store + Send + Sync + 'static> {
+    local: LocalSequencer,
+    replicator: Replicator<S>,
+    /// This node's advertised address, for a redirect to a document's owner unknown.
+    here: Owner,
+    docs: Mutex<HashMap<Arc<str>, Tenancy>>,
+    /// Tickets handed out and not yet waited for.
+    tickets: Mutex<HashMap<u64, Pending>>,
+    next_ticket: AtomicU64,
+    next_client: AtomicU64,
+    /// Documents that moved, for the server (`ClusterSequencer::moved`).
+    moved: tokio::sync::mpsc::UnboundedSender<Moved>,
+}
+
+/// The sequencer of cluster mode (module notes).
+pub struct ClusterSequencer<S: Store + Send + Sync + 'static> {
+    inner: Arc<Inner<S>>,
+    moved: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Moved>>>,
+    losses: Option<Mutex<mpsc::Receiver<Loss>>>,
+}
+
+/// The first client id of a registration at `revision`.
+fn first_client_id(revision: crate::cluster::store::Revision) -> u64 {
+    let block = (revision as u64)
+        .checked_mul(IDS_PER_REGISTRATION)
+        .filter(|ids| *ids < FIRST_ASSIGNED)
+        .expect("a registration revision below 2^39");
+    FIRST_ASSIGNED | block
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every change under these locks is made after its checks: a panic leaves them whole.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn moved_error(e: ReplicationError, here: &Owner) -> SubmitError {
+    tracing::debug!("a document is no longer served here: {e}");
+    SubmitError::Moved(here.clone())
+}
+
+impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
+    /// A cluster sequencer over `local` (on an empty data directory: module notes) and a
+    /// replicator whose losses arrive on `losses` (the receiving end of the channel its
+    /// `on_loss` sends to). With `handle_losses`, a thread of its own handles them;
+    /// without, the caller does ([`ClusterSequencer::handle_losses`]).
+    pub fn new(
+        local: LocalSequencer,
+        replicator: Replicator<S>,
+        losses: mpsc::Receiver<Loss>,
+        here: Owner,
+        handle_losses: bool,
+    ) -> Self {
+        let first_client = first_client_id(replicator.member().registered_at());
+        let (moved_tx, moved_rx) = tokio::sync::mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            local,
+            replicator,
+            here,
+            docs: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(HashMap::new()),
+            next_ticket: AtomicU64::new(1),
+            next_client: AtomicU64::new(first_client),
+            moved: moved_tx,
+        });
+        let losses = if handle_losses {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("quire-losses".into())
+                .spawn(move || loss_loop(weak, losses))
+                .expect("spawn the loss handler");
+            None
+        } else {
+            Some(Mutex::new(losses))
+        };
+        ClusterSequencer {
+            inner,
+            moved: Mutex::new(Some(moved_rx)),
+            losses,
+        }
+    }
+
+    /// The documents that moved away from this node, and where to: the server redirects
+    /// their sessions ([`crate::server::Server::redirect_document`]). Taken once.
+    pub fn moved(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Moved>> {
+        lock(&self.moved).take()
+    }
+
+    /// Handles the losses reported so far (without a loss thread): the count.
+    pub fn handle_losses(&self) -> usize {
+        let Some(losses) = &self.losses else {
+            return 0;
+        };
+        let losses: Vec<Loss> = lock(losses).try_iter().collect();
+        let count = losses.len();
+        for loss in losses {
+            self.inner.handle(loss);
+        }
+        count
+    }
+
+    /// The local sequencer (the cache).
+    pub fn local(&self) -> &LocalSequencer {
+        &self.inner.local
+    }
+
+    /// The replicator.
+    pub fn replicator(&self) -> &Replicator<S> {
+        &self.inner.replicator
+    }
+
+    /// Where `doc_id` is served, claiming and loading it if nobody owns it. Blocking
+    /// (store requests, the install's disk writes).
+    pub fn place(&self, doc_id: &str) -> Result<Route, RouteError> {
+        self.inner.place(doc_id)
+    }
+}
+
+fn loss_loop<S: Store + Send + Sync + 'static>(
+    inner: Weak<Inner<S>>,
+    losses: mpsc::Receiver<Loss>,
+) {
+    loop {
+        let loss = match losses.recv_timeout(Duration::from_millis(200)) {
+            Ok(loss) => Some(loss),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if let Some(loss) = loss {
+            inner.handle(loss);
+        }
+    }
+}
+
+impl<S: Store + Send + Sync + 'static> Inner<S> {
+    fn tenancy(&self, doc_id: &str) -> Option<Tenancy> {
+        lock(&self.docs).get(doc_id).cloned()
+    }
+
+    fn place(&self, doc_id: &str) -> Result<Route, RouteError> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            RouteError::Unavailable(format!("document {doc_id:?} cannot be served now: {e}"))
+        };
+        crate::op::validate_doc_id(doc_id).map_err(|e| unavailable(&e))?;
+        let tenancy = lock(&self.docs)
+            .entry(Arc::from(doc_id))
+            .or_default()
+            .clone();
+        let mut serving = lock(&tenancy);
+        if let Some(s) = *serving {
+            if self.replicator.serving(s.tenure).is_ok() {
+                return Ok(Route::Here);
+            }
+            // Lost, and not evicted yet: now.
+            *serving = None;
+            self.local.evict(doc_id).map_err(|e| unavailable(&e))?;
+        }
+        let member = self.replicator.member();
+        let epoch = match member.claim(doc_id).map_err(|e| unavailable(&e))? {
+            Claim::Owned(epoch) => epoch,
+            Claim::OwnedBy { node, addr } => {
+                drop(serving);
+                self.forget_if_idle(doc_id, &tenancy);
+                let Some(addr) = addr else {
+                    return Err(unavailable(&format!("its owner {node:?} is leaving")));
+                };
+                return Ok(Route::Elsewhere(owner_at(&addr)));
+            }
+        };
+        // The tenure begins before the load: a lapse meanwhile ends it.
+        let tenure = self
+            .replicator
+            .begin_tenure()
+            .map_err(|e| unavailable(&e))?;
+        let loaded = member.load(doc_id).map_err(|e| unavailable(&e))?;
+        let (snapshot, ops) = decode_loaded(doc_id, loaded).map_err(|e| unavailable(&e))?;
+        self.local
+            .install(doc_id, snapshot, &ops)
+            .map_err(|e| unavailable(&e))?;
+        self.replicator
+            .serving(tenure)
+            .map_err(|e| unavailable(&e))?;
+        *serving = Some(Serving {
+            epoch,
+            tenure,
+            last_op: None,
+        });
+        Ok(Route::Here)
+    }
+
+    /// Drops the tenancy entry of a document not served here (bounded memory: only
+    /// documents served here, or being placed, have one).
+    fn forget_if_idle(&self, doc_id: &str, tenancy: &Tenancy) {
+        let mut docs = lock(&self.docs);
+        if Arc::strong_count(tenancy) <= 2 && lock(tenancy).is_none() {
+            docs.remove(doc_id);
+        }
+    }
+
+    /// The tenure `doc_id` is served in, locked for a submit or a read.
+    fn serving<'a>(
+        &self,
+        doc_id: &str,
+        tenancy: &'a Tenancy,
+    ) -> Result<MutexGuard<'a, Option<Serving>>, SubmitError> {
+        let guard = lock(tenancy);
+        match *guard {
+            Some(s) => {
+                self.replicator
+                    .serving(s.tenure)
+                    .map_err(|e| moved_error(e, &self.here))?;
+                Ok(guard)
+            }
+            None => {
+                tracing::debug!(doc = doc_id, "not served here");
+                Err(SubmitError::Moved(self.here.clone()))
+            }
+        }
+    }
+
+    fn ticket(&self, pending: Pending) -> Ticket {
+        let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        lock(&self.tickets).insert(id, pending);
+        Ticket(id)
+    }
+
+    /// A ticket for what `doc_id`'s newest op waits for (a resend's answer, a read).
+    fn newest_ticket(&self, serving: &Serving, local: Ticket) -> Ticket {
+        self.ticket(Pending {
+            local,
+            journal: serving.last_op,
+            tenure: serving.tenure,
+        })
+    }
+
+    fn handle(&self, loss: Loss) {
+        let docs: Vec<(Arc<str>, Tenancy)> = match &loss {
+            Loss::Document { doc, .. } => self
+                .tenancy(doc)
+                .map(|t| (doc.clone(), t))
+                .into_iter()
+                .collect(),
+            Loss::All { .. } => lock(&self.docs)
+                .iter()
+                .map(|(d, t)| (d.clone(), t.clone()))
+                .collect(),
+        };
+        for (doc, tenancy) in docs {
+            let mut serving = lock(&tenancy);
+            let Some(s) = *serving else { continue };
+            if self.replicator.serving(s.tenure).is_ok() {
+                continue;
+            }
+            *serving = None;
+            if let Err(e) = self.local.evict(&doc) {
+                tracing::error!(doc = &*doc, "evicting a document this node lost: {e}");
+            }
+            drop(serving);
+            let owner = self.owner_of(&doc);
+            tracing::info!(doc = &*doc, to = &*owner.addr, "document moved: {loss:?}");
+            let _ = self.moved.send((doc.clone(), owner));
+            self.forget_if_idle(&doc, &tenancy);
+        }
+    }
+
+    /// Where `doc` is served now, as far as the store says; this node if nobody owns it
+    /// or the store cannot say (an `Open` here then finds out).
+    fn owner_of(&self, doc: &str) -> Owner {
+        let member = self.replicator.member();
+        match member.owner(doc) {
+            Ok(Some(node)) if node.node != member.node() => owner_at(&node.addr),
+            _ => self.here.clone(),
+        }
+    }
+}
+
+/// The owner at an advertised address (`host:port`; its WebSocket URL is not known).
+fn owner_at(addr: &str) -> Owner {
+    Owner {
+        addr: Arc::from(addr),
+        ws_url: Arc::from(""),
+    }
+}
+
+/// The encoding of a journal entry's body: the op as the local log encodes it (a
+/// type-2 record's payload, fingerprint included).
+fn entry_body(record: &OpRecord) -> Vec<u8> {
+    let mut body = Vec::with_capacity(record.encoded_len());
+    record.encode(&mut body);
+    body
+}
+
+/// The snapshot and ops of a document loaded from the store, decoded and checked
+/// against their entries.
+fn decode_loaded(
+    doc_id: &str,
+    loaded: Loaded,
+) -> Result<(Option<Snapshot>, Vec<OpRecord>), ClusterError> {
+    let corrupt = |m: String| ClusterError::Corrupt(format!("document {doc_id:?}: {m}"));
+    let snapshot = match loaded.snapshot {
+        None => None,
+        Some((seq, bytes)) => {
+            let snapshot = Snapshot::decode(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            if snapshot.last_included_seq != seq || snapshot.doc_id != doc_id {
+                return Err(corrupt(format!(
+                    "the snapshot under seq {seq} is of {:?} at seq {}",
+                    snapshot.doc_id, snapshot.last_included_seq
+                )));
+            }
+            Some(snapshot)
+        }
+    };
+    let ops = loaded
+        .ops
+        .iter()
+        .map(|entry| {
+            let record = OpRecord::decode(RecordType::OpWithFingerprint, &entry.body)
+                .map_err(|e| corrupt(format!("seq {}: {e}", entry.seq)))?;
+            let id = OpId {
+                client_id: record.client_id,
+                local_seq: record.local_seq,
+            };
+            if record.server_seq != entry.seq
+                || id != entry.op_id
+                || record.fingerprint != Some(entry.fingerprint)
+                || record.doc_id != doc_id
+            {
+                return Err(corrupt(format!(
+                    "the entry at seq {} holds another op",
+                    entry.seq
+                )));
+            }
+            Ok(record)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((snapshot, ops))
+}
+
+impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
+    async fn route(&self, doc_id: &str) -> Result<Route, RouteError> {
+        // Served here already: no store request, no thread.
+        if let Some(tenancy) = self.inner.tenancy(doc_id) {
+            if let Some(s) = *lock(&tenancy) {
+                if self.inner.replicator.serving(s.tenure).is_ok() {
+                    return Ok(Route::Here);
+                }
+            }
+        }
+        let inner = self.inner.clone();
+        let doc = doc_id.to_owned();
+        tokio::task::spawn_blocking(move || inner.place(&doc))
+            .await
+            .unwrap_or_else(|e| Err(RouteError::Unavailable(format!("placing failed: {e}"))))
+    }
+
+    fn storage_stats(&self) -> StorageStats {
+        self.inner.local.storage_stats()
+    }
+
+    fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary> {
+        self.inner.local.list_documents(after, limit)
+    }
+
+    fn read_at(&self, doc_id: &str, seq: u64) -> Result<Option<DocView>, ReadAtError> {
+        self.inner.local.read_at(doc_id, seq)
+    }
+
+    fn delete(&self, doc_id: &str) -> Result<Option<super::Deletion>, Arc<str>> {
+        Err(Arc::from(format!(
+            "document {doc_id:?}: cluster mode cannot delete documents yet"
+        )))
+    }
+
+    fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
+        let inner = &self.inner;
+        let Some(tenancy) = inner.tenancy(doc_id) else {
+            return Err(SubmitError::Moved(inner.here.clone()));
+        };
+        let mut serving = inner.serving(doc_id, &tenancy)?;
+        let s = serving.as_mut().expect("checked by serving()");
+        let (op_id, base_version, fingerprint) = (op.op_id, op.base_version, op.fingerprint);
+        let patches = op.patches.clone();
+        match inner.local.submit(doc_id, op)? {
+            Submitted::Applied { seq, ticket } => {
+                let record = OpRecord {
+                    doc_id: doc_id.to_owned(),
+                    client_id: op_id.client_id,
+                    local_seq: op_id.local_seq,
+                    server_seq: seq,
+                    base_version,
+                    timestamp_ms: crate::wal::now_ms(),
+                    patches,
+                    fingerprint: Some(fingerprint),
+                };
+                let entry = JournalEntry {
+                    seq,
+                    op_id,
+                    fingerprint,
+                    body: entry_body(&record),
+                };
+                // Under the document's tenancy lock: the journal gets its ops in seq
+                // order. A refusal means the tenure just ended: the loss handler evicts
+                // the document, with this op.
+                let id = inner
+                    .replicator
+                    .submit(Arc::from(doc_id), s.tenure, s.epoch, entry)
+                    .map_err(|e| moved_error(e, &inner.here))?;
+                s.last_op = Some(id);
+                let ticket = inner.ticket(Pending {
+                    local: ticket,
+                    journal: Some(id),
+                    tenure: s.tenure,
+                });
+                Ok(Submitted::Applied { seq, ticket })
+            }
+            Submitted::Duplicate { seq, ticket } => Ok(Submitted::Duplicate {
+                seq,
+                ticket: inner.newest_ticket(s, ticket),
+            }),
+        }
+    }
+
+    fn applied(
+        &self,
+        doc_id: &str,
+        op_id: OpId,
+        fingerprint: u64,
+    ) -> Option<Result<Submitted, SubmitError>> {
+        let inner = &self.inner;
+        let tenancy = inner.tenancy(doc_id)?;
+        let serving = match inner.serving(doc_id, &tenancy) {
+            Ok(serving) => serving,
+            Err(e) => return Some(Err(e)),
+        };
+        let s = serving.expect("checked by serving()");
+        Some(
+            inner
+                .local
+                .applied(doc_id, op_id, fingerprint)?
+                .map(|submitted| match submitted {
+                    Submitted::Duplicate { seq, ticket } => Submitted::Duplicate {
+                        seq,
+                        ticket: inner.newest_ticket(&s, ticket),
+                    },
+                    applied @ Submitted::Applied { .. } => applied,
+                }),
+        )
+    }
+
+    /// Client ids unique in the cluster: the top bit (as a single node's), this node's
+    /// registration revision, then a counter of [`IDS_PER_REGISTRATION`] ids; past it,
+    /// the node gives out no more until it restarts (registers again).
+    fn assign_client_id(&self) -> Result<u64, Arc<str>> {
+        let id = self.inner.next_client.fetch_add(1, Ordering::Relaxed);
+        let first = first_client_id(self.inner.replicator.member().registered_at());
+        if id - first >= IDS_PER_REGISTRATION {
+            return Err(Arc::from(
+                "this node gave out every client id of its registration; restart it",
+            ));
+        }
+        Ok(id)
+    }
+
+    fn version(&self, doc_id: &str) -> u64 {
+        self.inner.local.version(doc_id)
+    }
+
+    async fn wait_durable(&self, ticket: Ticket) -> Result<(), Arc<str>> {
+        let pending = lock(&self.inner.tickets).remove(&ticket.0);
+        let Some(pending) = pending else {
+            return Err(Arc::from(format!("unknown ticket {}", ticket.0)));
+        };
+        self.inner.local.wait_durable(pending.local).await?;
+        let replicator = &self.inner.replicator;
+        match pending.journal {
+            Some(id) => replicator.wait(id, pending.tenure).await,
+            None => replicator.serving(pending.tenure),
+        }
+        .map_err(|e| Arc::from(e.to_string()))
+    }
+
+    fn read_now(
+        &self,
+        doc_id: &str,
+        reader: Option<u64>,
+    ) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
+        let inner = &self.inner;
+        let Some(tenancy) = inner.tenancy(doc_id) else {
+            return Err(Arc::from(format!("document {doc_id:?} is not served here")));
+        };
+        let serving = inner
+            .serving(doc_id, &tenancy)
+            .map_err(|e| Arc::from(e.to_string()))?;
+        let s = serving.expect("checked by serving()");
+        let Some((view, local)) = inner.local.read_now(doc_id, reader)? else {
+            return Ok(None);
+        };
+        Ok(Some((view, inner.newest_ticket(&s, local))))
+    }
+
+    fn ops_after(
+        &self,
+        doc_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<SequencedOp>>, Arc<str>> {
+        self.inner.local.ops_after(doc_id, after_seq, limit)
+    }
+}
