@@ -373,6 +373,13 @@ impl<S: Store> Member<S> {
     /// Leaves the cluster: revokes the lease, which frees every document this node owns
     /// and its membership key in one revision.
     pub fn leave(self) -> Result<(), ClusterError> {
+        self.resign()
+    }
+
+    /// [`Member::leave`] through a shared reference (the member is inside a running
+    /// replicator): the caller makes sure nothing is committed with it afterwards (every
+    /// commit would fail its compare anyway, the owner keys being gone).
+    pub fn resign(&self) -> Result<(), ClusterError> {
         self.store
             .revoke(self.lease)
             .map_err(|e| store_error(e, self.lease))

@@ -349,11 +349,113 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     }
 }
 
-/// The owner at an advertised address (`host:port`; its WebSocket URL is not known).
-fn owner_at(addr: &str) -> Owner {
+/// The owner a membership key advertises: `host:port`, then its WebSocket URL after a
+/// space if it serves WebSockets ([`advertised`]).
+fn owner_at(advertised: &str) -> Owner {
+    let (addr, ws_url) = advertised.split_once(' ').unwrap_or((advertised, ""));
     Owner {
         addr: Arc::from(addr),
-        ws_url: Arc::from(""),
+        ws_url: Arc::from(ws_url),
+    }
+}
+
+/// What a node's membership key holds for `owner` (read by [`owner_at`]).
+fn advertised(owner: &Owner) -> String {
+    if owner.ws_url.is_empty() {
+        owner.addr.to_string()
+    } else {
+        format!("{} {}", owner.addr, owner.ws_url)
+    }
+}
+
+/// How a node of the cluster starts ([`ClusterSequencer::start`]).
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The node's data directory: its `cluster-cache/` subdirectory holds the local
+    /// sequencer, emptied at every start (module notes).
+    pub data_dir: std::path::PathBuf,
+    /// The local sequencer's settings.
+    pub local: super::local::LocalConfig,
+    /// Every key under this prefix (no trailing `/`).
+    pub prefix: String,
+    /// The node's id, unique in the cluster and kept across restarts.
+    pub node_id: String,
+    /// Where clients reach it.
+    pub advertise: Owner,
+    /// The lease's TTL.
+    pub ttl: Duration,
+}
+
+impl<S: Store + Clone + Send + Sync + 'static> ClusterSequencer<S> {
+    /// Starts a node: its cache emptied and opened, registered in the store (waiting up
+    /// to one TTL for the lease of its previous run to expire if that run still holds
+    /// the id), its replicator and loss handler running.
+    pub fn start(store: S, config: NodeConfig) -> Result<Self, String> {
+        let cache = config.data_dir.join("cluster-cache");
+        match std::fs::remove_dir_all(&cache) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("emptying {}: {e}", cache.display())),
+        }
+        let (local, _) = LocalSequencer::open(&cache, config.local.clone())
+            .map_err(|e| format!("opening {}: {e}", cache.display()))?;
+        let keys = crate::cluster::ownership::Keys::new(&config.prefix);
+        let advertise = advertised(&config.advertise);
+        let deadline = std::time::Instant::now() + config.ttl + Duration::from_secs(1);
+        let member = loop {
+            match crate::cluster::ownership::Member::register(
+                store.clone(),
+                keys.clone(),
+                &config.node_id,
+                &advertise,
+                config.ttl,
+            ) {
+                Ok(member) => break member,
+                Err(ClusterError::NodeIdTaken { addr }) if std::time::Instant::now() < deadline => {
+                    tracing::info!(%addr, "node id held by a previous run; waiting for its lease");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => return Err(format!("registering as {:?}: {e}", config.node_id)),
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let replicator = Replicator::start(
+            member,
+            Arc::new(crate::cluster::replicator::SystemClock::default()),
+            crate::cluster::replicator::LeaseTiming::for_ttl(config.ttl),
+            crate::cluster::replicator::Drive::Threads,
+            Box::new(move |loss| {
+                let _ = lock(&tx).send(loss);
+            }),
+        );
+        tracing::info!(
+            node = config.node_id,
+            advertise,
+            prefix = config.prefix,
+            "registered in the cluster"
+        );
+        Ok(ClusterSequencer::new(
+            local,
+            replicator,
+            rx,
+            config.advertise,
+            true,
+        ))
+    }
+}
+
+impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
+    /// Leaves the cluster: the queued ops are committed (or fail), then the lease is
+    /// revoked, which frees every document this node owns at once (their next `Open`
+    /// anywhere claims them), and the local log is closed.
+    pub fn close(&self) {
+        let replicator = &self.inner.replicator;
+        replicator.shutdown();
+        if let Err(e) = replicator.member().resign() {
+            tracing::warn!("leaving the cluster: {e} (the lease expires by itself)");
+        }
+        self.inner.local.close();
     }
 }
 
