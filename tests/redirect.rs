@@ -33,6 +33,8 @@ enum Owned {
     By { node: usize, ready: bool },
     /// Nobody right now.
     Nobody,
+    /// Each node says the other one serves it (a misconfigured cluster).
+    PingPong,
 }
 
 /// The routing table both nodes share.
@@ -89,6 +91,7 @@ impl Sequencer for Routed {
                 Owned::By { ready: false, .. } => {
                     let _ = changed.changed().await;
                 }
+                Owned::PingPong => return Ok(Route::Elsewhere(self.table.owner(1 - self.me))),
             }
         }
     }
@@ -104,6 +107,7 @@ impl Sequencer for Routed {
         match owned {
             Owned::By { node, .. } if node == self.me => self.inner.submit(doc_id, op),
             Owned::By { node, .. } => Err(SubmitError::Moved(self.table.owner(node))),
+            Owned::PingPong => Err(SubmitError::Moved(self.table.owner(1 - self.me))),
             Owned::Nobody => Err(SubmitError::Storage(Arc::from("no owner"))),
         }
     }
@@ -226,7 +230,7 @@ impl Cluster {
     async fn switch(&self, doc: &str, to: usize) {
         let from = match self.table.owned(doc) {
             Owned::By { node, .. } => Some(node),
-            Owned::Nobody => None,
+            Owned::Nobody | Owned::PingPong => None,
         };
         self.table.set(
             doc,
@@ -556,5 +560,173 @@ async fn switching_the_owner_mid_session_redirects_open_sessions_and_resends_are
     }
     let expected_text: String = (1..=OPS).rev().map(|i| format!("<{i}>")).collect();
     assert_eq!(cluster.text(doc).await, expected_text);
+    cluster.stop().await;
+}
+
+/// Waits until `doc` (a client's handle) has applied every op the store has.
+async fn caught_up(cluster: &Cluster, doc: &quire::client::DocHandle) {
+    tokio::time::timeout(HANG, async {
+        loop {
+            doc.synced().await.unwrap();
+            if doc.version() == cluster.store.version(doc.name()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} catches up", doc.name()));
+}
+
+/// Edits `doc` `n` times, each inserting a token of its own between two tokens near the
+/// middle of the text (never inside one: a token stays whole, so it can be counted).
+async fn edit_tokens(doc: &quire::client::DocHandle, who: &str, n: usize) {
+    for i in 0..n {
+        let token = format!("[{who}{i}]");
+        doc.edit_with(|v| {
+            let text: Vec<char> = v.text().chars().collect();
+            let at = (text.len() / 2..text.len())
+                .find(|&i| text[i] == '[')
+                .unwrap_or(text.len());
+            vec![Patch::new(at as u32, 0, &token)]
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_follows_redirects_over_several_connections_and_every_edit_lands_once() {
+    let cluster = Cluster::start().await;
+    cluster.table.set(
+        "doc-b",
+        Owned::By {
+            node: 1,
+            ready: true,
+        },
+    );
+    // X's home is node 0, Y's node 1.
+    let x = quire::client::Client::connect(common::client_config(cluster.addr(0)))
+        .await
+        .unwrap();
+    let y = quire::client::Client::connect(common::client_config(cluster.addr(1)))
+        .await
+        .unwrap();
+    // Connected first: `open` then returns once the document is loaded from its owner.
+    x.wait_connected().await.unwrap();
+    y.wait_connected().await.unwrap();
+    let xa = x.open("doc-a").await.unwrap();
+    let xb = x.open("doc-b").await.unwrap();
+    let x_busy = x.open("busy").await.unwrap();
+    let yb = y.open("doc-b").await.unwrap();
+    let y_busy = y.open("busy").await.unwrap();
+    // X reached doc-b over a second connection, to node 1 (Y is the other client
+    // there), and Y reached busy over one to node 0.
+    assert_eq!(cluster.nodes[1].server.connected_clients(), 2);
+    assert_eq!(cluster.nodes[0].server.connected_clients(), 2);
+
+    const EDITS: usize = 60;
+    let switching = async {
+        // The busy document changes owner several times while both clients edit it.
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(7)).await;
+            cluster.switch("busy", (i + 1) % 2).await;
+        }
+    };
+    tokio::join!(
+        edit_tokens(&xa, "xa", EDITS),
+        edit_tokens(&xb, "xb", EDITS),
+        edit_tokens(&x_busy, "x", EDITS),
+        edit_tokens(&yb, "yb", EDITS),
+        edit_tokens(&y_busy, "y", EDITS),
+        switching,
+    );
+
+    for doc in [&xa, &xb, &x_busy, &yb, &y_busy] {
+        caught_up(&cluster, doc).await;
+    }
+    for (name, handles, writers) in [
+        ("doc-a", vec![&xa], vec!["xa"]),
+        ("doc-b", vec![&xb, &yb], vec!["xb", "yb"]),
+        ("busy", vec![&x_busy, &y_busy], vec!["x", "y"]),
+    ] {
+        let text = cluster.text(name).await;
+        for handle in handles {
+            assert_eq!(handle.text(), text, "{name} converged");
+        }
+        // Every edit is there exactly once.
+        for who in writers {
+            for i in 0..EDITS {
+                let token = format!("[{who}{i}]");
+                assert_eq!(text.matches(&token).count(), 1, "{token} in {name}: {text}");
+            }
+        }
+        // And every op in the history once: no op id twice.
+        let version = cluster.store.version(name);
+        let ops = cluster
+            .store
+            .ops_after(name, 0, version as usize)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ops.len() as u64, version);
+        let mut ids: Vec<OpId> = ops.iter().map(|op| op.id).collect();
+        ids.sort_by_key(|id| (id.client_id, id.local_seq));
+        ids.dedup();
+        assert_eq!(
+            ids.len() as u64,
+            version,
+            "{name}: an op id twice in the log"
+        );
+    }
+    // The busy document ended at node 0 after its switches: Y followed it there, and
+    // X came back to its home connection.
+    assert!(matches!(
+        cluster.table.owned("busy"),
+        Owned::By { node: 0, .. }
+    ));
+    drop((xa, xb, x_busy, yb, y_busy));
+    x.shutdown().await;
+    y.shutdown().await;
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_sent_round_in_circles_backs_off_and_gets_there_once_the_cluster_agrees() {
+    use quire::client::{ConnectionState, Event};
+    let cluster = Cluster::start().await;
+    cluster.table.set("loop", Owned::PingPong);
+    let x = quire::client::Client::connect(common::client_config(cluster.addr(0)))
+        .await
+        .unwrap();
+    x.wait_connected().await.unwrap();
+    // Returns once the client gives up following (offline: the local state).
+    let (doc, mut events) = x.open_with_events("loop").await.unwrap();
+    doc.edit(&[Patch::new(0, 0, "kept")]).await.unwrap();
+    // It reconnects with a backoff that keeps growing while the document makes no
+    // progress: no attempt count goes back to 1 in between.
+    let mut attempts = Vec::new();
+    tokio::time::timeout(HANG, async {
+        while attempts.len() < 4 {
+            if let Some(Event::Connection(ConnectionState::Reconnecting { attempt, .. })) =
+                events.recv().await
+            {
+                attempts.push(attempt);
+            }
+        }
+    })
+    .await
+    .expect("the client keeps retrying");
+    assert_eq!(attempts, vec![1, 2, 3, 4]);
+    assert!(!doc.is_synced());
+
+    cluster.switch("loop", 1).await;
+    tokio::time::timeout(HANG, doc.synced())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cluster.text("loop").await, "kept");
+    drop(doc);
+    x.shutdown().await;
     cluster.stop().await;
 }

@@ -187,6 +187,39 @@ impl<T: Stream> Connection<T> {
         }
     }
 
+    /// A message, if one has arrived; else registers `cx` to be woken when bytes come
+    /// (several connections are waited on at once this way). Cancel-safe: what was read
+    /// stays in the buffer.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Envelope, ClientError>> {
+        use std::task::Poll;
+        loop {
+            if let Some(env) = self
+                .codec
+                .decode(&mut self.read_buf)
+                .map_err(|e| ClientError::Protocol(format!("from the server: {e}")))?
+            {
+                return Poll::Ready(Ok(env));
+            }
+            match tokio_util::io::poll_read_buf(
+                std::pin::Pin::new(&mut self.stream),
+                cx,
+                &mut self.read_buf,
+            ) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(ClientError::Io(
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    )))
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
     pub async fn recv(&mut self) -> Result<Envelope, ClientError> {
         loop {
             if let Some(env) = self

@@ -223,6 +223,21 @@ impl ClientConfig {
 pub trait Connector: Send + Sync + 'static {
     type Stream: Stream + 'static;
     fn connect(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+
+    /// Connects to the node a `Redirect` named (protocol.md, Redirects): its TCP
+    /// `addr`, or its WebSocket `ws_url` for a connector over WebSockets. The default
+    /// cannot (an error): such a client retries at its home address with backoff.
+    fn connect_to(
+        &self,
+        addr: &str,
+        ws_url: &str,
+    ) -> impl Future<Output = io::Result<Self::Stream>> + Send {
+        let _ = ws_url;
+        std::future::ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("this connector cannot follow a redirect to {addr}"),
+        )))
+    }
 }
 
 /// Connects over TCP to [`ClientConfig::addr`].
@@ -232,6 +247,12 @@ impl Connector for TcpConnector {
     type Stream = tokio::net::TcpStream;
     async fn connect(&self) -> io::Result<Self::Stream> {
         let stream = tokio::net::TcpStream::connect(&self.0).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    async fn connect_to(&self, addr: &str, _ws_url: &str) -> io::Result<Self::Stream> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(stream)
     }
@@ -306,6 +327,7 @@ impl Client {
             store: store.clone(),
             docs: BTreeMap::new(),
             shutdown: None,
+            redirect_loop: false,
         };
         let task = tokio::spawn(driver.run());
         Ok(Client {
@@ -790,6 +812,96 @@ struct OpenDoc {
     waiters: Vec<oneshot::Sender<Result<(), ClientError>>>,
     /// The last handle was dropped: closed once nothing is pending.
     closing: bool,
+    /// The connection that carries it: the home one, or one a `Redirect` named.
+    at: At,
+    /// `Redirect`s followed since its last progress (an ack, or a complete `Open`
+    /// reply): past [`MAX_REDIRECTS`], the client backs off as after a lost connection.
+    redirects: u32,
+}
+
+/// Redirects of one document the client follows in a row without progress (an ack of
+/// one of its ops, or a complete reply to its `Open`) before it treats the cluster as
+/// unreachable: it drops its connections and reconnects with backoff (which keeps
+/// growing until some document makes progress). Owners that keep pointing at each
+/// other (a cluster being reconfigured) then cost a few messages per backoff period.
+pub const MAX_REDIRECTS: u32 = 8;
+
+/// Which connection carries a document: `None`, the home one (to
+/// [`ClientConfig::addr`]); else the key of one a `Redirect` opened (its `addr` and
+/// `ws_url`).
+type At = Option<Arc<str>>;
+
+/// The client's connections while it is connected: the home one, and one per other node
+/// that serves a document of it (opened on a `Redirect`, closed once it carries none).
+struct Links<C: Connector> {
+    home: Conn<C>,
+    away: BTreeMap<Arc<str>, Conn<C>>,
+}
+
+impl<C: Connector> Links<C> {
+    fn get(&mut self, at: &At) -> Result<&mut Conn<C>, Ended> {
+        match at {
+            None => Ok(&mut self.home),
+            Some(key) => self
+                .away
+                .get_mut(key)
+                .ok_or_else(|| Ended::Lost(format!("no connection to {key}"))),
+        }
+    }
+
+    fn queue(&mut self, at: &At, message: Message) -> Result<(), Ended> {
+        self.get(at)?
+            .queue(message)
+            .map(|_| ())
+            .map_err(|e| Ended::Lost(e.to_string()))
+    }
+
+    async fn flush(&mut self) -> Result<(), Ended> {
+        self.home
+            .flush()
+            .await
+            .map_err(|e| Ended::Lost(e.to_string()))?;
+        for (key, conn) in &mut self.away {
+            conn.flush()
+                .await
+                .map_err(|e| Ended::Lost(format!("{key}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// The next message from any of the connections to other nodes (never, with none).
+fn recv_away<C: Connector>(
+    away: &mut BTreeMap<Arc<str>, Conn<C>>,
+) -> impl Future<
+    Output = (
+        Arc<str>,
+        Result<crate::protocol::message::Envelope, super::connection::ClientError>,
+    ),
+> + '_ {
+    std::future::poll_fn(move |cx| {
+        for (key, conn) in away.iter_mut() {
+            if let Poll::Ready(got) = conn.poll_recv(cx) {
+                return Poll::Ready((key.clone(), got));
+            }
+        }
+        Poll::Pending
+    })
+}
+
+/// The document a message from the server is about, if any.
+fn doc_of(message: &Message) -> Option<&str> {
+    match message {
+        Message::Snapshot { doc, .. }
+        | Message::Ops { doc, .. }
+        | Message::Ack { doc, .. }
+        | Message::Reject { doc, .. }
+        | Message::Remote { doc, .. }
+        | Message::PresenceState { doc, .. }
+        | Message::Reload { doc, .. }
+        | Message::Redirect { doc, .. } => Some(doc),
+        _ => None,
+    }
 }
 
 /// Why the connected loop ended.
@@ -813,6 +925,10 @@ struct Driver<C: Connector> {
     /// Shutdown asked: the reply, and the time after which pending edits stop being
     /// waited for.
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
+    /// The connections were dropped because a document was redirected too often
+    /// ([`MAX_REDIRECTS`]): the reconnect backoff keeps growing across connections
+    /// until a document makes progress.
+    redirect_loop: bool,
 }
 
 type Conn<C> = Connection<<C as Connector>::Stream>;
@@ -862,7 +978,9 @@ impl<C: Connector> Driver<C> {
             };
             let ended = match connected {
                 Ok(Ok(conn)) => {
-                    attempt = 0;
+                    if !self.redirect_loop {
+                        attempt = 0;
+                    }
                     self.connected(conn).await
                 }
                 Ok(Err(ended)) => ended,
@@ -870,6 +988,7 @@ impl<C: Connector> Driver<C> {
             };
             for doc in self.docs.values_mut() {
                 doc.phase = Phase::Down;
+                doc.at = None;
                 let mut st = lock(&doc.cell.state);
                 let gone: Vec<u64> = st.presence.keys().copied().collect();
                 st.presence.clear();
@@ -1039,14 +1158,20 @@ impl<C: Connector> Driver<C> {
                         phase: Phase::Down,
                         waiters: reply.into_iter().collect(),
                         closing: false,
+                        at: None,
+                        redirects: 0,
                     },
                 );
             }
         }
     }
 
-    async fn connected(&mut self, mut conn: Conn<C>) -> Ended {
-        let my_id = conn.client_id;
+    async fn connected(&mut self, home: Conn<C>) -> Ended {
+        let my_id = home.client_id;
+        let mut conn = Links {
+            home,
+            away: BTreeMap::new(),
+        };
         if self.client_id.load(Ordering::Acquire) != my_id {
             // The server gave this client its id: kept before anything is sent under it.
             if let Some(store) = &self.store {
@@ -1066,7 +1191,7 @@ impl<C: Connector> Driver<C> {
             }
         }
         if let Err(e) = conn.flush().await {
-            return Ended::Lost(e.to_string());
+            return e;
         }
         self.set_state(ConnectionState::Connected);
         let mut last_heard = Instant::now();
@@ -1088,19 +1213,29 @@ impl<C: Connector> Driver<C> {
                     Some(cmd) => self.command(&mut conn, cmd).await,
                     None => return Ended::Shutdown,
                 },
-                env = conn.recv() => match env {
+                env = conn.home.recv() => match env {
                     Ok(env) => {
                         last_heard = Instant::now();
-                        self.message(&mut conn, env.request_id, env.message).await
+                        self.message(&mut conn, &None, env.request_id, env.message).await
                     }
                     Err(e) => Err(Ended::Lost(e.to_string())),
+                },
+                (key, env) = recv_away::<C>(&mut conn.away) => match env {
+                    // Any loss drops every connection: the documents start again from
+                    // the home one, and are redirected again where needed.
+                    Ok(env) => self.message(&mut conn, &Some(key), env.request_id, env.message).await,
+                    Err(e) => Err(Ended::Lost(format!("{key}: {e}"))),
                 },
                 _ = tokio::time::sleep_until(next_ping) => {
                     if last_heard + self.config.timeout <= Instant::now() {
                         Err(Ended::Lost(format!("nothing heard from the server for {:?}", self.config.timeout)))
                     } else {
                         next_ping = Instant::now() + self.config.ping_interval;
-                        conn.queue(Message::Ping { nonce: 0 }).map(|_| ()).map_err(|e| Ended::Lost(e.to_string()))
+                        // Every connection, so that no node times an idle one out.
+                        let keys: Vec<At> = std::iter::once(None)
+                            .chain(conn.away.keys().cloned().map(Some))
+                            .collect();
+                        keys.iter().try_for_each(|at| conn.queue(at, Message::Ping { nonce: 0 }))
                     }
                 }
                 _ = sleep_until_opt(shutdown_at) => Ok(()),
@@ -1109,12 +1244,107 @@ impl<C: Connector> Driver<C> {
                 return ended;
             }
             if let Err(e) = conn.flush().await {
-                return Ended::Lost(e.to_string());
+                return e;
+            }
+            // A connection to another node is kept while it carries a document.
+            if !conn.away.is_empty() {
+                let docs = &self.docs;
+                conn.away
+                    .retain(|key, _| docs.values().any(|d| d.at.as_ref() == Some(key)));
             }
         }
     }
 
-    fn send_open(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), String> {
+    /// The connection that carries document `name` (the home one for a document not
+    /// open).
+    fn at(&self, name: &str) -> At {
+        self.docs.get(name).and_then(|d| d.at.clone())
+    }
+
+    /// A `Redirect` of `name` arrived on its connection: the document is closed there;
+    /// it moves to a connection to the node named (made now unless the client has one),
+    /// and is opened there as after a reconnect: with its version, its own ops in the
+    /// reply acknowledged, the others resent under their ids once it is live.
+    async fn redirected(
+        &mut self,
+        conn: &mut Links<C>,
+        name: &str,
+        addr: String,
+        ws_url: String,
+    ) -> Result<(), Ended> {
+        let Some(doc) = self.docs.get_mut(name) else {
+            return Ok(());
+        };
+        doc.redirects += 1;
+        if doc.redirects > MAX_REDIRECTS {
+            doc.redirects = 0;
+            self.redirect_loop = true;
+            return Err(Ended::Lost(format!(
+                "document {name}: redirected {MAX_REDIRECTS} times without progress (last to \
+                 {addr})"
+            )));
+        }
+        tracing::debug!(doc = name, addr, ws_url, "redirected");
+        doc.phase = Phase::Down;
+        {
+            // Presence comes from the new owner's subscribers now.
+            let mut st = lock(&doc.cell.state);
+            let gone: Vec<u64> = st.presence.keys().copied().collect();
+            st.presence.clear();
+            for client_id in gone {
+                st.emit(Event::Presence {
+                    client_id,
+                    selections: Vec::new(),
+                });
+            }
+        }
+        // The home node is reached over the home connection: a second connection with
+        // this client's id would replace it there (code 11).
+        let at: At = if addr == self.config.addr {
+            None
+        } else {
+            Some(Arc::from(format!("{addr} {ws_url}")))
+        };
+        if let Some(key) = &at {
+            if !conn.away.contains_key(key) {
+                let made = self.connect_to(conn.home.client_id, &addr, &ws_url).await?;
+                conn.away.insert(key.clone(), made);
+            }
+        }
+        self.docs.get_mut(name).expect("checked").at = at;
+        self.send_open(conn, name).map_err(Ended::Lost)
+    }
+
+    /// A connection to another node, handshake done. A refusal of the token there stops
+    /// the client as at home; any other failure is a lost connection.
+    async fn connect_to(&self, client_id: u64, addr: &str, ws_url: &str) -> Result<Conn<C>, Ended> {
+        let connect = async {
+            let stream = self
+                .connector
+                .connect_to(addr, ws_url)
+                .await
+                .map_err(|e| Ended::Lost(format!("{addr}: {e}")))?;
+            Connection::handshake(stream, client_id, &self.config.token)
+                .await
+                .map_err(|e| match e {
+                    super::connection::ClientError::Handshake {
+                        code:
+                            code @ (ErrorCode::HandshakeRequired
+                            | ErrorCode::UnsupportedVersion
+                            | ErrorCode::InvalidToken
+                            | ErrorCode::TokenExpired),
+                        message,
+                    } => Ended::Failed(code, message),
+                    other => Ended::Lost(format!("{addr}: {other}")),
+                })
+        };
+        match tokio::time::timeout(self.config.timeout, connect).await {
+            Ok(made) => made,
+            Err(_) => Err(Ended::Lost(format!("connecting to {addr} timed out"))),
+        }
+    }
+
+    fn send_open(&mut self, conn: &mut Links<C>, name: &str) -> Result<(), String> {
         let doc = self.docs.get_mut(name).expect("open");
         let known = {
             let st = lock(&doc.cell.state);
@@ -1129,15 +1359,21 @@ impl<C: Connector> Driver<C> {
             server: None,
             applied: 0,
         };
-        conn.queue(Message::Open {
-            doc: name.to_owned(),
-            known_version: known,
+        let at = doc.at.clone();
+        conn.queue(
+            &at,
+            Message::Open {
+                doc: name.to_owned(),
+                known_version: known,
+            },
+        )
+        .map_err(|e| match e {
+            Ended::Lost(why) => why,
+            _ => "cannot send Open".into(),
         })
-        .map(|_| ())
-        .map_err(|e| e.to_string())
     }
 
-    async fn command(&mut self, conn: &mut Conn<C>, cmd: Command) -> Result<(), Ended> {
+    async fn command(&mut self, conn: &mut Links<C>, cmd: Command) -> Result<(), Ended> {
         match cmd {
             Command::Open {
                 cell,
@@ -1169,21 +1405,21 @@ impl<C: Connector> Driver<C> {
         Ok(())
     }
 
-    fn close_if_done(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+    fn close_if_done(&mut self, conn: &mut Links<C>, name: &str) -> Result<(), Ended> {
         let Some(doc) = self.docs.get(name) else {
             return Ok(());
         };
         if doc.closing && !lock(&doc.cell.state).doc.has_pending() {
+            let at = doc.at.clone();
             self.docs.remove(name);
-            conn.queue(Message::Close { doc: name.into() })
-                .map_err(|e| Ended::Lost(e.to_string()))?;
+            conn.queue(&at, Message::Close { doc: name.into() })?;
         }
         Ok(())
     }
 
     /// Sends the document's next ops, if it is live (made durable in the persistence
     /// directory first: an op id, once sent, always names the same op).
-    async fn send_ops(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+    async fn send_ops(&mut self, conn: &mut Links<C>, name: &str) -> Result<(), Ended> {
         let Some(doc) = self.docs.get(name) else {
             return Ok(());
         };
@@ -1210,14 +1446,14 @@ impl<C: Connector> Driver<C> {
                 .await
                 .map_err(|e| Ended::Lost(e.to_string()))?;
         }
+        let at = self.at(name);
         for out in outgoing {
-            conn.queue(out.into_submit(name))
-                .map_err(|e| Ended::Lost(e.to_string()))?;
+            conn.queue(&at, out.into_submit(name))?;
         }
         Ok(())
     }
 
-    fn send_presence(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+    fn send_presence(&mut self, conn: &mut Links<C>, name: &str) -> Result<(), Ended> {
         let Some(doc) = self.docs.get(name) else {
             return Ok(());
         };
@@ -1239,43 +1475,57 @@ impl<C: Connector> Driver<C> {
                 None => return Ok(()),
             }
         };
-        conn.queue(Message::Presence {
-            doc: name.into(),
-            selections,
-        })
-        .map(|_| ())
-        .map_err(|e| Ended::Lost(e.to_string()))
+        let at = self.at(name);
+        conn.queue(
+            &at,
+            Message::Presence {
+                doc: name.into(),
+                selections,
+            },
+        )
     }
 
     /// The document became live on this connection: its ops in flight are sent again
     /// under their ids (the server acknowledges those it has), then the rest.
-    async fn go_live(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+    async fn go_live(&mut self, conn: &mut Links<C>, name: &str) -> Result<(), Ended> {
         let doc = self.docs.get_mut(name).expect("open");
         doc.phase = Phase::Live;
         for w in doc.waiters.drain(..) {
             let _ = w.send(Ok(()));
         }
+        // A complete reply: progress (see `MAX_REDIRECTS`).
+        doc.redirects = 0;
+        self.redirect_loop = false;
+        let at = doc.at.clone();
         let resend: Vec<_> = {
             let mut st = lock(&doc.cell.state);
             st.loaded = true;
             st.doc.all_in_flight().cloned().collect()
         };
         for out in resend {
-            conn.queue(out.into_submit(name))
-                .map_err(|e| Ended::Lost(e.to_string()))?;
+            conn.queue(&at, out.into_submit(name))?;
         }
         self.send_presence(conn, name)?;
         self.send_ops(conn, name).await?;
         self.close_if_done(conn, name)
     }
 
+    /// A message from the connection `from`.
     async fn message(
         &mut self,
-        conn: &mut Conn<C>,
+        conn: &mut Links<C>,
+        from: &At,
         _request_id: u32,
         message: Message,
     ) -> Result<(), Ended> {
-        let my_id = conn.client_id;
+        let my_id = conn.home.client_id;
+        if let Some(doc) = doc_of(&message) {
+            if self.docs.get(doc).is_some_and(|d| d.at != *from) {
+                // About a document this connection no longer carries (redirected):
+                // the answers to requests sent before it moved (more `Redirect`s).
+                return Ok(());
+            }
+        }
         match message {
             Message::Error { code, message } => {
                 return Err(match code {
@@ -1355,6 +1605,9 @@ impl<C: Connector> Driver<C> {
             } => self.reject(conn, &doc, local_seq, code, &message).await?,
             Message::Reload { doc, .. } if self.docs.contains_key(&doc) => {
                 self.send_open(conn, &doc).map_err(Ended::Lost)?;
+            }
+            Message::Redirect { doc, addr, ws_url } => {
+                self.redirected(conn, &doc, addr, ws_url).await?;
             }
             Message::PresenceState {
                 doc,
@@ -1458,7 +1711,7 @@ impl<C: Connector> Driver<C> {
     }
 
     /// The reply to `Open` is complete.
-    async fn reply_done(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+    async fn reply_done(&mut self, conn: &mut Links<C>, name: &str) -> Result<(), Ended> {
         let Some(doc) = self.docs.get_mut(name) else {
             return Ok(());
         };
@@ -1483,9 +1736,9 @@ impl<C: Connector> Driver<C> {
         if applied < in_flight.len() {
             // Which of the others did the server apply before its snapshot? Sent again
             // under their ids, each is answered from its memory of op ids.
+            let at = doc.at.clone();
             for out in &in_flight[applied..] {
-                conn.queue(out.clone().into_submit(name))
-                    .map_err(|e| Ended::Lost(e.to_string()))?;
+                conn.queue(&at, out.clone().into_submit(name))?;
             }
             doc.phase = Phase::Probing {
                 server: text,
@@ -1515,7 +1768,7 @@ impl<C: Connector> Driver<C> {
 
     async fn ack(
         &mut self,
-        conn: &mut Conn<C>,
+        conn: &mut Links<C>,
         name: &str,
         local_seq: u64,
         seq: u64,
@@ -1523,6 +1776,9 @@ impl<C: Connector> Driver<C> {
         let Some(doc) = self.docs.get_mut(name) else {
             return Ok(());
         };
+        // Progress (see `MAX_REDIRECTS`).
+        doc.redirects = 0;
+        self.redirect_loop = false;
         match &mut doc.phase {
             Phase::Probing {
                 version,
@@ -1574,7 +1830,7 @@ impl<C: Connector> Driver<C> {
 
     async fn reject(
         &mut self,
-        conn: &mut Conn<C>,
+        conn: &mut Links<C>,
         name: &str,
         local_seq: u64,
         code: ErrorCode,
@@ -1585,6 +1841,11 @@ impl<C: Connector> Driver<C> {
             // change (or, for a deleted document, the application decide whether to
             // start it anew), which is the application's to do.
             return Err(Ended::Failed(code, format!("document {name}: {message}")));
+        }
+        if code == ErrorCode::Unavailable {
+            // No node serves the document right now: the op was not applied, and is
+            // sent again (under its id) after the reconnect's backoff.
+            return Err(Ended::Lost(format!("document {name}: {message}")));
         }
         let Some(doc) = self.docs.get_mut(name) else {
             return Ok(());
@@ -1622,7 +1883,7 @@ impl<C: Connector> Driver<C> {
 
     /// An answer to a probe arrived; once all have, the document is rebuilt on the
     /// server's text.
-    async fn probed(&mut self, conn: &mut Conn<C>, name: &str) -> Result<(), Ended> {
+    async fn probed(&mut self, conn: &mut Links<C>, name: &str) -> Result<(), Ended> {
         let doc = self.docs.get_mut(name).expect("open");
         let Phase::Probing { waiting: 0, .. } = &doc.phase else {
             return Ok(());

@@ -1350,6 +1350,53 @@ mod tests {
         assert!(store.read_now("d", None).unwrap().is_none());
     }
 
+    #[test]
+    fn a_moved_document_redirects_its_subscribers_once_and_acknowledges_nothing_more() {
+        let (store, rt) = sequencer();
+        let doc = document(8);
+        let (a, b, late) = (
+            Recorder::new(1, 10),
+            Recorder::new(2, 20),
+            Recorder::new(3, 30),
+        );
+        for (recorder, session) in [(&a, 1), (&b, 2)] {
+            doc.subscribe(recorder.clone());
+            doc.activate(session);
+        }
+        // `late` subscribed; its snapshot is not out yet.
+        doc.subscribe(late.clone());
+        // Op 1 is sequenced, not yet delivered, when the document moves.
+        let SubmitOutcome::Applied { seq: 1, ticket } =
+            doc.submit(&store, submission(1, 10, 1, 0, Patch::new(0, 0, "x")))
+        else {
+            panic!("op 1 not applied");
+        };
+        let owner = Owner {
+            addr: Arc::from("10.0.0.2:7420"),
+            ws_url: Arc::from(""),
+        };
+        doc.moved(owner.clone());
+        doc.moved(owner.clone());
+        assert_eq!(a.take(), vec![Got::Moved(owner.clone())]);
+        assert_eq!(b.take(), vec![Got::Moved(owner.clone())]);
+        assert!(late.take().is_empty(), "held behind its snapshot");
+        // Op 1 becomes durable: no ack, no broadcast (its resend is answered elsewhere).
+        rt.block_on(store.wait_durable(ticket)).unwrap();
+        doc.mark_durable(1);
+        doc.ack_resend(&a, 7, 1, 1);
+        assert!(a.take().is_empty() && b.take().is_empty());
+        doc.activate(3);
+        assert_eq!(late.take(), vec![Got::Moved(owner.clone())]);
+        assert_eq!(doc.subscriber_count(), 0);
+        // Every later op is redirected, not sequenced or refused.
+        match doc.submit(&store, submission(2, 20, 1, 1, Patch::new(0, 0, "z"))) {
+            SubmitOutcome::Moved(to) => assert_eq!(to, owner),
+            other => panic!("an op after the move: {other:?}"),
+        }
+        assert_eq!(store.version("d"), 1);
+        assert_eq!(doc.moved_to(), Some(owner));
+    }
+
     /// Found by CI (tests/server.rs, presence_is_broadcast_and_gone_when_the_client_
     /// disconnects): a presence update that came while a subscriber's snapshot was being
     /// read was held for it, and sent again with the current presence on activation.

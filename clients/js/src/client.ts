@@ -65,6 +65,24 @@ export interface DocEvents {
 // anew is the application's call.
 const FATAL_ERRORS = new Set([5, 6, 7, 12, 29, 32]);
 const FATAL_REJECTS = new Set([29, 31, 32]);
+/** No node serves the document right now (cluster mode): retried after the backoff. */
+const UNAVAILABLE = 33;
+/**
+ * Redirects of one document followed in a row without progress (an ack, or a complete
+ * `Open` reply) before the client drops its connections and reconnects with its backoff,
+ * which keeps growing until a document is served again (as the Rust client).
+ */
+export const MAX_REDIRECTS = 8;
+
+/** A WebSocket to another node, opened on a `Redirect` and kept while it carries a document. */
+interface AwayLink {
+  url: string;
+  ws: WebSocketLike;
+  /** Its `Welcome` arrived: documents can be opened on it. */
+  ready: boolean;
+  maxFrame: number;
+  lastSent: number;
+}
 
 type OpenState = "closed" | "opening" | "probing" | "open";
 
@@ -75,6 +93,10 @@ export class DocHandle extends Emitter<DocEvents> {
   /** @internal which op in flight was sent on which connection (each goes once per connection) */
   sent: { gen: number; localSeq: number } | null = null;
   /** @internal */ presence: Selection[] | null = null;
+  /** @internal the WebSocket URL of the node a `Redirect` sent it to (null: the client's own) */
+  at: string | null = null;
+  /** @internal redirects followed since its last progress (see MAX_REDIRECTS) */
+  redirects = 0;
   private waiters: (() => void)[] = [];
 
   /** @internal */
@@ -117,7 +139,7 @@ export class DocHandle extends Emitter<DocEvents> {
   /** This client's cursors and selections, in the local text's code points. */
   setPresence(selections: Selection[]): void {
     this.presence = selections;
-    if (this.openState === "open") this.client._send({ type: "Presence", doc: this.id, selections });
+    if (this.openState === "open") this.client._sendFor(this, { type: "Presence", doc: this.id, selections });
   }
 
   /** Resolves when the document is open on a live connection with nothing pending. */
@@ -144,6 +166,8 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   connectionState: ConnectionState = { state: "connecting" };
   private readonly docs = new Map<string, DocHandle>();
   private ws: WebSocketLike | null = null;
+  /** Connections to other nodes (cluster mode), by WebSocket URL. */
+  private readonly away = new Map<string, AwayLink>();
   /** Bumped per connection: events of an older socket are ignored. */
   private gen = 0;
   private attempt = 0;
@@ -218,6 +242,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     this.gen++;
     this.ws?.close();
     this.ws = null;
+    this.closeAway();
     await this._persist();
   }
 
@@ -274,7 +299,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         if (!(data instanceof ArrayBuffer)) throw new ProtocolViolation("a text WebSocket message");
         const { message } = decode(new Uint8Array(data), this.maxFrame);
         this.opts.trace?.("recv", message);
-        this.receive(message);
+        this.receive(message, null);
       } catch (e) {
         // A broken frame or an impossible op: start over from a fresh connection (the
         // documents catch up from their versions; nothing local is lost).
@@ -297,9 +322,11 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     } catch {
       // already closed
     }
+    this.closeAway();
     for (const h of this.docs.values()) {
       h.openState = "closed";
       h.reply = null;
+      h.at = null;
     }
     const s = this.connectionState.state;
     if (s === "closed" || s === "failed") return;
@@ -327,6 +354,81 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     } else if (now - this.lastSent >= this.opts.pingIntervalMs) {
       this._send({ type: "Ping", nonce: ++this.nonce });
     }
+    // The other nodes close a connection that stays silent too.
+    for (const link of this.away.values()) {
+      if (link.ready && now - link.lastSent >= this.opts.pingIntervalMs) {
+        this.sendOn(link, { type: "Ping", nonce: ++this.nonce });
+      }
+    }
+  }
+
+  /**
+   * A WebSocket to the node at `url` (one a `Redirect` named): `Hello` with this
+   * client's id, then, on its `Welcome`, `Open` of each document it carries. Any
+   * failure of it is treated as the loss of the connection: everything starts over
+   * from the home node with backoff, and redirects are followed again.
+   */
+  private dialAway(url: string): void {
+    const gen = this.gen;
+    const ws = new this.opts.WebSocket(url);
+    ws.binaryType = "arraybuffer";
+    const link: AwayLink = { url, ws, ready: false, maxFrame: DEFAULT_MAX_FRAME, lastSent: 0 };
+    this.away.set(url, link);
+    const current = () => gen === this.gen && this.away.get(url) === link;
+    ws.onopen = () => {
+      if (current()) this.sendOn(link, { type: "Hello", clientId: this.clientId, token: this.opts.token });
+    };
+    ws.onmessage = (ev) => {
+      if (!current()) return;
+      try {
+        const data = ev.data;
+        if (!(data instanceof ArrayBuffer)) throw new ProtocolViolation("a text WebSocket message");
+        const { message } = decode(new Uint8Array(data), link.maxFrame);
+        this.opts.trace?.("recv", message);
+        if (message.type === "Welcome") {
+          link.ready = true;
+          link.maxFrame = message.maxFrame;
+          for (const h of this.docs.values()) if (h.at === url) this.sendOpen(h);
+        } else {
+          this.receive(message, url);
+        }
+      } catch (e) {
+        this.emitError(e);
+        this.dropConnection();
+      }
+      for (const h of this.docs.values()) h.checkWaiters();
+    };
+    ws.onclose = ws.onerror = () => {
+      if (current()) this.dropConnection();
+    };
+  }
+
+  private sendOn(link: AwayLink, message: Message): void {
+    if (link.ws.readyState !== 1) return;
+    this.opts.trace?.("send", message);
+    link.ws.send(encode(message));
+    link.lastSent = Date.now();
+  }
+
+  /** Closes the connection to `url` once no document is carried by it. */
+  private prune(url: string | null): void {
+    if (url === null) return;
+    for (const h of this.docs.values()) if (h.at === url) return;
+    const link = this.away.get(url);
+    this.away.delete(url);
+    link?.ws.close();
+  }
+
+  private closeAway(): void {
+    const links = [...this.away.values()];
+    this.away.clear();
+    for (const link of links) {
+      try {
+        link.ws.close();
+      } catch {
+        // already closed
+      }
+    }
   }
 
   private setState(s: ConnectionState): void {
@@ -349,6 +451,14 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     this.opts.trace?.("send", message);
     this.ws.send(encode(message));
     this.lastSent = Date.now();
+  }
+
+  /** @internal Sends a message about `h` on the connection that carries it. */
+  _sendFor(h: DocHandle, message: Message): void {
+    if (h.at === null) return this._send(message);
+    const link = this.away.get(h.at);
+    // Not welcomed yet: its documents are opened on the `Welcome`.
+    if (link?.ready) this.sendOn(link, message);
   }
 
   /** @internal Saves the state (coalesced: one save at a time, the latest state). */
@@ -381,7 +491,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   private sendOpen(h: DocHandle, knownVersion = h.doc.version): void {
     h.openState = "opening";
     h.reply = { snapshot: null, snapVersion: 0, ops: [] };
-    this._send({ type: "Open", doc: h.id, knownVersion });
+    this._sendFor(h, { type: "Open", doc: h.id, knownVersion });
   }
 
   /** @internal Sends the next op of `h` if none is in flight. */
@@ -411,10 +521,17 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       h.sent = null;
       return;
     }
-    this._send({ type: "Submit", doc: h.id, ...out });
+    this._sendFor(h, { type: "Submit", doc: h.id, ...out });
   }
 
-  private receive(m: Message): void {
+  /** A message from the home connection (`from` null) or the one to node `from`. */
+  private receive(m: Message, from: string | null): void {
+    const about = "doc" in m ? this.docs.get(m.doc) : undefined;
+    if (about && about.at !== from) {
+      // About a document this connection no longer carries (it was redirected): the
+      // answers to what was sent before it moved (more `Redirect`s).
+      return;
+    }
     switch (m.type) {
       case "Welcome": {
         const first = this.clientId === 0n;
@@ -451,6 +568,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         if (!h) return;
         if (h.openState === "probing") return this.probeAnswered(h, m.localSeq, true);
         if (h.doc.inFlight?.out.localSeq !== m.localSeq) return;
+        h.redirects = 0;
         h.doc.onAck(m.localSeq, m.seq);
         void this._persist();
         h.emit("ack", { seq: m.seq, localSeq: m.localSeq });
@@ -460,6 +578,11 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       case "Reject": {
         const h = this.docs.get(m.doc);
         if (!h) return;
+        if (m.code === UNAVAILABLE) {
+          // Not applied; sent again under its id once a node serves the document.
+          this.emitError(new Error(`document ${m.doc}: ${m.message}`));
+          return this.dropConnection();
+        }
         if (h.openState === "probing") return this.probeAnswered(h, m.localSeq, false);
         if (h.doc.inFlight?.out.localSeq !== m.localSeq) return;
         if (FATAL_REJECTS.has(m.code)) return this.fail(m.code, m.message);
@@ -507,14 +630,47 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       }
       case "Pong":
         return;
+      case "Redirect":
+        return this.redirected(m.doc, m.wsUrl);
       case "Error":
         if (FATAL_ERRORS.has(m.code)) return this.fail(m.code, m.message);
+        if (m.code === UNAVAILABLE) {
+          // The server keeps the connection; the document waits for an owner: retried
+          // with the backoff.
+          this.emitError(new Error(`server error ${m.code}: ${m.message}`));
+          return this.dropConnection();
+        }
         // Others (replaced, timeout, busy, ...): the server closes; reconnecting helps.
         this.emitError(new Error(`server error ${m.code}: ${m.message}`));
         return;
       default:
         throw new ProtocolViolation(`unexpected ${m.type} from the server`);
     }
+  }
+
+  /**
+   * A `Redirect` of a document on the connection that carries it: it is closed there
+   * and opened at `wsUrl` (the home connection if that is the client's own URL) with its
+   * version; its op in flight is resent there under its id once it is open, as after a
+   * reconnect.
+   */
+  private redirected(doc: string, wsUrl: string): void {
+    const h = this.docs.get(doc);
+    if (!h) return;
+    if (++h.redirects > MAX_REDIRECTS || wsUrl === "") {
+      // Round in circles, or an owner that serves no WebSocket: start over later.
+      h.redirects = 0;
+      this.emitError(new Error(`document ${doc}: cannot follow its redirects${wsUrl ? "" : " (no WebSocket URL)"}`));
+      return this.dropConnection();
+    }
+    h.openState = "closed";
+    h.reply = null;
+    h.sent = null;
+    const old = h.at;
+    h.at = wsUrl === this.opts.url ? null : wsUrl;
+    if (h.at !== null && !this.away.has(h.at)) this.dialAway(h.at);
+    this.sendOpen(h);
+    this.prune(old);
   }
 
   private fail(code: number, message: string): void {
@@ -562,7 +718,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         // Whether the server applied our op in flight is unknown (its ops are gone):
         // resend it under its id and let the answer say (protocol.md, "Reload").
         h.openState = "probing";
-        this._send({ type: "Submit", doc: h.id, ...doc.inFlight!.out });
+        this._sendFor(h, { type: "Submit", doc: h.id, ...doc.inFlight!.out });
         return;
       } else {
         doc.settleApplied(applied);
@@ -571,11 +727,12 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       }
     }
     h.openState = "open";
+    h.redirects = 0;
     // The backoff starts over only once a document is served again: a server that
     // welcomes and then breaks the connection is not hammered.
     this.attempt = 0;
     void this._persist();
-    if (h.presence) this._send({ type: "Presence", doc: h.id, selections: h.presence });
+    if (h.presence) this._sendFor(h, { type: "Presence", doc: h.id, selections: h.presence });
     h.sent = null;
     this._pump(h);
   }

@@ -43,6 +43,7 @@ export const Type = {
   PresenceState: 0x25,
   Reload: 0x26,
   Pong: 0x27,
+  Redirect: 0x28,
   Error: 0x7f,
 } as const;
 
@@ -63,6 +64,8 @@ export type Message =
   | { type: "PresenceState"; doc: string; clientId: bigint; selections: Selection[] }
   | { type: "Reload"; doc: string; reason: string }
   | { type: "Pong"; nonce: bigint }
+  /** Another node serves `doc` (cluster mode): its TCP `addr` and WebSocket `wsUrl` ("" if none). */
+  | { type: "Redirect"; doc: string; addr: string; wsUrl: string }
   | { type: "Error"; code: number; message: string };
 
 export interface Frame {
@@ -270,6 +273,9 @@ export function encode(message: Message, requestId = 0): Uint8Array {
     case "Reload":
       w.str16(m.doc).str16(m.reason);
       break;
+    case "Redirect":
+      w.str16(m.doc).str16(m.addr).str16(m.wsUrl);
+      break;
     case "Error":
       w.u16(m.code).str16(m.message);
       break;
@@ -356,6 +362,9 @@ export function decode(frame: Uint8Array, maxFrame = DEFAULT_MAX_FRAME): Frame {
       break;
     case Type.Pong:
       message = { type: "Pong", nonce: r.big64() };
+      break;
+    case Type.Redirect:
+      message = { type: "Redirect", doc: r.str16(), addr: r.str16(), wsUrl: r.str16() };
       break;
     case Type.Error:
       message = { type: "Error", code: r.u16(), message: r.str16() };

@@ -50,6 +50,16 @@ test("Ping, Open, Ops, Ack, Remote, Snapshot, PresenceState, Error round-trip", 
   for (const m of msgs) assert.deepEqual(decode(encode(m, 3)), { requestId: 3, message: m }, m.type);
 });
 
+test("Redirect: protocol.md's example, byte for byte", () => {
+  // length 15 = type 1 + request id 4 + doc "a" 3 + addr "h:1" 5 + empty ws_url 2
+  const bytes = hex("0f000000 28 07000000 0100 61 0300 683a31 0000");
+  const msg = { type: "Redirect", doc: "a", addr: "h:1", wsUrl: "" };
+  assert.deepEqual(encode(msg, 7), bytes);
+  assert.deepEqual(decode(bytes), { requestId: 7, message: msg });
+  const full = { type: "Redirect", doc: "d/é", addr: "10.0.0.2:7420", wsUrl: "ws://10.0.0.2:7421/ws" };
+  assert.deepEqual(decode(encode(full, 0)), { requestId: 0, message: full });
+});
+
 test("the decoder refuses what protocol.md calls malformed", () => {
   const good = encode({ type: "Ack", doc: "x", localSeq: 5, seq: 12 });
   const longer = new Uint8Array([...good, 0]);
