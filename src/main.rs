@@ -181,6 +181,38 @@ struct ServeArgs {
     /// Record the serving metrics (off only to measure what they cost).
     #[arg(long, value_enum, default_value_t = Switch::On, env = "QUIRE_METRICS")]
     metrics: Switch,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Cluster mode (README, "Running a cluster"): documents owned across nodes through
+/// etcd. Without --etcd the server is a single node and needs none of these.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Cluster mode: the client URL of every etcd member (`http://host:2379`),
+    /// comma-separated. A binary built without the `cluster` feature refuses it.
+    #[arg(long, env = "QUIRE_ETCD", value_delimiter = ',', value_name = "URL")]
+    etcd: Vec<String>,
+    /// Cluster mode: this node's id, unique in the cluster and the same across its
+    /// restarts (a restarted node waits up to one lease TTL for its previous run's lease).
+    #[arg(long, env = "QUIRE_NODE_ID", value_name = "ID")]
+    node_id: Option<String>,
+    /// Cluster mode: `host:port` at which clients reach this node's --listen; sent to
+    /// clients redirected here.
+    #[arg(long, env = "QUIRE_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Cluster mode: the URL at which browsers reach this node's WebSockets
+    /// (`ws://host:port/ws`), if it has --http-listen.
+    #[arg(long, env = "QUIRE_ADVERTISE_WS", value_name = "URL")]
+    advertise_ws: Option<String>,
+    /// Cluster mode: every key of the cluster is under this etcd prefix.
+    #[arg(long, default_value = "/quire", env = "QUIRE_ETCD_PREFIX")]
+    etcd_prefix: String,
+    /// Cluster mode: the TTL of this node's etcd lease, in seconds (1 ..= 60). A node
+    /// that could not renew it for TTL less a fifth stops acknowledging at once; a dead
+    /// node's documents are claimed by others once it expires.
+    #[arg(long, default_value_t = 5, env = "QUIRE_LEASE_TTL_SECS")]
+    lease_ttl_secs: u64,
 }
 
 /// The server's secrets, which sign and verify access tokens (protocol.md, "Access
@@ -608,9 +640,124 @@ fn serve(args: ServeArgs) -> ExitCode {
         retention: Duration::from_secs(args.retention_secs),
         ..LocalConfig::default()
     };
+    if args.cluster.etcd.is_empty() {
+        let data_dir = args.data_dir.clone();
+        return serve_on(args, server_config, move || {
+            let (store, report) = LocalSequencer::open(&data_dir, config)
+                .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
+            Ok((store, report.elapsed, report.documents))
+        });
+    }
+    serve_cluster(args, server_config, config)
+}
+
+/// What `quire serve` needs of its sequencer beyond the trait: the local log under it
+/// (its writer's wake-ups, its totals at exit), the work after the server started, and
+/// the close.
+trait Served: quire::sequencer::Sequencer + Sized {
+    fn local(&self) -> &LocalSequencer;
+    /// Called once the server exists (cluster mode: redirects of documents that moved).
+    fn started(&self, server: &Arc<quire::server::Server<Self>>) {
+        let _ = server;
+    }
+    fn close(&self);
+}
+
+impl Served for LocalSequencer {
+    fn local(&self) -> &LocalSequencer {
+        self
+    }
+    fn close(&self) {
+        LocalSequencer::close(self);
+    }
+}
+
+#[cfg(not(feature = "cluster"))]
+fn serve_cluster(_: ServeArgs, _: quire::server::ServerConfig, _: LocalConfig) -> ExitCode {
+    tracing::error!(
+        "--etcd: this quire was built without cluster mode; build it with `cargo build \
+         --release --features cluster` (which needs protoc: apt-get install protobuf-compiler)"
+    );
+    ExitCode::FAILURE
+}
+
+#[cfg(feature = "cluster")]
+type EtcdSequencer =
+    quire::sequencer::cluster::ClusterSequencer<Arc<quire::cluster::etcd::EtcdStore>>;
+
+#[cfg(feature = "cluster")]
+impl Served for EtcdSequencer {
+    fn local(&self) -> &LocalSequencer {
+        quire::sequencer::cluster::ClusterSequencer::local(self)
+    }
+    fn started(&self, server: &Arc<quire::server::Server<Self>>) {
+        let Some(mut moved) = self.moved() else {
+            return;
+        };
+        let server = Arc::downgrade(server);
+        tokio::spawn(async move {
+            while let Some((doc, owner)) = moved.recv().await {
+                let Some(server) = server.upgrade() else {
+                    return;
+                };
+                server.redirect_document(&doc, owner);
+            }
+        });
+    }
+    fn close(&self) {
+        quire::sequencer::cluster::ClusterSequencer::close(self);
+    }
+}
+
+#[cfg(feature = "cluster")]
+fn serve_cluster(
+    args: ServeArgs,
+    server_config: quire::server::ServerConfig,
+    local: LocalConfig,
+) -> ExitCode {
+    let cluster = &args.cluster;
+    let (Some(node_id), Some(advertise)) = (cluster.node_id.clone(), cluster.advertise.clone())
+    else {
+        tracing::error!("--etcd needs --node-id and --advertise");
+        return ExitCode::FAILURE;
+    };
+    if !(1..=60).contains(&cluster.lease_ttl_secs) {
+        tracing::error!("--lease-ttl-secs must be 1 ..= 60");
+        return ExitCode::FAILURE;
+    }
+    let config = quire::sequencer::cluster::NodeConfig {
+        data_dir: args.data_dir.clone(),
+        local,
+        prefix: cluster.etcd_prefix.trim_end_matches('/').to_owned(),
+        node_id,
+        advertise: quire::sequencer::Owner {
+            addr: Arc::from(advertise.as_str()),
+            ws_url: Arc::from(cluster.advertise_ws.clone().unwrap_or_default().as_str()),
+        },
+        ttl: Duration::from_secs(cluster.lease_ttl_secs),
+    };
+    let endpoints = cluster.etcd.clone();
+    serve_on(args, server_config, move || {
+        let started = std::time::Instant::now();
+        let store = quire::cluster::etcd::EtcdStore::connect(
+            quire::cluster::etcd::EtcdConfig::new(endpoints),
+        )
+        .map_err(|e| format!("etcd: {e}"))?;
+        let sequencer = EtcdSequencer::start(Arc::new(store), config)?;
+        Ok((sequencer, started.elapsed(), 0))
+    })
+}
+
+/// Serves with the sequencer `open` makes (on a blocking thread, while the admin
+/// endpoint answers): its value, the time it took and the documents it found.
+fn serve_on<S: Served>(
+    args: ServeArgs,
+    server_config: quire::server::ServerConfig,
+    open: impl FnOnce() -> Result<(S, Duration, usize), String> + Send + 'static,
+) -> ExitCode {
     // The store exists once recovery is done; the runtime (and the admin endpoint on
     // it) starts before, so that readiness can say "recovering".
-    let store_cell: Arc<OnceLock<Arc<LocalSequencer>>> = Arc::default();
+    let store_cell: Arc<OnceLock<Arc<S>>> = Arc::default();
     let threads = args.threads.unwrap_or_else(default_worker_threads).max(1);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(threads);
@@ -621,7 +768,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     builder.on_thread_park(move || {
         quire::wal::commit::defer_writer_wakes_on_this_thread();
         if let Some(store) = parked.get() {
-            store.wal().pay_owed_writer_wake();
+            store.local().wal().pay_owed_writer_wake();
         }
     });
     let runtime = match builder.enable_all().build() {
@@ -676,19 +823,19 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         // Recovery reads the whole log: on a blocking thread, while the admin
         // endpoint answers.
-        let opened = tokio::task::spawn_blocking(move || LocalSequencer::open(&data_dir, config))
+        let opened = tokio::task::spawn_blocking(open)
             .await
             .expect("recovery does not panic");
-        let (store, report) = match opened {
+        let (store, recovery, documents) = match opened {
             Ok(opened) => opened,
             Err(e) => {
-                tracing::error!("cannot open {}: {e}", args.data_dir.display());
+                tracing::error!("{e}");
                 return None;
             }
         };
         tracing::info!(
             data_dir = %args.data_dir.display(),
-            documents = report.documents,
+            documents,
             "storage engine ready"
         );
         let store = Arc::new(store);
@@ -726,10 +873,11 @@ fn serve(args: ServeArgs) -> ExitCode {
             },
         };
         let server = quire::server::Server::new(store.clone(), server_config);
+        store.started(&server);
         // The signal handlers and readiness (for /readyz) before the line that says the
         // server serves: the listener accepts from here on.
         let stop = shutdown_signal();
-        admin.serving(server.clone(), report.elapsed);
+        admin.serving(server.clone(), recovery);
         if let Ok(at) = listener.local_addr() {
             tracing::info!(listen = %at, "serving");
         }
@@ -750,7 +898,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     tracing::info!("shutting down: finishing queued commits");
     store.close();
-    let stats = store.wal().stats();
+    let stats = store.local().wal().stats();
     let (fsync, batch) = (stats.fsync_us(), stats.batch_records());
     tracing::info!(
         records = stats.records.load(std::sync::atomic::Ordering::Relaxed),
@@ -761,7 +909,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         fsync_p99_us = fsync.p99,
         "write-ahead log totals"
     );
-    match store.wal().failure() {
+    match store.local().wal().failure() {
         Some(reason) => {
             tracing::error!("the write-ahead log had failed: {reason}");
             ExitCode::FAILURE
