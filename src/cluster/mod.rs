@@ -49,7 +49,14 @@
 
 #![warn(missing_docs)]
 
+// The checks of etcd's semantics that both stores pass: for the unit tests and for
+// tests/cluster_etcd.rs (which needs the `cluster` feature anyway).
+#[cfg(any(test, feature = "cluster"))]
+#[doc(hidden)]
+pub mod conformance;
 pub mod entry;
+#[cfg(feature = "cluster")]
+pub mod etcd;
 pub mod hashing;
 pub mod mem_store;
 #[cfg(test)]

@@ -211,6 +211,31 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// The key that makes a txn branch one etcd refuses as "duplicate key given in txn
+/// request", if any: a key put twice, or put and deleted (by key or by a prefix). Deletes
+/// may overlap each other. This is etcd's `checkIntervals`, shared by
+/// [`MemStore`](super::mem_store::MemStore), which enforces it, and the etcd adapter,
+/// which names the key in the error (etcd's message does not).
+pub fn duplicate_key(ops: &[Op]) -> Option<&str> {
+    let mut puts = std::collections::BTreeSet::new();
+    for op in ops {
+        if let Op::Put { key, .. } = op {
+            if !puts.insert(key.as_str()) {
+                return Some(key);
+            }
+        }
+    }
+    ops.iter().find_map(|op| match op {
+        Op::Delete { key } => puts.get(key.as_str()).copied(),
+        Op::DeletePrefix { prefix } => puts
+            .range(prefix.as_str()..)
+            .next()
+            .copied()
+            .filter(|key| key.starts_with(prefix.as_str())),
+        Op::Put { .. } | Op::Get { .. } => None,
+    })
+}
+
 /// The coordination store: etcd v3's KV, Txn and Lease APIs as the cluster uses them
 /// (semantics in the module notes).
 pub trait Store {
