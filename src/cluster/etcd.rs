@@ -382,10 +382,23 @@ impl Store for EtcdStore {
         success: &[Op],
         failure: &[Op],
     ) -> Result<TxnResponse, StoreError> {
+        // etcd serves a txn without ops (compares only) from the answering member's own
+        // state, with no check that it is current (its `isTxnSerializable` holds for
+        // no ops), so a lagging follower could evaluate the compares on stale data. One
+        // linearizable read of nothing in each branch makes etcd confirm it is current
+        // first; its answer is dropped.
+        let pad = success.is_empty() && failure.is_empty();
+        let branch = |ops: &[Op]| {
+            let mut ops: Vec<TxnOp> = ops.iter().map(txn_op).collect();
+            if pad {
+                ops.push(TxnOp::get("\0", Some(GetOptions::new().with_count_only())));
+            }
+            ops
+        };
         let txn = Txn::new()
             .when(compares.iter().map(compare).collect::<Vec<_>>())
-            .and_then(success.iter().map(txn_op).collect::<Vec<_>>())
-            .or_else(failure.iter().map(txn_op).collect::<Vec<_>>());
+            .and_then(branch(success))
+            .or_else(branch(failure));
         self.call("txn", || {
             let txn = txn.clone();
             async move {
@@ -411,8 +424,11 @@ impl Store for EtcdStore {
                     }
                     Err(e) => return Err(failed("txn", e)),
                 };
-                let results = response
-                    .op_responses()
+                let mut responses = response.op_responses();
+                if pad {
+                    responses.clear();
+                }
+                let results = responses
                     .into_iter()
                     .map(|op| match op {
                         TxnOpResponse::Put(_) => Ok(OpResult::Put),

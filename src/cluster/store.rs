@@ -8,6 +8,10 @@
 //! documents it (`api` is etcd.io/docs/v3.5/learning/api, `guarantees` is
 //! etcd.io/docs/v3.5/learning/api_guarantees):
 //!
+//! - **Linearizability** (`guarantees`, "Linearizability"): every request sees every
+//!   change acknowledged before it was sent. etcd's default, except for a txn without
+//!   ops, which it answers from one member's own state (its `isTxnSerializable` holds
+//!   vacuously); the etcd adapter adds a read to such a txn to make it linearizable.
 //! - **Revisions** (`guarantees`, "Revision"): one counter for the whole store. Every
 //!   request that modifies the store gets the next revision, and a transaction gets one
 //!   revision however many keys it changes. A request that changes nothing (a read, a
