@@ -7,10 +7,12 @@
 //! that installs it.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a cluster (or a member coming back) may take to answer as healthy.
@@ -65,12 +67,19 @@ fn etcd_bin() -> PathBuf {
     default
 }
 
-/// A port nothing listens on now (the OS's choice for port 0). Another process could
-/// take it before etcd binds it; etcd would then fail to start, and the health wait
-/// would say so with etcd's log.
+/// A port nothing listens on now (the OS's choice for port 0), and not handed to any
+/// other member started by this process. Another process (or an outgoing connection's
+/// ephemeral port) could still take it before etcd binds it: etcd then exits at once,
+/// and [`EtcdCluster::start`] tries again on new ports.
 fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().unwrap().port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().unwrap().port();
+        if HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 fn tail(path: &Path) -> String {
@@ -82,6 +91,24 @@ fn tail(path: &Path) -> String {
 impl EtcdCluster {
     /// Starts three members and waits until they answer with a leader.
     pub fn start() -> Self {
+        const TRIES: usize = 3;
+        let mut failures = Vec::new();
+        for _ in 0..TRIES {
+            let mut cluster = Self::new();
+            for i in 0..3 {
+                cluster.spawn(i);
+            }
+            match cluster.healthy_within(HEALTHY_WITHIN) {
+                Ok(()) => return cluster,
+                // A port taken between its choice and etcd's bind: new ports, new dirs.
+                Err(e) if cluster.exited().is_some() => failures.push(e),
+                Err(e) => cluster.fail(&e),
+            }
+        }
+        panic!("etcd members exited at start {TRIES} times: {failures:#?}");
+    }
+
+    fn new() -> Self {
         let bin = etcd_bin();
         let dir = tempfile::Builder::new()
             .prefix("quire-etcd-")
@@ -108,18 +135,33 @@ impl EtcdCluster {
             .map(|m| format!("{}={}", m.name, m.peer_url()))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = EtcdCluster {
+        EtcdCluster {
             bin,
             initial_cluster,
             token,
             members,
             dir,
-        };
-        for i in 0..3 {
-            cluster.spawn(i);
         }
-        cluster.wait_healthy();
-        cluster
+    }
+
+    /// A member that should be running and has exited, with its log's tail.
+    fn exited(&mut self) -> Option<String> {
+        self.members.iter_mut().find_map(|m| {
+            let status = m.child.as_mut()?.try_wait().ok()??;
+            Some(format!("{} exited ({status}):\n{}", m.name, tail(&m.log)))
+        })
+    }
+
+    fn fail(&self, why: &str) -> ! {
+        let logs: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("--- {} ---\n{}", m.name, tail(&m.log)))
+            .collect();
+        panic!(
+            "the etcd cluster was not healthy within {HEALTHY_WITHIN:?} ({why}); its logs:\n{}",
+            logs.join("\n")
+        );
     }
 
     fn spawn(&mut self, i: usize) {
@@ -191,9 +233,15 @@ impl EtcdCluster {
 
     /// Waits until every running member answers and names the same leader, and a
     /// linearizable read through all of them succeeds (so a quorum commits).
-    pub fn wait_healthy(&self) {
+    pub fn wait_healthy(&mut self) {
+        if let Err(e) = self.healthy_within(HEALTHY_WITHIN) {
+            self.fail(&e);
+        }
+    }
+
+    fn healthy_within(&mut self, patience: Duration) -> Result<(), String> {
         let runtime = Self::runtime();
-        let deadline = Instant::now() + HEALTHY_WITHIN;
+        let deadline = Instant::now() + patience;
         loop {
             let healthy = runtime.block_on(async {
                 let mut leaders = Vec::new();
@@ -221,20 +269,14 @@ impl EtcdCluster {
                 Ok(())
             });
             let last = match healthy {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) => e,
             };
+            if let Some(exited) = self.exited() {
+                return Err(format!("{last}; {exited}"));
+            }
             if Instant::now() > deadline {
-                let logs: Vec<String> = self
-                    .members
-                    .iter()
-                    .map(|m| format!("--- {} ---\n{}", m.name, tail(&m.log)))
-                    .collect();
-                panic!(
-                    "the etcd cluster was not healthy within {HEALTHY_WITHIN:?} ({last}); \
-                     its logs:\n{}",
-                    logs.join("\n")
-                );
+                return Err(last);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
