@@ -305,3 +305,44 @@ fn commits_survive_one_etcd_member_down_and_fail_without_a_quorum() {
     let other_ops = a.load("other").unwrap().ops;
     assert!(other_ops.is_empty() || other_ops == [lone], "{other_ops:?}");
 }
+
+#[test]
+fn a_killed_leader_is_replaced_and_the_lease_and_commits_carry_on() {
+    let mut cluster = EtcdCluster::start();
+    let a = member(store(&cluster), "a", Duration::from_secs(60));
+    let epoch = owned(a.claim("d").unwrap());
+    let entries: Vec<JournalEntry> = (1..=4).map(entry).collect();
+    a.commit(&[write("d", epoch, &entries[0])]).unwrap();
+
+    let leader = cluster.leader();
+    cluster.kill(leader);
+    // Until the others elect a leader, requests fail (unknown outcomes: retried with the
+    // same entry, as the committer does); then they succeed.
+    let deadline = Instant::now() + PATIENCE;
+    let mut errors = Vec::new();
+    for e in &entries[1..] {
+        loop {
+            match a.commit(&[write("d", epoch, e)]) {
+                Ok(_) => break,
+                Err(CommitError::Cluster(ClusterError::Store(StoreError::Unavailable(m)))) => {
+                    errors.push(m)
+                }
+                Err(other) => panic!("commit of seq {}: {other:?}", e.seq),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new leader within {PATIENCE:?}: {errors:#?}"
+            );
+        }
+    }
+    // The lease survived the election (a new leader renews every lease), and so did the
+    // claim: the epoch still fences for a.
+    a.keep_alive().unwrap();
+    assert_eq!(a.claim("d").unwrap(), Claim::Owned(epoch));
+    assert_ne!(cluster.leader(), leader);
+
+    cluster.restart(leader);
+    cluster.wait_healthy();
+    let loaded = a.load("d").unwrap();
+    assert_eq!(loaded.ops, entries);
+}

@@ -82,10 +82,17 @@ fn free_port() -> u16 {
     }
 }
 
+/// The end of a member's log, with its size (so that an empty log shows as one).
 fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+    format!(
+        "({} bytes in {})\n{}",
+        bytes.len(),
+        path.display(),
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    )
 }
 
 impl EtcdCluster {
@@ -282,18 +289,21 @@ impl EtcdCluster {
         }
     }
 
-    /// The index of the member that is the leader now.
+    /// The index of the member that is the leader now, as the running members see it.
     pub fn leader(&self) -> usize {
         let runtime = Self::runtime();
         let mut ids = Vec::new();
-        for m in &self.members {
-            let status = runtime.block_on(Self::status(m.client_url()));
-            ids.push(status.expect("a member's status"));
+        for (i, m) in self.members.iter().enumerate() {
+            if m.child.is_some() {
+                let status = runtime.block_on(Self::status(m.client_url()));
+                ids.push((i, status.expect("a member's status")));
+            }
         }
-        let leader = ids[0].1;
+        let leader = ids[0].1 .1;
         ids.iter()
-            .position(|(id, _)| *id == leader)
-            .expect("the leader is a member")
+            .find(|(_, (id, _))| *id == leader)
+            .map(|(i, _)| *i)
+            .expect("the leader is a running member")
     }
 }
 
