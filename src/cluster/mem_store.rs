@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::store::{
-    Compare, KeyValue, LeaseId, Op, OpResult, Range, Revision, Store, StoreError, Target, TxnError,
-    TxnResponse, MAX_TXN_OPS,
+    duplicate_key, Compare, KeyValue, LeaseId, Op, OpResult, Range, Revision, Store, StoreError,
+    Target, TxnError, TxnResponse, MAX_TXN_OPS,
 };
 
 struct Lease {
@@ -134,37 +134,28 @@ impl State {
         }
     }
 
-    fn check_branch(&self, ops: &[Op]) -> Result<(), StoreError> {
+    /// What etcd checks before evaluating a txn (in its gRPC layer), for each branch.
+    fn check_branch(ops: &[Op]) -> Result<(), StoreError> {
         if ops.len() > MAX_TXN_OPS {
             return Err(StoreError::Txn(TxnError::TooManyOps(ops.len())));
         }
-        // As etcd's `checkIntervals`: no key put twice, and none put and deleted (by key
-        // or by a range) in one branch; deletes may overlap each other.
-        let mut puts = BTreeSet::new();
-        for op in ops {
-            if let Op::Put { key, lease, .. } = op {
-                if let Some(lease) = lease {
-                    if !self.leases.contains_key(lease) {
-                        return Err(StoreError::LeaseNotFound(*lease));
-                    }
-                }
-                if !puts.insert(key.as_str()) {
-                    return Err(StoreError::Txn(TxnError::DuplicateKey(key.clone())));
-                }
-            }
+        match duplicate_key(ops) {
+            Some(key) => Err(StoreError::Txn(TxnError::DuplicateKey(key.to_owned()))),
+            None => Ok(()),
         }
+    }
+
+    /// What etcd checks when it applies the branch taken: every lease a put binds to
+    /// exists.
+    fn check_leases(&self, ops: &[Op]) -> Result<(), StoreError> {
         for op in ops {
-            let deleted = match op {
-                Op::Delete { key } => puts.get(key.as_str()).copied(),
-                Op::DeletePrefix { prefix } => puts
-                    .range(prefix.as_str()..)
-                    .next()
-                    .copied()
-                    .filter(|key| key.starts_with(prefix.as_str())),
-                Op::Put { .. } | Op::Get { .. } => None,
-            };
-            if let Some(key) = deleted {
-                return Err(StoreError::Txn(TxnError::DuplicateKey(key.to_owned())));
+            if let Op::Put {
+                lease: Some(lease), ..
+            } = op
+            {
+                if !self.leases.contains_key(lease) {
+                    return Err(StoreError::LeaseNotFound(*lease));
+                }
             }
         }
         Ok(())
@@ -330,14 +321,11 @@ impl Store for MemStore {
         // etcd checks both branches before evaluating (a malformed txn fails whatever
         // the compares say); a lease is checked in the branch taken, when it is applied.
         for branch in [success, failure] {
-            match state.check_branch(branch) {
-                Err(StoreError::LeaseNotFound(_)) | Ok(()) => {}
-                Err(e) => return Err(e),
-            }
+            State::check_branch(branch)?;
         }
         let succeeded = compares.iter().all(|c| state.compare_holds(c));
         let branch = if succeeded { success } else { failure };
-        state.check_branch(branch)?;
+        state.check_leases(branch)?;
         let results = state.apply(branch);
         if fault == Some(Fault::ResponseLost) {
             return Err(StoreError::Unavailable(

@@ -7,6 +7,9 @@
 //! leases, one-revision txns), each semantic cited from etcd's documentation;
 //! [`mem_store`]: a deterministic in-memory implementation with its own clock, which
 //! can also make a txn's outcome unknown (applied with its answer lost, or not);
+//! `etcd` (feature `cluster`): the adapter to a real etcd cluster, with `etcd-client`;
+//! `conformance`: the semantics as checks that both stores pass (tests/cluster_etcd.rs
+//! runs them on a real 3-member etcd);
 //! [`hashing`]: rendezvous hashing for a document's preferred owner; [`entry`]: a
 //! journal entry's checksummed encoding; [`ownership`]: membership, claims, the
 //! replicated journal (one txn per group commit), snapshots, truncation, release;
@@ -17,11 +20,9 @@
 //! crashes, failovers, handoffs and unknown outcomes, checking after every step that no
 //! acknowledged op is lost or applied twice.
 //!
-//! **What comes later.** An etcd adapter implementing [`store::Store`] with the
-//! `etcd-client` crate (a thin translation: the trait is shaped after etcd's own
-//! requests); a `ClusterSequencer` implementing [`crate::sequencer::Sequencer`], which
-//! claims a document on its first `Open`, loads it from the store, sequences ops as the
-//! local sequencer does, and acknowledges an op only once its group commit's txn
+//! **What comes later.** A `ClusterSequencer` implementing
+//! [`crate::sequencer::Sequencer`], which claims a document on its first `Open`, loads it
+//! from the store, sequences ops as the local sequencer does, and acknowledges an op only once its group commit's txn
 //! ([`ownership::Member::commit`]) succeeded and the local log has it (the local log
 //! is a cache there: a node that regains a document rebuilds it from etcd); the
 //! protocol's `Redirect { doc, addr }` for an `Open` at a node that does not own the
@@ -52,7 +53,14 @@
 
 #![warn(missing_docs)]
 
+// The checks of etcd's semantics that both stores pass: for the unit tests and for
+// tests/cluster_etcd.rs (which needs the `cluster` feature anyway).
+#[cfg(any(test, feature = "cluster"))]
+#[doc(hidden)]
+pub mod conformance;
 pub mod entry;
+#[cfg(feature = "cluster")]
+pub mod etcd;
 pub mod hashing;
 pub mod mem_store;
 #[cfg(test)]

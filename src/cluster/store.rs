@@ -8,6 +8,10 @@
 //! documents it (`api` is etcd.io/docs/v3.5/learning/api, `guarantees` is
 //! etcd.io/docs/v3.5/learning/api_guarantees):
 //!
+//! - **Linearizability** (`guarantees`, "Linearizability"): every request sees every
+//!   change acknowledged before it was sent. etcd's default, except for a txn without
+//!   ops, which it answers from one member's own state (its `isTxnSerializable` holds
+//!   vacuously); the etcd adapter adds a read to such a txn to make it linearizable.
 //! - **Revisions** (`guarantees`, "Revision"): one counter for the whole store. Every
 //!   request that modifies the store gets the next revision, and a transaction gets one
 //!   revision however many keys it changes. A request that changes nothing (a read, a
@@ -210,6 +214,31 @@ impl fmt::Display for StoreError {
 }
 
 impl std::error::Error for StoreError {}
+
+/// The key that makes a txn branch one etcd refuses as "duplicate key given in txn
+/// request", if any: a key put twice, or put and deleted (by key or by a prefix). Deletes
+/// may overlap each other. This is etcd's `checkIntervals`, shared by
+/// [`MemStore`](super::mem_store::MemStore), which enforces it, and the etcd adapter,
+/// which names the key in the error (etcd's message does not).
+pub fn duplicate_key(ops: &[Op]) -> Option<&str> {
+    let mut puts = std::collections::BTreeSet::new();
+    for op in ops {
+        if let Op::Put { key, .. } = op {
+            if !puts.insert(key.as_str()) {
+                return Some(key);
+            }
+        }
+    }
+    ops.iter().find_map(|op| match op {
+        Op::Delete { key } => puts.get(key.as_str()).copied(),
+        Op::DeletePrefix { prefix } => puts
+            .range(prefix.as_str()..)
+            .next()
+            .copied()
+            .filter(|key| key.starts_with(prefix.as_str())),
+        Op::Put { .. } | Op::Get { .. } => None,
+    })
+}
 
 /// The coordination store: etcd v3's KV, Txn and Lease APIs as the cluster uses them
 /// (semantics in the module notes).
