@@ -15,6 +15,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_cluster::EtcdCluster;
@@ -97,18 +98,38 @@ async fn edit_tokens(doc: &DocHandle, who: &str, n: usize) {
         })
         .await
         .unwrap();
+        EDITS_MADE.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_owner_and_its_disk_loses_no_acknowledged_edit() {
+/// Edits made so far by every writer (for when the kill comes).
+static EDITS_MADE: AtomicUsize = AtomicUsize::new(0);
+
+#[test]
+fn killing_the_owner_and_its_disk_loses_no_acknowledged_edit() {
+    // etcd and the nodes are started outside the clients' runtime (the harness blocks on
+    // a runtime of its own).
     let etcd = EtcdCluster::start();
     let root = tempfile::tempdir().unwrap();
     let mut nodes: Vec<Node> = ["n0", "n1", "n2"]
         .iter()
         .map(|id| start_node(&etcd, id, root.path()))
         .collect();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(edit_kill_and_check(&mut nodes, etcd.endpoints()));
+    for node in &mut nodes {
+        let _ = node.child.kill();
+        let _ = node.child.wait();
+    }
+    drop(etcd);
+}
+
+async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
     // n2 claims the busy documents: a client at home there opens them first.
     let busy: Vec<String> = (0..3).map(|i| format!("busy-{i}")).collect();
     {
@@ -130,10 +151,22 @@ async fn killing_the_owner_and_its_disk_loses_no_acknowledged_edit() {
     let mut docs: Vec<(String, Vec<DocHandle>, Vec<String>)> = Vec::new();
     for doc in &busy {
         let (ha, hb) = (a.open(doc).await.unwrap(), b.open(doc).await.unwrap());
-        docs.push((doc.clone(), vec![ha, hb], vec![format!("a{doc}"), format!("b{doc}")]));
+        docs.push((
+            doc.clone(),
+            vec![ha, hb],
+            vec![format!("a{doc}"), format!("b{doc}")],
+        ));
     }
-    docs.push(("own-a".into(), vec![a.open("own-a").await.unwrap()], vec!["a".into()]));
-    docs.push(("own-b".into(), vec![b.open("own-b").await.unwrap()], vec!["b".into()]));
+    docs.push((
+        "own-a".into(),
+        vec![a.open("own-a").await.unwrap()],
+        vec!["a".into()],
+    ));
+    docs.push((
+        "own-b".into(),
+        vec![b.open("own-b").await.unwrap()],
+        vec!["b".into()],
+    ));
 
     const EDITS: usize = 40;
     let editing = async {
@@ -145,14 +178,24 @@ async fn killing_the_owner_and_its_disk_loses_no_acknowledged_edit() {
         }
         futures_util::future::join_all(all).await;
     };
+    let writers: usize = docs.iter().map(|(_, h, _)| h.len()).sum();
+    let busy_handles: Vec<&DocHandle> = docs[..busy.len()].iter().flat_map(|(_, h, _)| h).collect();
     let killing = async {
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Once the busy documents have some acknowledged history on n2.
+        while busy_handles.iter().any(|h| h.version() < 10) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let n2 = &mut nodes[2];
         n2.child.kill().unwrap();
         n2.child.wait().unwrap();
         std::fs::remove_dir_all(&n2.dir).unwrap();
+        EDITS_MADE.load(Ordering::SeqCst)
     };
-    tokio::join!(editing, killing);
+    let ((), made_before_kill) = tokio::join!(editing, killing);
+    assert!(
+        made_before_kill < writers * EDITS,
+        "the kill came while the clients were editing ({made_before_kill} edits made)"
+    );
 
     // Every edit acknowledged (the clients keep them until then), and the two clients
     // agree on every document.
@@ -181,6 +224,30 @@ async fn killing_the_owner_and_its_disk_loses_no_acknowledged_edit() {
             }
         }
     }
+    // The busy documents are owned by a surviving node now. (The etcd adapter blocks:
+    // asked from a thread of its own.)
+    let docs_owned = busy.clone();
+    let owners = std::thread::spawn(move || {
+        use quire::cluster::etcd::{EtcdConfig, EtcdStore};
+        use quire::cluster::store::Store;
+        let store = EtcdStore::connect(EtcdConfig::new(etcd_endpoints)).unwrap();
+        docs_owned
+            .iter()
+            .map(|doc| {
+                let key = quire::cluster::ownership::Keys::new("/quire").owner(doc);
+                let kv = store.get(&key).unwrap();
+                kv.map(|kv| String::from_utf8(kv.value).unwrap())
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    for (doc, owner) in busy.iter().zip(owners) {
+        assert!(
+            matches!(owner.as_deref(), Some("n0" | "n1")),
+            "{doc} failed over: its owner is {owner:?}"
+        );
+    }
     // A new client reads the busy documents from a surviving node: what etcd has.
     let c = Client::connect(config(nodes[0].addr, 4)).await.unwrap();
     c.wait_connected().await.unwrap();
@@ -193,14 +260,14 @@ async fn killing_the_owner_and_its_disk_loses_no_acknowledged_edit() {
         })
         .await
         .unwrap_or_else(|_| panic!("{name}: a fresh reader catches up"));
-        assert_eq!(fresh.text(), handles[0].text(), "{name} as a new reader sees it");
+        assert_eq!(
+            fresh.text(),
+            handles[0].text(),
+            "{name} as a new reader sees it"
+        );
     }
     c.shutdown().await;
     drop(docs);
     a.shutdown().await;
     b.shutdown().await;
-    for node in &mut nodes[..2] {
-        let _ = node.child.kill();
-        let _ = node.child.wait();
-    }
 }

@@ -20,14 +20,15 @@
 //! crashes, failovers, handoffs and unknown outcomes, checking after every step that no
 //! acknowledged op is lost or applied twice.
 //!
-//! **What comes later.** A `ClusterSequencer` implementing
-//! [`crate::sequencer::Sequencer`], which claims a document on its first `Open`, loads it
-//! from the store, sequences ops as the local sequencer does, and acknowledges an op only once its group commit's txn
-//! ([`ownership::Member::commit`]) succeeded and the local log has it (the local log
-//! is a cache there: a node that regains a document rebuilds it from etcd); the
-//! protocol's `Redirect { doc, addr }` for an `Open` at a node that does not own the
-//! document ([`ownership::Claim::OwnedBy`] names the owner's address); and the drain
-//! on SIGTERM (commit, [`ownership::Member::release`], redirect).
+//! **Where it is used.** `sequencer::cluster::ClusterSequencer` implements
+//! [`crate::sequencer::Sequencer`] on these: it claims a document at its first `Open`,
+//! loads it from the store into the local sequencer (whose log is a cache), sequences
+//! ops as the local sequencer does, and acknowledges an op only once the replicator
+//! says its journal txn committed and the local log has it; an `Open` at a node that
+//! does not own the document gets the protocol's `Redirect` to the owner's address.
+//! **What comes later:** the drain on SIGTERM (commit, [`ownership::Member::release`],
+//! redirect to the preferred owner), proactive claims by rendezvous hashing, and
+//! snapshots with truncation of the journal by policy.
 //!
 //! **Why epochs.** A lease expiring does not stop the process that held it: a node
 //! paused (by SIGSTOP, a long GC-like stall, a partition from etcd) wakes up believing
