@@ -727,7 +727,7 @@ fn serve_cluster(
     }
     let config = quire::sequencer::cluster::NodeConfig {
         data_dir: args.data_dir.clone(),
-        local,
+        local: local.clone(),
         prefix: cluster.etcd_prefix.trim_end_matches('/').to_owned(),
         node_id,
         advertise: quire::sequencer::Owner {
@@ -735,6 +735,7 @@ fn serve_cluster(
             ws_url: Arc::from(cluster.advertise_ws.clone().unwrap_or_default().as_str()),
         },
         ttl: Duration::from_secs(cluster.lease_ttl_secs),
+        snapshot_every_ops: local.snapshot_every_ops,
     };
     let endpoints = cluster.etcd.clone();
     serve_on(args, server_config, move || {

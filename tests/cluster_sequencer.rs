@@ -20,6 +20,9 @@ use quire::sequencer::{fingerprint, Owner, Route, Sequencer, SubmitError, Submit
 /// during a test: the test renews by hand and moves the store's clock itself.
 const TTL: Duration = Duration::from_secs(600);
 
+/// Ops per cluster snapshot (written when the test says).
+const SNAPSHOT_EVERY: u64 = 5;
+
 /// A clock the test moves (a node's own clock, apart from the store's).
 #[derive(Default)]
 struct TestClock(AtomicU64);
@@ -68,7 +71,7 @@ fn node(store: &Arc<MemStore>, name: &str) -> Node {
         ws_url: Arc::from(""),
     };
     Node {
-        seq: ClusterSequencer::new(local, replicator, rx, here, false),
+        seq: ClusterSequencer::new(local, replicator, rx, here, SNAPSHOT_EVERY, false),
         clock,
         addr,
         _dir: dir,
@@ -200,4 +203,53 @@ async fn client_ids_are_unique_across_nodes() {
         assert!(ids.insert(b.seq.assign_client_id().unwrap()));
     }
     assert!(ids.iter().all(|id| *id >= 1 << 63));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_bound_the_journal_and_a_new_owner_keeps_history_and_dedupe() {
+    use quire::cluster::store::Store;
+    let store = Arc::new(MemStore::new());
+    let (a, b) = (node(&store, "a"), node(&store, "b"));
+    assert_eq!(route(&a, "d"), Route::Here);
+    const OPS: u64 = 23;
+    for i in 1..=OPS {
+        let Submitted::Applied { ticket, .. } = a
+            .seq
+            .submit("d", op(1, i, i - 1, &format!("<{i}>")))
+            .unwrap()
+        else {
+            panic!("op {i}");
+        };
+        a.seq.wait_durable(ticket).await.unwrap();
+        a.seq.write_snapshots();
+    }
+    let keys = Keys::new("/quire");
+    let count = |prefix: String| store.get_prefix(&prefix, None, 1000).unwrap().kvs.len() as u64;
+    let (journal, snapshots) = (count(keys.journal("d")), count(keys.snapshots("d")));
+    assert_eq!(snapshots, 2, "the newest snapshot and the one before it");
+    assert!(
+        journal <= 2 * SNAPSHOT_EVERY,
+        "{journal} journal entries: truncated through the previous snapshot"
+    );
+    let at_a = a.seq.read("d").await.unwrap().unwrap();
+    // Failover to b.
+    store.advance(TTL / 2);
+    b.seq.replicator().renew();
+    store.advance(TTL / 2);
+    a.clock.advance(TTL);
+    assert_eq!(route(&b, "d"), Route::Here);
+    assert_eq!(b.seq.read("d").await.unwrap().unwrap(), at_a);
+    // An op long covered by a snapshot (and gone from the journal) is still known.
+    match b.seq.submit("d", op(1, 2, 1, "<2>")).unwrap() {
+        Submitted::Duplicate { seq, .. } => assert_eq!(seq, 2),
+        other => panic!("{other:?}"),
+    }
+    // b has at least a snapshot interval of history to transform late ops over.
+    let history = b
+        .seq
+        .ops_after("d", OPS - SNAPSHOT_EVERY, 100)
+        .unwrap()
+        .expect("the ops since the older snapshot are kept");
+    assert_eq!(history.len() as u64, SNAPSHOT_EVERY);
+    assert_eq!(history.last().unwrap().seq, OPS);
 }

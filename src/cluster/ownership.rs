@@ -546,7 +546,8 @@ impl<S: Store> Member<S> {
     }
 
     /// Stores a snapshot of `doc` as of `seq` if this node still owns it in `epoch`, and
-    /// deletes the older snapshots (and the pieces of any cut short). The journal keys it
+    /// deletes the older snapshots but the newest of them (and the pieces of any cut
+    /// short). The journal keys it
     /// covers may be deleted after this succeeded ([`Member::truncate`]), never before.
     /// The bytes are the sequencer's (text, seq, dedupe table), of any length up to
     /// [`MAX_SNAPSHOT_BYTES`]: written in pieces of [`SNAPSHOT_CHUNK_BYTES`], one txn
@@ -586,16 +587,19 @@ impl<S: Store> Member<S> {
             chunks: chunks.len() as u32,
             crc: crc32c::crc32c(bytes),
         };
-        // Older manifests and every piece not of this snapshot (older ones, and those of
-        // a write cut short) go in the same txn as the manifest.
-        let mut ops: Vec<Op> = self
-            .snapshot_keys(doc)?
+        // The newest older snapshot is kept (a new owner loads from it while the journal
+        // still continues from it, for the history a late op is transformed over); the
+        // manifests before it and every piece of neither (older ones, and those of a
+        // write cut short) go in the same txn as the manifest.
+        let mut older = self.snapshot_keys(doc)?;
+        older.retain(|(s, _)| *s < seq);
+        let kept = older.pop().map(|(s, _)| s);
+        let mut ops: Vec<Op> = older
             .into_iter()
-            .filter(|(s, _)| *s < seq)
             .map(|(_, key)| Op::Delete { key })
             .collect();
         for other in self.chunk_seqs(doc)? {
-            if other != seq {
+            if other != seq && Some(other) != kept {
                 ops.push(Op::DeletePrefix {
                     prefix: self.keys.snapshot_chunks(doc, other),
                 });
@@ -717,17 +721,67 @@ impl<S: Store> Member<S> {
             .collect()
     }
 
-    /// `doc` as the store holds it: its newest snapshot and the journal after it. Call
-    /// it after claiming the document: then nobody else writes it meanwhile, so the
-    /// pages read one after another see one journal.
+    /// `doc` as the store holds it: the oldest of its snapshots that the journal continues
+    /// from (or none, if the journal runs from seq 1), and the journal after it; so that a
+    /// new owner has as much history as the store keeps. Call it after claiming the
+    /// document: then nobody else writes it meanwhile, so the pages read one after
+    /// another see one journal.
     pub fn load(&self, doc: &str) -> Result<Loaded, ClusterError> {
+        let snapshots = self.snapshot_keys(doc)?;
+        let journal = self.journal_entries(doc)?;
+        let head = journal
+            .last()
+            .map(|e| e.seq)
+            .max(snapshots.last().map(|(s, _)| *s))
+            .unwrap_or(0);
+        // The journal from `base + 1` on runs without a gap to the head.
+        let continues_from = |base: u64| {
+            let mut next = base + 1;
+            for entry in journal.iter().filter(|e| e.seq > base) {
+                if entry.seq != next {
+                    return false;
+                }
+                next += 1;
+            }
+            next == head + 1
+        };
+        let base = std::iter::once((0, None))
+            .chain(snapshots.iter().map(|(s, key)| (*s, Some(key))))
+            .find(|(s, _)| continues_from(*s))
+            .ok_or_else(|| {
+                ClusterError::Corrupt(format!(
+                    "the journal of {doc:?} jumps: it continues from none of its snapshots \
+                     (at {:?}; journal seqs {:?}..={:?})",
+                    snapshots.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+                    journal.first().map(|e| e.seq),
+                    journal.last().map(|e| e.seq),
+                ))
+            })?;
         let mut loaded = Loaded::default();
-        if let Some((seq, key)) = self.snapshot_keys(doc)?.pop() {
-            let kv = self.store.get(&key).map_err(ClusterError::Store)?;
+        if let (seq, Some(key)) = base {
+            let kv = self.store.get(key).map_err(ClusterError::Store)?;
             let kv = kv.ok_or_else(|| ClusterError::Corrupt(format!("snapshot {key} vanished")))?;
             loaded.snapshot = Some((seq, self.read_snapshot(doc, seq, &kv.value)?));
         }
+        for entry in journal.into_iter().filter(|e| e.seq > base.0) {
+            let previous = loaded
+                .applied
+                .insert(entry.op_id, (entry.seq, entry.fingerprint));
+            if let Some((seq, _)) = previous {
+                return Err(ClusterError::Corrupt(format!(
+                    "op {} is in the journal of {doc:?} twice (seqs {seq} and {})",
+                    entry.op_id, entry.seq
+                )));
+            }
+            loaded.ops.push(entry);
+        }
+        Ok(loaded)
+    }
+
+    /// Every journal entry of `doc`, in seq order, each checked against its key.
+    fn journal_entries(&self, doc: &str) -> Result<Vec<JournalEntry>, ClusterError> {
         let prefix = self.keys.journal(doc);
+        let mut entries = Vec::new();
         let mut from: Option<String> = None;
         loop {
             let page = self
@@ -743,31 +797,11 @@ impl<S: Store> Member<S> {
                         kv.key, entry.seq
                     )));
                 }
-                if entry.seq <= loaded.version() {
-                    // Left by a truncation that stopped before reaching it.
-                    continue;
-                }
-                if entry.seq != loaded.version() + 1 {
-                    return Err(ClusterError::Corrupt(format!(
-                        "the journal of {doc:?} jumps from seq {} to {}",
-                        loaded.version(),
-                        entry.seq
-                    )));
-                }
-                let previous = loaded
-                    .applied
-                    .insert(entry.op_id, (entry.seq, entry.fingerprint));
-                if let Some((seq, _)) = previous {
-                    return Err(ClusterError::Corrupt(format!(
-                        "op {} is in the journal of {doc:?} twice (seqs {seq} and {})",
-                        entry.op_id, entry.seq
-                    )));
-                }
-                loaded.ops.push(entry);
+                entries.push(entry);
             }
             match (page.more, page.kvs.last()) {
                 (true, Some(last)) => from = Some(format!("{}\0", last.key)),
-                _ => return Ok(loaded),
+                _ => return Ok(entries),
             }
         }
     }
@@ -1053,18 +1087,38 @@ mod tests {
         ));
         a.write_snapshot("d", epoch, 2, b"at 2").unwrap();
         a.write_snapshot("d", epoch, 3, b"at 3").unwrap();
-        // Before truncation: the journal's ops at or below the snapshot are skipped.
+        // Before truncation the journal runs from seq 1: all of it, no snapshot.
+        let whole = a.load("d").unwrap();
+        assert_eq!(whole.snapshot, None);
+        assert_eq!(whole.ops, entries);
+        // Truncated through 2: from the snapshot at 2, the oldest it continues from.
+        assert_eq!(a.truncate("d", epoch, 2).unwrap(), 2);
+        let from_2 = a.load("d").unwrap();
+        assert_eq!(from_2.snapshot, Some((2, b"at 2".to_vec())));
+        assert_eq!(from_2.ops, entries[2..].to_vec());
+        assert_eq!(from_2.version(), 5);
+        // Through 3: from the snapshot at 3.
+        assert_eq!(a.truncate("d", epoch, 3).unwrap(), 1);
         let loaded = a.load("d").unwrap();
         assert_eq!(loaded.snapshot, Some((3, b"at 3".to_vec())));
         assert_eq!(loaded.ops, entries[3..].to_vec());
-        assert_eq!(loaded.version(), 5);
-        assert_eq!(a.truncate("d", epoch, 3).unwrap(), 3);
-        assert_eq!(a.load("d").unwrap(), loaded);
-        // The older snapshot was deleted with the newer one's write.
+        // A third snapshot deletes the first, keeping the one before it.
+        a.write_snapshot("d", epoch, 4, b"at 4").unwrap();
         let snaps = store
             .get_prefix(&Keys::new("/q").snapshots("d"), None, 10)
             .unwrap();
-        assert_eq!(snaps.kvs.len(), 1);
+        assert_eq!(
+            snaps
+                .kvs
+                .iter()
+                .map(|kv| kv.key.clone())
+                .collect::<Vec<_>>(),
+            vec![
+                Keys::new("/q").snapshot("d", 3),
+                Keys::new("/q").snapshot("d", 4)
+            ]
+        );
+        assert_eq!(a.load("d").unwrap(), loaded, "the journal continues from 3");
         // A node that lost the document can neither snapshot nor truncate it.
         assert!(a.release("d", epoch).unwrap());
         owned(b.claim("d").unwrap());
@@ -1128,8 +1182,11 @@ mod tests {
         assert_eq!(a.load("d").unwrap().snapshot, Some((4, b"at 4".to_vec())));
         assert_eq!(
             chunk_keys(&store, "d"),
-            vec![Keys::new("/q").chunk("d", 4, 0)],
-            "the older snapshot's piece and the cut-short one are gone"
+            vec![
+                Keys::new("/q").chunk("d", 2, 0),
+                Keys::new("/q").chunk("d", 4, 0)
+            ],
+            "the cut-short snapshot's piece is gone; the previous snapshot's is kept"
         );
     }
 

@@ -56,6 +56,13 @@ struct Serving {
     /// The replicator's id of the newest op sequenced in this tenure (`None`: none yet;
     /// what was loaded is in the store already).
     last_op: Option<u64>,
+    /// Ops sequenced since the newest snapshot written in this tenure (or the load).
+    since_snapshot: u64,
+    /// A snapshot is queued for the background thread.
+    snapshot_queued: bool,
+    /// The seq of the newest snapshot in the store as this tenure knows it: the journal
+    /// is truncated through it once a newer one is written.
+    last_snapshot: Option<u64>,
 }
 
 type Tenancy = Arc<Mutex<Option<Serving>>>;
@@ -83,6 +90,11 @@ struct Inner<S: Store + Send + Sync + 'static> {
     next_client: AtomicU64,
     /// Documents that moved, for the server (`ClusterSequencer::moved`).
     moved: tokio::sync::mpsc::UnboundedSender<Moved>,
+    /// A document is snapshotted to the store after this many ops in a tenure, and its
+    /// journal truncated through its previous snapshot.
+    snapshot_every_ops: u64,
+    /// Documents to snapshot, for the background thread.
+    snapshots: Mutex<std::collections::VecDeque<Arc<str>>>,
 }
 
 /// The sequencer of cluster mode (module notes).
@@ -121,8 +133,10 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
         replicator: Replicator<S>,
         losses: mpsc::Receiver<Loss>,
         here: Owner,
+        snapshot_every_ops: u64,
         handle_losses: bool,
     ) -> Self {
+        assert!(snapshot_every_ops > 0);
         let first_client = first_client_id(replicator.member().registered_at());
         let (moved_tx, moved_rx) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -134,6 +148,8 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             next_ticket: AtomicU64::new(1),
             next_client: AtomicU64::new(first_client),
             moved: moved_tx,
+            snapshot_every_ops,
+            snapshots: Mutex::new(std::collections::VecDeque::new()),
         });
         let losses = if handle_losses {
             let weak = Arc::downgrade(&inner);
@@ -158,7 +174,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
         lock(&self.moved).take()
     }
 
-    /// Handles the losses reported so far (without a loss thread): the count.
+    /// Handles the losses reported so far (without a background thread): the count.
     pub fn handle_losses(&self) -> usize {
         let Some(losses) = &self.losses else {
             return 0;
@@ -169,6 +185,11 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             self.inner.handle(loss);
         }
         count
+    }
+
+    /// Writes the snapshots queued so far (without a background thread): the count.
+    pub fn write_snapshots(&self) -> usize {
+        self.inner.write_snapshots()
     }
 
     /// The local sequencer (the cache).
@@ -204,6 +225,7 @@ fn loss_loop<S: Store + Send + Sync + 'static>(
         if let Some(loss) = loss {
             inner.handle(loss);
         }
+        inner.write_snapshots();
     }
 }
 
@@ -249,16 +271,27 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             .map_err(|e| unavailable(&e))?;
         let loaded = member.load(doc_id).map_err(|e| unavailable(&e))?;
         let (snapshot, ops) = decode_loaded(doc_id, loaded).map_err(|e| unavailable(&e))?;
+        let snapshot_seq = snapshot.as_ref().map(|s| s.last_included_seq);
         self.local
             .install(doc_id, snapshot, &ops)
             .map_err(|e| unavailable(&e))?;
         self.replicator
             .serving(tenure)
             .map_err(|e| unavailable(&e))?;
+        tracing::info!(
+            doc = doc_id,
+            epoch = epoch.0,
+            snapshot = ?snapshot_seq,
+            ops = ops.len(),
+            "document claimed and loaded"
+        );
         *serving = Some(Serving {
             epoch,
             tenure,
             last_op: None,
+            since_snapshot: ops.len() as u64,
+            snapshot_queued: false,
+            last_snapshot: snapshot_seq,
         });
         Ok(Route::Here)
     }
@@ -306,6 +339,69 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             journal: serving.last_op,
             tenure: serving.tenure,
         })
+    }
+
+    /// Writes the queued snapshots: the count written.
+    fn write_snapshots(&self) -> usize {
+        let mut written = 0;
+        loop {
+            let Some(doc) = lock(&self.snapshots).pop_front() else {
+                return written;
+            };
+            match self.snapshot(&doc) {
+                Ok(true) => written += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(doc = &*doc, "snapshot to the store: {e}"),
+            }
+        }
+    }
+
+    /// Writes `doc`'s state to the store as a snapshot, then truncates its journal
+    /// through the previous snapshot (kept: a new owner loads from it while the journal
+    /// continues from it). The state may hold ops whose journal write is still under way:
+    /// the snapshot is fenced by the same epoch, so it lands only while this node owns
+    /// the document, and a new owner that loads it has those ops, as if their journal
+    /// writes had landed (their clients' resends are answered from its dedupe table).
+    fn snapshot(&self, doc: &str) -> Result<bool, String> {
+        let Some(tenancy) = self.tenancy(doc) else {
+            return Ok(false);
+        };
+        let (epoch, snapshot, previous) = {
+            let mut serving = lock(&tenancy);
+            let Some(s) = serving.as_mut() else {
+                return Ok(false);
+            };
+            s.snapshot_queued = false;
+            if self.replicator.serving(s.tenure).is_err() {
+                return Ok(false);
+            }
+            let Some(snapshot) = self.local.snapshot_of(doc).map_err(|e| e.to_string())? else {
+                return Ok(false);
+            };
+            s.since_snapshot = 0;
+            (s.epoch, snapshot, s.last_snapshot)
+        };
+        let seq = snapshot.last_included_seq;
+        let member = self.replicator.member();
+        member
+            .write_snapshot(doc, epoch, seq, &snapshot.encode())
+            .map_err(|e| format!("{e:?}"))?;
+        if let Some(previous) = previous {
+            loop {
+                let deleted = member
+                    .truncate(doc, epoch, previous)
+                    .map_err(|e| format!("{e:?}"))?;
+                if deleted < crate::cluster::store::MAX_TXN_OPS as u64 {
+                    break;
+                }
+            }
+        }
+        if let Some(s) = lock(&tenancy).as_mut() {
+            if s.epoch == epoch {
+                s.last_snapshot = Some(seq);
+            }
+        }
+        Ok(true)
     }
 
     fn handle(&self, loss: Loss) {
@@ -384,6 +480,9 @@ pub struct NodeConfig {
     pub advertise: Owner,
     /// The lease's TTL.
     pub ttl: Duration,
+    /// A document is snapshotted to the store after this many ops, and its journal
+    /// truncated through its previous snapshot.
+    pub snapshot_every_ops: u64,
 }
 
 impl<S: Store + Clone + Send + Sync + 'static> ClusterSequencer<S> {
@@ -440,6 +539,7 @@ impl<S: Store + Clone + Send + Sync + 'static> ClusterSequencer<S> {
             replicator,
             rx,
             config.advertise,
+            config.snapshot_every_ops,
             true,
         ))
     }
@@ -583,6 +683,11 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
                     .submit(Arc::from(doc_id), s.tenure, s.epoch, entry)
                     .map_err(|e| moved_error(e, &inner.here))?;
                 s.last_op = Some(id);
+                s.since_snapshot += 1;
+                if s.since_snapshot >= inner.snapshot_every_ops && !s.snapshot_queued {
+                    s.snapshot_queued = true;
+                    lock(&inner.snapshots).push_back(Arc::from(doc_id));
+                }
                 let ticket = inner.ticket(Pending {
                     local: ticket,
                     journal: Some(id),

@@ -632,6 +632,24 @@ impl LocalSequencer {
         Ok(lsn)
     }
 
+    /// `doc_id` as a snapshot holds it now (cluster mode writes it to the store): its
+    /// text (built first if deferred: a blocking read of the log), version and dedupe
+    /// table. `None`: no such document.
+    pub fn snapshot_of(&self, doc_id: &str) -> Result<Option<Snapshot>, Arc<str>> {
+        let Some(doc) = self.doc(doc_id) else {
+            return Ok(None);
+        };
+        let mut state = lock_doc(&doc);
+        let text = state.text(doc_id, &self.shared.wal)?.to_string();
+        Ok(Some(Snapshot {
+            doc_id: doc_id.to_owned(),
+            last_included_seq: state.version,
+            created_ms: now_ms(),
+            text,
+            dedupe: state.dedupe_entries(),
+        }))
+    }
+
     /// Forgets `doc_id` (cluster mode: this node lost it): a tombstone, its snapshot
     /// files removed, its id free for [`LocalSequencer::install`]. Blocking: it waits
     /// for the tombstone to be durable.
