@@ -660,6 +660,11 @@ trait Served: quire::sequencer::Sequencer + Sized {
     fn started(&self, server: &Arc<quire::server::Server<Self>>) {
         let _ = server;
     }
+    /// Called at SIGTERM, before the server stops (cluster mode: documents handed to
+    /// other nodes, their clients redirected). Blocking. The documents handed over.
+    fn drain(&self) -> usize {
+        0
+    }
     fn close(&self);
 }
 
@@ -703,6 +708,14 @@ impl Served for EtcdSequencer {
                 server.redirect_document(&doc, owner);
             }
         });
+    }
+    fn drain(&self) -> usize {
+        let handed = quire::sequencer::cluster::ClusterSequencer::drain(self);
+        tracing::info!(
+            documents = handed,
+            "drained: documents handed to other nodes"
+        );
+        handed
     }
     fn close(&self) {
         quire::sequencer::cluster::ClusterSequencer::close(self);
@@ -877,7 +890,16 @@ fn serve_on<S: Served>(
         store.started(&server);
         // The signal handlers and readiness (for /readyz) before the line that says the
         // server serves: the listener accepts from here on.
-        let stop = shutdown_signal();
+        let signal = shutdown_signal();
+        let draining = store.clone();
+        let stop = async move {
+            signal.await;
+            // The drain's redirects go out through the sessions before they close.
+            let handed = tokio::task::spawn_blocking(move || draining.drain()).await;
+            if handed.is_ok_and(|n| n > 0) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
         admin.serving(server.clone(), recovery);
         if let Ok(at) = listener.local_addr() {
             tracing::info!(listen = %at, "serving");

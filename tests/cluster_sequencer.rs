@@ -253,3 +253,46 @@ async fn snapshots_bound_the_journal_and_a_new_owner_keeps_history_and_dedupe() 
     assert_eq!(history.len() as u64, SNAPSHOT_EVERY);
     assert_eq!(history.last().unwrap().seq, OPS);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_hands_its_documents_to_the_preferred_other_node() {
+    let store = Arc::new(MemStore::new());
+    let (a, b) = (node(&store, "a"), node(&store, "b"));
+    let mut moved = a.seq.moved().unwrap();
+    assert_eq!(route(&a, "d"), Route::Here);
+    let mut tickets = Vec::new();
+    for i in 1..=4u64 {
+        let Submitted::Applied { ticket, .. } =
+            a.seq.submit("d", op(1, i, i - 1, &i.to_string())).unwrap()
+        else {
+            panic!("op {i}");
+        };
+        tickets.push(ticket);
+    }
+    // Drained with ops still queued for the journal: they finish first.
+    assert_eq!(a.seq.drain(), 1);
+    for ticket in tickets {
+        a.seq
+            .wait_durable(ticket)
+            .await
+            .expect("acknowledged before the handover");
+    }
+    let (doc, owner) = moved.try_recv().expect("the sessions are redirected");
+    assert_eq!(
+        (&*doc, &*owner.addr),
+        ("d", b.addr.as_str()),
+        "to the only other node"
+    );
+    // Nothing more here; a new Open is sent on.
+    assert!(matches!(
+        a.seq.submit("d", op(1, 5, 4, "x")),
+        Err(SubmitError::Moved(_))
+    ));
+    match route(&a, "d") {
+        Route::Elsewhere(owner) => assert_eq!(&*owner.addr, b.addr),
+        Route::Here => panic!("a drained node places nothing"),
+    }
+    // b claims it at once (released, not expired) with every op.
+    assert_eq!(route(&b, "d"), Route::Here);
+    assert_eq!(b.seq.read("d").await.unwrap().unwrap().text, "4321");
+}

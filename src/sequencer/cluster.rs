@@ -95,6 +95,8 @@ struct Inner<S: Store + Send + Sync + 'static> {
     snapshot_every_ops: u64,
     /// Documents to snapshot, for the background thread.
     snapshots: Mutex<std::collections::VecDeque<Arc<str>>>,
+    /// Draining ([`ClusterSequencer::drain`]): nothing new is placed here.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// The sequencer of cluster mode (module notes).
@@ -150,6 +152,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             moved: moved_tx,
             snapshot_every_ops,
             snapshots: Mutex::new(std::collections::VecDeque::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         let losses = if handle_losses {
             let weak = Arc::downgrade(&inner);
@@ -239,6 +242,9 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             RouteError::Unavailable(format!("document {doc_id:?} cannot be served now: {e}"))
         };
         crate::op::validate_doc_id(doc_id).map_err(|e| unavailable(&e))?;
+        if self.draining.load(Ordering::SeqCst) {
+            return Ok(Route::Elsewhere(self.successor(doc_id)));
+        }
         let tenancy = lock(&self.docs)
             .entry(Arc::from(doc_id))
             .or_default()
@@ -434,6 +440,20 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         }
     }
 
+    /// The node a drained document goes to: its preferred owner among the other live
+    /// nodes; this node if there is none (its clients then come back and find it gone).
+    fn successor(&self, doc: &str) -> Owner {
+        let member = self.replicator.member();
+        let nodes = member.live_nodes().unwrap_or_default();
+        let others = nodes.iter().filter(|n| n.node != member.node());
+        let preferred =
+            crate::cluster::hashing::preferred_owner(doc, others.clone().map(|n| n.node.as_str()));
+        match preferred.and_then(|p| others.clone().find(|n| n.node == p)) {
+            Some(node) => owner_at(&node.addr),
+            None => self.here.clone(),
+        }
+    }
+
     /// Where `doc` is served now, as far as the store says; this node if nobody owns it
     /// or the store cannot say (an `Open` here then finds out).
     fn owner_of(&self, doc: &str) -> Owner {
@@ -546,6 +566,49 @@ impl<S: Store + Clone + Send + Sync + 'static> ClusterSequencer<S> {
 }
 
 impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
+    /// Hands every document served here to its preferred owner among the other live
+    /// nodes (SIGTERM): from now on nothing new is placed here and `Open` is redirected;
+    /// each document stops taking ops, its queued journal writes finish, its ownership
+    /// is released in the store and its sessions are redirected (through
+    /// [`ClusterSequencer::moved`]) to the node that will claim it at their `Open`.
+    /// Blocking. The number of documents handed over.
+    pub fn drain(&self) -> usize {
+        let inner = &self.inner;
+        inner.draining.store(true, Ordering::SeqCst);
+        let docs: Vec<(Arc<str>, Tenancy)> = lock(&inner.docs)
+            .iter()
+            .map(|(d, t)| (d.clone(), t.clone()))
+            .collect();
+        let mut handed = 0;
+        for (doc, tenancy) in docs {
+            let mut serving = lock(&tenancy);
+            let Some(s) = serving.take() else { continue };
+            // Its last op resolved (committed or failed) before the release: a new owner
+            // loads everything this node acknowledged.
+            if let Some(last) = s.last_op {
+                let patience = std::time::Instant::now() + Duration::from_secs(10);
+                while inner.replicator.outcome(last, s.tenure).is_none()
+                    && std::time::Instant::now() < patience
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            let member = inner.replicator.member();
+            if let Err(e) = member.release(&doc, s.epoch) {
+                tracing::warn!(doc = &*doc, "releasing a drained document: {e}");
+            }
+            if let Err(e) = inner.local.evict(&doc) {
+                tracing::warn!(doc = &*doc, "evicting a drained document: {e}");
+            }
+            drop(serving);
+            let owner = inner.successor(&doc);
+            tracing::info!(doc = &*doc, to = &*owner.addr, "document handed over");
+            let _ = inner.moved.send((doc, owner));
+            handed += 1;
+        }
+        handed
+    }
+
     /// Leaves the cluster: the queued ops are committed (or fail), then the lease is
     /// revoked, which frees every document this node owns at once (their next `Open`
     /// anywhere claims them), and the local log is closed.
