@@ -213,6 +213,11 @@ struct ClusterArgs {
     /// node's documents are claimed by others once it expires.
     #[arg(long, default_value_t = 5, env = "QUIRE_LEASE_TTL_SECS")]
     lease_ttl_secs: u64,
+    /// Cluster mode: a document's state is written to etcd as a snapshot after this many
+    /// ops, and its journal there truncated through the snapshot before (which is kept).
+    /// etcd then holds per document at most two snapshots and about twice this many ops.
+    #[arg(long, default_value_t = 1000, env = "QUIRE_CLUSTER_SNAPSHOT_EVERY_OPS")]
+    cluster_snapshot_every_ops: u64,
 }
 
 /// The server's secrets, which sign and verify access tokens (protocol.md, "Access
@@ -748,7 +753,7 @@ fn serve_cluster(
             ws_url: Arc::from(cluster.advertise_ws.clone().unwrap_or_default().as_str()),
         },
         ttl: Duration::from_secs(cluster.lease_ttl_secs),
-        snapshot_every_ops: local.snapshot_every_ops,
+        snapshot_every_ops: cluster.cluster_snapshot_every_ops.max(1),
     };
     let endpoints = cluster.etcd.clone();
     serve_on(args, server_config, move || {
