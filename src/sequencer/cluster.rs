@@ -793,7 +793,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     }
 
     /// Client ids unique in the cluster: the top bit (as a single node's), this node's
-    /// registration revision, then a counter of [`IDS_PER_REGISTRATION`] ids; past it,
+    /// registration revision, then a counter of 2^24 ids; past it,
     /// the node gives out no more until it restarts (registers again).
     fn assign_client_id(&self) -> Result<u64, Arc<str>> {
         let id = self.inner.next_client.fetch_add(1, Ordering::Relaxed);

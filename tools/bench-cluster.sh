@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Cluster mode against a single node, in one sitting (issue 13, benchmark):
+# - 1 client, an op at a time (`quire-trace --mode each --clients 1 --pipeline 1`): ack
+#   p50/p99 and ops/s, on a single node and on node 1 of a three-node cluster;
+# - 64 clients on a document each, an op at a time: on the single node, and on the
+#   cluster as three quire-trace processes (22, 21, 21 clients), one per node, run at
+#   once (each node claims the documents its clients open): ops/s summed, ack p50/p99
+#   per process;
+# - etcd bytes written per op: the growth of etcd_disk_wal_write_bytes_total summed over
+#   the three members during the 64-client cluster run, over its ops;
+# - failover: SIGKILL of the node owning a document, until an op on it is acknowledged
+#   through another node (a loop of one-op quire-trace runs).
+# The three etcd members, the three nodes and the single node run on this machine.
+#   usage: bash tools/bench-cluster.sh [OUT_DIR]   (default /tmp/quire-clusterbench)
+# Settings: RUNS (default 3), PATCHES_1 (default 3000), PATCHES_64 (default 64000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-/tmp/quire-clusterbench}"
+rm -rf "$out"; mkdir -p "$out"
+runs="${RUNS:-3}"
+traces="${QUIRE_TRACES:-../shared/traces}"
+paper="$traces/automerge-paper.json.gz"
+cargo build --release --features cluster,trace --bin quire --bin quire-trace >/dev/null 2>&1
+bin=./target/release
+
+pids=()
+trap 'kill -9 "${pids[@]}" 2>/dev/null || true' EXIT
+initial=m1=http://127.0.0.1:2480,m2=http://127.0.0.1:2482,m3=http://127.0.0.1:2484
+for i in 1 2 3; do
+  etcd --name m$i --data-dir "$out/etcd-m$i" \
+    --listen-peer-urls http://127.0.0.1:$((2478 + 2*i)) \
+    --initial-advertise-peer-urls http://127.0.0.1:$((2478 + 2*i)) \
+    --listen-client-urls http://127.0.0.1:$((2477 + 2*i)) \
+    --advertise-client-urls http://127.0.0.1:$((2477 + 2*i)) \
+    --initial-cluster $initial --initial-cluster-state new --initial-cluster-token bench \
+    --auto-compaction-mode revision --auto-compaction-retention 1000 2>"$out/etcd-m$i.log" &
+  pids+=($!)
+done
+etcd_urls=http://127.0.0.1:2479,http://127.0.0.1:2481,http://127.0.0.1:2483
+sleep 2
+for i in 1 2 3; do
+  $bin/quire serve --etcd $etcd_urls --node-id n$i --listen 127.0.0.1:$((7450 + i)) \
+    --advertise 127.0.0.1:$((7450 + i)) --data-dir "$out/n$i" --admin-listen off \
+    2>"$out/n$i.log" &
+  pids+=($!)
+done
+$bin/quire serve --listen 127.0.0.1:7450 --data-dir "$out/single" --admin-listen off \
+  2>"$out/single.log" &
+pids+=($!)
+for port in 7450 7451 7452 7453; do
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+done
+
+wal_bytes() {
+  local sum=0
+  for port in 2479 2481 2483; do
+    local b
+    b=$(curl -s "http://127.0.0.1:$port/metrics" | awk '/^etcd_disk_wal_write_bytes_total/ {print $2}')
+    sum=$(python3 -c "print(int($sum + float('${b:-0}')))")
+  done
+  echo "$sum"
+}
+
+trace() { # addr clients patches doc base
+  $bin/quire-trace --addr "$1" --trace "$paper" --mode each --clients "$2" --pipeline 1 \
+    --patches "$3" --doc "$4" --client-base "$5" 2>&1 | grep -o 'mode each.*'
+}
+rate() { grep -o '= [0-9]* ops/s' <<<"$1" | tr -dc '0-9'; }
+lat() { grep -o 'p50 [0-9]* us p99 [0-9]* us' <<<"$1"; }
+
+echo "######## $(date -u +%FT%TZ) load $(cut -d' ' -f1 /proc/loadavg)"
+base=200000000
+for run in $(seq 1 "$runs"); do
+  for target in single cluster; do
+    addr=127.0.0.1:7450; [ $target = cluster ] && addr=127.0.0.1:7451
+    base=$((base + 1000))
+    line=$(trace $addr 1 "${PATCHES_1:-3000}" "r$run-$target-1" $base)
+    printf '%-7s run %s | clients  1 | %7s ops/s | ack %s\n' $target "$run" "$(rate "$line")" "$(lat "$line")"
+  done
+  base=$((base + 1000))
+  line=$(trace 127.0.0.1:7450 64 "${PATCHES_64:-64000}" "r$run-single-64" $base)
+  printf 'single  run %s | clients 64 | %7s ops/s | ack %s\n' "$run" "$(rate "$line")" "$(lat "$line")"
+  before=$(wal_bytes)
+  p=${PATCHES_64:-64000}
+  for i in 1 2 3; do
+    n=21; [ $i = 1 ] && n=22
+    trace 127.0.0.1:$((7450 + i)) $n $((p * n / 64)) "r$run-cluster-64-n$i" $((base + 100 * i)) \
+      >"$out/c64-$run-$i.txt" &
+  done
+  wait_for=$(jobs -p | tail -n 3)
+  for j in $wait_for; do wait "$j"; done
+  after=$(wal_bytes)
+  total=0; lats=""
+  for i in 1 2 3; do
+    l=$(cat "$out/c64-$run-$i.txt")
+    total=$((total + $(rate "$l")))
+    lats="$lats [$(lat "$l")]"
+  done
+  printf 'cluster run %s | clients 64 | %7s ops/s | ack %s | etcd WAL %s B/op\n' "$run" "$total" "$lats" \
+    "$(python3 -c "print(round(($after - $before) / $p))")"
+done
+
+# Failover: n2 owns "failover"; kill it, then time until an op on it is acknowledged
+# through n1.
+trace 127.0.0.1:7452 1 10 failover 900000000 >/dev/null
+kill -9 "${pids[4]}"
+start=$(date +%s%N)
+until trace 127.0.0.1:7451 1 1 failover 900001000 >/dev/null 2>&1; do sleep 0.05; done
+end=$(date +%s%N)
+echo "failover: n2 killed -> an op on its document acknowledged through n1 in $(( (end - start) / 1000000 )) ms (--lease-ttl-secs 5)"
