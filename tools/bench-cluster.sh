@@ -103,6 +103,21 @@ for run in $(seq 1 "$runs"); do
     "$(python3 -c "print(round(($after - $before) / $p))")"
 done
 
+# Where the cluster's ack time goes, from etcd's own histograms (means over the whole
+# sitting): its WAL fsync, its backend commit, and the round trip to its peers.
+for port in 2479 2481 2483; do
+  curl -s "http://127.0.0.1:$port/metrics" | awk -v port=$port '
+    /^etcd_disk_wal_fsync_duration_seconds_(sum|count)/ { v[$1]=$2 }
+    /^etcd_disk_backend_commit_duration_seconds_(sum|count)/ { v[$1]=$2 }
+    END {
+      printf "etcd :%s | wal fsync mean %.0f us over %d | backend commit mean %.0f us over %d\n", port,
+        1e6 * v["etcd_disk_wal_fsync_duration_seconds_sum"] / v["etcd_disk_wal_fsync_duration_seconds_count"],
+        v["etcd_disk_wal_fsync_duration_seconds_count"],
+        1e6 * v["etcd_disk_backend_commit_duration_seconds_sum"] / v["etcd_disk_backend_commit_duration_seconds_count"],
+        v["etcd_disk_backend_commit_duration_seconds_count"]
+    }'
+done
+
 # Failover: n2 owns "failover"; kill it, then time until an op on it is acknowledged
 # through n1.
 trace 127.0.0.1:7452 1 10 failover 900000000 >/dev/null
