@@ -389,23 +389,36 @@ impl<S: Store> Member<S> {
     pub fn live_nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
         let prefix = self.keys.nodes();
         let mut nodes = Vec::new();
+        self.for_each_key(&prefix, |kv| {
+            let escaped = &kv.key[prefix.len()..];
+            let node = escaped.replace("%2F", "/").replace("%25", "%");
+            nodes.push(NodeInfo {
+                node,
+                addr: String::from_utf8_lossy(&kv.value).into_owned(),
+            });
+            Ok(())
+        })?;
+        Ok(nodes)
+    }
+
+    /// Calls `f` with every key under `prefix`, in key order, reading a page at a time.
+    fn for_each_key(
+        &self,
+        prefix: &str,
+        mut f: impl FnMut(&super::store::KeyValue) -> Result<(), ClusterError>,
+    ) -> Result<(), ClusterError> {
         let mut from: Option<String> = None;
         loop {
             let page = self
                 .store
-                .get_prefix(&prefix, from.as_deref(), PAGE_KEYS)
+                .get_prefix(prefix, from.as_deref(), PAGE_KEYS)
                 .map_err(ClusterError::Store)?;
             for kv in &page.kvs {
-                let escaped = &kv.key[prefix.len()..];
-                let node = escaped.replace("%2F", "/").replace("%25", "%");
-                nodes.push(NodeInfo {
-                    node,
-                    addr: String::from_utf8_lossy(&kv.value).into_owned(),
-                });
+                f(kv)?;
             }
             match (page.more, page.kvs.last()) {
                 (true, Some(last)) => from = Some(format!("{}\0", last.key)),
-                _ => return Ok(nodes),
+                _ => return Ok(()),
             }
         }
     }
@@ -621,27 +634,18 @@ impl<S: Store> Member<S> {
     fn chunk_seqs(&self, doc: &str) -> Result<Vec<u64>, ClusterError> {
         let prefix = self.keys.chunks(doc);
         let mut seqs: Vec<u64> = Vec::new();
-        let mut from: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .get_prefix(&prefix, from.as_deref(), PAGE_KEYS)
-                .map_err(ClusterError::Store)?;
-            for kv in &page.kvs {
-                let seq = kv.key[prefix.len()..]
-                    .split('/')
-                    .next()
-                    .and_then(|digits| key_seq(digits, ""))
-                    .ok_or_else(|| ClusterError::Corrupt(format!("bad piece key {:?}", kv.key)))?;
-                if seqs.last() != Some(&seq) {
-                    seqs.push(seq);
-                }
+        self.for_each_key(&prefix, |kv| {
+            let seq = kv.key[prefix.len()..]
+                .split('/')
+                .next()
+                .and_then(|digits| key_seq(digits, ""))
+                .ok_or_else(|| ClusterError::Corrupt(format!("bad piece key {:?}", kv.key)))?;
+            if seqs.last() != Some(&seq) {
+                seqs.push(seq);
             }
-            match (page.more, page.kvs.last()) {
-                (true, Some(last)) => from = Some(format!("{}\0", last.key)),
-                _ => return Ok(seqs),
-            }
-        }
+            Ok(())
+        })?;
+        Ok(seqs)
     }
 
     /// The bytes of `doc`'s snapshot as of `seq`, from its manifest and pieces, checked.
@@ -782,28 +786,19 @@ impl<S: Store> Member<S> {
     fn journal_entries(&self, doc: &str) -> Result<Vec<JournalEntry>, ClusterError> {
         let prefix = self.keys.journal(doc);
         let mut entries = Vec::new();
-        let mut from: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .get_prefix(&prefix, from.as_deref(), PAGE_KEYS)
-                .map_err(ClusterError::Store)?;
-            for kv in &page.kvs {
-                let entry = JournalEntry::decode(&kv.value)
-                    .map_err(|e| ClusterError::Corrupt(format!("{}: {e}", kv.key)))?;
-                if key_seq(&kv.key, &prefix) != Some(entry.seq) {
-                    return Err(ClusterError::Corrupt(format!(
-                        "{} holds seq {}",
-                        kv.key, entry.seq
-                    )));
-                }
-                entries.push(entry);
+        self.for_each_key(&prefix, |kv| {
+            let entry = JournalEntry::decode(&kv.value)
+                .map_err(|e| ClusterError::Corrupt(format!("{}: {e}", kv.key)))?;
+            if key_seq(&kv.key, &prefix) != Some(entry.seq) {
+                return Err(ClusterError::Corrupt(format!(
+                    "{} holds seq {}",
+                    kv.key, entry.seq
+                )));
             }
-            match (page.more, page.kvs.last()) {
-                (true, Some(last)) => from = Some(format!("{}\0", last.key)),
-                _ => return Ok(entries),
-            }
-        }
+            entries.push(entry);
+            Ok(())
+        })?;
+        Ok(entries)
     }
 }
 
