@@ -254,9 +254,14 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             if self.replicator.serving(s.tenure).is_ok() {
                 return Ok(Route::Here);
             }
-            // Lost, and not evicted yet: now.
+            // Lost, and not evicted yet: now, and the server is told to drop its copy
+            // (sessions redirected here) before the document is loaded again; the client
+            // retries its `Open` meanwhile.
             *serving = None;
             self.local.evict(doc_id).map_err(|e| unavailable(&e))?;
+            drop(serving);
+            let _ = self.moved.send((Arc::from(doc_id), self.here.clone()));
+            return Err(unavailable(&"it is being reloaded; retry"));
         }
         let member = self.replicator.member();
         let epoch = match member.claim(doc_id).map_err(|e| unavailable(&e))? {
@@ -691,6 +696,10 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         tokio::task::spawn_blocking(move || inner.place(&doc))
             .await
             .unwrap_or_else(|e| Err(RouteError::Unavailable(format!("placing failed: {e}"))))
+    }
+
+    fn here(&self) -> Option<Owner> {
+        Some(self.inner.here.clone())
     }
 
     fn storage_stats(&self) -> StorageStats {

@@ -241,6 +241,15 @@ pub struct DocView {
 /// implementation; the returned seqs are consecutive. Callers are generic over it
 /// (static dispatch: no allocation per op on the hot path).
 pub trait Sequencer: Send + Sync + 'static {
+    /// This node, as a client reaches it, if documents can move between nodes (cluster
+    /// mode); `None` for a single node. The server redirects a document's sessions here
+    /// when its state and the sequencer's disagree: the sequencer reloaded the document
+    /// under it (a tenure ended and began anew), so the server's copy is stale and its
+    /// clients must open the document again.
+    fn here(&self) -> Option<Owner> {
+        None
+    }
+
     /// Whether this node serves `doc_id` (cluster mode: one owner node per document),
     /// asked when a session opens the document (and on other requests about a document
     /// the session does not have open), never per op: once a document is open, the

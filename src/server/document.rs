@@ -856,6 +856,13 @@ impl<S: Subscriber> Document<S> {
         // Every op of this document is sequenced under its lock, held here: the
         // sequencer's version cannot move until the op is sequenced and queued.
         let version = sequencer.version(&self.id);
+        if job.at != version {
+            // Cluster mode: the sequencer reloaded the document under this copy (see
+            // `Sequencer::here`): the copy is stale; its sessions open it again.
+            if let Some(here) = sequencer.here() {
+                return Err(SubmitOutcome::Moved(here));
+            }
+        }
         assert_eq!(job.at, version, "transformed up to the current version");
         let patches = job.op.to_patches();
         let bytes = (job.limit.measure)(&patches);
