@@ -1,9 +1,19 @@
 //! Cluster mode end to end: a three-member etcd cluster and three `quire serve --etcd`
 //! processes on loopback, clients editing documents spread over the nodes (following
-//! redirects), and the owner of the busiest documents killed with SIGKILL and its data
-//! directory deleted mid-edit: the clients go back to their home nodes, which claim the
-//! documents once the dead node's lease expires and load them from etcd; the clients
-//! resend, and every edit ends up in every document exactly once.
+//! redirects), and failures injected mid-edit:
+//!
+//! - the owner of the busiest documents killed with SIGKILL and its data directory
+//!   deleted: the clients go back to their home nodes, which claim the documents once the
+//!   dead node's lease expires and load them from etcd; the clients resend, and every
+//!   edit ends up in every document exactly once;
+//! - the owner stopped with SIGSTOP until a surviving node took its documents over, then
+//!   continued (split brain): the old owner acknowledges nothing more, every edit lands
+//!   exactly once;
+//! - etcd members killed: with one of three gone editing carries on; with two gone
+//!   nothing is acknowledged and an `Open` of a new document is answered 33; once both
+//!   are back every edit ends acknowledged exactly once.
+//!
+//! The tests run one at a time (each starts an etcd cluster and three nodes).
 //!
 //! Needs the `cluster` feature and etcd (see tests/common/etcd_cluster.rs).
 #![cfg(feature = "cluster")]
@@ -15,8 +25,9 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use etcd_cluster::EtcdCluster;
 use quire::client::{Client, ClientConfig, DocHandle};
@@ -26,10 +37,41 @@ use quire::op::Patch;
 /// assertion about speed.
 const PATIENCE: Duration = Duration::from_secs(60);
 
+/// One test at a time: each runs an etcd cluster and three nodes on a shared machine.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Node {
     child: Child,
     addr: SocketAddr,
     dir: PathBuf,
+    /// Every line the node wrote to stderr so far.
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Node {
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), signal).unwrap();
+    }
+
+    /// The node's log lines from the `from`th on that contain `needle`.
+    fn log_lines(&self, from: usize, needle: &str) -> Vec<String> {
+        self.logs.lock().unwrap()[from..]
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    fn log_len(&self) -> usize {
+        self.logs.lock().unwrap().len()
+    }
 }
 
 fn free_port() -> SocketAddr {
@@ -53,26 +95,85 @@ fn start_node(etcd: &EtcdCluster, id: &str, root: &std::path::Path) -> Node {
         .arg(etcd.endpoints().join(","))
         .arg("--data-dir")
         .arg(&dir)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("QUIRE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("quire binary starts");
-    let logs = child.stderr.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let name = id.to_owned();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let kept = logs.clone();
     std::thread::spawn(move || {
-        for line in BufReader::new(logs).lines().map_while(Result::ok) {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("[{name}] {line}");
             if line.contains("serving") {
                 let _ = tx.send(());
             }
+            kept.lock().unwrap().push(line);
         }
     });
     rx.recv_timeout(PATIENCE)
         .unwrap_or_else(|_| panic!("node {id} serves"));
-    Node { child, addr, dir }
+    Node {
+        child,
+        addr,
+        dir,
+        logs,
+    }
+}
+
+fn start_nodes(etcd: &EtcdCluster, root: &std::path::Path) -> Vec<Node> {
+    ["n0", "n1", "n2"]
+        .iter()
+        .map(|id| start_node(etcd, id, root))
+        .collect()
+}
+
+fn stop_nodes(nodes: &mut [Node]) {
+    for node in nodes {
+        // A stopped process is killed all the same.
+        let _ = node.child.kill();
+        let _ = node.child.wait();
+    }
+}
+
+/// The clients' runtime (etcd and the nodes are started outside it: the etcd harness
+/// blocks on a runtime of its own).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs `f` on a thread of its own, outside the clients' runtime (for the etcd harness
+/// and the blocking etcd adapter), without blocking the runtime.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(move || std::thread::spawn(f).join())
+        .await
+        .unwrap()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// The node ids that own `docs` in etcd, as its owner keys say (blocking).
+fn owners(etcd_endpoints: Vec<String>, docs: &[String]) -> Vec<Option<String>> {
+    use quire::cluster::etcd::{EtcdConfig, EtcdStore};
+    use quire::cluster::store::Store;
+    let store = EtcdStore::connect(EtcdConfig::new(etcd_endpoints)).unwrap();
+    docs.iter()
+        .map(|doc| {
+            let key = quire::cluster::ownership::Keys::new("/quire").owner(doc);
+            let kv = store.get(&key).unwrap();
+            kv.map(|kv| String::from_utf8(kv.value).unwrap())
+        })
+        .collect()
 }
 
 fn config(addr: SocketAddr, seed: u64) -> ClientConfig {
@@ -84,71 +185,154 @@ fn config(addr: SocketAddr, seed: u64) -> ClientConfig {
     c
 }
 
-/// Edits `doc` `n` times, each inserting a token of its own between two tokens near the
-/// middle of the text (a token stays whole, so it can be counted).
-async fn edit_tokens(doc: &DocHandle, who: &str, n: usize) {
-    for i in 0..n {
-        let token = format!("[{who}{i}]");
-        doc.edit_with(|v| {
-            let text: Vec<char> = v.text().chars().collect();
-            let at = (text.len() / 2..text.len())
-                .find(|&i| text[i] == '[')
-                .unwrap_or(text.len());
-            vec![Patch::new(at as u32, 0, &token)]
-        })
-        .await
-        .unwrap();
-        EDITS_MADE.fetch_add(1, Ordering::SeqCst);
+/// Opens `docs` at `addr` first, so that node claims them, with one edit each ("|").
+async fn claim_at(addr: SocketAddr, docs: &[String], seed: u64) {
+    let c = Client::connect(config(addr, seed)).await.unwrap();
+    c.wait_connected().await.unwrap();
+    for doc in docs {
+        let handle = c.open(doc).await.unwrap();
+        handle.edit(&[Patch::new(0, 0, "|")]).await.unwrap();
+        tokio::time::timeout(PATIENCE, handle.synced())
+            .await
+            .unwrap_or_else(|_| panic!("{doc}: the claiming edit acknowledged"))
+            .unwrap();
+    }
+    c.shutdown().await;
+}
+
+/// Inserts `token` between two tokens near the middle of the text (a token stays whole,
+/// so it can be counted).
+async fn edit_token(doc: &DocHandle, token: &str) {
+    doc.edit_with(|v| {
+        let text: Vec<char> = v.text().chars().collect();
+        let at = (text.len() / 2..text.len())
+            .find(|&i| text[i] == '[')
+            .unwrap_or(text.len());
+        vec![Patch::new(at as u32, 0, token)]
+    })
+    .await
+    .unwrap();
+}
+
+/// Edits `doc` `n` times with tokens `[{who}{from}]`, `[{who}{from + 1}]`, ..., counting
+/// each in `made`.
+async fn edit_tokens(doc: &DocHandle, who: &str, from: usize, n: usize, made: &AtomicUsize) {
+    for i in from..from + n {
+        edit_token(doc, &format!("[{who}{i}]")).await;
+        made.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
 }
 
-/// Edits made so far by every writer (for when the kill comes).
-static EDITS_MADE: AtomicUsize = AtomicUsize::new(0);
+/// Edits `doc` with tokens `[{who}0]`, `[{who}1]`, ... every `pace` until `stop`;
+/// returns how many it made.
+async fn edit_until(doc: &DocHandle, who: &str, pace: Duration, stop: &AtomicBool) -> usize {
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        edit_token(doc, &format!("[{who}{i}]")).await;
+        i += 1;
+        tokio::time::sleep(pace).await;
+    }
+    i
+}
+
+/// A document, its handles (one per client) and the writer names of its handles.
+type Doc = (String, Vec<DocHandle>, Vec<String>);
+
+/// Waits until every edit to `handles` is acknowledged and they agree; checks that the
+/// text has each writer's tokens `[{who}0]` ..  `[{who}{n - 1}]` exactly once (`counts`,
+/// one per writer of `writers`); returns the text.
+async fn check_converged(
+    name: &str,
+    handles: &[DocHandle],
+    writers: &[String],
+    counts: &[usize],
+) -> String {
+    for handle in handles {
+        tokio::time::timeout(PATIENCE, handle.synced())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{name}: every edit acknowledged (unacked: {:?})",
+                    handle.unacked()
+                )
+            })
+            .unwrap();
+    }
+    tokio::time::timeout(PATIENCE, async {
+        while handles.iter().any(|h| h.version() != handles[0].version()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{name}: the clients converge"));
+    let text = handles[0].text();
+    for handle in handles {
+        assert_eq!(handle.text(), text, "{name} converged");
+    }
+    check_tokens(name, &text, writers, counts);
+    text
+}
+
+/// Each writer's tokens exactly once in `text`, and no token beyond them.
+fn check_tokens(name: &str, text: &str, writers: &[String], counts: &[usize]) {
+    for (who, &n) in writers.iter().zip(counts) {
+        for i in 0..n {
+            let token = format!("[{who}{i}]");
+            assert_eq!(text.matches(&token).count(), 1, "{token} in {name}: {text}");
+        }
+        let beyond = format!("[{who}{n}]");
+        assert!(!text.contains(&beyond), "{beyond} in {name} was never made");
+    }
+    let all: usize = counts.iter().sum();
+    assert_eq!(
+        text.matches('[').count(),
+        all,
+        "{name}: no token twice: {text}"
+    );
+}
+
+/// A new client at `addr` opens `name` (following redirects) and waits until it has
+/// `version`; returns its text.
+async fn fresh_read(addr: SocketAddr, name: &str, version: u64, seed: u64) -> String {
+    let c = Client::connect(config(addr, seed)).await.unwrap();
+    c.wait_connected().await.unwrap();
+    let fresh = c.open(name).await.unwrap();
+    tokio::time::timeout(PATIENCE, async {
+        while fresh.version() < version {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{name}: a fresh reader at {addr} catches up to {version}"));
+    let text = fresh.text();
+    drop(fresh);
+    c.shutdown().await;
+    text
+}
 
 #[test]
 fn killing_the_owner_and_its_disk_loses_no_acknowledged_edit() {
-    // etcd and the nodes are started outside the clients' runtime (the harness blocks on
-    // a runtime of its own).
+    let _serial = one_at_a_time();
     let etcd = EtcdCluster::start();
     let root = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = ["n0", "n1", "n2"]
-        .iter()
-        .map(|id| start_node(&etcd, id, root.path()))
-        .collect();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(edit_kill_and_check(&mut nodes, etcd.endpoints()));
-    for node in &mut nodes {
-        let _ = node.child.kill();
-        let _ = node.child.wait();
-    }
+    let mut nodes = start_nodes(&etcd, root.path());
+    runtime().block_on(edit_kill_and_check(&mut nodes, etcd.endpoints()));
+    stop_nodes(&mut nodes);
     drop(etcd);
 }
 
 async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
     // n2 claims the busy documents: a client at home there opens them first.
     let busy: Vec<String> = (0..3).map(|i| format!("busy-{i}")).collect();
-    {
-        let c = Client::connect(config(nodes[2].addr, 1)).await.unwrap();
-        c.wait_connected().await.unwrap();
-        for doc in &busy {
-            let handle = c.open(doc).await.unwrap();
-            handle.edit(&[Patch::new(0, 0, "|")]).await.unwrap();
-            handle.synced().await.unwrap();
-        }
-        c.shutdown().await;
-    }
+    claim_at(nodes[2].addr, &busy, 1).await;
     // Two clients at home on n0 and n1 edit the busy documents (on n2, by redirect) and
     // one document each on their own node.
     let a = Client::connect(config(nodes[0].addr, 2)).await.unwrap();
     let b = Client::connect(config(nodes[1].addr, 3)).await.unwrap();
     a.wait_connected().await.unwrap();
     b.wait_connected().await.unwrap();
-    let mut docs: Vec<(String, Vec<DocHandle>, Vec<String>)> = Vec::new();
+    let mut docs: Vec<Doc> = Vec::new();
     for doc in &busy {
         let (ha, hb) = (a.open(doc).await.unwrap(), b.open(doc).await.unwrap());
         docs.push((
@@ -169,11 +353,12 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
     ));
 
     const EDITS: usize = 40;
+    let made = AtomicUsize::new(0);
     let editing = async {
         let mut all = Vec::new();
         for (_, handles, writers) in &docs {
             for (handle, who) in handles.iter().zip(writers) {
-                all.push(edit_tokens(handle, who, EDITS));
+                all.push(edit_tokens(handle, who, 0, EDITS, &made));
             }
         }
         futures_util::future::join_all(all).await;
@@ -189,7 +374,7 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
         n2.child.kill().unwrap();
         n2.child.wait().unwrap();
         std::fs::remove_dir_all(&n2.dir).unwrap();
-        EDITS_MADE.load(Ordering::SeqCst)
+        made.load(Ordering::SeqCst)
     };
     let ((), made_before_kill) = tokio::join!(editing, killing);
     assert!(
@@ -200,48 +385,12 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
     // Every edit acknowledged (the clients keep them until then), and the two clients
     // agree on every document.
     for (name, handles, writers) in &docs {
-        for handle in handles {
-            tokio::time::timeout(PATIENCE, handle.synced())
-                .await
-                .unwrap_or_else(|_| panic!("{name}: every edit acknowledged"))
-                .unwrap();
-        }
-        tokio::time::timeout(PATIENCE, async {
-            while handles.iter().any(|h| h.version() != handles[0].version()) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{name}: the clients converge"));
-        let text = handles[0].text();
-        for handle in handles {
-            assert_eq!(handle.text(), text, "{name} converged");
-        }
-        for who in writers {
-            for i in 0..EDITS {
-                let token = format!("[{who}{i}]");
-                assert_eq!(text.matches(&token).count(), 1, "{token} in {name}: {text}");
-            }
-        }
+        check_converged(name, handles, writers, &vec![EDITS; writers.len()]).await;
     }
     // The busy documents are owned by a surviving node now. (The etcd adapter blocks:
     // asked from a thread of its own.)
     let docs_owned = busy.clone();
-    let owners = std::thread::spawn(move || {
-        use quire::cluster::etcd::{EtcdConfig, EtcdStore};
-        use quire::cluster::store::Store;
-        let store = EtcdStore::connect(EtcdConfig::new(etcd_endpoints)).unwrap();
-        docs_owned
-            .iter()
-            .map(|doc| {
-                let key = quire::cluster::ownership::Keys::new("/quire").owner(doc);
-                let kv = store.get(&key).unwrap();
-                kv.map(|kv| String::from_utf8(kv.value).unwrap())
-            })
-            .collect::<Vec<_>>()
-    })
-    .join()
-    .unwrap();
+    let owners = off_runtime(move || owners(etcd_endpoints, &docs_owned)).await;
     for (doc, owner) in busy.iter().zip(owners) {
         assert!(
             matches!(owner.as_deref(), Some("n0" | "n1")),
@@ -249,24 +398,280 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
         );
     }
     // A new client reads the busy documents from a surviving node: what etcd has.
-    let c = Client::connect(config(nodes[0].addr, 4)).await.unwrap();
-    c.wait_connected().await.unwrap();
-    for (name, handles, _) in &docs[..busy.len()] {
-        let fresh = c.open(name).await.unwrap();
+    for (i, (name, handles, _)) in docs[..busy.len()].iter().enumerate() {
+        let text = fresh_read(nodes[0].addr, name, handles[0].version(), 4 + i as u64).await;
+        assert_eq!(text, handles[0].text(), "{name} as a new reader sees it");
+    }
+    drop(docs);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[test]
+fn an_owner_stopped_until_replaced_acknowledges_nothing_more() {
+    let _serial = one_at_a_time();
+    let etcd = EtcdCluster::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_nodes(&etcd, root.path());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime().block_on(edit_stop_and_check(&nodes, etcd.endpoints()))
+    }));
+    // A node left stopped would keep its port and never exit.
+    nodes[2].signal(nix::sys::signal::Signal::SIGCONT);
+    stop_nodes(&mut nodes);
+    drop(etcd);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn edit_stop_and_check(nodes: &[Node], etcd_endpoints: Vec<String>) {
+    use nix::sys::signal::Signal;
+    // n2 claims the busy documents; clients at home on n0 and n1 edit them there.
+    let busy: Vec<String> = (0..2).map(|i| format!("busy-{i}")).collect();
+    claim_at(nodes[2].addr, &busy, 1).await;
+    let a = Client::connect(config(nodes[0].addr, 2)).await.unwrap();
+    let b = Client::connect(config(nodes[1].addr, 3)).await.unwrap();
+    a.wait_connected().await.unwrap();
+    b.wait_connected().await.unwrap();
+    let mut docs: Vec<Doc> = Vec::new();
+    for doc in &busy {
+        let (ha, hb) = (a.open(doc).await.unwrap(), b.open(doc).await.unwrap());
+        docs.push((
+            doc.clone(),
+            vec![ha, hb],
+            vec![format!("a{doc}"), format!("b{doc}")],
+        ));
+    }
+
+    let stop = AtomicBool::new(false);
+    let editing = async {
+        let mut all = Vec::new();
+        for (_, handles, writers) in &docs {
+            for (handle, who) in handles.iter().zip(writers) {
+                all.push(edit_until(handle, who, Duration::from_millis(20), &stop));
+            }
+        }
+        futures_util::future::join_all(all).await
+    };
+    let busy_handles: Vec<&DocHandle> = docs.iter().flat_map(|(_, h, _)| h).collect();
+    let n2 = &nodes[2];
+    let stopping = async {
+        // Once the busy documents have some acknowledged history on n2.
         tokio::time::timeout(PATIENCE, async {
-            while fresh.version() < handles[0].version() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            while busy_handles.iter().any(|h| h.version() < 10) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("{name}: a fresh reader catches up"));
-        assert_eq!(
-            fresh.text(),
-            handles[0].text(),
-            "{name} as a new reader sees it"
+        .expect("the busy documents get some history at n2");
+        n2.signal(Signal::SIGSTOP);
+        let stopped_at = Instant::now();
+        // Until a surviving node owns every busy document (the clients keep editing).
+        let (endpoints, docs_owned) = (etcd_endpoints.clone(), busy.clone());
+        let owners_now = off_runtime(move || {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let now = owners(endpoints.clone(), &docs_owned);
+                let moved = now
+                    .iter()
+                    .all(|o| matches!(o.as_deref(), Some("n0" | "n1")));
+                if moved || Instant::now() > deadline {
+                    return now;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .await;
+        assert!(
+            owners_now
+                .iter()
+                .all(|o| matches!(o.as_deref(), Some("n0" | "n1"))),
+            "a surviving node took the busy documents over while n2 was stopped: {owners_now:?}"
+        );
+        eprintln!(
+            "the busy documents moved {:?} after the SIGSTOP: {owners_now:?}",
+            stopped_at.elapsed()
+        );
+        // The clients edit at the new owners for a while, then n2 wakes up believing it
+        // owns them, and they edit a while more.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let logs_from = n2.log_len();
+        n2.signal(Signal::SIGCONT);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::SeqCst);
+        logs_from
+    };
+    let (made, logs_from) = tokio::join!(editing, stopping);
+
+    let mut made = made.into_iter();
+    for (name, handles, writers) in &docs {
+        let counts: Vec<usize> = writers.iter().map(|_| made.next().unwrap()).collect();
+        eprintln!("{name}: {counts:?} tokens made by {writers:?}");
+        let text = check_converged(name, handles, writers, &counts).await;
+        // What etcd has, as a new reader at a surviving node and one at the old owner
+        // (redirected) see it.
+        let version = handles[0].version();
+        assert_eq!(fresh_read(nodes[0].addr, name, version, 4).await, text);
+        assert_eq!(fresh_read(nodes[2].addr, name, version, 5).await, text);
+    }
+    // The old owner found out by itself that it lost the busy documents.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let moved = n2.log_lines(logs_from, "document moved");
+        if busy
+            .iter()
+            .all(|doc| moved.iter().any(|l| l.contains(doc.as_str())))
+        {
+            eprintln!("n2 after the SIGCONT: {moved:#?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n2 logs that the busy documents moved after its SIGCONT; its logs since: {:#?}",
+            n2.log_lines(logs_from, "")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(docs);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[test]
+fn etcd_losing_its_quorum_stops_acknowledgements_and_loses_no_edit() {
+    let _serial = one_at_a_time();
+    let etcd = EtcdCluster::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_nodes(&etcd, root.path());
+    let etcd = Arc::new(Mutex::new(etcd));
+    runtime().block_on(edit_through_etcd_failures(&nodes, etcd.clone()));
+    stop_nodes(&mut nodes);
+    drop(etcd);
+}
+
+async fn edit_through_etcd_failures(nodes: &[Node], etcd: Arc<Mutex<EtcdCluster>>) {
+    use quire::client::connection::Connection;
+    use quire::protocol::message::{ErrorCode, Message};
+    // One document claimed by each of n0 and n1; clients at home there edit both.
+    let docs_named = ["on-n0".to_string(), "on-n1".to_string()];
+    claim_at(nodes[0].addr, &docs_named[..1], 1).await;
+    claim_at(nodes[1].addr, &docs_named[1..], 2).await;
+    let a = Client::connect(config(nodes[0].addr, 3)).await.unwrap();
+    let b = Client::connect(config(nodes[1].addr, 4)).await.unwrap();
+    a.wait_connected().await.unwrap();
+    b.wait_connected().await.unwrap();
+    let mut docs: Vec<Doc> = Vec::new();
+    for doc in &docs_named {
+        let (ha, hb) = (a.open(doc).await.unwrap(), b.open(doc).await.unwrap());
+        docs.push((
+            doc.clone(),
+            vec![ha, hb],
+            vec![format!("a{doc}"), format!("b{doc}")],
+        ));
+    }
+    let handles = || docs.iter().flat_map(|(_, h, w)| h.iter().zip(w));
+    let made = AtomicUsize::new(0);
+    // `n` tokens from each writer, from token `from` on.
+    let edit_all = |from: usize, n: usize| {
+        let all: Vec<_> = handles()
+            .map(|(h, who)| edit_tokens(h, who, from, n, &made))
+            .collect();
+        futures_util::future::join_all(all)
+    };
+    let all_synced = |what: &'static str| async move {
+        for (h, who) in handles() {
+            tokio::time::timeout(PATIENCE, h.synced())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{what}: {who}'s edits acknowledged (unacked {:?})",
+                        h.unacked()
+                    )
+                })
+                .unwrap();
+        }
+    };
+
+    edit_all(0, 10).await;
+    all_synced("with every etcd member").await;
+
+    // One member down (the leader, so that there is an election too): editing goes on.
+    let first = {
+        let etcd = etcd.clone();
+        off_runtime(move || {
+            let mut etcd = etcd.lock().unwrap();
+            let leader = etcd.leader();
+            etcd.kill(leader);
+            leader
+        })
+        .await
+    };
+    eprintln!("killed etcd member {first} (the leader)");
+    edit_all(10, 10).await;
+    all_synced("with one etcd member down").await;
+
+    // Two down: no quorum, nothing can commit, so nothing is acknowledged.
+    let second = (first + 1) % 3;
+    {
+        let etcd = etcd.clone();
+        off_runtime(move || etcd.lock().unwrap().kill(second)).await;
+    }
+    eprintln!("killed etcd member {second}: no quorum");
+    edit_all(20, 1).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (h, who) in handles() {
+        assert!(
+            !h.is_synced(),
+            "{who}'s edit made without an etcd quorum is not acknowledged (version {}, text {})",
+            h.version(),
+            h.text()
         );
     }
-    c.shutdown().await;
+    // A document no node serves yet: an `Open` is refused as unavailable, not left
+    // unanswered.
+    let mut raw = Connection::connect(nodes[0].addr, 0, "").await.unwrap();
+    raw.send(Message::Open {
+        doc: "new-without-quorum".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match raw.recv().await.unwrap().message {
+                Message::Remote { .. } | Message::PresenceState { .. } => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    match answer {
+        Ok(Message::Error { code, .. }) if code == ErrorCode::Unavailable => {}
+        other => panic!("Open without an etcd quorum: expected Error 33, got {other:?}"),
+    }
+    drop(raw);
+
+    // Both members back: every edit made throughout ends acknowledged exactly once.
+    {
+        let etcd = etcd.clone();
+        off_runtime(move || {
+            let mut etcd = etcd.lock().unwrap();
+            etcd.restart(first);
+            etcd.restart(second);
+            etcd.wait_healthy();
+        })
+        .await;
+    }
+    eprintln!("etcd members {first} and {second} restarted");
+    edit_all(21, 10).await;
+    for (name, handles, writers) in &docs {
+        check_converged(name, handles, writers, &vec![31; writers.len()]).await;
+    }
+    for (i, (name, handles, _)) in docs.iter().enumerate() {
+        let text = fresh_read(nodes[2].addr, name, handles[0].version(), 5 + i as u64).await;
+        assert_eq!(text, handles[0].text(), "{name} as a new reader sees it");
+    }
     drop(docs);
     a.shutdown().await;
     b.shutdown().await;
