@@ -409,12 +409,22 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
 
 #[test]
 fn an_owner_stopped_until_replaced_acknowledges_nothing_more() {
+    // The clients' home connections have no document of their own (every document is on
+    // the stopped node), so they hear nothing at home between pings: with the default
+    // ping interval (15 s) above the test's timeout (3 s), a client gives up every
+    // connection at its first ping and goes home, where the documents are claimed. (With
+    // pings that keep the home connection alive, see
+    // `a_stopped_owner_is_given_up_though_the_home_node_answers`.)
+    stop_owner_until_replaced(ClientConfig::new("").ping_interval);
+}
+
+fn stop_owner_until_replaced(ping_interval: Duration) {
     let _serial = one_at_a_time();
     let etcd = EtcdCluster::start();
     let root = tempfile::tempdir().unwrap();
     let mut nodes = start_nodes(&etcd, root.path());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime().block_on(edit_stop_and_check(&nodes, etcd.endpoints()))
+        runtime().block_on(edit_stop_and_check(&nodes, etcd.endpoints(), ping_interval))
     }));
     // A node left stopped would keep its port and never exit.
     nodes[2].signal(nix::sys::signal::Signal::SIGCONT);
@@ -425,13 +435,18 @@ fn an_owner_stopped_until_replaced_acknowledges_nothing_more() {
     }
 }
 
-async fn edit_stop_and_check(nodes: &[Node], etcd_endpoints: Vec<String>) {
+async fn edit_stop_and_check(nodes: &[Node], etcd_endpoints: Vec<String>, ping_interval: Duration) {
     use nix::sys::signal::Signal;
     // n2 claims the busy documents; clients at home on n0 and n1 edit them there.
     let busy: Vec<String> = (0..2).map(|i| format!("busy-{i}")).collect();
     claim_at(nodes[2].addr, &busy, 1).await;
-    let a = Client::connect(config(nodes[0].addr, 2)).await.unwrap();
-    let b = Client::connect(config(nodes[1].addr, 3)).await.unwrap();
+    let pinging = |addr, seed| {
+        let mut c = config(addr, seed);
+        c.ping_interval = ping_interval;
+        c
+    };
+    let a = Client::connect(pinging(nodes[0].addr, 2)).await.unwrap();
+    let b = Client::connect(pinging(nodes[1].addr, 3)).await.unwrap();
     a.wait_connected().await.unwrap();
     b.wait_connected().await.unwrap();
     let mut docs: Vec<Doc> = Vec::new();
@@ -630,6 +645,7 @@ async fn edit_through_etcd_failures(nodes: &[Node], etcd: Arc<Mutex<EtcdCluster>
     }
     // A document no node serves yet: an `Open` is refused as unavailable, not left
     // unanswered.
+    let asked = Instant::now();
     let mut raw = Connection::connect(nodes[0].addr, 0, "").await.unwrap();
     raw.send(Message::Open {
         doc: "new-without-quorum".into(),
@@ -647,7 +663,15 @@ async fn edit_through_etcd_failures(nodes: &[Node], etcd: Arc<Mutex<EtcdCluster>
     })
     .await;
     match answer {
-        Ok(Message::Error { code, .. }) if code == ErrorCode::Unavailable => {}
+        Ok(Message::Error {
+            code: ErrorCode::Unavailable,
+            message,
+        }) => {
+            eprintln!(
+                "Open without quorum: 33 ({message}) after {:?}",
+                asked.elapsed()
+            )
+        }
         other => panic!("Open without an etcd quorum: expected Error 33, got {other:?}"),
     }
     drop(raw);
