@@ -701,6 +701,39 @@ async fn edit_through_etcd_failures(nodes: &[Node], etcd: Arc<Mutex<EtcdCluster>
     }
     eprintln!("etcd members {first} and {second} restarted");
     edit_all(21, 10).await;
+    // If edits stay unacknowledged, what the nodes answer and etcd says, for the report.
+    let synced = tokio::time::timeout(PATIENCE, async {
+        for (h, _) in handles() {
+            h.synced().await.unwrap();
+        }
+    })
+    .await;
+    if synced.is_err() {
+        let mut seen = Vec::new();
+        for node in &nodes[..2] {
+            for doc in &docs_named {
+                let mut raw = Connection::connect(node.addr, 0, "").await.unwrap();
+                raw.send(Message::Open {
+                    doc: doc.clone(),
+                    known_version: 0,
+                })
+                .await
+                .unwrap();
+                let answer = tokio::time::timeout(Duration::from_secs(10), raw.recv()).await;
+                seen.push(format!("Open {doc} at {}: {answer:?}", node.addr));
+            }
+        }
+        let (endpoints, names) = (etcd.lock().unwrap().endpoints(), docs_named.to_vec());
+        let owned = off_runtime(move || owners(&endpoints, &names)).await;
+        let unacked: Vec<String> = handles()
+            .map(|(h, who)| format!("{who}: {:?} synced {}", h.unacked(), h.is_synced()))
+            .collect();
+        panic!(
+            "edits unacknowledged after etcd came back: {unacked:?}; owners {owned:?}; \
+             nodes at {:?}; {seen:#?}",
+            nodes.iter().map(|n| n.addr).collect::<Vec<_>>()
+        );
+    }
     for (name, handles, writers) in &docs {
         check_converged(name, handles, writers, &vec![31; writers.len()]).await;
     }
