@@ -1195,6 +1195,10 @@ impl<C: Connector> Driver<C> {
         }
         self.set_state(ConnectionState::Connected);
         let mut last_heard = Instant::now();
+        // The same for each connection to another node: a node that stops answering
+        // (stopped, cut off) while its TCP connection stays open is given up as the home
+        // one is, so that its documents start again from home (and find their new owner).
+        let mut away_heard: BTreeMap<Arc<str>, Instant> = BTreeMap::new();
         let mut next_ping = Instant::now() + self.config.ping_interval;
         loop {
             if let Some((_, deadline)) = &self.shutdown {
@@ -1223,12 +1227,22 @@ impl<C: Connector> Driver<C> {
                 (key, env) = recv_away::<C>(&mut conn.away) => match env {
                     // Any loss drops every connection: the documents start again from
                     // the home one, and are redirected again where needed.
-                    Ok(env) => self.message(&mut conn, &Some(key), env.request_id, env.message).await,
+                    Ok(env) => {
+                        away_heard.insert(key.clone(), Instant::now());
+                        self.message(&mut conn, &Some(key), env.request_id, env.message).await
+                    }
                     Err(e) => Err(Ended::Lost(format!("{key}: {e}"))),
                 },
                 _ = tokio::time::sleep_until(next_ping) => {
-                    if last_heard + self.config.timeout <= Instant::now() {
+                    let now = Instant::now();
+                    // A connection not heard from yet counts from the first tick it is seen.
+                    let silent_away = conn.away.keys().find(|key| {
+                        *away_heard.entry((*key).clone()).or_insert(now) + self.config.timeout <= now
+                    });
+                    if last_heard + self.config.timeout <= now {
                         Err(Ended::Lost(format!("nothing heard from the server for {:?}", self.config.timeout)))
+                    } else if let Some(key) = silent_away {
+                        Err(Ended::Lost(format!("nothing heard from {key} for {:?}", self.config.timeout)))
                     } else {
                         next_ping = Instant::now() + self.config.ping_interval;
                         // Every connection, so that no node times an idle one out.
@@ -1251,6 +1265,7 @@ impl<C: Connector> Driver<C> {
                 let docs = &self.docs;
                 conn.away
                     .retain(|key, _| docs.values().any(|d| d.at.as_ref() == Some(key)));
+                away_heard.retain(|key, _| conn.away.contains_key(key));
             }
         }
     }

@@ -285,7 +285,10 @@ pub struct Member<S> {
     store: S,
     keys: Keys,
     node: String,
-    lease: LeaseId,
+    /// The current lease (a new one after [`Member::reregister`]).
+    lease: std::sync::atomic::AtomicI64,
+    addr: String,
+    ttl: Duration,
     registered_at: Revision,
 }
 
@@ -311,6 +314,38 @@ impl<S: Store> Member<S> {
         if node.is_empty() {
             return Err(ClusterError::InvalidId("a node id is empty".into()));
         }
+        let (lease, revision) = Self::put_membership(&store, &keys, node, addr, ttl)?;
+        Ok(Member {
+            store,
+            keys,
+            node: node.to_owned(),
+            lease: std::sync::atomic::AtomicI64::new(lease.0),
+            addr: addr.to_owned(),
+            ttl,
+            registered_at: revision,
+        })
+    }
+
+    /// After its lease expired (etcd revoked it: a partition, a pause, etcd without a
+    /// majority for longer than the TTL): registers again under a new lease. Every
+    /// document this node owned is free by then (its owner keys went with the lease);
+    /// the caller treats everything it served as lost and claims anew.
+    pub fn reregister(&self) -> Result<(), ClusterError> {
+        let (lease, _) =
+            Self::put_membership(&self.store, &self.keys, &self.node, &self.addr, self.ttl)?;
+        self.lease
+            .store(lease.0, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// A new lease and the membership key bound to it, if no live process holds the id.
+    fn put_membership(
+        store: &S,
+        keys: &Keys,
+        node: &str,
+        addr: &str,
+        ttl: Duration,
+    ) -> Result<(LeaseId, Revision), ClusterError> {
         let lease = store.grant_lease(ttl).map_err(ClusterError::Store)?;
         let key = keys.node(node);
         let response = store
@@ -333,13 +368,7 @@ impl<S: Store> Member<S> {
             };
             return Err(ClusterError::NodeIdTaken { addr });
         }
-        Ok(Member {
-            store,
-            keys,
-            node: node.to_owned(),
-            lease,
-            registered_at: response.revision,
-        })
+        Ok((lease, response.revision))
     }
 
     /// This node's id.
@@ -360,14 +389,14 @@ impl<S: Store> Member<S> {
 
     /// This node's lease.
     pub fn lease(&self) -> LeaseId {
-        self.lease
+        LeaseId(self.lease.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Renews the lease; [`ClusterError::LeaseExpired`] once it is gone.
     pub fn keep_alive(&self) -> Result<(), ClusterError> {
         self.store
-            .keep_alive(self.lease)
-            .map_err(|e| store_error(e, self.lease))
+            .keep_alive(self.lease())
+            .map_err(|e| store_error(e, self.lease()))
     }
 
     /// Leaves the cluster: revokes the lease, which frees every document this node owns
@@ -381,8 +410,8 @@ impl<S: Store> Member<S> {
     /// commit would fail its compare anyway, the owner keys being gone).
     pub fn resign(&self) -> Result<(), ClusterError> {
         self.store
-            .revoke(self.lease)
-            .map_err(|e| store_error(e, self.lease))
+            .revoke(self.lease())
+            .map_err(|e| store_error(e, self.lease()))
     }
 
     /// The live nodes, in id order (escaped), for rendezvous hashing.
@@ -435,11 +464,11 @@ impl<S: Store> Member<S> {
                 &[Op::Put {
                     key: key.clone(),
                     value: self.node.as_bytes().to_vec(),
-                    lease: Some(self.lease),
+                    lease: Some(self.lease()),
                 }],
                 &[Op::Get { key }],
             )
-            .map_err(|e| store_error(e, self.lease))?;
+            .map_err(|e| store_error(e, self.lease()))?;
         if response.succeeded {
             // The put is the txn's only change: its revision is the key's create revision.
             return Ok(Claim::Owned(Epoch(response.revision)));
@@ -450,7 +479,7 @@ impl<S: Store> Member<S> {
                 response.results
             )));
         };
-        if owner.lease == Some(self.lease) {
+        if owner.lease == Some(self.lease()) {
             return Ok(Claim::Owned(Epoch(owner.create_revision)));
         }
         let node = String::from_utf8_lossy(&owner.value).into_owned();
@@ -494,7 +523,7 @@ impl<S: Store> Member<S> {
                 &[Op::Delete { key }],
                 &[],
             )
-            .map_err(|e| store_error(e, self.lease))?;
+            .map_err(|e| store_error(e, self.lease()))?;
         Ok(response.succeeded)
     }
 
@@ -542,7 +571,7 @@ impl<S: Store> Member<S> {
         let response = self
             .store
             .txn(&compares, &puts, &gets)
-            .map_err(|e| CommitError::Cluster(store_error(e, self.lease)))?;
+            .map_err(|e| CommitError::Cluster(store_error(e, self.lease())))?;
         if response.succeeded {
             return Ok(response.revision);
         }
@@ -700,7 +729,7 @@ impl<S: Store> Member<S> {
         let response = self
             .store
             .txn(&compares, &ops, &[])
-            .map_err(|e| CommitError::Cluster(store_error(e, self.lease)))?;
+            .map_err(|e| CommitError::Cluster(store_error(e, self.lease())))?;
         if response.succeeded {
             Ok(())
         } else {

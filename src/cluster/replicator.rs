@@ -72,8 +72,8 @@ pub enum ReplicationError {
     /// now, or owned here again after a reload. The client resends its op wherever the
     /// document is served; the dedupe table answers it if the journal has it.
     Lost(String),
-    /// This node's lease is gone from the store: it acknowledges nothing any more and
-    /// must register again (a restart).
+    /// This node's lease is gone from the store: it acknowledges nothing until it has
+    /// registered again (the keep-alive loop does so), and nothing of before then.
     LeaseExpired,
 }
 
@@ -82,7 +82,7 @@ impl std::fmt::Display for ReplicationError {
         match self {
             ReplicationError::Lost(reason) => write!(f, "the document moved: {reason}"),
             ReplicationError::LeaseExpired => {
-                f.write_str("this node's cluster lease expired; it serves nothing")
+                f.write_str("this node's cluster lease expired; it registers again")
             }
         }
     }
@@ -574,13 +574,29 @@ impl<S: Store + Send + Sync + 'static> Shared<S> {
         }
     }
 
-    /// One keep-alive: extends the lease's validity from the moment it was sent.
+    /// One keep-alive: extends the lease's validity from the moment it was sent. Once
+    /// the lease expired, a new registration instead (a new lease: every tenure before
+    /// it stays lost, as the documents' owner keys went with the old lease).
     fn renew(&self) {
         let sent = self.clock.now();
-        let result = self.member.keep_alive();
+        let expired = self.lock().expired;
+        let result = if expired {
+            self.member.reregister()
+        } else {
+            self.member.keep_alive()
+        };
         let loss = {
             let mut state = self.lock();
+            // Reported (every tenure ended) before anything is served on the new lease.
+            let mut loss = self.lease(&mut state).1;
             match result {
+                Ok(()) if expired => {
+                    tracing::info!("registered again under a new lease after the old one expired");
+                    state.expired = false;
+                    state.lapsed_below = state.next_tenure;
+                    state.valid_until = sent + self.timing.ttl - self.timing.margin;
+                    state.lapse_reported = false;
+                }
                 Ok(()) => {
                     state.valid_until = state
                         .valid_until
@@ -589,11 +605,14 @@ impl<S: Store + Send + Sync + 'static> Shared<S> {
                         state.lapse_reported = false;
                     }
                 }
-                Err(ClusterError::LeaseExpired) => state.expired = true,
+                Err(ClusterError::LeaseExpired) => {
+                    state.expired = true;
+                    loss = loss.or(self.lease(&mut state).1);
+                }
                 // Not renewed: the validity runs out by itself if this goes on.
                 Err(_) => {}
             }
-            self.lease(&mut state).1
+            loss.or(self.lease(&mut state).1)
         };
         if let Some(loss) = loss {
             (self.on_loss)(loss);
@@ -608,7 +627,7 @@ impl<S: Store + Send + Sync + 'static> Shared<S> {
                     .stop
                     .wait_timeout(state, self.timing.renew_every)
                     .unwrap_or_else(|e| e.into_inner());
-                if state.shutdown || state.expired {
+                if state.shutdown {
                     return;
                 }
             }
@@ -927,8 +946,16 @@ mod tests {
             Err(ReplicationError::LeaseExpired)
         );
         assert!(a.journal("d").is_empty());
-        let b = node(&store, "b", Drive::Manual);
-        b.claim("d");
+        // The next keep-alive registers anew: new tenures serve, the old one stays lost.
+        a.replicator.renew();
+        assert_ne!(a.replicator.member().lease(), LeaseId(0));
+        assert!(store.lease_alive(a.replicator.member().lease()));
+        let again = a.claim("d");
+        assert!(a.replicator.serving(d.1).is_err());
+        let id = a.submit("d", again, 1);
+        a.replicator.commit_next();
+        assert_eq!(a.replicator.outcome(id, again.1), Some(Ok(())));
+        assert_eq!(a.journal("d"), vec![1]);
     }
 
     #[test]
