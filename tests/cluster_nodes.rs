@@ -439,8 +439,23 @@ fn an_owner_stopped_until_replaced_acknowledges_nothing_more() {
     // The clients' home connections have no document of their own (every document is on
     // the stopped node), so they hear nothing at home between pings: with the default
     // ping interval (15 s) above the test's timeout (3 s), a client gives up every
-    // connection at its first ping and goes home, where the documents are claimed.
+    // connection at its first ping and goes home, where the documents are claimed. (With
+    // pings that keep the home connection alive, see
+    // `a_stopped_owner_is_given_up_though_the_home_node_answers`.)
     stop_owner_until_replaced(ClientConfig::new("").ping_interval);
+}
+
+/// As above, with the clients pinging below their timeout, so that their home connection
+/// stays alive: they must still give up the stopped owner (an away connection that
+/// answers nothing) and go home.
+///
+/// FAILS at this commit: the client's liveness check (src/client/handle.rs, the
+/// connection loop's `last_heard`) only counts what the home connection hears, so a
+/// stopped node that a document was redirected to is never given up while the home node
+/// answers pings; nobody claims the documents, and the owner keys stay empty.
+#[test]
+fn a_stopped_owner_is_given_up_though_the_home_node_answers() {
+    stop_owner_until_replaced(Duration::from_millis(500));
 }
 
 fn stop_owner_until_replaced(ping_interval: Duration) {
