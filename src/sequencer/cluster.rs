@@ -702,6 +702,14 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         Some(self.inner.here.clone())
     }
 
+    fn incarnation(&self, doc_id: &str) -> u64 {
+        // Tenure numbers start at 0: one more, so that "not served" (0) differs.
+        self.inner
+            .tenancy(doc_id)
+            .and_then(|t| lock(&t).map(|s| s.tenure.0 + 1))
+            .unwrap_or(0)
+    }
+
     fn storage_stats(&self) -> StorageStats {
         self.inner.local.storage_stats()
     }

@@ -250,6 +250,16 @@ pub trait Sequencer: Send + Sync + 'static {
         None
     }
 
+    /// Which load of `doc_id` the sequencer serves now: 0 for a single node (a document
+    /// is never reloaded under the server); in cluster mode a number of its tenure, new
+    /// each time the document is loaded from the store. The server's copy of a document
+    /// remembers the one it was opened under and is replaced when it differs: its
+    /// history and pending ops belong to a load that ended.
+    fn incarnation(&self, doc_id: &str) -> u64 {
+        let _ = doc_id;
+        0
+    }
+
     /// Whether this node serves `doc_id` (cluster mode: one owner node per document),
     /// asked when a session opens the document (and on other requests about a document
     /// the session does not have open), never per op: once a document is open, the

@@ -307,6 +307,8 @@ impl<S: Subscriber> State<S> {
 pub struct Document<S: Subscriber> {
     pub id: Arc<str>,
     state: Mutex<State<S>>,
+    /// The sequencer's incarnation of the document this copy was opened under.
+    pub incarnation: u64,
     limits: DocumentLimits,
 }
 
@@ -544,9 +546,21 @@ impl<S: Subscriber> Document<S> {
     /// A document whose ops up to `delivered` (the sequencer's version when it is
     /// opened) are all durable: none waits for delivery.
     pub fn new(id: Arc<str>, delivered: u64, limits: DocumentLimits) -> Self {
+        Self::with_incarnation(id, delivered, limits, 0)
+    }
+
+    /// [`Document::new`] for the sequencer's `incarnation` of the document
+    /// ([`Sequencer::incarnation`]).
+    pub fn with_incarnation(
+        id: Arc<str>,
+        delivered: u64,
+        limits: DocumentLimits,
+        incarnation: u64,
+    ) -> Self {
         Document {
             id,
             limits,
+            incarnation,
             state: Mutex::new(State {
                 history: VecDeque::new(),
                 broken_pipelines: HashSet::new(),
@@ -856,9 +870,9 @@ impl<S: Subscriber> Document<S> {
         // Every op of this document is sequenced under its lock, held here: the
         // sequencer's version cannot move until the op is sequenced and queued.
         let version = sequencer.version(&self.id);
-        if job.at != version {
+        if job.at != version || sequencer.incarnation(&self.id) != self.incarnation {
             // Cluster mode: the sequencer reloaded the document under this copy (see
-            // `Sequencer::here`): the copy is stale; its sessions open it again.
+            // `Sequencer::incarnation`): the copy is stale; its sessions open it again.
             if let Some(here) = sequencer.here() {
                 return Err(SubmitOutcome::Moved(here));
             }

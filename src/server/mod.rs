@@ -209,11 +209,20 @@ impl<S: Sequencer> Server<S> {
     /// nobody can sequence an op for it meanwhile (ops go through its `Document`).
     fn subscribe(&self, id: &str, outbox: outbox::Outbox) -> Arc<Document<outbox::Outbox>> {
         let mut docs = self.documents();
+        let incarnation = self.sequencer.incarnation(id);
         if let Some(doc) = docs.get(id) {
-            doc.subscribe(outbox);
-            return doc.clone();
+            if doc.incarnation == incarnation {
+                doc.subscribe(outbox);
+                return doc.clone();
+            }
+            // Opened under a load of the document that ended (cluster mode): its
+            // sessions open it again, here, and get the new one.
+            if let Some(here) = self.sequencer.here() {
+                let stale = docs.remove(id).expect("found above");
+                stale.moved(here);
+            }
         }
-        let doc = Arc::new(Document::new(
+        let doc = Arc::new(Document::with_incarnation(
             Arc::from(id),
             self.sequencer.version(id),
             document::DocumentLimits {
@@ -221,6 +230,7 @@ impl<S: Sequencer> Server<S> {
                 max_frame: self.config.max_frame,
                 history_window: self.config.history_window,
             },
+            incarnation,
         ));
         docs.insert(doc.id.clone(), doc.clone());
         doc.subscribe(outbox);
