@@ -1,5 +1,6 @@
-//! The cluster's sequencer on two nodes over one in-memory stand-in for etcd: a
-//! document is placed on the node that claims it, its ops reach the journal before
+//! The cluster's sequencer on two or three nodes over one in-memory stand-in for etcd: a
+//! document is placed on its preferred owner (rendezvous hashing), its ops reach the
+//! journal before
 //! they are acknowledged, and when its owner's lease expires the other node claims it,
 //! loads it from the store (never from its own log) and answers resends with their
 //! original seqs; the old owner acknowledges nothing more of it.
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use quire::cluster::hashing::preferred_owner;
 use quire::cluster::mem_store::MemStore;
 use quire::cluster::ownership::{Keys, Member};
 use quire::cluster::replicator::{Clock, Drive, LeaseTiming, Replicator};
@@ -92,6 +94,14 @@ fn op(client: u64, local_seq: u64, base: u64, ins: &str) -> SubmitOp {
     }
 }
 
+/// A document name whose preferred owner among `nodes` is `node`.
+fn doc_for(node: &str, nodes: &[&str]) -> String {
+    (0..)
+        .map(|i| format!("d{i}"))
+        .find(|d| preferred_owner(d, nodes.iter().copied()) == Some(node))
+        .unwrap()
+}
+
 fn route(node: &Node, doc: &str) -> Route {
     node.seq.place(doc).expect("placed")
 }
@@ -100,22 +110,23 @@ fn route(node: &Node, doc: &str) -> Route {
 async fn a_document_fails_over_with_every_acknowledged_op_and_resends_answered() {
     let store = Arc::new(MemStore::new());
     let (a, b) = (node(&store, "a"), node(&store, "b"));
-    assert_eq!(route(&a, "d"), Route::Here);
-    match route(&b, "d") {
+    let d = doc_for("a", &["a", "b"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    match route(&b, &d) {
         Route::Elsewhere(owner) => assert_eq!(&*owner.addr, a.addr),
         Route::Here => panic!("two owners"),
     }
     // Five ops on a, each acknowledged once in the journal and on a's disk.
     for i in 1..=5u64 {
         let Submitted::Applied { seq, ticket } =
-            a.seq.submit("d", op(1, i, i - 1, &i.to_string())).unwrap()
+            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
         else {
             panic!("a new op");
         };
         assert_eq!(seq, i);
         a.seq.wait_durable(ticket).await.expect("acknowledged");
     }
-    let text_at_a = a.seq.read("d").await.unwrap().unwrap();
+    let text_at_a = a.seq.read(&d).await.unwrap().unwrap();
     assert_eq!((text_at_a.text.as_str(), text_at_a.version), ("54321", 5));
     // a stops renewing (a pause), b renews: a's lease expires in the store, and a's own
     // clock says so too.
@@ -124,39 +135,40 @@ async fn a_document_fails_over_with_every_acknowledged_op_and_resends_answered()
     store.advance(TTL / 2);
     a.clock.advance(TTL);
     assert!(matches!(
-        a.seq.submit("d", op(1, 6, 5, "x")),
+        a.seq.submit(&d, op(1, 6, 5, "x")),
         Err(SubmitError::Moved(_))
     ));
     // b claims it and loads it from the store.
-    assert_eq!(route(&b, "d"), Route::Here);
-    let at_b = b.seq.read("d").await.unwrap().unwrap();
+    assert_eq!(route(&b, &d), Route::Here);
+    let at_b = b.seq.read(&d).await.unwrap().unwrap();
     assert_eq!(at_b, text_at_a);
     // A resend of an acknowledged op gets its original seq; a new op goes on.
-    match b.seq.submit("d", op(1, 3, 2, "3")).unwrap() {
+    match b.seq.submit(&d, op(1, 3, 2, "3")).unwrap() {
         Submitted::Duplicate { seq, ticket } => {
             assert_eq!(seq, 3);
             b.seq.wait_durable(ticket).await.expect("durable");
         }
         other => panic!("{other:?}"),
     }
-    let Submitted::Applied { seq: 6, ticket } = b.seq.submit("d", op(2, 1, 5, "b")).unwrap() else {
+    let Submitted::Applied { seq: 6, ticket } = b.seq.submit(&d, op(2, 1, 5, "b")).unwrap() else {
         panic!("op 6");
     };
     b.seq.wait_durable(ticket).await.unwrap();
-    assert_eq!(b.seq.read("d").await.unwrap().unwrap().text, "b54321");
+    assert_eq!(b.seq.read(&d).await.unwrap().unwrap().text, "b54321");
     // a hears of its loss, evicts the document and says where it went.
     let mut moved = a.seq.moved().unwrap();
     assert!(a.seq.handle_losses() >= 1);
     let (doc, owner) = moved.try_recv().expect("a move");
-    assert_eq!((&*doc, &*owner.addr), ("d", b.addr.as_str()));
+    assert_eq!((&*doc, &*owner.addr), (d.as_str(), b.addr.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_replaced_behind_its_back_acknowledges_nothing_and_writes_nothing() {
     let store = Arc::new(MemStore::new());
     let (a, b) = (node(&store, "a"), node(&store, "b"));
-    assert_eq!(route(&a, "d"), Route::Here);
-    let Submitted::Applied { ticket, .. } = a.seq.submit("d", op(1, 1, 0, "a")).unwrap() else {
+    let d = doc_for("a", &["a", "b"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "a")).unwrap() else {
         panic!("op 1");
     };
     a.seq.wait_durable(ticket).await.unwrap();
@@ -166,31 +178,31 @@ async fn an_owner_replaced_behind_its_back_acknowledges_nothing_and_writes_nothi
     store.advance(TTL / 2);
     b.seq.replicator().renew();
     store.advance(TTL / 2);
-    assert_eq!(route(&b, "d"), Route::Here);
+    assert_eq!(route(&b, &d), Route::Here);
     let Submitted::Applied {
         ticket: b_ticket, ..
-    } = b.seq.submit("d", op(2, 1, 1, "b")).unwrap()
+    } = b.seq.submit(&d, op(2, 1, 1, "b")).unwrap()
     else {
         panic!("b's op");
     };
     b.seq.wait_durable(b_ticket).await.unwrap();
     // a sequences a late op: the fence refuses its journal write, and it is never
     // acknowledged.
-    let Ok(Submitted::Applied { ticket, .. }) = a.seq.submit("d", op(1, 2, 1, "late")) else {
+    let Ok(Submitted::Applied { ticket, .. }) = a.seq.submit(&d, op(1, 2, 1, "late")) else {
         panic!("a still believes it owns the document");
     };
     assert!(a.seq.wait_durable(ticket).await.is_err());
     // Once it heard of the loss, it sequences nothing more of it.
     a.seq.handle_losses();
     assert!(matches!(
-        a.seq.submit("d", op(1, 3, 1, "later")),
+        a.seq.submit(&d, op(1, 3, 1, "later")),
         Err(SubmitError::Moved(_))
     ));
     // The journal has b's op at seq 2, not a's.
     let c = node(&store, "c");
     store.advance(TTL / 2 + Duration::from_secs(1)); // b's lease (b renewed at TTL / 2)
-    assert_eq!(route(&c, "d"), Route::Here);
-    assert_eq!(c.seq.read("d").await.unwrap().unwrap().text, "ba");
+    assert_eq!(route(&c, &d), Route::Here);
+    assert_eq!(c.seq.read(&d).await.unwrap().unwrap().text, "ba");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,12 +222,13 @@ async fn snapshots_bound_the_journal_and_a_new_owner_keeps_history_and_dedupe() 
     use quire::cluster::store::Store;
     let store = Arc::new(MemStore::new());
     let (a, b) = (node(&store, "a"), node(&store, "b"));
-    assert_eq!(route(&a, "d"), Route::Here);
+    let d = doc_for("a", &["a", "b"]);
+    assert_eq!(route(&a, &d), Route::Here);
     const OPS: u64 = 23;
     for i in 1..=OPS {
         let Submitted::Applied { ticket, .. } = a
             .seq
-            .submit("d", op(1, i, i - 1, &format!("<{i}>")))
+            .submit(&d, op(1, i, i - 1, &format!("<{i}>")))
             .unwrap()
         else {
             panic!("op {i}");
@@ -225,29 +238,29 @@ async fn snapshots_bound_the_journal_and_a_new_owner_keeps_history_and_dedupe() 
     }
     let keys = Keys::new("/quire");
     let count = |prefix: String| store.get_prefix(&prefix, None, 1000).unwrap().kvs.len() as u64;
-    let (journal, snapshots) = (count(keys.journal("d")), count(keys.snapshots("d")));
+    let (journal, snapshots) = (count(keys.journal(&d)), count(keys.snapshots(&d)));
     assert_eq!(snapshots, 2, "the newest snapshot and the one before it");
     assert!(
         journal <= 2 * SNAPSHOT_EVERY,
         "{journal} journal entries: truncated through the previous snapshot"
     );
-    let at_a = a.seq.read("d").await.unwrap().unwrap();
+    let at_a = a.seq.read(&d).await.unwrap().unwrap();
     // Failover to b.
     store.advance(TTL / 2);
     b.seq.replicator().renew();
     store.advance(TTL / 2);
     a.clock.advance(TTL);
-    assert_eq!(route(&b, "d"), Route::Here);
-    assert_eq!(b.seq.read("d").await.unwrap().unwrap(), at_a);
+    assert_eq!(route(&b, &d), Route::Here);
+    assert_eq!(b.seq.read(&d).await.unwrap().unwrap(), at_a);
     // An op long covered by a snapshot (and gone from the journal) is still known.
-    match b.seq.submit("d", op(1, 2, 1, "<2>")).unwrap() {
+    match b.seq.submit(&d, op(1, 2, 1, "<2>")).unwrap() {
         Submitted::Duplicate { seq, .. } => assert_eq!(seq, 2),
         other => panic!("{other:?}"),
     }
     // b has at least a snapshot interval of history to transform late ops over.
     let history = b
         .seq
-        .ops_after("d", OPS - SNAPSHOT_EVERY, 100)
+        .ops_after(&d, OPS - SNAPSHOT_EVERY, 100)
         .unwrap()
         .expect("the ops since the older snapshot are kept");
     assert_eq!(history.len() as u64, SNAPSHOT_EVERY);
@@ -258,12 +271,13 @@ async fn snapshots_bound_the_journal_and_a_new_owner_keeps_history_and_dedupe() 
 async fn a_drained_node_hands_its_documents_to_the_preferred_other_node() {
     let store = Arc::new(MemStore::new());
     let (a, b) = (node(&store, "a"), node(&store, "b"));
+    let d = doc_for("a", &["a", "b"]);
     let mut moved = a.seq.moved().unwrap();
-    assert_eq!(route(&a, "d"), Route::Here);
+    assert_eq!(route(&a, &d), Route::Here);
     let mut tickets = Vec::new();
     for i in 1..=4u64 {
         let Submitted::Applied { ticket, .. } =
-            a.seq.submit("d", op(1, i, i - 1, &i.to_string())).unwrap()
+            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
         else {
             panic!("op {i}");
         };
@@ -280,19 +294,132 @@ async fn a_drained_node_hands_its_documents_to_the_preferred_other_node() {
     let (doc, owner) = moved.try_recv().expect("the sessions are redirected");
     assert_eq!(
         (&*doc, &*owner.addr),
-        ("d", b.addr.as_str()),
+        (d.as_str(), b.addr.as_str()),
         "to the only other node"
     );
     // Nothing more here; a new Open is sent on.
     assert!(matches!(
-        a.seq.submit("d", op(1, 5, 4, "x")),
+        a.seq.submit(&d, op(1, 5, 4, "x")),
         Err(SubmitError::Moved(_))
     ));
-    match route(&a, "d") {
+    match route(&a, &d) {
         Route::Elsewhere(owner) => assert_eq!(&*owner.addr, b.addr),
         Route::Here => panic!("a drained node places nothing"),
     }
     // b claims it at once (released, not expired) with every op.
-    assert_eq!(route(&b, "d"), Route::Here);
-    assert_eq!(b.seq.read("d").await.unwrap().unwrap().text, "4321");
+    assert_eq!(route(&b, &d), Route::Here);
+    assert_eq!(b.seq.read(&d).await.unwrap().unwrap().text, "4321");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_is_placed_on_its_preferred_owner_wherever_it_is_opened() {
+    let store = Arc::new(MemStore::new());
+    let nodes = [node(&store, "a"), node(&store, "b"), node(&store, "c")];
+    let names = ["a", "b", "c"];
+    let mut placed = [0; 3];
+    for i in 0..30 {
+        let doc = format!("doc-{i}");
+        let preferred = preferred_owner(&doc, names).unwrap();
+        let p = names.iter().position(|n| *n == preferred).unwrap();
+        // Opened first at the next node: sent to the preferred owner, which claims it.
+        let first = &nodes[(p + 1) % 3];
+        match route(first, &doc) {
+            Route::Elsewhere(owner) => assert_eq!(&*owner.addr, nodes[p].addr, "{doc}"),
+            Route::Here => panic!("{doc} claimed by a node it does not prefer"),
+        }
+        assert_eq!(route(&nodes[p], &doc), Route::Here, "{doc}");
+        // Every other node sends its clients there.
+        for (j, other) in nodes.iter().enumerate().filter(|(j, _)| *j != p) {
+            match route(other, &doc) {
+                Route::Elsewhere(owner) => assert_eq!(&*owner.addr, nodes[p].addr),
+                Route::Here => panic!("{doc} has two owners ({j})"),
+            }
+        }
+        placed[p] += 1;
+    }
+    assert!(
+        placed.iter().all(|n| *n > 0),
+        "spread over the nodes: {placed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_takes_the_documents_it_is_preferred_for_with_every_op() {
+    let store = Arc::new(MemStore::new());
+    let (a, b) = (node(&store, "a"), node(&store, "b"));
+    let mut moved = a.seq.moved().unwrap();
+    // Documents on a; some will prefer c once it joins, some will not.
+    let docs: Vec<String> = (0..12)
+        .map(|i| format!("j{i}"))
+        .filter(|d| preferred_owner(d, ["a", "b"]) == Some("a"))
+        .collect();
+    let to_c: Vec<&String> = docs
+        .iter()
+        .filter(|d| preferred_owner(d, ["a", "b", "c"]) == Some("c"))
+        .collect();
+    assert!(!to_c.is_empty() && to_c.len() < docs.len(), "{docs:?}");
+    let mut tickets = Vec::new();
+    for doc in &docs {
+        assert_eq!(route(&a, doc), Route::Here);
+        for i in 1..=3u64 {
+            let Submitted::Applied { ticket, .. } =
+                a.seq.submit(doc, op(1, i, i - 1, &i.to_string())).unwrap()
+            else {
+                panic!("{doc}: op {i}");
+            };
+            tickets.push(ticket);
+        }
+    }
+    assert_eq!(a.seq.rebalance(), 0, "nothing prefers another node");
+    let c = node(&store, "c");
+    // c is counted once it has been seen live twice (a node coming and going pulls
+    // nothing).
+    assert_eq!(a.seq.rebalance(), 0);
+    assert_eq!(a.seq.rebalance(), to_c.len());
+    assert_eq!(a.seq.rebalance(), 0, "moved once");
+    // Every op queued before the handover is acknowledged.
+    for ticket in tickets {
+        a.seq.wait_durable(ticket).await.expect("acknowledged");
+    }
+    let mut went: Vec<(String, String)> = std::iter::from_fn(|| moved.try_recv().ok())
+        .map(|(doc, owner)| (doc.to_string(), owner.addr.to_string()))
+        .collect();
+    went.sort();
+    let mut expected: Vec<(String, String)> = to_c
+        .iter()
+        .map(|d| (d.to_string(), c.addr.clone()))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        went, expected,
+        "the sessions of the moved documents sent to c"
+    );
+    for doc in &docs {
+        if to_c.contains(&doc) {
+            assert!(matches!(
+                a.seq.submit(doc, op(1, 4, 3, "x")),
+                Err(SubmitError::Moved(_))
+            ));
+            match route(&a, doc) {
+                Route::Elsewhere(owner) => assert_eq!(&*owner.addr, c.addr),
+                Route::Here => panic!("{doc} came back"),
+            }
+            assert_eq!(route(&c, doc), Route::Here);
+            assert_eq!(c.seq.read(doc).await.unwrap().unwrap().text, "321");
+        } else {
+            assert_eq!(route(&a, doc), Route::Here, "{doc} stays");
+            assert_eq!(a.seq.read(doc).await.unwrap().unwrap().text, "321");
+        }
+    }
+    // A drained node is not live for placement: a document it would be preferred for
+    // goes to the others.
+    assert_eq!(b.seq.drain(), 0);
+    let doc = doc_for("b", &["a", "b", "c"]);
+    let now = preferred_owner(&doc, ["a", "c"]).unwrap();
+    let (home, there) = if now == "a" { (&c, &a) } else { (&a, &c) };
+    match route(home, &doc) {
+        Route::Elsewhere(owner) => assert_eq!(&*owner.addr, there.addr),
+        Route::Here => panic!("{doc} is not preferred here"),
+    }
+    assert_eq!(route(there, &doc), Route::Here);
 }

@@ -414,6 +414,23 @@ impl<S: Store> Member<S> {
             .map_err(|e| store_error(e, self.lease()))
     }
 
+    /// Stops being a live node for placement (the drain at SIGTERM): the membership key
+    /// is deleted, the lease and the documents owned under it stay until each is
+    /// released (or [`Member::resign`]). Other nodes then place no new document here,
+    /// and see the documents still owned here as owned by a node that is leaving.
+    pub fn withdraw(&self) -> Result<(), ClusterError> {
+        self.store
+            .txn(
+                &[],
+                &[Op::Delete {
+                    key: self.keys.node(&self.node),
+                }],
+                &[],
+            )
+            .map_err(|e| store_error(e, self.lease()))?;
+        Ok(())
+    }
+
     /// The live nodes, in id order (escaped), for rendezvous hashing.
     pub fn live_nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
         let prefix = self.keys.nodes();
@@ -916,6 +933,34 @@ mod tests {
             .collect();
         assert_eq!(ids, ["b"]);
         owned(b.claim("d").unwrap());
+    }
+
+    #[test]
+    fn a_withdrawn_node_is_not_live_and_keeps_its_documents_until_it_releases_them() {
+        let store = Arc::new(MemStore::new());
+        let (a, b) = (member(&store, "a"), member(&store, "b"));
+        let epoch = owned(a.claim("d").unwrap());
+        a.withdraw().unwrap();
+        let ids: Vec<String> = b
+            .live_nodes()
+            .unwrap()
+            .into_iter()
+            .map(|n| n.node)
+            .collect();
+        assert_eq!(ids, ["b"]);
+        // Still a's, as a node that is leaving: no address to send clients to.
+        assert_eq!(b.owner("d").unwrap(), None);
+        assert_eq!(
+            b.claim("d").unwrap(),
+            Claim::OwnedBy {
+                node: "a".into(),
+                addr: None
+            }
+        );
+        // a's lease holds (its commits are still fenced by it) until it releases.
+        a.keep_alive().unwrap();
+        assert!(a.release("d", epoch).unwrap());
+        assert!(owned(b.claim("d").unwrap()) > epoch);
     }
 
     #[test]

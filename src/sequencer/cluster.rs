@@ -2,8 +2,15 @@
 //! under a [`Replicator`] that puts every op in the coordination store's journal before
 //! it may be acknowledged. The server does not change: this is the [`Sequencer`] seam.
 //!
+//! **Placement.** A document nobody owns is claimed by its preferred owner among the
+//! live nodes (rendezvous hashing, [`crate::cluster::hashing`]): an `Open` elsewhere is
+//! redirected there. A node that joins takes the documents it is now preferred for: each
+//! node looks every second and hands those over ([`ClusterSequencer::rebalance`]),
+//! as a draining node hands over all of its documents ([`ClusterSequencer::drain`]).
+//!
 //! **A document's life on a node.** [`Sequencer::route`] (at `Open`) claims the
-//! document if nobody owns it; if this node owns it (now or already), it loads it from
+//! document if nobody owns it and this node is its preferred owner; if this node owns it
+//! (now or already), it loads it from
 //! the store (the newest snapshot and the journal after it) and installs it in the local
 //! sequencer in place of whatever the local log had of it ([`LocalSequencer::install`]),
 //! in a new tenure. From then on a submit is sequenced by the local sequencer (the
@@ -24,10 +31,10 @@
 //! from this node's registration revision, which no other registration shares (see
 //! [`ClusterSequencer::assign_client_id`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::local::LocalSequencer;
 use super::{
@@ -67,6 +74,25 @@ struct Serving {
 
 type Tenancy = Arc<Mutex<Option<Serving>>>;
 
+/// Where a claim left a document.
+enum Placed {
+    /// Claimed here, in this epoch.
+    Claimed(Epoch),
+    /// Served (or to be claimed) by that node.
+    Elsewhere(Owner),
+}
+
+/// How long a handover may wait for a document's queued journal writes to resolve, and
+/// an `Open` for a document being handed over (here, or by a draining owner) for the
+/// handover to finish. Past it the handover goes on (the journal's fencing refuses the
+/// writes still queued) and the `Open` is answered "unavailable, retry".
+const HAND_OVER_PATIENCE: Duration = Duration::from_secs(10);
+/// The interval at which those waits look again.
+const POLL: Duration = Duration::from_millis(2);
+/// How often a node looks for documents whose preferred owner is now another node
+/// ([`ClusterSequencer::rebalance`]).
+const REBALANCE_EVERY: Duration = Duration::from_secs(1);
+
 /// A document that moved away from this node, and its owner as far as known.
 pub type Moved = (Arc<str>, Owner);
 
@@ -97,6 +123,11 @@ struct Inner<S: Store + Send + Sync + 'static> {
     snapshots: Mutex<std::collections::VecDeque<Arc<str>>>,
     /// Draining ([`ClusterSequencer::drain`]): nothing new is placed here.
     draining: std::sync::atomic::AtomicBool,
+    /// Documents being handed to another node ([`Inner::hand_over`]): not served here any
+    /// more, still owned here until their queued journal writes resolved.
+    handing_over: Mutex<HashSet<Arc<str>>>,
+    /// The live nodes of the previous rebalance ([`ClusterSequencer::rebalance`]).
+    seen_nodes: Mutex<Vec<String>>,
 }
 
 /// The sequencer of cluster mode (module notes).
@@ -153,6 +184,8 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             snapshot_every_ops,
             snapshots: Mutex::new(std::collections::VecDeque::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            handing_over: Mutex::new(HashSet::new()),
+            seen_nodes: Mutex::new(Vec::new()),
         });
         let losses = if handle_losses {
             let weak = Arc::downgrade(&inner);
@@ -216,6 +249,7 @@ fn loss_loop<S: Store + Send + Sync + 'static>(
     inner: Weak<Inner<S>>,
     losses: mpsc::Receiver<Loss>,
 ) {
+    let mut last_rebalance = Instant::now();
     loop {
         let loss = match losses.recv_timeout(Duration::from_millis(200)) {
             Ok(loss) => Some(loss),
@@ -229,6 +263,10 @@ fn loss_loop<S: Store + Send + Sync + 'static>(
             inner.handle(loss);
         }
         inner.write_snapshots();
+        if last_rebalance.elapsed() >= REBALANCE_EVERY {
+            inner.rebalance();
+            last_rebalance = Instant::now();
+        }
     }
 }
 
@@ -249,7 +287,22 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             .entry(Arc::from(doc_id))
             .or_default()
             .clone();
-        let mut serving = lock(&tenancy);
+        // Being handed over (checked under the tenancy lock, which the handover takes to
+        // begin): not claimed again before its queued writes resolved and it is
+        // released. The `Open` waits for that rather than being refused (this runs on a
+        // blocking thread).
+        let patience = Instant::now() + HAND_OVER_PATIENCE;
+        let mut serving = loop {
+            let serving = lock(&tenancy);
+            if !lock(&self.handing_over).contains(doc_id) {
+                break serving;
+            }
+            drop(serving);
+            if Instant::now() > patience {
+                return Err(unavailable(&"it is being handed to another node; retry"));
+            }
+            std::thread::sleep(POLL);
+        };
         if let Some(s) = *serving {
             if self.replicator.serving(s.tenure).is_ok() {
                 return Ok(Route::Here);
@@ -264,15 +317,18 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             return Err(unavailable(&"it is being reloaded; retry"));
         }
         let member = self.replicator.member();
-        let epoch = match member.claim(doc_id).map_err(|e| unavailable(&e))? {
-            Claim::Owned(epoch) => epoch,
-            Claim::OwnedBy { node, addr } => {
+        // Placement: a document nobody serves is claimed by its preferred owner among the
+        // live nodes (rendezvous hashing), so documents spread evenly over the nodes.
+        let placed = match self.placed_elsewhere(doc_id).map_err(|e| unavailable(&e))? {
+            Some(owner) => Placed::Elsewhere(owner),
+            None => self.claim(doc_id).map_err(|e| unavailable(&e))?,
+        };
+        let epoch = match placed {
+            Placed::Claimed(epoch) => epoch,
+            Placed::Elsewhere(owner) => {
                 drop(serving);
                 self.forget_if_idle(doc_id, &tenancy);
-                let Some(addr) = addr else {
-                    return Err(unavailable(&format!("its owner {node:?} is leaving")));
-                };
-                return Ok(Route::Elsewhere(owner_at(&addr)));
+                return Ok(Route::Elsewhere(owner));
             }
         };
         // The tenure begins before the load: a lapse meanwhile ends it.
@@ -305,6 +361,51 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             last_snapshot: snapshot_seq,
         });
         Ok(Route::Here)
+    }
+
+    /// Where a document not served here goes if this node is not its preferred owner:
+    /// its owner if it has one, else the preferred owner, which claims it at its `Open`
+    /// (`None`: this node claims it).
+    fn placed_elsewhere(&self, doc_id: &str) -> Result<Option<Owner>, ClusterError> {
+        let member = self.replicator.member();
+        let nodes = member.live_nodes()?;
+        let preferred =
+            crate::cluster::hashing::preferred_owner(doc_id, nodes.iter().map(|n| n.node.as_str()));
+        let Some(preferred) = nodes.iter().find(|n| Some(n.node.as_str()) == preferred) else {
+            return Ok(None);
+        };
+        if preferred.node == member.node() {
+            return Ok(None);
+        }
+        Ok(match member.owner(doc_id)? {
+            // Owned here under the current lease (a claim whose answer was lost): the
+            // claim finds its epoch.
+            Some(owner) if owner.node == member.node() => None,
+            Some(owner) => Some(owner_at(&owner.addr)),
+            None => Some(owner_at(&preferred.addr)),
+        })
+    }
+
+    /// Claims `doc_id`, or finds where it is served. An owner that is leaving (draining:
+    /// its ownership about to be released) is waited for, up to [`HAND_OVER_PATIENCE`],
+    /// rather than refusing the `Open`.
+    fn claim(&self, doc_id: &str) -> Result<Placed, String> {
+        let member = self.replicator.member();
+        let patience = Instant::now() + HAND_OVER_PATIENCE;
+        loop {
+            match member.claim(doc_id).map_err(|e| e.to_string())? {
+                Claim::Owned(epoch) => return Ok(Placed::Claimed(epoch)),
+                Claim::OwnedBy {
+                    addr: Some(addr), ..
+                } => return Ok(Placed::Elsewhere(owner_at(&addr))),
+                Claim::OwnedBy { node, addr: None } => {
+                    if Instant::now() > patience {
+                        return Err(format!("its owner {node:?} is leaving; retry"));
+                    }
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
     }
 
     /// Drops the tenancy entry of a document not served here (bounded memory: only
@@ -445,11 +546,113 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         }
     }
 
+    /// Hands `docs` over: each stops taking ops at once (a submit is answered
+    /// [`SubmitError::Moved`], so its client comes back through `Open`); once its queued
+    /// journal writes resolved (all documents waited for together, up to
+    /// [`HAND_OVER_PATIENCE`]), its ownership is released in the store, it is evicted,
+    /// and its sessions are sent to `to(doc)`, which claims it at their `Open`. Every op
+    /// acknowledged here is in the journal the next owner loads; an op still queued past
+    /// the patience fails its fence and is never acknowledged. Blocking. The count.
+    fn hand_over(&self, docs: Vec<(Arc<str>, Tenancy)>, to: impl Fn(&str) -> Owner) -> usize {
+        let mut stopped = Vec::with_capacity(docs.len());
+        for (doc, tenancy) in docs {
+            let mut serving = lock(&tenancy);
+            // Lost already: the loss handler evicts it and says where it went.
+            let Some(s) = serving.filter(|s| self.replicator.serving(s.tenure).is_ok()) else {
+                continue;
+            };
+            *serving = None;
+            // Before the tenancy lock goes: an `Open` here meanwhile waits (`place`).
+            lock(&self.handing_over).insert(doc.clone());
+            drop(serving);
+            stopped.push((doc, tenancy, s));
+        }
+        let patience = Instant::now() + HAND_OVER_PATIENCE;
+        for (doc, _, s) in &stopped {
+            let Some(last) = s.last_op else { continue };
+            while self.replicator.outcome(last, s.tenure).is_none() {
+                if Instant::now() > patience {
+                    tracing::warn!(doc = &**doc, "handing over with journal writes unresolved");
+                    break;
+                }
+                std::thread::sleep(POLL);
+            }
+        }
+        let member = self.replicator.member();
+        let handed = stopped.len();
+        for (doc, tenancy, s) in stopped {
+            if let Err(e) = member.release(&doc, s.epoch) {
+                tracing::warn!(doc = &*doc, "releasing a document handed over: {e}");
+            }
+            if let Err(e) = self.local.evict(&doc) {
+                tracing::warn!(doc = &*doc, "evicting a document handed over: {e}");
+            }
+            lock(&self.handing_over).remove(&doc);
+            self.forget_if_idle(&doc, &tenancy);
+            let owner = to(&doc);
+            tracing::info!(doc = &*doc, to = &*owner.addr, "document handed over");
+            let _ = self.moved.send((doc, owner));
+        }
+        handed
+    }
+
+    fn rebalance(&self) -> usize {
+        if self.draining.load(Ordering::SeqCst) {
+            return 0;
+        }
+        let member = self.replicator.member();
+        let nodes = match member.live_nodes() {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                tracing::debug!("rebalance: {e}");
+                return 0;
+            }
+        };
+        let ids: Vec<String> = nodes.iter().map(|n| n.node.clone()).collect();
+        let previous = std::mem::replace(&mut *lock(&self.seen_nodes), ids);
+        let steady: Vec<&crate::cluster::ownership::NodeInfo> = nodes
+            .iter()
+            .filter(|n| n.node == member.node() || previous.contains(&n.node))
+            .collect();
+        if !steady.iter().any(|n| n.node == member.node()) {
+            // Not live itself (its lease lapsed and it registers again): the loss
+            // handler deals with its documents.
+            return 0;
+        }
+        let preferred = |doc: &str| {
+            let id = crate::cluster::hashing::preferred_owner(
+                doc,
+                steady.iter().map(|n| n.node.as_str()),
+            );
+            steady.iter().find(|n| Some(n.node.as_str()) == id).copied()
+        };
+        let moving: Vec<(Arc<str>, Tenancy)> = lock(&self.docs)
+            .iter()
+            .filter(|(doc, _)| preferred(doc).is_some_and(|p| p.node != member.node()))
+            .map(|(d, t)| (d.clone(), t.clone()))
+            .collect();
+        if moving.is_empty() {
+            return 0;
+        }
+        tracing::info!(
+            documents = moving.len(),
+            "rebalancing: documents go to their preferred owners"
+        );
+        self.hand_over(moving, |doc| {
+            preferred(doc).map_or_else(|| self.here.clone(), |p| owner_at(&p.addr))
+        })
+    }
+
     /// The node a drained document goes to: its preferred owner among the other live
     /// nodes; this node if there is none (its clients then come back and find it gone).
     fn successor(&self, doc: &str) -> Owner {
+        let nodes = self.replicator.member().live_nodes().unwrap_or_default();
+        self.successor_among(doc, &nodes)
+    }
+
+    /// [`Inner::successor`] among `nodes` (the live nodes, read once for many documents).
+    fn successor_among(&self, doc: &str, nodes: &[crate::cluster::ownership::NodeInfo]) -> Owner {
         let member = self.replicator.member();
-        let nodes = member.live_nodes().unwrap_or_default();
         let others = nodes.iter().filter(|n| n.node != member.node());
         let preferred =
             crate::cluster::hashing::preferred_owner(doc, others.clone().map(|n| n.node.as_str()));
@@ -572,46 +775,31 @@ impl<S: Store + Clone + Send + Sync + 'static> ClusterSequencer<S> {
 
 impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
     /// Hands every document served here to its preferred owner among the other live
-    /// nodes (SIGTERM): from now on nothing new is placed here and `Open` is redirected;
-    /// each document stops taking ops, its queued journal writes finish, its ownership
-    /// is released in the store and its sessions are redirected (through
-    /// [`ClusterSequencer::moved`]) to the node that will claim it at their `Open`.
-    /// Blocking. The number of documents handed over.
+    /// nodes (SIGTERM): from now on nothing new is placed here, `Open` is redirected and
+    /// the other nodes no longer count this one as live; each document is handed over
+    /// (each stops taking ops, finishes its journal writes, is released, and its sessions
+    /// are redirected). Blocking. The number of documents handed over.
     pub fn drain(&self) -> usize {
         let inner = &self.inner;
         inner.draining.store(true, Ordering::SeqCst);
+        if let Err(e) = inner.replicator.member().withdraw() {
+            tracing::warn!("withdrawing from placement: {e}");
+        }
         let docs: Vec<(Arc<str>, Tenancy)> = lock(&inner.docs)
             .iter()
             .map(|(d, t)| (d.clone(), t.clone()))
             .collect();
-        let mut handed = 0;
-        for (doc, tenancy) in docs {
-            let mut serving = lock(&tenancy);
-            let Some(s) = serving.take() else { continue };
-            // Its last op resolved (committed or failed) before the release: a new owner
-            // loads everything this node acknowledged.
-            if let Some(last) = s.last_op {
-                let patience = std::time::Instant::now() + Duration::from_secs(10);
-                while inner.replicator.outcome(last, s.tenure).is_none()
-                    && std::time::Instant::now() < patience
-                {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-            let member = inner.replicator.member();
-            if let Err(e) = member.release(&doc, s.epoch) {
-                tracing::warn!(doc = &*doc, "releasing a drained document: {e}");
-            }
-            if let Err(e) = inner.local.evict(&doc) {
-                tracing::warn!(doc = &*doc, "evicting a drained document: {e}");
-            }
-            drop(serving);
-            let owner = inner.successor(&doc);
-            tracing::info!(doc = &*doc, to = &*owner.addr, "document handed over");
-            let _ = inner.moved.send((doc, owner));
-            handed += 1;
-        }
-        handed
+        let nodes = inner.replicator.member().live_nodes().unwrap_or_default();
+        inner.hand_over(docs, |doc| inner.successor_among(doc, &nodes))
+    }
+
+    /// Hands the documents served here whose preferred owner among the live nodes is now
+    /// another node (one joined) to that node, as [`ClusterSequencer::drain`] does. Only
+    /// nodes live at the previous call too count, so that a node coming and going does
+    /// not pull documents back and forth. A background thread calls it every second;
+    /// blocking. The number of documents handed over.
+    pub fn rebalance(&self) -> usize {
+        self.inner.rebalance()
     }
 
     /// Leaves the cluster: the queued ops are committed (or fail), then the lease is
