@@ -423,3 +423,29 @@ async fn a_node_joining_takes_the_documents_it_is_preferred_for_with_every_op() 
     }
     assert_eq!(route(there, &doc), Route::Here);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_never_waited_for_are_bounded() {
+    use quire::sequencer::cluster::MAX_PENDING_TICKETS;
+    let store = Arc::new(MemStore::new());
+    let a = node(&store, "a");
+    let d = doc_for("a", &["a"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "x")).unwrap() else {
+        panic!("op 1");
+    };
+    a.seq.wait_durable(ticket).await.unwrap();
+    assert_eq!(a.seq.pending_tickets(), 0, "a waited ticket is gone");
+    // Reads whose sessions ended before waiting: their tickets stay, up to the bound.
+    let mut first = None;
+    let mut last = None;
+    for _ in 0..MAX_PENDING_TICKETS + 10 {
+        let (_, ticket) = a.seq.read_now(&d, None).unwrap().unwrap();
+        first.get_or_insert(ticket);
+        last = Some(ticket);
+    }
+    assert_eq!(a.seq.pending_tickets(), MAX_PENDING_TICKETS);
+    // The newest still waits as it should; the oldest, dropped, fails instead of hanging.
+    a.seq.wait_durable(last.unwrap()).await.expect("durable");
+    assert!(a.seq.wait_durable(first.unwrap()).await.is_err());
+}

@@ -87,6 +87,13 @@ enum Placed {
 /// handover to finish. Past it the handover goes on (the journal's fencing refuses the
 /// writes still queued) and the `Open` is answered "unavailable, retry".
 const HAND_OVER_PATIENCE: Duration = Duration::from_secs(10);
+/// Durability tickets kept for their waiters ([`Sequencer::wait_durable`]). A ticket is
+/// waited for right after it is handed out (an op's ack, a read at `Open`), except when
+/// its session ends in between: such a ticket is never waited for, so the oldest is
+/// dropped past this bound (a wait on it then fails, which its session, gone, never
+/// sees). Waited-for tickets are far fewer: at most `--max-connections` (10,000) ×
+/// [`crate::protocol::MAX_OPS_IN_FLIGHT`] (64) ops, plus one read per `Open` in progress.
+pub const MAX_PENDING_TICKETS: usize = 1 << 20;
 /// The interval at which those waits look again.
 const POLL: Duration = Duration::from_millis(2);
 /// How often a node looks for documents whose preferred owner is now another node
@@ -110,8 +117,9 @@ struct Inner<S: Store + Send + Sync + 'static> {
     /// This node's advertised address, for a redirect to a document's owner unknown.
     here: Owner,
     docs: Mutex<HashMap<Arc<str>, Tenancy>>,
-    /// Tickets handed out and not yet waited for.
-    tickets: Mutex<HashMap<u64, Pending>>,
+    /// Tickets handed out and not yet waited for, oldest first: at most
+    /// [`MAX_PENDING_TICKETS`].
+    tickets: Mutex<std::collections::BTreeMap<u64, Pending>>,
     next_ticket: AtomicU64,
     next_client: AtomicU64,
     /// Documents that moved, for the server (`ClusterSequencer::moved`).
@@ -177,7 +185,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             replicator,
             here,
             docs: Mutex::new(HashMap::new()),
-            tickets: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(std::collections::BTreeMap::new()),
             next_ticket: AtomicU64::new(1),
             next_client: AtomicU64::new(first_client),
             moved: moved_tx,
@@ -226,6 +234,12 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
     /// Writes the snapshots queued so far (without a background thread): the count.
     pub fn write_snapshots(&self) -> usize {
         self.inner.write_snapshots()
+    }
+
+    /// Durability tickets handed out and not waited for yet (at most
+    /// [`MAX_PENDING_TICKETS`]).
+    pub fn pending_tickets(&self) -> usize {
+        lock(&self.inner.tickets).len()
     }
 
     /// The local sequencer (the cache).
@@ -412,6 +426,11 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     /// documents served here, or being placed, have one).
     fn forget_if_idle(&self, doc_id: &str, tenancy: &Tenancy) {
         let mut docs = lock(&self.docs);
+        // Under the map's lock nobody takes a new handle on the entry, so the handles
+        // counted are the map's, the caller's, and those of the other calls that hold
+        // one now: a placement (`place`), a loss or a handover. With any of those the
+        // entry stays (a placement would otherwise serve the document from an entry
+        // the map no longer has).
         if Arc::strong_count(tenancy) <= 2 && lock(tenancy).is_none() {
             docs.remove(doc_id);
         }
@@ -440,7 +459,16 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
 
     fn ticket(&self, pending: Pending) -> Ticket {
         let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-        lock(&self.tickets).insert(id, pending);
+        let mut tickets = lock(&self.tickets);
+        if tickets.len() >= MAX_PENDING_TICKETS {
+            // Only a ticket nobody waits for gets this old (module notes on the bound).
+            let (oldest, _) = tickets.pop_first().expect("full");
+            tracing::warn!(
+                ticket = oldest,
+                "a durability ticket never waited for, dropped"
+            );
+        }
+        tickets.insert(id, pending);
         Ticket(id)
     }
 
