@@ -4,8 +4,8 @@
 #   p50/p99 and ops/s, on a single node and on node 1 of a three-node cluster;
 # - 64 clients on a document each, an op at a time: on the single node, and on the
 #   cluster as three quire-trace processes (22, 21, 21 clients), one per node, run at
-#   once (each node claims the documents its clients open): ops/s summed, ack p50/p99
-#   per process;
+#   once (each document goes to its preferred owner by rendezvous hashing, the clients
+#   following their redirects): ops/s summed, ack p50/p99 per process;
 # - etcd bytes written per op: the growth of etcd_disk_wal_write_bytes_total summed over
 #   the three members during the 64-client cluster run, over its ops;
 # - failover: SIGKILL of the node owning a document, until an op on it is acknowledged
@@ -118,16 +118,17 @@ for port in 2479 2481 2483; do
     }'
 done
 
-# Failover: n2 owns "failover"; kill it, then time until an op on it is acknowledged
-# through n1.
-trace 127.0.0.1:7452 1 10 failover 900000000 >/dev/null
+# Failover: n2 owns "failover-8-0" (its preferred owner among n1, n2 and n3, by the
+# weights src/cluster/hashing.rs pins); kill it, then time until an op on it is
+# acknowledged through n1 (directly or by redirect).
+trace 127.0.0.1:7452 1 10 failover-8 900000000 >/dev/null
 kill -9 "${pids[4]}"
 start=$(date +%s%N)
-# Each attempt is cut after a second: the trace tool does not follow a Redirect (it
-# waits for an ack that the dead owner's redirect will never bring).
+# Each attempt is cut after a second (a redirect to the dead owner fails at once, an
+# attempt that waits is cut).
 attempt=0
 until timeout 1 $bin/quire-trace --addr 127.0.0.1:7451 --trace "$paper" --mode each --clients 1 \
-  --pipeline 1 --patches 1 --doc failover --client-base $((900001000 + attempt)) >/dev/null 2>&1; do
+  --pipeline 1 --patches 1 --doc failover-8 --client-base $((900001000 + attempt)) >/dev/null 2>&1; do
   attempt=$((attempt + 1))
   sleep 0.05
 done

@@ -269,7 +269,40 @@ async fn drive(
 
 /// A document opened over a bare connection, for `--pipeline` (the `Client` keeps one
 /// op in flight): its text from the snapshot and the ops after it.
-async fn open_raw(conn: &mut Connection, name: &str) -> Result<ClientDoc, String> {
+/// Where an `Open` over a bare connection got: the document, or a `Redirect` to the
+/// node that serves it (cluster mode).
+enum RawOpen {
+    Doc(ClientDoc),
+    Redirect(String),
+}
+
+/// Opens `name` over a bare connection, following up to 8 redirects (cluster mode) to a
+/// new connection each as the same client; TCP only.
+async fn open_following(
+    mut conn: Connection,
+    name: &str,
+    client_id: u64,
+    token: &str,
+) -> Result<(Connection, ClientDoc), String> {
+    for _ in 0..8 {
+        match open_raw(&mut conn, name).await? {
+            RawOpen::Doc(doc) => return Ok((conn, doc)),
+            RawOpen::Redirect(addr) => {
+                let tcp = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .map_err(|e| format!("{name}: redirected to {addr}: {e}"))?;
+                tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+                let stream: Box<dyn connection::Stream> = Box::new(tcp);
+                conn = Connection::handshake(stream, client_id, token)
+                    .await
+                    .map_err(|e: ConnError| format!("{addr}: {e}"))?;
+            }
+        }
+    }
+    Err(format!("{name}: redirected 8 times"))
+}
+
+async fn open_raw(conn: &mut Connection, name: &str) -> Result<RawOpen, String> {
     let e = |e: quire::client::connection::ClientError| e.to_string();
     conn.send(Message::Open {
         doc: name.into(),
@@ -305,11 +338,14 @@ async fn open_raw(conn: &mut Connection, name: &str) -> Result<ClientDoc, String
                     break;
                 }
             }
+            Message::Redirect { doc: d, addr, .. } if d == name && doc.is_none() => {
+                return Ok(RawOpen::Redirect(addr));
+            }
             Message::Error { code, message } => return Err(format!("{code:?}: {message}")),
             _ => {}
         }
     }
-    doc.ok_or_else(|| "no snapshot".into())
+    doc.map(RawOpen::Doc).ok_or_else(|| "no snapshot".into())
 }
 
 /// Applies one message from the server to a pipelined document, timing acks.
@@ -343,16 +379,14 @@ fn apply_pipelined(
 /// `depth` in flight (a document per client: see "Pipelining" in protocol.md), timing
 /// every op from its send to its ack. Returns the document's final version and text.
 async fn drive_pipelined(
-    mut conn: Connection,
-    name: String,
+    conn: Connection,
+    (name, client_id, token): (String, u64, String),
     patches: Vec<Patch>,
     depth: usize,
 ) -> Result<(Histogram<u64>, u64, (u64, String)), String> {
     let e = |e: quire::client::connection::ClientError| e.to_string();
-    let mut doc = open_raw(&mut conn, &name)
-        .await?
-        .without_composing()
-        .pipelined(depth);
+    let (mut conn, doc) = open_following(conn, &name, client_id, &token).await?;
+    let mut doc = doc.without_composing().pipelined(depth);
     let mut hist = new_hist();
     let mut ops = 0;
     let mut sent_at = std::collections::HashMap::new();
@@ -392,7 +426,8 @@ async fn drive_pipelined(
 /// bare connection.
 enum Opened {
     Client(Replica),
-    Raw(Connection),
+    /// A bare connection and its client id.
+    Raw(Connection, u64),
 }
 
 /// A client's copy of its document once its share is replayed.
@@ -520,8 +555,8 @@ async fn run(args: Args) -> Result<(), String> {
                 docs.push(name.clone());
             }
             let opened_one = if args.pipeline.is_some() {
-                let conn = connect_bare(&args, args.client_base + c as u64).await?;
-                Opened::Raw(conn)
+                let client_id = args.client_base + c as u64;
+                Opened::Raw(connect_bare(&args, client_id).await?, client_id)
             } else {
                 Opened::Client(open_replica(args.addr, &args.token, &name).await?)
             };
@@ -531,11 +566,13 @@ async fn run(args: Args) -> Result<(), String> {
         let mut tasks = Vec::new();
         let (compose, depth) = (args.compose, args.pipeline.unwrap_or(1) as usize);
         for (opened_one, name, share) in opened {
+            let token = args.token.clone();
             tasks.push(tokio::spawn(async move {
                 let (hist, ops, copy) = match opened_one {
-                    Opened::Raw(conn) => {
+                    Opened::Raw(conn, client_id) => {
+                        let who = (name.clone(), client_id, token);
                         let (hist, ops, (version, text)) =
-                            drive_pipelined(conn, name.clone(), share, depth).await?;
+                            drive_pipelined(conn, who, share, depth).await?;
                         (hist, ops, Copy::Raw { version, text })
                     }
                     Opened::Client(r) if compose => {
