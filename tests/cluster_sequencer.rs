@@ -449,3 +449,144 @@ async fn tickets_never_waited_for_are_bounded() {
     a.seq.wait_durable(last.unwrap()).await.expect("durable");
     assert!(a.seq.wait_durable(first.unwrap()).await.is_err());
 }
+
+/// A deterministic generator for the random walk below (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
+/// The node serving `doc`, found as a client would: asked at a live node, following
+/// redirects (`None`: nobody can serve it now).
+fn owner_of<'a>(nodes: &'a [Node], doc: &str, start: usize) -> Option<&'a Node> {
+    let mut at = &nodes[start % nodes.len()];
+    for _ in 0..4 {
+        match at.seq.place(doc) {
+            Ok(Route::Here) => return Some(at),
+            Ok(Route::Elsewhere(owner)) => at = nodes.iter().find(|n| *n.addr == *owner.addr)?,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// The tokens `<k>` of a text, in order.
+fn tokens(text: &str) -> Vec<u64> {
+    text.split('<')
+        .filter_map(|t| t.split('>').next().and_then(|k| k.parse().ok()))
+        .collect()
+}
+
+/// Nodes join, drain, rebalance and die (their leases expire) in a random order while
+/// ops are submitted to the documents' owners, found by redirects: every acknowledged op
+/// is in its document exactly once, and no op twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_drains_rebalances_and_deaths_in_any_order_lose_no_acknowledged_op() {
+    const DOCS: [&str; 4] = ["m0", "m1", "m2", "m3"];
+    for seed in 0..12u64 {
+        let mut rng = Rng(seed);
+        let store = Arc::new(MemStore::new());
+        let mut nodes = vec![node(&store, "n0"), node(&store, "n1")];
+        let mut next_node = 2;
+        // Nodes gone: kept (not dropped) so that nothing of theirs runs on a drop.
+        let mut gone = Vec::new();
+        let mut acked: Vec<Vec<u64>> = vec![Vec::new(); DOCS.len()];
+        let mut next_token = 0u64;
+        let mut trail = Vec::new();
+        for step in 0..150 {
+            match rng.below(20) {
+                0 if nodes.len() < 5 => {
+                    trail.push(format!("join n{next_node}"));
+                    nodes.push(node(&store, &format!("n{next_node}")));
+                    next_node += 1;
+                }
+                1 if nodes.len() > 1 => {
+                    let n = nodes.remove(rng.below(nodes.len()));
+                    trail.push(format!("drain {}", n.addr));
+                    n.seq.drain();
+                    n.seq.close();
+                    gone.push(n);
+                }
+                2 if nodes.len() > 1 => {
+                    // A death: its lease expires in the store (the others renew theirs
+                    // meanwhile) and by its own clock.
+                    let n = nodes.remove(rng.below(nodes.len()));
+                    trail.push(format!("death {}", n.addr));
+                    nodes.iter().for_each(|o| o.seq.replicator().renew());
+                    store.advance(TTL / 2);
+                    nodes.iter().for_each(|o| o.seq.replicator().renew());
+                    store.advance(TTL / 2 + Duration::from_secs(1));
+                    n.clock.advance(TTL);
+                    n.seq.handle_losses();
+                    gone.push(n);
+                }
+                3..=5 => {
+                    trail.push("rebalance".into());
+                    for n in &nodes {
+                        n.seq.rebalance();
+                    }
+                }
+                _ => {
+                    let d = rng.below(DOCS.len());
+                    let Some(owner) = owner_of(&nodes, DOCS[d], rng.below(8)) else {
+                        trail.push(format!("{}: nobody serves it", DOCS[d]));
+                        continue;
+                    };
+                    next_token += 1;
+                    let base = owner.seq.version(DOCS[d]);
+                    let token = format!("<{next_token}>");
+                    match owner.seq.submit(DOCS[d], op(1, next_token, base, &token)) {
+                        Ok(Submitted::Applied { ticket, .. }) => {
+                            if owner.seq.wait_durable(ticket).await.is_ok() {
+                                acked[d].push(next_token);
+                            }
+                        }
+                        Ok(other) => panic!("seed {seed}: a new op answered {other:?}"),
+                        Err(_) => {}
+                    }
+                    owner.seq.write_snapshots();
+                    trail.push(format!("{token} -> {} at {}", DOCS[d], owner.addr));
+                }
+            }
+            for n in &nodes {
+                n.seq.handle_losses();
+            }
+            if step % 10 == 9 || step == 149 {
+                for (d, doc) in DOCS.iter().enumerate() {
+                    let Some(owner) = owner_of(&nodes, doc, 0) else {
+                        panic!("seed {seed} step {step}: {doc} unserved; {trail:#?}");
+                    };
+                    let text = owner.seq.read(doc).await.unwrap().map(|v| v.text);
+                    let have = tokens(text.as_deref().unwrap_or(""));
+                    let mut unique = have.clone();
+                    unique.sort();
+                    unique.dedup();
+                    assert_eq!(
+                        unique.len(),
+                        have.len(),
+                        "seed {seed}: {doc} has an op twice"
+                    );
+                    for token in &acked[d] {
+                        assert!(
+                            have.contains(token),
+                            "seed {seed} step {step}: acknowledged <{token}> lost from {doc} \
+                             at {}: {have:?}; {trail:#?}",
+                            owner.addr
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            acked.iter().map(Vec::len).sum::<usize>() > 100,
+            "seed {seed}: ops acknowledged"
+        );
+    }
+}

@@ -622,10 +622,12 @@ impl<S: Store + Send + Sync + 'static> Shared<S> {
     fn renew_loop(&self) {
         loop {
             {
+                // The flag is checked before waiting too: a shutdown while this thread
+                // was renewing (or not yet waiting) notified nobody.
                 let state = self.lock();
                 let (state, _) = self
                     .stop
-                    .wait_timeout(state, self.timing.renew_every)
+                    .wait_timeout_while(state, self.timing.renew_every, |s| !s.shutdown)
                     .unwrap_or_else(|e| e.into_inner());
                 if state.shutdown {
                     return;
@@ -729,6 +731,35 @@ mod tests {
             flaky,
             replicator,
             losses,
+        }
+    }
+
+    #[test]
+    fn a_shutdown_right_after_the_start_does_not_wait_for_the_next_renewal() {
+        // Renewals an hour apart: a shutdown the keep-alive thread missed would wait for
+        // the next one, far past the patience below (a bound against hanging, not a
+        // speed).
+        const LONG: Duration = Duration::from_secs(3 * 3600);
+        let store = Arc::new(MemStore::new());
+        for i in 0..20 {
+            let member =
+                Member::register(store.clone(), Keys::new("/q"), &format!("s{i}"), "a", LONG)
+                    .expect("register");
+            let replicator = Replicator::start(
+                member,
+                Arc::new(StoreClock(store.clone())),
+                LeaseTiming::for_ttl(LONG),
+                Drive::Threads,
+                Box::new(|_| {}),
+            );
+            let (done, finished) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                replicator.shutdown();
+                let _ = done.send(());
+            });
+            finished
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("shutdown {i} waited for the next renewal"));
         }
     }
 
