@@ -13,7 +13,9 @@
 //!   nothing is acknowledged and an `Open` of a new document is answered 33; once both
 //!   are back every edit ends acknowledged exactly once.
 //!
-//! The nodes' harness is in tests/common/quire_nodes.rs.
+//! The nodes' harness is in tests/common/quire_nodes.rs. Documents are named so that
+//! the node a test places them on is their preferred owner (rendezvous hashing), so they
+//! land there whether the first `Open` or the preference decides.
 //!
 //! The tests run one at a time (each starts an etcd cluster and three nodes).
 //!
@@ -43,8 +45,9 @@ fn killing_the_owner_and_its_disk_loses_no_acknowledged_edit() {
 }
 
 async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
-    // n2 claims the busy documents: a client at home there opens them first.
-    let busy: Vec<String> = (0..3).map(|i| format!("busy-{i}")).collect();
+    // n2 claims the busy documents (they prefer it; a client at home there opens them
+    // first).
+    let busy = names_preferred_by("busy", 3, "n2", &NODE_IDS);
     claim_at(nodes[2].addr, &busy, 1).await;
     // Two clients at home on n0 and n1 edit the busy documents (on n2, by redirect) and
     // one document each on their own node.
@@ -54,8 +57,8 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
     for doc in &busy {
         docs.push(open_at(&[("a", &a), ("b", &b)], doc).await);
     }
-    docs.push(open_at(&[("a", &a)], "own-a").await);
-    docs.push(open_at(&[("b", &b)], "own-b").await);
+    docs.push(open_at(&[("a", &a)], &name_preferred_by("own-a", "n0", &NODE_IDS)).await);
+    docs.push(open_at(&[("b", &b)], &name_preferred_by("own-b", "n1", &NODE_IDS)).await);
 
     const EDITS: usize = 40;
     let made = AtomicUsize::new(0);
@@ -132,8 +135,9 @@ fn stop_owner_until_replaced(ping_interval: Duration) {
 
 async fn edit_stop_and_check(nodes: &[Node], etcd_endpoints: Vec<String>, ping_interval: Duration) {
     use nix::sys::signal::Signal;
-    // n2 claims the busy documents; clients at home on n0 and n1 edit them there.
-    let busy: Vec<String> = (0..2).map(|i| format!("busy-{i}")).collect();
+    // n2 claims the busy documents (they prefer it); clients at home on n0 and n1 edit
+    // them there.
+    let busy = names_preferred_by("busy", 2, "n2", &NODE_IDS);
     claim_at(nodes[2].addr, &busy, 1).await;
     let pinging = |addr, seed| {
         let mut c = config(addr, seed);
@@ -224,8 +228,12 @@ fn etcd_losing_its_quorum_stops_acknowledgements_and_loses_no_edit() {
 async fn edit_through_etcd_failures(nodes: &[Node], etcd: Arc<Mutex<EtcdCluster>>) {
     use quire::client::connection::Connection;
     use quire::protocol::message::{ErrorCode, Message};
-    // One document claimed by each of n0 and n1; clients at home there edit both.
-    let docs_named = ["on-n0".to_string(), "on-n1".to_string()];
+    // One document claimed by each of n0 and n1 (each preferred by its claimer);
+    // clients at home there edit both.
+    let docs_named = [
+        name_preferred_by("on-n0", "n0", &NODE_IDS),
+        name_preferred_by("on-n1", "n1", &NODE_IDS),
+    ];
     claim_at(nodes[0].addr, &docs_named[..1], 1).await;
     claim_at(nodes[1].addr, &docs_named[1..], 2).await;
     let a = connected(config(nodes[0].addr, 3)).await;
@@ -284,12 +292,12 @@ async fn edit_through_etcd_failures(nodes: &[Node], etcd: Arc<Mutex<EtcdCluster>
             h.text()
         );
     }
-    // A document no node serves yet: an `Open` is refused as unavailable, not left
-    // unanswered.
+    // A document no node serves yet (preferred by the node asked, which must then claim
+    // it in etcd): an `Open` is refused as unavailable, not left unanswered.
     let asked = Instant::now();
     let mut raw = Connection::connect(nodes[0].addr, 0, "").await.unwrap();
     raw.send(Message::Open {
-        doc: "new-without-quorum".into(),
+        doc: name_preferred_by("new-without-quorum", "n0", &NODE_IDS),
         known_version: 0,
     })
     .await

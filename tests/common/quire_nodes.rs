@@ -1,6 +1,7 @@
 //! `quire serve --etcd` processes on loopback for the cluster's end-to-end tests, and
 //! what those tests do with them: start and stop nodes, read who owns a document in
-//! etcd, open documents from clients at home on chosen nodes, edit them with countable tokens and check that every token
+//! etcd, name documents after the node that prefers them, open them from clients at
+//! home on chosen nodes, edit them with countable tokens and check that every token
 //! landed exactly once.
 //!
 //! Include it next to the etcd harness, which it uses as `crate::etcd_cluster`:
@@ -177,6 +178,29 @@ pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stat
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
+/// The first of `{prefix}-0`, `{prefix}-1`, ... whose preferred owner among `nodes` (by
+/// the cluster's rendezvous hashing) is `node`: a document that `node` claims at its
+/// first `Open`, wherever that `Open` is sent (a node that does not prefer an unowned
+/// document may redirect it to the one that does). `nodes` are the live nodes when the
+/// document is first opened.
+pub fn name_preferred_by(prefix: &str, node: &str, nodes: &[&str]) -> String {
+    assert!(nodes.contains(&node), "{node} is one of {nodes:?}");
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|doc| {
+            quire::cluster::hashing::preferred_owner(doc, nodes.iter().copied()) == Some(node)
+        })
+        .expect("some name is preferred by every node")
+}
+
+/// `n` documents named after `prefix` (`{prefix}{i}-{j}`) preferred by `node` among
+/// `nodes` (see [`name_preferred_by`]).
+pub fn names_preferred_by(prefix: &str, n: usize, node: &str, nodes: &[&str]) -> Vec<String> {
+    (0..n)
+        .map(|i| name_preferred_by(&format!("{prefix}{i}"), node, nodes))
+        .collect()
+}
+
 /// The node ids that own `docs` in etcd, as its owner keys say (blocking).
 pub fn owners(etcd_endpoints: &[String], docs: &[String]) -> Result<Vec<Option<String>>, String> {
     use quire::cluster::etcd::{EtcdConfig, EtcdStore};
@@ -254,7 +278,9 @@ pub async fn connected(config: ClientConfig) -> Client {
     c
 }
 
-/// Opens `docs` at `addr` first, so that node claims them, with one edit each ("|").
+/// Opens `docs` at `addr` first, with one edit each ("|"): the node their first `Open`
+/// reaches claims them (or, a node placing documents by preference, the node it
+/// redirects to; see [`name_preferred_by`] for names that land where wanted either way).
 pub async fn claim_at(addr: SocketAddr, docs: &[String], seed: u64) {
     let c = connected(config(addr, seed)).await;
     for doc in docs {
