@@ -13,6 +13,8 @@
 //!   nothing is acknowledged and an `Open` of a new document is answered 33; once both
 //!   are back every edit ends acknowledged exactly once.
 //!
+//! A node drained with SIGTERM under load: tests/cluster_handoff.rs.
+//!
 //! The nodes' harness is in tests/common/quire_nodes.rs. Documents are named so that
 //! the node a test places them on is their preferred owner (rendezvous hashing), so they
 //! land there whether the first `Open` or the preference decides.
