@@ -62,23 +62,42 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
     docs.push(open_at(&[("a", &a)], &name_preferred_by("own-a", "n0", &NODE_IDS)).await);
     docs.push(open_at(&[("b", &b)], &name_preferred_by("own-b", "n1", &NODE_IDS)).await);
 
+    // Each writer makes its last `AFTER_KILL` edits once n2 was killed, so that the kill
+    // comes while the clients edit however fast n2 acknowledges (the clients could make
+    // every edit before n2 acknowledged ten, on a loaded machine).
     const EDITS: usize = 40;
+    const AFTER_KILL: usize = 10;
     let made = AtomicUsize::new(0);
-    let editing = futures_util::future::join_all(
-        writers(&docs).map(|(handle, who)| edit_tokens(handle, who, 0, EDITS, &made)),
-    );
+    let killed = AtomicBool::new(false);
+    let editing = futures_util::future::join_all(writers(&docs).map(|(handle, who)| {
+        let (made, killed) = (&made, &killed);
+        async move {
+            edit_tokens(handle, who, 0, EDITS - AFTER_KILL, made).await;
+            // Bounded by the kill's own patience.
+            while !killed.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            edit_tokens(handle, who, EDITS - AFTER_KILL, AFTER_KILL, made).await;
+        }
+    }));
     let writer_count = writers(&docs).count();
     let busy_handles: Vec<&DocHandle> = docs[..busy.len()].iter().flat_map(|(_, h, _)| h).collect();
     let killing = async {
         // Once the busy documents have some acknowledged history on n2.
-        while busy_handles.iter().any(|h| h.version() < 10) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        tokio::time::timeout(PATIENCE, async {
+            while busy_handles.iter().any(|h| h.version() < 10) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("the busy documents get some history at n2");
         let n2 = &mut nodes[2];
         n2.child.kill().unwrap();
         n2.child.wait().unwrap();
         std::fs::remove_dir_all(&n2.dir).unwrap();
-        made.load(Ordering::SeqCst)
+        let made_before_kill = made.load(Ordering::SeqCst);
+        killed.store(true, Ordering::SeqCst);
+        made_before_kill
     };
     let (_, made_before_kill) = tokio::join!(editing, killing);
     assert!(
