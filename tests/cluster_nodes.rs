@@ -13,6 +13,12 @@
 //!   nothing is acknowledged and an `Open` of a new document is answered 33; once both
 //!   are back every edit ends acknowledged exactly once.
 //!
+//! A node drained with SIGTERM under load: tests/cluster_handoff.rs.
+//!
+//! The nodes' harness is in tests/common/quire_nodes.rs. Documents are named so that
+//! the node a test places them on is their preferred owner (rendezvous hashing), so they
+//! land there whether the first `Open` or the preference decides.
+//!
 //! The tests run one at a time (each starts an etcd cluster and three nodes).
 //!
 //! Needs the `cluster` feature and etcd (see tests/common/etcd_cluster.rs).
@@ -21,391 +27,81 @@
 #[path = "common/etcd_cluster.rs"]
 mod etcd_cluster;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+#[path = "common/quire_nodes.rs"]
+mod quire_nodes;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_cluster::EtcdCluster;
-use quire::client::{Client, ClientConfig, DocHandle};
-use quire::op::Patch;
-
-/// A bound on waits, so that a failure ends the test instead of hanging it; never an
-/// assertion about speed.
-const PATIENCE: Duration = Duration::from_secs(60);
-
-/// One test at a time: each runs an etcd cluster and three nodes on a shared machine.
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Node {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-    /// Every line the node wrote to stderr so far.
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Node {
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.id() as i32)
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(self.pid(), signal).unwrap();
-    }
-
-    /// The node's log lines from the `from`th on that contain `needle`.
-    fn log_lines(&self, from: usize, needle: &str) -> Vec<String> {
-        self.logs.lock().unwrap()[from..]
-            .iter()
-            .filter(|l| l.contains(needle))
-            .cloned()
-            .collect()
-    }
-
-    fn log_len(&self) -> usize {
-        self.logs.lock().unwrap().len()
-    }
-}
-
-fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
-/// Starts node `id` on a free port; returns once it serves.
-fn start_node(etcd: &EtcdCluster, id: &str, root: &std::path::Path) -> Node {
-    let addr = free_port();
-    let dir = root.join(id);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quire"))
-        .args(["serve", "--admin-listen", "off", "--lease-ttl-secs", "2"])
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--advertise")
-        .arg(addr.to_string())
-        .arg("--node-id")
-        .arg(id)
-        .arg("--etcd")
-        .arg(etcd.endpoints().join(","))
-        .arg("--data-dir")
-        .arg(&dir)
-        .env(
-            "RUST_LOG",
-            std::env::var("QUIRE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("quire binary starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let name = id.to_owned();
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let kept = logs.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[{name}] {line}");
-            if line.contains("serving") {
-                let _ = tx.send(());
-            }
-            kept.lock().unwrap().push(line);
-        }
-    });
-    rx.recv_timeout(PATIENCE)
-        .unwrap_or_else(|_| panic!("node {id} serves"));
-    Node {
-        child,
-        addr,
-        dir,
-        logs,
-    }
-}
-
-fn start_nodes(etcd: &EtcdCluster, root: &std::path::Path) -> Vec<Node> {
-    ["n0", "n1", "n2"]
-        .iter()
-        .map(|id| start_node(etcd, id, root))
-        .collect()
-}
-
-fn stop_nodes(nodes: &mut [Node]) {
-    for node in nodes {
-        // A stopped process is killed all the same.
-        let _ = node.child.kill();
-        let _ = node.child.wait();
-    }
-}
-
-/// The clients' runtime (etcd and the nodes are started outside it: the etcd harness
-/// blocks on a runtime of its own).
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Runs `f` on a thread of its own, outside the clients' runtime (for the etcd harness
-/// and the blocking etcd adapter), without blocking the runtime.
-async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(move || std::thread::spawn(f).join())
-        .await
-        .unwrap()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-}
-
-/// The node ids that own `docs` in etcd, as its owner keys say (blocking).
-fn owners(etcd_endpoints: &[String], docs: &[String]) -> Result<Vec<Option<String>>, String> {
-    use quire::cluster::etcd::{EtcdConfig, EtcdStore};
-    use quire::cluster::store::Store;
-    let store = EtcdStore::connect(EtcdConfig::new(etcd_endpoints.to_vec()))
-        .map_err(|e| format!("connect: {e}"))?;
-    docs.iter()
-        .map(|doc| {
-            let key = quire::cluster::ownership::Keys::new("/quire").owner(doc);
-            let kv = store.get(&key).map_err(|e| format!("get {key}: {e}"))?;
-            Ok(kv.map(|kv| String::from_utf8(kv.value).unwrap()))
-        })
-        .collect()
-}
-
-/// Polls the owners of `docs` (blocking) until every one is a surviving node (`n0` or
-/// `n1`), or [`PATIENCE`] passed; returns the last answer (a read that failed is retried:
-/// the last error is printed).
-fn owners_moved(etcd_endpoints: Vec<String>, docs: Vec<String>) -> Vec<Option<String>> {
-    let deadline = Instant::now() + PATIENCE;
-    let mut last = Vec::new();
-    loop {
-        match owners(&etcd_endpoints, &docs) {
-            Ok(now) => {
-                let moved = now
-                    .iter()
-                    .all(|o| matches!(o.as_deref(), Some("n0" | "n1")));
-                last = now;
-                if moved {
-                    return last;
-                }
-            }
-            Err(e) => eprintln!("reading the owner keys from {etcd_endpoints:?}: {e}"),
-        }
-        if Instant::now() > deadline {
-            return last;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn config(addr: SocketAddr, seed: u64) -> ClientConfig {
-    let mut c = ClientConfig::new(addr.to_string());
-    c.backoff_min = Duration::from_millis(20);
-    c.backoff_max = Duration::from_millis(300);
-    c.timeout = Duration::from_secs(3);
-    c.seed = Some(seed);
-    c
-}
-
-/// Opens `docs` at `addr` first, so that node claims them, with one edit each ("|").
-async fn claim_at(addr: SocketAddr, docs: &[String], seed: u64) {
-    let c = Client::connect(config(addr, seed)).await.unwrap();
-    c.wait_connected().await.unwrap();
-    for doc in docs {
-        let handle = c.open(doc).await.unwrap();
-        handle.edit(&[Patch::new(0, 0, "|")]).await.unwrap();
-        tokio::time::timeout(PATIENCE, handle.synced())
-            .await
-            .unwrap_or_else(|_| panic!("{doc}: the claiming edit acknowledged"))
-            .unwrap();
-    }
-    c.shutdown().await;
-}
-
-/// Inserts `token` between two tokens near the middle of the text (a token stays whole,
-/// so it can be counted).
-async fn edit_token(doc: &DocHandle, token: &str) {
-    doc.edit_with(|v| {
-        let text: Vec<char> = v.text().chars().collect();
-        let at = (text.len() / 2..text.len())
-            .find(|&i| text[i] == '[')
-            .unwrap_or(text.len());
-        vec![Patch::new(at as u32, 0, token)]
-    })
-    .await
-    .unwrap();
-}
-
-/// Edits `doc` `n` times with tokens `[{who}{from}]`, `[{who}{from + 1}]`, ..., counting
-/// each in `made`.
-async fn edit_tokens(doc: &DocHandle, who: &str, from: usize, n: usize, made: &AtomicUsize) {
-    for i in from..from + n {
-        edit_token(doc, &format!("[{who}{i}]")).await;
-        made.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(3)).await;
-    }
-}
-
-/// Edits `doc` with tokens `[{who}0]`, `[{who}1]`, ... every `pace` until `stop`;
-/// returns how many it made.
-async fn edit_until(doc: &DocHandle, who: &str, pace: Duration, stop: &AtomicBool) -> usize {
-    let mut i = 0;
-    while !stop.load(Ordering::SeqCst) {
-        edit_token(doc, &format!("[{who}{i}]")).await;
-        i += 1;
-        tokio::time::sleep(pace).await;
-    }
-    i
-}
-
-/// A document, its handles (one per client) and the writer names of its handles.
-type Doc = (String, Vec<DocHandle>, Vec<String>);
-
-/// Waits until every edit to `handles` is acknowledged and they agree; checks that the
-/// text has each writer's tokens `[{who}0]` ..  `[{who}{n - 1}]` exactly once (`counts`,
-/// one per writer of `writers`); returns the text.
-async fn check_converged(
-    name: &str,
-    handles: &[DocHandle],
-    writers: &[String],
-    counts: &[usize],
-) -> String {
-    for handle in handles {
-        tokio::time::timeout(PATIENCE, handle.synced())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{name}: every edit acknowledged (unacked: {:?})",
-                    handle.unacked()
-                )
-            })
-            .unwrap();
-    }
-    tokio::time::timeout(PATIENCE, async {
-        while handles.iter().any(|h| h.version() != handles[0].version()) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{name}: the clients converge"));
-    let text = handles[0].text();
-    for handle in handles {
-        assert_eq!(handle.text(), text, "{name} converged");
-    }
-    check_tokens(name, &text, writers, counts);
-    text
-}
-
-/// Each writer's tokens exactly once in `text`, and no token beyond them.
-fn check_tokens(name: &str, text: &str, writers: &[String], counts: &[usize]) {
-    for (who, &n) in writers.iter().zip(counts) {
-        for i in 0..n {
-            let token = format!("[{who}{i}]");
-            assert_eq!(text.matches(&token).count(), 1, "{token} in {name}: {text}");
-        }
-        let beyond = format!("[{who}{n}]");
-        assert!(!text.contains(&beyond), "{beyond} in {name} was never made");
-    }
-    let all: usize = counts.iter().sum();
-    assert_eq!(
-        text.matches('[').count(),
-        all,
-        "{name}: no token twice: {text}"
-    );
-}
-
-/// A new client at `addr` opens `name` (following redirects) and waits until it has
-/// `version`; returns its text.
-async fn fresh_read(addr: SocketAddr, name: &str, version: u64, seed: u64) -> String {
-    let c = Client::connect(config(addr, seed)).await.unwrap();
-    c.wait_connected().await.unwrap();
-    let fresh = c.open(name).await.unwrap();
-    tokio::time::timeout(PATIENCE, async {
-        while fresh.version() < version {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{name}: a fresh reader at {addr} catches up to {version}"));
-    let text = fresh.text();
-    drop(fresh);
-    c.shutdown().await;
-    text
-}
+use quire::client::{ClientConfig, DocHandle};
+use quire_nodes::*;
 
 #[test]
 fn killing_the_owner_and_its_disk_loses_no_acknowledged_edit() {
-    let _serial = one_at_a_time();
-    let etcd = EtcdCluster::start();
-    let root = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(&etcd, root.path());
-    runtime().block_on(edit_kill_and_check(&mut nodes, etcd.endpoints()));
-    stop_nodes(&mut nodes);
-    drop(etcd);
+    on_a_cluster(|nodes, etcd| {
+        let endpoints = etcd.lock().unwrap().endpoints();
+        runtime().block_on(edit_kill_and_check(nodes, endpoints))
+    });
 }
 
 async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
-    // n2 claims the busy documents: a client at home there opens them first.
-    let busy: Vec<String> = (0..3).map(|i| format!("busy-{i}")).collect();
+    // n2 claims the busy documents (they prefer it; a client at home there opens them
+    // first).
+    let busy = names_preferred_by("busy", 3, "n2", &NODE_IDS);
     claim_at(nodes[2].addr, &busy, 1).await;
     // Two clients at home on n0 and n1 edit the busy documents (on n2, by redirect) and
     // one document each on their own node.
-    let a = Client::connect(config(nodes[0].addr, 2)).await.unwrap();
-    let b = Client::connect(config(nodes[1].addr, 3)).await.unwrap();
-    a.wait_connected().await.unwrap();
-    b.wait_connected().await.unwrap();
+    let a = connected(config(nodes[0].addr, 2)).await;
+    let b = connected(config(nodes[1].addr, 3)).await;
     let mut docs: Vec<Doc> = Vec::new();
     for doc in &busy {
-        let (ha, hb) = (a.open(doc).await.unwrap(), b.open(doc).await.unwrap());
-        docs.push((
-            doc.clone(),
-            vec![ha, hb],
-            vec![format!("a{doc}"), format!("b{doc}")],
-        ));
+        docs.push(open_at(&[("a", &a), ("b", &b)], doc).await);
     }
-    docs.push((
-        "own-a".into(),
-        vec![a.open("own-a").await.unwrap()],
-        vec!["a".into()],
-    ));
-    docs.push((
-        "own-b".into(),
-        vec![b.open("own-b").await.unwrap()],
-        vec!["b".into()],
-    ));
+    docs.push(open_at(&[("a", &a)], &name_preferred_by("own-a", "n0", &NODE_IDS)).await);
+    docs.push(open_at(&[("b", &b)], &name_preferred_by("own-b", "n1", &NODE_IDS)).await);
 
+    // Each writer makes its last `AFTER_KILL` edits once n2 was killed, so that the kill
+    // comes while the clients edit however fast n2 acknowledges (the clients could make
+    // every edit before n2 acknowledged ten, on a loaded machine).
     const EDITS: usize = 40;
+    const AFTER_KILL: usize = 10;
     let made = AtomicUsize::new(0);
-    let editing = async {
-        let mut all = Vec::new();
-        for (_, handles, writers) in &docs {
-            for (handle, who) in handles.iter().zip(writers) {
-                all.push(edit_tokens(handle, who, 0, EDITS, &made));
+    let killed = AtomicBool::new(false);
+    let editing = futures_util::future::join_all(writers(&docs).map(|(handle, who)| {
+        let (made, killed) = (&made, &killed);
+        async move {
+            edit_tokens(handle, who, 0, EDITS - AFTER_KILL, made).await;
+            // Bounded by the kill's own patience.
+            while !killed.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            edit_tokens(handle, who, EDITS - AFTER_KILL, AFTER_KILL, made).await;
         }
-        futures_util::future::join_all(all).await;
-    };
-    let writers: usize = docs.iter().map(|(_, h, _)| h.len()).sum();
+    }));
+    let writer_count = writers(&docs).count();
     let busy_handles: Vec<&DocHandle> = docs[..busy.len()].iter().flat_map(|(_, h, _)| h).collect();
     let killing = async {
         // Once the busy documents have some acknowledged history on n2.
-        while busy_handles.iter().any(|h| h.version() < 10) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        tokio::time::timeout(PATIENCE, async {
+            while busy_handles.iter().any(|h| h.version() < 10) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("the busy documents get some history at n2");
         let n2 = &mut nodes[2];
         n2.child.kill().unwrap();
         n2.child.wait().unwrap();
         std::fs::remove_dir_all(&n2.dir).unwrap();
-        made.load(Ordering::SeqCst)
+        let made_before_kill = made.load(Ordering::SeqCst);
+        killed.store(true, Ordering::SeqCst);
+        made_before_kill
     };
-    let ((), made_before_kill) = tokio::join!(editing, killing);
+    let (_, made_before_kill) = tokio::join!(editing, killing);
     assert!(
-        made_before_kill < writers * EDITS,
+        made_before_kill < writer_count * EDITS,
         "the kill came while the clients were editing ({made_before_kill} edits made)"
     );
 
@@ -414,16 +110,8 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
     for (name, handles, writers) in &docs {
         check_converged(name, handles, writers, &vec![EDITS; writers.len()]).await;
     }
-    // The busy documents are owned by a surviving node now. (The etcd adapter blocks:
-    // asked from a thread of its own.)
-    let docs_owned = busy.clone();
-    let owners = off_runtime(move || owners_moved(etcd_endpoints, docs_owned)).await;
-    for (doc, owner) in busy.iter().zip(owners) {
-        assert!(
-            matches!(owner.as_deref(), Some("n0" | "n1")),
-            "{doc} failed over: its owner is {owner:?}"
-        );
-    }
+    // The busy documents are owned by a surviving node now.
+    assert_owned_by(etcd_endpoints, &busy, &["n0", "n1"]).await;
     // A new client reads the busy documents from a surviving node: what etcd has.
     for (i, (name, handles, _)) in docs[..busy.len()].iter().enumerate() {
         let text = fresh_read(nodes[0].addr, name, handles[0].version(), 4 + i as u64).await;
@@ -459,56 +147,36 @@ fn a_stopped_owner_is_given_up_though_the_home_node_answers() {
 }
 
 fn stop_owner_until_replaced(ping_interval: Duration) {
-    let _serial = one_at_a_time();
-    let etcd = EtcdCluster::start();
-    let root = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(&etcd, root.path());
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime().block_on(edit_stop_and_check(&nodes, etcd.endpoints(), ping_interval))
-    }));
-    // A node left stopped would keep its port and never exit.
-    nodes[2].signal(nix::sys::signal::Signal::SIGCONT);
-    stop_nodes(&mut nodes);
-    drop(etcd);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    // A node left stopped by a failure is killed all the same (`on_a_cluster`).
+    on_a_cluster(|nodes, etcd| {
+        let endpoints = etcd.lock().unwrap().endpoints();
+        runtime().block_on(edit_stop_and_check(nodes, endpoints, ping_interval))
+    });
 }
 
 async fn edit_stop_and_check(nodes: &[Node], etcd_endpoints: Vec<String>, ping_interval: Duration) {
     use nix::sys::signal::Signal;
-    // n2 claims the busy documents; clients at home on n0 and n1 edit them there.
-    let busy: Vec<String> = (0..2).map(|i| format!("busy-{i}")).collect();
+    // n2 claims the busy documents (they prefer it); clients at home on n0 and n1 edit
+    // them there.
+    let busy = names_preferred_by("busy", 2, "n2", &NODE_IDS);
     claim_at(nodes[2].addr, &busy, 1).await;
     let pinging = |addr, seed| {
         let mut c = config(addr, seed);
         c.ping_interval = ping_interval;
         c
     };
-    let a = Client::connect(pinging(nodes[0].addr, 2)).await.unwrap();
-    let b = Client::connect(pinging(nodes[1].addr, 3)).await.unwrap();
-    a.wait_connected().await.unwrap();
-    b.wait_connected().await.unwrap();
+    let a = connected(pinging(nodes[0].addr, 2)).await;
+    let b = connected(pinging(nodes[1].addr, 3)).await;
     let mut docs: Vec<Doc> = Vec::new();
     for doc in &busy {
-        let (ha, hb) = (a.open(doc).await.unwrap(), b.open(doc).await.unwrap());
-        docs.push((
-            doc.clone(),
-            vec![ha, hb],
-            vec![format!("a{doc}"), format!("b{doc}")],
-        ));
+        docs.push(open_at(&[("a", &a), ("b", &b)], doc).await);
     }
 
     let stop = AtomicBool::new(false);
-    let editing = async {
-        let mut all = Vec::new();
-        for (_, handles, writers) in &docs {
-            for (handle, who) in handles.iter().zip(writers) {
-                all.push(edit_until(handle, who, Duration::from_millis(20), &stop));
-            }
-        }
-        futures_util::future::join_all(all).await
-    };
+    let editing = futures_util::future::join_all(
+        writers(&docs)
+            .map(|(handle, who)| edit_until(handle, who, Duration::from_millis(20), &stop)),
+    );
     let busy_handles: Vec<&DocHandle> = docs.iter().flat_map(|(_, h, _)| h).collect();
     let n2 = &nodes[2];
     let stopping = async {
@@ -523,16 +191,9 @@ async fn edit_stop_and_check(nodes: &[Node], etcd_endpoints: Vec<String>, ping_i
         n2.signal(Signal::SIGSTOP);
         let stopped_at = Instant::now();
         // Until a surviving node owns every busy document (the clients keep editing).
-        let (endpoints, docs_owned) = (etcd_endpoints.clone(), busy.clone());
-        let owners_now = off_runtime(move || owners_moved(endpoints, docs_owned)).await;
-        assert!(
-            owners_now
-                .iter()
-                .all(|o| matches!(o.as_deref(), Some("n0" | "n1"))),
-            "a surviving node took the busy documents over while n2 was stopped: {owners_now:?}"
-        );
+        assert_owned_by(etcd_endpoints.clone(), &busy, &["n0", "n1"]).await;
         eprintln!(
-            "the busy documents moved {:?} after the SIGSTOP: {owners_now:?}",
+            "the busy documents moved to n0 or n1 {:?} after the SIGSTOP",
             stopped_at.elapsed()
         );
         // The clients edit at the new owners for a while, then n2 wakes up believing it
@@ -582,37 +243,27 @@ async fn edit_stop_and_check(nodes: &[Node], etcd_endpoints: Vec<String>, ping_i
 
 #[test]
 fn etcd_losing_its_quorum_stops_acknowledgements_and_loses_no_edit() {
-    let _serial = one_at_a_time();
-    let etcd = EtcdCluster::start();
-    let root = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(&etcd, root.path());
-    let etcd = Arc::new(Mutex::new(etcd));
-    runtime().block_on(edit_through_etcd_failures(&nodes, etcd.clone()));
-    stop_nodes(&mut nodes);
-    drop(etcd);
+    on_a_cluster(|nodes, etcd| runtime().block_on(edit_through_etcd_failures(nodes, etcd.clone())));
 }
 
 async fn edit_through_etcd_failures(nodes: &[Node], etcd: Arc<Mutex<EtcdCluster>>) {
     use quire::client::connection::Connection;
     use quire::protocol::message::{ErrorCode, Message};
-    // One document claimed by each of n0 and n1; clients at home there edit both.
-    let docs_named = ["on-n0".to_string(), "on-n1".to_string()];
+    // One document claimed by each of n0 and n1 (each preferred by its claimer);
+    // clients at home there edit both.
+    let docs_named = [
+        name_preferred_by("on-n0", "n0", &NODE_IDS),
+        name_preferred_by("on-n1", "n1", &NODE_IDS),
+    ];
     claim_at(nodes[0].addr, &docs_named[..1], 1).await;
     claim_at(nodes[1].addr, &docs_named[1..], 2).await;
-    let a = Client::connect(config(nodes[0].addr, 3)).await.unwrap();
-    let b = Client::connect(config(nodes[1].addr, 4)).await.unwrap();
-    a.wait_connected().await.unwrap();
-    b.wait_connected().await.unwrap();
+    let a = connected(config(nodes[0].addr, 3)).await;
+    let b = connected(config(nodes[1].addr, 4)).await;
     let mut docs: Vec<Doc> = Vec::new();
     for doc in &docs_named {
-        let (ha, hb) = (a.open(doc).await.unwrap(), b.open(doc).await.unwrap());
-        docs.push((
-            doc.clone(),
-            vec![ha, hb],
-            vec![format!("a{doc}"), format!("b{doc}")],
-        ));
+        docs.push(open_at(&[("a", &a), ("b", &b)], doc).await);
     }
-    let handles = || docs.iter().flat_map(|(_, h, w)| h.iter().zip(w));
+    let handles = || writers(&docs);
     let made = AtomicUsize::new(0);
     // `n` tokens from each writer, from token `from` on.
     let edit_all = |from: usize, n: usize| {
@@ -623,15 +274,7 @@ async fn edit_through_etcd_failures(nodes: &[Node], etcd: Arc<Mutex<EtcdCluster>
     };
     let all_synced = |what: &'static str| async move {
         for (h, who) in handles() {
-            tokio::time::timeout(PATIENCE, h.synced())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "{what}: {who}'s edits acknowledged (unacked {:?})",
-                        h.unacked()
-                    )
-                })
-                .unwrap();
+            synced(h, &format!("{what}: {who}")).await;
         }
     };
 
@@ -670,12 +313,12 @@ async fn edit_through_etcd_failures(nodes: &[Node], etcd: Arc<Mutex<EtcdCluster>
             h.text()
         );
     }
-    // A document no node serves yet: an `Open` is refused as unavailable, not left
-    // unanswered.
+    // A document no node serves yet (preferred by the node asked, which must then claim
+    // it in etcd): an `Open` is refused as unavailable, not left unanswered.
     let asked = Instant::now();
     let mut raw = Connection::connect(nodes[0].addr, 0, "").await.unwrap();
     raw.send(Message::Open {
-        doc: "new-without-quorum".into(),
+        doc: name_preferred_by("new-without-quorum", "n0", &NODE_IDS),
         known_version: 0,
     })
     .await

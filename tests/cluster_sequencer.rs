@@ -590,3 +590,84 @@ async fn joins_drains_rebalances_and_deaths_in_any_order_lose_no_acknowledged_op
         );
     }
 }
+
+/// A `Submit` that reaches the server after the drain released a document and before the
+/// server redirected the document's sessions (`quire serve` does that a moment later,
+/// when it reads the drain's message from [`ClusterSequencer::moved`]; held back here, so
+/// the window stays open) is redirected, as one sent before the drain is: the client is
+/// told nothing but `Redirect` (the acceptance for a drain).
+///
+/// It got `Reject` 17, "base version 1 is ahead of the document (version 0)", before
+/// `Document::precheck` (src/server/document.rs) asked whether the document was still
+/// served here: it compared the op's base with the sequencer's version of the document,
+/// 0 once the drain evicted it. tests/cluster_handoff.rs's
+/// `draining_a_node_under_load_shows_clients_nothing_but_redirects` met it with quire
+/// processes in about a third of its runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_between_the_drain_and_its_redirect_is_redirected() {
+    use quire::client::connection::Connection;
+    use quire::protocol::message::Message;
+    use quire::server::{Server, ServerConfig};
+    let store = Arc::new(MemStore::new());
+    let (a, b) = (node(&store, "a"), node(&store, "b"));
+    let d = doc_for("a", &["a", "b"]);
+    let _not_yet_told = a.seq.moved().unwrap();
+    let Node {
+        seq, _dir: _kept, ..
+    } = a;
+    let seq = Arc::new(seq);
+    let server = Server::new(seq.clone(), ServerConfig::default());
+    let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    let mut conn = Connection::connect(addr, 0, "").await.unwrap();
+    let submit = |local_seq: u64, base_version: u64| Message::Submit {
+        doc: d.clone(),
+        local_seq,
+        base_version,
+        patches: vec![Patch::new(0, 0, "x")],
+    };
+    async fn next(conn: &mut Connection) -> Message {
+        tokio::time::timeout(Duration::from_secs(60), conn.recv())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .message
+    }
+    // Opened (a claims it) and one op acknowledged.
+    conn.send(Message::Open {
+        doc: d.clone(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    loop {
+        if let Message::Ops { more: false, .. } = next(&mut conn).await {
+            break;
+        }
+    }
+    conn.send(submit(1, 0)).await.unwrap();
+    assert!(matches!(next(&mut conn).await, Message::Ack { seq: 1, .. }));
+    // Drained; the server is not told yet. The next op is sent on.
+    let drain = seq.clone();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || drain.drain())
+            .await
+            .unwrap(),
+        1
+    );
+    conn.send(submit(2, 1)).await.unwrap();
+    match next(&mut conn).await {
+        Message::Redirect { doc, .. } => assert_eq!(doc, d),
+        other => panic!("a submit after the drain: expected Redirect, got {other:?}"),
+    }
+    drop(conn);
+    let _ = stop.send(());
+    serving.await.unwrap();
+    drop(b);
+}

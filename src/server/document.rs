@@ -738,6 +738,15 @@ impl<S: Subscriber> Document<S> {
             if let Some(version) = state.deleted {
                 return Some(deleted_refusal(&self.id, version));
             }
+            // Cluster mode: the sequencer dropped or reloaded the document under this
+            // copy (a handover, a loss) before the server was told: its version says
+            // nothing about this copy's, so the op goes where the document is, as
+            // `try_step` would send it, instead of being refused against it.
+            if sequencer.incarnation(&self.id) != self.incarnation {
+                if let Some(here) = sequencer.here() {
+                    return Some(SubmitOutcome::Moved(here));
+                }
+            }
             (
                 sequencer.version(&self.id),
                 state.broken_pipelines.contains(&job.session),
