@@ -889,6 +889,16 @@ mod tests {
         }
     }
 
+    /// The live nodes' ids, as `member` reads them.
+    fn live(member: &Member<Arc<MemStore>>) -> Vec<String> {
+        member
+            .live_nodes()
+            .unwrap()
+            .into_iter()
+            .map(|n| n.node)
+            .collect()
+    }
+
     fn owned(claim: Claim) -> Epoch {
         match claim {
             Claim::Owned(epoch) => epoch,
@@ -925,13 +935,7 @@ mod tests {
         owned(a.claim("d").unwrap());
         assert!(matches!(b.claim("d").unwrap(), Claim::OwnedBy { .. }));
         a.leave().unwrap();
-        let ids: Vec<String> = b
-            .live_nodes()
-            .unwrap()
-            .into_iter()
-            .map(|n| n.node)
-            .collect();
-        assert_eq!(ids, ["b"]);
+        assert_eq!(live(&b), ["b"]);
         owned(b.claim("d").unwrap());
     }
 
@@ -941,13 +945,7 @@ mod tests {
         let (a, b) = (member(&store, "a"), member(&store, "b"));
         let epoch = owned(a.claim("d").unwrap());
         a.withdraw().unwrap();
-        let ids: Vec<String> = b
-            .live_nodes()
-            .unwrap()
-            .into_iter()
-            .map(|n| n.node)
-            .collect();
-        assert_eq!(ids, ["b"]);
+        assert_eq!(live(&b), ["b"]);
         // Still a's, as a node that is leaving: no address to send clients to.
         assert_eq!(b.owner("d").unwrap(), None);
         assert_eq!(
