@@ -5,8 +5,9 @@
 //! **Placement.** A document nobody owns is claimed by its preferred owner among the
 //! live nodes (rendezvous hashing, [`crate::cluster::hashing`]): an `Open` elsewhere is
 //! redirected there. A node that joins takes the documents it is now preferred for: each
-//! node looks every second and hands those over ([`ClusterSequencer::rebalance`]),
-//! as a draining node hands over all of its documents ([`ClusterSequencer::drain`]).
+//! node looks every second, on a thread of its own, and hands those over
+//! ([`ClusterSequencer::rebalance`]), as a draining node hands over all of its documents
+//! ([`ClusterSequencer::drain`]).
 //!
 //! **A document's life on a node.** [`Sequencer::route`] (at `Open`) claims the
 //! document if nobody owns it and this node is its preferred owner; if this node owns it
@@ -201,6 +202,13 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
                 .name("quire-losses".into())
                 .spawn(move || loss_loop(weak, losses))
                 .expect("spawn the loss handler");
+            // A thread of its own: its store reads block while the store is unreachable,
+            // which must not delay the handling of losses.
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("quire-rebalance".into())
+                .spawn(move || rebalance_loop(weak))
+                .expect("spawn the rebalancer");
             None
         } else {
             Some(Mutex::new(losses))
@@ -263,7 +271,6 @@ fn loss_loop<S: Store + Send + Sync + 'static>(
     inner: Weak<Inner<S>>,
     losses: mpsc::Receiver<Loss>,
 ) {
-    let mut last_rebalance = Instant::now();
     loop {
         let loss = match losses.recv_timeout(Duration::from_millis(200)) {
             Ok(loss) => Some(loss),
@@ -277,10 +284,18 @@ fn loss_loop<S: Store + Send + Sync + 'static>(
             inner.handle(loss);
         }
         inner.write_snapshots();
-        if last_rebalance.elapsed() >= REBALANCE_EVERY {
-            inner.rebalance();
-            last_rebalance = Instant::now();
-        }
+    }
+}
+
+/// Looks for documents to hand to their preferred owners every [`REBALANCE_EVERY`], for
+/// as long as the sequencer lives.
+fn rebalance_loop<S: Store + Send + Sync + 'static>(inner: Weak<Inner<S>>) {
+    loop {
+        std::thread::sleep(REBALANCE_EVERY);
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.rebalance();
     }
 }
 
