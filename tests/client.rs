@@ -38,6 +38,8 @@ struct ProxyState {
     backend: SocketAddr,
     mode: Arc<Mutex<Mode>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Connections passed to the backend so far.
+    passed: usize,
 }
 
 impl Proxy {
@@ -48,6 +50,7 @@ impl Proxy {
             backend,
             mode: Arc::new(Mutex::new(Mode::Pass)),
             tasks: Vec::new(),
+            passed: 0,
         }));
         let state = inner.clone();
         tokio::spawn(async move {
@@ -67,7 +70,9 @@ impl Proxy {
                     continue;
                 };
                 let task = tokio::spawn(pipe(client, server, mode));
-                state.lock().unwrap().tasks.push(task);
+                let mut s = state.lock().unwrap();
+                s.tasks.push(task);
+                s.passed += 1;
             }
         });
         Proxy { addr, inner }
@@ -82,6 +87,18 @@ impl Proxy {
                 t.abort();
             }
         }
+    }
+
+    /// Cuts the open connections; new ones get what they got.
+    fn cut(&self) {
+        for t in self.inner.lock().unwrap().tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Connections passed to the backend so far.
+    fn passed(&self) -> usize {
+        self.inner.lock().unwrap().passed
     }
 
     fn point_at(&self, backend: SocketAddr) {
@@ -205,6 +222,82 @@ async fn ids_are_given_by_the_server_and_documents_share_one_connection() {
     assert_eq!(again.text(), pairs[3].0.text());
     a.shutdown().await;
     b.shutdown().await;
+    running.stop().await;
+}
+
+/// A client given further nodes (`ClientConfig::fallback_addrs`) moves its home to the
+/// next one each time it cannot reach it, cyclically, and stays at a home it got in.
+/// Two proxies to one server stand for two nodes of a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cannot_reach_its_home_tries_its_fallback_addresses_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    let (first, second) = (
+        Proxy::new(running.addr).await,
+        Proxy::new(running.addr).await,
+    );
+    // Nothing listens at the home address (refused).
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cfg = config(dead).fallback_addrs([first.addr.to_string(), second.addr.to_string()]);
+    cfg.timeout = Duration::from_secs(30);
+    let c = Client::connect(cfg).await.unwrap();
+    let doc = c.open("fallback").await.unwrap();
+    let edit_and_settle = |s: &'static str| {
+        let (doc, running) = (&doc, &running);
+        async move {
+            doc.edit(&[ins(0, s)]).await.unwrap();
+            settle(&[doc]).await;
+            assert_eq!(doc.text(), server_text(running, "fallback").await);
+        }
+    };
+    edit_and_settle("a").await;
+    assert_eq!(
+        (first.passed(), second.passed()),
+        (1, 0),
+        "at the first that answers"
+    );
+
+    // Cut off at a home that still answers: the client comes back to it.
+    first.cut();
+    c.wait_connected().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while first.passed() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the client reconnects");
+    edit_and_settle("b").await;
+    assert_eq!(
+        (first.passed(), second.passed()),
+        (2, 0),
+        "back at its home"
+    );
+
+    // The home closes every connection before `Welcome` now: the next address.
+    first.set(Mode::Down);
+    edit_and_settle("c").await;
+    assert_eq!(
+        (first.passed(), second.passed()),
+        (2, 1),
+        "moved to the next"
+    );
+
+    // That one gone too, the first back: round to it, past the dead address.
+    first.set(Mode::Pass);
+    second.set(Mode::Down);
+    edit_and_settle("d").await;
+    assert_eq!(
+        (first.passed(), second.passed()),
+        (3, 1),
+        "round to the first"
+    );
+    assert_eq!(doc.text(), "dcba");
+    c.shutdown().await;
     running.stop().await;
 }
 

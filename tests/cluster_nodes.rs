@@ -4,8 +4,9 @@
 //!
 //! - the owner of the busiest documents killed with SIGKILL and its data directory
 //!   deleted: the clients go back to their home nodes, which claim the documents once the
-//!   dead node's lease expires and load them from etcd; the clients resend, and every
-//!   edit ends up in every document exactly once;
+//!   dead node's lease expires and load them from etcd; a client at home on the dead
+//!   node moves to the next of its addresses; the clients resend, and every edit ends
+//!   up in every document exactly once;
 //! - the owner stopped with SIGSTOP until a surviving node took its documents over, then
 //!   continued (split brain): the old owner acknowledges nothing more, every edit lands
 //!   exactly once;
@@ -52,15 +53,23 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
     let busy = names_preferred_by("busy", 3, "n2", &NODE_IDS);
     claim_at(nodes[2].addr, &busy, 1).await;
     // Two clients at home on n0 and n1 edit the busy documents (on n2, by redirect) and
-    // one document each on their own node.
+    // one document each on their own node; a third at home on n2, told the other nodes'
+    // addresses, edits the busy documents and one more of n2's: when n2 is gone it
+    // moves its home to the next address and finds their new owner from there.
     let a = connected(config(nodes[0].addr, 2)).await;
     let b = connected(config(nodes[1].addr, 3)).await;
+    let c = connected(
+        config(nodes[2].addr, 9)
+            .fallback_addrs([nodes[0].addr.to_string(), nodes[1].addr.to_string()]),
+    )
+    .await;
     let mut docs: Vec<Doc> = Vec::new();
     for doc in &busy {
-        docs.push(open_at(&[("a", &a), ("b", &b)], doc).await);
+        docs.push(open_at(&[("a", &a), ("b", &b), ("c", &c)], doc).await);
     }
     docs.push(open_at(&[("a", &a)], &name_preferred_by("own-a", "n0", &NODE_IDS)).await);
     docs.push(open_at(&[("b", &b)], &name_preferred_by("own-b", "n1", &NODE_IDS)).await);
+    docs.push(open_at(&[("c", &c)], &name_preferred_by("own-c", "n2", &NODE_IDS)).await);
 
     // Each writer makes its last `AFTER_KILL` edits once n2 was killed, so that the kill
     // comes while the clients edit however fast n2 acknowledges (the clients could make
@@ -120,6 +129,7 @@ async fn edit_kill_and_check(nodes: &mut [Node], etcd_endpoints: Vec<String>) {
     drop(docs);
     a.shutdown().await;
     b.shutdown().await;
+    c.shutdown().await;
 }
 
 #[test]

@@ -165,8 +165,16 @@ pub enum Event {
 /// How to reach the server, and the client's limits.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `host:port` of the server.
+    /// `host:port` of the server (in a cluster: the node the client starts at, its
+    /// home).
     pub addr: String,
+    /// Further nodes of the same cluster (`host:port`), tried in turn when the home node
+    /// cannot be reached: each failed attempt to connect (refused, timed out, or cut off
+    /// before `Welcome`) moves the home to the next of `addr` and these, cyclically,
+    /// with the usual backoff between attempts. A connection that got its `Welcome`
+    /// keeps its node as home: after a loss the same node is tried first. Empty (the
+    /// default): `addr` only. Reached through [`Connector::connect_to`].
+    pub fallback_addrs: Vec<String>,
     /// The access token sent in `Hello` (protocol.md, "Access tokens"); empty for a
     /// server without secrets. A refusal by it stops the client for good
     /// ([`ConnectionState::Failed`]) instead of retrying.
@@ -195,6 +203,7 @@ impl ClientConfig {
     pub fn new(addr: impl Into<String>) -> Self {
         ClientConfig {
             addr: addr.into(),
+            fallback_addrs: Vec::new(),
             token: String::new(),
             persist_dir: None,
             ping_interval: Duration::from_secs(15),
@@ -214,6 +223,12 @@ impl ClientConfig {
 
     pub fn persist_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.persist_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets [`ClientConfig::fallback_addrs`].
+    pub fn fallback_addrs<S: Into<String>>(mut self, addrs: impl IntoIterator<Item = S>) -> Self {
+        self.fallback_addrs = addrs.into_iter().map(Into::into).collect();
         self
     }
 }
@@ -328,6 +343,7 @@ impl Client {
             docs: BTreeMap::new(),
             shutdown: None,
             redirect_loop: false,
+            home: 0,
         };
         let task = tokio::spawn(driver.run());
         Ok(Client {
@@ -827,7 +843,8 @@ struct OpenDoc {
 pub const MAX_REDIRECTS: u32 = 8;
 
 /// Which connection carries a document: `None`, the home one (to
-/// [`ClientConfig::addr`]); else the key of one a `Redirect` opened (its `addr` and
+/// [`ClientConfig::addr`] or, after it could not be reached, one of
+/// [`ClientConfig::fallback_addrs`]); else the key of one a `Redirect` opened (its `addr` and
 /// `ws_url`).
 type At = Option<Arc<str>>;
 
@@ -929,6 +946,9 @@ struct Driver<C: Connector> {
     /// ([`MAX_REDIRECTS`]): the reconnect backoff keeps growing across connections
     /// until a document makes progress.
     redirect_loop: bool,
+    /// Which node is home: 0 for [`ClientConfig::addr`], `i` for
+    /// `fallback_addrs[i - 1]`.
+    home: usize,
 }
 
 type Conn<C> = Connection<<C as Connector>::Stream>;
@@ -941,6 +961,19 @@ impl<C: Connector> Driver<C> {
         self.state.send_replace(state);
     }
 
+    /// The home node's address (see [`ClientConfig::fallback_addrs`]).
+    fn home_addr(&self) -> &str {
+        match self.home {
+            0 => &self.config.addr,
+            i => &self.config.fallback_addrs[i - 1],
+        }
+    }
+
+    /// The home node could not be reached: the next attempt goes to the next address.
+    fn next_home(&mut self) {
+        self.home = (self.home + 1) % (1 + self.config.fallback_addrs.len());
+    }
+
     async fn run(mut self) {
         let mut attempt: u32 = 0;
         loop {
@@ -949,11 +982,14 @@ impl<C: Connector> Driver<C> {
                 let client_id = self.client_id.load(Ordering::Acquire);
                 let token = self.config.token.clone();
                 let timeout = self.config.timeout;
+                let (home, addr) = (self.home, self.home_addr().to_owned());
                 let connect = async move {
-                    let stream = connector
-                        .connect()
-                        .await
-                        .map_err(|e| Ended::Lost(e.to_string()))?;
+                    let stream = if home == 0 {
+                        connector.connect().await
+                    } else {
+                        connector.connect_to(&addr, "").await
+                    };
+                    let stream = stream.map_err(|e| Ended::Lost(format!("{addr}: {e}")))?;
                     Connection::handshake(stream, client_id, &token)
                         .await
                         .map_err(|e| match e {
@@ -983,8 +1019,14 @@ impl<C: Connector> Driver<C> {
                     }
                     self.connected(conn).await
                 }
-                Ok(Err(ended)) => ended,
-                Err(_) => Ended::Lost("connect timed out".into()),
+                Ok(Err(ended)) => {
+                    self.next_home();
+                    ended
+                }
+                Err(_) => {
+                    self.next_home();
+                    Ended::Lost("connect timed out".into())
+                }
             };
             for doc in self.docs.values_mut() {
                 doc.phase = Phase::Down;
@@ -1315,7 +1357,7 @@ impl<C: Connector> Driver<C> {
         }
         // The home node is reached over the home connection: a second connection with
         // this client's id would replace it there (code 11).
-        let at: At = if addr == self.config.addr {
+        let at: At = if addr == self.home_addr() {
             None
         } else {
             Some(Arc::from(format!("{addr} {ws_url}")))
