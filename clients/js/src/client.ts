@@ -35,13 +35,21 @@ export type ConnectionState =
 export interface ClientOptions {
   /** `ws://host:port/ws`. */
   url: string;
+  /**
+   * Other nodes of the same cluster, `ws://host:port/ws`: tried in turn when the home
+   * node cannot be reached.
+   */
+  fallbackUrls?: string[];
   token?: string;
   /** Defaults to `globalThis.WebSocket` (browsers; Node 20 has none: pass `ws`). */
   WebSocket?: WebSocketConstructor;
   store?: Store;
   /** A Ping is sent after this long without sending (the server closes after 60 s). */
   pingIntervalMs?: number;
-  /** The connection is dropped after this long without hearing from the server. */
+  /**
+   * The connection is dropped after this long without hearing from the server (with
+   * `fallbackUrls`, also a handshake not welcomed by then: the next URL is tried).
+   */
   deadAfterMs?: number;
   backoffInitialMs?: number;
   backoffMaxMs?: number;
@@ -93,7 +101,7 @@ export class DocHandle extends Emitter<DocEvents> {
   /** @internal which op in flight was sent on which connection (each goes once per connection) */
   sent: { gen: number; localSeq: number } | null = null;
   /** @internal */ presence: Selection[] | null = null;
-  /** @internal the WebSocket URL of the node a `Redirect` sent it to (null: the client's own) */
+  /** @internal the WebSocket URL of the node a `Redirect` sent it to (null: the home connection) */
   at: string | null = null;
   /** @internal redirects followed since its last progress (see MAX_REDIRECTS) */
   redirects = 0;
@@ -166,6 +174,11 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   connectionState: ConnectionState = { state: "connecting" };
   private readonly docs = new Map<string, DocHandle>();
   private ws: WebSocketLike | null = null;
+  /** `url`, then `fallbackUrls`: the home connection goes to `urls[home]`. */
+  private readonly urls: string[];
+  private home = 0;
+  /** The current home connection got its `Welcome`. */
+  private welcomed = false;
   /** Connections to other nodes (cluster mode), by WebSocket URL. */
   private readonly away = new Map<string, AwayLink>();
   /** Bumped per connection: events of an older socket are ignored. */
@@ -180,7 +193,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   private saving: Promise<void> | null = null;
   private offline = false;
   private dirty = false;
-  private readonly opts: Required<Omit<ClientOptions, "store" | "trace" | "token" | "WebSocket">> &
+  private readonly opts: Required<Omit<ClientOptions, "url" | "fallbackUrls" | "store" | "trace" | "token" | "WebSocket">> &
     Pick<ClientOptions, "store" | "trace"> & { token: string; WebSocket: WebSocketConstructor };
 
   private constructor(opts: ClientOptions) {
@@ -188,7 +201,6 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     const WS = opts.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (!WS) throw new Error("no WebSocket: pass one in the options (in Node, the `ws` package)");
     this.opts = {
-      url: opts.url,
       token: opts.token ?? "",
       WebSocket: WS,
       store: opts.store,
@@ -199,6 +211,8 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       backoffMaxMs: opts.backoffMaxMs ?? 10_000,
       random: opts.random ?? Math.random,
     };
+    // Kept out of `opts`: what is compared with a redirect's URL is the current home.
+    this.urls = [opts.url, ...(opts.fallbackUrls ?? [])];
   }
 
   /**
@@ -283,9 +297,12 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   private dial(): void {
     if (this.offline || this.connectionState.state === "closed" || this.connectionState.state === "failed") return;
     const gen = ++this.gen;
-    const ws = new this.opts.WebSocket(this.opts.url);
+    const ws = new this.opts.WebSocket(this.urls[this.home]);
     ws.binaryType = "arraybuffer";
     this.ws = ws;
+    this.welcomed = false;
+    // The handshake's deadline counts from here (see `tick`).
+    this.lastHeard = Date.now();
     ws.onopen = () => {
       if (gen !== this.gen) return;
       this.lastHeard = Date.now();
@@ -334,6 +351,11 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       this.setState({ state: "offline" });
       return;
     }
+    // A home that never welcomed us may be down for good: the next attempt goes to the
+    // next URL. One that did keeps its URL (a node restarting comes back there). No away
+    // link is left to the new home, nor a document carried by one (both dropped just
+    // above): its documents are opened on the home connection once it is welcomed.
+    if (!this.welcomed) this.home = (this.home + 1) % this.urls.length;
     // 100 ms doubling to 10 s, each delay a random half to the whole of that: clients
     // cut off together do not all come back at once.
     const full = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** this.attempt);
@@ -347,8 +369,16 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   }
 
   private tick(): void {
-    if (!this.ws || this.connectionState.state !== "connected") return;
+    if (!this.ws) return;
     const now = Date.now();
+    if (this.connectionState.state !== "connected") {
+      // A node that is down without refusing (its host gone, packets dropped) would hold
+      // the attempt until the system gives up on it: with other URLs to try, the
+      // handshake has the deadline of a silent connection. With one URL there is nowhere
+      // else to go, and the socket's own failure is awaited.
+      if (this.urls.length > 1 && now - this.lastHeard > this.opts.deadAfterMs) this.dropConnection();
+      return;
+    }
     if (now - this.lastHeard > this.opts.deadAfterMs) {
       this.dropConnection();
     } else if (now - this.lastSent >= this.opts.pingIntervalMs) {
@@ -537,6 +567,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         const first = this.clientId === 0n;
         this.clientId = m.clientId;
         this.maxFrame = m.maxFrame;
+        this.welcomed = true;
         for (const h of this.docs.values()) h.doc.maxOpBytes = maxOpBytes(m.maxFrame);
         this.setState({ state: "connected" });
         // The id must be on disk before any op goes out under it.
@@ -650,7 +681,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
 
   /**
    * A `Redirect` of a document on the connection that carries it: it is closed there
-   * and opened at `wsUrl` (the home connection if that is the client's own URL) with its
+   * and opened at `wsUrl` (the home connection if that is the current home URL) with its
    * version; its op in flight is resent there under its id once it is open, as after a
    * reconnect.
    */
@@ -667,7 +698,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     h.reply = null;
     h.sent = null;
     const old = h.at;
-    h.at = wsUrl === this.opts.url ? null : wsUrl;
+    h.at = wsUrl === this.urls[this.home] ? null : wsUrl;
     if (h.at !== null && !this.away.has(h.at)) this.dialAway(h.at);
     this.sendOpen(h);
     this.prune(old);

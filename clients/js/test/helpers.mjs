@@ -9,6 +9,7 @@ import { fileURLToPath } from "node:url";
 import { WebSocket } from "ws";
 import { Client } from "../dist/client.js";
 import { NodeWebSocket } from "../dist/node.js";
+import { decode, encode } from "../dist/protocol.js";
 
 const here = fileURLToPath(new URL(".", import.meta.url));
 export const QUIRE_BIN = resolve(process.env.QUIRE_BIN ?? join(here, "../../../target/release/quire"));
@@ -97,6 +98,87 @@ export async function client(url, opts = {}) {
     backoffMaxMs: 200,
     ...opts,
   });
+}
+
+/**
+ * Fake nodes by URL (`ws://fake-NAME/ws`), in this process, speaking the protocol of
+ * protocol.md: `handle(message, reply)` answers each frame the client sends;
+ * `reply(message, requestId)` queues a frame for it. A node `down` refuses connections
+ * (error, then close, never open); `kill(node)` puts it down and cuts its connections.
+ * A node added with `{ welcome: false }` accepts connections but never answers `Hello`.
+ * `dialed` lists every URL a connection was made to, in order, fake or not.
+ */
+let nextClientId = 1000n;
+
+export function fakeNetwork() {
+  const nodes = new Map();
+  const dialed = [];
+  class FakeSocket {
+    constructor(url) {
+      this.url = url;
+      this.binaryType = "arraybuffer";
+      this.readyState = 0;
+      this.onopen = this.onmessage = this.onclose = this.onerror = null;
+      this.node = nodes.get(url);
+      this.node.connections += 1;
+      if (this.node.down) {
+        setTimeout(() => {
+          this.readyState = 3;
+          this.onerror?.({});
+          this.onclose?.({});
+        }, 0);
+        return;
+      }
+      this.node.sockets.add(this);
+      setTimeout(() => {
+        if (this.readyState !== 0) return;
+        this.readyState = 1;
+        this.onopen?.({});
+      }, 0);
+    }
+    send(bytes) {
+      const { requestId, message } = decode(bytes);
+      this.node.received.push(message);
+      const reply = (m, rid = requestId) =>
+        setTimeout(() => {
+          if (this.readyState !== 1) return;
+          const frame = encode(m, rid);
+          this.onmessage?.({ data: frame.buffer.slice(frame.byteOffset, frame.byteOffset + frame.byteLength) });
+        }, 0);
+      if (message.type === "Hello") {
+        // An id of its own for a client that has none (below 2^63: never one the real
+        // server gives, which would make the two clients replace each other there).
+        if (this.node.welcome) reply({ type: "Welcome", version: 2, maxFrame: 1 << 20, clientId: message.clientId || nextClientId++ });
+      } else if (message.type !== "Ping") {
+        this.node.handle(message, reply);
+      }
+    }
+    close() {
+      if (this.readyState === 3) return;
+      this.readyState = 3;
+      this.node.sockets.delete(this);
+      setTimeout(() => this.onclose?.({}), 0);
+    }
+  }
+  return {
+    dialed,
+    add(name, handle = () => {}, { welcome = true } = {}) {
+      const node = { url: `ws://fake-${name}/ws`, handle, welcome, down: false, received: [], connections: 0, sockets: new Set() };
+      nodes.set(node.url, node);
+      return node;
+    },
+    kill(node) {
+      node.down = true;
+      for (const s of [...node.sockets]) s.close();
+    },
+    // Fakes for their URLs, the `ws` package for real servers.
+    WebSocket: class {
+      constructor(url) {
+        dialed.push(url);
+        return nodes.has(url) ? new FakeSocket(url) : new WebSocket(url);
+      }
+    },
+  };
 }
 
 export async function waitFor(cond, what = "condition", guardMs = 60_000) {

@@ -5,9 +5,7 @@
 // from protocol.md) and the owner they point at is a real `quire serve`.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { WebSocket } from "ws";
-import { client, serverText, startServer, waitFor } from "./helpers.mjs";
-import { decode, encode } from "../dist/protocol.js";
+import { client, fakeNetwork, serverText, startServer, waitFor } from "./helpers.mjs";
 
 let server;
 before(async () => {
@@ -16,65 +14,6 @@ before(async () => {
 after(async () => {
   await server?.stop();
 });
-
-/**
- * Fake nodes by URL (`ws://fake-NAME/ws`): `handle(message, reply)` answers each frame
- * the client sends; `reply(message, requestId)` queues a frame for it.
- */
-let nextClientId = 1000n;
-
-function fakeNetwork() {
-  const nodes = new Map();
-  class FakeSocket {
-    constructor(url) {
-      this.url = url;
-      this.binaryType = "arraybuffer";
-      this.readyState = 0;
-      this.onopen = this.onmessage = this.onclose = this.onerror = null;
-      this.node = nodes.get(url);
-      this.node.connections += 1;
-      setTimeout(() => {
-        this.readyState = 1;
-        this.onopen?.({});
-      }, 0);
-    }
-    send(bytes) {
-      const { requestId, message } = decode(bytes);
-      this.node.received.push(message);
-      const reply = (m, rid = requestId) =>
-        setTimeout(() => {
-          if (this.readyState !== 1) return;
-          const frame = encode(m, rid);
-          this.onmessage?.({ data: frame.buffer.slice(frame.byteOffset, frame.byteOffset + frame.byteLength) });
-        }, 0);
-      if (message.type === "Hello") {
-        // An id of its own for a client that has none (below 2^63: never one the real
-        // server gives, which would make the two clients replace each other there).
-        reply({ type: "Welcome", version: 2, maxFrame: 1 << 20, clientId: message.clientId || nextClientId++ });
-      } else if (message.type !== "Ping") {
-        this.node.handle(message, reply);
-      }
-    }
-    close() {
-      if (this.readyState === 3) return;
-      this.readyState = 3;
-      setTimeout(() => this.onclose?.({}), 0);
-    }
-  }
-  return {
-    add(name, handle) {
-      const node = { url: `ws://fake-${name}/ws`, handle, received: [], connections: 0 };
-      nodes.set(node.url, node);
-      return node;
-    },
-    // Fakes for their URLs, the `ws` package for the real server.
-    WebSocket: class {
-      constructor(url) {
-        return nodes.has(url) ? new FakeSocket(url) : new WebSocket(url);
-      }
-    },
-  };
-}
 
 /** A node that serves nothing: every request about a document is answered with a Redirect. */
 function redirector(to) {
