@@ -81,7 +81,10 @@ pub fn free_port() -> SocketAddr {
 pub fn start_node(etcd: &EtcdCluster, id: &str, root: &Path) -> Node {
     let addr = free_port();
     let dir = root.join(id);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quire"))
+    // `QUIRE_BIN`: another build of the same code (a loop of runs that must not see
+    // the target directory's binary rebuilt under it, without the cluster feature).
+    let bin = std::env::var_os("QUIRE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_quire").into());
+    let mut child = Command::new(bin)
         .args(["serve", "--admin-listen", "off", "--lease-ttl-secs", "2"])
         .arg("--listen")
         .arg(addr.to_string())
