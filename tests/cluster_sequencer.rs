@@ -49,6 +49,12 @@ struct Node {
 }
 
 fn node(store: &Arc<MemStore>, name: &str) -> Node {
+    node_driven(store, name, Drive::Threads)
+}
+
+/// A node whose journal writes go only when the test says (`Drive::Manual`:
+/// `replicator().commit_next()`), or by threads of their own.
+fn node_driven(store: &Arc<MemStore>, name: &str, drive: Drive) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let (local, _) = LocalSequencer::open(dir.path(), LocalConfig::default()).unwrap();
     let addr = format!("{name}.example:7000");
@@ -63,7 +69,7 @@ fn node(store: &Arc<MemStore>, name: &str) -> Node {
         member,
         clock.clone(),
         timing,
-        Drive::Threads,
+        drive,
         Box::new(move |loss| {
             let _ = tx.lock().unwrap().send(loss);
         }),
@@ -670,4 +676,158 @@ async fn a_submit_between_the_drain_and_its_redirect_is_redirected() {
     let _ = stop.send(());
     serving.await.unwrap();
     drop(b);
+}
+
+/// The handover's patience (`HAND_OVER_PATIENCE`, 10 s; shorter here) past its value: a
+/// drain whose documents' journal writes are still unresolved then hands them over
+/// anyway, and the journal's fence refuses those writes once they go (the document was
+/// released): they are never acknowledged, and the next owner has every op acknowledged
+/// before. Within it, the writes that resolve are acknowledged first
+/// (`a_drained_node_hands_its_documents_to_the_preferred_other_node`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_past_its_patience_goes_on_and_the_late_writes_are_refused() {
+    let store = Arc::new(MemStore::new());
+    let a = node_driven(&store, "a", Drive::Manual);
+    let b = node(&store, "b");
+    let d = doc_for("a", &["a", "b"]);
+    let _moved = a.seq.moved().unwrap();
+    assert_eq!(route(&a, &d), Route::Here);
+    let submit = |i: u64| {
+        let Submitted::Applied { ticket, .. } =
+            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
+        else {
+            panic!("op {i}");
+        };
+        ticket
+    };
+    let first = submit(1);
+    assert!(a.seq.replicator().commit_next());
+    a.seq
+        .wait_durable(first)
+        .await
+        .expect("committed: acknowledged");
+    // Two more, their journal write held back past the drain's patience.
+    let late = [submit(2), submit(3)];
+    let patience = Duration::from_millis(300);
+    a.seq.set_hand_over_patience(patience);
+    let started = std::time::Instant::now();
+    assert_eq!(a.seq.drain(), 1, "handed over, unresolved writes and all");
+    assert!(
+        started.elapsed() >= patience,
+        "the drain waited its patience first ({:?})",
+        started.elapsed()
+    );
+    // The write goes now: refused (the document was released), never acknowledged.
+    assert!(a.seq.replicator().commit_next());
+    for ticket in late {
+        assert!(
+            a.seq.wait_durable(ticket).await.is_err(),
+            "a write that resolved after the handover is not acknowledged"
+        );
+    }
+    // b claims it with the op acknowledged, and nothing of the refused ones.
+    assert_eq!(route(&b, &d), Route::Here);
+    assert_eq!(b.seq.read(&d).await.unwrap().unwrap().text, "1");
+}
+
+/// An `Open` at a node for a document whose owner is leaving (drained: its membership
+/// withdrawn, its documents not released yet) waits for the release up to the handover's
+/// patience (`HAND_OVER_PATIENCE`; shorter here), then claims it; past the patience it is
+/// refused as unavailable (code 33, "retry"), not left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_waits_for_a_leaving_owner_up_to_its_patience() {
+    use quire::sequencer::RouteError;
+    let store = Arc::new(MemStore::new());
+    let (a, b) = (node(&store, "a"), Arc::new(node(&store, "b")));
+    let d = doc_for("a", &["a", "b"]);
+    let _moved = a.seq.moved().unwrap();
+    assert_eq!(route(&a, &d), Route::Here);
+    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "a")).unwrap() else {
+        panic!("op 1");
+    };
+    a.seq.wait_durable(ticket).await.unwrap();
+    // a leaves, and does not release its document (yet).
+    a.seq.replicator().member().withdraw().unwrap();
+    let patience = Duration::from_millis(300);
+    b.seq.set_hand_over_patience(patience);
+    let started = std::time::Instant::now();
+    match b.seq.place(&d) {
+        Err(RouteError::Unavailable(why)) => assert!(why.contains("leaving"), "{why}"),
+        other => panic!("past the patience: expected unavailable, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= patience,
+        "it waited its patience first ({:?})",
+        started.elapsed()
+    );
+    // Within it: a's drain releases the document while b's `Open` waits.
+    b.seq.set_hand_over_patience(Duration::from_secs(600));
+    let waiting = {
+        let (b, d) = (b.clone(), d.clone());
+        std::thread::spawn(move || b.seq.place(&d))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(a.seq.drain(), 1);
+    assert_eq!(waiting.join().unwrap().expect("placed"), Route::Here);
+    assert_eq!(b.seq.read(&d).await.unwrap().unwrap().text, "a");
+}
+
+/// Found by tests/cluster_nodes.rs's quorum test (2 runs in about 100): an edit made
+/// while etcd had no majority was acknowledged to its client. The node had sequenced
+/// the op and written it to its local log, its journal write could not commit, and
+/// the client, opening the document again (redirected when the node's lease lapsed),
+/// got a catch-up of the ops after its version read from the local log, its own op
+/// among them, which a client takes as acknowledged. `ops_after` (what a catch-up
+/// reads) must give only ops in the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_after_gives_only_ops_whose_journal_write_committed() {
+    let store = Arc::new(MemStore::new());
+    let a = node_driven(&store, "a", Drive::Manual);
+    let d = "d";
+    assert_eq!(route(&a, d), Route::Here);
+    let submit = |i: u64| {
+        let Submitted::Applied { ticket, .. } =
+            a.seq.submit(d, op(1, i, i - 1, &i.to_string())).unwrap()
+        else {
+            panic!("op {i}");
+        };
+        ticket
+    };
+    let first = submit(1);
+    assert!(a.seq.replicator().commit_next());
+    a.seq.wait_durable(first).await.unwrap();
+    let second = submit(2);
+    // In the local log (durable there), not in the journal.
+    let local = a.seq.local();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while local.ops_after(d, 0, 10).unwrap().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("op 2 in the local log");
+    let seqs = |ops: Option<Vec<quire::op::SequencedOp>>| -> Vec<u64> {
+        ops.unwrap().iter().map(|o| o.seq).collect()
+    };
+    assert_eq!(
+        seqs(a.seq.ops_after(d, 0, 10).unwrap()),
+        vec![1],
+        "op 2 is not in the journal yet"
+    );
+    assert_eq!(seqs(a.seq.ops_after(d, 1, 10).unwrap()), Vec::<u64>::new());
+    // Committed: now it is.
+    assert!(a.seq.replicator().commit_next());
+    a.seq.wait_durable(second).await.unwrap();
+    assert_eq!(seqs(a.seq.ops_after(d, 0, 10).unwrap()), vec![1, 2]);
+    // A third whose journal write fails its fence (the document is someone else's):
+    // never given, and reads fail once the loss is known.
+    let third = submit(3);
+    store.advance(TTL * 2);
+    a.clock.advance(TTL * 2);
+    assert!(a.seq.replicator().commit_next());
+    assert!(a.seq.wait_durable(third).await.is_err());
+    assert!(
+        a.seq.ops_after(d, 0, 10).is_err(),
+        "not served here any more"
+    );
 }

@@ -57,7 +57,7 @@ const IDS_PER_REGISTRATION: u64 = 1 << 24;
 
 /// A document served here: the tenure it is served in and its newest op's place in the
 /// replicator's queue.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Serving {
     epoch: Epoch,
     tenure: Tenure,
@@ -71,6 +71,10 @@ struct Serving {
     /// The seq of the newest snapshot in the store as this tenure knows it: the journal
     /// is truncated through it once a newer one is written.
     last_snapshot: Option<u64>,
+    /// The ops sequenced in this tenure whose journal write was not seen resolved yet,
+    /// oldest first: `(seq, the replicator's id)`. The resolved ones leave at each submit
+    /// and read ([`Inner::journaled_upto`]), so it holds about the ops in flight.
+    unjournaled: std::collections::VecDeque<(u64, u64)>,
 }
 
 type Tenancy = Arc<Mutex<Option<Serving>>>;
@@ -87,7 +91,7 @@ enum Placed {
 /// an `Open` for a document being handed over (here, or by a draining owner) for the
 /// handover to finish. Past it the handover goes on (the journal's fencing refuses the
 /// writes still queued) and the `Open` is answered "unavailable, retry".
-const HAND_OVER_PATIENCE: Duration = Duration::from_secs(10);
+pub const HAND_OVER_PATIENCE: Duration = Duration::from_secs(10);
 /// Durability tickets kept for their waiters ([`Sequencer::wait_durable`]). A ticket is
 /// waited for right after it is handed out (an op's ack, a read at `Open`), except when
 /// its session ends in between: such a ticket is never waited for, so the oldest is
@@ -137,6 +141,9 @@ struct Inner<S: Store + Send + Sync + 'static> {
     handing_over: Mutex<HashSet<Arc<str>>>,
     /// The live nodes of the previous rebalance ([`ClusterSequencer::rebalance`]).
     seen_nodes: Mutex<Vec<String>>,
+    /// [`HAND_OVER_PATIENCE`] in milliseconds, unless a test set it shorter
+    /// ([`ClusterSequencer::set_hand_over_patience`]).
+    hand_over_patience_ms: AtomicU64,
 }
 
 /// The sequencer of cluster mode (module notes).
@@ -195,6 +202,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             draining: std::sync::atomic::AtomicBool::new(false),
             handing_over: Mutex::new(HashSet::new()),
             seen_nodes: Mutex::new(Vec::new()),
+            hand_over_patience_ms: AtomicU64::new(HAND_OVER_PATIENCE.as_millis() as u64),
         });
         let losses = if handle_losses {
             let weak = Arc::downgrade(&inner);
@@ -250,6 +258,13 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
         lock(&self.inner.tickets).len()
     }
 
+    /// Sets how long a handover and an `Open` waiting for one wait
+    /// ([`HAND_OVER_PATIENCE`] by default): tests of what happens past it.
+    pub fn set_hand_over_patience(&self, patience: Duration) {
+        let ms = patience.as_millis().try_into().unwrap_or(u64::MAX);
+        self.inner.hand_over_patience_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// The local sequencer (the cache).
     pub fn local(&self) -> &LocalSequencer {
         &self.inner.local
@@ -300,6 +315,10 @@ fn rebalance_loop<S: Store + Send + Sync + 'static>(inner: Weak<Inner<S>>) {
 }
 
 impl<S: Store + Send + Sync + 'static> Inner<S> {
+    fn hand_over_patience(&self) -> Duration {
+        Duration::from_millis(self.hand_over_patience_ms.load(Ordering::SeqCst))
+    }
+
     fn tenancy(&self, doc_id: &str) -> Option<Tenancy> {
         lock(&self.docs).get(doc_id).cloned()
     }
@@ -320,7 +339,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // begin): not claimed again before its queued writes resolved and it is
         // released. The `Open` waits for that rather than being refused (this runs on a
         // blocking thread).
-        let patience = Instant::now() + HAND_OVER_PATIENCE;
+        let patience = Instant::now() + self.hand_over_patience();
         let mut serving = loop {
             let serving = lock(&tenancy);
             if !lock(&self.handing_over).contains(doc_id) {
@@ -332,7 +351,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             }
             std::thread::sleep(POLL);
         };
-        if let Some(s) = *serving {
+        if let Some(s) = &*serving {
             if self.replicator.serving(s.tenure).is_ok() {
                 return Ok(Route::Here);
             }
@@ -385,6 +404,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             epoch,
             tenure,
             last_op: None,
+            unjournaled: std::collections::VecDeque::new(),
             since_snapshot: ops.len() as u64,
             snapshot_queued: false,
             last_snapshot: snapshot_seq,
@@ -420,7 +440,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     /// rather than refusing the `Open`.
     fn claim(&self, doc_id: &str) -> Result<Placed, String> {
         let member = self.replicator.member();
-        let patience = Instant::now() + HAND_OVER_PATIENCE;
+        let patience = Instant::now() + self.hand_over_patience();
         loop {
             match member.claim(doc_id).map_err(|e| e.to_string())? {
                 Claim::Owned(epoch) => return Ok(Placed::Claimed(epoch)),
@@ -458,7 +478,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         tenancy: &'a Tenancy,
     ) -> Result<MutexGuard<'a, Option<Serving>>, SubmitError> {
         let guard = lock(tenancy);
-        match *guard {
+        match &*guard {
             Some(s) => {
                 self.replicator
                     .serving(s.tenure)
@@ -485,6 +505,23 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         }
         tickets.insert(id, pending);
         Ticket(id)
+    }
+
+    /// The seq up to which every op of the document is in the journal (those after it
+    /// are not known to be yet; `u64::MAX`: every op sequenced in the tenure is), for
+    /// what only durable ops may answer (`ops_after`). Forgets the ops seen resolved.
+    /// An error once the tenure is lost.
+    fn journaled_upto(&self, s: &mut Serving) -> Result<u64, SubmitError> {
+        while let Some(&(_, id)) = s.unjournaled.front() {
+            match self.replicator.outcome(id, s.tenure) {
+                None => break,
+                Some(Ok(())) => {
+                    s.unjournaled.pop_front();
+                }
+                Some(Err(e)) => return Err(moved_error(e, &self.here)),
+            }
+        }
+        Ok(s.unjournaled.front().map_or(u64::MAX, |&(seq, _)| seq - 1))
     }
 
     /// A ticket for what `doc_id`'s newest op waits for (a resend's answer, a read).
@@ -573,7 +610,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         };
         for (doc, tenancy) in docs {
             let mut serving = lock(&tenancy);
-            let Some(s) = *serving else { continue };
+            let Some(s) = &*serving else { continue };
             if self.replicator.serving(s.tenure).is_ok() {
                 continue;
             }
@@ -601,16 +638,19 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         for (doc, tenancy) in docs {
             let mut serving = lock(&tenancy);
             // Lost already: the loss handler evicts it and says where it went.
-            let Some(s) = serving.filter(|s| self.replicator.serving(s.tenure).is_ok()) else {
+            if serving
+                .as_ref()
+                .is_none_or(|s| self.replicator.serving(s.tenure).is_err())
+            {
                 continue;
-            };
-            *serving = None;
+            }
+            let s = serving.take().expect("checked");
             // Before the tenancy lock goes: an `Open` here meanwhile waits (`place`).
             lock(&self.handing_over).insert(doc.clone());
             drop(serving);
             stopped.push((doc, tenancy, s));
         }
-        let patience = Instant::now() + HAND_OVER_PATIENCE;
+        let patience = Instant::now() + self.hand_over_patience();
         for (doc, _, s) in &stopped {
             let Some(last) = s.last_op else { continue };
             while self.replicator.outcome(last, s.tenure).is_none() {
@@ -916,7 +956,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     async fn route(&self, doc_id: &str) -> Result<Route, RouteError> {
         // Served here already: no store request, no thread.
         if let Some(tenancy) = self.inner.tenancy(doc_id) {
-            if let Some(s) = *lock(&tenancy) {
+            if let Some(s) = &*lock(&tenancy) {
                 if self.inner.replicator.serving(s.tenure).is_ok() {
                     return Ok(Route::Here);
                 }
@@ -937,7 +977,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         // Tenure numbers start at 0: one more, so that "not served" (0) differs.
         self.inner
             .tenancy(doc_id)
-            .and_then(|t| lock(&t).map(|s| s.tenure.0 + 1))
+            .and_then(|t| lock(&t).as_ref().map(|s| s.tenure.0 + 1))
             .unwrap_or(0)
     }
 
@@ -966,6 +1006,9 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         };
         let mut serving = inner.serving(doc_id, &tenancy)?;
         let s = serving.as_mut().expect("checked by serving()");
+        // Forgets the ops whose journal write resolved (bounded memory); a lost tenure
+        // refuses the op before anything is applied.
+        inner.journaled_upto(s)?;
         let (op_id, base_version, fingerprint) = (op.op_id, op.base_version, op.fingerprint);
         let patches = op.patches.clone();
         match inner.local.submit(doc_id, op)? {
@@ -994,6 +1037,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
                     .submit(Arc::from(doc_id), s.tenure, s.epoch, entry)
                     .map_err(|e| moved_error(e, &inner.here))?;
                 s.last_op = Some(id);
+                s.unjournaled.push_back((seq, id));
                 s.since_snapshot += 1;
                 if s.since_snapshot >= inner.snapshot_every_ops && !s.snapshot_queued {
                     s.snapshot_queued = true;
@@ -1025,7 +1069,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
             Ok(serving) => serving,
             Err(e) => return Some(Err(e)),
         };
-        let s = serving.expect("checked by serving()");
+        let s = serving.as_ref().expect("checked by serving()");
         Some(
             inner
                 .local
@@ -1033,7 +1077,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
                 .map(|submitted| match submitted {
                     Submitted::Duplicate { seq, ticket } => Submitted::Duplicate {
                         seq,
-                        ticket: inner.newest_ticket(&s, ticket),
+                        ticket: inner.newest_ticket(s, ticket),
                     },
                     applied @ Submitted::Applied { .. } => applied,
                 }),
@@ -1084,11 +1128,11 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         let serving = inner
             .serving(doc_id, &tenancy)
             .map_err(|e| Arc::from(e.to_string()))?;
-        let s = serving.expect("checked by serving()");
+        let s = serving.as_ref().expect("checked by serving()");
         let Some((view, local)) = inner.local.read_now(doc_id, reader)? else {
             return Ok(None);
         };
-        Ok(Some((view, inner.newest_ticket(&s, local))))
+        Ok(Some((view, inner.newest_ticket(s, local))))
     }
 
     fn ops_after(
@@ -1097,6 +1141,23 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         after_seq: u64,
         limit: usize,
     ) -> Result<Option<Vec<SequencedOp>>, Arc<str>> {
-        self.inner.local.ops_after(doc_id, after_seq, limit)
+        // Durable here means in the journal too: the local log has ops whose journal
+        // write may never commit (a catch-up at `Open` sent them as if acknowledged).
+        let inner = &self.inner;
+        let Some(tenancy) = inner.tenancy(doc_id) else {
+            return Err(Arc::from(format!("document {doc_id:?} is not served here")));
+        };
+        let mut serving = inner
+            .serving(doc_id, &tenancy)
+            .map_err(|e| Arc::from(e.to_string()))?;
+        let s = serving.as_mut().expect("checked by serving()");
+        let upto = inner
+            .journaled_upto(s)
+            .map_err(|e| Arc::from(e.to_string()))?;
+        let mut ops = inner.local.ops_after(doc_id, after_seq, limit)?;
+        if let Some(ops) = &mut ops {
+            ops.retain(|op| op.seq <= upto);
+        }
+        Ok(ops)
     }
 }

@@ -370,6 +370,8 @@ pub trait Sequencer: Send + Sync + 'static {
 
     /// Up to `limit` durable ops of `doc_id` after `after_seq`, in seq order, if the
     /// log still holds them (`Ok(None)`: truncated; start from [`Sequencer::read`]).
+    /// Durable as an acknowledgement means it (in cluster mode: in the journal too):
+    /// a client takes its own op in a catch-up as acknowledged.
     /// Blocking (it reads the log): call it off the async workers.
     fn ops_after(
         &self,
