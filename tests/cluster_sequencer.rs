@@ -16,7 +16,9 @@ use quire::cluster::replicator::{Clock, Drive, LeaseTiming, Replicator};
 use quire::op::{OpId, Patch};
 use quire::sequencer::cluster::ClusterSequencer;
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
-use quire::sequencer::{fingerprint, Owner, Route, Sequencer, SubmitError, SubmitOp, Submitted};
+use quire::sequencer::{
+    fingerprint, Owner, ReadAtError, Route, Sequencer, SubmitError, SubmitOp, Submitted,
+};
 
 /// Long, so that the keep-alive threads (every third of it, in real time) never run
 /// during a test: the test renews by hand and moves the store's clock itself.
@@ -815,10 +817,17 @@ async fn ops_after_gives_only_ops_whose_journal_write_committed() {
         "op 2 is not in the journal yet"
     );
     assert_eq!(seqs(a.seq.ops_after(d, 1, 10).unwrap()), Vec::<u64>::new());
+    // Nor is the text at it (the history read).
+    assert!(matches!(
+        a.seq.read_at(d, 2),
+        Err(ReadAtError::Future { newest: 1 })
+    ));
+    assert_eq!(a.seq.read_at(d, 1).unwrap().unwrap().text, "1");
     // Committed: now it is.
     assert!(a.seq.replicator().commit_next());
     a.seq.wait_durable(second).await.unwrap();
     assert_eq!(seqs(a.seq.ops_after(d, 0, 10).unwrap()), vec![1, 2]);
+    assert_eq!(a.seq.read_at(d, 2).unwrap().unwrap().text, "21");
     // A third whose journal write fails its fence (the document is someone else's):
     // never given, and reads fail once the loss is known.
     let third = submit(3);

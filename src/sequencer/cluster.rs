@@ -990,7 +990,26 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     }
 
     fn read_at(&self, doc_id: &str, seq: u64) -> Result<Option<DocView>, ReadAtError> {
-        self.inner.local.read_at(doc_id, seq)
+        // Only what the journal has (as `ops_after`), of a document served here (the
+        // local log of any other is a cache, emptied when it left).
+        let inner = &self.inner;
+        let not_here = |why: String| ReadAtError::Storage(Arc::from(why));
+        let Some(tenancy) = inner.tenancy(doc_id) else {
+            return Err(not_here(format!(
+                "document {doc_id:?} is not served by this node; read it at its owner"
+            )));
+        };
+        let mut serving = inner
+            .serving(doc_id, &tenancy)
+            .map_err(|e| not_here(format!("document {doc_id:?}: {e}")))?;
+        let s = serving.as_mut().expect("checked by serving()");
+        let upto = inner
+            .journaled_upto(s)
+            .map_err(|e| not_here(format!("document {doc_id:?}: {e}")))?;
+        if seq > upto {
+            return Err(ReadAtError::Future { newest: upto });
+        }
+        inner.local.read_at(doc_id, seq)
     }
 
     fn delete(&self, doc_id: &str) -> Result<Option<super::Deletion>, Arc<str>> {
