@@ -763,12 +763,13 @@ async fn an_open_waits_for_a_leaving_owner_up_to_its_patience() {
         started.elapsed()
     );
     // Within it: a's drain releases the document while b's `Open` waits.
-    b.seq.set_hand_over_patience(Duration::from_secs(600));
+    b.seq.set_hand_over_patience(Duration::from_secs(60));
     let waiting = {
         let (b, d) = (b.clone(), d.clone());
         std::thread::spawn(move || b.seq.place(&d))
     };
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!waiting.is_finished(), "the Open waits for the release");
     assert_eq!(a.seq.drain(), 1);
     assert_eq!(waiting.join().unwrap().expect("placed"), Route::Here);
     assert_eq!(b.seq.read(&d).await.unwrap().unwrap().text, "a");
@@ -828,8 +829,8 @@ async fn ops_after_gives_only_ops_whose_journal_write_committed() {
     a.seq.wait_durable(second).await.unwrap();
     assert_eq!(seqs(a.seq.ops_after(d, 0, 10).unwrap()), vec![1, 2]);
     assert_eq!(a.seq.read_at(d, 2).unwrap().unwrap().text, "21");
-    // A third whose journal write fails its fence (the document is someone else's):
-    // never given, and reads fail once the loss is known.
+    // A third whose journal write resolves after the node's lease lapsed (the tenure
+    // is lost): never given, and reads fail.
     let third = submit(3);
     store.advance(TTL * 2);
     a.clock.advance(TTL * 2);

@@ -524,6 +524,25 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         Ok(s.unjournaled.front().map_or(u64::MAX, |&(seq, _)| seq - 1))
     }
 
+    /// [`Inner::journaled_upto`] of a document served here, the tenancy lock held only
+    /// for that: the caller reads the local log after it (blocking reads under the lock
+    /// would stall submits, and `incarnation`, which the server asks under its
+    /// documents' lock). The ops up to it stay as they are: a reload from the store
+    /// holds the same ones.
+    fn journaled_upto_of(&self, doc_id: &str) -> Result<u64, String> {
+        let Some(tenancy) = self.tenancy(doc_id) else {
+            return Err(format!(
+                "document {doc_id:?} is not served by this node; read it at its owner"
+            ));
+        };
+        let mut serving = self
+            .serving(doc_id, &tenancy)
+            .map_err(|e| format!("document {doc_id:?}: {e}"))?;
+        let s = serving.as_mut().expect("checked by serving()");
+        self.journaled_upto(s)
+            .map_err(|e| format!("document {doc_id:?}: {e}"))
+    }
+
     /// A ticket for what `doc_id`'s newest op waits for (a resend's answer, a read).
     fn newest_ticket(&self, serving: &Serving, local: Ticket) -> Ticket {
         self.ticket(Pending {
@@ -992,24 +1011,14 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     fn read_at(&self, doc_id: &str, seq: u64) -> Result<Option<DocView>, ReadAtError> {
         // Only what the journal has (as `ops_after`), of a document served here (the
         // local log of any other is a cache, emptied when it left).
-        let inner = &self.inner;
-        let not_here = |why: String| ReadAtError::Storage(Arc::from(why));
-        let Some(tenancy) = inner.tenancy(doc_id) else {
-            return Err(not_here(format!(
-                "document {doc_id:?} is not served by this node; read it at its owner"
-            )));
-        };
-        let mut serving = inner
-            .serving(doc_id, &tenancy)
-            .map_err(|e| not_here(format!("document {doc_id:?}: {e}")))?;
-        let s = serving.as_mut().expect("checked by serving()");
-        let upto = inner
-            .journaled_upto(s)
-            .map_err(|e| not_here(format!("document {doc_id:?}: {e}")))?;
+        let upto = self
+            .inner
+            .journaled_upto_of(doc_id)
+            .map_err(|why| ReadAtError::Storage(Arc::from(why)))?;
         if seq > upto {
             return Err(ReadAtError::Future { newest: upto });
         }
-        inner.local.read_at(doc_id, seq)
+        self.inner.local.read_at(doc_id, seq)
     }
 
     fn delete(&self, doc_id: &str) -> Result<Option<super::Deletion>, Arc<str>> {
@@ -1051,6 +1060,8 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
                 // Under the document's tenancy lock: the journal gets its ops in seq
                 // order. A refusal means the tenure just ended: the loss handler evicts
                 // the document, with this op.
+                // (A refusal leaves the op out of `unjournaled`: the tenure is lost for
+                // good, so nothing reads the document through it again.)
                 let id = inner
                     .replicator
                     .submit(Arc::from(doc_id), s.tenure, s.epoch, entry)
@@ -1162,18 +1173,8 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     ) -> Result<Option<Vec<SequencedOp>>, Arc<str>> {
         // Durable here means in the journal too: the local log has ops whose journal
         // write may never commit (a catch-up at `Open` sent them as if acknowledged).
-        let inner = &self.inner;
-        let Some(tenancy) = inner.tenancy(doc_id) else {
-            return Err(Arc::from(format!("document {doc_id:?} is not served here")));
-        };
-        let mut serving = inner
-            .serving(doc_id, &tenancy)
-            .map_err(|e| Arc::from(e.to_string()))?;
-        let s = serving.as_mut().expect("checked by serving()");
-        let upto = inner
-            .journaled_upto(s)
-            .map_err(|e| Arc::from(e.to_string()))?;
-        let mut ops = inner.local.ops_after(doc_id, after_seq, limit)?;
+        let upto = self.inner.journaled_upto_of(doc_id).map_err(Arc::from)?;
+        let mut ops = self.inner.local.ops_after(doc_id, after_seq, limit)?;
         if let Some(ops) = &mut ops {
             ops.retain(|op| op.seq <= upto);
         }
