@@ -173,7 +173,9 @@ pub struct ClientConfig {
     /// before `Welcome`) moves the home to the next of `addr` and these, cyclically,
     /// with the usual backoff between attempts. A connection that got its `Welcome`
     /// keeps its node as home: after a loss the same node is tried first. Empty (the
-    /// default): `addr` only. Reached through [`Connector::connect_to`].
+    /// default): `addr` only. Reached through [`Connector::connect_to`]. Give each node
+    /// as it advertises itself (`quire serve --advertise`): a `Redirect` to the home
+    /// node is recognised by that address, and carried on the home connection.
     pub fallback_addrs: Vec<String>,
     /// The access token sent in `Hello` (protocol.md, "Access tokens"); empty for a
     /// server without secrets. A refusal by it stops the client for good
@@ -1020,7 +1022,9 @@ impl<C: Connector> Driver<C> {
                     self.connected(conn).await
                 }
                 Ok(Err(ended)) => {
-                    self.next_home();
+                    if let Ended::Lost(_) = ended {
+                        self.next_home();
+                    }
                     ended
                 }
                 Err(_) => {
