@@ -2,7 +2,7 @@
 //! that move when ops are sent, `/healthz`, and `/readyz` with its reasons (recovering,
 //! free disk under the threshold, the log failed).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-mod common;
+use crate::common;
 
 use common::{client_config, mint, mint_until, start, start_with};
 use quire::auth::{now_unix_secs, Access, Keys};

@@ -4,7 +4,7 @@
 //! backup file is refused by name; export gives a document at its head and at an older
 //! version.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

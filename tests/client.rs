@@ -5,7 +5,7 @@
 //! keep every edit, presence, and a client process killed with SIGKILL at any moment
 //! (the `quire demo-client` the demo runs) and restarted on its directory.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -6,10 +6,8 @@
 //! Needs the `cluster` feature and an etcd binary (`apt-get install protobuf-compiler
 //! etcd-server`; see tests/common/etcd_cluster.rs): `cargo test --features cluster --test
 //! cluster_etcd`. Each test starts its own cluster, so they run in parallel.
-#![cfg(feature = "cluster")]
 
-#[path = "common/etcd_cluster.rs"]
-mod etcd_cluster;
+use crate::etcd_cluster;
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +53,27 @@ fn owned(claim: Claim) -> Epoch {
     match claim {
         Claim::Owned(epoch) => epoch,
         other => panic!("not owned: {other:?}"),
+    }
+}
+
+#[test]
+fn a_request_no_member_can_take_is_retried_until_the_timeout_then_unavailable() {
+    // A port nothing listens on: every attempt fails to connect, so is never sent, and is
+    // made again until the request timeout. (No etcd is needed.)
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = EtcdConfig::new([format!("http://127.0.0.1:{port}")]);
+    config.request_timeout = Duration::from_millis(300);
+    let store = EtcdStore::connect(config).unwrap();
+    match store.txn(&[], &[], &[]) {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(m.contains("no answer within"), "{m}");
+            assert!(m.contains("connect"), "the last attempt's error: {m}");
+        }
+        other => panic!("{other:?}"),
     }
 }
 

@@ -15,13 +15,8 @@
 //! stops; the Rust client knows one address only, so no such client is here.)
 //!
 //! Needs the `cluster` feature and etcd (see tests/common/etcd_cluster.rs).
-#![cfg(feature = "cluster")]
 
-#[path = "common/etcd_cluster.rs"]
-mod etcd_cluster;
-
-#[path = "common/quire_nodes.rs"]
-mod quire_nodes;
+use crate::quire_nodes;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

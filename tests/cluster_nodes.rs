@@ -23,13 +23,10 @@
 //! The tests run one at a time (each starts an etcd cluster and three nodes).
 //!
 //! Needs the `cluster` feature and etcd (see tests/common/etcd_cluster.rs).
-#![cfg(feature = "cluster")]
 
-#[path = "common/etcd_cluster.rs"]
-mod etcd_cluster;
+use crate::etcd_cluster;
 
-#[path = "common/quire_nodes.rs"]
-mod quire_nodes;
+use crate::quire_nodes;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,7 @@
 //! editor's own buffer in step, coalesced presence, and pipelined ops (accepted while
 //! nobody else edits, refused with code 25 when a concurrent op lands between them).
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! go on, submits are refused with code 30 (storage failed), nothing acknowledged is
 //! lost, and a restart with space serves again.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

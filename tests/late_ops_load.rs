@@ -6,7 +6,7 @@
 //! each client settles and must hold the server's text; nothing it edited is left
 //! unacknowledged. Seeded: a failure names its seed.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

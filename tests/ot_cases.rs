@@ -413,7 +413,7 @@ fn ot_cases_file_matches_the_rust_implementation() {
     assert!(
         on_disk == generated,
         "{PATH} differs from what src/ot.rs produces: run \
-         QUIRE_WRITE_OT_CASES=1 cargo test --test ot_cases, and check the JS client \
+         QUIRE_WRITE_OT_CASES=1 cargo test --test integration ot_cases::, and check the JS client \
          against it (clients/js: npm test)"
     );
 }

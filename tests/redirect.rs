@@ -3,7 +3,7 @@
 //! a document can change in the middle of a session while its state (text, seqs, op ids
 //! seen) stays, as a cluster's handover keeps it.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-mod common;
+use crate::common;
 
 use common::{
     client_config, concurrent_trace_json, long_lived_branches_trace, mint, open, open_with,

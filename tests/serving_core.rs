@@ -3,7 +3,7 @@
 //! (issue "serving core"), and tests a limit at and just past its value with a
 //! bystander client that must stay unaffected.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

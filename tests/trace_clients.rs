@@ -30,7 +30,7 @@
 //! The cut points come from a seed, printed; `QUIRE_SEED=<seed>` replays them (the
 //! timing of the network, and so which versions the clients hold, still varies).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::Write;

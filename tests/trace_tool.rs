@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-mod common;
+use crate::common;
 
 use common::{long_lived_branches_trace, start};
 use quire::op::Patch;

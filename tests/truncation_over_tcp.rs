@@ -3,7 +3,7 @@
 //! whose version is older than what is kept is told to reload (Open gets a Snapshot,
 //! Fetch gets Reload); a client at a retained version gets just the ops it missed.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

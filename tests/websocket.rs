@@ -2,7 +2,7 @@
 //! limits as TCP, one frame per binary message; bad input refused with the codes TCP
 //! gives it, a bystander unaffected; origins checked; the server's pings.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

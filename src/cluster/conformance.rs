@@ -250,7 +250,9 @@ pub fn malformed_txns<S: Store>(store: &S, p: &str) {
     assert_eq!(r.revision, start + 2);
 }
 
-/// A prefix delete removes exactly the keys under the prefix, in one revision.
+/// A prefix delete removes exactly the keys under the prefix, in one revision: the
+/// highest code point under it too, and not the key just past it (`p0` after `p/`, the
+/// range end etcd is given).
 pub fn delete_prefix<S: Store>(store: &S, p: &str) {
     let k = |s: &str| format!("{p}{s}");
     let r = store
@@ -259,6 +261,8 @@ pub fn delete_prefix<S: Store>(store: &S, p: &str) {
             &[
                 put(&k("p/a"), ""),
                 put(&k("p/b"), ""),
+                put(&k("p/\u{10ffff}"), ""),
+                put(&k("p0"), ""),
                 put(&k("pq"), ""),
                 put(&k("o"), ""),
             ],
@@ -269,8 +273,9 @@ pub fn delete_prefix<S: Store>(store: &S, p: &str) {
         .txn(&[], &[Op::DeletePrefix { prefix: k("p/") }], &[])
         .unwrap_or_else(|e| panic!("after revision {}: {e}", r.revision));
     let rev = r.revision;
-    assert_eq!(&r.results[..], &[OpResult::Deleted(2)][..]);
+    assert_eq!(&r.results[..], &[OpResult::Deleted(3)][..]);
     assert_eq!(revision(store), rev);
+    assert!(store.get(&k("p0")).unwrap().is_some());
     assert!(store.get(&k("pq")).unwrap().is_some());
     assert!(store.get(&k("o")).unwrap().is_some());
     assert!(store.get(&k("p/a")).unwrap().is_none());
@@ -281,7 +286,7 @@ pub fn delete_prefix<S: Store>(store: &S, p: &str) {
 /// keys were left; keys outside the prefix never show.
 pub fn get_prefix_paging<S: Store>(store: &S, p: &str) {
     let k = |s: &str| format!("{p}{s}");
-    let ops: Vec<Op> = ["p/c", "p/a", "p/b", "q/a", "p", "p0"]
+    let ops: Vec<Op> = ["p/c", "p/a", "p/b", "q/a", "p", "p0", "p/\u{10ffff}"]
         .iter()
         .map(|s| put(&k(s), s))
         .collect();
@@ -300,17 +305,18 @@ pub fn get_prefix_paging<S: Store>(store: &S, p: &str) {
     );
     assert_eq!(page.revision, rev);
     assert_eq!(page.kvs[0].value, b"p/a");
-    let page = store.get_prefix(&k("p/"), Some(&k("p/b\0")), 2).unwrap();
-    assert_eq!((keys(&page), page.more), (vec!["p/c".into()], false));
-    // Exactly `limit` keys left: no more.
-    let page = store.get_prefix(&k("p/"), Some(&k("p/b")), 2).unwrap();
+    let page = store.get_prefix(&k("p/"), Some(&k("p/b\0")), 1).unwrap();
+    assert_eq!((keys(&page), page.more), (vec!["p/c".into()], true));
+    // Exactly `limit` keys left: no more. The highest code point is under the prefix
+    // (and `p0`, the first key past it, is not).
+    let page = store.get_prefix(&k("p/"), Some(&k("p/c")), 2).unwrap();
     assert_eq!(
         (keys(&page), page.more),
-        (vec!["p/b".into(), "p/c".into()], false)
+        (vec!["p/c".into(), "p/\u{10ffff}".into()], false)
     );
     // A `from` below the prefix reads from the prefix's first key.
     let page = store.get_prefix(&k("p/"), Some(&k("a")), 10).unwrap();
-    assert_eq!(keys(&page), ["p/a", "p/b", "p/c"]);
+    assert_eq!(keys(&page), ["p/a", "p/b", "p/c", "p/\u{10ffff}"]);
     let page = store.get_prefix(&k("nothing/"), None, 10).unwrap();
     assert_eq!((page.kvs.len(), page.more), (0, false));
 }

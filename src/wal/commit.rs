@@ -328,7 +328,7 @@ impl<N: DurableNotify> CommitQueue<N> {
     }
 }
 
-#[cfg(all(test, not(quire_loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
 
@@ -407,7 +407,7 @@ mod tests {
     }
 }
 
-#[cfg(all(test, quire_loom))]
+#[cfg(all(test, feature = "loom"))]
 mod loom_tests {
     //! Model of the handoff: appender threads enqueue and wait; a writer thread takes
     //! batches, "writes" them to a shared disk vector, and completes or fails. Checked in

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a cluster (or a member coming back) may take to answer as healthy.
@@ -43,6 +43,37 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     /// Holds every member's data dir and log; removed on drop, after `drop` killed them.
     dir: tempfile::TempDir,
+    /// This process's one cluster at a time, released (after the members are killed) on
+    /// drop; `None` only for a start attempt that is given up.
+    slot: Option<Slot>,
+}
+
+/// One etcd cluster at a time in a test process: the cluster tests are one binary whose
+/// tests run in parallel, and two clusters (each with three members fsyncing, perhaps
+/// with three quire nodes) on this 2-core machine would make each other's failovers and
+/// elections slow enough to blur what the tests time. A test waits for the slot, as it
+/// waited for the binary before it when each file was a binary of its own.
+struct Slot;
+
+static SLOT_TAKEN: Mutex<bool> = Mutex::new(false);
+static SLOT_FREED: Condvar = Condvar::new();
+
+impl Slot {
+    fn take() -> Slot {
+        let mut taken = SLOT_TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+        while *taken {
+            taken = SLOT_FREED.wait(taken).unwrap_or_else(|e| e.into_inner());
+        }
+        *taken = true;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *SLOT_TAKEN.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        SLOT_FREED.notify_one();
+    }
 }
 
 fn etcd_bin() -> PathBuf {
@@ -99,6 +130,7 @@ impl EtcdCluster {
     /// Starts three members and waits until they answer with a leader.
     pub fn start() -> Self {
         const TRIES: usize = 3;
+        let mut slot = Some(Slot::take());
         let mut failures = Vec::new();
         for _ in 0..TRIES {
             let mut cluster = Self::new();
@@ -106,7 +138,10 @@ impl EtcdCluster {
                 cluster.spawn(i);
             }
             match cluster.healthy_within(HEALTHY_WITHIN) {
-                Ok(()) => return cluster,
+                Ok(()) => {
+                    cluster.slot = slot.take();
+                    return cluster;
+                }
                 // A port taken between its choice and etcd's bind: new ports, new dirs.
                 Err(e) if cluster.exited().is_some() => failures.push(e),
                 Err(e) => cluster.fail(&e),
@@ -148,6 +183,7 @@ impl EtcdCluster {
             token,
             members,
             dir,
+            slot: None,
         }
     }
 
