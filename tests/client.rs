@@ -8,6 +8,7 @@
 use crate::common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -297,6 +298,94 @@ async fn a_client_that_cannot_reach_its_home_tries_its_fallback_addresses_in_tur
     );
     assert_eq!(doc.text(), "dcba");
     c.shutdown().await;
+    running.stop().await;
+}
+
+/// A node that welcomes every client and answers each `Open` with code 33 ("no node
+/// serves it right now, retry"), as a cluster node cut off from etcd does for as long as
+/// it is cut off. Counts the `Open`s.
+async fn node_cut_off_from_etcd() -> (SocketAddr, Arc<AtomicUsize>) {
+    use futures_util::{SinkExt, StreamExt};
+    use quire::protocol::frame::FrameCodec;
+    use quire::protocol::message::{Envelope, ErrorCode, Message};
+    use quire::protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opens = Arc::new(AtomicUsize::new(0));
+    let counted = opens.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let opens = counted.clone();
+            tokio::spawn(async move {
+                let mut framed =
+                    tokio_util::codec::Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME));
+                while let Some(Ok(env)) = framed.next().await {
+                    let reply = match env.message {
+                        Message::Hello { client_id, .. } => Message::Welcome {
+                            version: PROTOCOL_VERSION,
+                            max_frame: DEFAULT_MAX_FRAME as u32,
+                            client_id: if client_id == 0 { 1 << 62 } else { client_id },
+                        },
+                        Message::Open { .. } => {
+                            opens.fetch_add(1, Ordering::SeqCst);
+                            Message::Error {
+                                code: ErrorCode::Unavailable,
+                                message: "no node serves it right now, retry".into(),
+                            }
+                        }
+                        _ => continue,
+                    };
+                    let reply = Envelope {
+                        request_id: env.request_id,
+                        message: reply,
+                    };
+                    if framed.send(&reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, opens)
+}
+
+/// A home node that answers but serves nothing (code 33 to every `Open`: cut off from
+/// etcd) is left for the next address, where the client's edit is acknowledged; a
+/// client given that one address keeps asking it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_home_serves_no_document_moves_to_its_next_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    let (cut_off, opens) = node_cut_off_from_etcd().await;
+    let mut cfg = config(cut_off).fallback_addrs([running.addr.to_string()]);
+    cfg.timeout = Duration::from_secs(30);
+    let c = Client::connect(cfg).await.unwrap();
+    let doc = c.open("elsewhere").await.unwrap();
+    doc.edit(&[ins(0, "x")]).await.unwrap();
+    settle(&[&doc]).await;
+    assert_eq!(server_text(&running, "elsewhere").await, "x");
+    assert!(
+        opens.load(Ordering::SeqCst) >= 1,
+        "the home was asked first"
+    );
+    c.shutdown().await;
+
+    // With no other address there is nowhere else to go: it keeps asking the same node,
+    // and its edit stays pending.
+    let alone = Client::connect(config(cut_off)).await.unwrap();
+    let doc = alone.open("alone").await.unwrap();
+    doc.edit(&[ins(0, "y")]).await.unwrap();
+    let asked = opens.load(Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while opens.load(Ordering::SeqCst) < asked + 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("it asks again, with its backoff");
+    assert!(!doc.is_synced());
+    assert_eq!(server_text(&running, "alone").await, "");
+    alone.shutdown().await;
     running.stop().await;
 }
 

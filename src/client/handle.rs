@@ -172,8 +172,10 @@ pub struct ClientConfig {
     /// cannot be reached: each failed attempt to connect (refused, timed out, or cut off
     /// before `Welcome`) moves the home to the next of `addr` and these, cyclically,
     /// with the usual backoff between attempts. A connection that got its `Welcome`
-    /// keeps its node as home: after a loss the same node is tried first. Empty (the
-    /// default): `addr` only. Reached through [`Connector::connect_to`]. Give each node
+    /// keeps its node as home: after a loss the same node is tried first, unless the
+    /// loss was an answer that no node serves a document right now (code 33), which a
+    /// node cut off from etcd gives for every document while the others serve: that
+    /// moves the home on too. Empty (the default): `addr` only. Reached through [`Connector::connect_to`]. Give each node
     /// as it advertises itself (`quire serve --advertise`): a `Redirect` to the home
     /// node is recognised by that address, and carried on the home connection.
     pub fallback_addrs: Vec<String>,
@@ -927,6 +929,9 @@ fn doc_of(message: &Message) -> Option<&str> {
 enum Ended {
     /// Lost or broken: reconnect.
     Lost(String),
+    /// A node answered that no node serves a document right now (code 33): reconnect,
+    /// to the next address if there are several (the node may be the one cut off).
+    Unavailable(String),
     /// Refused for good.
     Failed(ErrorCode, String),
     Shutdown,
@@ -1019,7 +1024,15 @@ impl<C: Connector> Driver<C> {
                     if !self.redirect_loop {
                         attempt = 0;
                     }
-                    self.connected(conn).await
+                    let ended = self.connected(conn).await;
+                    // With several addresses, a code 33 moves the home on as a failed
+                    // attempt does: a node cut off from etcd answers it for every
+                    // document, for as long as it is cut off, while the others serve.
+                    // (Where no node serves the document, moving on is harmless.)
+                    if let Ended::Unavailable(_) = ended {
+                        self.next_home();
+                    }
+                    ended
                 }
                 Ok(Err(ended)) => {
                     if let Ended::Lost(_) = ended {
@@ -1059,7 +1072,7 @@ impl<C: Connector> Driver<C> {
                     self.offline_until(std::future::pending::<()>()).await;
                     return self.stop();
                 }
-                Ended::Lost(why) => why,
+                Ended::Lost(why) | Ended::Unavailable(why) => why,
             };
             if self.shutdown.is_some() {
                 return self.stop();
@@ -1610,6 +1623,7 @@ impl<C: Connector> Driver<C> {
                         tracing::warn!(?code, "{message}");
                         return Ok(());
                     }
+                    ErrorCode::Unavailable => Ended::Unavailable(format!("{code:?}: {message}")),
                     _ => Ended::Lost(format!("{code:?}: {message}")),
                 });
             }
@@ -1906,7 +1920,7 @@ impl<C: Connector> Driver<C> {
         if code == ErrorCode::Unavailable {
             // No node serves the document right now: the op was not applied, and is
             // sent again (under its id) after the reconnect's backoff.
-            return Err(Ended::Lost(format!("document {name}: {message}")));
+            return Err(Ended::Unavailable(format!("document {name}: {message}")));
         }
         let Some(doc) = self.docs.get_mut(name) else {
             return Ok(());

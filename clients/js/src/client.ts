@@ -37,7 +37,8 @@ export interface ClientOptions {
   url: string;
   /**
    * Other nodes of the same cluster, `ws://host:port/ws`: tried in turn when the home
-   * node cannot be reached.
+   * node cannot be reached, or answers that no node serves a document now (code 33, as
+   * a node cut off from etcd does for every document).
    */
   fallbackUrls?: string[];
   token?: string;
@@ -179,6 +180,8 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   private home = 0;
   /** The current home connection got its `Welcome`. */
   private welcomed = false;
+  /** The connections are being dropped on a code 33 (no node serves a document now). */
+  private unavailable = false;
   /** Connections to other nodes (cluster mode), by WebSocket URL. */
   private readonly away = new Map<string, AwayLink>();
   /** Bumped per connection: events of an older socket are ignored. */
@@ -301,6 +304,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     this.welcomed = false;
+    this.unavailable = false;
     // The handshake's deadline counts from here (see `tick`).
     this.lastHeard = Date.now();
     ws.onopen = () => {
@@ -352,10 +356,14 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       return;
     }
     // A home that never welcomed us may be down for good: the next attempt goes to the
-    // next URL. One that did keeps its URL (a node restarting comes back there). No away
-    // link is left to the new home, nor a document carried by one (both dropped just
-    // above): its documents are opened on the home connection once it is welcomed.
-    if (!this.welcomed) this.home = (this.home + 1) % this.urls.length;
+    // next URL. One that did keeps its URL (a node restarting comes back there), unless
+    // the connections were dropped on a code 33: a node cut off from etcd answers it for
+    // every document while the other nodes serve (and where no node serves the document,
+    // moving on is harmless). No away link is left to the new home, nor a document
+    // carried by one (both dropped just above): its documents are opened on the home
+    // connection once it is welcomed.
+    if (!this.welcomed || this.unavailable) this.home = (this.home + 1) % this.urls.length;
+    this.unavailable = false;
     // 100 ms doubling to 10 s, each delay a random half to the whole of that: clients
     // cut off together do not all come back at once.
     const full = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** this.attempt);
@@ -612,6 +620,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         if (m.code === UNAVAILABLE) {
           // Not applied; sent again under its id once a node serves the document.
           this.emitError(new Error(`document ${m.doc}: ${m.message}`));
+          this.unavailable = true;
           return this.dropConnection();
         }
         if (h.openState === "probing") return this.probeAnswered(h, m.localSeq, false);
@@ -667,8 +676,9 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         if (FATAL_ERRORS.has(m.code)) return this.fail(m.code, m.message);
         if (m.code === UNAVAILABLE) {
           // The server keeps the connection; the document waits for an owner: retried
-          // with the backoff.
+          // with the backoff (at the next URL if there are several).
           this.emitError(new Error(`server error ${m.code}: ${m.message}`));
+          this.unavailable = true;
           return this.dropConnection();
         }
         // Others (replaced, timeout, busy, ...): the server closes; reconnecting helps.

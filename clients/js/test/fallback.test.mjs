@@ -1,7 +1,8 @@
 // Further nodes of a cluster (`fallbackUrls`): each failed attempt of the home
 // connection (refused, closed before `Welcome`, or a handshake that never completes)
 // moves the home to the next URL of [url, ...fallbackUrls]; a home that welcomed the
-// client keeps its URL and is tried first again when lost. Redirects back to the
+// client keeps its URL and is tried first again when lost, unless it answered code 33
+// (no node serves a document now), which moves the home on too. Redirects back to the
 // current home are carried on the home connection. Nodes that must refuse, or never
 // answer, are fakes in this process (helpers.mjs, `fakeNetwork`); the ones that serve
 // for real are `quire serve`. Each client is closed by `t.after`, also when an
@@ -182,4 +183,25 @@ test("without fallbackUrls, a dead url is tried again and again, and only it", a
   assert.equal(c.connectionState.state, "disconnected");
   assert.equal(doc.text(), "kept locally");
   assert.ok(doc.pending);
+});
+
+test("a home that answers code 33 to every Open (a node cut off from etcd): the next URL serves the edits", async (t) => {
+  const net = fakeNetwork();
+  const cutOff = net.add("cut-off", (m, reply) => {
+    if (m.type === "Open") reply({ type: "Error", code: 33, message: "no node serves it right now, retry" });
+  });
+  const c = await client(cutOff.url, { WebSocket: net.WebSocket, fallbackUrls: [server.url] });
+  t.after(() => c.close());
+  const doc = c.open("after-cut-off");
+  await doc.edit([[0, 0, "x"]]);
+  await waitFor(() => c.connectionState.state === "connected" && !doc.pending, "the edit acknowledged");
+  await doc.synced();
+  assert.equal(await serverText(server.url, "after-cut-off"), "x");
+  // Welcomed, then code 33: that moved the home on, and it stayed at the node that serves.
+  assert.deepEqual(
+    cutOff.received.slice(0, 2).map((m) => m.type),
+    ["Hello", "Open"],
+  );
+  assert.equal(net.dialed[0], cutOff.url);
+  assert.ok(net.dialed.slice(1).every((u) => u === server.url), net.dialed.join(" "));
 });
