@@ -30,7 +30,8 @@
 //! compares the runs' digests; `--keep 3,17,40-45` lets only those steps act. Each step
 //! draws from a random stream of its own, so a failing run is first shortened (the
 //! fewest steps) and then minimised (delta debugging over which steps act), and the
-//! replay command printed is of those few steps.
+//! replay command printed is of those few steps (`--no-minimise`: the failing run as it
+//! is, at once; tools/sim-mutants.sh, which only asks whether a seed fails).
 
 mod app;
 mod disk;
@@ -1240,6 +1241,8 @@ struct Args {
     twice_below: u64,
     /// `--keep 3,17,40-45`: only these steps act (a minimised failing run).
     keep: Option<Arc<BTreeSet<u64>>>,
+    /// A failing run is shortened and minimised before its replay is printed.
+    minimise: bool,
 }
 
 fn parse_args() -> Args {
@@ -1249,6 +1252,7 @@ fn parse_args() -> Args {
         verbose: false,
         twice_below: CI_TWICE,
         keep: None,
+        minimise: true,
     };
     let (mut explicit, mut twice) = (false, false);
     let mut it = std::env::args().skip(1);
@@ -1270,6 +1274,7 @@ fn parse_args() -> Args {
             "--verbose" => args.verbose = true,
             "--keep" => args.keep = Some(Arc::new(parse_steps(&value()))),
             "--twice" => twice = true,
+            "--no-minimise" => args.minimise = false,
             // What cargo test passes to every test binary.
             _ => {}
         }
@@ -1502,6 +1507,13 @@ fn main() {
             Err(failure) => {
                 println!("seed {seed}: FAILED: {failure}");
                 if args.keep.is_some() {
+                    std::process::exit(1);
+                }
+                if !args.minimise {
+                    println!(
+                        "replay: cargo test --release --test sim -- --seed {seed} --steps {} --verbose",
+                        args.steps
+                    );
                     std::process::exit(1);
                 }
                 let (steps, shortest) = shorten(seed, args.steps, failure);
