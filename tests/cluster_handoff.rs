@@ -12,7 +12,9 @@
 //! needed.
 //!
 //! (A client whose home is the drained node loses its home connection when the node
-//! stops; the Rust client knows one address only, so no such client is here.)
+//! stops, and moves to its next address if it was given others: that is a lost
+//! connection, which this test's clients must not see, so their homes are nodes that
+//! stay; tests/cluster_nodes.rs's kill test has a client at home on the node killed.)
 //!
 //! Needs the `cluster` feature and etcd (see tests/common/etcd_cluster.rs).
 
