@@ -450,11 +450,20 @@ impl Store for EtcdStore {
     }
 }
 
-// Only debug builds check (a release build fails in tokio's own check instead).
-#[cfg(all(test, debug_assertions))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_prefixs_range_end_is_its_last_byte_below_0xff_incremented() {
+        assert_eq!(prefix_end(b"p/"), b"p0");
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b");
+        assert_eq!(prefix_end(b""), b"\0");
+        assert_eq!(prefix_end(b"\xff"), b"\0");
+    }
+
+    // Only debug builds check (a release build fails in tokio's own check instead).
+    #[cfg(debug_assertions)]
     #[test]
     #[should_panic(expected = "never from an async task")]
     fn a_call_from_inside_a_runtime_panics_in_debug_builds() {
