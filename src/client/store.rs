@@ -35,6 +35,12 @@ pub struct Store {
     lock: std::sync::Mutex<Option<File>>,
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.unlock();
+    }
+}
+
 impl Store {
     /// Opens (creating) `dir` and locks it: two clients on one directory would share a
     /// client id, and the server would keep replacing one's connection with the other's.
@@ -65,7 +71,13 @@ impl Store {
     /// Gives the directory up (the client shut down): another client may take it, and
     /// this one writes nothing more to it.
     pub fn unlock(&self) {
-        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(lock) = self.lock.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // Unlocked explicitly, not by closing: a process forked meanwhile (by any
+            // thread of this process, until its exec) holds a copy of the descriptor,
+            // and the lock lasts while any copy is open; LOCK_UN releases it for all.
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) };
+        }
     }
 
     /// The client id kept here, if the server gave one.
@@ -228,6 +240,33 @@ fn decode(v: &Value, name: &str) -> Result<ClientDoc, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restarted application found its directory "in use" now and then in CI: a test
+    /// beside it spawned processes, and a fork (until its exec) holds a copy of the
+    /// lock's descriptor, which kept the lock after the client closed its own.
+    #[test]
+    fn a_client_that_stops_frees_its_directory_though_a_forked_process_holds_the_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // SAFETY: the child only sleeps and exits (async-signal-safe calls).
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork");
+        if child == 0 {
+            unsafe {
+                libc::sleep(30);
+                libc::_exit(0);
+            }
+        }
+        store.unlock();
+        let again = Store::open(dir.path());
+        // SAFETY: our own child, killed and reaped.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        again.expect("the directory is free once its client unlocked it");
+        drop(store);
+    }
 
     #[test]
     fn a_document_with_pending_ops_round_trips() {
