@@ -452,6 +452,63 @@ async fn offline_edits_are_composed_and_kept_across_a_server_restart() {
     running.stop().await;
 }
 
+/// Found by the cluster simulator (`--cluster --seed 75 --steps 3000`): edits composed
+/// while offline grew past what the server's frame limit takes (the client composed up
+/// to the default 1 MiB limit, never the server's), and that op could never be sent:
+/// the client reconnected forever. Edits are now composed, and split, to fit the
+/// limit of the server each op is sent to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_made_offline_fit_the_frame_limit_of_the_server_they_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let max_frame = 4096;
+    let server_config = quire::server::ServerConfig {
+        max_frame,
+        ..quire::server::ServerConfig::default()
+    };
+    let running = common::start_with(dir.path(), server_config).await;
+    let proxy = Proxy::new(running.addr).await;
+    let a = Client::connect(config(proxy.addr)).await.unwrap();
+    let da = a.open("small-frames").await.unwrap();
+    let mut events = da.events();
+    da.edit(&[ins(0, "start.")]).await.unwrap();
+    settle(&[&da]).await;
+
+    // Offline, 20,000 characters in 40 edits: five times what one frame carries.
+    proxy.set(Mode::Down);
+    loop {
+        if let Some(Event::Connection(ConnectionState::Reconnecting { .. })) = events.recv().await {
+            break;
+        }
+    }
+    let piece: String = (0..500u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    for i in 0..40u32 {
+        da.edit(&[ins(6 + i * 500, &piece)]).await.unwrap();
+    }
+    proxy.set(Mode::Pass);
+    settle(&[&da]).await;
+    let text = server_text(&running, "small-frames").await;
+    assert_eq!(text, format!("start.{}", piece.repeat(40)));
+    assert_eq!(da.text(), text);
+    // Every op the server took fits its limit (and so came in several).
+    let ops = running
+        .store
+        .ops_after("small-frames", 1, 10_000)
+        .unwrap()
+        .expect("held");
+    assert!(ops.len() >= 5, "{} ops", ops.len());
+    for op in &ops {
+        let bytes = quire::protocol::patches_wire_len(&op.patches);
+        assert!(
+            bytes <= quire::protocol::max_op_bytes(max_frame),
+            "an op of {bytes} B"
+        );
+    }
+    a.shutdown().await;
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_application_resumes_from_its_directory_and_nothing_applies_twice() {
     let dir = tempfile::tempdir().unwrap();

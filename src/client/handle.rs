@@ -1501,8 +1501,13 @@ impl<C: Connector> Driver<C> {
             return Ok(());
         }
         let cell = doc.cell.clone();
+        let at = self.at(name);
+        // What the connection's server takes: edits composed before its `Welcome` (the
+        // default limit, larger) are split to fit before they get op ids.
+        let max = crate::protocol::max_op_bytes(conn.get(&at)?.max_frame);
         let (outgoing, gen) = {
             let mut st = lock(&cell.state);
+            st.doc.set_max_op_bytes(max);
             let mut out = Vec::new();
             while let Some(o) = st.doc.take_to_send() {
                 out.push(o);
@@ -1520,7 +1525,6 @@ impl<C: Connector> Driver<C> {
                 .await
                 .map_err(|e| Ended::Lost(e.to_string()))?;
         }
-        let at = self.at(name);
         for out in outgoing {
             conn.queue(&at, out.into_submit(name))?;
         }

@@ -76,10 +76,34 @@ impl ClientDoc {
         self
     }
 
-    /// As [`ClientDoc::with_max_op_bytes`], on a reconnect (edits already buffered stay
-    /// as they are).
+    /// As [`ClientDoc::with_max_op_bytes`], on a connection whose server allows `max`:
+    /// buffered ops composed under a larger limit (before any `Welcome`, or from
+    /// another server) are split to fit, as a composition would have kept them (half
+    /// the limit). Ops in flight stay as they were sent: an op id names one op.
     pub fn set_max_op_bytes(&mut self, max: usize) {
+        let shrunk = max < self.max_op_bytes;
         self.max_op_bytes = max;
+        if !shrunk
+            || self
+                .buffer
+                .iter()
+                .all(|op| patches_wire_len(&op.to_patches()) <= max / 2)
+        {
+            return;
+        }
+        let buffered: Vec<TextOp> = self.buffer.drain(..).collect();
+        for op in buffered {
+            if patches_wire_len(&op.to_patches()) <= max / 2 {
+                self.buffer.push_back(op);
+                continue;
+            }
+            // Each patch applies to the result of the one before, as each piece does.
+            for patch in op.to_patches() {
+                for piece in split_patch(patch, max / 4) {
+                    self.buffer.push_back(TextOp::from_patch(&piece));
+                }
+            }
+        }
     }
 
     /// Keeps every local edit as its own op instead of composing the edits made while

@@ -96,8 +96,29 @@ export class DocState {
    * patches), then a new one starts. Each applies to the result of the one before.
    */
   buffer: Op[] = [];
+  private limit = maxOpBytes(1 << 20);
+
   /** The largest op the server takes (from its Welcome's max_frame). */
-  maxOpBytes = maxOpBytes(1 << 20);
+  get maxOpBytes(): number {
+    return this.limit;
+  }
+
+  /**
+   * A smaller limit (a server's Welcome, after edits were composed under the default,
+   * offline or restored) splits the buffered ops that outgrew half of it, as composing
+   * under it would have kept them: an op larger than the server takes could never be
+   * sent. The op in flight stays as it was sent (its id names that op).
+   */
+  set maxOpBytes(max: number) {
+    const shrunk = max < this.limit;
+    this.limit = max;
+    const fits = (op: Op): boolean => patchesWireLen(toPatches(op)) <= max / 2;
+    if (!shrunk || this.buffer.every(fits)) return;
+    // Each patch applies to the result of the one before, as each piece does.
+    this.buffer = this.buffer.flatMap((op) =>
+      fits(op) ? [op] : toPatches(op).flatMap((p) => splitPatch(p, max / 4)).map((p) => fromPatch(p)),
+    );
+  }
   /** The next op id; never reused, so persisted with the rest. */
   nextLocalSeq: number;
 

@@ -3,7 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { DocState, TooLargeError, splitPatch, patchesWireLen } from "../dist/doc.js";
-import { apply, applyPatches } from "../dist/ot.js";
+import { apply, applyPatches, toPatches } from "../dist/ot.js";
 
 /** The local text must always be the confirmed text with every pending op applied. */
 function consistent(doc) {
@@ -44,6 +44,26 @@ test("a remote op is rebased over the op in flight and every queued op (emoji, t
   assert.equal(doc.confirmed, "aXXXXXXXXXXXXRb");
   consistent(doc);
   assert.throws(() => doc.onRemote(7, []), /seq 7/);
+});
+
+test("edits composed under the default limit are split when a server's Welcome allows less", () => {
+  // Offline from the start: no Welcome yet, so the default limit (1 MiB) composes.
+  const doc = new DocState("ab", 1, 5);
+  for (let i = 0; i < 40; i++) doc.localEdit([[1 + i * 100, 0, "\u{1F600}x".repeat(50)]]);
+  assert.equal(doc.buffer.length, 1);
+  const text = doc.text;
+  doc.maxOpBytes = 1000;
+  assert.ok(doc.buffer.length >= 8, `${doc.buffer.length} ops`);
+  for (const op of doc.buffer) assert.ok(patchesWireLen(toPatches(op)) <= 500);
+  assert.equal(doc.text, text);
+  consistent(doc);
+  // Each piece goes out alone and fits.
+  while (doc.hasPending()) {
+    const sent = doc.takeToSend();
+    assert.ok(patchesWireLen(sent.patches) <= 1000);
+    doc.onAck(sent.localSeq, doc.version + 1);
+  }
+  assert.equal(doc.confirmed, text);
 });
 
 function cpLen(s) {
