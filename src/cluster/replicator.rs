@@ -182,6 +182,11 @@ struct State {
 struct Shared<S> {
     member: Member<S>,
     clock: Arc<dyn Clock>,
+    drive: Drive,
+    /// [`Drive::Manual`]: the batch whose txn's outcome was unknown, tried again at the
+    /// next [`Replicator::commit_next`] before any other (the caller's clock moves
+    /// between two calls, not within one).
+    retry: Mutex<Option<Vec<Queued>>>,
     timing: LeaseTiming,
     state: Mutex<State>,
     work: Condvar,
@@ -215,6 +220,8 @@ impl<S: Store + Send + Sync + 'static> Replicator<S> {
         let shared = Arc::new(Shared {
             member,
             clock,
+            drive,
+            retry: Mutex::new(None),
             timing,
             state: Mutex::new(State {
                 next_id: 0,
@@ -349,10 +356,17 @@ impl<S: Store + Send + Sync + 'static> Replicator<S> {
     }
 
     /// Commits the next batch, if any op is queued ([`Drive::Manual`]): whether there was
-    /// one. An unknown outcome is tried again until it resolves or the lease is no
-    /// longer valid.
+    /// one. A batch whose outcome was unknown is tried again at the next call, before
+    /// any other, until it resolves or the lease is no longer valid (by the clock, which
+    /// the caller moves between calls).
     pub fn commit_next(&self) -> bool {
-        let Some(batch) = self.shared.next_batch(false) else {
+        let retry = self
+            .shared
+            .retry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(batch) = retry.or_else(|| self.shared.next_batch(false)) else {
             return false;
         };
         self.shared.commit(batch);
@@ -553,6 +567,15 @@ impl<S: Store + Send + Sync + 'static> Shared<S> {
                         break;
                     }
                     drop(state);
+                    if self.drive == Drive::Manual {
+                        // Again at the next `commit_next`: nothing resolves meanwhile,
+                        // and no later batch goes before it.
+                        *self.retry.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
+                        for loss in losses {
+                            (self.on_loss)(loss);
+                        }
+                        return;
+                    }
                     std::thread::sleep(self.timing.retry_every);
                 }
             }
@@ -894,7 +917,15 @@ mod tests {
             let d = a.claim("d");
             let id = a.submit("d", d, 1);
             store.fault_next_txn(fault);
-            a.replicator.commit_next();
+            assert!(a.replicator.commit_next());
+            assert_eq!(
+                a.replicator.outcome(id, d.1),
+                None,
+                "unknown yet: {fault:?}"
+            );
+            // Sent again at the next call (the caller's clock moves between calls).
+            assert!(a.replicator.commit_next());
+            assert!(!a.replicator.commit_next());
             assert_eq!(a.replicator.outcome(id, d.1), Some(Ok(())), "{fault:?}");
             assert_eq!(a.journal("d"), vec![1]);
         }
@@ -907,7 +938,17 @@ mod tests {
         let d = a.claim("d");
         let id = a.submit("d", d, 1);
         a.flaky.down.store(true, Ordering::SeqCst);
-        a.replicator.commit_next();
+        // Each call sends the batch once (each failure takes a second of the node's
+        // clock here), until the lease is no longer valid by that clock.
+        let mut calls = 0;
+        while a.replicator.commit_next() {
+            calls += 1;
+            assert!(
+                calls < 100,
+                "an unknown outcome is given up on once the lease lapses"
+            );
+        }
+        assert!(calls > 1, "{calls} calls");
         assert!(matches!(
             a.replicator.outcome(id, d.1),
             Some(Err(ReplicationError::Lost(_)))

@@ -144,6 +144,9 @@ struct Inner<S: Store + Send + Sync + 'static> {
     /// [`HAND_OVER_PATIENCE`] in milliseconds, unless a test set it shorter
     /// ([`ClusterSequencer::set_hand_over_patience`]).
     hand_over_patience_ms: AtomicU64,
+    /// Place documents on the calling task rather than a blocking thread
+    /// ([`ClusterSequencer::place_inline`]).
+    place_inline: std::sync::atomic::AtomicBool,
 }
 
 /// The sequencer of cluster mode (module notes).
@@ -203,6 +206,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             handing_over: Mutex::new(HashSet::new()),
             seen_nodes: Mutex::new(Vec::new()),
             hand_over_patience_ms: AtomicU64::new(HAND_OVER_PATIENCE.as_millis() as u64),
+            place_inline: std::sync::atomic::AtomicBool::new(false),
         });
         let losses = if handle_losses {
             let weak = Arc::downgrade(&inner);
@@ -263,6 +267,14 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
     pub fn set_hand_over_patience(&self, patience: Duration) {
         let ms = patience.as_millis().try_into().unwrap_or(u64::MAX);
         self.inner.hand_over_patience_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Places documents (`Sequencer::route`) on the calling task, blocking it for the
+    /// store's requests and the install's disk writes, rather than on a blocking
+    /// thread: for the deterministic simulator, whose store and disk are in memory and
+    /// whose one thread must run everything in an order its seed decides.
+    pub fn place_inline(&self) {
+        self.inner.place_inline.store(true, Ordering::SeqCst);
     }
 
     /// The local sequencer (the cache).
@@ -980,6 +992,9 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
                     return Ok(Route::Here);
                 }
             }
+        }
+        if self.inner.place_inline.load(Ordering::SeqCst) {
+            return self.inner.place(doc_id);
         }
         let inner = self.inner.clone();
         let doc = doc_id.to_owned();
