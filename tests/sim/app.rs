@@ -20,13 +20,20 @@ use tokio::sync::mpsc;
 
 use crate::net::{ClientEnd, LinkConfig, ServerEnd, Wire};
 
+/// The single server's address.
+pub const HOME: &str = "sim";
+
 /// How an application client reaches the server: the current server incarnation, if
-/// up, and if this client's network is up.
+/// up, and if this client's network is up (in a cluster: each node's, by its address).
 #[derive(Clone)]
 pub struct Net(Arc<Mutex<NetState>>);
 
 struct NetState {
-    server: Option<mpsc::UnboundedSender<ServerEnd>>,
+    /// The servers this client can reach, by address (one, [`HOME`], for the single
+    /// server; a cluster's nodes by their advertised addresses).
+    servers: std::collections::BTreeMap<String, mpsc::UnboundedSender<ServerEnd>>,
+    /// The address `connect` reaches (the client's first address).
+    home: String,
     up: bool,
     rng: SplitMix,
     link: LinkConfig,
@@ -36,7 +43,8 @@ struct NetState {
 impl Net {
     pub fn new(seed: u64, link: LinkConfig) -> Net {
         Net(Arc::new(Mutex::new(NetState {
-            server: None,
+            servers: std::collections::BTreeMap::new(),
+            home: HOME.to_owned(),
             up: true,
             rng: SplitMix(seed),
             link,
@@ -45,7 +53,21 @@ impl Net {
     }
 
     pub fn set_server(&self, server: Option<mpsc::UnboundedSender<ServerEnd>>) {
-        self.0.lock().unwrap().server = server;
+        self.set_node(HOME, server);
+    }
+
+    /// The server at `addr` is up (its listener) or down.
+    pub fn set_node(&self, addr: &str, server: Option<mpsc::UnboundedSender<ServerEnd>>) {
+        let mut s = self.0.lock().unwrap();
+        match server {
+            Some(server) => s.servers.insert(addr.to_owned(), server),
+            None => s.servers.remove(addr),
+        };
+    }
+
+    /// The address [`Connector::connect`] reaches.
+    pub fn set_home(&self, addr: &str) {
+        self.0.lock().unwrap().home = addr.to_owned();
     }
 
     /// Cuts the open connection (bytes in flight are lost).
@@ -72,11 +94,22 @@ impl Connector for Net {
     type Stream = ClientEnd;
 
     async fn connect(&self) -> io::Result<ClientEnd> {
+        let home = self.0.lock().unwrap().home.clone();
+        self.dial(&home)
+    }
+
+    async fn connect_to(&self, addr: &str, _ws_url: &str) -> io::Result<ClientEnd> {
+        self.dial(addr)
+    }
+}
+
+impl Net {
+    fn dial(&self, addr: &str) -> io::Result<ClientEnd> {
         let mut s = self.0.lock().unwrap();
         if !s.up {
             return Err(io::ErrorKind::NetworkUnreachable.into());
         }
-        let Some(server) = s.server.clone() else {
+        let Some(server) = s.servers.get(addr).cloned() else {
             return Err(io::ErrorKind::ConnectionRefused.into());
         };
         let link = s.link;
@@ -108,6 +141,9 @@ pub struct AppClient {
     pub name: String,
     pub doc: String,
     pub net: Net,
+    /// Its addresses: the first is its home, the others its fallbacks (a cluster's
+    /// nodes); empty for the single server.
+    pub addrs: Vec<String>,
     /// The persistence directory (a real temporary directory), if it has one.
     dir: Option<tempfile::TempDir>,
     pub client: Option<Client>,
@@ -137,6 +173,7 @@ impl AppClient {
             name: format!("app{index}"),
             doc,
             net: Net::new(seed, link),
+            addrs: Vec::new(),
             dir: persist.then(persist_dir),
             client: None,
             handle: None,
@@ -148,7 +185,8 @@ impl AppClient {
     }
 
     fn config(&self) -> ClientConfig {
-        let mut c = ClientConfig::new("sim");
+        let mut c = ClientConfig::new(self.addrs.first().map_or(HOME, String::as_str));
+        c.fallback_addrs = self.addrs.iter().skip(1).cloned().collect();
         c.persist_dir = self.dir.as_ref().map(|d| PathBuf::from(d.path()));
         c.inline_io = true;
         c.seed = Some(self.seed);

@@ -24,6 +24,9 @@
 //! gives the server's text. At the end, faults stop, every client reconnects and
 //! settles, and all must have the server's text.
 //!
+//! `--cluster` runs the cluster world instead (`cluster.rs`: three nodes over one
+//! in-memory etcd stand-in); CI runs both.
+//!
 //! `cargo test --release --test sim` runs the seeds CI runs;
 //! `cargo test --release --test sim -- --seed N` replays one (`--verbose` prints each
 //! step); `--seeds A..B --steps K` runs more; `--twice` runs each seed twice and
@@ -34,6 +37,7 @@
 //! is, at once; tools/sim-mutants.sh, which only asks whether a seed fails).
 
 mod app;
+mod cluster;
 mod disk;
 mod net;
 mod raw;
@@ -65,6 +69,10 @@ const CI_SEEDS: u64 = 1_500;
 /// Of those, the first few are run twice and must give the same run.
 const CI_TWICE: u64 = 5;
 const DEFAULT_STEPS: u64 = 2_000;
+/// Seeds of the cluster world (`--cluster`) `cargo test` runs after those.
+const CLUSTER_CI_SEEDS: u64 = 400;
+/// Steps of a cluster seed, unless `--steps` says otherwise.
+const CLUSTER_STEPS: u64 = 400;
 /// Sim time a client waits for any one exchange before it gives up on the connection.
 const CLIENT_WAIT: Duration = Duration::from_secs(20);
 
@@ -1243,6 +1251,11 @@ struct Args {
     keep: Option<Arc<BTreeSet<u64>>>,
     /// A failing run is shortened and minimised before its replay is printed.
     minimise: bool,
+    /// Which worlds run: the single server's seeds, the cluster's (`--cluster`: only
+    /// these), or both (`cargo test` with no seeds named: CI).
+    single: bool,
+    cluster: Option<std::ops::Range<u64>>,
+    steps_given: bool,
 }
 
 fn parse_args() -> Args {
@@ -1253,7 +1266,11 @@ fn parse_args() -> Args {
         twice_below: CI_TWICE,
         keep: None,
         minimise: true,
+        single: true,
+        cluster: None,
+        steps_given: false,
     };
+    let mut cluster_only = false;
     let (mut explicit, mut twice) = (false, false);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -1270,7 +1287,11 @@ fn parse_args() -> Args {
                 args.seeds = a.parse().expect("A")..b.parse().expect("B");
                 explicit = true;
             }
-            "--steps" => args.steps = value().parse().expect("--steps N"),
+            "--steps" => {
+                args.steps = value().parse().expect("--steps N");
+                args.steps_given = true;
+            }
+            "--cluster" => cluster_only = true,
             "--verbose" => args.verbose = true,
             "--keep" => args.keep = Some(Arc::new(parse_steps(&value()))),
             "--twice" => twice = true,
@@ -1283,6 +1304,16 @@ fn parse_args() -> Args {
         args.twice_below = u64::MAX;
     } else if explicit {
         args.twice_below = 0;
+    }
+    if cluster_only {
+        args.single = false;
+        args.cluster = Some(if explicit {
+            args.seeds.clone()
+        } else {
+            0..CLUSTER_CI_SEEDS
+        });
+    } else if !explicit {
+        args.cluster = Some(0..CLUSTER_CI_SEEDS);
     }
     args
 }
@@ -1474,6 +1505,14 @@ fn shorten(seed: u64, steps: u64, failure: Failure) -> (u64, Failure) {
 
 fn main() {
     let args = parse_args();
+    // `QUIRE_SIM_LOG=quire=debug`: the server's and clients' own logs, on stderr.
+    if let Ok(filter) = std::env::var("QUIRE_SIM_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .without_time()
+            .with_writer(std::io::stderr)
+            .init();
+    }
     std::panic::set_hook(Box::new(|info| {
         let mut p = PANICKED.lock().unwrap_or_else(|p| p.into_inner());
         if p.is_none() {
@@ -1483,7 +1522,12 @@ fn main() {
     }));
     let started = std::time::Instant::now();
     let mut total_steps = 0;
-    for seed in args.seeds.clone() {
+    let single_seeds = if args.single {
+        args.seeds.clone()
+    } else {
+        0..0
+    };
+    for seed in single_seeds.clone() {
         let outcome = run_seed_keeping(seed, args.steps, args.keep.clone(), args.verbose).and_then(
             |(digest, line)| {
                 if seed < args.twice_below {
@@ -1534,9 +1578,56 @@ fn main() {
             }
         }
     }
+    if args.single {
+        println!(
+            "sim: {} seeds, {total_steps} steps, all checks held ({:.1} s)",
+            single_seeds.end - single_seeds.start,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if let Some(seeds) = args.cluster.clone() {
+        run_cluster(&args, seeds);
+    }
+}
+
+/// The cluster world's seeds (`--cluster`); a failure prints its replay and exits.
+fn run_cluster(args: &Args, seeds: std::ops::Range<u64>) {
+    let started = std::time::Instant::now();
+    let steps = if args.steps_given {
+        args.steps
+    } else {
+        CLUSTER_STEPS
+    };
+    for seed in seeds.clone() {
+        let outcome = cluster::run_seed(seed, steps, args.verbose).and_then(|(digest, line)| {
+            if seed < args.twice_below {
+                let (again, _) = cluster::run_seed(seed, steps, false)?;
+                if again != digest {
+                    return Err(format!(
+                        "cluster seed {seed}: the same seed gave two different runs (digests {digest:x} and {again:x})"
+                    ));
+                }
+            }
+            Ok(line)
+        });
+        match outcome {
+            Ok(line) => {
+                if args.verbose || seeds.end - seeds.start <= 50 {
+                    println!("cluster seed {seed}: ok ({line})");
+                }
+            }
+            Err(failure) => {
+                println!("cluster seed {seed}: FAILED: {failure}");
+                println!(
+                    "replay: cargo test --release --test sim -- --cluster --seed {seed} --steps {steps} --verbose"
+                );
+                std::process::exit(1);
+            }
+        }
+    }
     println!(
-        "sim: {} seeds, {total_steps} steps, all checks held ({:.1} s)",
-        args.seeds.end - args.seeds.start,
+        "sim --cluster: {} seeds of {steps} steps, all checks held ({:.1} s)",
+        seeds.end - seeds.start,
         started.elapsed().as_secs_f64()
     );
 }

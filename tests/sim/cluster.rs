@@ -1,0 +1,849 @@
+//! The simulator's cluster world (`--cluster`; issue 13): three nodes, each the real
+//! server over the real cluster sequencer (its local log a cache on a simulated disk,
+//! its replicator and lease driven by a task here), one in-memory stand-in for etcd,
+//! and application clients (the real client library, with every node's address) editing
+//! a few shared documents. All on one thread, in tokio's paused time, under one seed.
+//!
+//! Each step picks one action: a client edits, restarts, or loses its network; a node
+//! crashes (its process and its disk gone), starts again (registering once its previous
+//! lease expired), pauses (its commits and keep-alives stop, as a SIGSTOP or a long
+//! stall stops them; its sessions still answer from memory) and resumes, or drains (as
+//! at SIGTERM) and leaves; the store loses a txn's request or its response; time passes.
+//!
+//! After every step it checks that no two op ids were acknowledged at one seq of a
+//! document, nor one op id at two seqs (a split brain would), and that nothing panicked;
+//! every few steps, that every op acknowledged so far is in the store's journal at its
+//! seq (or under a snapshot that covers it). At the end, faults stop, every node runs,
+//! every client settles, and each document's clients must have the same text, the text
+//! the store's snapshot and journal give, with every edit of theirs exactly once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use quire::cluster::mem_store::{Fault, MemStore};
+use quire::cluster::ownership::{Keys, Member};
+use quire::cluster::replicator::{Clock, Drive, LeaseTiming, Replicator};
+use quire::cluster::store::{
+    Compare, KeyValue, LeaseId, Op, Range, Store, StoreError, TxnResponse,
+};
+use quire::op::OpId;
+use quire::sequencer::cluster::ClusterSequencer;
+use quire::sequencer::local::{LocalConfig, LocalSequencer};
+use quire::sequencer::Owner;
+use quire::server::{Blocking, Server, ServerConfig};
+use quire::wal::record::{OpRecord, RecordType};
+use quire::wal::segment::SEGMENT_SIZE_MIN;
+use quire::wal::snapshot::Snapshot;
+use quire::wal::vfs::sim::{SimFs, SplitMix};
+use quire::wal::{Background, WalConfig};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::app::AppClient;
+use crate::net::{LinkConfig, SimListener};
+use crate::{Failure, PANICKED};
+
+const NODES: usize = 3;
+/// The lease's TTL; a node stops serving a fifth of it before (its margin).
+const TTL: Duration = Duration::from_secs(5);
+const PREFIX: &str = "/quire";
+/// How long the end waits for every client to settle, in simulated time.
+const SETTLE: Duration = Duration::from_secs(600);
+
+type Seq = ClusterSequencer<NodeStore>;
+
+/// The store as one node reaches it: every request fails while the node is cut off
+/// from it (a partition between the node and etcd; the clients still reach the node).
+#[derive(Clone)]
+struct NodeStore {
+    store: Arc<MemStore>,
+    cut: Arc<AtomicBool>,
+}
+
+impl NodeStore {
+    fn reach(&self) -> Result<(), StoreError> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("cut off (the simulator)".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Store for NodeStore {
+    fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        self.reach()?;
+        self.store.grant_lease(ttl)
+    }
+    fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.reach()?;
+        self.store.keep_alive(lease)
+    }
+    fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.reach()?;
+        self.store.revoke(lease)
+    }
+    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.reach()?;
+        self.store.get(key)
+    }
+    fn get_prefix(
+        &self,
+        prefix: &str,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<Range, StoreError> {
+        self.reach()?;
+        self.store.get_prefix(prefix, from, limit)
+    }
+    fn txn(
+        &self,
+        compares: &[Compare],
+        success: &[Op],
+        failure: &[Op],
+    ) -> Result<TxnResponse, StoreError> {
+        self.reach()?;
+        self.store.txn(compares, success, failure)
+    }
+}
+
+/// A node's own monotonic clock: tokio's (paused) clock since the node started.
+struct SimClock(tokio::time::Instant);
+
+impl Clock for SimClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+fn addr(node: usize) -> String {
+    format!("n{node}")
+}
+
+/// A running node: its server, sequencer and tasks (aborted when it is dropped).
+struct Running {
+    seq: Arc<Seq>,
+    /// Its commits, keep-alives and disk stop while set (`Pause`).
+    paused: Arc<AtomicBool>,
+    /// Cut off from the store while set.
+    cut: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    edits: u64,
+    acks: u64,
+    crashes: u64,
+    restarts: u64,
+    refused_restarts: u64,
+    pauses: u64,
+    drains: u64,
+    store_faults: u64,
+    app_restarts: u64,
+    offline: u64,
+    journal_checks: u64,
+    /// A node was cut off from the store.
+    cuts: u64,
+    /// A document's owner changed (seen between steps).
+    owner_changes: u64,
+}
+
+/// A document's acknowledged ops: each op id's seq, and each seq's op id.
+type Acked = (HashMap<OpId, u64>, BTreeMap<u64, OpId>);
+
+struct World {
+    seed: u64,
+    rng: SplitMix,
+    verbose: bool,
+    step: u64,
+    store: Arc<MemStore>,
+    nodes: Vec<Option<Running>>,
+    apps: Vec<AppClient>,
+    docs: Vec<String>,
+    /// Per document: each acknowledged op id's seq, and each seq's op id.
+    acked: BTreeMap<String, Acked>,
+    snapshot_every_ops: u64,
+    server_config: ServerConfig,
+    local_config: LocalConfig,
+    /// Each document's owner as last seen.
+    owners: HashMap<String, Option<String>>,
+    /// Simulated time at the end of the run.
+    elapsed: Duration,
+    /// Documents a client of which reloaded (see `AppClient::check_edits`).
+    reloaded: std::collections::HashSet<String>,
+    stats: Stats,
+    digest: u64,
+}
+
+impl World {
+    fn new(seed: u64, verbose: bool) -> World {
+        let mut rng = SplitMix(seed);
+        let n_docs = 1 + rng.below(4) as usize;
+        let docs: Vec<String> = (0..n_docs).map(|i| format!("doc-{i}")).collect();
+        let n_apps = 2 + rng.below(5) as usize;
+        let max_latency = Duration::from_micros(100 + rng.below(20_000));
+        let link = LinkConfig {
+            min_latency: Duration::from_micros(50),
+            max_latency,
+            capacity: 16 << 10,
+        };
+        let apps = (0..n_apps)
+            .map(|i| {
+                let persist = rng.below(3) != 0;
+                let mut app =
+                    AppClient::new(i, docs[i % n_docs].clone(), persist, rng.next_u64(), link);
+                // Each client's home is one node, its fallbacks the others.
+                let home = rng.below(NODES as u64) as usize;
+                app.addrs = (0..NODES).map(|k| addr((home + k) % NODES)).collect();
+                app.net.set_home(&app.addrs[0]);
+                app
+            })
+            .collect();
+        let server_config = ServerConfig {
+            max_frame: 4096,
+            outbox_bytes: 64 << 10,
+            max_connections: 4 * n_apps + 8,
+            large_frame_budget: 64 << 10,
+            unsynced_bytes: 16 << 10,
+            history_window: 1 + rng.below(6) as usize,
+            blocking: Blocking::Inline,
+            ..ServerConfig::default()
+        };
+        let local_config = LocalConfig {
+            wal: WalConfig {
+                segment_size: SEGMENT_SIZE_MIN,
+                zero_fill: false,
+                background: Background::Manual,
+                ..WalConfig::default()
+            },
+            snapshot_every: Duration::from_secs(1 << 30),
+            retention: Duration::ZERO,
+            ..LocalConfig::default()
+        };
+        World {
+            seed,
+            snapshot_every_ops: 3 + rng.below(60),
+            rng,
+            verbose,
+            step: 0,
+            store: Arc::new(MemStore::new()),
+            nodes: (0..NODES).map(|_| None).collect(),
+            apps,
+            docs,
+            acked: BTreeMap::new(),
+            server_config,
+            local_config,
+            owners: HashMap::new(),
+            elapsed: Duration::ZERO,
+            reloaded: std::collections::HashSet::new(),
+            stats: Stats::default(),
+            digest: 0,
+        }
+    }
+
+    fn say(&self, what: impl FnOnce() -> String) {
+        if self.verbose {
+            let t = tokio::time::Instant::now().duration_since(start_of_time());
+            println!("[{} t={t:?}] {}", self.step, what());
+        }
+    }
+
+    fn fail(&self, what: impl std::fmt::Display) -> Failure {
+        format!("cluster seed {} step {}: {what}", self.seed, self.step)
+    }
+
+    /// Starts node `i` on an empty disk (cluster mode empties its cache at start), if it
+    /// can register: not while its previous run's lease is alive.
+    fn start_node(&mut self, i: usize) -> Result<bool, Failure> {
+        if self.nodes[i].is_some() {
+            return Ok(true);
+        }
+        let cut = Arc::new(AtomicBool::new(false));
+        let node_store = NodeStore {
+            store: self.store.clone(),
+            cut: cut.clone(),
+        };
+        let member = match Member::register(
+            node_store,
+            Keys::new(PREFIX),
+            &format!("node{i}"),
+            &addr(i),
+            TTL,
+        ) {
+            Ok(member) => member,
+            Err(e) => {
+                self.stats.refused_restarts += 1;
+                self.say(|| format!("n{i} cannot register yet: {e}"));
+                return Ok(false);
+            }
+        };
+        let fs = Arc::new(SimFs::new());
+        let (local, _) = LocalSequencer::open_with(
+            fs,
+            std::path::Path::new("/cache"),
+            self.local_config.clone(),
+        )
+        .map_err(|e| self.fail(format!("n{i}: opening its cache: {e}")))?;
+        let (tx, rx) = std_mpsc::channel();
+        let tx = Mutex::new(tx);
+        let mut timing = LeaseTiming::for_ttl(TTL);
+        timing.retry_every = Duration::ZERO;
+        let renew_every = timing.renew_every;
+        let replicator = Replicator::start(
+            member,
+            Arc::new(SimClock(tokio::time::Instant::now())),
+            timing,
+            Drive::Manual,
+            Box::new(move |loss| {
+                let _ = tx.lock().unwrap().send(loss);
+            }),
+        );
+        let here = Owner {
+            addr: Arc::from(addr(i)),
+            ws_url: Arc::from(""),
+        };
+        let seq = Arc::new(ClusterSequencer::new(
+            local,
+            replicator,
+            rx,
+            here,
+            self.snapshot_every_ops,
+            false,
+        ));
+        seq.place_inline();
+        // A handover does not wait for journal writes (nothing else runs while it
+        // would): the store's fencing refuses those still queued, and their clients
+        // resend to the new owner.
+        seq.set_hand_over_patience(Duration::ZERO);
+        let server = Server::new(seq.clone(), self.server_config.clone());
+        let (connect, accepted) = mpsc::unbounded_channel();
+        let paused = Arc::new(AtomicBool::new(false));
+        let mut tasks = vec![tokio::spawn(
+            server
+                .clone()
+                .serve(SimListener(accepted), std::future::pending()),
+        )];
+        // Documents that moved away: their sessions are redirected (as `quire serve`
+        // does).
+        if let Some(mut moved) = seq.moved() {
+            let server = Arc::downgrade(&server);
+            tasks.push(tokio::spawn(async move {
+                while let Some((doc, owner)) = moved.recv().await {
+                    let Some(server) = server.upgrade() else {
+                        return;
+                    };
+                    server.redirect_document(&doc, owner);
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(drive(
+            seq.clone(),
+            paused.clone(),
+            renew_every,
+            SplitMix(self.rng.next_u64()),
+        )));
+        for a in &self.apps {
+            a.net.set_node(&addr(i), Some(connect.clone()));
+        }
+        self.nodes[i] = Some(Running {
+            seq,
+            paused,
+            cut,
+            tasks,
+        });
+        self.say(|| format!("n{i} started"));
+        Ok(true)
+    }
+
+    /// Node `i`'s process and disk are gone at once (SIGKILL, the machine lost).
+    async fn crash(&mut self, i: usize) {
+        let Some(running) = self.nodes[i].take() else {
+            return;
+        };
+        drop(running);
+        for a in &self.apps {
+            a.net.set_node(&addr(i), None);
+        }
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        self.stats.crashes += 1;
+        self.say(|| format!("n{i} crashed"));
+    }
+
+    /// Node `i` drains (SIGTERM): hands its documents over, leaves, and stops.
+    async fn drain(&mut self, i: usize) {
+        let Some(running) = &self.nodes[i] else {
+            return;
+        };
+        if running.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        // Its queued journal writes first, as a drain's handover waits for them (a
+        // batch whose outcome stays unknown, from a node cut off from the store, is
+        // given up on, as the handover's patience runs out).
+        for _ in 0..64 {
+            if !running.seq.replicator().commit_next() {
+                break;
+            }
+        }
+        let handed = running.seq.drain();
+        running.seq.handle_losses();
+        // Its sessions are redirected before it goes.
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        running.seq.close();
+        self.stats.drains += 1;
+        self.say(|| format!("n{i} drained ({handed} documents handed over) and left"));
+        self.crash(i).await;
+        self.stats.crashes -= 1;
+    }
+
+    /// Notes what the clients were told: one op id per seq, one seq per op id.
+    fn observe(&mut self) -> Result<(), Failure> {
+        for a in 0..self.apps.len() {
+            let doc = self.apps[a].doc.clone();
+            let Some(seen) = self.apps[a].observe() else {
+                continue;
+            };
+            if seen.reloads > 0 {
+                self.reloaded.insert(doc.clone());
+            }
+            for (seq, local_seq) in seen.acked {
+                let id = OpId {
+                    client_id: seen.client_id,
+                    local_seq,
+                };
+                self.stats.acks += 1;
+                self.digest = self
+                    .digest
+                    .rotate_left(5)
+                    .wrapping_add(id.client_id ^ (local_seq << 20) ^ (seq << 40));
+                let (by_id, by_seq) = self.acked.entry(doc.clone()).or_default();
+                if let Some(&earlier) = by_id.get(&id) {
+                    if earlier != seq {
+                        return Err(self.fail(format!(
+                            "{doc}: op {id:?} acknowledged at seq {earlier} and again at {seq}"
+                        )));
+                    }
+                }
+                if let Some(&other) = by_seq.get(&seq) {
+                    if other != id {
+                        return Err(self.fail(format!(
+                            "{doc}: seq {seq} acknowledged to op {other:?} and to op {id:?}"
+                        )));
+                    }
+                }
+                by_id.insert(id, seq);
+                by_seq.insert(seq, id);
+            }
+        }
+        if let Some(p) = PANICKED.lock().unwrap().clone() {
+            return Err(self.fail(format!("a panic: {p}")));
+        }
+        Ok(())
+    }
+
+    /// A node that reaches the store, to read it through.
+    fn reader(&self) -> Option<Arc<Seq>> {
+        self.nodes
+            .iter()
+            .flatten()
+            .find(|r| !r.cut.load(Ordering::SeqCst))
+            .map(|r| r.seq.clone())
+    }
+
+    /// Counts the documents whose owner changed since the last look.
+    fn watch_owners(&mut self) {
+        let Some(reader) = self.reader() else {
+            return;
+        };
+        let member = reader.replicator().member();
+        for doc in &self.docs {
+            let Ok(owner) = member.owner(doc) else {
+                continue;
+            };
+            let owner = owner.map(|o| o.node);
+            let before = self.owners.insert(doc.clone(), owner.clone());
+            if before.is_some_and(|b| b != owner) {
+                self.stats.owner_changes += 1;
+            }
+        }
+    }
+
+    /// Every acknowledged op is in the store: in the journal at its seq, or under the
+    /// newest snapshot.
+    fn check_journal(&mut self) -> Result<(), Failure> {
+        let Some(reader) = self.reader() else {
+            return Ok(());
+        };
+        let member = reader.replicator().member();
+        self.stats.journal_checks += 1;
+        for (doc, (_, by_seq)) in &self.acked {
+            let loaded = member
+                .load(doc)
+                .map_err(|e| self.fail(format!("{doc}: loading it from the store: {e}")))?;
+            let base = loaded.snapshot.as_ref().map_or(0, |(s, _)| *s);
+            let journal: HashMap<u64, OpId> = loaded.ops.iter().map(|e| (e.seq, e.op_id)).collect();
+            for (&seq, &id) in by_seq {
+                if seq <= base {
+                    continue;
+                }
+                match journal.get(&seq) {
+                    Some(&there) if there == id => {}
+                    Some(&there) => {
+                        return Err(self.fail(format!(
+                            "{doc}: seq {seq} was acknowledged to op {id:?}; the journal has op {there:?} there"
+                        )))
+                    }
+                    None => {
+                        return Err(self.fail(format!(
+                            "{doc}: seq {seq} (op {id:?}) was acknowledged and is not in the store (snapshot at {base}, journal to {:?})",
+                            loaded.ops.last().map(|e| e.seq)
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The text the store gives for `doc`: its newest snapshot and the journal after it.
+    fn stored_text(&self, doc: &str) -> Result<(String, u64), Failure> {
+        let reader = self
+            .reader()
+            .ok_or_else(|| self.fail("no node reaches the store"))?;
+        let loaded = reader
+            .replicator()
+            .member()
+            .load(doc)
+            .map_err(|e| self.fail(format!("{doc}: loading it from the store: {e}")))?;
+        let (mut text, mut version) = match &loaded.snapshot {
+            None => (String::new(), 0),
+            Some((seq, bytes)) => {
+                let s = Snapshot::decode(bytes)
+                    .map_err(|e| self.fail(format!("{doc}: its snapshot at {seq}: {e}")))?;
+                (s.text, *seq)
+            }
+        };
+        for entry in &loaded.ops {
+            let record = OpRecord::decode(RecordType::OpWithFingerprint, &entry.body)
+                .map_err(|e| self.fail(format!("{doc}: journal seq {}: {e}", entry.seq)))?;
+            text = quire::ot::apply_patches(&text, &record.patches).ok_or_else(|| {
+                self.fail(format!("{doc}: journal seq {} does not apply", entry.seq))
+            })?;
+            version = entry.seq;
+        }
+        Ok((text, version))
+    }
+
+    async fn act(&mut self) -> Result<(), Failure> {
+        let roll = self.rng.below(100);
+        let a = self.rng.below(self.apps.len() as u64) as usize;
+        let n = self.rng.below(NODES as u64) as usize;
+        match roll {
+            0..=54 => {
+                let mut rng = SplitMix(self.rng.next_u64());
+                let app = &mut self.apps[a];
+                if app.client.is_none() {
+                    app.start()
+                        .await
+                        .map_err(|e| format!("cluster seed {}: {e}", self.seed))?;
+                    self.say(|| format!("app{a} started"));
+                } else {
+                    let what = app.edit(&mut rng).await.map_err(|e| self.fail(e))?;
+                    self.stats.edits += 1;
+                    self.say(|| format!("app{a} edits: {what}"));
+                }
+            }
+            55..=59 => {
+                self.apps[a].kill().await;
+                self.stats.app_restarts += 1;
+                self.say(|| format!("app{a} killed"));
+            }
+            60..=64 => {
+                let net = &self.apps[a].net;
+                let up = !net.is_up();
+                net.set_up(up);
+                if !up {
+                    self.stats.offline += 1;
+                }
+                self.say(|| format!("app{a} network {}", if up { "up" } else { "down" }));
+            }
+            65..=67 => self.crash(n).await,
+            68..=74 => {
+                if self.nodes[n].is_none() && self.start_node(n)? {
+                    self.stats.restarts += 1;
+                }
+            }
+            75..=77 => {
+                if let Some(r) = &self.nodes[n] {
+                    let paused = !r.paused.load(Ordering::SeqCst);
+                    r.paused.store(paused, Ordering::SeqCst);
+                    if paused {
+                        self.stats.pauses += 1;
+                    }
+                    self.say(|| format!("n{n} {}", if paused { "paused" } else { "resumed" }));
+                }
+            }
+            78..=79 => self.drain(n).await,
+            // 3 in 100 toggle the cut (a long partition is rarer, as heal ends it).
+            96..=98 => {
+                if let Some(r) = &self.nodes[n] {
+                    let cut = !r.cut.load(Ordering::SeqCst);
+                    r.cut.store(cut, Ordering::SeqCst);
+                    if cut {
+                        self.stats.cuts += 1;
+                    }
+                    self.say(|| {
+                        format!(
+                            "n{n} {} the store",
+                            if cut { "cut off from" } else { "reaches" }
+                        )
+                    });
+                }
+            }
+            80..=82 => {
+                let fault = if self.rng.below(2) == 0 {
+                    Fault::ResponseLost
+                } else {
+                    Fault::RequestLost
+                };
+                self.store.fault_next_txn(fault);
+                self.stats.store_faults += 1;
+                self.say(|| format!("the store's next txn: {fault:?}"));
+            }
+            _ => {
+                let long = self.rng.below(10) == 0;
+                let ms = self.rng.below(if long { 8_000 } else { 300 });
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(&mut self, steps: u64) -> Result<(), Failure> {
+        START.with(|s| s.set(Some(tokio::time::Instant::now())));
+        let clock = tokio::spawn(store_clock(self.store.clone()));
+        let outcome = self.run_steps(steps).await;
+        clock.abort();
+        self.elapsed = tokio::time::Instant::now().duration_since(start_of_time());
+        outcome
+    }
+
+    async fn run_steps(&mut self, steps: u64) -> Result<(), Failure> {
+        for i in 0..NODES {
+            self.start_node(i)?;
+        }
+        for a in 0..self.apps.len() {
+            self.apps[a].start().await.map_err(|e| self.fail(e))?;
+        }
+        for step in 1..=steps {
+            self.step = step;
+            self.act().await?;
+            let pause = Duration::from_millis(1 + self.rng.below(30));
+            tokio::time::sleep(pause).await;
+            self.observe()?;
+            self.watch_owners();
+            if step % 25 == 0 {
+                self.check_journal()?;
+            }
+        }
+        self.heal().await
+    }
+
+    /// Faults stop: every node runs, every client is online and running, and settles.
+    async fn heal(&mut self) -> Result<(), Failure> {
+        self.step += 1;
+        self.say(|| "healing".into());
+        for i in 0..NODES {
+            if let Some(r) = &self.nodes[i] {
+                r.paused.store(false, Ordering::SeqCst);
+                r.cut.store(false, Ordering::SeqCst);
+            }
+        }
+        for a in &self.apps {
+            a.net.set_up(true);
+        }
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            for i in 0..NODES {
+                if self.nodes[i].is_none() {
+                    self.start_node(i)?;
+                }
+            }
+            for a in 0..self.apps.len() {
+                if self.apps[a].client.is_none() {
+                    self.apps[a].start().await.map_err(|e| self.fail(e))?;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            self.observe()?;
+            if self.settled()? {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let state: Vec<String> = self
+                    .apps
+                    .iter()
+                    .map(|a| {
+                        let h = a.handle.as_ref();
+                        format!(
+                            "{} ({}): unacked {:?}, text {:?}",
+                            a.name,
+                            a.doc,
+                            h.map(|h| h.unacked()),
+                            h.map(|h| h.text())
+                        )
+                    })
+                    .collect();
+                return Err(self.fail(format!(
+                    "no convergence {SETTLE:?} after the faults stopped: {}",
+                    state.join("; ")
+                )));
+            }
+        }
+        self.check_journal()?;
+        for doc in self.docs.clone() {
+            let (stored, version) = self.stored_text(&doc)?;
+            for a in self.apps.iter().filter(|a| a.doc == doc) {
+                let text = a.handle.as_ref().map(|h| h.text()).unwrap_or_default();
+                if text != stored {
+                    return Err(self.fail(format!(
+                        "{doc}: {} has {text:?}; the store has {stored:?} (version {version})",
+                        a.name
+                    )));
+                }
+                a.check_edits(&stored, self.reloaded.contains(&doc))
+                    .map_err(|e| self.fail(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every client has nothing unacknowledged, and the clients of each document have
+    /// the text the store has.
+    fn settled(&self) -> Result<bool, Failure> {
+        if self.nodes.iter().any(Option::is_none) {
+            return Ok(false);
+        }
+        for a in &self.apps {
+            let Some(h) = &a.handle else { return Ok(false) };
+            if !h.unacked().is_empty() {
+                return Ok(false);
+            }
+        }
+        for doc in &self.docs {
+            let (stored, _) = self.stored_text(doc)?;
+            if self
+                .apps
+                .iter()
+                .filter(|a| &a.doc == doc)
+                .any(|a| a.handle.as_ref().map(|h| h.text()) != Some(stored.clone()))
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// A node's commit loop, keep-alive and disk, as its threads would run them (the
+/// replicator's and the log's `Manual` drive): nothing while it is paused.
+async fn drive(seq: Arc<Seq>, paused: Arc<AtomicBool>, renew_every: Duration, mut rng: SplitMix) {
+    let start = tokio::time::Instant::now();
+    let (mut next_renew, mut next_rebalance) =
+        (start + renew_every, start + Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(Duration::from_micros(200 + rng.below(3_000))).await;
+        if paused.load(Ordering::SeqCst) {
+            continue;
+        }
+        let local = seq.local();
+        while local.wal().has_pending() {
+            local.step();
+        }
+        seq.replicator().commit_next();
+        seq.handle_losses();
+        seq.write_snapshots();
+        let now = tokio::time::Instant::now();
+        if now >= next_renew {
+            seq.replicator().renew();
+            seq.handle_losses();
+            next_renew = now + renew_every;
+        }
+        if now >= next_rebalance {
+            seq.rebalance();
+            next_rebalance = now + Duration::from_secs(1);
+        }
+    }
+}
+
+/// The store's clock follows the simulated time (leases expire by it).
+async fn store_clock(store: Arc<MemStore>) {
+    let start = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = start.elapsed();
+        let behind = now.saturating_sub(store.now());
+        store.advance(behind);
+    }
+}
+
+thread_local! {
+    /// When the run began, in simulated time.
+    static START: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+fn start_of_time() -> tokio::time::Instant {
+    START
+        .with(|s| s.get())
+        .unwrap_or_else(tokio::time::Instant::now)
+}
+
+/// Runs one cluster seed: its digest and stats line, or the failure.
+pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    *PANICKED.lock().unwrap() = None;
+    let mut world = World::new(seed, verbose);
+    let outcome = rt.block_on(world.run(steps));
+    let s = &world.stats;
+    let line = format!(
+        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses, {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} times offline, {} journal checks",
+        world.apps.len(),
+        world.docs.len(),
+        world.elapsed,
+        s.edits,
+        s.acks,
+        s.crashes,
+        s.restarts,
+        s.refused_restarts,
+        s.pauses,
+        s.cuts,
+        s.drains,
+        s.store_faults,
+        s.owner_changes,
+        s.app_restarts,
+        s.offline,
+        s.journal_checks
+    );
+    let digest = world.digest ^ world.step;
+    drop(world);
+    drop(rt);
+    outcome.map(|()| (digest, line))
+}
