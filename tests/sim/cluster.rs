@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 
 use crate::app::AppClient;
 use crate::net::{LinkConfig, SimListener};
-use crate::{Failure, PANICKED};
+use crate::{Acked, Failure, PANICKED};
 
 const NODES: usize = 3;
 /// The lease's TTL; a node stops serving a fifth of it before (its margin).
@@ -157,9 +157,6 @@ struct Stats {
     /// A document's owner changed (seen between steps).
     owner_changes: u64,
 }
-
-/// A document's acknowledged ops: each op id's seq, and each seq's op id.
-type Acked = (HashMap<OpId, u64>, BTreeMap<u64, OpId>);
 
 struct World {
     seed: u64,
@@ -430,23 +427,10 @@ impl World {
                     .digest
                     .rotate_left(5)
                     .wrapping_add(id.client_id ^ (local_seq << 20) ^ (seq << 40));
-                let (by_id, by_seq) = self.acked.entry(doc.clone()).or_default();
-                if let Some(&earlier) = by_id.get(&id) {
-                    if earlier != seq {
-                        return Err(self.fail(format!(
-                            "{doc}: op {id:?} acknowledged at seq {earlier} and again at {seq}"
-                        )));
-                    }
+                let acked = self.acked.entry(doc.clone()).or_default();
+                if let Err(e) = crate::note_ack(acked, &doc, id, seq) {
+                    return Err(self.fail(e));
                 }
-                if let Some(&other) = by_seq.get(&seq) {
-                    if other != id {
-                        return Err(self.fail(format!(
-                            "{doc}: seq {seq} acknowledged to op {other:?} and to op {id:?}"
-                        )));
-                    }
-                }
-                by_id.insert(id, seq);
-                by_seq.insert(seq, id);
             }
         }
         if let Some(p) = PANICKED.lock().unwrap().clone() {

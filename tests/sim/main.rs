@@ -191,6 +191,29 @@ struct Sim {
 /// One document's acknowledged ops: op id → seq, and seq → op id.
 type Acked = (HashMap<OpId, u64>, BTreeMap<u64, OpId>);
 
+/// Notes that op `id` of `doc` was acknowledged at `seq`: an error if another op was
+/// acknowledged at that seq, or this op at another (both worlds check every ack).
+fn note_ack(acked: &mut Acked, doc: &str, id: OpId, seq: u64) -> Result<(), String> {
+    let (by_id, by_seq) = acked;
+    if let Some(&earlier) = by_id.get(&id) {
+        if earlier != seq {
+            return Err(format!(
+                "{doc}: op {id:?} acknowledged at seq {earlier} and again at {seq}"
+            ));
+        }
+    }
+    if let Some(&other) = by_seq.get(&seq) {
+        if other != id {
+            return Err(format!(
+                "{doc}: seq {seq} acknowledged to op {other:?} and to op {id:?}"
+            ));
+        }
+    }
+    by_id.insert(id, seq);
+    by_seq.insert(seq, id);
+    Ok(())
+}
+
 fn mix(digest: &mut u64, value: u64) {
     *digest = (*digest ^ value)
         .wrapping_mul(0x100_0000_01b3)
@@ -421,24 +444,8 @@ impl Sim {
             &mut self.digest,
             id.client_id ^ (id.local_seq << 20) ^ (seq << 40),
         );
-        let (by_id, by_seq) = self.acked.entry(doc.to_owned()).or_default();
-        if let Some(&earlier) = by_id.get(&id) {
-            if earlier != seq {
-                return Err(self.fail(format!(
-                    "{doc}: op {id:?} acknowledged at seq {earlier} and again at {seq}"
-                )));
-            }
-        }
-        if let Some(&other) = by_seq.get(&seq) {
-            if other != id {
-                return Err(self.fail(format!(
-                    "{doc}: seq {seq} acknowledged to op {other:?} and to op {id:?}"
-                )));
-            }
-        }
-        by_id.insert(id, seq);
-        by_seq.insert(seq, id);
-        Ok(())
+        let acked = self.acked.entry(doc.to_owned()).or_default();
+        note_ack(acked, doc, id, seq).map_err(|e| self.fail(e))
     }
 
     /// Notes what the application clients sent (their ops in flight) and were told
