@@ -1504,10 +1504,16 @@ impl<C: Connector> Driver<C> {
         let at = self.at(name);
         // What the connection's server takes: edits composed before its `Welcome` (the
         // default limit, larger) are split to fit before they get op ids.
-        let max = crate::protocol::max_op_bytes(conn.get(&at)?.max_frame);
+        // (A connection missing here fails the sends below, as it did before.)
+        let max = conn
+            .get(&at)
+            .ok()
+            .map(|c| crate::protocol::max_op_bytes(c.max_frame));
         let (outgoing, gen) = {
             let mut st = lock(&cell.state);
-            st.doc.set_max_op_bytes(max);
+            if let Some(max) = max {
+                st.doc.set_max_op_bytes(max);
+            }
             let mut out = Vec::new();
             while let Some(o) = st.doc.take_to_send() {
                 out.push(o);
