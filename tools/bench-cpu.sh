@@ -13,7 +13,10 @@
 # default 1), QUIRE_BIN (the server binary, default ./target/release/quire; another
 # build for an A/B in one sitting), SERVE_ARGS (extra flags for `quire serve`), PERF
 # (0/1, default 0: `perf record -g` the quire server of the last run into
-# OUT_DIR/perf.data).
+# OUT_DIR/perf.data), LOAD_ARGS (extra flags for the quire load generator; default
+# `--threads 1`: one event loop, as redis-benchmark runs by default, so that both load
+# generators take at most one of the machine's cores from the server; add
+# `--pipeline 1` for the bare protocol connection instead of the client API).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-/tmp/quire-cpubench}"
@@ -38,7 +41,7 @@ row() {  # name run ops ops_per_s ticks load_before load_after
       n, r, ops, rate, t / hz, 1e6 * t / hz / ops, l0, l1}'
 }
 
-echo "######## $(date -u +%FT%TZ) clients=$clients"
+echo "######## $(date -u +%FT%TZ) clients=$clients quire load generator: ${LOAD_ARGS---threads 1}"
 for run in $(seq 1 "$runs"); do
   rm -rf "$out/data"
   # shellcheck disable=SC2086
@@ -56,8 +59,10 @@ for run in $(seq 1 "$runs"); do
     sleep 0.5
   fi
   l0=$(load); c0=$(cpu_ticks "$pid")
+  # shellcheck disable=SC2086
   result=$(./target/release/quire-trace --addr "127.0.0.1:$port" --client-base $((run * 10000000)) \
-    --trace "$paper" --mode each --clients "$clients" --patches "$patches" --doc e 2>&1)
+    --trace "$paper" --mode each --clients "$clients" --patches "$patches" --doc e \
+    ${LOAD_ARGS---threads 1} 2>&1)
   c1=$(cpu_ticks "$pid"); l1=$(load)
   [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
   kill "$pid"; wait "$pid" 2>/dev/null || true

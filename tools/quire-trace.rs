@@ -93,6 +93,11 @@ struct Args {
     /// ids must be unique per run on a server).
     #[arg(long, default_value_t = 1_000_000)]
     client_base: u64,
+    /// Runtime worker threads of this load generator. `--threads 1` is one event loop,
+    /// as `redis-benchmark` runs by default: on a machine it shares with the server, the
+    /// load generator then competes for one core's worth of CPU at most.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
     /// Bare connections (`ping`, `--pipeline`) over this WebSocket URL instead of TCP to
     /// `--addr` (`ws://127.0.0.1:7430/ws`).
     #[arg(long)]
@@ -666,7 +671,7 @@ async fn run(args: Args) -> Result<(), String> {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.threads.max(1))
         .enable_all()
         .build()
         .expect("runtime");
