@@ -44,6 +44,10 @@ struct Table {
     nodes: RwLock<Vec<Owner>>,
     /// Bumped at each change: routes waiting for a takeover look again.
     changed: watch::Sender<u64>,
+    /// Documents whose next read fails and leaves them with this owner: a tenure that
+    /// ends while a reply is being read (as the cluster's sequencer fails a read once
+    /// the node lost the document).
+    fail_read: RwLock<HashMap<String, Owned>>,
 }
 
 impl Table {
@@ -62,6 +66,17 @@ impl Table {
 
     fn owner(&self, node: usize) -> Owner {
         self.nodes.read().unwrap()[node].clone()
+    }
+
+    /// Fails this read of `doc` if one is to fail (see `fail_read`).
+    fn read(&self, doc: &str) -> Result<(), Arc<str>> {
+        match self.fail_read.write().unwrap().remove(doc) {
+            Some(owned) => {
+                self.set(doc, owned);
+                Err(Arc::from(format!("{doc:?}: this node's tenure ended")))
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -146,6 +161,7 @@ impl Sequencer for Routed {
         doc_id: &str,
         reader: Option<u64>,
     ) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
+        self.table.read(doc_id)?;
         self.inner.read_now(doc_id, reader)
     }
     fn ops_after(
@@ -154,6 +170,7 @@ impl Sequencer for Routed {
         after_seq: u64,
         limit: usize,
     ) -> Result<Option<Vec<SequencedOp>>, Arc<str>> {
+        self.table.read(doc_id)?;
         self.inner.ops_after(doc_id, after_seq, limit)
     }
 }
@@ -182,6 +199,7 @@ impl Cluster {
             owners: RwLock::new(HashMap::new()),
             nodes: RwLock::new(Vec::new()),
             changed: watch::channel(0).0,
+            fail_read: RwLock::new(HashMap::new()),
         });
         let mut nodes = Vec::new();
         for me in 0..2 {
@@ -431,6 +449,95 @@ async fn a_document_without_an_owner_gets_code_33_and_the_connection_stays_open(
     .await
     .unwrap();
     assert_eq!(open_reply(&mut a).await.unwrap(), (String::new(), 0));
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn a_document_lost_while_its_reply_is_read_gets_a_redirect_or_33_not_a_storage_error() {
+    let cluster = Cluster::start().await;
+    let mut a = connect(cluster.addr(0)).await;
+    a.send(Message::Open {
+        doc: "d".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(open_reply(&mut a).await.unwrap(), (String::new(), 0));
+    a.send(submit("d", 1, 0, "abc")).await.unwrap();
+    let ack = next_reply(&mut a).await;
+    assert!(matches!(ack, Message::Ack { seq: 1, .. }), "{ack:?}");
+    let fail_next_read = |owned: Owned| {
+        cluster
+            .table
+            .fail_read
+            .write()
+            .unwrap()
+            .insert("d".into(), owned);
+    };
+    let to_node_1 = Owned::By {
+        node: 1,
+        ready: true,
+    };
+    let at_node_0 = Owned::By {
+        node: 0,
+        ready: true,
+    };
+
+    // An `Open` whose snapshot read fails as the tenure ends: sent to the new owner.
+    fail_next_read(to_node_1);
+    let mut b = connect(cluster.addr(0)).await;
+    let rid = b
+        .send(Message::Open {
+            doc: "d".into(),
+            known_version: 0,
+        })
+        .await
+        .unwrap();
+    let reply = b.recv().await.unwrap();
+    assert_eq!(reply.request_id, rid);
+    assert_eq!(reply.message, redirect_to(&cluster, "d", 1));
+
+    // A `Fetch` whose read fails as the tenure ends with no owner yet: code 33.
+    cluster.switch("d", 0).await;
+    fail_next_read(Owned::Nobody);
+    b.send(Message::Fetch {
+        doc: "d".into(),
+        after_seq: 0,
+        limit: 10,
+    })
+    .await
+    .unwrap();
+    match next_reply(&mut b).await {
+        Message::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Unavailable, "{message}")
+        }
+        other => panic!("expected Error 33, got {other:?}"),
+    }
+
+    // A read that fails while the node keeps the document is its storage's failure.
+    cluster.switch("d", 0).await;
+    fail_next_read(at_node_0);
+    b.send(Message::Open {
+        doc: "d".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    match next_reply(&mut b).await {
+        Message::Error { code, message } => {
+            assert_eq!(code, ErrorCode::StorageFailed, "{message}");
+            assert!(message.contains("tenure ended"), "{message}");
+        }
+        other => panic!("expected Error 30, got {other:?}"),
+    }
+    // And the connection goes on: the document opens once reads succeed.
+    b.send(Message::Open {
+        doc: "d".into(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(open_reply(&mut b).await.unwrap(), ("abc".to_string(), 1));
     cluster.stop().await;
 }
 

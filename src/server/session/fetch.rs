@@ -22,6 +22,7 @@ impl<S: Sequencer> Session<S> {
             None => {}
         }
         let limit = u64::from(limit.min(FETCH_MAX_OPS));
+        let incarnation = self.server.sequencer.incarnation(&doc);
         match self.send_ops(rid, &doc, after_seq, limit).await {
             Sent::Done => true,
             Sent::Closing => false,
@@ -40,7 +41,7 @@ impl<S: Sequencer> Session<S> {
                 true
             }
             Sent::Failed(reason) => {
-                self.send_error(rid, ErrorCode::StorageFailed, reason);
+                self.send_read_failure(rid, &doc, incarnation, reason).await;
                 true
             }
         }

@@ -303,6 +303,27 @@ impl<S: Sequencer> Session<S> {
         }
     }
 
+    /// A read for a reply about `doc` failed with `reason`. If the document moved
+    /// meanwhile (cluster mode: this node's tenure of it ended while the reply was being
+    /// read, which fails the read), the client is sent where it is served now, or told
+    /// that no node serves it yet (code 33, retry), as for any request about a document
+    /// served elsewhere; so too if this node serves it again, but under another tenure
+    /// than `incarnation`, the one the read began under. Only a failure of this node's
+    /// own storage is code 30.
+    async fn send_read_failure(&self, rid: u32, doc: &str, incarnation: u64, reason: String) {
+        let sequencer = &self.server.sequencer;
+        match sequencer.route(doc).await {
+            Ok(Route::Elsewhere(owner)) => self.send_redirect(rid, doc, &owner),
+            Err(RouteError::Unavailable(why)) => self.send_error(rid, ErrorCode::Unavailable, why),
+            Ok(Route::Here) if sequencer.incarnation(doc) != incarnation => self.send_error(
+                rid,
+                ErrorCode::Unavailable,
+                format!("{doc:?} was handed over while it was read; retry"),
+            ),
+            Ok(Route::Here) => self.send_error(rid, ErrorCode::StorageFailed, reason),
+        }
+    }
+
     /// Reads frames until the connection ends or must close.
     async fn read_loop<R: ReadHalf>(&mut self, reader: R) {
         let config = self.server.config.clone();

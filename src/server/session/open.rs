@@ -66,11 +66,9 @@ impl<S: Sequencer> Session<S> {
                 document.unsubscribe(self.outbox.session, self.outbox.client_id);
                 self.opened.remove(document.id.as_ref());
                 self.server.release(&document);
-                self.send_error(
-                    rid,
-                    ErrorCode::StorageFailed,
-                    format!("cannot open {doc:?}: {reason}"),
-                );
+                let reason = format!("cannot open {doc:?}: {reason}");
+                self.send_read_failure(rid, &doc, document.incarnation, reason)
+                    .await;
                 true
             }
         }
