@@ -48,8 +48,9 @@ export interface ClientOptions {
   /** A Ping is sent after this long without sending (the server closes after 60 s). */
   pingIntervalMs?: number;
   /**
-   * The connection is dropped after this long without hearing from the server (with
-   * `fallbackUrls`, also a handshake not welcomed by then: the next URL is tried).
+   * The connection is dropped after this long without hearing from the server, and so
+   * is a handshake not welcomed by then (the next URL is tried, or the same one again
+   * without `fallbackUrls`, with backoff).
    */
   deadAfterMs?: number;
   backoffInitialMs?: number;
@@ -380,11 +381,12 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     if (!this.ws) return;
     const now = Date.now();
     if (this.connectionState.state !== "connected") {
-      // A node that is down without refusing (its host gone, packets dropped) would hold
-      // the attempt until the system gives up on it: with other URLs to try, the
-      // handshake has the deadline of a silent connection. With one URL there is nowhere
-      // else to go, and the socket's own failure is awaited.
-      if (this.urls.length > 1 && now - this.lastHeard > this.opts.deadAfterMs) this.dropConnection();
+      // A node that is down without refusing (its host gone, packets dropped), or that
+      // accepts the connection and never answers `Hello`, would hold the attempt until
+      // the system gives up on it, which may be never: the handshake has the deadline of
+      // a silent connection. The next attempt goes to the next URL if there are others,
+      // else to the same one again, with backoff.
+      if (now - this.lastHeard > this.opts.deadAfterMs) this.dropConnection();
       return;
     }
     if (now - this.lastHeard > this.opts.deadAfterMs) {

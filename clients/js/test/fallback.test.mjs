@@ -166,6 +166,25 @@ test("a handshake that never completes is given up after deadAfterMs, and the ne
   assert.equal(mute.sockets.size, 0);
 });
 
+test("without fallbackUrls, a handshake that never completes is given up after deadAfterMs, and the url tried again", async (t) => {
+  const net = fakeNetwork();
+  const mute = net.add("mute", () => {}, { welcome: false });
+  const c = await client(mute.url, { WebSocket: net.WebSocket, deadAfterMs: 200, backoffInitialMs: 10 });
+  t.after(() => c.close());
+  const states = [];
+  c.on("state", (s) => states.push(s.state));
+  const doc = c.open("mute-only");
+  await doc.edit([[0, 0, "kept locally"]]);
+  await waitFor(() => mute.connections >= 2, "a second attempt after the first handshake's deadline");
+  assert.ok(net.dialed.every((u) => u === mute.url), net.dialed.join(" "));
+  assert.ok(states.includes("disconnected"), states.join(" "));
+  assert.ok(!states.includes("connected"));
+  // The abandoned attempt's socket is closed: at most the current one is open.
+  await waitFor(() => mute.sockets.size <= 1, "the first socket closed");
+  assert.equal(doc.text(), "kept locally");
+  assert.ok(doc.pending);
+});
+
 test("without fallbackUrls, a dead url is tried again and again, and only it", async (t) => {
   const net = fakeNetwork();
   const a = net.add("a");
