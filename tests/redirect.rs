@@ -837,3 +837,55 @@ async fn a_client_sent_round_in_circles_backs_off_and_gets_there_once_the_cluste
     x.shutdown().await;
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn a_redirect_to_the_home_node_by_another_name_is_carried_on_the_home_connection() {
+    let cluster = Cluster::start().await;
+    cluster.table.set(
+        "moving",
+        Owned::By {
+            node: 1,
+            ready: true,
+        },
+    );
+    // The home node is configured by name; the nodes advertise `127.0.0.1:port`.
+    let mut config = common::client_config(cluster.addr(0));
+    config.addr = format!("localhost:{}", cluster.addr(0).port());
+    let x = quire::client::Client::connect(config).await.unwrap();
+    x.wait_connected().await.unwrap();
+    let (stay, mut events) = x.open_with_events("stay").await.unwrap();
+    let moving = x.open("moving").await.unwrap();
+    assert_eq!(cluster.nodes[1].server.connected_clients(), 1);
+    edit_tokens(&moving, "m", 3).await;
+    caught_up(&cluster, &moving).await;
+    while events.try_recv().is_some() {}
+
+    // Back to the home node: its `Redirect` names it as it advertises itself.
+    cluster.switch("moving", 0).await;
+    edit_tokens(&moving, "n", 3).await;
+    edit_tokens(&stay, "s", 3).await;
+    caught_up(&cluster, &moving).await;
+    caught_up(&cluster, &stay).await;
+    // The home connection was never lost (a second connection to the same node with
+    // this client's id would have replaced it, code 11): no state change at all.
+    while let Some(event) = events.try_recv() {
+        assert!(
+            !matches!(event, quire::client::Event::Connection(_)),
+            "{event:?}"
+        );
+    }
+    assert_eq!(x.state(), quire::client::ConnectionState::Connected);
+    assert_eq!(cluster.nodes[0].server.connected_clients(), 1);
+    for (name, doc, who) in [("moving", &moving, ["m", "n"]), ("stay", &stay, ["s", "s"])] {
+        let text = cluster.text(name).await;
+        assert_eq!(doc.text(), text);
+        for w in who {
+            for i in 0..3 {
+                assert_eq!(text.matches(&format!("[{w}{i}]")).count(), 1, "{text}");
+            }
+        }
+    }
+    drop((stay, moving));
+    x.shutdown().await;
+    cluster.stop().await;
+}

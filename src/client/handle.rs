@@ -176,8 +176,9 @@ pub struct ClientConfig {
     /// loss was an answer that no node serves a document right now (code 33), which a
     /// node cut off from etcd gives for every document while the others serve: that
     /// moves the home on too. Empty (the default): `addr` only. Reached through [`Connector::connect_to`]. Give each node
-    /// as it advertises itself (`quire serve --advertise`): a `Redirect` to the home
-    /// node is recognised by that address, and carried on the home connection.
+    /// as it advertises itself (`quire serve --advertise`), or by a name that resolves to
+    /// the same socket address: a `Redirect` to the home node is recognised by it
+    /// ([`Connector::same_node`]), and carried on the home connection.
     pub fallback_addrs: Vec<String>,
     /// The access token sent in `Hello` (protocol.md, "Access tokens"); empty for a
     /// server without secrets. A refusal by it stops the client for good
@@ -257,6 +258,15 @@ pub trait Connector: Send + Sync + 'static {
             format!("this connector cannot follow a redirect to {addr}"),
         )))
     }
+
+    /// Whether `addr`, a `Redirect`'s, names the node at `home`, the address the home
+    /// connection was made to: a redirect to the home node is carried on the home
+    /// connection, as a second connection there with this client's id would replace it
+    /// (code 11). The default compares the text; [`TcpConnector`] also resolves both
+    /// and compares their socket addresses.
+    fn same_node(&self, addr: &str, home: &str) -> impl Future<Output = bool> + Send {
+        std::future::ready(addr == home)
+    }
 }
 
 /// Connects over TCP to [`ClientConfig::addr`].
@@ -274,6 +284,22 @@ impl Connector for TcpConnector {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(stream)
+    }
+
+    /// The same text, or `host:port`s that resolve to a common socket address: a node
+    /// advertised as `127.0.0.1:7430` (or by a name) and configured as `localhost:7430`.
+    async fn same_node(&self, addr: &str, home: &str) -> bool {
+        if addr == home {
+            return true;
+        }
+        let (Ok(a), Ok(b)) = (
+            tokio::net::lookup_host(addr).await,
+            tokio::net::lookup_host(home).await,
+        ) else {
+            return false;
+        };
+        let b: Vec<std::net::SocketAddr> = b.collect();
+        a.into_iter().any(|x| b.contains(&x))
     }
 }
 
@@ -1373,8 +1399,15 @@ impl<C: Connector> Driver<C> {
             }
         }
         // The home node is reached over the home connection: a second connection with
-        // this client's id would replace it there (code 11).
-        let at: At = if addr == self.home_addr() {
+        // this client's id would replace it there (code 11). Resolving names is bounded
+        // by the connect timeout; a name that does not resolve in it is another node.
+        let home = tokio::time::timeout(
+            self.config.timeout,
+            self.connector.same_node(&addr, self.home_addr()),
+        )
+        .await
+        .unwrap_or(false);
+        let at: At = if home {
             None
         } else {
             Some(Arc::from(format!("{addr} {ws_url}")))
