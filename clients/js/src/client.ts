@@ -710,7 +710,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     h.reply = null;
     h.sent = null;
     const old = h.at;
-    h.at = wsUrl === this.urls[this.home] ? null : wsUrl;
+    h.at = sameUrl(wsUrl, this.urls[this.home]) ? null : wsUrl;
     if (h.at !== null && !this.away.has(h.at)) this.dialAway(h.at);
     this.sendOpen(h);
     this.prune(old);
@@ -787,5 +787,21 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     void this._persist();
     // From a fresh snapshot (version 0), which holds the op if it was applied.
     this.sendOpen(h, 0);
+  }
+}
+
+/**
+ * Whether two WebSocket URLs name the same node as the URL standard parses them: the
+ * same text, or the same once parsed (`ws://Node-B:80/ws` and `ws://node-b/ws`). A
+ * redirect to the home node must be carried on the home connection, since a second
+ * connection there with this client's id would replace it (code 11). Names are not
+ * resolved (a browser cannot): give each node as it advertises itself.
+ */
+function sameUrl(a: string, b: string): boolean {
+  if (a === b) return true;
+  try {
+    return new URL(a).href === new URL(b).href;
+  } catch {
+    return false;
   }
 }

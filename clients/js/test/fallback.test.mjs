@@ -148,6 +148,26 @@ test("after a rotation, a redirect to the new home is carried on the home connec
   );
 });
 
+test("a redirect to the home spelled otherwise (host case, default port) is carried on the home connection", async (t) => {
+  const net = fakeNetwork();
+  const bHandle = serving("ws://fake-c/ws");
+  const b = net.add("b", bHandle);
+  const cNode = net.add("c", serving("ws://FAKE-b:80/ws"));
+  const c = await client(b.url, { WebSocket: net.WebSocket });
+  t.after(() => c.close());
+  const doc = c.open("bounced");
+  await doc.edit([[0, 0, "here"]]);
+  await waitFor(() => c.connectionState.state === "connected" && !doc.pending, "the edit acknowledged");
+  await doc.synced();
+  assert.equal(bHandle.texts.get("bounced").text, "here");
+  assert.equal(b.connections, 1);
+  assert.deepEqual(net.dialed, [b.url, cNode.url]);
+  assert.deepEqual(
+    b.received.map((m) => m.type),
+    ["Hello", "Open", "Open", "Submit"],
+  );
+});
+
 test("a handshake that never completes is given up after deadAfterMs, and the next URL tried", async (t) => {
   const net = fakeNetwork();
   const mute = net.add("mute", () => {}, { welcome: false });
