@@ -542,7 +542,9 @@ struct Page {
 
 /// `GET /docs?after=ID&limit=N`: documents in id order with their version and length
 /// in code points, at most [`MAX_DOCS_PAGE`] a page; `next` is the `after` of the next
-/// page (absent on the last).
+/// page (absent on the last). The version is the newest op sequenced
+/// ([`Sequencer::list_documents`]), which may not be acknowledged yet (not synced; in
+/// cluster mode, not in the journal yet).
 async fn list_docs<S: Sequencer>(
     State(admin): State<Arc<Admin<S>>>,
     headers: HeaderMap,

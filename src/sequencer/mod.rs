@@ -277,7 +277,8 @@ pub trait Sequencer: Send + Sync + 'static {
     fn storage_stats(&self) -> StorageStats;
 
     /// Up to `limit` documents in id order, after `after` (exclusive) if given: a page
-    /// of the documents this sequencer holds.
+    /// of the documents this sequencer holds, each with its newest sequenced version
+    /// (as [`Sequencer::version`]: durable or not, and in cluster mode journaled or not).
     fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary>;
 
     /// `doc_id` as of version `seq` (durable), while the storage still holds what it
