@@ -8,6 +8,9 @@
 #   following their redirects): ops/s summed, ack p50/p99 per process;
 # - etcd bytes written per op: the growth of etcd_disk_wal_write_bytes_total summed over
 #   the three members during the 64-client cluster run, over its ops;
+# - CPU during the 64-client cluster run: the machine's busy share (/proc/stat), the
+#   utime+stime of the etcd members and of the quire nodes, and the rest (the load
+#   generators, the kernel's threads), each per op too: is the cluster bound by CPU?
 # - failover: SIGKILL of the node owning a document, until an op on it is acknowledged
 #   through another node (a loop of one-op quire-trace runs).
 # The three etcd members, the three nodes and the single node run on this machine.
@@ -69,6 +72,11 @@ trace() { # addr clients patches doc base
     --patches "$3" --doc "$4" --client-base "$5" 2>&1 | grep -o 'mode each.*'
 }
 rate() { grep -o '= [0-9]* ops/s' <<<"$1" | tr -dc '0-9'; }
+# utime+stime of processes, in clock ticks; and the machine's busy and total ticks (all
+# CPUs) from /proc/stat.
+ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$s"; }
+machine() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
+hz=$(getconf CLK_TCK)
 lat() { grep -o 'p50 [0-9]* us p99 [0-9]* us' <<<"$1"; }
 
 echo "######## $(date -u +%FT%TZ) load $(cut -d' ' -f1 /proc/loadavg)"
@@ -84,6 +92,7 @@ for run in $(seq 1 "$runs"); do
   line=$(trace 127.0.0.1:7450 64 "${PATCHES_64:-64000}" "r$run-single-64" $base)
   printf 'single  run %s | clients 64 | %7s ops/s | ack %s\n' "$run" "$(rate "$line")" "$(lat "$line")"
   before=$(wal_bytes)
+  e0=$(ticks "${pids[@]:0:3}"); q0=$(ticks "${pids[@]:3:3}"); read -r busy0 all0 < <(machine)
   p=${PATCHES_64:-64000}
   for i in 1 2 3; do
     n=21; [ $i = 1 ] && n=22
@@ -92,6 +101,7 @@ for run in $(seq 1 "$runs"); do
   done
   wait_for=$(jobs -p | tail -n 3)
   for j in $wait_for; do wait "$j"; done
+  e1=$(ticks "${pids[@]:0:3}"); q1=$(ticks "${pids[@]:3:3}"); read -r busy1 all1 < <(machine)
   after=$(wal_bytes)
   total=0; lats=""
   for i in 1 2 3; do
@@ -101,6 +111,11 @@ for run in $(seq 1 "$runs"); do
   done
   printf 'cluster run %s | clients 64 | %7s ops/s | ack %s | etcd WAL %s B/op\n' "$run" "$total" "$lats" \
     "$(python3 -c "print(round(($after - $before) / $p))")"
+  # Where the machine's CPU went during that run (is it bound by CPU?).
+  awk -v e=$((e1 - e0)) -v q=$((q1 - q0)) -v b=$((busy1 - busy0)) -v a=$((all1 - all0)) -v hz="$hz" \
+    -v ops="$p" -v run="$run" 'BEGIN {
+      printf "cluster run %s | cpu | machine busy %.0f%% | etcd members %.2f s, quire nodes %.2f s, the rest %.2f s | per op: etcd %.0f us, quire %.0f us\n",
+        run, 100 * b / a, e / hz, q / hz, (b - e - q) / hz, 1e6 * e / hz / ops, 1e6 * q / hz / ops }'
 done
 
 # Where the cluster's ack time goes, from etcd's own histograms (means over the whole
