@@ -513,8 +513,8 @@ fn return_large_buffers_to_the_system() {}
 // mimalloc instead of glibc's malloc: the serving path allocates and frees per op on
 // the runtime's worker, where glibc's arenas showed in the profile (malloc, free,
 // consolidation, and an `mprotect` every 20 ops growing the worker's arena: ~8% of the
-// server's CPU per op). Measured 2026-12-03, 64 clients on 64 documents, 8 alternated
-// runs each: 15.4 against 17.3 us of server CPU per acknowledged op. The cost is
+// server's CPU per op). Measured 2026-12-03, 64 clients on 64 documents, 6 alternated
+// runs each: a mean of 15.4 against 17.3 us of server CPU per acknowledged op. The cost is
 // memory: 10,000 connections holding 10,000 open documents took 149 MiB of RssAnon
 // against 113 MiB with glibc (tools/bench-limits.sh, `ONLY=docs`), within the 256 MiB
 // the server is held to.
