@@ -375,9 +375,14 @@ mod tests {
             );
             assert!(queue.pay_owed_wake());
             assert!(!queue.pay_owed_wake(), "paid once");
+            // A record queued after the wake was paid (the writer is waking) owes it
+            // again: the thread has not gone idle since, and pays again when it does.
+            enqueue(&queue);
+            assert!(owed(&queue));
+            assert!(queue.pay_owed_wake());
             let mut batch = Vec::new();
             assert!(queue.next_batch(&mut batch, usize::MAX));
-            assert_eq!(batch.len(), 2);
+            assert_eq!(batch.len(), 3);
             // The writer is busy with the batch: a record queued meanwhile owes the
             // wake all the same (the writer waits for it before its next batch), and
             // taking the next batch makes it moot.
