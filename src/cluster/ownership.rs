@@ -741,6 +741,29 @@ impl<S: Store> Member<S> {
         Ok(deleted)
     }
 
+    /// Deletes `doc` from the store if this node still owns it in `epoch`: its journal,
+    /// its snapshots and their pieces, and its owner key, in one txn (four ranges,
+    /// whatever their sizes), so that it is gone whole or not at all. Its id is then free:
+    /// the next claim starts it anew, empty. On [`CommitError::Lost`] nothing was deleted
+    /// (another node serves it, with everything).
+    pub fn erase(&self, doc: &str, epoch: Epoch) -> Result<(), CommitError> {
+        let ops = vec![
+            Op::DeletePrefix {
+                prefix: self.keys.journal(doc),
+            },
+            Op::DeletePrefix {
+                prefix: self.keys.snapshots(doc),
+            },
+            Op::DeletePrefix {
+                prefix: self.keys.chunks(doc),
+            },
+            Op::Delete {
+                key: self.keys.owner(doc),
+            },
+        ];
+        self.fenced(doc, epoch, ops)
+    }
+
     fn fenced(&self, doc: &str, epoch: Epoch, ops: Vec<Op>) -> Result<(), CommitError> {
         let compares = [Compare::created_at(self.keys.owner(doc), epoch.0)];
         let response = self
@@ -1198,6 +1221,59 @@ mod tests {
             Err(CommitError::Lost(_))
         ));
         assert_eq!(b.load("d").unwrap(), loaded);
+    }
+
+    #[test]
+    fn an_erased_document_is_gone_whole_its_neighbours_kept_and_a_claim_starts_it_empty() {
+        let store = Arc::new(MemStore::new());
+        let (a, b) = (member(&store, "a"), member(&store, "b"));
+        let keys = Keys::new("/q");
+        // `d`, and `d/x`, whose keys `d`'s prefixes must not reach (ids are escaped).
+        let mut epochs = Vec::new();
+        for doc in ["d", "d/x"] {
+            let epoch = owned(a.claim(doc).unwrap());
+            let entries: Vec<JournalEntry> = (1..=4).map(|s| entry(s, 1, s)).collect();
+            let batch: Vec<JournalWrite<'_>> = entries
+                .iter()
+                .map(|entry| JournalWrite { doc, epoch, entry })
+                .collect();
+            a.commit(&batch).unwrap();
+            a.write_snapshot(doc, epoch, 2, &vec![7; SNAPSHOT_CHUNK_BYTES + 1])
+                .unwrap();
+            a.write_snapshot(doc, epoch, 3, b"at 3").unwrap();
+            epochs.push(epoch);
+        }
+        let kept = a.load("d/x").unwrap();
+        let all_keys = || -> Vec<String> {
+            let page = store.get_prefix("/q/", None, 1000).unwrap();
+            page.kvs.into_iter().map(|kv| kv.key).collect()
+        };
+        let of = |doc: &str| -> Vec<String> {
+            let escaped = keys.owner(doc)["/q/owner/".len()..].to_owned();
+            all_keys()
+                .into_iter()
+                .filter(|k| k.split('/').nth(3) == Some(escaped.as_str()))
+                .collect()
+        };
+        // Four journal keys, two manifests, three pieces and the owner key.
+        assert_eq!(of("d").len(), 10, "{:?}", of("d"));
+        // Fenced: an erasure in an epoch that is not the owner key's deletes nothing.
+        assert!(matches!(
+            a.erase("d", Epoch(epochs[0].0 + 1000)),
+            Err(CommitError::Lost(_))
+        ));
+        assert_eq!(of("d").len(), 10);
+        a.erase("d", epochs[0]).unwrap();
+        assert_eq!(of("d"), Vec::<String>::new());
+        assert_eq!(a.load("d/x").unwrap(), kept, "its neighbour is untouched");
+        assert_eq!(b.owner("d").unwrap(), None);
+        // Its id is free: the next claim, by any node, starts it empty, in a new epoch.
+        let epoch = owned(b.claim("d").unwrap());
+        assert!(epoch > epochs[1]);
+        let loaded = b.load("d").unwrap();
+        assert_eq!((loaded.snapshot, loaded.ops.len()), (None, 0));
+        // Erasing it again (a retry whose answer was lost) is refused: another epoch.
+        assert!(matches!(a.erase("d", epochs[0]), Err(CommitError::Lost(_))));
     }
 
     fn chunk_keys(store: &MemStore, doc: &str) -> Vec<String> {
