@@ -658,7 +658,8 @@ async fn doc_text<S: Sequencer>(
 /// `DELETE /docs/ID`: deletes the document (a tombstone in the log, durable before the
 /// reply; its snapshots removed; the sessions that have it open get `Error` 32). The
 /// reply says the version it was deleted at; 404 for a document the storage does not
-/// hold. Its id may be used again afterwards, for a new, empty document.
+/// hold. Its id may be used again afterwards, for a new, empty document. Cluster mode:
+/// 421 at a node that does not serve it, naming the node that does (send it there).
 async fn delete_doc<S: Sequencer>(
     State(admin): State<Arc<Admin<S>>>,
     headers: HeaderMap,
@@ -680,6 +681,10 @@ async fn delete_doc<S: Sequencer>(
                 .into_response()
         }
         Ok(None) => problem(StatusCode::NOT_FOUND, &format!("no document {id:?}")),
+        Err(e @ crate::server::DeleteError::Elsewhere(_)) => problem(
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!("document {id:?} is not served here: {e}"),
+        ),
         Err(e) => problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("deleting {id:?} failed: {e}"),

@@ -11,6 +11,7 @@ mod etcd_cluster;
 #[path = "common/quire_nodes.rs"]
 mod quire_nodes;
 
+mod cluster_delete;
 mod cluster_etcd;
 mod cluster_handoff;
 mod cluster_nodes;

@@ -841,3 +841,103 @@ async fn ops_after_gives_only_ops_whose_journal_write_committed() {
         "not served here any more"
     );
 }
+
+/// The keys of the store that belong to document `doc` (its owner key, journal,
+/// snapshots and their pieces: the fourth part of the key is the document's id).
+fn keys_of(store: &MemStore, doc: &str) -> Vec<String> {
+    use quire::cluster::store::Store;
+    let page = store.get_prefix("/quire/", None, 10_000).unwrap();
+    page.kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .filter(|key| !key.starts_with("/quire/nodes/") && key.split('/').nth(3) == Some(doc))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_document_leaves_nothing_in_the_store_and_starts_again_empty() {
+    let store = Arc::new(MemStore::new());
+    let (a, b) = (node(&store, "a"), node(&store, "b"));
+    let d = doc_for("a", &["a", "b"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    for i in 1..=7u64 {
+        let Submitted::Applied { ticket, .. } =
+            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
+        else {
+            panic!("op {i}");
+        };
+        a.seq.wait_durable(ticket).await.unwrap();
+    }
+    assert_eq!(a.seq.write_snapshots(), 1);
+    // An op still in flight when the deletion comes: acknowledged, then deleted with it.
+    let Submitted::Applied { ticket: last, .. } = a.seq.submit(&d, op(1, 8, 7, "8")).unwrap()
+    else {
+        panic!("op 8");
+    };
+    let before = keys_of(&store, &d);
+    assert!(before.len() >= 9, "journal, snapshot, owner: {before:?}");
+    // Only its owner deletes it.
+    assert!(b.seq.delete(&d).is_err());
+    let deletion = a.seq.delete(&d).unwrap().expect("a document");
+    assert_eq!(deletion.version, 8);
+    assert!(
+        a.seq.submit(&d, op(1, 9, 8, "9")).is_err(),
+        "nothing more is sequenced"
+    );
+    a.seq.wait_durable(last).await.expect("op 8 acknowledged");
+    a.seq
+        .wait_durable(deletion.ticket)
+        .await
+        .expect("deleted from the store");
+    assert_eq!(keys_of(&store, &d), Vec::<String>::new());
+    // Its id is free: placed again on its preferred owner, empty, from seq 1.
+    match route(&b, &d) {
+        Route::Elsewhere(owner) => assert_eq!(&*owner.addr, a.addr),
+        Route::Here => panic!("b is not preferred"),
+    }
+    assert_eq!(route(&a, &d), Route::Here);
+    let view = a.seq.read(&d).await.unwrap().unwrap();
+    assert_eq!((view.text.as_str(), view.version), ("", 0));
+    // Nobody wrote it yet: nothing to delete.
+    assert!(a.seq.delete(&d).unwrap().is_none());
+    let Submitted::Applied { seq: 1, ticket } = a.seq.submit(&d, op(2, 1, 0, "new")).unwrap()
+    else {
+        panic!("seq 1");
+    };
+    a.seq.wait_durable(ticket).await.unwrap();
+    assert_eq!(a.seq.read(&d).await.unwrap().unwrap().text, "new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_by_an_owner_replaced_meanwhile_deletes_nothing() {
+    let store = Arc::new(MemStore::new());
+    let a = node_driven(&store, "a", Drive::Manual);
+    let b = node(&store, "b");
+    let d = doc_for("a", &["a", "b"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "1")).unwrap() else {
+        panic!("op 1");
+    };
+    assert!(a.seq.replicator().commit_next());
+    a.seq.wait_durable(ticket).await.unwrap();
+    // Op 2's journal write is queued when the deletion comes, which waits for it.
+    let Submitted::Applied { ticket: second, .. } = a.seq.submit(&d, op(1, 2, 1, "2")).unwrap()
+    else {
+        panic!("op 2");
+    };
+    let deletion = a.seq.delete(&d).unwrap().expect("a document");
+    // a's lease expires meanwhile and b takes the document over.
+    store.advance(TTL / 2);
+    b.seq.replicator().renew();
+    store.advance(TTL / 2);
+    a.clock.advance(TTL);
+    assert_eq!(route(&b, &d), Route::Here);
+    assert!(a.seq.replicator().commit_next());
+    assert!(a.seq.wait_durable(second).await.is_err(), "op 2 is refused");
+    let e = a.seq.wait_durable(deletion.ticket).await.unwrap_err();
+    assert!(e.contains("not deleted"), "{e}");
+    // Nothing was deleted: b serves the document with every acknowledged op.
+    let view = b.seq.read(&d).await.unwrap().unwrap();
+    assert_eq!((view.text.as_str(), view.version), ("1", 1));
+    assert!(keys_of(&store, &d).len() >= 2, "owner and journal");
+}

@@ -43,7 +43,7 @@ use super::{
     SubmitError, SubmitOp, Submitted, Ticket,
 };
 use crate::cluster::entry::JournalEntry;
-use crate::cluster::ownership::{Claim, ClusterError, Epoch, Loaded};
+use crate::cluster::ownership::{Claim, ClusterError, CommitError, Epoch, Loaded};
 use crate::cluster::replicator::{Loss, ReplicationError, Replicator, Tenure};
 use crate::cluster::store::Store;
 use crate::op::{OpId, SequencedOp};
@@ -147,6 +147,9 @@ struct Inner<S: Store + Send + Sync + 'static> {
     /// Place documents on the calling task rather than a blocking thread
     /// ([`ClusterSequencer::place_inline`]).
     place_inline: std::sync::atomic::AtomicBool,
+    /// The outcome of each deletion under way, by its ticket ([`Sequencer::delete`]):
+    /// at most one per document, each taken by the ticket's wait.
+    erasures: Mutex<HashMap<u64, tokio::sync::oneshot::Receiver<Result<(), String>>>>,
 }
 
 /// The sequencer of cluster mode (module notes).
@@ -207,6 +210,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             seen_nodes: Mutex::new(Vec::new()),
             hand_over_patience_ms: AtomicU64::new(HAND_OVER_PATIENCE.as_millis() as u64),
             place_inline: std::sync::atomic::AtomicBool::new(false),
+            erasures: Mutex::new(HashMap::new()),
         });
         let losses = if handle_losses {
             let weak = Arc::downgrade(&inner);
@@ -710,6 +714,50 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         handed
     }
 
+    /// The erasure of a document deleted here ([`Sequencer::delete`] of the cluster
+    /// sequencer, which stopped serving it): its queued journal writes resolve (up to
+    /// [`HAND_OVER_PATIENCE`]), then its keys go in one fenced txn. Either way it is not
+    /// served here afterwards, and its local copy is gone. Blocking.
+    fn erase(&self, doc: &Arc<str>, tenancy: &Tenancy, s: Serving) -> Result<(), String> {
+        let patience = Instant::now() + self.hand_over_patience();
+        let mut outcome = Ok(());
+        if let Some(last) = s.last_op {
+            outcome = loop {
+                match self.replicator.outcome(last, s.tenure) {
+                    Some(Ok(())) => break Ok(()),
+                    Some(Err(e)) => break Err(format!("its journal write failed: {e}")),
+                    None if Instant::now() > patience => {
+                        break Err("its journal writes did not resolve in time".into())
+                    }
+                    None => std::thread::sleep(POLL),
+                }
+            };
+        }
+        let outcome = outcome.and_then(|()| {
+            self.replicator
+                .member()
+                .erase(doc, s.epoch)
+                .map_err(|e| match e {
+                    CommitError::Lost(_) => "another node serves it now".to_owned(),
+                    e => format!("{e:?} (whether it was deleted is not known)"),
+                })
+        });
+        // The local copy is a cache: gone either way (its tombstone is in the log).
+        if let Err(e) = self.local.finish_delete(doc) {
+            tracing::warn!(
+                doc = &**doc,
+                "removing the local copy of a deleted document: {e}"
+            );
+        }
+        lock(&self.handing_over).remove(doc);
+        self.forget_if_idle(doc, tenancy);
+        match &outcome {
+            Ok(()) => tracing::info!(doc = &**doc, "document deleted from the cluster"),
+            Err(e) => tracing::warn!(doc = &**doc, "document not deleted: {e}"),
+        }
+        outcome.map_err(|e| format!("document {doc:?} was not deleted: {e}"))
+    }
+
     fn rebalance(&self) -> usize {
         if self.draining.load(Ordering::SeqCst) {
             return 0;
@@ -1036,10 +1084,62 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         self.inner.local.read_at(doc_id, seq)
     }
 
+    /// Deletes a document served here (the server routes it here first): it stops
+    /// taking ops at once (as at a handover, an `Open` here waits), the local log gets its
+    /// tombstone, and, once its queued journal writes resolved (the ops sequenced before
+    /// the deletion are acknowledged, then deleted with it), one fenced txn deletes its
+    /// journal, snapshots and owner key ([`crate::cluster::ownership::Member::erase`]).
+    /// The ticket is durable once that txn committed; it fails if the document was lost
+    /// first (then nothing was deleted: its new owner serves all of it). A document
+    /// nobody wrote (version 0) is not deleted: `Ok(None)`.
     fn delete(&self, doc_id: &str) -> Result<Option<super::Deletion>, Arc<str>> {
-        Err(Arc::from(format!(
-            "document {doc_id:?}: cluster mode cannot delete documents yet"
-        )))
+        let inner = &self.inner;
+        let Some(tenancy) = inner.tenancy(doc_id) else {
+            return Err(Arc::from(format!(
+                "document {doc_id:?} is not served by this node; delete it at its owner"
+            )));
+        };
+        let mut serving = inner
+            .serving(doc_id, &tenancy)
+            .map_err(|e| Arc::from(format!("document {doc_id:?}: {e}")))?;
+        if inner.local.version(doc_id) == 0 {
+            return Ok(None);
+        }
+        let Some(local) = inner.local.delete(doc_id)? else {
+            return Ok(None);
+        };
+        let s = serving.take().expect("checked by serving()");
+        // Before the tenancy lock goes, as at a handover: an `Open` here meanwhile waits
+        // for the erasure (`place`), and the node keeps owning the document till then.
+        lock(&inner.handing_over).insert(Arc::from(doc_id));
+        drop(serving);
+        let ticket = inner.ticket(Pending {
+            local: local.ticket,
+            journal: None,
+            tenure: s.tenure,
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&inner.erasures).insert(ticket.0, rx);
+        let erase = {
+            let (inner, doc) = (self.inner.clone(), Arc::<str>::from(doc_id));
+            move || {
+                let _ = tx.send(inner.erase(&doc, &tenancy, s));
+            }
+        };
+        if inner.place_inline.load(Ordering::SeqCst) {
+            erase();
+        } else {
+            // A thread of its own, not the caller's (the server holds its documents'
+            // lock) nor one its waiter drives: the erasure finishes even if nobody waits.
+            std::thread::Builder::new()
+                .name("quire-erase".into())
+                .spawn(erase)
+                .map_err(|e| Arc::from(format!("deleting {doc_id:?}: {e}")))?;
+        }
+        Ok(Some(super::Deletion {
+            version: local.version,
+            ticket,
+        }))
     }
 
     fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
@@ -1153,6 +1253,13 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
             return Err(Arc::from(format!("unknown ticket {}", ticket.0)));
         };
         self.inner.local.wait_durable(pending.local).await?;
+        let erasure = lock(&self.inner.erasures).remove(&ticket.0);
+        if let Some(erasure) = erasure {
+            return erasure
+                .await
+                .unwrap_or_else(|_| Err("the deletion was abandoned".into()))
+                .map_err(Arc::from);
+        }
         let replicator = &self.inner.replicator;
         match pending.journal {
             Some(id) => replicator.wait(id, pending.tenure).await,

@@ -147,6 +147,28 @@ impl ServerConfig {
     }
 }
 
+/// Why [`Server::delete_document`] did not delete a document.
+#[derive(Debug, Clone)]
+pub enum DeleteError {
+    /// Another node serves it (cluster mode): delete it there.
+    Elsewhere(crate::sequencer::Owner),
+    /// The deletion failed: the storage, or (cluster mode) the document moved meanwhile.
+    Failed(String),
+}
+
+impl std::fmt::Display for DeleteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeleteError::Elsewhere(owner) => write!(
+                f,
+                "the node advertised as {} serves it; delete it there",
+                owner.addr
+            ),
+            DeleteError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
 pub struct Server<S> {
     pub sequencer: Arc<S>,
     pub config: ServerConfig,
@@ -244,7 +266,23 @@ impl<S: Sequencer> Server<S> {
     /// then its snapshot files are removed and its id may be used again (a new, empty
     /// document). The version it was deleted at; `Ok(None)` if the storage does not
     /// hold it.
-    pub async fn delete_document(&self, id: &str) -> Result<Option<u64>, String> {
+    ///
+    /// Cluster mode: only the document's owner deletes it, so it is routed first (this
+    /// node claims it if nobody serves it and it is preferred here, as at an `Open`);
+    /// [`DeleteError::Elsewhere`] names the node that serves it. Durable means deleted
+    /// from the cluster's store; a deletion that fails there (the document moved
+    /// meanwhile) deleted nothing, and the sessions that had it open here are redirected
+    /// rather than told it is gone.
+    pub async fn delete_document(&self, id: &str) -> Result<Option<u64>, DeleteError> {
+        if self.sequencer.here().is_some() {
+            match self.sequencer.route(id).await {
+                Ok(crate::sequencer::Route::Here) => {}
+                Ok(crate::sequencer::Route::Elsewhere(owner)) => {
+                    return Err(DeleteError::Elsewhere(owner))
+                }
+                Err(e) => return Err(DeleteError::Failed(e.to_string())),
+            }
+        }
         let (deletion, document) = {
             // Under the map's lock: nobody opens the document between its tombstone and
             // its removal from the map (an `Open` after it gets a new, empty one).
@@ -254,7 +292,7 @@ impl<S: Sequencer> Server<S> {
                 Some(document) => document.delete(&*self.sequencer),
                 None => self.sequencer.delete(id),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| DeleteError::Failed(e.to_string()))?;
             if deletion.is_some() && document.is_some() {
                 docs.remove(id);
             }
@@ -263,18 +301,26 @@ impl<S: Sequencer> Server<S> {
         let Some(deletion) = deletion else {
             return Ok(None);
         };
-        self.sequencer
-            .wait_durable(deletion.ticket)
-            .await
-            .map_err(|e| format!("the log failed before the deletion was durable: {e}"))?;
+        if let Err(e) = self.sequencer.wait_durable(deletion.ticket).await {
+            if let (Some(here), Some(document)) = (self.sequencer.here(), &document) {
+                // Cluster mode: not deleted, and not served here any more; its sessions
+                // open it again, wherever it is served now.
+                document.moved(here);
+                return Err(DeleteError::Failed(e.to_string()));
+            }
+            return Err(DeleteError::Failed(format!(
+                "the log failed before the deletion was durable: {e}"
+            )));
+        }
         if let Some(document) = document {
             document.deleted(deletion.version);
         }
         let sequencer = self.sequencer.clone();
         let doc_id = id.to_owned();
         self.blocking(move || sequencer.finish_delete(&doc_id))
-            .await?
-            .map_err(|e| e.to_string())?;
+            .await
+            .map_err(DeleteError::Failed)?
+            .map_err(|e| DeleteError::Failed(e.to_string()))?;
         Ok(Some(deletion.version))
     }
 

@@ -44,6 +44,8 @@ pub struct Node {
     pub id: String,
     pub child: Child,
     pub addr: SocketAddr,
+    /// Its admin endpoint, whose document routes take [`ADMIN_TOKEN`].
+    pub admin: SocketAddr,
     pub dir: PathBuf,
     /// Every line the node wrote to stderr so far.
     logs: Arc<Mutex<Vec<String>>>,
@@ -72,6 +74,9 @@ impl Node {
     }
 }
 
+/// The admin token of every node ([`Node::admin`]).
+pub const ADMIN_TOKEN: &str = "cluster-test-admin-token";
+
 pub fn free_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
@@ -80,12 +85,20 @@ pub fn free_port() -> SocketAddr {
 /// Starts node `id` on a free port; returns once it serves.
 pub fn start_node(etcd: &EtcdCluster, id: &str, root: &Path) -> Node {
     let addr = free_port();
+    let admin = free_port();
     let dir = root.join(id);
+    // Beside the data directory, which a test may delete.
+    let token_file = root.join(format!("{id}.admin-token"));
+    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
     // `QUIRE_BIN`: another build of the same code (a loop of runs that must not see
     // the target directory's binary rebuilt under it, without the cluster feature).
     let bin = std::env::var_os("QUIRE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_quire").into());
     let mut child = Command::new(bin)
-        .args(["serve", "--admin-listen", "off", "--lease-ttl-secs", "2"])
+        .args(["serve", "--lease-ttl-secs", "2"])
+        .arg("--admin-listen")
+        .arg(admin.to_string())
+        .arg("--admin-token-file")
+        .arg(&token_file)
         .arg("--listen")
         .arg(addr.to_string())
         .arg("--advertise")
@@ -125,6 +138,7 @@ pub fn start_node(etcd: &EtcdCluster, id: &str, root: &Path) -> Node {
         id: id.to_owned(),
         child,
         addr,
+        admin,
         dir,
         logs,
     }
