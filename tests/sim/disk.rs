@@ -10,7 +10,8 @@ use quire::op::{OpId, SequencedOp};
 use quire::sequencer::local::LocalSequencer;
 use quire::sequencer::Sequencer;
 use quire::sequencer::{
-    DocSummary, DocView, ReadAtError, StorageStats, SubmitError, SubmitOp, Submitted, Ticket,
+    Deletion, DocSummary, DocView, ReadAtError, StorageStats, SubmitError, SubmitOp, Submitted,
+    Ticket,
 };
 use quire::wal::vfs::sim::SplitMix;
 use tokio::sync::Notify;
@@ -62,6 +63,16 @@ impl Sequencer for SimSequencer {
         let submitted = self.inner.submit(doc_id, op);
         self.work.notify_one();
         submitted
+    }
+
+    fn delete(&self, doc_id: &str) -> Result<Option<Deletion>, Arc<str>> {
+        let deleted = self.inner.delete(doc_id);
+        self.work.notify_one();
+        deleted
+    }
+
+    fn finish_delete(&self, doc_id: &str) -> Result<(), Arc<str>> {
+        self.inner.finish_delete(doc_id)
     }
 
     fn applied(

@@ -11,8 +11,10 @@
 //! Each step picks one action: a client edits (online or offline), reads what arrived,
 //! is cut off, reconnects, restarts (forgetting everything but its op counter, which
 //! some clients persist lazily and so reuse op ids), time passes, the disk starts
-//! failing its syncs, a snapshot or truncation pass runs, or the server crashes (losing
-//! or tearing unsynced writes) and restarts. After every step it checks:
+//! failing its syncs, a snapshot or truncation pass runs, an administrator deletes a
+//! document (its clients must be told, and it starts again empty under its id), or the
+//! server crashes (losing or tearing unsynced writes) and restarts. After every step it
+//! checks:
 //! - a client with nothing pending, at the server's durable version, has its text;
 //! - no two op ids are acknowledged at one seq, nor one op id at two seqs;
 //! - no acknowledged op is lost: the durable version is at least every acked seq,
@@ -21,8 +23,9 @@
 //!
 //! And every few steps (after each restart, and at the end): the history holds every
 //! acknowledged op at its seq, exactly once, only ops some client sent, and replaying it
-//! gives the server's text. At the end, faults stop, every client reconnects and
-//! settles, and all must have the server's text.
+//! gives the server's text; a document the server holds can be read (on a disk that is
+//! not failing); a deleted document's history does not come back. At the end, faults
+//! stop, every client reconnects and settles, and all must have the server's text.
 //!
 //! `--cluster` runs the cluster world instead (`cluster.rs`: three nodes over one
 //! in-memory etcd stand-in); CI runs both.
@@ -114,6 +117,12 @@ struct Client {
     lazy: bool,
     /// Ops it sends without waiting for acks (1: one in flight).
     pipeline: usize,
+    /// The generation of its document its state is of (`Sim::generations`).
+    generation: u64,
+    /// Its document was deleted after it opened it: it drops its state when it learns
+    /// so (`Error` 32), or before it connects again (an application that heard of the
+    /// deletion otherwise: protocol.md, "Deleted documents", on clients offline then).
+    must_reopen: bool,
 }
 
 impl Client {
@@ -141,6 +150,10 @@ struct Stats {
     reloads: u64,
     reused_refused: u64,
     snapshots: u64,
+    /// Documents deleted (each durably, then checked gone).
+    deletions: u64,
+    /// Acks of ops of a generation since deleted, seen after the deletion.
+    acks_of_deleted: u64,
     history_checks: u64,
     /// Idle clients found at the server's version whose text was compared.
     texts_compared: u64,
@@ -174,8 +187,17 @@ struct Sim {
     reloaded_docs: HashSet<String>,
     /// Every op id a client sent.
     sent: HashSet<OpId>,
-    /// Acknowledged: by document, op id → seq and seq → op id.
+    /// Acknowledged: by document, op id → seq and seq → op id (of its current
+    /// generation).
     acked: BTreeMap<String, Acked>,
+    /// How many times each document was deleted: a deletion starts its next generation
+    /// (a new, empty document under the same id).
+    generations: HashMap<String, u64>,
+    /// Each deleted document's history as it was just before its newest deletion (what
+    /// the server still held of it): it must not come back (a deletion undone by a crash
+    /// would bring it back). (Op ids are no proof alone: those of a deleted document
+    /// may be used again in the new one, as by a client that reuses ids.)
+    deleted_histories: HashMap<String, Vec<quire::op::SequencedOp>>,
     /// The disk fails its syncs from now on (until the next crash).
     disk_failing: bool,
     step: u64,
@@ -240,6 +262,8 @@ impl Sim {
                 } else {
                     1
                 },
+                generation: 0,
+                must_reopen: false,
             })
             .collect();
         let n_apps = 2 + rng.below(5) as usize;
@@ -307,6 +331,8 @@ impl Sim {
             reloaded_docs: HashSet::new(),
             sent: HashSet::new(),
             acked: BTreeMap::new(),
+            generations: HashMap::new(),
+            deleted_histories: HashMap::new(),
             disk_failing: false,
             step: 0,
             keep: None,
@@ -410,8 +436,10 @@ impl Sim {
 
     /// Notes the ops a client has in flight (sent) and what it was told (acks).
     fn observe(&mut self, i: usize) -> Result<(), Failure> {
+        let current = self.generations.get(&self.clients[i].doc).copied();
         let client = &mut self.clients[i];
         let (client_id, lazy, doc) = (client.id, client.lazy, client.doc.clone());
+        let of_deleted = client.generation != current.unwrap_or(0);
         let Some(synced) = client.synced.as_mut() else {
             return Ok(());
         };
@@ -431,6 +459,11 @@ impl Sim {
                     client_id,
                     local_seq,
                 };
+                if of_deleted {
+                    // Of an op sequenced before the deletion, delivered after it.
+                    self.stats.acks_of_deleted += 1;
+                    continue;
+                }
                 self.record_ack(&doc, id, seq)?;
             }
         }
@@ -566,7 +599,17 @@ impl Sim {
             }
             ClientError::Refused(m) => {
                 let id = client.id;
-                if m.contains("OpIdReused") {
+                if m.contains("DocumentDeleted") {
+                    if !client.must_reopen {
+                        return Err(self.fail(format!(
+                            "client {id} was told its document was deleted, which it was not: {m}"
+                        )));
+                    }
+                    // Its state goes (pending ops too: they were of the deleted
+                    // document); it opens the new one.
+                    client.must_reopen = false;
+                    client.reload(0);
+                } else if m.contains("OpIdReused") {
                     // It reused op ids (its counter was stored late): it starts again
                     // from the server's text with a counter far ahead.
                     self.stats.reused_refused += 1;
@@ -595,6 +638,10 @@ impl Sim {
             return Ok(());
         }
         let id = self.clients[i].id;
+        if std::mem::take(&mut self.clients[i].must_reopen) {
+            self.clients[i].reload(0);
+        }
+        let generation = self.generations.get(&self.clients[i].doc).copied();
         let conn = match timeout(CLIENT_WAIT, Connection::handshake(client_end, id, "")).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => {
@@ -622,6 +669,7 @@ impl Sim {
                             synced.doc = synced.doc.clone().pipelined(client.pipeline);
                         }
                         client.synced = Some(synced);
+                        client.generation = generation.unwrap_or(0);
                         Ok(Ok(()))
                     }
                     Ok(Err(e)) => Ok(Err(e)),
@@ -788,7 +836,8 @@ impl Sim {
         match roll {
             0..=299 => self.edit(i).await?,
             300..=549 => self.poll(i).await?,
-            550..=746 => {
+            745..=746 => self.delete_document().await?,
+            550..=744 => {
                 let us = self.rng.below(5_000);
                 tokio::time::sleep(Duration::from_micros(us)).await;
             }
@@ -906,6 +955,64 @@ impl Sim {
         Ok(())
     }
 
+    /// An administrator deletes one of the documents (the admin endpoint's path). On a
+    /// disk that is not failing it must succeed, at a version no lower than any op
+    /// acknowledged; then every op acknowledged so far is of a deleted generation (none
+    /// may come back, a crash and recovery included), the clients that have it open
+    /// must be told (`Error` 32), and the id starts again, empty.
+    async fn delete_document(&mut self) -> Result<(), Failure> {
+        let Some(inc) = &self.server else {
+            return Ok(());
+        };
+        if self.disk_failing {
+            return Ok(());
+        }
+        let server = inc.server.clone();
+        let sequencer = inc.sequencer.clone();
+        let doc = self.docs[self.rng.below(self.docs.len() as u64) as usize].clone();
+        // What the server holds of its history now (from the oldest op it keeps).
+        let mut history: Vec<quire::op::SequencedOp> = Vec::new();
+        while let Ok(Some(batch)) =
+            sequencer.ops_after(&doc, history.last().map_or(0, |o| o.seq), 4096)
+        {
+            if batch.is_empty() {
+                break;
+            }
+            history.extend(batch);
+        }
+        let deleted = match timeout(CLIENT_WAIT, server.delete_document(&doc)).await {
+            Ok(Ok(deleted)) => deleted,
+            Ok(Err(e)) => return Err(self.fail(format!("deleting {doc} failed: {e}"))),
+            Err(_) => return Err(self.fail(format!("deleting {doc} did not finish"))),
+        };
+        let acked = self.acked.remove(&doc).unwrap_or_default();
+        let top = acked.1.keys().next_back().copied().unwrap_or(0);
+        let Some(version) = deleted else {
+            if top > 0 {
+                return Err(self.fail(format!(
+                    "{doc}: not found to delete, with an op acknowledged at seq {top}"
+                )));
+            }
+            return Ok(());
+        };
+        if version < top {
+            return Err(self.fail(format!(
+                "{doc}: deleted at version {version}, below an op acknowledged at seq {top}"
+            )));
+        }
+        self.stats.deletions += 1;
+        mix(&mut self.digest, version ^ 0xde1e7e);
+        self.say(|| format!("{doc} deleted at version {version}"));
+        self.deleted_histories.insert(doc.clone(), history);
+        *self.generations.entry(doc.clone()).or_default() += 1;
+        for c in self.clients.iter_mut().filter(|c| c.doc == doc) {
+            if c.synced.is_some() {
+                c.must_reopen = true;
+            }
+        }
+        Ok(())
+    }
+
     /// Checks after every step.
     async fn check(&mut self) -> Result<(), Failure> {
         if let Some(p) = PANICKED.lock().unwrap().clone() {
@@ -964,7 +1071,9 @@ impl Sim {
         for i in 0..self.clients.len() {
             let c = &self.clients[i];
             let Some(synced) = &c.synced else { continue };
-            if synced.doc.has_pending() {
+            if synced.doc.has_pending()
+                || c.generation != self.generations.get(&c.doc).copied().unwrap_or(0)
+            {
                 continue;
             }
             let Ok(Some(view)) = sequencer.read(&c.doc).await else {
@@ -1017,8 +1126,15 @@ impl Sim {
         let sequencer = inc.sequencer.clone();
         let docs: Vec<String> = self.docs.iter().chain(&self.app_docs).cloned().collect();
         for doc in docs {
-            let Ok(Some(view)) = sequencer.read(&doc).await else {
-                continue;
+            let view = match sequencer.read(&doc).await {
+                Ok(Some(view)) => view,
+                Ok(None) => continue,
+                // On a disk that has not failed, a document the server holds can be
+                // read (one it cannot rebuild, as after a deletion undone, is a bug).
+                Err(e) if !self.disk_failing => {
+                    return Err(self.fail(format!("{doc}: cannot be read: {e}")));
+                }
+                Err(_) => continue,
             };
             let mut ops = Vec::new();
             let mut complete = true;
@@ -1053,6 +1169,15 @@ impl Sim {
                     return Err(self.fail(format!(
                         "{doc}: op {:?} at seq {} was never sent by a client",
                         op.id, op.seq
+                    )));
+                }
+            }
+            if let Some(old) = self.deleted_histories.get(&doc) {
+                if !old.is_empty() && old.iter().all(|o| ops.get(o.seq as usize - 1) == Some(o)) {
+                    return Err(self.fail(format!(
+                        "{doc}: its history before its deletion is back: {} ops, up to seq {}",
+                        old.len(),
+                        old.last().map_or(0, |o| o.seq)
                     )));
                 }
             }
@@ -1395,7 +1520,7 @@ fn run_seed_keeping(
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} times offline, {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} history checks",
+        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} times offline, {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks",
         sim.clients.len(),
         sim.docs.len(),
         sim.apps.len(),
@@ -1417,6 +1542,8 @@ fn run_seed_keeping(
         s.reloads,
         s.reused_refused,
         s.snapshots,
+        s.deletions,
+        s.acks_of_deleted,
         s.history_checks
     );
     let digest = sim.digest ^ sim.step;
