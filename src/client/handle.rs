@@ -1833,12 +1833,19 @@ impl<C: Connector> Driver<C> {
         let Some(doc) = self.docs.get_mut(name) else {
             return Ok(());
         };
+        if !matches!(doc.phase, Phase::Opening { .. }) {
+            // A stale reply: the document was opened twice on this connection (two
+            // `Redirect`s to it, one answering a request sent before the first), and
+            // the first reply completed the opening. Its ops were taken as broadcasts
+            // are; the phase it finds (live, or probing) stays. (This client sends no
+            // `Fetch`.)
+            return Ok(());
+        }
         let Phase::Opening {
             server, applied, ..
         } = std::mem::replace(&mut doc.phase, Phase::Down)
         else {
-            // A Fetch's reply: this client sends none.
-            return Ok(());
+            unreachable!("matched above")
         };
         let Some((text, version)) = server else {
             // Caught up on its own version.
