@@ -912,3 +912,120 @@ async fn wait_for(events: &mut quire::client::Events, client: u64, n: usize) {
         }
     }
 }
+
+/// A node that serves one document at version 3 ("abc") and, at the first op sent,
+/// answers as a cluster node whose deletion of the document just failed: a `Redirect`
+/// to itself (its sessions open the document again there, request id 0), then the
+/// `Redirect` that answers the op (sent before that `Open`). Each `Open` gets a
+/// catch-up (nothing new); a later op is acknowledged at seq 4. Answers pings.
+async fn node_redirecting_to_itself() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    use quire::protocol::frame::FrameCodec;
+    use quire::protocol::message::{Envelope, Message};
+    use quire::protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut framed = tokio_util::codec::Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME));
+        let (mut opens, mut submits) = (0, 0);
+        while let Some(Ok(env)) = framed.next().await {
+            let id = env.request_id;
+            let replies: Vec<(u32, Message)> = match env.message {
+                Message::Hello { .. } => vec![(
+                    id,
+                    Message::Welcome {
+                        version: PROTOCOL_VERSION,
+                        max_frame: DEFAULT_MAX_FRAME as u32,
+                        client_id: 1 << 62,
+                    },
+                )],
+                Message::Ping { nonce } => vec![(id, Message::Pong { nonce })],
+                Message::Open { doc, .. } => {
+                    opens += 1;
+                    let ops = Message::Ops {
+                        doc: doc.clone(),
+                        more: false,
+                        ops: Vec::new(),
+                    };
+                    if opens == 1 {
+                        let snapshot = Message::Snapshot {
+                            doc,
+                            version: 3,
+                            total_len: 3,
+                            text: "abc".into(),
+                        };
+                        vec![(id, snapshot), (id, ops)]
+                    } else {
+                        vec![(id, ops)]
+                    }
+                }
+                Message::Submit { doc, local_seq, .. } => {
+                    submits += 1;
+                    let redirect = Message::Redirect {
+                        doc: doc.clone(),
+                        addr: addr.to_string(),
+                        ws_url: String::new(),
+                    };
+                    if submits == 1 {
+                        vec![(0, redirect.clone()), (id, redirect)]
+                    } else {
+                        vec![(
+                            id,
+                            Message::Ack {
+                                doc,
+                                local_seq,
+                                seq: 4,
+                            },
+                        )]
+                    }
+                }
+                _ => continue,
+            };
+            for (request_id, message) in replies {
+                let reply = Envelope {
+                    request_id,
+                    message,
+                };
+                if framed.send(&reply).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// Two `Redirect`s of a document to the node it is at (one of them answering an op sent
+/// before the first) make the client open it twice; the reply to the second `Open`
+/// comes once it is live again. That reply is stale and changes nothing: the op's `Ack`
+/// that follows is taken (the client took the stale reply for the end of an `Open`
+/// and stopped, its edit pending for ever: the simulator's cluster world, seed 631 of
+/// 400..1400 at 1,000 steps, a failed deletion).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_open_reply_after_two_redirects_to_the_same_node_changes_nothing() {
+    let addr = node_redirecting_to_itself().await;
+    let mut cfg = config(addr);
+    // Only the script's own answers move it on (no reconnect to hide a stall).
+    cfg.timeout = Duration::from_secs(600);
+    let client = Client::connect(cfg).await.unwrap();
+    let doc = client.open("d").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while doc.version() != 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("opened");
+    assert_eq!(doc.text(), "abc");
+    doc.edit(&[ins(3, "d")]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !doc.is_synced() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the ack was taken: unacked {:?}", doc.unacked()));
+    assert_eq!((doc.text().as_str(), doc.version()), ("abcd", 4));
+    client.abort();
+}
