@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use quire::cluster::hashing::preferred_owner;
-use quire::cluster::mem_store::MemStore;
+use quire::cluster::mem_store::{Fault, MemStore};
 use quire::cluster::ownership::{Keys, Member};
 use quire::cluster::replicator::{Clock, Drive, LeaseTiming, Replicator};
 use quire::op::{OpId, Patch};
@@ -906,6 +906,31 @@ async fn a_deleted_document_leaves_nothing_in_the_store_and_starts_again_empty()
     };
     a.seq.wait_durable(ticket).await.unwrap();
     assert_eq!(a.seq.read(&d).await.unwrap().unwrap().text, "new");
+}
+
+/// The store commits a deletion and its answer is lost: the deletion does not say "not
+/// deleted" (it was), but that its outcome is not known; the document is gone whole, and
+/// asking again tells (nothing to delete). (The simulator's cluster world found the
+/// message saying both.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_whose_answer_is_lost_says_it_is_not_known_and_asking_again_tells() {
+    let store = Arc::new(MemStore::new());
+    let a = node_driven(&store, "a", Drive::Manual);
+    let d = doc_for("a", &["a"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "1")).unwrap() else {
+        panic!("op 1");
+    };
+    assert!(a.seq.replicator().commit_next());
+    a.seq.wait_durable(ticket).await.unwrap();
+    assert!(!keys_of(&store, &d).is_empty());
+    store.fault_next_txn(Fault::ResponseLost);
+    let deletion = a.seq.delete(&d).unwrap().expect("a document");
+    let e = a.seq.wait_durable(deletion.ticket).await.unwrap_err();
+    assert!(e.contains("not known") && !e.contains("not deleted"), "{e}");
+    assert_eq!(keys_of(&store, &d), Vec::<String>::new(), "deleted whole");
+    assert_eq!(route(&a, &d), Route::Here);
+    assert!(a.seq.delete(&d).unwrap().is_none(), "nothing to delete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -733,13 +733,20 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                 }
             };
         }
-        let outcome = outcome.and_then(|()| {
+        let not_deleted = |why: String| format!("document {doc:?} was not deleted: {why}");
+        let outcome = outcome.map_err(not_deleted).and_then(|()| {
             self.replicator
                 .member()
                 .erase(doc, s.epoch)
                 .map_err(|e| match e {
-                    CommitError::Lost(_) => "another node serves it now".to_owned(),
-                    e => format!("{e:?} (whether it was deleted is not known)"),
+                    CommitError::Lost(_) => not_deleted("another node serves it now".into()),
+                    // The txn may have committed (its answer lost): say so, not "not
+                    // deleted". Asking again tells (a document gone answers as one
+                    // never written).
+                    e => format!(
+                        "whether document {doc:?} was deleted is not known (the store did \
+                         not answer: {e:?}); delete it again to know"
+                    ),
                 })
         });
         // The local copy is a cache: gone either way (its tombstone is in the log).
@@ -753,9 +760,9 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         self.forget_if_idle(doc, tenancy);
         match &outcome {
             Ok(()) => tracing::info!(doc = &**doc, "document deleted from the cluster"),
-            Err(e) => tracing::warn!(doc = &**doc, "document not deleted: {e}"),
+            Err(e) => tracing::warn!(doc = &**doc, "deleting the document: {e}"),
         }
-        outcome.map_err(|e| format!("document {doc:?} was not deleted: {e}"))
+        outcome
     }
 
     fn rebalance(&self) -> usize {
