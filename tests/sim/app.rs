@@ -233,6 +233,21 @@ impl AppClient {
         }
     }
 
+    /// Its document was deleted: the application drops its copy (the process and its
+    /// persistence directory, as it would on `Error` 32, or on hearing of the deletion
+    /// otherwise while offline; protocol.md, "Deleted documents") and starts again with
+    /// a new, empty one. Its edits so far need not be in the final text, but none may
+    /// be there twice; its next tokens are new ones.
+    pub async fn forget(&mut self) {
+        self.kill().await;
+        if self.dir.is_some() {
+            self.dir = Some(persist_dir());
+        }
+        for (_, must) in &mut self.made {
+            *must = false;
+        }
+    }
+
     /// Inserts a new token, or inserts or deletes filler, between tokens of the local
     /// text. Tokens and filler hold characters outside the Basic Multilingual Plane
     /// (two UTF-16 units, four UTF-8 bytes: one code point each).
