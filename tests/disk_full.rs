@@ -92,6 +92,19 @@ impl Writer {
     }
 }
 
+/// Waits until the log's segment preparer is idle: the next segment prepared, or why
+/// it cannot be reported.
+async fn settled(running: &Running) {
+    for _ in 0..3000 {
+        let stats = running.store.storage_stats();
+        if stats.next_segment_prepared || stats.next_segment_warning.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the segment preparer never settled");
+}
+
 fn readiness(admin: &Admin<LocalSequencer>) -> Vec<String> {
     admin.not_ready()
 }
@@ -120,7 +133,12 @@ async fn a_full_disk_is_reported_before_it_stops_the_log_and_nothing_acked_is_lo
     small.close().await;
 
     // No room for another segment: the spare already prepared is used, and preparing
-    // the one after it fails while records still go into the active segment.
+    // the one after it fails while records still go into the active segment. The
+    // preparer works on its own thread: the disk fills once the spare is ready, and
+    // each write waits for the preparer to settle (a spare ready, or its failure
+    // reported), so that no schedule lets the writer catch up with it.
+    settled(&running).await;
+    assert!(running.store.storage_stats().next_segment_prepared);
     fs.fill_after(0);
     let max_ops = 3 * SEGMENT as usize / OP_CHARS;
     let mut ops = 0;
@@ -128,6 +146,7 @@ async fn a_full_disk_is_reported_before_it_stops_the_log_and_nothing_acked_is_lo
         assert!(ops < max_ops, "the full disk was never noticed");
         writer.write().await.expect("the active segment has room");
         ops += 1;
+        settled(&running).await;
     }
     let reasons = readiness(&admin);
     assert_eq!(reasons.len(), 1, "{reasons:?}");
@@ -143,7 +162,7 @@ async fn a_full_disk_is_reported_before_it_stops_the_log_and_nothing_acked_is_lo
     // Space returns before the segment is full: the preparer's retry finds it, and
     // nothing failed.
     fs.fill_after(u64::MAX);
-    for _ in 0..400 {
+    for _ in 0..3000 {
         if running.store.storage_stats().next_segment_warning.is_none() {
             break;
         }

@@ -906,6 +906,7 @@ impl Sequencer for LocalSequencer {
         StorageStats {
             failure: wal.failure(),
             next_segment_warning: wal.next_segment_warning(),
+            next_segment_prepared: wal.next_segment_prepared(),
             records_written: stats.records.load(Relaxed),
             bytes_written: stats.bytes.load(Relaxed),
             batches: stats.batches.load(Relaxed),

@@ -171,6 +171,9 @@ pub struct StorageStats {
     /// Why the log's next segment cannot be prepared (a full disk, most often): the log
     /// fails when the current one is full, unless space returns first.
     pub next_segment_warning: Option<String>,
+    /// Whether the log's next segment is prepared (zero-filled, synced) and waiting: the
+    /// active one rolls over to it without a wait.
+    pub next_segment_prepared: bool,
     pub records_written: u64,
     pub bytes_written: u64,
     pub batches: u64,

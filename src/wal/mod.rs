@@ -754,6 +754,13 @@ impl Wal {
         self.preparer.warning()
     }
 
+    /// Whether the next segment is prepared: the active one rolls over to it without
+    /// waiting. With threads the preparer works ahead, so this is often briefly false
+    /// right after a roll; with [`Background::Manual`] it is false until a roll needs one.
+    pub fn next_segment_prepared(&self) -> bool {
+        self.preparer.is_ready()
+    }
+
     /// Records and bytes waiting for the writer.
     pub fn queue_depth(&self) -> (usize, usize) {
         self.queue.pending()

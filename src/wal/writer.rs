@@ -450,6 +450,11 @@ impl Preparer {
         lock(&self.state).error.clone()
     }
 
+    /// Whether the next segment is prepared and waiting for the writer.
+    pub fn is_ready(&self) -> bool {
+        lock(&self.state).ready.is_some()
+    }
+
     /// The prepared segment `id`, waiting for it if needed; an inline preparer prepares
     /// it here, on the caller's thread. A segment that failed to be prepared is tried
     /// once more at once (the disk may have room again) before its error is returned.
@@ -538,6 +543,40 @@ mod tests {
             .err()
             .expect("the writer is given the error");
         assert!(taken.to_string().contains("panicked"), "{taken}");
+        preparer.stop();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn the_preparer_thread_keeps_the_next_segment_ready_and_says_so() {
+        let fs = SimFs::new();
+        let dir = Path::new("/wal");
+        fs.create_dir_all(dir).unwrap();
+        let preparer = Arc::new(Preparer::new(
+            Arc::new(fs.clone()),
+            dir.to_path_buf(),
+            SEGMENT_SIZE_MIN,
+            true,
+            1,
+            false,
+        ));
+        assert!(
+            !preparer.is_ready(),
+            "nothing is prepared before the thread runs"
+        );
+        let thread = {
+            let preparer = preparer.clone();
+            std::thread::spawn(move || preparer.run())
+        };
+        for id in 1..=3 {
+            while !preparer.is_ready() {
+                std::thread::yield_now();
+            }
+            // Ready means taken without waiting: its file is there already.
+            assert!(fs.files().contains(&segment_path(dir, id)));
+            preparer.take(id).expect("prepared ahead");
+        }
+        assert_eq!(preparer.warning(), None);
         preparer.stop();
         thread.join().unwrap();
     }
