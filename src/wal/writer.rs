@@ -507,24 +507,32 @@ mod tests {
     use crate::wal::segment::SEGMENT_SIZE_MIN;
     use crate::wal::vfs::sim::{PanicAt, SimFs};
 
-    #[test]
-    fn a_panic_while_preparing_a_segment_becomes_the_error_the_writer_is_given() {
-        let fs = SimFs::new();
+    /// A preparer of minimum-size segments in `/wal` on `fs`, from segment 1; `inline`
+    /// for `Background::Manual`, else its thread is started with `spawn`.
+    fn preparer_on(fs: &SimFs, inline: bool) -> Arc<Preparer> {
         let dir = Path::new("/wal");
         fs.create_dir_all(dir).unwrap();
-        fs.panic_at_next(PanicAt::Allocate);
-        let preparer = Arc::new(Preparer::new(
+        Arc::new(Preparer::new(
             Arc::new(fs.clone()),
             dir.to_path_buf(),
             SEGMENT_SIZE_MIN,
             true,
             1,
-            false,
-        ));
-        let thread = {
-            let preparer = preparer.clone();
-            std::thread::spawn(move || preparer.run())
-        };
+            inline,
+        ))
+    }
+
+    fn spawn(preparer: &Arc<Preparer>) -> std::thread::JoinHandle<()> {
+        let preparer = preparer.clone();
+        std::thread::spawn(move || preparer.run())
+    }
+
+    #[test]
+    fn a_panic_while_preparing_a_segment_becomes_the_error_the_writer_is_given() {
+        let fs = SimFs::new();
+        fs.panic_at_next(PanicAt::Allocate);
+        let preparer = preparer_on(&fs, false);
+        let thread = spawn(&preparer);
         // Until the attempt has ended one way or the other: an error recorded, or the
         // thread gone.
         while preparer.warning().is_none() && !thread.is_finished() {
@@ -550,30 +558,18 @@ mod tests {
     #[test]
     fn the_preparer_thread_keeps_the_next_segment_ready_and_says_so() {
         let fs = SimFs::new();
-        let dir = Path::new("/wal");
-        fs.create_dir_all(dir).unwrap();
-        let preparer = Arc::new(Preparer::new(
-            Arc::new(fs.clone()),
-            dir.to_path_buf(),
-            SEGMENT_SIZE_MIN,
-            true,
-            1,
-            false,
-        ));
+        let preparer = preparer_on(&fs, false);
         assert!(
             !preparer.is_ready(),
             "nothing is prepared before the thread runs"
         );
-        let thread = {
-            let preparer = preparer.clone();
-            std::thread::spawn(move || preparer.run())
-        };
+        let thread = spawn(&preparer);
         for id in 1..=3 {
             while !preparer.is_ready() {
                 std::thread::yield_now();
             }
             // Ready means taken without waiting: its file is there already.
-            assert!(fs.files().contains(&segment_path(dir, id)));
+            assert!(fs.files().contains(&segment_path(Path::new("/wal"), id)));
             preparer.take(id).expect("prepared ahead");
         }
         assert_eq!(preparer.warning(), None);
@@ -584,17 +580,8 @@ mod tests {
     #[test]
     fn a_segment_that_failed_to_be_prepared_is_prepared_when_the_disk_has_room_again() {
         let fs = SimFs::new();
-        let dir = Path::new("/wal");
-        fs.create_dir_all(dir).unwrap();
+        let preparer = preparer_on(&fs, true);
         fs.fill_after(SEGMENT_SIZE_MIN / 2);
-        let preparer = Preparer::new(
-            Arc::new(fs.clone()),
-            dir.to_path_buf(),
-            SEGMENT_SIZE_MIN,
-            true,
-            1,
-            true,
-        );
         let full = preparer.take(1).err().expect("no room for a segment");
         assert!(full.to_string().contains("no space left"), "{full}");
         assert!(preparer.warning().is_some());
