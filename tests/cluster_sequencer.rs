@@ -966,3 +966,54 @@ async fn a_deletion_by_an_owner_replaced_meanwhile_deletes_nothing() {
     assert_eq!((view.text.as_str(), view.version), ("1", 1));
     assert!(keys_of(&store, &d).len() >= 2, "owner and journal");
 }
+
+/// A deletion whose document's journal writes do not resolve within its patience deletes
+/// nothing; an `Open` afterwards waits for those writes (it is refused as unavailable,
+/// "retry", meanwhile) and then loads the document with every op they wrote. Before, it
+/// loaded the journal without them, in the same epoch, so the late writes still landed
+/// under the new tenure: the next op took the seq of one of them and overwrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_past_its_patience_deletes_nothing_and_the_document_reloads_with_its_late_writes(
+) {
+    let store = Arc::new(MemStore::new());
+    let a = node_driven(&store, "a", Drive::Manual);
+    let d = doc_for("a", &["a"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    let submit = |i: u64| {
+        let Submitted::Applied { ticket, .. } =
+            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
+        else {
+            panic!("op {i}");
+        };
+        ticket
+    };
+    let first = submit(1);
+    assert!(a.seq.replicator().commit_next());
+    a.seq.wait_durable(first).await.unwrap();
+    // Op 2's journal write is held back past the deletion's patience.
+    let second = submit(2);
+    a.seq.set_hand_over_patience(Duration::from_millis(50));
+    let deletion = a.seq.delete(&d).unwrap().expect("a document");
+    let e = a.seq.wait_durable(deletion.ticket).await.unwrap_err();
+    assert!(e.contains("not deleted"), "{e}");
+    // Not loaded again while op 2's write is unresolved.
+    assert!(
+        a.seq.place(&d).is_err(),
+        "an Open waits for the late write, then says to retry"
+    );
+    assert!(a.seq.replicator().commit_next(), "op 2's write goes now");
+    a.seq
+        .wait_durable(second)
+        .await
+        .expect("op 2 is in the journal: acknowledged");
+    assert_eq!(route(&a, &d), Route::Here);
+    let view = a.seq.read(&d).await.unwrap().unwrap();
+    assert_eq!((view.text.as_str(), view.version), ("21", 2), "op 2 kept");
+    // The next op follows it, and the journal keeps both.
+    let third = submit(3);
+    assert!(a.seq.replicator().commit_next());
+    a.seq.wait_durable(third).await.unwrap();
+    let loaded = a.seq.replicator().member().load(&d).unwrap();
+    let seqs: Vec<u64> = loaded.ops.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+}

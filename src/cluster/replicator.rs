@@ -341,10 +341,17 @@ impl<S: Store + Send + Sync + 'static> Replicator<S> {
     /// The outcome of op `id` of `tenure`, once resolved: `Ok` if its txn committed, its
     /// tenure has not ended since, and the lease is valid now. `None` while pending.
     pub fn outcome(&self, id: u64, tenure: Tenure) -> Option<Result<(), ReplicationError>> {
-        if *self.shared.resolved.borrow() <= id {
+        if !self.resolved(id) {
             return None;
         }
         Some(self.serving(tenure))
+    }
+
+    /// Whether op `id` is resolved: its txn committed, or it never will be written (its
+    /// compare failed, its tenure ended before it was sent, or its outcome stayed unknown
+    /// until the lease was no longer valid). Whatever it wrote is in the store by then.
+    pub fn resolved(&self, id: u64) -> bool {
+        *self.shared.resolved.borrow() > id
     }
 
     /// Waits for op `id`'s outcome ([`Replicator::outcome`]).

@@ -139,6 +139,10 @@ struct Inner<S: Store + Send + Sync + 'static> {
     /// Documents being handed to another node ([`Inner::hand_over`]): not served here any
     /// more, still owned here until their queued journal writes resolved.
     handing_over: Mutex<HashSet<Arc<str>>>,
+    /// Documents whose last tenure here ended with journal writes unresolved (a handover
+    /// or a deletion past its patience), by the id of the last of them: not loaded again
+    /// here until it resolved ([`Inner::settled`]).
+    unsettled: Mutex<HashMap<Arc<str>, u64>>,
     /// The live nodes of the previous rebalance ([`ClusterSequencer::rebalance`]).
     seen_nodes: Mutex<Vec<String>>,
     /// [`HAND_OVER_PATIENCE`] in milliseconds, unless a test set it shorter
@@ -207,6 +211,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             snapshots: Mutex::new(std::collections::VecDeque::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
             handing_over: Mutex::new(HashSet::new()),
+            unsettled: Mutex::new(HashMap::new()),
             seen_nodes: Mutex::new(Vec::new()),
             hand_over_patience_ms: AtomicU64::new(HAND_OVER_PATIENCE.as_millis() as u64),
             place_inline: std::sync::atomic::AtomicBool::new(false),
@@ -354,11 +359,13 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // Being handed over (checked under the tenancy lock, which the handover takes to
         // begin): not claimed again before its queued writes resolved and it is
         // released. The `Open` waits for that rather than being refused (this runs on a
-        // blocking thread).
+        // blocking thread). Likewise for the late writes of its last tenure here: loaded
+        // before they resolved, the document would miss what they write, and they
+        // would still pass the fence of the epoch it is claimed in again.
         let patience = Instant::now() + self.hand_over_patience();
         let mut serving = loop {
             let serving = lock(&tenancy);
-            if !lock(&self.handing_over).contains(doc_id) {
+            if !lock(&self.handing_over).contains(doc_id) && self.settled(doc_id) {
                 break serving;
             }
             drop(serving);
@@ -470,6 +477,28 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                     std::thread::sleep(POLL);
                 }
             }
+        }
+    }
+
+    /// Whether every journal write of `doc_id`'s last tenure here resolved (module notes
+    /// on [`Inner::unsettled`]); forgets it once it did.
+    fn settled(&self, doc_id: &str) -> bool {
+        let mut unsettled = lock(&self.unsettled);
+        match unsettled.get(doc_id) {
+            Some(&last) if !self.replicator.resolved(last) => false,
+            Some(_) => {
+                unsettled.remove(doc_id);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// A tenure of `doc` ended here with its journal writes up to `last` possibly
+    /// unresolved: the document is not loaded here again before they are.
+    fn unsettled(&self, doc: &Arc<str>, last: Option<u64>) {
+        if let Some(last) = last.filter(|&last| !self.replicator.resolved(last)) {
+            lock(&self.unsettled).insert(doc.clone(), last);
         }
     }
 
@@ -700,7 +729,10 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         let handed = stopped.len();
         for (doc, tenancy, s) in stopped {
             if let Err(e) = member.release(&doc, s.epoch) {
+                // Perhaps still owned here, in the same epoch: a late write would pass its
+                // fence after a reload here.
                 tracing::warn!(doc = &*doc, "releasing a document handed over: {e}");
+                self.unsettled(&doc, s.last_op);
             }
             if let Err(e) = self.local.evict(&doc) {
                 tracing::warn!(doc = &*doc, "evicting a document handed over: {e}");
@@ -727,7 +759,10 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                     Some(Ok(())) => break Ok(()),
                     Some(Err(e)) => break Err(format!("its journal write failed: {e}")),
                     None if Instant::now() > patience => {
-                        break Err("its journal writes did not resolve in time".into())
+                        // Still owned here, in the same epoch: not loaded again before
+                        // they resolved (`place`).
+                        self.unsettled(doc, Some(last));
+                        break Err("its journal writes did not resolve in time".into());
                     }
                     None => std::thread::sleep(POLL),
                 }
