@@ -59,6 +59,17 @@ fn node(store: &Arc<MemStore>, name: &str) -> Node {
 fn node_driven(store: &Arc<MemStore>, name: &str, drive: Drive) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let (local, _) = LocalSequencer::open(dir.path(), LocalConfig::default()).unwrap();
+    node_on(store, name, drive, local, dir)
+}
+
+/// A node whose local log is `local` (in `dir`, kept as long as the node).
+fn node_on(
+    store: &Arc<MemStore>,
+    name: &str,
+    drive: Drive,
+    local: LocalSequencer,
+    dir: tempfile::TempDir,
+) -> Node {
     let addr = format!("{name}.example:7000");
     let member =
         Member::register(store.clone(), Keys::new("/quire"), name, &addr, TTL).expect("register");
@@ -1016,4 +1027,55 @@ async fn a_deletion_past_its_patience_deletes_nothing_and_the_document_reloads_w
     let loaded = a.seq.replicator().member().load(&d).unwrap();
     let seqs: Vec<u64> = loaded.ops.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [1, 2, 3]);
+}
+
+/// The local log fails (an fsync error) right after a deletion's tombstone, while the
+/// deletion's erasure from the store goes on: the deletion reports what the store did
+/// (the document is gone from the cluster), not the local failure, which would have the
+/// server redirect its sessions to reopen the document instead of telling them it was
+/// deleted, and have them resend their unacknowledged ops into a new document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_erased_from_the_store_is_reported_done_even_if_the_local_log_failed() {
+    let store = Arc::new(MemStore::new());
+    let fs = quire::wal::vfs::sim::SimFs::new();
+    let (local, _) = LocalSequencer::open_with(
+        Arc::new(fs.clone()),
+        std::path::Path::new("/data"),
+        LocalConfig::default(),
+    )
+    .unwrap();
+    let a = node_on(
+        &store,
+        "a",
+        Drive::Manual,
+        local,
+        tempfile::tempdir().unwrap(),
+    );
+    let d = doc_for("a", &["a"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "1")).unwrap() else {
+        panic!("op 1");
+    };
+    assert!(a.seq.replicator().commit_next());
+    a.seq.wait_durable(ticket).await.unwrap();
+    // Op 2's journal write is queued: the erasure waits for it.
+    let Submitted::Applied { ticket: second, .. } = a.seq.submit(&d, op(1, 2, 1, "2")).unwrap()
+    else {
+        panic!("op 2");
+    };
+    fs.fail_syncs_after(0);
+    let deletion = a.seq.delete(&d).unwrap().expect("a document");
+    let waited = {
+        let seq = &a.seq;
+        async move { seq.wait_durable(deletion.ticket).await }
+    };
+    let (outcome, ()) = tokio::join!(waited, async {
+        // The erasure goes on once op 2's write resolved.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(a.seq.replicator().commit_next());
+    });
+    outcome.expect("the deletion is done");
+    assert_eq!(keys_of(&store, &d), Vec::<String>::new(), "erased whole");
+    // Op 2 is acknowledged or not, as its local fsync went: deleted either way.
+    let _ = a.seq.wait_durable(second).await;
 }

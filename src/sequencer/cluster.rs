@@ -1294,14 +1294,21 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         let Some(pending) = pending else {
             return Err(Arc::from(format!("unknown ticket {}", ticket.0)));
         };
-        self.inner.local.wait_durable(pending.local).await?;
         let erasure = lock(&self.inner.erasures).remove(&ticket.0);
+        let local = self.inner.local.wait_durable(pending.local).await;
         if let Some(erasure) = erasure {
+            // A deletion is what the store did: its erasure goes on whatever the local
+            // log (a cache here) does, and the document is gone from the cluster iff
+            // that txn committed. A local failure is reported by every op after it.
+            if let Err(e) = &local {
+                tracing::error!("the local log failed under a deletion: {e}");
+            }
             return erasure
                 .await
                 .unwrap_or_else(|_| Err("the deletion was abandoned".into()))
                 .map_err(Arc::from);
         }
+        local?;
         let replicator = &self.inner.replicator;
         match pending.journal {
             Some(id) => replicator.wait(id, pending.tenure).await,
