@@ -1173,10 +1173,27 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         } else {
             // A thread of its own, not the caller's (the server holds its documents'
             // lock) nor one its waiter drives: the erasure finishes even if nobody waits.
-            std::thread::Builder::new()
+            // If no thread can be had, here after all: it must run (it alone ends the
+            // handover state that holds `Open`s of the document back).
+            let slot = Arc::new(Mutex::new(Some(erase)));
+            let spawned = std::thread::Builder::new()
                 .name("quire-erase".into())
-                .spawn(erase)
-                .map_err(|e| Arc::from(format!("deleting {doc_id:?}: {e}")))?;
+                .spawn({
+                    let slot = slot.clone();
+                    move || {
+                        let erase = lock(&slot).take();
+                        if let Some(erase) = erase {
+                            erase();
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(doc = doc_id, "no thread for a deletion ({e}): erasing here");
+                let erase = lock(&slot).take();
+                if let Some(erase) = erase {
+                    erase();
+                }
+            }
         }
         Ok(Some(super::Deletion {
             version: local.version,
