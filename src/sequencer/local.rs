@@ -932,6 +932,12 @@ impl Sequencer for LocalSequencer {
         let mut state = lock_doc(&doc);
         if state.deleted {
             // Taken from the map before a deletion took it out: the op is not applied.
+            // With the log failed, whether the deletion is durable is not known: the op
+            // is refused as a storage failure (kept and resent after a restart, which
+            // tells), not as deleted (dropped by its client).
+            if let Some(failure) = self.shared.wal.failure() {
+                return Err(SubmitError::Storage(failure));
+            }
             return Err(deleted(doc_id, state.version));
         }
         let client = op.op_id.client_id;
