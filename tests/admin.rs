@@ -622,3 +622,115 @@ async fn deleting_a_document_tells_its_sessions_and_it_stays_gone_after_a_restar
     drop(again);
     running.stop().await;
 }
+
+/// Holds the simulated disk's syncs until dropped: a failing assertion releases them, so
+/// that the log's writer thread, and the test with it, can end.
+struct HeldSyncs<'a>(&'a SimFs);
+
+impl<'a> HeldSyncs<'a> {
+    fn hold(fs: &'a SimFs) -> Self {
+        fs.hold_syncs();
+        HeldSyncs(fs)
+    }
+}
+
+impl Drop for HeldSyncs<'_> {
+    fn drop(&mut self) {
+        self.0.release_syncs();
+    }
+}
+
+/// A deletion whose caller stops waiting once the tombstone is in (an HTTP client that
+/// hangs up: its handler's future is dropped) is finished all the same: its sessions are
+/// told (`Error` 32) and its id is free again. Before, the document was left out of the
+/// server's map, refusing ops as deleted, with its sessions never told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_whose_caller_stops_waiting_is_finished_and_told() {
+    let fs = SimFs::new();
+    let running = start_on_sim(&fs, ServerConfig::default()).await;
+    let mut gone = Connection::connect(running.addr, 0, "").await.unwrap();
+    assert_eq!(open_raw(&mut gone, "gone").await, 0);
+    let acked = submit_raw(&mut gone, "gone", 1, 0, "hello").await;
+    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    // Polled once: the tombstone goes in, not durable yet, and the caller is gone.
+    let _held = HeldSyncs::hold(&fs);
+    let abandoned =
+        tokio::time::timeout(Duration::ZERO, running.server.delete_document("gone")).await;
+    assert!(abandoned.is_err(), "{abandoned:?}");
+    fs.release_syncs();
+    let told = tokio::time::timeout(Duration::from_secs(60), gone.recv())
+        .await
+        .expect("the session is told")
+        .unwrap();
+    match &told.message {
+        Message::Error { code, message } => {
+            assert_eq!(*code, ErrorCode::DocumentDeleted, "{message}")
+        }
+        other => panic!("expected Error 32, got {other:?}"),
+    }
+    // Deleting it again gives nothing to delete, or (its snapshot files being removed
+    // still) the same deletion, once done: then the id is a new document at version 0.
+    let again = running.server.delete_document("gone").await;
+    assert!(matches!(again, Ok(None | Some(1))), "{again:?}");
+    let mut fresh = Connection::connect(running.addr, 0, "").await.unwrap();
+    assert_eq!(open_raw(&mut fresh, "gone").await, 0);
+    let acked = submit_raw(&mut fresh, "gone", 1, 0, "new").await;
+    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    drop((gone, fresh));
+    running.stop().await;
+}
+
+/// An op that reaches a document while its deletion is not durable yet is answered by
+/// the deletion's outcome: here the log fails first, so the document was not deleted
+/// and the op is refused as a storage failure (code 30: kept, resent after a restart),
+/// not as deleted (code 32: the client would drop it). Before, it got code 32 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_during_a_deletion_that_fails_is_not_refused_as_deleted() {
+    let fs = SimFs::new();
+    let running = start_on_sim(&fs, ServerConfig::default()).await;
+    let mut conn = Connection::connect(running.addr, 0, "").await.unwrap();
+    assert_eq!(open_raw(&mut conn, "doc").await, 0);
+    let acked = submit_raw(&mut conn, "doc", 1, 0, "hello").await;
+    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    let _held = HeldSyncs::hold(&fs);
+    let deleting = tokio::spawn({
+        let server = running.server.clone();
+        async move { server.delete_document("doc").await }
+    });
+    // The tombstone is in once the storage forgot the document.
+    while running.store.version("doc") != 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    conn.send(Message::Submit {
+        doc: "doc".into(),
+        local_seq: 2,
+        base_version: 1,
+        patches: vec![Patch::new(0, 0, "late ")],
+    })
+    .await
+    .unwrap();
+    // Not answered while the deletion's outcome is not known.
+    let early = tokio::time::timeout(Duration::from_millis(200), conn.recv()).await;
+    assert!(
+        early.is_err(),
+        "answered before the deletion's outcome: {early:?}"
+    );
+    fs.fail_syncs_after(0);
+    fs.release_syncs();
+    let answer = loop {
+        match conn.recv().await.unwrap().message {
+            reply @ (Message::Ack { .. } | Message::Reject { .. }) => break reply,
+            _ => {}
+        }
+    };
+    match answer {
+        Message::Reject { code, message, .. } => {
+            assert_eq!(code, ErrorCode::StorageFailed, "{message}")
+        }
+        other => panic!("expected Reject 30, got {other:?}"),
+    }
+    let failed = deleting.await.unwrap();
+    assert!(failed.is_err(), "{failed:?}");
+    drop(conn);
+    running.stop().await;
+}

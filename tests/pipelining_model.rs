@@ -181,6 +181,7 @@ impl World {
             }
             SubmitOutcome::Duplicate { .. } => panic!("no op is sent twice here"),
             SubmitOutcome::Moved(owner) => panic!("a single node's document moved to {owner:?}"),
+            SubmitOutcome::AfterDeletion(_) => panic!("nothing is deleted here"),
         }
     }
 }

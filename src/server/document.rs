@@ -201,9 +201,12 @@ struct State<S: Subscriber> {
     /// Bounded like the session's queue.
     held: HashMap<SessionId, Held<S::Frame>>,
     presence: BTreeMap<u64, Presence<S::Presence>>,
-    /// The version the document was deleted at, once it was: every op after is refused
-    /// ([`RefusalKind::Deleted`]).
+    /// The version the document was deleted at, once the deletion is durable: every op
+    /// after is refused ([`RefusalKind::Deleted`]).
     deleted: Option<u64>,
+    /// A deletion under way, not durable yet ([`Document::delete`]): the ops that reach
+    /// the document meanwhile wait for its outcome ([`SubmitOutcome::AfterDeletion`]).
+    deleting: Option<tokio::sync::watch::Sender<Option<DeletionEnd>>>,
     /// The node that serves the document now, once this one stopped
     /// ([`Document::moved`]): nothing more is sequenced, acknowledged or broadcast here.
     moved: Option<Owner>,
@@ -367,6 +370,75 @@ pub enum SubmitOutcome {
     /// Another node serves the document now ([`SubmitError::Moved`], or
     /// [`Document::moved`]): nothing was applied, and the session redirects the client.
     Moved(Owner),
+    /// The document is being deleted and the deletion is not durable yet: nothing was
+    /// applied, and the answer is the deletion's outcome ([`DeletionWait::answer`]).
+    AfterDeletion(DeletionWait),
+}
+
+/// How a deletion under way ended, for the ops that reached the document meanwhile.
+#[derive(Debug, Clone)]
+enum DeletionEnd {
+    /// Durable, at this version ([`Document::deleted`]).
+    Deleted(u64),
+    /// Not deleted, and served elsewhere now ([`Document::moved`]; cluster mode).
+    Moved(Owner),
+    /// The storage failed before the deletion was durable
+    /// ([`Document::deletion_failed`]).
+    Failed(Arc<str>),
+}
+
+/// An op that reached the document while it was being deleted, waiting for the
+/// deletion's outcome: refused as deleted only once the deletion is durable, since one
+/// that fails (cluster mode: the document moved meanwhile) leaves the document and the
+/// op's client must resend it where it is served, not drop it.
+#[derive(Debug)]
+pub struct DeletionWait {
+    id: Arc<str>,
+    end: tokio::sync::watch::Receiver<Option<DeletionEnd>>,
+}
+
+/// What an op that waited for a deletion is told ([`DeletionWait::answer`]).
+#[derive(Debug)]
+pub enum DeletionAnswer {
+    /// Not applied: the document was deleted, or the storage failed.
+    Refused(Refusal),
+    /// Not applied here: the document is served by `Owner` now; resend it there.
+    Moved(Owner),
+}
+
+impl DeletionWait {
+    /// Waits until the deletion is durable or failed.
+    pub async fn answer(mut self) -> DeletionAnswer {
+        let end = self
+            .end
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|end| end.clone());
+        match end {
+            Some(DeletionEnd::Deleted(version)) => {
+                DeletionAnswer::Refused(deleted_refusal(&self.id, version))
+            }
+            Some(DeletionEnd::Moved(owner)) => DeletionAnswer::Moved(owner),
+            Some(DeletionEnd::Failed(why)) => DeletionAnswer::Refused(Refusal::new(
+                RefusalKind::StorageFailed,
+                format!(
+                    "document {:?} was being deleted when the storage failed: {why}; the \
+                     op is not applied",
+                    self.id
+                ),
+            )),
+            // The document was dropped with its deletion unresolved (the server stops).
+            None => DeletionAnswer::Refused(Refusal::new(
+                RefusalKind::StorageFailed,
+                format!(
+                    "document {:?} was being deleted when the server stopped; the op is \
+                     not applied",
+                    self.id
+                ),
+            )),
+        }
+    }
 }
 
 /// A submitted op on its way to being sequenced: transformed so far up to version `at`.
@@ -570,6 +642,7 @@ impl<S: Subscriber> Document<S> {
                 held: HashMap::new(),
                 presence: BTreeMap::new(),
                 deleted: None,
+                deleting: None,
                 moved: None,
             }),
         }
@@ -736,7 +809,10 @@ impl<S: Subscriber> Document<S> {
                 return Some(SubmitOutcome::Moved(owner.clone()));
             }
             if let Some(version) = state.deleted {
-                return Some(deleted_refusal(&self.id, version));
+                return Some(SubmitOutcome::Refused(deleted_refusal(&self.id, version)));
+            }
+            if let Some(wait) = self.deletion_wait(&state) {
+                return Some(wait);
             }
             // Cluster mode: the sequencer dropped or reloaded the document under this
             // copy (a handover, a loss) before the server was told: its version says
@@ -865,7 +941,10 @@ impl<S: Subscriber> Document<S> {
             return Err(SubmitOutcome::Moved(owner.clone()));
         }
         if let Some(version) = state.deleted {
-            return Err(deleted_refusal(&self.id, version));
+            return Err(SubmitOutcome::Refused(deleted_refusal(&self.id, version)));
+        }
+        if let Some(wait) = self.deletion_wait(&state) {
+            return Err(wait);
         }
         if state.broken_pipelines.contains(&job.session) {
             return Err(refusal(
@@ -996,15 +1075,36 @@ impl<S: Subscriber> Document<S> {
     }
 
     /// Deletes the document: under its lock (no op is sequenced for it meanwhile), has
-    /// the sequencer delete it, and from then on refuses every op
-    /// ([`RefusalKind::Deleted`]). `Ok(None)`: the sequencer does not hold it.
+    /// the sequencer delete it; from then on no op is applied. One that comes before
+    /// the deletion is durable waits for its outcome ([`SubmitOutcome::AfterDeletion`]):
+    /// the caller reports it with [`Document::deleted`], [`Document::moved`] or
+    /// [`Document::deletion_failed`]. `Ok(None)`: the sequencer does not hold it.
     pub fn delete<Q: Sequencer>(&self, sequencer: &Q) -> Result<Option<Deletion>, Arc<str>> {
         let mut state = self.lock();
         let deletion = sequencer.delete(&self.id)?;
-        if let Some(deletion) = deletion {
-            state.deleted = Some(deletion.version);
+        if deletion.is_some() {
+            state.deleting = Some(tokio::sync::watch::Sender::new(None));
         }
         Ok(deletion)
+    }
+
+    /// The wait of an op that reached the document while its deletion is under way.
+    fn deletion_wait(&self, state: &State<S>) -> Option<SubmitOutcome> {
+        state.deleting.as_ref().map(|deleting| {
+            SubmitOutcome::AfterDeletion(DeletionWait {
+                id: self.id.clone(),
+                end: deleting.subscribe(),
+            })
+        })
+    }
+
+    /// The deletion under way failed before it was durable (the storage failed): the
+    /// ops that waited for it are refused as not applied
+    /// ([`RefusalKind::StorageFailed`]).
+    pub fn deletion_failed(&self, why: &str) {
+        if let Some(deleting) = self.lock().deleting.take() {
+            deleting.send_replace(Some(DeletionEnd::Failed(Arc::from(why))));
+        }
     }
 
     /// The deletion is durable: the ops sequenced before it (durable too, being older
@@ -1017,6 +1117,9 @@ impl<S: Subscriber> Document<S> {
         }
         self.deliver_durable(&mut state);
         state.deleted = Some(version);
+        if let Some(deleting) = state.deleting.take() {
+            deleting.send_replace(Some(DeletionEnd::Deleted(version)));
+        }
         let frame = self.frame(Event::Deleted { version });
         let State {
             subscribers, held, ..
@@ -1036,6 +1139,10 @@ impl<S: Subscriber> Document<S> {
     /// subscribes to it again.
     pub fn moved(&self, owner: Owner) {
         let mut state = self.lock();
+        if let Some(deleting) = state.deleting.take() {
+            // Not deleted (cluster mode): the ops that waited go where it is served.
+            deleting.send_replace(Some(DeletionEnd::Moved(owner.clone())));
+        }
         if state.moved.is_some() {
             return;
         }
@@ -1102,8 +1209,8 @@ impl<S: Subscriber> Document<S> {
 }
 
 /// The refusal of an op to a document deleted at `version`.
-fn deleted_refusal(id: &str, version: u64) -> SubmitOutcome {
-    refusal(
+fn deleted_refusal(id: &str, version: u64) -> Refusal {
+    Refusal::new(
         RefusalKind::Deleted,
         format!(
             "document {id:?} was deleted at version {version}; the op is not applied (open \
@@ -1341,17 +1448,25 @@ mod tests {
         };
         let deletion = doc.delete(&store).unwrap().unwrap();
         assert_eq!(deletion.version, 2);
-        // From now on every op is refused, whatever its base.
-        for base in [2, 0] {
-            match doc.submit(&store, submission(2, 20, 1, base, Patch::new(0, 0, "z"))) {
-                SubmitOutcome::Refused(refusal) => {
-                    assert_eq!(refusal.kind, RefusalKind::Deleted, "{}", refusal.message)
-                }
-                other => panic!("an op after the deletion: {other:?}"),
-            }
-        }
+        // From now on no op is applied, whatever its base: until the deletion is durable
+        // each waits for it.
+        let waits = after_deletion(&doc, &store);
         rt.block_on(store.wait_durable(deletion.ticket)).unwrap();
         doc.deleted(deletion.version);
+        for wait in waits {
+            match rt.block_on(wait.answer()) {
+                DeletionAnswer::Refused(refusal) => {
+                    assert_eq!(refusal.kind, RefusalKind::Deleted, "{}", refusal.message)
+                }
+                other => panic!("an op that waited for the deletion: {other:?}"),
+            }
+        }
+        match doc.submit(&store, submission(2, 20, 2, 2, Patch::new(0, 0, "z"))) {
+            SubmitOutcome::Refused(refusal) => {
+                assert_eq!(refusal.kind, RefusalKind::Deleted, "{}", refusal.message)
+            }
+            other => panic!("an op after the deletion: {other:?}"),
+        }
         // Op 2 is delivered (its ack, its broadcast), then the deletion is told.
         assert_eq!(
             a.take(),
@@ -1378,6 +1493,59 @@ mod tests {
         store.finish_delete("d").unwrap();
         assert_eq!(store.version("d"), 0);
         assert!(store.read_now("d", None).unwrap().is_none());
+    }
+
+    /// Ops submitted (at two bases) while `doc` is being deleted: each waits.
+    fn after_deletion(doc: &Document<Recorder>, store: &LocalSequencer) -> Vec<DeletionWait> {
+        [2, 0]
+            .into_iter()
+            .map(|base| {
+                match doc.submit(store, submission(2, 20, 1, base, Patch::new(0, 0, "z"))) {
+                    SubmitOutcome::AfterDeletion(wait) => wait,
+                    other => panic!("an op while the deletion is under way: {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    /// A deletion that fails is no reason to drop an op that came meanwhile: with the
+    /// document served elsewhere now (cluster mode) the op goes there; with the storage
+    /// failed it is refused as a storage failure (resent after a restart), never as
+    /// deleted.
+    #[test]
+    fn an_op_during_a_deletion_that_fails_is_not_refused_as_deleted() {
+        let there = Owner {
+            addr: Arc::from("there:1"),
+            ws_url: Arc::from(""),
+        };
+        for moved in [true, false] {
+            let (store, rt) = sequencer();
+            let doc = document(8);
+            let (seq, _) = applied(
+                &doc,
+                &store,
+                &rt,
+                submission(1, 10, 1, 0, Patch::new(0, 0, "x")),
+            );
+            doc.mark_durable(seq);
+            doc.delete(&store).unwrap().unwrap();
+            let waits = after_deletion(&doc, &store);
+            if moved {
+                doc.moved(there.clone());
+            } else {
+                doc.deletion_failed("disk on fire");
+            }
+            for wait in waits {
+                match rt.block_on(wait.answer()) {
+                    DeletionAnswer::Moved(owner) => assert!(moved && owner == there),
+                    DeletionAnswer::Refused(refusal) => {
+                        assert!(!moved, "{refusal:?}");
+                        assert_eq!(refusal.kind, RefusalKind::StorageFailed);
+                        assert!(refusal.message.contains("disk on fire"), "{refusal:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -273,7 +273,7 @@ impl<S: Sequencer> Server<S> {
     /// from the cluster's store; a deletion that fails there (the document moved
     /// meanwhile) deleted nothing, and the sessions that had it open here are redirected
     /// rather than told it is gone.
-    pub async fn delete_document(&self, id: &str) -> Result<Option<u64>, DeleteError> {
+    pub async fn delete_document(self: &Arc<Self>, id: &str) -> Result<Option<u64>, DeleteError> {
         if self.sequencer.here().is_some() {
             match self.sequencer.route(id).await {
                 Ok(crate::sequencer::Route::Here) => {}
@@ -301,23 +301,47 @@ impl<S: Sequencer> Server<S> {
         let Some(deletion) = deletion else {
             return Ok(None);
         };
+        // The rest on a task of its own: once the tombstone is in, the deletion is
+        // finished and its sessions told even if the caller stops waiting (an HTTP
+        // client that hangs up drops the handler's future).
+        let finish = tokio::spawn(
+            self.clone()
+                .finish_deletion(id.to_owned(), deletion, document),
+        );
+        finish
+            .await
+            .map_err(|e| DeleteError::Failed(format!("finishing the deletion: {e}")))?
+    }
+
+    /// [`Server::delete_document`] once the tombstone is in: waits for the deletion to be
+    /// durable, tells the document (its sessions, and the ops that waited for it), and
+    /// removes what the storage keeps of it.
+    async fn finish_deletion(
+        self: Arc<Self>,
+        id: String,
+        deletion: crate::sequencer::Deletion,
+        document: Option<Arc<Document<outbox::Outbox>>>,
+    ) -> Result<Option<u64>, DeleteError> {
         if let Err(e) = self.sequencer.wait_durable(deletion.ticket).await {
-            if let (Some(here), Some(document)) = (self.sequencer.here(), &document) {
-                // Cluster mode: not deleted, and not served here any more; its sessions
-                // open it again, wherever it is served now.
-                document.moved(here);
+            if let Some(here) = self.sequencer.here() {
+                // Cluster mode: not deleted (or not known to be), and not served here any
+                // more; its sessions open it again, wherever it is served now.
+                if let Some(document) = &document {
+                    document.moved(here);
+                }
                 return Err(DeleteError::Failed(e.to_string()));
             }
-            return Err(DeleteError::Failed(format!(
-                "the log failed before the deletion was durable: {e}"
-            )));
+            let why = format!("the log failed before the deletion was durable: {e}");
+            if let Some(document) = &document {
+                document.deletion_failed(&why);
+            }
+            return Err(DeleteError::Failed(why));
         }
         if let Some(document) = document {
             document.deleted(deletion.version);
         }
         let sequencer = self.sequencer.clone();
-        let doc_id = id.to_owned();
-        self.blocking(move || sequencer.finish_delete(&doc_id))
+        self.blocking(move || sequencer.finish_delete(&id))
             .await
             .map_err(DeleteError::Failed)?
             .map_err(|e| DeleteError::Failed(e.to_string()))?;

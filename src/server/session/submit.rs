@@ -8,14 +8,15 @@ use super::access::Permit;
 use super::Session;
 use crate::auth::Access;
 use crate::op::Patch;
-use crate::protocol::message::{ErrorCode, Message};
+use crate::protocol::message::{Envelope, ErrorCode, Message};
 use crate::protocol::{max_op_bytes, patches_wire_len, MAX_OPS_IN_FLIGHT, MAX_OP_PATCHES};
 use crate::sequencer::Sequencer;
 use crate::server::document::{
-    read_missed, Document, Job, OpLimit, Refusal, RefusalKind, Step, Submission, SubmitOutcome,
+    read_missed, DeletionAnswer, Document, Job, OpLimit, Refusal, RefusalKind, Step, Submission,
+    SubmitOutcome,
 };
 use crate::server::durability::Action;
-use crate::server::outbox::Outbox;
+use crate::server::outbox::{encode, Outbox};
 use crate::server::wire::refusal_code;
 
 /// An op with more patches than this is put in component form on a blocking thread.
@@ -145,6 +146,49 @@ impl<S: Sequencer> Session<S> {
                 // it was told already), then this op is answered: not applied here.
                 self.server.redirect(&document, owner.clone());
                 self.send_redirect(rid, &doc, &owner);
+            }
+            // Answered once the deletion is durable (`Reject` 32) or failed (`Redirect`,
+            // or `Reject` 30): protocol.md, "Deleted documents". On a task of its own,
+            // so the session goes on reading meanwhile; the op stays in flight, its
+            // bytes budgeted, until then.
+            SubmitOutcome::AfterDeletion(wait) => {
+                let (server, outbox) = (self.server.clone(), self.outbox.clone());
+                let max_frame = self.max_frame();
+                tokio::spawn(async move {
+                    let answer = tokio::select! {
+                        biased;
+                        answer = wait.answer() => Some(answer),
+                        _ = outbox.closed() => None,
+                    };
+                    outbox.end_op();
+                    drop(permit);
+                    let message = match answer {
+                        None => return,
+                        Some(DeletionAnswer::Refused(Refusal { kind, message })) => {
+                            let code = refusal_code(kind);
+                            server.metrics().op_rejected(code);
+                            Message::Reject {
+                                doc,
+                                local_seq,
+                                code,
+                                message,
+                            }
+                        }
+                        Some(DeletionAnswer::Moved(owner)) => {
+                            server.redirect(&document, owner.clone());
+                            Message::Redirect {
+                                doc,
+                                addr: owner.addr.to_string(),
+                                ws_url: owner.ws_url.to_string(),
+                            }
+                        }
+                    };
+                    let envelope = Envelope {
+                        request_id: rid,
+                        message,
+                    };
+                    outbox.send(encode(&envelope, max_frame));
+                });
             }
         }
     }
