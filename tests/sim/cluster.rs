@@ -17,7 +17,7 @@
 //! every client settles, and each document's clients must have the same text, the text
 //! the store's snapshot and journal give, with every edit of theirs exactly once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -681,16 +681,20 @@ impl World {
     }
 
     /// Whether the store holds anything of `doc` (its owner key, journal or snapshots).
-    fn stored(&self, doc: &str) -> bool {
+    /// The keys the store holds of `doc` (owner, journal, snapshots and their pieces),
+    /// each with the revision it was last written at.
+    fn stored(&self, doc: &str) -> HashSet<(String, i64)> {
         let keys = Keys::new(PREFIX);
-        let any = |prefix: String| {
-            self.store
-                .get_prefix(&prefix, None, 1)
-                .is_ok_and(|r| !r.kvs.is_empty())
-        };
-        self.store.get(&keys.owner(doc)).is_ok_and(|o| o.is_some())
-            || any(keys.journal(doc))
-            || any(keys.snapshots(doc))
+        let mut stored = HashSet::new();
+        for prefix in [keys.journal(doc), keys.snapshots(doc), keys.chunks(doc)] {
+            if let Ok(range) = self.store.get_prefix(&prefix, None, 1 << 20) {
+                stored.extend(range.kvs.into_iter().map(|kv| (kv.key, kv.mod_revision)));
+            }
+        }
+        if let Ok(Some(owner)) = self.store.get(&keys.owner(doc)) {
+            stored.insert((owner.key, owner.mod_revision));
+        }
+        stored
     }
 
     /// An administrator deletes a document at node `n` (the admin endpoint's path; at
@@ -756,7 +760,14 @@ impl World {
                     return Ok(());
                 }
                 Ok(Err(DeleteError::Failed(e))) => {
-                    if existed && !self.stored(&doc) {
+                    // Erased in one txn whose answer was lost: none of the keys it held
+                    // is left as it was (it may be claimed and written anew meanwhile,
+                    // but under keys written later). Not erased: its journal keys are
+                    // left as they were, and its owner key unless the lease ran out.
+                    // (Whether the store holds it now is no test: the deletion returns on
+                    // a task of its own, and a client's Open may claim it again first.)
+                    let now = self.stored(&doc);
+                    if !existed.is_empty() && existed.is_disjoint(&now) {
                         self.stats.deletions_unknown += 1;
                         self.say(|| {
                             format!("{doc}: deleting it at n{at} failed ({e}), and it is gone")
