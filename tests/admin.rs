@@ -718,9 +718,10 @@ async fn an_op_during_a_deletion_that_fails_is_not_refused_as_deleted() {
     fs.fail_syncs_after(0);
     fs.release_syncs();
     let answer = loop {
-        match conn.recv().await.unwrap().message {
-            reply @ (Message::Ack { .. } | Message::Reject { .. }) => break reply,
-            _ => {}
+        if let reply @ (Message::Ack { .. } | Message::Reject { .. }) =
+            conn.recv().await.unwrap().message
+        {
+            break reply;
         }
     };
     match answer {
