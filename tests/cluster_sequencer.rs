@@ -113,6 +113,19 @@ fn op(client: u64, local_seq: u64, base: u64, ins: &str) -> SubmitOp {
     }
 }
 
+/// Op `i` of client 1 on `doc` (made on version `i - 1`, inserting `i`), applied: its
+/// ticket.
+fn applied_nth(node: &Node, doc: &str, i: u64) -> quire::sequencer::Ticket {
+    let Submitted::Applied { ticket, .. } = node
+        .seq
+        .submit(doc, op(1, i, i - 1, &i.to_string()))
+        .unwrap()
+    else {
+        panic!("op {i} not applied");
+    };
+    ticket
+}
+
 /// A document name whose preferred owner among `nodes` is `node`.
 fn doc_for(node: &str, nodes: &[&str]) -> String {
     (0..)
@@ -705,14 +718,7 @@ async fn a_handover_past_its_patience_goes_on_and_the_late_writes_are_refused() 
     let d = doc_for("a", &["a", "b"]);
     let _moved = a.seq.moved().unwrap();
     assert_eq!(route(&a, &d), Route::Here);
-    let submit = |i: u64| {
-        let Submitted::Applied { ticket, .. } =
-            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
-        else {
-            panic!("op {i}");
-        };
-        ticket
-    };
+    let submit = |i: u64| applied_nth(&a, &d, i);
     let first = submit(1);
     assert!(a.seq.replicator().commit_next());
     a.seq
@@ -799,14 +805,7 @@ async fn ops_after_gives_only_ops_whose_journal_write_committed() {
     let a = node_driven(&store, "a", Drive::Manual);
     let d = "d";
     assert_eq!(route(&a, d), Route::Here);
-    let submit = |i: u64| {
-        let Submitted::Applied { ticket, .. } =
-            a.seq.submit(d, op(1, i, i - 1, &i.to_string())).unwrap()
-        else {
-            panic!("op {i}");
-        };
-        ticket
-    };
+    let submit = |i: u64| applied_nth(&a, d, i);
     let first = submit(1);
     assert!(a.seq.replicator().commit_next());
     a.seq.wait_durable(first).await.unwrap();
@@ -990,14 +989,7 @@ async fn a_deletion_past_its_patience_deletes_nothing_and_the_document_reloads_w
     let a = node_driven(&store, "a", Drive::Manual);
     let d = doc_for("a", &["a"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let submit = |i: u64| {
-        let Submitted::Applied { ticket, .. } =
-            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
-        else {
-            panic!("op {i}");
-        };
-        ticket
-    };
+    let submit = |i: u64| applied_nth(&a, &d, i);
     let first = submit(1);
     assert!(a.seq.replicator().commit_next());
     a.seq.wait_durable(first).await.unwrap();
