@@ -101,6 +101,8 @@ const REDIRECTED: &str = "followed a Redirect";
 /// followed (all it was told beyond acks and others' ops is in the [`Told`] too).
 struct Probed {
     acked: usize,
+    /// The seq of its newest op acknowledged (0: none).
+    top: u64,
     redirects: Vec<String>,
 }
 
@@ -126,6 +128,7 @@ async fn probe(
     let mut version = 0;
     // The tokens acknowledged; the one in flight (its local seq, its base version).
     let mut acked = 0;
+    let mut top = 0;
     let mut in_flight: Option<(u64, u64)> = None;
     let mut redirects = Vec::new();
     let submit = |local_seq: u64, base_version: u64| Message::Submit {
@@ -200,6 +203,7 @@ async fn probe(
                         {
                             in_flight = None;
                             acked += 1;
+                            top = top.max(op.seq);
                         }
                     }
                     if !more && !live {
@@ -218,6 +222,7 @@ async fn probe(
                     );
                     in_flight = None;
                     acked += 1;
+                    top = top.max(seq);
                     version = version.max(seq);
                 }
                 Message::PresenceState { .. } | Message::Pong { .. } => {}
@@ -236,7 +241,11 @@ async fn probe(
             }
         }
     }
-    Probed { acked, redirects }
+    Probed {
+        acked,
+        top,
+        redirects,
+    }
 }
 
 /// Writes down every event of `events` that is not an ack, another's op or presence:
@@ -384,12 +393,23 @@ async fn edit_drain_and_check(
     for (name, handles, writers) in &docs {
         let mut writers = writers.clone();
         let mut counts: Vec<usize> = writers.iter().map(|_| made_each.next().unwrap()).collect();
+        let mut top = 0;
         for ((doc, who), probe) in probed.iter().zip(&probes) {
             if *doc == name {
                 writers.push(who.clone());
                 counts.push(probe.acked);
+                top = top.max(probe.top);
             }
         }
+        // The handles have every probe's op: its broadcast may still be on its way when
+        // the probe has its ack (and the handles would agree on a version before it).
+        tokio::time::timeout(PATIENCE, async {
+            while handles.iter().any(|h| h.version() < top) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{name}: the handles reach seq {top}"));
         eprintln!("{name}: {counts:?} tokens made by {writers:?}");
         let text = check_converged(name, handles, &writers, &counts).await;
         let version = handles[0].version();
