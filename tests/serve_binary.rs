@@ -91,7 +91,11 @@ fn sigterm_finishes_in_flight_commits_and_every_acked_op_survives() {
         .unwrap();
     let acked: Vec<u64> = rt.block_on(async {
         let mut writers = Vec::new();
+        // Writers that had an ack: the SIGTERM waits for all four (a server slow to
+        // start under load would otherwise be stopped before any op, whatever the sleep).
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for n in 1..=4u64 {
+            let started = started.clone();
             writers.push(tokio::spawn(async move {
                 let client = Client::connect(ClientConfig::new(addr.to_string()))
                     .await
@@ -108,6 +112,9 @@ fn sigterm_finishes_in_flight_commits_and_every_acked_op_survives() {
                     tokio::select! {
                         synced = doc.synced() => {
                             synced.unwrap();
+                            if acked == 0 {
+                                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
                             acked = doc.version();
                         }
                         () = connection_lost(&mut events) => break,
@@ -119,7 +126,14 @@ fn sigterm_finishes_in_flight_commits_and_every_acked_op_survives() {
             }));
         }
         // Let them write, then ask the server to stop while ops are in flight.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // (Bounded: a server that acknowledges nothing fails the assertion below.)
+        for _ in 0..6000 {
+            if started.load(std::sync::atomic::Ordering::SeqCst) == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
