@@ -928,9 +928,7 @@ async fn a_deletion_whose_answer_is_lost_says_it_is_not_known_and_asking_again_t
     let a = node_driven(&store, "a", Drive::Manual);
     let d = doc_for("a", &["a"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "1")).unwrap() else {
-        panic!("op 1");
-    };
+    let ticket = applied_nth(&a, &d, 1);
     assert!(a.seq.replicator().commit_next());
     a.seq.wait_durable(ticket).await.unwrap();
     assert!(!keys_of(&store, &d).is_empty());
@@ -950,9 +948,7 @@ async fn a_deletion_by_an_owner_replaced_meanwhile_deletes_nothing() {
     let b = node(&store, "b");
     let d = doc_for("a", &["a", "b"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "1")).unwrap() else {
-        panic!("op 1");
-    };
+    let ticket = applied_nth(&a, &d, 1);
     assert!(a.seq.replicator().commit_next());
     a.seq.wait_durable(ticket).await.unwrap();
     // Op 2's journal write is queued when the deletion comes, which waits for it.
@@ -1045,9 +1041,7 @@ async fn a_deletion_erased_from_the_store_is_reported_done_even_if_the_local_log
     );
     let d = doc_for("a", &["a"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "1")).unwrap() else {
-        panic!("op 1");
-    };
+    let ticket = applied_nth(&a, &d, 1);
     assert!(a.seq.replicator().commit_next());
     a.seq.wait_durable(ticket).await.unwrap();
     // Every write so far is durable: the tombstone's sync is the first to fail.

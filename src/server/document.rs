@@ -1422,6 +1422,21 @@ mod tests {
         }
     }
 
+    /// Op 1 of client 1 (session 10) inserts "x", is durable and delivered.
+    fn first_op_delivered(
+        doc: &Document<Recorder>,
+        store: &LocalSequencer,
+        rt: &tokio::runtime::Runtime,
+    ) {
+        let (seq, _) = applied(
+            doc,
+            store,
+            rt,
+            submission(1, 10, 1, 0, Patch::new(0, 0, "x")),
+        );
+        doc.mark_durable(seq);
+    }
+
     #[test]
     fn a_deletion_delivers_the_ops_before_it_then_tells_and_refuses_every_later_op() {
         let (store, rt) = sequencer();
@@ -1431,13 +1446,7 @@ mod tests {
             doc.subscribe(recorder.clone());
             doc.activate(session);
         }
-        let (seq, _) = applied(
-            &doc,
-            &store,
-            &rt,
-            submission(1, 10, 1, 0, Patch::new(0, 0, "x")),
-        );
-        doc.mark_durable(seq);
+        first_op_delivered(&doc, &store, &rt);
         a.take();
         b.take();
         // Op 2 is sequenced, not yet delivered, when the deletion comes.
@@ -1521,13 +1530,7 @@ mod tests {
         for moved in [true, false] {
             let (store, rt) = sequencer();
             let doc = document(8);
-            let (seq, _) = applied(
-                &doc,
-                &store,
-                &rt,
-                submission(1, 10, 1, 0, Patch::new(0, 0, "x")),
-            );
-            doc.mark_durable(seq);
+            first_op_delivered(&doc, &store, &rt);
             doc.delete(&store).unwrap().unwrap();
             let waits = after_deletion(&doc, &store);
             if moved {
