@@ -149,9 +149,11 @@ impl<S: Sequencer> Session<S> {
             }
             // Answered once the deletion is durable (`Reject` 32) or failed (`Redirect`,
             // or `Reject` 30): protocol.md, "Deleted documents". On a task of its own,
-            // so the session goes on reading meanwhile; the op stays in flight, its
-            // bytes budgeted, until then.
+            // so the session goes on reading meanwhile; the op stays in flight (the
+            // connection's bound) until then. Never written, it gives its bytes back
+            // to the server's unsynced budget at once.
             SubmitOutcome::AfterDeletion(wait) => {
+                drop(permit);
                 let (server, outbox) = (self.server.clone(), self.outbox.clone());
                 let max_frame = self.max_frame();
                 tokio::spawn(async move {
@@ -161,7 +163,6 @@ impl<S: Sequencer> Session<S> {
                         _ = outbox.closed() => None,
                     };
                     outbox.end_op();
-                    drop(permit);
                     let message = match answer {
                         None => return,
                         Some(DeletionAnswer::Refused(Refusal { kind, message })) => {
