@@ -735,3 +735,94 @@ async fn an_op_during_a_deletion_that_fails_is_not_refused_as_deleted() {
     drop(conn);
     running.stop().await;
 }
+
+/// A deletion that failed with the log leaves the session that had the document open
+/// with a copy the server dropped: an op to it is refused as a storage failure (30),
+/// not as deleted (32), and does not reach the sequencer, which no longer holds the
+/// document as that copy knew it (the review of 065e5da found a worker panicking there,
+/// the op never answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_after_a_deletion_that_failed_is_refused_as_a_storage_failure() {
+    let fs = SimFs::new();
+    let running = start_on_sim(&fs, ServerConfig::default()).await;
+    let mut conn = Connection::connect(running.addr, 0, "").await.unwrap();
+    assert_eq!(open_raw(&mut conn, "doc").await, 0);
+    let acked = submit_raw(&mut conn, "doc", 1, 0, "hello").await;
+    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    let _held = HeldSyncs::hold(&fs);
+    let deleting = tokio::spawn({
+        let server = running.server.clone();
+        async move { server.delete_document("doc").await }
+    });
+    while running.store.version("doc") != 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    fs.fail_syncs_after(0);
+    fs.release_syncs();
+    let failed = deleting.await.unwrap();
+    assert!(failed.is_err(), "{failed:?}");
+    conn.send(Message::Submit {
+        doc: "doc".into(),
+        local_seq: 2,
+        base_version: 0,
+        patches: vec![Patch::new(0, 0, "late ")],
+    })
+    .await
+    .unwrap();
+    let answer = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), conn.recv())
+            .await
+            .expect("an answer within 10 s")
+            .expect("the connection works")
+            .message;
+        if let reply @ (Message::Ack { .. } | Message::Reject { .. }) = m {
+            break reply;
+        }
+    };
+    match answer {
+        Message::Reject { code, message, .. } => {
+            assert_eq!(code, ErrorCode::StorageFailed, "{message}")
+        }
+        other => panic!("expected Reject 30, got {other:?}"),
+    }
+    drop(conn);
+    running.stop().await;
+}
+
+/// After a deletion that failed with the log, an op on a fresh `Open` of the document is
+/// refused as a storage failure too, not as deleted: the deletion may never be durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_on_a_fresh_open_after_a_deletion_that_failed_is_refused_as_a_storage_failure() {
+    let fs = SimFs::new();
+    let running = start_on_sim(&fs, ServerConfig::default()).await;
+    let mut conn = Connection::connect(running.addr, 0, "").await.unwrap();
+    assert_eq!(open_raw(&mut conn, "doc").await, 0);
+    let acked = submit_raw(&mut conn, "doc", 1, 0, "hello").await;
+    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    let _held = HeldSyncs::hold(&fs);
+    let deleting = tokio::spawn({
+        let server = running.server.clone();
+        async move { server.delete_document("doc").await }
+    });
+    while running.store.version("doc") != 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    fs.fail_syncs_after(0);
+    fs.release_syncs();
+    let failed = deleting.await.unwrap();
+    assert!(failed.is_err(), "{failed:?}");
+    let mut fresh = Connection::connect(running.addr, 0, "").await.unwrap();
+    let v = open_raw(&mut fresh, "doc").await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        submit_raw(&mut fresh, "doc", 1, v, "x"),
+    )
+    .await
+    .expect("answered within 10 s");
+    match answer {
+        Message::Reject { code, message, .. } => {
+            assert_eq!(code, ErrorCode::StorageFailed, "{message}")
+        }
+        other => panic!("expected Reject 30, got {other:?}"),
+    }
+}

@@ -1051,3 +1051,99 @@ async fn a_deletion_erased_from_the_store_is_reported_done_even_if_the_local_log
     outcome.expect("the deletion is done");
     assert_eq!(keys_of(&store, &d), Vec::<String>::new(), "erased whole");
 }
+
+/// A deletion that the store carried out while the node's local log failed under an op
+/// sequenced just before it: the op gets exactly one answer (the review of 7b80ee9 found
+/// two: `Reject` 30 from its failed local sync, then an `Ack` from the deletion's
+/// delivery of the ops before it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_before_a_deletion_the_store_carried_out_under_a_failed_local_log_is_answered_once() {
+    use quire::client::connection::Connection;
+    use quire::protocol::message::Message;
+    use quire::server::{Server, ServerConfig};
+    let store = Arc::new(MemStore::new());
+    let fs = quire::wal::vfs::sim::SimFs::new();
+    let (local, _) = LocalSequencer::open_with(
+        Arc::new(fs.clone()),
+        std::path::Path::new("/data"),
+        LocalConfig::default(),
+    )
+    .unwrap();
+    let Node { seq, _dir, .. } = node_on(
+        &store,
+        "a",
+        Drive::Manual,
+        local,
+        tempfile::tempdir().unwrap(),
+    );
+    let seq = Arc::new(seq);
+    let d = doc_for("a", &["a"]);
+    let server = Server::new(seq.clone(), ServerConfig::default());
+    let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    let mut conn = Connection::connect(addr, 0, "").await.unwrap();
+    conn.send(Message::Open {
+        doc: d.clone(),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    loop {
+        match conn.recv().await.unwrap().message {
+            Message::Ops { more: false, .. } => break,
+            Message::Snapshot { .. } | Message::Ops { .. } => {}
+            other => panic!("opening: {other:?}"),
+        }
+    }
+    let submit = |local_seq: u64, base: u64| Message::Submit {
+        doc: d.clone(),
+        local_seq,
+        base_version: base,
+        patches: vec![Patch::new(0, 0, "x")],
+    };
+    conn.send(submit(1, 0)).await.unwrap();
+    while !seq.replicator().commit_next() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let m = conn.recv().await.unwrap().message;
+    assert!(matches!(m, Message::Ack { seq: 1, .. }), "{m:?}");
+    // Op 2 is sequenced, its local sync held.
+    fs.hold_syncs();
+    conn.send(submit(2, 1)).await.unwrap();
+    while seq.version(&d) != 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let deleting = tokio::spawn({
+        let (server, d) = (server.clone(), d.clone());
+        async move { server.delete_document(&d).await }
+    });
+    while seq.version(&d) != 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The sync of op 2 and the tombstone fails; op 2's journal write commits.
+    fs.fail_syncs_after(0);
+    fs.release_syncs();
+    while !seq.replicator().commit_next() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    deleting.await.unwrap().expect("the store carried the deletion out");
+    let mut answers = Vec::new();
+    while let Ok(m) = tokio::time::timeout(Duration::from_secs(3), conn.recv()).await {
+        let m = m.unwrap().message;
+        match m {
+            Message::Ack { local_seq: 2, .. } | Message::Reject { local_seq: 2, .. } => {
+                answers.push(m)
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        answers.len(),
+        1,
+        "op 2 answered {} times: {answers:?}",
+        answers.len()
+    );
+}

@@ -479,6 +479,11 @@ impl LocalSequencer {
             .unwrap_or_else(|p| p.into_inner())
             .get(doc_id)
         {
+            // With the log failed, the deletion may never be durable (nor the document
+            // gone after a restart): not refused as deleted (see `submit`).
+            if let Some(failure) = self.shared.wal.failure() {
+                return Err(SubmitError::Storage(failure));
+            }
             return Err(deleted(doc_id, version));
         }
         Ok(docs

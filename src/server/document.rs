@@ -161,6 +161,9 @@ struct Pending<S: Subscriber> {
     submitter: SessionId,
     request_id: u32,
     durable: bool,
+    /// Its submitter was told it is not applied ([`Document::refuse_unacknowledged`]):
+    /// when it is delivered all the same, its ack is not sent.
+    refused: bool,
     /// Acks for resends of this op, sent right after it is delivered.
     resent: Vec<(S, S::Frame)>,
 }
@@ -207,6 +210,10 @@ struct State<S: Subscriber> {
     /// A deletion under way, not durable yet ([`Document::delete`]): the ops that reach
     /// the document meanwhile wait for its outcome ([`SubmitOutcome::AfterDeletion`]).
     deleting: Option<tokio::sync::watch::Sender<Option<DeletionEnd>>>,
+    /// Why the deletion under way failed ([`Document::deletion_failed`]): the server
+    /// dropped this copy, which the sequencer no longer holds as it was; every op
+    /// that still reaches it is refused ([`RefusalKind::StorageFailed`]).
+    deletion_failure: Option<Arc<str>>,
     /// The node that serves the document now, once this one stopped
     /// ([`Document::moved`]): nothing more is sequenced, acknowledged or broadcast here.
     moved: Option<Owner>,
@@ -643,6 +650,7 @@ impl<S: Subscriber> Document<S> {
                 presence: BTreeMap::new(),
                 deleted: None,
                 deleting: None,
+                deletion_failure: None,
                 moved: None,
             }),
         }
@@ -811,6 +819,9 @@ impl<S: Subscriber> Document<S> {
             if let Some(version) = state.deleted {
                 return Some(SubmitOutcome::Refused(deleted_refusal(&self.id, version)));
             }
+            if let Some(why) = &state.deletion_failure {
+                return Some(refusal(RefusalKind::StorageFailed, why.to_string()));
+            }
             if let Some(wait) = self.deletion_wait(&state) {
                 return Some(wait);
             }
@@ -943,6 +954,9 @@ impl<S: Subscriber> Document<S> {
         if let Some(version) = state.deleted {
             return Err(SubmitOutcome::Refused(deleted_refusal(&self.id, version)));
         }
+        if let Some(why) = &state.deletion_failure {
+            return Err(refusal(RefusalKind::StorageFailed, why.to_string()));
+        }
         if let Some(wait) = self.deletion_wait(&state) {
             return Err(wait);
         }
@@ -1009,6 +1023,7 @@ impl<S: Subscriber> Document<S> {
                     submitter: job.session,
                     request_id: job.request_id,
                     durable: false,
+                    refused: false,
                     resent: Vec::new(),
                 });
                 SubmitOutcome::Applied { seq, ticket }
@@ -1063,6 +1078,22 @@ impl<S: Subscriber> Document<S> {
         deliver(&mut state.held, subscriber, ack);
     }
 
+    /// The op at `seq` will never be durable here (the log failed under it). Returns
+    /// whether its submitter is still owed an answer, to be told it is not applied: not
+    /// if the op was delivered (acknowledged) already, which can happen when a deletion
+    /// the store carried out delivered it ([`Document::deleted`], cluster mode); one
+    /// delivered later is then not acknowledged. Exactly one answer either way.
+    pub fn refuse_unacknowledged(&self, seq: u64) -> bool {
+        let mut state = self.lock();
+        match state.pending_mut(seq) {
+            Some(p) => {
+                p.refused = true;
+                true
+            }
+            None => seq > state.delivered,
+        }
+    }
+
     /// `seq` is durable: deliver every consecutive durable op, in seq order, as an ack
     /// to its submitter and a broadcast to the other subscribers (built once for all,
     /// and only if there are others).
@@ -1099,11 +1130,14 @@ impl<S: Subscriber> Document<S> {
     }
 
     /// The deletion under way failed before it was durable (the storage failed): the
-    /// ops that waited for it are refused as not applied
-    /// ([`RefusalKind::StorageFailed`]).
+    /// ops that waited for it, and every later one, are refused as not applied
+    /// ([`RefusalKind::StorageFailed`]); the sessions that have it open find out so.
     pub fn deletion_failed(&self, why: &str) {
-        if let Some(deleting) = self.lock().deleting.take() {
-            deleting.send_replace(Some(DeletionEnd::Failed(Arc::from(why))));
+        let why: Arc<str> = Arc::from(why);
+        let mut state = self.lock();
+        state.deletion_failure = Some(why.clone());
+        if let Some(deleting) = state.deleting.take() {
+            deleting.send_replace(Some(DeletionEnd::Failed(why)));
         }
     }
 
@@ -1176,12 +1210,15 @@ impl<S: Subscriber> Document<S> {
                 // Nothing more is acknowledged or broadcast here (the redirect went out).
                 continue;
             }
-            // The ack has one receiver: moved to it, not shared.
-            let mut ack = Some(self.frame(Event::Ack {
-                request_id: p.request_id,
-                local_seq: p.op.id.local_seq,
-                seq: p.op.seq,
-            }));
+            // The ack has one receiver: moved to it, not shared. None if the submitter
+            // was told the op is not applied (one answer per op).
+            let mut ack = (!p.refused).then(|| {
+                self.frame(Event::Ack {
+                    request_id: p.request_id,
+                    local_seq: p.op.id.local_seq,
+                    seq: p.op.seq,
+                })
+            });
             let mut op = Some(p.op);
             let mut remote = None;
             let State {
@@ -1189,7 +1226,13 @@ impl<S: Subscriber> Document<S> {
             } = &mut *state;
             for subscriber in subscribers.values() {
                 let frame = if subscriber.session() == p.submitter {
-                    ack.take().expect("one subscriber per session")
+                    match ack.take() {
+                        Some(ack) => ack,
+                        None => {
+                            assert!(p.refused, "one subscriber per session");
+                            continue;
+                        }
+                    }
                 } else {
                     remote
                         .get_or_insert_with(|| {
@@ -1889,6 +1932,7 @@ mod tests {
                 submitter: 2,
                 request_id: 1,
                 durable: false,
+                refused: false,
                 resent: Vec::new(),
             });
         }

@@ -124,6 +124,10 @@ fn act<S: Sequencer>(server: &Server<S>, action: Action, outcome: Result<(), Arc
             },
             Ok(()),
         ) => document.ack_resend(&outbox, request_id, local_seq, seq),
+        // Delivered already (a deletion the store carried out while the local log
+        // failed, cluster mode): acknowledged, and so not refused as well.
+        (Action::Deliver { document, seq, .. }, Err(_)) if !document.refuse_unacknowledged(seq) => {
+        }
         // A failed log acknowledges nothing more, and the client is told so.
         (
             Action::Deliver {
