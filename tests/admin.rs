@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{open, start, start_on_sim};
+use common::{open, start, start_on_sim, Running};
 use quire::admin::{Admin, AdminConfig};
 use quire::client::connection::Connection;
 use quire::op::Patch;
@@ -743,24 +743,7 @@ async fn an_op_during_a_deletion_that_fails_is_not_refused_as_deleted() {
 /// the op never answered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_op_after_a_deletion_that_failed_is_refused_as_a_storage_failure() {
-    let fs = SimFs::new();
-    let running = start_on_sim(&fs, ServerConfig::default()).await;
-    let mut conn = Connection::connect(running.addr, 0, "").await.unwrap();
-    assert_eq!(open_raw(&mut conn, "doc").await, 0);
-    let acked = submit_raw(&mut conn, "doc", 1, 0, "hello").await;
-    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
-    let _held = HeldSyncs::hold(&fs);
-    let deleting = tokio::spawn({
-        let server = running.server.clone();
-        async move { server.delete_document("doc").await }
-    });
-    while running.store.version("doc") != 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    fs.fail_syncs_after(0);
-    fs.release_syncs();
-    let failed = deleting.await.unwrap();
-    assert!(failed.is_err(), "{failed:?}");
+    let (running, mut conn) = a_deletion_that_failed().await;
     conn.send(Message::Submit {
         doc: "doc".into(),
         local_seq: 2,
@@ -793,6 +776,27 @@ async fn an_op_after_a_deletion_that_failed_is_refused_as_a_storage_failure() {
 /// refused as a storage failure too, not as deleted: the deletion may never be durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_op_on_a_fresh_open_after_a_deletion_that_failed_is_refused_as_a_storage_failure() {
+    let (running, _conn) = a_deletion_that_failed().await;
+    let mut fresh = Connection::connect(running.addr, 0, "").await.unwrap();
+    let v = open_raw(&mut fresh, "doc").await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        submit_raw(&mut fresh, "doc", 1, v, "x"),
+    )
+    .await
+    .expect("answered within 10 s");
+    match answer {
+        Message::Reject { code, message, .. } => {
+            assert_eq!(code, ErrorCode::StorageFailed, "{message}")
+        }
+        other => panic!("expected Reject 30, got {other:?}"),
+    }
+}
+
+/// A server on the simulated disk whose document "doc" (op 1 acknowledged, open on the
+/// connection returned) was being deleted when the log failed under the tombstone:
+/// the deletion returned an error.
+async fn a_deletion_that_failed() -> (Running, Connection) {
     let fs = SimFs::new();
     let running = start_on_sim(&fs, ServerConfig::default()).await;
     let mut conn = Connection::connect(running.addr, 0, "").await.unwrap();
@@ -811,18 +815,5 @@ async fn an_op_on_a_fresh_open_after_a_deletion_that_failed_is_refused_as_a_stor
     fs.release_syncs();
     let failed = deleting.await.unwrap();
     assert!(failed.is_err(), "{failed:?}");
-    let mut fresh = Connection::connect(running.addr, 0, "").await.unwrap();
-    let v = open_raw(&mut fresh, "doc").await;
-    let answer = tokio::time::timeout(
-        Duration::from_secs(10),
-        submit_raw(&mut fresh, "doc", 1, v, "x"),
-    )
-    .await
-    .expect("answered within 10 s");
-    match answer {
-        Message::Reject { code, message, .. } => {
-            assert_eq!(code, ErrorCode::StorageFailed, "{message}")
-        }
-        other => panic!("expected Reject 30, got {other:?}"),
-    }
+    (running, conn)
 }

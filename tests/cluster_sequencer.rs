@@ -1025,20 +1025,7 @@ async fn a_deletion_past_its_patience_deletes_nothing_and_the_document_reloads_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_erased_from_the_store_is_reported_done_even_if_the_local_log_failed() {
     let store = Arc::new(MemStore::new());
-    let fs = quire::wal::vfs::sim::SimFs::new();
-    let (local, _) = LocalSequencer::open_with(
-        Arc::new(fs.clone()),
-        std::path::Path::new("/data"),
-        LocalConfig::default(),
-    )
-    .unwrap();
-    let a = node_on(
-        &store,
-        "a",
-        Drive::Manual,
-        local,
-        tempfile::tempdir().unwrap(),
-    );
+    let (a, fs) = node_on_simulated_disk(&store, "a");
     let d = doc_for("a", &["a"]);
     assert_eq!(route(&a, &d), Route::Here);
     let ticket = applied_nth(&a, &d, 1);
@@ -1062,20 +1049,7 @@ async fn an_op_before_a_deletion_the_store_carried_out_under_a_failed_local_log_
     use quire::protocol::message::Message;
     use quire::server::{Server, ServerConfig};
     let store = Arc::new(MemStore::new());
-    let fs = quire::wal::vfs::sim::SimFs::new();
-    let (local, _) = LocalSequencer::open_with(
-        Arc::new(fs.clone()),
-        std::path::Path::new("/data"),
-        LocalConfig::default(),
-    )
-    .unwrap();
-    let Node { seq, _dir, .. } = node_on(
-        &store,
-        "a",
-        Drive::Manual,
-        local,
-        tempfile::tempdir().unwrap(),
-    );
+    let (Node { seq, _dir, .. }, fs) = node_on_simulated_disk(&store, "a");
     let seq = Arc::new(seq);
     let d = doc_for("a", &["a"]);
     let server = Server::new(seq.clone(), ServerConfig::default());
@@ -1129,7 +1103,10 @@ async fn an_op_before_a_deletion_the_store_carried_out_under_a_failed_local_log_
     while !seq.replicator().commit_next() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    deleting.await.unwrap().expect("the store carried the deletion out");
+    deleting
+        .await
+        .unwrap()
+        .expect("the store carried the deletion out");
     let mut answers = Vec::new();
     while let Ok(m) = tokio::time::timeout(Duration::from_secs(3), conn.recv()).await {
         let m = m.unwrap().message;
@@ -1146,4 +1123,24 @@ async fn an_op_before_a_deletion_the_store_carried_out_under_a_failed_local_log_
         "op 2 answered {} times: {answers:?}",
         answers.len()
     );
+}
+
+/// A node driven by hand whose local log is on the simulated disk (returned, to fail
+/// its syncs).
+fn node_on_simulated_disk(store: &Arc<MemStore>, id: &str) -> (Node, quire::wal::vfs::sim::SimFs) {
+    let fs = quire::wal::vfs::sim::SimFs::new();
+    let (local, _) = LocalSequencer::open_with(
+        Arc::new(fs.clone()),
+        std::path::Path::new("/data"),
+        LocalConfig::default(),
+    )
+    .unwrap();
+    let node = node_on(
+        store,
+        id,
+        Drive::Manual,
+        local,
+        tempfile::tempdir().unwrap(),
+    );
+    (node, fs)
 }
