@@ -1017,6 +1017,29 @@ async fn a_deletion_past_its_patience_deletes_nothing_and_the_document_reloads_w
     assert_eq!(seqs, [1, 2, 3]);
 }
 
+/// A document left unsettled (a deletion past its patience, its journal write
+/// unresolved) and never opened here again is forgotten once the write resolves, by the
+/// next rebalance. Before, only an `Open` of that document here forgot it: a node kept
+/// an entry for every such document for as long as it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsettled_document_is_forgotten_once_its_writes_resolve() {
+    let store = Arc::new(MemStore::new());
+    let a = node_driven(&store, "a", Drive::Manual);
+    let d = doc_for("a", &["a"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    let late = applied_nth(&a, &d, 1);
+    a.seq.set_hand_over_patience(Duration::from_millis(50));
+    let deletion = a.seq.delete(&d).unwrap().expect("a document");
+    assert!(a.seq.wait_durable(deletion.ticket).await.is_err());
+    assert_eq!(a.seq.unsettled_documents(), 1, "its write is unresolved");
+    a.seq.rebalance();
+    assert_eq!(a.seq.unsettled_documents(), 1, "still unresolved: kept");
+    assert!(a.seq.replicator().commit_next(), "the write goes now");
+    a.seq.wait_durable(late).await.expect("in the journal");
+    a.seq.rebalance();
+    assert_eq!(a.seq.unsettled_documents(), 0, "resolved: forgotten");
+}
+
 /// The local log fails (an fsync error) right after a deletion's tombstone, while the
 /// deletion's erasure from the store goes on: the deletion reports what the store did
 /// (the document is gone from the cluster), not the local failure, which would have the

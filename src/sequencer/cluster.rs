@@ -271,6 +271,13 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
         lock(&self.inner.tickets).len()
     }
 
+    /// Documents whose last tenure here ended with journal writes unresolved, not loaded
+    /// here again until they resolve; [`ClusterSequencer::rebalance`] forgets those
+    /// that resolved.
+    pub fn unsettled_documents(&self) -> usize {
+        lock(&self.inner.unsettled).len()
+    }
+
     /// Sets how long a handover and an `Open` waiting for one wait
     /// ([`HAND_OVER_PATIENCE`] by default): tests of what happens past it.
     pub fn set_hand_over_patience(&self, patience: Duration) {
@@ -492,6 +499,13 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             }
             None => true,
         }
+    }
+
+    /// Forgets the documents of [`Inner::unsettled`] whose journal writes resolved since.
+    /// [`Inner::settled`] forgets one only when it is placed here again: a document
+    /// never opened here again would keep its entry for as long as the node runs.
+    fn prune_settled(&self) {
+        lock(&self.unsettled).retain(|_, &mut last| !self.replicator.resolved(last));
     }
 
     /// A tenure of `doc` ended here with its journal writes up to `last` possibly
@@ -801,6 +815,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     }
 
     fn rebalance(&self) -> usize {
+        self.prune_settled();
         if self.draining.load(Ordering::SeqCst) {
             return 0;
         }
@@ -1000,8 +1015,9 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
     /// Hands the documents served here whose preferred owner among the live nodes is now
     /// another node (one joined) to that node, as [`ClusterSequencer::drain`] does. Only
     /// nodes live at the previous call too count, so that a node coming and going does
-    /// not pull documents back and forth. A background thread calls it every second;
-    /// blocking. The number of documents handed over.
+    /// not pull documents back and forth. It also forgets the unsettled documents
+    /// ([`ClusterSequencer::unsettled_documents`]) whose writes resolved. A background
+    /// thread calls it every second; blocking. The number of documents handed over.
     pub fn rebalance(&self) -> usize {
         self.inner.rebalance()
     }
