@@ -1017,6 +1017,33 @@ async fn a_deletion_past_its_patience_deletes_nothing_and_the_document_reloads_w
     assert_eq!(seqs, [1, 2, 3]);
 }
 
+/// A deletion no thread can be had for (the system gives the process no more) is
+/// refused before anything is deleted: the document is still served here, with its
+/// ops, and takes the next one. Before, its erasure ran on the caller's thread, which
+/// in the server holds the lock on every document: every `Open` on the node waited for
+/// the store's answers, up to the deletion's patience.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_no_thread_can_be_had_for_is_refused_and_deletes_nothing() {
+    let store = Arc::new(MemStore::new());
+    let a = node(&store, "a");
+    let d = doc_for("a", &["a"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    let first = applied_nth(&a, &d, 1);
+    a.seq.wait_durable(first).await.unwrap();
+    let keys = keys_of(&store, &d);
+    a.seq.refuse_erasure_threads();
+    match a.seq.delete(&d) {
+        Err(e) => assert!(e.contains("not deleted") && e.contains("retry"), "{e}"),
+        Ok(deletion) => panic!("expected a refusal, got {:?}", deletion.map(|d| d.version)),
+    }
+    assert_eq!(keys_of(&store, &d), keys, "nothing erased from the store");
+    assert_eq!(route(&a, &d), Route::Here, "still served here");
+    let second = applied_nth(&a, &d, 2);
+    a.seq.wait_durable(second).await.expect("the next op");
+    let view = a.seq.read(&d).await.unwrap().unwrap();
+    assert_eq!((view.text.as_str(), view.version), ("21", 2));
+}
+
 /// A document left unsettled (a deletion past its patience, its journal write
 /// unresolved) and never opened here again is forgotten once the write resolves, by the
 /// next rebalance. Before, only an `Open` of that document here forgot it: a node kept

@@ -154,7 +154,12 @@ struct Inner<S: Store + Send + Sync + 'static> {
     /// The outcome of each deletion under way, by its ticket ([`Sequencer::delete`]):
     /// at most one per document, each taken by the ticket's wait.
     erasures: Mutex<HashMap<u64, tokio::sync::oneshot::Receiver<Result<(), String>>>>,
+    /// No thread is had for an erasure ([`ClusterSequencer::refuse_erasure_threads`]).
+    refuse_erasure_threads: std::sync::atomic::AtomicBool,
 }
+
+/// An erasure ([`Inner::erase`]) for the thread started for it ([`Inner::eraser`]).
+type ErasureJob = Box<dyn FnOnce() + Send>;
 
 /// The sequencer of cluster mode (module notes).
 pub struct ClusterSequencer<S: Store + Send + Sync + 'static> {
@@ -216,6 +221,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             hand_over_patience_ms: AtomicU64::new(HAND_OVER_PATIENCE.as_millis() as u64),
             place_inline: std::sync::atomic::AtomicBool::new(false),
             erasures: Mutex::new(HashMap::new()),
+            refuse_erasure_threads: std::sync::atomic::AtomicBool::new(false),
         });
         let losses = if handle_losses {
             let weak = Arc::downgrade(&inner);
@@ -291,6 +297,14 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
     /// whose one thread must run everything in an order its seed decides.
     pub fn place_inline(&self) {
         self.inner.place_inline.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on no thread is had for a deletion's erasure, as when the system gives
+    /// the process no more threads: tests of the deletion refused then.
+    pub fn refuse_erasure_threads(&self) {
+        self.inner
+            .refuse_erasure_threads
+            .store(true, Ordering::SeqCst);
     }
 
     /// The local sequencer (the cache).
@@ -760,6 +774,29 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         handed
     }
 
+    /// Starts the thread that will run a deletion's erasure, waiting for it (gone, its
+    /// work undone, if the sender is dropped). A thread of its own: not the caller's,
+    /// which holds the server's lock on its documents, nor one the erasure's waiter
+    /// drives, so the erasure finishes even if nobody waits; and one per deletion, so
+    /// that a deletion waiting out its patience for a store that does not answer holds
+    /// no other one back.
+    fn eraser(&self) -> std::io::Result<std::sync::mpsc::SyncSender<ErasureJob>> {
+        if self.refuse_erasure_threads.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "no thread (refused by the test hook)",
+            ));
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ErasureJob>(1);
+        std::thread::Builder::new()
+            .name("quire-erase".into())
+            .spawn(move || {
+                if let Ok(erase) = rx.recv() {
+                    erase();
+                }
+            })?;
+        Ok(tx)
+    }
+
     /// The erasure of a document deleted here ([`Sequencer::delete`] of the cluster
     /// sequencer, which stopped serving it): its queued journal writes resolve (up to
     /// [`HAND_OVER_PATIENCE`]), then its keys go in one fenced txn. Either way it is not
@@ -1163,6 +1200,18 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         if inner.local.version(doc_id) == 0 {
             return Ok(None);
         }
+        // The erasure's thread first: a deletion no thread can be had for is refused
+        // before anything is deleted, rather than erased on the caller's thread.
+        let eraser = if inner.place_inline.load(Ordering::SeqCst) {
+            None
+        } else {
+            Some(inner.eraser().map_err(|e| {
+                Arc::from(format!(
+                    "document {doc_id:?} was not deleted: no thread for its erasure ({e}); \
+                     retry"
+                ))
+            })?)
+        };
         let Some(local) = inner.local.delete(doc_id)? else {
             return Ok(None);
         };
@@ -1184,32 +1233,11 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
                 let _ = tx.send(inner.erase(&doc, &tenancy, s));
             }
         };
-        if inner.place_inline.load(Ordering::SeqCst) {
-            erase();
-        } else {
-            // A thread of its own, not the caller's (the server holds its documents'
-            // lock) nor one its waiter drives: the erasure finishes even if nobody waits.
-            // If no thread can be had, here after all: it must run (it alone ends the
-            // handover state that holds `Open`s of the document back).
-            let slot = Arc::new(Mutex::new(Some(erase)));
-            let spawned = std::thread::Builder::new()
-                .name("quire-erase".into())
-                .spawn({
-                    let slot = slot.clone();
-                    move || {
-                        let erase = lock(&slot).take();
-                        if let Some(erase) = erase {
-                            erase();
-                        }
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!(doc = doc_id, "no thread for a deletion ({e}): erasing here");
-                let erase = lock(&slot).take();
-                if let Some(erase) = erase {
-                    erase();
-                }
-            }
+        match eraser {
+            None => erase(),
+            Some(eraser) => eraser
+                .send(Box::new(erase))
+                .expect("the erasure's thread waits for it"),
         }
         Ok(Some(super::Deletion {
             version: local.version,
