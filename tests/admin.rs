@@ -736,6 +736,48 @@ async fn an_op_during_a_deletion_that_fails_is_not_refused_as_deleted() {
     running.stop().await;
 }
 
+/// A session that opens a document while its deletion is not durable yet, and sends an
+/// op to it, is told to retry (`Reject` 33), not that the document was deleted (32): the
+/// deletion may still fail, as here where the log fails under its tombstone, and a
+/// client told 32 drops its edits to a document that was not deleted. Before, it got 32
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_on_a_fresh_open_during_a_deletion_is_told_to_retry() {
+    let fs = SimFs::new();
+    let running = start_on_sim(&fs, ServerConfig::default()).await;
+    let mut conn = Connection::connect(running.addr, 0, "").await.unwrap();
+    assert_eq!(open_raw(&mut conn, "doc").await, 0);
+    let acked = submit_raw(&mut conn, "doc", 1, 0, "hello").await;
+    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    let held = HeldSyncs::hold(&fs);
+    let deleting = tokio::spawn({
+        let server = running.server.clone();
+        async move { server.delete_document("doc").await }
+    });
+    while running.store.version("doc") != 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut fresh = Connection::connect(running.addr, 0, "").await.unwrap();
+    let v = open_raw(&mut fresh, "doc").await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        submit_raw(&mut fresh, "doc", 1, v, "x"),
+    )
+    .await
+    .expect("answered within 10 s");
+    match answer {
+        Message::Reject { code, message, .. } => {
+            assert_eq!(code, ErrorCode::Unavailable, "{message}")
+        }
+        other => panic!("expected Reject 33, got {other:?}"),
+    }
+    fs.fail_syncs_after(0);
+    drop(held);
+    let failed = deleting.await.unwrap();
+    assert!(failed.is_err(), "{failed:?}");
+    running.stop().await;
+}
+
 /// A deletion that failed with the log leaves the session that had the document open
 /// with a copy the server dropped: an op to it is refused as a storage failure (30),
 /// not as deleted (32), and does not reach the sequencer, which no longer holds the

@@ -472,7 +472,7 @@ impl LocalSequencer {
         let mut docs = self.shared.docs.write().unwrap_or_else(|p| p.into_inner());
         // Checked under the map's write lock, which a deletion holds while it moves the
         // document from the map to `deleting`.
-        if let Some(&(_, version)) = self
+        if let Some(&(lsn, version)) = self
             .shared
             .deleting
             .lock()
@@ -480,11 +480,21 @@ impl LocalSequencer {
             .get(doc_id)
         {
             // With the log failed, the deletion may never be durable (nor the document
-            // gone after a restart): not refused as deleted (see `submit`).
-            if let Some(failure) = self.shared.wal.failure() {
-                return Err(SubmitError::Storage(failure));
-            }
-            return Err(deleted(doc_id, version));
+            // gone after a restart): not refused as deleted (see `submit`). Nor while
+            // its tombstone is not durable yet: it may still fail.
+            return Err(match self.shared.wal.durability().outcome(lsn) {
+                Some(true) => deleted(doc_id, version),
+                Some(false) => SubmitError::Storage(
+                    self.shared
+                        .wal
+                        .failure()
+                        .unwrap_or_else(|| Arc::from("the log failed")),
+                ),
+                None => SubmitError::Unavailable(format!(
+                    "document {doc_id:?} is being deleted and whether it will be is not \
+                     known yet; nothing was applied: retry"
+                )),
+            });
         }
         Ok(docs
             .entry(Arc::from(doc_id))
@@ -1894,8 +1904,9 @@ mod tests {
                 .collect();
             assert_eq!(ids, ["other"]);
             assert_eq!(store.delete("doc").unwrap(), Some(deletion));
-            // An op racing the deletion is refused, not applied.
-            let racing = SubmitOp {
+            // An op racing the deletion is refused, not applied: told to retry while the
+            // tombstone is not durable (the deletion may still fail), as deleted once it is.
+            let racing = || SubmitOp {
                 op_id: OpId {
                     client_id: 9,
                     local_seq: 5,
@@ -1906,11 +1917,18 @@ mod tests {
                 patches: vec![Patch::new(0, 0, "lost")],
             };
             assert!(matches!(
-                store.submit("doc", racing),
+                store.submit("doc", racing()),
+                Err(SubmitError::Unavailable(_))
+            ));
+            while !durable(&store, deletion.ticket) {
+                assert!(store.step());
+            }
+            assert!(matches!(
+                store.submit("doc", racing()),
                 Err(SubmitError::Deleted(_))
             ));
-            // Finishing makes the tombstone durable first (by steps here), then removes
-            // the snapshot files.
+            // Finishing waits for the tombstone to be durable, then removes the snapshot
+            // files.
             store.finish_delete("doc").unwrap();
             assert!(durable(&store, deletion.ticket));
             assert!(snapshot_files(&store, "doc").is_empty());

@@ -102,6 +102,9 @@ pub enum SubmitError {
     OpIdReused(String),
     /// The document was deleted (or is being deleted): nothing was applied.
     Deleted(String),
+    /// The document cannot take the op now, for a while (its deletion's outcome is not
+    /// known yet): nothing was applied; the client retries later.
+    Unavailable(String),
     /// Another node serves the document now (cluster mode: this node lost it, or is
     /// draining): nothing was applied, and nothing more of it is acknowledged here. The
     /// session sends `Redirect` (protocol.md), not an ack or a reject: the client
@@ -122,7 +125,8 @@ impl std::fmt::Display for SubmitError {
             SubmitError::TooLarge(m)
             | SubmitError::InvalidDocId(m)
             | SubmitError::OpIdReused(m)
-            | SubmitError::Deleted(m) => f.write_str(m),
+            | SubmitError::Deleted(m)
+            | SubmitError::Unavailable(m) => f.write_str(m),
         }
     }
 }

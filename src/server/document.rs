@@ -131,6 +131,9 @@ pub enum RefusalKind {
     Crashed,
     /// The document was deleted: the op is not applied.
     Deleted,
+    /// The document cannot take the op now (its deletion's outcome is not known yet):
+    /// not applied; the client retries later.
+    Unavailable,
 }
 
 /// An op refused, and why in words for the client.
@@ -1273,6 +1276,7 @@ fn outcome_of(e: SubmitError) -> SubmitOutcome {
         SubmitError::TooLarge(m) => refusal(RefusalKind::TooLarge, m),
         SubmitError::OpIdReused(m) => refusal(RefusalKind::OpIdReused, m),
         SubmitError::Deleted(m) => refusal(RefusalKind::Deleted, m),
+        SubmitError::Unavailable(m) => refusal(RefusalKind::Unavailable, m),
         SubmitError::Storage(m) => refusal(RefusalKind::StorageFailed, m.to_string()),
         SubmitError::Moved(owner) => SubmitOutcome::Moved(owner),
         e @ SubmitError::VersionMismatch { .. } => {

@@ -24,6 +24,7 @@ pub fn refusal_code(kind: RefusalKind) -> ErrorCode {
         RefusalKind::OpIdReused => ErrorCode::OpIdReused,
         RefusalKind::StorageFailed => ErrorCode::StorageFailed,
         RefusalKind::Deleted => ErrorCode::DocumentDeleted,
+        RefusalKind::Unavailable => ErrorCode::Unavailable,
         // A broken invariant: the client is told its op is malformed, as a version
         // mismatch always was.
         RefusalKind::Internal => ErrorCode::Malformed,
