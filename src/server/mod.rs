@@ -331,7 +331,14 @@ impl<S: Sequencer> Server<S> {
                 }
                 return Err(DeleteError::Failed(e.to_string()));
             }
-            let why = format!("the log failed before the deletion was durable: {e}");
+            // Its tombstone may be on disk all the same (a failed sync does not say the
+            // write did not land): after the restart the document is either deleted or
+            // as it was, which nothing here can tell now.
+            let why = format!(
+                "whether the document was deleted is not known: the log failed before the \
+                 deletion was durable ({e}); after the server's restart it is either deleted \
+                 or as it was (ask again then)"
+            );
             if let Some(document) = &document {
                 document.deletion_failed(&why);
             }
