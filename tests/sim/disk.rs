@@ -3,6 +3,7 @@
 //! no thread of its own), so that long idle stretches of simulated time cost nothing.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,10 +24,11 @@ pub struct SimSequencer {
 
 impl SimSequencer {
     /// The sequencer, and the disk task that writes and syncs each batch after a
-    /// latency drawn from `rng` (20 µs to 3 ms).
+    /// latency drawn from `rng` (20 µs to 3 ms), and not while `paused` is set.
     pub fn new(
         inner: Arc<LocalSequencer>,
         mut rng: SplitMix,
+        paused: Arc<AtomicBool>,
     ) -> (SimSequencer, impl Future<Output = ()>) {
         let work = Arc::new(Notify::new());
         let disk = {
@@ -38,6 +40,9 @@ impl SimSequencer {
                     }
                     let us = 20 + rng.below(3_000);
                     tokio::time::sleep(Duration::from_micros(us)).await;
+                    while paused.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_micros(100)).await;
+                    }
                     inner.step();
                 }
             }

@@ -12,7 +12,11 @@
 //! is cut off, reconnects, restarts (forgetting everything but its op counter, which
 //! some clients persist lazily and so reuse op ids), time passes, the disk starts
 //! failing its syncs, a snapshot or truncation pass runs, an administrator deletes a
-//! document (its clients must be told, and it starts again empty under its id), or the
+//! document (its clients must be told, and it starts again empty under its id; or, raced
+//! by a client that opens it and sends an op meanwhile, sometimes with the disk failing
+//! under the tombstone: that client is never told it was deleted unless the deletion
+//! held, and is told to retry while it is not durable; a deletion that failed with the
+//! disk holds after the restart if its tombstone reached the disk), or the
 //! server crashes (losing or tearing unsynced writes) and restarts. After every step it
 //! checks:
 //! - a client with nothing pending, at the server's durable version, has its text;
@@ -92,6 +96,8 @@ static PANICKED: Mutex<Option<String>> = Mutex::new(None);
 struct Incarnation {
     server: Arc<Server<SimSequencer>>,
     sequencer: Arc<LocalSequencer>,
+    /// The disk task writes nothing while this is set.
+    disk_paused: Arc<std::sync::atomic::AtomicBool>,
     connect: mpsc::UnboundedSender<ServerEnd>,
     serve: JoinHandle<()>,
     disk: JoinHandle<()>,
@@ -198,6 +204,10 @@ struct Sim {
     /// would bring it back). (Op ids are no proof alone: those of a deleted document
     /// may be used again in the new one, as by a client that reuses ids.)
     deleted_histories: HashMap<String, Vec<quire::op::SequencedOp>>,
+    /// Deletions raced by a client (`delete_document`): the local seq of its next op.
+    raced_deletions: u64,
+    /// A deletion that failed with the disk, which may hold all the same.
+    uncertain_deletion: Option<UncertainDeletion>,
     /// The disk fails its syncs from now on (until the next crash).
     disk_failing: bool,
     step: u64,
@@ -234,6 +244,26 @@ fn note_ack(acked: &mut Acked, doc: &str, id: OpId, seq: u64) -> Result<(), Stri
     by_id.insert(id, seq);
     by_seq.insert(seq, id);
     Ok(())
+}
+
+/// How a deletion raced by a client ended (`World::race_deletion`).
+enum Raced {
+    /// As the deletion returned (or did not in time).
+    Done(Result<Result<Option<u64>, quire::server::DeleteError>, tokio::time::error::Elapsed>),
+    /// It failed with the disk under its tombstone: whether the tombstone reached the
+    /// disk all the same (it holds after a restart then) is not known.
+    Uncertain {
+        /// Every record up to this LSN was durable before the tombstone was queued.
+        after_lsn: u64,
+    },
+}
+
+/// A deletion whose outcome the next restart tells (`Raced::Uncertain`).
+struct UncertainDeletion {
+    doc: String,
+    after_lsn: u64,
+    /// The document's history just before the deletion.
+    history: Vec<quire::op::SequencedOp>,
 }
 
 fn mix(digest: &mut u64, value: u64) {
@@ -333,6 +363,8 @@ impl Sim {
             acked: BTreeMap::new(),
             generations: HashMap::new(),
             deleted_histories: HashMap::new(),
+            raced_deletions: 0,
+            uncertain_deletion: None,
             disk_failing: false,
             step: 0,
             keep: None,
@@ -360,8 +392,24 @@ impl Sim {
             LocalSequencer::open_with(fs, data_dir(), self.local_config.clone())
                 .map_err(|e| self.fail(format!("recovery refused to start: {e}")))?;
         let sequencer = Arc::new(sequencer);
-        let (sim_sequencer, disk) =
-            SimSequencer::new(sequencer.clone(), SplitMix(self.rng.next_u64()));
+        let disk_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(u) = self.uncertain_deletion.take() {
+            // Whether its tombstone is in the log now, where only it can be.
+            let end = sequencer.wal().durability().durable_lsn;
+            let held = sequencer.wal().with_index(|index| {
+                (u.after_lsn + 1..=end).any(|lsn| index.tombstone_at(lsn).is_some())
+            });
+            let version = u.history.last().map_or(0, |o| o.seq);
+            self.say(|| format!("{}: the deletion that failed held: {held}", u.doc));
+            if held {
+                self.deleted(u.doc, version, u.history);
+            }
+        }
+        let (sim_sequencer, disk) = SimSequencer::new(
+            sequencer.clone(),
+            SplitMix(self.rng.next_u64()),
+            disk_paused.clone(),
+        );
         let server = Server::new(Arc::new(sim_sequencer), self.server_config.clone());
         let (connect, accepted) = mpsc::unbounded_channel();
         let serve = tokio::spawn(
@@ -376,6 +424,7 @@ impl Sim {
         self.server = Some(Incarnation {
             server,
             sequencer,
+            disk_paused,
             connect,
             serve,
             disk,
@@ -836,7 +885,7 @@ impl Sim {
         match roll {
             0..=299 => self.edit(i).await?,
             300..=549 => self.poll(i).await?,
-            745..=746 => self.delete_document().await?,
+            745..=746 => self.delete_document(false).await?,
             550..=744 => {
                 let us = self.rng.below(5_000);
                 tokio::time::sleep(Duration::from_micros(us)).await;
@@ -940,6 +989,7 @@ impl Sim {
                     self.check_history().await?;
                 }
             }
+            900 => self.delete_document(true).await?,
             _ => {
                 // Every client reads what arrived.
                 for i in 0..n {
@@ -960,7 +1010,12 @@ impl Sim {
     /// acknowledged; then every op acknowledged so far is of a deleted generation (none
     /// may come back, a crash and recovery included), the clients that have it open
     /// must be told (`Error` 32), and the id starts again, empty.
-    async fn delete_document(&mut self) -> Result<(), Failure> {
+    ///
+    /// `raced`: a client that connects meanwhile opens the document and sends an op
+    /// while the deletion is under way, and half the time the disk fails under the
+    /// tombstone. Unless the deletion holds, that client must not have been told the
+    /// document was deleted (it would drop its edits to a document that is not).
+    async fn delete_document(&mut self, raced: bool) -> Result<(), Failure> {
         let Some(inc) = &self.server else {
             return Ok(());
         };
@@ -980,7 +1035,24 @@ impl Sim {
             }
             history.extend(batch);
         }
-        let deleted = match timeout(CLIENT_WAIT, server.delete_document(&doc)).await {
+        let deleted = if raced {
+            match self.race_deletion(&doc, !history.is_empty()).await? {
+                Raced::Done(deleted) => deleted,
+                Raced::Uncertain { after_lsn } => {
+                    // The disk failed under it, as it was made to: whether it holds is
+                    // known at the restart (`start_server`).
+                    self.uncertain_deletion = Some(UncertainDeletion {
+                        doc,
+                        after_lsn,
+                        history,
+                    });
+                    return Ok(());
+                }
+            }
+        } else {
+            timeout(CLIENT_WAIT, server.delete_document(&doc)).await
+        };
+        let deleted = match deleted {
             Ok(Ok(deleted)) => deleted,
             Ok(Err(e)) => return Err(self.fail(format!("deleting {doc} failed: {e}"))),
             Err(_) => return Err(self.fail(format!("deleting {doc} did not finish"))),
@@ -1000,6 +1072,15 @@ impl Sim {
                 "{doc}: deleted at version {version}, below an op acknowledged at seq {top}"
             )));
         }
+        self.deleted(doc, version, history);
+        Ok(())
+    }
+
+    /// What a deletion of `doc` at `version` that held changes: every op acknowledged so
+    /// far is of a deleted generation, and the clients that have it open must open it
+    /// again.
+    fn deleted(&mut self, doc: String, version: u64, history: Vec<quire::op::SequencedOp>) {
+        self.acked.remove(&doc);
         self.stats.deletions += 1;
         mix(&mut self.digest, version ^ 0xde1e7e);
         self.say(|| format!("{doc} deleted at version {version}"));
@@ -1010,7 +1091,151 @@ impl Sim {
                 c.must_reopen = true;
             }
         }
-        Ok(())
+    }
+
+    /// The deletion of `doc` raced by a client that connects first, then opens the
+    /// document and sends an op while the deletion runs (see `delete_document`): the
+    /// deletion's outcome, which is not known if the disk was made to fail under it (it
+    /// must then fail, and the client must not have been told the document was deleted).
+    async fn race_deletion(&mut self, doc: &str, had_ops: bool) -> Result<Raced, Failure> {
+        use quire::protocol::message::{ErrorCode, Message};
+        const RACER: u64 = 900_100;
+        let Some(inc) = &self.server else {
+            return Ok(Raced::Done(Ok(Ok(None))));
+        };
+        let (server, sequencer) = (inc.server.clone(), inc.sequencer.clone());
+        let (server_end, client_end, wire) = Wire::new(&mut self.rng, self.link);
+        if inc.connect.send(server_end).is_err() {
+            return Ok(Raced::Done(
+                timeout(CLIENT_WAIT, server.delete_document(doc)).await,
+            ));
+        }
+        let mut conn =
+            match timeout(CLIENT_WAIT, Connection::handshake(client_end, RACER, "")).await {
+                Ok(Ok(conn)) => conn,
+                _ => {
+                    wire.cut();
+                    return Ok(Raced::Done(
+                        timeout(CLIENT_WAIT, server.delete_document(doc)).await,
+                    ));
+                }
+            };
+        let fail = self.rng.below(2) == 0;
+        if fail {
+            self.fs.fail_syncs_after(0);
+            self.disk_failing = true;
+            self.stats.sync_failures += 1;
+        }
+        self.raced_deletions += 1;
+        let local_seq = self.raced_deletions;
+        self.sent.insert(OpId {
+            client_id: RACER,
+            local_seq,
+        });
+        self.say(|| format!("{doc} is deleted, raced by a client (the disk failing: {fail})"));
+        // Its tombstone gets a later LSN than every record durable now.
+        let after_lsn = sequencer.wal().durability().durable_lsn;
+        // Half the time the disk writes nothing until the client is answered, so that
+        // its op reaches a deletion not durable yet (otherwise the deletion is often
+        // done first).
+        let paused = self.rng.below(2) == 0;
+        let disk_paused = self.server.as_ref().map(|inc| inc.disk_paused.clone());
+        if let Some(flag) = disk_paused.as_ref().filter(|_| paused) {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let deletion = tokio::spawn({
+            let (server, doc) = (server.clone(), doc.to_owned());
+            async move { server.delete_document(&doc).await }
+        });
+        let mut tombstone_queued = false;
+        if paused && had_ops {
+            for _ in 0..1_000 {
+                if sequencer.version(doc) == 0 {
+                    tombstone_queued = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_micros(10)).await;
+            }
+        }
+        let d = doc.to_owned();
+        let answer = timeout(CLIENT_WAIT, async move {
+            conn.send(Message::Open {
+                doc: d.clone(),
+                known_version: 0,
+            })
+            .await?;
+            let mut version = 0;
+            loop {
+                match conn.recv().await?.message {
+                    Message::Snapshot { version: v, .. } => version = v,
+                    Message::Ops { more: false, .. } => break,
+                    m @ (Message::Error { .. } | Message::Reject { .. }) => return Ok(m),
+                    _ => {}
+                }
+            }
+            conn.send(Message::Submit {
+                doc: d,
+                local_seq,
+                base_version: version,
+                patches: vec![Patch::new(0, 0, "r")],
+            })
+            .await?;
+            loop {
+                if let m @ (Message::Ack { .. } | Message::Reject { .. } | Message::Error { .. }) =
+                    conn.recv().await?.message
+                {
+                    return Ok::<_, ClientError>(m);
+                }
+            }
+        })
+        .await;
+        wire.cut();
+        if let Some(flag) = &disk_paused {
+            flag.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        if tombstone_queued
+            && !matches!(
+                &answer,
+                Ok(Ok(Message::Reject {
+                    code: ErrorCode::Unavailable,
+                    ..
+                }))
+            )
+        {
+            return Err(self.fail(format!(
+                "an op on {doc} while its deletion was not durable got {answer:?}, not Reject 33"
+            )));
+        }
+        let deleted = match timeout(CLIENT_WAIT, deletion).await {
+            Ok(Ok(deleted)) => Ok(deleted),
+            Ok(Err(e)) => return Err(self.fail(format!("the deletion of {doc} panicked: {e}"))),
+            Err(elapsed) => Err(elapsed),
+        };
+        self.say(|| format!("the racing client got {answer:?}; the deletion: {deleted:?}"));
+        if !fail {
+            return Ok(Raced::Done(deleted));
+        }
+        let told_deleted = matches!(
+            &answer,
+            Ok(Ok(Message::Reject {
+                code: ErrorCode::DocumentDeleted,
+                ..
+            } | Message::Error {
+                code: ErrorCode::DocumentDeleted,
+                ..
+            }))
+        );
+        match deleted {
+            Ok(Ok(Some(version))) => Err(self.fail(format!(
+                "{doc} was deleted (at version {version}) although its tombstone's sync failed"
+            ))),
+            Ok(Ok(None)) | Ok(Err(_)) if told_deleted => Err(self.fail(format!(
+                "a client was told {doc} was deleted, which it was not known to be: {answer:?}"
+            ))),
+            Ok(Ok(None)) => Ok(Raced::Done(Ok(Ok(None)))),
+            Ok(Err(_)) => Ok(Raced::Uncertain { after_lsn }),
+            Err(_) => Err(self.fail(format!("deleting {doc} did not finish"))),
+        }
     }
 
     /// Checks after every step.
@@ -1103,6 +1328,14 @@ impl Sim {
             let Some((&top, id)) = by_seq.iter().next_back() else {
                 continue;
             };
+            if self
+                .uncertain_deletion
+                .as_ref()
+                .is_some_and(|u| &u.doc == doc)
+            {
+                // Forgotten by the server with its deletion, which the restart settles.
+                continue;
+            }
             let durable = match sequencer.read(doc).await {
                 Ok(view) => view.map_or(0, |v| v.version),
                 Err(_) => continue,
