@@ -465,6 +465,39 @@ impl LocalSequencer {
             .cloned()
     }
 
+    /// The refusal of an op to `doc_id`, deleted at `version` by the tombstone at `lsn`
+    /// (`None`: the deletion is finished), made on the deleted document or (`of_deleted`
+    /// false) on a new one under the same id. With the log failed, whether the deletion
+    /// holds is known only after the restart: a storage failure (the client keeps the op
+    /// and resends it then), never "deleted", which has the client drop its edits. While
+    /// the tombstone is not durable, it may still fail: "retry" (code 33). Once it is,
+    /// an op of the deleted document is refused as deleted; one of a new document is told
+    /// to retry until the deletion is finished (its id is then free again).
+    fn refusal_during_deletion(
+        &self,
+        doc_id: &str,
+        lsn: Option<Lsn>,
+        version: u64,
+        of_deleted: bool,
+    ) -> SubmitError {
+        if let Some(failure) = self.shared.wal.failure() {
+            return SubmitError::Storage(failure);
+        }
+        let durable = lsn.is_none_or(|lsn| self.shared.wal.durability().outcome(lsn) == Some(true));
+        match (durable, of_deleted) {
+            (true, true) => deleted(doc_id, version),
+            (true, false) => SubmitError::Unavailable(format!(
+                "document {doc_id:?} was deleted at version {version} and the deletion is \
+                 being finished; nothing was applied: retry (it then starts anew, empty, at \
+                 version 0)"
+            )),
+            (false, _) => SubmitError::Unavailable(format!(
+                "document {doc_id:?} is being deleted and whether it will be is not known \
+                 yet; nothing was applied: retry"
+            )),
+        }
+    }
+
     fn doc_or_create(&self, doc_id: &str) -> Result<DocRef, SubmitError> {
         if let Some(doc) = self.doc(doc_id) {
             return Ok(doc);
@@ -479,22 +512,9 @@ impl LocalSequencer {
             .unwrap_or_else(|p| p.into_inner())
             .get(doc_id)
         {
-            // With the log failed, the deletion may never be durable (nor the document
-            // gone after a restart): not refused as deleted (see `submit`). Nor while
-            // its tombstone is not durable yet: it may still fail.
-            return Err(match self.shared.wal.durability().outcome(lsn) {
-                Some(true) => deleted(doc_id, version),
-                Some(false) => SubmitError::Storage(
-                    self.shared
-                        .wal
-                        .failure()
-                        .unwrap_or_else(|| Arc::from("the log failed")),
-                ),
-                None => SubmitError::Unavailable(format!(
-                    "document {doc_id:?} is being deleted and whether it will be is not \
-                     known yet; nothing was applied: retry"
-                )),
-            });
+            // An op of a new document under the id (not of the deleted one: its session
+            // opened the id after the tombstone).
+            return Err(self.refusal_during_deletion(doc_id, Some(lsn), version, false));
         }
         Ok(docs
             .entry(Arc::from(doc_id))
@@ -947,13 +967,18 @@ impl Sequencer for LocalSequencer {
         let mut state = lock_doc(&doc);
         if state.deleted {
             // Taken from the map before a deletion took it out: the op is not applied.
-            // With the log failed, whether the deletion is durable is not known: the op
-            // is refused as a storage failure (kept and resent after a restart, which
-            // tells), not as deleted (dropped by its client).
-            if let Some(failure) = self.shared.wal.failure() {
-                return Err(SubmitError::Storage(failure));
-            }
-            return Err(deleted(doc_id, state.version));
+            // (`deleting` after the document's lock is gone: `delete` takes them in the
+            // other order.)
+            let version = state.version;
+            drop(state);
+            let lsn = self
+                .shared
+                .deleting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(doc_id)
+                .map(|&(lsn, _)| lsn);
+            return Err(self.refusal_during_deletion(doc_id, lsn, version, true));
         }
         let client = op.op_id.client_id;
         if let Some(answer) = state.duplicate(op.op_id, op.fingerprint) {
@@ -1904,8 +1929,8 @@ mod tests {
                 .collect();
             assert_eq!(ids, ["other"]);
             assert_eq!(store.delete("doc").unwrap(), Some(deletion));
-            // An op racing the deletion is refused, not applied: told to retry while the
-            // tombstone is not durable (the deletion may still fail), as deleted once it is.
+            // An op racing the deletion (of a new document under the id) is refused, not
+            // applied: told to retry, until the deletion is finished.
             let racing = || SubmitOp {
                 op_id: OpId {
                     client_id: 9,
@@ -1918,14 +1943,15 @@ mod tests {
             };
             assert!(matches!(
                 store.submit("doc", racing()),
-                Err(SubmitError::Unavailable(_))
+                Err(SubmitError::Unavailable(m)) if m.contains("whether")
             ));
             while !durable(&store, deletion.ticket) {
                 assert!(store.step());
             }
+            // Durable: a new document's op waits for the deletion to be finished.
             assert!(matches!(
                 store.submit("doc", racing()),
-                Err(SubmitError::Deleted(_))
+                Err(SubmitError::Unavailable(m)) if m.contains("being finished")
             ));
             // Finishing waits for the tombstone to be durable, then removes the snapshot
             // files.

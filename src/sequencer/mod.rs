@@ -299,7 +299,9 @@ pub trait Sequencer: Send + Sync + 'static {
 
     /// Deletes `doc_id`: appends its tombstone (`wal-format.md`, record type 3) and
     /// forgets the document at once (it is no longer listed or read; a submit to it is
-    /// refused with [`SubmitError::Deleted`] until [`Sequencer::finish_delete`]).
+    /// refused until [`Sequencer::finish_delete`]: [`SubmitError::Unavailable`] while the
+    /// tombstone is not durable, then [`SubmitError::Deleted`] for an op of the deleted
+    /// document and `Unavailable` for one of a new document under the id).
     /// `Ok(None)`: no such document. Deleting a document being deleted gives the first
     /// deletion again. The deletion holds once the ticket is durable; then call
     /// [`Sequencer::finish_delete`]. Blocking (the append may wait for the log).

@@ -159,6 +159,7 @@ mod tests {
             (RefusalKind::Internal, 1),
             (RefusalKind::Crashed, 30),
             (RefusalKind::Deleted, 32),
+            (RefusalKind::Unavailable, 33),
         ];
         for (kind, code) in codes {
             assert_eq!(refusal_code(kind).to_u16(), code, "{kind:?}");
