@@ -1036,7 +1036,9 @@ impl Sim {
             history.extend(batch);
         }
         let deleted = if raced {
-            match self.race_deletion(&doc, !history.is_empty()).await? {
+            // Not `history`, which is empty once the log is truncated.
+            let had_ops = sequencer.version(&doc) > 0;
+            match self.race_deletion(&doc, had_ops).await? {
                 Raced::Done(deleted) => deleted,
                 Raced::Uncertain { after_lsn } => {
                     // The disk failed under it, as it was made to: whether it holds is
