@@ -686,21 +686,8 @@ async fn a_deletion_whose_caller_stops_waiting_is_finished_and_told() {
 /// not as deleted (code 32: the client would drop it). Before, it got code 32 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_op_during_a_deletion_that_fails_is_not_refused_as_deleted() {
-    let fs = SimFs::new();
-    let running = start_on_sim(&fs, ServerConfig::default()).await;
-    let mut conn = Connection::connect(running.addr, 0, "").await.unwrap();
-    assert_eq!(open_raw(&mut conn, "doc").await, 0);
-    let acked = submit_raw(&mut conn, "doc", 1, 0, "hello").await;
-    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    let (fs, running, mut conn, deleting) = a_deletion_under_way().await;
     let _held = HeldSyncs::hold(&fs);
-    let deleting = tokio::spawn({
-        let server = running.server.clone();
-        async move { server.delete_document("doc").await }
-    });
-    // The tombstone is in once the storage forgot the document.
-    while running.store.version("doc") != 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
     conn.send(Message::Submit {
         doc: "doc".into(),
         local_seq: 2,
@@ -743,20 +730,8 @@ async fn an_op_during_a_deletion_that_fails_is_not_refused_as_deleted() {
 /// at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_op_on_a_fresh_open_during_a_deletion_is_told_to_retry() {
-    let fs = SimFs::new();
-    let running = start_on_sim(&fs, ServerConfig::default()).await;
-    let mut conn = Connection::connect(running.addr, 0, "").await.unwrap();
-    assert_eq!(open_raw(&mut conn, "doc").await, 0);
-    let acked = submit_raw(&mut conn, "doc", 1, 0, "hello").await;
-    assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
+    let (fs, running, _conn, deleting) = a_deletion_under_way().await;
     let held = HeldSyncs::hold(&fs);
-    let deleting = tokio::spawn({
-        let server = running.server.clone();
-        async move { server.delete_document("doc").await }
-    });
-    while running.store.version("doc") != 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
     let mut fresh = Connection::connect(running.addr, 0, "").await.unwrap();
     let v = open_raw(&mut fresh, "doc").await;
     let answer = tokio::time::timeout(
@@ -836,23 +811,38 @@ async fn an_op_on_a_fresh_open_after_a_deletion_that_failed_is_refused_as_a_stor
 }
 
 /// A server on the simulated disk whose document "doc" (op 1 acknowledged, open on the
-/// connection returned) was being deleted when the log failed under the tombstone:
-/// the deletion returned an error.
-async fn a_deletion_that_failed() -> (Running, Connection) {
+/// connection returned) is being deleted: its tombstone is in the log, and the disk
+/// holds its syncs (the caller releases them, best with a [`HeldSyncs`]).
+async fn a_deletion_under_way() -> (
+    SimFs,
+    Running,
+    Connection,
+    tokio::task::JoinHandle<Result<Option<u64>, quire::server::DeleteError>>,
+) {
     let fs = SimFs::new();
     let running = start_on_sim(&fs, ServerConfig::default()).await;
     let mut conn = Connection::connect(running.addr, 0, "").await.unwrap();
     assert_eq!(open_raw(&mut conn, "doc").await, 0);
     let acked = submit_raw(&mut conn, "doc", 1, 0, "hello").await;
     assert!(matches!(acked, Message::Ack { seq: 1, .. }), "{acked:?}");
-    let _held = HeldSyncs::hold(&fs);
+    fs.hold_syncs();
     let deleting = tokio::spawn({
         let server = running.server.clone();
         async move { server.delete_document("doc").await }
     });
+    // The tombstone is in once the storage forgot the document.
     while running.store.version("doc") != 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    (fs, running, conn, deleting)
+}
+
+/// A server on the simulated disk whose document "doc" (op 1 acknowledged, open on the
+/// connection returned) was being deleted when the log failed under the tombstone:
+/// the deletion returned an error.
+async fn a_deletion_that_failed() -> (Running, Connection) {
+    let (fs, running, conn, deleting) = a_deletion_under_way().await;
+    let _held = HeldSyncs::hold(&fs);
     fs.fail_syncs_after(0);
     fs.release_syncs();
     let failed = deleting.await.unwrap();
