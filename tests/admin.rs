@@ -732,20 +732,8 @@ async fn an_op_during_a_deletion_that_fails_is_not_refused_as_deleted() {
 async fn an_op_on_a_fresh_open_during_a_deletion_is_told_to_retry() {
     let (fs, running, _conn, deleting) = a_deletion_under_way().await;
     let held = HeldSyncs::hold(&fs);
-    let mut fresh = Connection::connect(running.addr, 0, "").await.unwrap();
-    let v = open_raw(&mut fresh, "doc").await;
-    let answer = tokio::time::timeout(
-        Duration::from_secs(10),
-        submit_raw(&mut fresh, "doc", 1, v, "x"),
-    )
-    .await
-    .expect("answered within 10 s");
-    match answer {
-        Message::Reject { code, message, .. } => {
-            assert_eq!(code, ErrorCode::Unavailable, "{message}")
-        }
-        other => panic!("expected Reject 33, got {other:?}"),
-    }
+    let (code, message) = refusal_on_a_fresh_open(&running).await;
+    assert_eq!(code, ErrorCode::Unavailable, "{message}");
     fs.fail_syncs_after(0);
     drop(held);
     let failed = deleting.await.unwrap();
@@ -794,6 +782,13 @@ async fn an_op_after_a_deletion_that_failed_is_refused_as_a_storage_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_op_on_a_fresh_open_after_a_deletion_that_failed_is_refused_as_a_storage_failure() {
     let (running, _conn) = a_deletion_that_failed().await;
+    let (code, message) = refusal_on_a_fresh_open(&running).await;
+    assert_eq!(code, ErrorCode::StorageFailed, "{message}");
+}
+
+/// The `Reject` (code and message) of an op sent to "doc" on a new connection that opens
+/// it; anything else, or no answer within 10 s, fails the test.
+async fn refusal_on_a_fresh_open(running: &Running) -> (ErrorCode, String) {
     let mut fresh = Connection::connect(running.addr, 0, "").await.unwrap();
     let v = open_raw(&mut fresh, "doc").await;
     let answer = tokio::time::timeout(
@@ -803,10 +798,8 @@ async fn an_op_on_a_fresh_open_after_a_deletion_that_failed_is_refused_as_a_stor
     .await
     .expect("answered within 10 s");
     match answer {
-        Message::Reject { code, message, .. } => {
-            assert_eq!(code, ErrorCode::StorageFailed, "{message}")
-        }
-        other => panic!("expected Reject 30, got {other:?}"),
+        Message::Reject { code, message, .. } => (code, message),
+        other => panic!("expected a Reject, got {other:?}"),
     }
 }
 
