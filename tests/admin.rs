@@ -741,6 +741,52 @@ async fn an_op_on_a_fresh_open_during_a_deletion_is_told_to_retry() {
     running.stop().await;
 }
 
+/// A client whose op is told to retry (code 33) while its document is being deleted is
+/// served the document on each connection and refused the op again: its reconnect
+/// backoff keeps growing across those connections instead of starting over at each
+/// `Welcome` (before, it asked again every `backoff_min`, attempt 1 each time), and its
+/// edit gets in once the deletion is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_told_to_retry_during_a_deletion_backs_off_and_gets_there_after_it() {
+    use quire::client::{ConnectionState, Event};
+    let (fs, running, _conn, deleting) = a_deletion_under_way().await;
+    let held = HeldSyncs::hold(&fs);
+    let client = quire::client::Client::connect(common::client_config(running.addr))
+        .await
+        .unwrap();
+    client.wait_connected().await.unwrap();
+    let (doc, mut events) = client.open_with_events("doc").await.unwrap();
+    doc.edit(&[Patch::new(0, 0, "kept")]).await.unwrap();
+    let mut attempts = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while attempts.len() < 4 {
+            if let Some(Event::Connection(ConnectionState::Reconnecting { attempt, .. })) =
+                events.recv().await
+            {
+                attempts.push(attempt);
+            }
+        }
+    })
+    .await
+    .expect("the client keeps retrying");
+    assert_eq!(attempts, vec![1, 2, 3, 4]);
+    assert!(!doc.is_synced());
+
+    drop(held);
+    deleting.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), doc.synced())
+        .await
+        .expect("synced once the deletion is done")
+        .unwrap();
+    assert_eq!(doc.text(), "kept");
+    let ops = running.store.ops_after("doc", 0, 1).unwrap().unwrap();
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0].patches, vec![Patch::new(0, 0, "kept")]);
+    drop(doc);
+    client.shutdown().await;
+    running.stop().await;
+}
+
 /// A deletion that failed with the log leaves the session that had the document open
 /// with a copy the server dropped: an op to it is refused as a storage failure (30),
 /// not as deleted (32), and does not reach the sequencer, which no longer holds the

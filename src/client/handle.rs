@@ -192,7 +192,9 @@ pub struct ClientConfig {
     /// unanswered), or a connect and handshake take longer.
     pub timeout: Duration,
     /// Reconnect delays: doubling from `backoff_min` up to `backoff_max`, each with
-    /// random jitter (a half to the whole of it).
+    /// random jitter (a half to the whole of it). The delay starts over at `backoff_min`
+    /// once the client makes progress (an op acknowledged, or a document served with no
+    /// op in flight), not on every connect.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     /// How long [`Client::shutdown`] waits for pending edits to be acknowledged.
@@ -372,7 +374,7 @@ impl Client {
             store: store.clone(),
             docs: BTreeMap::new(),
             shutdown: None,
-            redirect_loop: false,
+            attempt: 0,
             home: 0,
         };
         let task = tokio::spawn(driver.run());
@@ -975,10 +977,13 @@ struct Driver<C: Connector> {
     /// Shutdown asked: the reply, and the time after which pending edits stop being
     /// waited for.
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
-    /// The connections were dropped because a document was redirected too often
-    /// ([`MAX_REDIRECTS`]): the reconnect backoff keeps growing across connections
-    /// until a document makes progress.
-    redirect_loop: bool,
+    /// Connections lost since the last progress: the reconnect backoff doubles with
+    /// each. Progress is an op acknowledged, or a document served with no op of ours in
+    /// flight (or, with no document open, a `Welcome`): a connection that is welcomed
+    /// and then lost without either (a document redirected round in circles, an op
+    /// told to retry while its document is being deleted) does not start the backoff
+    /// over, so such a server is not asked again every `backoff_min`.
+    attempt: u32,
     /// Which node is home: 0 for [`ClientConfig::addr`], `i` for
     /// `fallback_addrs[i - 1]`.
     home: usize,
@@ -1008,7 +1013,6 @@ impl<C: Connector> Driver<C> {
     }
 
     async fn run(mut self) {
-        let mut attempt: u32 = 0;
         loop {
             let connected = {
                 let connector = self.connector.clone();
@@ -1047,8 +1051,9 @@ impl<C: Connector> Driver<C> {
             };
             let ended = match connected {
                 Ok(Ok(conn)) => {
-                    if !self.redirect_loop {
-                        attempt = 0;
+                    if self.docs.is_empty() {
+                        // Nothing else can show progress (see `Driver::attempt`).
+                        self.attempt = 0;
                     }
                     let ended = self.connected(conn).await;
                     // With several addresses, a code 33 moves the home on as a failed
@@ -1103,7 +1108,8 @@ impl<C: Connector> Driver<C> {
             if self.shutdown.is_some() {
                 return self.stop();
             }
-            attempt += 1;
+            self.attempt += 1;
+            let attempt = self.attempt;
             let cap = self
                 .config
                 .backoff_min
@@ -1378,7 +1384,6 @@ impl<C: Connector> Driver<C> {
         doc.redirects += 1;
         if doc.redirects > MAX_REDIRECTS {
             doc.redirects = 0;
-            self.redirect_loop = true;
             return Err(Ended::Lost(format!(
                 "document {name}: redirected {MAX_REDIRECTS} times without progress (last to \
                  {addr})"
@@ -1612,13 +1617,18 @@ impl<C: Connector> Driver<C> {
         }
         // A complete reply: progress (see `MAX_REDIRECTS`).
         doc.redirects = 0;
-        self.redirect_loop = false;
         let at = doc.at.clone();
         let resend: Vec<_> = {
             let mut st = lock(&doc.cell.state);
             st.loaded = true;
             st.doc.all_in_flight().cloned().collect()
         };
+        if resend.is_empty() {
+            // Served, and nothing of ours waits on it: progress (see `Driver::attempt`).
+            // With ops in flight, progress is their ack: the server may serve the
+            // document and still refuse them (told to retry, code 33).
+            self.attempt = 0;
+        }
         for out in resend {
             conn.queue(&at, out.into_submit(name))?;
         }
@@ -1901,9 +1911,9 @@ impl<C: Connector> Driver<C> {
         let Some(doc) = self.docs.get_mut(name) else {
             return Ok(());
         };
-        // Progress (see `MAX_REDIRECTS`).
+        // Progress (see `MAX_REDIRECTS` and `Driver::attempt`).
         doc.redirects = 0;
-        self.redirect_loop = false;
+        self.attempt = 0;
         match &mut doc.phase {
             Phase::Probing {
                 version,

@@ -187,6 +187,13 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   private readonly away = new Map<string, AwayLink>();
   /** Bumped per connection: events of an older socket are ignored. */
   private gen = 0;
+  /**
+   * Connections lost since the last progress: the reconnect delay doubles with each.
+   * Progress is an op acknowledged, or a document served with no op of ours in flight
+   * (or, with no document open, a `Welcome`): a server that welcomes and then breaks
+   * the connection, or serves a document and tells its op to retry (code 33, as while
+   * it is being deleted), is not asked again every `backoffInitialMs`.
+   */
   private attempt = 0;
   private maxFrame = DEFAULT_MAX_FRAME;
   private lastSent = 0;
@@ -578,6 +585,8 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         this.clientId = m.clientId;
         this.maxFrame = m.maxFrame;
         this.welcomed = true;
+        // Nothing else can show progress (see `attempt`).
+        if (this.docs.size === 0) this.attempt = 0;
         for (const h of this.docs.values()) h.doc.maxOpBytes = maxOpBytes(m.maxFrame);
         this.setState({ state: "connected" });
         // The id must be on disk before any op goes out under it.
@@ -607,6 +616,8 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       case "Ack": {
         const h = this.docs.get(m.doc);
         if (!h) return;
+        // Progress (see `attempt`).
+        this.attempt = 0;
         if (h.openState === "probing") return this.probeAnswered(h, m.localSeq, true);
         if (h.doc.inFlight?.out.localSeq !== m.localSeq) return;
         h.redirects = 0;
@@ -771,9 +782,10 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     }
     h.openState = "open";
     h.redirects = 0;
-    // The backoff starts over only once a document is served again: a server that
-    // welcomes and then breaks the connection is not hammered.
-    this.attempt = 0;
+    // Served, and nothing of ours waits on it: progress (see `attempt`). With an op in
+    // flight, progress is its ack: the server may serve the document and still refuse
+    // the op (told to retry, code 33).
+    if (!h.doc.inFlight) this.attempt = 0;
     void this._persist();
     if (h.presence) this._sendFor(h, { type: "Presence", doc: h.id, selections: h.presence });
     h.sent = null;

@@ -97,3 +97,56 @@ test("nodes that redirect to each other make the client back off, its delay grow
   assert.ok(doc.pending);
   await c.close();
 });
+
+test("an op told to retry (code 33) on a document it had: the delay grows, the op gets in after", async () => {
+  // A node that serves the document (at version 3) and answers its op with code 33, as
+  // a cluster node does while the document is being handed over; then acks it. The
+  // client opens it again with the version it has: a catch-up, no snapshot.
+  const net = fakeNetwork();
+  let refusing = true;
+  let text = "abc";
+  let version = 3;
+  const node = net.add("node", (m, reply) => {
+    if (m.type === "Open") {
+      assert.ok(m.knownVersion === 0 || m.knownVersion === version, "only these are asked for");
+      if (m.knownVersion === 0) reply({ type: "Snapshot", doc: m.doc, version, totalLen: [...text].length, text });
+      reply({ type: "Ops", doc: m.doc, more: false, ops: [] });
+    } else if (m.type === "Submit") {
+      if (refusing) {
+        reply({ type: "Reject", doc: m.doc, localSeq: m.localSeq, code: 33, message: "being handed over; retry" });
+      } else {
+        // An insert at 0 on version 3, the document's version.
+        assert.equal(m.baseVersion, version);
+        text = m.patches[0][2] + text;
+        version += 1;
+        reply({ type: "Ack", doc: m.doc, localSeq: m.localSeq, seq: version });
+      }
+    }
+  });
+  const c = await client(node.url, { WebSocket: net.WebSocket, random: () => 1 });
+  const states = [];
+  c.on("state", (s) => s.state === "disconnected" && states.push(s));
+  const doc = c.open("doc");
+  await doc.synced();
+  assert.equal(doc.text(), "abc");
+  await doc.edit([[0, 0, "kept "]]);
+  await waitFor(() => states.length >= 3, "three reconnects");
+  // Served on each connection, the op refused each time: the attempts count on and the
+  // delay doubles (before, each catch-up served started the backoff over: attempt 1).
+  assert.deepEqual(
+    states.slice(0, 3).map((s) => s.attempt),
+    [1, 2, 3],
+  );
+  assert.ok(states[1].retryInMs > states[0].retryInMs && states[2].retryInMs > states[1].retryInMs);
+  assert.ok(doc.pending);
+  refusing = false;
+  await doc.synced();
+  assert.equal(doc.text(), "kept abc");
+  assert.equal(doc.version, 4);
+  assert.equal(text, "kept abc");
+  // The same op each time, under the same id.
+  const submits = node.received.filter((m) => m.type === "Submit");
+  assert.ok(submits.length >= 4);
+  for (const s of submits) assert.deepEqual(s, submits[0]);
+  await c.close();
+});
