@@ -126,6 +126,17 @@ fn applied_nth(node: &Node, doc: &str, i: u64) -> quire::sequencer::Ticket {
     ticket
 }
 
+/// [`applied_nth`] at a node whose journal writes are driven by hand: the write
+/// committed, the op durable.
+async fn committed_nth(node: &Node, doc: &str, i: u64) {
+    let ticket = applied_nth(node, doc, i);
+    assert!(
+        node.seq.replicator().commit_next(),
+        "op {i}'s journal write"
+    );
+    node.seq.wait_durable(ticket).await.unwrap();
+}
+
 /// A document name whose preferred owner among `nodes` is `node`.
 fn doc_for(node: &str, nodes: &[&str]) -> String {
     (0..)
@@ -806,9 +817,7 @@ async fn ops_after_gives_only_ops_whose_journal_write_committed() {
     let d = "d";
     assert_eq!(route(&a, d), Route::Here);
     let submit = |i: u64| applied_nth(&a, d, i);
-    let first = submit(1);
-    assert!(a.seq.replicator().commit_next());
-    a.seq.wait_durable(first).await.unwrap();
+    committed_nth(&a, d, 1).await;
     let second = submit(2);
     // In the local log (durable there), not in the journal.
     let local = a.seq.local();
@@ -928,9 +937,7 @@ async fn a_deletion_whose_answer_is_lost_says_it_is_not_known_and_asking_again_t
     let a = node_driven(&store, "a", Drive::Manual);
     let d = doc_for("a", &["a"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let ticket = applied_nth(&a, &d, 1);
-    assert!(a.seq.replicator().commit_next());
-    a.seq.wait_durable(ticket).await.unwrap();
+    committed_nth(&a, &d, 1).await;
     assert!(!keys_of(&store, &d).is_empty());
     store.fault_next_txn(Fault::ResponseLost);
     let deletion = a.seq.delete(&d).unwrap().expect("a document");
@@ -948,9 +955,7 @@ async fn a_deletion_by_an_owner_replaced_meanwhile_deletes_nothing() {
     let b = node(&store, "b");
     let d = doc_for("a", &["a", "b"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let ticket = applied_nth(&a, &d, 1);
-    assert!(a.seq.replicator().commit_next());
-    a.seq.wait_durable(ticket).await.unwrap();
+    committed_nth(&a, &d, 1).await;
     // Op 2's journal write is queued when the deletion comes, which waits for it.
     let Submitted::Applied { ticket: second, .. } = a.seq.submit(&d, op(1, 2, 1, "2")).unwrap()
     else {
@@ -986,9 +991,7 @@ async fn a_deletion_past_its_patience_deletes_nothing_and_the_document_reloads_w
     let d = doc_for("a", &["a"]);
     assert_eq!(route(&a, &d), Route::Here);
     let submit = |i: u64| applied_nth(&a, &d, i);
-    let first = submit(1);
-    assert!(a.seq.replicator().commit_next());
-    a.seq.wait_durable(first).await.unwrap();
+    committed_nth(&a, &d, 1).await;
     // Op 2's journal write is held back past the deletion's patience.
     let second = submit(2);
     a.seq.set_hand_over_patience(Duration::from_millis(50));
@@ -1078,9 +1081,7 @@ async fn a_deletion_erased_from_the_store_is_reported_done_even_if_the_local_log
     let (a, fs) = node_on_simulated_disk(&store, "a");
     let d = doc_for("a", &["a"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let ticket = applied_nth(&a, &d, 1);
-    assert!(a.seq.replicator().commit_next());
-    a.seq.wait_durable(ticket).await.unwrap();
+    committed_nth(&a, &d, 1).await;
     // Every write so far is durable: the tombstone's sync is the first to fail.
     fs.fail_syncs_after(0);
     let deletion = a.seq.delete(&d).unwrap().expect("a document");
