@@ -659,7 +659,10 @@ async fn doc_text<S: Sequencer>(
 /// reply; its snapshots removed; the sessions that have it open get `Error` 32). The
 /// reply says the version it was deleted at; 404 for a document the storage does not
 /// hold. Its id may be used again afterwards, for a new, empty document. Cluster mode:
-/// 421 at a node that does not serve it, naming the node that does (send it there).
+/// 421 at a node that does not serve it, naming the node that does (send it there);
+/// 503 when nothing was deleted and asking again may succeed ([`DeleteError::Unavailable`]).
+///
+/// [`DeleteError::Unavailable`]: crate::server::DeleteError::Unavailable
 async fn delete_doc<S: Sequencer>(
     State(admin): State<Arc<Admin<S>>>,
     headers: HeaderMap,
@@ -681,11 +684,23 @@ async fn delete_doc<S: Sequencer>(
                 .into_response()
         }
         Ok(None) => problem(StatusCode::NOT_FOUND, &format!("no document {id:?}")),
-        Err(e @ crate::server::DeleteError::Elsewhere(_)) => problem(
+        Err(e) => deletion_refused(&id, &e),
+    }
+}
+
+/// The reply to a `DELETE /docs/ID` that deleted nothing, or may not have.
+fn deletion_refused(id: &str, e: &crate::server::DeleteError) -> Response {
+    use crate::server::DeleteError;
+    match e {
+        DeleteError::Elsewhere(_) => problem(
             StatusCode::MISDIRECTED_REQUEST,
             &format!("document {id:?} is not served here: {e}"),
         ),
-        Err(e) => problem(
+        DeleteError::Unavailable(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("document {id:?} was not deleted; retry: {e}"),
+        ),
+        DeleteError::Failed(_) => problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("deleting {id:?} failed: {e}"),
         ),
@@ -913,4 +928,40 @@ fn dir_bytes(dir: &Path) -> u64 {
         .filter(|m| m.is_file())
         .map(|m| m.len())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::DeleteError;
+
+    /// Each way a deletion is refused has its own status, so that a caller tells "send it
+    /// to that node" (421) from "ask again later" (503) from "it failed" (500).
+    #[test]
+    fn a_refused_deletion_is_answered_by_its_kind() {
+        let owner = crate::sequencer::Owner {
+            addr: Arc::from("10.0.0.2:7400"),
+            ws_url: Arc::from(""),
+        };
+        for (refusal, status) in [
+            (
+                DeleteError::Elsewhere(owner),
+                StatusCode::MISDIRECTED_REQUEST,
+            ),
+            (
+                DeleteError::Unavailable("no thread for its erasure".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                DeleteError::Failed("the log failed".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ] {
+            assert_eq!(
+                deletion_refused("doc", &refusal).status(),
+                status,
+                "{refusal:?}"
+            );
+        }
+    }
 }

@@ -17,7 +17,8 @@ use quire::op::{OpId, Patch};
 use quire::sequencer::cluster::ClusterSequencer;
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::sequencer::{
-    fingerprint, Owner, ReadAtError, Route, Sequencer, SubmitError, SubmitOp, Submitted,
+    fingerprint, DeleteRefused, Owner, ReadAtError, Route, Sequencer, SubmitError, SubmitOp,
+    Submitted,
 };
 
 /// Long, so that the keep-alive threads (every third of it, in real time) never run
@@ -896,7 +897,10 @@ async fn a_deleted_document_leaves_nothing_in_the_store_and_starts_again_empty()
     let before = keys_of(&store, &d);
     assert!(before.len() >= 9, "journal, snapshot, owner: {before:?}");
     // Only its owner deletes it.
-    assert!(b.seq.delete(&d).is_err());
+    assert!(matches!(
+        b.seq.delete(&d),
+        Err(DeleteRefused::Unavailable(_))
+    ));
     let deletion = a.seq.delete(&d).unwrap().expect("a document");
     assert_eq!(deletion.version, 8);
     assert!(
@@ -1036,7 +1040,11 @@ async fn a_deletion_no_thread_can_be_had_for_is_refused_and_deletes_nothing() {
     let keys = keys_of(&store, &d);
     a.seq.refuse_erasure_threads();
     match a.seq.delete(&d) {
-        Err(e) => assert!(e.contains("not deleted") && e.contains("retry"), "{e}"),
+        // Told to retry (HTTP 503 at the admin endpoint), not that the storage failed.
+        Err(DeleteRefused::Unavailable(e)) => {
+            assert!(e.contains("not deleted") && e.contains("retry"), "{e}")
+        }
+        Err(e @ DeleteRefused::Failed(_)) => panic!("expected Unavailable, got {e:?}"),
         Ok(deletion) => panic!("expected a refusal, got {:?}", deletion.map(|d| d.version)),
     }
     assert_eq!(keys_of(&store, &d), keys, "nothing erased from the store");

@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use super::local::LocalSequencer;
 use super::{
-    DocSummary, DocView, Owner, ReadAtError, Route, RouteError, Sequencer, StorageStats,
-    SubmitError, SubmitOp, Submitted, Ticket,
+    DeleteRefused, DocSummary, DocView, Owner, ReadAtError, Route, RouteError, Sequencer,
+    StorageStats, SubmitError, SubmitOp, Submitted, Ticket,
 };
 use crate::cluster::entry::JournalEntry;
 use crate::cluster::ownership::{Claim, ClusterError, CommitError, Epoch, Loaded};
@@ -1187,16 +1187,17 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     /// The ticket is durable once that txn committed; it fails if the document was lost
     /// first (then nothing was deleted: its new owner serves all of it). A document
     /// nobody wrote (version 0) is not deleted: `Ok(None)`.
-    fn delete(&self, doc_id: &str) -> Result<Option<super::Deletion>, Arc<str>> {
+    fn delete(&self, doc_id: &str) -> Result<Option<super::Deletion>, DeleteRefused> {
         let inner = &self.inner;
+        // Routed here a moment ago: a document no longer served here moved meanwhile.
         let Some(tenancy) = inner.tenancy(doc_id) else {
-            return Err(Arc::from(format!(
+            return Err(DeleteRefused::Unavailable(Arc::from(format!(
                 "document {doc_id:?} is not served by this node; delete it at its owner"
-            )));
+            ))));
         };
-        let mut serving = inner
-            .serving(doc_id, &tenancy)
-            .map_err(|e| Arc::from(format!("document {doc_id:?}: {e}")))?;
+        let mut serving = inner.serving(doc_id, &tenancy).map_err(|e| {
+            DeleteRefused::Unavailable(Arc::from(format!("document {doc_id:?}: {e}")))
+        })?;
         if inner.local.version(doc_id) == 0 {
             return Ok(None);
         }
@@ -1206,10 +1207,10 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
             None
         } else {
             Some(inner.eraser().map_err(|e| {
-                Arc::from(format!(
+                DeleteRefused::Unavailable(Arc::from(format!(
                     "document {doc_id:?} was not deleted: no thread for its erasure ({e}); \
                      retry"
-                ))
+                )))
             })?)
         };
         let Some(local) = inner.local.delete(doc_id)? else {

@@ -24,8 +24,8 @@ use super::maintenance::{self, Request};
 pub use super::state::LocalConfig;
 use super::state::{lock_doc, DocRef, DocState, DocText, Shared};
 use super::{
-    Dedupe, Deletion, DocSummary, DocView, ReadAtError, Sequencer, StorageStats, SubmitError,
-    SubmitOp, Submitted, Ticket,
+    Dedupe, DeleteRefused, Deletion, DocSummary, DocView, ReadAtError, Sequencer, StorageStats,
+    SubmitError, SubmitOp, Submitted, Ticket,
 };
 use crate::op::{validate_doc_id, OpId, SequencedOp};
 use crate::sequencer::state::Deferred;
@@ -689,7 +689,7 @@ impl LocalSequencer {
     /// files removed, its id free for [`LocalSequencer::install`]. Blocking: it waits
     /// for the tombstone to be durable.
     pub fn evict(&self, doc_id: &str) -> Result<(), Arc<str>> {
-        self.delete(doc_id)?;
+        self.delete(doc_id).map_err(|e| Arc::from(e.to_string()))?;
         self.finish_delete(doc_id)
     }
 
@@ -1027,7 +1027,7 @@ impl Sequencer for LocalSequencer {
         })
     }
 
-    fn delete(&self, doc_id: &str) -> Result<Option<Deletion>, Arc<str>> {
+    fn delete(&self, doc_id: &str) -> Result<Option<Deletion>, DeleteRefused> {
         // The map's write lock first (as `doc_or_create`), then `deleting`, then the
         // document's own lock: no op of it is sequenced between its tombstone and its
         // removal, and none is created anew until `finish_delete`.
@@ -1052,11 +1052,10 @@ impl Sequencer for LocalSequencer {
             version: state.version,
             timestamp_ms: now_ms(),
         };
-        let lsn = self
-            .shared
-            .wal
-            .append_tombstone(&tombstone)
-            .map_err(|e| Arc::from(format!("deleting {doc_id:?}: {e}")))?;
+        let lsn =
+            self.shared.wal.append_tombstone(&tombstone).map_err(|e| {
+                DeleteRefused::Failed(Arc::from(format!("deleting {doc_id:?}: {e}")))
+            })?;
         state.deleted = true;
         docs.remove(doc_id);
         deleting.insert(Arc::from(doc_id), (lsn, tombstone.version));

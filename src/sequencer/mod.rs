@@ -237,6 +237,24 @@ pub struct Deletion {
     pub ticket: Ticket,
 }
 
+/// Why [`Sequencer::delete`] deleted nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteRefused {
+    /// Not now, nothing being wrong with the document or the storage (cluster mode: the
+    /// document is moving, or no thread could be had for its erasure): retry.
+    Unavailable(Arc<str>),
+    /// The storage failed (the log), or cannot delete documents.
+    Failed(Arc<str>),
+}
+
+impl std::fmt::Display for DeleteRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeleteRefused::Unavailable(m) | DeleteRefused::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
 /// A document's state as of a durable version.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocView {
@@ -305,9 +323,11 @@ pub trait Sequencer: Send + Sync + 'static {
     /// `Ok(None)`: no such document. Deleting a document being deleted gives the first
     /// deletion again. The deletion holds once the ticket is durable; then call
     /// [`Sequencer::finish_delete`]. Blocking (the append may wait for the log).
-    fn delete(&self, doc_id: &str) -> Result<Option<Deletion>, Arc<str>> {
+    fn delete(&self, doc_id: &str) -> Result<Option<Deletion>, DeleteRefused> {
         let _ = doc_id;
-        Err(Arc::from("this storage cannot delete documents"))
+        Err(DeleteRefused::Failed(Arc::from(
+            "this storage cannot delete documents",
+        )))
     }
 
     /// Completes a deletion once its tombstone is durable: removes the document's

@@ -1113,7 +1113,10 @@ impl<S: Subscriber> Document<S> {
     /// the deletion is durable waits for its outcome ([`SubmitOutcome::AfterDeletion`]):
     /// the caller reports it with [`Document::deleted`], [`Document::moved`] or
     /// [`Document::deletion_failed`]. `Ok(None)`: the sequencer does not hold it.
-    pub fn delete<Q: Sequencer>(&self, sequencer: &Q) -> Result<Option<Deletion>, Arc<str>> {
+    pub fn delete<Q: Sequencer>(
+        &self,
+        sequencer: &Q,
+    ) -> Result<Option<Deletion>, crate::sequencer::DeleteRefused> {
         let mut state = self.lock();
         let deletion = sequencer.delete(&self.id)?;
         if deletion.is_some() {

@@ -152,6 +152,9 @@ impl ServerConfig {
 pub enum DeleteError {
     /// Another node serves it (cluster mode): delete it there.
     Elsewhere(crate::sequencer::Owner),
+    /// Nothing was deleted, and asking again later may succeed (cluster mode: no node
+    /// serves the document right now, or this node could not start its erasure).
+    Unavailable(String),
     /// The deletion failed: the storage, or (cluster mode) the document moved meanwhile.
     Failed(String),
 }
@@ -164,7 +167,7 @@ impl std::fmt::Display for DeleteError {
                 "the node advertised as {} serves it; delete it there",
                 owner.addr
             ),
-            DeleteError::Failed(why) => f.write_str(why),
+            DeleteError::Unavailable(why) | DeleteError::Failed(why) => f.write_str(why),
         }
     }
 }
@@ -280,7 +283,9 @@ impl<S: Sequencer> Server<S> {
                 Ok(crate::sequencer::Route::Elsewhere(owner)) => {
                     return Err(DeleteError::Elsewhere(owner))
                 }
-                Err(e) => return Err(DeleteError::Failed(e.to_string())),
+                Err(e @ crate::sequencer::RouteError::Unavailable(_)) => {
+                    return Err(DeleteError::Unavailable(e.to_string()))
+                }
             }
         }
         let (deletion, document) = {
@@ -292,7 +297,14 @@ impl<S: Sequencer> Server<S> {
                 Some(document) => document.delete(&*self.sequencer),
                 None => self.sequencer.delete(id),
             }
-            .map_err(|e| DeleteError::Failed(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::sequencer::DeleteRefused::Unavailable(why) => {
+                    DeleteError::Unavailable(why.to_string())
+                }
+                crate::sequencer::DeleteRefused::Failed(why) => {
+                    DeleteError::Failed(why.to_string())
+                }
+            })?;
             if deletion.is_some() && document.is_some() {
                 docs.remove(id);
             }

@@ -163,6 +163,8 @@ struct Stats {
     deletions_elsewhere: u64,
     /// Deletions that failed (and deleted nothing: checked).
     deletions_failed: u64,
+    /// Deletions told to retry (nothing deleted: checked).
+    deletions_retry: u64,
     /// Of those, failures after which the document was gone (the txn committed, its
     /// response lost): a deletion whose outcome the administrator is not told.
     deletions_unknown: u64,
@@ -759,6 +761,20 @@ impl World {
                     self.deleted_generation(&doc);
                     return Ok(());
                 }
+                Ok(Err(DeleteError::Unavailable(e))) => {
+                    // Told to retry: refused before anything was erased, so none of its
+                    // keys can be gone (the test for "gone" of a failure, below).
+                    let now = self.stored(&doc);
+                    if !existed.is_empty() && existed.is_disjoint(&now) {
+                        return Err(self.fail(format!(
+                            "{doc}: deleting it at n{at} was refused as unavailable ({e}), yet \
+                             none of its keys is left"
+                        )));
+                    }
+                    self.stats.deletions_retry += 1;
+                    self.say(|| format!("{doc}: deleting it at n{at}: told to retry: {e}"));
+                    return Ok(());
+                }
                 Ok(Err(DeleteError::Failed(e))) => {
                     // Erased in one txn whose answer was lost: none of the keys it held
                     // is left as it was (it may be claimed and written anew meanwhile,
@@ -998,7 +1014,7 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
     let outcome = rt.block_on(world.run(steps));
     let s = &world.stats;
     let line = format!(
-        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses, {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} times offline, {} deletions ({} asked of another node, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
+        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses, {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} times offline, {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
         world.apps.len(),
         world.docs.len(),
         world.elapsed,
@@ -1016,6 +1032,7 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
         s.offline,
         s.deletions,
         s.deletions_elsewhere,
+        s.deletions_retry,
         s.deletions_failed,
         s.deletions_unknown,
         s.acks_of_deleted,

@@ -11,8 +11,8 @@ use quire::op::{OpId, SequencedOp};
 use quire::sequencer::local::LocalSequencer;
 use quire::sequencer::Sequencer;
 use quire::sequencer::{
-    Deletion, DocSummary, DocView, ReadAtError, StorageStats, SubmitError, SubmitOp, Submitted,
-    Ticket,
+    DeleteRefused, Deletion, DocSummary, DocView, ReadAtError, StorageStats, SubmitError, SubmitOp,
+    Submitted, Ticket,
 };
 use quire::wal::vfs::sim::SplitMix;
 use tokio::sync::Notify;
@@ -70,7 +70,7 @@ impl Sequencer for SimSequencer {
         submitted
     }
 
-    fn delete(&self, doc_id: &str) -> Result<Option<Deletion>, Arc<str>> {
+    fn delete(&self, doc_id: &str) -> Result<Option<Deletion>, DeleteRefused> {
         let deleted = self.inner.delete(doc_id);
         self.work.notify_one();
         deleted
