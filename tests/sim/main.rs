@@ -261,6 +261,9 @@ enum Raced {
 /// A deletion whose outcome the next restart tells (`Raced::Uncertain`).
 struct UncertainDeletion {
     doc: String,
+    /// The document's version as the deletion began (the racing client's op may come
+    /// before its tombstone).
+    version: u64,
     after_lsn: u64,
     /// The document's history just before the deletion.
     history: Vec<quire::op::SequencedOp>,
@@ -394,15 +397,25 @@ impl Sim {
         let sequencer = Arc::new(sequencer);
         let disk_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some(u) = self.uncertain_deletion.take() {
-            // Whether its tombstone is in the log now, where only it can be.
+            // Held if its tombstone is in the log now, after the records that were
+            // durable before it was queued, where only it can be. Then recovery starts
+            // the document anew (nothing could be written to it after the tombstone).
+            // Otherwise it is as it was (its ops checked as every document's are).
             let end = sequencer.wal().durability().durable_lsn;
             let held = sequencer.wal().with_index(|index| {
                 (u.after_lsn + 1..=end).any(|lsn| index.tombstone_at(lsn).is_some())
             });
-            let version = u.history.last().map_or(0, |o| o.seq);
+            let recovered = sequencer.version(&u.doc);
             self.say(|| format!("{}: the deletion that failed held: {held}", u.doc));
+            if held && recovered != 0 {
+                return Err(self.fail(format!(
+                    "{}: deleted by a deletion that failed, its tombstone after LSN {} in the \
+                     log, yet recovered at version {recovered}",
+                    u.doc, u.after_lsn
+                )));
+            }
             if held {
-                self.deleted(u.doc, version, u.history);
+                self.deleted(u.doc, u.version, u.history);
             }
         }
         let (sim_sequencer, disk) = SimSequencer::new(
@@ -1037,14 +1050,15 @@ impl Sim {
         }
         let deleted = if raced {
             // Not `history`, which is empty once the log is truncated.
-            let had_ops = sequencer.version(&doc) > 0;
-            match self.race_deletion(&doc, had_ops).await? {
+            let version = sequencer.version(&doc);
+            match self.race_deletion(&doc, version > 0).await? {
                 Raced::Done(deleted) => deleted,
                 Raced::Uncertain { after_lsn } => {
                     // The disk failed under it, as it was made to: whether it holds is
                     // known at the restart (`start_server`).
                     self.uncertain_deletion = Some(UncertainDeletion {
                         doc,
+                        version,
                         after_lsn,
                         history,
                     });
