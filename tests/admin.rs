@@ -748,7 +748,6 @@ async fn an_op_on_a_fresh_open_during_a_deletion_is_told_to_retry() {
 /// edit gets in once the deletion is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_told_to_retry_during_a_deletion_backs_off_and_gets_there_after_it() {
-    use quire::client::{ConnectionState, Event};
     let (fs, running, _conn, deleting) = a_deletion_under_way().await;
     let held = HeldSyncs::hold(&fs);
     let client = quire::client::Client::connect(common::client_config(running.addr))
@@ -757,18 +756,7 @@ async fn a_client_told_to_retry_during_a_deletion_backs_off_and_gets_there_after
     client.wait_connected().await.unwrap();
     let (doc, mut events) = client.open_with_events("doc").await.unwrap();
     doc.edit(&[Patch::new(0, 0, "kept")]).await.unwrap();
-    let mut attempts = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while attempts.len() < 4 {
-            if let Some(Event::Connection(ConnectionState::Reconnecting { attempt, .. })) =
-                events.recv().await
-            {
-                attempts.push(attempt);
-            }
-        }
-    })
-    .await
-    .expect("the client keeps retrying");
+    let attempts = common::reconnect_attempts(&mut events, 4).await;
     assert_eq!(attempts, vec![1, 2, 3, 4]);
     assert!(!doc.is_synced());
 

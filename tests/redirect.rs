@@ -800,7 +800,6 @@ async fn the_client_follows_redirects_over_several_connections_and_every_edit_la
 
 #[tokio::test]
 async fn a_client_sent_round_in_circles_backs_off_and_gets_there_once_the_cluster_agrees() {
-    use quire::client::{ConnectionState, Event};
     let cluster = Cluster::start().await;
     cluster.table.set("loop", Owned::PingPong);
     let x = quire::client::Client::connect(common::client_config(cluster.addr(0)))
@@ -812,18 +811,7 @@ async fn a_client_sent_round_in_circles_backs_off_and_gets_there_once_the_cluste
     doc.edit(&[Patch::new(0, 0, "kept")]).await.unwrap();
     // It reconnects with a backoff that keeps growing while the document makes no
     // progress: no attempt count goes back to 1 in between.
-    let mut attempts = Vec::new();
-    tokio::time::timeout(HANG, async {
-        while attempts.len() < 4 {
-            if let Some(Event::Connection(ConnectionState::Reconnecting { attempt, .. })) =
-                events.recv().await
-            {
-                attempts.push(attempt);
-            }
-        }
-    })
-    .await
-    .expect("the client keeps retrying");
+    let attempts = common::reconnect_attempts(&mut events, 4).await;
     assert_eq!(attempts, vec![1, 2, 3, 4]);
     assert!(!doc.is_synced());
 

@@ -502,3 +502,24 @@ pub fn long_lived_branches_trace() -> (Vec<u8>, &'static str) {
     );
     (json, end)
 }
+
+/// The attempt numbers of the next `n` reconnects a client's events tell of (each
+/// `ConnectionState::Reconnecting`); fails the test if they do not come within 30 s.
+pub async fn reconnect_attempts(events: &mut quire::client::Events, n: usize) -> Vec<u32> {
+    use quire::client::{ConnectionState, Event};
+    let mut attempts = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while attempts.len() < n {
+            match events.recv().await {
+                Some(Event::Connection(ConnectionState::Reconnecting { attempt, .. })) => {
+                    attempts.push(attempt)
+                }
+                Some(_) => {}
+                None => panic!("the client stopped; reconnects so far: {attempts:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} reconnects within 30 s; got {attempts:?}"));
+    attempts
+}
