@@ -745,7 +745,9 @@ async fn an_op_on_a_fresh_open_during_a_deletion_is_told_to_retry() {
 /// served the document on each connection and refused the op again: its reconnect
 /// backoff keeps growing across those connections instead of starting over at each
 /// `Welcome` (before, it asked again every `backoff_min`, attempt 1 each time), and its
-/// edit gets in once the deletion is done.
+/// edit gets in once the deletion is done. Another document it has open, served on
+/// each of those connections, does not start the backoff over either (it did, after
+/// the first fix: the review of 0904b4c).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_told_to_retry_during_a_deletion_backs_off_and_gets_there_after_it() {
     let (fs, running, _conn, deleting) = a_deletion_under_way().await;
@@ -754,6 +756,7 @@ async fn a_client_told_to_retry_during_a_deletion_backs_off_and_gets_there_after
         .await
         .unwrap();
     client.wait_connected().await.unwrap();
+    let idle = client.open("idle").await.unwrap();
     let (doc, mut events) = client.open_with_events("doc").await.unwrap();
     doc.edit(&[Patch::new(0, 0, "kept")]).await.unwrap();
     let attempts = common::reconnect_attempts(&mut events, 4).await;
@@ -767,10 +770,11 @@ async fn a_client_told_to_retry_during_a_deletion_backs_off_and_gets_there_after
         .expect("synced once the deletion is done")
         .unwrap();
     assert_eq!(doc.text(), "kept");
+    assert!(idle.is_synced());
     let ops = running.store.ops_after("doc", 0, 1).unwrap().unwrap();
     assert_eq!(ops.len(), 1);
     assert_eq!(ops[0].patches, vec![Patch::new(0, 0, "kept")]);
-    drop(doc);
+    drop((doc, idle));
     client.shutdown().await;
     running.stop().await;
 }

@@ -194,7 +194,9 @@ pub struct ClientConfig {
     /// Reconnect delays: doubling from `backoff_min` up to `backoff_max`, each with
     /// random jitter (a half to the whole of it). The delay starts over at `backoff_min`
     /// once the client makes progress (an op acknowledged, or a document served with no
-    /// op in flight), not on every connect.
+    /// op in flight; with no document open, a `Welcome`), not on every connect; and not
+    /// when the connection is dropped for a document that made none (an op told to
+    /// retry, code 33, or redirects round in circles), whatever other documents did.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     /// How long [`Client::shutdown`] waits for pending edits to be acknowledged.
@@ -375,6 +377,7 @@ impl Client {
             docs: BTreeMap::new(),
             shutdown: None,
             attempt: 0,
+            redirect_loop: false,
             home: 0,
         };
         let task = tokio::spawn(driver.run());
@@ -862,15 +865,17 @@ struct OpenDoc {
     closing: bool,
     /// The connection that carries it: the home one, or one a `Redirect` named.
     at: At,
-    /// `Redirect`s followed since its last progress (an ack, or a complete `Open`
-    /// reply): past [`MAX_REDIRECTS`], the client backs off as after a lost connection.
+    /// `Redirect`s followed since its last progress (an ack, or a complete `Open` reply
+    /// with none of its ops in flight): past [`MAX_REDIRECTS`], the client backs off as
+    /// after a lost connection.
     redirects: u32,
 }
 
 /// Redirects of one document the client follows in a row without progress (an ack of
-/// one of its ops, or a complete reply to its `Open`) before it treats the cluster as
-/// unreachable: it drops its connections and reconnects with backoff (which keeps
-/// growing until some document makes progress). Owners that keep pointing at each
+/// one of its ops, or a complete reply to its `Open` with none of its ops in flight)
+/// before it treats the cluster as unreachable: it drops its connections and reconnects
+/// with backoff (which keeps growing until a document makes progress on a connection
+/// that is not dropped for another's lack of it). Owners that keep pointing at each
 /// other (a cluster being reconfigured) then cost a few messages per backoff period.
 pub const MAX_REDIRECTS: u32 = 8;
 
@@ -980,10 +985,15 @@ struct Driver<C: Connector> {
     /// Connections lost since the last progress: the reconnect backoff doubles with
     /// each. Progress is an op acknowledged, or a document served with no op of ours in
     /// flight (or, with no document open, a `Welcome`): a connection that is welcomed
-    /// and then lost without either (a document redirected round in circles, an op
-    /// told to retry while its document is being deleted) does not start the backoff
-    /// over, so such a server is not asked again every `backoff_min`.
+    /// and then lost without either does not start the backoff over. A connection
+    /// dropped for a document that makes no progress (an op told to retry, code 33, or
+    /// a document redirected round in circles) keeps the count it had when it was made,
+    /// whatever the other documents did meanwhile: such a server is not asked again
+    /// every `backoff_min` because another document of the client is served.
     attempt: u32,
+    /// The connections are being dropped because a document was redirected round in
+    /// circles ([`MAX_REDIRECTS`]): see `attempt`.
+    redirect_loop: bool,
     /// Which node is home: 0 for [`ClientConfig::addr`], `i` for
     /// `fallback_addrs[i - 1]`.
     home: usize,
@@ -1055,7 +1065,14 @@ impl<C: Connector> Driver<C> {
                         // Nothing else can show progress (see `Driver::attempt`).
                         self.attempt = 0;
                     }
+                    let at_connect = self.attempt;
                     let ended = self.connected(conn).await;
+                    // Dropped for a document that makes no progress: the backoff grows
+                    // on from where it was, whatever other documents did.
+                    let looped = std::mem::take(&mut self.redirect_loop);
+                    if looped || matches!(ended, Ended::Unavailable(_)) {
+                        self.attempt = at_connect;
+                    }
                     // With several addresses, a code 33 moves the home on as a failed
                     // attempt does: a node cut off from etcd answers it for every
                     // document, for as long as it is cut off, while the others serve.
@@ -1110,10 +1127,11 @@ impl<C: Connector> Driver<C> {
             }
             self.attempt += 1;
             let attempt = self.attempt;
+            // `backoff_min` for the first attempt, doubling from there.
             let cap = self
                 .config
                 .backoff_min
-                .saturating_mul(1 << attempt.min(16))
+                .saturating_mul(1 << (attempt - 1).min(16))
                 .min(self.config.backoff_max);
             // Equal jitter: a half to the whole of the delay, so that clients cut off at
             // once do not all come back at once.
@@ -1384,6 +1402,7 @@ impl<C: Connector> Driver<C> {
         doc.redirects += 1;
         if doc.redirects > MAX_REDIRECTS {
             doc.redirects = 0;
+            self.redirect_loop = true;
             return Err(Ended::Lost(format!(
                 "document {name}: redirected {MAX_REDIRECTS} times without progress (last to \
                  {addr})"
@@ -1615,8 +1634,6 @@ impl<C: Connector> Driver<C> {
         for w in doc.waiters.drain(..) {
             let _ = w.send(Ok(()));
         }
-        // A complete reply: progress (see `MAX_REDIRECTS`).
-        doc.redirects = 0;
         let at = doc.at.clone();
         let resend: Vec<_> = {
             let mut st = lock(&doc.cell.state);
@@ -1624,9 +1641,11 @@ impl<C: Connector> Driver<C> {
             st.doc.all_in_flight().cloned().collect()
         };
         if resend.is_empty() {
-            // Served, and nothing of ours waits on it: progress (see `Driver::attempt`).
-            // With ops in flight, progress is their ack: the server may serve the
-            // document and still refuse them (told to retry, code 33).
+            // Served, and nothing of ours waits on it: progress (see `MAX_REDIRECTS` and
+            // `Driver::attempt`). With ops in flight, progress is their ack: the server
+            // may serve the document and still refuse them (told to retry, code 33) or
+            // redirect them.
+            doc.redirects = 0;
             self.attempt = 0;
         }
         for out in resend {

@@ -79,8 +79,9 @@ const FATAL_REJECTS = new Set([29, 31, 32]);
 const UNAVAILABLE = 33;
 /**
  * Redirects of one document followed in a row without progress (an ack, or a complete
- * `Open` reply) before the client drops its connections and reconnects with its backoff,
- * which keeps growing until a document is served again (as the Rust client).
+ * `Open` reply with no op in flight) before the client drops its connections and
+ * reconnects with its backoff, which keeps growing until a document makes progress on a
+ * connection not dropped for another's lack of it (as the Rust client).
  */
 export const MAX_REDIRECTS = 8;
 
@@ -192,9 +193,15 @@ export class Client extends Emitter<{ state: ConnectionState }> {
    * Progress is an op acknowledged, or a document served with no op of ours in flight
    * (or, with no document open, a `Welcome`): a server that welcomes and then breaks
    * the connection, or serves a document and tells its op to retry (code 33, as while
-   * it is being deleted), is not asked again every `backoffInitialMs`.
+   * it is being deleted), is not asked again every `backoffInitialMs`. A connection
+   * dropped for a document that makes no progress (code 33, or redirects round in
+   * circles) keeps the count it was dialled with, whatever other documents did.
    */
   private attempt = 0;
+  /** `attempt` when the current connection was dialled. */
+  private attemptAtDial = 0;
+  /** The connections are being dropped because a document was redirected round in circles. */
+  private redirectLoop = false;
   private maxFrame = DEFAULT_MAX_FRAME;
   private lastSent = 0;
   private lastHeard = 0;
@@ -313,6 +320,8 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     this.ws = ws;
     this.welcomed = false;
     this.unavailable = false;
+    this.redirectLoop = false;
+    this.attemptAtDial = this.attempt;
     // The handshake's deadline counts from here (see `tick`).
     this.lastHeard = Date.now();
     ws.onopen = () => {
@@ -371,7 +380,11 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     // carried by one (both dropped just above): its documents are opened on the home
     // connection once it is welcomed.
     if (!this.welcomed || this.unavailable) this.home = (this.home + 1) % this.urls.length;
+    // Dropped for a document that makes no progress: the delay grows on from where it
+    // was, whatever other documents did (see `attempt`).
+    if (this.unavailable || this.redirectLoop) this.attempt = this.attemptAtDial;
     this.unavailable = false;
+    this.redirectLoop = false;
     // 100 ms doubling to 10 s, each delay a random half to the whole of that: clients
     // cut off together do not all come back at once.
     const full = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** this.attempt);
@@ -714,6 +727,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     if (++h.redirects > MAX_REDIRECTS || wsUrl === "") {
       // Round in circles, or an owner that serves no WebSocket: start over later.
       h.redirects = 0;
+      this.redirectLoop = true;
       this.emitError(new Error(`document ${doc}: cannot follow its redirects${wsUrl ? "" : " (no WebSocket URL)"}`));
       return this.dropConnection();
     }
@@ -781,11 +795,13 @@ export class Client extends Emitter<{ state: ConnectionState }> {
       }
     }
     h.openState = "open";
-    h.redirects = 0;
-    // Served, and nothing of ours waits on it: progress (see `attempt`). With an op in
-    // flight, progress is its ack: the server may serve the document and still refuse
-    // the op (told to retry, code 33).
-    if (!h.doc.inFlight) this.attempt = 0;
+    // Served, and nothing of ours waits on it: progress (see `attempt` and
+    // MAX_REDIRECTS). With an op in flight, progress is its ack: the server may serve
+    // the document and still refuse the op (told to retry, code 33) or redirect it.
+    if (!h.doc.inFlight) {
+      h.redirects = 0;
+      this.attempt = 0;
+    }
     void this._persist();
     if (h.presence) this._sendFor(h, { type: "Presence", doc: h.id, selections: h.presence });
     h.sent = null;

@@ -126,8 +126,12 @@ test("an op told to retry (code 33) on a document it had: the delay grows, the o
   const c = await client(node.url, { WebSocket: net.WebSocket, random: () => 1 });
   const states = [];
   c.on("state", (s) => s.state === "disconnected" && states.push(s));
+  // Another document, served on every connection with nothing in flight: no progress
+  // of the refused op's (before the review of 0904b4c it started the backoff over).
+  const idle = c.open("idle");
   const doc = c.open("doc");
   await doc.synced();
+  await idle.synced();
   assert.equal(doc.text(), "abc");
   await doc.edit([[0, 0, "kept "]]);
   await waitFor(() => states.length >= 3, "three reconnects");
@@ -144,8 +148,9 @@ test("an op told to retry (code 33) on a document it had: the delay grows, the o
   assert.equal(doc.text(), "kept abc");
   assert.equal(doc.version, 4);
   assert.equal(text, "kept abc");
-  // The same op each time, under the same id.
+  // The same op each time, under the same id; none for the idle document.
   const submits = node.received.filter((m) => m.type === "Submit");
+  assert.ok(submits.every((m) => m.doc === "doc"));
   assert.ok(submits.length >= 4);
   for (const s of submits) assert.deepEqual(s, submits[0]);
   await c.close();
