@@ -63,8 +63,13 @@ use quire::sequencer::local::{LocalConfig, LocalSequencer};
 use quire::sequencer::Sequencer;
 use quire::server::{Blocking, Server, ServerConfig};
 use quire::text::Text;
-use quire::wal::segment::SEGMENT_SIZE_MIN;
+use quire::wal::index::Location;
+use quire::wal::record::{
+    decode_frame, framed_len, TombstoneRecord, MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN,
+};
+use quire::wal::segment::{segment_path, SEGMENT_SIZE_MIN};
 use quire::wal::vfs::sim::{CrashMode, SimFs, SplitMix};
+use quire::wal::vfs::Vfs;
 use quire::wal::{Background, WalConfig};
 use raw::{Event, RawDoc};
 use tokio::sync::mpsc;
@@ -402,9 +407,23 @@ impl Sim {
             // the document anew (nothing could be written to it after the tombstone).
             // Otherwise it is as it was (its ops checked as every document's are).
             let end = sequencer.wal().durability().durable_lsn;
-            let held = sequencer.wal().with_index(|index| {
-                (u.after_lsn + 1..=end).any(|lsn| index.tombstone_at(lsn).is_some())
+            let found: Vec<Location> = sequencer.wal().with_index(|index| {
+                (u.after_lsn + 1..=end)
+                    .filter_map(|lsn| index.tombstone_at(lsn))
+                    .collect()
             });
+            let mut held = false;
+            for at in found {
+                let tombstone = self.tombstone_at(sequencer.wal().dir(), at)?;
+                if tombstone.doc_id != u.doc || tombstone.version < u.version {
+                    return Err(self.fail(format!(
+                        "a tombstone of {:?} at version {} at LSN {}, where only one of {} \
+                         at version {} or above can be",
+                        tombstone.doc_id, tombstone.version, at.lsn, u.doc, u.version
+                    )));
+                }
+                held = true;
+            }
             let recovered = sequencer.version(&u.doc);
             self.say(|| format!("{}: the deletion that failed held: {held}", u.doc));
             if held && recovered != 0 {
@@ -444,6 +463,24 @@ impl Sim {
         });
         self.say(|| "server started".into());
         Ok(())
+    }
+
+    /// The tombstone record at `at` in the log in `wal_dir`, read from the disk.
+    fn tombstone_at(&self, wal_dir: &Path, at: Location) -> Result<TombstoneRecord, Failure> {
+        let path = segment_path(wal_dir, at.segment_id);
+        let read = |len: usize| -> std::io::Result<Vec<u8>> {
+            let mut bytes = vec![0; len];
+            self.fs.open(&path)?.read_exact_at(&mut bytes, at.offset)?;
+            Ok(bytes)
+        };
+        let header =
+            read(RECORD_HEADER_LEN).map_err(|e| self.fail(format!("reading {at:?}: {e}")))?;
+        let payload_len = u32::from_le_bytes(header[0..4].try_into().unwrap()) as usize;
+        let frame = read(framed_len(payload_len.min(MAX_RECORD_PAYLOAD)))
+            .map_err(|e| self.fail(format!("reading {at:?}: {e}")))?;
+        let raw = decode_frame(&frame).map_err(|e| self.fail(format!("{at:?}: {e:?}")))?;
+        TombstoneRecord::decode(raw.payload)
+            .map_err(|e| self.fail(format!("the tombstone at {at:?}: {e:?}")))
     }
 
     /// Ends the server at once, as a power cut does: no task runs again, unsynced writes
