@@ -762,9 +762,15 @@ impl World {
                     return Ok(());
                 }
                 Ok(Err(DeleteError::Unavailable(e))) => {
-                    // Told to retry: refused before anything was erased, so none of its
-                    // keys can be gone (the test for "gone" of a failure, below).
-                    let now = self.stored(&doc);
+                    // Told to retry: refused before anything was erased, so its journal
+                    // and snapshot keys cannot all be gone (the test for "gone" of a
+                    // failure, below). Its owner key may be: the refusal can be that
+                    // its owner lost it, and the key may be claimed anew meanwhile.
+                    let owner = Keys::new(PREFIX).owner(&doc);
+                    let data = |keys: HashSet<(String, i64)>| -> HashSet<(String, i64)> {
+                        keys.into_iter().filter(|(key, _)| *key != owner).collect()
+                    };
+                    let (existed, now) = (data(existed), data(self.stored(&doc)));
                     if !existed.is_empty() && existed.is_disjoint(&now) {
                         return Err(self.fail(format!(
                             "{doc}: deleting it at n{at} was refused as unavailable ({e}), yet \
