@@ -945,8 +945,13 @@ async fn a_deletion_whose_answer_is_lost_says_it_is_not_known_and_asking_again_t
     assert!(!keys_of(&store, &d).is_empty());
     store.fault_next_txn(Fault::ResponseLost);
     let deletion = a.seq.delete(&d).unwrap().expect("a document");
-    let e = a.seq.wait_durable(deletion.ticket).await.unwrap_err();
-    assert!(e.contains("not known") && !e.contains("not deleted"), "{e}");
+    // Not known: an error (HTTP 500), not "retry".
+    match a.seq.wait_deleted(deletion.ticket).await {
+        Err(DeleteRefused::Failed(e)) => {
+            assert!(e.contains("not known") && !e.contains("not deleted"), "{e}")
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
     assert_eq!(keys_of(&store, &d), Vec::<String>::new(), "deleted whole");
     assert_eq!(route(&a, &d), Route::Here);
     assert!(a.seq.delete(&d).unwrap().is_none(), "nothing to delete");
@@ -974,8 +979,11 @@ async fn a_deletion_by_an_owner_replaced_meanwhile_deletes_nothing() {
     assert_eq!(route(&b, &d), Route::Here);
     assert!(a.seq.replicator().commit_next());
     assert!(a.seq.wait_durable(second).await.is_err(), "op 2 is refused");
-    let e = a.seq.wait_durable(deletion.ticket).await.unwrap_err();
-    assert!(e.contains("not deleted"), "{e}");
+    // Nothing deleted, the document served elsewhere: retry (HTTP 503), there.
+    match a.seq.wait_deleted(deletion.ticket).await {
+        Err(DeleteRefused::Unavailable(e)) => assert!(e.contains("not deleted"), "{e}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
     // Nothing was deleted: b serves the document with every acknowledged op.
     let view = b.seq.read(&d).await.unwrap().unwrap();
     assert_eq!((view.text.as_str(), view.version), ("1", 1));
@@ -1000,8 +1008,10 @@ async fn a_deletion_past_its_patience_deletes_nothing_and_the_document_reloads_w
     let second = submit(2);
     a.seq.set_hand_over_patience(Duration::from_millis(50));
     let deletion = a.seq.delete(&d).unwrap().expect("a document");
-    let e = a.seq.wait_durable(deletion.ticket).await.unwrap_err();
-    assert!(e.contains("not deleted"), "{e}");
+    match a.seq.wait_deleted(deletion.ticket).await {
+        Err(DeleteRefused::Unavailable(e)) => assert!(e.contains("not deleted"), "{e}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
     // Not loaded again while op 2's write is unresolved.
     assert!(
         a.seq.place(&d).is_err(),

@@ -153,7 +153,7 @@ struct Inner<S: Store + Send + Sync + 'static> {
     place_inline: std::sync::atomic::AtomicBool,
     /// The outcome of each deletion under way, by its ticket ([`Sequencer::delete`]):
     /// at most one per document, each taken by the ticket's wait.
-    erasures: Mutex<HashMap<u64, tokio::sync::oneshot::Receiver<Result<(), String>>>>,
+    erasures: Mutex<HashMap<u64, tokio::sync::oneshot::Receiver<Result<(), DeleteRefused>>>>,
     /// No thread is had for an erasure ([`ClusterSequencer::refuse_erasure_threads`]).
     refuse_erasure_threads: std::sync::atomic::AtomicBool,
 }
@@ -801,7 +801,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     /// sequencer, which stopped serving it): its queued journal writes resolve (up to
     /// [`HAND_OVER_PATIENCE`]), then its keys go in one fenced txn. Either way it is not
     /// served here afterwards, and its local copy is gone. Blocking.
-    fn erase(&self, doc: &Arc<str>, tenancy: &Tenancy, s: Serving) -> Result<(), String> {
+    fn erase(&self, doc: &Arc<str>, tenancy: &Tenancy, s: Serving) -> Result<(), DeleteRefused> {
         let patience = Instant::now() + self.hand_over_patience();
         let mut outcome = Ok(());
         if let Some(last) = s.last_op {
@@ -819,7 +819,12 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                 }
             };
         }
-        let not_deleted = |why: String| format!("document {doc:?} was not deleted: {why}");
+        // Nothing deleted, and asking again may succeed (here, or at the new owner).
+        let not_deleted = |why: String| {
+            DeleteRefused::Unavailable(Arc::from(format!(
+                "document {doc:?} was not deleted: {why}"
+            )))
+        };
         let outcome = outcome.map_err(not_deleted).and_then(|()| {
             self.replicator
                 .member()
@@ -829,10 +834,10 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                     // The txn may have committed (its answer lost): say so, not "not
                     // deleted". Asking again tells (a document gone answers as one
                     // never written).
-                    e => format!(
+                    e => DeleteRefused::Failed(Arc::from(format!(
                         "whether document {doc:?} was deleted is not known (the store did \
                          not answer: {e:?}); delete it again to know"
-                    ),
+                    ))),
                 })
         });
         // The local copy is a cache: gone either way (its tombstone is in the log).
@@ -1126,6 +1131,38 @@ fn decode_loaded(
     Ok((snapshot, ops))
 }
 
+impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
+    /// [`Sequencer::wait_durable`] and [`Sequencer::wait_deleted`]: a deletion's ticket
+    /// resolves with its erasure's outcome; any other failure is `Failed`.
+    async fn wait_ticket(&self, ticket: Ticket) -> Result<(), DeleteRefused> {
+        let failed = |why: String| DeleteRefused::Failed(Arc::from(why));
+        let pending = lock(&self.inner.tickets).remove(&ticket.0);
+        let Some(pending) = pending else {
+            return Err(failed(format!("unknown ticket {}", ticket.0)));
+        };
+        let erasure = lock(&self.inner.erasures).remove(&ticket.0);
+        let local = self.inner.local.wait_durable(pending.local).await;
+        if let Some(erasure) = erasure {
+            // A deletion is what the store did: its erasure goes on whatever the local
+            // log (a cache here) does, and the document is gone from the cluster iff
+            // that txn committed. A local failure is reported by every op after it.
+            if let Err(e) = &local {
+                tracing::error!("the local log failed under a deletion: {e}");
+            }
+            return erasure
+                .await
+                .unwrap_or_else(|_| Err(failed("the deletion was abandoned".into())));
+        }
+        local.map_err(DeleteRefused::Failed)?;
+        let replicator = &self.inner.replicator;
+        match pending.journal {
+            Some(id) => replicator.wait(id, pending.tenure).await,
+            None => replicator.serving(pending.tenure),
+        }
+        .map_err(|e| failed(e.to_string()))
+    }
+}
+
 impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     async fn route(&self, doc_id: &str) -> Result<Route, RouteError> {
         // Served here already: no store request, no thread.
@@ -1352,31 +1389,13 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     }
 
     async fn wait_durable(&self, ticket: Ticket) -> Result<(), Arc<str>> {
-        let pending = lock(&self.inner.tickets).remove(&ticket.0);
-        let Some(pending) = pending else {
-            return Err(Arc::from(format!("unknown ticket {}", ticket.0)));
-        };
-        let erasure = lock(&self.inner.erasures).remove(&ticket.0);
-        let local = self.inner.local.wait_durable(pending.local).await;
-        if let Some(erasure) = erasure {
-            // A deletion is what the store did: its erasure goes on whatever the local
-            // log (a cache here) does, and the document is gone from the cluster iff
-            // that txn committed. A local failure is reported by every op after it.
-            if let Err(e) = &local {
-                tracing::error!("the local log failed under a deletion: {e}");
-            }
-            return erasure
-                .await
-                .unwrap_or_else(|_| Err("the deletion was abandoned".into()))
-                .map_err(Arc::from);
-        }
-        local?;
-        let replicator = &self.inner.replicator;
-        match pending.journal {
-            Some(id) => replicator.wait(id, pending.tenure).await,
-            None => replicator.serving(pending.tenure),
-        }
-        .map_err(|e| Arc::from(e.to_string()))
+        self.wait_ticket(ticket).await.map_err(|e| match e {
+            DeleteRefused::Unavailable(why) | DeleteRefused::Failed(why) => why,
+        })
+    }
+
+    async fn wait_deleted(&self, ticket: Ticket) -> Result<(), DeleteRefused> {
+        self.wait_ticket(ticket).await
     }
 
     fn read_now(

@@ -363,6 +363,19 @@ pub trait Sequencer: Send + Sync + 'static {
     /// Resolves once everything up to `ticket` is durable (or the storage failed).
     fn wait_durable(&self, ticket: Ticket) -> impl Future<Output = Result<(), Arc<str>>> + Send;
 
+    /// [`Sequencer::wait_durable`] for the ticket of a [`Deletion`]: resolves once the
+    /// deletion holds, or says why not: [`DeleteRefused::Unavailable`] if nothing was
+    /// deleted and asking again may succeed (cluster mode: the document moved, or its
+    /// journal writes did not resolve), [`DeleteRefused::Failed`] otherwise (the storage
+    /// failed, or whether it was deleted is not known).
+    fn wait_deleted(
+        &self,
+        ticket: Ticket,
+    ) -> impl Future<Output = Result<(), DeleteRefused>> + Send {
+        let durable = self.wait_durable(ticket);
+        async move { durable.await.map_err(DeleteRefused::Failed) }
+    }
+
     /// The document's text and version now, and the ticket of its newest op: the view
     /// holds only durable ops once [`Sequencer::wait_durable`] says so for that ticket.
     /// `Ok(None)` if the document has no ops and no snapshot; an error if the storage

@@ -159,6 +159,16 @@ pub enum DeleteError {
     Failed(String),
 }
 
+impl From<crate::sequencer::DeleteRefused> for DeleteError {
+    fn from(refused: crate::sequencer::DeleteRefused) -> Self {
+        use crate::sequencer::DeleteRefused;
+        match refused {
+            DeleteRefused::Unavailable(why) => DeleteError::Unavailable(why.to_string()),
+            DeleteRefused::Failed(why) => DeleteError::Failed(why.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for DeleteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -297,14 +307,7 @@ impl<S: Sequencer> Server<S> {
                 Some(document) => document.delete(&*self.sequencer),
                 None => self.sequencer.delete(id),
             }
-            .map_err(|e| match e {
-                crate::sequencer::DeleteRefused::Unavailable(why) => {
-                    DeleteError::Unavailable(why.to_string())
-                }
-                crate::sequencer::DeleteRefused::Failed(why) => {
-                    DeleteError::Failed(why.to_string())
-                }
-            })?;
+            .map_err(DeleteError::from)?;
             if deletion.is_some() && document.is_some() {
                 docs.remove(id);
             }
@@ -334,14 +337,14 @@ impl<S: Sequencer> Server<S> {
         deletion: crate::sequencer::Deletion,
         document: Option<Arc<Document<outbox::Outbox>>>,
     ) -> Result<Option<u64>, DeleteError> {
-        if let Err(e) = self.sequencer.wait_durable(deletion.ticket).await {
+        if let Err(e) = self.sequencer.wait_deleted(deletion.ticket).await {
             if let Some(here) = self.sequencer.here() {
                 // Cluster mode: not deleted (or not known to be), and not served here any
                 // more; its sessions open it again, wherever it is served now.
                 if let Some(document) = &document {
                     document.moved(here);
                 }
-                return Err(DeleteError::Failed(e.to_string()));
+                return Err(e.into());
             }
             // Its tombstone may be on disk all the same (a failed sync does not say the
             // write did not land): after the restart the document is either deleted or
