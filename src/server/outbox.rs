@@ -71,11 +71,16 @@ pub fn encode_with(max_frame: usize, type_byte: u8, content: impl FnOnce(&mut By
 }
 
 /// The sending side of a session's queue (cheap to clone: documents hold one per
-/// subscriber).
+/// subscriber, and every op in flight holds one; a clone is one reference count).
 #[derive(Clone)]
 pub struct Outbox {
     pub session: SessionId,
     pub client_id: u64,
+    inner: Arc<Inner>,
+}
+
+/// What every clone of a session's [`Outbox`] shares.
+struct Inner {
     tx: mpsc::UnboundedSender<Queued>,
     line: Arc<std::sync::Mutex<Line>>,
     /// One permit per byte that may still be queued: pushes, and replies.
@@ -86,7 +91,7 @@ pub struct Outbox {
     close: CancellationToken,
     closing: Arc<std::sync::Mutex<Option<Closing>>>,
     /// Submits of this session not answered yet.
-    in_flight: Arc<AtomicUsize>,
+    in_flight: AtomicUsize,
     /// The server's metrics (none recorded until the session sets them).
     metrics: Arc<Metrics>,
 }
@@ -156,15 +161,17 @@ pub fn outbox(
         Outbox {
             session,
             client_id,
-            tx,
-            line: line.clone(),
-            room: room.clone(),
-            reply_room: reply_room.clone(),
-            capacity,
-            close: close.clone(),
-            closing: closing.clone(),
-            in_flight: Arc::default(),
-            metrics: Metrics::off(),
+            inner: Arc::new(Inner {
+                tx,
+                line: line.clone(),
+                room: room.clone(),
+                reply_room: reply_room.clone(),
+                capacity,
+                close: close.clone(),
+                closing: closing.clone(),
+                in_flight: AtomicUsize::new(0),
+                metrics: Metrics::off(),
+            }),
         },
         Writer {
             rx,
@@ -196,12 +203,16 @@ fn permits(len: usize) -> u32 {
 
 impl Outbox {
     /// The same queue, counting in `metrics` (slow-reader disconnects, presence sent).
-    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Outbox {
-        Outbox { metrics, ..self }
+    /// Set before the outbox is cloned (it panics after).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Outbox {
+        Arc::get_mut(&mut self.inner)
+            .expect("metrics are set before the outbox is shared")
+            .metrics = metrics;
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+        &self.inner.metrics
     }
 
     /// The same queue, sending as another client id (set once the handshake is done).
@@ -215,7 +226,7 @@ impl Outbox {
     /// Queues a frame without waiting. If it does not fit, the client is not reading
     /// what it is sent: the session is closed with code 8. Returns whether it was queued.
     pub fn send(&self, frame: Bytes) -> bool {
-        match self.room.try_acquire_many(permits(frame.len())) {
+        match self.inner.room.try_acquire_many(permits(frame.len())) {
             Ok(permit) => {
                 permit.forget();
                 self.push(frame, Budget::Push)
@@ -226,7 +237,7 @@ impl Outbox {
                     format!(
                         "too slow: more than {} bytes of updates queued for this connection \
                          were not read",
-                        self.capacity / 2
+                        self.inner.capacity / 2
                     ),
                 );
                 false
@@ -240,8 +251,8 @@ impl Outbox {
     pub async fn send_wait(&self, frame: Bytes) -> bool {
         let acquired = tokio::select! {
             biased;
-            permit = self.reply_room.acquire_many(permits(frame.len())) => permit,
-            _ = self.close.cancelled() => return false,
+            permit = self.inner.reply_room.acquire_many(permits(frame.len())) => permit,
+            _ = self.inner.close.cancelled() => return false,
         };
         match acquired {
             Ok(permit) => {
@@ -257,16 +268,16 @@ impl Outbox {
     /// through the queue. What is written here goes back to `budget` at once; the rest
     /// counts against it until the writer has written it.
     fn push(&self, mut frame: Bytes, budget: Budget) -> bool {
-        let mut line = lock(&self.line);
+        let mut line = lock(&self.inner.line);
         let mut partial = false;
         // Once the session is closing, frames are queued (and dropped by the writer).
-        if !line.busy && !self.close.is_cancelled() {
+        if !line.busy && !self.inner.close.is_cancelled() {
             let socket = line.socket.as_mut().expect("not busy only with a socket");
             // An error other than `WouldBlock` is met again by the writer's next write,
             // which ends the session; the frame is queued and dropped with the rest.
             let written = socket.try_write(&frame).unwrap_or(0);
             assert!(written <= frame.len());
-            release(&self.room, &self.reply_room, written, budget);
+            release(&self.inner.room, &self.inner.reply_room, written, budget);
             if written == frame.len() {
                 return true;
             }
@@ -276,7 +287,8 @@ impl Outbox {
         // The writer has bytes to write now: until it has written all of them, frames
         // sent after these (of either half) queue behind them.
         line.busy = true;
-        self.tx
+        self.inner
+            .tx
             .send(Queued {
                 bytes: frame,
                 budget,
@@ -288,10 +300,10 @@ impl Outbox {
     /// Closes the session: the writer drops what is queued, sends `Error(code)` as the
     /// last frame and shuts the socket. The first reason given wins.
     pub fn close_with(&self, code: ErrorCode, message: impl Into<String>) {
-        let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closing = self.inner.closing.lock().unwrap_or_else(|p| p.into_inner());
         if closing.is_none() {
             if code == ErrorCode::TooSlow {
-                self.metrics.slow_reader_disconnect();
+                self.inner.metrics.slow_reader_disconnect();
             }
             *closing = Some(Closing {
                 code,
@@ -299,27 +311,28 @@ impl Outbox {
             });
         }
         drop(closing);
-        self.close.cancel();
+        self.inner.close.cancel();
     }
 
     /// Resolves when the session must close.
     pub async fn closed(&self) {
-        self.close.cancelled().await
+        self.inner.close.cancelled().await
     }
 
     /// [`Outbox::closed`] as a future that owns what it waits on (made once, polled
     /// many times).
     pub fn closed_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.close.clone().cancelled_owned()
+        self.inner.close.clone().cancelled_owned()
     }
 
     pub fn is_closing(&self) -> bool {
-        self.close.is_cancelled()
+        self.inner.close.is_cancelled()
     }
 
     /// Why the session is closing, if it is.
     pub fn closing(&self) -> Option<Closing> {
-        self.closing
+        self.inner
+            .closing
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -327,7 +340,8 @@ impl Outbox {
 
     /// Counts a submit as in flight, unless `limit` are already.
     pub fn begin_op(&self, limit: usize) -> bool {
-        self.in_flight
+        self.inner
+            .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
             })
@@ -336,18 +350,20 @@ impl Outbox {
 
     /// A submit counted by [`Outbox::begin_op`] is answered.
     pub fn end_op(&self) {
-        let before = self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let before = self.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
         assert!(before > 0, "more submits answered than begun");
     }
 
     /// The most bytes of pushed frames (broadcasts, acks) this queue holds.
     pub fn push_capacity(&self) -> usize {
-        self.capacity / 2
+        self.inner.capacity / 2
     }
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.capacity - self.room.available_permits() - self.reply_room.available_permits()
+        self.inner.capacity
+            - self.inner.room.available_permits()
+            - self.inner.reply_room.available_permits()
     }
 }
 

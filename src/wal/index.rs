@@ -71,7 +71,12 @@ impl Index {
         assert!(meta.last_lsn.is_none_or(|l| l < location.lsn));
         meta.last_lsn = Some(location.lsn);
         if let Some((doc_id, seq)) = key {
-            let entries = self.docs.entry(doc_id.clone()).or_default();
+            // Looked up before `entry`: a document already indexed (every op but its
+            // first) costs no reference count on its id.
+            let entries = match self.docs.get_mut(&**doc_id) {
+                Some(entries) => entries,
+                None => self.docs.entry(doc_id.clone()).or_default(),
+            };
             if let Some(&(last_seq, _)) = entries.back() {
                 assert!(
                     seq > last_seq,
@@ -79,8 +84,12 @@ impl Index {
                 );
             }
             entries.push_back((seq, location));
-            let max = meta.max_seq_by_doc.entry(doc_id.clone()).or_insert(seq);
-            *max = (*max).max(seq);
+            match meta.max_seq_by_doc.get_mut(&**doc_id) {
+                Some(max) => *max = (*max).max(seq),
+                None => {
+                    meta.max_seq_by_doc.insert(doc_id.clone(), seq);
+                }
+            }
         }
     }
 
