@@ -281,6 +281,10 @@ impl TextOp {
     /// the tests below). This needs no data structure beyond `compose`; a tree of pieces
     /// of the result indexed by length would do the same in a hand-written tree.
     pub fn from_patches(patches: &[Patch]) -> TextOp {
+        // Most ops are one patch (a keystroke): no list of ops to compose.
+        if let [patch] = patches {
+            return TextOp::from_patch(patch);
+        }
         let mut ops: Vec<TextOp> = patches
             .iter()
             .map(TextOp::from_patch)

@@ -23,6 +23,7 @@
 //! transformed under it, right before the op is sequenced.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::ControlFlow::{self, Break, Continue};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -812,21 +813,27 @@ impl<S: Subscriber> Document<S> {
 
     /// Checks what can be answered before any transform: an op ahead of the document, a
     /// resend (answered from the dedupe table however old its base), a connection
-    /// whose pipeline broke. `None`: go on with [`Document::step`].
-    pub fn precheck<Q: Sequencer>(&self, sequencer: &Q, job: &Job) -> Option<SubmitOutcome> {
+    /// whose pipeline broke. `Continue(version)`: go on with [`Document::step`]; `version` is
+    /// the document's as checked (the caller's first estimate of how far behind the op
+    /// is, without asking the sequencer again).
+    pub fn precheck<Q: Sequencer>(
+        &self,
+        sequencer: &Q,
+        job: &Job,
+    ) -> ControlFlow<SubmitOutcome, u64> {
         let (version, broken) = {
             let state = self.lock();
             if let Some(owner) = &state.moved {
-                return Some(SubmitOutcome::Moved(owner.clone()));
+                return Break(SubmitOutcome::Moved(owner.clone()));
             }
             if let Some(version) = state.deleted {
-                return Some(SubmitOutcome::Refused(deleted_refusal(&self.id, version)));
+                return Break(SubmitOutcome::Refused(deleted_refusal(&self.id, version)));
             }
             if let Some(why) = &state.deletion_failure {
-                return Some(refusal(RefusalKind::StorageFailed, why.to_string()));
+                return Break(refusal(RefusalKind::StorageFailed, why.to_string()));
             }
             if let Some(wait) = self.deletion_wait(&state) {
-                return Some(wait);
+                return Break(wait);
             }
             // Cluster mode: the sequencer dropped or reloaded the document under this
             // copy (a handover, a loss) before the server was told: its version says
@@ -834,7 +841,7 @@ impl<S: Subscriber> Document<S> {
             // `try_step` would send it, instead of being refused against it.
             if sequencer.incarnation(&self.id) != self.incarnation {
                 if let Some(here) = sequencer.here() {
-                    return Some(SubmitOutcome::Moved(here));
+                    return Break(SubmitOutcome::Moved(here));
                 }
             }
             (
@@ -847,12 +854,12 @@ impl<S: Subscriber> Document<S> {
             // transformed.
             match sequencer.applied(&self.id, job.op_id, job.fingerprint) {
                 Some(Ok(Submitted::Duplicate { seq, ticket })) => {
-                    return Some(SubmitOutcome::Duplicate { seq, ticket })
+                    return Break(SubmitOutcome::Duplicate { seq, ticket })
                 }
-                Some(Err(e)) => return Some(outcome_of(e)),
+                Some(Err(e)) => return Break(outcome_of(e)),
                 _ => {
                     self.break_pipeline(job.session);
-                    return Some(refusal(
+                    return Break(refusal(
                         RefusalKind::TooOld,
                         format!(
                             "base version {} is more than {MAX_OPS_BEHIND} ops behind the document \
@@ -865,7 +872,7 @@ impl<S: Subscriber> Document<S> {
         }
         if job.base_version > version {
             self.break_pipeline(job.session);
-            return Some(refusal(
+            return Break(refusal(
                 RefusalKind::FutureVersion,
                 format!(
                     "base version {} is ahead of the document (version {version})",
@@ -878,18 +885,19 @@ impl<S: Subscriber> Document<S> {
         if job.base_version < version || broken {
             match sequencer.applied(&self.id, job.op_id, job.fingerprint) {
                 Some(Ok(Submitted::Duplicate { seq, ticket })) => {
-                    return Some(SubmitOutcome::Duplicate { seq, ticket })
+                    return Break(SubmitOutcome::Duplicate { seq, ticket })
                 }
-                Some(Err(e)) => return Some(outcome_of(e)),
+                Some(Err(e)) => return Break(outcome_of(e)),
                 Some(Ok(Submitted::Applied { .. })) | None => {}
             }
         }
-        broken.then(|| {
-            refusal(
+        if broken {
+            return Break(refusal(
                 RefusalKind::PipelineConflict,
                 "an earlier op of this connection was refused; open the document again",
-            )
-        })
+            ));
+        }
+        Continue(version)
     }
 
     /// Transforms the op over what it missed and sequences it. `log` holds the ops a
@@ -1041,7 +1049,7 @@ impl<S: Subscriber> Document<S> {
     /// this thread when needed (blocking: for tests and callers off the async workers).
     pub fn submit<Q: Sequencer>(&self, sequencer: &Q, submission: Submission) -> SubmitOutcome {
         let mut job = Job::new(&submission, OpLimit::NONE);
-        if let Some(outcome) = self.precheck(sequencer, &job) {
+        if let Break(outcome) = self.precheck(sequencer, &job) {
             return outcome;
         }
         let mut log = None;
@@ -1910,7 +1918,7 @@ mod tests {
                 measure: |p| p.iter().map(|p| p.ins.len()).sum(),
             },
         );
-        assert!(doc.precheck(&store, &job).is_none());
+        assert!(doc.precheck(&store, &job).is_continue());
         match doc.step(&store, &mut job, None) {
             Step::Done(outcome) => assert_eq!(refused(outcome), RefusalKind::TooLarge),
             Step::ReadLog { .. } => panic!("nothing to read"),

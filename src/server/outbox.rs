@@ -57,17 +57,39 @@ pub fn encode(env: &Envelope, max_frame: usize) -> Bytes {
 /// A frame whose content (type, request id, body) `content` writes after the length
 /// field. Asserts that it fits `max_frame`.
 pub fn encode_with(max_frame: usize, type_byte: u8, content: impl FnOnce(&mut BytesMut)) -> Bytes {
-    let mut buf = BytesMut::with_capacity(128);
-    buf.put_u32_le(0);
-    content(&mut buf);
-    let len = buf.len() - 4;
-    assert!(
-        len <= max_frame,
-        "a {type_byte:#04x} frame of {len} bytes does not fit max_frame {max_frame}"
-    );
-    let len = u32::try_from(len).expect("max_frame is far below 4 GiB");
-    buf[..4].copy_from_slice(&len.to_le_bytes());
-    buf.freeze()
+    ENCODE_SCRATCH.with_borrow_mut(|buf| {
+        // Empty unless a `content` panicked midway.
+        buf.clear();
+        buf.put_u32_le(0);
+        content(buf);
+        let len = buf.len() - 4;
+        assert!(
+            len <= max_frame,
+            "a {type_byte:#04x} frame of {len} bytes does not fit max_frame {max_frame}"
+        );
+        let len = u32::try_from(len).expect("max_frame is far below 4 GiB");
+        buf[..4].copy_from_slice(&len.to_le_bytes());
+        if buf.len() <= SMALL_ENCODED_FRAME {
+            // One allocation of exactly the frame's length (`Bytes` of a full `Vec` needs
+            // no shared header), where freezing a buffer with room to spare takes two.
+            let frame = Bytes::copy_from_slice(&buf[..]);
+            buf.clear();
+            frame
+        } else {
+            // A large frame is not copied: it takes the buffer with it, and the thread
+            // starts a small one again (keeping none of the large one's memory).
+            std::mem::replace(buf, BytesMut::with_capacity(SMALL_ENCODED_FRAME)).freeze()
+        }
+    })
+}
+
+/// Frames up to this many bytes (acks, broadcasts of small ops, presence) are encoded
+/// in a buffer each thread keeps, then copied out.
+const SMALL_ENCODED_FRAME: usize = 1024;
+
+thread_local! {
+    static ENCODE_SCRATCH: std::cell::RefCell<BytesMut> =
+        std::cell::RefCell::new(BytesMut::with_capacity(SMALL_ENCODED_FRAME));
 }
 
 /// The sending side of a session's queue (cheap to clone: documents hold one per
@@ -551,6 +573,41 @@ mod tests {
     use std::pin::Pin;
     use std::task::{Context, Poll, Waker};
     use tokio_util::codec::Decoder;
+
+    /// Frames encoded one after another on a thread, small and large in turn (the large
+    /// one leaves with the thread's buffer, a small one is copied out of it; a content
+    /// that panicked leaves bytes behind): each is exactly its length field and content.
+    #[test]
+    fn frames_encoded_in_turn_are_each_whole() {
+        let max_frame = 1 << 16;
+        let panicked = std::panic::catch_unwind(|| {
+            encode_with(max_frame, 0x01, |buf| {
+                buf.put_slice(b"half");
+                panic!("content failed");
+            })
+        });
+        assert!(panicked.is_err());
+        for (i, len) in [
+            0usize,
+            1,
+            SMALL_ENCODED_FRAME - 4,
+            SMALL_ENCODED_FRAME - 3,
+            5000,
+            7,
+            70_000 - 4,
+            3,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let len = len.min(max_frame);
+            let byte = u8::try_from(i).unwrap() + 1;
+            let frame = encode_with(max_frame, 0x01, |buf| buf.put_bytes(byte, len));
+            assert_eq!(frame.len(), 4 + len, "frame {i}");
+            assert_eq!(&frame[..4], &u32::try_from(len).unwrap().to_le_bytes());
+            assert!(frame[4..].iter().all(|&b| b == byte), "frame {i}");
+        }
+    }
 
     /// A socket that takes at most `room` bytes (then `WouldBlock`, or `Pending` for the
     /// writer until the test gives it more room).

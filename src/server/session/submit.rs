@@ -2,6 +2,7 @@
 //! sequenced by the document core, acknowledged once durable; a refusal becomes a
 //! `Reject` with its wire code.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use super::access::Permit;
@@ -220,12 +221,18 @@ impl<S: Sequencer> Session<S> {
         } else {
             Job::new(&submission, limit)
         };
-        if let Some(outcome) = document.precheck(&**sequencer, &job) {
-            return outcome;
-        }
+        let mut checked = match document.precheck(&**sequencer, &job) {
+            ControlFlow::Continue(version) => Some(version),
+            ControlFlow::Break(outcome) => return outcome,
+        };
         let mut log = None;
         loop {
-            let behind = document.version(&**sequencer).saturating_sub(job.at());
+            // The precheck's version the first time (the document's lock was let go since:
+            // an estimate, as any); read again after a step that read the log.
+            let version = checked
+                .take()
+                .unwrap_or_else(|| document.version(&**sequencer));
+            let behind = version.saturating_sub(job.at());
             let step = if log.is_some() || job.cost(behind) > HEAVY_TRANSFORM {
                 let (doc, seq) = (document.clone(), sequencer.clone());
                 let records = log.take();
