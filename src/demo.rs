@@ -356,7 +356,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Running {
     store: Arc<LocalSequencer>,
     stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<usize>,
 }
 
 async fn start_server(dir: &Path, addr: SocketAddr) -> Result<(Running, SocketAddr), String> {

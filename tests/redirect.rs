@@ -179,7 +179,7 @@ struct Node {
     addr: SocketAddr,
     server: Arc<Server<Routed>>,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<usize>,
 }
 
 /// Two nodes serving one store.

@@ -830,3 +830,41 @@ async fn when_fsync_fails_the_client_is_refused_and_nothing_more_is_acked() {
     store.close();
     assert_eq!(client.text(), "kept");
 }
+
+/// At shutdown every session stops reading at once (its stop signal is fired) and
+/// finishes: an idle connection, one with a document open and one that has not sent its
+/// `Hello` yet are all closed, and none is left for the grace period to cut off. (If
+/// the sessions were not told, each would wait for its next frame, and the server would
+/// cut all three off after `SHUTDOWN_GRACE`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_every_session_without_cutting_any_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut idle = Connection::connect(server.addr, 1, "").await.unwrap();
+    let editing = open(server.addr, "doc").await;
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // The third connection is accepted (its session runs) before the server stops.
+    let mut reader = Connection::connect(server.addr, 3, "").await.unwrap();
+    reader
+        .send(Message::Open {
+            doc: "doc".into(),
+            known_version: 0,
+        })
+        .await
+        .unwrap();
+    while !matches!(
+        reader.recv().await.unwrap().message,
+        Message::Snapshot { .. }
+    ) {}
+    assert_eq!(
+        server.stop().await,
+        0,
+        "sessions cut off at the grace's end"
+    );
+    expect_closed(&mut idle).await;
+    expect_closed(&mut reader).await;
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    silent.read_to_end(&mut rest).await.unwrap();
+    editing.close().await;
+}

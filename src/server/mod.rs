@@ -6,6 +6,7 @@ pub mod durability;
 pub mod metrics;
 pub mod outbox;
 pub mod session;
+pub mod stop;
 pub mod transport;
 pub mod websocket;
 pub mod wire;
@@ -17,13 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::protocol;
 use crate::protocol::message::WireOp;
 use crate::protocol::DEFAULT_MAX_FRAME;
 use crate::sequencer::Sequencer;
-use document::Document;
+use document::{Document, SessionId};
 
 /// The server's limits and settings. Every limit is stated in `quire serve --help` or
 /// protocol.md, enforced, and tested at and just past its value.
@@ -195,8 +196,17 @@ pub struct Server<S> {
     unsynced: Arc<Semaphore>,
     next_session: AtomicU64,
     durable: Arc<durability::DurabilityQueue>,
-    shutdown: broadcast::Sender<()>,
+    /// The read loops to stop at shutdown.
+    readers: Mutex<Readers>,
     metrics: Arc<metrics::Metrics>,
+}
+
+/// The sessions' stop signals, fired at shutdown.
+#[derive(Default)]
+struct Readers {
+    shutting_down: bool,
+    /// By session id: fired in that order (the simulator replays a seed exactly).
+    stops: std::collections::BTreeMap<SessionId, Arc<stop::StopSignal>>,
 }
 
 pub(crate) fn wire_op(op: crate::op::SequencedOp) -> WireOp {
@@ -225,9 +235,24 @@ impl<S: Sequencer> Server<S> {
             clients: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             durable: Arc::default(),
-            shutdown: broadcast::channel(1).0,
+            readers: Mutex::default(),
             metrics,
         })
+    }
+
+    /// Has `stop` fired when the server shuts down (at once if it is shutting down).
+    fn stop_at_shutdown(&self, session: SessionId, stop: Arc<stop::StopSignal>) {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if readers.shutting_down {
+            stop.fire();
+        }
+        readers.stops.insert(session, stop);
+    }
+
+    /// Undoes [`Server::stop_at_shutdown`] (the session's read loop ended).
+    fn forget_stop(&self, session: SessionId) {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        readers.stops.remove(&session);
     }
 
     fn documents(
@@ -493,7 +518,9 @@ impl<S: Sequencer> Server<S> {
     }
 
     /// Accepts connections until `stop` resolves, then tells every session to close
-    /// and waits for them (their in-flight commits finish first).
+    /// and waits for them (their in-flight commits finish first). Returns how many
+    /// sessions were cut off because they did not finish within [`SHUTDOWN_GRACE`] (a
+    /// peer that does not read what is queued for it).
     ///
     /// Dropping the future instead (the simulator's crash) ends every task of the server
     /// at once: sessions, their writers and the durability task.
@@ -501,7 +528,7 @@ impl<S: Sequencer> Server<S> {
         self: Arc<Self>,
         mut listener: L,
         stop: impl std::future::Future<Output = ()>,
-    ) {
+    ) -> usize {
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
         let refusals = Arc::new(Semaphore::new(session::MAX_REFUSALS_LINGERING));
         let mut deliverer =
@@ -555,9 +582,16 @@ impl<S: Sequencer> Server<S> {
             }
             while sessions.try_join_next().is_some() {}
         }
-        let _ = self.shutdown.send(());
         // Sessions stop reading at once and flush what is queued for them; a peer that
         // does not read cannot hold shutdown beyond the grace period.
+        {
+            let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            readers.shutting_down = true;
+            for stop in readers.stops.values() {
+                stop.fire();
+            }
+        }
+        let mut cut_off = 0;
         let grace = tokio::time::sleep(SHUTDOWN_GRACE);
         tokio::pin!(grace);
         loop {
@@ -566,6 +600,7 @@ impl<S: Sequencer> Server<S> {
                 joined = sessions.join_next() => if joined.is_none() { break },
                 _ = &mut grace => {
                     tracing::warn!(sessions = sessions.len(), "closing connections that did not drain in {SHUTDOWN_GRACE:?}");
+                    cut_off = sessions.len();
                     sessions.abort_all();
                     while sessions.join_next().await.is_some() {}
                     break;
@@ -577,6 +612,7 @@ impl<S: Sequencer> Server<S> {
         // find the lock free once `serve` returns.
         deliverer.0.abort();
         let _ = (&mut deliverer.0).await;
+        cut_off
     }
 }
 

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
+use super::stop::StopSignal;
 use super::transport::WriteHalf;
 use crate::protocol::message::{Envelope, ErrorCode, Message};
 
@@ -112,6 +113,8 @@ struct Inner {
     /// Cancelled when the session must close; `closing` says why.
     close: CancellationToken,
     closing: Arc<std::sync::Mutex<Option<Closing>>>,
+    /// Fired with `close`: the session's read loop waits on it (see `server/stop.rs`).
+    stop: Arc<StopSignal>,
     /// Submits of this session not answered yet.
     in_flight: AtomicUsize,
     /// The server's metrics (none recorded until the session sets them).
@@ -146,6 +149,7 @@ pub struct Writer {
     reply_room: Arc<Semaphore>,
     close: CancellationToken,
     closing: Arc<std::sync::Mutex<Option<Closing>>>,
+    stop: Arc<StopSignal>,
     max_frame: usize,
 }
 
@@ -173,6 +177,7 @@ pub fn outbox(
     let reply_room = Arc::new(Semaphore::new(capacity - capacity / 2));
     let close = CancellationToken::new();
     let closing = Arc::new(std::sync::Mutex::new(None));
+    let stop = Arc::new(StopSignal::default());
     // No socket until the writer runs: frames are queued (the model tests take them
     // with `Writer::try_recv`).
     let line = Arc::new(std::sync::Mutex::new(Line {
@@ -191,6 +196,7 @@ pub fn outbox(
                 capacity,
                 close: close.clone(),
                 closing: closing.clone(),
+                stop: stop.clone(),
                 in_flight: AtomicUsize::new(0),
                 metrics: Metrics::off(),
             }),
@@ -202,6 +208,7 @@ pub fn outbox(
             reply_room,
             close,
             closing,
+            stop,
             max_frame,
         },
     )
@@ -334,6 +341,7 @@ impl Outbox {
         }
         drop(closing);
         self.inner.close.cancel();
+        self.inner.stop.fire();
     }
 
     /// Resolves when the session must close.
@@ -341,10 +349,10 @@ impl Outbox {
         self.inner.close.cancelled().await
     }
 
-    /// [`Outbox::closed`] as a future that owns what it waits on (made once, polled
-    /// many times).
-    pub fn closed_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.inner.close.clone().cancelled_owned()
+    /// Fired when the session must close (as [`Outbox::closed`] resolves), for its read
+    /// loop, which also has the server fire it at shutdown.
+    pub fn stop_signal(&self) -> Arc<StopSignal> {
+        self.inner.stop.clone()
     }
 
     pub fn is_closing(&self) -> bool {
@@ -406,8 +414,9 @@ impl Writer {
     /// it has nothing to write, senders write to the socket directly. Each write of the
     /// writer must complete within `write_timeout`.
     pub async fn run<W: WriteHalf>(self, socket: W, write_timeout: Duration) {
-        let (close, room, reply_room, line) = (
+        let (close, stop, room, reply_room, line) = (
             self.close.clone(),
+            self.stop.clone(),
             self.room.clone(),
             self.reply_room.clone(),
             self.line.clone(),
@@ -432,6 +441,7 @@ impl Writer {
         room.close();
         reply_room.close();
         close.cancel();
+        stop.fire();
     }
 
     /// The socket, for a write of the writer (only while the line is busy: no sender

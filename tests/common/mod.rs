@@ -26,16 +26,19 @@ use tokio::sync::oneshot;
 pub struct Running {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<usize>,
     pub store: Arc<LocalSequencer>,
     pub server: Arc<Server<LocalSequencer>>,
 }
 
 impl Running {
-    pub async fn stop(mut self) {
+    /// Stops the server; returns how many sessions it cut off at the end of its grace
+    /// period (see `Server::serve`).
+    pub async fn stop(mut self) -> usize {
         let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap();
+        let cut_off = self.task.await.unwrap();
         self.store.close();
+        cut_off
     }
 }
 

@@ -358,11 +358,12 @@ impl World {
         let server = Server::new(seq.clone(), self.server_config.clone());
         let (connect, accepted) = mpsc::unbounded_channel();
         let paused = Arc::new(AtomicBool::new(false));
-        let mut tasks = vec![tokio::spawn(
-            server
-                .clone()
-                .serve(SimListener(accepted), std::future::pending()),
-        )];
+        let serving = server
+            .clone()
+            .serve(SimListener(accepted), std::future::pending());
+        let mut tasks = vec![tokio::spawn(async move {
+            serving.await;
+        })];
         // Documents that moved away: their sessions are redirected (as `quire serve`
         // does).
         if let Some(mut moved) = seq.moved() {

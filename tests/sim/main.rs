@@ -444,11 +444,12 @@ impl Sim {
         );
         let server = Server::new(Arc::new(sim_sequencer), self.server_config.clone());
         let (connect, accepted) = mpsc::unbounded_channel();
-        let serve = tokio::spawn(
-            server
-                .clone()
-                .serve(SimListener(accepted), std::future::pending()),
-        );
+        let serving = server
+            .clone()
+            .serve(SimListener(accepted), std::future::pending());
+        let serve = tokio::spawn(async move {
+            serving.await;
+        });
         let disk = tokio::spawn(disk);
         for a in &self.apps {
             a.net.set_server(Some(connect.clone()));

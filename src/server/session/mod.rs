@@ -241,6 +241,16 @@ pub async fn run<S: Sequencer, T: Transport>(
     let _ = (&mut writer.0).await;
 }
 
+/// Takes a session's stop signal off the server's list when its read loop ends (or is
+/// dropped).
+struct ForgetStop<S: Sequencer>(Arc<Server<S>>, SessionId);
+
+impl<S: Sequencer> Drop for ForgetStop<S> {
+    fn drop(&mut self) {
+        self.0.forget_stop(self.1);
+    }
+}
+
 /// A task that ends with its owner.
 pub(crate) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
 
@@ -335,11 +345,12 @@ impl<S: Sequencer> Session<S> {
         // the idle timer is armed at the first deadline and, when it fires early (frames
         // came since), moved to the current one, so a frame costs no timer update and
         // no waiter registrations.
-        let mut shutdown = self.server.shutdown.subscribe();
-        let shutdown = async move {
-            let _ = shutdown.recv().await;
-        };
-        let closed = self.outbox.closed_owned();
+        // Fired when the session closes or the server shuts down: a flag and a waker
+        // slot, polled at every wait (see `server/stop.rs`).
+        let stop = self.outbox.stop_signal();
+        self.server
+            .stop_at_shutdown(self.outbox.session, stop.clone());
+        let _forget = ForgetStop(self.server.clone(), self.outbox.session);
         let mut large: Option<OwnedSemaphorePermit> = None;
         let mut deadline = Instant::now() + config.handshake_timeout;
         let idle = tokio::time::sleep_until(deadline);
@@ -347,7 +358,7 @@ impl<S: Sequencer> Session<S> {
         // (code 12), whatever it is doing.
         let expiry = tokio::time::sleep_until(deadline);
         let mut expiry_armed = false;
-        tokio::pin!(shutdown, closed, idle, expiry);
+        tokio::pin!(idle, expiry);
         loop {
             // Decode every complete frame already buffered.
             loop {
@@ -441,8 +452,8 @@ impl<S: Sequencer> Session<S> {
                 // the deadline before the socket, so that a peer trickling bytes that
                 // never complete a frame still meets it.
                 biased;
-                () = &mut shutdown => return,
-                () = &mut closed => {
+                () = stop.fired() => {
+                    // Closing, or the server is shutting down (then there is no reason).
                     if let Some(closing) = self.outbox.closing() {
                         tracing::info!(session = self.outbox.session, code = ?closing.code, "{}", closing.message);
                     }
