@@ -56,7 +56,9 @@ pub fn encode(env: &Envelope, max_frame: usize) -> Bytes {
 }
 
 /// A frame whose content (type, request id, body) `content` writes after the length
-/// field. Asserts that it fits `max_frame`.
+/// field. Asserts that it fits `max_frame`. Encoded in the thread's scratch buffer:
+/// `content` must not encode another frame itself (the buffer is borrowed meanwhile, and
+/// a nested call panics).
 pub fn encode_with(max_frame: usize, type_byte: u8, content: impl FnOnce(&mut BytesMut)) -> Bytes {
     ENCODE_SCRATCH.with_borrow_mut(|buf| {
         // Empty unless a `content` panicked midway.
