@@ -110,6 +110,10 @@ struct State {
     /// Records are pending and the writer, waiting for them, was not woken: a deferring
     /// thread owes the wake-up.
     wake_owed: bool,
+    /// The writer waits on `writer_wake` and nobody has woken it yet. Only then is it
+    /// notified: `Condvar::notify_one` costs a `futex` call whether or not anyone waits,
+    /// and a busy writer looks at the queue anyway before it waits.
+    writer_waiting: bool,
 }
 
 pub struct CommitQueue<N> {
@@ -134,6 +138,7 @@ impl<N: DurableNotify> CommitQueue<N> {
                 failure: None,
                 closed: false,
                 wake_owed: false,
+                writer_waiting: false,
             }),
             writer_wake: Condvar::new(),
             notify,
@@ -174,7 +179,7 @@ impl<N: DurableNotify> CommitQueue<N> {
             false
         } else {
             let owed = std::mem::take(&mut state.wake_owed);
-            was_empty || owed
+            (was_empty || owed) && std::mem::take(&mut state.writer_waiting)
         };
         drop(state);
         if wake {
@@ -188,8 +193,9 @@ impl<N: DurableNotify> CommitQueue<N> {
     pub fn pay_owed_wake(&self) -> bool {
         let mut state = lock(&self.state);
         let owed = std::mem::take(&mut state.wake_owed);
+        let wake = owed && std::mem::take(&mut state.writer_waiting);
         drop(state);
-        if owed {
+        if wake {
             self.writer_wake.notify_one();
         }
         owed
@@ -211,10 +217,13 @@ impl<N: DurableNotify> CommitQueue<N> {
             if state.closed {
                 return false;
             }
+            state.writer_waiting = true;
             state = self
                 .writer_wake
                 .wait(state)
                 .unwrap_or_else(|p| p.into_inner());
+            // Woken (the waker cleared the flag), or a spurious wake-up.
+            state.writer_waiting = false;
         }
         Self::take_batch(&mut state, batch, max_bytes);
         true
@@ -466,7 +475,9 @@ mod loom_tests {
     //! Model of the handoff: appender threads enqueue and wait; a writer thread takes
     //! batches, "writes" them to a shared disk vector, and completes or fails. Checked in
     //! every interleaving loom explores: an appender told "durable" finds its record on
-    //! the disk; after a failure nothing more is completed; nobody waits forever.
+    //! the disk; after a failure nothing more is completed; nobody waits forever. The
+    //! deferring variants have the appenders owe the writer its wake-up and pay it before
+    //! they wait, as a runtime worker pays it before it parks.
     use super::*;
     use loom::sync::Arc as LoomArc;
     use loom::thread;
@@ -493,7 +504,7 @@ mod loom_tests {
         }
     }
 
-    fn model(fail_first_batch: bool) {
+    fn model(fail_first_batch: bool, defer: bool) {
         // A preemption bound keeps the search finite in CI time; loom's documentation
         // finds that most concurrency bugs need only two or three preemptions.
         let mut builder = loom::model::Builder::new();
@@ -524,16 +535,25 @@ mod loom_tests {
             let appenders: Vec<_> = (0..2)
                 .map(|i| {
                     let (queue, notify, disk) = (queue.clone(), notify.clone(), disk.clone());
-                    thread::spawn(move || match queue.enqueue(RecordType::Op, vec![i], None) {
-                        Ok(lsn) => {
-                            let durable = wait(&notify, lsn);
-                            if durable {
-                                assert!(lock(&disk).contains(&lsn), "acked but not on disk");
-                            }
-                            assert!(!(durable && fail_first_batch));
+                    thread::spawn(move || {
+                        if defer {
+                            defer_writer_wakes_on_this_thread();
                         }
-                        Err(EnqueueError::Failed(_)) => assert!(fail_first_batch),
-                        Err(EnqueueError::Closed) => panic!("not closed"),
+                        let queued = queue.enqueue(RecordType::Op, vec![i], None);
+                        if defer {
+                            queue.pay_owed_wake();
+                        }
+                        match queued {
+                            Ok(lsn) => {
+                                let durable = wait(&notify, lsn);
+                                if durable {
+                                    assert!(lock(&disk).contains(&lsn), "acked but not on disk");
+                                }
+                                assert!(!(durable && fail_first_batch));
+                            }
+                            Err(EnqueueError::Failed(_)) => assert!(fail_first_batch),
+                            Err(EnqueueError::Closed) => panic!("not closed"),
+                        }
                     })
                 })
                 .collect();
@@ -551,11 +571,21 @@ mod loom_tests {
 
     #[test]
     fn loom_every_acked_append_is_on_disk() {
-        model(false);
+        model(false, false);
     }
 
     #[test]
     fn loom_after_a_sync_failure_nothing_is_acked_and_nobody_hangs() {
-        model(true);
+        model(true, false);
+    }
+
+    #[test]
+    fn loom_deferred_wakes_every_acked_append_is_on_disk() {
+        model(false, true);
+    }
+
+    #[test]
+    fn loom_deferred_wakes_after_a_sync_failure_nobody_hangs() {
+        model(true, true);
     }
 }
