@@ -197,7 +197,7 @@ async fn main() -> Result<(), Error> {
             patches: vec![Patch::new(0, 0, "x")],
         };
         if let Submitted::Applied { seq, ticket } = store
-            .submit("bench/offline", op)
+            .submit("bench/offline", &op)
             .map_err(|e| format!("{e:?}"))?
         {
             version = seq;

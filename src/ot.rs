@@ -262,7 +262,10 @@ impl TextOp {
 
     /// One patch as an op.
     pub fn from_patch(patch: &Patch) -> TextOp {
-        let mut op = TextOp::new();
+        // A retain, a delete and an insert at most: one allocation, not a growth per push.
+        let mut op = TextOp {
+            components: Vec::with_capacity(3),
+        };
         op.retain(patch.pos).delete(patch.del).insert(&patch.ins);
         op.finish()
     }
@@ -308,7 +311,13 @@ impl TextOp {
     /// the text as the earlier patches left it). An adjacent delete and insert become
     /// one patch.
     pub fn to_patches(&self) -> Vec<Patch> {
-        let mut patches: Vec<Patch> = Vec::new();
+        // A patch per insert or delete, at most (sized once: most ops are one patch).
+        let edits = self
+            .components
+            .iter()
+            .filter(|c| !matches!(c, Component::Retain(_)))
+            .count();
+        let mut patches: Vec<Patch> = Vec::with_capacity(edits);
         let mut pos = 0u32;
         for component in &self.components {
             match component {

@@ -593,7 +593,7 @@ async fn a_client_the_server_cannot_catch_up_reloads_and_keeps_its_edits() {
             fingerprint: i,
             patches: vec![ins(0, "x")],
         };
-        match store.submit("r", op).unwrap() {
+        match store.submit("r", &op).unwrap() {
             Submitted::Applied { seq, ticket } => {
                 version = seq;
                 if i == 10_049 {
@@ -606,7 +606,7 @@ async fn a_client_the_server_cannot_catch_up_reloads_and_keeps_its_edits() {
     store
         .submit(
             "r",
-            SubmitOp {
+            &SubmitOp {
                 op_id: OpId {
                     client_id: 42,
                     local_seq: 20_000,

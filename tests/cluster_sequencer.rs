@@ -119,7 +119,7 @@ fn op(client: u64, local_seq: u64, base: u64, ins: &str) -> SubmitOp {
 fn applied_nth(node: &Node, doc: &str, i: u64) -> quire::sequencer::Ticket {
     let Submitted::Applied { ticket, .. } = node
         .seq
-        .submit(doc, op(1, i, i - 1, &i.to_string()))
+        .submit(doc, &op(1, i, i - 1, &i.to_string()))
         .unwrap()
     else {
         panic!("op {i} not applied");
@@ -163,7 +163,7 @@ async fn a_document_fails_over_with_every_acknowledged_op_and_resends_answered()
     // Five ops on a, each acknowledged once in the journal and on a's disk.
     for i in 1..=5u64 {
         let Submitted::Applied { seq, ticket } =
-            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
+            a.seq.submit(&d, &op(1, i, i - 1, &i.to_string())).unwrap()
         else {
             panic!("a new op");
         };
@@ -179,7 +179,7 @@ async fn a_document_fails_over_with_every_acknowledged_op_and_resends_answered()
     store.advance(TTL / 2);
     a.clock.advance(TTL);
     assert!(matches!(
-        a.seq.submit(&d, op(1, 6, 5, "x")),
+        a.seq.submit(&d, &op(1, 6, 5, "x")),
         Err(SubmitError::Moved(_))
     ));
     // b claims it and loads it from the store.
@@ -187,14 +187,14 @@ async fn a_document_fails_over_with_every_acknowledged_op_and_resends_answered()
     let at_b = b.seq.read(&d).await.unwrap().unwrap();
     assert_eq!(at_b, text_at_a);
     // A resend of an acknowledged op gets its original seq; a new op goes on.
-    match b.seq.submit(&d, op(1, 3, 2, "3")).unwrap() {
+    match b.seq.submit(&d, &op(1, 3, 2, "3")).unwrap() {
         Submitted::Duplicate { seq, ticket } => {
             assert_eq!(seq, 3);
             b.seq.wait_durable(ticket).await.expect("durable");
         }
         other => panic!("{other:?}"),
     }
-    let Submitted::Applied { seq: 6, ticket } = b.seq.submit(&d, op(2, 1, 5, "b")).unwrap() else {
+    let Submitted::Applied { seq: 6, ticket } = b.seq.submit(&d, &op(2, 1, 5, "b")).unwrap() else {
         panic!("op 6");
     };
     b.seq.wait_durable(ticket).await.unwrap();
@@ -212,7 +212,7 @@ async fn an_owner_replaced_behind_its_back_acknowledges_nothing_and_writes_nothi
     let (a, b) = (node(&store, "a"), node(&store, "b"));
     let d = doc_for("a", &["a", "b"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "a")).unwrap() else {
+    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, &op(1, 1, 0, "a")).unwrap() else {
         panic!("op 1");
     };
     a.seq.wait_durable(ticket).await.unwrap();
@@ -225,21 +225,21 @@ async fn an_owner_replaced_behind_its_back_acknowledges_nothing_and_writes_nothi
     assert_eq!(route(&b, &d), Route::Here);
     let Submitted::Applied {
         ticket: b_ticket, ..
-    } = b.seq.submit(&d, op(2, 1, 1, "b")).unwrap()
+    } = b.seq.submit(&d, &op(2, 1, 1, "b")).unwrap()
     else {
         panic!("b's op");
     };
     b.seq.wait_durable(b_ticket).await.unwrap();
     // a sequences a late op: the fence refuses its journal write, and it is never
     // acknowledged.
-    let Ok(Submitted::Applied { ticket, .. }) = a.seq.submit(&d, op(1, 2, 1, "late")) else {
+    let Ok(Submitted::Applied { ticket, .. }) = a.seq.submit(&d, &op(1, 2, 1, "late")) else {
         panic!("a still believes it owns the document");
     };
     assert!(a.seq.wait_durable(ticket).await.is_err());
     // Once it heard of the loss, it sequences nothing more of it.
     a.seq.handle_losses();
     assert!(matches!(
-        a.seq.submit(&d, op(1, 3, 1, "later")),
+        a.seq.submit(&d, &op(1, 3, 1, "later")),
         Err(SubmitError::Moved(_))
     ));
     // The journal has b's op at seq 2, not a's.
@@ -272,7 +272,7 @@ async fn snapshots_bound_the_journal_and_a_new_owner_keeps_history_and_dedupe() 
     for i in 1..=OPS {
         let Submitted::Applied { ticket, .. } = a
             .seq
-            .submit(&d, op(1, i, i - 1, &format!("<{i}>")))
+            .submit(&d, &op(1, i, i - 1, &format!("<{i}>")))
             .unwrap()
         else {
             panic!("op {i}");
@@ -297,7 +297,7 @@ async fn snapshots_bound_the_journal_and_a_new_owner_keeps_history_and_dedupe() 
     assert_eq!(route(&b, &d), Route::Here);
     assert_eq!(b.seq.read(&d).await.unwrap().unwrap(), at_a);
     // An op long covered by a snapshot (and gone from the journal) is still known.
-    match b.seq.submit(&d, op(1, 2, 1, "<2>")).unwrap() {
+    match b.seq.submit(&d, &op(1, 2, 1, "<2>")).unwrap() {
         Submitted::Duplicate { seq, .. } => assert_eq!(seq, 2),
         other => panic!("{other:?}"),
     }
@@ -321,7 +321,7 @@ async fn a_drained_node_hands_its_documents_to_the_preferred_other_node() {
     let mut tickets = Vec::new();
     for i in 1..=4u64 {
         let Submitted::Applied { ticket, .. } =
-            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
+            a.seq.submit(&d, &op(1, i, i - 1, &i.to_string())).unwrap()
         else {
             panic!("op {i}");
         };
@@ -343,7 +343,7 @@ async fn a_drained_node_hands_its_documents_to_the_preferred_other_node() {
     );
     // Nothing more here; a new Open is sent on.
     assert!(matches!(
-        a.seq.submit(&d, op(1, 5, 4, "x")),
+        a.seq.submit(&d, &op(1, 5, 4, "x")),
         Err(SubmitError::Moved(_))
     ));
     match route(&a, &d) {
@@ -407,7 +407,7 @@ async fn a_node_joining_takes_the_documents_it_is_preferred_for_with_every_op() 
         assert_eq!(route(&a, doc), Route::Here);
         for i in 1..=3u64 {
             let Submitted::Applied { ticket, .. } =
-                a.seq.submit(doc, op(1, i, i - 1, &i.to_string())).unwrap()
+                a.seq.submit(doc, &op(1, i, i - 1, &i.to_string())).unwrap()
             else {
                 panic!("{doc}: op {i}");
             };
@@ -441,7 +441,7 @@ async fn a_node_joining_takes_the_documents_it_is_preferred_for_with_every_op() 
     for doc in &docs {
         if to_c.contains(&doc) {
             assert!(matches!(
-                a.seq.submit(doc, op(1, 4, 3, "x")),
+                a.seq.submit(doc, &op(1, 4, 3, "x")),
                 Err(SubmitError::Moved(_))
             ));
             match route(&a, doc) {
@@ -475,7 +475,7 @@ async fn tickets_never_waited_for_are_bounded() {
     let a = node(&store, "a");
     let d = doc_for("a", &["a"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "x")).unwrap() else {
+    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, &op(1, 1, 0, "x")).unwrap() else {
         panic!("op 1");
     };
     a.seq.wait_durable(ticket).await.unwrap();
@@ -586,7 +586,7 @@ async fn joins_drains_rebalances_and_deaths_in_any_order_lose_no_acknowledged_op
                     next_token += 1;
                     let base = owner.seq.version(DOCS[d]);
                     let token = format!("<{next_token}>");
-                    match owner.seq.submit(DOCS[d], op(1, next_token, base, &token)) {
+                    match owner.seq.submit(DOCS[d], &op(1, next_token, base, &token)) {
                         Ok(Submitted::Applied { ticket, .. }) => {
                             if owner.seq.wait_durable(ticket).await.is_ok() {
                                 acked[d].push(next_token);
@@ -773,7 +773,7 @@ async fn an_open_waits_for_a_leaving_owner_up_to_its_patience() {
     let d = doc_for("a", &["a", "b"]);
     let _moved = a.seq.moved().unwrap();
     assert_eq!(route(&a, &d), Route::Here);
-    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, op(1, 1, 0, "a")).unwrap() else {
+    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, &op(1, 1, 0, "a")).unwrap() else {
         panic!("op 1");
     };
     a.seq.wait_durable(ticket).await.unwrap();
@@ -882,7 +882,7 @@ async fn a_deleted_document_leaves_nothing_in_the_store_and_starts_again_empty()
     assert_eq!(route(&a, &d), Route::Here);
     for i in 1..=7u64 {
         let Submitted::Applied { ticket, .. } =
-            a.seq.submit(&d, op(1, i, i - 1, &i.to_string())).unwrap()
+            a.seq.submit(&d, &op(1, i, i - 1, &i.to_string())).unwrap()
         else {
             panic!("op {i}");
         };
@@ -890,7 +890,7 @@ async fn a_deleted_document_leaves_nothing_in_the_store_and_starts_again_empty()
     }
     assert_eq!(a.seq.write_snapshots(), 1);
     // An op still in flight when the deletion comes: acknowledged, then deleted with it.
-    let Submitted::Applied { ticket: last, .. } = a.seq.submit(&d, op(1, 8, 7, "8")).unwrap()
+    let Submitted::Applied { ticket: last, .. } = a.seq.submit(&d, &op(1, 8, 7, "8")).unwrap()
     else {
         panic!("op 8");
     };
@@ -904,7 +904,7 @@ async fn a_deleted_document_leaves_nothing_in_the_store_and_starts_again_empty()
     let deletion = a.seq.delete(&d).unwrap().expect("a document");
     assert_eq!(deletion.version, 8);
     assert!(
-        a.seq.submit(&d, op(1, 9, 8, "9")).is_err(),
+        a.seq.submit(&d, &op(1, 9, 8, "9")).is_err(),
         "nothing more is sequenced"
     );
     a.seq.wait_durable(last).await.expect("op 8 acknowledged");
@@ -923,7 +923,7 @@ async fn a_deleted_document_leaves_nothing_in_the_store_and_starts_again_empty()
     assert_eq!((view.text.as_str(), view.version), ("", 0));
     // Nobody wrote it yet: nothing to delete.
     assert!(a.seq.delete(&d).unwrap().is_none());
-    let Submitted::Applied { seq: 1, ticket } = a.seq.submit(&d, op(2, 1, 0, "new")).unwrap()
+    let Submitted::Applied { seq: 1, ticket } = a.seq.submit(&d, &op(2, 1, 0, "new")).unwrap()
     else {
         panic!("seq 1");
     };
@@ -966,7 +966,7 @@ async fn a_deletion_by_an_owner_replaced_meanwhile_deletes_nothing() {
     assert_eq!(route(&a, &d), Route::Here);
     committed_nth(&a, &d, 1).await;
     // Op 2's journal write is queued when the deletion comes, which waits for it.
-    let Submitted::Applied { ticket: second, .. } = a.seq.submit(&d, op(1, 2, 1, "2")).unwrap()
+    let Submitted::Applied { ticket: second, .. } = a.seq.submit(&d, &op(1, 2, 1, "2")).unwrap()
     else {
         panic!("op 2");
     };

@@ -77,7 +77,7 @@ fn child(dir: &Path, cycle: u64) {
                             fingerprint: 0,
                             ..op.clone()
                         };
-                        match store.submit(&doc, attempt) {
+                        match store.submit(&doc, &attempt) {
                             Ok(Submitted::Applied { seq, ticket }) => break (seq, ticket),
                             Err(SubmitError::VersionMismatch { actual, .. }) => version = actual,
                             other => panic!("unexpected {other:?}"),

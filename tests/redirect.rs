@@ -111,7 +111,7 @@ impl Sequencer for Routed {
         }
     }
 
-    fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
+    fn submit(&self, doc_id: &str, op: &SubmitOp) -> Result<Submitted, SubmitError> {
         // Held across the check and the submit: a switch waits for a submit that passed
         // the check, and none passes after it.
         let owners = self.table.owners.read().unwrap();

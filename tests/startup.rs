@@ -149,7 +149,7 @@ fn an_op_acked_in_a_fresh_data_directory_survives_a_power_cut_right_after() {
         fingerprint: 0,
         patches: vec![Patch::new(0, 0, "kept")],
     };
-    let Submitted::Applied { ticket, .. } = store.submit("a", op).unwrap() else {
+    let Submitted::Applied { ticket, .. } = store.submit("a", &op).unwrap() else {
         panic!("a new op is applied");
     };
     rt.block_on(store.wait_durable(ticket)).unwrap();
@@ -204,13 +204,13 @@ fn records_recovered_from_the_page_cache_are_synced_before_they_are_served() {
         fingerprint: 0,
         patches: vec![Patch::new(0, 0, text)],
     };
-    let Submitted::Applied { ticket, .. } = store.submit("a", op(1, 0, "synced ")).unwrap() else {
+    let Submitted::Applied { ticket, .. } = store.submit("a", &op(1, 0, "synced ")).unwrap() else {
         panic!("applied");
     };
     rt.block_on(store.wait_durable(ticket)).unwrap();
     // The next op is written, but its sync fails: never acked, only in the "page cache".
     fs.fail_syncs_after(0);
-    let Submitted::Applied { ticket, .. } = store.submit("a", op(2, 1, "cached ")).unwrap() else {
+    let Submitted::Applied { ticket, .. } = store.submit("a", &op(2, 1, "cached ")).unwrap() else {
         panic!("applied");
     };
     assert!(rt.block_on(store.wait_durable(ticket)).is_err());

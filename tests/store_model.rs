@@ -154,7 +154,7 @@ fn run(actions: Vec<Action>) -> TestResult {
                 let submitted = store
                     .submit(
                         DOCS[doc],
-                        SubmitOp {
+                        &SubmitOp {
                             op_id,
                             base_version: version,
                             expected_version: version,
@@ -179,7 +179,7 @@ fn run(actions: Vec<Action>) -> TestResult {
                 let submitted = store
                     .submit(
                         DOCS[doc],
-                        SubmitOp {
+                        &SubmitOp {
                             op_id,
                             base_version: seq - 1,
                             expected_version: seq - 1,
@@ -250,7 +250,7 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
         fingerprint: 0,
         patches: vec![Patch::new(0, 0, "quiet")],
     };
-    let Submitted::Applied { ticket, .. } = store.submit("quiet", quiet.clone()).unwrap() else {
+    let Submitted::Applied { ticket, .. } = store.submit("quiet", &quiet.clone()).unwrap() else {
         panic!()
     };
     rt.block_on(store.wait_durable(ticket)).unwrap();
@@ -266,7 +266,7 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
             fingerprint: 0,
             patches: vec![Patch::new(0, if i == 0 { 0 } else { 1 }, "x".repeat(100))],
         };
-        let Submitted::Applied { ticket, .. } = store.submit("busy", op).unwrap() else {
+        let Submitted::Applied { ticket, .. } = store.submit("busy", &op).unwrap() else {
             panic!()
         };
         rt.block_on(store.wait_durable(ticket)).unwrap();
@@ -286,7 +286,7 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
     drop(store);
     let store = open(&fs.crash(CrashMode::LoseUnsynced));
     assert_eq!(
-        store.submit("quiet", quiet).unwrap(),
+        store.submit("quiet", &quiet).unwrap(),
         Submitted::Duplicate {
             seq: 1,
             ticket: quire::sequencer::Ticket(0)
@@ -324,7 +324,7 @@ fn after_a_restart_a_resend_of_an_older_op_covered_by_a_snapshot_gets_its_seq() 
         patches: vec![Patch::new(0, 0, text)],
     };
     for i in 1..=3 {
-        let Submitted::Applied { ticket, .. } = store.submit("p", op(i, "x")).unwrap() else {
+        let Submitted::Applied { ticket, .. } = store.submit("p", &op(i, "x")).unwrap() else {
             panic!("applied")
         };
         rt.block_on(store.wait_durable(ticket)).unwrap();
@@ -332,11 +332,11 @@ fn after_a_restart_a_resend_of_an_older_op_covered_by_a_snapshot_gets_its_seq() 
     assert!(store.snapshot_now("p").unwrap());
     drop(store);
     let store = open(&fs);
-    match store.submit("p", op(1, "x")) {
+    match store.submit("p", &op(1, "x")) {
         Ok(Submitted::Duplicate { seq, .. }) => assert_eq!(seq, 1),
         other => panic!("a resend of op 1 gets its seq, got {other:?}"),
     }
-    match store.submit("p", op(2, "x")) {
+    match store.submit("p", &op(2, "x")) {
         Ok(Submitted::Duplicate { seq, .. }) => assert_eq!(seq, 2),
         other => panic!("a resend of op 2 gets its seq, got {other:?}"),
     }

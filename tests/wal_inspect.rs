@@ -49,7 +49,7 @@ fn make(dir: &Path) {
             fingerprint: 0,
             patches: vec![Patch::new(version as u32, 0, format!("{}", i % 10))],
         };
-        let Submitted::Applied { ticket, .. } = store.submit(doc, op).unwrap() else {
+        let Submitted::Applied { ticket, .. } = store.submit(doc, &op).unwrap() else {
             panic!()
         };
         rt.block_on(store.wait_durable(ticket)).unwrap();

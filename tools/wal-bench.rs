@@ -362,7 +362,7 @@ fn write_log(dir: &Path, log: &LogShape) {
                                 fingerprint: 0,
                                 patches: vec![Patch::new(0, 0, ins.clone())],
                             };
-                            match store.submit(&doc, op) {
+                            match store.submit(&doc, &op) {
                                 Ok(Submitted::Applied { ticket, .. }) => break ticket,
                                 Ok(Submitted::Duplicate { ticket, .. }) => break ticket,
                                 Err(SubmitError::VersionMismatch { actual, .. }) => {

@@ -47,7 +47,7 @@ use crate::cluster::ownership::{Claim, ClusterError, CommitError, Epoch, Loaded}
 use crate::cluster::replicator::{Loss, ReplicationError, Replicator, Tenure};
 use crate::cluster::store::Store;
 use crate::op::{OpId, SequencedOp};
-use crate::wal::record::{OpRecord, RecordType};
+use crate::wal::record::{OpRecord, OpRecordRef, RecordType};
 use crate::wal::snapshot::Snapshot;
 
 /// The first client id of the cluster's (the top bit, as a single node's).
@@ -1079,7 +1079,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
 
 /// The encoding of a journal entry's body: the op as the local log encodes it (a
 /// type-2 record's payload, fingerprint included).
-fn entry_body(record: &OpRecord) -> Vec<u8> {
+fn entry_body(record: OpRecordRef<'_>) -> Vec<u8> {
     let mut body = Vec::with_capacity(record.encoded_len());
     record.encode(&mut body);
     body
@@ -1283,7 +1283,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         }))
     }
 
-    fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
+    fn submit(&self, doc_id: &str, op: &SubmitOp) -> Result<Submitted, SubmitError> {
         let inner = &self.inner;
         let Some(tenancy) = inner.tenancy(doc_id) else {
             return Err(SubmitError::Moved(inner.here.clone()));
@@ -1294,24 +1294,23 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         // refuses the op before anything is applied.
         inner.journaled_upto(s)?;
         let (op_id, base_version, fingerprint) = (op.op_id, op.base_version, op.fingerprint);
-        let patches = op.patches.clone();
         match inner.local.submit(doc_id, op)? {
             Submitted::Applied { seq, ticket } => {
-                let record = OpRecord {
-                    doc_id: doc_id.to_owned(),
+                let record = OpRecordRef {
+                    doc_id,
                     client_id: op_id.client_id,
                     local_seq: op_id.local_seq,
                     server_seq: seq,
                     base_version,
                     timestamp_ms: crate::wal::now_ms(),
-                    patches,
+                    patches: &op.patches,
                     fingerprint: Some(fingerprint),
                 };
                 let entry = JournalEntry {
                     seq,
                     op_id,
                     fingerprint,
-                    body: entry_body(&record),
+                    body: entry_body(record),
                 };
                 // Under the document's tenancy lock: the journal gets its ops in seq
                 // order. A refusal means the tenure just ended: the loss handler evicts

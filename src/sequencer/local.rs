@@ -29,7 +29,7 @@ use super::{
 };
 use crate::op::{validate_doc_id, OpId, SequencedOp};
 use crate::sequencer::state::Deferred;
-use crate::wal::record::{Lsn, OpRecord, OpView, TombstoneRecord};
+use crate::wal::record::{Lsn, OpRecord, OpRecordRef, OpView, TombstoneRecord};
 use crate::wal::snapshot::{load_snapshots, remove_leftovers, remove_snapshots, LoadedSnapshots};
 use crate::wal::snapshot::{parse_snapshot_file_name, snapshot_file_name, Snapshot};
 use crate::wal::stats::Summary;
@@ -634,8 +634,8 @@ impl LocalSequencer {
     /// document's, locked): checked first, so that a refusal leaves the state as it was.
     /// The first op after a restart builds the text (a blocking read of the log, as the
     /// append may block).
-    fn append(&self, state: &mut DocState, record: &OpRecord) -> Result<Lsn, SubmitError> {
-        let doc_id = record.doc_id.as_str();
+    fn append(&self, state: &mut DocState, record: OpRecordRef<'_>) -> Result<Lsn, SubmitError> {
+        let doc_id = record.doc_id;
         assert_eq!(
             record.server_seq,
             state.version + 1,
@@ -644,17 +644,17 @@ impl LocalSequencer {
         state
             .text(doc_id, &self.shared.wal)
             .map_err(|e| SubmitError::Storage(Arc::from(e)))?
-            .check(&record.patches)
+            .check(record.patches)
             .map_err(SubmitError::Invalid)?;
         // Append first: if the log refuses, the state is untouched.
-        let lsn = self.shared.wal.append_op(record).map_err(|e| match e {
+        let lsn = self.shared.wal.append_op_ref(record).map_err(|e| match e {
             WalError::RecordTooLarge { .. } => SubmitError::TooLarge(e.to_string()),
             other => SubmitError::Storage(Arc::from(other.to_string())),
         })?;
         state
             .text(doc_id, &self.shared.wal)
             .expect("built above, under the same lock")
-            .apply(&record.patches)
+            .apply(record.patches)
             .expect("patches were checked under the same lock");
         state.version = record.server_seq;
         state.dedupe.record(
@@ -762,7 +762,7 @@ impl LocalSequencer {
                     "op {got:?} seq {seq} where seq {expected} was expected"
                 )));
             }
-            if let Err(e) = self.append(&mut state, record) {
+            if let Err(e) = self.append(&mut state, record.borrowed()) {
                 drop(state);
                 let _ = self.evict(doc_id);
                 return Err(failed(e.to_string()));
@@ -961,7 +961,7 @@ impl Sequencer for LocalSequencer {
         })
     }
 
-    fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
+    fn submit(&self, doc_id: &str, op: &SubmitOp) -> Result<Submitted, SubmitError> {
         validate_doc_id(doc_id).map_err(SubmitError::InvalidDocId)?;
         let doc = self.doc_or_create(doc_id)?;
         let mut state = lock_doc(&doc);
@@ -991,19 +991,19 @@ impl Sequencer for LocalSequencer {
             });
         }
         let seq = state.version + 1;
-        let record = OpRecord {
-            doc_id: doc_id.to_owned(),
+        let record = OpRecordRef {
+            doc_id,
             client_id: client,
             local_seq: op.op_id.local_seq,
             server_seq: seq,
             base_version: op.base_version,
             timestamp_ms: now_ms(),
-            patches: op.patches,
+            patches: &op.patches,
             // Logged so that the dedupe table rebuilt at a restart still tells a resend
             // from a different op under this id.
             fingerprint: Some(op.fingerprint),
         };
-        let lsn = self.append(&mut state, &record)?;
+        let lsn = self.append(&mut state, record)?;
         if seq - state.snapshot_seq >= self.shared.config.snapshot_every_ops
             && !state.snapshot_queued
         {
@@ -1372,7 +1372,7 @@ mod tests {
                 fingerprint: fp_a,
                 patches: a,
             };
-            let ticket = match store.submit("doc", op).unwrap() {
+            let ticket = match store.submit("doc", &op).unwrap() {
                 Submitted::Applied { seq: 1, ticket } => ticket,
                 other => panic!("{other:?}"),
             };
@@ -1419,7 +1419,7 @@ mod tests {
                 fingerprint: 0,
                 patches,
             };
-            match store.submit("doc", op) {
+            match store.submit("doc", &op) {
                 Ok(Submitted::Applied { seq: s, ticket }) if s == seq => ticket,
                 other => panic!("op {seq}: {other:?}"),
             }
@@ -1505,7 +1505,7 @@ mod tests {
                 patches: vec![Patch::new(5, 0, "!".to_owned())],
             };
             assert!(matches!(
-                store.submit("doc", op),
+                store.submit("doc", &op),
                 Ok(Submitted::Applied { seq: 5, .. })
             ));
             store.step();
@@ -1688,7 +1688,7 @@ mod tests {
                 fingerprint: 0,
                 patches: vec![Patch::new(0, 0, "x")],
             };
-            match store.submit("doc", op) {
+            match store.submit("doc", &op) {
                 Err(SubmitError::Storage(reason)) => {
                     assert!(reason.contains("building"), "{reason}")
                 }
@@ -1829,7 +1829,7 @@ mod tests {
                     fingerprint: 0,
                     patches: vec![Patch::new(0, 0, big.clone())],
                 };
-                store.submit("doc", op).unwrap();
+                store.submit("doc", &op).unwrap();
                 assert!(store.step());
             }
             assert_eq!(store.wal().active_segment(), 3);
@@ -1902,7 +1902,7 @@ mod tests {
             store
                 .submit(
                     "other",
-                    SubmitOp {
+                    &SubmitOp {
                         op_id: other,
                         base_version: 0,
                         expected_version: 0,
@@ -1941,7 +1941,7 @@ mod tests {
                 patches: vec![Patch::new(0, 0, "lost")],
             };
             assert!(matches!(
-                store.submit("doc", racing()),
+                store.submit("doc", &racing()),
                 Err(SubmitError::Unavailable(m)) if m.contains("whether")
             ));
             while !durable(&store, deletion.ticket) {
@@ -1949,7 +1949,7 @@ mod tests {
             }
             // Durable: a new document's op waits for the deletion to be finished.
             assert!(matches!(
-                store.submit("doc", racing()),
+                store.submit("doc", &racing()),
                 Err(SubmitError::Unavailable(m)) if m.contains("being finished")
             ));
             // Finishing waits for the tombstone to be durable, then removes the snapshot
@@ -1993,7 +1993,7 @@ mod tests {
                 patches: vec![Patch::new(0, 0, "new")],
             };
             assert!(matches!(
-                store.submit("doc", resend),
+                store.submit("doc", &resend),
                 Ok(Submitted::Duplicate { seq: 1, .. })
             ));
             submit_patches(&store, 2, vec![Patch::new(3, 0, "er")]);
@@ -2011,7 +2011,7 @@ mod tests {
                 fingerprint: 0,
                 patches: vec![Patch::new(0, 0, "y".repeat(SEGMENT_SIZE_MIN as usize / 4))],
             };
-            store.submit(doc, op).unwrap();
+            store.submit(doc, &op).unwrap();
             assert!(store.step());
         }
 

@@ -339,7 +339,8 @@ pub trait Sequencer: Send + Sync + 'static {
     }
 
     /// Sequences `op` on `doc_id` (creating the document at version 0 if new).
-    fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError>;
+    /// Borrowed: the caller keeps the patches (a server broadcasts them once durable).
+    fn submit(&self, doc_id: &str, op: &SubmitOp) -> Result<Submitted, SubmitError>;
 
     /// If `op_id` was already used on `doc_id`, what [`Sequencer::submit`] would answer
     /// for it: a [`Submitted::Duplicate`] for a true resend (same `fingerprint`), or

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use commit::{CommitQueue, Durability, DurableNotify, EnqueueError, IndexKey};
 use index::{DocSlot, Index, IndexBuilder, Location};
 use record::{
-    decode_frame, Lsn, OpRecord, OpView, RecordType, TombstoneRecord, TombstoneView,
+    decode_frame, Lsn, OpRecord, OpRecordRef, OpView, RecordType, TombstoneRecord, TombstoneView,
     MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN,
 };
 use recovery::{RecoveryOptions, RecoveryReport};
@@ -651,6 +651,11 @@ impl Wal {
     /// (the caller serialises per document). Written as [`OpRecord::record_type`] says:
     /// type 2 (with the fingerprint), which is all the sequencer writes.
     pub fn append_op(&self, op: &OpRecord) -> Result<Lsn, WalError> {
+        self.append_op_ref(op.borrowed())
+    }
+
+    /// [`Wal::append_op`] of a borrowed record.
+    pub fn append_op_ref(&self, op: OpRecordRef<'_>) -> Result<Lsn, WalError> {
         let mut payload = Vec::with_capacity(op.encoded_len());
         op.encode(&mut payload);
         if payload.len() > self.max_payload {
@@ -660,7 +665,7 @@ impl Wal {
             });
         }
         let key = IndexKey {
-            doc_id: Arc::from(op.doc_id.as_str()),
+            doc_id: Arc::from(op.doc_id),
             seq: op.server_seq,
         };
         Ok(self.queue.enqueue(op.record_type(), payload, Some(key))?)

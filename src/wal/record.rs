@@ -237,19 +237,22 @@ pub struct OpRecord {
     pub fingerprint: Option<u64>,
 }
 
-/// Why an op payload could not be decoded. The frame's checksum was valid, so this
-/// means a writer bug or a foreign file, never a torn write.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PayloadError(pub String);
-
-impl std::fmt::Display for PayloadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid op payload: {}", self.0)
-    }
+/// An [`OpRecord`] whose id and patches are borrowed: what the sequencer appends, from
+/// the op it was handed, without copying them into a record of its own.
+#[derive(Clone, Copy, Debug)]
+pub struct OpRecordRef<'a> {
+    pub doc_id: &'a str,
+    pub client_id: u64,
+    pub local_seq: u64,
+    pub server_seq: u64,
+    pub base_version: u64,
+    pub timestamp_ms: u64,
+    pub patches: &'a [Patch],
+    pub fingerprint: Option<u64>,
 }
 
-impl OpRecord {
-    /// The record type [`OpRecord::encode`] writes: [`RecordType::OpWithFingerprint`],
+impl OpRecordRef<'_> {
+    /// The record type [`OpRecordRef::encode`] writes: [`RecordType::OpWithFingerprint`],
     /// or [`RecordType::Op`] for a record whose fingerprint is unknown (the sequencer
     /// always knows it; only tests of data written by older versions leave it out).
     pub fn record_type(&self) -> RecordType {
@@ -263,7 +266,7 @@ impl OpRecord {
     /// `server_seq u64, base_version u64, client_id u64, local_seq u64, timestamp_ms u64,
     /// doc_id_len u16, doc_id, patch_count u32, then per patch: pos u32, del u32,
     /// ins_len u32 (bytes), ins (UTF-8)`. A type-2 record's payload is the same followed
-    /// by `fingerprint u64`. Which one is written: [`OpRecord::record_type`].
+    /// by `fingerprint u64`. Which one is written: [`OpRecordRef::record_type`].
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.reserve(self.encoded_len());
         out.put_u64_le(self.server_seq);
@@ -274,7 +277,7 @@ impl OpRecord {
         out.put_u16_le(self.doc_id.len() as u16);
         out.put_slice(self.doc_id.as_bytes());
         out.put_u32_le(self.patches.len() as u32);
-        for patch in &self.patches {
+        for patch in self.patches {
             out.put_u32_le(patch.pos);
             out.put_u32_le(patch.del);
             out.put_u32_le(patch.ins.len() as u32);
@@ -292,6 +295,47 @@ impl OpRecord {
             + 4
             + self.patches.iter().map(|p| 12 + p.ins.len()).sum::<usize>()
             + if self.fingerprint.is_some() { 8 } else { 0 }
+    }
+}
+
+/// Why an op payload could not be decoded. The frame's checksum was valid, so this
+/// means a writer bug or a foreign file, never a torn write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadError(pub String);
+
+impl std::fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid op payload: {}", self.0)
+    }
+}
+
+impl OpRecord {
+    /// The record borrowed, for encoding.
+    pub fn borrowed(&self) -> OpRecordRef<'_> {
+        OpRecordRef {
+            doc_id: &self.doc_id,
+            client_id: self.client_id,
+            local_seq: self.local_seq,
+            server_seq: self.server_seq,
+            base_version: self.base_version,
+            timestamp_ms: self.timestamp_ms,
+            patches: &self.patches,
+            fingerprint: self.fingerprint,
+        }
+    }
+
+    /// [`OpRecordRef::record_type`].
+    pub fn record_type(&self) -> RecordType {
+        self.borrowed().record_type()
+    }
+
+    /// [`OpRecordRef::encode`].
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        self.borrowed().encode(out)
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        self.borrowed().encoded_len()
     }
 
     /// Decodes and checks the payload of a record of type `record_type`:

@@ -64,7 +64,7 @@ impl Sequencer for SimSequencer {
         self.inner.read_at(doc_id, seq)
     }
 
-    fn submit(&self, doc_id: &str, op: SubmitOp) -> Result<Submitted, SubmitError> {
+    fn submit(&self, doc_id: &str, op: &SubmitOp) -> Result<Submitted, SubmitError> {
         let submitted = self.inner.submit(doc_id, op);
         self.work.notify_one();
         submitted
