@@ -5,8 +5,8 @@
 # the same sitting. For each run: the server's utime+stime (/proc/PID/stat fields 14 and
 # 15, clock ticks) read just before and just after the load (for quire its connects,
 # opens and final read-back included), divided by the ops
-# acknowledged, and ops/s as the load generator reports it. The load average is printed
-# beside each row: the machine is shared.
+# acknowledged, with the user and system parts apart, and ops/s as the load generator
+# reports it. The load average is printed beside each row: the machine is shared.
 #   usage: bash tools/bench-cpu.sh [OUT_DIR]   (default /tmp/quire-cpubench)
 # Settings: RUNS (default 3), CLIENTS (default 64), PATCHES (quire ops, default 64000),
 # REDIS_N (RPUSH requests, default 64000), WARM (seconds, default 3), REDIS (0/1,
@@ -32,13 +32,16 @@ redis_port=63798
 tck=$(getconf CLK_TCK)
 cargo build --release --features trace --bin quire --bin quire-trace >/dev/null 2>&1
 
-# utime+stime of a process, in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# utime and stime of a process, in clock ticks ("user system").
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 load() { cut -d' ' -f1 /proc/loadavg; }
-row() {  # name run ops ops_per_s ticks load_before load_after
-  awk -v n="$1" -v r="$2" -v ops="$3" -v rate="$4" -v t="$5" -v hz="$tck" -v l0="$6" -v l1="$7" \
-    'BEGIN{printf "%-12s run %s | ops %d | %8.0f ops/s | server cpu %.2f s = %5.2f us/op | load %s..%s\n",
-      n, r, ops, rate, t / hz, 1e6 * t / hz / ops, l0, l1}'
+row() {  # name run ops ops_per_s "user0 sys0" "user1 sys1" load_before load_after
+  read -r u0 s0 <<<"$5"
+  read -r u1 s1 <<<"$6"
+  awk -v n="$1" -v r="$2" -v ops="$3" -v rate="$4" -v u=$((u1 - u0)) -v s=$((s1 - s0)) \
+    -v hz="$tck" -v l0="$7" -v l1="$8" \
+    'BEGIN{t = u + s; printf "%-12s run %s | ops %d | %8.0f ops/s | server cpu %.2f s = %5.2f us/op (user %5.2f, system %5.2f) | load %s..%s\n",
+      n, r, ops, rate, t / hz, 1e6 * t / hz / ops, 1e6 * u / hz / ops, 1e6 * s / hz / ops, l0, l1}'
 }
 
 echo "######## $(date -u +%FT%TZ) clients=$clients quire load generator: ${LOAD_ARGS---threads 1}"
@@ -69,7 +72,7 @@ for run in $(seq 1 "$runs"); do
   echo "$result" >"$out/quire-run$run.txt"
   rate=$(grep -o '[0-9.]* ops/s' <<<"$result" | head -1 | cut -d' ' -f1)
   ops=$(grep -o '[0-9]* ops in' <<<"$result" | head -1 | cut -d' ' -f1)
-  row quire "$run" "${ops:-$patches}" "${rate:-0}" $((c1 - c0)) "$l0" "$l1"
+  row quire "$run" "${ops:-$patches}" "${rate:-0}" "$c0" "$c1" "$l0" "$l1"
 done
 
 if [ "${REDIS:-1}" = 1 ]; then
@@ -91,7 +94,7 @@ if [ "${REDIS:-1}" = 1 ]; then
     c1=$(cpu_ticks "$rpid"); l1=$(load)
     stored=$("${cli[@]}" llen mylist)
     rate=$(cut -d, -f2 <<<"$csv" | tr -d '"')
-    row redis-rpush "$run" "$stored" "${rate:-0}" $((c1 - c0)) "$l0" "$l1"
+    row redis-rpush "$run" "$stored" "${rate:-0}" "$c0" "$c1" "$l0" "$l1"
   done
   kill "$rpid"; wait "$rpid" 2>/dev/null || true
   trap - EXIT
