@@ -1034,6 +1034,46 @@ async fn a_deletion_past_its_patience_deletes_nothing_and_the_document_reloads_w
     assert_eq!(seqs, [1, 2, 3]);
 }
 
+/// A second deletion (or an `Open`) of a document whose deletion is under way waits for
+/// it up to the patience, then is told that a deletion is under way, not that the
+/// document is being handed to another node (what it was told before: the review of
+/// 9f5baf7). Once the first is done, the document is placed again, empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_whose_deletion_is_under_way_is_said_to_be_being_deleted() {
+    use quire::sequencer::RouteError;
+    let store = Arc::new(MemStore::new());
+    let a = node_driven(&store, "a", Drive::Manual);
+    let d = doc_for("a", &["a"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    committed_nth(&a, &d, 1).await;
+    // Op 2's journal write is held back: the erasure waits for it.
+    let second = applied_nth(&a, &d, 2);
+    a.seq.set_hand_over_patience(Duration::from_secs(60));
+    let deletion = a.seq.delete(&d).unwrap().expect("a document");
+    // The erasure's thread has begun its wait (with the long patience) before the
+    // `Open` gets a short one.
+    std::thread::sleep(Duration::from_millis(500));
+    a.seq.set_hand_over_patience(Duration::from_millis(100));
+    match a.seq.place(&d) {
+        Err(RouteError::Unavailable(why)) => {
+            assert!(
+                why.contains("deletion") && why.contains("under way"),
+                "{why}"
+            )
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert!(a.seq.replicator().commit_next(), "op 2's write goes now");
+    a.seq.wait_durable(second).await.expect("op 2 acknowledged");
+    tokio::time::timeout(Duration::from_secs(30), a.seq.wait_durable(deletion.ticket))
+        .await
+        .expect("the erasure ends")
+        .expect("deleted from the store");
+    assert_eq!(route(&a, &d), Route::Here);
+    let view = a.seq.read(&d).await.unwrap().unwrap();
+    assert_eq!((view.text.as_str(), view.version), ("", 0));
+}
+
 /// A deletion no thread can be had for (the system gives the process no more) is
 /// refused before anything is deleted: the document is still served here, with its
 /// ops, and takes the next one. Before, its erasure ran on the caller's thread, which

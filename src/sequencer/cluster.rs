@@ -139,6 +139,10 @@ struct Inner<S: Store + Send + Sync + 'static> {
     /// Documents being handed to another node ([`Inner::hand_over`]): not served here any
     /// more, still owned here until their queued journal writes resolved.
     handing_over: Mutex<HashSet<Arc<str>>>,
+    /// Those of `handing_over` that leave because they are being deleted here
+    /// ([`Inner::erase`]): an `Open` or a second deletion that waits for one past its
+    /// patience is told that a deletion is under way.
+    erasing: Mutex<HashSet<Arc<str>>>,
     /// Documents whose last tenure here ended with journal writes unresolved (a handover
     /// or a deletion past its patience), by the id of the last of them: not loaded again
     /// here until it resolved ([`Inner::settled`]).
@@ -216,6 +220,7 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
             snapshots: Mutex::new(std::collections::VecDeque::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
             handing_over: Mutex::new(HashSet::new()),
+            erasing: Mutex::new(HashSet::new()),
             unsettled: Mutex::new(HashMap::new()),
             seen_nodes: Mutex::new(Vec::new()),
             hand_over_patience_ms: AtomicU64::new(HAND_OVER_PATIENCE.as_millis() as u64),
@@ -391,6 +396,9 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             }
             drop(serving);
             if Instant::now() > patience {
+                if lock(&self.erasing).contains(doc_id) {
+                    return Err(unavailable(&"a deletion of it is under way; retry"));
+                }
                 return Err(unavailable(&"it is being handed to another node; retry"));
             }
             std::thread::sleep(POLL);
@@ -848,6 +856,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             );
         }
         lock(&self.handing_over).remove(doc);
+        lock(&self.erasing).remove(doc);
         self.forget_if_idle(doc, tenancy);
         match &outcome {
             Ok(()) => tracing::info!(doc = &**doc, "document deleted from the cluster"),
@@ -1256,6 +1265,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         let s = serving.take().expect("checked by serving()");
         // Before the tenancy lock goes, as at a handover: an `Open` here meanwhile waits
         // for the erasure (`place`), and the node keeps owning the document till then.
+        lock(&inner.erasing).insert(Arc::from(doc_id));
         lock(&inner.handing_over).insert(Arc::from(doc_id));
         drop(serving);
         let ticket = inner.ticket(Pending {
