@@ -250,7 +250,7 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
         fingerprint: 0,
         patches: vec![Patch::new(0, 0, "quiet")],
     };
-    let Submitted::Applied { ticket, .. } = store.submit("quiet", &quiet.clone()).unwrap() else {
+    let Submitted::Applied { ticket, .. } = store.submit("quiet", &quiet).unwrap() else {
         panic!()
     };
     rt.block_on(store.wait_durable(ticket)).unwrap();

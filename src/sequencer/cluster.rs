@@ -806,11 +806,17 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     }
 
     /// The erasure of a document deleted here ([`Sequencer::delete`] of the cluster
-    /// sequencer, which stopped serving it): its queued journal writes resolve (up to
-    /// [`HAND_OVER_PATIENCE`]), then its keys go in one fenced txn. Either way it is not
-    /// served here afterwards, and its local copy is gone. Blocking.
-    fn erase(&self, doc: &Arc<str>, tenancy: &Tenancy, s: Serving) -> Result<(), DeleteRefused> {
-        let patience = Instant::now() + self.hand_over_patience();
+    /// sequencer, which stopped serving it): its queued journal writes resolve (until
+    /// `patience`, set when the deletion was asked: [`HAND_OVER_PATIENCE`] from then),
+    /// then its keys go in one fenced txn. Either way it is not served here afterwards,
+    /// and its local copy is gone. Blocking.
+    fn erase(
+        &self,
+        doc: &Arc<str>,
+        tenancy: &Tenancy,
+        s: Serving,
+        patience: Instant,
+    ) -> Result<(), DeleteRefused> {
         let mut outcome = Ok(());
         if let Some(last) = s.last_op {
             outcome = loop {
@@ -855,8 +861,10 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                 "removing the local copy of a deleted document: {e}"
             );
         }
-        lock(&self.handing_over).remove(doc);
+        // `erasing` first: a deletion of the document claimed again meanwhile marks it
+        // anew only once it is out of `handing_over`.
         lock(&self.erasing).remove(doc);
+        lock(&self.handing_over).remove(doc);
         self.forget_if_idle(doc, tenancy);
         match &outcome {
             Ok(()) => tracing::info!(doc = &**doc, "document deleted from the cluster"),
@@ -1275,10 +1283,12 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
         lock(&inner.erasures).insert(ticket.0, rx);
+        // The erasure's patience runs from now, not from whenever its thread starts.
+        let patience = Instant::now() + inner.hand_over_patience();
         let erase = {
             let (inner, doc) = (self.inner.clone(), Arc::<str>::from(doc_id));
             move || {
-                let _ = tx.send(inner.erase(&doc, &tenancy, s));
+                let _ = tx.send(inner.erase(&doc, &tenancy, s, patience));
             }
         };
         match eraser {

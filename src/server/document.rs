@@ -295,7 +295,7 @@ impl<S: Subscriber> State<S> {
     }
 
     /// Gives back the allocations of emptied tables, so that a quiet open document
-    /// holds only its subscribers and its history: an emptied deque keeps its slots
+    /// holds little beyond its subscribers and its history: an emptied deque keeps its slots
     /// and a `HashMap` its buckets. Called when a burst ends (every op delivered, a
     /// snapshot sent): per op for a document with one op in flight at a time, which is
     /// why `pending` is a deque of small slots. The first few slots of `pending` stay:

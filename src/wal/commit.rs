@@ -189,7 +189,8 @@ impl<N: DurableNotify> CommitQueue<N> {
     }
 
     /// Wakes the writer if a record queued by a deferring thread left its wake-up owed
-    /// (called by such a thread before it goes idle). Returns whether it did.
+    /// (called by such a thread before it goes idle; only a waiting writer is notified).
+    /// Returns whether a wake-up was owed.
     pub fn pay_owed_wake(&self) -> bool {
         let mut state = lock(&self.state);
         let owed = std::mem::take(&mut state.wake_owed);
