@@ -985,17 +985,14 @@ impl<S: Subscriber> Document<S> {
         if let Some(read_log) = job.over_window(state.window_after(job.at))? {
             return Ok(read_log);
         }
-        // Every op of this document is sequenced under its lock, held here: the
-        // sequencer's version cannot move until the op is sequenced and queued.
-        let version = sequencer.version(&self.id);
-        if job.at != version || sequencer.incarnation(&self.id) != self.incarnation {
-            // Cluster mode: the sequencer reloaded the document under this copy (see
-            // `Sequencer::incarnation`): the copy is stale; its sessions open it again.
-            if let Some(here) = sequencer.here() {
-                return Err(SubmitOutcome::Moved(here));
+        // Cluster mode: the sequencer reloaded the document under this copy (see
+        // `Sequencer::incarnation`): the copy is stale; its sessions open it again.
+        let reloaded = || sequencer.here().map(SubmitOutcome::Moved);
+        if sequencer.incarnation(&self.id) != self.incarnation {
+            if let Some(moved) = reloaded() {
+                return Err(moved);
             }
         }
-        assert_eq!(job.at, version, "transformed up to the current version");
         let patches = job.op.to_patches();
         let bytes = (job.limit.measure)(&patches);
         if bytes > job.limit.max {
@@ -1008,16 +1005,30 @@ impl<S: Subscriber> Document<S> {
                 ),
             ));
         }
+        // Every op of this document is sequenced under its lock, held here: the
+        // sequencer's version is `job.at` (the op was transformed up to the newest op
+        // in the window, and the window gets every op sequenced) unless the sequencer
+        // reloaded the document under this copy. Its submit checks that (one lookup of
+        // the document, not two).
         let submit = SubmitOp {
             op_id: job.op_id,
             base_version: job.base_version,
-            expected_version: version,
+            expected_version: job.at,
             fingerprint: job.fingerprint,
             patches,
         };
         let outcome = match sequencer.submit(&self.id, &submit) {
+            Err(SubmitError::VersionMismatch { expected, actual }) => match reloaded() {
+                Some(moved) => return Err(moved),
+                None => panic!(
+                    "an op transformed up to version {expected} of {:?}, whose version is \
+                     {actual}: every op of it is sequenced under its lock and kept in its \
+                     window",
+                    self.id
+                ),
+            },
             Ok(Submitted::Applied { seq, ticket }) => {
-                assert_eq!(seq, version + 1, "the sequencer's seqs are consecutive");
+                assert_eq!(seq, job.at + 1, "the sequencer's seqs are consecutive");
                 state.history.push_back(Sequenced {
                     seq,
                     client_id: job.op_id.client_id,
