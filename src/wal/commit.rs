@@ -37,15 +37,24 @@ use crate::sync::{lock, Condvar, Mutex};
 /// this many pending wakes it at once.
 pub const DEFERRED_RECORDS_MAX: usize = 256;
 
-thread_local! {
+#[cfg(not(all(feature = "loom", test)))]
+std::thread_local! {
     /// This thread pays the writer's owed wake-ups before it goes idle.
     static DEFERS_WAKES: Cell<bool> = const { Cell::new(false) };
+}
+
+// Under loom, one per modelled thread: loom runs them all on one OS thread, where a
+// std thread-local would be shared (and no model could mix deferring threads with
+// others).
+#[cfg(all(feature = "loom", test))]
+loom::thread_local! {
+    static DEFERS_WAKES: Cell<bool> = Cell::new(false);
 }
 
 /// Marks the calling thread as one that calls [`CommitQueue::pay_owed_wake`] before it
 /// goes idle: the records it queues wake the writer then (see the module's notes).
 pub fn defer_writer_wakes_on_this_thread() {
-    DEFERS_WAKES.set(true);
+    DEFERS_WAKES.with(|defers| defers.set(true));
 }
 
 /// What the writer must know about a record besides its bytes: the op it carries, for
@@ -120,6 +129,9 @@ pub struct CommitQueue<N> {
     state: Mutex<State>,
     writer_wake: Condvar,
     notify: N,
+    /// [`DEFERRED_RECORDS_MAX`], smaller in the loom model (which cannot queue hundreds
+    /// of records) so that it checks the record that wakes the writer at the cap.
+    deferred_max: usize,
 }
 
 impl<N: DurableNotify> CommitQueue<N> {
@@ -142,6 +154,17 @@ impl<N: DurableNotify> CommitQueue<N> {
             }),
             writer_wake: Condvar::new(),
             notify,
+            deferred_max: DEFERRED_RECORDS_MAX,
+        }
+    }
+
+    /// A queue whose deferred wake-ups are capped at `deferred_max` records.
+    #[cfg(all(test, feature = "loom"))]
+    fn with_deferred_max(next_lsn: Lsn, notify: N, deferred_max: usize) -> Self {
+        assert!(deferred_max >= 1);
+        CommitQueue {
+            deferred_max,
+            ..Self::new(next_lsn, notify)
         }
     }
 
@@ -172,7 +195,7 @@ impl<N: DurableNotify> CommitQueue<N> {
             payload,
             key,
         });
-        let wake = if DEFERS_WAKES.get() && state.pending.len() < DEFERRED_RECORDS_MAX {
+        let wake = if DEFERS_WAKES.with(Cell::get) && state.pending.len() < self.deferred_max {
             // Owed even if the writer is busy: done with its batch, it waits for this
             // thread to go idle before taking the next one.
             state.wake_owed = true;
@@ -478,7 +501,9 @@ mod loom_tests {
     //! every interleaving loom explores: an appender told "durable" finds its record on
     //! the disk; after a failure nothing more is completed; nobody waits forever. The
     //! deferring variants have the appenders owe the writer its wake-up and pay it before
-    //! they wait, as a runtime worker pays it before it parks.
+    //! they wait, as a runtime worker pays it before it parks; in the mixed ones only one
+    //! of them defers. At the cap, neither pays: only the record that reaches it wakes
+    //! the writer (a queue that ignored the cap deadlocks there).
     use super::*;
     use loom::sync::Arc as LoomArc;
     use loom::thread;
@@ -505,7 +530,41 @@ mod loom_tests {
         }
     }
 
-    fn model(fail_first_batch: bool, defer: bool) {
+    /// Whether each of the two appenders defers its wake-ups, whether those that defer
+    /// pay what they owe before they wait (as a worker pays before it parks), and the
+    /// cap on records waiting for a deferred wake-up.
+    #[derive(Clone, Copy)]
+    struct Appenders {
+        defer: [bool; 2],
+        pay: bool,
+        deferred_max: usize,
+    }
+
+    const NOT_DEFERRING: Appenders = Appenders {
+        defer: [false, false],
+        pay: false,
+        deferred_max: DEFERRED_RECORDS_MAX,
+    };
+    const DEFERRING: Appenders = Appenders {
+        defer: [true, true],
+        pay: true,
+        deferred_max: DEFERRED_RECORDS_MAX,
+    };
+    /// One appender defers, the other pays any owed wake-up with its own record.
+    const MIXED: Appenders = Appenders {
+        defer: [true, false],
+        pay: true,
+        deferred_max: DEFERRED_RECORDS_MAX,
+    };
+    /// Both defer and neither pays (a worker that never goes idle): only the record that
+    /// reaches the cap, the second, wakes the writer.
+    const DEFERRING_AT_THE_CAP: Appenders = Appenders {
+        defer: [true, true],
+        pay: false,
+        deferred_max: 2,
+    };
+
+    fn model(fail_first_batch: bool, appenders: Appenders) {
         // A preemption bound keeps the search finite in CI time; loom's documentation
         // finds that most concurrency bugs need only two or three preemptions.
         let mut builder = loom::model::Builder::new();
@@ -515,7 +574,11 @@ mod loom_tests {
                 seen: Mutex::new(Durability::default()),
                 changed: Condvar::new(),
             });
-            let queue = LoomArc::new(CommitQueue::new(1, notify.clone()));
+            let queue = LoomArc::new(CommitQueue::with_deferred_max(
+                1,
+                notify.clone(),
+                appenders.deferred_max,
+            ));
             let disk = LoomArc::new(Mutex::new(Vec::<Lsn>::new()));
 
             let writer = {
@@ -536,12 +599,13 @@ mod loom_tests {
             let appenders: Vec<_> = (0..2)
                 .map(|i| {
                     let (queue, notify, disk) = (queue.clone(), notify.clone(), disk.clone());
+                    let defer = appenders.defer[usize::from(i)];
                     thread::spawn(move || {
                         if defer {
                             defer_writer_wakes_on_this_thread();
                         }
                         let queued = queue.enqueue(RecordType::Op, vec![i], None);
-                        if defer {
+                        if defer && appenders.pay {
                             queue.pay_owed_wake();
                         }
                         match queued {
@@ -572,21 +636,36 @@ mod loom_tests {
 
     #[test]
     fn loom_every_acked_append_is_on_disk() {
-        model(false, false);
+        model(false, NOT_DEFERRING);
     }
 
     #[test]
     fn loom_after_a_sync_failure_nothing_is_acked_and_nobody_hangs() {
-        model(true, false);
+        model(true, NOT_DEFERRING);
     }
 
     #[test]
     fn loom_deferred_wakes_every_acked_append_is_on_disk() {
-        model(false, true);
+        model(false, DEFERRING);
     }
 
     #[test]
     fn loom_deferred_wakes_after_a_sync_failure_nobody_hangs() {
-        model(true, true);
+        model(true, DEFERRING);
+    }
+
+    #[test]
+    fn loom_one_appender_deferring_every_acked_append_is_on_disk() {
+        model(false, MIXED);
+    }
+
+    #[test]
+    fn loom_one_appender_deferring_after_a_sync_failure_nobody_hangs() {
+        model(true, MIXED);
+    }
+
+    #[test]
+    fn loom_deferred_wakes_at_the_cap_every_acked_append_is_on_disk() {
+        model(false, DEFERRING_AT_THE_CAP);
     }
 }
