@@ -30,9 +30,12 @@ pub struct SubmitOp {
     pub op_id: OpId,
     /// The version the client made the op against (kept in the log for reference).
     pub base_version: u64,
-    /// The version the patches apply to. If the document moved on meanwhile, the
-    /// submit is refused with [`SubmitError::VersionMismatch`] and the caller
-    /// transforms again.
+    /// The version the patches apply to. A resend of an applied op is answered as such
+    /// whatever this says; a new op made for another version than the document's is
+    /// refused with [`SubmitError::VersionMismatch`]. The server's copy of a document
+    /// sequences every op of it under its lock, so for the server a mismatch means the
+    /// sequencer reloaded the document under that copy (cluster mode), and the op goes
+    /// to where the document is now.
     pub expected_version: u64,
     /// A digest of the op as the client sent it (its base version and patches): a
     /// resend under the same id must match it, or it is a different op (refused).

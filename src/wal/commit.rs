@@ -550,7 +550,7 @@ mod loom_tests {
         pay: true,
         deferred_max: DEFERRED_RECORDS_MAX,
     };
-    /// One appender defers, the other pays any owed wake-up with its own record.
+    /// One appender defers (and pays before it waits), the other does not.
     const MIXED: Appenders = Appenders {
         defer: [true, false],
         pay: true,
