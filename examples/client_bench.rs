@@ -193,6 +193,7 @@ async fn main() -> Result<(), Error> {
             },
             base_version: version,
             expected_version: version,
+            expected_incarnation: None,
             fingerprint: i,
             patches: vec![Patch::new(0, 0, "x")],
         };

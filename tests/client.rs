@@ -590,6 +590,7 @@ async fn a_client_the_server_cannot_catch_up_reloads_and_keeps_its_edits() {
             },
             base_version: version,
             expected_version: version,
+            expected_incarnation: None,
             fingerprint: i,
             patches: vec![ins(0, "x")],
         };
@@ -613,6 +614,7 @@ async fn a_client_the_server_cannot_catch_up_reloads_and_keeps_its_edits() {
                 },
                 base_version: version,
                 expected_version: version,
+                expected_incarnation: None,
                 fingerprint: 1,
                 patches: vec![ins(0, "theirs:")],
             },

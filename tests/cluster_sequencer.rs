@@ -109,6 +109,7 @@ fn op(client: u64, local_seq: u64, base: u64, ins: &str) -> SubmitOp {
         },
         base_version: base,
         expected_version: base,
+        expected_incarnation: None,
         fingerprint: fingerprint(base, &patches),
         patches,
     }
@@ -247,6 +248,158 @@ async fn an_owner_replaced_behind_its_back_acknowledges_nothing_and_writes_nothi
     store.advance(TTL / 2 + Duration::from_secs(1)); // b's lease (b renewed at TTL / 2)
     assert_eq!(route(&c, &d), Route::Here);
     assert_eq!(c.seq.read(&d).await.unwrap().unwrap().text, "ba");
+}
+
+/// A cluster sequencer that tells the server the document's load it was asked about
+/// first, whatever it serves now: the server's copy checks the load before it submits,
+/// and this is the copy's view when the sequencer reloads the document in between (a
+/// race of microseconds, made here every time).
+struct ToldStale {
+    seq: ClusterSequencer<Arc<MemStore>>,
+    told: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl Sequencer for ToldStale {
+    fn here(&self) -> Option<Owner> {
+        self.seq.here()
+    }
+    fn incarnation(&self, doc_id: &str) -> u64 {
+        *self
+            .told
+            .lock()
+            .unwrap()
+            .entry(doc_id.to_owned())
+            .or_insert_with(|| self.seq.incarnation(doc_id))
+    }
+    fn storage_stats(&self) -> quire::sequencer::StorageStats {
+        self.seq.storage_stats()
+    }
+    fn list_documents(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<quire::sequencer::DocSummary> {
+        self.seq.list_documents(after, limit)
+    }
+    fn read_at(
+        &self,
+        doc_id: &str,
+        seq: u64,
+    ) -> Result<Option<quire::sequencer::DocView>, ReadAtError> {
+        self.seq.read_at(doc_id, seq)
+    }
+    fn submit(&self, doc_id: &str, op: &SubmitOp) -> Result<Submitted, SubmitError> {
+        self.seq.submit(doc_id, op)
+    }
+    fn applied(
+        &self,
+        doc_id: &str,
+        op_id: OpId,
+        fingerprint: u64,
+    ) -> Option<Result<Submitted, SubmitError>> {
+        self.seq.applied(doc_id, op_id, fingerprint)
+    }
+    fn assign_client_id(&self) -> Result<u64, Arc<str>> {
+        self.seq.assign_client_id()
+    }
+    fn version(&self, doc_id: &str) -> u64 {
+        self.seq.version(doc_id)
+    }
+    fn wait_durable(
+        &self,
+        ticket: quire::sequencer::Ticket,
+    ) -> impl std::future::Future<Output = Result<(), Arc<str>>> + Send {
+        self.seq.wait_durable(ticket)
+    }
+    fn read_now(
+        &self,
+        doc_id: &str,
+        reader: Option<u64>,
+    ) -> Result<Option<(quire::sequencer::DocView, quire::sequencer::Ticket)>, Arc<str>> {
+        self.seq.read_now(doc_id, reader)
+    }
+    fn ops_after(
+        &self,
+        doc_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<quire::op::SequencedOp>>, Arc<str>> {
+        self.seq.ops_after(doc_id, after_seq, limit)
+    }
+}
+
+/// The server's copy of a document is checked against the sequencer's load of it, and
+/// the sequencer may reload the document between that check and the copy's submit. The
+/// submit says which load the op was transformed for, and the sequencer refuses it for
+/// another (the copy then sends its client where the document is, to open it again).
+/// Here the reload holds another op at the copy's version: sequenced, the op would have
+/// been transformed over an op the document does not have (a review found the window;
+/// before the fix the op was applied at seq 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_transformed_for_a_load_the_sequencer_replaced_is_not_sequenced() {
+    use quire::server::document::{Document, DocumentLimits, Submission, SubmitOutcome};
+    use quire::server::outbox::Outbox;
+    let store = Arc::new(MemStore::new());
+    let (a, b) = (node(&store, "a"), node(&store, "b"));
+    let d = doc_for("a", &["a", "b"]);
+    assert_eq!(route(&a, &d), Route::Here);
+    let a = ToldStale {
+        seq: a.seq,
+        told: Default::default(),
+    };
+    let limits = DocumentLimits {
+        presence_interval: Duration::from_millis(50),
+        max_frame: 1 << 20,
+        history_window: 64,
+    };
+    // The server's copy at a, under the load a serves now.
+    let copy: Document<Outbox> =
+        Document::with_incarnation(Arc::from(d.as_str()), 0, limits, a.incarnation(&d));
+    let submission = |client_id: u64, local_seq: u64, base_version: u64, ins: &str| Submission {
+        session: client_id,
+        request_id: 1,
+        client_id,
+        local_seq,
+        base_version,
+        patches: vec![Patch::new(0, 0, ins)],
+    };
+    let SubmitOutcome::Applied { ticket, .. } = copy.submit(&a, submission(1, 1, 0, "1")) else {
+        panic!("op 1");
+    };
+    a.wait_durable(ticket).await.unwrap();
+    // a's lease expires in the store (its clock is slow); b claims the document and
+    // sequences op 2, while a sequences another op 2 that its journal refuses.
+    store.advance(TTL / 2);
+    b.seq.replicator().renew();
+    store.advance(TTL / 2);
+    assert_eq!(route(&b, &d), Route::Here);
+    let Submitted::Applied { ticket, .. } = b.seq.submit(&d, &op(2, 1, 1, "b")).unwrap() else {
+        panic!("b's op 2");
+    };
+    b.seq.wait_durable(ticket).await.unwrap();
+    let SubmitOutcome::Applied { seq: 2, ticket } = copy.submit(&a, submission(1, 2, 1, "late"))
+    else {
+        panic!("a still believes it owns the document");
+    };
+    assert!(a.wait_durable(ticket).await.is_err(), "fenced");
+    a.seq.handle_losses();
+    // a registers again; b's lease expires; a loads the document from the store: b's op
+    // 2, at the copy's version.
+    a.seq.replicator().renew();
+    a.seq.replicator().renew();
+    store.advance(TTL / 2);
+    a.seq.replicator().renew();
+    store.advance(TTL / 2 + Duration::from_secs(1));
+    assert_eq!(a.seq.place(&d).expect("placed"), Route::Here);
+    assert_ne!(a.seq.incarnation(&d), a.incarnation(&d), "reloaded");
+    assert_eq!(a.read(&d).await.unwrap().unwrap().text, "b1");
+    // The copy's client sends op 3, made on the copy's version 2 ("late1").
+    match copy.submit(&a, submission(1, 3, 2, "x")) {
+        SubmitOutcome::Moved(owner) => assert_eq!(&*owner.addr, "a.example:7000"),
+        other => panic!("the stale copy's op was {other:?}"),
+    }
+    assert_eq!(a.version(&d), 2, "nothing sequenced");
+    assert_eq!(a.read(&d).await.unwrap().unwrap().text, "b1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

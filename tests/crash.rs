@@ -68,12 +68,14 @@ fn child(dir: &Path, cycle: u64) {
                         },
                         base_version: version,
                         expected_version: version,
+                        expected_incarnation: None,
                         fingerprint: 0,
                         patches: vec![Patch::new(0, 0, marker(client, local))],
                     };
                     let (seq, ticket) = loop {
                         let attempt = SubmitOp {
                             expected_version: version,
+                            expected_incarnation: None,
                             fingerprint: 0,
                             ..op.clone()
                         };

@@ -146,6 +146,7 @@ fn an_op_acked_in_a_fresh_data_directory_survives_a_power_cut_right_after() {
         },
         base_version: 0,
         expected_version: 0,
+        expected_incarnation: None,
         fingerprint: 0,
         patches: vec![Patch::new(0, 0, "kept")],
     };
@@ -201,6 +202,7 @@ fn records_recovered_from_the_page_cache_are_synced_before_they_are_served() {
         },
         base_version: base,
         expected_version: base,
+        expected_incarnation: None,
         fingerprint: 0,
         patches: vec![Patch::new(0, 0, text)],
     };

@@ -158,6 +158,7 @@ fn run(actions: Vec<Action>) -> TestResult {
                             op_id,
                             base_version: version,
                             expected_version: version,
+                            expected_incarnation: None,
                             fingerprint: 0,
                             patches: patches.clone(),
                         },
@@ -183,6 +184,7 @@ fn run(actions: Vec<Action>) -> TestResult {
                             op_id,
                             base_version: seq - 1,
                             expected_version: seq - 1,
+                            expected_incarnation: None,
                             fingerprint: 0,
                             patches,
                         },
@@ -247,6 +249,7 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
         },
         base_version: 0,
         expected_version: 0,
+        expected_incarnation: None,
         fingerprint: 0,
         patches: vec![Patch::new(0, 0, "quiet")],
     };
@@ -263,6 +266,7 @@ fn truncation_keeps_disk_bounded_and_idempotence_survives_it() {
             },
             base_version: i,
             expected_version: i,
+            expected_incarnation: None,
             fingerprint: 0,
             patches: vec![Patch::new(0, if i == 0 { 0 } else { 1 }, "x".repeat(100))],
         };
@@ -320,6 +324,7 @@ fn after_a_restart_a_resend_of_an_older_op_covered_by_a_snapshot_gets_its_seq() 
         },
         base_version: local_seq - 1,
         expected_version: local_seq - 1,
+        expected_incarnation: None,
         fingerprint: local_seq,
         patches: vec![Patch::new(0, 0, text)],
     };

@@ -46,6 +46,7 @@ fn make(dir: &Path) {
             },
             base_version: version,
             expected_version: version,
+            expected_incarnation: None,
             fingerprint: 0,
             patches: vec![Patch::new(version as u32, 0, format!("{}", i % 10))],
         };

@@ -359,6 +359,7 @@ fn write_log(dir: &Path, log: &LogShape) {
                                 },
                                 base_version: version,
                                 expected_version: version,
+                                expected_incarnation: None,
                                 fingerprint: 0,
                                 patches: vec![Patch::new(0, 0, ins.clone())],
                             };

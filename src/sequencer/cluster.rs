@@ -77,6 +77,14 @@ struct Serving {
     unjournaled: std::collections::VecDeque<(u64, u64)>,
 }
 
+impl Serving {
+    /// This load's [`Sequencer::incarnation`]: tenure numbers start at 0, so one more,
+    /// so that "not served" (0) differs.
+    fn incarnation(&self) -> u64 {
+        self.tenure.0 + 1
+    }
+}
+
 type Tenancy = Arc<Mutex<Option<Serving>>>;
 
 /// Where a claim left a document.
@@ -1205,10 +1213,9 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     }
 
     fn incarnation(&self, doc_id: &str) -> u64 {
-        // Tenure numbers start at 0: one more, so that "not served" (0) differs.
         self.inner
             .tenancy(doc_id)
-            .and_then(|t| lock(&t).as_ref().map(|s| s.tenure.0 + 1))
+            .and_then(|t| lock(&t).as_ref().map(Serving::incarnation))
             .unwrap_or(0)
     }
 
@@ -1310,6 +1317,14 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
         };
         let mut serving = inner.serving(doc_id, &tenancy)?;
         let s = serving.as_mut().expect("checked by serving()");
+        // Transformed for a load that ended (the server's copy checked the load just
+        // before the document was reloaded): the copy's clients open it again here.
+        if op
+            .expected_incarnation
+            .is_some_and(|i| i != s.incarnation())
+        {
+            return Err(SubmitError::Moved(inner.here.clone()));
+        }
         // Forgets the ops whose journal write resolved (bounded memory); a lost tenure
         // refuses the op before anything is applied.
         inner.journaled_upto(s)?;

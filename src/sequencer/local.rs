@@ -1369,6 +1369,7 @@ mod tests {
                 op_id: id,
                 base_version: 0,
                 expected_version: 0,
+                expected_incarnation: None,
                 fingerprint: fp_a,
                 patches: a,
             };
@@ -1416,6 +1417,7 @@ mod tests {
                 },
                 base_version: seq - 1,
                 expected_version: seq - 1,
+                expected_incarnation: None,
                 fingerprint: 0,
                 patches,
             };
@@ -1501,6 +1503,7 @@ mod tests {
                 },
                 base_version: 4,
                 expected_version: 4,
+                expected_incarnation: None,
                 fingerprint: 0,
                 patches: vec![Patch::new(5, 0, "!".to_owned())],
             };
@@ -1685,6 +1688,7 @@ mod tests {
                 },
                 base_version: 6,
                 expected_version: 6,
+                expected_incarnation: None,
                 fingerprint: 0,
                 patches: vec![Patch::new(0, 0, "x")],
             };
@@ -1826,6 +1830,7 @@ mod tests {
                     },
                     base_version: seq - 1,
                     expected_version: seq - 1,
+                    expected_incarnation: None,
                     fingerprint: 0,
                     patches: vec![Patch::new(0, 0, big.clone())],
                 };
@@ -1906,6 +1911,7 @@ mod tests {
                         op_id: other,
                         base_version: 0,
                         expected_version: 0,
+                        expected_incarnation: None,
                         fingerprint: 7,
                         patches: vec![Patch::new(0, 0, "kept")],
                     },
@@ -1937,6 +1943,7 @@ mod tests {
                 },
                 base_version: 4,
                 expected_version: 0,
+                expected_incarnation: None,
                 fingerprint: 0,
                 patches: vec![Patch::new(0, 0, "lost")],
             };
@@ -1989,6 +1996,7 @@ mod tests {
                 },
                 base_version: 0,
                 expected_version: 1,
+                expected_incarnation: None,
                 fingerprint: 0,
                 patches: vec![Patch::new(0, 0, "new")],
             };
@@ -2008,6 +2016,7 @@ mod tests {
                 },
                 base_version: seq - 1,
                 expected_version: seq - 1,
+                expected_incarnation: None,
                 fingerprint: 0,
                 patches: vec![Patch::new(0, 0, "y".repeat(SEGMENT_SIZE_MIN as usize / 4))],
             };

@@ -37,6 +37,14 @@ pub struct SubmitOp {
     /// sequencer reloaded the document under that copy (cluster mode), and the op goes
     /// to where the document is now.
     pub expected_version: u64,
+    /// The load of the document the patches were transformed for
+    /// ([`Sequencer::incarnation`]), if the caller holds a copy of it (the server does;
+    /// `None`: any load). A sequencer serving another load refuses the op, a resend
+    /// too, with [`SubmitError::Moved`] to itself, checked atomically with the version:
+    /// the copy belongs to a load that ended (its version can match the new load's while
+    /// the ops before it differ), and its clients open the document again. A single
+    /// node never reloads a document (its load is always 0) and ignores it.
+    pub expected_incarnation: Option<u64>,
     /// A digest of the op as the client sent it (its base version and patches): a
     /// resend under the same id must match it, or it is a different op (refused).
     pub fingerprint: u64,

@@ -986,7 +986,8 @@ impl<S: Subscriber> Document<S> {
             return Ok(read_log);
         }
         // Cluster mode: the sequencer reloaded the document under this copy (see
-        // `Sequencer::incarnation`): the copy is stale; its sessions open it again.
+        // `Sequencer::incarnation`): the copy is stale; its sessions open it again. (The
+        // submit checks it again, atomically: a reload after this look refuses the op.)
         let reloaded = || sequencer.here().map(SubmitOutcome::Moved);
         if sequencer.incarnation(&self.id) != self.incarnation {
             if let Some(moved) = reloaded() {
@@ -1014,6 +1015,7 @@ impl<S: Subscriber> Document<S> {
             op_id: job.op_id,
             base_version: job.base_version,
             expected_version: job.at,
+            expected_incarnation: Some(self.incarnation),
             fingerprint: job.fingerprint,
             patches,
         };
