@@ -6,10 +6,15 @@
 #   bash tools/sim-mutants.sh            # every mutant in tools/sim-mutants/
 #   ONLY=dedupe bash tools/sim-mutants.sh
 #   SEEDS=0..2000 bash tools/sim-mutants.sh   (default: the 500 seeds CI runs)
+#
+# A patch with a line `# world: cluster` is a failure of cluster mode: it runs the
+# cluster world's seeds (CLUSTER_SEEDS, default the 400 CI runs, of CLUSTER_STEPS, 400).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 seeds=${SEEDS:-0..500}
 steps=${STEPS:-2000}
+cluster_seeds=${CLUSTER_SEEDS:-0..400}
+cluster_steps=${CLUSTER_STEPS:-400}
 scratch=${SCRATCH:-/tmp/quire-mutants}
 # The mutants build in the repository's own target directory with its release profile,
 # so that they share every dependency `cargo test --release` built there (in CI, 3 min of
@@ -64,7 +69,17 @@ for patch in none "$root"/tools/sim-mutants/*.patch; do
       exit 1
     fi
     echo "   $(echo "$out" | tail -1)"
+    if ! out=$(cd "$dir" && cargo test -q --release --test sim -- --cluster --seeds "$cluster_seeds" --steps "$cluster_steps" 2>/dev/null); then
+      echo "$out" | tail -3 | sed 's/^/   /'
+      echo "   the unchanged tree fails in the cluster world: fix that first" >&2
+      exit 1
+    fi
+    echo "   $(echo "$out" | tail -1)"
     continue
+  fi
+  args=(--seeds "$seeds" --steps "$steps")
+  if grep -q '^# world: cluster$' "$patch"; then
+    args=(--cluster --seeds "$cluster_seeds" --steps "$cluster_steps")
   fi
   (cd "$dir" && patch -s -p1 < "$patch")
   echo "== $name: $(sed -n 's/^# //p' "$patch" | head -1)"
@@ -78,13 +93,13 @@ for patch in none "$root"/tools/sim-mutants/*.patch; do
   fi
   echo "   built in $((SECONDS - built)) s"
   # (Caught or not is the question: no time spent minimising the failing run.)
-  if out=$(cd "$dir" && cargo test -q --release --test sim -- --seeds "$seeds" --steps "$steps" --no-minimise 2>/dev/null); then
-    echo "   NOT CAUGHT in seeds $seeds"
+  if out=$(cd "$dir" && cargo test -q --release --test sim -- "${args[@]}" --no-minimise 2>/dev/null); then
+    echo "   NOT CAUGHT: ${args[*]}"
     status=1
   else
-    echo "$out" | grep -E '^seed [0-9]+: FAILED|^replay:' | sed 's/^/   /'
-    first=$(echo "$out" | sed -n 's/^seed \([0-9]*\): FAILED.*/\1/p')
-    start=${seeds%%..*}
+    echo "$out" | grep -E '^(cluster )?seed [0-9]+: FAILED|^replay:' | sed 's/^/   /'
+    first=$(echo "$out" | sed -n 's/^\(cluster \)\{0,1\}seed \([0-9]*\): FAILED.*/\2/p' | head -1)
+    start=${args[2]%%..*}
     echo "   caught at seed $first: $((first - start + 1)) seed(s) run"
   fi
 done

@@ -27,6 +27,8 @@ struct State {
     leases: BTreeMap<LeaseId, Lease>,
     /// What happens to the next txn (a fault the test asked for).
     next_txn_fault: Option<Fault>,
+    /// Txns applied whose response was lost ([`Fault::ResponseLost`]).
+    responses_lost: u64,
 }
 
 /// An uncertain outcome for the next txn: etcd's client sees an error (a timeout, a
@@ -62,6 +64,7 @@ impl MemStore {
                 kvs: BTreeMap::new(),
                 leases: BTreeMap::new(),
                 next_txn_fault: None,
+                responses_lost: 0,
             }),
         }
     }
@@ -86,6 +89,12 @@ impl MemStore {
     /// Makes the next txn fail with [`StoreError::Unavailable`], applied or not.
     pub fn fault_next_txn(&self, fault: Fault) {
         self.lock().next_txn_fault = Some(fault);
+    }
+
+    /// How many txns were applied and their response lost ([`Fault::ResponseLost`]): a
+    /// caller told "unavailable" whose change is in the store all the same.
+    pub fn responses_lost(&self) -> u64 {
+        self.lock().responses_lost
     }
 
     /// The store's clock: the time advanced since it was made.
@@ -328,6 +337,7 @@ impl Store for MemStore {
         state.check_leases(branch)?;
         let results = state.apply(branch);
         if fault == Some(Fault::ResponseLost) {
+            state.responses_lost += 1;
             return Err(StoreError::Unavailable(
                 "response lost (a test's fault)".into(),
             ));

@@ -723,6 +723,7 @@ impl World {
             let server = running.server.clone();
             self.observe()?;
             let existed = self.stored(&doc);
+            let answers_lost = self.store.responses_lost();
             let outcome = tokio::time::timeout(SETTLE, server.delete_document(&doc)).await;
             self.observe()?;
             let top = self
@@ -789,8 +790,18 @@ impl World {
                     // left as they were, and its owner key unless the lease ran out.
                     // (Whether the store holds it now is no test: the deletion returns on
                     // a task of its own, and a client's Open may claim it again first.)
+                    // Gone, it must have been that lost answer: a deletion that erased
+                    // the document and said it failed otherwise (or keys lost by another
+                    // path while it failed) would pass here for a lost answer.
                     let now = self.stored(&doc);
-                    if !existed.is_empty() && existed.is_disjoint(&now) {
+                    let gone = !existed.is_empty() && existed.is_disjoint(&now);
+                    if gone && self.store.responses_lost() == answers_lost {
+                        return Err(self.fail(format!(
+                            "{doc}: deleting it at n{at} failed ({e}), yet none of its keys is \
+                             left, and no answer of the store was lost meanwhile"
+                        )));
+                    }
+                    if gone {
                         self.stats.deletions_unknown += 1;
                         self.say(|| {
                             format!("{doc}: deleting it at n{at} failed ({e}), and it is gone")
