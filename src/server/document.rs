@@ -256,6 +256,25 @@ fn deliver<S: Subscriber>(
 }
 
 impl<S: Subscriber> State<S> {
+    /// The seq of the newest op sequenced for this copy: the sequencer's version of the
+    /// document, for the load the copy was opened under. Every op of it is sequenced
+    /// under the copy's lock and queued as pending at once, so the copy knows it without
+    /// a lookup in the sequencer's table (`of_sequencer`, asked only in debug builds and
+    /// the simulator, which assert that the two agree, unless the document was reloaded
+    /// under the copy in a cluster).
+    fn sequenced(&self, of_sequencer: impl FnOnce() -> Option<u64>) -> u64 {
+        let sequenced = self.delivered + self.pending.len() as u64;
+        if cfg!(any(debug_assertions, feature = "sim")) {
+            if let Some(version) = of_sequencer() {
+                assert_eq!(
+                    sequenced, version,
+                    "the copy's newest seq against the sequencer's version"
+                );
+            }
+        }
+        sequenced
+    }
+
     /// The pending op sequenced as `seq`, if it is not delivered yet.
     fn pending_mut(&mut self, seq: u64) -> Option<&mut Pending<S>> {
         let index = seq.checked_sub(self.delivered + 1)?;
@@ -850,7 +869,10 @@ impl<S: Subscriber> Document<S> {
                 }
             }
             (
-                sequencer.version(&self.id),
+                state.sequenced(|| {
+                    (sequencer.incarnation(&self.id) == self.incarnation)
+                        .then(|| sequencer.version(&self.id))
+                }),
                 state.broken_pipelines.contains(&job.session),
             )
         };
