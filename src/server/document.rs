@@ -870,8 +870,11 @@ impl<S: Subscriber> Document<S> {
             }
             (
                 state.sequenced(|| {
-                    (sequencer.incarnation(&self.id) == self.incarnation)
+                    // Of this copy's load: the same before and after (tenures only grow).
+                    let ours = || sequencer.incarnation(&self.id) == self.incarnation;
+                    ours()
                         .then(|| sequencer.version(&self.id))
+                        .filter(|_| ours())
                 }),
                 state.broken_pipelines.contains(&job.session),
             )
