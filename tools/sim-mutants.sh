@@ -77,8 +77,10 @@ for patch in none "$root"/tools/sim-mutants/*.patch; do
     echo "   $(echo "$out" | tail -1)"
     continue
   fi
+  range=$seeds
   args=(--seeds "$seeds" --steps "$steps")
   if grep -q '^# world: cluster$' "$patch"; then
+    range=$cluster_seeds
     args=(--cluster --seeds "$cluster_seeds" --steps "$cluster_steps")
   fi
   (cd "$dir" && patch -s -p1 < "$patch")
@@ -99,7 +101,7 @@ for patch in none "$root"/tools/sim-mutants/*.patch; do
   else
     echo "$out" | grep -E '^(cluster )?seed [0-9]+: FAILED|^replay:' | sed 's/^/   /'
     first=$(echo "$out" | sed -n 's/^\(cluster \)\{0,1\}seed \([0-9]*\): FAILED.*/\2/p' | head -1)
-    start=${args[2]%%..*}
+    start=${range%%..*}
     echo "   caught at seed $first: $((first - start + 1)) seed(s) run"
   fi
 done
