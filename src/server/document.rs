@@ -10,9 +10,9 @@
 //! subscribers.
 //!
 //! The authoritative text, version and dedupe table live in the [`Sequencer`]; this
-//! keeps only what transformation and fan-out need. The version in particular is read
-//! from the sequencer ([`Sequencer::version`]) whenever it is needed; the document keeps
-//! no copy of it.
+//! keeps only what transformation and fan-out need. The version is the sequencer's
+//! ([`Sequencer::version`]); the document stores none, and derives the one it checks
+//! an op against from the ops it sequenced (`State::sequenced`).
 //!
 //! **Late ops.** An op made on `base_version` is transformed over every op sequenced
 //! after it, each exactly once and in seq order (`Job::over` checks the seqs are
@@ -256,12 +256,13 @@ fn deliver<S: Subscriber>(
 }
 
 impl<S: Subscriber> State<S> {
-    /// The seq of the newest op sequenced for this copy: the sequencer's version of the
-    /// document, for the load the copy was opened under. Every op of it is sequenced
-    /// under the copy's lock and queued as pending at once, so the copy knows it without
-    /// a lookup in the sequencer's table (`of_sequencer`, asked only in debug builds and
-    /// the simulator, which assert that the two agree, unless the document was reloaded
-    /// under the copy in a cluster).
+    /// The seq of the newest op sequenced for this copy: on a single node, the
+    /// sequencer's version of the document. Every op of it is sequenced under the copy's
+    /// lock and queued as pending at once, so the copy knows it without a lookup in the
+    /// sequencer's table (`of_sequencer`, asked only in debug builds and the simulator,
+    /// which assert that the two agree). In a cluster the sequencer may be one op ahead
+    /// of a copy whose op its journal refused (the load is ending); the submit's version
+    /// check then refuses the next op as moved.
     fn sequenced(&self, of_sequencer: impl FnOnce() -> Option<u64>) -> u64 {
         let sequenced = self.delivered + self.pending.len() as u64;
         if cfg!(any(debug_assertions, feature = "sim")) {
@@ -869,12 +870,14 @@ impl<S: Subscriber> Document<S> {
                 }
             }
             (
+                // Checked on a single node only: in a cluster the sequencer can be a
+                // step ahead of the copy with its load unchanged (an op refused by the
+                // journal after the local apply, until the loss is handled).
                 state.sequenced(|| {
-                    // Of this copy's load: the same before and after (tenures only grow).
-                    let ours = || sequencer.incarnation(&self.id) == self.incarnation;
-                    ours()
+                    sequencer
+                        .here()
+                        .is_none()
                         .then(|| sequencer.version(&self.id))
-                        .filter(|_| ours())
                 }),
                 state.broken_pipelines.contains(&job.session),
             )
