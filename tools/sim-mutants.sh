@@ -99,10 +99,17 @@ for patch in none "$root"/tools/sim-mutants/*.patch; do
     echo "   NOT CAUGHT: ${args[*]}"
     status=1
   else
-    echo "$out" | grep -E '^(cluster )?seed [0-9]+: FAILED|^replay:' | sed 's/^/   /'
+    # (A run that failed without a seed's line, a panic outside a seed, is caught too:
+    # `|| true` keeps `set -e` from ending the script at the grep that finds nothing.)
+    echo "$out" | { grep -E '^(cluster )?seed [0-9]+: FAILED|^replay:' || true; } | sed 's/^/   /'
     first=$(echo "$out" | sed -n 's/^\(cluster \)\{0,1\}seed \([0-9]*\): FAILED.*/\2/p' | head -1)
     start=${range%%..*}
-    echo "   caught at seed $first: $((first - start + 1)) seed(s) run"
+    if [ -n "$first" ]; then
+      echo "   caught at seed $first: $((first - start + 1)) seed(s) run"
+    else
+      echo "   caught (the run failed without a seed's FAILED line):"
+      echo "$out" | tail -3 | sed 's/^/   /'
+    fi
   fi
 done
 exit $status
