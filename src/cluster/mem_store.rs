@@ -27,8 +27,9 @@ struct State {
     leases: BTreeMap<LeaseId, Lease>,
     /// What happens to the next txn (a fault the test asked for).
     next_txn_fault: Option<Fault>,
-    /// Txns applied whose response was lost ([`Fault::ResponseLost`]).
-    responses_lost: u64,
+    /// For each key a txn deleted whose response was lost ([`Fault::ResponseLost`]): how
+    /// many such txns deleted it.
+    deleted_unanswered: BTreeMap<String, u64>,
 }
 
 /// An uncertain outcome for the next txn: etcd's client sees an error (a timeout, a
@@ -64,7 +65,7 @@ impl MemStore {
                 kvs: BTreeMap::new(),
                 leases: BTreeMap::new(),
                 next_txn_fault: None,
-                responses_lost: 0,
+                deleted_unanswered: BTreeMap::new(),
             }),
         }
     }
@@ -91,10 +92,16 @@ impl MemStore {
         self.lock().next_txn_fault = Some(fault);
     }
 
-    /// How many txns were applied and their response lost ([`Fault::ResponseLost`]): a
-    /// caller told "unavailable" whose change is in the store all the same.
-    pub fn responses_lost(&self) -> u64 {
-        self.lock().responses_lost
+    /// How many txns deleted `key` and had their response lost ([`Fault::ResponseLost`]):
+    /// callers told "unavailable" whose deletion of it took effect all the same. A test
+    /// that finds a key gone after a failed deletion asks this, so that only a lost answer
+    /// of a txn that deleted that very key excuses it (not one of any other txn).
+    pub fn deleted_unanswered(&self, key: &str) -> u64 {
+        self.lock()
+            .deleted_unanswered
+            .get(key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The store's clock: the time advanced since it was made.
@@ -171,11 +178,12 @@ impl State {
     }
 
     /// Runs a checked branch at revision `self.revision + 1`, which becomes the store's
-    /// revision if anything changed.
-    fn apply(&mut self, ops: &[Op]) -> Vec<OpResult> {
+    /// revision if anything changed: each op's result, and the keys it deleted.
+    fn apply(&mut self, ops: &[Op]) -> (Vec<OpResult>, Vec<String>) {
         let rev = self.revision + 1;
         let mut changed = false;
         let mut results = Vec::with_capacity(ops.len());
+        let mut deleted = Vec::new();
         for op in ops {
             let result = match op {
                 Op::Put { key, value, lease } => {
@@ -183,7 +191,13 @@ impl State {
                     changed = true;
                     OpResult::Put
                 }
-                Op::Delete { key } => OpResult::Deleted(u64::from(self.delete(key))),
+                Op::Delete { key } => {
+                    let found = self.delete(key);
+                    if found {
+                        deleted.push(key.clone());
+                    }
+                    OpResult::Deleted(u64::from(found))
+                }
                 Op::DeletePrefix { prefix } => {
                     let keys: Vec<String> = self
                         .kvs
@@ -194,7 +208,9 @@ impl State {
                     for key in &keys {
                         self.delete(key);
                     }
-                    OpResult::Deleted(keys.len() as u64)
+                    let n = keys.len() as u64;
+                    deleted.extend(keys);
+                    OpResult::Deleted(n)
                 }
                 Op::Get { key } => OpResult::Got(self.kvs.get(key).cloned()),
             };
@@ -206,7 +222,7 @@ impl State {
         if changed {
             self.revision = rev;
         }
-        results
+        (results, deleted)
     }
 
     fn put(&mut self, key: &str, value: &[u8], lease: Option<LeaseId>, rev: Revision) {
@@ -335,9 +351,11 @@ impl Store for MemStore {
         let succeeded = compares.iter().all(|c| state.compare_holds(c));
         let branch = if succeeded { success } else { failure };
         state.check_leases(branch)?;
-        let results = state.apply(branch);
+        let (results, deleted) = state.apply(branch);
         if fault == Some(Fault::ResponseLost) {
-            state.responses_lost += 1;
+            for key in deleted {
+                *state.deleted_unanswered.entry(key).or_default() += 1;
+            }
             return Err(StoreError::Unavailable(
                 "response lost (a test's fault)".into(),
             ));
@@ -620,6 +638,48 @@ mod tests {
         assert_eq!(store.get("a").unwrap().unwrap().create_revision, 2);
         // One fault, one txn.
         assert!(store.txn(&[], &[put("b", "1")], &[]).unwrap().succeeded);
+    }
+
+    #[test]
+    fn a_lost_answer_records_the_keys_its_txn_deleted_and_no_others() {
+        let store = MemStore::new();
+        let keys = [
+            put("p/a", "1"),
+            put("p/b", "1"),
+            put("q", "1"),
+            put("r", "1"),
+        ];
+        store.txn(&[], &keys, &[]).unwrap();
+        // Deleted with its answer: not recorded.
+        store
+            .txn(&[], &[Op::Delete { key: "r".into() }], &[])
+            .unwrap();
+        store.fault_next_txn(Fault::ResponseLost);
+        let ops = [
+            Op::DeletePrefix {
+                prefix: "p/".into(),
+            },
+            Op::Delete { key: "q".into() },
+            Op::Delete {
+                key: "absent".into(),
+            },
+        ];
+        assert!(store.txn(&[], &ops, &[]).is_err());
+        for (key, times) in [("p/a", 1), ("p/b", 1), ("q", 1), ("r", 0), ("absent", 0)] {
+            assert_eq!(store.deleted_unanswered(key), times, "{key}");
+        }
+        // A lost request deleted nothing.
+        store.txn(&[], &[put("q", "2")], &[]).unwrap();
+        store.fault_next_txn(Fault::RequestLost);
+        assert!(store
+            .txn(&[], &[Op::Delete { key: "q".into() }], &[])
+            .is_err());
+        assert_eq!(store.deleted_unanswered("q"), 1);
+        store.fault_next_txn(Fault::ResponseLost);
+        assert!(store
+            .txn(&[], &[Op::Delete { key: "q".into() }], &[])
+            .is_err());
+        assert_eq!(store.deleted_unanswered("q"), 2);
     }
 
     #[test]

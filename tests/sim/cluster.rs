@@ -723,7 +723,8 @@ impl World {
             let server = running.server.clone();
             self.observe()?;
             let existed = self.stored(&doc);
-            let answers_lost = self.store.responses_lost();
+            let owner_key = Keys::new(PREFIX).owner(&doc);
+            let erased_unanswered = self.store.deleted_unanswered(&owner_key);
             let outcome = tokio::time::timeout(SETTLE, server.delete_document(&doc)).await;
             self.observe()?;
             let top = self
@@ -768,9 +769,10 @@ impl World {
                     // and snapshot keys cannot all be gone (the test for "gone" of a
                     // failure, below). Its owner key may be: the refusal can be that
                     // its owner lost it, and the key may be claimed anew meanwhile.
-                    let owner = Keys::new(PREFIX).owner(&doc);
                     let data = |keys: HashSet<(String, i64)>| -> HashSet<(String, i64)> {
-                        keys.into_iter().filter(|(key, _)| *key != owner).collect()
+                        keys.into_iter()
+                            .filter(|(key, _)| *key != owner_key)
+                            .collect()
                     };
                     let (existed, now) = (data(existed), data(self.stored(&doc)));
                     if !existed.is_empty() && existed.is_disjoint(&now) {
@@ -790,15 +792,18 @@ impl World {
                     // left as they were, and its owner key unless the lease ran out.
                     // (Whether the store holds it now is no test: the deletion returns on
                     // a task of its own, and a client's Open may claim it again first.)
-                    // Gone, it must have been that lost answer: a deletion that erased
-                    // the document and said it failed otherwise (or keys lost by another
-                    // path while it failed) would pass here for a lost answer.
+                    // Gone, it must have been that lost answer, of a txn that deleted its
+                    // owner key (as the erasure's does): a deletion that erased the
+                    // document and said it failed otherwise (or keys lost by another
+                    // path while it failed) would pass here for a lost answer, of its own
+                    // or of any other txn.
                     let now = self.stored(&doc);
                     let gone = !existed.is_empty() && existed.is_disjoint(&now);
-                    if gone && self.store.responses_lost() == answers_lost {
+                    if gone && self.store.deleted_unanswered(&owner_key) == erased_unanswered {
                         return Err(self.fail(format!(
                             "{doc}: deleting it at n{at} failed ({e}), yet none of its keys is \
-                             left, and no answer of the store was lost meanwhile"
+                             left, and no txn that deleted its owner key lost its answer \
+                             meanwhile"
                         )));
                     }
                     if gone {
