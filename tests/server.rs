@@ -546,6 +546,75 @@ async fn a_resent_op_is_acked_with_its_original_seq_and_applied_once() {
     server.stop().await;
 }
 
+/// A session finds its open documents by comparing ids while it has a few, and in its map
+/// beyond: with one to eight documents open, and again as they are closed, an op to each
+/// open one is sequenced there and one to a document not open is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_reach_each_open_document_however_many_the_session_has_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "").await;
+    let mut conn = Connection::connect(server.addr, 5, "").await.unwrap();
+    let name = |i: usize| format!("d{i}");
+    let mut local_seq = 0;
+    let mut versions = [0u64; 8];
+    // Opened one by one, then closed one by one (newest first).
+    let counts = (1..=8).chain((1..8).rev());
+    for (round, open) in counts.enumerate() {
+        if round < 8 {
+            conn.send(Message::Open {
+                doc: name(open - 1),
+                known_version: 0,
+            })
+            .await
+            .unwrap();
+        } else {
+            conn.send(Message::Close { doc: name(open) }).await.unwrap();
+        }
+        for (i, version) in versions.iter_mut().enumerate().take(open) {
+            local_seq += 1;
+            conn.send(Message::Submit {
+                doc: name(i),
+                local_seq,
+                base_version: *version,
+                patches: vec![Patch::new(0, 0, "x")],
+            })
+            .await
+            .unwrap();
+            let seq = loop {
+                match conn.recv().await.unwrap().message {
+                    Message::Ack { doc, seq, .. } => {
+                        assert_eq!(doc, name(i), "with {open} open");
+                        break seq;
+                    }
+                    Message::Reject {
+                        doc, code, message, ..
+                    } => {
+                        panic!("{doc} with {open} open: {code:?} {message}")
+                    }
+                    _ => {}
+                }
+            };
+            *version += 1;
+            assert_eq!(seq, *version, "{} with {open} open", name(i));
+        }
+        local_seq += 1;
+        conn.send(Message::Submit {
+            doc: name(open),
+            local_seq,
+            base_version: 0,
+            patches: vec![Patch::new(0, 0, "x")],
+        })
+        .await
+        .unwrap();
+        expect_error(&mut conn, ErrorCode::UnknownDocument).await;
+    }
+    for (i, version) in versions.iter().enumerate() {
+        let text = "x".repeat(*version as usize);
+        assert_eq!(read_back(server.addr, &name(i)).await, (text, *version));
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_broadcast_and_gone_when_the_client_disconnects() {
     let tmp = tempfile::tempdir().unwrap();

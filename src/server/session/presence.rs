@@ -20,7 +20,7 @@ impl<S: Sequencer> Session<S> {
             );
             return;
         }
-        let moved: Option<Owner> = match self.opened.get(doc.as_str()) {
+        let moved: Option<Owner> = match self.open_doc(&doc) {
             Some(document) => document
                 .presence(self.outbox.session, self.outbox.client_id, selections)
                 .err(),

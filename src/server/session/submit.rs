@@ -53,14 +53,14 @@ impl<S: Sequencer> Session<S> {
             Permit::Refused(code, message) => {
                 // As any refused op: later ones wait for the document to be opened
                 // again (they may have been made on top of this one).
-                if let Some(document) = self.opened.get(doc.as_str()) {
+                if let Some(document) = self.open_doc(&doc) {
                     document.break_pipeline(self.outbox.session);
                 }
                 return reject(code, message);
             }
             Permit::Expired => return,
         }
-        let Some(document) = self.opened.get(doc.as_str()).cloned() else {
+        let Some(document) = self.open_doc(&doc).cloned() else {
             return match self.served_elsewhere(&doc).await {
                 Some(Ok(owner)) => self.send_redirect(rid, &doc, &owner),
                 Some(Err(why)) => reject(ErrorCode::Unavailable, why),
