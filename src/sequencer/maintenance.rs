@@ -212,14 +212,7 @@ fn truncate(shared: &Shared, now: u64) -> std::io::Result<usize> {
         index
             .segments()
             .range(..limit)
-            .map(|(&id, meta)| {
-                let docs = meta
-                    .max_seq_by_doc
-                    .iter()
-                    .map(|(d, &s)| (d.clone(), s))
-                    .collect();
-                (id, meta.sealed_ms, docs)
-            })
+            .map(|(&id, meta)| (id, meta.sealed_ms, index.max_seqs_in(id)))
             .collect()
     });
     let mut cut = None;

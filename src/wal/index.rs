@@ -4,7 +4,7 @@
 //!
 //! Derived state: rebuilt from the segments at every startup, never stored.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::record::Lsn;
@@ -26,8 +26,11 @@ pub struct SegmentMeta {
     pub last_lsn: Option<Lsn>,
     /// Unix ms when the writer moved on to the next segment; `None` for the active one.
     pub sealed_ms: Option<u64>,
-    /// For each document with ops here, the highest seq here.
-    pub max_seq_by_doc: HashMap<Arc<str>, u64>,
+    /// The documents with ops here (of their current incarnation). The highest seq of
+    /// each here is read from the document's entries ([`Index::max_seqs_in`]), so an op
+    /// files its document here only when it is the document's first in the segment:
+    /// the others cost no second lookup of the id.
+    pub docs: HashSet<Arc<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -77,18 +80,19 @@ impl Index {
                 Some(entries) => entries,
                 None => self.docs.entry(doc_id.clone()).or_default(),
             };
-            if let Some(&(last_seq, _)) = entries.back() {
-                assert!(
-                    seq > last_seq,
-                    "seqs of {doc_id} out of order: {seq} after {last_seq}"
-                );
-            }
-            entries.push_back((seq, location));
-            match meta.max_seq_by_doc.get_mut(&**doc_id) {
-                Some(max) => *max = (*max).max(seq),
-                None => {
-                    meta.max_seq_by_doc.insert(doc_id.clone(), seq);
+            let first_here = match entries.back() {
+                Some(&(last_seq, last)) => {
+                    assert!(
+                        seq > last_seq,
+                        "seqs of {doc_id} out of order: {seq} after {last_seq}"
+                    );
+                    last.segment_id != location.segment_id
                 }
+                None => true,
+            };
+            entries.push_back((seq, location));
+            if first_here {
+                meta.docs.insert(doc_id.clone());
             }
         }
     }
@@ -103,8 +107,30 @@ impl Index {
         self.tombstones.insert(location.lsn, location);
         self.docs.remove(doc_id);
         for meta in self.segments.values_mut() {
-            meta.max_seq_by_doc.remove(doc_id);
+            meta.docs.remove(doc_id);
         }
+    }
+
+    /// For each document with ops in `segment_id`, the highest seq there (empty for a
+    /// segment the index does not hold).
+    pub fn max_seqs_in(&self, segment_id: SegmentId) -> Vec<(Arc<str>, u64)> {
+        let Some(meta) = self.segments.get(&segment_id) else {
+            return Vec::new();
+        };
+        meta.docs
+            .iter()
+            .map(|doc_id| {
+                let entries = &self.docs[doc_id];
+                // A document's entries are in seq order, and so in segment order.
+                let end = entries.partition_point(|(_, loc)| loc.segment_id <= segment_id);
+                let (seq, loc) = entries[end.checked_sub(1).expect("filed with an op here")];
+                assert_eq!(
+                    loc.segment_id, segment_id,
+                    "{doc_id} filed without an op here"
+                );
+                (doc_id.clone(), seq)
+            })
+            .collect()
     }
 
     /// Locations of the ops of `doc_id` with seq > `after_seq`, up to `limit` of them.
@@ -149,7 +175,7 @@ impl Index {
         self.tombstones
             .retain(|_, location| location.segment_id >= segment_id);
         for meta in removed.values() {
-            for doc_id in meta.max_seq_by_doc.keys() {
+            for doc_id in &meta.docs {
                 if let Some(entries) = self.docs.get_mut(doc_id) {
                     while entries
                         .front()
@@ -180,8 +206,9 @@ pub struct DocSlot<'a> {
 struct DocEntries {
     id: Arc<str>,
     entries: VecDeque<(u64, Location)>,
-    /// The highest seq in the segment being scanned, if the document has ops there.
-    segment_max_seq: Option<u64>,
+    /// Whether the document has ops in the segment being scanned (of its current
+    /// incarnation).
+    in_segment: bool,
 }
 
 /// Builds the [`Index`] during the startup scan, one record at a time, with the checks
@@ -218,12 +245,9 @@ impl IndexBuilder {
             );
         }
         doc.entries.push_back((seq, location));
-        match &mut doc.segment_max_seq {
-            Some(max) => *max = (*max).max(seq),
-            None => {
-                doc.segment_max_seq = Some(seq);
-                self.touched.push(ordinal);
-            }
+        if !doc.in_segment {
+            doc.in_segment = true;
+            self.touched.push(ordinal);
         }
         DocSlot {
             ordinal,
@@ -239,9 +263,9 @@ impl IndexBuilder {
         let doc = &mut self.docs[ordinal as usize];
         doc.entries.clear();
         // Still in `touched` if it had ops in this segment: filed as none.
-        doc.segment_max_seq = None;
+        doc.in_segment = false;
         for meta in self.index.segments.values_mut() {
-            meta.max_seq_by_doc.remove(&doc.id);
+            meta.docs.remove(&doc.id);
         }
         DocSlot {
             ordinal,
@@ -268,7 +292,7 @@ impl IndexBuilder {
                 self.docs.push(DocEntries {
                     id,
                     entries: VecDeque::new(),
-                    segment_max_seq: None,
+                    in_segment: false,
                 });
                 ordinal
             }
@@ -294,12 +318,12 @@ impl IndexBuilder {
             .get_mut(&segment_id)
             .expect("segment registered");
         meta.last_lsn = last_lsn;
-        meta.max_seq_by_doc.reserve(self.touched.len());
+        meta.docs.reserve(self.touched.len());
         for ordinal in self.touched.drain(..) {
             let doc = &mut self.docs[ordinal as usize];
             // None: a tombstone of it followed its ops here.
-            if let Some(max) = doc.segment_max_seq.take() {
-                meta.max_seq_by_doc.insert(doc.id.clone(), max);
+            if std::mem::take(&mut doc.in_segment) {
+                meta.docs.insert(doc.id.clone());
             }
         }
     }
@@ -355,6 +379,45 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_gives_each_document_s_highest_seq_there_of_its_current_incarnation() {
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let mut index = Index::default();
+        let mut builder = IndexBuilder::default();
+        index.add_segment(1, 1);
+        builder.add_segment(1, 1);
+        for (lsn, doc, seq) in [(1, &a, 1), (2, &b, 1), (3, &a, 2), (4, &b, 2)] {
+            index.insert(loc(1, lsn), Some((doc, seq)));
+            builder.insert_op(loc(1, lsn), doc, seq);
+        }
+        index.add_segment(2, 5);
+        builder.add_segment(2, 5);
+        index.insert(loc(2, 5), Some((&a, 3)));
+        builder.insert_op(loc(2, 5), &a, 3);
+        // b is deleted, and made anew in this segment.
+        index.insert_tombstone(loc(2, 6), &b);
+        builder.insert_tombstone(loc(2, 6), &b);
+        for (lsn, doc, seq) in [(7, &b, 1), (8, &a, 4), (9, &a, 5)] {
+            index.insert(loc(2, lsn), Some((doc, seq)));
+            builder.insert_op(loc(2, lsn), doc, seq);
+        }
+        let built = builder.finish();
+        for index in [&index, &built] {
+            let sorted = |segment| {
+                let mut maxes = index.max_seqs_in(segment);
+                maxes.sort();
+                maxes
+            };
+            assert_eq!(sorted(1), vec![(a.clone(), 2)]);
+            assert_eq!(sorted(2), vec![(a.clone(), 5), (b.clone(), 1)]);
+            assert_eq!(sorted(3), vec![]);
+        }
+        index.remove_segments_before(2);
+        assert_eq!(index.max_seqs_in(1), vec![]);
+        assert_eq!(index.first_retained_seq("a"), Some(3));
+        assert_eq!(index.max_seqs_in(2).len(), 2);
+    }
+
+    #[test]
     fn the_builder_gives_the_index_that_inserts_give() {
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         let mut index = Index::default();
@@ -386,7 +449,13 @@ mod tests {
             let other = &built.segments()[id];
             assert_eq!(other.first_lsn, meta.first_lsn);
             assert_eq!(other.last_lsn, meta.last_lsn);
-            assert_eq!(other.max_seq_by_doc, meta.max_seq_by_doc);
+            assert_eq!(other.docs, meta.docs);
+            let sorted = |index: &Index| {
+                let mut maxes = index.max_seqs_in(*id);
+                maxes.sort();
+                maxes
+            };
+            assert_eq!(sorted(&built), sorted(&index));
         }
     }
 }
