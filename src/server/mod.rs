@@ -475,14 +475,8 @@ impl<S: Sequencer> Server<S> {
             Blocking::Threads => tokio::task::spawn_blocking(f)
                 .await
                 .map_err(|e| e.to_string()),
-            Blocking::Inline => {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
-                    p.downcast_ref::<&str>()
-                        .map(|m| m.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic without a message".into())
-                })
-            }
+            Blocking::Inline => std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .map_err(|p| panic_message(&*p)),
         }
     }
 
@@ -630,4 +624,13 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// What a caught panic said.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|m| m.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

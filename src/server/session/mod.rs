@@ -20,9 +20,11 @@
 //! (the access token's word on each request about a document).
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
@@ -230,7 +232,19 @@ pub async fn run<S: Sequencer, T: Transport>(
         grant: Grant::anonymous(),
         opened: HashMap::new(),
     };
-    s.read_loop(reader).await;
+    // A panic here is a bug; it ends this connection, not the server, and what the
+    // session holds is released below as at any end: left to the unwinding, its
+    // documents would keep it subscribed, and keep its socket open, for ever (the
+    // client would wait on a connection that nobody reads). Unwind safety: a
+    // document's state is behind locks that are taken past poisoning, as is the
+    // server's; the session's own state is dropped here.
+    if let Err(panic) = AssertUnwindSafe(s.read_loop(reader)).catch_unwind().await {
+        let reason = super::panic_message(&*panic);
+        tracing::error!(
+            session,
+            "the session panicked, and its connection is closed: {reason}"
+        );
+    }
     // In document order, so that a seed of the simulator replays the same run.
     let mut opened: Vec<_> = s.opened.values().cloned().collect();
     opened.sort_by(|a, b| a.id.cmp(&b.id));
