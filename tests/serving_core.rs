@@ -12,7 +12,9 @@ use quire::client::connection::Connection;
 use quire::client::Event;
 use quire::op::Patch;
 use quire::protocol::message::{ErrorCode, Message, Selection};
-use quire::protocol::{max_op_bytes, MAX_OPS_IN_FLIGHT, MAX_OP_PATCHES, MAX_SELECTIONS};
+use quire::protocol::{
+    max_op_bytes, MAX_OPEN_DOCS, MAX_OPS_IN_FLIGHT, MAX_OP_PATCHES, MAX_SELECTIONS,
+};
 use quire::sequencer::Sequencer;
 use quire::server::ServerConfig;
 use quire::wal::vfs::sim::SimFs;
@@ -667,6 +669,103 @@ async fn ops_in_flight_are_limited_per_connection() {
             Message::Ack { seq: s, .. } => assert_eq!(s, seq),
             other => panic!("expected an Ack, got {other:?}"),
         }
+    }
+    server.stop().await;
+}
+
+/// Documents open per connection: MAX_OPEN_DOCS are served; one more is refused with
+/// code 34 and its request id, the connection stays and keeps serving the open ones (an
+/// `Open` of one of them again is served too), and a `Close` makes room for it. Another
+/// connection has its own allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_open_per_connection_are_limited_and_a_close_makes_room() {
+    let fs = SimFs::new();
+    let server = start_on_sim(&fs, ServerConfig::default()).await;
+    let mut a = Connection::connect(server.addr, 1, "").await.unwrap();
+    let name = |i: usize| format!("doc-{i}");
+    for i in 0..MAX_OPEN_DOCS {
+        a.queue(Message::Open {
+            doc: name(i),
+            known_version: 0,
+        })
+        .unwrap();
+    }
+    a.flush().await.unwrap();
+    // Every one answered (a snapshot, then an empty `Ops`), in order.
+    for i in 0..MAX_OPEN_DOCS {
+        loop {
+            match next_reply(&mut a).await {
+                Message::Snapshot { doc, .. } => assert_eq!(doc, name(i)),
+                Message::Ops {
+                    doc, more: false, ..
+                } => {
+                    assert_eq!(doc, name(i));
+                    break;
+                }
+                other => panic!("opening {}: {other:?}", name(i)),
+            }
+        }
+    }
+    let past = name(MAX_OPEN_DOCS);
+    let rid = a
+        .send(Message::Open {
+            doc: past.clone(),
+            known_version: 0,
+        })
+        .await
+        .unwrap();
+    let refused = a.recv().await.unwrap();
+    assert_eq!(refused.request_id, rid);
+    match refused.message {
+        Message::Error { code, message } => {
+            assert_eq!(code, ErrorCode::TooManyOpen);
+            assert!(message.contains(&past), "{message}");
+        }
+        other => panic!("expected Error 34, got {other:?}"),
+    }
+    // Still served: an op on the last one opened, and an `Open` of an open one.
+    submit(
+        &mut a,
+        &name(MAX_OPEN_DOCS - 1),
+        1,
+        0,
+        vec![Patch::new(0, 0, "x")],
+    )
+    .await;
+    assert!(matches!(
+        next_reply(&mut a).await,
+        Message::Ack { seq: 1, .. }
+    ));
+    let (text, version, _) = open_raw(&mut a, &name(0), 0).await;
+    assert_eq!((text.as_deref(), version), (Some(""), 0));
+    // The refused one was never opened: an op on it is refused as on any unopened one.
+    submit(&mut a, &past, 2, 0, vec![Patch::new(0, 0, "y")]).await;
+    match next_reply(&mut a).await {
+        Message::Reject { code, .. } => assert_eq!(code, ErrorCode::UnknownDocument),
+        other => panic!("expected Reject 20, got {other:?}"),
+    }
+    // Another connection opens it, past a's count.
+    let mut b = Connection::connect(server.addr, 2, "").await.unwrap();
+    open_raw(&mut b, &past, 0).await;
+    submit(&mut b, &past, 1, 0, vec![Patch::new(0, 0, "b")]).await;
+    assert!(matches!(
+        next_reply(&mut b).await,
+        Message::Ack { seq: 1, .. }
+    ));
+    // A close makes room: then it opens on a, with b's op.
+    a.send(Message::Close { doc: name(7) }).await.unwrap();
+    let (text, version, _) = open_raw(&mut a, &past, 0).await;
+    assert_eq!((text.as_deref(), version), (Some("b"), 1));
+    // And the count is full again.
+    a.send(Message::Open {
+        doc: name(7),
+        known_version: 0,
+    })
+    .await
+    .unwrap();
+    match next_reply(&mut a).await {
+        Message::Error { code, .. } => assert_eq!(code, ErrorCode::TooManyOpen),
+        other => panic!("expected Error 34, got {other:?}"),
     }
     server.stop().await;
 }

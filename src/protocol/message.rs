@@ -51,6 +51,8 @@ pub enum ErrorCode {
     /// No node serves the document right now (cluster mode: its owner is not known or
     /// not reachable, or it is being handed over): retry later, with backoff.
     Unavailable,
+    /// The connection has [`super::MAX_OPEN_DOCS`] documents open: close one first.
+    TooManyOpen,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -84,6 +86,7 @@ impl ErrorCode {
             ErrorCode::ReadOnly => 31,
             ErrorCode::DocumentDeleted => 32,
             ErrorCode::Unavailable => 33,
+            ErrorCode::TooManyOpen => 34,
             ErrorCode::Other(c) => c,
         }
     }
@@ -116,6 +119,7 @@ impl ErrorCode {
             31 => ErrorCode::ReadOnly,
             32 => ErrorCode::DocumentDeleted,
             33 => ErrorCode::Unavailable,
+            34 => ErrorCode::TooManyOpen,
             c => ErrorCode::Other(c),
         }
     }
@@ -837,6 +841,16 @@ mod tests {
         assert_eq!(ErrorCode::from_u16(33), ErrorCode::Unavailable);
         assert_eq!(ErrorCode::Unavailable.to_u16(), 33);
         assert!(!ErrorCode::Unavailable.closes_connection());
+    }
+
+    #[test]
+    fn every_code_is_its_own_number_and_only_1_to_12_close_the_connection() {
+        for n in 0..=u16::from(u8::MAX) {
+            let code = ErrorCode::from_u16(n);
+            assert_eq!(code.to_u16(), n, "{code:?}");
+            assert_eq!(code.closes_connection(), (1..=12).contains(&n), "{code:?}");
+        }
+        assert_eq!(ErrorCode::from_u16(34), ErrorCode::TooManyOpen);
     }
 
     #[test]

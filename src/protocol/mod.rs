@@ -24,6 +24,10 @@ pub const MAX_OP_PATCHES: usize = 65_536;
 /// Most ops one connection may have in flight (submitted, not yet answered).
 pub const MAX_OPS_IN_FLIGHT: usize = 64;
 
+/// Most documents one connection may have open at once: a connection's subscriptions,
+/// and the documents it keeps loaded on the server, are bounded by it.
+pub const MAX_OPEN_DOCS: usize = 1024;
+
 /// Most selections in one `Presence` message.
 pub const MAX_SELECTIONS: usize = 256;
 

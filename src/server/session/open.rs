@@ -4,7 +4,7 @@
 use super::ops::Sent;
 use super::Session;
 use crate::protocol::message::{ErrorCode, Message};
-use crate::protocol::OP_FRAME_OVERHEAD;
+use crate::protocol::{MAX_OPEN_DOCS, OP_FRAME_OVERHEAD};
 use crate::sequencer::{DocView, Route, RouteError, Sequencer};
 
 /// A catch-up longer than this many ops is sent as a snapshot instead.
@@ -32,8 +32,17 @@ impl<S: Sequencer> Session<S> {
             }
             return true;
         }
+        if self.opened.len() >= MAX_OPEN_DOCS && !self.opened.contains_key(doc.as_str()) {
+            let message = format!(
+                "cannot open {doc:?}: this connection has {MAX_OPEN_DOCS} documents open, \
+                 the most it may; close one first"
+            );
+            self.send_error(rid, ErrorCode::TooManyOpen, message);
+            return true;
+        }
         let document = self.server.subscribe(&doc, self.outbox.clone());
         self.opened.insert(document.id.clone(), document.clone());
+        assert!(self.opened.len() <= MAX_OPEN_DOCS);
         let version = document.version(&*self.server.sequencer);
         let mut sent = Sent::Truncated;
         if known_version > 0
