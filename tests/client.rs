@@ -226,6 +226,74 @@ async fn ids_are_given_by_the_server_and_documents_share_one_connection() {
     running.stop().await;
 }
 
+/// The client holds at most MAX_OPEN_DOCS documents open, as the server allows one
+/// connection: one more is refused at once, with nothing sent (the server would refuse
+/// it too); a document open already still opens; and once a handle is dropped, with its
+/// edit acknowledged, there is room again. Offline, the same count holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_opens_at_most_max_open_docs_and_a_dropped_handle_makes_room() {
+    use quire::client::ClientError;
+    use quire::protocol::MAX_OPEN_DOCS;
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    let proxy = Proxy::new(running.addr).await;
+    let client = Client::connect(config(proxy.addr)).await.unwrap();
+    client.wait_connected().await.unwrap();
+    let name = |i: usize| format!("many/{i}");
+    let mut handles = Vec::new();
+    for i in 0..MAX_OPEN_DOCS {
+        handles.push(client.open(&name(i)).await.unwrap());
+    }
+    // (A guard against a hang, not a performance threshold.)
+    let past_name = name(MAX_OPEN_DOCS);
+    let refused = tokio::time::timeout(Duration::from_secs(60), client.open(&past_name));
+    match refused.await.expect("an answer") {
+        Err(ClientError::TooManyOpen { max }) => assert_eq!(max, MAX_OPEN_DOCS),
+        other => panic!(
+            "expected TooManyOpen, got {:?}",
+            other.map(|d| d.name().to_owned())
+        ),
+    }
+    assert!(client.open(&name(5)).await.is_ok());
+    // Still connected, and serving: an edit on the last one is acknowledged.
+    handles[MAX_OPEN_DOCS - 1]
+        .edit(&[ins(0, "x")])
+        .await
+        .unwrap();
+    settle(&[&handles[MAX_OPEN_DOCS - 1]]).await;
+    assert_eq!(client.state(), ConnectionState::Connected);
+    // An edit, then the handle dropped: it closes once the edit is acknowledged.
+    let dropped = handles.swap_remove(0);
+    dropped.edit(&[ins(0, "kept")]).await.unwrap();
+    drop(dropped);
+    let past = loop {
+        match client.open(&name(MAX_OPEN_DOCS)).await {
+            Ok(doc) => break doc,
+            Err(ClientError::TooManyOpen { .. }) => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(server_text(&running, &name(0)).await, "kept");
+    past.edit(&[ins(0, "past")]).await.unwrap();
+    settle(&[&past]).await;
+    assert_eq!(server_text(&running, &name(MAX_OPEN_DOCS)).await, "past");
+    // Offline (the proxy down, the connection cut), the count is the same.
+    proxy.set(Mode::Down);
+    while !matches!(client.state(), ConnectionState::Reconnecting { .. }) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(matches!(
+        client.open(&name(0)).await,
+        Err(ClientError::TooManyOpen { .. })
+    ));
+    drop(past);
+    client.open(&name(0)).await.unwrap();
+    client.shutdown().await;
+    running.stop().await;
+}
+
 /// A client given further nodes (`ClientConfig::fallback_addrs`) moves its home to the
 /// next one each time it cannot reach it, cyclically, and stays at a home it got in.
 /// Two proxies to one server stand for two nodes of a cluster.
@@ -1030,4 +1098,70 @@ async fn a_stale_open_reply_after_two_redirects_to_the_same_node_changes_nothing
     .unwrap_or_else(|_| panic!("the ack was taken: unacked {:?}", doc.unacked()));
     assert_eq!((doc.text().as_str(), doc.version()), ("abcd", 4));
     client.abort();
+}
+
+/// Ops the server refused with `code`, from its metrics.
+fn rejected(running: &common::Running, code: u16) -> f64 {
+    let code = code.to_string();
+    running
+        .server
+        .metrics()
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "quire_ops_rejected_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "code" && l.value() == code)
+        })
+        .map(|m| m.get_counter().get_value())
+        .sum()
+}
+
+/// A document closed (its handles dropped) and opened again in the same client, with
+/// and without a persistence directory, or another one opened after it, sends its next
+/// op under an id it never used there: none is refused as a reused op id (code 26),
+/// which cost one refusal and a reload per op the client had sent to it before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_opened_again_after_it_was_closed_sends_new_ops_under_new_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(dir.path(), "").await;
+    for persist in [false, true] {
+        let persist_dir = tempfile::tempdir().unwrap();
+        let mut config = config(running.addr);
+        if persist {
+            config.persist_dir = Some(persist_dir.path().to_path_buf());
+        }
+        let client = Client::connect(config).await.unwrap();
+        let name = format!("reopened-{persist}");
+        let (mut doc, mut events) = client.open_with_events(&name).await.unwrap();
+        for i in 0..5 {
+            doc.edit(&[ins(0, &format!("{i} "))]).await.unwrap();
+            settle(&[&doc]).await;
+        }
+        drop((doc, events));
+        let other = client.open(&format!("other-{persist}")).await.unwrap();
+        drop(other);
+        for round in 0..2 {
+            // Dropped: closed once nothing is pending, which it is; opened again.
+            (doc, events) = client.open_with_events(&name).await.unwrap();
+            assert_eq!(doc.version(), 5 + round);
+            doc.edit(&[ins(0, "again ")]).await.unwrap();
+            settle(&[&doc]).await;
+            let acked: Vec<u64> = std::iter::from_fn(|| events.try_recv())
+                .filter_map(|e| match e {
+                    Event::Acked { local_seq, .. } => Some(local_seq),
+                    _ => None,
+                })
+                .collect();
+            assert!(acked.last().is_some_and(|&l| l > 5 + round), "{acked:?}");
+            drop((doc, events));
+        }
+        assert_eq!(rejected(&running, 26), 0.0, "persist {persist}");
+        let text = server_text(&running, &name).await;
+        assert_eq!(text, "again again 4 3 2 1 0 ");
+        client.shutdown().await;
+    }
+    running.stop().await;
 }

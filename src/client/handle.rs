@@ -47,6 +47,7 @@ use super::state::{ClientDoc, DocError};
 use super::store::{self, Store};
 use crate::op::Patch;
 use crate::protocol::message::{ErrorCode, Message, Selection, WireOp};
+use crate::protocol::MAX_OPEN_DOCS;
 
 /// What went wrong, keeping the server's code where the server refused.
 #[derive(Debug)]
@@ -59,6 +60,10 @@ pub enum ClientError {
     OutOfRange,
     /// A local edit larger than the server takes in one op: split it.
     TooLarge { bytes: usize, max: usize },
+    /// The client has [`MAX_OPEN_DOCS`] documents open, the most a connection may:
+    /// drop the handles of one (it closes once its edits are acknowledged, or
+    /// persisted) before opening another.
+    TooManyOpen { max: usize },
     /// The persistence directory could not be read or written.
     Persist(io::Error),
     /// The client was shut down (or its task ended).
@@ -75,6 +80,10 @@ impl std::fmt::Display for ClientError {
             ClientError::TooLarge { bytes, max } => write!(
                 f,
                 "an edit of {bytes} bytes is larger than the server takes in one op ({max})"
+            ),
+            ClientError::TooManyOpen { max } => write!(
+                f,
+                "{max} documents are open, the most a connection may; close one first"
             ),
             ClientError::Persist(e) => write!(f, "persistence directory: {e}"),
             ClientError::Closed => f.write_str("the client is shut down"),
@@ -376,6 +385,7 @@ impl Client {
             store: store.clone(),
             docs: BTreeMap::new(),
             shutdown: None,
+            closed_local_seq: 1,
             attempt: 0,
             redirect_loop: false,
             home: 0,
@@ -422,7 +432,9 @@ impl Client {
 
     /// Opens document `name` (or returns the handle already open). Connected, it
     /// returns once the document is loaded from the server; offline, at once, with the
-    /// persisted state (or an empty document) that is caught up on reconnect.
+    /// persisted state (or an empty document) that is caught up on reconnect. With
+    /// [`MAX_OPEN_DOCS`] documents open (their handles alive, or their edits still
+    /// unacknowledged), another is refused with [`ClientError::TooManyOpen`].
     pub async fn open(&self, name: &str) -> Result<DocHandle, ClientError> {
         self.open_inner(name, false).await.map(|(handle, _)| handle)
     }
@@ -994,6 +1006,9 @@ struct Driver<C: Connector> {
     /// The connections are being dropped because a document was redirected round in
     /// circles ([`MAX_REDIRECTS`]): see `attempt`.
     redirect_loop: bool,
+    /// Above every local seq a document closed since the start used (see
+    /// [`Driver::forget`]).
+    closed_local_seq: u64,
     /// Which node is home: 0 for [`ClientConfig::addr`], `i` for
     /// `fallback_addrs[i - 1]`.
     home: usize,
@@ -1209,8 +1224,10 @@ impl<C: Connector> Driver<C> {
                 open_id,
                 reply,
             } => {
-                let _ = reply.send(Ok(()));
-                self.register(cell, open_id, None);
+                if let Some(reply) = self.refuse_past_open_limit(&cell.name, reply) {
+                    let _ = reply.send(Ok(()));
+                    self.register(cell, open_id, None);
+                }
             }
             Command::Close { name, open_id } => {
                 if self.docs.get(&name).is_some_and(|d| d.open_id == open_id) {
@@ -1221,7 +1238,7 @@ impl<C: Connector> Driver<C> {
                     // one they would be lost, so the document stays until sent.
                     let pending = lock(&doc.cell.state).doc.has_pending();
                     if !pending || self.store.is_some() {
-                        self.docs.remove(&name);
+                        self.forget(&name);
                     }
                 }
             }
@@ -1232,6 +1249,35 @@ impl<C: Connector> Driver<C> {
             }
         }
         false
+    }
+
+    /// Answers an `Open` of a document not open yet, with [`MAX_OPEN_DOCS`] open
+    /// (closing ones included: the server has them open until their edits are
+    /// acknowledged), with [`ClientError::TooManyOpen`]; else gives the reply back. A
+    /// document's connection is its home's or, redirected, another node's: each has at
+    /// most as many open as the client has.
+    fn refuse_past_open_limit(
+        &self,
+        name: &str,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    ) -> Option<oneshot::Sender<Result<(), ClientError>>> {
+        if self.docs.len() < MAX_OPEN_DOCS || self.docs.contains_key(name) {
+            return Some(reply);
+        }
+        let _ = reply.send(Err(ClientError::TooManyOpen { max: MAX_OPEN_DOCS }));
+        None
+    }
+
+    /// Drops a closed document. The local seqs it used stay taken: the next document
+    /// opened starts above them, whichever it is (op ids are per document; one
+    /// client-wide floor keeps no list of the documents once open), so that one opened
+    /// again in this process does not send new ops under ids it used (without a
+    /// persistence directory, nothing else remembers them; with one, its file does).
+    fn forget(&mut self, name: &str) {
+        if let Some(doc) = self.docs.remove(name) {
+            let next = lock(&doc.cell.state).doc.last_buffered_local_seq() + 1;
+            self.closed_local_seq = self.closed_local_seq.max(next);
+        }
     }
 
     fn register(
@@ -1259,6 +1305,12 @@ impl<C: Connector> Driver<C> {
                 }
             }
             None => {
+                // Opened again after it was closed: its op ids so far are the server's
+                // to remember (a new op under one is refused, code 26), and its
+                // persisted state, if any, is loaded already.
+                lock(&cell.state)
+                    .doc
+                    .skip_local_seqs_below(self.closed_local_seq);
                 self.docs.insert(
                     name,
                     OpenDoc {
@@ -1513,6 +1565,9 @@ impl<C: Connector> Driver<C> {
             } => {
                 let name = cell.name.clone();
                 let fresh = !self.docs.contains_key(&name);
+                let Some(reply) = self.refuse_past_open_limit(&name, reply) else {
+                    return Ok(());
+                };
                 self.register(cell, open_id, Some(reply));
                 if fresh {
                     self.send_open(conn, &name).map_err(Ended::Lost)?;
@@ -1542,7 +1597,7 @@ impl<C: Connector> Driver<C> {
         };
         if doc.closing && !lock(&doc.cell.state).doc.has_pending() {
             let at = doc.at.clone();
-            self.docs.remove(name);
+            self.forget(name);
             conn.queue(&at, Message::Close { doc: name.into() })?;
         }
         Ok(())

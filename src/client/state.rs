@@ -140,6 +140,12 @@ impl ClientDoc {
         self.version
     }
 
+    /// Local seqs below `floor` are taken (by ops this client sent to this document
+    /// before): the next op gets `floor` at least.
+    pub fn skip_local_seqs_below(&mut self, floor: u64) {
+        self.next_local_seq = self.next_local_seq.max(floor);
+    }
+
     /// The oldest op in flight (the next to be acknowledged).
     pub fn in_flight(&self) -> Option<&Outgoing> {
         self.in_flight.front().map(|(o, _)| o)
