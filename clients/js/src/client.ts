@@ -5,7 +5,7 @@
 
 import { DocState, ProtocolViolation, diff, maxOpBytes } from "./doc.js";
 import { Emitter } from "./events.js";
-import { DEFAULT_MAX_FRAME, decode, encode, type Message, type Patch, type Selection, type WireOp } from "./protocol.js";
+import { DEFAULT_MAX_FRAME, MAX_OPEN_DOCS, decode, encode, type Message, type Patch, type Selection, type WireOp } from "./protocol.js";
 import type { PersistedState, Store } from "./store.js";
 import { applyPatches, cpLen, mapPosition, toPatches } from "./ot.js";
 
@@ -85,6 +85,15 @@ const UNAVAILABLE = 33;
  */
 export const MAX_REDIRECTS = 8;
 
+/** `Client.open` with MAX_OPEN_DOCS documents open: close one first (`DocHandle.close`). */
+export class TooManyOpenError extends Error {
+  readonly max = MAX_OPEN_DOCS;
+  constructor() {
+    super(`${MAX_OPEN_DOCS} documents are open, the most a connection may; close one first`);
+    this.name = "TooManyOpenError";
+  }
+}
+
 /** A WebSocket to another node, opened on a `Redirect` and kept while it carries a document. */
 interface AwayLink {
   url: string;
@@ -108,6 +117,10 @@ export class DocHandle extends Emitter<DocEvents> {
   at: string | null = null;
   /** @internal redirects followed since its last progress (see MAX_REDIRECTS) */
   redirects = 0;
+  /** @internal "closing": `close` was called, and waits for the edits to be acknowledged */
+  closeState: "open" | "closing" | "closed" = "open";
+  /** @internal what `close` resolves */
+  closers: (() => void)[] = [];
   private waiters: (() => void)[] = [];
 
   /** @internal */
@@ -141,6 +154,7 @@ export class DocHandle extends Emitter<DocEvents> {
    * resolves once the edit is persisted (at once without a store).
    */
   edit(patches: readonly Patch[]): Promise<void> {
+    if (this.closeState !== "open") throw new Error(`document ${this.id} is closed`);
     this.doc.localEdit(patches);
     const saved = this.client._persist();
     this.client._pump(this);
@@ -151,6 +165,18 @@ export class DocHandle extends Emitter<DocEvents> {
   setPresence(selections: Selection[]): void {
     this.presence = selections;
     if (this.openState === "open") this.client._sendFor(this, { type: "Presence", doc: this.id, selections });
+  }
+
+  /**
+   * Closes the document: once its edits are acknowledged by the server (at once with
+   * none; offline, after the reconnect) the server is told and the client forgets it
+   * (its store entry too), and the promise resolves. Edits after `close` throw; a
+   * client has at most MAX_OPEN_DOCS documents open, closing ones included.
+   * `client.open(id)` before the close is done keeps this handle open (and resolves
+   * the promise); after it, opens the document anew.
+   */
+  close(): Promise<void> {
+    return this.client._closeDoc(this);
   }
 
   /** Resolves when the document is open on a live connection with nothing pending. */
@@ -203,6 +229,13 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   /** The connections are being dropped because a document was redirected round in circles. */
   private redirectLoop = false;
   private maxFrame = DEFAULT_MAX_FRAME;
+  /**
+   * Above every local seq a document closed so far used (persisted): a document opened
+   * anew starts there, whichever it is (op ids are per document; one client-wide floor
+   * keeps no list of the documents once open), so that one opened again sends no new op
+   * under an id the server remembers (it would refuse each, code 26, one by one).
+   */
+  private closedLocalSeq = 1;
   private lastSent = 0;
   private lastHeard = 0;
   private nonce = 0n;
@@ -242,6 +275,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     const saved = await opts.store?.load();
     if (saved) {
       client.clientId = BigInt(saved.clientId);
+      client.closedLocalSeq = Math.max(1, saved.closedLocalSeq ?? 1);
       for (const [id, p] of Object.entries(saved.docs)) {
         client.docs.set(id, new DocHandle(id, client, DocState.restore(p)));
       }
@@ -253,11 +287,20 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     return client;
   }
 
-  /** The handle of document `id`, opening it (or the one restored from the store). */
+  /**
+   * The handle of document `id`, opening it (or the one restored from the store).
+   * Throws TooManyOpenError when MAX_OPEN_DOCS documents are open (closing ones
+   * included): close one first.
+   */
   open(id: string): DocHandle {
     let handle = this.docs.get(id);
+    if (handle?.closeState === "closing") {
+      handle.closeState = "open";
+      for (const fn of handle.closers.splice(0)) fn();
+    }
     if (!handle) {
-      const doc = new DocState();
+      if (this.docs.size >= MAX_OPEN_DOCS) throw new TooManyOpenError();
+      const doc = new DocState("", 0, this.closedLocalSeq);
       doc.maxOpBytes = maxOpBytes(this.maxFrame);
       handle = new DocHandle(id, this, doc);
       this.docs.set(id, handle);
@@ -521,6 +564,29 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     if (link?.ready) this.sendOn(link, message);
   }
 
+  /** @internal See `DocHandle.close`. */
+  _closeDoc(h: DocHandle): Promise<void> {
+    if (this.docs.get(h.id) !== h) return Promise.resolve();
+    const closed = new Promise<void>((resolve) => h.closers.push(resolve));
+    h.closeState = "closing";
+    this.closeIfDone(h);
+    return closed;
+  }
+
+  /** Forgets a closing document once nothing of it waits for the server. */
+  private closeIfDone(h: DocHandle): void {
+    if (h.closeState !== "closing" || h.doc.hasPending()) return;
+    // Answers to an `Open` still coming are ignored: the document is not known then.
+    if (h.openState !== "closed") this._sendFor(h, { type: "Close", doc: h.id });
+    h.openState = "closed";
+    h.closeState = "closed";
+    this.docs.delete(h.id);
+    this.closedLocalSeq = Math.max(this.closedLocalSeq, h.doc.nextLocalSeq);
+    this.prune(h.at);
+    void this._persist();
+    for (const fn of h.closers.splice(0)) fn();
+  }
+
   /** @internal Saves the state (coalesced: one save at a time, the latest state). */
   _persist(): Promise<void> {
     const store = this.opts.store;
@@ -543,7 +609,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
   private persisted(): PersistedState {
     const docs: PersistedState["docs"] = {};
     for (const [id, h] of this.docs) docs[id] = h.doc.persisted();
-    return { clientId: this.clientId.toString(), docs };
+    return { clientId: this.clientId.toString(), docs, closedLocalSeq: this.closedLocalSeq };
   }
 
   // ---- documents ----
@@ -638,6 +704,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
         void this._persist();
         h.emit("ack", { seq: m.seq, localSeq: m.localSeq });
         this._pump(h);
+        this.closeIfDone(h);
         return;
       }
       case "Reject": {
@@ -672,6 +739,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
           void this._persist();
           h.emit("ack", { seq: m.seq, localSeq: m.localSeq });
           this._pump(h);
+          this.closeIfDone(h);
           return;
         }
         const patches = h.doc.onRemote(m.seq, m.patches);
@@ -806,6 +874,7 @@ export class Client extends Emitter<{ state: ConnectionState }> {
     if (h.presence) this._sendFor(h, { type: "Presence", doc: h.id, selections: h.presence });
     h.sent = null;
     this._pump(h);
+    this.closeIfDone(h);
   }
 
   /** The answer to resending the op in flight after a snapshot: applied or not. */

@@ -10,6 +10,8 @@
 export const MAGIC = [0x51, 0x55, 0x49, 0x52]; // "QUIR"
 export const PROTOCOL_VERSION = 2;
 export const DEFAULT_MAX_FRAME = 1 << 20;
+/** Most documents one connection may have open (protocol.md, "Limits"; past it, code 34). */
+export const MAX_OPEN_DOCS = 1024;
 
 /** `[pos, del, ins]`: delete `del` code points at `pos`, then insert `ins` there. */
 export type Patch = readonly [pos: number, del: number, ins: string];

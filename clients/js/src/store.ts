@@ -9,6 +9,11 @@ export interface PersistedState {
   /** The client id as a decimal string (a u64: ids the server gives are >= 2^63). */
   clientId: string;
   docs: Record<string, PersistedDoc>;
+  /**
+   * Above every local seq the documents closed so far used (absent: 1): a document
+   * opened again starts there, so that no new op goes under an op id it used before.
+   */
+  closedLocalSeq?: number;
 }
 
 export interface Store {

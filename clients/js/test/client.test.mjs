@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { WebSocket } from "ws";
 import { client, cpLength, pluggable, rng, serverText, startServer, tempDir, waitFor } from "./helpers.mjs";
 import { FileStore } from "../dist/node.js";
+import { MAX_OPEN_DOCS, TooManyOpenError } from "../dist/index.js";
 import { encode, decode } from "../dist/protocol.js";
 
 // The client says on console.warn when it had to drop a connection over something it
@@ -249,5 +250,86 @@ test("presence: a peer's selections arrive (mapped into the local text), and an 
   await a.close();
   await waitFor(() => seen.at(-1).selections.length === 0, "b sees a leave");
   assert.equal(seen.at(-1).clientId, a.clientId);
+  await b.close();
+});
+
+test("a client opens at most MAX_OPEN_DOCS documents; close waits for the edits' acks, tells the server, and makes room", async () => {
+  const rejects = [];
+  const c = await client(server.url, { trace: (dir, m) => dir === "recv" && m.type === "Reject" && rejects.push(m) });
+  const name = (i) => `many-${i}`;
+  const handles = Array.from({ length: MAX_OPEN_DOCS }, (_, i) => c.open(name(i)));
+  await waitFor(() => handles.every((h) => h.openState === "open"), "every document open");
+  assert.throws(() => c.open(name(MAX_OPEN_DOCS)), TooManyOpenError);
+  assert.equal(c.open(name(5)), handles[5], "an open document opens again");
+  // Closed with an edit pending, offline: the close waits for the ack, after the reconnect.
+  c.goOffline();
+  await handles[0].edit([[0, 0, "kept"]]);
+  let closed = false;
+  const closing = handles[0].close().then(() => (closed = true));
+  assert.throws(() => handles[0].edit([[0, 0, "x"]]), /closed/);
+  assert.throws(() => c.open(name(MAX_OPEN_DOCS)), TooManyOpenError, "a closing document still counts");
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(closed, false, "closed before its edit was acknowledged");
+  c.goOnline();
+  await closing;
+  assert.equal(await serverText(server.url, name(0)), "kept");
+  // The server was told: it serves one more on this connection (else it refuses with
+  // code 34, which the client would report on console.warn).
+  const past = c.open(name(MAX_OPEN_DOCS));
+  await past.edit([[0, 0, "past"]]);
+  await waitFor(() => past.openState === "open" && !past.pending, "the edit acknowledged");
+  assert.equal(await serverText(server.url, name(MAX_OPEN_DOCS)), "past");
+  // Closed with nothing pending: at once; opened again, it is a new handle with the text.
+  await handles[1].close();
+  const again = c.open(name(1));
+  assert.notEqual(again, handles[1]);
+  await again.synced();
+  // A close undone by an open before it is done keeps the handle.
+  c.goOffline();
+  await handles[2].edit([[0, 0, "two"]]);
+  const undone = handles[2].close();
+  assert.equal(c.open(name(2)), handles[2]);
+  await undone;
+  await handles[2].edit([[3, 0, "!"]]);
+  c.goOnline();
+  await handles[2].synced();
+  assert.equal(await serverText(server.url, name(2)), "two!");
+  // Opened again after its close, a document's new ops go under ids not used there
+  // before (else the server refuses each, code 26, and the client reloads).
+  await past.close();
+  const reopened = c.open(name(0));
+  await reopened.synced();
+  assert.equal(reopened.text(), "kept");
+  const acks = [];
+  reopened.on("ack", (a) => acks.push(a.localSeq));
+  await reopened.edit([[4, 0, "!"]]);
+  await reopened.synced();
+  assert.equal(await serverText(server.url, name(0)), "kept!");
+  assert.deepEqual(rejects, []);
+  assert.ok(acks.length === 1 && acks[0] > 1, `acks ${acks}`);
+  await c.close();
+});
+
+test("a document closed, then opened again by the client restarted on its store, sends new ops under new ids", async () => {
+  const { MemoryStore } = await import("../dist/index.js");
+  const store = new MemoryStore();
+  const rejects = [];
+  const trace = (dir, m) => dir === "recv" && m.type === "Reject" && rejects.push(m);
+  const a = await client(server.url, { store, trace });
+  const h = a.open("closed-then-restarted");
+  for (const word of ["one ", "two "]) {
+    await h.edit([[0, 0, word]]);
+    await h.synced();
+  }
+  await h.close();
+  await a.close();
+  const b = await client(server.url, { store, trace });
+  const again = b.open("closed-then-restarted");
+  await again.synced();
+  assert.equal(b.clientId, a.clientId);
+  await again.edit([[0, 0, "three "]]);
+  await again.synced();
+  assert.equal(await serverText(server.url, "closed-then-restarted"), "three two one ");
+  assert.deepEqual(rejects, []);
   await b.close();
 });
