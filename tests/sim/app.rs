@@ -233,6 +233,25 @@ impl AppClient {
         }
     }
 
+    /// The application closes its document (drops its handle and its events) and opens
+    /// it again: the client closes it once its edits are acknowledged (offline with a
+    /// persistence directory, at once: they are on disk), and the new handle has them
+    /// all, and sends new ones under ids not used before. `false`: not running.
+    pub async fn reopen(&mut self) -> Result<bool, String> {
+        let Some(client) = &self.client else {
+            return Ok(false);
+        };
+        self.handle = None;
+        self.events = None;
+        let (handle, events) = client
+            .open_with_events(&self.doc)
+            .await
+            .map_err(|e| format!("{}: cannot open {} again: {e}", self.name, self.doc))?;
+        self.events = Some(events);
+        self.handle = Some(handle);
+        Ok(true)
+    }
+
     /// Its document was deleted: the application drops its copy (the process and its
     /// persistence directory, as it would on `Error` 32, or on hearing of the deletion
     /// otherwise while offline; protocol.md, "Deleted documents") and starts again with

@@ -172,6 +172,8 @@ struct Stats {
     acks_verified: u64,
     app_edits: u64,
     app_restarts: u64,
+    /// Application clients that closed their document and opened it again.
+    app_reopens: u64,
     app_offline: u64,
     /// Application clients reloaded from a snapshot (their version was truncated).
     app_reloads: u64,
@@ -654,6 +656,19 @@ impl Sim {
                 self.observe_apps()?;
                 self.apps[i].kill().await;
                 self.start_app(i).await?;
+            }
+            95 => {
+                // What it was told before its events go with its handle.
+                self.observe_apps()?;
+                match timeout(CLIENT_WAIT, self.apps[i].reopen()).await {
+                    Ok(Ok(true)) => {
+                        self.stats.app_reopens += 1;
+                        self.say(|| format!("{name} closes its document and opens it again"));
+                    }
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => return Err(self.fail(e)),
+                    Err(_) => return Err(self.fail(format!("{name}: opening again hung"))),
+                }
             }
             _ => {
                 let us = self.rng.below(20_000);
@@ -1807,12 +1822,13 @@ fn run_seed_keeping(
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} times offline, {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks",
+        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks",
         sim.clients.len(),
         sim.docs.len(),
         sim.apps.len(),
         s.app_edits,
         s.app_restarts,
+        s.app_reopens,
         s.app_offline,
         s.app_reloads,
         s.tokens_moved_by_reloads,
