@@ -162,8 +162,11 @@ async fn quire_trace_compose_reports_the_latency_of_every_op_it_sends() {
     )
     .await;
     let (ops, samples) = ops_and_samples(&out);
-    // The first patch goes alone; the next ones are composed while it is in flight.
-    assert!((2..2_000).contains(&ops), "{out}");
+    // Composed: fewer ops than patches. Usually the first patch goes alone and the next
+    // ones are composed while it is in flight; on a loaded machine the client's task may
+    // not run until every patch is queued, and then all go as one op (seen in CI on
+    // 2026-12-05: `1 ops`), which is as correct.
+    assert!((1..2_000).contains(&ops), "{out}");
     assert_eq!(samples, ops, "one latency sample per op sent: {out}");
     assert_eq!(
         doc_line(&out, "composed"),
