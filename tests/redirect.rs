@@ -877,3 +877,89 @@ async fn a_redirect_to_the_home_node_by_another_name_is_carried_on_the_home_conn
     x.shutdown().await;
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn a_node_that_never_answers_a_redirected_client_holds_up_only_its_own_documents() {
+    let cluster = Cluster::start().await;
+    // A third node that takes connections and never answers their `Hello` (stopped, or
+    // cut off after accepting), as the owner of `far`.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    cluster.table.nodes.write().unwrap().push(Owner {
+        addr: silent.local_addr().unwrap().to_string().into(),
+        ws_url: "".into(),
+    });
+    let (reached, mut reached_rx) = tokio::sync::mpsc::unbounded_channel();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+            let _ = reached.send(());
+        }
+    });
+    cluster.table.set(
+        "far",
+        Owned::By {
+            node: 2,
+            ready: true,
+        },
+    );
+    let mut config = common::client_config(cluster.addr(0));
+    // The client gives a silent node an hour: far longer than this test waits.
+    config.timeout = Duration::from_secs(3600);
+    let x = quire::client::Client::connect(config).await.unwrap();
+    x.wait_connected().await.unwrap();
+    let near = x.open("near").await.unwrap();
+    // Connected, `open` returns once the document is loaded from its owner: not yet.
+    let far = tokio::spawn({
+        let x = x.clone();
+        async move { x.open("far").await }
+    });
+    reached_rx.recv().await.unwrap();
+
+    // Meanwhile the documents of the nodes that answer are served: an edit is sent and
+    // acknowledged, another document is opened and loaded.
+    near.edit(&[Patch::new(0, 0, "near")]).await.unwrap();
+    tokio::time::timeout(HANG, near.synced())
+        .await
+        .expect("an edit of a document of the home node is held up by another node")
+        .unwrap();
+    let also = tokio::time::timeout(HANG, x.open("also"))
+        .await
+        .expect("an open of a document of the home node is held up by another node")
+        .unwrap();
+    also.edit(&[Patch::new(0, 0, "also")]).await.unwrap();
+    tokio::time::timeout(HANG, also.synced())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!far.is_finished(), "far opened without its node answering");
+    assert_eq!(x.state(), quire::client::ConnectionState::Connected);
+
+    // Its node gone (the connection dropped), and the document served by node 1: the
+    // client starts again from home and reaches it there.
+    cluster.table.set(
+        "far",
+        Owned::By {
+            node: 1,
+            ready: true,
+        },
+    );
+    held.abort();
+    let far = tokio::time::timeout(HANG, far)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    far.edit(&[Patch::new(0, 0, "far")]).await.unwrap();
+    tokio::time::timeout(HANG, far.synced())
+        .await
+        .unwrap()
+        .unwrap();
+    for (name, doc) in [("near", &near), ("also", &also), ("far", &far)] {
+        assert_eq!(cluster.text(name).await, name);
+        assert_eq!(doc.text(), name);
+    }
+    drop((near, also, far));
+    x.shutdown().await;
+    cluster.stop().await;
+}

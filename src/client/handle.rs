@@ -865,6 +865,9 @@ enum Phase {
         rejected: bool,
     },
     Live,
+    /// Redirected to a node the client is connecting to (`OpenDoc::at` names the
+    /// connection being made, in `Links::making`): opened there once it is made.
+    Moving,
 }
 
 struct OpenDoc {
@@ -902,7 +905,16 @@ type At = Option<Arc<str>>;
 struct Links<C: Connector> {
     home: Conn<C>,
     away: BTreeMap<Arc<str>, Conn<C>>,
+    /// Connections to other nodes being made, by the key they will have in `away`:
+    /// the documents redirected there wait ([`Phase::Moving`]) while the client goes on
+    /// serving every other one. (Made inline, a node that accepts and never answers
+    /// held up every document of the client for [`ClientConfig::timeout`].)
+    making: BTreeMap<Arc<str>, Making<C>>,
 }
+
+/// A connection to another node being made: `Some` once made (handshake done), `None`
+/// if the node is the home one by another name.
+type Making<C> = Pin<Box<dyn Future<Output = Result<Option<Conn<C>>, Ended>> + Send>>;
 
 impl<C: Connector> Links<C> {
     fn get(&mut self, at: &At) -> Result<&mut Conn<C>, Ended> {
@@ -934,6 +946,56 @@ impl<C: Connector> Links<C> {
         }
         Ok(())
     }
+}
+
+/// A connection to another node, handshake done. A refusal of the token there stops the
+/// client as at home; any other failure is a lost connection.
+async fn connect_to<C: Connector>(
+    connector: &C,
+    client_id: u64,
+    addr: &str,
+    ws_url: &str,
+    token: &str,
+) -> Result<Conn<C>, Ended> {
+    let stream = connector
+        .connect_to(addr, ws_url)
+        .await
+        .map_err(|e| Ended::Lost(format!("{addr}: {e}")))?;
+    Connection::handshake(stream, client_id, token)
+        .await
+        .map_err(|e| match e {
+            super::connection::ClientError::Handshake {
+                code:
+                    code @ (ErrorCode::HandshakeRequired
+                    | ErrorCode::UnsupportedVersion
+                    | ErrorCode::InvalidToken
+                    | ErrorCode::TokenExpired),
+                message,
+            } => Ended::Failed(code, message),
+            other => Ended::Lost(format!("{addr}: {other}")),
+        })
+}
+
+/// The next connection to another node made or failed, with its key (never, with none
+/// being made).
+fn next_made<C: Connector>(
+    making: &mut BTreeMap<Arc<str>, Making<C>>,
+) -> impl Future<Output = (Arc<str>, Result<Option<Conn<C>>, Ended>)> + '_ {
+    std::future::poll_fn(move |cx| {
+        let ready = making
+            .iter_mut()
+            .find_map(|(key, made)| match made.as_mut().poll(cx) {
+                Poll::Ready(made) => Some((key.clone(), made)),
+                Poll::Pending => None,
+            });
+        match ready {
+            Some((key, made)) => {
+                making.remove(&key);
+                Poll::Ready((key, made))
+            }
+            None => Poll::Pending,
+        }
+    })
 }
 
 /// The next message from any of the connections to other nodes (never, with none).
@@ -1332,6 +1394,7 @@ impl<C: Connector> Driver<C> {
         let mut conn = Links {
             home,
             away: BTreeMap::new(),
+            making: BTreeMap::new(),
         };
         if self.client_id.load(Ordering::Acquire) != my_id {
             // The server gave this client its id: kept before anything is sent under it.
@@ -1394,6 +1457,9 @@ impl<C: Connector> Driver<C> {
                     }
                     Err(e) => Err(Ended::Lost(format!("{key}: {e}"))),
                 },
+                (key, made) = next_made::<C>(&mut conn.making) => {
+                    self.made(&mut conn, key, made)
+                }
                 _ = tokio::time::sleep_until(next_ping) => {
                     let now = Instant::now();
                     // A connection not heard from yet counts from the first tick it is seen.
@@ -1421,11 +1487,13 @@ impl<C: Connector> Driver<C> {
             if let Err(e) = conn.flush().await {
                 return e;
             }
-            // A connection to another node is kept while it carries a document.
-            if !conn.away.is_empty() {
+            // A connection to another node is kept (and one being made, made) while
+            // it carries a document.
+            if !conn.away.is_empty() || !conn.making.is_empty() {
                 let docs = &self.docs;
-                conn.away
-                    .retain(|key, _| docs.values().any(|d| d.at.as_ref() == Some(key)));
+                let carries = |key: &Arc<str>| docs.values().any(|d| d.at.as_ref() == Some(key));
+                conn.away.retain(|key, _| carries(key));
+                conn.making.retain(|key, _| carries(key));
                 away_heard.retain(|key, _| conn.away.contains_key(key));
             }
         }
@@ -1474,57 +1542,71 @@ impl<C: Connector> Driver<C> {
                 });
             }
         }
-        // The home node is reached over the home connection: a second connection with
-        // this client's id would replace it there (code 11). Resolving names is bounded
-        // by the connect timeout; a name that does not resolve in it is another node.
-        let home = tokio::time::timeout(
-            self.config.timeout,
-            self.connector.same_node(&addr, self.home_addr()),
-        )
-        .await
-        .unwrap_or(false);
-        let at: At = if home {
-            None
-        } else {
-            Some(Arc::from(format!("{addr} {ws_url}")))
-        };
-        if let Some(key) = &at {
-            if !conn.away.contains_key(key) {
-                let made = self.connect_to(conn.home.client_id, &addr, &ws_url).await?;
-                conn.away.insert(key.clone(), made);
-            }
+        let key: Arc<str> = Arc::from(format!("{addr} {ws_url}"));
+        if !conn.away.contains_key(&key) && !conn.making.contains_key(&key) {
+            let connector = self.connector.clone();
+            let home_addr = self.home_addr().to_owned();
+            let (client_id, token) = (conn.home.client_id, self.config.token.clone());
+            let timeout = self.config.timeout;
+            conn.making.insert(
+                key.clone(),
+                Box::pin(async move {
+                    // The home node is reached over the home connection: a second
+                    // connection with this client's id would replace it there (code
+                    // 11). Resolving names is bounded by the connect timeout; a name
+                    // that does not resolve in it is another node.
+                    let home =
+                        tokio::time::timeout(timeout, connector.same_node(&addr, &home_addr))
+                            .await
+                            .unwrap_or(false);
+                    if home {
+                        return Ok(None);
+                    }
+                    let connect = connect_to(&*connector, client_id, &addr, &ws_url, &token);
+                    match tokio::time::timeout(timeout, connect).await {
+                        Ok(made) => made.map(Some),
+                        Err(_) => Err(Ended::Lost(format!("connecting to {addr} timed out"))),
+                    }
+                }),
+            );
         }
-        self.docs.get_mut(name).expect("checked").at = at;
-        self.send_open(conn, name).map_err(Ended::Lost)
+        let doc = self.docs.get_mut(name).expect("checked");
+        doc.at = Some(key.clone());
+        if conn.away.contains_key(&key) {
+            return self.send_open(conn, name).map_err(Ended::Lost);
+        }
+        // Answers about it from the connection it left are not its any more (`at`).
+        doc.phase = Phase::Moving;
+        Ok(())
     }
 
-    /// A connection to another node, handshake done. A refusal of the token there stops
-    /// the client as at home; any other failure is a lost connection.
-    async fn connect_to(&self, client_id: u64, addr: &str, ws_url: &str) -> Result<Conn<C>, Ended> {
-        let connect = async {
-            let stream = self
-                .connector
-                .connect_to(addr, ws_url)
-                .await
-                .map_err(|e| Ended::Lost(format!("{addr}: {e}")))?;
-            Connection::handshake(stream, client_id, &self.config.token)
-                .await
-                .map_err(|e| match e {
-                    super::connection::ClientError::Handshake {
-                        code:
-                            code @ (ErrorCode::HandshakeRequired
-                            | ErrorCode::UnsupportedVersion
-                            | ErrorCode::InvalidToken
-                            | ErrorCode::TokenExpired),
-                        message,
-                    } => Ended::Failed(code, message),
-                    other => Ended::Lost(format!("{addr}: {other}")),
-                })
+    /// A connection to another node was made (`Some`), or found to be the home one
+    /// (`None`): the documents waiting for it are opened there. Failed, it ends every
+    /// connection, as the loss of one made does.
+    fn made(
+        &mut self,
+        conn: &mut Links<C>,
+        key: Arc<str>,
+        made: Result<Option<Conn<C>>, Ended>,
+    ) -> Result<(), Ended> {
+        let at: At = match made? {
+            Some(made) => {
+                conn.away.insert(key.clone(), made);
+                Some(key.clone())
+            }
+            None => None,
         };
-        match tokio::time::timeout(self.config.timeout, connect).await {
-            Ok(made) => made,
-            Err(_) => Err(Ended::Lost(format!("connecting to {addr} timed out"))),
+        let moving: Vec<String> = self
+            .docs
+            .iter()
+            .filter(|(_, d)| matches!(d.phase, Phase::Moving) && d.at.as_ref() == Some(&key))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in moving {
+            self.docs.get_mut(&name).expect("listed").at = at.clone();
+            self.send_open(conn, &name).map_err(Ended::Lost)?;
         }
+        Ok(())
     }
 
     fn send_open(&mut self, conn: &mut Links<C>, name: &str) -> Result<(), String> {
@@ -1596,9 +1678,13 @@ impl<C: Connector> Driver<C> {
             return Ok(());
         };
         if doc.closing && !lock(&doc.cell.state).doc.has_pending() {
-            let at = doc.at.clone();
+            // Moving: the node it left closed it (its `Redirect`), and the next one
+            // never had it.
+            let open_at = (!matches!(doc.phase, Phase::Moving)).then(|| doc.at.clone());
             self.forget(name);
-            conn.queue(&at, Message::Close { doc: name.into() })?;
+            if let Some(at) = open_at {
+                conn.queue(&at, Message::Close { doc: name.into() })?;
+            }
         }
         Ok(())
     }
@@ -1786,10 +1872,9 @@ impl<C: Connector> Driver<C> {
                 // While the document is (re)opened, its reply covers every op up to the
                 // version at subscription, and broadcasts after it are held until it
                 // is sent: a Remote now is an older one, queued before the `Open`.
-                let opening = self
-                    .docs
-                    .get(&doc)
-                    .is_some_and(|d| matches!(d.phase, Phase::Opening { .. } | Phase::Down));
+                let opening = self.docs.get(&doc).is_some_and(|d| {
+                    matches!(d.phase, Phase::Opening { .. } | Phase::Down | Phase::Moving)
+                });
                 if !opening {
                     self.sequenced(&doc, my_id, op)?;
                 }
