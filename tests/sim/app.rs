@@ -149,12 +149,18 @@ pub struct AppClient {
     pub client: Option<Client>,
     pub handle: Option<DocHandle>,
     events: Option<Events>,
+    /// Its document being opened again (see [`AppClient::reopen`]): the application's
+    /// own task, which the world does not wait for.
+    reopening: Option<Reopening>,
     seed: u64,
     /// Every edit (its token) and whether it must be in the final text exactly once
     /// (false: made before a restart of a client without a persistence directory).
     pub made: Vec<(String, bool)>,
     edits: u64,
 }
+
+type ReopenResult = Result<(DocHandle, Events), quire::client::ClientError>;
+type Reopening = tokio::task::JoinHandle<ReopenResult>;
 
 /// What the simulator learns from an application client after a step.
 pub struct Observed {
@@ -178,6 +184,7 @@ impl AppClient {
             client: None,
             handle: None,
             events: None,
+            reopening: None,
             seed,
             made: Vec::new(),
             edits: 0,
@@ -221,6 +228,9 @@ impl AppClient {
         if let Some(client) = &self.client {
             client.abort();
         }
+        if let Some(reopening) = self.reopening.take() {
+            reopening.abort();
+        }
         self.handle = None;
         self.events = None;
         self.client = None;
@@ -236,20 +246,60 @@ impl AppClient {
     /// The application closes its document (drops its handle and its events) and opens
     /// it again: the client closes it once its edits are acknowledged (offline with a
     /// persistence directory, at once: they are on disk), and the new handle has them
-    /// all, and sends new ones under ids not used before. `false`: not running.
-    pub async fn reopen(&mut self) -> Result<bool, String> {
+    /// all, and sends new ones under ids not used before. The open is the application's
+    /// own task: connected, it returns once the document is loaded from its server,
+    /// which may wait for a node that does not answer (up to the client's timeout); the
+    /// world goes on meanwhile, and [`AppClient::reopened`] installs the handle once it
+    /// is there. `false`: not running.
+    pub fn reopen(&mut self) -> bool {
         let Some(client) = &self.client else {
-            return Ok(false);
+            return false;
         };
+        if self.reopening.is_some() {
+            return false;
+        }
         self.handle = None;
         self.events = None;
-        let (handle, events) = client
-            .open_with_events(&self.doc)
-            .await
-            .map_err(|e| format!("{}: cannot open {} again: {e}", self.name, self.doc))?;
+        let (client, doc) = (client.clone(), self.doc.clone());
+        self.reopening = Some(tokio::spawn(
+            async move { client.open_with_events(&doc).await },
+        ));
+        true
+    }
+
+    /// Whether its document is open (`false`: being opened again); a reopen that ended
+    /// since is installed (its handle and events), or reported if it failed.
+    pub fn reopened(&mut self) -> Result<bool, String> {
+        match &self.reopening {
+            None => return Ok(true),
+            Some(reopening) if !reopening.is_finished() => return Ok(false),
+            Some(_) => {}
+        }
+        let reopening = self.reopening.take().expect("matched");
+        let joined = futures_util::FutureExt::now_or_never(reopening).expect("finished");
+        self.install(joined)?;
+        Ok(true)
+    }
+
+    /// Waits for a reopen to end (see [`AppClient::reopened`]).
+    pub async fn reopen_done(&mut self) -> Result<(), String> {
+        if let Some(reopening) = self.reopening.take() {
+            let joined = reopening.await;
+            self.install(joined)?;
+        }
+        Ok(())
+    }
+
+    fn install(
+        &mut self,
+        joined: Result<ReopenResult, tokio::task::JoinError>,
+    ) -> Result<(), String> {
+        let opened = joined.map_err(|e| format!("{}: its reopen task failed: {e}", self.name))?;
+        let (handle, events) =
+            opened.map_err(|e| format!("{}: cannot open {} again: {e}", self.name, self.doc))?;
         self.events = Some(events);
         self.handle = Some(handle);
-        Ok(true)
+        Ok(())
     }
 
     /// Its document was deleted: the application drops its copy (the process and its

@@ -151,6 +151,8 @@ struct Stats {
     drains: u64,
     store_faults: u64,
     app_restarts: u64,
+    /// An application client closed its document and opened it again.
+    app_reopens: u64,
     offline: u64,
     journal_checks: u64,
     /// A node was cut off from the store.
@@ -446,6 +448,9 @@ impl World {
     fn observe(&mut self) -> Result<(), Failure> {
         for a in 0..self.apps.len() {
             let doc = self.apps[a].doc.clone();
+            if let Err(e) = self.apps[a].reopened() {
+                return Err(self.fail(e));
+            }
             let Some(seen) = self.apps[a].observe() else {
                 continue;
             };
@@ -648,6 +653,16 @@ impl World {
             }
             78..=79 => self.drain(n).await,
             83 => self.delete_document(n).await?,
+            84 => {
+                // What it was told before its events go with its handle.
+                self.observe()?;
+                // The open runs on (a node it is redirected to may not answer for the
+                // client's timeout): `observe` installs the handle once it returns.
+                if self.apps[a].reopen() {
+                    self.stats.app_reopens += 1;
+                    self.say(|| format!("app{a} closes its document and opens it again"));
+                }
+            }
             // 3 in 100 toggle the cut (a long partition is rarer, as heal ends it).
             96..=98 => {
                 if let Some(r) = &self.nodes[n] {
@@ -1037,7 +1052,7 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
     let outcome = rt.block_on(world.run(steps));
     let s = &world.stats;
     let line = format!(
-        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses, {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} times offline, {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
+        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses, {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} reopens, {} times offline, {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
         world.apps.len(),
         world.docs.len(),
         world.elapsed,
@@ -1052,6 +1067,7 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
         s.store_faults,
         s.owner_changes,
         s.app_restarts,
+        s.app_reopens,
         s.offline,
         s.deletions,
         s.deletions_elsewhere,
