@@ -341,3 +341,72 @@ fn a_config_file_sets_what_flags_and_environment_do_not_and_logs_can_be_json() {
     .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// Sends `signal` to the server.
+fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
+#[test]
+fn a_client_gives_up_on_a_stopped_server_that_its_edits_no_longer_fit_into() {
+    // A guard against a hang (not a performance threshold).
+    const HANG: Duration = Duration::from_secs(60);
+    // Documents, and the characters each one's op inserts: more than the socket's
+    // buffers on both sides take while the server reads nothing (48 ops in flight, of
+    // 600,000 bytes each: 28.8 MB), and within the server's 64 ops in flight.
+    const DOCS: usize = 48;
+    const CHARS: usize = 600_000;
+    /// Kills the server however the test ends (a stopped one would stay).
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            stop_child(&mut self.0);
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, addr) = spawn_server(tmp.path());
+    let child = Killed(child);
+    let child = &child.0;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut config = ClientConfig::new(addr.to_string());
+        config.timeout = Duration::from_secs(3);
+        config.ping_interval = Duration::from_millis(500);
+        let client = Client::connect(config).await.unwrap();
+        client.wait_connected().await.unwrap();
+        let mut docs = Vec::new();
+        for n in 0..DOCS {
+            docs.push(client.open(&format!("big{n}")).await.unwrap());
+        }
+        let mut events = docs[0].events();
+        // The server stops (SIGSTOP: a frozen process or machine; its sockets stay open
+        // and take nothing more once their buffers are full).
+        signal(child, nix::sys::signal::Signal::SIGSTOP);
+        for doc in &docs {
+            doc.edit(&[Patch::new(0, 0, "x".repeat(CHARS))])
+                .await
+                .unwrap();
+        }
+        // The client notices within its timeout, though a write is stuck meanwhile.
+        tokio::time::timeout(HANG, connection_lost(&mut events))
+            .await
+            .expect("the client still thinks it is connected to a stopped server");
+        assert_ne!(client.state(), ConnectionState::Connected);
+
+        // The server goes on: every edit lands, once.
+        signal(child, nix::sys::signal::Signal::SIGCONT);
+        for doc in &docs {
+            tokio::time::timeout(HANG, doc.synced())
+                .await
+                .expect("synced after the server went on")
+                .unwrap();
+            assert_eq!(doc.text().len(), CHARS);
+        }
+        drop(docs);
+        client.shutdown().await;
+    });
+}

@@ -145,6 +145,36 @@ impl<T: Stream> Connection<T> {
         Ok(())
     }
 
+    /// As [`Connection::flush`], giving up (an error of kind `TimedOut`) once the peer
+    /// takes nothing for `stall`: a stopped server whose socket buffers are full would
+    /// otherwise hold the writer for ever. A slow one that takes something now and then
+    /// is waited for, however long all of it takes.
+    pub async fn flush_within(&mut self, stall: std::time::Duration) -> Result<(), ClientError> {
+        let stalled = || {
+            ClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the peer took nothing of what was sent for {stall:?}"),
+            ))
+        };
+        let mut sent = 0;
+        while sent < self.write_buf.len() {
+            match tokio::time::timeout(stall, self.stream.write(&self.write_buf[sent..])).await {
+                Ok(Ok(0)) => return Err(ClientError::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(Ok(n)) => sent += n,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(stalled()),
+            }
+        }
+        if sent > 0 {
+            self.write_buf.clear();
+            // Nothing for TCP; a stream that buffers (a WebSocket's messages) sends.
+            tokio::time::timeout(stall, self.stream.flush())
+                .await
+                .map_err(|_| stalled())??;
+        }
+        Ok(())
+    }
+
     pub async fn send(&mut self, message: Message) -> Result<u32, ClientError> {
         let id = self.queue(message)?;
         self.flush().await?;

@@ -934,13 +934,16 @@ impl<C: Connector> Links<C> {
             .map_err(|e| Ended::Lost(e.to_string()))
     }
 
-    async fn flush(&mut self) -> Result<(), Ended> {
+    /// Writes what is queued on every connection. A server that takes nothing of it for
+    /// `stall` is given up (a stopped one, whose socket buffers are full, would
+    /// otherwise hold the client here for ever, past its own silence checks).
+    async fn flush(&mut self, stall: Duration) -> Result<(), Ended> {
         self.home
-            .flush()
+            .flush_within(stall)
             .await
             .map_err(|e| Ended::Lost(e.to_string()))?;
         for (key, conn) in &mut self.away {
-            conn.flush()
+            conn.flush_within(stall)
                 .await
                 .map_err(|e| Ended::Lost(format!("{key}: {e}")))?;
         }
@@ -1414,7 +1417,7 @@ impl<C: Connector> Driver<C> {
                 return Ended::Lost(e);
             }
         }
-        if let Err(e) = conn.flush().await {
+        if let Err(e) = conn.flush(self.config.timeout).await {
             return e;
         }
         self.set_state(ConnectionState::Connected);
@@ -1484,7 +1487,7 @@ impl<C: Connector> Driver<C> {
             if let Err(ended) = result {
                 return ended;
             }
-            if let Err(e) = conn.flush().await {
+            if let Err(e) = conn.flush(self.config.timeout).await {
                 return e;
             }
             // A connection to another node is kept (and one being made, made) while
