@@ -562,6 +562,19 @@ struct HandleInner {
 
 impl Drop for HandleInner {
     fn drop(&mut self) {
+        // Its entry goes with it, unless a new handle of the document took the place
+        // already (opened after this one's last reference went): else a client that
+        // opens document after document would keep an entry for each one it ever had.
+        {
+            let mut handles = lock(&self.client.handles);
+            let name: &str = &self.cell.name;
+            if handles
+                .get(name)
+                .is_some_and(|h| std::ptr::eq(h.as_ptr(), self))
+            {
+                handles.remove(name);
+            }
+        }
         let _ = self.client.commands.send(Command::Close {
             name: self.cell.name.clone(),
             open_id: self.open_id,
@@ -2237,3 +2250,61 @@ const _: () = {
     send_sync::<Client>();
     send_sync::<DocHandle>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that is never reached: the client stays offline, and `open` returns at
+    /// once.
+    struct Nowhere;
+
+    impl Connector for Nowhere {
+        type Stream = tokio::io::DuplexStream;
+        async fn connect(&self) -> io::Result<Self::Stream> {
+            Err(io::ErrorKind::ConnectionRefused.into())
+        }
+    }
+
+    fn handles(client: &Client) -> usize {
+        lock(&client.shared.handles).len()
+    }
+
+    #[tokio::test]
+    async fn the_client_keeps_the_handles_of_open_documents_only() {
+        let client = Client::with_connector(ClientConfig::new("nowhere:1"), Nowhere)
+            .await
+            .unwrap();
+        // A client that opens document after document (a wiki's pages) keeps nothing of
+        // those it dropped.
+        for i in 0..100 {
+            let doc = client.open(&format!("page{i}")).await.unwrap();
+            assert_eq!(handles(&client), 1);
+            drop(doc);
+            assert_eq!(handles(&client), 0);
+        }
+        // One per document, while any of its handles lives.
+        let a = client.open("a").await.unwrap();
+        let again = client.open("a").await.unwrap();
+        assert_eq!(handles(&client), 1);
+        drop(a);
+        assert_eq!(handles(&client), 1);
+        drop(again);
+        assert_eq!(handles(&client), 0);
+        // An open refused (past the limit) leaves nothing either.
+        let mut open = Vec::new();
+        for i in 0..MAX_OPEN_DOCS {
+            open.push(client.open(&format!("doc{i}")).await.unwrap());
+        }
+        let refused = client.open("one-more").await;
+        assert!(
+            matches!(refused, Err(ClientError::TooManyOpen { .. })),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(handles(&client), MAX_OPEN_DOCS);
+        drop(open);
+        assert_eq!(handles(&client), 0);
+        client.shutdown().await;
+    }
+}
