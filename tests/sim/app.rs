@@ -152,6 +152,9 @@ pub struct AppClient {
     /// Its document being opened again (see [`AppClient::reopen`]): the application's
     /// own task, which the world does not wait for.
     reopening: Option<Reopening>,
+    /// A reopen was refused because the document was deleted (`Error`/`Reject` 32:
+    /// the client stops for good, and the application is to drop its copy).
+    pub told_deleted: bool,
     seed: u64,
     /// Every edit (its token) and whether it must be in the final text exactly once
     /// (false: made before a restart of a client without a persistence directory).
@@ -185,6 +188,7 @@ impl AppClient {
             handle: None,
             events: None,
             reopening: None,
+            told_deleted: false,
             seed,
             made: Vec::new(),
             edits: 0,
@@ -231,6 +235,7 @@ impl AppClient {
         if let Some(reopening) = self.reopening.take() {
             reopening.abort();
         }
+        self.told_deleted = false;
         self.handle = None;
         self.events = None;
         self.client = None;
@@ -295,6 +300,15 @@ impl AppClient {
         joined: Result<ReopenResult, tokio::task::JoinError>,
     ) -> Result<(), String> {
         let opened = joined.map_err(|e| format!("{}: its reopen task failed: {e}", self.name))?;
+        if let Err(quire::client::ClientError::Refused {
+            code: quire::protocol::message::ErrorCode::DocumentDeleted,
+            ..
+        }) = &opened
+        {
+            // Deleted while it was being opened again (its old ops were refused).
+            self.told_deleted = true;
+            return Ok(());
+        }
         let (handle, events) =
             opened.map_err(|e| format!("{}: cannot open {} again: {e}", self.name, self.doc))?;
         self.events = Some(events);

@@ -451,6 +451,12 @@ impl World {
             if let Err(e) = self.apps[a].reopened() {
                 return Err(self.fail(e));
             }
+            if self.apps[a].told_deleted && !self.stale.contains(&a) {
+                let name = self.apps[a].name.clone();
+                return Err(self.fail(format!(
+                    "{name} was told its document was deleted, which it was not"
+                )));
+            }
             let Some(seen) = self.apps[a].observe() else {
                 continue;
             };

@@ -664,6 +664,12 @@ impl Sim {
                 // waits for it.
                 if self.apps[i].reopen() {
                     match timeout(CLIENT_WAIT, self.apps[i].reopen_done()).await {
+                        // No document of an application client is deleted here.
+                        Ok(Ok(())) if self.apps[i].told_deleted => {
+                            return Err(self.fail(format!(
+                                "{name} was told its document was deleted, which it was not"
+                            )))
+                        }
                         Ok(Ok(())) => {
                             self.stats.app_reopens += 1;
                             self.say(|| format!("{name} closes its document and opens it again"));
