@@ -33,6 +33,7 @@ mod redirect;
 mod serve_binary;
 mod server;
 mod serving_core;
+mod session_panic;
 mod startup;
 mod store_model;
 mod trace_clients;
