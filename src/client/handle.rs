@@ -979,17 +979,27 @@ async fn connect_to<C: Connector>(
         .map_err(|e| Ended::Lost(format!("{addr}: {e}")))?;
     Connection::handshake(stream, client_id, token)
         .await
-        .map_err(|e| match e {
-            super::connection::ClientError::Handshake {
-                code:
-                    code @ (ErrorCode::HandshakeRequired
-                    | ErrorCode::UnsupportedVersion
-                    | ErrorCode::InvalidToken
-                    | ErrorCode::TokenExpired),
-                message,
-            } => Ended::Failed(code, message),
-            other => Ended::Lost(format!("{addr}: {other}")),
-        })
+        .map_err(|e| handshake_failed(e, Some(addr)))
+}
+
+/// Why a handshake failed: refused for its protocol version or its token, the client
+/// stops for good (it would be refused again each time); anything else is a lost
+/// connection (to the node at `addr`, if it is not the home one).
+fn handshake_failed(e: super::connection::ClientError, addr: Option<&str>) -> Ended {
+    match e {
+        super::connection::ClientError::Handshake {
+            code:
+                code @ (ErrorCode::HandshakeRequired
+                | ErrorCode::UnsupportedVersion
+                | ErrorCode::InvalidToken
+                | ErrorCode::TokenExpired),
+            message,
+        } => Ended::Failed(code, message),
+        other => Ended::Lost(match addr {
+            Some(addr) => format!("{addr}: {other}"),
+            None => other.to_string(),
+        }),
+    }
 }
 
 /// The next connection to another node made or failed, with its key (never, with none
@@ -1132,17 +1142,7 @@ impl<C: Connector> Driver<C> {
                     let stream = stream.map_err(|e| Ended::Lost(format!("{addr}: {e}")))?;
                     Connection::handshake(stream, client_id, &token)
                         .await
-                        .map_err(|e| match e {
-                            super::connection::ClientError::Handshake {
-                                code:
-                                    code @ (ErrorCode::HandshakeRequired
-                                    | ErrorCode::UnsupportedVersion
-                                    | ErrorCode::InvalidToken
-                                    | ErrorCode::TokenExpired),
-                                message,
-                            } => Ended::Failed(code, message),
-                            other => Ended::Lost(other.to_string()),
-                        })
+                        .map_err(|e| handshake_failed(e, None))
                 };
                 match self
                     .offline_until(tokio::time::timeout(timeout, connect))
