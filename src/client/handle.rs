@@ -195,10 +195,12 @@ pub struct ClientConfig {
     pub token: String,
     /// Where offline edits survive a restart of the application (none: in memory only).
     pub persist_dir: Option<PathBuf>,
-    /// A `Ping` is sent this often (below the server's idle deadline, 60 s by default).
+    /// A `Ping` is sent this often: below the server's idle deadline (60 s by default)
+    /// and below `timeout`, so that a connection that is well is heard from in time.
     pub ping_interval: Duration,
-    /// The connection is given up as dead when nothing arrived for this long (a ping
-    /// unanswered), or a connect and handshake take longer.
+    /// The connection is given up as dead once nothing arrived on it for this long (a
+    /// ping unanswered), then and not at a later ping; likewise a connection to
+    /// another node; and a connect and handshake that take longer.
     pub timeout: Duration,
     /// Reconnect delays: doubling from `backoff_min` up to `backoff_max`, each with
     /// random jitter (a half to the whole of it). The delay starts over at `backoff_min`
@@ -1451,6 +1453,19 @@ impl<C: Connector> Driver<C> {
                 }
             }
             let shutdown_at = self.shutdown.as_ref().map(|(_, d)| *d);
+            // A connection to another node counts as heard from when it is first seen
+            // here (made while this loop waited); gone ones are forgotten.
+            if !conn.away.is_empty() || !away_heard.is_empty() {
+                let now = Instant::now();
+                away_heard.retain(|key, _| conn.away.contains_key(key));
+                for key in conn.away.keys() {
+                    away_heard.entry(key.clone()).or_insert(now);
+                }
+            }
+            // Woken for the next ping, or when the connection heard from least recently
+            // has been silent for `timeout`, whichever comes first.
+            let least_heard = away_heard.values().fold(last_heard, |a, b| a.min(*b));
+            let wake = next_ping.min(least_heard + self.config.timeout);
             let result = tokio::select! {
                 biased;
                 cmd = self.commands.recv() => match cmd {
@@ -1476,16 +1491,18 @@ impl<C: Connector> Driver<C> {
                 (key, made) = next_made::<C>(&mut conn.making) => {
                     self.made(&mut conn, key, made)
                 }
-                _ = tokio::time::sleep_until(next_ping) => {
+                _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
-                    // A connection not heard from yet counts from the first tick it is seen.
-                    let silent_away = conn.away.keys().find(|key| {
-                        *away_heard.entry((*key).clone()).or_insert(now) + self.config.timeout <= now
-                    });
+                    let silent_away = away_heard
+                        .iter()
+                        .find(|(_, heard)| **heard + self.config.timeout <= now)
+                        .map(|(key, _)| key);
                     if last_heard + self.config.timeout <= now {
                         Err(Ended::Lost(format!("nothing heard from the server for {:?}", self.config.timeout)))
                     } else if let Some(key) = silent_away {
                         Err(Ended::Lost(format!("nothing heard from {key} for {:?}", self.config.timeout)))
+                    } else if now < next_ping {
+                        Ok(())
                     } else {
                         next_ping = Instant::now() + self.config.ping_interval;
                         // Every connection, so that no node times an idle one out.
@@ -2264,6 +2281,87 @@ mod tests {
         async fn connect(&self) -> io::Result<Self::Stream> {
             Err(io::ErrorKind::ConnectionRefused.into())
         }
+    }
+
+    /// A server that answers the handshake and then nothing: a stopped process, or a
+    /// network that drops every packet while the connection stays open.
+    struct Silent;
+
+    impl Connector for Silent {
+        type Stream = tokio::io::DuplexStream;
+        async fn connect(&self) -> io::Result<Self::Stream> {
+            let (client, server) = tokio::io::duplex(64 << 10);
+            tokio::spawn(welcome_then_nothing(server));
+            Ok(client)
+        }
+    }
+
+    async fn welcome_then_nothing(mut stream: tokio::io::DuplexStream) {
+        use crate::protocol::frame::FrameCodec;
+        use crate::protocol::message::Envelope;
+        use crate::protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_util::codec::{Decoder, Encoder};
+        let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME);
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(env)) if matches!(env.message, Message::Hello { .. }) => break,
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+                Err(e) => panic!("the client sent a bad frame: {e}"),
+            }
+        }
+        let welcome = Envelope {
+            request_id: 0,
+            message: Message::Welcome {
+                version: PROTOCOL_VERSION,
+                max_frame: DEFAULT_MAX_FRAME as u32,
+                client_id: 7,
+            },
+        };
+        let mut out = bytes::BytesMut::new();
+        codec.encode(&welcome, &mut out).unwrap();
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+        // Takes everything (pings too), answers nothing.
+        while stream.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {
+            buf.clear();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_server_is_given_up_once_the_timeout_has_passed_not_at_a_later_ping() {
+        let mut config = ClientConfig::new("silent:1");
+        config.ping_interval = Duration::from_secs(15);
+        config.timeout = Duration::from_secs(20);
+        config.seed = Some(1);
+        let timeout = config.timeout;
+        let client = Client::with_connector(config, Silent).await.unwrap();
+        client.wait_connected().await.unwrap();
+        let connected_at = Instant::now();
+        let mut state = client.shared.state.clone();
+        while *state.borrow_and_update() == ConnectionState::Connected {
+            state.changed().await.unwrap();
+        }
+        // Nothing was heard since the `Welcome`: given up `timeout` after it (the pings
+        // at 15 s and 30 s would make it 30 s).
+        let silent_for = connected_at.elapsed();
+        assert!(
+            silent_for >= timeout && silent_for < timeout + Duration::from_millis(1),
+            "given up after {silent_for:?} of silence, the timeout being {timeout:?}"
+        );
+        assert!(
+            matches!(client.state(), ConnectionState::Reconnecting { .. }),
+            "{:?}",
+            client.state()
+        );
+        drop(client);
     }
 
     fn handles(client: &Client) -> usize {
