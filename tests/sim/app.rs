@@ -23,6 +23,15 @@ use crate::net::{ClientEnd, LinkConfig, ServerEnd, Wire};
 /// The single server's address.
 pub const HOME: &str = "sim";
 
+/// How long an application client waits to hear from a server before it gives up the
+/// connection (`ClientConfig::timeout`; it pings at half of it).
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the world waits for an application client's open: one that waits for its
+/// server may wait the client's whole timeout (a silent network) before it goes on
+/// offline.
+pub const APP_WAIT: Duration = Duration::from_secs(40);
+
 /// How an application client reaches the server: the current server incarnation, if
 /// up, and if this client's network is up (in a cluster: each node's, by its address).
 #[derive(Clone)]
@@ -35,6 +44,11 @@ struct NetState {
     /// The address `connect` reaches (the client's first address).
     home: String,
     up: bool,
+    /// Silent: its connections stall (nothing arrives, no error), and a new one is not
+    /// answered (its connect waits) until the network speaks again.
+    silent: bool,
+    /// Woken when the network speaks again (the connects waiting).
+    speaks: Arc<tokio::sync::Notify>,
     rng: SplitMix,
     link: LinkConfig,
     wires: Vec<Wire>,
@@ -46,6 +60,8 @@ impl Net {
             servers: std::collections::BTreeMap::new(),
             home: HOME.to_owned(),
             up: true,
+            silent: false,
+            speaks: Arc::default(),
             rng: SplitMix(seed),
             link,
             wires: Vec::new(),
@@ -79,14 +95,53 @@ impl Net {
 
     /// The network goes down (and cuts), or comes back.
     pub fn set_up(&self, up: bool) {
-        self.0.lock().unwrap().up = up;
+        let speaks = {
+            let mut s = self.0.lock().unwrap();
+            s.up = up;
+            s.speaks.clone()
+        };
         if !up {
             self.cut();
+            // A connect waiting on a silent network fails now.
+            speaks.notify_waiters();
         }
     }
 
     pub fn is_up(&self) -> bool {
         self.0.lock().unwrap().up
+    }
+
+    /// The network goes silent: its connections stall, new ones get no answer (a
+    /// router that drops everything, with nobody told).
+    pub fn go_silent(&self) {
+        let mut s = self.0.lock().unwrap();
+        s.silent = true;
+        for w in &s.wires {
+            w.stall(true);
+        }
+    }
+
+    /// The network speaks again. `resume`: its connections go on (what they held
+    /// arrives); otherwise they stay silent for ever (a NAT that forgot them), and
+    /// only the ends' own deadlines close them. New connections are answered.
+    pub fn speak(&self, resume: bool) {
+        let mut s = self.0.lock().unwrap();
+        if !s.silent {
+            return;
+        }
+        s.silent = false;
+        if resume {
+            for w in &s.wires {
+                w.stall(false);
+            }
+        } else {
+            s.wires.clear();
+        }
+        s.speaks.notify_waiters();
+    }
+
+    pub fn is_silent(&self) -> bool {
+        self.0.lock().unwrap().silent
     }
 }
 
@@ -95,16 +150,32 @@ impl Connector for Net {
 
     async fn connect(&self) -> io::Result<ClientEnd> {
         let home = self.0.lock().unwrap().home.clone();
-        self.dial(&home)
+        self.dial(&home).await
     }
 
     async fn connect_to(&self, addr: &str, _ws_url: &str) -> io::Result<ClientEnd> {
-        self.dial(addr)
+        self.dial(addr).await
     }
 }
 
 impl Net {
-    fn dial(&self, addr: &str) -> io::Result<ClientEnd> {
+    /// A connection to `addr`; on a silent network, once it speaks again (the caller's
+    /// deadline is what ends the wait, as a connect's SYNs go unanswered).
+    async fn dial(&self, addr: &str) -> io::Result<ClientEnd> {
+        loop {
+            let speaks = self.0.lock().unwrap().speaks.clone();
+            let spoken = speaks.notified();
+            {
+                let s = self.0.lock().unwrap();
+                if !s.up {
+                    return Err(io::ErrorKind::NetworkUnreachable.into());
+                }
+                if !s.silent {
+                    break;
+                }
+            }
+            spoken.await;
+        }
         let mut s = self.0.lock().unwrap();
         if !s.up {
             return Err(io::ErrorKind::NetworkUnreachable.into());
@@ -204,7 +275,7 @@ impl AppClient {
         c.backoff_min = Duration::from_millis(50);
         c.backoff_max = Duration::from_secs(5);
         c.ping_interval = Duration::from_secs(15);
-        c.timeout = Duration::from_secs(30);
+        c.timeout = TIMEOUT;
         c.shutdown_timeout = Duration::from_secs(1);
         c
     }

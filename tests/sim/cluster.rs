@@ -4,7 +4,8 @@
 //! and application clients (the real client library, with every node's address) editing
 //! a few shared documents. All on one thread, in tokio's paused time, under one seed.
 //!
-//! Each step picks one action: a client edits, restarts, or loses its network; a node
+//! Each step picks one action: a client edits, restarts, loses its network, or its
+//! network goes silent (see `app::Net::go_silent`) or speaks again; a node
 //! crashes (its process and its disk gone), starts again (registering once its previous
 //! lease expired), pauses (its commits and keep-alives stop, as a SIGSTOP or a long
 //! stall stops them; its sessions still answer from memory) and resumes, or drains (as
@@ -154,6 +155,10 @@ struct Stats {
     /// An application client closed its document and opened it again.
     app_reopens: u64,
     offline: u64,
+    /// An application client's network went silent (see `app::Net::go_silent`).
+    silences: u64,
+    /// Of those, the silences that ended with their connections silent for ever.
+    black_holes: u64,
     journal_checks: u64,
     /// A node was cut off from the store.
     cuts: u64,
@@ -641,6 +646,15 @@ impl World {
                 }
                 self.say(|| format!("app{a} network {}", if up { "up" } else { "down" }));
             }
+            85 => {
+                if self.apps[a].net.is_silent() {
+                    self.end_silence(a);
+                } else {
+                    self.stats.silences += 1;
+                    self.say(|| format!("app{a}'s network goes silent"));
+                    self.apps[a].net.go_silent();
+                }
+            }
             65..=67 => self.crash(n).await,
             68..=74 => {
                 if self.nodes[n].is_none() && self.start_node(n)? {
@@ -907,8 +921,9 @@ impl World {
                 r.cut.store(false, Ordering::SeqCst);
             }
         }
-        for a in &self.apps {
-            a.net.set_up(true);
+        for a in 0..self.apps.len() {
+            self.apps[a].net.set_up(true);
+            self.end_silence(a);
         }
         let deadline = tokio::time::Instant::now() + SETTLE;
         loop {
@@ -964,6 +979,24 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// An application client's silent network speaks again: its connections go on, or
+    /// stay silent for ever (the client's and the nodes' deadlines must close them).
+    fn end_silence(&mut self, a: usize) {
+        if self.apps[a].net.is_silent() {
+            let resume = self.rng.below(2) == 0;
+            if !resume {
+                self.stats.black_holes += 1;
+            }
+            self.say(|| {
+                format!(
+                    "app{a}'s network speaks again; its connections {}",
+                    if resume { "go on" } else { "stay silent" }
+                )
+            });
+            self.apps[a].net.speak(resume);
+        }
     }
 
     /// Every client has nothing unacknowledged, and the clients of each document have
@@ -1058,7 +1091,7 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
     let outcome = rt.block_on(world.run(steps));
     let s = &world.stats;
     let line = format!(
-        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses, {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} reopens, {} times offline, {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
+        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses, {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
         world.apps.len(),
         world.docs.len(),
         world.elapsed,
@@ -1075,6 +1108,8 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
         s.app_restarts,
         s.app_reopens,
         s.offline,
+        s.silences,
+        s.black_holes,
         s.deletions,
         s.deletions_elsewhere,
         s.deletions_retry,

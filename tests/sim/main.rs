@@ -9,7 +9,8 @@
 //! drawn from the seed), and the server runs its long work inline (`Blocking::Inline`).
 //!
 //! Each step picks one action: a client edits (online or offline), reads what arrived,
-//! is cut off, reconnects, restarts (forgetting everything but its op counter, which
+//! is cut off, reconnects, an application client's network goes silent (`app::Net`:
+//! its connections stall, and go on or stay silent for ever when it speaks again), restarts (forgetting everything but its op counter, which
 //! some clients persist lazily and so reuse op ids), time passes, the disk starts
 //! failing its syncs, a snapshot or truncation pass runs, an administrator deletes a
 //! document (its clients must be told, and it starts again empty under its id; or, raced
@@ -87,6 +88,8 @@ const CLUSTER_CI_SEEDS: u64 = 400;
 const CLUSTER_STEPS: u64 = 400;
 /// Sim time a client waits for any one exchange before it gives up on the connection.
 const CLIENT_WAIT: Duration = Duration::from_secs(20);
+/// Sim time the end waits for every client to settle once the faults stop.
+const SETTLE: Duration = Duration::from_secs(60);
 
 /// Where a failing run stopped, and why.
 type Failure = String;
@@ -175,6 +178,10 @@ struct Stats {
     /// Application clients that closed their document and opened it again.
     app_reopens: u64,
     app_offline: u64,
+    /// Application clients whose network went silent (see [`app::Net::go_silent`]).
+    app_silences: u64,
+    /// Of those, the silences that ended with their connections silent for ever.
+    app_black_holes: u64,
     /// Application clients reloaded from a snapshot (their version was truncated).
     app_reloads: u64,
     /// Tokens of application clients not found whole at the end, on documents where a
@@ -648,7 +655,10 @@ impl Sim {
                     self.apps[i].net.set_up(false);
                 }
             }
-            75..=89 => self.apps[i].net.set_up(true),
+            75..=89 => {
+                self.apps[i].net.set_up(true);
+                self.end_silence(i);
+            }
             90..=94 => {
                 self.stats.app_restarts += 1;
                 self.say(|| format!("{name} is killed and started again"));
@@ -657,13 +667,20 @@ impl Sim {
                 self.apps[i].kill().await;
                 self.start_app(i).await?;
             }
+            96 => {
+                if !self.apps[i].net.is_silent() {
+                    self.stats.app_silences += 1;
+                    self.say(|| format!("{name}'s network goes silent"));
+                    self.apps[i].net.go_silent();
+                }
+            }
             95 => {
                 // What it was told before its events go with its handle.
                 self.observe_apps()?;
                 // With a single server, nothing holds an open up for long: the world
                 // waits for it.
                 if self.apps[i].reopen() {
-                    match timeout(CLIENT_WAIT, self.apps[i].reopen_done()).await {
+                    match timeout(app::APP_WAIT, self.apps[i].reopen_done()).await {
                         // No document of an application client is deleted here.
                         Ok(Ok(())) if self.apps[i].told_deleted => {
                             return Err(self.fail(format!(
@@ -687,8 +704,27 @@ impl Sim {
         Ok(())
     }
 
+    /// An application client's silent network speaks again: its connections go on, or
+    /// stay silent for ever (the client's and the server's deadlines must close them).
+    fn end_silence(&mut self, i: usize) {
+        if self.apps[i].net.is_silent() {
+            let resume = self.rng.below(2) == 0;
+            if !resume {
+                self.stats.app_black_holes += 1;
+            }
+            let name = &self.apps[i].name;
+            self.say(|| {
+                format!(
+                    "{name}'s network speaks again; its connections {}",
+                    if resume { "go on" } else { "stay silent" }
+                )
+            });
+            self.apps[i].net.speak(resume);
+        }
+    }
+
     async fn start_app(&mut self, i: usize) -> Result<(), Failure> {
-        match timeout(CLIENT_WAIT, self.apps[i].start()).await {
+        match timeout(app::APP_WAIT, self.apps[i].start()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.fail(e)),
             Err(_) => Err(self.fail(format!("{}: start hung", self.apps[i].name))),
@@ -1540,10 +1576,16 @@ impl Sim {
             self.crash().await?;
             self.start_server()?;
         }
-        for a in &self.apps {
-            a.net.set_up(true);
+        for i in 0..self.apps.len() {
+            self.apps[i].net.set_up(true);
+            self.end_silence(i);
         }
-        for round in 0..4_000 {
+        // Time enough for a client on a connection silent for ever to give it up
+        // (`app::TIMEOUT`) and come back.
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        let mut round = 0;
+        while tokio::time::Instant::now() < deadline {
+            round += 1;
             self.observe_apps()?;
             for i in 0..self.clients.len() {
                 if !self.clients[i].online || self.clients[i].synced.is_none() {
@@ -1648,7 +1690,7 @@ impl Sim {
             );
         }
         Err(self.fail(format!(
-            "the clients did not settle in 20 s of sim time:{state}"
+            "the clients did not settle in {SETTLE:?} of sim time:{state}"
         )))
     }
 
@@ -1831,7 +1873,7 @@ fn run_seed_keeping(
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks",
+        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks",
         sim.clients.len(),
         sim.docs.len(),
         sim.apps.len(),
@@ -1839,6 +1881,8 @@ fn run_seed_keeping(
         s.app_restarts,
         s.app_reopens,
         s.app_offline,
+        s.app_silences,
+        s.app_black_holes,
         s.app_reloads,
         s.tokens_moved_by_reloads,
         sim.elapsed,

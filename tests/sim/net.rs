@@ -7,7 +7,10 @@
 //! from tokio's paused clock, which turmoil would replace with its own. What is modelled:
 //! per connection, bytes arrive in order after a latency drawn per write (so messages on
 //! different connections overtake each other), writers wait while `capacity` bytes are
-//! unread, and a cut loses what is in flight and fails both ends.
+//! unread, a cut loses what is in flight and fails both ends, and a stall delivers
+//! nothing and fails nothing (a silent network: packets dropped, no reset), until it
+//! ends, when what was held arrives, or for ever (the ends learn of it only by their
+//! own deadlines).
 
 use std::collections::VecDeque;
 use std::io;
@@ -32,6 +35,9 @@ struct Pipe {
     closed: bool,
     /// Cut: both ends fail at once; what was queued is lost.
     reset: bool,
+    /// Stalled: nothing arrives, and neither end learns of anything the other does (its
+    /// close, its going away) until the stall ends.
+    stalled: bool,
     reader_gone: bool,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
@@ -69,6 +75,9 @@ impl Pipe {
         if self.reset {
             return Ready::Reset;
         }
+        if self.stalled {
+            return Ready::Wait(None);
+        }
         match self.queue.front() {
             Some((at, _)) if *at <= now => Ready::Data,
             Some((at, _)) => Ready::Wait(Some(*at)),
@@ -103,7 +112,7 @@ impl Pipe {
     }
 
     fn write(&mut self, buf: &[u8], cx: Option<&mut Context<'_>>) -> Poll<io::Result<usize>> {
-        if self.reset || self.reader_gone {
+        if self.reset || (self.reader_gone && !self.stalled) {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         if self.closed {
@@ -120,19 +129,41 @@ impl Pipe {
             };
         }
         let n = room.min(buf.len());
-        let span = self.max_latency_us - self.min_latency_us;
-        let latency = self.min_latency_us + self.rng.below(span + 1);
-        let mut at = Instant::now() + Duration::from_micros(latency);
-        // In order within a connection, as TCP delivers.
-        if let Some(last) = self.last_arrival {
-            at = at.max(last);
-        }
-        self.last_arrival = Some(at);
+        let at = self.arrival();
         self.queue
             .push_back((at, Bytes::copy_from_slice(&buf[..n])));
         self.unread += n;
         wake(&mut self.read_waker);
         Poll::Ready(Ok(n))
+    }
+
+    /// When a piece sent now arrives: after a latency drawn for it, and not before the
+    /// piece sent before it (in order within a connection, as TCP delivers).
+    fn arrival(&mut self) -> Instant {
+        let span = self.max_latency_us - self.min_latency_us;
+        let latency = self.min_latency_us + self.rng.below(span + 1);
+        let mut at = Instant::now() + Duration::from_micros(latency);
+        if let Some(last) = self.last_arrival {
+            at = at.max(last);
+        }
+        self.last_arrival = Some(at);
+        at
+    }
+
+    /// Stalls this direction, or ends its stall: what it held then arrives in order,
+    /// each piece after a latency from now, and each end learns what the other did
+    /// meanwhile (its reader gone: the writer's next write fails).
+    fn stall(&mut self, stalled: bool) {
+        let was = std::mem::replace(&mut self.stalled, stalled);
+        if was && !stalled {
+            self.last_arrival = None;
+            for i in 0..self.queue.len() {
+                let at = self.arrival();
+                self.queue[i].0 = at;
+            }
+            wake(&mut self.read_waker);
+            wake(&mut self.write_waker);
+        }
     }
 }
 
@@ -151,6 +182,7 @@ fn pipe(rng: &mut SplitMix, link: LinkConfig) -> Shared {
         unread: 0,
         closed: false,
         reset: false,
+        stalled: false,
         reader_gone: false,
         read_waker: None,
         write_waker: None,
@@ -184,6 +216,14 @@ impl Wire {
             },
             wire,
         )
+    }
+
+    /// Stalls both directions (nothing arrives, neither end is told anything), or ends
+    /// the stall (see [`Pipe::stall`]).
+    pub fn stall(&self, stalled: bool) {
+        for p in [&self.to_server, &self.to_client] {
+            lock(p).stall(stalled);
+        }
     }
 
     /// Cuts the connection: bytes in flight are lost, both ends get errors.
