@@ -49,9 +49,13 @@ struct NetState {
     silent: bool,
     /// Woken when the network speaks again (the connects waiting).
     speaks: Arc<tokio::sync::Notify>,
+    /// Servers whose process is stopped (SIGSTOP): their connections stall, and new
+    /// ones are made (the kernel completes them) but stall too.
+    frozen: std::collections::BTreeSet<String>,
     rng: SplitMix,
     link: LinkConfig,
-    wires: Vec<Wire>,
+    /// The open connections, by the address they were made to.
+    wires: Vec<(String, Wire)>,
 }
 
 impl Net {
@@ -62,6 +66,7 @@ impl Net {
             up: true,
             silent: false,
             speaks: Arc::default(),
+            frozen: std::collections::BTreeSet::new(),
             rng: SplitMix(seed),
             link,
             wires: Vec::new(),
@@ -88,7 +93,7 @@ impl Net {
 
     /// Cuts the open connection (bytes in flight are lost).
     pub fn cut(&self) {
-        for w in self.0.lock().unwrap().wires.drain(..) {
+        for (_, w) in self.0.lock().unwrap().wires.drain(..) {
             w.cut();
         }
     }
@@ -116,9 +121,19 @@ impl Net {
     pub fn go_silent(&self) {
         let mut s = self.0.lock().unwrap();
         s.silent = true;
-        for w in &s.wires {
-            w.stall(true);
+        s.restall();
+    }
+
+    /// The server at `addr` is stopped (`true`) or goes on: its connections stall, or
+    /// go on (unless this network is silent).
+    pub fn set_frozen(&self, addr: &str, frozen: bool) {
+        let mut s = self.0.lock().unwrap();
+        if frozen {
+            s.frozen.insert(addr.to_owned());
+        } else {
+            s.frozen.remove(addr);
         }
+        s.restall();
     }
 
     /// The network speaks again. `resume`: its connections go on (what they held
@@ -130,13 +145,10 @@ impl Net {
             return;
         }
         s.silent = false;
-        if resume {
-            for w in &s.wires {
-                w.stall(false);
-            }
-        } else {
+        if !resume {
             s.wires.clear();
         }
+        s.restall();
         s.speaks.notify_waiters();
     }
 
@@ -185,11 +197,23 @@ impl Net {
         };
         let link = s.link;
         let (server_end, client_end, wire) = Wire::new(&mut s.rng, link);
+        if s.frozen.contains(addr) {
+            wire.stall(true);
+        }
         if server.send(server_end).is_err() {
             return Err(io::ErrorKind::ConnectionRefused.into());
         }
-        s.wires.push(wire);
+        s.wires.push((addr.to_owned(), wire));
         Ok(client_end)
+    }
+}
+
+impl NetState {
+    /// Each connection stalled if this network is silent or its server stopped.
+    fn restall(&mut self) {
+        for (addr, w) in &self.wires {
+            w.stall(self.silent || self.frozen.contains(addr));
+        }
     }
 }
 

@@ -7,8 +7,9 @@
 //! Each step picks one action: a client edits, restarts, loses its network, or its
 //! network goes silent (see `app::Net::go_silent`) or speaks again; a node
 //! crashes (its process and its disk gone), starts again (registering once its previous
-//! lease expired), pauses (its commits and keep-alives stop, as a SIGSTOP or a long
-//! stall stops them; its sessions still answer from memory) and resumes, or drains (as
+//! lease expired), pauses (its commits and keep-alives stop, as a long stall stops them;
+//! its sessions still answer from memory) or stops whole (SIGSTOP: its connections stall
+//! too) and resumes, or drains (as
 //! at SIGTERM) and leaves; the store loses a txn's request or its response; time passes.
 //!
 //! After every step it checks that no two op ids were acknowledged at one seq of a
@@ -128,6 +129,9 @@ struct Running {
     server: Arc<Server<Seq>>,
     /// Its commits, keep-alives and disk stop while set (`Pause`).
     paused: Arc<AtomicBool>,
+    /// Paused as a stopped process (SIGSTOP): its connections stall as well, so its
+    /// sessions hear nothing and say nothing (see `app::Net::set_frozen`).
+    frozen: bool,
     /// Cut off from the store while set.
     cut: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
@@ -149,6 +153,8 @@ struct Stats {
     restarts: u64,
     refused_restarts: u64,
     pauses: u64,
+    /// Of the pauses, those of the whole process (its connections stalled).
+    freezes: u64,
     drains: u64,
     store_faults: u64,
     app_restarts: u64,
@@ -397,6 +403,7 @@ impl World {
             seq,
             server,
             paused,
+            frozen: false,
             cut,
             tasks,
         });
@@ -412,6 +419,8 @@ impl World {
         drop(running);
         for a in &self.apps {
             a.net.set_node(&addr(i), None);
+            // What its stalled connections held is gone with it; their ends learn it.
+            a.net.set_frozen(&addr(i), false);
         }
         for _ in 0..8 {
             tokio::task::yield_now().await;
@@ -662,13 +671,29 @@ impl World {
                 }
             }
             75..=77 => {
-                if let Some(r) = &self.nodes[n] {
+                if let Some(r) = &mut self.nodes[n] {
                     let paused = !r.paused.load(Ordering::SeqCst);
                     r.paused.store(paused, Ordering::SeqCst);
+                    // Half the pauses stop the whole process: its sessions too.
+                    let frozen = paused && self.rng.below(2) == 0;
+                    r.frozen = frozen;
+                    for a in &self.apps {
+                        a.net.set_frozen(&addr(n), frozen);
+                    }
                     if paused {
                         self.stats.pauses += 1;
+                        self.stats.freezes += u64::from(frozen);
                     }
-                    self.say(|| format!("n{n} {}", if paused { "paused" } else { "resumed" }));
+                    self.say(|| {
+                        format!(
+                            "n{n} {}",
+                            match (paused, frozen) {
+                                (true, true) => "stopped (its connections stall)",
+                                (true, false) => "paused",
+                                _ => "resumed",
+                            }
+                        )
+                    });
                 }
             }
             78..=79 => self.drain(n).await,
@@ -748,6 +773,10 @@ impl World {
             let Some(running) = &self.nodes[at] else {
                 return Ok(());
             };
+            if running.frozen {
+                // Its admin endpoint is stopped with it.
+                return Ok(());
+            }
             // Its queued journal writes first (as at a drain): the erasure waits for
             // them no longer than the handover's patience (none here).
             for _ in 0..64 {
@@ -916,9 +945,13 @@ impl World {
             self.apps[a].forget().await;
         }
         for i in 0..NODES {
-            if let Some(r) = &self.nodes[i] {
+            if let Some(r) = &mut self.nodes[i] {
                 r.paused.store(false, Ordering::SeqCst);
+                r.frozen = false;
                 r.cut.store(false, Ordering::SeqCst);
+                for a in &self.apps {
+                    a.net.set_frozen(&addr(i), false);
+                }
             }
         }
         for a in 0..self.apps.len() {
@@ -1091,7 +1124,7 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
     let outcome = rt.block_on(world.run(steps));
     let s = &world.stats;
     let line = format!(
-        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses, {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
+        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses ({} of the whole process), {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
         world.apps.len(),
         world.docs.len(),
         world.elapsed,
@@ -1101,6 +1134,7 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
         s.restarts,
         s.refused_restarts,
         s.pauses,
+        s.freezes,
         s.cuts,
         s.drains,
         s.store_faults,
