@@ -124,6 +124,19 @@ impl Net {
         s.restall();
     }
 
+    /// The machine of the server at `addr` is gone without a word (powered off, its
+    /// network lost): the connections to it stall for ever; only the client's deadline
+    /// ends them.
+    pub fn lose_node(&self, addr: &str) {
+        let mut s = self.0.lock().unwrap();
+        s.wires.retain(|(to, w)| {
+            if to == addr {
+                w.stall(true);
+            }
+            to != addr
+        });
+    }
+
     /// The server at `addr` is stopped (`true`) or goes on: its connections stall, or
     /// go on (unless this network is silent).
     pub fn set_frozen(&self, addr: &str, frozen: bool) {

@@ -150,6 +150,8 @@ struct Stats {
     edits: u64,
     acks: u64,
     crashes: u64,
+    /// Of the crashes, those whose connections fell silent for ever.
+    machines_lost: u64,
     restarts: u64,
     refused_restarts: u64,
     pauses: u64,
@@ -411,11 +413,26 @@ impl World {
         Ok(true)
     }
 
-    /// Node `i`'s process and disk are gone at once (SIGKILL, the machine lost).
+    /// Node `i`'s process and disk are gone at once (SIGKILL, the machine lost). Half
+    /// the time its machine is gone too: its connections fall silent for ever, and
+    /// its clients learn it only by their timeout (else its kernel closes them).
     async fn crash(&mut self, i: usize) {
+        let machine_lost = self.rng.below(2) == 0;
+        self.stop_node(i, machine_lost).await;
+    }
+
+    /// Node `i`'s process ends; with `machine_lost`, its connections fall silent for
+    /// ever, else they are closed.
+    async fn stop_node(&mut self, i: usize, machine_lost: bool) {
         let Some(running) = self.nodes[i].take() else {
             return;
         };
+        if machine_lost {
+            self.stats.machines_lost += 1;
+            for a in &self.apps {
+                a.net.lose_node(&addr(i));
+            }
+        }
         drop(running);
         for a in &self.apps {
             a.net.set_node(&addr(i), None);
@@ -426,7 +443,16 @@ impl World {
             tokio::task::yield_now().await;
         }
         self.stats.crashes += 1;
-        self.say(|| format!("n{i} crashed"));
+        self.say(|| {
+            format!(
+                "n{i} crashed{}",
+                if machine_lost {
+                    " with its machine (its connections fall silent)"
+                } else {
+                    ""
+                }
+            )
+        });
     }
 
     /// Node `i` drains (SIGTERM): hands its documents over, leaves, and stops.
@@ -454,7 +480,8 @@ impl World {
         running.seq.close();
         self.stats.drains += 1;
         self.say(|| format!("n{i} drained ({handed} documents handed over) and left"));
-        self.crash(i).await;
+        // An exit: its kernel closes its connections.
+        self.stop_node(i, false).await;
         self.stats.crashes -= 1;
     }
 
@@ -1124,13 +1151,14 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
     let outcome = rt.block_on(world.run(steps));
     let s = &world.stats;
     let line = format!(
-        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes, {} restarts ({} refused while the old lease lived), {} pauses ({} of the whole process), {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
+        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes ({} with their machine), {} restarts ({} refused while the old lease lived), {} pauses ({} of the whole process), {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
         world.apps.len(),
         world.docs.len(),
         world.elapsed,
         s.edits,
         s.acks,
         s.crashes,
+        s.machines_lost,
         s.restarts,
         s.refused_restarts,
         s.pauses,
