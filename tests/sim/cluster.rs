@@ -6,7 +6,8 @@
 //!
 //! Each step picks one action: a client edits, restarts, loses its network, or its
 //! network goes silent (see `app::Net::go_silent`) or speaks again; a node
-//! crashes (its process and its disk gone), starts again (registering once its previous
+//! crashes (its process and its disk gone; half the time its machine too, and its
+//! connections fall silent for ever), starts again (registering once its previous
 //! lease expired), pauses (its commits and keep-alives stop, as a long stall stops them;
 //! its sessions still answer from memory) or stops whole (SIGSTOP: its connections stall
 //! too) and resumes, or drains (as

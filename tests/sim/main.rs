@@ -9,7 +9,8 @@
 //! drawn from the seed), and the server runs its long work inline (`Blocking::Inline`).
 //!
 //! Each step picks one action: a client edits (online or offline), reads what arrived,
-//! is cut off, reconnects, an application client's network goes silent (`app::Net`:
+//! is cut off, falls asleep (its connection stalled) and wakes, reconnects, an
+//! application client's network goes silent (`app::Net`:
 //! its connections stall, and go on or stay silent for ever when it speaks again), restarts (forgetting everything but its op counter, which
 //! some clients persist lazily and so reuse op ids), time passes, the disk starts
 //! failing its syncs, a snapshot or truncation pass runs, an administrator deletes a
@@ -137,6 +138,9 @@ struct Client {
     /// so (`Error` 32), or before it connects again (an application that heard of the
     /// deletion otherwise: protocol.md, "Deleted documents", on clients offline then).
     must_reopen: bool,
+    /// Asleep (a laptop's lid closed): it does nothing, and its connection is stalled
+    /// (nothing arrives either way, nobody is told) until it wakes.
+    asleep: bool,
 }
 
 impl Client {
@@ -160,6 +164,10 @@ struct Stats {
     sync_failures: u64,
     disk_full: u64,
     cuts: u64,
+    /// Protocol-level clients that fell asleep with their connection stalled.
+    sleeps: u64,
+    /// Of those, the ones that woke to a connection silent for ever.
+    sleeps_black_holed: u64,
     client_restarts: u64,
     reloads: u64,
     reused_refused: u64,
@@ -311,6 +319,7 @@ impl Sim {
                 },
                 generation: 0,
                 must_reopen: false,
+                asleep: false,
             })
             .collect();
         let n_apps = 2 + rng.below(5) as usize;
@@ -704,6 +713,35 @@ impl Sim {
         Ok(())
     }
 
+    /// Client `i` wakes: its connection goes on (what it held arrives, the server's
+    /// closing included), or it is found dead without a word to the server (the
+    /// server's deadlines must close its end), and the client reconnects.
+    fn wake(&mut self, i: usize) {
+        let resume = self.rng.below(2) == 0;
+        let c = &mut self.clients[i];
+        c.asleep = false;
+        let id = c.id;
+        if resume {
+            if let Some(wire) = &c.wire {
+                wire.stall(false);
+            }
+        } else if c.wire.take().is_some() {
+            // Not cut: the server's end hears nothing of it.
+            c.online = false;
+            self.stats.sleeps_black_holed += 1;
+        }
+        self.say(|| {
+            format!(
+                "client {id} wakes; its connection {}",
+                if resume {
+                    "goes on"
+                } else {
+                    "is dead, silently"
+                }
+            )
+        });
+    }
+
     /// An application client's silent network speaks again: its connections go on, or
     /// stay silent for ever (the client's and the server's deadlines must close them).
     fn end_silence(&mut self, i: usize) {
@@ -793,6 +831,9 @@ impl Sim {
         let Some(incarnation) = &self.server else {
             return Ok(());
         };
+        if self.clients[i].asleep {
+            return Ok(());
+        }
         let (server_end, client_end, wire) = Wire::new(&mut self.rng, self.link);
         if incarnation.connect.send(server_end).is_err() {
             return Ok(());
@@ -858,6 +899,9 @@ impl Sim {
     }
 
     async fn edit(&mut self, i: usize) -> Result<(), Failure> {
+        if self.clients[i].asleep {
+            return Ok(());
+        }
         let Some(len) = self.clients[i].synced.as_ref().map(|s| s.doc.len_chars()) else {
             return Ok(());
         };
@@ -880,7 +924,7 @@ impl Sim {
     }
 
     async fn poll(&mut self, i: usize) -> Result<(), Failure> {
-        if !self.clients[i].online {
+        if !self.clients[i].online || self.clients[i].asleep {
             return Ok(());
         }
         let Some(synced) = self.clients[i].synced.as_mut() else {
@@ -1025,6 +1069,7 @@ impl Sim {
                 // The client's process restarts: all but its stored counter is gone.
                 self.stats.client_restarts += 1;
                 let c = &mut self.clients[i];
+                c.asleep = false;
                 if let Some(wire) = c.wire.take() {
                     wire.cut();
                 }
@@ -1077,7 +1122,7 @@ impl Sim {
                 self.check_durable().await?;
             }
             875..=876 => {
-                let online = self.clients[i].online;
+                let online = self.clients[i].online && !self.clients[i].asleep;
                 if let Some(synced) = self.clients[i].synced.as_mut() {
                     if online {
                         let len = synced.doc.len_chars() as u64;
@@ -1101,6 +1146,19 @@ impl Sim {
                 }
             }
             900 => self.delete_document(true).await?,
+            901..=910 => {
+                if self.clients[i].asleep {
+                    self.wake(i);
+                } else if self.clients[i].online {
+                    if let Some(wire) = &self.clients[i].wire {
+                        wire.stall(true);
+                        self.clients[i].asleep = true;
+                        self.stats.sleeps += 1;
+                        let id = self.clients[i].id;
+                        self.say(|| format!("client {id} falls asleep (its connection stalls)"));
+                    }
+                }
+            }
             _ => {
                 // Every client reads what arrived.
                 for i in 0..n {
@@ -1580,6 +1638,11 @@ impl Sim {
             self.apps[i].net.set_up(true);
             self.end_silence(i);
         }
+        for i in 0..self.clients.len() {
+            if self.clients[i].asleep {
+                self.wake(i);
+            }
+        }
         // Time enough for a client on a connection silent for ever to give it up
         // (`app::TIMEOUT`) and come back.
         let deadline = tokio::time::Instant::now() + SETTLE;
@@ -1873,7 +1936,7 @@ fn run_seed_keeping(
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks",
+        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} clients asleep ({} woke to a dead connection), {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks",
         sim.clients.len(),
         sim.docs.len(),
         sim.apps.len(),
@@ -1894,6 +1957,8 @@ fn run_seed_keeping(
         s.sync_failures,
         s.disk_full,
         s.cuts,
+        s.sleeps,
+        s.sleeps_black_holed,
         s.client_restarts,
         s.reloads,
         s.reused_refused,
