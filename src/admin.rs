@@ -810,6 +810,11 @@ fn gather<S: Sequencer>(admin: &Admin<S>) -> Vec<MetricFamily> {
         server.connected_clients() as f64,
     ));
     families.push(gauge(
+        "quire_open_connections",
+        "Connections being served (handshakes and sessions closing included), of --max-connections.",
+        server.open_connections() as f64,
+    ));
+    families.push(gauge(
         "quire_open_documents",
         "Documents held open in memory.",
         server.open_documents() as f64,

@@ -129,6 +129,7 @@ async fn metrics_are_prometheus_text_and_move_when_ops_are_sent() {
         "quire_segments_truncated_total",
         "quire_recovery_seconds",
         "quire_connected_clients",
+        "quire_open_connections",
         "quire_open_documents",
         "quire_presence_in_total",
         "quire_presence_out_total",
@@ -169,6 +170,7 @@ async fn metrics_are_prometheus_text_and_move_when_ops_are_sent() {
     assert!(during["quire_log_records_written_total"] >= 5.0);
     assert!(during["quire_log_bytes_written_total"] > before["quire_log_bytes_written_total"]);
     assert_eq!(during["quire_connected_clients"], 2.0);
+    assert_eq!(during["quire_open_connections"], 2.0);
     assert_eq!(during["quire_open_documents"], 1.0);
     assert!(during["quire_disk_used_bytes"] > 0.0);
 

@@ -190,6 +190,9 @@ pub struct Server<S> {
     /// The live session of each client id: a second connection with the same id
     /// replaces the first (code 11), so two never act as one client at once.
     clients: Mutex<HashMap<u64, outbox::Outbox>>,
+    /// A permit per connection being served ([`ServerConfig::max_connections`]), held
+    /// from its accept until its session and writer are done.
+    connections: Arc<Semaphore>,
     /// Bytes of large frames being received, server-wide ([`ServerConfig::large_frame_budget`]).
     large_frames: Arc<Semaphore>,
     /// Bytes of ops sequenced and not yet durable ([`ServerConfig::unsynced_bytes`]).
@@ -228,6 +231,7 @@ impl<S: Sequencer> Server<S> {
         let metrics = Arc::new(metrics::Metrics::new(config.metrics));
         Arc::new(Server {
             sequencer,
+            connections: Arc::new(Semaphore::new(config.max_connections)),
             large_frames: Arc::new(Semaphore::new(config.large_frame_budget)),
             unsynced: Arc::new(Semaphore::new(config.unsynced_bytes)),
             config,
@@ -485,6 +489,12 @@ impl<S: Sequencer> Server<S> {
         self.config.large_frame_budget - self.large_frames.available_permits()
     }
 
+    /// Connections being served now: from their accept until their session and its
+    /// writer are done (the handshake, and a replaced or closing session, included).
+    pub fn open_connections(&self) -> usize {
+        self.config.max_connections - self.connections.available_permits()
+    }
+
     /// Client ids with a live session now.
     pub fn connected_clients(&self) -> usize {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -523,7 +533,7 @@ impl<S: Sequencer> Server<S> {
         mut listener: L,
         stop: impl std::future::Future<Output = ()>,
     ) -> usize {
-        let limit = Arc::new(Semaphore::new(self.config.max_connections));
+        let limit = self.connections.clone();
         let refusals = Arc::new(Semaphore::new(session::MAX_REFUSALS_LINGERING));
         let mut deliverer =
             session::AbortOnDrop(tokio::spawn(self.durable.clone().run(self.clone())));
