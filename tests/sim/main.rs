@@ -1728,7 +1728,7 @@ impl Sim {
                     }
                 }
                 self.say(|| format!("settled after {round} rounds"));
-                return Ok(());
+                return self.check_connections_closed().await;
             }
         }
         let mut state = String::new();
@@ -1755,6 +1755,27 @@ impl Sim {
         Err(self.fail(format!(
             "the clients did not settle in {SETTLE:?} of sim time:{state}"
         )))
+    }
+
+    /// With the faults over, every connection nobody holds any more (cut, found dead,
+    /// its client asleep, restarted or gone quiet) is closed by the server's own
+    /// deadlines (handshake, idle, write): once they have passed, what is open are the
+    /// application clients' connections, which they keep alive with pings.
+    async fn check_connections_closed(&mut self) -> Result<(), Failure> {
+        let config = &self.server_config;
+        let deadlines = config.handshake_timeout + config.idle_timeout + config.write_timeout;
+        tokio::time::sleep(deadlines + Duration::from_secs(1)).await;
+        let inc = self.server.as_ref().expect("settled");
+        let open = inc.server.open_connections();
+        let held = self.apps.iter().filter(|a| a.client.is_some()).count();
+        self.say(|| format!("{open} connections open {deadlines:?} after settling"));
+        if open != held {
+            return Err(self.fail(format!(
+                "{open} connections are open {deadlines:?} after the clients settled; \
+                 the application clients hold {held}, and nobody else any"
+            )));
+        }
+        Ok(())
     }
 
     async fn run(&mut self, steps: u64) -> Result<(), Failure> {
