@@ -165,6 +165,15 @@ impl Net {
         s.speaks.notify_waiters();
     }
 
+    /// Connections to `addr` this client holds (made, not dropped, not cut).
+    pub fn held(&self, addr: &str) -> usize {
+        let s = self.0.lock().unwrap();
+        s.wires
+            .iter()
+            .filter(|(to, w)| to == addr && w.client_holds())
+            .count()
+    }
+
     pub fn is_silent(&self) -> bool {
         self.0.lock().unwrap().silent
     }

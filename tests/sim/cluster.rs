@@ -937,6 +937,7 @@ impl World {
 
     async fn run(&mut self, steps: u64) -> Result<(), Failure> {
         START.with(|s| s.set(Some(tokio::time::Instant::now())));
+        QUIET.with(|q| q.set(false));
         let clock = tokio::spawn(store_clock(self.store.clone()));
         let outcome = self.run_steps(steps).await;
         clock.abort();
@@ -1039,6 +1040,32 @@ impl World {
                     .map_err(|e| self.fail(e))?;
             }
         }
+        self.check_connections_closed().await
+    }
+
+    /// Once the nodes' handshake, idle and write deadlines have passed (and the
+    /// clients' timeout), each node serves just the connections the clients hold
+    /// (they ping them): every one left silently (found dead, its node stopped, its
+    /// client restarted or moved on) was closed.
+    async fn check_connections_closed(&mut self) -> Result<(), Failure> {
+        let config = &self.server_config;
+        let deadlines = config.handshake_timeout + config.idle_timeout + config.write_timeout;
+        QUIET.with(|q| q.set(true));
+        tokio::time::sleep(deadlines + Duration::from_secs(1)).await;
+        for n in 0..NODES {
+            let Some(running) = &self.nodes[n] else {
+                continue;
+            };
+            let open = running.server.open_connections();
+            let held: usize = self.apps.iter().map(|a| a.net.held(&addr(n))).sum();
+            self.say(|| format!("n{n} serves {open} connections; the clients hold {held}"));
+            if open != held {
+                return Err(self.fail(format!(
+                    "n{n} serves {open} connections {deadlines:?} after the clients \
+                     settled; they hold {held} to it"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -1094,7 +1121,12 @@ async fn drive(seq: Arc<Seq>, paused: Arc<AtomicBool>, renew_every: Duration, mu
     let (mut next_renew, mut next_rebalance) =
         (start + renew_every, start + Duration::from_secs(1));
     loop {
-        tokio::time::sleep(Duration::from_micros(200 + rng.below(3_000))).await;
+        let pause = if QUIET.with(|q| q.get()) {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_micros(200 + rng.below(3_000))
+        };
+        tokio::time::sleep(pause).await;
         if paused.load(Ordering::SeqCst) {
             continue;
         }
@@ -1130,6 +1162,10 @@ async fn store_clock(store: Arc<MemStore>) {
 }
 
 thread_local! {
+    /// Set for the quiet wait at the end (nothing is edited; pings still go on): the
+    /// nodes' drive tasks step every 100 ms, not every few, which would be most of the
+    /// run's time.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// When the run began, in simulated time.
     static START: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
 }

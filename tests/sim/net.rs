@@ -226,6 +226,13 @@ impl Wire {
         }
     }
 
+    /// Whether the client still holds its end (it has not dropped it, and the wire was
+    /// not cut).
+    pub fn client_holds(&self) -> bool {
+        let p = lock(&self.to_client);
+        !p.reader_gone && !p.reset
+    }
+
     /// Cuts the connection: bytes in flight are lost, both ends get errors.
     pub fn cut(&self) {
         for p in [&self.to_server, &self.to_client] {
