@@ -10,15 +10,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use common::wrapped::{Rules, Wrapped};
 use common::{next_reply, store_config};
 use quire::client::connection::Connection;
-use quire::op::{OpId, Patch, SequencedOp};
+use quire::op::{OpId, Patch};
 use quire::protocol::message::{ErrorCode, Message, Selection};
 use quire::sequencer::local::LocalSequencer;
-use quire::sequencer::{
-    DocSummary, DocView, Owner, ReadAtError, Route, RouteError, Sequencer, StorageStats,
-    SubmitError, SubmitOp, Submitted, Ticket,
-};
+use quire::sequencer::{Owner, Route, RouteError, Sequencer, SubmitError, SubmitOp, Submitted};
 use quire::server::{Server, ServerConfig};
 use tokio::sync::{oneshot, watch};
 
@@ -85,11 +83,10 @@ impl Table {
 /// [`SubmitError::Moved`]. Test-only code.
 struct Routed {
     me: usize,
-    inner: Arc<LocalSequencer>,
     table: Arc<Table>,
 }
 
-impl Sequencer for Routed {
+impl Rules for Routed {
     async fn route(&self, doc_id: &str) -> Result<Route, RouteError> {
         let mut changed = self.table.changed.subscribe();
         loop {
@@ -111,7 +108,12 @@ impl Sequencer for Routed {
         }
     }
 
-    fn submit(&self, doc_id: &str, op: &SubmitOp) -> Result<Submitted, SubmitError> {
+    fn submit(
+        &self,
+        store: &LocalSequencer,
+        doc_id: &str,
+        op: &SubmitOp,
+    ) -> Result<Submitted, SubmitError> {
         // Held across the check and the submit: a switch waits for a submit that passed
         // the check, and none passes after it.
         let owners = self.table.owners.read().unwrap();
@@ -120,64 +122,21 @@ impl Sequencer for Routed {
             ready: true,
         });
         match owned {
-            Owned::By { node, .. } if node == self.me => self.inner.submit(doc_id, op),
+            Owned::By { node, .. } if node == self.me => store.submit(doc_id, op),
             Owned::By { node, .. } => Err(SubmitError::Moved(self.table.owner(node))),
             Owned::PingPong => Err(SubmitError::Moved(self.table.owner(1 - self.me))),
             Owned::Nobody => Err(SubmitError::Storage(Arc::from("no owner"))),
         }
     }
 
-    fn storage_stats(&self) -> StorageStats {
-        self.inner.storage_stats()
-    }
-    fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary> {
-        self.inner.list_documents(after, limit)
-    }
-    fn read_at(&self, doc_id: &str, seq: u64) -> Result<Option<DocView>, ReadAtError> {
-        self.inner.read_at(doc_id, seq)
-    }
-    fn applied(
-        &self,
-        doc_id: &str,
-        op_id: OpId,
-        fingerprint: u64,
-    ) -> Option<Result<Submitted, SubmitError>> {
-        self.inner.applied(doc_id, op_id, fingerprint)
-    }
-    fn assign_client_id(&self) -> Result<u64, Arc<str>> {
-        self.inner.assign_client_id()
-    }
-    fn version(&self, doc_id: &str) -> u64 {
-        self.inner.version(doc_id)
-    }
-    fn wait_durable(
-        &self,
-        ticket: Ticket,
-    ) -> impl std::future::Future<Output = Result<(), Arc<str>>> + Send {
-        self.inner.wait_durable(ticket)
-    }
-    fn read_now(
-        &self,
-        doc_id: &str,
-        reader: Option<u64>,
-    ) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
-        self.table.read(doc_id)?;
-        self.inner.read_now(doc_id, reader)
-    }
-    fn ops_after(
-        &self,
-        doc_id: &str,
-        after_seq: u64,
-        limit: usize,
-    ) -> Result<Option<Vec<SequencedOp>>, Arc<str>> {
-        self.table.read(doc_id)?;
-        self.inner.ops_after(doc_id, after_seq, limit)
+    fn before_read(&self, doc_id: &str) -> Result<(), Arc<str>> {
+        self.table.read(doc_id)
     }
 }
 
 struct Node {
     addr: SocketAddr,
-    server: Arc<Server<Routed>>,
+    server: Arc<Server<Wrapped<Routed>>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<usize>,
 }
@@ -212,10 +171,12 @@ impl Cluster {
                 // Not served by these nodes: what a Redirect carries for WebSockets.
                 ws_url: format!("ws://node{me}.test:7421/ws").into(),
             });
-            let routed = Routed {
-                me,
-                inner: store.clone(),
-                table: table.clone(),
+            let routed = Wrapped {
+                store: store.clone(),
+                rules: Routed {
+                    me,
+                    table: table.clone(),
+                },
             };
             let server = Server::new(Arc::new(routed), ServerConfig::default());
             let (tx, rx) = oneshot::channel();

@@ -7,15 +7,13 @@ use crate::common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::wrapped::{Rules, Wrapped};
 use common::{next_reply, store_config};
 use quire::client::connection::Connection;
-use quire::op::{OpId, Patch, SequencedOp};
+use quire::op::Patch;
 use quire::protocol::message::Message;
 use quire::sequencer::local::LocalSequencer;
-use quire::sequencer::{
-    DocSummary, DocView, ReadAtError, Sequencer, StorageStats, SubmitError, SubmitOp, Submitted,
-    Ticket,
-};
+use quire::sequencer::{Sequencer, SubmitError, SubmitOp, Submitted};
 use quire::server::{Server, ServerConfig};
 
 /// A guard against a hang (not a performance threshold).
@@ -26,58 +24,19 @@ const BOOM: &str = "boom";
 
 /// The real [`LocalSequencer`], except that a submit to [`BOOM`] panics before it
 /// reaches it. Test-only code.
-struct Panicking(Arc<LocalSequencer>);
+struct Panicking;
 
-impl Sequencer for Panicking {
-    fn submit(&self, doc_id: &str, op: &SubmitOp) -> Result<Submitted, SubmitError> {
+impl Rules for Panicking {
+    fn submit(
+        &self,
+        store: &LocalSequencer,
+        doc_id: &str,
+        op: &SubmitOp,
+    ) -> Result<Submitted, SubmitError> {
         if doc_id == BOOM {
             panic!("a submit to {BOOM:?} (this test's injected bug)");
         }
-        self.0.submit(doc_id, op)
-    }
-    fn storage_stats(&self) -> StorageStats {
-        self.0.storage_stats()
-    }
-    fn list_documents(&self, after: Option<&str>, limit: usize) -> Vec<DocSummary> {
-        self.0.list_documents(after, limit)
-    }
-    fn read_at(&self, doc_id: &str, seq: u64) -> Result<Option<DocView>, ReadAtError> {
-        self.0.read_at(doc_id, seq)
-    }
-    fn applied(
-        &self,
-        doc_id: &str,
-        op_id: OpId,
-        fingerprint: u64,
-    ) -> Option<Result<Submitted, SubmitError>> {
-        self.0.applied(doc_id, op_id, fingerprint)
-    }
-    fn assign_client_id(&self) -> Result<u64, Arc<str>> {
-        self.0.assign_client_id()
-    }
-    fn version(&self, doc_id: &str) -> u64 {
-        self.0.version(doc_id)
-    }
-    fn wait_durable(
-        &self,
-        ticket: Ticket,
-    ) -> impl std::future::Future<Output = Result<(), Arc<str>>> + Send {
-        self.0.wait_durable(ticket)
-    }
-    fn read_now(
-        &self,
-        doc_id: &str,
-        reader: Option<u64>,
-    ) -> Result<Option<(DocView, Ticket)>, Arc<str>> {
-        self.0.read_now(doc_id, reader)
-    }
-    fn ops_after(
-        &self,
-        doc_id: &str,
-        after_seq: u64,
-        limit: usize,
-    ) -> Result<Option<Vec<SequencedOp>>, Arc<str>> {
-        self.0.ops_after(doc_id, after_seq, limit)
+        store.submit(doc_id, op)
     }
 }
 
@@ -122,7 +81,13 @@ async fn a_session_that_panics_closes_its_connection_and_every_other_one_is_serv
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = LocalSequencer::open(dir.path(), store_config()).unwrap();
     let store = Arc::new(store);
-    let server = Server::new(Arc::new(Panicking(store.clone())), ServerConfig::default());
+    let server = Server::new(
+        Arc::new(Wrapped {
+            store: store.clone(),
+            rules: Panicking,
+        }),
+        ServerConfig::default(),
+    );
     let listener = quire::server::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();

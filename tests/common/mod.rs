@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests that run a server over TCP.
 #![allow(dead_code)]
 
+pub mod wrapped;
+
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
