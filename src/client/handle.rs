@@ -1107,11 +1107,14 @@ struct Driver<C: Connector> {
 type Conn<C> = Connection<<C as Connector>::Stream>;
 
 impl<C: Connector> Driver<C> {
+    /// The state first, then the events: an application that hears of a change and
+    /// asks [`Client::state`] finds it (the other order let a task on another thread
+    /// read the old state after the event).
     fn set_state(&mut self, state: ConnectionState) {
+        self.state.send_replace(state.clone());
         for doc in self.docs.values() {
             lock(&doc.cell.state).emit(Event::Connection(state.clone()));
         }
-        self.state.send_replace(state);
     }
 
     /// The home node's address (see [`ClientConfig::fallback_addrs`]).
