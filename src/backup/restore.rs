@@ -13,14 +13,17 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use super::client::sync_dir;
 use super::{hex, io_at, BackupError, Manifest, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION};
+use crate::sequencer::client_ids::ClientIds;
 use crate::sequencer::local::{LocalConfig, LocalSequencer};
 use crate::sequencer::Sequencer;
 use crate::wal::snapshot::{parse_snapshot_file_name, Snapshot};
+use crate::wal::vfs::{OsFs, Vfs};
 use crate::wal::WalConfig;
 
 /// Largest manifest read.
@@ -178,17 +181,13 @@ fn build(
                 .map_err(io_at("extending", &target))?;
         }
         output.sync_all().map_err(io_at("syncing", &target))?;
-        if let Some(name) = file.name.strip_prefix("snapshots/") {
-            check_snapshot(&target, name, &file.name)?;
-        }
     }
     progress(done, total);
     for sub in ["wal", "snapshots"] {
         sync_dir(&staging.join(sub))?;
     }
     sync_dir(staging)?;
-    skip_client_ids(staging)?;
-    check_recovers(staging, manifest)?;
+    finish(Arc::new(OsFs), staging, manifest, LocalConfig::default())?;
     Ok(Restored {
         lsn: manifest.lsn,
         documents: manifest.docs.len(),
@@ -197,22 +196,34 @@ fn build(
     })
 }
 
-/// Moves the restored directory's client ids [`super::RESTORE_CLIENT_ID_GAP`] past the
-/// backup's mark: ids the original server gave after the backup, to clients that may
-/// connect to the restored one, are never given again.
-fn skip_client_ids(dir: &Path) -> Result<(), BackupError> {
-    let ids = crate::sequencer::client_ids::ClientIds::open(
-        std::sync::Arc::new(crate::wal::vfs::OsFs),
-        dir,
-    )
-    .map_err(io_at("reading the client ids in", dir))?;
+/// The last steps of a restore, once the backup's files are in `dir` (each checked
+/// against the manifest's length and SHA-256, the cut segment given its zeros back):
+/// every snapshot is decoded and must match its name; the client ids are moved
+/// [`super::RESTORE_CLIENT_ID_GAP`] past the backup's mark (ids the original server
+/// gave after the backup, to clients that may connect to the restored one, are never
+/// given again); and the directory must recover (every record's checksum) to exactly
+/// the manifest's LSN and versions, opened with `config` but for its segment size (that
+/// of the backup's segments). Public so that the simulator restores its backups with
+/// the same checks, on its simulated disk (and with the log's writer run by its caller).
+pub fn finish(
+    vfs: Arc<dyn Vfs>,
+    dir: &Path,
+    manifest: &Manifest,
+    config: LocalConfig,
+) -> Result<(), BackupError> {
+    for file in &manifest.files {
+        if let Some(name) = file.name.strip_prefix("snapshots/") {
+            check_snapshot(&*vfs, &dir.join(&file.name), name, &file.name)?;
+        }
+    }
+    let ids = ClientIds::open(vfs.clone(), dir).map_err(io_at("reading the client ids in", dir))?;
     ids.skip(super::RESTORE_CLIENT_ID_GAP)
         .map_err(io_at("writing the client ids in", dir))?;
-    Ok(())
+    check_recovers(vfs, dir, manifest, config)
 }
 
-fn check_snapshot(path: &Path, name: &str, file: &str) -> Result<(), BackupError> {
-    let bytes = std::fs::read(path).map_err(io_at("reading", path))?;
+fn check_snapshot(vfs: &dyn Vfs, path: &Path, name: &str, file: &str) -> Result<(), BackupError> {
+    let bytes = vfs.map(path).map_err(io_at("reading", path))?;
     let invalid = |reason: String| BackupError::Snapshot {
         file: file.to_owned(),
         reason,
@@ -225,22 +236,28 @@ fn check_snapshot(path: &Path, name: &str, file: &str) -> Result<(), BackupError
 }
 
 /// Opens `dir` as the server would and checks it against `manifest`.
-fn check_recovers(dir: &Path, manifest: &Manifest) -> Result<(), BackupError> {
+fn check_recovers(
+    vfs: Arc<dyn Vfs>,
+    dir: &Path,
+    manifest: &Manifest,
+    config: LocalConfig,
+) -> Result<(), BackupError> {
     let segment_size = manifest
         .files
         .iter()
         .filter(|f| f.name.starts_with("wal/"))
         .map(|f| f.restored_len)
         .max()
-        .unwrap_or(WalConfig::default().segment_size);
+        .unwrap_or(config.wal.segment_size);
     let config = LocalConfig {
         wal: WalConfig {
             segment_size,
-            ..WalConfig::default()
+            ..config.wal
         },
-        ..LocalConfig::default()
+        ..config
     };
-    let (store, report) = LocalSequencer::open(dir, config).map_err(BackupError::Recovery)?;
+    let (store, report) =
+        LocalSequencer::open_with(vfs, dir, config).map_err(BackupError::Recovery)?;
     let checked = (|| {
         if let Some(cut) = &report.tail_cut {
             return Err(BackupError::LogEnd(format!(

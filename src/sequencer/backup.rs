@@ -21,6 +21,7 @@ use crate::wal::now_ms;
 use crate::wal::record::{decode_frame, RECORD_HEADER_LEN};
 use crate::wal::segment::{segment_file_name, segment_path};
 use crate::wal::snapshot::parse_snapshot_file_name;
+use crate::wal::vfs::Vfs;
 
 /// Rounds of listing `snapshots/` before the capture gives up: each round links what
 /// the previous one had not seen; one that finds nothing new ends it.
@@ -111,15 +112,16 @@ fn capture(
     if deleting() {
         return Err(refused());
     }
+    let vfs = &*shared.vfs;
     let staged = staging.join("snapshots");
-    std::fs::create_dir_all(&staged).map_err(io_at("creating", &staged))?;
-    let snapshots = link_snapshots(&shared.snapshot_dir, &staged)?;
+    create_staging_dirs(vfs, &staged)?;
+    let snapshots = link_snapshots(vfs, &shared.snapshot_dir, &staged)?;
     // After the snapshots: every one of them is at or before it.
     let lsn = shared.wal.durability().durable_lsn;
     let created_ms = now_ms();
     // After the LSN: the mark covers every client with an op at or before it (an id is
     // reserved on disk before it is given, and given before its client's first op).
-    let client_ids = link_client_ids(&shared.snapshot_dir, staging)?;
+    let client_ids = link_client_ids(vfs, &shared.snapshot_dir, staging)?;
 
     let mut versions: BTreeMap<String, u64> = BTreeMap::new();
     let mut files = Vec::new();
@@ -236,6 +238,7 @@ fn record_end(
 /// Hard-links the data directory's `client-ids` (beside `snapshot_dir`) into `staging`,
 /// if there is one (none: no id given yet).
 fn link_client_ids(
+    vfs: &dyn Vfs,
     snapshot_dir: &Path,
     staging: &Path,
 ) -> Result<Option<CapturedFile>, BackupError> {
@@ -243,9 +246,9 @@ fn link_client_ids(
         return Ok(None);
     };
     let to = staging.join(CLIENT_IDS_FILE);
-    match std::fs::hard_link(data_dir.join(CLIENT_IDS_FILE), &to) {
+    match vfs.hard_link(&data_dir.join(CLIENT_IDS_FILE), &to) {
         Ok(()) => {
-            let len = std::fs::metadata(&to).map_err(io_at("reading", &to))?.len();
+            let len = file_len(vfs, &to)?;
             Ok(Some(CapturedFile {
                 name: CLIENT_IDS_FILE.into(),
                 path: to,
@@ -258,25 +261,45 @@ fn link_client_ids(
     }
 }
 
+fn file_len(vfs: &dyn Vfs, path: &Path) -> Result<u64, BackupError> {
+    vfs.open(path)
+        .and_then(|file| file.file_len())
+        .map_err(io_at("reading", path))
+}
+
+/// Creates `staged` (the staging directory's `snapshots/`) and whichever of its
+/// ancestors are missing, syncing none: a staging directory is of no use after a crash
+/// (the next backup removes what is left of it).
+fn create_staging_dirs(vfs: &dyn Vfs, staged: &Path) -> Result<(), BackupError> {
+    let missing: Vec<&Path> = staged
+        .ancestors()
+        .take_while(|dir| !dir.as_os_str().is_empty() && dir.parent().is_some())
+        .collect();
+    for dir in missing.into_iter().rev() {
+        vfs.create_dir(dir).map_err(io_at("creating", dir))?;
+    }
+    Ok(())
+}
+
 /// Hard-links every snapshot file of `dir` into `staged`, until a listing shows none
 /// not linked yet and none vanished before it could be linked (a vanished one was
 /// replaced by newer ones, which the next listing shows). Returns names and lengths.
-fn link_snapshots(dir: &Path, staged: &Path) -> Result<BTreeMap<String, u64>, BackupError> {
+fn link_snapshots(
+    vfs: &dyn Vfs,
+    dir: &Path,
+    staged: &Path,
+) -> Result<BTreeMap<String, u64>, BackupError> {
     let mut linked = BTreeMap::new();
     for _ in 0..CAPTURE_ROUNDS_MAX {
         let mut changed = false;
-        for entry in std::fs::read_dir(dir).map_err(io_at("reading", dir))? {
-            let entry = entry.map_err(io_at("reading", dir))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
+        for name in vfs.list(dir).map_err(io_at("reading", dir))? {
             if parse_snapshot_file_name(&name).is_none() || linked.contains_key(&name) {
                 continue;
             }
             let to = staged.join(&name);
-            match std::fs::hard_link(dir.join(&name), &to) {
+            match vfs.hard_link(&dir.join(&name), &to) {
                 Ok(()) => {
-                    let len = std::fs::metadata(&to).map_err(io_at("reading", &to))?.len();
+                    let len = file_len(vfs, &to)?;
                     linked.insert(name, len);
                     changed = true;
                 }

@@ -425,6 +425,26 @@ impl Vfs for SimFs {
         Ok(())
     }
 
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        if state.names.contains_key(to) || state.dirs.contains(to) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
+        }
+        let parent = to.parent().expect("a file is not the root");
+        if !is_root(parent) && !state.dirs.contains(parent) {
+            return Err(not_found(parent));
+        }
+        // One inode under two names (a crash gives each surviving name a copy of its own:
+        // nothing here links files in a directory that is synced).
+        let inode = state
+            .names
+            .get(from)
+            .cloned()
+            .ok_or_else(|| not_found(from))?;
+        state.names.insert(to.to_path_buf(), inode);
+        Ok(())
+    }
+
     fn remove(&self, path: &Path) -> io::Result<()> {
         lock(&self.state)
             .names
@@ -583,5 +603,44 @@ mod tests {
         assert!(crashed.list(Path::new("/a/b/c")).is_ok());
         fs.create_dir_all(Path::new("/a/b/c")).unwrap();
         assert_eq!(fs.sync_count(), 3, "nothing created, nothing synced");
+    }
+
+    /// What the backup's capture relies on (`sequencer::backup`), on the real file
+    /// system and the simulated one alike: a hard link keeps the file as it was when
+    /// the original name is replaced by a rename or removed, and sees what is written
+    /// to the file in place.
+    fn hard_link_keeps_a_replaced_file(fs: &dyn Vfs, dir: &Path) {
+        let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
+        let written = fs.create(&a).unwrap();
+        written.write_all_at(b"first", 0).unwrap();
+        fs.hard_link(&a, &b).unwrap();
+        written.write_all_at(b"F", 0).unwrap();
+        assert_eq!(&fs.map(&b).unwrap()[..], b"First");
+        let kind = |r: io::Result<()>| r.unwrap_err().kind();
+        assert_eq!(kind(fs.hard_link(&a, &b)), io::ErrorKind::AlreadyExists);
+        assert_eq!(
+            kind(fs.hard_link(&c, &dir.join("d"))),
+            io::ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind(fs.hard_link(&a, &dir.join("no-such-dir/e"))),
+            io::ErrorKind::NotFound
+        );
+        fs.create(&c).unwrap().write_all_at(b"second", 0).unwrap();
+        fs.rename(&c, &a).unwrap();
+        assert_eq!(&fs.map(&a).unwrap()[..], b"second");
+        assert_eq!(&fs.map(&b).unwrap()[..], b"First");
+        fs.remove(&a).unwrap();
+        assert_eq!(&fs.map(&b).unwrap()[..], b"First");
+        assert_eq!(fs.open(&b).unwrap().file_len().unwrap(), 5);
+    }
+
+    #[test]
+    fn a_hard_link_keeps_a_replaced_file_on_the_real_and_the_simulated_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        hard_link_keeps_a_replaced_file(&crate::wal::vfs::OsFs, tmp.path());
+        let fs = SimFs::new();
+        fs.create_dir(Path::new("/d")).unwrap();
+        hard_link_keeps_a_replaced_file(&fs, Path::new("/d"));
     }
 }
