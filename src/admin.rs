@@ -200,8 +200,13 @@ impl<S: Sequencer> Admin<S> {
         let capture = source.begin_backup(&staging, BACKUP_LEASE).map_err(|e| {
             self.backups().starting.remove(&id);
             let _ = std::fs::remove_dir_all(&staging);
+            use crate::backup::BackupError;
             let status = match e {
-                crate::backup::BackupError::Busy => StatusCode::TOO_MANY_REQUESTS,
+                BackupError::Busy => StatusCode::TOO_MANY_REQUESTS,
+                BackupError::DeletionUnderWay { log_failed: None } => StatusCode::CONFLICT,
+                BackupError::DeletionUnderWay {
+                    log_failed: Some(_),
+                } => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             (status, e.to_string())

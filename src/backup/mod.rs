@@ -148,6 +148,11 @@ pub enum BackupError {
     Unsupported,
     /// Too many backups at once.
     Busy,
+    /// A document was being deleted while the backup was captured (the versions to list
+    /// are not known then). It ends within milliseconds and the backup can be started
+    /// again at once, unless the log failed before the deletion was durable
+    /// (`log_failed`, its reason): it stays under way until the server restarts.
+    DeletionUnderWay { log_failed: Option<String> },
     /// The log and the index disagree, or snapshots kept changing under the capture.
     Inconsistent(String),
     /// The admin endpoint answered with an error status.
@@ -189,6 +194,16 @@ impl std::fmt::Display for BackupError {
             BackupError::Io { context, error } => write!(f, "{context}: {error}"),
             BackupError::Unsupported => f.write_str("this server's storage has no online backup"),
             BackupError::Busy => f.write_str("too many backups in progress; try again later"),
+            BackupError::DeletionUnderWay { log_failed: None } => f.write_str(
+                "a document was being deleted while the backup was captured; start it again",
+            ),
+            BackupError::DeletionUnderWay {
+                log_failed: Some(failure),
+            } => write!(
+                f,
+                "a document's deletion was under way when the log failed ({failure}); whether \
+                 it holds is known once the server restarts: back up after the restart"
+            ),
             BackupError::Inconsistent(m) | BackupError::Manifest(m) | BackupError::LogEnd(m) => {
                 f.write_str(m)
             }

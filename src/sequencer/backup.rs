@@ -94,7 +94,8 @@ fn capture(
 ) -> Result<Capture, BackupError> {
     // A deletion under way (or begun during the capture) makes the listed versions
     // unknowable: its snapshot may be linked while the index has forgotten its ops.
-    // Refused; it takes milliseconds, so the backup can be started again at once.
+    // Refused; it takes milliseconds, so the backup can be started again at once (unless
+    // the log failed under it: the restart settles it).
     let deletions = shared.deletions.load(std::sync::atomic::Ordering::SeqCst);
     let deleting = || {
         !shared
@@ -104,10 +105,8 @@ fn capture(
             .is_empty()
             || shared.deletions.load(std::sync::atomic::Ordering::SeqCst) != deletions
     };
-    let refused = || {
-        BackupError::Inconsistent(
-            "a document was being deleted while the backup was captured; start it again".into(),
-        )
+    let refused = || BackupError::DeletionUnderWay {
+        log_failed: shared.wal.failure().map(|f| f.to_string()),
     };
     if deleting() {
         return Err(refused());

@@ -1874,6 +1874,47 @@ mod tests {
             assert!(store.shared.backup_pins.lock().unwrap().is_empty());
         }
 
+        /// A deletion whose tombstone the failed log never made durable stays under way
+        /// until the restart (whether it holds is known only then): a backup begun
+        /// meanwhile is refused saying so, not told to start again at once, and after the
+        /// restart the backup is taken.
+        #[test]
+        fn a_backup_is_refused_while_a_deletion_is_stuck_in_a_failed_log_and_taken_after_the_restart(
+        ) {
+            use crate::backup::{BackupError, BackupSource, DocVersion};
+            let fs = SimFs::new();
+            let (store, _) = open(&fs);
+            submit(&store, 1);
+            assert!(store.step());
+            fs.fail_syncs_after(0);
+            let deletion = store.delete("doc").unwrap().expect("the document exists");
+            assert_eq!(deletion.version, 1);
+            store.step();
+            assert!(store.wal().failure().is_some());
+            assert!(store.finish_delete("doc").is_err());
+            let lease = Duration::from_secs(60);
+            match store.begin_backup(Path::new("/staging/1"), lease) {
+                Err(BackupError::DeletionUnderWay {
+                    log_failed: Some(failure),
+                }) => assert!(failure.contains("EIO"), "{failure}"),
+                other => panic!("expected a refusal naming the failed log: {other:?}"),
+            }
+            assert!(store.shared.backup_pins.lock().unwrap().is_empty());
+            drop(store);
+            // The tombstone never reached the disk: the document is as it was.
+            let (store, _) = open(&fs.crash(CrashMode::LoseUnsynced));
+            let capture = store
+                .begin_backup(Path::new("/staging/2"), lease)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                capture.docs,
+                vec![DocVersion {
+                    id: "doc".into(),
+                    version: 1
+                }]
+            );
+        }
+
         /// The snapshot files of `doc` in the store's directory.
         fn snapshot_files(store: &LocalSequencer, doc: &str) -> Vec<String> {
             let prefix = format!("{}.", snapshot_file_name(doc, 0).split('.').next().unwrap());
