@@ -13,7 +13,9 @@
 //! application client's network goes silent (`app::Net`:
 //! its connections stall, and go on or stay silent for ever when it speaks again), restarts (forgetting everything but its op counter, which
 //! some clients persist lazily and so reuse op ids), time passes, the disk starts
-//! failing its syncs, a snapshot or truncation pass runs, an administrator deletes a
+//! failing its syncs, a snapshot or truncation pass runs, an online backup begins or
+//! (some steps later) is read and restored onto a disk of its own and checked (`backup`),
+//! an administrator deletes a
 //! document (its clients must be told, and it starts again empty under its id; or, raced
 //! by a client that opens it and sends an op meanwhile, sometimes with the disk failing
 //! under the tombstone: that client is never told it was deleted unless the deletion
@@ -53,7 +55,7 @@ mod raw;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -195,11 +197,21 @@ struct Stats {
     /// Tokens of application clients not found whole at the end, on documents where a
     /// client reloaded.
     tokens_moved_by_reloads: u64,
+    /// Segments the maintenance passes removed (truncation).
+    segments_removed: u64,
+    /// Online backups begun.
+    backups: u64,
+    /// Of those, the ones read, restored and checked (the others ended by a crash).
+    backups_restored: u64,
+    /// Documents with acknowledged ops checked in restored backups.
+    backup_docs_checked: u64,
 }
 
 struct Sim {
     seed: u64,
     rng: SplitMix,
+    /// A client's edit is a paste (of 500 to 3,500 characters) one time in this many.
+    paste_one_in: u64,
     verbose: bool,
     fs: SimFs,
     server: Option<Incarnation>,
@@ -232,6 +244,8 @@ struct Sim {
     uncertain_deletion: Option<UncertainDeletion>,
     /// The disk fails its syncs from now on (until the next crash).
     disk_failing: bool,
+    /// A backup begun and not yet read (a crash ends it: its pin is gone).
+    backup: Option<OpenBackup>,
     step: u64,
     /// Only these steps act (the others are skipped): a minimised failing run.
     keep: Option<Arc<BTreeSet<u64>>>,
@@ -267,6 +281,28 @@ fn note_ack(acked: &mut Acked, doc: &str, id: OpId, seq: u64) -> Result<(), Stri
     by_seq.insert(seq, id);
     Ok(())
 }
+
+/// Whose history `Sim::check_doc_history` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// The running server's.
+    Live,
+    /// The restored copy of the `n`th backup.
+    Backup(u64),
+}
+
+/// A backup begun (the real capture: the log pinned, the snapshots linked, its LSN
+/// chosen) whose files have not been read yet (`Sim::backup`).
+struct OpenBackup {
+    number: u64,
+    capture: quire::backup::Capture,
+    staging: PathBuf,
+    /// What was acknowledged when it began, by document: seq -> op id.
+    acked: BTreeMap<String, BTreeMap<u64, OpId>>,
+}
+
+/// How long a backup may go without renewing its pin: far longer than a run.
+const BACKUP_LEASE: Duration = Duration::from_secs(1 << 20);
 
 /// How a deletion raced by a client ended (`World::race_deletion`).
 enum Raced {
@@ -371,9 +407,13 @@ impl Sim {
                 )
             })
             .collect();
+        // A third of the runs paste often: their log fills several segments, which
+        // truncation removes (under open backups, too).
+        let paste_one_in = if rng.below(3) == 0 { 8 } else { 200 };
         Sim {
             seed,
             rng,
+            paste_one_in,
             verbose,
             fs: SimFs::new(),
             server: None,
@@ -392,6 +432,7 @@ impl Sim {
             raced_deletions: 0,
             uncertain_deletion: None,
             disk_failing: false,
+            backup: None,
             step: 0,
             keep: None,
             started: tokio::time::Instant::now(),
@@ -526,6 +567,8 @@ impl Sim {
         };
         self.fs = self.fs.crash(mode);
         self.disk_failing = false;
+        // Its pin died with the server (and its staging directory was never synced).
+        self.backup = None;
         self.stats.crashes += 1;
         self.say(|| format!("server crashed ({mode:?})"));
         for c in &mut self.clients {
@@ -537,7 +580,7 @@ impl Sim {
     fn random_edit(&mut self, len: u32) -> Patch {
         let pos = self.rng.below(len as u64 + 1) as u32;
         let del = (self.rng.below(4) as u32).min(len - pos);
-        let n = if self.rng.below(200) == 0 {
+        let n = if self.rng.below(self.paste_one_in) == 0 {
             // Now and then a paste: documents outgrow a frame, and snapshots and
             // catch-ups come in pieces.
             500 + self.rng.below(3_000)
@@ -1094,7 +1137,12 @@ impl Sim {
                     let seq = inc.sequencer.clone();
                     self.stats.snapshots += 1;
                     // Errors are the failing disk's; the log goes on without.
-                    let _ = seq.run_maintenance();
+                    if let Ok(removed) = seq.run_maintenance() {
+                        self.stats.segments_removed += removed as u64;
+                        if removed > 0 {
+                            self.say(|| format!("truncation removed {removed} segments"));
+                        }
+                    }
                     let doc = self.docs[self.rng.below(self.docs.len() as u64) as usize].clone();
                     let _ = seq.snapshot_now(&doc);
                 }
@@ -1146,6 +1194,7 @@ impl Sim {
                 }
             }
             900 => self.delete_document(true).await?,
+            911..=915 => self.backup().await?,
             901..=910 => {
                 if self.clients[i].asleep {
                     self.wake(i);
@@ -1171,6 +1220,137 @@ impl Sim {
             self.crash().await?;
             self.start_server()?;
         }
+        Ok(())
+    }
+
+    /// An online backup, as `POST /backup` takes one: begun here, its files read some
+    /// steps later (whatever ran meanwhile: edits, snapshot and truncation passes,
+    /// deletions, a failing disk), then restored onto a disk of its own with the checks
+    /// `quire restore` makes (every snapshot decoded, the client ids moved on, recovery
+    /// to exactly the manifest's LSN and versions). The restored copy must hold every op
+    /// acknowledged before the backup began, at its seq, and only ops clients sent.
+    async fn backup(&mut self) -> Result<(), Failure> {
+        if let Some(open) = self.backup.take() {
+            return self.restore_backup(open).await;
+        }
+        let Some(inc) = &self.server else {
+            return Ok(());
+        };
+        let sequencer = inc.sequencer.clone();
+        self.stats.backups += 1;
+        let number = self.stats.backups;
+        let staging = PathBuf::from(format!("/backup-staging/{number}"));
+        use quire::backup::BackupSource;
+        let capture = match sequencer.begin_backup(&staging, BACKUP_LEASE) {
+            Ok(capture) => capture,
+            // A deletion the failed disk left under way: settled by the restart.
+            Err(
+                e @ quire::backup::BackupError::DeletionUnderWay {
+                    log_failed: Some(_),
+                },
+            ) if self.disk_failing => {
+                self.say(|| format!("backup {number} refused: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(self.fail(format!("backup {number} could not begin: {e}"))),
+        };
+        self.say(|| {
+            format!(
+                "backup {number} begun at LSN {}: {} files, {} documents",
+                capture.lsn,
+                capture.files.len(),
+                capture.docs.len()
+            )
+        });
+        mix(&mut self.digest, capture.lsn ^ 0xbac0);
+        let acked = self
+            .acked
+            .iter()
+            .map(|(doc, (_, by_seq))| (doc.clone(), by_seq.clone()))
+            .collect();
+        self.backup = Some(OpenBackup {
+            number,
+            capture,
+            staging,
+            acked,
+        });
+        Ok(())
+    }
+
+    /// Reads the open backup's files, ends it, restores them onto a disk of their own
+    /// and checks what they hold (see `backup`).
+    async fn restore_backup(&mut self, open: OpenBackup) -> Result<(), Failure> {
+        let OpenBackup {
+            number,
+            capture,
+            staging,
+            acked,
+        } = open;
+        let restored = SimFs::new();
+        for dir in ["wal", "snapshots"] {
+            restored
+                .create_dir_all(&data_dir().join(dir))
+                .map_err(|e| self.fail(format!("backup {number}: {e}")))?;
+        }
+        for file in &capture.files {
+            let mut bytes = vec![0; file.len as usize];
+            self.fs
+                .open(&file.path)
+                .and_then(|f| f.read_exact_at(&mut bytes, 0))
+                .map_err(|e| {
+                    self.fail(format!(
+                        "backup {number}: {} ({} bytes at {}) cannot be read while the \
+                         backup holds it: {e}",
+                        file.name,
+                        file.len,
+                        file.path.display()
+                    ))
+                })?;
+            let target = restored.create(&data_dir().join(&file.name)).and_then(|f| {
+                f.write_all_at(&bytes, 0)?;
+                f.set_len(file.restored_len)?;
+                f.sync_all()
+            });
+            target.map_err(|e| self.fail(format!("backup {number}: {}: {e}", file.name)))?;
+        }
+        if let Some(inc) = &self.server {
+            use quire::backup::BackupSource;
+            inc.sequencer.end_backup(capture.pin);
+        }
+        for file in capture
+            .files
+            .iter()
+            .filter(|f| f.path.starts_with(&staging))
+        {
+            self.fs.remove(&file.path).map_err(|e| {
+                self.fail(format!("backup {number}: removing {:?}: {e}", file.path))
+            })?;
+        }
+        let manifest = capture.manifest();
+        let vfs: Arc<dyn Vfs> = Arc::new(restored);
+        quire::backup::restore::finish(
+            vfs.clone(),
+            data_dir(),
+            &manifest,
+            self.local_config.clone(),
+        )
+        .map_err(|e| self.fail(format!("backup {number} does not restore: {e}")))?;
+        let (store, _) = LocalSequencer::open_with(vfs, data_dir(), self.local_config.clone())
+            .map_err(|e| {
+                self.fail(format!(
+                    "backup {number}: the restored copy does not open: {e}"
+                ))
+            })?;
+        self.stats.backups_restored += 1;
+        let docs: Vec<String> = self.docs.iter().chain(&self.app_docs).cloned().collect();
+        for doc in docs {
+            let acked = acked.get(&doc).filter(|a| !a.is_empty());
+            self.stats.backup_docs_checked += u64::from(acked.is_some());
+            self.check_doc_history(&store, &doc, acked, Held::Backup(number))
+                .await?;
+        }
+        store.close();
+        self.say(|| format!("backup {number} restored and checked"));
         Ok(())
     }
 
@@ -1531,98 +1711,132 @@ impl Sim {
         let sequencer = inc.sequencer.clone();
         let docs: Vec<String> = self.docs.iter().chain(&self.app_docs).cloned().collect();
         for doc in docs {
-            let view = match sequencer.read(&doc).await {
-                Ok(Some(view)) => view,
-                Ok(None) => continue,
-                // On a disk that has not failed, a document the server holds can be
-                // read (one it cannot rebuild, as after a deletion undone, is a bug).
-                Err(e) if !self.disk_failing => {
-                    return Err(self.fail(format!("{doc}: cannot be read: {e}")));
-                }
-                Err(_) => continue,
-            };
-            let mut ops = Vec::new();
-            let mut complete = true;
-            loop {
-                let after = ops.last().map_or(0, |o: &quire::op::SequencedOp| o.seq);
-                match sequencer.ops_after(&doc, after, 4096) {
-                    Ok(Some(batch)) if batch.is_empty() => break,
-                    Ok(Some(batch)) => ops.extend(batch),
-                    // Truncated (a snapshot covers the start), or the disk failed.
-                    _ => {
-                        complete = false;
-                        break;
-                    }
+            let acked = self.acked.get(&doc).map(|(_, by_seq)| by_seq.clone());
+            self.check_doc_history(&sequencer, &doc, acked.as_ref(), Held::Live)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One document's history in `sequencer` (the server's, or a restored backup's):
+    /// every op of `acked` (seq -> op id) at its seq and durable, each op there once and
+    /// sent by a client, and replaying it gives the text read.
+    async fn check_doc_history(
+        &mut self,
+        sequencer: &LocalSequencer,
+        doc: &str,
+        acked: Option<&BTreeMap<u64, OpId>>,
+        held: Held,
+    ) -> Result<(), Failure> {
+        let live = held == Held::Live;
+        let whose = match held {
+            Held::Live => String::new(),
+            Held::Backup(n) => format!("backup {n}: "),
+        };
+        let view = match sequencer.read(doc).await {
+            Ok(Some(view)) => view,
+            Ok(None) => {
+                let top = acked.and_then(|a| a.keys().next_back().copied());
+                return match top {
+                    Some(top) if !live => Err(self.fail(format!(
+                        "{whose}{doc} is not in it, with an op acknowledged at seq {top}"
+                    ))),
+                    _ => Ok(()),
+                };
+            }
+            // On a disk that has not failed, a document the server holds can be
+            // read (one it cannot rebuild, as after a deletion undone, is a bug).
+            Err(e) if !live || !self.disk_failing => {
+                return Err(self.fail(format!("{whose}{doc}: cannot be read: {e}")));
+            }
+            Err(_) => return Ok(()),
+        };
+        let mut ops = Vec::new();
+        let mut complete = true;
+        loop {
+            let after = ops.last().map_or(0, |o: &quire::op::SequencedOp| o.seq);
+            match sequencer.ops_after(doc, after, 4096) {
+                Ok(Some(batch)) if batch.is_empty() => break,
+                Ok(Some(batch)) => ops.extend(batch),
+                // Truncated (a snapshot covers the start), or the disk failed.
+                _ => {
+                    complete = false;
+                    break;
                 }
             }
-            let mut seen = HashSet::new();
-            for (k, op) in ops.iter().enumerate() {
-                if complete && op.seq != k as u64 + 1 {
-                    return Err(
-                        self.fail(format!("{doc}: op {k} of the history has seq {}", op.seq))
-                    );
-                }
-                if !seen.insert(op.id) {
-                    return Err(self.fail(format!("{doc}: op {:?} is in the history twice", op.id)));
-                }
-                if !self.sent.contains(&op.id) {
-                    // An application client's task may have sent it while this check
-                    // waited: it is in flight there, or its ack is queued.
-                    self.observe_apps()?;
-                }
-                if !self.sent.contains(&op.id) {
-                    return Err(self.fail(format!(
-                        "{doc}: op {:?} at seq {} was never sent by a client",
-                        op.id, op.seq
-                    )));
-                }
+        }
+        let mut seen = HashSet::new();
+        for (k, op) in ops.iter().enumerate() {
+            if complete && op.seq != k as u64 + 1 {
+                return Err(self.fail(format!(
+                    "{whose}{doc}: op {k} of the history has seq {}",
+                    op.seq
+                )));
             }
-            if let Some(old) = self.deleted_histories.get(&doc) {
-                if !old.is_empty() && old.iter().all(|o| ops.get(o.seq as usize - 1) == Some(o)) {
-                    return Err(self.fail(format!(
-                        "{doc}: its history before its deletion is back: {} ops, up to seq {}",
-                        old.len(),
-                        old.last().map_or(0, |o| o.seq)
-                    )));
-                }
+            if !seen.insert(op.id) {
+                return Err(self.fail(format!(
+                    "{whose}{doc}: op {:?} is in the history twice",
+                    op.id
+                )));
             }
-            let by_seq: HashMap<u64, OpId> = ops.iter().map(|o| (o.seq, o.id)).collect();
-            if let Some((_, acked)) = self.acked.get(&doc) {
-                for (&seq, &id) in acked {
-                    if seq > view.version {
-                        return Err(self.fail(format!(
-                            "{doc}: op {id:?} acknowledged at seq {seq} is not durable (version {})",
-                            view.version
-                        )));
-                    }
-                    if let Some(found) = by_seq.get(&seq) {
-                        self.stats.acks_verified += u64::from(found == &id);
-                    }
-                    if complete && by_seq.get(&seq) != Some(&id) {
-                        return Err(self.fail(format!(
-                            "{doc}: op {id:?} was acknowledged at seq {seq}, where the history has {:?}",
-                            by_seq.get(&seq)
-                        )));
-                    }
-                }
+            if !self.sent.contains(&op.id) {
+                // An application client's task may have sent it while this check
+                // waited: it is in flight there, or its ack is queued.
+                self.observe_apps()?;
             }
-            if complete {
-                let mut text = Text::default();
-                for op in &ops {
-                    if op.seq > view.version {
-                        break;
-                    }
-                    text.apply(&op.patches).map_err(|e| {
-                        self.fail(format!("{doc}: op at seq {} does not apply: {e}", op.seq))
-                    })?;
+            if !self.sent.contains(&op.id) {
+                return Err(self.fail(format!(
+                    "{whose}{doc}: op {:?} at seq {} was never sent by a client",
+                    op.id, op.seq
+                )));
+            }
+        }
+        if let Some(old) = self.deleted_histories.get(doc).filter(|_| live) {
+            if !old.is_empty() && old.iter().all(|o| ops.get(o.seq as usize - 1) == Some(o)) {
+                return Err(self.fail(format!(
+                    "{doc}: its history before its deletion is back: {} ops, up to seq {}",
+                    old.len(),
+                    old.last().map_or(0, |o| o.seq)
+                )));
+            }
+        }
+        let by_seq: HashMap<u64, OpId> = ops.iter().map(|o| (o.seq, o.id)).collect();
+        for (&seq, &id) in acked.into_iter().flatten() {
+            if seq > view.version {
+                return Err(self.fail(format!(
+                    "{whose}{doc}: op {id:?} acknowledged at seq {seq} is not durable (version {})",
+                    view.version
+                )));
+            }
+            if let Some(found) = by_seq.get(&seq) {
+                self.stats.acks_verified += u64::from(found == &id);
+            }
+            if complete && by_seq.get(&seq) != Some(&id) {
+                return Err(self.fail(format!(
+                    "{whose}{doc}: op {id:?} was acknowledged at seq {seq}, where the history has {:?}",
+                    by_seq.get(&seq)
+                )));
+            }
+        }
+        if complete {
+            let mut text = Text::default();
+            for op in &ops {
+                if op.seq > view.version {
+                    break;
                 }
-                if text.to_string() != view.text {
-                    return Err(self.fail(format!(
-                        "{doc}: replaying the history gives {:?}; the server has {:?}",
-                        text.to_string(),
-                        view.text
-                    )));
-                }
+                text.apply(&op.patches).map_err(|e| {
+                    self.fail(format!(
+                        "{whose}{doc}: op at seq {} does not apply: {e}",
+                        op.seq
+                    ))
+                })?;
+            }
+            if text.to_string() != view.text {
+                return Err(self.fail(format!(
+                    "{whose}{doc}: replaying the history gives {:?}; the text read is {:?}",
+                    text.to_string(),
+                    view.text
+                )));
             }
         }
         Ok(())
@@ -1957,7 +2171,7 @@ fn run_seed_keeping(
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} clients asleep ({} woke to a dead connection), {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks",
+        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} clients asleep ({} woke to a dead connection), {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks, {} segments truncated, {} backups ({} restored, {} documents with acks checked in them)",
         sim.clients.len(),
         sim.docs.len(),
         sim.apps.len(),
@@ -1986,7 +2200,11 @@ fn run_seed_keeping(
         s.snapshots,
         s.deletions,
         s.acks_of_deleted,
-        s.history_checks
+        s.history_checks,
+        s.segments_removed,
+        s.backups,
+        s.backups_restored,
+        s.backup_docs_checked
     );
     let digest = sim.digest ^ sim.step;
     drop(sim);
