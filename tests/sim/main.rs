@@ -246,6 +246,8 @@ struct Sim {
     disk_failing: bool,
     /// A backup begun and not yet read (a crash ends it: its pin is gone).
     backup: Option<OpenBackup>,
+    /// Each restored backup's number and the first client id it would give.
+    restored_first_ids: Vec<(u64, u64)>,
     step: u64,
     /// Only these steps act (the others are skipped): a minimised failing run.
     keep: Option<Arc<BTreeSet<u64>>>,
@@ -433,6 +435,7 @@ impl Sim {
             uncertain_deletion: None,
             disk_failing: false,
             backup: None,
+            restored_first_ids: Vec::new(),
             step: 0,
             keep: None,
             started: tokio::time::Instant::now(),
@@ -1335,6 +1338,10 @@ impl Sim {
             self.local_config.clone(),
         )
         .map_err(|e| self.fail(format!("backup {number} does not restore: {e}")))?;
+        let first_id = quire::sequencer::client_ids::ClientIds::open(vfs.clone(), data_dir())
+            .and_then(|ids| ids.assign())
+            .map_err(|e| self.fail(format!("backup {number}: restored client ids: {e}")))?;
+        self.restored_first_ids.push((number, first_id));
         let (store, _) = LocalSequencer::open_with(vfs, data_dir(), self.local_config.clone())
             .map_err(|e| {
                 self.fail(format!(
@@ -2020,7 +2027,30 @@ impl Sim {
         self.rng = SplitMix(step_seed(self.seed, u64::MAX));
         let settled = self.settle().await;
         self.elapsed = self.started.elapsed();
-        settled
+        settled?;
+        self.check_restored_client_ids()
+    }
+
+    /// A server restored from a backup, however late, never gives a client id the
+    /// original server gave (after the backup too, restarts included), which its
+    /// clients may still use: the first id each restored copy would give must be above
+    /// every server-given id of an op sent in the whole run.
+    fn check_restored_client_ids(&self) -> Result<(), Failure> {
+        let given = self
+            .sent
+            .iter()
+            .map(|id| id.client_id)
+            .filter(|&c| c >= quire::sequencer::client_ids::FIRST_ASSIGNED)
+            .max();
+        for &(number, first) in &self.restored_first_ids {
+            if let Some(given) = given.filter(|&given| first <= given) {
+                return Err(self.fail(format!(
+                    "backup {number}: restored, it would give client id {first}; the original \
+                     server gave {given}"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
