@@ -817,6 +817,35 @@ async fn an_op_after_a_deletion_that_failed_is_refused_as_a_storage_failure() {
     running.stop().await;
 }
 
+/// `POST /backup` while a document is being deleted: 409 (start it again: the deletion
+/// ends within milliseconds) while its tombstone waits for the disk, and 503 naming the
+/// restart once the log failed under it (the deletion stays under way until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_during_a_deletion_is_refused_409_and_503_once_the_log_failed_under_it() {
+    let (fs, running, conn, deleting) = a_deletion_under_way().await;
+    let held = HeldSyncs::hold(&fs);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_for(dir.path(), 0);
+    admin.serving(running.server.clone(), Duration::ZERO);
+    let at = serve_admin(&admin).await;
+    let bearer = format!("Authorization: Bearer {ADMIN_TOKEN}\r\n");
+    let (status, body) = request(at, "POST", "/backup", &bearer).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("start it again"), "{body}");
+
+    fs.fail_syncs_after(0);
+    drop(held);
+    assert!(deleting.await.unwrap().is_err());
+    let (status, body) = request(at, "POST", "/backup", &bearer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("log failed") && body.contains("after the restart"),
+        "{body}"
+    );
+    drop(conn);
+    running.stop().await;
+}
+
 /// After a deletion that failed with the log, an op on a fresh `Open` of the document is
 /// refused as a storage failure too, not as deleted: the deletion may never be durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
