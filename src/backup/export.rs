@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::text::Text;
 use crate::wal::record::OpRecord;
 use crate::wal::snapshot::{parse_snapshot_file_name, Snapshot};
-use crate::wal::vfs::OsFs;
+use crate::wal::vfs::{OsFs, Vfs};
 use crate::wal::{SegmentRecord, Wal, WalConfig, WalError};
 
 /// A document's text at a version.
@@ -80,18 +80,37 @@ impl std::error::Error for ExportError {}
 /// `doc_id`'s text in the data directory `data_dir` at version `at` (its newest if
 /// `None`). The directory must not be in use (the log's lock is taken while it is read).
 pub fn export(data_dir: &Path, doc_id: &str, at: Option<u64>) -> Result<Exported, ExportError> {
+    export_with(Arc::new(OsFs), data_dir, doc_id, at)
+}
+
+/// [`export`] through any file layer (the simulator exports from its restored backups).
+pub fn export_with(
+    vfs: Arc<dyn Vfs>,
+    data_dir: &Path,
+    doc_id: &str,
+    at: Option<u64>,
+) -> Result<Exported, ExportError> {
     let wal_dir = data_dir.join("wal");
-    if !wal_dir.is_dir() {
-        return Err(ExportError::NotADataDir(data_dir.to_path_buf()));
+    match vfs.list(&wal_dir) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ExportError::NotADataDir(data_dir.to_path_buf()));
+        }
+        Err(error) => {
+            return Err(ExportError::Io {
+                path: wal_dir,
+                error,
+            })
+        }
     }
-    let mut snapshots = valid_snapshots(&data_dir.join("snapshots"), doc_id)?;
+    let mut snapshots = valid_snapshots(&*vfs, &data_dir.join("snapshots"), doc_id)?;
     // Ops of the document, in seq order (the log holds them so), up to `at`; only those
     // after its last tombstone, if the log holds one (the ones before, and its
     // snapshots, belong to a deleted incarnation).
     let mut ops: Vec<OpRecord> = Vec::new();
     let mut head_in_log = 0u64;
     let mut tombstoned = false;
-    let scanned = Wal::scan_segments(Arc::new(OsFs), &wal_dir, WalConfig::default(), |segment| {
+    let scanned = Wal::scan_segments(vfs, &wal_dir, WalConfig::default(), |segment| {
         for op in segment.ops {
             if &**segment.slot(op.ordinal).id != doc_id {
                 continue;
@@ -182,9 +201,9 @@ pub fn export(data_dir: &Path, doc_id: &str, at: Option<u64>) -> Result<Exported
 }
 
 /// The document's snapshots that pass their checksum, oldest first.
-fn valid_snapshots(dir: &Path, doc_id: &str) -> Result<Vec<Snapshot>, ExportError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
+fn valid_snapshots(vfs: &dyn Vfs, dir: &Path, doc_id: &str) -> Result<Vec<Snapshot>, ExportError> {
+    let names = match vfs.list(dir) {
+        Ok(names) => names,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(error) => {
             return Err(ExportError::Io {
@@ -194,20 +213,15 @@ fn valid_snapshots(dir: &Path, doc_id: &str) -> Result<Vec<Snapshot>, ExportErro
         }
     };
     let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|error| ExportError::Io {
-            path: dir.to_path_buf(),
-            error,
-        })?;
-        let name = entry.file_name();
-        let Some((doc, seq)) = name.to_str().and_then(parse_snapshot_file_name) else {
+    for name in names {
+        let Some((doc, seq)) = parse_snapshot_file_name(&name) else {
             continue;
         };
         if doc != doc_id {
             continue;
         }
-        let path = entry.path();
-        let bytes = std::fs::read(&path).map_err(|error| ExportError::Io {
+        let path = dir.join(&name);
+        let bytes = vfs.map(&path).map_err(|error| ExportError::Io {
             path: path.clone(),
             error,
         })?;
