@@ -205,6 +205,8 @@ struct Stats {
     backups_restored: u64,
     /// Documents with acknowledged ops checked in restored backups.
     backup_docs_checked: u64,
+    /// Documents exported from restored backups (newest and at a seq), and checked.
+    backup_exports: u64,
 }
 
 struct Sim {
@@ -1342,21 +1344,79 @@ impl Sim {
             .and_then(|ids| ids.assign())
             .map_err(|e| self.fail(format!("backup {number}: restored client ids: {e}")))?;
         self.restored_first_ids.push((number, first_id));
-        let (store, _) = LocalSequencer::open_with(vfs, data_dir(), self.local_config.clone())
-            .map_err(|e| {
-                self.fail(format!(
-                    "backup {number}: the restored copy does not open: {e}"
-                ))
-            })?;
+        let (store, _) =
+            LocalSequencer::open_with(vfs.clone(), data_dir(), self.local_config.clone()).map_err(
+                |e| {
+                    self.fail(format!(
+                        "backup {number}: the restored copy does not open: {e}"
+                    ))
+                },
+            )?;
         self.stats.backups_restored += 1;
         let docs: Vec<String> = self.docs.iter().chain(&self.app_docs).cloned().collect();
-        for doc in docs {
-            let acked = acked.get(&doc).filter(|a| !a.is_empty());
+        for doc in &docs {
+            let acked = acked.get(doc).filter(|a| !a.is_empty());
             self.stats.backup_docs_checked += u64::from(acked.is_some());
-            self.check_doc_history(&store, &doc, acked, Held::Backup(number))
+            self.check_doc_history(&store, doc, acked, Held::Backup(number))
                 .await?;
         }
+        // What `quire export` must give from the copy: each document's newest text, and
+        // its text at a seq drawn from its history (replayed from the copy's log where
+        // the log holds it from seq 1; otherwise it comes from a snapshot, or is not
+        // retained).
+        let mut exports = Vec::new();
+        for doc in docs {
+            let Ok(Some(view)) = store.read(&doc).await else {
+                continue;
+            };
+            if view.version == 0 {
+                continue;
+            }
+            let at = 1 + self.rng.below(view.version);
+            let replayed = match store.ops_after(&doc, 0, at as usize) {
+                Ok(Some(ops)) if ops.len() as u64 == at && ops[0].seq == 1 => {
+                    let mut text = Text::default();
+                    for op in &ops {
+                        text.apply(&op.patches).map_err(|e| {
+                            self.fail(format!("backup {number}: {doc} seq {}: {e}", op.seq))
+                        })?;
+                    }
+                    Some(text.to_string())
+                }
+                _ => None,
+            };
+            exports.push((doc, view, at, replayed));
+        }
         store.close();
+        drop(store); // its lock on the directory with it
+        use quire::backup::export::{export_with, ExportError};
+        for (doc, view, at, replayed) in exports {
+            match export_with(vfs.clone(), data_dir(), &doc, None) {
+                Ok(e) if e.version == view.version && e.text == view.text => {}
+                other => {
+                    return Err(self.fail(format!(
+                        "backup {number}: exporting {doc} gives {other:?}; the restored copy \
+                         reads {:?} at version {}",
+                        view.text, view.version
+                    )))
+                }
+            }
+            match (
+                export_with(vfs.clone(), data_dir(), &doc, Some(at)),
+                &replayed,
+            ) {
+                (Ok(e), Some(text)) if e.version == at && &e.text == text => {}
+                (Ok(e), None) if e.version == at => {}
+                (Err(ExportError::NotRetained { .. }), None) => {}
+                (other, _) => {
+                    return Err(self.fail(format!(
+                        "backup {number}: exporting {doc} at {at} gives {other:?}; its log \
+                         replayed gives {replayed:?}"
+                    )))
+                }
+            }
+            self.stats.backup_exports += 1;
+        }
         self.say(|| format!("backup {number} restored and checked"));
         Ok(())
     }
@@ -2201,7 +2261,7 @@ fn run_seed_keeping(
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} clients asleep ({} woke to a dead connection), {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks, {} segments truncated, {} backups ({} restored, {} documents with acks checked in them)",
+        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} clients asleep ({} woke to a dead connection), {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks, {} segments truncated, {} backups ({} restored, {} documents with acks checked in them, {} exported)",
         sim.clients.len(),
         sim.docs.len(),
         sim.apps.len(),
@@ -2234,7 +2294,8 @@ fn run_seed_keeping(
         s.segments_removed,
         s.backups,
         s.backups_restored,
-        s.backup_docs_checked
+        s.backup_docs_checked,
+        s.backup_exports
     );
     let digest = sim.digest ^ sim.step;
     drop(sim);
