@@ -125,8 +125,10 @@ struct ServeArgs {
     /// loopback address (127.0.0.1, ::1).
     #[arg(long, env = "QUIRE_INSECURE")]
     insecure: bool,
-    /// Size of each WAL segment file, in MiB.
-    #[arg(long, default_value_t = 64, env = "QUIRE_SEGMENT_MIB")]
+    /// Size of each WAL segment file, in MiB (1 ..= 65536; each is preallocated whole).
+    /// An op's record must fit in one segment.
+    #[arg(long, default_value_t = 64, env = "QUIRE_SEGMENT_MIB",
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
     segment_mib: u64,
     /// Snapshot a document after this many ops.
     #[arg(long, default_value_t = 10_000, env = "QUIRE_SNAPSHOT_EVERY_OPS")]
@@ -667,7 +669,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     let config = LocalConfig {
         wal: WalConfig {
-            segment_size: args.segment_mib.max(1) << 20,
+            segment_size: args.segment_mib << 20,
             recovery: RecoveryOptions {
                 repair: args.repair_wal,
             },

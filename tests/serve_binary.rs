@@ -176,6 +176,35 @@ fn sigterm_finishes_in_flight_commits_and_every_acked_op_survives() {
     store.close();
 }
 
+/// A segment of 0 MiB is refused with a usage error naming the flag (it was taken as
+/// 1 MiB without a word), as is one above 64 GiB (its size in bytes could overflow);
+/// 1 MiB, the least, is accepted (the data directory is then refused, being a file,
+/// after the flags were).
+#[test]
+fn a_segment_size_below_one_mib_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let not_a_dir = tmp.path().join("data");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let serve = |mib: &str| {
+        Command::new(env!("CARGO_BIN_EXE_quire"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off"])
+            .args(["--segment-mib", mib, "--data-dir"])
+            .arg(&not_a_dir)
+            .output()
+            .expect("quire binary runs")
+    };
+    for refused in ["0", "65537", "18446744073709551615"] {
+        let out = serve(refused);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{refused}: {stderr}");
+        assert!(stderr.contains("--segment-mib"), "{refused}: {stderr}");
+    }
+    let out = serve("1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("--segment-mib"), "{stderr}");
+}
+
 #[test]
 fn logs_go_to_stderr_without_colour_codes_when_it_is_not_a_terminal() {
     let tmp = tempfile::tempdir().unwrap();
