@@ -1407,3 +1407,69 @@ fn node_on_simulated_disk(store: &Arc<MemStore>, id: &str) -> (Node, quire::wal:
     );
     (node, fs)
 }
+
+/// A placement waiting on the store (here for a leaving owner's release, up to its
+/// patience; on a slow etcd, for each request) holds back no other call about the
+/// document: the server asks `incarnation` under its documents' lock, and `route` runs
+/// on an async worker, so either waiting for the placement stalls every connection of
+/// the node. Found in CI (stop 42): during a drain under load, the node taking the
+/// drained documents answered nothing, not even a `Hello`, for over a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_waiting_on_the_store_holds_back_no_other_call() {
+    // Far above how long anything here takes unless it waits for the placement.
+    const BOUND: Duration = Duration::from_secs(30);
+    let store = Arc::new(MemStore::new());
+    let (a, b) = (node(&store, "a"), Arc::new(node(&store, "b")));
+    let d = doc_for("a", &["a", "b"]);
+    let _moved = a.seq.moved().unwrap();
+    assert_eq!(route(&a, &d), Route::Here);
+    committed_nth(&a, &d, 1).await;
+    // a leaves without releasing d (yet): b's placement of d waits for it (past its
+    // patience, the placement gives up, and whatever it held back goes on: a failure of
+    // this test takes that long).
+    a.seq.replicator().member().withdraw().unwrap();
+    b.seq.set_hand_over_patience(2 * BOUND);
+    let placing = {
+        let (b, d) = (b.clone(), d.clone());
+        std::thread::spawn(move || b.seq.place(&d))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !placing.is_finished(),
+        "the placement waits for the release"
+    );
+    // Asked on another thread: not served (yet), at once.
+    let (tx, rx) = mpsc::channel();
+    {
+        let (b, d) = (b.clone(), d.clone());
+        std::thread::spawn(move || tx.send(b.seq.incarnation(&d)).unwrap());
+    }
+    let incarnation = rx.recv_timeout(BOUND);
+    // Two routes of d, one per async worker: they wait for the placement off the workers,
+    // which go on running other tasks meanwhile.
+    let routes: Vec<_> = (0..2)
+        .map(|_| {
+            let (b, d) = (b.clone(), d.clone());
+            tokio::spawn(async move { b.seq.route(&d).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let other = tokio::time::timeout(BOUND, tokio::spawn(async { "ran" })).await;
+    // The release: everything waiting for it goes on.
+    assert_eq!(a.seq.drain(), 1);
+    assert_eq!(
+        incarnation,
+        Ok(0),
+        "incarnation answers during the placement"
+    );
+    assert!(
+        matches!(other, Ok(Ok("ran"))),
+        "a task runs while two routes wait for the placement: {other:?}"
+    );
+    assert_eq!(placing.join().unwrap().expect("placed"), Route::Here);
+    for route in routes {
+        assert_eq!(route.await.unwrap().expect("routed"), Route::Here);
+    }
+    assert_ne!(b.seq.incarnation(&d), 0, "served at b");
+    assert_eq!(b.seq.read(&d).await.unwrap().unwrap().text, "1");
+}

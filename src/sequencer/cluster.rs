@@ -85,7 +85,25 @@ impl Serving {
     }
 }
 
-type Tenancy = Arc<Mutex<Option<Serving>>>;
+/// A document's tenancy here, as one entry of [`Inner::docs`].
+#[derive(Default)]
+struct TenancyCell {
+    /// Whether, and in which tenure, the document is served here. Locked briefly, and
+    /// by async workers too (a submit, a route, the server's `incarnation` under its
+    /// documents' lock), so never across a request to the store or a wait: a placement
+    /// waiting on a slow store would otherwise stall those workers and that lock, and
+    /// with them every connection of the node (found in CI: a node taking a drained
+    /// node's documents answered nothing, not even a `Hello`, for over a minute).
+    serving: Mutex<Option<Serving>>,
+    /// Held for the whole of a placement ([`Inner::place`]: the claim, the load and the
+    /// install, with their store requests and waits), on blocking threads only, so
+    /// that one placement of the document runs at a time. `serving` stays `None`
+    /// meanwhile: submits, reads, handovers, losses and deletions find the document
+    /// not served, and a route waits for the placement off the async workers.
+    placing: Mutex<()>,
+}
+
+type Tenancy = Arc<TenancyCell>;
 
 /// Where a claim left a document.
 enum Placed {
@@ -390,7 +408,10 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             .entry(Arc::from(doc_id))
             .or_default()
             .clone();
-        // Being handed over (checked under the tenancy lock, which the handover takes to
+        // One placement of the document at a time; the state is locked only to look
+        // at and change it.
+        let _placing = lock(&tenancy.placing);
+        // Being handed over (checked under the state's lock, which the handover takes to
         // begin): not claimed again before its queued writes resolved and it is
         // released. The `Open` waits for that rather than being refused (this runs on a
         // blocking thread). Likewise for the late writes of its last tenure here: loaded
@@ -398,7 +419,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // would still pass the fence of the epoch it is claimed in again.
         let patience = Instant::now() + self.hand_over_patience();
         let mut serving = loop {
-            let serving = lock(&tenancy);
+            let serving = lock(&tenancy.serving);
             if !lock(&self.handing_over).contains(doc_id) && self.settled(doc_id) {
                 break serving;
             }
@@ -419,11 +440,14 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             // (sessions redirected here) before the document is loaded again; the client
             // retries its `Open` meanwhile.
             *serving = None;
-            self.local.evict(doc_id).map_err(|e| unavailable(&e))?;
             drop(serving);
+            self.local.evict(doc_id).map_err(|e| unavailable(&e))?;
             let _ = self.moved.send((Arc::from(doc_id), self.here.clone()));
             return Err(unavailable(&"it is being reloaded; retry"));
         }
+        // Not served, and nothing but this placement makes it served: the store's
+        // requests below go without the state's lock.
+        drop(serving);
         let member = self.replicator.member();
         // Placement: a document nobody serves is claimed by its preferred owner among the
         // live nodes (rendezvous hashing), so documents spread evenly over the nodes.
@@ -434,7 +458,6 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         let epoch = match placed {
             Placed::Claimed(epoch) => epoch,
             Placed::Elsewhere(owner) => {
-                drop(serving);
                 self.forget_if_idle(doc_id, &tenancy);
                 return Ok(Route::Elsewhere(owner));
             }
@@ -450,6 +473,10 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         self.local
             .install(doc_id, snapshot, &ops)
             .map_err(|e| unavailable(&e))?;
+        // Served from here on, if the tenure still holds: checked under the state's lock,
+        // so that a loss of the tenure is either seen here or handled after it (the
+        // replicator marks a tenure lost before its handler takes this lock to evict).
+        let mut serving = lock(&tenancy.serving);
         self.replicator
             .serving(tenure)
             .map_err(|e| unavailable(&e))?;
@@ -555,7 +582,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // one now: a placement (`place`), a loss or a handover. With any of those the
         // entry stays (a placement would otherwise serve the document from an entry
         // the map no longer has).
-        if Arc::strong_count(tenancy) <= 2 && lock(tenancy).is_none() {
+        if Arc::strong_count(tenancy) <= 2 && lock(&tenancy.serving).is_none() {
             docs.remove(doc_id);
         }
     }
@@ -566,7 +593,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         doc_id: &str,
         tenancy: &'a Tenancy,
     ) -> Result<MutexGuard<'a, Option<Serving>>, SubmitError> {
-        let guard = lock(tenancy);
+        let guard = lock(&tenancy.serving);
         match &*guard {
             Some(s) => {
                 self.replicator
@@ -667,7 +694,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             return Ok(false);
         };
         let (epoch, snapshot, previous) = {
-            let mut serving = lock(&tenancy);
+            let mut serving = lock(&tenancy.serving);
             let Some(s) = serving.as_mut() else {
                 return Ok(false);
             };
@@ -696,7 +723,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                 }
             }
         }
-        if let Some(s) = lock(&tenancy).as_mut() {
+        if let Some(s) = lock(&tenancy.serving).as_mut() {
             if s.epoch == epoch {
                 s.last_snapshot = Some(seq);
             }
@@ -717,7 +744,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                 .collect(),
         };
         for (doc, tenancy) in docs {
-            let mut serving = lock(&tenancy);
+            let mut serving = lock(&tenancy.serving);
             let Some(s) = &*serving else { continue };
             if self.replicator.serving(s.tenure).is_ok() {
                 continue;
@@ -744,7 +771,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     fn hand_over(&self, docs: Vec<(Arc<str>, Tenancy)>, to: impl Fn(&str) -> Owner) -> usize {
         let mut stopped = Vec::with_capacity(docs.len());
         for (doc, tenancy) in docs {
-            let mut serving = lock(&tenancy);
+            let mut serving = lock(&tenancy.serving);
             // Lost already: the loss handler evicts it and says where it went.
             if serving
                 .as_ref()
@@ -1192,7 +1219,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     async fn route(&self, doc_id: &str) -> Result<Route, RouteError> {
         // Served here already: no store request, no thread.
         if let Some(tenancy) = self.inner.tenancy(doc_id) {
-            if let Some(s) = &*lock(&tenancy) {
+            if let Some(s) = &*lock(&tenancy.serving) {
                 if self.inner.replicator.serving(s.tenure).is_ok() {
                     return Ok(Route::Here);
                 }
@@ -1215,7 +1242,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     fn incarnation(&self, doc_id: &str) -> u64 {
         self.inner
             .tenancy(doc_id)
-            .and_then(|t| lock(&t).as_ref().map(Serving::incarnation))
+            .and_then(|t| lock(&t.serving).as_ref().map(Serving::incarnation))
             .unwrap_or(0)
     }
 
