@@ -29,6 +29,7 @@ use quire::client::connection::Connection;
 use quire::client::{ConnectionState, DocHandle, Event, Events};
 use quire::op::Patch;
 use quire::protocol::message::Message;
+use quire::sequencer::cluster::HAND_OVER_PATIENCE;
 use quire_nodes::*;
 
 /// Every edit made while a node drains lands exactly once, its documents move to the
@@ -286,8 +287,16 @@ async fn edit_drain_and_check(
     claim_at(nodes[1].addr, std::slice::from_ref(&on_n1), 3).await;
     // Clients at home on n0 and n1 edit all five (by redirect where they are not at
     // home); raw connections at home on n2 (below) edit n2's.
-    let a = connected(config(nodes[0].addr, 4)).await;
-    let b = connected(config(nodes[1].addr, 5)).await;
+    // Patient enough for an `Open` that waits out a handover (protocol.md, "No owner
+    // right now": up to 10 s), as every client must be; the harness's 3 s (for the tests
+    // that stop a node) would count such an `Open` as a lost connection.
+    let patient = |addr, seed| {
+        let mut c = config(addr, seed);
+        c.timeout = HAND_OVER_PATIENCE * 2;
+        c
+    };
+    let a = connected(patient(nodes[0].addr, 4)).await;
+    let b = connected(patient(nodes[1].addr, 5)).await;
     let mut docs: Vec<Doc> = Vec::new();
     for doc in drained.iter().chain([&on_n0, &on_n1]) {
         docs.push(open_at(&[("a", &a), ("b", &b)], doc).await);
