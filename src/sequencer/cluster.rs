@@ -105,6 +105,44 @@ struct TenancyCell {
 
 type Tenancy = Arc<TenancyCell>;
 
+impl TenancyCell {
+    /// The document's state, locked (counted in [`STATE_LOCKS_HELD`]).
+    fn state(&self) -> StateGuard<'_> {
+        let guard = lock(&self.serving);
+        STATE_LOCKS_HELD.with(|n| n.set(n.get() + 1));
+        StateGuard(guard)
+    }
+}
+
+thread_local! {
+    /// How many documents' state locks ([`TenancyCell::serving`]) this thread holds: a
+    /// request to the store is never made under one ([`Inner::member`] asserts it).
+    static STATE_LOCKS_HELD: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A document's state locked by [`TenancyCell::state`].
+struct StateGuard<'a>(MutexGuard<'a, Option<Serving>>);
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = Option<Serving>;
+
+    fn deref(&self) -> &Option<Serving> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Option<Serving> {
+        &mut self.0
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        STATE_LOCKS_HELD.with(|n| n.set(n.get() - 1));
+    }
+}
+
 /// Where a claim left a document.
 enum Placed {
     /// Claimed here, in this epoch.
@@ -392,6 +430,18 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         Duration::from_millis(self.hand_over_patience_ms.load(Ordering::SeqCst))
     }
 
+    /// The cluster's store, for a request: never under a document's state lock, which
+    /// async workers and the server's documents' lock wait for (a slow store would
+    /// stall the whole node).
+    fn member(&self) -> &crate::cluster::ownership::Member<S> {
+        let held = STATE_LOCKS_HELD.with(std::cell::Cell::get);
+        assert_eq!(
+            held, 0,
+            "a request to the store under a document's state lock"
+        );
+        self.replicator.member()
+    }
+
     fn tenancy(&self, doc_id: &str) -> Option<Tenancy> {
         lock(&self.docs).get(doc_id).cloned()
     }
@@ -419,7 +469,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // would still pass the fence of the epoch it is claimed in again.
         let patience = Instant::now() + self.hand_over_patience();
         let mut serving = loop {
-            let serving = lock(&tenancy.serving);
+            let serving = tenancy.state();
             if !lock(&self.handing_over).contains(doc_id) && self.settled(doc_id) {
                 break serving;
             }
@@ -448,7 +498,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // Not served, and nothing but this placement makes it served: the store's
         // requests below go without the state's lock.
         drop(serving);
-        let member = self.replicator.member();
+        let member = self.member();
         // Placement: a document nobody serves is claimed by its preferred owner among the
         // live nodes (rendezvous hashing), so documents spread evenly over the nodes.
         let placed = match self.placed_elsewhere(doc_id).map_err(|e| unavailable(&e))? {
@@ -476,7 +526,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // Served from here on, if the tenure still holds: checked under the state's lock,
         // so that a loss of the tenure is either seen here or handled after it (the
         // replicator marks a tenure lost before its handler takes this lock to evict).
-        let mut serving = lock(&tenancy.serving);
+        let mut serving = tenancy.state();
         self.replicator
             .serving(tenure)
             .map_err(|e| unavailable(&e))?;
@@ -503,7 +553,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     /// its owner if it has one, else the preferred owner, which claims it at its `Open`
     /// (`None`: this node claims it).
     fn placed_elsewhere(&self, doc_id: &str) -> Result<Option<Owner>, ClusterError> {
-        let member = self.replicator.member();
+        let member = self.member();
         let nodes = member.live_nodes()?;
         let preferred =
             crate::cluster::hashing::preferred_owner(doc_id, nodes.iter().map(|n| n.node.as_str()));
@@ -526,7 +576,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     /// its ownership about to be released) is waited for, up to [`HAND_OVER_PATIENCE`],
     /// rather than refusing the `Open`.
     fn claim(&self, doc_id: &str) -> Result<Placed, String> {
-        let member = self.replicator.member();
+        let member = self.member();
         let patience = Instant::now() + self.hand_over_patience();
         loop {
             match member.claim(doc_id).map_err(|e| e.to_string())? {
@@ -582,7 +632,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // one now: a placement (`place`), a loss or a handover. With any of those the
         // entry stays (a placement would otherwise serve the document from an entry
         // the map no longer has).
-        if Arc::strong_count(tenancy) <= 2 && lock(&tenancy.serving).is_none() {
+        if Arc::strong_count(tenancy) <= 2 && tenancy.state().is_none() {
             docs.remove(doc_id);
         }
     }
@@ -592,8 +642,8 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         &self,
         doc_id: &str,
         tenancy: &'a Tenancy,
-    ) -> Result<MutexGuard<'a, Option<Serving>>, SubmitError> {
-        let guard = lock(&tenancy.serving);
+    ) -> Result<StateGuard<'a>, SubmitError> {
+        let guard = tenancy.state();
         match &*guard {
             Some(s) => {
                 self.replicator
@@ -694,7 +744,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             return Ok(false);
         };
         let (epoch, snapshot, previous) = {
-            let mut serving = lock(&tenancy.serving);
+            let mut serving = tenancy.state();
             let Some(s) = serving.as_mut() else {
                 return Ok(false);
             };
@@ -709,7 +759,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             (s.epoch, snapshot, s.last_snapshot)
         };
         let seq = snapshot.last_included_seq;
-        let member = self.replicator.member();
+        let member = self.member();
         member
             .write_snapshot(doc, epoch, seq, &snapshot.encode())
             .map_err(|e| format!("{e:?}"))?;
@@ -723,7 +773,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                 }
             }
         }
-        if let Some(s) = lock(&tenancy.serving).as_mut() {
+        if let Some(s) = tenancy.state().as_mut() {
             if s.epoch == epoch {
                 s.last_snapshot = Some(seq);
             }
@@ -744,7 +794,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                 .collect(),
         };
         for (doc, tenancy) in docs {
-            let mut serving = lock(&tenancy.serving);
+            let mut serving = tenancy.state();
             let Some(s) = &*serving else { continue };
             if self.replicator.serving(s.tenure).is_ok() {
                 continue;
@@ -771,7 +821,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     fn hand_over(&self, docs: Vec<(Arc<str>, Tenancy)>, to: impl Fn(&str) -> Owner) -> usize {
         let mut stopped = Vec::with_capacity(docs.len());
         for (doc, tenancy) in docs {
-            let mut serving = lock(&tenancy.serving);
+            let mut serving = tenancy.state();
             // Lost already: the loss handler evicts it and says where it went.
             if serving
                 .as_ref()
@@ -796,7 +846,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
                 std::thread::sleep(POLL);
             }
         }
-        let member = self.replicator.member();
+        let member = self.member();
         let handed = stopped.len();
         for (doc, tenancy, s) in stopped {
             if let Err(e) = member.release(&doc, s.epoch) {
@@ -913,7 +963,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         if self.draining.load(Ordering::SeqCst) {
             return 0;
         }
-        let member = self.replicator.member();
+        let member = self.member();
         let nodes = match member.live_nodes() {
             Ok(nodes) => nodes,
             Err(e) => {
@@ -959,13 +1009,13 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     /// The node a drained document goes to: its preferred owner among the other live
     /// nodes; this node if there is none (its clients then come back and find it gone).
     fn successor(&self, doc: &str) -> Owner {
-        let nodes = self.replicator.member().live_nodes().unwrap_or_default();
+        let nodes = self.member().live_nodes().unwrap_or_default();
         self.successor_among(doc, &nodes)
     }
 
     /// [`Inner::successor`] among `nodes` (the live nodes, read once for many documents).
     fn successor_among(&self, doc: &str, nodes: &[crate::cluster::ownership::NodeInfo]) -> Owner {
-        let member = self.replicator.member();
+        let member = self.member();
         let others = nodes.iter().filter(|n| n.node != member.node());
         let preferred =
             crate::cluster::hashing::preferred_owner(doc, others.clone().map(|n| n.node.as_str()));
@@ -978,7 +1028,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     /// Where `doc` is served now, as far as the store says; this node if nobody owns it
     /// or the store cannot say (an `Open` here then finds out).
     fn owner_of(&self, doc: &str) -> Owner {
-        let member = self.replicator.member();
+        let member = self.member();
         match member.owner(doc) {
             Ok(Some(node)) if node.node != member.node() => owner_at(&node.addr),
             _ => self.here.clone(),
@@ -1095,14 +1145,14 @@ impl<S: Store + Send + Sync + 'static> ClusterSequencer<S> {
     pub fn drain(&self) -> usize {
         let inner = &self.inner;
         inner.draining.store(true, Ordering::SeqCst);
-        if let Err(e) = inner.replicator.member().withdraw() {
+        if let Err(e) = inner.member().withdraw() {
             tracing::warn!("withdrawing from placement: {e}");
         }
         let docs: Vec<(Arc<str>, Tenancy)> = lock(&inner.docs)
             .iter()
             .map(|(d, t)| (d.clone(), t.clone()))
             .collect();
-        let nodes = inner.replicator.member().live_nodes().unwrap_or_default();
+        let nodes = inner.member().live_nodes().unwrap_or_default();
         inner.hand_over(docs, |doc| inner.successor_among(doc, &nodes))
     }
 
@@ -1219,7 +1269,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     async fn route(&self, doc_id: &str) -> Result<Route, RouteError> {
         // Served here already: no store request, no thread.
         if let Some(tenancy) = self.inner.tenancy(doc_id) {
-            if let Some(s) = &*lock(&tenancy.serving) {
+            if let Some(s) = &*tenancy.state() {
                 if self.inner.replicator.serving(s.tenure).is_ok() {
                     return Ok(Route::Here);
                 }
@@ -1242,7 +1292,7 @@ impl<S: Store + Send + Sync + 'static> Sequencer for ClusterSequencer<S> {
     fn incarnation(&self, doc_id: &str) -> u64 {
         self.inner
             .tenancy(doc_id)
-            .and_then(|t| lock(&t.serving).as_ref().map(Serving::incarnation))
+            .and_then(|t| t.state().as_ref().map(Serving::incarnation))
             .unwrap_or(0)
     }
 
