@@ -1473,3 +1473,49 @@ async fn a_placement_waiting_on_the_store_holds_back_no_other_call() {
     assert_ne!(b.seq.incarnation(&d), 0, "served at b");
     assert_eq!(b.seq.read(&d).await.unwrap().unwrap().text, "1");
 }
+
+/// A drain that begins while a placement is under way waits for it and hands the
+/// document over: a node that drains serves nothing afterwards. (With the placement
+/// holding only a lock of its own, the drain found the document not served, skipped it,
+/// and the placement then served it on the draining node.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_during_a_placement_waits_for_it_and_hands_the_document_over() {
+    let store = Arc::new(MemStore::new());
+    let nodes = [node(&store, "a"), node(&store, "b"), node(&store, "c")];
+    let [a, b, c] = nodes.map(Arc::new);
+    // Preferred by a among all, by b once a is gone.
+    let d = (0..)
+        .map(|i| format!("dp{i}"))
+        .find(|d| {
+            preferred_owner(d, ["a", "b", "c"]) == Some("a")
+                && preferred_owner(d, ["b", "c"]) == Some("b")
+        })
+        .unwrap();
+    let _moved = [a.seq.moved().unwrap(), b.seq.moved().unwrap()];
+    assert_eq!(route(&a, &d), Route::Here);
+    committed_nth(&a, &d, 1).await;
+    // a leaves without releasing d (yet): b's placement of d waits for it.
+    a.seq.replicator().member().withdraw().unwrap();
+    b.seq.set_hand_over_patience(Duration::from_secs(60));
+    let placing = {
+        let (b, d) = (b.clone(), d.clone());
+        std::thread::spawn(move || b.seq.place(&d))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !placing.is_finished(),
+        "the placement waits for the release"
+    );
+    // b drains meanwhile; then a releases d.
+    let draining = {
+        let b = b.clone();
+        std::thread::spawn(move || b.seq.drain())
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(a.seq.drain(), 1);
+    placing.join().unwrap().expect("placed");
+    assert_eq!(draining.join().unwrap(), 1, "b's drain handed d over");
+    assert_eq!(b.seq.incarnation(&d), 0, "b serves nothing after its drain");
+    assert_eq!(route(&c, &d), Route::Here, "c takes d");
+    assert_eq!(c.seq.read(&d).await.unwrap().unwrap().text, "1");
+}

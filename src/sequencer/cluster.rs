@@ -461,6 +461,13 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // One placement of the document at a time; the state is locked only to look
         // at and change it.
         let _placing = lock(&tenancy.placing);
+        // Again under the placement lock: a drain that began meanwhile either waits for
+        // this placement (it takes the lock to hand the document over, and found the
+        // entry made above) or took the lock first, and then this sees it draining.
+        if self.draining.load(Ordering::SeqCst) {
+            self.forget_if_idle(doc_id, &tenancy);
+            return Ok(Route::Elsewhere(self.successor(doc_id)));
+        }
         // Being handed over (checked under the state's lock, which the handover takes to
         // begin): not claimed again before its queued writes resolved and it is
         // released. The `Open` waits for that rather than being refused (this runs on a
@@ -821,6 +828,9 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     fn hand_over(&self, docs: Vec<(Arc<str>, Tenancy)>, to: impl Fn(&str) -> Owner) -> usize {
         let mut stopped = Vec::with_capacity(docs.len());
         for (doc, tenancy) in docs {
+            // A placement under way finishes first (this is a blocking thread): the
+            // document it serves is handed over with the others.
+            let placing = lock(&tenancy.placing);
             let mut serving = tenancy.state();
             // Lost already: the loss handler evicts it and says where it went.
             if serving
@@ -833,6 +843,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             // Before the tenancy lock goes: an `Open` here meanwhile waits (`place`).
             lock(&self.handing_over).insert(doc.clone());
             drop(serving);
+            drop(placing);
             stopped.push((doc, tenancy, s));
         }
         let patience = Instant::now() + self.hand_over_patience();
