@@ -1519,3 +1519,37 @@ async fn a_drain_during_a_placement_waits_for_it_and_hands_the_document_over() {
     assert_eq!(route(&c, &d), Route::Here, "c takes d");
     assert_eq!(c.seq.read(&d).await.unwrap().unwrap().text, "1");
 }
+
+/// Placements of one document wait together, each up to its own patience from when it
+/// began, not one after another: a second `Open` waiting behind a first one is answered
+/// "retry" when its patience is over, while the first still waits. (Queued, every
+/// further `Open` waited a whole patience more: the third reached the clients' 30 s
+/// silence timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_waiting_behind_another_gives_up_at_its_own_patience() {
+    use quire::sequencer::RouteError;
+    let store = Arc::new(MemStore::new());
+    let (a, b) = (node(&store, "a"), Arc::new(node(&store, "b")));
+    let d = doc_for("a", &["a", "b"]);
+    let _moved = a.seq.moved().unwrap();
+    assert_eq!(route(&a, &d), Route::Here);
+    committed_nth(&a, &d, 1).await;
+    // a leaves without releasing d (yet): b's first placement waits for it, long.
+    a.seq.replicator().member().withdraw().unwrap();
+    b.seq.set_hand_over_patience(Duration::from_secs(60));
+    let first = {
+        let (b, d) = (b.clone(), d.clone());
+        std::thread::spawn(move || b.seq.place(&d))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!first.is_finished(), "the placement waits for the release");
+    // The second, with a short patience, is answered while the first still waits.
+    b.seq.set_hand_over_patience(Duration::from_millis(300));
+    match b.seq.place(&d) {
+        Err(RouteError::Unavailable(why)) => assert!(why.contains("retry"), "{why}"),
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert!(!first.is_finished(), "the first placement still waits");
+    assert_eq!(a.seq.drain(), 1);
+    assert_eq!(first.join().unwrap().expect("placed"), Route::Here);
+}

@@ -458,9 +458,22 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
             .entry(Arc::from(doc_id))
             .or_default()
             .clone();
+        // Every wait of this placement ends by one deadline, its turn included: `Open`s of
+        // one document waiting together are answered together, not one patience after
+        // another.
+        let patience = Instant::now() + self.hand_over_patience();
         // One placement of the document at a time; the state is locked only to look
         // at and change it.
-        let _placing = lock(&tenancy.placing);
+        let _placing = loop {
+            match tenancy.placing.try_lock() {
+                Ok(placing) => break placing,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() > patience => {
+                    return Err(unavailable(&"another placement of it is under way; retry"));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => std::thread::sleep(POLL),
+            }
+        };
         // Again under the placement lock: a drain that began meanwhile either waits for
         // this placement (it takes the lock to hand the document over, and found the
         // entry made above) or took the lock first, and then this sees it draining.
@@ -474,7 +487,6 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // blocking thread). Likewise for the late writes of its last tenure here: loaded
         // before they resolved, the document would miss what they write, and they
         // would still pass the fence of the epoch it is claimed in again.
-        let patience = Instant::now() + self.hand_over_patience();
         let mut serving = loop {
             let serving = tenancy.state();
             if !lock(&self.handing_over).contains(doc_id) && self.settled(doc_id) {
@@ -510,7 +522,7 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
         // live nodes (rendezvous hashing), so documents spread evenly over the nodes.
         let placed = match self.placed_elsewhere(doc_id).map_err(|e| unavailable(&e))? {
             Some(owner) => Placed::Elsewhere(owner),
-            None => self.claim(doc_id).map_err(|e| unavailable(&e))?,
+            None => self.claim(doc_id, patience).map_err(|e| unavailable(&e))?,
         };
         let epoch = match placed {
             Placed::Claimed(epoch) => epoch,
@@ -580,11 +592,11 @@ impl<S: Store + Send + Sync + 'static> Inner<S> {
     }
 
     /// Claims `doc_id`, or finds where it is served. An owner that is leaving (draining:
-    /// its ownership about to be released) is waited for, up to [`HAND_OVER_PATIENCE`],
-    /// rather than refusing the `Open`.
-    fn claim(&self, doc_id: &str) -> Result<Placed, String> {
+    /// its ownership about to be released) is waited for, up to `patience` (the
+    /// placement's deadline, [`HAND_OVER_PATIENCE`] after it began), rather than refusing
+    /// the `Open`.
+    fn claim(&self, doc_id: &str, patience: Instant) -> Result<Placed, String> {
         let member = self.member();
-        let patience = Instant::now() + self.hand_over_patience();
         loop {
             match member.claim(doc_id).map_err(|e| e.to_string())? {
                 Claim::Owned(epoch) => return Ok(Placed::Claimed(epoch)),
