@@ -924,14 +924,7 @@ async fn an_open_waits_for_a_leaving_owner_up_to_its_patience() {
     let store = Arc::new(MemStore::new());
     let (a, b) = (node(&store, "a"), Arc::new(node(&store, "b")));
     let d = doc_for("a", &["a", "b"]);
-    let _moved = a.seq.moved().unwrap();
-    assert_eq!(route(&a, &d), Route::Here);
-    let Submitted::Applied { ticket, .. } = a.seq.submit(&d, &op(1, 1, 0, "a")).unwrap() else {
-        panic!("op 1");
-    };
-    a.seq.wait_durable(ticket).await.unwrap();
-    // a leaves, and does not release its document (yet).
-    a.seq.replicator().member().withdraw().unwrap();
+    let _moved = owned_by_a_leaver(&a, &d).await;
     let patience = Duration::from_millis(300);
     b.seq.set_hand_over_patience(patience);
     let started = std::time::Instant::now();
@@ -946,15 +939,10 @@ async fn an_open_waits_for_a_leaving_owner_up_to_its_patience() {
     );
     // Within it: a's drain releases the document while b's `Open` waits.
     b.seq.set_hand_over_patience(Duration::from_secs(60));
-    let waiting = {
-        let (b, d) = (b.clone(), d.clone());
-        std::thread::spawn(move || b.seq.place(&d))
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(!waiting.is_finished(), "the Open waits for the release");
+    let waiting = placing_at(&b, &d);
     assert_eq!(a.seq.drain(), 1);
     assert_eq!(waiting.join().unwrap().expect("placed"), Route::Here);
-    assert_eq!(b.seq.read(&d).await.unwrap().unwrap().text, "a");
+    assert_eq!(b.seq.read(&d).await.unwrap().unwrap().text, "1");
 }
 
 /// Found by tests/cluster_nodes.rs's quorum test (2 runs in about 100): an edit made
@@ -1408,6 +1396,39 @@ fn node_on_simulated_disk(store: &Arc<MemStore>, id: &str) -> (Node, quire::wal:
     (node, fs)
 }
 
+/// Node `a` owns `d` (its preferred owner) with op 1 ("1") durable, then leaves without
+/// releasing it (its membership withdrawn, as a drain begins): a placement of `d`
+/// elsewhere waits for the release (`a.seq.drain()`), up to its patience. The receiver
+/// of a's moves is kept by the caller.
+async fn owned_by_a_leaver(
+    a: &Node,
+    d: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Owner)> {
+    let moved = a.seq.moved().unwrap();
+    assert_eq!(route(a, d), Route::Here);
+    a.seq.wait_durable(applied_nth(a, d, 1)).await.unwrap();
+    a.seq.replicator().member().withdraw().unwrap();
+    moved
+}
+
+/// `node`'s placement of `d` on a thread of its own, once it has begun waiting (it is
+/// not finished 100 ms on).
+fn placing_at(
+    node: &Arc<Node>,
+    d: &str,
+) -> std::thread::JoinHandle<Result<Route, quire::sequencer::RouteError>> {
+    let placing = {
+        let (node, d) = (node.clone(), d.to_owned());
+        std::thread::spawn(move || node.seq.place(&d))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !placing.is_finished(),
+        "the placement waits for the release"
+    );
+    placing
+}
+
 /// A placement waiting on the store (here for a leaving owner's release, up to its
 /// patience; on a slow etcd, for each request) holds back no other call about the
 /// document: the server asks `incarnation` under its documents' lock, and `route` runs
@@ -1421,23 +1442,11 @@ async fn a_placement_waiting_on_the_store_holds_back_no_other_call() {
     let store = Arc::new(MemStore::new());
     let (a, b) = (node(&store, "a"), Arc::new(node(&store, "b")));
     let d = doc_for("a", &["a", "b"]);
-    let _moved = a.seq.moved().unwrap();
-    assert_eq!(route(&a, &d), Route::Here);
-    committed_nth(&a, &d, 1).await;
-    // a leaves without releasing d (yet): b's placement of d waits for it (past its
-    // patience, the placement gives up, and whatever it held back goes on: a failure of
-    // this test takes that long).
-    a.seq.replicator().member().withdraw().unwrap();
+    let _moved = owned_by_a_leaver(&a, &d).await;
+    // b's placement of d waits for the release (past its patience, the placement gives
+    // up, and whatever it held back goes on: a failure of this test takes that long).
     b.seq.set_hand_over_patience(2 * BOUND);
-    let placing = {
-        let (b, d) = (b.clone(), d.clone());
-        std::thread::spawn(move || b.seq.place(&d))
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        !placing.is_finished(),
-        "the placement waits for the release"
-    );
+    let placing = placing_at(&b, &d);
     // Asked on another thread: not served (yet), at once.
     let (tx, rx) = mpsc::channel();
     {
@@ -1491,21 +1500,9 @@ async fn a_drain_during_a_placement_waits_for_it_and_hands_the_document_over() {
                 && preferred_owner(d, ["b", "c"]) == Some("b")
         })
         .unwrap();
-    let _moved = [a.seq.moved().unwrap(), b.seq.moved().unwrap()];
-    assert_eq!(route(&a, &d), Route::Here);
-    committed_nth(&a, &d, 1).await;
-    // a leaves without releasing d (yet): b's placement of d waits for it.
-    a.seq.replicator().member().withdraw().unwrap();
+    let _moved = [owned_by_a_leaver(&a, &d).await, b.seq.moved().unwrap()];
     b.seq.set_hand_over_patience(Duration::from_secs(60));
-    let placing = {
-        let (b, d) = (b.clone(), d.clone());
-        std::thread::spawn(move || b.seq.place(&d))
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        !placing.is_finished(),
-        "the placement waits for the release"
-    );
+    let placing = placing_at(&b, &d);
     // b drains meanwhile; then a releases d.
     let draining = {
         let b = b.clone();
@@ -1531,18 +1528,10 @@ async fn a_placement_waiting_behind_another_gives_up_at_its_own_patience() {
     let store = Arc::new(MemStore::new());
     let (a, b) = (node(&store, "a"), Arc::new(node(&store, "b")));
     let d = doc_for("a", &["a", "b"]);
-    let _moved = a.seq.moved().unwrap();
-    assert_eq!(route(&a, &d), Route::Here);
-    committed_nth(&a, &d, 1).await;
-    // a leaves without releasing d (yet): b's first placement waits for it, long.
-    a.seq.replicator().member().withdraw().unwrap();
+    let _moved = owned_by_a_leaver(&a, &d).await;
+    // b's first placement waits for the release, long.
     b.seq.set_hand_over_patience(Duration::from_secs(60));
-    let first = {
-        let (b, d) = (b.clone(), d.clone());
-        std::thread::spawn(move || b.seq.place(&d))
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(!first.is_finished(), "the placement waits for the release");
+    let first = placing_at(&b, &d);
     // The second, with a short patience, is answered while the first still waits.
     b.seq.set_hand_over_patience(Duration::from_millis(300));
     match b.seq.place(&d) {
