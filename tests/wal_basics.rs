@@ -141,13 +141,23 @@ fn a_panic_in_the_writer_fails_the_log_and_every_waiter_instead_of_leaving_them_
     rt.block_on(wal.append_op_durable(&op("d", 1, "a")))
         .unwrap();
     fs.panic_at_next(PanicAt::SyncData);
+    // Op 2 is appended before the sync that panics (the writer syncs what was appended);
+    // op 3 either also waits, or, the writer having panicked already, is refused.
     let waiters: Vec<_> = (2..=3)
-        .map(|seq| {
-            let lsn = wal.append_op(&op("d", seq, "b")).unwrap();
-            let wal = wal.clone();
-            rt.spawn(async move { wal.wait_durable(lsn).await })
+        .filter_map(|seq| match wal.append_op(&op("d", seq, "b")) {
+            Ok(lsn) => {
+                let wal = wal.clone();
+                Some(rt.spawn(async move { wal.wait_durable(lsn).await }))
+            }
+            Err(err) => {
+                assert_eq!(seq, 3, "op 2 goes before the sync: {err}");
+                assert!(matches!(err, WalError::Failed(_)), "{err}");
+                assert!(err.to_string().contains("simulated panic"), "{err}");
+                None
+            }
         })
         .collect();
+    assert!(!waiters.is_empty());
     // Closing joins the writer thread: once it returns, the writer has met the panic.
     wal.close();
     assert!(
