@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use crate::common::wrapped::{Rules, Wrapped};
+
 use quire::cluster::hashing::preferred_owner;
 use quire::cluster::mem_store::{Fault, MemStore};
 use quire::cluster::ownership::{Keys, Member};
@@ -250,81 +252,23 @@ async fn an_owner_replaced_behind_its_back_acknowledges_nothing_and_writes_nothi
     assert_eq!(c.seq.read(&d).await.unwrap().unwrap().text, "ba");
 }
 
-/// A cluster sequencer that tells the server the document's load it was asked about
-/// first, whatever it serves now: the server's copy checks the load before it submits,
-/// and this is the copy's view when the sequencer reloads the document in between (a
-/// race of microseconds, made here every time).
+/// Rules of a cluster node that tell the server the document's load it was asked about
+/// first, whatever the node serves now: the server's copy checks the load before it
+/// submits, and this is the copy's view when the sequencer reloads the document in
+/// between (a race of microseconds, made here every time).
+#[derive(Default)]
 struct ToldStale {
-    seq: ClusterSequencer<Arc<MemStore>>,
     told: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
-impl Sequencer for ToldStale {
-    fn here(&self) -> Option<Owner> {
-        self.seq.here()
-    }
-    fn incarnation(&self, doc_id: &str) -> u64 {
+impl Rules<ClusterSequencer<Arc<MemStore>>> for ToldStale {
+    fn incarnation(&self, store: &ClusterSequencer<Arc<MemStore>>, doc_id: &str) -> u64 {
         *self
             .told
             .lock()
             .unwrap()
             .entry(doc_id.to_owned())
-            .or_insert_with(|| self.seq.incarnation(doc_id))
-    }
-    fn storage_stats(&self) -> quire::sequencer::StorageStats {
-        self.seq.storage_stats()
-    }
-    fn list_documents(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Vec<quire::sequencer::DocSummary> {
-        self.seq.list_documents(after, limit)
-    }
-    fn read_at(
-        &self,
-        doc_id: &str,
-        seq: u64,
-    ) -> Result<Option<quire::sequencer::DocView>, ReadAtError> {
-        self.seq.read_at(doc_id, seq)
-    }
-    fn submit(&self, doc_id: &str, op: &SubmitOp) -> Result<Submitted, SubmitError> {
-        self.seq.submit(doc_id, op)
-    }
-    fn applied(
-        &self,
-        doc_id: &str,
-        op_id: OpId,
-        fingerprint: u64,
-    ) -> Option<Result<Submitted, SubmitError>> {
-        self.seq.applied(doc_id, op_id, fingerprint)
-    }
-    fn assign_client_id(&self) -> Result<u64, Arc<str>> {
-        self.seq.assign_client_id()
-    }
-    fn version(&self, doc_id: &str) -> u64 {
-        self.seq.version(doc_id)
-    }
-    fn wait_durable(
-        &self,
-        ticket: quire::sequencer::Ticket,
-    ) -> impl std::future::Future<Output = Result<(), Arc<str>>> + Send {
-        self.seq.wait_durable(ticket)
-    }
-    fn read_now(
-        &self,
-        doc_id: &str,
-        reader: Option<u64>,
-    ) -> Result<Option<(quire::sequencer::DocView, quire::sequencer::Ticket)>, Arc<str>> {
-        self.seq.read_now(doc_id, reader)
-    }
-    fn ops_after(
-        &self,
-        doc_id: &str,
-        after_seq: u64,
-        limit: usize,
-    ) -> Result<Option<Vec<quire::op::SequencedOp>>, Arc<str>> {
-        self.seq.ops_after(doc_id, after_seq, limit)
+            .or_insert_with(|| store.incarnation(doc_id))
     }
 }
 
@@ -343,9 +287,9 @@ async fn an_op_transformed_for_a_load_the_sequencer_replaced_is_not_sequenced() 
     let (a, b) = (node(&store, "a"), node(&store, "b"));
     let d = doc_for("a", &["a", "b"]);
     assert_eq!(route(&a, &d), Route::Here);
-    let a = ToldStale {
-        seq: a.seq,
-        told: Default::default(),
+    let a = Wrapped {
+        store: Arc::new(a.seq),
+        rules: ToldStale::default(),
     };
     let limits = DocumentLimits {
         presence_interval: Duration::from_millis(50),
@@ -382,16 +326,16 @@ async fn an_op_transformed_for_a_load_the_sequencer_replaced_is_not_sequenced() 
         panic!("a still believes it owns the document");
     };
     assert!(a.wait_durable(ticket).await.is_err(), "fenced");
-    a.seq.handle_losses();
+    a.store.handle_losses();
     // a registers again; b's lease expires; a loads the document from the store: b's op
     // 2, at the copy's version.
-    a.seq.replicator().renew();
-    a.seq.replicator().renew();
+    a.store.replicator().renew();
+    a.store.replicator().renew();
     store.advance(TTL / 2);
-    a.seq.replicator().renew();
+    a.store.replicator().renew();
     store.advance(TTL / 2 + Duration::from_secs(1));
-    assert_eq!(a.seq.place(&d).expect("placed"), Route::Here);
-    assert_ne!(a.seq.incarnation(&d), a.incarnation(&d), "reloaded");
+    assert_eq!(a.store.place(&d).expect("placed"), Route::Here);
+    assert_ne!(a.store.incarnation(&d), a.incarnation(&d), "reloaded");
     assert_eq!(a.read(&d).await.unwrap().unwrap().text, "b1");
     // The copy's client sends op 3, made on the copy's version 2 ("late1").
     match copy.submit(&a, submission(1, 3, 2, "x")) {

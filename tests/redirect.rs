@@ -86,8 +86,8 @@ struct Routed {
     table: Arc<Table>,
 }
 
-impl Rules for Routed {
-    async fn route(&self, doc_id: &str) -> Result<Route, RouteError> {
+impl Rules<LocalSequencer> for Routed {
+    async fn route(&self, _store: &LocalSequencer, doc_id: &str) -> Result<Route, RouteError> {
         let mut changed = self.table.changed.subscribe();
         loop {
             match self.table.owned(doc_id) {
@@ -136,7 +136,7 @@ impl Rules for Routed {
 
 struct Node {
     addr: SocketAddr,
-    server: Arc<Server<Wrapped<Routed>>>,
+    server: Arc<Server<Wrapped<LocalSequencer, Routed>>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<usize>,
 }

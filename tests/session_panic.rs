@@ -26,7 +26,7 @@ const BOOM: &str = "boom";
 /// reaches it. Test-only code.
 struct Panicking;
 
-impl Rules for Panicking {
+impl Rules<LocalSequencer> for Panicking {
     fn submit(
         &self,
         store: &LocalSequencer,

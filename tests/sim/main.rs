@@ -52,6 +52,9 @@ mod cluster;
 mod disk;
 mod net;
 mod raw;
+// The test sequencer shared with the integration tests.
+#[path = "../common/wrapped.rs"]
+mod wrapped;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -59,7 +62,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use disk::SimSequencer;
+use disk::{sim_sequencer, SimSequencer};
 use net::{ClientEnd, LinkConfig, ServerEnd, SimListener, Wire};
 use quire::client::connection::{ClientError, Connection};
 use quire::op::{OpId, Patch};
@@ -501,12 +504,12 @@ impl Sim {
                 self.deleted(u.doc, u.version, u.history);
             }
         }
-        let (sim_sequencer, disk) = SimSequencer::new(
+        let (simulated, disk) = sim_sequencer(
             sequencer.clone(),
             SplitMix(self.rng.next_u64()),
             disk_paused.clone(),
         );
-        let server = Server::new(Arc::new(sim_sequencer), self.server_config.clone());
+        let server = Server::new(Arc::new(simulated), self.server_config.clone());
         let (connect, accepted) = mpsc::unbounded_channel();
         let serving = server
             .clone()
