@@ -263,6 +263,58 @@ async fn a_text_message_is_refused_as_malformed_and_a_bystander_is_served() {
     server.stop().await;
 }
 
+/// The next WebSocket message that is not a Ping or Pong; `None` once the connection
+/// ends without one.
+async fn next_control(ws: &mut Socket) -> Option<Ws> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the server answers within 10 s");
+        match message {
+            Some(Ok(Ws::Ping(_) | Ws::Pong(_))) => continue,
+            Some(Ok(message)) => return Some(message),
+            None | Some(Err(_)) => return None,
+        }
+    }
+}
+
+/// The closing handshake of RFC 6455 both ways, as protocol.md promises: a client's
+/// Close is answered with a Close (a browser otherwise reports code 1006, an abnormal
+/// end), and an Error the server ends a connection with is followed by its Close.
+/// Found from outside (32nd session): the server closed TCP without a Close.
+#[tokio::test]
+async fn the_server_answers_a_close_with_a_close_and_closes_after_an_error_with_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), ServerConfig::default(), web_config()).await;
+    // The client closes, after the handshake and before it.
+    for handshake in [true, false] {
+        let mut ws = connect(server.http, None).await.unwrap();
+        if handshake {
+            hello(&mut ws).await;
+            open(&mut ws, 2, "d").await;
+        }
+        ws.send(Ws::Close(None)).await.unwrap();
+        let answer = next_control(&mut ws).await;
+        assert!(
+            matches!(answer, Some(Ws::Close(_))),
+            "a Close answers a Close (handshake {handshake}): {answer:?}"
+        );
+    }
+    // The server closes after an Error.
+    let mut ws = connect(server.http, None).await.unwrap();
+    hello(&mut ws).await;
+    ws.send(Ws::text("hello")).await.unwrap();
+    loop {
+        match next_control(&mut ws).await {
+            Some(Ws::Binary(_)) => continue,
+            Some(Ws::Close(_)) => break,
+            other => panic!("a Close after the Error, got {other:?}"),
+        }
+    }
+    bystander_served(server.tcp, "bystander", 1).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_message_that_is_not_exactly_one_frame_is_refused_as_malformed() {
     let dir = tempfile::tempdir().unwrap();

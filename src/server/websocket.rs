@@ -294,7 +294,8 @@ impl WriteHalf for WsWriter {
 
 /// The connection's sending task: frames as binary messages (what is queued together
 /// goes in one write), a Ping every `ping_every`, and a Close once the session's writer
-/// is done. Ends at the first error: the session's writer then finds the queue closed.
+/// is done (the answer to the client's Close, if it closed first). Ends at the first
+/// error: the session's writer then finds the queue closed.
 async fn send_frames(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Bytes>,
@@ -320,7 +321,11 @@ async fn send_frames(
                     }
                 }
                 None => {
-                    let _ = sink.send(Message::Close(None)).await;
+                    // Not `send(Close)`: after the peer's Close the WebSocket layer
+                    // refuses any send (it has queued the answering Close itself, to go
+                    // out with the next write or flush). Closing the sink flushes that
+                    // answer, or sends our Close first if the peer has not closed.
+                    let _ = sink.close().await;
                     return;
                 }
             },
