@@ -107,7 +107,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 30, env = "QUIRE_WRITE_TIMEOUT_SECS")]
     write_timeout_secs: u64,
     /// MiB queued for one connection before it counts as not reading (Error code 8).
-    /// At least two frames.
+    /// At least two frames (17 for --max-frame 8388608).
     #[arg(long, default_value_t = 8, env = "QUIRE_OUTBOX_MIB")]
     outbox_mib: usize,
     /// MiB of frames above 64 KiB being received at once, across all connections; a
@@ -126,7 +126,7 @@ struct ServeArgs {
     #[arg(long, env = "QUIRE_INSECURE")]
     insecure: bool,
     /// Size of each WAL segment file, in MiB (1 ..= 65536; each is preallocated whole).
-    /// An op's record must fit in one segment.
+    /// An op's record must fit in one segment: at least 8 for --max-frame 8388608.
     #[arg(long, default_value_t = 64, env = "QUIRE_SEGMENT_MIB",
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     segment_mib: u64,
@@ -617,6 +617,62 @@ impl std::str::FromStr for AdminListen {
     }
 }
 
+/// Limits that bound each other, checked in the flags' own terms and with the least
+/// value that would do ([`quire::server::ServerConfig::validate`] checks the server's
+/// own in bytes, for those who embed it). The segment's bound joins the log's format
+/// and the protocol's op limit, which only this binary puts together.
+fn check_limits(args: &ServeArgs) -> Result<(), String> {
+    use quire::protocol::{max_op_bytes, MAX_MAX_FRAME, MIN_MAX_FRAME};
+    let frame = args.max_frame;
+    if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&frame) {
+        return Err(format!(
+            "--max-frame {frame} is outside {MIN_MAX_FRAME}..={MAX_MAX_FRAME}"
+        ));
+    }
+    let mib = |bytes: usize| bytes.div_ceil(1 << 20);
+    for (flag, value, need, what) in [
+        (
+            "--outbox-mib",
+            args.outbox_mib,
+            2 * (frame + 4),
+            "two frames",
+        ),
+        (
+            "--large-frame-budget-mib",
+            args.large_frame_budget_mib,
+            frame + 4,
+            "one frame",
+        ),
+        ("--unsynced-mib", args.unsynced_mib, frame, "one op"),
+    ] {
+        if value.saturating_mul(1 << 20) < need {
+            return Err(format!(
+                "{flag} {value} cannot hold {what} of --max-frame {frame}: it must be at \
+                 least {}",
+                mib(need)
+            ));
+        }
+    }
+    let record = quire::wal::record::max_op_payload(max_op_bytes(frame));
+    let holds = |segment_mib: u64| {
+        WalConfig {
+            segment_size: segment_mib << 20,
+            ..WalConfig::default()
+        }
+        .max_payload()
+            >= record
+    };
+    if !holds(args.segment_mib) {
+        let least = (1..=65536).find(|&m| holds(m)).unwrap_or(65536);
+        return Err(format!(
+            "--segment-mib {} cannot hold the log record of an op as large as --max-frame \
+             {frame} allows ({record} bytes): it must be at least {least}",
+            args.segment_mib
+        ));
+    }
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     let keys = match args.secrets.keys() {
         Ok(keys) => keys,
@@ -657,12 +713,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         write_timeout: Duration::from_secs(args.write_timeout_secs),
-        outbox_bytes: args.outbox_mib << 20,
-        large_frame_budget: args.large_frame_budget_mib << 20,
-        unsynced_bytes: args.unsynced_mib << 20,
+        outbox_bytes: args.outbox_mib.saturating_mul(1 << 20),
+        large_frame_budget: args.large_frame_budget_mib.saturating_mul(1 << 20),
+        unsynced_bytes: args.unsynced_mib.saturating_mul(1 << 20),
         metrics: args.metrics == Switch::On,
         ..Default::default()
     };
+    if let Err(e) = check_limits(&args) {
+        tracing::error!("invalid limits: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Err(e) = server_config.validate() {
         tracing::error!("invalid limits: {e}");
         return ExitCode::FAILURE;

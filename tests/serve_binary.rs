@@ -205,6 +205,48 @@ fn a_segment_size_below_one_mib_is_refused_by_name() {
     assert!(!stderr.contains("--segment-mib"), "{stderr}");
 }
 
+/// Limits that bound each other are checked together at startup, in the flags' terms:
+/// with the largest frame (8 MiB), the outbox must hold two frames (17 MiB; 16 was
+/// refused as "each half of the outgoing buffer (8388608 bytes)", naming no flag) and a
+/// segment must hold the largest op's record (8 MiB; a 1 MiB segment was accepted and
+/// then every op over 1 MiB refused with Reject, found from outside). Each is tested at
+/// its least value and one below it; the accepted ones go on to fail on the data
+/// directory, a file.
+#[test]
+fn limits_that_bound_each_other_are_refused_at_startup_by_name_with_the_least_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let not_a_dir = tmp.path().join("data");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let serve = |outbox: &str, segment: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_quire"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off"])
+            .args(["--max-frame", "8388608", "--outbox-mib", outbox])
+            .args(["--segment-mib", segment, "--data-dir"])
+            .arg(&not_a_dir)
+            .output()
+            .expect("quire binary runs");
+        assert!(!out.status.success());
+        strip_ansi(&String::from_utf8_lossy(&out.stderr))
+    };
+    let stderr = serve("16", "64");
+    assert!(
+        stderr.contains("--outbox-mib") && stderr.contains("at least 17"),
+        "{stderr}"
+    );
+    let stderr = serve("17", "7");
+    assert!(
+        stderr.contains("--segment-mib") && stderr.contains("at least 8"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--max-frame"), "{stderr}");
+    let stderr = serve("17", "8");
+    assert!(
+        !stderr.contains("--segment-mib") && !stderr.contains("--outbox-mib"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("cannot open"), "{stderr}");
+}
+
 #[test]
 fn logs_go_to_stderr_without_colour_codes_when_it_is_not_a_terminal() {
     let tmp = tempfile::tempdir().unwrap();

@@ -87,6 +87,16 @@ pub struct WalConfig {
     pub progress: Option<Arc<crate::progress::Progress>>,
 }
 
+impl WalConfig {
+    /// The largest record payload this log takes: one record must fit in one segment,
+    /// after its header (and its padding to 8 bytes), and within [`MAX_RECORD_PAYLOAD`].
+    pub fn max_payload(&self) -> usize {
+        MAX_RECORD_PAYLOAD.min(
+            (self.segment_size as usize).saturating_sub(SEGMENT_HEADER_LEN + RECORD_HEADER_LEN + 8),
+        )
+    }
+}
+
 impl Default for WalConfig {
     fn default() -> Self {
         WalConfig {
@@ -417,8 +427,7 @@ impl ScannedWal {
             }
             Background::Manual => (Vec::new(), Some(Mutex::new(ManualWriter::new(writer)))),
         };
-        let max_payload = MAX_RECORD_PAYLOAD
-            .min(config.segment_size as usize - SEGMENT_HEADER_LEN - RECORD_HEADER_LEN - 8);
+        let max_payload = config.max_payload();
         Ok((
             Wal {
                 vfs,

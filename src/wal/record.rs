@@ -298,6 +298,13 @@ impl OpRecordRef<'_> {
     }
 }
 
+/// The largest payload of an op record whose patch list takes `patch_bytes` (its count
+/// and patches, as [`OpRecordRef::encode`] writes them): the longest document id, and
+/// a fingerprint.
+pub fn max_op_payload(patch_bytes: usize) -> usize {
+    5 * 8 + 2 + crate::op::MAX_DOC_ID_BYTES + patch_bytes + 8
+}
+
 /// Why an op payload could not be decoded. The frame's checksum was valid, so this
 /// means a writer bug or a foreign file, never a torn write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -634,6 +641,34 @@ mod tests {
             timestamp_ms: 1_700_000_000_000,
             patches: vec![Patch::new(4, 1, "h\u{1F600}"), Patch::new(0, 0, "x")],
             fingerprint: Some(0x0123_4567_89ab_cdef),
+        }
+    }
+
+    /// The bound is reached by an op with the longest document id and a fingerprint,
+    /// and not passed by any: its patch bytes counted as the protocol counts them.
+    #[test]
+    fn the_largest_op_payload_is_reached_by_the_longest_id_and_not_passed() {
+        let patches = vec![Patch::new(0, 2, "abc\u{e9}"), Patch::new(9, 0, "")];
+        let patch_bytes = 4 + patches.iter().map(|p| 12 + p.ins.len()).sum::<usize>();
+        for (doc_id, fingerprint) in [
+            ("d".repeat(crate::op::MAX_DOC_ID_BYTES), Some(1)),
+            ("d".repeat(crate::op::MAX_DOC_ID_BYTES), None),
+            ("d".into(), Some(1)),
+        ] {
+            let op = OpRecord {
+                doc_id,
+                patches: patches.clone(),
+                fingerprint,
+                ..sample()
+            };
+            let mut payload = Vec::new();
+            op.encode(&mut payload);
+            let longest = op.doc_id.len() == crate::op::MAX_DOC_ID_BYTES;
+            if longest && fingerprint.is_some() {
+                assert_eq!(payload.len(), max_op_payload(patch_bytes));
+            } else {
+                assert!(payload.len() < max_op_payload(patch_bytes));
+            }
         }
     }
 
