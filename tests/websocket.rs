@@ -315,6 +315,105 @@ async fn the_server_answers_a_close_with_a_close_and_closes_after_an_error_with_
     server.stop().await;
 }
 
+/// An upgraded connection with no WebSocket layer on the client's side, to send what
+/// a WebSocket client library never would.
+async fn raw_upgrade(http: SocketAddr) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(http).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {http}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
+}
+
+/// A WebSocket frame of RFC 6455 with a payload under 126 bytes: `first` is its FIN
+/// bit and opcode; masked with a fixed key, or not.
+fn raw_frame(first: u8, masked: bool, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let key = [0x11, 0x22, 0x33, 0x44];
+    let mut out = vec![first, payload.len() as u8 | if masked { 0x80 } else { 0 }];
+    if masked {
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// The next frame from the server that is not a Ping or Pong, as (opcode, payload);
+/// `None` once the connection ends.
+async fn raw_next(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut head = [0u8; 2];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head))
+            .await
+            .expect("the server answers within 10 s");
+        if read.is_err() {
+            return None;
+        }
+        let len = match head[1] & 0x7f {
+            126 => stream.read_u16().await.unwrap() as usize,
+            127 => stream.read_u64().await.unwrap() as usize,
+            n => n as usize,
+        };
+        assert_eq!(head[1] & 0x80, 0, "the server does not mask");
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.unwrap();
+        let opcode = head[0] & 0x0f;
+        if opcode != 0x9 && opcode != 0xA {
+            return Some((opcode, payload));
+        }
+    }
+}
+
+/// A message that breaks the WebSocket framing itself (RFC 6455: an unmasked frame
+/// from a client, a reserved opcode or bit, a continuation of nothing) gets the `Error` a bad
+/// frame gets (`Malformed`), then a Close; it ended the connection without a word.
+/// Found from outside (32nd session).
+#[tokio::test]
+async fn a_message_that_breaks_websocket_framing_gets_malformed_then_a_close() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), ServerConfig::default(), web_config()).await;
+    let ping = frame(5, Message::Ping { nonce: 1 });
+    for (what, bad) in [
+        ("an unmasked frame", raw_frame(0x82, false, &ping)),
+        ("a reserved opcode", raw_frame(0x83, true, &ping)),
+        ("a reserved bit", raw_frame(0xC2, true, &ping)),
+        ("a continuation of nothing", raw_frame(0x80, true, &ping)),
+    ] {
+        let mut stream = raw_upgrade(server.http).await;
+        stream.write_all(&bad).await.unwrap();
+        let (opcode, payload) = raw_next(&mut stream).await.expect("an answer");
+        assert_eq!(opcode, 0x2, "{what}: a binary message first");
+        let envelope = Envelope::decode(&payload[4..]).unwrap();
+        assert!(
+            matches!(
+                envelope.message,
+                Message::Error {
+                    code: ErrorCode::Malformed,
+                    ..
+                }
+            ),
+            "{what}: {envelope:?}"
+        );
+        let close = raw_next(&mut stream).await;
+        assert_eq!(close.map(|c| c.0), Some(0x8), "{what}: then a Close");
+    }
+    bystander_served(server.tcp, "bystander", 1).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_message_that_is_not_exactly_one_frame_is_refused_as_malformed() {
     let dir = tempfile::tempdir().unwrap();

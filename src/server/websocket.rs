@@ -156,18 +156,25 @@ impl WsReader {
 }
 
 /// The WebSocket layer's errors: a message over the limit it was told is the
-/// protocol's `FrameTooLarge`; anything else ends the connection.
+/// protocol's `FrameTooLarge`, one that breaks RFC 6455's framing (an unmasked frame, a
+/// reserved opcode or bit, a continuation of nothing, a text message not UTF-8) is
+/// `Malformed`, as a bad frame on TCP; anything else (the connection failed) ends it.
 fn read_error(e: axum::Error, max_frame: usize) -> io::Error {
+    use tokio_tungstenite::tungstenite::Error as WsError;
     let text = e.to_string();
-    if text.contains("too long") || text.contains("too big") {
-        return Refused::error(
+    match e.into_inner().downcast::<WsError>().map(|e| *e) {
+        Ok(WsError::Capacity(_)) => Refused::error(
             ErrorCode::FrameTooLarge,
             format!(
                 "a WebSocket message over the limit of one frame of {max_frame} bytes ({text})"
             ),
-        );
+        ),
+        Ok(WsError::Protocol(_) | WsError::Utf8(_)) => Refused::error(
+            ErrorCode::Malformed,
+            format!("a message that breaks WebSocket framing ({text})"),
+        ),
+        _ => io::Error::other(text),
     }
-    io::Error::other(text)
 }
 
 impl ReadHalf for WsReader {
