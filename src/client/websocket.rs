@@ -20,9 +20,11 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::protocol::frame::bytes_to_complete;
 
-/// A WebSocket as a byte stream of frames.
-pub struct WsStream {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+/// A WebSocket as a byte stream of frames, over `S` (a TCP connection by default; any
+/// byte stream with [`connect_over`]: a TLS stream, a proxy's tunnel, a simulated
+/// network).
+pub struct WsStream<S = MaybeTlsStream<TcpStream>> {
+    ws: WebSocketStream<S>,
     /// The rest of the last message read.
     read: Bytes,
     /// The frame being cut from what is written (its length field first).
@@ -31,25 +33,60 @@ pub struct WsStream {
 
 /// Connects to `url` (`ws://127.0.0.1:7430/ws`).
 pub async fn connect(url: &str) -> io::Result<WsStream> {
-    // A small read buffer: the WebSocket layer zero-fills its free room before each
-    // read (128 KiB by default, for every small message).
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(8 << 10);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true)
         .await
-        .map_err(io::Error::other)?;
+        .map_err(ws_error)?;
     if let MaybeTlsStream::Plain(tcp) = ws.get_ref() {
         // Frames are written whole; Nagle would only delay them.
         tcp.set_nodelay(true)?;
     }
-    Ok(WsStream {
-        ws,
-        read: Bytes::new(),
-        assembling: BytesMut::new(),
-    })
+    Ok(WsStream::new(ws))
 }
 
-impl AsyncRead for WsStream {
+/// The WebSocket handshake for `url` (`ws://HOST/ws`: its host and path are what the
+/// request names) over `stream`, a connection already made.
+pub async fn connect_over<S>(stream: S, url: &str) -> io::Result<WsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
+        .await
+        .map_err(ws_error)?;
+    Ok(WsStream::new(ws))
+}
+
+/// The WebSocket layer's error as an I/O error of its kind: the connection's own error
+/// as it was (a reset is a reset), a breach of RFC 6455 by the server (a bad frame, a
+/// message over the limit, text that is not UTF-8) as `InvalidData`, as a text message
+/// from the server is; anything else (a refused upgrade, a use after the close) `Other`.
+fn ws_error(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match e {
+        WsError::Io(e) => e,
+        WsError::Protocol(_) | WsError::Capacity(_) | WsError::Utf8(_) => {
+            io::Error::new(io::ErrorKind::InvalidData, e)
+        }
+        other => io::Error::other(other),
+    }
+}
+
+/// A small read buffer: the WebSocket layer zero-fills its free room before each read
+/// (128 KiB by default, for every small message).
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 << 10)
+}
+
+impl<S> WsStream<S> {
+    fn new(ws: WebSocketStream<S>) -> WsStream<S> {
+        WsStream {
+            ws,
+            read: Bytes::new(),
+            assembling: BytesMut::new(),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -68,7 +105,7 @@ impl AsyncRead for WsStream {
                         "the server sent a text message",
                     )))
                 }
-                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                Some(Err(e)) => return Poll::Ready(Err(ws_error(e))),
             }
         }
         let n = this.read.len().min(buf.remaining());
@@ -78,14 +115,14 @@ impl AsyncRead for WsStream {
     }
 }
 
-impl AsyncWrite for WsStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(io::Error::other)?;
+        ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(ws_error)?;
         // Up to the end of the frame being cut, so that at most one frame is sent here
         // (the sink was made ready for one).
         let take = bytes_to_complete(&this.assembling).min(buf.len());
@@ -94,7 +131,7 @@ impl AsyncWrite for WsStream {
             let frame = this.assembling.split().freeze();
             Pin::new(&mut this.ws)
                 .start_send(Message::Binary(frame))
-                .map_err(io::Error::other)?;
+                .map_err(ws_error)?;
         }
         Poll::Ready(Ok(take))
     }
@@ -102,12 +139,12 @@ impl AsyncWrite for WsStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().ws)
             .poll_flush(cx)
-            .map_err(io::Error::other)
+            .map_err(ws_error)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().ws)
             .poll_close(cx)
-            .map_err(io::Error::other)
+            .map_err(ws_error)
     }
 }
