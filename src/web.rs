@@ -15,7 +15,6 @@
 //! `Origin` (not a browser), its `Origin` is this listener's own (the page it serves),
 //! or the origin is allowed (`--allowed-origin`, `*` for any); others get 403.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,21 +89,60 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let bounded = crate::bounded_http::Bounded::new(listener, config.max_connections, config.idle);
-    let app = router(config, handoff).into_make_service_with_connect_info::<Peer>();
-    axum::serve(bounded, app).with_graceful_shutdown(stop).await
+    serve_on(bounded, config, handoff, stop).await
 }
 
-/// The peer's address, for the log.
-#[derive(Clone, Copy)]
-struct Peer(SocketAddr);
-
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, crate::bounded_http::Bounded>,
-    > for Peer
+/// Serves the routes on any listener of connections (the deterministic simulator's
+/// in-memory network; [`serve`] gives its TCP listener bounds first).
+pub async fn serve_on<L>(
+    listener: L,
+    config: WebConfig,
+    handoff: WsHandoff,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Display,
 {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::bounded_http::Bounded>) -> Peer {
-        Peer(*stream.remote_addr())
+    let app = router(config, handoff).into_make_service_with_connect_info::<Peer>();
+    axum::serve(Described(listener), app)
+        .with_graceful_shutdown(stop)
+        .await
+}
+
+/// The peer's address as text, for the log.
+#[derive(Clone, Debug)]
+struct Peer(String);
+
+/// A listener whose connections' addresses are told as [`Peer`]s, whatever their type.
+struct Described<L>(L);
+
+impl<L> axum::serve::Listener for Described<L>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Display,
+{
+    type Io = L::Io;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (L::Io, Peer) {
+        let (io, addr) = self.0.accept().await;
+        (io, Peer(addr.to_string()))
+    }
+
+    fn local_addr(&self) -> std::io::Result<Peer> {
+        self.0.local_addr().map(|a| Peer(a.to_string()))
+    }
+}
+
+impl<L> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Described<L>>>
+    for Peer
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Display,
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Described<L>>) -> Peer {
+        stream.remote_addr().clone()
     }
 }
 
