@@ -18,7 +18,7 @@ use quire::op::Patch;
 use quire::wal::vfs::sim::SplitMix;
 use tokio::sync::mpsc;
 
-use crate::net::{ClientEnd, LinkConfig, ServerEnd, Wire};
+use crate::net::{HttpDoor, LinkConfig, ServerEnd, SimConn, StreamEnd, Wire};
 
 /// The single server's address.
 pub const HOME: &str = "sim";
@@ -56,6 +56,10 @@ struct NetState {
     link: LinkConfig,
     /// The open connections, by the address they were made to.
     wires: Vec<(String, Wire)>,
+    /// It connects to the single server over WebSocket (its HTTP listener, this door
+    /// while the server is up), not TCP.
+    websocket: bool,
+    http: Option<HttpDoor>,
 }
 
 impl Net {
@@ -70,7 +74,24 @@ impl Net {
             rng: SplitMix(seed),
             link,
             wires: Vec::new(),
+            websocket: false,
+            http: None,
         })))
+    }
+
+    /// It connects to the single server over WebSocket from now on.
+    pub fn use_websocket(&self) {
+        self.0.lock().unwrap().websocket = true;
+    }
+
+    /// Whether it connects over WebSocket.
+    pub fn is_websocket(&self) -> bool {
+        self.0.lock().unwrap().websocket
+    }
+
+    /// The single server's HTTP listener is up (its door) or down.
+    pub fn set_http(&self, door: Option<HttpDoor>) {
+        self.0.lock().unwrap().http = door;
     }
 
     pub fn set_server(&self, server: Option<mpsc::UnboundedSender<ServerEnd>>) {
@@ -180,14 +201,14 @@ impl Net {
 }
 
 impl Connector for Net {
-    type Stream = ClientEnd;
+    type Stream = SimConn;
 
-    async fn connect(&self) -> io::Result<ClientEnd> {
+    async fn connect(&self) -> io::Result<SimConn> {
         let home = self.0.lock().unwrap().home.clone();
         self.dial(&home).await
     }
 
-    async fn connect_to(&self, addr: &str, _ws_url: &str) -> io::Result<ClientEnd> {
+    async fn connect_to(&self, addr: &str, _ws_url: &str) -> io::Result<SimConn> {
         self.dial(addr).await
     }
 }
@@ -195,7 +216,7 @@ impl Connector for Net {
 impl Net {
     /// A connection to `addr`; on a silent network, once it speaks again (the caller's
     /// deadline is what ends the wait, as a connect's SYNs go unanswered).
-    async fn dial(&self, addr: &str) -> io::Result<ClientEnd> {
+    async fn dial(&self, addr: &str) -> io::Result<SimConn> {
         loop {
             let speaks = self.0.lock().unwrap().speaks.clone();
             let spoken = speaks.notified();
@@ -210,24 +231,45 @@ impl Net {
             }
             spoken.await;
         }
-        let mut s = self.0.lock().unwrap();
-        if !s.up {
-            return Err(io::ErrorKind::NetworkUnreachable.into());
-        }
-        let Some(server) = s.servers.get(addr).cloned() else {
-            return Err(io::ErrorKind::ConnectionRefused.into());
+        let made = {
+            let mut s = self.0.lock().unwrap();
+            if !s.up {
+                return Err(io::ErrorKind::NetworkUnreachable.into());
+            }
+            let Some(server) = s.servers.get(addr).cloned() else {
+                return Err(io::ErrorKind::ConnectionRefused.into());
+            };
+            let link = s.link;
+            let (made, wire) = if s.websocket && addr == HOME {
+                let door = s.http.clone().ok_or(io::ErrorKind::ConnectionRefused)?;
+                let (client_end, wire) = door
+                    .dial(&mut s.rng, link)
+                    .ok_or(io::ErrorKind::ConnectionRefused)?;
+                (Made::ToUpgrade(client_end), wire)
+            } else {
+                let (server_end, client_end, wire) = Wire::new(&mut s.rng, link);
+                if server.send(server_end).is_err() {
+                    return Err(io::ErrorKind::ConnectionRefused.into());
+                }
+                (Made::Ready(Box::new(SimConn::Left(client_end))), wire)
+            };
+            if s.frozen.contains(addr) {
+                wire.stall(true);
+            }
+            s.wires.push((addr.to_owned(), wire));
+            made
         };
-        let link = s.link;
-        let (server_end, client_end, wire) = Wire::new(&mut s.rng, link);
-        if s.frozen.contains(addr) {
-            wire.stall(true);
+        match made {
+            Made::Ready(conn) => Ok(*conn),
+            Made::ToUpgrade(end) => crate::net::upgrade(end).await,
         }
-        if server.send(server_end).is_err() {
-            return Err(io::ErrorKind::ConnectionRefused.into());
-        }
-        s.wires.push((addr.to_owned(), wire));
-        Ok(client_end)
     }
+}
+
+/// A connection just made: over TCP, ready; or to the HTTP listener, to be upgraded.
+enum Made {
+    Ready(Box<SimConn>),
+    ToUpgrade(StreamEnd),
 }
 
 impl NetState {

@@ -2,6 +2,11 @@
 //! simulated disk, and clients with the real client state machine, over a simulated
 //! network, all on one thread under one seed.
 //!
+//! About half the protocol-level clients, and half the application clients, speak
+//! WebSocket: their connections go to the server's HTTP listener, served by the real
+//! HTTP layer (`quire::web::serve_on`), upgraded as a browser's, and handed to the same
+//! server; the others speak TCP. A crash cuts the WebSocket ones (`net::HttpDoor`).
+//!
 //! Everything runs in a current-thread tokio runtime with the clock paused: time moves
 //! only when every task waits, straight to the next timer, so a run depends on nothing
 //! but its seed. The log and the sequencer run with no thread of their own
@@ -63,7 +68,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use disk::{sim_sequencer, SimSequencer};
-use net::{ClientEnd, LinkConfig, ServerEnd, SimListener, Wire};
+use net::{HttpDoor, LinkConfig, ServerEnd, SimConn, SimListener, Wire};
 use quire::client::connection::{ClientError, Connection};
 use quire::op::{OpId, Patch};
 use quire::sequencer::local::{LocalConfig, LocalSequencer};
@@ -113,13 +118,18 @@ struct Incarnation {
     /// The disk task writes nothing while this is set.
     disk_paused: Arc<std::sync::atomic::AtomicBool>,
     connect: mpsc::UnboundedSender<ServerEnd>,
+    /// Its HTTP listener (WebSocket clients').
+    http: HttpDoor,
     serve: JoinHandle<()>,
+    web: JoinHandle<()>,
     disk: JoinHandle<()>,
 }
 
 impl Drop for Incarnation {
     fn drop(&mut self) {
+        self.http.cut_all();
         self.serve.abort();
+        self.web.abort();
         self.disk.abort();
     }
 }
@@ -127,7 +137,7 @@ impl Drop for Incarnation {
 struct Client {
     id: u64,
     doc: String,
-    synced: Option<RawDoc<ClientEnd>>,
+    synced: Option<RawDoc<SimConn>>,
     wire: Option<Wire>,
     online: bool,
     /// The op counter as the client stored it: what survives its restart.
@@ -137,6 +147,8 @@ struct Client {
     lazy: bool,
     /// Ops it sends without waiting for acks (1: one in flight).
     pipeline: usize,
+    /// It connects over WebSocket (to the server's HTTP listener), not TCP.
+    websocket: bool,
     /// The generation of its document its state is of (`Sim::generations`).
     generation: u64,
     /// Its document was deleted after it opened it: it drops its state when it learns
@@ -165,6 +177,8 @@ impl Client {
 struct Stats {
     edits: u64,
     acks: u64,
+    /// Of those, acks to clients over WebSocket.
+    ws_acks: u64,
     crashes: u64,
     sync_failures: u64,
     disk_full: u64,
@@ -345,6 +359,9 @@ impl Sim {
         let mut rng = SplitMix(seed ^ 0x005e_ed0f_0a11);
         let n_docs = 1 + rng.below(3) as usize;
         let n_clients = 2 + rng.below(5) as usize;
+        // Which clients speak WebSocket: drawn from a generator of its own, so that
+        // the seed's other draws stay those of runs before there was a choice.
+        let mut transport = SplitMix(seed ^ 0x0057_eb50_c4e7);
         let docs: Vec<String> = (0..n_docs).map(|i| format!("doc-{i}")).collect();
         let clients = (0..n_clients)
             .map(|i| Client {
@@ -360,6 +377,7 @@ impl Sim {
                 } else {
                     1
                 },
+                websocket: transport.below(2) == 0,
                 generation: 0,
                 must_reopen: false,
                 asleep: false,
@@ -403,7 +421,7 @@ impl Sim {
             max_latency,
             capacity: 16 << 10,
         };
-        let apps = (0..n_apps)
+        let apps: Vec<app::AppClient> = (0..n_apps)
             .map(|i| {
                 app::AppClient::new(
                     i,
@@ -414,6 +432,11 @@ impl Sim {
                 )
             })
             .collect();
+        for a in &apps {
+            if transport.below(2) == 0 {
+                a.net.use_websocket();
+            }
+        }
         // A third of the runs paste often: their log fills several segments, which
         // truncation removes (under open backups, too).
         let paste_one_in = if rng.below(3) == 0 { 8 } else { 200 };
@@ -511,22 +534,39 @@ impl Sim {
         );
         let server = Server::new(Arc::new(simulated), self.server_config.clone());
         let (connect, accepted) = mpsc::unbounded_channel();
-        let serving = server
-            .clone()
-            .serve(SimListener(accepted), std::future::pending());
+        // The HTTP listener of WebSocket clients, served by the real HTTP layer, hands
+        // its upgraded connections to the same server.
+        let (handoff, ws_acceptor) = quire::server::websocket::acceptor();
+        let (http, http_listener) = HttpDoor::new();
+        let web_config = quire::web::WebConfig::new(
+            self.server_config.max_frame,
+            self.server_config.max_connections,
+        );
+        let web = tokio::spawn(async move {
+            let _ =
+                quire::web::serve_on(http_listener, web_config, handoff, std::future::pending())
+                    .await;
+        });
+        let serving = server.clone().serve(
+            quire::server::transport::Both(SimListener(accepted), ws_acceptor),
+            std::future::pending(),
+        );
         let serve = tokio::spawn(async move {
             serving.await;
         });
         let disk = tokio::spawn(disk);
         for a in &self.apps {
             a.net.set_server(Some(connect.clone()));
+            a.net.set_http(Some(http.clone()));
         }
         self.server = Some(Incarnation {
             server,
             sequencer,
             disk_paused,
             connect,
+            http,
             serve,
+            web,
             disk,
         });
         self.say(|| "server started".into());
@@ -560,6 +600,7 @@ impl Sim {
         drop(incarnation);
         for a in &self.apps {
             a.net.set_server(None);
+            a.net.set_http(None);
         }
         // Let the aborted tasks be dropped (and with them the server's ends of every
         // connection) before the disk is replaced.
@@ -608,6 +649,7 @@ impl Sim {
         let current = self.generations.get(&self.clients[i].doc).copied();
         let client = &mut self.clients[i];
         let (client_id, lazy, doc) = (client.id, client.lazy, client.doc.clone());
+        let websocket = client.websocket;
         let of_deleted = client.generation != current.unwrap_or(0);
         let Some(synced) = client.synced.as_mut() else {
             return Ok(());
@@ -633,6 +675,7 @@ impl Sim {
                     self.stats.acks_of_deleted += 1;
                     continue;
                 }
+                self.stats.ws_acks += u64::from(websocket);
                 self.record_ack(&doc, id, seq)?;
             }
         }
@@ -834,6 +877,14 @@ impl Sim {
         }
         client.online = false;
         match error {
+            // The simulated network loses, delays and cuts, but never garbles: bytes
+            // the client cannot read as WebSocket messages are the server's doing.
+            ClientError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(self.fail(format!(
+                    "client {}: the server broke the WebSocket protocol: {e}",
+                    self.clients[i].id
+                )))
+            }
             // Turned into `Refused` above.
             ClientError::Io(_) | ClientError::Handshake { .. } => {}
             ClientError::MustReload => {
@@ -885,16 +936,38 @@ impl Sim {
         if self.clients[i].asleep {
             return Ok(());
         }
-        let (server_end, client_end, wire) = Wire::new(&mut self.rng, self.link);
-        if incarnation.connect.send(server_end).is_err() {
-            return Ok(());
-        }
+        let (stream, wire) = if self.clients[i].websocket {
+            let Some((client_end, wire)) = incarnation.http.dial(&mut self.rng, self.link) else {
+                return Ok(());
+            };
+            match timeout(CLIENT_WAIT, net::upgrade(client_end)).await {
+                Ok(Ok(ws)) => (ws, wire),
+                // Nothing faults a connection while it is being made: a refused
+                // upgrade is the HTTP layer's doing.
+                Ok(Err(e)) => {
+                    let id = self.clients[i].id;
+                    return Err(
+                        self.fail(format!("client {id}: the WebSocket upgrade failed: {e}"))
+                    );
+                }
+                Err(_) => {
+                    wire.cut();
+                    return Ok(());
+                }
+            }
+        } else {
+            let (server_end, client_end, wire) = Wire::new(&mut self.rng, self.link);
+            if incarnation.connect.send(server_end).is_err() {
+                return Ok(());
+            }
+            (SimConn::Left(client_end), wire)
+        };
         let id = self.clients[i].id;
         if std::mem::take(&mut self.clients[i].must_reopen) {
             self.clients[i].reload(0);
         }
         let generation = self.generations.get(&self.clients[i].doc).copied();
-        let conn = match timeout(CLIENT_WAIT, Connection::handshake(client_end, id, "")).await {
+        let conn = match timeout(CLIENT_WAIT, Connection::handshake(stream, id, "")).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => {
                 wire.cut();
@@ -932,7 +1005,12 @@ impl Sim {
         match outcome {
             Ok(Ok(())) => {
                 self.clients[i].online = true;
-                self.say(|| format!("client {id} connected"));
+                let over = if self.clients[i].websocket {
+                    "WebSocket"
+                } else {
+                    "TCP"
+                };
+                self.say(|| format!("client {id} connected over {over}"));
                 self.observe(i)
             }
             Ok(Err(e)) => {
@@ -2264,10 +2342,12 @@ fn run_seed_keeping(
     let outcome = rt.block_on(sim.run(steps));
     let s = &sim.stats;
     let line = format!(
-        "{} clients, {} docs, {} app clients ({} app edits, {} app restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} clients asleep ({} woke to a dead connection), {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks, {} segments truncated, {} backups ({} restored, {} documents with acks checked in them, {} exported)",
+        "{} clients ({} over WebSocket), {} docs, {} app clients ({} over WebSocket, {} app edits, {} app restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} reloads, {} tokens moved by reloads), {:?} simulated: {} edits, {} acks ({} over WebSocket, {} found in the history), {} idle texts compared, {} crashes, {} sync failures, {} disks full, {} cuts, {} clients asleep ({} woke to a dead connection), {} client restarts, {} reloads, {} reused ids refused, {} maintenance passes, {} deletions ({} acks seen after), {} history checks, {} segments truncated, {} backups ({} restored, {} documents with acks checked in them, {} exported)",
         sim.clients.len(),
+        sim.clients.iter().filter(|c| c.websocket).count(),
         sim.docs.len(),
         sim.apps.len(),
+        sim.apps.iter().filter(|a| a.net.is_websocket()).count(),
         s.app_edits,
         s.app_restarts,
         s.app_reopens,
@@ -2279,6 +2359,7 @@ fn run_seed_keeping(
         sim.elapsed,
         s.edits,
         s.acks,
+        s.ws_acks,
         s.acks_verified,
         s.texts_compared,
         s.crashes,

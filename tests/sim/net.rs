@@ -1,5 +1,7 @@
 //! The simulated network: in-memory connections with latency, bounded buffers (a
 //! reader that does not read holds its writer back, as TCP's windows do), and cuts.
+//! A connection's server end is the server's `Transport` (a TCP client's), or a byte
+//! stream for the HTTP layer to read and upgrade (a WebSocket client's).
 //!
 //! Written here rather than taken from turmoil: the server already reads through its own
 //! `Transport` seam (readiness, then a non-blocking read, so idle connections hold no
@@ -20,6 +22,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use quire::client::websocket::WsStream;
 use quire::server::transport::{Listener, ReadHalf, Transport, WriteHalf};
 use quire::wal::vfs::sim::SplitMix;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -203,19 +206,36 @@ pub struct Wire {
 
 impl Wire {
     /// A connection: the server's end, the client's end, and the wire itself.
-    pub fn new(rng: &mut SplitMix, link: LinkConfig) -> (ServerEnd, ClientEnd, Wire) {
-        let wire = Wire {
+    pub fn new(rng: &mut SplitMix, link: LinkConfig) -> (ServerEnd, StreamEnd, Wire) {
+        let wire = Wire::pipes(rng, link);
+        (ServerEnd(Some(wire.clone())), wire.client_end(), wire)
+    }
+
+    /// A connection whose server end is a byte stream too: one to the server's HTTP
+    /// listener (a WebSocket client's), served by the HTTP layer before its session.
+    pub fn streams(rng: &mut SplitMix, link: LinkConfig) -> (StreamEnd, StreamEnd, Wire) {
+        let wire = Wire::pipes(rng, link);
+        let server = StreamEnd {
+            rx: wire.to_server.clone(),
+            tx: wire.to_client.clone(),
+            sleep: None,
+        };
+        (server, wire.client_end(), wire)
+    }
+
+    fn pipes(rng: &mut SplitMix, link: LinkConfig) -> Wire {
+        Wire {
             to_server: pipe(rng, link),
             to_client: pipe(rng, link),
-        };
-        (
-            ServerEnd(Some(wire.clone())),
-            ClientEnd {
-                wire: wire.clone(),
-                sleep: None,
-            },
-            wire,
-        )
+        }
+    }
+
+    fn client_end(&self) -> StreamEnd {
+        StreamEnd {
+            rx: self.to_client.clone(),
+            tx: self.to_server.clone(),
+            sleep: None,
+        }
     }
 
     /// Stalls both directions (nothing arrives, neither end is told anything), or ends
@@ -375,20 +395,25 @@ impl Drop for ServerWriter {
     }
 }
 
-/// The client's side of a connection.
-pub struct ClientEnd {
-    wire: Wire,
+/// One end of a connection as a byte stream: a client's, or the server's end of a
+/// connection to its HTTP listener (which reads and writes it as a byte stream before
+/// the WebSocket upgrade hands it to a session).
+pub struct StreamEnd {
+    /// The direction it reads.
+    rx: Shared,
+    /// The direction it writes.
+    tx: Shared,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
-impl AsyncRead for ClientEnd {
+impl AsyncRead for StreamEnd {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let now = Instant::now();
-        let pipe = self.wire.to_client.clone();
+        let pipe = self.rx.clone();
         let mut p = lock(&pipe);
         match p.ready(now) {
             Ready::Reset => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
@@ -418,13 +443,13 @@ impl AsyncRead for ClientEnd {
 
 use std::future::Future as _;
 
-impl AsyncWrite for ClientEnd {
+impl AsyncWrite for StreamEnd {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        lock(&self.wire.to_server).write(buf, Some(cx))
+        lock(&self.tx).write(buf, Some(cx))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -432,15 +457,15 @@ impl AsyncWrite for ClientEnd {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        close(&self.wire.to_server);
+        close(&self.tx);
         Poll::Ready(Ok(()))
     }
 }
 
-impl Drop for ClientEnd {
+impl Drop for StreamEnd {
     fn drop(&mut self) {
-        close(&self.wire.to_server);
-        let mut p = lock(&self.wire.to_client);
+        close(&self.tx);
+        let mut p = lock(&self.rx);
         p.reader_gone = true;
         wake(&mut p.write_waker);
     }
@@ -458,5 +483,75 @@ impl Listener for SimListener {
             // Nobody can connect any more: this incarnation is being torn down.
             None => std::future::pending().await,
         }
+    }
+}
+
+/// A client's connection: TCP's byte stream, or frames in WebSocket messages over a
+/// connection to the server's HTTP listener (protocol.md, "WebSocket").
+pub type SimConn = tokio_util::either::Either<StreamEnd, WsStream<StreamEnd>>;
+
+/// The way in to one server incarnation's HTTP listener (WebSocket clients'), served by
+/// the server's real HTTP layer (`quire::web::serve_on`) on the [`SimHttpListener`].
+/// The connections made through it are cut when the incarnation ends: their tasks are
+/// the HTTP layer's, not the server's, and would otherwise close them in order, which
+/// a crashed server does not.
+#[derive(Clone)]
+pub struct HttpDoor {
+    tx: mpsc::UnboundedSender<StreamEnd>,
+    wires: Arc<Mutex<Vec<Wire>>>,
+}
+
+impl HttpDoor {
+    pub fn new() -> (HttpDoor, SimHttpListener) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let door = HttpDoor {
+            tx,
+            wires: Arc::default(),
+        };
+        (door, SimHttpListener(rx))
+    }
+
+    /// A connection to the listener, not yet upgraded: the client's end, and the wire.
+    /// `None`: the listener is gone.
+    pub fn dial(&self, rng: &mut SplitMix, link: LinkConfig) -> Option<(StreamEnd, Wire)> {
+        let (server_end, client_end, wire) = Wire::streams(rng, link);
+        self.tx.send(server_end).ok()?;
+        let mut wires = self.wires.lock().unwrap();
+        wires.retain(Wire::client_holds);
+        wires.push(wire.clone());
+        Some((client_end, wire))
+    }
+
+    /// Cuts every connection made through this door (the server crashed).
+    pub fn cut_all(&self) {
+        for wire in self.wires.lock().unwrap().drain(..) {
+            wire.cut();
+        }
+    }
+}
+
+/// The WebSocket handshake, as a browser makes it, over a connection to the HTTP
+/// listener.
+pub async fn upgrade(client_end: StreamEnd) -> io::Result<SimConn> {
+    let ws = quire::client::websocket::connect_over(client_end, "ws://sim/ws").await?;
+    Ok(SimConn::Right(ws))
+}
+
+/// Connections to one server incarnation's HTTP listener.
+pub struct SimHttpListener(mpsc::UnboundedReceiver<StreamEnd>);
+impl axum::serve::Listener for SimHttpListener {
+    type Io = StreamEnd;
+    type Addr = &'static str;
+
+    async fn accept(&mut self) -> (StreamEnd, &'static str) {
+        match self.0.recv().await {
+            Some(end) => (end, "sim"),
+            // Nobody can connect any more: this incarnation is being torn down.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<&'static str> {
+        Ok("sim")
     }
 }
