@@ -334,12 +334,18 @@ async fn raw_upgrade(http: SocketAddr) -> TcpStream {
     stream
 }
 
-/// A WebSocket frame of RFC 6455 with a payload under 126 bytes: `first` is its FIN
-/// bit and opcode; masked with a fixed key, or not.
+/// A WebSocket frame of RFC 6455 with a payload under 64 KiB: `first` is its FIN bit and
+/// opcode; masked with a fixed key, or not.
 fn raw_frame(first: u8, masked: bool, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
     let key = [0x11, 0x22, 0x33, 0x44];
-    let mut out = vec![first, payload.len() as u8 | if masked { 0x80 } else { 0 }];
+    let mask = if masked { 0x80 } else { 0 };
+    let mut out = vec![first];
+    if payload.len() < 126 {
+        out.push(payload.len() as u8 | mask);
+    } else {
+        out.push(126 | mask);
+        out.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+    }
     if masked {
         out.extend_from_slice(&key);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
@@ -377,9 +383,10 @@ async fn raw_next(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 }
 
 /// A message that breaks the WebSocket framing itself (RFC 6455: an unmasked frame
-/// from a client, a reserved opcode or bit, a continuation of nothing) gets the `Error` a bad
-/// frame gets (`Malformed`), then a Close; it ended the connection without a word.
-/// Found from outside (32nd session).
+/// from a client, a reserved opcode or bit, a continuation of nothing, a control frame
+/// over 125 bytes or in fragments) gets the `Error` a bad frame gets (`Malformed`),
+/// then a Close; it ended the connection without a word. Found from outside (32nd
+/// session).
 #[tokio::test]
 async fn a_message_that_breaks_websocket_framing_gets_malformed_then_a_close() {
     use tokio::io::AsyncWriteExt;
@@ -391,6 +398,8 @@ async fn a_message_that_breaks_websocket_framing_gets_malformed_then_a_close() {
         ("a reserved opcode", raw_frame(0x83, true, &ping)),
         ("a reserved bit", raw_frame(0xC2, true, &ping)),
         ("a continuation of nothing", raw_frame(0x80, true, &ping)),
+        ("a Ping of 126 bytes", raw_frame(0x89, true, &[7; 126])),
+        ("a Ping in fragments", raw_frame(0x09, true, b"part")),
     ] {
         let mut stream = raw_upgrade(server.http).await;
         stream.write_all(&bad).await.unwrap();
