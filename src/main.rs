@@ -1008,7 +1008,7 @@ fn serve_on<S: Served>(
         if let Ok(at) = listener.local_addr() {
             tracing::info!(listen = %at, "serving");
         }
-        let listeners = quire::server::transport::Both(listener, ws_acceptor);
+        let listeners = quire::server::transport::Both::new(listener, ws_acceptor);
         server.serve(listeners, stop).await;
         stop_web.cancel();
         if let Some(task) = web_task {

@@ -61,7 +61,7 @@ async fn start(dir: &std::path::Path, config: ServerConfig, mut web: WebConfig) 
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(async move {
         server
-            .serve(Both(tcp_listener, acceptor), async move {
+            .serve(Both::new(tcp_listener, acceptor), async move {
                 let _ = rx.await;
             })
             .await;

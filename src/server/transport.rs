@@ -240,8 +240,26 @@ impl<A: WriteHalf, B: WriteHalf> AsyncWrite for Either<A, B> {
     }
 }
 
-/// Two listeners as one: connections from either, as they come.
-pub struct Both<A, B>(pub A, pub B);
+/// Two listeners as one: connections from either, as they come; when both have one
+/// waiting, they take turns (so neither starves the other, and the order is the same in
+/// every run of the deterministic simulator, where an unbiased `select!` would draw it
+/// from tokio's random seed).
+pub struct Both<A, B> {
+    a: A,
+    b: B,
+    /// The next accept tries `b` first.
+    b_first: bool,
+}
+
+impl<A, B> Both<A, B> {
+    pub fn new(a: A, b: B) -> Both<A, B> {
+        Both {
+            a,
+            b,
+            b_first: false,
+        }
+    }
+}
 
 impl<A: Listener, B: Listener> Listener for Both<A, B> {
     type Conn = Either<A::Conn, B::Conn>;
@@ -249,9 +267,21 @@ impl<A: Listener, B: Listener> Listener for Both<A, B> {
     /// Both accepts are cancel-safe (a TCP accept, a channel receive), so the one that
     /// loses the race loses nothing.
     async fn accept(&mut self) -> io::Result<(Self::Conn, String)> {
-        tokio::select! {
-            a = self.0.accept() => a.map(|(c, p)| (Either::Left(c), p)),
-            b = self.1.accept() => b.map(|(c, p)| (Either::Right(c), p)),
+        let b_first = self.b_first;
+        self.b_first = !b_first;
+        let (a, b) = (&mut self.a, &mut self.b);
+        if b_first {
+            tokio::select! {
+                biased;
+                got = b.accept() => got.map(|(c, p)| (Either::Right(c), p)),
+                got = a.accept() => got.map(|(c, p)| (Either::Left(c), p)),
+            }
+        } else {
+            tokio::select! {
+                biased;
+                got = a.accept() => got.map(|(c, p)| (Either::Left(c), p)),
+                got = b.accept() => got.map(|(c, p)| (Either::Right(c), p)),
+            }
         }
     }
 }

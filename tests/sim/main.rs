@@ -548,7 +548,7 @@ impl Sim {
                     .await;
         });
         let serving = server.clone().serve(
-            quire::server::transport::Both(SimListener(accepted), ws_acceptor),
+            quire::server::transport::Both::new(SimListener(accepted), ws_acceptor),
             std::future::pending(),
         );
         let serve = tokio::spawn(async move {
