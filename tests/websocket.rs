@@ -606,26 +606,33 @@ async fn a_connection_over_the_clients_websocket_stream_is_served_like_tcp() {
 
 /// The client's WebSocket stream keeps its errors' kinds: a server that breaks RFC
 /// 6455's framing (here a reserved opcode) is `InvalidData`, as a server's text message
-/// is, and a connection reset is `ConnectionReset` (both were `Other`, which told a
-/// caller nothing); over a connection made by the caller (`connect_over`) as over one
-/// it makes itself (`connect`).
+/// is; a connection reset is `ConnectionReset`; a server gone without a Close (its
+/// process killed) `UnexpectedEof` (all three were `Other`, which told a caller
+/// nothing); over a connection made by the caller (`connect_over`) as over one it makes
+/// itself (`connect`).
 #[tokio::test]
 async fn the_clients_websocket_stream_reports_broken_framing_as_invalid_data_and_a_reset_as_one() {
+    use std::io::ErrorKind;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let url = format!("ws://{addr}/ws");
-    // A fake server: the handshake, then either a frame with opcode 3 (reserved) or a
-    // reset.
+    let cases = [
+        ErrorKind::InvalidData,
+        ErrorKind::ConnectionReset,
+        ErrorKind::UnexpectedEof,
+    ];
+    // A fake server: the handshake, then a frame with opcode 3 (reserved), a reset, or
+    // an end without a Close.
     let fake = tokio::spawn(async move {
-        for reset in [false, true] {
+        for case in cases {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
             let tcp = ws.get_mut();
-            if reset {
-                tcp.set_zero_linger().unwrap();
-            } else {
-                tcp.write_all(&[0x83, 0x00]).await.unwrap();
+            match case {
+                ErrorKind::InvalidData => tcp.write_all(&[0x83, 0x00]).await.unwrap(),
+                ErrorKind::ConnectionReset => tcp.set_zero_linger().unwrap(),
+                _ => {}
             }
             // Held until the client has read what it got.
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -633,18 +640,22 @@ async fn the_clients_websocket_stream_reports_broken_framing_as_invalid_data_and
         }
     });
     let mut buf = [0u8; 64];
-    let mut broken = quire::client::websocket::connect(&url).await.unwrap();
-    let e = broken.read(&mut buf).await.unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut reset = quire::client::websocket::connect_over(tcp, &url)
-        .await
-        .unwrap();
-    let e = match reset.read(&mut buf).await {
-        Err(e) => e,
-        Ok(n) => panic!("read {n} bytes from a connection that was reset"),
-    };
-    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    for (i, case) in cases.into_iter().enumerate() {
+        let mut stream = if i == 0 {
+            quire::client::websocket::connect(&url).await.unwrap()
+        } else {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tcp = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+            quire::client::websocket::connect_over(tcp, &url)
+                .await
+                .unwrap()
+        };
+        let e = match stream.read(&mut buf).await {
+            Err(e) => e,
+            Ok(n) => panic!("{case:?}: read {n} bytes"),
+        };
+        assert_eq!(e.kind(), case, "{e}");
+    }
     fake.await.unwrap();
 }
 

@@ -56,18 +56,42 @@ where
 }
 
 /// The WebSocket layer's error as an I/O error of its kind: the connection's own error
-/// as it was (a reset is a reset), a breach of RFC 6455 by the server (a bad frame, a
-/// message over the limit, text that is not UTF-8) as `InvalidData`, as a text message
-/// from the server is; anything else (a refused upgrade, a use after the close) `Other`.
+/// as it was (a reset is a reset); a server that ends the connection without a Close
+/// `UnexpectedEof` (a killed server, a proxy's idle close); a breach of RFC 6455's
+/// framing by the server (a masked or malformed frame, a message over the limit, text
+/// that is not UTF-8, data after its Close) `InvalidData`, as a text message from the
+/// server is; a send after the close `BrokenPipe`; anything else (a refused or broken
+/// upgrade) `Other`.
 fn ws_error(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
+    use tokio_tungstenite::tungstenite::error::ProtocolError as P;
     use tokio_tungstenite::tungstenite::Error as WsError;
-    match e {
-        WsError::Io(e) => e,
-        WsError::Protocol(_) | WsError::Capacity(_) | WsError::Utf8(_) => {
-            io::Error::new(io::ErrorKind::InvalidData, e)
+    let e = match e {
+        WsError::Io(e) => return e,
+        other => other,
+    };
+    let kind = match &e {
+        WsError::Protocol(P::ResetWithoutClosingHandshake) => io::ErrorKind::UnexpectedEof,
+        WsError::Protocol(P::SendAfterClosing) | WsError::AlreadyClosed => {
+            io::ErrorKind::BrokenPipe
         }
-        other => io::Error::other(other),
-    }
+        WsError::Protocol(
+            P::NonZeroReservedBits
+            | P::UnmaskedFrameFromClient
+            | P::MaskedFrameFromServer
+            | P::FragmentedControlFrame
+            | P::ControlFrameTooBig
+            | P::UnknownControlFrameType(_)
+            | P::UnknownDataFrameType(_)
+            | P::UnexpectedContinueFrame
+            | P::ExpectedFragment(_)
+            | P::InvalidOpcode(_)
+            | P::ReceivedAfterClosing,
+        )
+        | WsError::Capacity(_)
+        | WsError::Utf8(_) => io::ErrorKind::InvalidData,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
 }
 
 /// A small read buffer: the WebSocket layer zero-fills its free room before each read
