@@ -5,7 +5,8 @@
 //! About half the protocol-level clients, and half the application clients, speak
 //! WebSocket: their connections go to the server's HTTP listener, served by the real
 //! HTTP layer (`quire::web::serve_on`), upgraded as a browser's, and handed to the same
-//! server; the others speak TCP. A crash cuts the WebSocket ones (`net::HttpDoor`).
+//! server; the others speak TCP. A crash ends the WebSocket ones as it does the TCP
+//! ones (`net::HttpDoor`).
 //!
 //! Everything runs in a current-thread tokio runtime with the clock paused: time moves
 //! only when every task waits, straight to the next timer, so a run depends on nothing
@@ -118,7 +119,7 @@ struct Incarnation {
     /// The disk task writes nothing while this is set.
     disk_paused: Arc<std::sync::atomic::AtomicBool>,
     connect: mpsc::UnboundedSender<ServerEnd>,
-    /// Its HTTP listener (WebSocket clients').
+    /// Its HTTP listener (WebSocket clients'); its connections end with it.
     http: HttpDoor,
     serve: JoinHandle<()>,
     web: JoinHandle<()>,
@@ -127,7 +128,7 @@ struct Incarnation {
 
 impl Drop for Incarnation {
     fn drop(&mut self) {
-        self.http.cut_all();
+        self.http.server_gone();
         self.serve.abort();
         self.web.abort();
         self.disk.abort();

@@ -253,6 +253,17 @@ impl Wire {
         !p.reader_gone && !p.reset
     }
 
+    /// The server's end is gone (its process ended), as when a [`ServerEnd`] is
+    /// dropped: the client reads what was sent, then the end of the stream, and its
+    /// writes fail (a stalled connection's client learns it only when the stall ends);
+    /// whatever still holds the server's end can write nothing more.
+    pub fn server_gone(&self) {
+        close(&self.to_client);
+        let mut p = lock(&self.to_server);
+        p.reader_gone = true;
+        wake(&mut p.write_waker);
+    }
+
     /// Cuts the connection: bytes in flight are lost, both ends get errors.
     pub fn cut(&self) {
         for p in [&self.to_server, &self.to_client] {
@@ -491,10 +502,12 @@ impl Listener for SimListener {
 pub type SimConn = tokio_util::either::Either<StreamEnd, WsStream<StreamEnd>>;
 
 /// The way in to one server incarnation's HTTP listener (WebSocket clients'), served by
-/// the server's real HTTP layer (`quire::web::serve_on`) on the [`SimHttpListener`].
-/// The connections made through it are cut when the incarnation ends: their tasks are
-/// the HTTP layer's, not the server's, and would otherwise close them in order, which
-/// a crashed server does not.
+/// the server's real HTTP layer (`quire::web::serve_on`, without the TCP listener's
+/// connection bound and idle close) on the [`SimHttpListener`]. When the incarnation
+/// ends, the connections made through it end as a TCP connection's do when the server's
+/// end is dropped ([`Wire::server_gone`]): their tasks are the HTTP layer's, not the
+/// server's, and would otherwise go on, and close them in order with a WebSocket
+/// Close, which a crashed server does not send.
 #[derive(Clone)]
 pub struct HttpDoor {
     tx: mpsc::UnboundedSender<StreamEnd>,
@@ -522,10 +535,11 @@ impl HttpDoor {
         Some((client_end, wire))
     }
 
-    /// Cuts every connection made through this door (the server crashed).
-    pub fn cut_all(&self) {
+    /// The server's ends of every connection made through this door are gone (the
+    /// server crashed).
+    pub fn server_gone(&self) {
         for wire in self.wires.lock().unwrap().drain(..) {
-            wire.cut();
+            wire.server_gone();
         }
     }
 }
