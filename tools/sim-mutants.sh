@@ -9,6 +9,8 @@
 #
 # A patch with a line `# world: cluster` is a failure of cluster mode: it runs the
 # cluster world's seeds (CLUSTER_SEEDS, default the 400 CI runs, of CLUSTER_STEPS, 400).
+# CONTROL=0 skips the control run of the unchanged tree (.ci/run: its tests step has
+# just run the simulator on that tree, with more seeds).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 seeds=${SEEDS:-0..500}
@@ -58,6 +60,10 @@ for patch in none "$root"/tools/sim-mutants/*.patch; do
       exit 1
     fi
   done
+  if [ "$patch" = none ] && [ "${CONTROL:-1}" = 0 ]; then
+    echo "== control: skipped (CONTROL=0: the unchanged tree's simulator run was done before)"
+    continue
+  fi
   if [ "$patch" = none ]; then
     echo "== control: the tree as it is"
     built=$SECONDS
