@@ -285,3 +285,29 @@ impl<A: Listener, B: Listener> Listener for Both<A, B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With connections waiting on both listeners, `Both` takes one from each in turn:
+    /// neither starves the other, and the order does not depend on tokio's random seed.
+    #[tokio::test]
+    async fn both_listeners_take_turns_when_both_have_connections_waiting() {
+        let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(TcpStream::connect(a_addr).await.unwrap());
+            held.push(TcpStream::connect(b_addr).await.unwrap());
+        }
+        let mut both = Both::new(a, b);
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let (conn, _) = both.accept().await.unwrap();
+            order.push(matches!(conn, Either::Left(_)));
+        }
+        assert_eq!(order, [true, false, true, false, true, false]);
+    }
+}
