@@ -3,29 +3,28 @@
 //! most so many are served at once (more wait in the listen backlog), and a deadline
 //! that each byte moved either way pushes back, so a connection that moves nothing for
 //! that long fails with `TimedOut`. Used by the admin endpoint and the HTTP listener
-//! of WebSocket clients.
+//! of WebSocket clients, over TCP, and over the deterministic simulator's network.
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-pub struct Bounded {
-    inner: TcpListener,
+pub struct Bounded<L = TcpListener> {
+    inner: L,
     slots: Arc<Semaphore>,
     idle: Duration,
 }
 
-impl Bounded {
-    pub fn new(inner: TcpListener, max_connections: usize, idle: Duration) -> Bounded {
+impl<L> Bounded<L> {
+    pub fn new(inner: L, max_connections: usize, idle: Duration) -> Bounded<L> {
         assert!(max_connections > 0 && !idle.is_zero());
         Bounded {
             inner,
@@ -35,11 +34,11 @@ impl Bounded {
     }
 }
 
-impl axum::serve::Listener for Bounded {
-    type Io = BoundedIo;
-    type Addr = SocketAddr;
+impl<L: axum::serve::Listener> axum::serve::Listener for Bounded<L> {
+    type Io = BoundedIo<L::Io>;
+    type Addr = L::Addr;
 
-    async fn accept(&mut self) -> (BoundedIo, SocketAddr) {
+    async fn accept(&mut self) -> (BoundedIo<L::Io>, L::Addr) {
         let permit = self
             .slots
             .clone()
@@ -56,21 +55,21 @@ impl axum::serve::Listener for Bounded {
         (io, addr)
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
+    fn local_addr(&self) -> io::Result<L::Addr> {
         self.inner.local_addr()
     }
 }
 
 /// A connection holding its permit until dropped, failing with `TimedOut` once no
 /// byte has moved for `idle`.
-pub struct BoundedIo {
-    io: TcpStream,
+pub struct BoundedIo<I> {
+    io: I,
     _permit: OwnedSemaphorePermit,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
 }
 
-impl BoundedIo {
+impl<I> BoundedIo<I> {
     /// After an operation: progress pushes the deadline back; a wait that outlives
     /// it becomes an error.
     fn after<T>(
@@ -95,7 +94,7 @@ impl BoundedIo {
     }
 }
 
-impl AsyncRead for BoundedIo {
+impl<I: AsyncRead + Unpin> AsyncRead for BoundedIo<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -107,7 +106,7 @@ impl AsyncRead for BoundedIo {
     }
 }
 
-impl AsyncWrite for BoundedIo {
+impl<I: AsyncWrite + Unpin> AsyncWrite for BoundedIo<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

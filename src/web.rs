@@ -88,12 +88,12 @@ pub async fn serve(
     handoff: WsHandoff,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let bounded = crate::bounded_http::Bounded::new(listener, config.max_connections, config.idle);
-    serve_on(bounded, config, handoff, stop).await
+    serve_on(listener, config, handoff, stop).await
 }
 
-/// Serves the routes on any listener of connections (the deterministic simulator's
-/// in-memory network; [`serve`] gives its TCP listener bounds first).
+/// [`serve`] on any listener of connections (the deterministic simulator's in-memory
+/// network), within the same bounds: at most [`WebConfig::max_connections`] served at
+/// once, each closed after [`WebConfig::idle`] without a byte moved.
 pub async fn serve_on<L>(
     listener: L,
     config: WebConfig,
@@ -104,8 +104,9 @@ where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Display,
 {
+    let bounded = crate::bounded_http::Bounded::new(listener, config.max_connections, config.idle);
     let app = router(config, handoff).into_make_service_with_connect_info::<Peer>();
-    axum::serve(Described(listener), app)
+    axum::serve(Described(bounded), app)
         .with_graceful_shutdown(stop)
         .await
 }

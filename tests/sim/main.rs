@@ -4,7 +4,8 @@
 //!
 //! About half the protocol-level clients, and half the application clients, speak
 //! WebSocket: their connections go to the server's HTTP listener, served by the real
-//! HTTP layer (`quire::web::serve_on`), upgraded as a browser's, and handed to the same
+//! HTTP layer (`quire::web::serve_on`, its connection bound and idle close included),
+//! upgraded as a browser's, and handed to the same
 //! server; the others speak TCP. A crash ends the WebSocket ones as it does the TCP
 //! ones (`net::HttpDoor`).
 //!

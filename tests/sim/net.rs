@@ -502,8 +502,8 @@ impl Listener for SimListener {
 pub type SimConn = tokio_util::either::Either<StreamEnd, WsStream<StreamEnd>>;
 
 /// The way in to one server incarnation's HTTP listener (WebSocket clients'), served by
-/// the server's real HTTP layer (`quire::web::serve_on`, without the TCP listener's
-/// connection bound and idle close) on the [`SimHttpListener`]. When the incarnation
+/// the server's real HTTP layer (`quire::web::serve_on`, with its connection bound and
+/// idle close) on the [`SimHttpListener`]. When the incarnation
 /// ends, the connections made through it end as a TCP connection's do when the server's
 /// end is dropped ([`Wire::server_gone`]): their tasks are the HTTP layer's, not the
 /// server's, and would otherwise go on, and close them in order with a WebSocket
