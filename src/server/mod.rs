@@ -106,47 +106,111 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// Checks that the limits fit together; the error names the one that does not.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         use crate::protocol::{MAX_MAX_FRAME, MIN_MAX_FRAME};
         if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&self.max_frame) {
-            return Err(format!(
-                "max frame {} is outside {MIN_MAX_FRAME}..={MAX_MAX_FRAME}",
-                self.max_frame
-            ));
+            return Err(ConfigError::MaxFrame(self.max_frame));
         }
-        if self.outbox_bytes / 2 < self.max_frame + 4 {
-            return Err(format!(
-                "each half of the outgoing buffer ({} bytes) must hold a frame of max frame {}",
-                self.outbox_bytes, self.max_frame
-            ));
+        // A frame on the wire is its 4-byte length and its body.
+        let frame = self.max_frame + 4;
+        if self.outbox_bytes / 2 < frame {
+            return Err(ConfigError::OutboxBytes {
+                bytes: self.outbox_bytes,
+                max_frame: self.max_frame,
+            });
         }
-        if self.large_frame_budget < self.max_frame + 4 {
-            return Err(format!(
-                "the large-frame budget ({} bytes) must hold one frame of max frame {}",
-                self.large_frame_budget, self.max_frame
-            ));
+        if self.large_frame_budget < frame {
+            return Err(ConfigError::LargeFrameBudget {
+                bytes: self.large_frame_budget,
+                max_frame: self.max_frame,
+            });
         }
         if self.unsynced_bytes < self.max_frame {
-            return Err(format!(
-                "the budget of bytes waiting for the disk ({}) must hold one op of max frame {}",
-                self.unsynced_bytes, self.max_frame
-            ));
+            return Err(ConfigError::UnsyncedBytes {
+                bytes: self.unsynced_bytes,
+                max_frame: self.max_frame,
+            });
         }
         if self.max_connections == 0 {
-            return Err("max connections must be at least 1".into());
+            return Err(ConfigError::NoConnections);
         }
-        for (name, t) in [
-            ("handshake timeout", self.handshake_timeout),
-            ("idle timeout", self.idle_timeout),
-            ("write timeout", self.write_timeout),
+        for (timeout, t) in [
+            (Timeout::Handshake, self.handshake_timeout),
+            (Timeout::Idle, self.idle_timeout),
+            (Timeout::Write, self.write_timeout),
         ] {
             if t.is_zero() {
-                return Err(format!("{name} must be above zero"));
+                return Err(ConfigError::ZeroTimeout(timeout));
             }
         }
         Ok(())
     }
 }
+
+/// Which limit of a [`ServerConfig`] does not fit the others ([`ServerConfig::validate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The frame limit is outside `MIN_MAX_FRAME..=MAX_MAX_FRAME` (protocol.md).
+    MaxFrame(usize),
+    /// Half the outgoing buffer cannot hold one frame of the frame limit.
+    OutboxBytes { bytes: usize, max_frame: usize },
+    /// The large-frame budget cannot hold one frame of the frame limit.
+    LargeFrameBudget { bytes: usize, max_frame: usize },
+    /// The budget of bytes waiting for the disk cannot hold one op of the frame limit.
+    UnsyncedBytes { bytes: usize, max_frame: usize },
+    /// No connection could ever be served.
+    NoConnections,
+    /// A timeout of zero: every connection would fail at once.
+    ZeroTimeout(Timeout),
+}
+
+/// The server's deadlines, named in a [`ConfigError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    Handshake,
+    Idle,
+    Write,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::protocol::{MAX_MAX_FRAME, MIN_MAX_FRAME};
+        match self {
+            ConfigError::MaxFrame(n) => {
+                write!(
+                    f,
+                    "max frame {n} is outside {MIN_MAX_FRAME}..={MAX_MAX_FRAME}"
+                )
+            }
+            ConfigError::OutboxBytes { bytes, max_frame } => write!(
+                f,
+                "each half of the outgoing buffer ({bytes} bytes) must hold a frame of max \
+                 frame {max_frame} and its 4-byte length"
+            ),
+            ConfigError::LargeFrameBudget { bytes, max_frame } => write!(
+                f,
+                "the large-frame budget ({bytes} bytes) must hold a frame of max frame \
+                 {max_frame} and its 4-byte length"
+            ),
+            ConfigError::UnsyncedBytes { bytes, max_frame } => write!(
+                f,
+                "the budget of bytes waiting for the disk ({bytes}) must hold an op of max \
+                 frame {max_frame}"
+            ),
+            ConfigError::NoConnections => f.write_str("max connections must be at least 1"),
+            ConfigError::ZeroTimeout(t) => {
+                let name = match t {
+                    Timeout::Handshake => "handshake",
+                    Timeout::Idle => "idle",
+                    Timeout::Write => "write",
+                };
+                write!(f, "the {name} timeout must be above zero")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// Why [`Server::delete_document`] did not delete a document.
 #[derive(Debug, Clone)]
@@ -643,4 +707,103 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|m| m.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{MAX_MAX_FRAME, MIN_MAX_FRAME};
+
+    /// Each limit at its smallest valid value passes, and one below it is refused by
+    /// name; the defaults pass.
+    #[test]
+    fn each_limit_is_checked_at_and_past_its_value() {
+        assert_eq!(ServerConfig::default().validate(), Ok(()));
+        let tight = |max_frame: usize| ServerConfig {
+            max_frame,
+            outbox_bytes: 2 * (max_frame + 4),
+            large_frame_budget: max_frame + 4,
+            unsynced_bytes: max_frame,
+            max_connections: 1,
+            handshake_timeout: Duration::from_nanos(1),
+            idle_timeout: Duration::from_nanos(1),
+            write_timeout: Duration::from_nanos(1),
+            ..ServerConfig::default()
+        };
+        for max_frame in [MIN_MAX_FRAME, 4096, MAX_MAX_FRAME] {
+            let c = tight(max_frame);
+            assert_eq!(c.validate(), Ok(()), "{c:?}");
+            let past = [
+                (
+                    ServerConfig {
+                        outbox_bytes: c.outbox_bytes - 1,
+                        ..c.clone()
+                    },
+                    ConfigError::OutboxBytes {
+                        bytes: c.outbox_bytes - 1,
+                        max_frame,
+                    },
+                ),
+                (
+                    ServerConfig {
+                        large_frame_budget: c.large_frame_budget - 1,
+                        ..c.clone()
+                    },
+                    ConfigError::LargeFrameBudget {
+                        bytes: c.large_frame_budget - 1,
+                        max_frame,
+                    },
+                ),
+                (
+                    ServerConfig {
+                        unsynced_bytes: c.unsynced_bytes - 1,
+                        ..c.clone()
+                    },
+                    ConfigError::UnsyncedBytes {
+                        bytes: c.unsynced_bytes - 1,
+                        max_frame,
+                    },
+                ),
+                (
+                    ServerConfig {
+                        max_connections: 0,
+                        ..c.clone()
+                    },
+                    ConfigError::NoConnections,
+                ),
+                (
+                    ServerConfig {
+                        handshake_timeout: Duration::ZERO,
+                        ..c.clone()
+                    },
+                    ConfigError::ZeroTimeout(Timeout::Handshake),
+                ),
+                (
+                    ServerConfig {
+                        idle_timeout: Duration::ZERO,
+                        ..c.clone()
+                    },
+                    ConfigError::ZeroTimeout(Timeout::Idle),
+                ),
+                (
+                    ServerConfig {
+                        write_timeout: Duration::ZERO,
+                        ..c.clone()
+                    },
+                    ConfigError::ZeroTimeout(Timeout::Write),
+                ),
+            ];
+            for (config, refused) in past {
+                assert_eq!(config.validate(), Err(refused));
+                assert!(!refused.to_string().is_empty());
+            }
+        }
+        for max_frame in [MIN_MAX_FRAME - 1, MAX_MAX_FRAME + 1] {
+            let c = ServerConfig {
+                max_frame,
+                ..tight(MAX_MAX_FRAME + 1)
+            };
+            assert_eq!(c.validate(), Err(ConfigError::MaxFrame(max_frame)));
+        }
+    }
 }
