@@ -1069,8 +1069,10 @@ fn owner_at(advertised: &str) -> Owner {
     }
 }
 
-/// What a node's membership key holds for `owner` (read by [`owner_at`]).
-fn advertised(owner: &Owner) -> String {
+/// What a node's membership key holds for `owner` (read by [`owner_at`]): the address
+/// to pass to [`Member::register`](crate::cluster::ownership::Member::register) for a
+/// node that serves at `owner`.
+pub fn advertised(owner: &Owner) -> String {
     if owner.ws_url.is_empty() {
         owner.addr.to_string()
     } else {

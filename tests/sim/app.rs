@@ -59,7 +59,8 @@ struct NetState {
     /// It connects to the single server over WebSocket (its HTTP listener, this door
     /// while the server is up), not TCP.
     websocket: bool,
-    http: Option<HttpDoor>,
+    /// The HTTP listeners that are up, by their server's address.
+    http: std::collections::BTreeMap<String, HttpDoor>,
 }
 
 impl Net {
@@ -75,11 +76,13 @@ impl Net {
             link,
             wires: Vec::new(),
             websocket: false,
-            http: None,
+            http: std::collections::BTreeMap::new(),
         })))
     }
 
-    /// It connects to the single server over WebSocket from now on.
+    /// It connects over WebSocket from now on: to a server's HTTP listener, and on a
+    /// redirect to the node's WebSocket URL (as a browser does; a node without one
+    /// cannot be followed).
     pub fn use_websocket(&self) {
         self.0.lock().unwrap().websocket = true;
     }
@@ -89,9 +92,13 @@ impl Net {
         self.0.lock().unwrap().websocket
     }
 
-    /// The single server's HTTP listener is up (its door) or down.
-    pub fn set_http(&self, door: Option<HttpDoor>) {
-        self.0.lock().unwrap().http = door;
+    /// The HTTP listener of the server at `addr` is up (its door) or down.
+    pub fn set_http(&self, addr: &str, door: Option<HttpDoor>) {
+        let mut s = self.0.lock().unwrap();
+        match door {
+            Some(door) => s.http.insert(addr.to_owned(), door),
+            None => s.http.remove(addr),
+        };
     }
 
     pub fn set_server(&self, server: Option<mpsc::UnboundedSender<ServerEnd>>) {
@@ -208,7 +215,14 @@ impl Connector for Net {
         self.dial(&home).await
     }
 
-    async fn connect_to(&self, addr: &str, _ws_url: &str) -> io::Result<SimConn> {
+    async fn connect_to(&self, addr: &str, ws_url: &str) -> io::Result<SimConn> {
+        if self.is_websocket() && ws_url != crate::net::ws_url(addr) {
+            // A WebSocket client reaches a node by its WebSocket URL alone.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{addr}: the redirect names no WebSocket URL for it ({ws_url:?})"),
+            ));
+        }
         self.dial(addr).await
     }
 }
@@ -240,8 +254,12 @@ impl Net {
                 return Err(io::ErrorKind::ConnectionRefused.into());
             };
             let link = s.link;
-            let (made, wire) = if s.websocket && addr == HOME {
-                let door = s.http.clone().ok_or(io::ErrorKind::ConnectionRefused)?;
+            let (made, wire) = if s.websocket {
+                let door = s
+                    .http
+                    .get(addr)
+                    .cloned()
+                    .ok_or(io::ErrorKind::ConnectionRefused)?;
                 let (client_end, wire) = door
                     .dial(&mut s.rng, link)
                     .ok_or(io::ErrorKind::ConnectionRefused)?;
@@ -261,7 +279,7 @@ impl Net {
         };
         match made {
             Made::Ready(conn) => Ok(*conn),
-            Made::ToUpgrade(end) => crate::net::upgrade(end).await,
+            Made::ToUpgrade(end) => crate::net::upgrade(end, &crate::net::ws_url(addr)).await,
         }
     }
 }

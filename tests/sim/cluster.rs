@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::app::AppClient;
-use crate::net::{LinkConfig, SimListener};
+use crate::net::{HttpDoor, LinkConfig, SimListener};
 use crate::{Acked, Failure, PANICKED};
 
 const NODES: usize = 3;
@@ -135,11 +135,14 @@ struct Running {
     frozen: bool,
     /// Cut off from the store while set.
     cut: Arc<AtomicBool>,
+    /// Its HTTP listener (WebSocket clients'); its connections end with it.
+    http: HttpDoor,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
+        self.http.server_gone();
         for t in &self.tasks {
             t.abort();
         }
@@ -230,6 +233,10 @@ struct World {
 impl World {
     fn new(seed: u64, verbose: bool) -> World {
         let mut rng = SplitMix(seed);
+        // Which clients speak WebSocket (to the nodes' HTTP listeners, following
+        // redirects by the nodes' WebSocket URLs): a stream of its own, so that the
+        // seed's other draws are those of the runs before WebSocket clients came in.
+        let mut transport = SplitMix(seed ^ 0x0057_eb50_c4e7);
         let n_docs = 1 + rng.below(4) as usize;
         let docs: Vec<String> = (0..n_docs).map(|i| format!("doc-{i}")).collect();
         let n_apps = 2 + rng.below(5) as usize;
@@ -248,6 +255,9 @@ impl World {
                 let home = rng.below(NODES as u64) as usize;
                 app.addrs = (0..NODES).map(|k| addr((home + k) % NODES)).collect();
                 app.net.set_home(&app.addrs[0]);
+                if transport.below(2) == 0 {
+                    app.net.use_websocket();
+                }
                 app
             })
             .collect();
@@ -319,11 +329,15 @@ impl World {
             store: self.store.clone(),
             cut: cut.clone(),
         };
+        let here = Owner {
+            addr: Arc::from(addr(i)),
+            ws_url: Arc::from(crate::net::ws_url(&addr(i))),
+        };
         let member = match Member::register(
             node_store,
             Keys::new(PREFIX),
             &format!("node{i}"),
-            &addr(i),
+            &quire::sequencer::cluster::advertised(&here),
             TTL,
         ) {
             Ok(member) => member,
@@ -354,10 +368,6 @@ impl World {
                 let _ = tx.lock().unwrap().send(loss);
             }),
         );
-        let here = Owner {
-            addr: Arc::from(addr(i)),
-            ws_url: Arc::from(""),
-        };
         let seq = Arc::new(ClusterSequencer::new(
             local,
             replicator,
@@ -374,12 +384,32 @@ impl World {
         let server = Server::new(seq.clone(), self.server_config.clone());
         let (connect, accepted) = mpsc::unbounded_channel();
         let paused = Arc::new(AtomicBool::new(false));
-        let serving = server
-            .clone()
-            .serve(SimListener(accepted), std::future::pending());
-        let mut tasks = vec![tokio::spawn(async move {
-            serving.await;
-        })];
+        // The HTTP listener of WebSocket clients, served by the real HTTP layer, hands
+        // its upgraded connections to the same server.
+        let (handoff, ws_acceptor) = quire::server::websocket::acceptor();
+        let (http, http_listener) = HttpDoor::new();
+        let web_config = quire::web::WebConfig::new(
+            self.server_config.max_frame,
+            self.server_config.max_connections,
+        );
+        let serving = server.clone().serve(
+            quire::server::transport::Both::new(SimListener(accepted), ws_acceptor),
+            std::future::pending(),
+        );
+        let mut tasks = vec![
+            tokio::spawn(async move {
+                serving.await;
+            }),
+            tokio::spawn(async move {
+                let _ = quire::web::serve_on(
+                    http_listener,
+                    web_config,
+                    handoff,
+                    std::future::pending(),
+                )
+                .await;
+            }),
+        ];
         // Documents that moved away: their sessions are redirected (as `quire serve`
         // does).
         if let Some(mut moved) = seq.moved() {
@@ -401,6 +431,7 @@ impl World {
         )));
         for a in &self.apps {
             a.net.set_node(&addr(i), Some(connect.clone()));
+            a.net.set_http(&addr(i), Some(http.clone()));
         }
         self.nodes[i] = Some(Running {
             seq,
@@ -408,6 +439,7 @@ impl World {
             paused,
             frozen: false,
             cut,
+            http,
             tasks,
         });
         self.say(|| format!("n{i} started"));
@@ -437,6 +469,7 @@ impl World {
         drop(running);
         for a in &self.apps {
             a.net.set_node(&addr(i), None);
+            a.net.set_http(&addr(i), None);
             // What its stalled connections held is gone with it; their ends learn it.
             a.net.set_frozen(&addr(i), false);
         }
@@ -1188,8 +1221,9 @@ pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> Result<(u64, String), F
     let outcome = rt.block_on(world.run(steps));
     let s = &world.stats;
     let line = format!(
-        "{} app clients, {} docs, {:?} simulated: {} edits, {} acks, {} node crashes ({} with their machine), {} restarts ({} refused while the old lease lived), {} pauses ({} of the whole process), {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
+        "{} app clients ({} over WebSocket), {} docs, {:?} simulated: {} edits, {} acks, {} node crashes ({} with their machine), {} restarts ({} refused while the old lease lived), {} pauses ({} of the whole process), {} cut off from the store, {} drains, {} store faults, {} owner changes, {} client restarts, {} reopens, {} times offline, {} silent networks ({} of them for ever), {} deletions ({} asked of another node, {} told to retry, {} failed, {} failed yet done, {} acks seen after), {} journal checks",
         world.apps.len(),
+        world.apps.iter().filter(|a| a.net.is_websocket()).count(),
         world.docs.len(),
         world.elapsed,
         s.edits,

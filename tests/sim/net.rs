@@ -544,10 +544,15 @@ impl HttpDoor {
     }
 }
 
+/// The WebSocket URL of the server (or cluster node) at `addr`.
+pub fn ws_url(addr: &str) -> String {
+    format!("ws://{addr}/ws")
+}
+
 /// The WebSocket handshake, as a browser makes it, over a connection to the HTTP
-/// listener.
-pub async fn upgrade(client_end: StreamEnd) -> io::Result<SimConn> {
-    let ws = quire::client::websocket::connect_over(client_end, "ws://sim/ws").await?;
+/// listener at `url`.
+pub async fn upgrade(client_end: StreamEnd, url: &str) -> io::Result<SimConn> {
+    let ws = quire::client::websocket::connect_over(client_end, url).await?;
     Ok(SimConn::Right(ws))
 }
 
