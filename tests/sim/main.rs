@@ -665,12 +665,14 @@ impl Sim {
             };
             self.sent.insert(id);
             if !of_deleted {
-                // An id of the deleted history sent again (a client that reuses ids,
-                // restarted): its op, at its seq, may be the same as the deleted one,
-                // and so proves nothing (seed 43303: "u" typed into the empty document
+                // An op of the deleted history sent again, the same under the same id
+                // (a client that reuses ids, restarted): found at its seq, it may be
+                // the new one, and so proves nothing (seed 43303: "u" typed into the empty document
                 // twice, under the same id, at seq 1).
                 if let Some(old) = self.deleted_histories.get_mut(&doc) {
-                    old.retain(|o| o.id != id);
+                    old.retain(|o| {
+                        o.id != id || o.base_version != out.base_version || o.patches != out.patches
+                    });
                 }
             }
         }
