@@ -274,6 +274,17 @@ pub trait Connector: Send + Sync + 'static {
         )))
     }
 
+    /// Connects to `addr`, one of [`ClientConfig::fallback_addrs`], while the home
+    /// address cannot be reached. The default is [`Connector::connect_to`] with no
+    /// WebSocket URL (a TCP connector's); a connector over WebSockets knows each
+    /// fallback's URL itself, as a browser's client is given its fallback URLs.
+    fn connect_fallback(
+        &self,
+        addr: &str,
+    ) -> impl Future<Output = io::Result<Self::Stream>> + Send {
+        self.connect_to(addr, "")
+    }
+
     /// Whether `addr`, a `Redirect`'s, names the node at `home`, the address the home
     /// connection was made to: a redirect to the home node is carried on the home
     /// connection, as a second connection there with this client's id would replace it
@@ -1142,7 +1153,7 @@ impl<C: Connector> Driver<C> {
                     let stream = if home == 0 {
                         connector.connect().await
                     } else {
-                        connector.connect_to(&addr, "").await
+                        connector.connect_fallback(&addr).await
                     };
                     let stream = stream.map_err(|e| Ended::Lost(format!("{addr}: {e}")))?;
                     Connection::handshake(stream, client_id, &token)

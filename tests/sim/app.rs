@@ -56,8 +56,8 @@ struct NetState {
     link: LinkConfig,
     /// The open connections, by the address they were made to.
     wires: Vec<(String, Wire)>,
-    /// It connects to the single server over WebSocket (its HTTP listener, this door
-    /// while the server is up), not TCP.
+    /// It connects over WebSocket (to the HTTP listener of the server it dials, by
+    /// that server's address in `http`), not TCP.
     websocket: bool,
     /// The HTTP listeners that are up, by their server's address.
     http: std::collections::BTreeMap<String, HttpDoor>,
@@ -216,13 +216,20 @@ impl Connector for Net {
     }
 
     async fn connect_to(&self, addr: &str, ws_url: &str) -> io::Result<SimConn> {
-        if self.is_websocket() && ws_url != crate::net::ws_url(addr) {
-            // A WebSocket client reaches a node by its WebSocket URL alone.
+        let expected = crate::net::ws_url(addr);
+        if self.is_websocket() && ws_url != expected {
+            // A WebSocket client follows a redirect by its WebSocket URL alone.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{addr}: the redirect names no WebSocket URL for it ({ws_url:?})"),
+                format!("the redirect gives the WebSocket URL {ws_url:?}, not {expected:?}"),
             ));
         }
+        self.dial(addr).await
+    }
+
+    /// A fallback address: a WebSocket client knows each node's URL (a browser's client
+    /// is given them as its fallback URLs).
+    async fn connect_fallback(&self, addr: &str) -> io::Result<SimConn> {
         self.dial(addr).await
     }
 }

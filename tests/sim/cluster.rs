@@ -2,7 +2,9 @@
 //! server over the real cluster sequencer (its local log a cache on a simulated disk,
 //! its replicator and lease driven by a task here), one in-memory stand-in for etcd,
 //! and application clients (the real client library, with every node's address) editing
-//! a few shared documents. All on one thread, in tokio's paused time, under one seed.
+//! a few shared documents, half of them over WebSocket (to each node's HTTP layer,
+//! following redirects by the WebSocket URL each node registers). All on one thread,
+//! in tokio's paused time, under one seed.
 //!
 //! Each step picks one action: a client edits, restarts, loses its network, or its
 //! network goes silent (see `app::Net::go_silent`) or speaks again; a node
