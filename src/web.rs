@@ -93,7 +93,8 @@ pub async fn serve(
 
 /// [`serve`] on any listener of connections (the deterministic simulator's in-memory
 /// network), within the same bounds: at most [`WebConfig::max_connections`] served at
-/// once, each closed after [`WebConfig::idle`] without a byte moved.
+/// once, each closed after [`WebConfig::idle`] without a byte moved. Panics if either
+/// is zero.
 pub async fn serve_on<L>(
     listener: L,
     config: WebConfig,

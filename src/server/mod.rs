@@ -730,7 +730,7 @@ mod tests {
             write_timeout: Duration::from_nanos(1),
             ..ServerConfig::default()
         };
-        for max_frame in [MIN_MAX_FRAME, 4096, MAX_MAX_FRAME] {
+        for max_frame in [MIN_MAX_FRAME, 64 << 10, MAX_MAX_FRAME] {
             let c = tight(max_frame);
             assert_eq!(c.validate(), Ok(()), "{c:?}");
             let past = [
@@ -795,7 +795,15 @@ mod tests {
             ];
             for (config, refused) in past {
                 assert_eq!(config.validate(), Err(refused));
-                assert!(!refused.to_string().is_empty());
+                // The message names the value refused, and the frame limit it must fit.
+                let message = refused.to_string();
+                if let ConfigError::OutboxBytes { bytes, .. }
+                | ConfigError::LargeFrameBudget { bytes, .. }
+                | ConfigError::UnsyncedBytes { bytes, .. } = refused
+                {
+                    assert!(message.contains(&format!("({bytes}")), "{message}");
+                    assert!(message.contains(&max_frame.to_string()), "{message}");
+                }
             }
         }
         for max_frame in [MIN_MAX_FRAME - 1, MAX_MAX_FRAME + 1] {
