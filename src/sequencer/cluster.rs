@@ -1069,7 +1069,7 @@ fn owner_at(advertised: &str) -> Owner {
     }
 }
 
-/// What a node's membership key holds for `owner` (read by [`owner_at`]): the address
+/// What a node's membership key holds for `owner` (read by `owner_at`): the address
 /// to pass to [`Member::register`](crate::cluster::ownership::Member::register) for a
 /// node that serves at `owner`.
 pub fn advertised(owner: &Owner) -> String {
