@@ -733,63 +733,48 @@ mod tests {
         for max_frame in [MIN_MAX_FRAME, 64 << 10, MAX_MAX_FRAME] {
             let c = tight(max_frame);
             assert_eq!(c.validate(), Ok(()), "{c:?}");
+            // Each limit one past its smallest valid value, and what it is refused as.
+            let one_past = |change: fn(&mut ServerConfig)| {
+                let mut past = c.clone();
+                change(&mut past);
+                past
+            };
             let past = [
                 (
-                    ServerConfig {
-                        outbox_bytes: c.outbox_bytes - 1,
-                        ..c.clone()
-                    },
+                    one_past(|c| c.outbox_bytes -= 1),
                     ConfigError::OutboxBytes {
                         bytes: c.outbox_bytes - 1,
                         max_frame,
                     },
                 ),
                 (
-                    ServerConfig {
-                        large_frame_budget: c.large_frame_budget - 1,
-                        ..c.clone()
-                    },
+                    one_past(|c| c.large_frame_budget -= 1),
                     ConfigError::LargeFrameBudget {
                         bytes: c.large_frame_budget - 1,
                         max_frame,
                     },
                 ),
                 (
-                    ServerConfig {
-                        unsynced_bytes: c.unsynced_bytes - 1,
-                        ..c.clone()
-                    },
+                    one_past(|c| c.unsynced_bytes -= 1),
                     ConfigError::UnsyncedBytes {
                         bytes: c.unsynced_bytes - 1,
                         max_frame,
                     },
                 ),
                 (
-                    ServerConfig {
-                        max_connections: 0,
-                        ..c.clone()
-                    },
+                    one_past(|c| c.max_connections = 0),
                     ConfigError::NoConnections,
                 ),
                 (
-                    ServerConfig {
-                        handshake_timeout: Duration::ZERO,
-                        ..c.clone()
-                    },
+                    one_past(|c| c.handshake_timeout = Duration::ZERO),
                     ConfigError::ZeroTimeout(Timeout::Handshake),
                 ),
                 (
-                    ServerConfig {
-                        idle_timeout: Duration::ZERO,
-                        ..c.clone()
-                    },
+                    one_past(|c| c.idle_timeout = Duration::ZERO),
                     ConfigError::ZeroTimeout(Timeout::Idle),
                 ),
                 (
-                    ServerConfig {
-                        write_timeout: Duration::ZERO,
-                        ..c.clone()
-                    },
+                    one_past(|c| c.write_timeout = Duration::ZERO),
                     ConfigError::ZeroTimeout(Timeout::Write),
                 ),
             ];
