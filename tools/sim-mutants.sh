@@ -10,7 +10,7 @@
 # A patch with a line `# world: cluster` is a failure of cluster mode: it runs the
 # cluster world's seeds (CLUSTER_SEEDS, default the 400 CI runs, of CLUSTER_STEPS, 400).
 # CONTROL=0 skips the control run of the unchanged tree (.ci/run: its tests step has
-# just run the simulator on that tree, with more seeds).
+# just run the simulator on that tree, with the same seeds).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 seeds=${SEEDS:-0..500}

@@ -259,7 +259,7 @@ struct Sim {
     /// the server still held of it): it must not come back (a deletion undone by a crash
     /// would bring it back). (Op ids are no proof alone: those of a deleted document
     /// may be used again in the new one, as by a client that reuses ids; an op sent
-    /// again under such an id leaves this list, see `observe`.)
+    /// again the same, under its id, leaves this list, see `observe`.)
     deleted_histories: HashMap<String, Vec<quire::op::SequencedOp>>,
     /// Deletions raced by a client (`delete_document`): the local seq of its next op.
     raced_deletions: u64,
@@ -667,8 +667,8 @@ impl Sim {
             if !of_deleted {
                 // An op of the deleted history sent again, the same under the same id
                 // (a client that reuses ids, restarted): found at its seq, it may be
-                // the new one, and so proves nothing (seed 43303: "u" typed into the empty document
-                // twice, under the same id, at seq 1).
+                // the new one, and so proves nothing (seed 43303: "u" typed into the
+                // empty document twice, under the same id, at seq 1).
                 if let Some(old) = self.deleted_histories.get_mut(&doc) {
                     old.retain(|o| {
                         o.id != id || o.base_version != out.base_version || o.patches != out.patches
