@@ -261,7 +261,9 @@ pub trait Connector: Send + Sync + 'static {
 
     /// Connects to the node a `Redirect` named (protocol.md, Redirects): its TCP
     /// `addr`, or its WebSocket `ws_url` for a connector over WebSockets. The default
-    /// cannot (an error): such a client retries at its home address with backoff.
+    /// cannot (an error that names `addr`, as it also answers for
+    /// [`Connector::connect_fallback`]): such a client retries at its home address with
+    /// backoff.
     fn connect_to(
         &self,
         addr: &str,
@@ -270,7 +272,7 @@ pub trait Connector: Send + Sync + 'static {
         let _ = ws_url;
         std::future::ready(Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            format!("this connector cannot follow a redirect to {addr}"),
+            format!("this connector reaches its home address only, not {addr}"),
         )))
     }
 
@@ -2308,6 +2310,21 @@ mod tests {
             tokio::spawn(welcome_then_nothing(server));
             Ok(client)
         }
+    }
+
+    /// A connector that implements neither `connect_to` nor `connect_fallback` says that
+    /// it reaches no other address, in words true of a redirect and of a fallback alike
+    /// (the second's default is the first).
+    #[tokio::test]
+    async fn the_default_connectors_errors_name_what_they_cannot_do() {
+        let redirect = Nowhere.connect_to("b:1", "ws://b:1/ws").await.unwrap_err();
+        assert_eq!(redirect.kind(), io::ErrorKind::Unsupported);
+        assert!(redirect.to_string().contains("not b:1"), "{redirect}");
+        let fallback = Nowhere.connect_fallback("c:1").await.unwrap_err();
+        assert_eq!(fallback.kind(), io::ErrorKind::Unsupported);
+        let text = fallback.to_string();
+        assert!(text.contains("not c:1"), "{text}");
+        assert!(!text.contains("redirect"), "{text}");
     }
 
     async fn welcome_then_nothing(mut stream: tokio::io::DuplexStream) {
