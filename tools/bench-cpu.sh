@@ -6,7 +6,10 @@
 # 15, clock ticks) read just before and just after the load (for quire its connects,
 # opens and final read-back included), divided by the ops
 # acknowledged, with the user and system parts apart, and ops/s as the load generator
-# reports it. The load average is printed beside each row: the machine is shared.
+# reports it. The load average is printed beside each row: the machine is shared. Under
+# each quire row, the same per thread name (/proc/PID/task/*/stat): the runtime's worker
+# apart from the log's writer (threads that exit during the run are in the row's figure,
+# not in this line).
 #   usage: bash tools/bench-cpu.sh [OUT_DIR]   (default /tmp/quire-cpubench)
 # Settings: RUNS (default 3), CLIENTS (default 64), PATCHES (quire ops, default 64000),
 # REDIS_N (RPUSH requests, default 64000), WARM (seconds, default 3), REDIS (0/1,
@@ -34,6 +37,25 @@ cargo build --release --features trace --bin quire --bin quire-trace >/dev/null 
 
 # utime and stime of a process, in clock ticks ("user system").
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# The same for each thread of a process: "tid name user system" per line.
+thread_ticks() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    printf '%s %s %s\n' "${t##*/}" "$(tr -d ' ' <"$t/comm")" "$(awk '{print $14, $15}' "$t/stat")"
+  done 2>/dev/null
+}
+# The threads' share of a run (from two thread_ticks snapshots), summed by thread name:
+# for quire, the runtime's worker(s) apart from the log's writer and the rest.
+threads_row() {  # before after ops
+  awk -v ops="$3" -v hz="$tck" '
+    FNR == NR { u[$1] = $3; s[$1] = $4; next }
+    { du[$2] += $3 - u[$1]; ds[$2] += $4 - s[$1] }
+    END { line = "             threads:";
+      for (n in du) if (du[n] + ds[n] > 0)
+        line = line sprintf(" %s %.2f us/op (user %.2f, system %.2f);", n,
+          1e6 * (du[n] + ds[n]) / hz / ops, 1e6 * du[n] / hz / ops, 1e6 * ds[n] / hz / ops)
+      print line }' <(echo "$1") <(echo "$2")
+}
 load() { cut -d' ' -f1 /proc/loadavg; }
 row() {  # name run ops ops_per_s "user0 sys0" "user1 sys1" load_before load_after
   read -r u0 s0 <<<"$5"
@@ -61,18 +83,19 @@ for run in $(seq 1 "$runs"); do
     perf_pid=$!
     sleep 0.5
   fi
-  l0=$(load); c0=$(cpu_ticks "$pid")
+  l0=$(load); c0=$(cpu_ticks "$pid"); t0=$(thread_ticks "$pid")
   # shellcheck disable=SC2086
   result=$(./target/release/quire-trace --addr "127.0.0.1:$port" --client-base $((run * 10000000)) \
     --trace "$paper" --mode each --clients "$clients" --patches "$patches" --doc e \
     ${LOAD_ARGS---threads 1} 2>&1)
-  c1=$(cpu_ticks "$pid"); l1=$(load)
+  c1=$(cpu_ticks "$pid"); t1=$(thread_ticks "$pid"); l1=$(load)
   [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
   kill "$pid"; wait "$pid" 2>/dev/null || true
   echo "$result" >"$out/quire-run$run.txt"
   rate=$(grep -o '[0-9.]* ops/s' <<<"$result" | head -1 | cut -d' ' -f1)
   ops=$(grep -o '[0-9]* ops in' <<<"$result" | head -1 | cut -d' ' -f1)
   row quire "$run" "${ops:-$patches}" "${rate:-0}" "$c0" "$c1" "$l0" "$l1"
+  threads_row "$t0" "$t1" "${ops:-$patches}"
 done
 
 if [ "${REDIS:-1}" = 1 ]; then
