@@ -2316,7 +2316,7 @@ mod tests {
     /// it reaches no other address, in words true of a redirect and of a fallback alike
     /// (the second's default is the first).
     #[tokio::test]
-    async fn the_default_connectors_errors_name_what_they_cannot_do() {
+    async fn a_connector_reaching_no_other_address_says_so_for_a_fallback_too() {
         let redirect = Nowhere.connect_to("b:1", "ws://b:1/ws").await.unwrap_err();
         assert_eq!(redirect.kind(), io::ErrorKind::Unsupported);
         assert!(redirect.to_string().contains("not b:1"), "{redirect}");
