@@ -36,6 +36,7 @@ mod serving_core;
 mod session_panic;
 mod startup;
 mod store_model;
+mod tokio_floor;
 mod trace_clients;
 mod trace_tool;
 mod truncation_over_tcp;

@@ -19,7 +19,8 @@
 # OUT_DIR/perf.data), LOAD_ARGS (extra flags for the quire load generator; default
 # `--threads 1`: one event loop, as redis-benchmark runs by default, so that both load
 # generators take at most one of the machine's cores from the server; add
-# `--pipeline 1` for the bare protocol connection instead of the client API).
+# `--pipeline 1` for the bare protocol connection instead of the client API), FLOOR
+# (0/1, default 1 with REDIS=1: the rows of tools/tokio-floor.rs, below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-/tmp/quire-cpubench}"
@@ -28,12 +29,13 @@ runs="${RUNS:-3}"
 clients="${CLIENTS:-64}"
 patches="${PATCHES:-64000}"
 redis_n="${REDIS_N:-64000}"
+val_len=100  # bytes of each RPUSH value (redis-benchmark -d)
 traces="${QUIRE_TRACES:-../shared/traces}"
 paper="$traces/automerge-paper.json.gz"
 port=7432
 redis_port=63798
 tck=$(getconf CLK_TCK)
-cargo build --release --features trace --bin quire --bin quire-trace >/dev/null 2>&1
+cargo build --release --features trace --bin quire --bin quire-trace --bin tokio-floor >/dev/null 2>&1
 
 # utime and stime of a process, in clock ticks ("user system").
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
@@ -107,7 +109,6 @@ if [ "${REDIS:-1}" = 1 ]; then
   trap 'kill "$rpid" 2>/dev/null || true' EXIT
   cli=(redis-cli -h 127.0.0.1 -p "$redis_port")
   for _ in $(seq 1 100); do "${cli[@]}" ping >/dev/null 2>&1 && break; sleep 0.1; done
-  val_len=100
   for run in $(seq 1 "$runs"); do
     "${cli[@]}" flushall >/dev/null
     sleep 1
@@ -121,4 +122,39 @@ if [ "${REDIS:-1}" = 1 ]; then
   done
   kill "$rpid"; wait "$rpid" 2>/dev/null || true
   trap - EXIT
+fi
+
+# The floors (tools/tokio-floor.rs), driven by the same redis-benchmark load as Redis:
+# `floor-tokio` answers each RPUSH at once; `floor-log` answers it once appended to
+# quire's log and synced by the log's writer thread, as `quire serve` does (what quire
+# spends above it is its own per-op work); `floor-inline` has the worker sync before
+# it goes idle, as Redis's one thread does (what floor-log spends above it is the cost
+# of the writer thread's hand-offs).
+if [ "${REDIS:-1}" = 1 ] && [ "${FLOOR:-1}" = 1 ]; then
+  floor_port=7434
+  for mode in tokio log inline; do
+    for run in $(seq 1 "$runs"); do
+      rm -rf "$out/floor"
+      floor_args=()
+      [ "$mode" != tokio ] && floor_args=(--data-dir "$out/floor")
+      [ "$mode" = inline ] && floor_args+=(--sync-on-worker)
+      ./target/release/tokio-floor --listen "127.0.0.1:$floor_port" "${floor_args[@]}" \
+        >"$out/floor.log" 2>&1 &
+      fpid=$!
+      trap 'kill "$fpid" 2>/dev/null || true' EXIT
+      for _ in $(seq 1 100); do grep -q serving "$out/floor.log" && break; sleep 0.1; done
+      # As for quire: a warm-up request activates the log's first segment.
+      redis-benchmark -h 127.0.0.1 -p "$floor_port" -c 1 -n 1 -t rpush >/dev/null 2>&1
+      sleep "${WARM:-3}"
+      l0=$(load); c0=$(cpu_ticks "$fpid"); t0=$(thread_ticks "$fpid")
+      csv=$(redis-benchmark -h 127.0.0.1 -p "$floor_port" -c "$clients" -P 1 -n "$redis_n" \
+        --csv -t rpush -d "$val_len" 2>/dev/null | tail -1)
+      c1=$(cpu_ticks "$fpid"); t1=$(thread_ticks "$fpid"); l1=$(load)
+      rate=$(cut -d, -f2 <<<"$csv" | tr -d '"')
+      row "floor-$mode" "$run" "$redis_n" "${rate:-0}" "$c0" "$c1" "$l0" "$l1"
+      threads_row "$t0" "$t1" "$redis_n"
+      kill "$fpid"; wait "$fpid" 2>/dev/null || true
+      trap - EXIT
+    done
+  done
 fi
