@@ -61,6 +61,41 @@ fn the_floor_that_syncs_on_its_worker_answers_once_logged_too() {
     answers_once_logged(&["--sync-on-worker"]);
 }
 
+#[test]
+fn the_floor_serves_connections_up_to_its_limit_and_closes_one_more() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_floor, addr) = start(tmp.path(), &["--max-connections", "1"]);
+    let mut first = connect(&addr);
+    first.write_all(RPUSH).unwrap();
+    let mut reply = [0u8; 4];
+    first.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b":1\r\n");
+    // One past the limit: closed with nothing read from it.
+    let mut second = connect(&addr);
+    let _ = second.write_all(RPUSH);
+    let mut byte = [0u8; 1];
+    match second.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("one connection past the limit should be closed: {other:?}"),
+    }
+    // Once the first is gone, its place is free again.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut third = connect(&addr);
+        if third.write_all(RPUSH).is_ok() && third.read_exact(&mut reply).is_ok() {
+            assert_eq!(&reply, b":1\r\n");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first connection's place was never freed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn answers_once_logged(extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let (mut floor, addr) = start(tmp.path(), extra);
@@ -79,7 +114,11 @@ fn answers_once_logged(extra: &[&str]) {
     let mut garbage = connect(&addr);
     garbage.write_all(b"PING\r\n").unwrap();
     let mut byte = [0u8; 1];
-    assert_eq!(garbage.read(&mut byte).unwrap(), 0, "closed, nothing sent");
+    match garbage.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection should be closed with nothing sent: {other:?}"),
+    }
 
     // Both answered commands are in the log, as records of the first connection's
     // document.
@@ -94,5 +133,19 @@ fn answers_once_logged(extra: &[&str]) {
     assert_eq!(
         logged,
         vec![("floor-1".to_string(), 1), ("floor-1".to_string(), 2)]
+    );
+
+    // A second run on that log is refused: its seqs would repeat the first run's.
+    let out = Command::new(env!("CARGO_BIN_EXE_tokio-floor"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path())
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("holds a log of 2 records already"),
+        "{stderr}"
     );
 }

@@ -56,6 +56,11 @@ struct Args {
     /// measures what the writer thread's hand-offs cost).
     #[arg(long, requires = "data_dir")]
     sync_on_worker: bool,
+    /// Connections served at once; one more is closed as soon as it is accepted. (A
+    /// floor for a benchmark on loopback sets no deadlines: its clients end with the
+    /// run.)
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_connections: u32,
     /// Runtime worker threads [default: the cores less one, at least one, as `quire serve`].
     #[arg(long)]
     threads: Option<usize>,
@@ -174,13 +179,25 @@ fn main() -> ExitCode {
     };
     let wal = match &args.data_dir {
         None => None,
-        Some(dir) => match Wal::open(Arc::new(OsFs), dir, config, |_, _| {}) {
-            Ok((wal, _)) => Some(Arc::new(wal)),
-            Err(e) => {
-                eprintln!("tokio-floor: cannot open the log in {}: {e}", dir.display());
-                return ExitCode::FAILURE;
+        Some(dir) => {
+            // Each run numbers its connections' documents from 1, so the seqs of a
+            // log it wrote before would repeat: it takes an empty log only.
+            let mut found = 0u64;
+            match Wal::open(Arc::new(OsFs), dir, config, |_, _| found += 1) {
+                Ok(_) if found > 0 => {
+                    eprintln!(
+                        "tokio-floor: {} holds a log of {found} records already; give it an empty directory",
+                        dir.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+                Ok((wal, _)) => Some(Arc::new(wal)),
+                Err(e) => {
+                    eprintln!("tokio-floor: cannot open the log in {}: {e}", dir.display());
+                    return ExitCode::FAILURE;
+                }
             }
-        },
+        }
     };
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
@@ -218,16 +235,24 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+        let permits = Arc::new(tokio::sync::Semaphore::new(args.max_connections as usize));
         let mut conn = 0u64;
         loop {
             let Ok((socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
                 continue;
             };
             if socket.set_nodelay(true).is_err() {
                 continue;
             }
             conn += 1;
-            tokio::spawn(serve(socket, wal.clone(), conn));
+            let wal = wal.clone();
+            tokio::spawn(async move {
+                serve(socket, wal, conn).await;
+                drop(permit);
+            });
         }
     })
 }
