@@ -143,6 +143,7 @@ if [ "${REDIS:-1}" = 1 ] && [ "${FLOOR:-1}" = 1 ]; then
       fpid=$!
       trap 'kill "$fpid" 2>/dev/null || true' EXIT
       for _ in $(seq 1 100); do grep -q serving "$out/floor.log" && break; sleep 0.1; done
+      grep -q serving "$out/floor.log" || { echo "tokio-floor did not start:" >&2; cat "$out/floor.log" >&2; exit 1; }
       # As for quire: a warm-up request activates the log's first segment.
       redis-benchmark -h 127.0.0.1 -p "$floor_port" -c 1 -n 1 -t rpush >/dev/null 2>&1
       sleep "${WARM:-3}"
